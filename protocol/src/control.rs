@@ -1,0 +1,156 @@
+//! Control-channel messages (JSON text frames on the peer's WebSocket).
+//!
+//! Binary frames on the same socket carry [`crate::Packet`]s from the origin to the peers it
+//! feeds directly (the roots of the multi-trees, and anyone whose parent is the origin).
+//!
+//! Session: the peer sends [`ClientMsg::Join`]; the server answers [`ServerMsg::Welcome`] and then
+//! [`ServerMsg::Instructions`] whenever the peer's place in the trees changes. Peers exchange
+//! WebRTC offers/answers/ICE through [`ClientMsg::Signal`] / [`ServerMsg::Signal`], which the server
+//! relays only between peers it has linked. Heartbeats flow every `heartbeat_ms`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Heartbeat, PeerId};
+
+/// Version of this protocol; a `Join` with another version is refused with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest control message (text frame) the server accepts, in bytes.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// Peer → control center.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First message of a session.
+    Join {
+        version: u32,
+        channel: String,
+        /// Upload capacity the peer offers to the swarm, in kbit/s (it caps itself to this).
+        upload_kbps: u32,
+    },
+    /// WebRTC signaling for a peer the server linked us with.
+    Signal { to: PeerId, signal: Signal },
+    /// The FIG. 9 heartbeat.
+    Heartbeat(Heartbeat),
+    /// Orderly goodbye (closing the socket means the same).
+    Leave,
+}
+
+/// Control center → peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome {
+        version: u32,
+        peer_id: PeerId,
+        channel: String,
+        heartbeat_ms: u32,
+        /// Number of substreams `k`; packet `seq` belongs to substream `seq mod k`.
+        substreams: u32,
+        /// Nominal stream rate in kbit/s.
+        stream_kbps: u32,
+        /// MIME type with codecs for `MediaSource.addSourceBuffer`.
+        mime: String,
+        /// URL of the init segment (relative to the server).
+        init_url: String,
+        /// URL prefix for fallback packet fetches; append the sequence number.
+        packet_url: String,
+        /// Sequence number of the newest random-access point; playback starts here.
+        start_seq: u64,
+        /// Newest packet the origin has produced.
+        live_seq: u64,
+    },
+    /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
+    Instructions {
+        epoch: u64,
+        substreams: Vec<SubstreamPlan>,
+    },
+    Signal { from: PeerId, signal: Signal },
+    Error { code: ErrorCode, message: String },
+}
+
+/// One substream's links for one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubstreamPlan {
+    pub index: u32,
+    pub parent: Source,
+    pub children: Vec<PeerId>,
+}
+
+/// Where a peer receives a substream from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    Origin,
+    Peer { id: PeerId },
+}
+
+/// WebRTC signaling payloads, relayed verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Signal {
+    Offer {
+        sdp: String,
+    },
+    Answer {
+        sdp: String,
+    },
+    Ice {
+        candidate: String,
+        sdp_mid: Option<String>,
+        sdp_m_line_index: Option<u16>,
+    },
+}
+
+/// Machine-readable error codes sent with [`ServerMsg::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Malformed,
+    TooLarge,
+    UnsupportedVersion,
+    NotJoined,
+    AlreadyJoined,
+    UnknownChannel,
+    NotLinked,
+    WrongPeer,
+    RateLimited,
+    BadCapacity,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_internally_tagged_for_js() {
+        let m = ClientMsg::Join {
+            version: 1,
+            channel: "demo".into(),
+            upload_kbps: 2000,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"join","version":1,"channel":"demo","upload_kbps":2000}"#
+        );
+        let plan = SubstreamPlan {
+            index: 0,
+            parent: Source::Peer { id: PeerId(7) },
+            children: vec![PeerId(3)],
+        };
+        let s = serde_json::to_string(&plan).unwrap();
+        assert_eq!(
+            s,
+            r#"{"index":0,"parent":{"kind":"peer","id":7},"children":[3]}"#
+        );
+    }
+
+    #[test]
+    fn unknown_message_type_is_an_error_not_a_panic() {
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMsg>("not json").is_err());
+    }
+}

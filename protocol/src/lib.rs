@@ -1,0 +1,50 @@
+//! # protocol
+//!
+//! The one crate that owns every type crossing a wire in this system:
+//!
+//! * [`control`]: JSON messages on the control WebSocket between a browser peer and the
+//!   control center ([`ClientMsg`] peer → server, [`ServerMsg`] server → peer), versioned by
+//!   [`PROTOCOL_VERSION`].
+//! * [`packet`]: the binary media packet that origins create and peers relay over WebRTC data
+//!   channels (and that the origin serves over HTTP as fallback).
+//! * [`heartbeat`]: the FIG. 9 heartbeat a peer sends every interval.
+//! * [`hash`]: the content hash both the origin and the peers compute over packet ranges, so a
+//!   test can prove a viewer reassembled exactly the origin's bytes.
+//! * [`report`]: the statistics a peer exposes to its page (stats panel, benchmarks).
+//!
+//! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
+
+pub mod control;
+pub mod hash;
+pub mod heartbeat;
+pub mod packet;
+pub mod report;
+
+pub use control::{
+    ClientMsg, ErrorCode, ServerMsg, Signal, Source, SubstreamPlan, PROTOCOL_VERSION,
+};
+pub use heartbeat::{ChildLink, Heartbeat, ParentLink};
+pub use packet::{Packet, PacketError, PacketHeader};
+
+use serde::{Deserialize, Serialize};
+
+/// Identifier the control center assigns to a peer for the lifetime of its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerId(pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+/// Substream that carries packet `seq` when the stream is split into `k` substreams
+/// (the patent's multi-tree: packet `seq` travels down tree `seq mod k`).
+pub fn substream_of(seq: u64, k: u32) -> u32 {
+    if k == 0 {
+        0
+    } else {
+        (seq % u64::from(k)) as u32
+    }
+}

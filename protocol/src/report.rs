@@ -1,0 +1,124 @@
+//! Statistics a peer exposes to its page (`peer.stats()`): the stats panel shows them and the
+//! benchmarks and end-to-end tests read them out of real browsers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{PeerId, SubstreamPlan};
+
+/// Width of one latency histogram bucket.
+pub const LATENCY_BUCKET_MS: u64 = 20;
+/// Number of buckets; the last one also counts everything slower.
+pub const LATENCY_BUCKETS: usize = 500;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub peer_id: Option<PeerId>,
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_up: u64,
+    pub packets_from_peers: u64,
+    pub packets_from_origin: u64,
+    pub origin_fallbacks: u64,
+    pub duplicates: u64,
+    /// Packets delivered in order to the player (or the verifier).
+    pub packets_played: u64,
+    /// Delivered packets that arrived before their playout deadline.
+    pub on_time: u64,
+    /// Delivered packets that arrived after it (or were skipped).
+    pub late: u64,
+    /// Hash of the contiguous packet range delivered so far.
+    pub verified_first_seq: Option<u64>,
+    pub verified_count: u64,
+    pub verified_hash: String,
+    /// Page load → first packet playable (first frame for playing viewers).
+    pub startup_ms: Option<f64>,
+    /// Sparse latency histogram (origin creation → playable): (bucket index, count).
+    pub latency_hist: Vec<(u32, u64)>,
+    pub stalls: u32,
+    pub playing: bool,
+    pub decoding: bool,
+    pub current_time: f64,
+    pub buffer_s: f64,
+    pub plan: Vec<SubstreamPlan>,
+    pub connected_peers: u32,
+    pub errors: Vec<String>,
+}
+
+/// Fixed-bucket latency histogram that merges across peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: Vec<u64>,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            counts: vec![0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, ms: u64) {
+        let i = ((ms / LATENCY_BUCKET_MS) as usize).min(LATENCY_BUCKETS - 1);
+        self.counts[i] += 1;
+    }
+
+    pub fn sparse(&self) -> Vec<(u32, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (i as u32, *c))
+            .collect()
+    }
+
+    pub fn merge_sparse(&mut self, sparse: &[(u32, u64)]) {
+        for (i, c) in sparse {
+            if let Some(slot) = self.counts.get_mut(*i as usize) {
+                *slot += c;
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Upper edge (ms) of the bucket holding quantile `q` (0..=1); `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let target = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some((i as u64 + 1) * LATENCY_BUCKET_MS);
+            }
+        }
+        Some(LATENCY_BUCKETS as u64 * LATENCY_BUCKET_MS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_of_merged_histograms() {
+        let mut a = LatencyHistogram::default();
+        for ms in [10, 30, 50, 70] {
+            a.record(ms);
+        }
+        let mut b = LatencyHistogram::default();
+        b.merge_sparse(&a.sparse());
+        b.record(100_000);
+        assert_eq!(b.total(), 5);
+        assert_eq!(b.quantile(0.5), Some(60));
+        assert_eq!(b.quantile(1.0), Some(LATENCY_BUCKETS as u64 * LATENCY_BUCKET_MS));
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+}
