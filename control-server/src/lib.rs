@@ -6,7 +6,162 @@
 //!   and keeps a bounded window of them for joiners and for peers' fallback fetches.
 //! * [`topology`]: pure multi-tree construction (state in, plan out), unit-tested natively.
 //! * [`dcm`]: a delivery coordinator manager per channel: a task that owns the channel's
-//!   topology and sessions and turns joins, leaves and heartbeats into instructions.
+//!   topology and peers' outbound queues and turns joins, leaves and heartbeats into
+//!   instructions.
 //! * [`ws`]: one WebSocket session per peer: parsing, validation, signaling relay.
+//! * [`http`]: init segments, fallback packets, range hashes, topology, ingest.
+
+pub mod channel;
+pub mod config;
+pub mod dcm;
+pub mod http;
 pub mod origin;
 pub mod topology;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+pub use channel::{Channel, SharedChannel};
+use config::Config;
+use dcm::Dcm;
+use origin::PacketWindow;
+use protocol::PeerId;
+pub use ws::SessionLimits;
+
+/// The demo clip shipped in the repository: a 20 s test pattern, looped as a live channel.
+pub const DEMO_CLIP: &[u8] = include_bytes!("../../web/media/demo.mp4");
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("channel {0:?} already exists")]
+    ChannelExists(String),
+    #[error("invalid channel name {0:?}: use 1-64 letters, digits, '-' or '_'")]
+    BadChannelName(String),
+    #[error("media: {0}")]
+    Media(#[from] origin::Fmp4Error),
+}
+
+/// Shared server state: configuration and the channel registry.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub limits: SessionLimits,
+    channels: Arc<RwLock<HashMap<String, SharedChannel>>>,
+    next_peer: Arc<AtomicU64>,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Self {
+        AppState {
+            config: Arc::new(config),
+            limits: SessionLimits::default(),
+            channels: Arc::default(),
+            next_peer: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    pub fn next_peer_id(&self) -> PeerId {
+        PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn channel(&self, name: &str) -> Option<SharedChannel> {
+        self.channels.read().ok()?.get(name).cloned()
+    }
+
+    pub fn channel_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .channels
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Creates a channel and starts its DCM task. Must run inside a tokio runtime.
+    pub fn create_channel(&self, name: &str, stream_kbps: u32) -> Result<SharedChannel, ServerError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(ServerError::BadChannelName(name.to_string()));
+        }
+        let mut map = self
+            .channels
+            .write()
+            .map_err(|_| ServerError::ChannelExists(name.to_string()))?;
+        if map.contains_key(name) {
+            return Err(ServerError::ChannelExists(name.to_string()));
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let window = PacketWindow::new(self.config.window_packets, 2_000_000);
+        let ch = Arc::new(Channel::new(name.to_string(), stream_kbps, window, tx));
+        let dcm = Dcm::new(
+            ch.clone(),
+            self.config.substreams,
+            self.config.origin_fanout,
+            self.config.max_fanout,
+        );
+        tokio::spawn(dcm.run(rx));
+        map.insert(name.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn remove_channel(&self, name: &str) {
+        if let Ok(mut map) = self.channels.write() {
+            map.remove(name);
+        }
+    }
+
+    /// Starts the embedded demo channel `demo`.
+    pub fn start_demo_channel(&self) -> Result<SharedChannel, ServerError> {
+        self.start_looped_channel("demo", DEMO_CLIP.to_vec())
+    }
+
+    /// Publishes a fragmented MP4 file as an endless live channel (looped, timeline continuous).
+    pub fn start_looped_channel(&self, name: &str, data: Vec<u8>) -> Result<SharedChannel, ServerError> {
+        let clip = origin::ingest::LoopedClip::parse(data)?;
+        let ch = self.create_channel(name, clip.stream_kbps())?;
+        ch.set_init(clip.init.clone());
+        ch.source_attached.store(true, Ordering::Relaxed);
+        tokio::spawn(origin::ingest::run_looped(ch.clone(), clip));
+        Ok(ch)
+    }
+
+    /// Publishes fragmented MP4 arriving on standard input (e.g. piped from ffmpeg).
+    pub fn start_stdin_channel(&self, name: &str) -> Result<SharedChannel, ServerError> {
+        let ch = self.create_channel(name, self.config.default_stream_kbps)?;
+        ch.source_attached.store(true, Ordering::Relaxed);
+        let c = ch.clone();
+        tokio::spawn(async move {
+            if let Err(e) = origin::ingest::run_reader(c.clone(), tokio::io::stdin()).await {
+                tracing::error!(channel = %c.name, "stdin ingest stopped: {e}");
+            }
+            c.source_attached.store(false, Ordering::Relaxed);
+        });
+        Ok(ch)
+    }
+}
+
+/// The whole HTTP + WebSocket application.
+pub fn app(state: AppState) -> axum::Router {
+    http::router(state)
+}
+
+/// Serves the app until Ctrl-C.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
+        .await?;
+    Ok(())
+}

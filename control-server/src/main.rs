@@ -1,1 +1,85 @@
-fn main() {}
+//! `control-server`: runs the control center. With no arguments it serves the embedded demo
+//! channel (a looped test pattern) on 127.0.0.1:8080.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use control_server::{config::Config, serve, AppState};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "P2P live video control center")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory with the viewer pages and the built wasm package (web/pkg).
+    #[arg(long, default_value = "web")]
+    web_dir: PathBuf,
+    /// Do not start the built-in demo channel.
+    #[arg(long)]
+    no_demo: bool,
+    /// Also publish a fragmented MP4 file, looped as a live channel: NAME=PATH (repeatable).
+    #[arg(long = "file", value_name = "NAME=PATH")]
+    files: Vec<String>,
+    /// Publish fragmented MP4 read from standard input as channel NAME.
+    #[arg(long, value_name = "NAME")]
+    stdin: Option<String>,
+    /// Stream key that allows HTTP ingest (PUT /ingest/{channel}?key=...); ingest is off without it.
+    #[arg(long, env = "P2P_INGEST_KEY")]
+    ingest_key: Option<String>,
+    /// Number of substreams k (trees per channel).
+    #[arg(long, default_value_t = 4)]
+    substreams: u32,
+    /// Heartbeat interval sent to peers, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u32,
+    /// Peers the origin feeds directly per substream before it becomes an overflow parent.
+    #[arg(long, default_value_t = 1)]
+    origin_fanout: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        substreams: args.substreams,
+        heartbeat_ms: args.heartbeat_ms,
+        origin_fanout: args.origin_fanout,
+        ingest_key: args.ingest_key.clone(),
+        web_dir: args.web_dir.clone(),
+        ..Config::default()
+    };
+    config.validate().context("invalid configuration")?;
+    let state = AppState::new(config);
+    if !args.no_demo {
+        state.start_demo_channel().context("starting the demo channel")?;
+    }
+    for spec in &args.files {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--file expects NAME=PATH, got {spec:?}"))?;
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        state
+            .start_looped_channel(name, data)
+            .with_context(|| format!("publishing {path} as channel {name:?}"))?;
+    }
+    if let Some(name) = &args.stdin {
+        state.start_stdin_channel(name)?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!("control center listening on http://{addr}/");
+    println!("Open http://{addr}/ in two tabs to watch the demo channel.");
+    serve(listener, state).await
+}

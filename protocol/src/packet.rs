@@ -36,7 +36,7 @@ impl PacketHeader {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum PacketError {
     #[error("packet of {0} bytes is shorter than the {HEADER_SIZE}-byte header")]
     TooShort(usize),

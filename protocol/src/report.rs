@@ -42,6 +42,8 @@ pub struct PeerReport {
     pub plan: Vec<SubstreamPlan>,
     pub connected_peers: u32,
     pub errors: Vec<String>,
+    pub stream_kbps: u32,
+    pub upload_kbps: u32,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

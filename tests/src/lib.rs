@@ -1,0 +1,14 @@
+//! End-to-end test support for the P2P live-video system.
+//!
+//! * [`cdp`] — a minimal Chrome DevTools Protocol driver (JSON-RPC over a
+//!   WebSocket via `tokio-tungstenite`) that launches headless Chromium and
+//!   drives many pages in one browser process.
+//! * [`swarm`] — the swarm harness used by `cargo xtask swarm` and the e2e
+//!   tests: a control server plus N viewer pages relaying video over WebRTC.
+//!
+//! Tests that need a real browser are `#[ignore]`d so that a plain
+//! `cargo test --workspace` stays hermetic; `cargo xtask test` runs them with
+//! `cargo test -p e2e -- --ignored --test-threads=1`.
+
+pub mod cdp;
+pub mod swarm;

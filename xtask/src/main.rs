@@ -1,1 +1,211 @@
-fn main(){}
+//! `cargo xtask` — developer tasks for the P2P live-video workspace.
+//!
+//! * `cargo xtask demo` — build the wasm peer and serve the demo page.
+//! * `cargo xtask test` — everything CI runs: native tests, wasm tests in
+//!   headless Chromium, and the end-to-end browser tests.
+//! * `cargo xtask swarm` — run a swarm of headless viewers and report.
+//!
+//! Missing tools (wasm32 target, wasm-bindgen CLI, wasm-pack, Chromium and
+//! ChromeDriver) are installed on the way.
+
+mod build;
+mod tools;
+mod util;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::build::build_wasm;
+use crate::tools::{
+    ensure_chromium, ensure_wasm_bindgen, ensure_wasm_pack, ensure_wasm_target, wasm_pack_bin,
+    CHROMEDRIVER,
+};
+use crate::util::{cargo, repo_root, run};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for the P2P live-video workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the wasm peer and run the control server serving `web/`.
+    Demo {
+        /// Address for the control server to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run all tests: native, wasm (wasm-pack in headless Chromium) and e2e.
+    Test,
+    /// Run a swarm of headless viewers against a local control server.
+    Swarm {
+        /// Number of viewer pages.
+        #[arg(long, default_value_t = 12)]
+        viewers: usize,
+        /// Duration of the run in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Upload capacities in kbit/s, comma-separated, cycled over viewers.
+        #[arg(long, value_delimiter = ',', default_value = "2000")]
+        upload_kbps: Vec<u32>,
+        /// How many viewers play the video.
+        #[arg(long, default_value_t = 2)]
+        playing: usize,
+        /// Write a JSON report to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seed for the run's randomness.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Demo { listen } => demo(listen),
+        Cmd::Test => test(),
+        Cmd::Swarm {
+            viewers,
+            seconds,
+            upload_kbps,
+            playing,
+            json,
+            seed,
+        } => swarm(e2e::swarm::SwarmArgs {
+            viewers,
+            seconds,
+            upload_kbps,
+            playing,
+            json,
+            seed,
+            web_dir: repo_root().join("web"),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nerror: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs named steps in order, printing a numbered header with the elapsed
+/// time, and stops at the first failure, naming the step.
+struct Steps {
+    total: usize,
+    done: usize,
+    start: Instant,
+}
+
+impl Steps {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            done: 0,
+            start: Instant::now(),
+        }
+    }
+
+    fn run(&mut self, name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.done += 1;
+        let (n, total) = (self.done, self.total);
+        println!(
+            "\n==> [{n}/{total}] {name}   (elapsed {:.1}s)",
+            self.start.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        f().with_context(|| format!("step {n}/{total} \"{name}\" failed"))?;
+        println!(
+            "==> [{n}/{total}] {name}: ok in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn finish(&self) {
+        println!(
+            "\n==> all {} steps passed in {:.1}s",
+            self.total,
+            self.start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn demo(listen: SocketAddr) -> Result<()> {
+    ensure_wasm_target()?;
+    ensure_wasm_bindgen()?;
+    build_wasm()?;
+    let web = repo_root().join("web");
+    println!("\nOpen http://{listen}/ in two tabs\n");
+    run(cargo()
+        .args(["run", "--release", "-p", "control-server", "--", "--listen"])
+        .arg(listen.to_string())
+        .arg("--web-dir")
+        .arg(&web))
+}
+
+fn test() -> Result<()> {
+    let root = repo_root();
+    let mut steps = Steps::new(8);
+    steps.run("wasm32 target", ensure_wasm_target)?;
+    steps.run("wasm-bindgen CLI", ensure_wasm_bindgen)?;
+    steps.run("wasm-pack", ensure_wasm_pack)?;
+    steps.run("Chromium and ChromeDriver", ensure_chromium)?;
+    steps.run("build the wasm peer (web/pkg)", build_wasm)?;
+    steps.run("native tests: cargo test --workspace", || {
+        run(cargo().args(["test", "--workspace"]))
+    })?;
+    steps.run(
+        "wasm tests: wasm-pack test peer-wasm in headless Chromium",
+        || {
+            let wasm_pack = wasm_pack_bin().context("wasm-pack not found")?;
+            run(Command::new(wasm_pack)
+                .current_dir(&root)
+                .args([
+                    "test",
+                    "--headless",
+                    "--chrome",
+                    "--chromedriver",
+                    CHROMEDRIVER,
+                ])
+                .arg("peer-wasm")
+                .env("WASM_BINDGEN_TEST_TIMEOUT", "120"))
+        },
+    )?;
+    steps.run(
+        "e2e tests in Chromium: cargo test -p e2e -- --ignored",
+        || {
+            run(cargo()
+                .args(["test", "-p", "e2e", "--", "--ignored", "--test-threads=1"])
+                .env("P2P_WEB_DIR", root.join("web")))
+        },
+    )?;
+    steps.finish();
+    Ok(())
+}
+
+fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
+    ensure_wasm_target()?;
+    ensure_wasm_bindgen()?;
+    ensure_chromium()?;
+    build_wasm()?;
+    println!("\n==> swarm: {args:?}\n");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(e2e::swarm::run(args))
+}

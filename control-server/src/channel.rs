@@ -1,0 +1,133 @@
+//! A channel: its media (init segment + packet window, written by the origin) and the handle of
+//! the DCM that steers its peers.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::dcm::DcmEvent;
+use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
+
+/// Media state shared between the origin (writer) and HTTP/WebSocket readers.
+pub struct Media {
+    pub init: Option<InitSegment>,
+    pub stream_kbps: u32,
+    pub window: PacketWindow,
+}
+
+#[derive(Default)]
+pub struct ChannelCounters {
+    /// Bytes the origin pushed over WebSockets to the peers it feeds.
+    pub origin_push_bytes: AtomicU64,
+    /// Bytes served over HTTP as fallback / catch-up.
+    pub fallback_bytes: AtomicU64,
+    pub fallback_packets: AtomicU64,
+    pub packets_produced: AtomicU64,
+}
+
+pub struct Channel {
+    pub name: String,
+    pub media: RwLock<Media>,
+    pub dcm: mpsc::Sender<DcmEvent>,
+    /// True while a source is attached (a second ingest is refused).
+    pub source_attached: AtomicBool,
+    pub counters: ChannelCounters,
+}
+
+impl Channel {
+    pub fn new(
+        name: String,
+        stream_kbps: u32,
+        window: PacketWindow,
+        dcm: mpsc::Sender<DcmEvent>,
+    ) -> Self {
+        Channel {
+            name,
+            media: RwLock::new(Media {
+                init: None,
+                stream_kbps,
+                window,
+            }),
+            dcm,
+            source_attached: AtomicBool::new(false),
+            counters: ChannelCounters::default(),
+        }
+    }
+
+    pub fn set_init(&self, init: InitSegment) {
+        if let Ok(mut m) = self.media.write() {
+            m.init = Some(init);
+        }
+    }
+
+    pub fn set_stream_kbps(&self, kbps: u32) {
+        if let Ok(mut m) = self.media.write() {
+            m.stream_kbps = kbps.max(1);
+        }
+    }
+
+    /// Init segment, MIME type and stream rate, once the source has sent its init segment.
+    pub fn init(&self) -> Option<(Bytes, String, u32)> {
+        let m = self.media.read().ok()?;
+        m.init
+            .as_ref()
+            .map(|i| (Bytes::from(i.bytes.clone()), i.mime.clone(), m.stream_kbps))
+    }
+
+    /// `(start_seq, live_seq)`: newest random-access point and newest packet.
+    pub fn live_position(&self) -> Option<(u64, u64)> {
+        let m = self.media.read().ok()?;
+        Some((m.window.latest_random_access()?, m.window.latest_seq()?))
+    }
+
+    pub fn packet(&self, seq: u64) -> Lookup {
+        match self.media.read() {
+            Ok(m) => m.window.get(seq),
+            Err(_) => Lookup::NotYet,
+        }
+    }
+
+    pub fn range_hash(&self, first_seq: u64, count: u64) -> Option<protocol::hash::RangeHash> {
+        self.media.read().ok()?.window.range_hash(first_seq, count)
+    }
+
+    /// Cuts one media fragment into packets, stores them and hands them to the DCM.
+    pub async fn publish_fragment(
+        &self,
+        packetizer: &mut Packetizer,
+        fragment: &[u8],
+        random_access: bool,
+    ) {
+        let created_ms = now_ms();
+        let packets = packetizer.packetize(fragment, random_access, created_ms);
+        let mut out = Vec::with_capacity(packets.len());
+        if let Ok(mut m) = self.media.write() {
+            for (i, p) in packets.into_iter().enumerate() {
+                let Some(seq) = protocol::packet::peek_seq(&p) else {
+                    continue;
+                };
+                let bytes = Bytes::from(p);
+                m.window
+                    .push(seq, bytes.clone(), random_access && i == 0)
+                    .ok();
+                out.push((seq, bytes));
+            }
+        }
+        self.counters
+            .packets_produced
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        // The DCM may lag; packets it misses are still in the window for fallback.
+        let _ = self.dcm.send(DcmEvent::Packets(out)).await;
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub type SharedChannel = Arc<Channel>;

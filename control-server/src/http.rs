@@ -1,0 +1,273 @@
+//! HTTP surface: static pages and the wasm package, the control WebSocket, init segments,
+//! fallback packets, range hashes (for byte-exact checks), topology, and HTTP ingest.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+
+use crate::dcm::DcmEvent;
+use crate::origin::ingest::LiveIngest;
+use crate::origin::Lookup;
+use crate::{AppState, SharedChannel};
+
+/// Error type of the HTTP handlers: a status and a message the client can read.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn not_found(what: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what)
+}
+
+pub fn router(state: AppState) -> Router {
+    let web_dir = state.config.web_dir.clone();
+    Router::new()
+        .route("/ws", get(crate::ws::ws_handler))
+        .route("/api/channels", get(list_channels))
+        .route("/api/channels/{id}/init", get(init_segment))
+        .route("/api/channels/{id}/packets/{seq}", get(packet))
+        .route("/api/channels/{id}/hash", get(range_hash))
+        .route("/api/channels/{id}/topology", get(topology))
+        .route("/api/channels/{id}/stats", get(channel_stats))
+        .route("/ingest/{id}", put(ingest).post(ingest))
+        .fallback_service(ServeDir::new(web_dir).append_index_html_on_directories(true))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn channel(state: &AppState, id: &str) -> Result<SharedChannel, ApiError> {
+    state
+        .channel(id)
+        .ok_or_else(|| not_found(format!("no channel named {id:?}")))
+}
+
+async fn list_channels(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let list: Vec<_> = state
+        .channel_names()
+        .into_iter()
+        .filter_map(|n| state.channel(&n))
+        .map(|c| {
+            let pos = c.live_position();
+            json!({
+                "id": c.name,
+                "live": c.source_attached.load(Ordering::Relaxed),
+                "start_seq": pos.map(|p| p.0),
+                "live_seq": pos.map(|p| p.1),
+            })
+        })
+        .collect();
+    Json(json!({ "channels": list }))
+}
+
+async fn init_segment(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let ch = channel(&state, &id)?;
+    let (bytes, _, _) = ch
+        .init()
+        .ok_or_else(|| not_found(format!("channel {id:?} has no init segment yet")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("video/mp4")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn packet(
+    State(state): State<AppState>,
+    Path((id, seq)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let ch = channel(&state, &id)?;
+    let seq: u64 = seq.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("packet sequence number must be an unsigned integer, got {seq:?}"),
+        )
+    })?;
+    match ch.packet(seq) {
+        Lookup::Found(bytes) => {
+            ch.counters
+                .fallback_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            ch.counters.fallback_packets.fetch_add(1, Ordering::Relaxed);
+            Ok((
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    ),
+                    (header::CACHE_CONTROL, HeaderValue::from_static("max-age=60")),
+                ],
+                bytes,
+            )
+                .into_response())
+        }
+        Lookup::NotYet => Err(not_found(format!("packet {seq} does not exist yet"))),
+        Lookup::Evicted => Err(ApiError(
+            StatusCode::GONE,
+            format!("packet {seq} has left the origin's window"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct HashQuery {
+    first: u64,
+    count: u64,
+}
+
+async fn range_hash(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ch = channel(&state, &id)?;
+    let h = ch
+        .range_hash(q.first, q.count)
+        .ok_or_else(|| not_found(format!("range {}+{} is not (or no longer) known", q.first, q.count)))?;
+    Ok(Json(json!({ "first": h.first_seq, "count": h.count, "hash": h.hex() })))
+}
+
+async fn topology(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::dcm::TopologySnapshot>, ApiError> {
+    let ch = channel(&state, &id)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gone = || ApiError(StatusCode::SERVICE_UNAVAILABLE, "DCM is not running".into());
+    ch.dcm
+        .send(DcmEvent::Snapshot { reply: tx })
+        .await
+        .map_err(|_| gone())?;
+    Ok(Json(rx.await.map_err(|_| gone())?))
+}
+
+async fn channel_stats(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ch = channel(&state, &id)?;
+    let c = &ch.counters;
+    let pos = ch.live_position();
+    let kbps = ch.init().map(|i| i.2);
+    Ok(Json(json!({
+        "channel": ch.name,
+        "stream_kbps": kbps,
+        "substreams": state.config.substreams,
+        "start_seq": pos.map(|p| p.0),
+        "live_seq": pos.map(|p| p.1),
+        "packets_produced": c.packets_produced.load(Ordering::Relaxed),
+        "origin_push_bytes": c.origin_push_bytes.load(Ordering::Relaxed),
+        "fallback_bytes": c.fallback_bytes.load(Ordering::Relaxed),
+        "fallback_packets": c.fallback_packets.load(Ordering::Relaxed),
+    })))
+}
+
+/// Streaming ingest: `PUT /ingest/{channel}?key=K` with a fragmented-MP4 body, e.g.
+/// `ffmpeg … -f mp4 -movflags frag_keyframe+empty_moov+default_base_moof - | curl -T - URL`.
+async fn ingest(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(expected) = state.config.ingest_key.as_deref() else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "HTTP ingest is disabled: start the server with --ingest-key".into(),
+        ));
+    };
+    if q.get("key").map(String::as_str) != Some(expected) {
+        return Err(ApiError(StatusCode::FORBIDDEN, "wrong or missing stream key".into()));
+    }
+    if let Some(existing) = state.channel(&id) {
+        if existing.source_attached.load(Ordering::Relaxed) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("channel {id:?} already has a live source"),
+            ));
+        }
+    }
+    let mut stream = body.into_data_stream();
+    // Validate the start of the body before creating or touching any channel, so that
+    // something that is not fragmented MP4 leaves running channels exactly as they were.
+    let mut probe = crate::origin::Fmp4Splitter::new();
+    let mut head: Vec<Bytes> = Vec::new();
+    let mut seen_init = false;
+    while !seen_init {
+        let Some(chunk) = stream.next().await else {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "body ended before a complete fragmented-MP4 init segment".into(),
+            ));
+        };
+        let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
+        let items = probe.push(&chunk).map_err(|e| {
+            ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("not fragmented MP4: {e}"))
+        })?;
+        seen_init = !items.is_empty();
+        head.push(chunk);
+    }
+    let ch = match state.channel(&id) {
+        Some(ch) => ch,
+        None => state
+            .create_channel(&id, state.config.default_stream_kbps)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
+    };
+    if ch.source_attached.swap(true, Ordering::SeqCst) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("channel {id:?} already has a live source"),
+        ));
+    }
+    let mut live = LiveIngest::new(ch.clone());
+    let mut total = 0u64;
+    let mut result = Ok(());
+    for chunk in head {
+        total += chunk.len() as u64;
+        if let Err(e) = live.push(&chunk).await {
+            result = Err(e);
+            break;
+        }
+    }
+    while result.is_ok() {
+        match stream.next().await {
+            None => break,
+            Some(Ok(chunk)) => {
+                total += chunk.len() as u64;
+                result = live.push(&chunk).await;
+            }
+            Some(Err(e)) => {
+                result = Err(crate::origin::ingest::IngestError::Io(e.to_string()));
+            }
+        }
+    }
+    ch.source_attached.store(false, Ordering::SeqCst);
+    match result {
+        Ok(()) => Ok((StatusCode::OK, Json(json!({ "channel": id, "bytes": total }))).into_response()),
+        Err(e) => Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("ingest stopped after {total} bytes: {e}"),
+        )),
+    }
+}

@@ -1,0 +1,151 @@
+//! Sources that feed a channel: a file looped as an endless live stream (the demo), and live
+//! byte streams (stdin, HTTP ingest) split into fragments as they arrive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
+
+use super::{Fmp4Error, Fmp4Item, Fmp4Splitter, Fragment, InitSegment, Packetizer};
+use crate::channel::Channel;
+
+/// Why a live ingest stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Media(#[from] Fmp4Error),
+    #[error("reading the source: {0}")]
+    Io(String),
+}
+
+/// A parsed clip ready to be played out in a loop.
+#[derive(Debug, Clone)]
+pub struct LoopedClip {
+    pub init: InitSegment,
+    pub fragments: Vec<Fragment>,
+    /// Total duration in timescale units; each loop shifts timestamps by this much.
+    pub duration: u64,
+    first_decode_time: u64,
+}
+
+impl LoopedClip {
+    pub fn parse(data: Vec<u8>) -> Result<Self, Fmp4Error> {
+        let (init, fragments) = super::fmp4::parse_file(&data)?;
+        if fragments.is_empty() {
+            return Err(Fmp4Error::NotFragmented("the file has no media fragments"));
+        }
+        let first_decode_time = fragments[0].base_decode_time;
+        let last = &fragments[fragments.len() - 1];
+        let duration = (last.base_decode_time + last.duration).saturating_sub(first_decode_time);
+        if duration == 0 || init.timescale == 0 {
+            return Err(Fmp4Error::Malformed("clip has zero duration or timescale".into()));
+        }
+        Ok(LoopedClip {
+            init,
+            fragments,
+            duration,
+            first_decode_time,
+        })
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.duration as f64 / f64::from(self.init.timescale)
+    }
+
+    /// Average media bit rate of the clip, kbit/s.
+    pub fn stream_kbps(&self) -> u32 {
+        let bytes: usize = self.fragments.iter().map(|f| f.bytes.len()).sum();
+        ((bytes as f64 * 8.0 / 1000.0) / self.seconds().max(0.001)).ceil() as u32
+    }
+}
+
+/// Plays the clip out in real time forever, rewriting timestamps so the timeline never jumps.
+pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
+    let mut packetizer = Packetizer::new(0);
+    let start = Instant::now();
+    let ts = f64::from(clip.init.timescale);
+    let mut sequence_number: u32 = 1;
+    for lap in 0u64.. {
+        for frag in &clip.fragments {
+            let media_time = lap * clip.duration + (frag.base_decode_time - clip.first_decode_time);
+            let due = start + Duration::from_secs_f64(media_time as f64 / ts);
+            tokio::time::sleep_until(due).await;
+            let mut bytes = frag.bytes.clone();
+            if let Err(e) = super::fmp4::rewrite_timing(&mut bytes, lap * clip.duration, sequence_number) {
+                tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
+                return;
+            }
+            sequence_number = sequence_number.wrapping_add(1);
+            channel
+                .publish_fragment(&mut packetizer, &bytes, frag.starts_with_keyframe)
+                .await;
+        }
+    }
+}
+
+/// Feeds a live fragmented-MP4 byte stream (stdin, a pipe) into the channel until it ends.
+pub async fn run_reader<R: AsyncRead + Unpin>(
+    channel: Arc<Channel>,
+    mut reader: R,
+) -> Result<(), IngestError> {
+    let mut live = LiveIngest::new(channel);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| IngestError::Io(e.to_string()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        live.push(&buf[..n]).await?;
+    }
+}
+
+/// Incremental ingest of a live byte stream into a channel.
+pub struct LiveIngest {
+    channel: Arc<Channel>,
+    splitter: Fmp4Splitter,
+    packetizer: Packetizer,
+    started: Option<Instant>,
+    bytes: u64,
+}
+
+impl LiveIngest {
+    pub fn new(channel: Arc<Channel>) -> Self {
+        let next = channel
+            .media
+            .read()
+            .ok()
+            .and_then(|m| m.window.latest_seq())
+            .map_or(0, |s| s + 1);
+        LiveIngest {
+            channel,
+            splitter: Fmp4Splitter::new(),
+            packetizer: Packetizer::new(next),
+            started: None,
+            bytes: 0,
+        }
+    }
+
+    /// Splits `data` into fragments and publishes them. An error leaves the channel as it was
+    /// before the offending bytes.
+    pub async fn push(&mut self, data: &[u8]) -> Result<(), IngestError> {
+        for item in self.splitter.push(data)? {
+            match item {
+                Fmp4Item::Init(init) => self.channel.set_init(init),
+                Fmp4Item::Fragment(f) => {
+                    let started = *self.started.get_or_insert_with(Instant::now);
+                    self.bytes += f.bytes.len() as u64;
+                    let secs = started.elapsed().as_secs_f64();
+                    if secs > 2.0 {
+                        self.channel
+                            .set_stream_kbps((self.bytes as f64 * 8.0 / 1000.0 / secs) as u32);
+                    }
+                    self.channel
+                        .publish_fragment(&mut self.packetizer, &f.bytes, f.starts_with_keyframe)
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}

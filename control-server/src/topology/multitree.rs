@@ -1,0 +1,1048 @@
+//! The multi-tree overlay (claim 1, FIG. 6).
+//!
+//! The stream is split into `k` substreams (packet `seq mod k`) and each substream travels down
+//! its own tree, all rooted at the origin. Every peer is *interior* (a forwarder) in at most one
+//! tree and a *leaf* in all the others. That is what makes the overlay resilient and fair:
+//!
+//! * a peer's departure cuts at most one substream for its descendants (the other `k - 1` keep
+//!   flowing while the tree is repaired), and
+//! * a peer uploads at most the full stream rate (fan-out × stream/k), because it forwards only
+//!   the one substream of its interior tree.
+//!
+//! A peer's fan-out is `floor(upload / (stream / k))`, capped at `max_fanout`; peers that cannot
+//! upload even one substream are leaves everywhere. The origin has `origin_fanout` slots per tree
+//! and is also the parent of last resort ("overflow") when the peers lack capacity.
+//!
+//! # Algorithm
+//!
+//! Greedy and incremental: a join or leave touches only the links it must, never rebuilds.
+//!
+//! * **Join.** A peer with fan-out goes interior in the tree with the least spare capacity (ties:
+//!   lowest index). There it takes the shallowest free slot of an interior node, or, when a leaf
+//!   sits shallower, that leaf's place (adopting the leaf), so forwarders stay near the root and
+//!   leaves sink to the bottom. Then it adopts leaves the origin feeds directly, so the origin
+//!   ideally feeds only the tree roots. In every other tree the peer becomes a leaf under the
+//!   shallowest interior node with a free slot, else under the origin.
+//! * **Leave.** The peer is unlinked everywhere. In its interior tree its forwarding children are
+//!   re-attached with their whole subtrees (shallowest free slot outside their own subtree, else a
+//!   shallow leaf's place, else the origin), then its leaf children. Freed slots in any tree are
+//!   refilled with peers the origin was feeding.
+//!
+//! Per tree, ordered indexes of interior nodes with a free slot and of interior nodes with a leaf
+//! child, keyed by `(depth, id)`, make "shallowest free slot" and "shallowest leaf" O(log n)
+//! look-ups. A join costs O(k log n); a leave additionally re-numbers the depths of the subtrees
+//! it moves.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use protocol::{PeerId, Source, SubstreamPlan};
+
+/// Candidates examined when looking for a slot outside a subtree that is being moved; beyond
+/// this the subtree goes to the origin rather than make a leave expensive.
+const MAX_SCAN: usize = 256;
+
+/// Parameters of a channel's multi-tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultiTreeConfig {
+    /// Number of substreams and trees (values below 1 are treated as 1).
+    pub k: u32,
+    /// Nominal stream rate, kbit/s.
+    pub stream_kbps: u32,
+    /// Children the origin feeds per tree before counting as overflow.
+    pub origin_fanout: u32,
+    /// Cap on any peer's fan-out in its interior tree.
+    pub max_fanout: u32,
+}
+
+impl Default for MultiTreeConfig {
+    fn default() -> Self {
+        MultiTreeConfig {
+            k: 4,
+            stream_kbps: 1000,
+            origin_fanout: 4,
+            max_fanout: 8,
+        }
+    }
+}
+
+impl MultiTreeConfig {
+    /// Children a peer with this upload capacity can feed one substream to:
+    /// `floor(upload / (stream / k))`, capped at `max_fanout`.
+    pub fn fanout_for(&self, upload_kbps: u32) -> u32 {
+        let k = u64::from(self.k.max(1));
+        let f = match u64::from(self.stream_kbps) {
+            0 => u64::from(self.max_fanout),
+            stream => u64::from(upload_kbps) * k / stream,
+        };
+        f.min(u64::from(self.max_fanout)) as u32
+    }
+}
+
+/// Peers whose parent or children changed in some tree: they need new instructions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub affected: BTreeSet<PeerId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parent {
+    Origin,
+    Peer(PeerId),
+    /// Transiently, while a leave re-attaches orphans (and before a joiner is placed).
+    Detached,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    parent: Parent,
+    /// Origin's children have depth 1; 0 means "not placed yet".
+    depth: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    fanout: u32,
+    interior: Option<u32>,
+    /// One link per tree.
+    links: Vec<Link>,
+    /// Children in the interior tree (a peer has children nowhere else).
+    children: Vec<PeerId>,
+    /// How many of `children` are leaves of the interior tree.
+    leaf_children: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Tree {
+    /// Interior nodes the origin feeds (the roots).
+    origin_interior: BTreeSet<PeerId>,
+    /// Leaves the origin feeds: the first to be adopted by peers with spare slots.
+    origin_leaves: BTreeSet<PeerId>,
+    /// Interior nodes with a free slot, shallowest first.
+    free: BTreeSet<(u32, PeerId)>,
+    /// Interior nodes with at least one leaf child, shallowest first.
+    with_leaf: BTreeSet<(u32, PeerId)>,
+    /// Sum of the fan-outs of the interior nodes.
+    capacity: u64,
+    /// Number of peers at each depth.
+    depth_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Index {
+    Free,
+    WithLeaf,
+}
+
+/// The `k` trees of one channel.
+#[derive(Debug, Clone)]
+pub struct MultiTree {
+    cfg: MultiTreeConfig,
+    nodes: BTreeMap<PeerId, Node>,
+    trees: Vec<Tree>,
+}
+
+impl MultiTree {
+    pub fn new(cfg: MultiTreeConfig) -> Self {
+        let cfg = MultiTreeConfig {
+            k: cfg.k.max(1),
+            ..cfg
+        };
+        MultiTree {
+            cfg,
+            nodes: BTreeMap::new(),
+            trees: vec![Tree::default(); cfg.k as usize],
+        }
+    }
+
+    pub fn config(&self) -> &MultiTreeConfig {
+        &self.cfg
+    }
+
+    /// Adds a peer (re-adding a present peer first removes it, e.g. to change its capacity).
+    pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
+        let mut aff = if self.nodes.contains_key(&peer) {
+            self.leave(peer).affected
+        } else {
+            BTreeSet::new()
+        };
+        let k = self.trees.len();
+        let fanout = self.cfg.fanout_for(upload_kbps);
+        let interior = (fanout > 0).then(|| self.least_spare_tree());
+        self.nodes.insert(
+            peer,
+            Node {
+                fanout,
+                interior: interior.map(|t| t as u32),
+                links: vec![
+                    Link {
+                        parent: Parent::Detached,
+                        depth: 0,
+                    };
+                    k
+                ],
+                children: Vec::new(),
+                leaf_children: 0,
+            },
+        );
+        if let Some(t) = interior {
+            self.trees[t].capacity += u64::from(fanout);
+            self.place_interior(t, peer, false, &mut aff);
+            self.refill(t, &mut aff);
+        }
+        for t in (0..k).filter(|t| Some(*t) != interior) {
+            self.place_leaf(t, peer, &mut aff);
+        }
+        aff.insert(peer);
+        Changes { affected: aff }
+    }
+
+    /// Removes a peer; unknown peers change nothing.
+    pub fn leave(&mut self, peer: PeerId) -> Changes {
+        let mut aff = BTreeSet::new();
+        let Some((interior, fanout)) = self.nodes.get(&peer).map(|n| (n.interior, n.fanout))
+        else {
+            return Changes::default();
+        };
+        for t in 0..self.trees.len() {
+            self.detach(t, peer, &mut aff);
+        }
+        let mut orphans = Vec::new();
+        if let Some(t) = interior.map(|t| t as usize) {
+            self.unindex(t, peer);
+            self.trees[t].capacity -= u64::from(fanout);
+            if let Some(n) = self.nodes.get_mut(&peer) {
+                orphans = std::mem::take(&mut n.children);
+                n.leaf_children = 0;
+            }
+            for c in &orphans {
+                if let Some(cn) = self.nodes.get_mut(c) {
+                    cn.links[t].parent = Parent::Detached;
+                }
+                aff.insert(*c);
+            }
+        }
+        if let Some(n) = self.nodes.remove(&peer) {
+            for (tree, link) in self.trees.iter_mut().zip(&n.links) {
+                if let Some(c) = tree.depth_counts.get_mut(link.depth as usize) {
+                    *c = c.saturating_sub(u64::from(link.depth > 0));
+                }
+            }
+        }
+        if let Some(t) = interior.map(|t| t as usize) {
+            let (mut forwarders, leaves): (Vec<PeerId>, Vec<PeerId>) = orphans
+                .into_iter()
+                .partition(|c| self.is_interior(*c, t));
+            // Bigger forwarders first: they should end up higher.
+            forwarders.sort_by_key(|c| (Reverse(self.nodes.get(c).map_or(0, |n| n.fanout)), *c));
+            for c in forwarders {
+                self.place_interior(t, c, true, &mut aff);
+            }
+            for c in leaves {
+                self.place_leaf(t, c, &mut aff);
+            }
+        }
+        for t in 0..self.trees.len() {
+            self.refill(t, &mut aff);
+        }
+        aff.remove(&peer);
+        Changes { affected: aff }
+    }
+
+    /// For each substream: where the peer receives it from and whom it forwards it to.
+    pub fn plan(&self, peer: PeerId) -> Option<Vec<SubstreamPlan>> {
+        let n = self.nodes.get(&peer)?;
+        Some(
+            n.links
+                .iter()
+                .enumerate()
+                .map(|(t, link)| SubstreamPlan {
+                    index: t as u32,
+                    parent: match link.parent {
+                        Parent::Peer(id) => Source::Peer { id },
+                        Parent::Origin | Parent::Detached => Source::Origin,
+                    },
+                    children: if n.interior == Some(t as u32) {
+                        n.children.clone()
+                    } else {
+                        Vec::new()
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    /// Hops from the origin to `peer` in tree `substream` (the origin's children have depth 1).
+    pub fn depth(&self, peer: PeerId, substream: u32) -> Option<u32> {
+        let link = self.nodes.get(&peer)?.links.get(substream as usize)?;
+        (link.depth > 0).then_some(link.depth)
+    }
+
+    /// Largest depth of any peer in any tree (0 when empty).
+    pub fn max_depth(&self) -> u32 {
+        self.trees
+            .iter()
+            .filter_map(|t| t.depth_counts.iter().rposition(|c| *c > 0))
+            .max()
+            .unwrap_or(0) as u32
+    }
+
+    /// Peers the origin feeds substream `substream` to, ascending.
+    pub fn origin_children(&self, substream: u32) -> Vec<PeerId> {
+        let Some(tree) = self.trees.get(substream as usize) else {
+            return Vec::new();
+        };
+        let mut v: Vec<PeerId> = tree
+            .origin_interior
+            .iter()
+            .chain(&tree.origin_leaves)
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Total number of (peer, substream) feeds the origin serves.
+    pub fn origin_load(&self) -> usize {
+        self.trees
+            .iter()
+            .map(|t| t.origin_interior.len() + t.origin_leaves.len())
+            .sum()
+    }
+
+    /// Feeds the origin serves beyond its `origin_fanout` slots, summed over the trees.
+    pub fn origin_overflow(&self) -> usize {
+        let slots = self.cfg.origin_fanout as usize;
+        self.trees
+            .iter()
+            .map(|t| (t.origin_interior.len() + t.origin_leaves.len()).saturating_sub(slots))
+            .sum()
+    }
+
+    /// All peers, ascending.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.nodes.keys().copied()
+    }
+
+    /// The tree in which `peer` forwards, if any.
+    pub fn interior_tree(&self, peer: PeerId) -> Option<u32> {
+        self.nodes.get(&peer)?.interior
+    }
+
+    /// The peer's fan-out in its interior tree (0 for leaves-everywhere peers).
+    pub fn fanout(&self, peer: PeerId) -> Option<u32> {
+        self.nodes.get(&peer).map(|n| n.fanout)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Verifies every structural invariant and every index; for tests (O(n·k)).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let k = self.trees.len();
+        for (t, tree) in self.trees.iter().enumerate() {
+            let mut capacity = 0u64;
+            let mut free = BTreeSet::new();
+            let mut with_leaf = BTreeSet::new();
+            let mut origin_interior = BTreeSet::new();
+            let mut origin_leaves = BTreeSet::new();
+            let mut depth_counts: Vec<u64> = Vec::new();
+            let mut fed = 0usize;
+            for (&id, n) in &self.nodes {
+                if n.links.len() != k {
+                    return Err(format!("{id} has {} links, want {k}", n.links.len()));
+                }
+                if n.interior.is_some() != (n.fanout > 0) {
+                    return Err(format!("{id}: fan-out {} but interior {:?}", n.fanout, n.interior));
+                }
+                let interior_here = n.interior == Some(t as u32);
+                let link = n.links[t];
+                match link.parent {
+                    Parent::Detached => return Err(format!("{id} has no parent in tree {t}")),
+                    Parent::Origin => {
+                        if link.depth != 1 {
+                            return Err(format!("{id}: origin child at depth {} in tree {t}", link.depth));
+                        }
+                        if interior_here {
+                            origin_interior.insert(id);
+                        } else {
+                            origin_leaves.insert(id);
+                        }
+                    }
+                    Parent::Peer(p) => {
+                        let pn = self
+                            .nodes
+                            .get(&p)
+                            .ok_or_else(|| format!("{id}: parent {p} unknown in tree {t}"))?;
+                        if pn.interior != Some(t as u32) {
+                            return Err(format!("{id}: parent {p} is not interior in tree {t}"));
+                        }
+                        if !pn.children.contains(&id) {
+                            return Err(format!("{id}: parent {p} does not list it in tree {t}"));
+                        }
+                        // Depth strictly grows away from the origin, so there is no cycle and
+                        // everyone is connected to the origin.
+                        if link.depth != pn.links[t].depth + 1 {
+                            return Err(format!("{id}: depth {} under {p} at depth {} in tree {t}", link.depth, pn.links[t].depth));
+                        }
+                    }
+                }
+                let d = link.depth as usize;
+                if depth_counts.len() <= d {
+                    depth_counts.resize(d + 1, 0);
+                }
+                depth_counts[d] += 1;
+                if interior_here {
+                    capacity += u64::from(n.fanout);
+                    if n.children.len() > n.fanout as usize {
+                        return Err(format!("{id}: {} children over fan-out {} in tree {t}", n.children.len(), n.fanout));
+                    }
+                    let mut leaves = 0;
+                    for (i, c) in n.children.iter().enumerate() {
+                        if n.children[..i].contains(c) {
+                            return Err(format!("{id}: duplicate child {c}"));
+                        }
+                        let cn = self
+                            .nodes
+                            .get(c)
+                            .ok_or_else(|| format!("{id}: child {c} unknown"))?;
+                        if cn.links[t].parent != Parent::Peer(id) {
+                            return Err(format!("{id}: child {c} has another parent in tree {t}"));
+                        }
+                        if cn.interior != Some(t as u32) {
+                            leaves += 1;
+                        }
+                    }
+                    fed += n.children.len();
+                    if leaves != n.leaf_children {
+                        return Err(format!("{id}: leaf child count {} != {leaves}", n.leaf_children));
+                    }
+                    if n.children.len() < n.fanout as usize {
+                        free.insert((link.depth, id));
+                    }
+                    if leaves > 0 {
+                        with_leaf.insert((link.depth, id));
+                    }
+                } else if n.interior.is_some_and(|it| it as usize >= k) {
+                    return Err(format!("{id}: interior tree out of range"));
+                }
+            }
+            if fed + origin_interior.len() + origin_leaves.len() != self.nodes.len() {
+                return Err(format!("tree {t}: {fed} fed by peers + origin != {} peers", self.nodes.len()));
+            }
+            if capacity != tree.capacity {
+                return Err(format!("tree {t}: capacity {} != {capacity}", tree.capacity));
+            }
+            if free != tree.free || with_leaf != tree.with_leaf {
+                return Err(format!("tree {t}: stale slot indexes"));
+            }
+            if origin_interior != tree.origin_interior || origin_leaves != tree.origin_leaves {
+                return Err(format!("tree {t}: stale origin child sets"));
+            }
+            let trimmed = |v: &[u64]| v[..v.iter().rposition(|c| *c > 0).map_or(0, |i| i + 1)].to_vec();
+            if trimmed(&depth_counts) != trimmed(&tree.depth_counts) {
+                return Err(format!("tree {t}: stale depth histogram"));
+            }
+        }
+        for (&id, n) in &self.nodes {
+            if n.interior.is_none() && (!n.children.is_empty() || n.leaf_children != 0) {
+                return Err(format!("{id} has children but is interior nowhere"));
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Placement
+    // -----------------------------------------------------------------------------------------
+
+    /// The tree that most needs forwarding capacity. Every peer needs one slot per tree, so a
+    /// tree's spare capacity is (sum of fan-outs) + (roots, which use origin slots) − peers; the
+    /// peer count is the same for all trees and cancels out.
+    fn least_spare_tree(&self) -> usize {
+        self.trees
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, t)| (t.capacity + t.origin_interior.len() as u64, *i))
+            .map_or(0, |(i, _)| i)
+    }
+
+    /// Attaches `x`, interior in tree `t` and currently detached (a joiner, or an orphaned
+    /// forwarder with its subtree when `has_subtree`).
+    fn place_interior(&mut self, t: usize, x: PeerId, has_subtree: bool, aff: &mut BTreeSet<PeerId>) {
+        let moving = has_subtree.then_some(x);
+        let free = self.first_valid(t, Index::Free, moving);
+        let leafy = self.first_valid(t, Index::WithLeaf, moving);
+        // A moved subtree keeps its depth best under a free origin slot: repairs use the
+        // origin's budget rather than push a whole subtree deeper. (A joiner has no subtree, so
+        // it never takes one: the origin should feed as few peers as possible.)
+        let best_in_tree = match (free, leafy) {
+            (Some((df, _)), Some((dl, _))) => Some((df + 1).min(dl + 1)),
+            (Some((d, _)), None) | (None, Some((d, _))) => Some(d + 1),
+            (None, None) => None,
+        };
+        if has_subtree && best_in_tree.is_some_and(|d| d > 1) && self.origin_has_slot(t) {
+            self.attach(t, x, None, aff);
+            return;
+        }
+        match (free, leafy) {
+            (Some((df, q)), leafy) if leafy.is_none_or(|(dl, _)| df <= dl) => {
+                self.attach(t, x, Some(q), aff);
+            }
+            // Leaves hang off the origin: become a root and adopt them (see `refill`).
+            _ if !self.trees[t].origin_leaves.is_empty() => self.attach(t, x, None, aff),
+            (_, Some((_, q))) => {
+                let leaf = self.nodes.get(&q).and_then(|qn| {
+                    qn.children
+                        .iter()
+                        .copied()
+                        .find(|c| !self.is_interior(*c, t))
+                });
+                let Some(leaf) = leaf else {
+                    self.attach(t, x, None, aff);
+                    return;
+                };
+                // Take the leaf's place and adopt it (or re-home it if we are already full).
+                self.detach(t, leaf, aff);
+                self.attach(t, x, Some(q), aff);
+                if self.has_room(t, x) {
+                    self.attach(t, leaf, Some(x), aff);
+                } else {
+                    self.place_leaf(t, leaf, aff);
+                }
+            }
+            _ => self.attach(t, x, None, aff),
+        }
+    }
+
+    /// Attaches a detached leaf of tree `t` under the shallowest free slot, else the origin.
+    fn place_leaf(&mut self, t: usize, x: PeerId, aff: &mut BTreeSet<PeerId>) {
+        // A leaf has no subtree, so any free slot is safe, even one inside a subtree that is
+        // itself still being re-attached: its depth is renumbered when that subtree moves.
+        let parent = self.trees[t].free.first().map(|(_, q)| *q);
+        self.attach(t, x, parent, aff);
+    }
+
+    /// Moves leaves the origin feeds under interior nodes with free slots.
+    fn refill(&mut self, t: usize, aff: &mut BTreeSet<PeerId>) {
+        loop {
+            let tree = &self.trees[t];
+            let (Some(&leaf), Some(&(_, q))) = (tree.origin_leaves.first(), tree.free.first())
+            else {
+                return;
+            };
+            self.detach(t, leaf, aff);
+            self.attach(t, leaf, Some(q), aff);
+        }
+    }
+
+    /// Shallowest entry of an index that is connected to the origin and not inside the subtree
+    /// of `moving` (no check when `moving` is `None`: nothing is detached then).
+    fn first_valid(&self, t: usize, index: Index, moving: Option<PeerId>) -> Option<(u32, PeerId)> {
+        let tree = &self.trees[t];
+        let set = match index {
+            Index::Free => &tree.free,
+            Index::WithLeaf => &tree.with_leaf,
+        };
+        let Some(moving) = moving else {
+            return set.first().copied();
+        };
+        set.iter()
+            .take(MAX_SCAN)
+            .find(|(_, q)| self.reaches_origin_avoiding(t, *q, moving))
+            .copied()
+    }
+
+    /// Whether walking up from `q` reaches the origin without passing `avoid` or a detached node.
+    fn reaches_origin_avoiding(&self, t: usize, q: PeerId, avoid: PeerId) -> bool {
+        let mut x = q;
+        for _ in 0..=self.nodes.len() {
+            if x == avoid {
+                return false;
+            }
+            match self.nodes.get(&x).map(|n| n.links[t].parent) {
+                Some(Parent::Origin) => return true,
+                Some(Parent::Peer(p)) => x = p,
+                Some(Parent::Detached) | None => return false,
+            }
+        }
+        false
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Link primitives: keep children lists, origin sets, indexes and depths consistent.
+    // -----------------------------------------------------------------------------------------
+
+    fn is_interior(&self, id: PeerId, t: usize) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.interior == Some(t as u32))
+    }
+
+    fn origin_has_slot(&self, t: usize) -> bool {
+        let tree = &self.trees[t];
+        tree.origin_interior.len() + tree.origin_leaves.len() < self.cfg.origin_fanout as usize
+    }
+
+    fn has_room(&self, t: usize, id: PeerId) -> bool {
+        self.nodes.get(&id).is_some_and(|n| {
+            n.interior == Some(t as u32) && n.children.len() < n.fanout as usize
+        })
+    }
+
+    /// Unlinks `x` from its parent in tree `t` (its own subtree stays attached to it).
+    fn detach(&mut self, t: usize, x: PeerId, aff: &mut BTreeSet<PeerId>) {
+        let interior = self.is_interior(x, t);
+        let Some(parent) = self.nodes.get(&x).map(|n| n.links[t].parent) else {
+            return;
+        };
+        match parent {
+            Parent::Detached => return,
+            Parent::Origin => {
+                let tree = &mut self.trees[t];
+                if interior {
+                    tree.origin_interior.remove(&x);
+                } else {
+                    tree.origin_leaves.remove(&x);
+                }
+            }
+            Parent::Peer(q) => {
+                self.unindex(t, q);
+                if let Some(qn) = self.nodes.get_mut(&q) {
+                    qn.children.retain(|c| *c != x);
+                    if !interior {
+                        qn.leaf_children = qn.leaf_children.saturating_sub(1);
+                    }
+                }
+                self.index(t, q);
+                aff.insert(q);
+            }
+        }
+        if let Some(n) = self.nodes.get_mut(&x) {
+            n.links[t].parent = Parent::Detached;
+        }
+        aff.insert(x);
+    }
+
+    /// Links detached `x` under `parent` (`None`: the origin) in tree `t`, renumbering the depths
+    /// of its subtree.
+    fn attach(&mut self, t: usize, x: PeerId, parent: Option<PeerId>, aff: &mut BTreeSet<PeerId>) {
+        let interior = self.is_interior(x, t);
+        let depth = match parent {
+            None => {
+                let tree = &mut self.trees[t];
+                if interior {
+                    tree.origin_interior.insert(x);
+                } else {
+                    tree.origin_leaves.insert(x);
+                }
+                1
+            }
+            Some(q) => {
+                self.unindex(t, q);
+                let mut depth = 1;
+                if let Some(qn) = self.nodes.get_mut(&q) {
+                    qn.children.push(x);
+                    if !interior {
+                        qn.leaf_children += 1;
+                    }
+                    depth = qn.links[t].depth + 1;
+                }
+                self.index(t, q);
+                aff.insert(q);
+                depth
+            }
+        };
+        if let Some(n) = self.nodes.get_mut(&x) {
+            n.links[t].parent = parent.map_or(Parent::Origin, Parent::Peer);
+        }
+        aff.insert(x);
+        self.set_subtree_depth(t, x, depth);
+    }
+
+    /// Sets `root`'s depth in tree `t` and shifts its whole subtree accordingly.
+    fn set_subtree_depth(&mut self, t: usize, root: PeerId, depth: u32) {
+        if self.nodes.get(&root).is_none_or(|n| n.links[t].depth == depth) {
+            return; // the subtree keeps its (relative, hence absolute) depths
+        }
+        let mut stack = vec![(root, depth)];
+        while let Some((x, d)) = stack.pop() {
+            self.unindex(t, x);
+            let Some(n) = self.nodes.get_mut(&x) else {
+                continue;
+            };
+            let old = std::mem::replace(&mut n.links[t].depth, d);
+            if n.interior == Some(t as u32) {
+                stack.extend(n.children.iter().map(|c| (*c, d + 1)));
+            }
+            let counts = &mut self.trees[t].depth_counts;
+            if old > 0 {
+                if let Some(c) = counts.get_mut(old as usize) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            if counts.len() <= d as usize {
+                counts.resize(d as usize + 1, 0);
+            }
+            counts[d as usize] += 1;
+            self.index(t, x);
+        }
+    }
+
+    /// Drops `id` from tree `t`'s slot indexes (before its depth or children change).
+    fn unindex(&mut self, t: usize, id: PeerId) {
+        if let Some(n) = self.nodes.get(&id) {
+            if n.interior == Some(t as u32) {
+                let key = (n.links[t].depth, id);
+                self.trees[t].free.remove(&key);
+                self.trees[t].with_leaf.remove(&key);
+            }
+        }
+    }
+
+    /// Re-adds `id` to tree `t`'s slot indexes according to its current state.
+    fn index(&mut self, t: usize, id: PeerId) {
+        if let Some(n) = self.nodes.get(&id) {
+            if n.interior == Some(t as u32) && n.links[t].depth > 0 {
+                let key = (n.links[t].depth, id);
+                if n.children.len() < n.fanout as usize {
+                    self.trees[t].free.insert(key);
+                }
+                if n.leaf_children > 0 {
+                    self.trees[t].with_leaf.insert(key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Tiny deterministic PRNG (xorshift64*), so tests need no extra crates.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn cfg(k: u32, origin_fanout: u32, max_fanout: u32) -> MultiTreeConfig {
+        MultiTreeConfig {
+            k,
+            stream_kbps: 1000,
+            origin_fanout,
+            max_fanout,
+        }
+    }
+
+    /// Every peer receives every substream, and following parents always reaches the origin.
+    fn assert_everyone_fed(m: &MultiTree) {
+        let k = m.config().k;
+        for p in m.peers() {
+            let plan = m.plan(p).unwrap();
+            assert_eq!(plan.len(), k as usize);
+            for (t, s) in plan.iter().enumerate() {
+                assert_eq!(s.index, t as u32);
+                let mut x = p;
+                let mut hops = 1;
+                while let Source::Peer { id } = m.plan(x).unwrap()[t].parent {
+                    assert!(m.plan(id).unwrap()[t].children.contains(&x));
+                    x = id;
+                    hops += 1;
+                    assert!(hops <= m.len() + 1, "cycle");
+                }
+                assert_eq!(m.depth(p, t as u32), Some(hops as u32));
+            }
+        }
+    }
+
+    #[test]
+    fn fanout_from_capacity() {
+        let c = cfg(4, 4, 8);
+        assert_eq!(c.fanout_for(0), 0);
+        assert_eq!(c.fanout_for(249), 0);
+        assert_eq!(c.fanout_for(250), 1);
+        assert_eq!(c.fanout_for(1000), 4);
+        assert_eq!(c.fanout_for(u32::MAX), 8);
+        let free = MultiTreeConfig {
+            stream_kbps: 0,
+            ..c
+        };
+        assert_eq!(free.fanout_for(1), 8);
+    }
+
+    #[test]
+    fn high_capacity_peers_make_one_root_per_tree() {
+        let k = 4;
+        let mut m = MultiTree::new(cfg(k, 4, 16));
+        for i in 0..8 {
+            let changes = m.join(PeerId(i), 10_000);
+            assert!(changes.affected.contains(&PeerId(i)));
+            m.check_invariants().unwrap();
+        }
+        assert_eq!(m.origin_load(), k as usize);
+        assert_eq!(m.origin_overflow(), 0);
+        for t in 0..k {
+            let roots = m.origin_children(t);
+            assert_eq!(roots.len(), 1);
+            assert_eq!(m.interior_tree(roots[0]), Some(t));
+        }
+        assert!(m.max_depth() <= 2, "max depth {}", m.max_depth());
+        assert_everyone_fed(&m);
+        for p in m.peers() {
+            let interior = m.interior_tree(p).unwrap();
+            for s in m.plan(p).unwrap() {
+                assert!(s.children.is_empty() || s.index == interior);
+            }
+        }
+    }
+
+    #[test]
+    fn zero_capacity_peers_are_leaves_everywhere() {
+        let mut m = MultiTree::new(cfg(3, 2, 8));
+        for i in 0..5 {
+            m.join(PeerId(i), 0);
+        }
+        m.check_invariants().unwrap();
+        for p in m.peers() {
+            assert_eq!(m.interior_tree(p), None);
+            assert_eq!(m.fanout(p), Some(0));
+        }
+        // Nobody can forward: the origin feeds everyone, partly as overflow.
+        assert_eq!(m.origin_load(), 15);
+        assert_eq!(m.origin_overflow(), 9);
+        // A capable joiner takes over from the origin where it forwards.
+        m.join(PeerId(99), 10_000);
+        m.check_invariants().unwrap();
+        let t = m.interior_tree(PeerId(99)).unwrap();
+        assert_eq!(m.origin_children(t), vec![PeerId(99)]);
+        assert_everyone_fed(&m);
+    }
+
+    #[test]
+    fn relaying_peer_leaving_gets_its_children_new_parents() {
+        let mut m = MultiTree::new(cfg(2, 1, 3));
+        for i in 0..30 {
+            m.join(PeerId(i), 1500); // fan-out 3
+        }
+        m.check_invariants().unwrap();
+        // A forwarder with children that is not a root.
+        let victim = m
+            .peers()
+            .find(|p| {
+                let t = m.interior_tree(*p).unwrap();
+                let plan = m.plan(*p).unwrap();
+                !plan[t as usize].children.is_empty()
+                    && plan[t as usize].parent != Source::Origin
+            })
+            .unwrap();
+        let t = m.interior_tree(victim).unwrap() as usize;
+        let plan = m.plan(victim).unwrap();
+        let children = plan[t].children.clone();
+        let Source::Peer { id: parent } = plan[t].parent else {
+            unreachable!()
+        };
+        let leaf_parents: Vec<PeerId> = plan
+            .iter()
+            .filter_map(|s| match s.parent {
+                Source::Peer { id } => Some(id),
+                Source::Origin => None,
+            })
+            .collect();
+        let changes = m.leave(victim);
+        m.check_invariants().unwrap();
+        assert!(!changes.affected.contains(&victim));
+        assert!(m.plan(victim).is_none());
+        for c in &children {
+            assert!(changes.affected.contains(c), "{c} not told");
+            let new_parent = m.plan(*c).unwrap()[t].parent;
+            assert_ne!(new_parent, Source::Peer { id: victim });
+        }
+        assert!(changes.affected.contains(&parent));
+        for p in leaf_parents {
+            assert!(changes.affected.contains(&p));
+        }
+        assert_everyone_fed(&m);
+        assert_eq!(m.leave(victim), Changes::default());
+    }
+
+    #[test]
+    fn root_leaving_promotes_its_subtree() {
+        // k = 1: everyone forwards, there are no leaves to displace.
+        let mut m = MultiTree::new(cfg(1, 2, 2));
+        for i in 0..40 {
+            m.join(PeerId(i), 2000);
+        }
+        m.check_invariants().unwrap();
+        let root = m.origin_children(0)[0];
+        let depth_before = m.max_depth();
+        let changes = m.leave(root);
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert!(!m.origin_children(0).is_empty());
+        assert!(!changes.affected.is_empty());
+        assert!(m.max_depth() <= depth_before);
+    }
+
+    #[test]
+    fn random_churn_keeps_invariants() {
+        let capacities = [0, 100, 250, 500, 999, 1000, 2000, 5000, 100_000];
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let k = 1 + rng.below(6) as u32;
+            let mut m = MultiTree::new(cfg(k, rng.below(3) as u32, 1 + rng.below(8) as u32));
+            let mut present: Vec<PeerId> = Vec::new();
+            for step in 0..600u64 {
+                if present.is_empty() || rng.below(100) < 60 {
+                    let id = PeerId(step);
+                    let cap = capacities[rng.below(capacities.len() as u64) as usize];
+                    let changes = m.join(id, cap);
+                    assert!(changes.affected.contains(&id));
+                    present.push(id);
+                } else if rng.below(10) == 0 {
+                    // Re-join with another capacity.
+                    let id = present[rng.below(present.len() as u64) as usize];
+                    m.join(id, capacities[rng.below(capacities.len() as u64) as usize]);
+                } else {
+                    let i = rng.below(present.len() as u64) as usize;
+                    let id = present.swap_remove(i);
+                    let changes = m.leave(id);
+                    assert!(!changes.affected.contains(&id));
+                }
+                if let Err(e) = m.check_invariants() {
+                    panic!("seed {seed} step {step}: {e}");
+                }
+                assert_eq!(m.len(), present.len());
+            }
+            assert_everyone_fed(&m);
+            for id in present {
+                m.leave(id);
+                m.check_invariants().unwrap();
+            }
+            assert!(m.is_empty());
+            assert_eq!(m.max_depth(), 0);
+            assert_eq!(m.origin_load(), 0);
+        }
+    }
+
+    #[test]
+    fn changes_name_exactly_the_relinked_peers() {
+        let mut rng = Rng(7);
+        let mut m = MultiTree::new(cfg(3, 1, 4));
+        let mut present = Vec::new();
+        for step in 0..300u64 {
+            let before: BTreeMap<PeerId, Vec<SubstreamPlan>> =
+                m.peers().map(|p| (p, m.plan(p).unwrap())).collect();
+            let changes = if present.is_empty() || rng.below(3) > 0 {
+                present.push(PeerId(step));
+                m.join(PeerId(step), [0, 400, 800, 3000][rng.below(4) as usize])
+            } else {
+                let id = present.swap_remove(rng.below(present.len() as u64) as usize);
+                m.leave(id)
+            };
+            for p in m.peers() {
+                let mut now = m.plan(p).unwrap();
+                let mut was = before.get(&p).cloned().unwrap_or_default();
+                for s in now.iter_mut().chain(was.iter_mut()) {
+                    s.children.sort();
+                }
+                if now != was {
+                    assert!(changes.affected.contains(&p), "step {step}: {p} changed silently");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn depth_stays_logarithmic_for_a_thousand_peers() {
+        let mut m = MultiTree::new(cfg(4, 4, 4));
+        for i in 0..1000 {
+            m.join(PeerId(i), 1000); // fan-out 4
+        }
+        m.check_invariants().unwrap();
+        assert!(m.max_depth() <= 8, "max depth {}", m.max_depth());
+        // Capacity equals demand: the origin feeds little more than the roots.
+        assert!(m.origin_load() <= 4 * 4, "origin load {}", m.origin_load());
+        // Churn: a third leave, others join; depth stays bounded.
+        let mut rng = Rng(99);
+        for i in 0..1000u64 {
+            if rng.below(2) == 0 {
+                m.leave(PeerId(rng.below(1000 + i)));
+            } else {
+                m.join(PeerId(1000 + i), 1000);
+            }
+        }
+        m.check_invariants().unwrap();
+        assert!(m.max_depth() <= 10, "max depth {}", m.max_depth());
+        assert_everyone_fed(&m);
+    }
+
+    #[test]
+    fn single_tree_degenerate_configs() {
+        let mut m = MultiTree::new(MultiTreeConfig {
+            k: 0,
+            stream_kbps: 1000,
+            origin_fanout: 0,
+            max_fanout: 0,
+        });
+        assert_eq!(m.config().k, 1);
+        m.join(PeerId(1), 50_000);
+        m.join(PeerId(2), 50_000);
+        m.check_invariants().unwrap();
+        assert_eq!(m.origin_children(0), vec![PeerId(1), PeerId(2)]);
+        assert_eq!(m.origin_children(5), Vec::<PeerId>::new());
+        assert_eq!(m.depth(PeerId(1), 1), None);
+        assert_eq!(m.origin_overflow(), 2);
+    }
+
+    /// `cargo test -p control-server --release -- --ignored --nocapture scale`
+    #[test]
+    #[ignore = "slow in debug builds; run with --release"]
+    fn scale_to_100k_peers_with_churn() {
+        let mut m = MultiTree::new(cfg(4, 1, 8));
+        let mut rng = Rng(5);
+        let caps = [0, 300, 600, 1000, 1500, 3000];
+        let start = std::time::Instant::now();
+        for i in 0..100_000u64 {
+            m.join(PeerId(i), caps[rng.below(caps.len() as u64) as usize]);
+        }
+        let joined = start.elapsed();
+        let start = std::time::Instant::now();
+        let mut next = 100_000u64;
+        let mut total_affected = 0;
+        for _ in 0..100_000u64 {
+            if rng.below(2) == 0 {
+                total_affected += m.leave(PeerId(rng.below(next))).affected.len();
+            } else {
+                total_affected += m.join(PeerId(next), caps[rng.below(6) as usize]).affected.len();
+                next += 1;
+            }
+        }
+        let churned = start.elapsed();
+        m.check_invariants().unwrap();
+        println!(
+            "100k joins {joined:?}, 100k churn events {churned:?}, peers {}, max depth {}, origin load {}, overflow {}, mean affected {}",
+            m.len(),
+            m.max_depth(),
+            m.origin_load(),
+            m.origin_overflow(),
+            total_affected / 100_000
+        );
+        assert!(m.max_depth() <= 24);
+    }
+}

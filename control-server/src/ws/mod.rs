@@ -1,0 +1,7 @@
+//! Peer sessions on the control WebSocket: one task per connection that validates every
+//! message, forwards well-formed ones to the channel's DCM and never lets one peer's bad input
+//! reach another peer.
+
+mod session;
+
+pub use session::{ws_handler, SessionLimits};

@@ -1,0 +1,335 @@
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use protocol::control::MAX_CONTROL_MESSAGE;
+use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+
+use crate::dcm::{DcmEvent, Outbound};
+use crate::{AppState, SharedChannel};
+
+/// Limits applied to every session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Messages per second a peer may send (burst twice as large).
+    pub msgs_per_sec: f64,
+    /// Protocol errors tolerated before the session is closed.
+    pub max_errors: u32,
+    /// Largest upload a peer may declare, kbit/s.
+    pub max_upload_kbps: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            msgs_per_sec: 100.0,
+            max_errors: 20,
+            max_upload_kbps: 10_000_000,
+        }
+    }
+}
+
+pub async fn ws_handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    ws.max_message_size(MAX_CONTROL_MESSAGE)
+        .max_frame_size(MAX_CONTROL_MESSAGE)
+        .on_upgrade(move |socket| run_session(socket, state))
+}
+
+struct Session {
+    state: AppState,
+    out: mpsc::Sender<Outbound>,
+    joined: Option<(PeerId, SharedChannel)>,
+    errors: u32,
+    tokens: f64,
+    last_refill: Instant,
+    last_heartbeat: Option<(u64, Instant)>,
+}
+
+async fn run_session(socket: WebSocket, state: AppState) {
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(1024);
+
+    // Writer: the only place that touches the sink, so DCM and session never race on it.
+    let writer = tokio::spawn(async move {
+        while let Some(item) = out_rx.recv().await {
+            let res = match item {
+                Outbound::Msg(m) => match serde_json::to_string(&m) {
+                    Ok(s) => sink.send(Message::Text(Utf8Bytes::from(s))).await,
+                    Err(e) => {
+                        tracing::error!("serializing server message: {e}");
+                        continue;
+                    }
+                },
+                Outbound::Packet(b) => sink.send(Message::Binary(b)).await,
+                Outbound::Close(reason) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 1008,
+                            reason: Utf8Bytes::from(reason),
+                        })))
+                        .await;
+                    break;
+                }
+            };
+            if res.is_err() {
+                break;
+            }
+        }
+    });
+
+    let limits = state.limits;
+    let mut session = Session {
+        state,
+        out: out_tx,
+        joined: None,
+        errors: 0,
+        tokens: limits.msgs_per_sec * 2.0,
+        last_refill: Instant::now(),
+        last_heartbeat: None,
+    };
+
+    while let Some(msg) = stream.next().await {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                // Oversize frames land here: tell the peer why before the socket goes.
+                tracing::debug!("websocket error: {e}");
+                session
+                    .error(ErrorCode::TooLarge, format!("websocket error: {e}"))
+                    .await;
+                break;
+            }
+        };
+        let keep_going = match msg {
+            Message::Text(text) => session.on_text(text.as_str()).await,
+            Message::Binary(_) => {
+                session
+                    .error(
+                        ErrorCode::Malformed,
+                        "peers must not send binary frames on the control socket".into(),
+                    )
+                    .await
+            }
+            Message::Close(_) => false,
+            Message::Ping(_) | Message::Pong(_) => true,
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    session.leave().await;
+    drop(session);
+    let _ = writer.await;
+}
+
+impl Session {
+    /// Sends an error to the peer; returns false once the peer has used up its error budget.
+    async fn error(&mut self, code: ErrorCode, message: String) -> bool {
+        self.errors += 1;
+        tracing::info!(?code, %message, "protocol error from peer");
+        let _ = self
+            .out
+            .send(Outbound::Msg(ServerMsg::Error { code, message }))
+            .await;
+        if self.errors >= self.state.limits.max_errors {
+            let _ = self
+                .out
+                .send(Outbound::Close("too many protocol errors".into()))
+                .await;
+            return false;
+        }
+        true
+    }
+
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        let rate = self.state.limits.msgs_per_sec;
+        self.tokens = (self.tokens + now.duration_since(self.last_refill).as_secs_f64() * rate)
+            .min(rate * 2.0);
+        self.last_refill = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> bool {
+        if !self.take_token() {
+            return self
+                .error(
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down".into(),
+                )
+                .await;
+        }
+        let msg: ClientMsg = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .error(ErrorCode::Malformed, format!("malformed message: {e}"))
+                    .await
+            }
+        };
+        match (msg, self.joined.clone()) {
+            (
+                ClientMsg::Join {
+                    version,
+                    channel,
+                    upload_kbps,
+                },
+                None,
+            ) => self.join(version, channel, upload_kbps).await,
+            (ClientMsg::Join { .. }, Some(_)) => {
+                self.error(ErrorCode::AlreadyJoined, "already joined".into())
+                    .await
+            }
+            (_, None) => {
+                self.error(ErrorCode::NotJoined, "send join first".into())
+                    .await
+            }
+            (ClientMsg::Signal { to, signal }, Some((me, ch))) => {
+                if to == me {
+                    return self
+                        .error(ErrorCode::NotLinked, "cannot signal yourself".into())
+                        .await;
+                }
+                let _ = ch
+                    .dcm
+                    .send(DcmEvent::Signal {
+                        from: me,
+                        to,
+                        signal,
+                    })
+                    .await;
+                true
+            }
+            (ClientMsg::Heartbeat(hb), Some((me, ch))) => {
+                if hb.client_id != me {
+                    return self
+                        .error(
+                            ErrorCode::WrongPeer,
+                            format!("heartbeat claims to be {} but this session is {me}", hb.client_id),
+                        )
+                        .await;
+                }
+                let now = Instant::now();
+                let min_gap =
+                    Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
+                if let Some((last_seq, last_at)) = self.last_heartbeat {
+                    if hb.seq <= last_seq {
+                        return self
+                            .error(
+                                ErrorCode::Malformed,
+                                format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
+                            )
+                            .await;
+                    }
+                    if now.duration_since(last_at) < min_gap {
+                        return self
+                            .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
+                            .await;
+                    }
+                }
+                self.last_heartbeat = Some((hb.seq, now));
+                let _ = ch
+                    .dcm
+                    .send(DcmEvent::Heartbeat {
+                        peer: me,
+                        heartbeat: Box::new(hb),
+                    })
+                    .await;
+                true
+            }
+            (ClientMsg::Leave, Some(_)) => false,
+        }
+    }
+
+    async fn join(&mut self, version: u32, channel: String, upload_kbps: u32) -> bool {
+        if version != PROTOCOL_VERSION {
+            return self
+                .error(
+                    ErrorCode::UnsupportedVersion,
+                    format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+                )
+                .await;
+        }
+        if upload_kbps > self.state.limits.max_upload_kbps {
+            return self
+                .error(
+                    ErrorCode::BadCapacity,
+                    format!(
+                        "declared upload {upload_kbps} kbit/s exceeds the limit of {} kbit/s",
+                        self.state.limits.max_upload_kbps
+                    ),
+                )
+                .await;
+        }
+        let Some(ch) = self.state.channel(&channel) else {
+            return self
+                .error(
+                    ErrorCode::UnknownChannel,
+                    format!("no channel named {channel:?}"),
+                )
+                .await;
+        };
+        let (Some((_, mime, stream_kbps)), Some((start_seq, live_seq))) =
+            (ch.init(), ch.live_position())
+        else {
+            return self
+                .error(
+                    ErrorCode::UnknownChannel,
+                    format!("channel {channel:?} has no live source yet"),
+                )
+                .await;
+        };
+        let peer = self.state.next_peer_id();
+        let base = format!("/api/channels/{}", ch.name);
+        let welcome = ServerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            peer_id: peer,
+            channel: ch.name.clone(),
+            heartbeat_ms: self.state.config.heartbeat_ms,
+            substreams: self.state.config.substreams,
+            stream_kbps,
+            mime,
+            init_url: format!("{base}/init"),
+            packet_url: format!("{base}/packets/"),
+            start_seq,
+            live_seq,
+        };
+        // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
+        if self.out.send(Outbound::Msg(welcome)).await.is_err() {
+            return false;
+        }
+        let _ = ch
+            .dcm
+            .send(DcmEvent::Join {
+                peer,
+                upload_kbps,
+                out: self.out.clone(),
+            })
+            .await;
+        self.joined = Some((peer, ch));
+        true
+    }
+
+    async fn leave(&mut self) {
+        if let Some((peer, ch)) = self.joined.take() {
+            let _ = ch.dcm.send(DcmEvent::Leave { peer }).await;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((peer, ch)) = self.joined.take() {
+            let _ = ch.dcm.try_send(DcmEvent::Leave { peer });
+        }
+    }
+}
+

@@ -1,0 +1,271 @@
+//! Deterministic multi-engine tests: N engines, a simulated clock and network, an origin that
+//! cuts packets, and a fixed multi-tree plan. No sockets, no browser.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use protocol::packet::{encode, PacketHeader, FLAG_RANDOM_ACCESS};
+
+use super::*;
+
+const K: u32 = 2;
+
+fn packet(seq: u64, created_ms: u64) -> Vec<u8> {
+    let payload: Vec<u8> = (0..1000).map(|i| (seq as usize * 7 + i) as u8).collect();
+    let flags = if seq % 8 == 0 { FLAG_RANDOM_ACCESS } else { 0 };
+    encode(
+        &PacketHeader {
+            seq,
+            flags,
+            created_ms,
+        },
+        &payload,
+    )
+}
+
+fn plan(parents: [Source; K as usize], children: [Vec<u64>; K as usize]) -> Vec<SubstreamPlan> {
+    (0..K)
+        .map(|i| SubstreamPlan {
+            index: i,
+            parent: parents[i as usize],
+            children: children[i as usize].iter().map(|c| PeerId(*c)).collect(),
+        })
+        .collect()
+}
+
+/// A tiny swarm: peer 1 interior in tree 0, peer 2 interior in tree 1, peers 3 and 4 leaves.
+struct Sim {
+    engines: BTreeMap<u64, Engine>,
+    delivered: BTreeMap<u64, Vec<u8>>,
+    wire: VecDeque<(f64, u64, From, Vec<u8>)>,
+    fetches: u64,
+    now: f64,
+    dead: Vec<u64>,
+}
+
+impl Sim {
+    fn new(upload_kbps: u32) -> Self {
+        let mut engines = BTreeMap::new();
+        for id in 1..=4u64 {
+            let mut e = Engine::new(
+                EngineConfig {
+                    upload_kbps,
+                    ..EngineConfig::default()
+                },
+                0.0,
+            );
+            e.handle(
+                Input::Welcome {
+                    peer_id: PeerId(id),
+                    substreams: K,
+                    start_seq: 0,
+                    live_seq: 0,
+                },
+                -1000.0,
+            );
+            engines.insert(id, e);
+        }
+        let o = Source::Origin;
+        let p = |id| Source::Peer { id: PeerId(id) };
+        let plans = [
+            (1, plan([o, p(2)], [vec![2, 3, 4], vec![]])),
+            (2, plan([p(1), o], [vec![], vec![1, 3, 4]])),
+            (3, plan([p(1), p(2)], [vec![], vec![]])),
+            (4, plan([p(1), p(2)], [vec![], vec![]])),
+        ];
+        for (id, pl) in plans {
+            engines
+                .get_mut(&id)
+                .unwrap()
+                .handle(Input::Instructions { plan: pl }, 0.0);
+        }
+        Sim {
+            engines,
+            delivered: BTreeMap::new(),
+            wire: VecDeque::new(),
+            fetches: 0,
+            now: 0.0,
+            dead: vec![],
+        }
+    }
+
+    fn run_actions(&mut self, id: u64, actions: Vec<Action>, origin: &BTreeMap<u64, Vec<u8>>) {
+        for a in actions {
+            match a {
+                Action::Send { to, packet } => {
+                    self.wire
+                        .push_back((self.now + 5.0, to.0, From::Peer(PeerId(id)), (*packet).clone()))
+                }
+                Action::Fetch { seq } => {
+                    self.fetches += 1;
+                    match origin.get(&seq) {
+                        Some(p) => self.wire.push_back((self.now + 20.0, id, From::OriginFetch, p.clone())),
+                        None => {
+                            let e = self.engines.get_mut(&id).unwrap();
+                            let more = e.handle(Input::FetchFailed { seq, gone: false }, self.now);
+                            assert!(more.iter().all(|a| !matches!(a, Action::Deliver { .. })));
+                        }
+                    }
+                }
+                Action::Deliver { payload } => self.delivered.entry(id).or_default().extend(payload),
+                Action::Connect { .. } | Action::Disconnect { .. } => {}
+            }
+        }
+    }
+
+    /// Runs `packets` packets, one every 50 ms, pushed by the origin to the tree roots.
+    fn run(&mut self, packets: u64, kill_at: Option<(u64, u64)>) -> BTreeMap<u64, Vec<u8>> {
+        let mut origin = BTreeMap::new();
+        for step in 0..(packets * 5 + 200) {
+            self.now = step as f64 * 10.0;
+            if step % 5 == 0 && step / 5 < packets {
+                let seq = step / 5;
+                let p = packet(seq, self.now as u64);
+                origin.insert(seq, p.clone());
+                let root = if protocol::substream_of(seq, K) == 0 { 1 } else { 2 };
+                self.wire.push_back((self.now + 1.0, root, From::OriginPush, p));
+                let ids: Vec<u64> = self.engines.keys().copied().collect();
+                for id in ids {
+                    let now = self.now;
+                    let actions = self.engines.get_mut(&id).unwrap().handle(Input::LiveEdge { seq }, now);
+                    self.run_actions(id, actions, &origin);
+                }
+            }
+            if let Some((victim, at)) = kill_at {
+                if step / 5 == at && !self.dead.contains(&victim) {
+                    self.dead.push(victim);
+                }
+            }
+            while self.wire.front().is_some_and(|w| w.0 <= self.now) {
+                let (_, to2, from, bytes) = self.wire.pop_front().unwrap();
+                if self.dead.contains(&to2) {
+                    continue;
+                }
+                let actions = self
+                    .engines
+                    .get_mut(&to2)
+                    .unwrap()
+                    .handle(Input::Packet { from, bytes: &bytes }, self.now);
+                self.run_actions(to2, actions, &origin);
+            }
+            let ids: Vec<u64> = self.engines.keys().copied().collect();
+            for id in ids {
+                if self.dead.contains(&id) {
+                    continue;
+                }
+                let actions = self.engines.get_mut(&id).unwrap().handle(Input::Tick, self.now);
+                self.run_actions(id, actions, &origin);
+            }
+        }
+        origin
+    }
+}
+
+/// The origin's bytes minus the last few packets: a gap is only noticed once a later packet
+/// arrives, and the simulated stream ends.
+fn origin_bytes(origin: &BTreeMap<u64, Vec<u8>>) -> Vec<u8> {
+    origin
+        .values()
+        .take(origin.len() - 4)
+        .flat_map(|p| Packet::decode(p).unwrap().payload.to_vec())
+        .collect()
+}
+
+#[test]
+fn every_peer_reassembles_the_origin_bytes_through_the_trees() {
+    let mut sim = Sim::new(10_000);
+    let origin = sim.run(100, None);
+    let expected = origin_bytes(&origin);
+    for id in 1..=4 {
+        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+        let e = &sim.engines[&id];
+        assert_eq!(e.counters.origin_fallbacks, 0, "peer {id} needed the origin");
+        assert_eq!(e.verified.unwrap().count, 100);
+    }
+    // Interior peers relayed; leaves only received.
+    assert!(sim.engines[&1].counters.bytes_up > 0);
+    assert!(sim.engines[&2].counters.bytes_up > 0);
+    assert_eq!(sim.engines[&3].counters.bytes_up, 0);
+    assert_eq!(sim.fetches, 0);
+}
+
+#[test]
+fn a_dead_parent_is_covered_by_origin_fallback_without_holes() {
+    let mut sim = Sim::new(10_000);
+    let origin = sim.run(100, Some((2, 40)));
+    let expected = origin_bytes(&origin);
+    for id in [1, 3, 4] {
+        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+        assert!(sim.engines[&id].counters.origin_fallbacks > 0);
+    }
+}
+
+#[test]
+fn upload_cap_limits_relaying() {
+    // 100 kbit/s cannot carry three copies of a 160 kbit/s substream: sends get dropped,
+    // children fall back to the origin, and nobody loses bytes.
+    let mut sim = Sim::new(100);
+    let origin = sim.run(100, None);
+    let expected = origin_bytes(&origin);
+    let e1 = &sim.engines[&1];
+    // 10 s of simulated time at 100 kbit/s is at most ~125 kB plus one burst.
+    assert!(e1.counters.bytes_up <= 125_000 + 20_000, "{}", e1.counters.bytes_up);
+    assert!(e1.counters.send_dropped > 0);
+    for id in 1..=4 {
+        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+    }
+}
+
+#[test]
+fn heartbeat_reports_links_and_sequence_numbers() {
+    let mut sim = Sim::new(10_000);
+    sim.run(20, None);
+    let hb = sim.engines.get_mut(&1).unwrap().heartbeat().unwrap();
+    assert_eq!(hb.client_id, PeerId(1));
+    assert_eq!(hb.parents.len(), K as usize);
+    assert_eq!(hb.parents[0].parent, Source::Origin);
+    assert_eq!(hb.parents[0].last_seq, Some(18));
+    assert_eq!(hb.parents[1].last_seq, Some(19));
+    let to2: Vec<_> = hb.children.iter().filter(|c| c.child == PeerId(2)).collect();
+    assert_eq!(to2[0].last_seq, Some(18));
+    let next = sim.engines.get_mut(&1).unwrap().heartbeat().unwrap();
+    assert_eq!(next.seq, hb.seq + 1);
+}
+
+#[test]
+fn late_joiner_fetches_from_the_random_access_point() {
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    let actions = e.handle(
+        Input::Welcome {
+            peer_id: PeerId(9),
+            substreams: K,
+            start_seq: 16,
+            live_seq: 19,
+        },
+        1000.0,
+    );
+    let fetched: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Fetch { seq } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetched, vec![16, 17, 18, 19]);
+    // Packets out of order are held until the earlier ones arrive.
+    let a = e.handle(Input::Packet { from: From::OriginFetch, bytes: &packet(17, 0) }, 1010.0);
+    assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
+    let a = e.handle(Input::Packet { from: From::OriginFetch, bytes: &packet(16, 0) }, 1020.0);
+    assert_eq!(a.iter().filter(|a| matches!(a, Action::Deliver { .. })).count(), 2);
+}
+
+#[test]
+fn garbage_from_a_peer_is_counted_not_delivered() {
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    e.handle(
+        Input::Welcome { peer_id: PeerId(1), substreams: K, start_seq: 0, live_seq: 0 },
+        0.0,
+    );
+    let a = e.handle(Input::Packet { from: From::Peer(PeerId(2)), bytes: b"nonsense" }, 1.0);
+    assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
+    assert_eq!(e.counters.invalid, 1);
+}

@@ -1,0 +1,81 @@
+//! Upload cap: a token bucket in bits, so a peer never uploads more than it declared to the
+//! control center (the multi-tree's fan-out was computed from that declaration).
+
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate_bps: f64,
+    burst_bits: f64,
+    tokens: f64,
+    last_ms: f64,
+}
+
+impl TokenBucket {
+    /// `burst_ms` of traffic at the full rate may go out back to back.
+    pub fn new(rate_kbps: u32, burst_ms: f64, now_ms: f64) -> Self {
+        let rate_bps = f64::from(rate_kbps) * 1000.0;
+        // At least one maximal packet must fit, or a slow peer could never send anything.
+        let burst_bits = (rate_bps * burst_ms / 1000.0).max(8.0 * protocol::packet::MAX_PACKET_SIZE as f64);
+        TokenBucket {
+            rate_bps,
+            burst_bits,
+            tokens: burst_bits,
+            last_ms: now_ms,
+        }
+    }
+
+    pub fn set_rate(&mut self, rate_kbps: u32) {
+        self.rate_bps = f64::from(rate_kbps) * 1000.0;
+    }
+
+    pub fn rate_kbps(&self) -> u32 {
+        (self.rate_bps / 1000.0) as u32
+    }
+
+    fn refill(&mut self, now_ms: f64) {
+        let dt = (now_ms - self.last_ms).max(0.0);
+        self.tokens = (self.tokens + dt * self.rate_bps / 1000.0).min(self.burst_bits);
+        self.last_ms = now_ms;
+    }
+
+    /// Takes `bytes` worth of tokens if available.
+    pub fn try_take(&mut self, bytes: usize, now_ms: f64) -> bool {
+        if self.rate_bps <= 0.0 {
+            return false;
+        }
+        self.refill(now_ms);
+        let bits = bytes as f64 * 8.0;
+        if self.tokens >= bits {
+            self.tokens -= bits;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_run_rate_is_capped() {
+        let mut b = TokenBucket::new(800, 200.0, 0.0);
+        let mut sent = 0usize;
+        let mut t = 0.0;
+        while t < 10_000.0 {
+            while b.try_take(1000, t) {
+                sent += 1000;
+            }
+            t += 10.0;
+        }
+        // 800 kbit/s for 10 s = 1,000,000 bytes, plus at most one burst.
+        assert!(sent <= 1_000_000 + 20_000 + 16_384, "sent {sent}");
+        assert!(sent >= 950_000, "sent {sent}");
+    }
+
+    #[test]
+    fn zero_rate_sends_nothing() {
+        let mut b = TokenBucket::new(0, 200.0, 0.0);
+        assert!(!b.try_take(1, 1000.0));
+    }
+}

@@ -1,0 +1,281 @@
+//! MediaSource playback: init segment first, then media bytes in order as the engine delivers
+//! them. Also keeps the player near the live edge and counts stalls.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::{HtmlVideoElement, MediaSource, MediaSourceReadyState, SourceBuffer};
+
+use super::{js_err, perf_now};
+
+/// Seconds of media kept behind the playhead before older data is removed.
+const KEEP_BEHIND_S: f64 = 20.0;
+/// If the playhead falls this far behind the buffered end, jump forward (live).
+const MAX_LAG_S: f64 = 4.0;
+const TARGET_LAG_S: f64 = 1.0;
+
+#[derive(Default)]
+struct PlayState {
+    playing_since: Option<f64>,
+    first_playing_ms: Option<f64>,
+    stalls: u32,
+    own_seek: bool,
+    errors: Vec<String>,
+}
+
+pub(crate) struct Media {
+    video: HtmlVideoElement,
+    source: MediaSource,
+    object_url: String,
+    mime: String,
+    buffer: Option<SourceBuffer>,
+    init: Option<Vec<u8>>,
+    init_appended: bool,
+    queue: VecDeque<Vec<u8>>,
+    started: bool,
+    state: Rc<RefCell<PlayState>>,
+    _on_open: Closure<dyn FnMut()>,
+    on_update_end: Closure<dyn FnMut()>,
+    on_playing: Closure<dyn FnMut()>,
+    on_waiting: Closure<dyn FnMut()>,
+    on_seeked: Closure<dyn FnMut()>,
+    opened: Rc<RefCell<bool>>,
+    play_catch: Option<Closure<dyn FnMut(JsValue)>>,
+}
+
+impl Media {
+    /// `pump` is called when the source opens or an append finishes, so queued bytes move on.
+    pub(crate) fn new(video: HtmlVideoElement, mime: String, pump: Rc<dyn Fn()>) -> Result<Self, String> {
+        let source = MediaSource::new().map_err(|e| js_err("MediaSource", &e))?;
+        let object_url = web_sys::Url::create_object_url_with_source(&source)
+            .map_err(|e| js_err("createObjectURL", &e))?;
+        let opened = Rc::new(RefCell::new(false));
+        let o = opened.clone();
+        let p = pump.clone();
+        let on_open = Closure::<dyn FnMut()>::new(move || {
+            *o.borrow_mut() = true;
+            p();
+        });
+        source.set_onsourceopen(Some(on_open.as_ref().unchecked_ref()));
+        let p = pump;
+        let on_update_end = Closure::<dyn FnMut()>::new(move || p());
+        let state = Rc::new(RefCell::new(PlayState::default()));
+        let s = state.clone();
+        let on_playing = Closure::<dyn FnMut()>::new(move || {
+            let mut s = s.borrow_mut();
+            let now = perf_now();
+            s.first_playing_ms.get_or_insert(now);
+            s.playing_since = Some(now);
+        });
+        let s = state.clone();
+        let on_waiting = Closure::<dyn FnMut()>::new(move || {
+            let mut s = s.borrow_mut();
+            // A stall is the playhead starving after playback started, not our own live seek.
+            if s.playing_since.is_some() && !s.own_seek {
+                s.stalls += 1;
+            }
+            s.playing_since = None;
+        });
+        let s = state.clone();
+        let on_seeked = Closure::<dyn FnMut()>::new(move || {
+            s.borrow_mut().own_seek = false;
+        });
+        let target: &web_sys::EventTarget = video.as_ref();
+        for (name, f) in [
+            ("playing", &on_playing),
+            ("waiting", &on_waiting),
+            ("seeked", &on_seeked),
+        ] {
+            target
+                .add_event_listener_with_callback(name, f.as_ref().unchecked_ref())
+                .map_err(|e| js_err("addEventListener", &e))?;
+        }
+        video.set_muted(true);
+        video.set_autoplay(true);
+        video.set_src(&object_url);
+        Ok(Media {
+            video,
+            source,
+            object_url,
+            mime,
+            buffer: None,
+            init: None,
+            init_appended: false,
+            queue: VecDeque::new(),
+            started: false,
+            state,
+            _on_open: on_open,
+            on_update_end,
+            on_playing,
+            on_waiting,
+            on_seeked,
+            opened,
+            play_catch: None,
+        })
+    }
+
+    pub(crate) fn set_init(&mut self, init: Vec<u8>) {
+        self.init = Some(init);
+        self.pump();
+    }
+
+    pub(crate) fn push(&mut self, bytes: Vec<u8>) {
+        self.queue.push_back(bytes);
+        // Bounded: if the decoder stops consuming, drop the oldest rather than grow forever.
+        while self.queue.len() > 2000 {
+            self.queue.pop_front();
+        }
+        self.pump();
+    }
+
+    /// Appends what can be appended now.
+    pub(crate) fn pump(&mut self) {
+        if !*self.opened.borrow() || self.source.ready_state() != MediaSourceReadyState::Open {
+            return;
+        }
+        if self.buffer.is_none() {
+            match self.source.add_source_buffer(&self.mime) {
+                Ok(sb) => {
+                    sb.set_onupdateend(Some(self.on_update_end.as_ref().unchecked_ref()));
+                    self.buffer = Some(sb);
+                }
+                Err(e) => {
+                    self.error(js_err(&format!("addSourceBuffer({})", self.mime), &e));
+                    return;
+                }
+            }
+        }
+        let Some(sb) = self.buffer.clone() else {
+            return;
+        };
+        if sb.updating() {
+            return;
+        }
+        if !self.init_appended {
+            let Some(init) = self.init.as_ref() else {
+                return;
+            };
+            let view = js_sys::Uint8Array::from(&init[..]);
+            if let Err(e) = sb.append_buffer_with_array_buffer_view(&view) {
+                self.error(js_err("appending init segment", &e));
+            }
+            self.init_appended = true;
+            return;
+        }
+        self.start_if_ready(&sb);
+        if self.queue.is_empty() {
+            self.trim(&sb);
+            return;
+        }
+        // Coalesce queued packets into one append: fewer updateend round trips.
+        let total: usize = self.queue.iter().map(Vec::len).sum();
+        let mut data = Vec::with_capacity(total);
+        while let Some(b) = self.queue.pop_front() {
+            data.extend_from_slice(&b);
+        }
+        let view = js_sys::Uint8Array::from(&data[..]);
+        if let Err(e) = sb.append_buffer_with_array_buffer_view(&view) {
+            self.error(js_err("appendBuffer", &e));
+        }
+    }
+
+    fn start_if_ready(&mut self, sb: &SourceBuffer) {
+        let Ok(ranges) = sb.buffered() else { return };
+        if ranges.length() == 0 {
+            return;
+        }
+        let start = ranges.start(0).unwrap_or(0.0);
+        let end = ranges.end(ranges.length() - 1).unwrap_or(start);
+        let now = self.video.current_time();
+        if !self.started {
+            self.started = true;
+            self.seek(start.max(end - TARGET_LAG_S - 1.0));
+            if let Ok(p) = self.video.play() {
+                // Autoplay refusal is reported as an error; the page can offer a play button.
+                let state = self.state.clone();
+                let on_err = Closure::<dyn FnMut(JsValue)>::new(move |e: JsValue| {
+                    state.borrow_mut().errors.push(js_err("video.play()", &e));
+                });
+                let _ = p.catch(&on_err);
+                // Owned here so it outlives the promise (dropped with the player).
+                self.play_catch = Some(on_err);
+            }
+        } else if end - now > MAX_LAG_S {
+            self.seek(end - TARGET_LAG_S);
+        }
+    }
+
+    fn seek(&mut self, t: f64) {
+        self.state.borrow_mut().own_seek = true;
+        self.video.set_current_time(t);
+    }
+
+    fn trim(&mut self, sb: &SourceBuffer) {
+        let Ok(ranges) = sb.buffered() else { return };
+        if ranges.length() == 0 {
+            return;
+        }
+        let start = ranges.start(0).unwrap_or(0.0);
+        let now = self.video.current_time();
+        if now - start > KEEP_BEHIND_S + 10.0 {
+            let _ = sb.remove(start, now - KEEP_BEHIND_S);
+        }
+    }
+
+    fn error(&mut self, msg: String) {
+        web_sys::console::warn_1(&JsValue::from_str(&msg));
+        self.state.borrow_mut().errors.push(msg);
+    }
+
+    pub(crate) fn current_time(&self) -> f64 {
+        self.video.current_time()
+    }
+
+    pub(crate) fn buffer_ahead(&self) -> f64 {
+        let ranges = self.video.buffered();
+        if ranges.length() == 0 {
+            return 0.0;
+        }
+        (ranges.end(ranges.length() - 1).unwrap_or(0.0) - self.video.current_time()).max(0.0)
+    }
+
+    pub(crate) fn playing(&self) -> bool {
+        self.state.borrow().playing_since.is_some() && !self.video.paused()
+    }
+
+    pub(crate) fn stalls(&self) -> u32 {
+        self.state.borrow().stalls
+    }
+
+    pub(crate) fn first_playing_ms(&self) -> Option<f64> {
+        self.state.borrow().first_playing_ms
+    }
+
+    pub(crate) fn take_errors(&self) -> Vec<String> {
+        std::mem::take(&mut self.state.borrow_mut().errors)
+    }
+}
+
+impl Drop for Media {
+    fn drop(&mut self) {
+        self.source.set_onsourceopen(None);
+        if let Some(sb) = &self.buffer {
+            sb.set_onupdateend(None);
+        }
+        let target: &web_sys::EventTarget = self.video.as_ref();
+        for (name, f) in [
+            ("playing", &self.on_playing),
+            ("waiting", &self.on_waiting),
+            ("seeked", &self.on_seeked),
+        ] {
+            let _ = target.remove_event_listener_with_callback(name, f.as_ref().unchecked_ref());
+        }
+        let _ = self.video.pause();
+        self.video.remove_attribute("src").ok();
+        self.video.load();
+        let _ = web_sys::Url::revoke_object_url(&self.object_url);
+    }
+}

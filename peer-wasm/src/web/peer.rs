@@ -1,0 +1,514 @@
+//! `P2pPeer`, the object the page creates: control WebSocket, links, player and the engine,
+//! wired together. All JS callbacks hold a `Weak` to the shared state, so dropping the peer
+//! (or calling `destroy`) ends everything.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+
+use protocol::report::PeerReport;
+use protocol::{ClientMsg, PeerId, ServerMsg, PROTOCOL_VERSION};
+use serde::Deserialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::{BinaryType, CloseEvent, HtmlVideoElement, MessageEvent, WebSocket};
+
+use super::fetch::{fetch_bytes, Fetched};
+use super::media::Media;
+use super::rtc::{Link, LinkEvent};
+use super::{js_err, now_ms, perf_now};
+use crate::engine::{Action, Engine, EngineConfig, From, Input};
+
+/// Options accepted by `new P2pPeer(options, video)`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+struct Options {
+    /// Control center base URL (http(s)://host:port); defaults to the page's origin.
+    server: Option<String>,
+    channel: String,
+    upload_kbps: u32,
+    /// Decode and play video (false: verify and relay bytes only).
+    decode: bool,
+    /// Passed to RTCPeerConnection as `iceServers`.
+    ice_servers: Option<serde_json::Value>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            server: None,
+            channel: "demo".into(),
+            upload_kbps: 2000,
+            decode: true,
+            ice_servers: None,
+        }
+    }
+}
+
+struct Welcome {
+    heartbeat_ms: f64,
+    packet_url: String,
+    stream_kbps: u32,
+}
+
+struct Inner {
+    me: Weak<RefCell<Inner>>,
+    opts: Options,
+    base_url: String,
+    engine: Engine,
+    ws: Option<WebSocket>,
+    ws_closures: Vec<Closure<dyn FnMut(JsValue)>>,
+    links: HashMap<PeerId, Link>,
+    video: Option<HtmlVideoElement>,
+    media: Option<Media>,
+    welcome: Option<Welcome>,
+    last_heartbeat: f64,
+    tick: Option<(i32, Closure<dyn FnMut()>)>,
+    errors: Vec<String>,
+    destroyed: bool,
+    ice_servers: JsValue,
+}
+
+#[wasm_bindgen]
+pub struct P2pPeer {
+    inner: Rc<RefCell<Inner>>,
+}
+
+#[wasm_bindgen]
+impl P2pPeer {
+    /// `options`: `{ server?, channel, upload_kbps, decode, ice_servers? }`; `video`: the element to
+    /// play into (ignored when `decode` is false).
+    #[wasm_bindgen(constructor)]
+    pub fn new(options: JsValue, video: Option<HtmlVideoElement>) -> Result<P2pPeer, JsError> {
+        let opts: Options = if options.is_undefined() || options.is_null() {
+            Options::default()
+        } else {
+            serde_wasm_bindgen::from_value(options)
+                .map_err(|e| JsError::new(&format!("invalid options: {e}")))?
+        };
+        let base_url = match &opts.server {
+            Some(s) => s.trim_end_matches('/').to_string(),
+            None => web_sys::window()
+                .and_then(|w| w.location().origin().ok())
+                .ok_or_else(|| JsError::new("no server given and no page origin"))?,
+        };
+        let ice_servers = match &opts.ice_servers {
+            Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
+            None => JsValue::UNDEFINED,
+        };
+        let engine = Engine::new(
+            EngineConfig {
+                upload_kbps: opts.upload_kbps,
+                ..EngineConfig::default()
+            },
+            now_ms(),
+        );
+        let inner = Rc::new_cyclic(|me| {
+            RefCell::new(Inner {
+                me: me.clone(),
+                video: if opts.decode { video } else { None },
+                opts,
+                base_url,
+                engine,
+                ws: None,
+                ws_closures: Vec::new(),
+                links: HashMap::new(),
+                media: None,
+                welcome: None,
+                last_heartbeat: 0.0,
+                tick: None,
+                errors: Vec::new(),
+                destroyed: false,
+                ice_servers,
+            })
+        });
+        Ok(P2pPeer { inner })
+    }
+
+    /// Connects to the control center and starts receiving.
+    pub fn start(&self) -> Result<(), JsError> {
+        let mut inner = self.inner.borrow_mut();
+        inner.connect().map_err(|e| JsError::new(&e))?;
+        inner.start_tick().map_err(|e| JsError::new(&e))
+    }
+
+    /// A snapshot of the peer's statistics (see `protocol::report::PeerReport`).
+    pub fn stats(&self) -> JsValue {
+        let report = self.inner.borrow_mut().report();
+        serde_json::to_string(&report)
+            .ok()
+            .and_then(|s| js_sys::JSON::parse(&s).ok())
+            .unwrap_or(JsValue::NULL)
+    }
+
+    /// Changes the upload cap (kbit/s) at run time.
+    #[wasm_bindgen(js_name = setUploadKbps)]
+    pub fn set_upload_kbps(&self, kbps: u32) {
+        self.inner.borrow_mut().engine.set_upload_kbps(kbps);
+    }
+
+    /// Closes every connection and stops all timers; the object is inert afterwards.
+    pub fn destroy(&self) {
+        self.inner.borrow_mut().shutdown();
+    }
+}
+
+impl Drop for P2pPeer {
+    fn drop(&mut self) {
+        if let Ok(mut i) = self.inner.try_borrow_mut() {
+            i.shutdown();
+        }
+    }
+}
+
+/// Runs `f` on the shared state if it is still alive and not borrowed (events can only
+/// arrive from the JS event loop, so a failed borrow means a bug, not a race; we skip).
+fn with(me: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner)) {
+    if let Some(rc) = me.upgrade() {
+        if let Ok(mut inner) = rc.try_borrow_mut() {
+            if !inner.destroyed {
+                f(&mut inner);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn ws_url(&self) -> String {
+        let b = &self.base_url;
+        let rest = b
+            .strip_prefix("https://")
+            .map(|r| format!("wss://{r}"))
+            .or_else(|| b.strip_prefix("http://").map(|r| format!("ws://{r}")))
+            .unwrap_or_else(|| b.clone());
+        format!("{rest}/ws")
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        let ws = WebSocket::new(&self.ws_url()).map_err(|e| js_err("WebSocket", &e))?;
+        ws.set_binary_type(BinaryType::Arraybuffer);
+        let me = self.me.clone();
+        let on_open = Closure::<dyn FnMut(JsValue)>::new(move |_| {
+            with(&me, |i| {
+                let join = ClientMsg::Join {
+                    version: PROTOCOL_VERSION,
+                    channel: i.opts.channel.clone(),
+                    upload_kbps: i.opts.upload_kbps,
+                };
+                i.send_ctrl(&join);
+            })
+        });
+        let me = self.me.clone();
+        let on_message = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| {
+            let Ok(ev) = ev.dyn_into::<MessageEvent>() else { return };
+            let data = ev.data();
+            with(&me, |i| {
+                if let Some(text) = data.as_string() {
+                    i.on_server_text(&text);
+                } else if data.is_instance_of::<js_sys::ArrayBuffer>() {
+                    let bytes = js_sys::Uint8Array::new(&data).to_vec();
+                    i.feed(Input::Packet { from: From::OriginPush, bytes: &bytes });
+                }
+            })
+        });
+        let me = self.me.clone();
+        let on_close = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| {
+            let reason = ev
+                .dyn_into::<CloseEvent>()
+                .map(|c| format!("control connection closed ({}): {}", c.code(), c.reason()))
+                .unwrap_or_else(|_| "control connection closed".into());
+            with(&me, |i| i.error(reason));
+        });
+        ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        self.ws_closures = vec![on_open, on_message, on_close];
+        self.ws = Some(ws);
+        Ok(())
+    }
+
+    fn start_tick(&mut self) -> Result<(), String> {
+        let me = self.me.clone();
+        let cb = Closure::<dyn FnMut()>::new(move || with(&me, |i| i.on_tick()));
+        let window = web_sys::window().ok_or("no window")?;
+        let id = window
+            .set_interval_with_callback_and_timeout_and_arguments_0(cb.as_ref().unchecked_ref(), 50)
+            .map_err(|e| js_err("setInterval", &e))?;
+        self.tick = Some((id, cb));
+        Ok(())
+    }
+
+    fn error(&mut self, msg: String) {
+        web_sys::console::warn_1(&JsValue::from_str(&msg));
+        self.errors.push(msg);
+        if self.errors.len() > 50 {
+            self.errors.remove(0);
+        }
+    }
+
+    fn send_ctrl(&mut self, msg: &ClientMsg) {
+        let Some(ws) = &self.ws else { return };
+        if ws.ready_state() != WebSocket::OPEN {
+            return;
+        }
+        match serde_json::to_string(msg) {
+            Ok(s) => {
+                if let Err(e) = ws.send_with_str(&s) {
+                    let m = js_err("websocket send", &e);
+                    self.error(m);
+                }
+            }
+            Err(e) => self.error(format!("encoding control message: {e}")),
+        }
+    }
+
+    fn on_server_text(&mut self, text: &str) {
+        let msg: ServerMsg = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => return self.error(format!("bad message from server: {e}")),
+        };
+        match msg {
+            ServerMsg::Welcome {
+                peer_id,
+                heartbeat_ms,
+                substreams,
+                stream_kbps,
+                mime,
+                init_url,
+                packet_url,
+                start_seq,
+                live_seq,
+                ..
+            } => {
+                self.welcome = Some(Welcome {
+                    heartbeat_ms: f64::from(heartbeat_ms),
+                    packet_url: format!("{}{}", self.base_url, packet_url),
+                    stream_kbps,
+                });
+                if let Some(video) = self.video.clone() {
+                    let me = self.me.clone();
+                    let pump = Rc::new(move || {
+                        with(&me, |i| {
+                            if let Some(m) = i.media.as_mut() {
+                                m.pump();
+                            }
+                        })
+                    });
+                    match Media::new(video, mime, pump) {
+                        Ok(m) => self.media = Some(m),
+                        Err(e) => self.error(e),
+                    }
+                    let url = format!("{}{}", self.base_url, init_url);
+                    let me = self.me.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let res = fetch_bytes(&url).await;
+                        with(&me, |i| match res {
+                            Fetched::Bytes(b) => {
+                                if let Some(m) = i.media.as_mut() {
+                                    m.set_init(b);
+                                }
+                            }
+                            _ => i.error(format!("could not load init segment from {url}")),
+                        });
+                    });
+                }
+                self.feed(Input::Welcome {
+                    peer_id,
+                    substreams,
+                    start_seq,
+                    live_seq,
+                });
+            }
+            ServerMsg::Instructions { substreams, .. } => {
+                self.feed(Input::Instructions { plan: substreams })
+            }
+            ServerMsg::LiveEdge { seq } => self.feed(Input::LiveEdge { seq }),
+            ServerMsg::Signal { from, signal } => {
+                if !self.links.contains_key(&from) {
+                    // The other side learned of the link first; answer its offer.
+                    self.open_link(from, false);
+                }
+                if let Some(link) = self.links.get_mut(&from) {
+                    link.on_signal(signal);
+                }
+            }
+            ServerMsg::Error { code, message } => {
+                self.error(format!("server error {code:?}: {message}"))
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input<'_>) {
+        let actions = self.engine.handle(input, now_ms());
+        self.run(actions);
+    }
+
+    fn run(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send { to, packet } => {
+                    if let Some(l) = self.links.get_mut(&to) {
+                        l.send(packet);
+                    }
+                }
+                Action::Fetch { seq } => self.fetch(seq),
+                Action::Deliver { payload } => {
+                    if let Some(m) = self.media.as_mut() {
+                        m.push(payload);
+                    }
+                }
+                Action::Connect { peer } => {
+                    let offerer = self.engine.peer_id().is_some_and(|me| me < peer);
+                    if !self.links.contains_key(&peer) && offerer {
+                        self.open_link(peer, true);
+                    }
+                }
+                Action::Disconnect { peer } => {
+                    self.links.remove(&peer);
+                }
+            }
+        }
+    }
+
+    fn open_link(&mut self, peer: PeerId, offer: bool) {
+        let me = self.me.clone();
+        let sink = Rc::new(move |ev: LinkEvent| with(&me, |i| i.on_link_event(ev)));
+        match Link::new(peer, &self.ice_servers, sink) {
+            Ok(mut link) => {
+                if offer {
+                    link.offer();
+                }
+                self.links.insert(peer, link);
+            }
+            Err(e) => self.error(e),
+        }
+    }
+
+    fn on_link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Signal(to, signal) => self.send_ctrl(&ClientMsg::Signal { to, signal }),
+            LinkEvent::Packet(from, bytes) => self.feed(Input::Packet {
+                from: From::Peer(from),
+                bytes: &bytes,
+            }),
+            LinkEvent::Writable(peer) => {
+                if let Some(l) = self.links.get_mut(&peer) {
+                    l.flush();
+                }
+            }
+            LinkEvent::Channel(peer, dc) => {
+                if let Some(l) = self.links.get_mut(&peer) {
+                    l.attach_channel(dc);
+                }
+            }
+            LinkEvent::Closed(peer) => {
+                // The engine keeps the plan; missing packets come from the origin until the
+                // control center (which sees the departure) sends new instructions.
+                self.links.remove(&peer);
+            }
+        }
+    }
+
+    fn fetch(&mut self, seq: u64) {
+        let Some(w) = &self.welcome else { return };
+        let url = format!("{}{seq}", w.packet_url);
+        let me = self.me.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            let res = fetch_bytes(&url).await;
+            with(&me, |i| match res {
+                Fetched::Bytes(b) => i.feed(Input::Packet {
+                    from: From::OriginFetch,
+                    bytes: &b,
+                }),
+                Fetched::NotYet => i.feed(Input::FetchFailed { seq, gone: false }),
+                Fetched::Gone => i.feed(Input::FetchFailed { seq, gone: true }),
+                Fetched::Failed(e) => {
+                    i.error(e);
+                    i.feed(Input::FetchFailed { seq, gone: false });
+                }
+            });
+        });
+    }
+
+    fn on_tick(&mut self) {
+        self.feed(Input::Tick);
+        let now = now_ms();
+        if let Some(w) = &self.welcome {
+            if now - self.last_heartbeat >= w.heartbeat_ms {
+                self.last_heartbeat = now;
+                if let Some(hb) = self.engine.heartbeat() {
+                    self.send_ctrl(&ClientMsg::Heartbeat(hb));
+                }
+            }
+        }
+        if let Some(m) = self.media.as_mut() {
+            m.pump();
+            let errs = m.take_errors();
+            for e in errs {
+                self.error(e);
+            }
+        }
+    }
+
+    fn report(&mut self) -> PeerReport {
+        let c = &self.engine.counters;
+        let verified = self.engine.verified;
+        let startup_ms = match &self.media {
+            Some(m) => m.first_playing_ms(),
+            None => self
+                .engine
+                .first_delivery_ms
+                .map(|wall| perf_now() - (now_ms() - wall)),
+        };
+        PeerReport {
+            peer_id: self.engine.peer_id(),
+            bytes_from_peers: c.bytes_from_peers,
+            bytes_from_origin: c.bytes_from_origin,
+            bytes_up: c.bytes_up,
+            packets_from_peers: c.packets_from_peers,
+            packets_from_origin: c.packets_from_origin,
+            origin_fallbacks: c.origin_fallbacks,
+            duplicates: c.duplicates,
+            packets_played: c.packets_played,
+            on_time: c.on_time,
+            late: c.late,
+            verified_first_seq: verified.map(|v| v.first_seq),
+            verified_count: verified.map_or(0, |v| v.count),
+            verified_hash: verified.map(|v| v.hex()).unwrap_or_default(),
+            startup_ms,
+            latency_hist: self.engine.latency.sparse(),
+            stalls: self.media.as_ref().map_or(0, Media::stalls),
+            playing: self.media.as_ref().is_some_and(Media::playing),
+            decoding: self.media.is_some(),
+            current_time: self.media.as_ref().map_or(0.0, Media::current_time),
+            buffer_s: self.media.as_ref().map_or(0.0, Media::buffer_ahead),
+            plan: self.engine.plan().to_vec(),
+            connected_peers: self.links.values().filter(|l| l.is_open()).count() as u32,
+            errors: self.errors.clone(),
+            stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
+            upload_kbps: self.engine.upload_kbps(),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if self.destroyed {
+            return;
+        }
+        self.send_ctrl(&ClientMsg::Leave);
+        self.destroyed = true;
+        if let Some((id, _cb)) = self.tick.take() {
+            if let Some(w) = web_sys::window() {
+                w.clear_interval_with_handle(id);
+            }
+        }
+        if let Some(ws) = self.ws.take() {
+            ws.set_onopen(None);
+            ws.set_onmessage(None);
+            ws.set_onclose(None);
+            let _ = ws.close();
+        }
+        self.ws_closures.clear();
+        self.links.clear();
+        self.media = None;
+    }
+}

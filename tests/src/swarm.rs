@@ -1,0 +1,417 @@
+//! Swarm harness: an in-process control server with the demo channel and N real headless
+//! Chromium viewer pages, each running the wasm peer. Used by the end-to-end tests and by
+//! `cargo xtask swarm`. Statistics are read out of the pages (`window.p2p.stats()`), and every
+//! viewer's reassembled bytes are checked against the origin's by range hash.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use control_server::config::Config;
+use control_server::dcm::{DcmEvent, TopologySnapshot};
+use control_server::AppState;
+use protocol::report::{LatencyHistogram, PeerReport};
+use serde::Serialize;
+
+use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
+
+/// Parameters of one swarm run (see `cargo xtask swarm --help`).
+#[derive(Debug, Clone)]
+pub struct SwarmArgs {
+    /// Number of viewer pages.
+    pub viewers: usize,
+    /// How long to run, in seconds.
+    pub seconds: u64,
+    /// Upload capacities in kbit/s, cycled over the viewers.
+    pub upload_kbps: Vec<u32>,
+    /// How many viewers actually play the video.
+    pub playing: usize,
+    /// Where to write a JSON report, if anywhere.
+    pub json: Option<PathBuf>,
+    /// Seed for the run's randomness.
+    pub seed: u64,
+    /// Directory served by the control server (`<repo>/web`).
+    pub web_dir: PathBuf,
+}
+
+/// One viewer page.
+pub struct Viewer {
+    /// `None` once the page is closed.
+    pub page: Option<Page>,
+    pub decode: bool,
+    pub upload_kbps: u32,
+    /// Last statistics read from the page (kept after the page is closed).
+    pub last: Option<PeerReport>,
+}
+
+/// A running swarm.
+pub struct Swarm {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub browser: Browser,
+    pub viewers: Vec<Viewer>,
+    server: tokio::task::JoinHandle<()>,
+    pub peak_rss_mb: f64,
+}
+
+impl Swarm {
+    /// Starts the control server (demo channel) on 127.0.0.1 and a headless Chromium.
+    pub async fn start(web_dir: PathBuf) -> Result<Swarm> {
+        if !web_dir.join("pkg/peer.js").is_file() {
+            bail!(
+                "{} has no built wasm package (pkg/peer.js): run `cargo xtask test` or \
+                 `cargo xtask swarm`, which build it first",
+                web_dir.display()
+            );
+        }
+        let config = Config {
+            web_dir,
+            ..Config::default()
+        };
+        let state = AppState::new(config);
+        state.start_demo_channel().context("starting demo channel")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = control_server::app(state.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let browser = Browser::launch(LaunchOptions::default()).await?;
+        // Let the origin cut its first fragment so joiners have a random-access point.
+        let t0 = Instant::now();
+        while state.channel("demo").and_then(|c| c.live_position()).is_none() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("demo channel produced no packets within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Swarm {
+            addr,
+            state,
+            browser,
+            viewers: Vec::new(),
+            server,
+            peak_rss_mb: 0.0,
+        })
+    }
+
+    /// Opens a viewer page; decoding viewers get their own (visible) window so Chromium does not
+    /// pause their video as a background tab.
+    pub async fn add_viewer(&mut self, upload_kbps: u32, decode: bool) -> Result<usize> {
+        let url = format!(
+            "http://{}/?channel=demo&upload={upload_kbps}&decode={}",
+            self.addr,
+            u8::from(decode)
+        );
+        let page = self
+            .browser
+            .new_page_with(&url, PageOptions { new_window: decode })
+            .await?;
+        page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
+            .await
+            .context("viewer page did not start its peer")?;
+        self.viewers.push(Viewer {
+            page: Some(page),
+            decode,
+            upload_kbps,
+            last: None,
+        });
+        Ok(self.viewers.len() - 1)
+    }
+
+    /// Reads a viewer's statistics (or the last ones, if its page is closed).
+    pub async fn stats(&mut self, i: usize) -> Result<PeerReport> {
+        let v = self
+            .viewers
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no viewer {i}"))?;
+        let Some(page) = &v.page else {
+            return v.last.clone().ok_or_else(|| anyhow!("viewer {i} closed without stats"));
+        };
+        let json = page
+            .eval("JSON.stringify(window.p2p.stats())")
+            .await
+            .with_context(|| format!("reading stats of viewer {i}"))?;
+        let text = json
+            .as_str()
+            .ok_or_else(|| anyhow!("stats of viewer {i} are not a string: {json}"))?;
+        let report: PeerReport = serde_json::from_str(text)
+            .with_context(|| format!("parsing stats of viewer {i}"))?;
+        v.last = Some(report.clone());
+        Ok(report)
+    }
+
+    pub async fn all_stats(&mut self) -> Result<Vec<PeerReport>> {
+        let mut out = Vec::with_capacity(self.viewers.len());
+        for i in 0..self.viewers.len() {
+            out.push(self.stats(i).await?);
+        }
+        self.peak_rss_mb = self.peak_rss_mb.max(self.browser.rss_mb());
+        Ok(out)
+    }
+
+    /// Closes a viewer's page (its peer vanishes as if the tab was closed).
+    pub async fn close_viewer(&mut self, i: usize) -> Result<()> {
+        self.stats(i).await.ok();
+        let v = self
+            .viewers
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no viewer {i}"))?;
+        let page = v
+            .page
+            .take()
+            .ok_or_else(|| anyhow!("viewer {i} is already closed"))?;
+        page.close()
+            .await
+            .with_context(|| format!("closing viewer {i}"))
+    }
+
+    /// Whether a viewer's reassembled bytes equal the origin's for the same packet range.
+    /// `None` when the viewer has verified nothing yet.
+    pub fn matches_origin(&self, r: &PeerReport) -> Option<bool> {
+        let first = r.verified_first_seq?;
+        if r.verified_count == 0 {
+            return None;
+        }
+        let ch = self.state.channel("demo")?;
+        let origin = ch.range_hash(first, r.verified_count)?;
+        Some(origin.hex() == r.verified_hash)
+    }
+
+    pub async fn topology(&self) -> Result<TopologySnapshot> {
+        let ch = self
+            .state
+            .channel("demo")
+            .ok_or_else(|| anyhow!("demo channel is gone"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ch.dcm
+            .send(DcmEvent::Snapshot { reply: tx })
+            .await
+            .map_err(|_| anyhow!("DCM stopped"))?;
+        Ok(rx.await?)
+    }
+
+    pub fn stream_kbps(&self) -> u32 {
+        self.state
+            .channel("demo")
+            .and_then(|c| c.init())
+            .map_or(0, |i| i.2)
+    }
+
+    pub fn origin_counters(&self) -> (u64, u64) {
+        self.state.channel("demo").map_or((0, 0), |c| {
+            (
+                c.counters.origin_push_bytes.load(Ordering::Relaxed),
+                c.counters.fallback_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Summarizes the current statistics of all viewers (closed ones with their last stats).
+    pub async fn report(&mut self, seconds: u64) -> Result<SwarmReport> {
+        let reports = self.all_stats().await?;
+        let topo = self.topology().await?;
+        let mut r = SwarmReport::from_reports(self, &reports, seconds);
+        r.tree_depth_max = topo.max_depth;
+        Ok(r)
+    }
+
+    pub async fn shutdown(self) {
+        drop(self.browser);
+        self.server.abort();
+    }
+}
+
+/// Percentiles of a sample.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Pct {
+    pub p50: f64,
+    pub p95: f64,
+    pub max: f64,
+}
+
+impl Pct {
+    pub fn of(mut v: Vec<f64>) -> Pct {
+        if v.is_empty() {
+            return Pct::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[(((v.len() as f64) * q).ceil() as usize).clamp(1, v.len()) - 1];
+        Pct {
+            p50: at(0.5),
+            p95: at(0.95),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The swarm benchmark's JSON (field names are a contract; add, don't rename).
+#[derive(Debug, Clone, Serialize)]
+pub struct SwarmReport {
+    pub viewers: usize,
+    pub seconds: u64,
+    pub stream_kbps: u32,
+    pub substreams: u32,
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
+    pub p2p_share: f64,
+    pub p2p_share_limit: f64,
+    pub startup_ms: Pct,
+    pub latency_ms: Pct,
+    pub continuity: f64,
+    pub stalls: u32,
+    pub mismatched_viewers: usize,
+    pub tree_depth_max: u32,
+    pub peak_rss_mb_per_viewer: f64,
+    /// Viewers that verified no packet at all (also a failure).
+    pub viewers_without_data: usize,
+    pub playing_viewers: usize,
+    pub origin_fallbacks: u64,
+    /// Bytes the server sent: pushed to tree roots over WebSockets, and served over HTTP.
+    pub server_push_bytes: u64,
+    pub server_fallback_bytes: u64,
+    pub bytes_up: u64,
+}
+
+impl SwarmReport {
+    fn from_reports(swarm: &Swarm, reports: &[PeerReport], seconds: u64) -> SwarmReport {
+        let n = reports.len();
+        let b0: u64 = reports.iter().map(|r| r.bytes_from_origin).sum();
+        let b1: u64 = reports.iter().map(|r| r.bytes_from_peers).sum();
+        let mut hist = LatencyHistogram::default();
+        for r in reports {
+            hist.merge_sparse(&r.latency_hist);
+        }
+        let lat = |q| hist.quantile(q).unwrap_or(0) as f64;
+        let on_time: u64 = reports.iter().map(|r| r.on_time).sum();
+        let late: u64 = reports.iter().map(|r| r.late).sum();
+        let mismatched = reports
+            .iter()
+            .filter(|r| swarm.matches_origin(r) == Some(false))
+            .count();
+        let without = reports
+            .iter()
+            .filter(|r| swarm.matches_origin(r).is_none())
+            .count();
+        let (push, fallback) = swarm.origin_counters();
+        SwarmReport {
+            viewers: n,
+            seconds,
+            stream_kbps: swarm.stream_kbps(),
+            substreams: swarm.state.config.substreams,
+            bytes_from_origin: b0,
+            bytes_from_peers: b1,
+            p2p_share: if b0 + b1 > 0 { b1 as f64 / (b0 + b1) as f64 } else { 0.0 },
+            // The origin must send at least one full copy of the stream into the swarm
+            // (the k tree roots each get 1/k of it): 1 - 1/N.
+            p2p_share_limit: if n > 0 { 1.0 - 1.0 / n as f64 } else { 0.0 },
+            startup_ms: Pct::of(reports.iter().filter_map(|r| r.startup_ms).collect()),
+            latency_ms: Pct {
+                p50: lat(0.5),
+                p95: lat(0.95),
+                max: lat(1.0),
+            },
+            continuity: if on_time + late > 0 {
+                on_time as f64 / (on_time + late) as f64
+            } else {
+                0.0
+            },
+            stalls: reports.iter().map(|r| r.stalls).sum(),
+            mismatched_viewers: mismatched,
+            tree_depth_max: 0,
+            peak_rss_mb_per_viewer: if n > 0 { swarm.peak_rss_mb / n as f64 } else { 0.0 },
+            viewers_without_data: without,
+            playing_viewers: reports.iter().filter(|r| r.decoding).count(),
+            origin_fallbacks: reports.iter().map(|r| r.origin_fallbacks).sum(),
+            server_push_bytes: push,
+            server_fallback_bytes: fallback,
+            bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
+        }
+    }
+
+    /// Human-readable table, each figure next to its limit or target where one exists.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| s.push_str(&format!("| {k:<24} | {v:<40} |\n"));
+        row("viewers (playing)", format!("{} ({})", self.viewers, self.playing_viewers));
+        row("seconds", self.seconds.to_string());
+        row("stream", format!("{} kbit/s in {} substreams", self.stream_kbps, self.substreams));
+        row(
+            "p2p_share",
+            format!("{:.3} (limit 1-1/N = {:.3})", self.p2p_share, self.p2p_share_limit),
+        );
+        row("bytes from origin", self.bytes_from_origin.to_string());
+        row("bytes from peers", self.bytes_from_peers.to_string());
+        row("origin fallbacks (pkts)", self.origin_fallbacks.to_string());
+        row(
+            "startup ms p50/p95/max",
+            format!("{:.0} / {:.0} / {:.0}", self.startup_ms.p50, self.startup_ms.p95, self.startup_ms.max),
+        );
+        row(
+            "latency ms p50/p95/max",
+            format!("{:.0} / {:.0} / {:.0}", self.latency_ms.p50, self.latency_ms.p95, self.latency_ms.max),
+        );
+        row("continuity", format!("{:.4} (ideal 1)", self.continuity));
+        row("stalls", format!("{} (ideal 0)", self.stalls));
+        row("mismatched_viewers", format!("{} (must be 0)", self.mismatched_viewers));
+        row("viewers_without_data", self.viewers_without_data.to_string());
+        row("tree_depth_max", self.tree_depth_max.to_string());
+        row("peak RSS MB per viewer", format!("{:.0}", self.peak_rss_mb_per_viewer));
+        s
+    }
+}
+
+/// `cargo xtask swarm`: N viewers for S seconds, progress while running, table + JSON at the end.
+pub async fn run(args: SwarmArgs) -> Result<()> {
+    if args.viewers == 0 {
+        bail!("--viewers must be at least 1");
+    }
+    if args.upload_kbps.is_empty() {
+        bail!("--upload-kbps needs at least one value");
+    }
+    let started = Instant::now();
+    let mut swarm = Swarm::start(args.web_dir.clone()).await?;
+    eprintln!(
+        "swarm: control server on http://{}/, stream {} kbit/s; opening {} viewers ({} playing)",
+        swarm.addr,
+        swarm.stream_kbps(),
+        args.viewers,
+        args.playing.min(args.viewers)
+    );
+    for i in 0..args.viewers {
+        let up = args.upload_kbps[i % args.upload_kbps.len()];
+        swarm.add_viewer(up, i < args.playing).await?;
+        eprint!("\r  opened {}/{} viewers", i + 1, args.viewers);
+    }
+    eprintln!();
+    let run_started = Instant::now();
+    let deadline = run_started + Duration::from_secs(args.seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(5).min(deadline - Instant::now())).await;
+        let r = swarm.report(run_started.elapsed().as_secs()).await?;
+        eprintln!(
+            "  t={:>4}s  p2p_share {:.3}  fallbacks {}  stalls {}  mismatched {}  depth {}  rss {:.0} MB",
+            run_started.elapsed().as_secs(),
+            r.p2p_share,
+            r.origin_fallbacks,
+            r.stalls,
+            r.mismatched_viewers,
+            r.tree_depth_max,
+            swarm.browser.rss_mb()
+        );
+    }
+    let report = swarm.report(args.seconds).await?;
+    println!("\n{}", report.table());
+    println!("(total wall time {:.0} s)", started.elapsed().as_secs_f64());
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    } else {
+        println!("{json}");
+    }
+    swarm.shutdown().await;
+    Ok(())
+}

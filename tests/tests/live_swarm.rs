@@ -1,0 +1,125 @@
+//! End-to-end: real headless Chromium viewers, real WebRTC data channels, real MediaSource,
+//! the real control server and demo origin. Run by `cargo xtask test` (which builds the wasm
+//! package first and sets `P2P_WEB_DIR`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use e2e::swarm::Swarm;
+use protocol::Source;
+
+fn web_dir() -> PathBuf {
+    std::env::var_os("P2P_WEB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"))
+}
+
+async fn sleep_s(s: u64) {
+    tokio::time::sleep(Duration::from_secs(s)).await;
+}
+
+/// Console errors other than the 404s of fallback fetches for packets not cut yet.
+fn real_console_errors(swarm: &Swarm) -> Vec<String> {
+    swarm
+        .viewers
+        .iter()
+        .filter_map(|v| v.page.as_ref())
+        .flat_map(|p| p.console_errors())
+        .filter(|e| !e.contains("404"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and the built wasm package; run by cargo xtask test"]
+async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_plays() -> Result<()> {
+    let mut swarm = Swarm::start(web_dir()).await?;
+    let viewers = 8;
+    let playing = 2;
+    for i in 0..viewers {
+        swarm.add_viewer(2000, i < playing).await?;
+    }
+    sleep_s(20).await;
+
+    // Every viewer receives the stream byte-exact.
+    let reports = swarm.all_stats().await?;
+    for (i, r) in reports.iter().enumerate() {
+        ensure!(r.verified_count > 20, "viewer {i} verified only {} packets: {r:?}", r.verified_count);
+        ensure!(swarm.matches_origin(r) == Some(true), "viewer {i} bytes differ from the origin");
+    }
+    // Playing viewers' video advances.
+    let before: Vec<f64> = reports.iter().map(|r| r.current_time).collect();
+    sleep_s(3).await;
+    let reports = swarm.all_stats().await?;
+    for i in 0..playing {
+        let r = &reports[i];
+        ensure!(r.decoding, "viewer {i} should decode");
+        ensure!(
+            r.current_time > before[i] + 1.0,
+            "viewer {i} video did not advance: {} -> {} ({r:?})",
+            before[i],
+            r.current_time
+        );
+    }
+    // Peers relay, and most bytes come from peers.
+    ensure!(reports.iter().any(|r| r.bytes_up > 0), "no viewer relayed anything");
+    let report = swarm.report(23).await?;
+    println!("{}", report.table());
+    ensure!(report.p2p_share >= 0.6, "p2p_share {} < 0.6", report.p2p_share);
+    ensure!(report.stalls == 0, "stalls: {}", report.stalls);
+
+    // Close a viewer that relays to others; its children keep receiving without a stall.
+    let topo = swarm.topology().await?;
+    let relay = topo
+        .peers
+        .iter()
+        .filter(|p| p.plan.iter().map(|s| s.children.len()).sum::<usize>() >= 2)
+        .max_by_key(|p| p.plan.iter().map(|s| s.children.len()).sum::<usize>())
+        .context("no peer relays to two or more children")?;
+    let relay_id = relay.id;
+    let children: Vec<_> = relay.plan.iter().flat_map(|s| s.children.clone()).collect();
+    let relay_idx = reports
+        .iter()
+        .position(|r| r.peer_id == Some(relay_id))
+        .context("relay peer not among viewers")?;
+    let played_before: Vec<u64> = reports.iter().map(|r| r.packets_played).collect();
+    println!("closing viewer {relay_idx} ({relay_id}), parent of {children:?}");
+    swarm.close_viewer(relay_idx).await?;
+    sleep_s(10).await;
+    let reports = swarm.all_stats().await?;
+    for (i, r) in reports.iter().enumerate() {
+        if i == relay_idx {
+            continue;
+        }
+        ensure!(
+            r.packets_played > played_before[i] + 10,
+            "viewer {i} stopped receiving after the relay left: {} -> {}",
+            played_before[i],
+            r.packets_played
+        );
+        ensure!(swarm.matches_origin(r) == Some(true), "viewer {i} bytes differ after repair");
+        ensure!(
+            r.plan.iter().all(|s| s.parent != Source::Peer { id: relay_id }),
+            "viewer {i} still has the departed peer as a parent"
+        );
+    }
+    let total_stalls: u32 = reports.iter().map(|r| r.stalls).sum();
+    ensure!(total_stalls == 0, "stalls after the departure: {total_stalls}");
+
+    // A late joiner starts playing.
+    let late = swarm.add_viewer(2000, true).await?;
+    swarm.viewers[late]
+        .page
+        .as_ref()
+        .context("late page")?
+        .wait_for("window.p2p.stats().playing && window.p2p.stats().current_time > 1", Duration::from_secs(20))
+        .await
+        .context("late joiner never played")?;
+    let r = swarm.stats(late).await?;
+    ensure!(swarm.matches_origin(&r) == Some(true), "late joiner bytes differ");
+
+    let errors = real_console_errors(&swarm);
+    ensure!(errors.is_empty(), "console errors: {errors:#?}");
+    swarm.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+// Viewer page: loads the wasm peer, plays the channel and shows live statistics.
+// Query options: channel (default "demo"), upload (kbit/s, default 2000), decode (1/0).
+import init, { P2pPeer } from './pkg/peer.js';
+
+const params = new URLSearchParams(location.search);
+const channel = params.get('channel') || 'demo';
+const upload = Number(params.get('upload') || 2000);
+const decode = params.get('decode') !== '0';
+document.getElementById('channel').textContent = channel;
+
+const fmtBytes = (n) => n > 1e6 ? (n / 1e6).toFixed(2) + ' MB' : (n / 1e3).toFixed(1) + ' kB';
+const src = (p) => p.kind === 'origin' ? 'origin' : 'p' + p.id;
+
+function render(s) {
+  const total = s.bytes_from_peers + s.bytes_from_origin;
+  const rows = [
+    ['peer', s.peer_id == null ? '…' : 'p' + s.peer_id],
+    ['from peers', fmtBytes(s.bytes_from_peers)],
+    ['from origin', fmtBytes(s.bytes_from_origin)],
+    ['P2P share', total ? (100 * s.bytes_from_peers / total).toFixed(1) + ' %' : '–'],
+    ['uploaded', fmtBytes(s.bytes_up) + ' (cap ' + s.upload_kbps + ' kbit/s)'],
+    ['connected peers', s.connected_peers],
+    ['origin fallbacks', s.origin_fallbacks],
+    ['buffer', s.buffer_s.toFixed(2) + ' s'],
+    ['playing', s.decoding ? (s.playing ? 'yes' : 'no') : 'verify only'],
+    ['stalls', s.stalls],
+    ['startup', s.startup_ms == null ? '–' : Math.round(s.startup_ms) + ' ms'],
+  ];
+  document.querySelector('#stats tbody').innerHTML =
+    rows.map(([k, v]) => `<tr><th>${k}</th><td>${v}</td></tr>`).join('');
+  document.querySelector('#plan tbody').innerHTML = s.plan.map((p) =>
+    `<tr><td>${p.index}</td><td>${src(p.parent)}</td><td>${p.children.map((c) => 'p' + c).join(' ') || '–'}</td></tr>`).join('');
+  document.getElementById('errors').textContent = s.errors.slice(-3).join(' · ');
+}
+
+async function main() {
+  await init();
+  const peer = new P2pPeer({ channel, upload_kbps: upload, decode },
+    decode ? document.getElementById('video') : undefined);
+  peer.start();
+  // Exposed for tests and benchmarks, which read statistics out of the page.
+  window.p2p = peer;
+  setInterval(() => render(peer.stats()), 500);
+  addEventListener('pagehide', () => peer.destroy());
+}
+
+main().catch((e) => {
+  document.getElementById('errors').textContent = String(e);
+  console.error(e);
+});
