@@ -1014,35 +1014,82 @@ mod tests {
     #[test]
     #[ignore = "slow in debug builds; run with --release"]
     fn scale_to_100k_peers_with_churn() {
+        let scenarios: [&[u32]; 3] = [
+            &[0, 300, 600, 1000, 1500, 3000], // peers lack capacity: the origin covers the deficit
+            &[1000],                          // exactly enough
+            &[0, 1000, 2000, 3000],           // surplus
+        ];
+        for caps in scenarios {
+            let mut m = MultiTree::new(cfg(4, 1, 8));
+            let mut rng = Rng(5);
+            let mut pick = |rng: &mut Rng| caps[rng.below(caps.len() as u64) as usize];
+            let start = std::time::Instant::now();
+            for i in 0..100_000u64 {
+                let c = pick(&mut rng);
+                m.join(PeerId(i), c);
+            }
+            let joined = start.elapsed();
+            let (depth, load) = (m.max_depth(), m.origin_load());
+            let start = std::time::Instant::now();
+            let mut next = 100_000u64;
+            let mut total_affected = 0;
+            for _ in 0..100_000u64 {
+                if rng.below(2) == 0 {
+                    total_affected += m.leave(PeerId(rng.below(next))).affected.len();
+                } else {
+                    let c = pick(&mut rng);
+                    total_affected += m.join(PeerId(next), c).affected.len();
+                    next += 1;
+                }
+            }
+            let churned = start.elapsed();
+            m.check_invariants().unwrap();
+            println!(
+                "caps {caps:?}: 100k joins {joined:?} (max depth {depth}, origin load {load}); \
+                 100k churn events {churned:?}: peers {}, max depth {}, origin load {}, \
+                 mean affected {:.1}",
+                m.len(),
+                m.max_depth(),
+                m.origin_load(),
+                total_affected as f64 / 100_000.0
+            );
+            assert!(m.max_depth() <= 24);
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn debug_depth_growth() {
         let mut m = MultiTree::new(cfg(4, 1, 8));
         let mut rng = Rng(5);
-        let caps = [0, 300, 600, 1000, 1500, 3000];
-        let start = std::time::Instant::now();
-        for i in 0..100_000u64 {
-            m.join(PeerId(i), caps[rng.below(caps.len() as u64) as usize]);
+        for i in 0..20_000u64 {
+            m.join(PeerId(i), 1000);
         }
-        let joined = start.elapsed();
-        let start = std::time::Instant::now();
-        let mut next = 100_000u64;
-        let mut total_affected = 0;
-        for _ in 0..100_000u64 {
+        let mut next = 20_000u64;
+        for step in 0..20_000u64 {
+            let before = m.max_depth();
+            let what;
             if rng.below(2) == 0 {
-                total_affected += m.leave(PeerId(rng.below(next))).affected.len();
+                let id = PeerId(rng.below(next));
+                what = format!("leave {id} interior {:?} depth {:?} fanout {:?}", m.interior_tree(id), m.interior_tree(id).and_then(|t| m.depth(id, t)), m.fanout(id));
+                m.leave(id);
             } else {
-                total_affected += m.join(PeerId(next), caps[rng.below(6) as usize]).affected.len();
+                what = format!("join");
+                m.join(PeerId(next), 1000);
                 next += 1;
             }
+            if m.max_depth() > before {
+                println!("step {step}: {what}: depth {before} -> {}", m.max_depth());
+            }
         }
-        let churned = start.elapsed();
-        m.check_invariants().unwrap();
-        println!(
-            "100k joins {joined:?}, 100k churn events {churned:?}, peers {}, max depth {}, origin load {}, overflow {}, mean affected {}",
-            m.len(),
-            m.max_depth(),
-            m.origin_load(),
-            m.origin_overflow(),
-            total_affected / 100_000
-        );
-        assert!(m.max_depth() <= 24);
+        for t in 0..4 {
+            println!("tree {t}: {:?} origin {}", m.trees[t].depth_counts, m.origin_children(t as u32).len());
+            let mut fwd = vec![0u64; 30];
+            for (_, n) in &m.nodes { if n.interior == Some(t as u32) { fwd[n.links[t].depth as usize] += 1; } }
+            println!("   forwarders by depth {:?}", fwd);
+            let mut freeby = vec![0u64; 30];
+            for (d, _) in &m.trees[t].free { freeby[*d as usize] += 1; }
+            println!("   free by depth {:?}", freeby);
+        }
     }
 }

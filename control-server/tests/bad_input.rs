@@ -1,0 +1,143 @@
+//! Bad input from a peer gets a clear error, never a panic, and other viewers do not notice.
+
+mod common;
+
+use common::*;
+use control_server::config::Config;
+use protocol::{ClientMsg, ErrorCode, Heartbeat, PeerId, ServerMsg, Signal};
+
+fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
+    ClientMsg::Heartbeat(Heartbeat {
+        client_id: id,
+        seq,
+        local_ts_ms: 0,
+        parents: vec![],
+        children: vec![],
+        buffer: vec![],
+        bytes_from_peers: 0,
+        bytes_from_origin: 0,
+        bytes_up: 0,
+        origin_fallbacks: 0,
+    })
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_messages_get_errors_and_the_session_survives() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut ws = connect(addr).await;
+    send_raw(&mut ws, "this is not json").await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
+    send_raw(&mut ws, r#"{"type":"explode"}"#).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
+    send(&mut ws, &heartbeat(PeerId(1), 1)).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::NotJoined);
+    // Still usable afterwards.
+    let id = join(&mut ws, 1000).await;
+    assert!(id.0 > 0);
+}
+
+#[tokio::test]
+async fn join_with_bad_version_channel_or_capacity_is_refused() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut ws = connect(addr).await;
+    send(&mut ws, &ClientMsg::Join { version: 99, channel: "demo".into(), upload_kbps: 1 }).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::UnsupportedVersion);
+    send(&mut ws, &ClientMsg::Join { version: 1, channel: "nope".into(), upload_kbps: 1 }).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::UnknownChannel);
+    send(&mut ws, &ClientMsg::Join { version: 1, channel: "demo".into(), upload_kbps: u32::MAX }).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::BadCapacity);
+    join(&mut ws, 500).await;
+    send(&mut ws, &ClientMsg::Join { version: 1, channel: "demo".into(), upload_kbps: 1 }).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::AlreadyJoined);
+}
+
+#[tokio::test]
+async fn heartbeats_claiming_another_peer_or_going_backwards_are_refused() {
+    let (addr, _state) = start_server(Config { heartbeat_ms: 100, ..Config::default() }).await;
+    let mut ws = connect(addr).await;
+    let me = join(&mut ws, 1000).await;
+    send(&mut ws, &heartbeat(PeerId(me.0 + 1000), 1)).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::WrongPeer);
+    send(&mut ws, &heartbeat(me, 5)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    send(&mut ws, &heartbeat(me, 4)).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
+    send(&mut ws, &heartbeat(me, 6)).await;
+    send(&mut ws, &heartbeat(me, 7)).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn signaling_only_between_linked_peers() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut a = connect(addr).await;
+    let ida = join(&mut a, 5000).await;
+    let mut b = connect(addr).await;
+    let idb = join(&mut b, 5000).await;
+    let offer = Signal::Offer { sdp: "v=0".into() };
+    // a and b are linked (two high-capacity peers feed each other in the multi-tree).
+    send(&mut a, &ClientMsg::Signal { to: idb, signal: offer.clone() }).await;
+    loop {
+        match next_msg(&mut b).await {
+            Some(ServerMsg::Signal { from, signal }) => {
+                assert_eq!(from, ida);
+                assert_eq!(signal, offer);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("b closed"),
+        }
+    }
+    // A peer id nobody is linked with.
+    send(&mut a, &ClientMsg::Signal { to: PeerId(987_654), signal: offer }).await;
+    assert_eq!(next_error(&mut a).await, ErrorCode::NotLinked);
+}
+
+#[tokio::test]
+async fn oversize_message_closes_only_that_session() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut other = connect(addr).await;
+    join(&mut other, 1000).await;
+    let mut bad = connect(addr).await;
+    let huge = format!(r#"{{"type":"leave","pad":"{}"}}"#, "x".repeat(200_000));
+    // The server may close before the whole frame is read; either way no panic.
+    let _ = futures_util::SinkExt::send(
+        &mut bad,
+        tokio_tungstenite::tungstenite::Message::Text(huge.into()),
+    )
+    .await;
+    while next_msg(&mut bad).await.is_some() {}
+    // The other viewer still gets packets.
+    let got_packet = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = other.next().await {
+            if m.is_binary() {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(got_packet, "the well-behaved peer stopped receiving");
+}
+
+#[tokio::test]
+async fn flooding_is_rate_limited() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut ws = connect(addr).await;
+    join(&mut ws, 1000).await;
+    // The burst allowance is 2 s worth (200 messages); ten more trip the limiter without
+    // exhausting the error budget (which would close the session).
+    for _ in 0..210 {
+        send_raw(&mut ws, r#"{"type":"signal","to":424242,"signal":{"kind":"offer","sdp":"x"}}"#).await;
+    }
+    let mut saw_rate_limit = false;
+    while let Some(m) = next_msg(&mut ws).await {
+        if let ServerMsg::Error { code: ErrorCode::RateLimited, .. } = m {
+            saw_rate_limit = true;
+            break;
+        }
+    }
+    assert!(saw_rate_limit);
+}

@@ -1,0 +1,96 @@
+//! Helpers shared by the server's integration tests: a server on 127.0.0.1:0 with the demo
+//! channel, and WebSocket clients speaking the real protocol over tokio-tungstenite.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use control_server::config::Config;
+use control_server::AppState;
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ClientMsg, ServerMsg};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn start_server(config: Config) -> (SocketAddr, AppState) {
+    let state = AppState::new(config);
+    state.start_demo_channel().expect("demo channel");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = control_server::app(state.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    // Wait for the first fragment so joins are accepted.
+    for _ in 0..200 {
+        if state.channel("demo").and_then(|c| c.live_position()).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (addr, state)
+}
+
+pub async fn connect(addr: SocketAddr) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connect");
+    ws
+}
+
+pub async fn send(ws: &mut Ws, msg: &ClientMsg) {
+    ws.send(Message::Text(serde_json::to_string(msg).expect("json").into()))
+        .await
+        .expect("send");
+}
+
+pub async fn send_raw(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.to_string().into())).await.expect("send");
+}
+
+/// Next control message, skipping binary packets and live-edge notices.
+pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok()??.ok()?;
+        match m {
+            Message::Text(t) => {
+                let msg: ServerMsg = serde_json::from_str(t.as_str()).expect("server sent bad JSON");
+                if !matches!(msg, ServerMsg::LiveEdge { .. }) {
+                    return Some(msg);
+                }
+            }
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+pub async fn join(ws: &mut Ws, upload_kbps: u32) -> protocol::PeerId {
+    send(
+        ws,
+        &ClientMsg::Join {
+            version: protocol::PROTOCOL_VERSION,
+            channel: "demo".into(),
+            upload_kbps,
+        },
+    )
+    .await;
+    match next_msg(ws).await {
+        Some(ServerMsg::Welcome { peer_id, .. }) => peer_id,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// Waits for the next error message and returns its code.
+pub async fn next_error(ws: &mut Ws) -> protocol::ErrorCode {
+    loop {
+        match next_msg(ws).await {
+            Some(ServerMsg::Error { code, .. }) => return code,
+            Some(_) => continue,
+            None => panic!("connection closed before an error arrived"),
+        }
+    }
+}
