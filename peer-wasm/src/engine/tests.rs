@@ -7,6 +7,10 @@ use protocol::packet::{encode, PacketHeader, FLAG_RANDOM_ACCESS};
 
 use super::*;
 
+// The same tests run in the browser under `wasm-pack test`.
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 const K: u32 = 2;
 
 fn packet(seq: u64, created_ms: u64) -> Vec<u8> {

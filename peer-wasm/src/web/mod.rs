@@ -33,3 +33,6 @@ pub(crate) fn perf_now() -> f64 {
         .and_then(|w| w.performance())
         .map_or(0.0, |p| p.now())
 }
+
+#[cfg(test)]
+mod tests;
