@@ -116,7 +116,8 @@ async fn packet(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/octet-stream"),
                     ),
-                    (header::CACHE_CONTROL, HeaderValue::from_static("max-age=60")),
+                    // Not cached: every fallback byte is origin egress, counted here.
+                    (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
                 ],
                 bytes,
             )

@@ -49,7 +49,11 @@ pub enum Fmp4Error {
         reason: &'static str,
     },
     #[error("box {kind:?} at offset {offset} is {size} bytes, over the {MAX_BOX_SIZE}-byte limit")]
-    BoxTooLarge { kind: String, offset: u64, size: u64 },
+    BoxTooLarge {
+        kind: String,
+        offset: u64,
+        size: u64,
+    },
     #[error("{what} at offset {offset} exceeds the {MAX_ITEM_SIZE}-byte limit")]
     ItemTooLarge { what: &'static str, offset: u64 },
     #[error("malformed MP4: {0}")]
@@ -234,7 +238,9 @@ impl Fmp4Splitter {
             // non-fragmented `mdat` first.
             match self.phase {
                 Phase::Start | Phase::Init if kind == b"mdat" => {
-                    return Err(Fmp4Error::NotFragmented("media data (mdat) before any moof"));
+                    return Err(Fmp4Error::NotFragmented(
+                        "media data (mdat) before any moof",
+                    ));
                 }
                 Phase::Init if FRAGMENT_PREFIX_BOXES.contains(&kind) => {
                     let init = self.take_init()?;
@@ -403,7 +409,10 @@ pub fn rewrite_timing(
                         return Err(truncated("mfhd"));
                     }
                     saw_mfhd = true;
-                    patches.push(Patch::U32(moof_body + child.body_start + 4, sequence_number));
+                    patches.push(Patch::U32(
+                        moof_body + child.body_start + 4,
+                        sequence_number,
+                    ));
                 }
                 b"traf" => {
                     let traf_body = moof_body + child.body_start;
@@ -494,7 +503,11 @@ fn parse_header(data: &[u8], offset: u64) -> Result<Option<BoxHeader>, Fmp4Error
     };
     let (size, header_len) = match u32::from_be_bytes([size32[0], size32[1], size32[2], size32[3]])
     {
-        0 => return Err(bad("size 0 (box extends to the end of the file) is not supported")),
+        0 => {
+            return Err(bad(
+                "size 0 (box extends to the end of the file) is not supported",
+            ))
+        }
         1 => {
             let Some(large) = data.get(8..16) else {
                 return Ok(None);
@@ -628,7 +641,10 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], Fmp4Error> {
-        let end = self.pos.checked_add(n).ok_or_else(|| truncated(self.what))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or_else(|| truncated(self.what))?;
         let b = self
             .data
             .get(self.pos..end)
@@ -757,7 +773,7 @@ fn parse_trak(body: &[u8]) -> Result<TrackInfo, Fmp4Error> {
     }
 
     let codec = match sample_entry(mdia.body)? {
-        Some((kind, entry)) => codec_string(&kind, entry)?,
+        Some(entry) => codec_string(&entry.kind, entry.body)?,
         None => None,
     };
     Ok(TrackInfo {
@@ -773,7 +789,7 @@ fn missing(what: &str) -> Fmp4Error {
 }
 
 /// The first sample entry of `mdia/minf/stbl/stsd`, if any.
-fn sample_entry(mdia: &[u8]) -> Result<Option<([u8; 4], &[u8])>, Fmp4Error> {
+fn sample_entry(mdia: &[u8]) -> Result<Option<RawBox<'_>>, Fmp4Error> {
     let Some(minf) = find(mdia, "mdia", b"minf")? else {
         return Ok(None);
     };
@@ -786,13 +802,7 @@ fn sample_entry(mdia: &[u8]) -> Result<Option<([u8; 4], &[u8])>, Fmp4Error> {
     let mut r = Reader::new(stsd.body, "stsd");
     r.full_box()?;
     let _entry_count = r.u32()?;
-    match BoxIter::new(r.rest(), "stsd").next() {
-        Some(entry) => {
-            let entry = entry?;
-            Ok(Some((entry.kind, entry.body)))
-        }
-        None => Ok(None),
-    }
+    BoxIter::new(r.rest(), "stsd").next().transpose()
 }
 
 /// Child boxes of a visual sample entry start after its fixed 78-byte part.
@@ -871,10 +881,7 @@ fn hevc_codec(kind: &[u8; 4], c: &[u8]) -> Option<String> {
     let compat = u32::from_be_bytes(c.get(2..6)?.try_into().ok()?).reverse_bits();
     let constraints = c.get(6..12)?;
     let level = *c.get(12)?;
-    let mut s = format!(
-        "{}.{space}{profile}.{compat:X}.{tier}{level}",
-        fourcc(kind)
-    );
+    let mut s = format!("{}.{space}{profile}.{compat:X}.{tier}{level}", fourcc(kind));
     let used = constraints
         .iter()
         .rposition(|b| *b != 0)
@@ -914,7 +921,7 @@ fn mp4a_codec(esds: &[u8]) -> Option<String> {
         return Some(format!("mp4a.{oti:02x}"));
     }
     r.skip(12).ok()?; // streamType, bufferSizeDB, maxBitrate, avgBitrate
-    // DecoderSpecificInfo: AudioSpecificConfig starts with the 5-bit audioObjectType.
+                      // DecoderSpecificInfo: AudioSpecificConfig starts with the 5-bit audioObjectType.
     if read_descriptor(&mut r)? != 0x05 {
         return Some("mp4a.40.2".to_owned());
     }
@@ -1013,11 +1020,19 @@ fn parse_traf(body: &[u8], movie: &MovieInfo) -> Result<TrafInfo, Fmp4Error> {
     if flags & 0x02 != 0 {
         r.skip(4)?; // sample_description_index
     }
-    let tfhd_duration = if flags & 0x08 != 0 { Some(r.u32()?) } else { None };
+    let tfhd_duration = if flags & 0x08 != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     if flags & 0x10 != 0 {
         r.skip(4)?; // default_sample_size
     }
-    let tfhd_flags = if flags & 0x20 != 0 { Some(r.u32()?) } else { None };
+    let tfhd_flags = if flags & 0x20 != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     let trex = movie.trex.iter().find(|t| t.track_id == track_id);
     let default_duration = tfhd_duration
         .or(trex.map(|t| t.default_sample_duration))
@@ -1095,7 +1110,10 @@ fn parse_trun(body: &[u8], default_duration: u32) -> Result<TrunInfo, Fmp4Error>
     } else {
         // Check the table fits before walking it, so a bogus count cannot make us loop for long.
         let count = sample_count as usize;
-        if count.checked_mul(per_sample).is_none_or(|n| n > r.remaining()) {
+        if count
+            .checked_mul(per_sample)
+            .is_none_or(|n| n > r.remaining())
+        {
             return Err(truncated("trun"));
         }
         let mut total = 0u64;
@@ -1134,7 +1152,10 @@ mod tests {
 
     use super::*;
 
-    const DEMO: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/media/demo.mp4"));
+    const DEMO: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../web/media/demo.mp4"
+    ));
 
     /// Builds a box from its type and body.
     fn mp4box(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
@@ -1207,8 +1228,7 @@ mod tests {
         let total: u64 = fragments.iter().map(|f| f.duration).sum();
         assert_eq!(total, 20 * u64::from(init.timescale));
         // Everything but the trailing mfra index is accounted for.
-        let used: usize =
-            init.bytes.len() + fragments.iter().map(|f| f.bytes.len()).sum::<usize>();
+        let used: usize = init.bytes.len() + fragments.iter().map(|f| f.bytes.len()).sum::<usize>();
         assert_eq!(used, DEMO.len() - 428);
     }
 
@@ -1331,7 +1351,9 @@ mod tests {
         // Non-"faststart" layout: mdat before moov is refused as soon as its header arrives.
         let mut s = Fmp4Splitter::new();
         s.push(&ftyp()).unwrap();
-        let err = s.push(&[0, 0, 0x10, 0, b'm', b'd', b'a', b't']).unwrap_err();
+        let err = s
+            .push(&[0, 0, 0x10, 0, b'm', b'd', b'a', b't'])
+            .unwrap_err();
         assert!(matches!(err, Fmp4Error::NotFragmented(_)), "{err}");
         assert!(err.to_string().contains("frag_keyframe"));
     }
@@ -1386,7 +1408,12 @@ mod tests {
         };
         let f1 = fragment(1, 0, Some(0x0200_0000));
         let f2 = fragment(2, 15_000, None);
-        let stream = cat(&[init.clone(), f1.clone(), f2.clone(), mp4box(b"mfra", &[0; 8])]);
+        let stream = cat(&[
+            init.clone(),
+            f1.clone(),
+            f2.clone(),
+            mp4box(b"mfra", &[0; 8]),
+        ]);
         let (i, frags) = parse_file(&stream).unwrap();
         assert_eq!(i.bytes, init);
         assert_eq!(i.timescale, 90_000);

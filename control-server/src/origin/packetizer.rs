@@ -27,7 +27,12 @@ impl Packetizer {
     /// Encodes `fragment` as packets of at most [`MAX_PAYLOAD`] payload bytes with consecutive
     /// sequence numbers, all stamped `created_ms`. An empty fragment yields no packets and uses
     /// no sequence numbers.
-    pub fn packetize(&mut self, fragment: &[u8], random_access: bool, created_ms: u64) -> Vec<Vec<u8>> {
+    pub fn packetize(
+        &mut self,
+        fragment: &[u8],
+        random_access: bool,
+        created_ms: u64,
+    ) -> Vec<Vec<u8>> {
         fragment
             .chunks(MAX_PAYLOAD)
             .enumerate()

@@ -115,7 +115,12 @@ impl PacketWindow {
     /// Appends an encoded packet. Sequence numbers must increase strictly; gaps are allowed and
     /// the skipped numbers read as [`Lookup::Evicted`]. The packet must decode, and its header
     /// must carry `seq`, so fallback fetches can never serve the wrong bytes.
-    pub fn push(&mut self, seq: u64, packet: Bytes, random_access: bool) -> Result<(), WindowError> {
+    pub fn push(
+        &mut self,
+        seq: u64,
+        packet: Bytes,
+        random_access: bool,
+    ) -> Result<(), WindowError> {
         if let Some(latest) = self.latest {
             if seq <= latest {
                 return Err(WindowError::NotIncreasing { seq, latest });

@@ -122,6 +122,8 @@ struct Tree {
     free: BTreeSet<(u32, PeerId)>,
     /// Interior nodes with at least one leaf child, shallowest first.
     with_leaf: BTreeSet<(u32, PeerId)>,
+    /// Interior nodes whose children are all leaves ("bottom forwarders"), deepest first.
+    bottom: BTreeSet<(Reverse<u32>, PeerId)>,
     /// Sum of the fan-outs of the interior nodes.
     capacity: u64,
     /// Number of peers at each depth.
@@ -200,10 +202,17 @@ impl MultiTree {
     /// Removes a peer; unknown peers change nothing.
     pub fn leave(&mut self, peer: PeerId) -> Changes {
         let mut aff = BTreeSet::new();
-        let Some((interior, fanout)) = self.nodes.get(&peer).map(|n| (n.interior, n.fanout))
-        else {
+        let Some((interior, fanout)) = self.nodes.get(&peer).map(|n| (n.interior, n.fanout)) else {
             return Changes::default();
         };
+        // Where the peer hung in its interior tree: its replacement goes there.
+        let old_parent = interior.and_then(|t| {
+            match self.nodes.get(&peer).map(|n| n.links[t as usize].parent) {
+                Some(Parent::Peer(q)) => Some(Some(q)),
+                Some(Parent::Origin) => Some(None),
+                Some(Parent::Detached) | None => None,
+            }
+        });
         for t in 0..self.trees.len() {
             self.detach(t, peer, &mut aff);
         }
@@ -229,24 +238,97 @@ impl MultiTree {
                 }
             }
         }
-        if let Some(t) = interior.map(|t| t as usize) {
-            let (mut forwarders, leaves): (Vec<PeerId>, Vec<PeerId>) = orphans
-                .into_iter()
-                .partition(|c| self.is_interior(*c, t));
-            // Bigger forwarders first: they should end up higher.
-            forwarders.sort_by_key(|c| (Reverse(self.nodes.get(c).map_or(0, |n| n.fanout)), *c));
-            for c in forwarders {
-                self.place_interior(t, c, true, &mut aff);
-            }
-            for c in leaves {
-                self.place_leaf(t, c, &mut aff);
-            }
+        if let (Some(t), Some(old_parent)) = (interior.map(|t| t as usize), old_parent) {
+            self.repair(t, old_parent, orphans, &mut aff);
         }
         for t in 0..self.trees.len() {
             self.refill(t, &mut aff);
         }
         aff.remove(&peer);
         Changes { affected: aff }
+    }
+
+    /// Re-attaches the children of a departed forwarder of tree `t`, which hung under
+    /// `old_parent` (`None`: the origin).
+    ///
+    /// When it forwarded to other forwarders, the deepest *bottom* forwarder (one that feeds only
+    /// leaves) takes its exact place and adopts its children: their subtrees keep their depths,
+    /// so nothing needs renumbering and the tree does not grow deeper with churn. The bottom
+    /// forwarder's own leaves, and any child that does not fit, are re-homed like joiners.
+    fn repair(
+        &mut self,
+        t: usize,
+        old_parent: Option<PeerId>,
+        orphans: Vec<PeerId>,
+        aff: &mut BTreeSet<PeerId>,
+    ) {
+        let (mut forwarders, mut leaves): (Vec<PeerId>, Vec<PeerId>) =
+            orphans.into_iter().partition(|c| self.is_interior(*c, t));
+        // Bigger forwarders first: they should end up higher.
+        forwarders.sort_by_key(|c| (Reverse(self.nodes.get(c).map_or(0, |n| n.fanout)), *c));
+        let mut displaced = Vec::new();
+        if !forwarders.is_empty() {
+            if let Some(f) = self.bottom_forwarder(t, forwarders.len(), old_parent) {
+                forwarders.retain(|c| *c != f);
+                self.detach(t, f, aff);
+                let f_children = self
+                    .nodes
+                    .get(&f)
+                    .map(|n| n.children.clone())
+                    .unwrap_or_default();
+                for l in f_children {
+                    self.detach(t, l, aff);
+                    displaced.push(l);
+                }
+                self.attach(t, f, old_parent, aff);
+                // Adopted children keep their depth: `attach` renumbers nothing.
+                forwarders.retain(|c| {
+                    if self.has_room(t, f) {
+                        self.attach(t, *c, Some(f), aff);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                leaves.retain(|c| {
+                    if self.has_room(t, f) {
+                        self.attach(t, *c, Some(f), aff);
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+        for c in forwarders {
+            self.place_interior(t, c, true, aff);
+        }
+        for c in leaves.into_iter().chain(displaced) {
+            self.place_leaf(t, c, aff);
+        }
+    }
+
+    /// The deepest forwarder of tree `t` that feeds only leaves, preferring one with room for
+    /// `need` children among the deepest few; never `exclude` (the departed peer's parent, which
+    /// may have just become a bottom forwarder).
+    fn bottom_forwarder(&self, t: usize, need: usize, exclude: Option<PeerId>) -> Option<PeerId> {
+        let mut candidates = self.trees[t]
+            .bottom
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| Some(*id) != exclude)
+            .take(16)
+            .peekable();
+        let first = *candidates.peek()?;
+        Some(
+            candidates
+                .find(|id| {
+                    self.nodes
+                        .get(id)
+                        .is_some_and(|n| n.fanout as usize >= need)
+                })
+                .unwrap_or(first),
+        )
     }
 
     /// For each substream: where the peer receives it from and whom it forwards it to.
@@ -349,6 +431,7 @@ impl MultiTree {
             let mut capacity = 0u64;
             let mut free = BTreeSet::new();
             let mut with_leaf = BTreeSet::new();
+            let mut bottom = BTreeSet::new();
             let mut origin_interior = BTreeSet::new();
             let mut origin_leaves = BTreeSet::new();
             let mut depth_counts: Vec<u64> = Vec::new();
@@ -358,7 +441,10 @@ impl MultiTree {
                     return Err(format!("{id} has {} links, want {k}", n.links.len()));
                 }
                 if n.interior.is_some() != (n.fanout > 0) {
-                    return Err(format!("{id}: fan-out {} but interior {:?}", n.fanout, n.interior));
+                    return Err(format!(
+                        "{id}: fan-out {} but interior {:?}",
+                        n.fanout, n.interior
+                    ));
                 }
                 let interior_here = n.interior == Some(t as u32);
                 let link = n.links[t];
@@ -366,7 +452,10 @@ impl MultiTree {
                     Parent::Detached => return Err(format!("{id} has no parent in tree {t}")),
                     Parent::Origin => {
                         if link.depth != 1 {
-                            return Err(format!("{id}: origin child at depth {} in tree {t}", link.depth));
+                            return Err(format!(
+                                "{id}: origin child at depth {} in tree {t}",
+                                link.depth
+                            ));
                         }
                         if interior_here {
                             origin_interior.insert(id);
@@ -388,7 +477,10 @@ impl MultiTree {
                         // Depth strictly grows away from the origin, so there is no cycle and
                         // everyone is connected to the origin.
                         if link.depth != pn.links[t].depth + 1 {
-                            return Err(format!("{id}: depth {} under {p} at depth {} in tree {t}", link.depth, pn.links[t].depth));
+                            return Err(format!(
+                                "{id}: depth {} under {p} at depth {} in tree {t}",
+                                link.depth, pn.links[t].depth
+                            ));
                         }
                     }
                 }
@@ -400,7 +492,11 @@ impl MultiTree {
                 if interior_here {
                     capacity += u64::from(n.fanout);
                     if n.children.len() > n.fanout as usize {
-                        return Err(format!("{id}: {} children over fan-out {} in tree {t}", n.children.len(), n.fanout));
+                        return Err(format!(
+                            "{id}: {} children over fan-out {} in tree {t}",
+                            n.children.len(),
+                            n.fanout
+                        ));
                     }
                     let mut leaves = 0;
                     for (i, c) in n.children.iter().enumerate() {
@@ -420,7 +516,10 @@ impl MultiTree {
                     }
                     fed += n.children.len();
                     if leaves != n.leaf_children {
-                        return Err(format!("{id}: leaf child count {} != {leaves}", n.leaf_children));
+                        return Err(format!(
+                            "{id}: leaf child count {} != {leaves}",
+                            n.leaf_children
+                        ));
                     }
                     if n.children.len() < n.fanout as usize {
                         free.insert((link.depth, id));
@@ -428,23 +527,33 @@ impl MultiTree {
                     if leaves > 0 {
                         with_leaf.insert((link.depth, id));
                     }
+                    if leaves as usize == n.children.len() {
+                        bottom.insert((Reverse(link.depth), id));
+                    }
                 } else if n.interior.is_some_and(|it| it as usize >= k) {
                     return Err(format!("{id}: interior tree out of range"));
                 }
             }
             if fed + origin_interior.len() + origin_leaves.len() != self.nodes.len() {
-                return Err(format!("tree {t}: {fed} fed by peers + origin != {} peers", self.nodes.len()));
+                return Err(format!(
+                    "tree {t}: {fed} fed by peers + origin != {} peers",
+                    self.nodes.len()
+                ));
             }
             if capacity != tree.capacity {
-                return Err(format!("tree {t}: capacity {} != {capacity}", tree.capacity));
+                return Err(format!(
+                    "tree {t}: capacity {} != {capacity}",
+                    tree.capacity
+                ));
             }
-            if free != tree.free || with_leaf != tree.with_leaf {
+            if free != tree.free || with_leaf != tree.with_leaf || bottom != tree.bottom {
                 return Err(format!("tree {t}: stale slot indexes"));
             }
             if origin_interior != tree.origin_interior || origin_leaves != tree.origin_leaves {
                 return Err(format!("tree {t}: stale origin child sets"));
             }
-            let trimmed = |v: &[u64]| v[..v.iter().rposition(|c| *c > 0).map_or(0, |i| i + 1)].to_vec();
+            let trimmed =
+                |v: &[u64]| v[..v.iter().rposition(|c| *c > 0).map_or(0, |i| i + 1)].to_vec();
             if trimmed(&depth_counts) != trimmed(&tree.depth_counts) {
                 return Err(format!("tree {t}: stale depth histogram"));
             }
@@ -474,7 +583,13 @@ impl MultiTree {
 
     /// Attaches `x`, interior in tree `t` and currently detached (a joiner, or an orphaned
     /// forwarder with its subtree when `has_subtree`).
-    fn place_interior(&mut self, t: usize, x: PeerId, has_subtree: bool, aff: &mut BTreeSet<PeerId>) {
+    fn place_interior(
+        &mut self,
+        t: usize,
+        x: PeerId,
+        has_subtree: bool,
+        aff: &mut BTreeSet<PeerId>,
+    ) {
         let moving = has_subtree.then_some(x);
         let free = self.first_valid(t, Index::Free, moving);
         let leafy = self.first_valid(t, Index::WithLeaf, moving);
@@ -590,9 +705,9 @@ impl MultiTree {
     }
 
     fn has_room(&self, t: usize, id: PeerId) -> bool {
-        self.nodes.get(&id).is_some_and(|n| {
-            n.interior == Some(t as u32) && n.children.len() < n.fanout as usize
-        })
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.interior == Some(t as u32) && n.children.len() < n.fanout as usize)
     }
 
     /// Unlinks `x` from its parent in tree `t` (its own subtree stays attached to it).
@@ -667,7 +782,11 @@ impl MultiTree {
 
     /// Sets `root`'s depth in tree `t` and shifts its whole subtree accordingly.
     fn set_subtree_depth(&mut self, t: usize, root: PeerId, depth: u32) {
-        if self.nodes.get(&root).is_none_or(|n| n.links[t].depth == depth) {
+        if self
+            .nodes
+            .get(&root)
+            .is_none_or(|n| n.links[t].depth == depth)
+        {
             return; // the subtree keeps its (relative, hence absolute) depths
         }
         let mut stack = vec![(root, depth)];
@@ -701,6 +820,7 @@ impl MultiTree {
                 let key = (n.links[t].depth, id);
                 self.trees[t].free.remove(&key);
                 self.trees[t].with_leaf.remove(&key);
+                self.trees[t].bottom.remove(&(Reverse(key.0), id));
             }
         }
     }
@@ -715,6 +835,9 @@ impl MultiTree {
                 }
                 if n.leaf_children > 0 {
                     self.trees[t].with_leaf.insert(key);
+                }
+                if n.leaf_children as usize == n.children.len() {
+                    self.trees[t].bottom.insert((Reverse(key.0), id));
                 }
             }
         }
@@ -847,8 +970,7 @@ mod tests {
             .find(|p| {
                 let t = m.interior_tree(*p).unwrap();
                 let plan = m.plan(*p).unwrap();
-                !plan[t as usize].children.is_empty()
-                    && plan[t as usize].parent != Source::Origin
+                !plan[t as usize].children.is_empty() && plan[t as usize].parent != Source::Origin
             })
             .unwrap();
         let t = m.interior_tree(victim).unwrap() as usize;
@@ -962,7 +1084,10 @@ mod tests {
                     s.children.sort();
                 }
                 if now != was {
-                    assert!(changes.affected.contains(&p), "step {step}: {p} changed silently");
+                    assert!(
+                        changes.affected.contains(&p),
+                        "step {step}: {p} changed silently"
+                    );
                 }
             }
         }
@@ -1022,7 +1147,7 @@ mod tests {
         for caps in scenarios {
             let mut m = MultiTree::new(cfg(4, 1, 8));
             let mut rng = Rng(5);
-            let mut pick = |rng: &mut Rng| caps[rng.below(caps.len() as u64) as usize];
+            let pick = |rng: &mut Rng| caps[rng.below(caps.len() as u64) as usize];
             let start = std::time::Instant::now();
             for i in 0..100_000u64 {
                 let c = pick(&mut rng);
@@ -1054,42 +1179,6 @@ mod tests {
                 total_affected as f64 / 100_000.0
             );
             assert!(m.max_depth() <= 24);
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn debug_depth_growth() {
-        let mut m = MultiTree::new(cfg(4, 1, 8));
-        let mut rng = Rng(5);
-        for i in 0..20_000u64 {
-            m.join(PeerId(i), 1000);
-        }
-        let mut next = 20_000u64;
-        for step in 0..20_000u64 {
-            let before = m.max_depth();
-            let what;
-            if rng.below(2) == 0 {
-                let id = PeerId(rng.below(next));
-                what = format!("leave {id} interior {:?} depth {:?} fanout {:?}", m.interior_tree(id), m.interior_tree(id).and_then(|t| m.depth(id, t)), m.fanout(id));
-                m.leave(id);
-            } else {
-                what = format!("join");
-                m.join(PeerId(next), 1000);
-                next += 1;
-            }
-            if m.max_depth() > before {
-                println!("step {step}: {what}: depth {before} -> {}", m.max_depth());
-            }
-        }
-        for t in 0..4 {
-            println!("tree {t}: {:?} origin {}", m.trees[t].depth_counts, m.origin_children(t as u32).len());
-            let mut fwd = vec![0u64; 30];
-            for (_, n) in &m.nodes { if n.interior == Some(t as u32) { fwd[n.links[t].depth as usize] += 1; } }
-            println!("   forwarders by depth {:?}", fwd);
-            let mut freeby = vec![0u64; 30];
-            for (d, _) in &m.trees[t].free { freeby[*d as usize] += 1; }
-            println!("   free by depth {:?}", freeby);
         }
     }
 }
