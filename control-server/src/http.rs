@@ -143,10 +143,15 @@ async fn range_hash(
     Query(q): Query<HashQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let ch = channel(&state, &id)?;
-    let h = ch
-        .range_hash(q.first, q.count)
-        .ok_or_else(|| not_found(format!("range {}+{} is not (or no longer) known", q.first, q.count)))?;
-    Ok(Json(json!({ "first": h.first_seq, "count": h.count, "hash": h.hex() })))
+    let h = ch.range_hash(q.first, q.count).ok_or_else(|| {
+        not_found(format!(
+            "range {}+{} is not (or no longer) known",
+            q.first, q.count
+        ))
+    })?;
+    Ok(Json(
+        json!({ "first": h.first_seq, "count": h.count, "hash": h.hex() }),
+    ))
 }
 
 async fn topology(
@@ -199,7 +204,10 @@ async fn ingest(
         ));
     };
     if q.get("key").map(String::as_str) != Some(expected) {
-        return Err(ApiError(StatusCode::FORBIDDEN, "wrong or missing stream key".into()));
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "wrong or missing stream key".into(),
+        ));
     }
     if let Some(existing) = state.channel(&id) {
         if existing.source_attached.load(Ordering::Relaxed) {
@@ -222,9 +230,13 @@ async fn ingest(
                 "body ended before a complete fragmented-MP4 init segment".into(),
             ));
         };
-        let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading body: {e}")))?;
         let items = probe.push(&chunk).map_err(|e| {
-            ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("not fragmented MP4: {e}"))
+            ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("not fragmented MP4: {e}"),
+            )
         })?;
         seen_init = !items.is_empty();
         head.push(chunk);
@@ -265,7 +277,11 @@ async fn ingest(
     }
     ch.source_attached.store(false, Ordering::SeqCst);
     match result {
-        Ok(()) => Ok((StatusCode::OK, Json(json!({ "channel": id, "bytes": total }))).into_response()),
+        Ok(()) => Ok((
+            StatusCode::OK,
+            Json(json!({ "channel": id, "bytes": total })),
+        )
+            .into_response()),
         Err(e) => Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("ingest stopped after {total} bytes: {e}"),

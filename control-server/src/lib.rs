@@ -84,7 +84,11 @@ impl AppState {
     }
 
     /// Creates a channel and starts its DCM task. Must run inside a tokio runtime.
-    pub fn create_channel(&self, name: &str, stream_kbps: u32) -> Result<SharedChannel, ServerError> {
+    pub fn create_channel(
+        &self,
+        name: &str,
+        stream_kbps: u32,
+    ) -> Result<SharedChannel, ServerError> {
         let valid = !name.is_empty()
             && name.len() <= 64
             && name
@@ -126,7 +130,11 @@ impl AppState {
     }
 
     /// Publishes a fragmented MP4 file as an endless live channel (looped, timeline continuous).
-    pub fn start_looped_channel(&self, name: &str, data: Vec<u8>) -> Result<SharedChannel, ServerError> {
+    pub fn start_looped_channel(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<SharedChannel, ServerError> {
         let clip = origin::ingest::LoopedClip::parse(data)?;
         let ch = self.create_channel(name, clip.stream_kbps())?;
         ch.set_init(clip.init.clone());

@@ -61,7 +61,9 @@ async fn main() -> anyhow::Result<()> {
     config.validate().context("invalid configuration")?;
     let state = AppState::new(config);
     if !args.no_demo {
-        state.start_demo_channel().context("starting the demo channel")?;
+        state
+            .start_demo_channel()
+            .context("starting the demo channel")?;
     }
     for spec in &args.files {
         let (name, path) = spec

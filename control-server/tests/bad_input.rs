@@ -40,20 +40,56 @@ async fn malformed_and_unknown_messages_get_errors_and_the_session_survives() {
 async fn join_with_bad_version_channel_or_capacity_is_refused() {
     let (addr, _state) = start_server(Config::default()).await;
     let mut ws = connect(addr).await;
-    send(&mut ws, &ClientMsg::Join { version: 99, channel: "demo".into(), upload_kbps: 1 }).await;
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 99,
+            channel: "demo".into(),
+            upload_kbps: 1,
+        },
+    )
+    .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::UnsupportedVersion);
-    send(&mut ws, &ClientMsg::Join { version: 1, channel: "nope".into(), upload_kbps: 1 }).await;
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 1,
+            channel: "nope".into(),
+            upload_kbps: 1,
+        },
+    )
+    .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::UnknownChannel);
-    send(&mut ws, &ClientMsg::Join { version: 1, channel: "demo".into(), upload_kbps: u32::MAX }).await;
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 1,
+            channel: "demo".into(),
+            upload_kbps: u32::MAX,
+        },
+    )
+    .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadCapacity);
     join(&mut ws, 500).await;
-    send(&mut ws, &ClientMsg::Join { version: 1, channel: "demo".into(), upload_kbps: 1 }).await;
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 1,
+            channel: "demo".into(),
+            upload_kbps: 1,
+        },
+    )
+    .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::AlreadyJoined);
 }
 
 #[tokio::test]
 async fn heartbeats_claiming_another_peer_or_going_backwards_are_refused() {
-    let (addr, _state) = start_server(Config { heartbeat_ms: 100, ..Config::default() }).await;
+    let (addr, _state) = start_server(Config {
+        heartbeat_ms: 100,
+        ..Config::default()
+    })
+    .await;
     let mut ws = connect(addr).await;
     let me = join(&mut ws, 1000).await;
     send(&mut ws, &heartbeat(PeerId(me.0 + 1000), 1)).await;
@@ -76,7 +112,14 @@ async fn signaling_only_between_linked_peers() {
     let idb = join(&mut b, 5000).await;
     let offer = Signal::Offer { sdp: "v=0".into() };
     // a and b are linked (two high-capacity peers feed each other in the multi-tree).
-    send(&mut a, &ClientMsg::Signal { to: idb, signal: offer.clone() }).await;
+    send(
+        &mut a,
+        &ClientMsg::Signal {
+            to: idb,
+            signal: offer.clone(),
+        },
+    )
+    .await;
     loop {
         match next_msg(&mut b).await {
             Some(ServerMsg::Signal { from, signal }) => {
@@ -89,7 +132,14 @@ async fn signaling_only_between_linked_peers() {
         }
     }
     // A peer id nobody is linked with.
-    send(&mut a, &ClientMsg::Signal { to: PeerId(987_654), signal: offer }).await;
+    send(
+        &mut a,
+        &ClientMsg::Signal {
+            to: PeerId(987_654),
+            signal: offer,
+        },
+    )
+    .await;
     assert_eq!(next_error(&mut a).await, ErrorCode::NotLinked);
 }
 
@@ -130,11 +180,19 @@ async fn flooding_is_rate_limited() {
     // The burst allowance is 2 s worth (200 messages); ten more trip the limiter without
     // exhausting the error budget (which would close the session).
     for _ in 0..210 {
-        send_raw(&mut ws, r#"{"type":"signal","to":424242,"signal":{"kind":"offer","sdp":"x"}}"#).await;
+        send_raw(
+            &mut ws,
+            r#"{"type":"signal","to":424242,"signal":{"kind":"offer","sdp":"x"}}"#,
+        )
+        .await;
     }
     let mut saw_rate_limit = false;
     while let Some(m) = next_msg(&mut ws).await {
-        if let ServerMsg::Error { code: ErrorCode::RateLimited, .. } = m {
+        if let ServerMsg::Error {
+            code: ErrorCode::RateLimited,
+            ..
+        } = m
+        {
             saw_rate_limit = true;
             break;
         }

@@ -19,7 +19,8 @@ async fn put(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (u16, Strin
     let _ = async {
         s.write_all(head.as_bytes()).await?;
         for chunk in body.chunks(7_000) {
-            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
+            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
             s.write_all(chunk).await?;
             s.write_all(b"\r\n").await?;
         }
@@ -49,15 +50,26 @@ async fn non_mp4_ingest_is_refused_and_the_running_channel_is_untouched() {
     let (addr, state) = start_server(config()).await;
     let demo = state.channel("demo").expect("demo");
     let before = demo.live_position();
-    let (status, body) = put(addr, "/ingest/demo2?key=sekrit", b"\x89PNG\r\n\x1a\n not a video at all").await;
+    let (status, body) = put(
+        addr,
+        "/ingest/demo2?key=sekrit",
+        b"\x89PNG\r\n\x1a\n not a video at all",
+    )
+    .await;
     assert_eq!(status, 415, "{body}");
     assert!(body.contains("not fragmented MP4"), "{body}");
-    assert!(state.channel("demo2").is_none(), "a refused ingest must not create a channel");
+    assert!(
+        state.channel("demo2").is_none(),
+        "a refused ingest must not create a channel"
+    );
     // Ingest into the running demo channel is refused: it already has a source.
     let (status, _) = put(addr, "/ingest/demo?key=sekrit", control_server::DEMO_CLIP).await;
     assert_eq!(status, 409);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(demo.live_position() > before, "demo channel stopped producing");
+    assert!(
+        demo.live_position() > before,
+        "demo channel stopped producing"
+    );
 }
 
 #[tokio::test]
@@ -77,7 +89,10 @@ async fn fragmented_mp4_ingest_becomes_a_channel_with_packets_and_init() {
     assert!(mime.starts_with("video/mp4"), "{mime}");
     assert!(init.len() > 100);
     let (start, live) = ch.live_position().expect("packets");
-    assert!(start > 0 && start <= live, "newest random-access point {start} of {live}");
+    assert!(
+        start > 0 && start <= live,
+        "newest random-access point {start} of {live}"
+    );
     // 20 fragments of ~56 kB each, in packets of at most 16 KiB.
     assert!(live >= 60, "only {live} packets");
     // Every byte of the clip after the init segment is in the packets, in order.
@@ -100,5 +115,7 @@ async fn fragmented_mp4_ingest_becomes_a_channel_with_packets_and_init() {
         expected.len()
     );
     // A second source for a channel whose source ended is accepted again.
-    assert!(!ch.source_attached.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(!ch
+        .source_attached
+        .load(std::sync::atomic::Ordering::Relaxed));
 }

@@ -67,11 +67,19 @@ pub enum ServerMsg {
         epoch: u64,
         substreams: Vec<SubstreamPlan>,
     },
-    Signal { from: PeerId, signal: Signal },
+    Signal {
+        from: PeerId,
+        signal: Signal,
+    },
     /// Newest packet the origin has produced. Sent to every peer as packets are cut, so a peer
     /// notices packets its parents fail to deliver even when all of them go quiet.
-    LiveEdge { seq: u64 },
-    Error { code: ErrorCode, message: String },
+    LiveEdge {
+        seq: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// One substream's links for one peer.

@@ -149,7 +149,10 @@ mod tests {
             Err(PacketError::LengthMismatch { .. })
         ));
         bytes[0] = b'X';
-        assert!(matches!(Packet::decode(&bytes), Err(PacketError::BadMagic(..))));
+        assert!(matches!(
+            Packet::decode(&bytes),
+            Err(PacketError::BadMagic(..))
+        ));
         assert!(matches!(
             Packet::decode(&vec![0u8; MAX_PACKET_SIZE + 1]),
             Err(PacketError::TooLong(_))

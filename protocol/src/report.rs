@@ -120,7 +120,10 @@ mod tests {
         b.record(100_000);
         assert_eq!(b.total(), 5);
         assert_eq!(b.quantile(0.5), Some(60));
-        assert_eq!(b.quantile(1.0), Some(LATENCY_BUCKETS as u64 * LATENCY_BUCKET_MS));
+        assert_eq!(
+            b.quantile(1.0),
+            Some(LATENCY_BUCKETS as u64 * LATENCY_BUCKET_MS)
+        );
         assert_eq!(LatencyHistogram::default().quantile(0.5), None);
     }
 }

@@ -71,7 +71,9 @@ impl Swarm {
             ..Config::default()
         };
         let state = AppState::new(config);
-        state.start_demo_channel().context("starting demo channel")?;
+        state
+            .start_demo_channel()
+            .context("starting demo channel")?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = control_server::app(state.clone());
@@ -81,7 +83,11 @@ impl Swarm {
         let browser = Browser::launch(LaunchOptions::default()).await?;
         // Let the origin cut its first fragment so joiners have a random-access point.
         let t0 = Instant::now();
-        while state.channel("demo").and_then(|c| c.live_position()).is_none() {
+        while state
+            .channel("demo")
+            .and_then(|c| c.live_position())
+            .is_none()
+        {
             if t0.elapsed() > Duration::from_secs(10) {
                 bail!("demo channel produced no packets within 10 s");
             }
@@ -128,7 +134,10 @@ impl Swarm {
             .get_mut(i)
             .ok_or_else(|| anyhow!("no viewer {i}"))?;
         let Some(page) = &v.page else {
-            return v.last.clone().ok_or_else(|| anyhow!("viewer {i} closed without stats"));
+            return v
+                .last
+                .clone()
+                .ok_or_else(|| anyhow!("viewer {i} closed without stats"));
         };
         let json = page
             .eval("JSON.stringify(window.p2p.stats())")
@@ -137,8 +146,8 @@ impl Swarm {
         let text = json
             .as_str()
             .ok_or_else(|| anyhow!("stats of viewer {i} are not a string: {json}"))?;
-        let report: PeerReport = serde_json::from_str(text)
-            .with_context(|| format!("parsing stats of viewer {i}"))?;
+        let report: PeerReport =
+            serde_json::from_str(text).with_context(|| format!("parsing stats of viewer {i}"))?;
         v.last = Some(report.clone());
         Ok(report)
     }
@@ -303,7 +312,11 @@ impl SwarmReport {
             substreams: swarm.state.config.substreams,
             bytes_from_origin: b0,
             bytes_from_peers: b1,
-            p2p_share: if b0 + b1 > 0 { b1 as f64 / (b0 + b1) as f64 } else { 0.0 },
+            p2p_share: if b0 + b1 > 0 {
+                b1 as f64 / (b0 + b1) as f64
+            } else {
+                0.0
+            },
             // The origin must send at least one full copy of the stream into the swarm
             // (the k tree roots each get 1/k of it): 1 - 1/N.
             p2p_share_limit: if n > 0 { 1.0 - 1.0 / n as f64 } else { 0.0 },
@@ -321,7 +334,11 @@ impl SwarmReport {
             stalls: reports.iter().map(|r| r.stalls).sum(),
             mismatched_viewers: mismatched,
             tree_depth_max: 0,
-            peak_rss_mb_per_viewer: if n > 0 { swarm.peak_rss_mb / n as f64 } else { 0.0 },
+            peak_rss_mb_per_viewer: if n > 0 {
+                swarm.peak_rss_mb / n as f64
+            } else {
+                0.0
+            },
             viewers_without_data: without,
             playing_viewers: reports.iter().filter(|r| r.decoding).count(),
             origin_fallbacks: reports.iter().map(|r| r.origin_fallbacks).sum(),
@@ -335,30 +352,57 @@ impl SwarmReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let mut row = |k: &str, v: String| s.push_str(&format!("| {k:<24} | {v:<40} |\n"));
-        row("viewers (playing)", format!("{} ({})", self.viewers, self.playing_viewers));
+        row(
+            "viewers (playing)",
+            format!("{} ({})", self.viewers, self.playing_viewers),
+        );
         row("seconds", self.seconds.to_string());
-        row("stream", format!("{} kbit/s in {} substreams", self.stream_kbps, self.substreams));
+        row(
+            "stream",
+            format!(
+                "{} kbit/s in {} substreams",
+                self.stream_kbps, self.substreams
+            ),
+        );
         row(
             "p2p_share",
-            format!("{:.3} (limit 1-1/N = {:.3})", self.p2p_share, self.p2p_share_limit),
+            format!(
+                "{:.3} (limit 1-1/N = {:.3})",
+                self.p2p_share, self.p2p_share_limit
+            ),
         );
         row("bytes from origin", self.bytes_from_origin.to_string());
         row("bytes from peers", self.bytes_from_peers.to_string());
         row("origin fallbacks (pkts)", self.origin_fallbacks.to_string());
         row(
             "startup ms p50/p95/max",
-            format!("{:.0} / {:.0} / {:.0}", self.startup_ms.p50, self.startup_ms.p95, self.startup_ms.max),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                self.startup_ms.p50, self.startup_ms.p95, self.startup_ms.max
+            ),
         );
         row(
             "latency ms p50/p95/max",
-            format!("{:.0} / {:.0} / {:.0}", self.latency_ms.p50, self.latency_ms.p95, self.latency_ms.max),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                self.latency_ms.p50, self.latency_ms.p95, self.latency_ms.max
+            ),
         );
         row("continuity", format!("{:.4} (ideal 1)", self.continuity));
         row("stalls", format!("{} (ideal 0)", self.stalls));
-        row("mismatched_viewers", format!("{} (must be 0)", self.mismatched_viewers));
-        row("viewers_without_data", self.viewers_without_data.to_string());
+        row(
+            "mismatched_viewers",
+            format!("{} (must be 0)", self.mismatched_viewers),
+        );
+        row(
+            "viewers_without_data",
+            self.viewers_without_data.to_string(),
+        );
         row("tree_depth_max", self.tree_depth_max.to_string());
-        row("peak RSS MB per viewer", format!("{:.0}", self.peak_rss_mb_per_viewer));
+        row(
+            "peak RSS MB per viewer",
+            format!("{:.0}", self.peak_rss_mb_per_viewer),
+        );
         s
     }
 }

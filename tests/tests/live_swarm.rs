@@ -32,7 +32,8 @@ fn real_console_errors(swarm: &Swarm) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Chromium and the built wasm package; run by cargo xtask test"]
-async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_plays() -> Result<()> {
+async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_plays() -> Result<()>
+{
     let mut swarm = Swarm::start(web_dir()).await?;
     let viewers = 8;
     let playing = 2;
@@ -44,8 +45,15 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
     // Every viewer receives the stream byte-exact.
     let reports = swarm.all_stats().await?;
     for (i, r) in reports.iter().enumerate() {
-        ensure!(r.verified_count > 20, "viewer {i} verified only {} packets: {r:?}", r.verified_count);
-        ensure!(swarm.matches_origin(r) == Some(true), "viewer {i} bytes differ from the origin");
+        ensure!(
+            r.verified_count > 20,
+            "viewer {i} verified only {} packets: {r:?}",
+            r.verified_count
+        );
+        ensure!(
+            swarm.matches_origin(r) == Some(true),
+            "viewer {i} bytes differ from the origin"
+        );
     }
     // Playing viewers' video advances.
     let before: Vec<f64> = reports.iter().map(|r| r.current_time).collect();
@@ -62,10 +70,17 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
         );
     }
     // Peers relay, and most bytes come from peers.
-    ensure!(reports.iter().any(|r| r.bytes_up > 0), "no viewer relayed anything");
+    ensure!(
+        reports.iter().any(|r| r.bytes_up > 0),
+        "no viewer relayed anything"
+    );
     let report = swarm.report(23).await?;
     println!("{}", report.table());
-    ensure!(report.p2p_share >= 0.6, "p2p_share {} < 0.6", report.p2p_share);
+    ensure!(
+        report.p2p_share >= 0.6,
+        "p2p_share {} < 0.6",
+        report.p2p_share
+    );
     ensure!(report.stalls == 0, "stalls: {}", report.stalls);
 
     // Close a viewer that relays to others; its children keep receiving without a stall.
@@ -97,14 +112,22 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
             played_before[i],
             r.packets_played
         );
-        ensure!(swarm.matches_origin(r) == Some(true), "viewer {i} bytes differ after repair");
         ensure!(
-            r.plan.iter().all(|s| s.parent != Source::Peer { id: relay_id }),
+            swarm.matches_origin(r) == Some(true),
+            "viewer {i} bytes differ after repair"
+        );
+        ensure!(
+            r.plan
+                .iter()
+                .all(|s| s.parent != Source::Peer { id: relay_id }),
             "viewer {i} still has the departed peer as a parent"
         );
     }
     let total_stalls: u32 = reports.iter().map(|r| r.stalls).sum();
-    ensure!(total_stalls == 0, "stalls after the departure: {total_stalls}");
+    ensure!(
+        total_stalls == 0,
+        "stalls after the departure: {total_stalls}"
+    );
 
     // A late joiner starts playing.
     let late = swarm.add_viewer(2000, true).await?;
@@ -112,11 +135,17 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
         .page
         .as_ref()
         .context("late page")?
-        .wait_for("window.p2p.stats().playing && window.p2p.stats().current_time > 1", Duration::from_secs(20))
+        .wait_for(
+            "window.p2p.stats().playing && window.p2p.stats().current_time > 1",
+            Duration::from_secs(20),
+        )
         .await
         .context("late joiner never played")?;
     let r = swarm.stats(late).await?;
-    ensure!(swarm.matches_origin(&r) == Some(true), "late joiner bytes differ");
+    ensure!(
+        swarm.matches_origin(&r) == Some(true),
+        "late joiner bytes differ"
+    );
 
     let errors = real_console_errors(&swarm);
     ensure!(errors.is_empty(), "console errors: {errors:#?}");

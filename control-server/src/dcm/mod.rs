@@ -243,7 +243,12 @@ impl Dcm {
         TopologySnapshot {
             channel: self.channel.name.clone(),
             substreams: self.k,
-            stream_kbps: self.channel.media.read().map(|m| m.stream_kbps).unwrap_or(0),
+            stream_kbps: self
+                .channel
+                .media
+                .read()
+                .map(|m| m.stream_kbps)
+                .unwrap_or(0),
             epoch: self.epoch,
             max_depth: self.tree.max_depth(),
             peers,

@@ -39,7 +39,9 @@ impl LoopedClip {
         let last = &fragments[fragments.len() - 1];
         let duration = (last.base_decode_time + last.duration).saturating_sub(first_decode_time);
         if duration == 0 || init.timescale == 0 {
-            return Err(Fmp4Error::Malformed("clip has zero duration or timescale".into()));
+            return Err(Fmp4Error::Malformed(
+                "clip has zero duration or timescale".into(),
+            ));
         }
         Ok(LoopedClip {
             init,
@@ -72,7 +74,9 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
             let due = start + Duration::from_secs_f64(media_time as f64 / ts);
             tokio::time::sleep_until(due).await;
             let mut bytes = frag.bytes.clone();
-            if let Err(e) = super::fmp4::rewrite_timing(&mut bytes, lap * clip.duration, sequence_number) {
+            if let Err(e) =
+                super::fmp4::rewrite_timing(&mut bytes, lap * clip.duration, sequence_number)
+            {
                 tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
                 return;
             }
@@ -92,7 +96,10 @@ pub async fn run_reader<R: AsyncRead + Unpin>(
     let mut live = LiveIngest::new(channel);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = reader.read(&mut buf).await.map_err(|e| IngestError::Io(e.to_string()))?;
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| IngestError::Io(e.to_string()))?;
         if n == 0 {
             return Ok(());
         }

@@ -23,15 +23,20 @@
 //!   leaves sink to the bottom. Then it adopts leaves the origin feeds directly, so the origin
 //!   ideally feeds only the tree roots. In every other tree the peer becomes a leaf under the
 //!   shallowest interior node with a free slot, else under the origin.
-//! * **Leave.** The peer is unlinked everywhere. In its interior tree its forwarding children are
-//!   re-attached with their whole subtrees (shallowest free slot outside their own subtree, else a
-//!   shallow leaf's place, else the origin), then its leaf children. Freed slots in any tree are
-//!   refilled with peers the origin was feeding.
+//! * **Leave.** The peer is unlinked everywhere. If it forwarded to other forwarders, the deepest
+//!   *bottom* forwarder of that tree (one feeding only leaves) takes its exact place and adopts
+//!   its children, so their subtrees keep their depths and the trees do not deepen with churn;
+//!   the bottom forwarder's former leaves, and children that do not fit, are re-homed: subtrees
+//!   at the shallowest free slot outside themselves (or a free origin slot, or a shallow leaf's
+//!   place, else the origin), leaves at the shallowest free slot, else the origin. Freed slots in
+//!   every tree are then refilled with leaves the origin was feeding.
 //!
-//! Per tree, ordered indexes of interior nodes with a free slot and of interior nodes with a leaf
-//! child, keyed by `(depth, id)`, make "shallowest free slot" and "shallowest leaf" O(log n)
-//! look-ups. A join costs O(k log n); a leave additionally re-numbers the depths of the subtrees
-//! it moves.
+//! Per tree, ordered indexes of interior nodes keyed by depth (with a free slot, with a leaf
+//! child, feeding only leaves) make "shallowest free slot", "shallowest leaf" and "deepest
+//! bottom forwarder" O(log n) look-ups. A join costs O(k log n); a leave O(k log n + fan-out log
+//! n), plus renumbering the depths of a subtree in the rare case one has to move.
+//! (100k joins then 100k mixed joins/leaves run in about a second in release builds; see the
+//! ignored `scale_to_100k_peers_with_churn` test.)
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};

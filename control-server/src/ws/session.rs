@@ -213,13 +213,15 @@ impl Session {
                     return self
                         .error(
                             ErrorCode::WrongPeer,
-                            format!("heartbeat claims to be {} but this session is {me}", hb.client_id),
+                            format!(
+                                "heartbeat claims to be {} but this session is {me}",
+                                hb.client_id
+                            ),
                         )
                         .await;
                 }
                 let now = Instant::now();
-                let min_gap =
-                    Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
+                let min_gap = Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
                 if let Some((last_seq, last_at)) = self.last_heartbeat {
                     if hb.seq <= last_seq {
                         return self
@@ -332,4 +334,3 @@ impl Drop for Session {
         }
     }
 }
-

@@ -18,7 +18,9 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub async fn start_server(config: Config) -> (SocketAddr, AppState) {
     let state = AppState::new(config);
     state.start_demo_channel().expect("demo channel");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app = control_server::app(state.clone());
     tokio::spawn(async move {
@@ -26,7 +28,11 @@ pub async fn start_server(config: Config) -> (SocketAddr, AppState) {
     });
     // Wait for the first fragment so joins are accepted.
     for _ in 0..200 {
-        if state.channel("demo").and_then(|c| c.live_position()).is_some() {
+        if state
+            .channel("demo")
+            .and_then(|c| c.live_position())
+            .is_some()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -42,22 +48,30 @@ pub async fn connect(addr: SocketAddr) -> Ws {
 }
 
 pub async fn send(ws: &mut Ws, msg: &ClientMsg) {
-    ws.send(Message::Text(serde_json::to_string(msg).expect("json").into()))
-        .await
-        .expect("send");
+    ws.send(Message::Text(
+        serde_json::to_string(msg).expect("json").into(),
+    ))
+    .await
+    .expect("send");
 }
 
 pub async fn send_raw(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(text.to_string().into())).await.expect("send");
+    ws.send(Message::Text(text.to_string().into()))
+        .await
+        .expect("send");
 }
 
 /// Next control message, skipping binary packets and live-edge notices.
 pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok()??.ok()?;
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .ok()??
+            .ok()?;
         match m {
             Message::Text(t) => {
-                let msg: ServerMsg = serde_json::from_str(t.as_str()).expect("server sent bad JSON");
+                let msg: ServerMsg =
+                    serde_json::from_str(t.as_str()).expect("server sent bad JSON");
                 if !matches!(msg, ServerMsg::LiveEdge { .. }) {
                     return Some(msg);
                 }

@@ -239,7 +239,12 @@ impl Engine {
             }
             next.extend(s.children.iter().copied());
             let i = s.index as usize;
-            let changed = self.plan.iter().find(|o| o.index == s.index).map(|o| o.parent) != Some(s.parent);
+            let changed = self
+                .plan
+                .iter()
+                .find(|o| o.index == s.index)
+                .map(|o| o.parent)
+                != Some(s.parent);
             if changed && i < self.parent_last.len() {
                 self.parent_last[i] = (None, None);
             }
@@ -388,7 +393,9 @@ impl Engine {
         let due: Vec<u64> = self
             .gaps
             .iter()
-            .filter(|(seq, t)| !self.in_flight.contains(seq) && self.now - **t >= self.cfg.fallback_after_ms)
+            .filter(|(seq, t)| {
+                !self.in_flight.contains(seq) && self.now - **t >= self.cfg.fallback_after_ms
+            })
             .map(|(s, _)| *s)
             .take(32)
             .collect();

@@ -95,14 +95,19 @@ impl Sim {
     fn run_actions(&mut self, id: u64, actions: Vec<Action>, origin: &BTreeMap<u64, Vec<u8>>) {
         for a in actions {
             match a {
-                Action::Send { to, packet } => {
-                    self.wire
-                        .push_back((self.now + 5.0, to.0, From::Peer(PeerId(id)), (*packet).clone()))
-                }
+                Action::Send { to, packet } => self.wire.push_back((
+                    self.now + 5.0,
+                    to.0,
+                    From::Peer(PeerId(id)),
+                    (*packet).clone(),
+                )),
                 Action::Fetch { seq } => {
                     self.fetches += 1;
                     match origin.get(&seq) {
-                        Some(p) => self.wire.push_back((self.now + 20.0, id, From::OriginFetch, p.clone())),
+                        Some(p) => {
+                            self.wire
+                                .push_back((self.now + 20.0, id, From::OriginFetch, p.clone()))
+                        }
                         None => {
                             let e = self.engines.get_mut(&id).unwrap();
                             let more = e.handle(Input::FetchFailed { seq, gone: false }, self.now);
@@ -110,7 +115,9 @@ impl Sim {
                         }
                     }
                 }
-                Action::Deliver { payload } => self.delivered.entry(id).or_default().extend(payload),
+                Action::Deliver { payload } => {
+                    self.delivered.entry(id).or_default().extend(payload)
+                }
                 Action::Connect { .. } | Action::Disconnect { .. } => {}
             }
         }
@@ -125,12 +132,21 @@ impl Sim {
                 let seq = step / 5;
                 let p = packet(seq, self.now as u64);
                 origin.insert(seq, p.clone());
-                let root = if protocol::substream_of(seq, K) == 0 { 1 } else { 2 };
-                self.wire.push_back((self.now + 1.0, root, From::OriginPush, p));
+                let root = if protocol::substream_of(seq, K) == 0 {
+                    1
+                } else {
+                    2
+                };
+                self.wire
+                    .push_back((self.now + 1.0, root, From::OriginPush, p));
                 let ids: Vec<u64> = self.engines.keys().copied().collect();
                 for id in ids {
                     let now = self.now;
-                    let actions = self.engines.get_mut(&id).unwrap().handle(Input::LiveEdge { seq }, now);
+                    let actions = self
+                        .engines
+                        .get_mut(&id)
+                        .unwrap()
+                        .handle(Input::LiveEdge { seq }, now);
                     self.run_actions(id, actions, &origin);
                 }
             }
@@ -144,11 +160,13 @@ impl Sim {
                 if self.dead.contains(&to2) {
                     continue;
                 }
-                let actions = self
-                    .engines
-                    .get_mut(&to2)
-                    .unwrap()
-                    .handle(Input::Packet { from, bytes: &bytes }, self.now);
+                let actions = self.engines.get_mut(&to2).unwrap().handle(
+                    Input::Packet {
+                        from,
+                        bytes: &bytes,
+                    },
+                    self.now,
+                );
                 self.run_actions(to2, actions, &origin);
             }
             let ids: Vec<u64> = self.engines.keys().copied().collect();
@@ -156,7 +174,11 @@ impl Sim {
                 if self.dead.contains(&id) {
                     continue;
                 }
-                let actions = self.engines.get_mut(&id).unwrap().handle(Input::Tick, self.now);
+                let actions = self
+                    .engines
+                    .get_mut(&id)
+                    .unwrap()
+                    .handle(Input::Tick, self.now);
                 self.run_actions(id, actions, &origin);
             }
         }
@@ -180,9 +202,16 @@ fn every_peer_reassembles_the_origin_bytes_through_the_trees() {
     let origin = sim.run(100, None);
     let expected = origin_bytes(&origin);
     for id in 1..=4 {
-        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+        assert_eq!(
+            sim.delivered[&id][..expected.len()],
+            expected[..],
+            "peer {id}"
+        );
         let e = &sim.engines[&id];
-        assert_eq!(e.counters.origin_fallbacks, 0, "peer {id} needed the origin");
+        assert_eq!(
+            e.counters.origin_fallbacks, 0,
+            "peer {id} needed the origin"
+        );
         assert_eq!(e.verified.unwrap().count, 100);
     }
     // Interior peers relayed; leaves only received.
@@ -198,7 +227,11 @@ fn a_dead_parent_is_covered_by_origin_fallback_without_holes() {
     let origin = sim.run(100, Some((2, 40)));
     let expected = origin_bytes(&origin);
     for id in [1, 3, 4] {
-        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+        assert_eq!(
+            sim.delivered[&id][..expected.len()],
+            expected[..],
+            "peer {id}"
+        );
         assert!(sim.engines[&id].counters.origin_fallbacks > 0);
     }
 }
@@ -212,10 +245,18 @@ fn upload_cap_limits_relaying() {
     let expected = origin_bytes(&origin);
     let e1 = &sim.engines[&1];
     // 10 s of simulated time at 100 kbit/s is at most ~125 kB plus one burst.
-    assert!(e1.counters.bytes_up <= 125_000 + 20_000, "{}", e1.counters.bytes_up);
+    assert!(
+        e1.counters.bytes_up <= 125_000 + 20_000,
+        "{}",
+        e1.counters.bytes_up
+    );
     assert!(e1.counters.send_dropped > 0);
     for id in 1..=4 {
-        assert_eq!(sim.delivered[&id][..expected.len()], expected[..], "peer {id}");
+        assert_eq!(
+            sim.delivered[&id][..expected.len()],
+            expected[..],
+            "peer {id}"
+        );
     }
 }
 
@@ -229,7 +270,11 @@ fn heartbeat_reports_links_and_sequence_numbers() {
     assert_eq!(hb.parents[0].parent, Source::Origin);
     assert_eq!(hb.parents[0].last_seq, Some(18));
     assert_eq!(hb.parents[1].last_seq, Some(19));
-    let to2: Vec<_> = hb.children.iter().filter(|c| c.child == PeerId(2)).collect();
+    let to2: Vec<_> = hb
+        .children
+        .iter()
+        .filter(|c| c.child == PeerId(2))
+        .collect();
     assert_eq!(to2[0].last_seq, Some(18));
     let next = sim.engines.get_mut(&1).unwrap().heartbeat().unwrap();
     assert_eq!(next.seq, hb.seq + 1);
@@ -256,20 +301,48 @@ fn late_joiner_fetches_from_the_random_access_point() {
         .collect();
     assert_eq!(fetched, vec![16, 17, 18, 19]);
     // Packets out of order are held until the earlier ones arrive.
-    let a = e.handle(Input::Packet { from: From::OriginFetch, bytes: &packet(17, 0) }, 1010.0);
+    let a = e.handle(
+        Input::Packet {
+            from: From::OriginFetch,
+            bytes: &packet(17, 0),
+        },
+        1010.0,
+    );
     assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
-    let a = e.handle(Input::Packet { from: From::OriginFetch, bytes: &packet(16, 0) }, 1020.0);
-    assert_eq!(a.iter().filter(|a| matches!(a, Action::Deliver { .. })).count(), 2);
+    let a = e.handle(
+        Input::Packet {
+            from: From::OriginFetch,
+            bytes: &packet(16, 0),
+        },
+        1020.0,
+    );
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::Deliver { .. }))
+            .count(),
+        2
+    );
 }
 
 #[test]
 fn garbage_from_a_peer_is_counted_not_delivered() {
     let mut e = Engine::new(EngineConfig::default(), 0.0);
     e.handle(
-        Input::Welcome { peer_id: PeerId(1), substreams: K, start_seq: 0, live_seq: 0 },
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+        },
         0.0,
     );
-    let a = e.handle(Input::Packet { from: From::Peer(PeerId(2)), bytes: b"nonsense" }, 1.0);
+    let a = e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(2)),
+            bytes: b"nonsense",
+        },
+        1.0,
+    );
     assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
     assert_eq!(e.counters.invalid, 1);
 }

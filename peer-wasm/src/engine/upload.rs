@@ -14,7 +14,8 @@ impl TokenBucket {
     pub fn new(rate_kbps: u32, burst_ms: f64, now_ms: f64) -> Self {
         let rate_bps = f64::from(rate_kbps) * 1000.0;
         // At least one maximal packet must fit, or a slow peer could never send anything.
-        let burst_bits = (rate_bps * burst_ms / 1000.0).max(8.0 * protocol::packet::MAX_PACKET_SIZE as f64);
+        let burst_bits =
+            (rate_bps * burst_ms / 1000.0).max(8.0 * protocol::packet::MAX_PACKET_SIZE as f64);
         TokenBucket {
             rate_bps,
             burst_bits,

@@ -48,7 +48,11 @@ pub(crate) struct Media {
 
 impl Media {
     /// `pump` is called when the source opens or an append finishes, so queued bytes move on.
-    pub(crate) fn new(video: HtmlVideoElement, mime: String, pump: Rc<dyn Fn()>) -> Result<Self, String> {
+    pub(crate) fn new(
+        video: HtmlVideoElement,
+        mime: String,
+        pump: Rc<dyn Fn()>,
+    ) -> Result<Self, String> {
         let source = MediaSource::new().map_err(|e| js_err("MediaSource", &e))?;
         let object_url = web_sys::Url::create_object_url_with_source(&source)
             .map_err(|e| js_err("createObjectURL", &e))?;

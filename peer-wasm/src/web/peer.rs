@@ -200,14 +200,19 @@ impl Inner {
         });
         let me = self.me.clone();
         let on_message = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| {
-            let Ok(ev) = ev.dyn_into::<MessageEvent>() else { return };
+            let Ok(ev) = ev.dyn_into::<MessageEvent>() else {
+                return;
+            };
             let data = ev.data();
             with(&me, |i| {
                 if let Some(text) = data.as_string() {
                     i.on_server_text(&text);
                 } else if data.is_instance_of::<js_sys::ArrayBuffer>() {
                     let bytes = js_sys::Uint8Array::new(&data).to_vec();
-                    i.feed(Input::Packet { from: From::OriginPush, bytes: &bytes });
+                    i.feed(Input::Packet {
+                        from: From::OriginPush,
+                        bytes: &bytes,
+                    });
                 }
             })
         });

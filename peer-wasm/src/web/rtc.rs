@@ -91,9 +91,10 @@ impl Link {
         pc.set_onicecandidate(Some(on_ice.as_ref().unchecked_ref()));
         // The answering side learns of the channel here; it is wired up by the peer.
         let s = sink.clone();
-        let on_dc = Closure::<dyn FnMut(RtcDataChannelEvent)>::new(move |ev: RtcDataChannelEvent| {
-            s(LinkEvent::Channel(peer, ev.channel()));
-        });
+        let on_dc =
+            Closure::<dyn FnMut(RtcDataChannelEvent)>::new(move |ev: RtcDataChannelEvent| {
+                s(LinkEvent::Channel(peer, ev.channel()));
+            });
         pc.set_ondatachannel(Some(on_dc.as_ref().unchecked_ref()));
         let s = sink.clone();
         let pc2 = pc.clone();
@@ -142,7 +143,10 @@ impl Link {
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
             let data = ev.data();
             if data.is_instance_of::<js_sys::ArrayBuffer>() {
-                s(LinkEvent::Packet(peer, js_sys::Uint8Array::new(&data).to_vec()));
+                s(LinkEvent::Packet(
+                    peer,
+                    js_sys::Uint8Array::new(&data).to_vec(),
+                ));
             }
         });
         let s = self.sink.clone();
@@ -218,7 +222,9 @@ impl Link {
             return;
         }
         while ch.dc.buffered_amount() < HIGH_WATER {
-            let Some(p) = self.queue.pop_front() else { break };
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
             if ch.dc.send_with_u8_array(&p).is_err() {
                 self.dropped += 1;
             }

@@ -23,7 +23,10 @@ fn media_source_accepts_the_demo_codec() {
 fn js_errors_become_readable_messages() {
     let e = js_sys::Error::new("boom");
     assert_eq!(super::js_err("ctx", &e.into()), "ctx: boom");
-    assert_eq!(super::js_err("ctx", &JsValue::from_str("plain")), "ctx: plain");
+    assert_eq!(
+        super::js_err("ctx", &JsValue::from_str("plain")),
+        "ctx: plain"
+    );
 }
 
 /// Two links in one page, signaling wired directly: the offerer's packet arrives at the
