@@ -25,6 +25,11 @@ pub struct ChannelCounters {
     pub fallback_bytes: AtomicU64,
     pub fallback_packets: AtomicU64,
     pub packets_produced: AtomicU64,
+    /// Links the DCM found congested from heartbeats.
+    pub congestion_events: AtomicU64,
+    /// Topology repairs: children moved because of congestion, departures, or silent peers.
+    pub repairs: AtomicU64,
+    pub heartbeats: AtomicU64,
 }
 
 pub struct Channel {

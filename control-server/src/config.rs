@@ -19,6 +19,17 @@ pub struct Config {
     pub web_dir: PathBuf,
     /// Stream rate assumed for channels whose rate is not known from a file.
     pub default_stream_kbps: u32,
+    /// Token that opens the operator dashboard and its data APIs (`Authorization: Bearer T` or
+    /// `?token=T`). `None`: a random one is generated at start-up (see `AppState::operator_token`),
+    /// so operator data is never open by default.
+    pub operator_token: Option<String>,
+    /// Origins (`https://site.example[:port]`) whose pages may embed the player: they get CORS
+    /// headers on the player, the wasm package, init segments and fallback packets, and their
+    /// WebSocket upgrades are accepted. Empty (the default) allows every origin; `*` does too.
+    pub allowed_origins: Vec<String>,
+    /// Access token viewers must present (`?token=` on the control WebSocket) to join.
+    /// `None` (the default): anyone may join.
+    pub viewer_token: Option<String>,
 }
 
 impl Default for Config {
@@ -32,6 +43,9 @@ impl Default for Config {
             ingest_key: None,
             web_dir: PathBuf::from("web"),
             default_stream_kbps: 1000,
+            operator_token: None,
+            allowed_origins: Vec::new(),
+            viewer_token: None,
         }
     }
 }
@@ -46,6 +60,10 @@ pub enum ConfigError {
     Window(usize),
     #[error("max_fanout must be at least 1")]
     Fanout,
+    #[error("allowed origin {0:?} is not of the form http(s)://host[:port] (or *)")]
+    Origin(String),
+    #[error("the operator token must be at least 8 characters")]
+    OperatorToken,
 }
 
 impl Config {
@@ -62,6 +80,54 @@ impl Config {
         if self.max_fanout == 0 {
             return Err(ConfigError::Fanout);
         }
+        if let Some(o) = self
+            .allowed_origins
+            .iter()
+            .find(|o| o.as_str() != "*" && !is_origin(o))
+        {
+            return Err(ConfigError::Origin(o.clone()));
+        }
+        if self.operator_token.as_ref().is_some_and(|t| t.len() < 8) {
+            return Err(ConfigError::OperatorToken);
+        }
         Ok(())
+    }
+}
+
+/// Whether `s` is a serialized origin: `http://host` or `https://host:port`, nothing after.
+pub fn is_origin(s: &str) -> bool {
+    let Some(rest) = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_validated() {
+        assert!(is_origin("https://site.example"));
+        assert!(is_origin("http://127.0.0.1:8000"));
+        assert!(!is_origin("site.example"));
+        assert!(!is_origin("https://site.example/path"));
+        assert!(!is_origin("https://"));
+        let mut c = Config {
+            allowed_origins: vec!["*".into(), "https://a.example".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        c.allowed_origins.push("a.example".into());
+        assert!(matches!(c.validate(), Err(ConfigError::Origin(_))));
+        c.allowed_origins.clear();
+        c.operator_token = Some("short".into());
+        assert!(matches!(c.validate(), Err(ConfigError::OperatorToken)));
     }
 }

@@ -46,7 +46,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/channels/{id}/topology", get(topology))
         .route("/api/channels/{id}/stats", get(channel_stats))
         .route("/ingest/{id}", put(ingest).post(ingest))
+        .merge(crate::operator::routes(&state))
         .fallback_service(ServeDir::new(web_dir).append_index_html_on_directories(true))
+        // Operator token, WebSocket origin check (see `operator::guard`).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::operator::guard,
+        ))
+        // CORS for what an embedded player loads from another origin.
+        .layer(crate::operator::cors_layer(&state.config))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -10,11 +10,17 @@
 //!   instructions.
 //! * [`ws`]: one WebSocket session per peer: parsing, validation, signaling relay.
 //! * [`http`]: init segments, fallback packets, range hashes, topology, ingest.
+//! * [`metrics`]: per-channel counters sampled every second (operator charts) and the
+//!   Prometheus exposition at `/metrics`.
+//! * [`operator`]: the operator token, the dashboard's data APIs, and the embedding rules
+//!   (CORS and WebSocket origin checks).
 
 pub mod channel;
 pub mod config;
 pub mod dcm;
 pub mod http;
+pub mod metrics;
+pub mod operator;
 pub mod origin;
 pub mod topology;
 pub mod ws;
@@ -53,16 +59,43 @@ pub struct AppState {
     pub limits: SessionLimits,
     channels: Arc<RwLock<HashMap<String, SharedChannel>>>,
     next_peer: Arc<AtomicU64>,
+    /// Per-channel series for the operator dashboard and running totals for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
+    /// The operator token in force: configured, or generated at start-up.
+    operator_token: Arc<str>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> Self {
+        let operator_token: Arc<str> = match config.operator_token.as_deref() {
+            Some(t) if !t.is_empty() => t.into(),
+            _ => operator::random_token().into(),
+        };
         AppState {
             config: Arc::new(config),
             limits: SessionLimits::default(),
             channels: Arc::default(),
             next_peer: Arc::new(AtomicU64::new(1)),
+            metrics: Arc::default(),
+            operator_token,
         }
+    }
+
+    /// The token that opens the operator dashboard and APIs (configured or generated).
+    pub fn operator_token(&self) -> &str {
+        &self.operator_token
+    }
+
+    /// Whether the operator token was generated at start-up (not configured).
+    pub fn operator_token_generated(&self) -> bool {
+        self.config
+            .operator_token
+            .as_deref()
+            .is_none_or(str::is_empty)
+    }
+
+    pub(crate) fn channels_weak(&self) -> std::sync::Weak<RwLock<HashMap<String, SharedChannel>>> {
+        Arc::downgrade(&self.channels)
     }
 
     pub fn next_peer_id(&self) -> PeerId {
@@ -107,14 +140,11 @@ impl AppState {
         let (tx, rx) = mpsc::channel(4096);
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
         let ch = Arc::new(Channel::new(name.to_string(), stream_kbps, window, tx));
-        let dcm = Dcm::new(
-            ch.clone(),
-            self.config.substreams,
-            self.config.origin_fanout,
-            self.config.max_fanout,
-        );
+        let dcm = Dcm::new(ch.clone(), &self.config);
         tokio::spawn(dcm.run(rx));
         map.insert(name.to_string(), ch.clone());
+        drop(map);
+        metrics::ensure_sampler(self);
         Ok(ch)
     }
 

@@ -39,6 +39,18 @@ struct Args {
     /// Peers the origin feeds directly per substream before it becomes an overflow parent.
     #[arg(long, default_value_t = 1)]
     origin_fanout: u32,
+    /// Token for the operator dashboard and APIs (at least 8 characters). Without it a random
+    /// token is generated at start-up and printed with the dashboard URL.
+    #[arg(long, env = "P2P_OPERATOR_TOKEN")]
+    operator_token: Option<String>,
+    /// Origin whose pages may embed the player, e.g. https://site.example (repeatable or
+    /// comma-separated). Without any, every origin may.
+    #[arg(long = "allow-origin", value_name = "ORIGIN", value_delimiter = ',', env = "P2P_ALLOWED_ORIGINS")]
+    allowed_origins: Vec<String>,
+    /// Access token viewers must present to join (the player's `token` option). Without it,
+    /// anyone may join.
+    #[arg(long, env = "P2P_VIEWER_TOKEN")]
+    viewer_token: Option<String>,
 }
 
 #[tokio::main]
@@ -56,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
         origin_fanout: args.origin_fanout,
         ingest_key: args.ingest_key.clone(),
         web_dir: args.web_dir.clone(),
+        operator_token: args.operator_token.clone(),
+        allowed_origins: args.allowed_origins.clone(),
+        viewer_token: args.viewer_token.clone(),
         ..Config::default()
     };
     config.validate().context("invalid configuration")?;
@@ -83,5 +98,15 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("control center listening on http://{addr}/");
     println!("Open http://{addr}/ in two tabs to watch the demo channel.");
+    println!("Embed the player: http://{addr}/embed");
+    if state.operator_token_generated() {
+        println!(
+            "Operator dashboard: http://{addr}/dashboard?token={} (token generated at start-up; \
+             set --operator-token to choose one)",
+            state.operator_token()
+        );
+    } else {
+        println!("Operator dashboard: http://{addr}/dashboard (with your --operator-token)");
+    }
     serve(listener, state).await
 }

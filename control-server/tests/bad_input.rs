@@ -18,6 +18,7 @@ fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
         bytes_from_origin: 0,
         bytes_up: 0,
         origin_fallbacks: 0,
+        upload_kbps: 0,
     })
 }
 

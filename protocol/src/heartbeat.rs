@@ -26,6 +26,9 @@ pub struct Heartbeat {
     pub bytes_up: u64,
     /// Packets fetched from the origin because the swarm did not deliver them in time.
     pub origin_fallbacks: u64,
+    /// The peer's current upload cap, kbit/s (what a rebuilding DCM needs to place it).
+    #[serde(default)]
+    pub upload_kbps: u32,
 }
 
 /// What a child knows about one of its parents.
@@ -46,4 +49,176 @@ pub struct ChildLink {
     pub child: PeerId,
     pub last_seq: Option<u64>,
     pub last_ts_ms: Option<u64>,
+}
+
+/// Compact binary form of a heartbeat (postcard, varint integers), sent as a binary WebSocket
+/// frame. A heartbeat with k = 4 parents and 4 children takes about 110 bytes this way against
+/// about 900 as JSON (see `binary_heartbeat_is_compact`).
+pub mod binary {
+    use serde::{Deserialize, Serialize};
+
+    use super::{ChildLink, Heartbeat, ParentLink};
+    use crate::{PeerId, Source};
+
+    /// First byte of a binary client frame carrying a heartbeat (room for other kinds later).
+    pub const TAG_HEARTBEAT: u8 = 1;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum BinaryError {
+        #[error("empty binary frame")]
+        Empty,
+        #[error("unknown binary frame tag {0}")]
+        UnknownTag(u8),
+        #[error("malformed binary heartbeat: {0}")]
+        Malformed(#[from] postcard::Error),
+    }
+
+    // Mirror types: postcard cannot carry serde's internally tagged enums, so sources are
+    // encoded as `Option<peer id>` (None = origin).
+    #[derive(Serialize, Deserialize)]
+    struct Wire {
+        client_id: u64,
+        seq: u64,
+        local_ts_ms: u64,
+        parents: Vec<(u32, Option<u64>, Option<u64>, Option<u64>)>,
+        children: Vec<(u32, u64, Option<u64>, Option<u64>)>,
+        buffer: Vec<u32>,
+        counters: (u64, u64, u64, u64),
+        upload_kbps: u32,
+    }
+
+    pub fn encode(hb: &Heartbeat) -> Vec<u8> {
+        let wire = Wire {
+            client_id: hb.client_id.0,
+            seq: hb.seq,
+            local_ts_ms: hb.local_ts_ms,
+            parents: hb
+                .parents
+                .iter()
+                .map(|p| {
+                    let src = match p.parent {
+                        Source::Origin => None,
+                        Source::Peer { id } => Some(id.0),
+                    };
+                    (p.substream, src, p.last_seq, p.last_ts_ms)
+                })
+                .collect(),
+            children: hb
+                .children
+                .iter()
+                .map(|c| (c.substream, c.child.0, c.last_seq, c.last_ts_ms))
+                .collect(),
+            buffer: hb.buffer.clone(),
+            counters: (
+                hb.bytes_from_peers,
+                hb.bytes_from_origin,
+                hb.bytes_up,
+                hb.origin_fallbacks,
+            ),
+            upload_kbps: hb.upload_kbps,
+        };
+        let mut out = vec![TAG_HEARTBEAT];
+        // Serializing plain integers and vectors into a Vec cannot fail.
+        out.extend(postcard::to_allocvec(&wire).unwrap_or_default());
+        out
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Heartbeat, BinaryError> {
+        let (&tag, body) = frame.split_first().ok_or(BinaryError::Empty)?;
+        if tag != TAG_HEARTBEAT {
+            return Err(BinaryError::UnknownTag(tag));
+        }
+        let w: Wire = postcard::from_bytes(body)?;
+        Ok(Heartbeat {
+            client_id: PeerId(w.client_id),
+            seq: w.seq,
+            local_ts_ms: w.local_ts_ms,
+            parents: w
+                .parents
+                .into_iter()
+                .map(|(substream, src, last_seq, last_ts_ms)| ParentLink {
+                    substream,
+                    parent: src.map_or(Source::Origin, |id| Source::Peer { id: PeerId(id) }),
+                    last_seq,
+                    last_ts_ms,
+                })
+                .collect(),
+            children: w
+                .children
+                .into_iter()
+                .map(|(substream, child, last_seq, last_ts_ms)| ChildLink {
+                    substream,
+                    child: PeerId(child),
+                    last_seq,
+                    last_ts_ms,
+                })
+                .collect(),
+            buffer: w.buffer,
+            bytes_from_peers: w.counters.0,
+            bytes_from_origin: w.counters.1,
+            bytes_up: w.counters.2,
+            origin_fallbacks: w.counters.3,
+            upload_kbps: w.upload_kbps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PeerId;
+
+    pub(crate) fn sample() -> Heartbeat {
+        Heartbeat {
+            client_id: PeerId(42),
+            seq: 1234,
+            local_ts_ms: 1_764_000_000_000,
+            parents: (0..4)
+                .map(|i| ParentLink {
+                    substream: i,
+                    parent: if i == 0 {
+                        Source::Origin
+                    } else {
+                        Source::Peer { id: PeerId(100 + u64::from(i)) }
+                    },
+                    last_seq: Some(50_000 + u64::from(i)),
+                    last_ts_ms: Some(1_764_000_000_000 - 120),
+                })
+                .collect(),
+            children: (0..4)
+                .map(|i| ChildLink {
+                    substream: 2,
+                    child: PeerId(200 + i),
+                    last_seq: Some(50_002),
+                    last_ts_ms: Some(1_764_000_000_000 - 80),
+                })
+                .collect(),
+            buffer: vec![3, 2, 3, 2],
+            bytes_from_peers: 123_456_789,
+            bytes_from_origin: 1_234_567,
+            bytes_up: 98_765_432,
+            origin_fallbacks: 17,
+            upload_kbps: 2000,
+        }
+    }
+
+    #[test]
+    fn binary_heartbeat_roundtrips_and_is_compact() {
+        let hb = sample();
+        let bin = binary::encode(&hb);
+        assert_eq!(binary::decode(&bin).unwrap(), hb);
+        let json = serde_json::to_vec(&crate::ClientMsg::Heartbeat(hb)).unwrap();
+        assert!(bin.len() * 4 < json.len(), "binary {} vs json {}", bin.len(), json.len());
+        assert!(bin.len() < 200, "binary heartbeat is {} bytes", bin.len());
+    }
+
+    #[test]
+    fn malformed_binary_heartbeats_are_errors() {
+        assert!(binary::decode(&[]).is_err());
+        assert!(binary::decode(&[9, 1, 2]).is_err());
+        assert!(binary::decode(&[binary::TAG_HEARTBEAT, 0xff, 0xff]).is_err());
+        let mut bin = binary::encode(&sample());
+        bin.truncate(bin.len() / 2);
+        assert!(binary::decode(&bin).is_err());
+    }
 }

@@ -15,8 +15,10 @@
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 
 pub mod control;
+pub mod fec;
 pub mod hash;
 pub mod heartbeat;
+pub mod mesh;
 pub mod packet;
 pub mod report;
 

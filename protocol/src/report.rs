@@ -44,6 +44,23 @@ pub struct PeerReport {
     pub errors: Vec<String>,
     pub stream_kbps: u32,
     pub upload_kbps: u32,
+    /// Per substream: current parent, since when, and when its first packet arrived.
+    #[serde(default)]
+    pub links: Vec<LinkStat>,
+    #[serde(default)]
+    pub heartbeats_sent: u64,
+    #[serde(default)]
+    pub heartbeat_bytes: u64,
+}
+
+/// Timing of a peer's current parent for one substream (wall clock, ms since the Unix epoch),
+/// from which benchmarks measure how long a repair took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStat {
+    pub substream: u32,
+    pub parent: crate::Source,
+    pub since_ms: f64,
+    pub first_packet_ms: Option<f64>,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

@@ -34,6 +34,10 @@ pub struct SwarmArgs {
     pub seed: u64,
     /// Directory served by the control server (`<repo>/web`).
     pub web_dir: PathBuf,
+    /// Percentage of viewers that leave per minute (each replaced by a new one).
+    pub churn: f64,
+    /// Relaying viewers whose upload is cut to a fraction mid-run.
+    pub throttle: usize,
 }
 
 /// One viewer page.
@@ -54,6 +58,7 @@ pub struct Swarm {
     pub viewers: Vec<Viewer>,
     server: tokio::task::JoinHandle<()>,
     pub peak_rss_mb: f64,
+    pub peak_pss_mb: f64,
 }
 
 impl Swarm {
@@ -100,6 +105,7 @@ impl Swarm {
             viewers: Vec::new(),
             server,
             peak_rss_mb: 0.0,
+            peak_pss_mb: 0.0,
         })
     }
 
@@ -158,6 +164,7 @@ impl Swarm {
             out.push(self.stats(i).await?);
         }
         self.peak_rss_mb = self.peak_rss_mb.max(self.browser.rss_mb());
+        self.peak_pss_mb = self.peak_pss_mb.max(self.browser.pss_mb());
         Ok(out)
     }
 
@@ -224,6 +231,7 @@ impl Swarm {
         let topo = self.topology().await?;
         let mut r = SwarmReport::from_reports(self, &reports, seconds);
         r.tree_depth_max = topo.max_depth;
+        r.congestion_links_reported = topo.congestion.len();
         Ok(r)
     }
 
@@ -282,6 +290,22 @@ pub struct SwarmReport {
     pub server_push_bytes: u64,
     pub server_fallback_bytes: u64,
     pub bytes_up: u64,
+    /// Failure or throttle injected → child receiving that substream from a new parent.
+    pub repair_ms: Pct,
+    pub repairs_measured: usize,
+    pub repairs_unfinished: usize,
+    /// Throttled relays (each one injected congestion event).
+    pub congestion_injected: usize,
+    /// Throttled relays the DCM flagged within two heartbeat intervals.
+    pub congestion_detected: usize,
+    /// Congested links the DCM reported in all (any time, any parent).
+    pub congestion_links_reported: usize,
+    pub heartbeat_bytes_avg: f64,
+    pub heartbeat_ms: u32,
+    /// Viewer pages opened in all (churn replaces viewers).
+    pub viewer_sessions: usize,
+    pub departures: usize,
+    pub peak_pss_mb_per_viewer: f64,
 }
 
 impl SwarmReport {
@@ -345,6 +369,22 @@ impl SwarmReport {
             server_push_bytes: push,
             server_fallback_bytes: fallback,
             bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
+            repair_ms: Pct::default(),
+            repairs_measured: 0,
+            repairs_unfinished: 0,
+            congestion_injected: 0,
+            congestion_detected: 0,
+            congestion_links_reported: 0,
+            heartbeat_bytes_avg: {
+                let (b, n) = reports
+                    .iter()
+                    .fold((0u64, 0u64), |(b, n), r| (b + r.heartbeat_bytes, n + r.heartbeats_sent));
+                if n > 0 { b as f64 / n as f64 } else { 0.0 }
+            },
+            heartbeat_ms: swarm.state.config.heartbeat_ms,
+            viewer_sessions: n,
+            departures: swarm.viewers.iter().filter(|v| v.page.is_none()).count(),
+            peak_pss_mb_per_viewer: if n > 0 { swarm.peak_pss_mb / n as f64 } else { 0.0 },
         }
     }
 
@@ -400,11 +440,83 @@ impl SwarmReport {
         );
         row("tree_depth_max", self.tree_depth_max.to_string());
         row(
+            "repair ms p50/p95/max",
+            format!(
+                "{:.0} / {:.0} / {:.0} (n={}, unfinished {}; target p95 ≤ {} = 2 intervals)",
+                self.repair_ms.p50,
+                self.repair_ms.p95,
+                self.repair_ms.max,
+                self.repairs_measured,
+                self.repairs_unfinished,
+                2 * self.heartbeat_ms
+            ),
+        );
+        row(
+            "congestion detected",
+            format!(
+                "{} of {} injected within 2 intervals ({} links reported)",
+                self.congestion_detected, self.congestion_injected, self.congestion_links_reported
+            ),
+        );
+        row("heartbeat bytes avg", format!("{:.0}", self.heartbeat_bytes_avg));
+        row("sessions (departures)", format!("{} ({})", self.viewer_sessions, self.departures));
+        row(
             "peak RSS MB per viewer",
             format!("{:.0}", self.peak_rss_mb_per_viewer),
         );
         s
     }
+}
+
+/// Small deterministic PRNG (xorshift64*): churn and throttle choices repeat for a seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+/// A child whose substream lost its parent at `at_ms` (departure or throttle).
+#[derive(Debug, Clone)]
+struct PendingRepair {
+    child: protocol::PeerId,
+    substream: u32,
+    old_parent: protocol::PeerId,
+    at_ms: f64,
+}
+
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// The children of `parent`, per substream, from the DCM's topology.
+fn children_of(topo: &TopologySnapshot, parent: protocol::PeerId, at_ms: f64) -> Vec<PendingRepair> {
+    topo.peers
+        .iter()
+        .filter(|p| p.id == parent)
+        .flat_map(|p| {
+            p.plan.iter().flat_map(move |sp| {
+                sp.children.iter().map(move |c| PendingRepair {
+                    child: *c,
+                    substream: sp.index,
+                    old_parent: parent,
+                    at_ms,
+                })
+            })
+        })
+        .collect()
 }
 
 /// `cargo xtask swarm`: N viewers for S seconds, progress while running, table + JSON at the end.
@@ -415,8 +527,16 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     if args.upload_kbps.is_empty() {
         bail!("--upload-kbps needs at least one value");
     }
+    if !(0.0..=100.0).contains(&args.churn) {
+        bail!("--churn is a percentage of viewers per minute, 0..=100");
+    }
+    if args.throttle > args.viewers {
+        bail!("--throttle cannot exceed --viewers");
+    }
+    let mut rng = Rng::new(args.seed);
     let started = Instant::now();
     let mut swarm = Swarm::start(args.web_dir.clone()).await?;
+    let hb_ms = f64::from(swarm.state.config.heartbeat_ms);
     eprintln!(
         "swarm: control server on http://{}/, stream {} kbit/s; opening {} viewers ({} playing)",
         swarm.addr,
@@ -430,23 +550,137 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         eprint!("\r  opened {}/{} viewers", i + 1, args.viewers);
     }
     eprintln!();
+    // Churn: departures at random moments, each followed by a new (verify-only) viewer.
+    let total_leaves =
+        (args.churn / 100.0 * args.viewers as f64 * args.seconds as f64 / 60.0).round() as usize;
+    let mut leave_at: Vec<f64> = (0..total_leaves)
+        .map(|_| 5.0 + rng.below(((args.seconds as f64 - 10.0).max(1.0) * 1000.0) as u64) as f64 / 1000.0)
+        .collect();
+    leave_at.sort_by(f64::total_cmp);
+    let throttle_at = args.seconds as f64 / 3.0;
+    let mut throttled = false;
+    let mut throttled_peers: Vec<(protocol::PeerId, f64)> = Vec::new();
+    let mut pending: Vec<PendingRepair> = Vec::new();
+    let mut repairs: Vec<f64> = Vec::new();
+
     let run_started = Instant::now();
     let deadline = run_started + Duration::from_secs(args.seconds);
+    let mut next_progress = 5.0;
+    let mut next_leave = 0;
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(5).min(deadline - Instant::now())).await;
-        let r = swarm.report(run_started.elapsed().as_secs()).await?;
-        eprintln!(
-            "  t={:>4}s  p2p_share {:.3}  fallbacks {}  stalls {}  mismatched {}  depth {}  rss {:.0} MB",
-            run_started.elapsed().as_secs(),
-            r.p2p_share,
-            r.origin_fallbacks,
-            r.stalls,
-            r.mismatched_viewers,
-            r.tree_depth_max,
-            swarm.browser.rss_mb()
-        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = run_started.elapsed().as_secs_f64();
+        // Departures due now.
+        while next_leave < leave_at.len() && leave_at[next_leave] <= t {
+            next_leave += 1;
+            let candidates: Vec<usize> = (0..swarm.viewers.len())
+                .filter(|i| swarm.viewers[*i].page.is_some() && !swarm.viewers[*i].decode)
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let victim = candidates[rng.below(candidates.len() as u64) as usize];
+            let id = swarm.stats(victim).await.ok().and_then(|r| r.peer_id);
+            let now = wall_ms();
+            if let Some(id) = id {
+                let topo = swarm.topology().await?;
+                pending.extend(children_of(&topo, id, now));
+            }
+            swarm.close_viewer(victim).await?;
+            let up = swarm.viewers[victim].upload_kbps;
+            swarm.add_viewer(up, false).await?;
+        }
+        // Throttle K relaying viewers once, a third into the run.
+        if !throttled && args.throttle > 0 && t >= throttle_at {
+            throttled = true;
+            let topo = swarm.topology().await?;
+            let reports = swarm.all_stats().await?;
+            let mut relays: Vec<(usize, protocol::PeerId, usize)> = reports
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| swarm.viewers[*i].page.is_some())
+                .filter_map(|(i, r)| {
+                    let id = r.peer_id?;
+                    let kids: usize = topo
+                        .peers
+                        .iter()
+                        .find(|p| p.id == id)
+                        .map(|p| p.plan.iter().map(|s| s.children.len()).sum())
+                        .unwrap_or(0);
+                    (kids >= 2).then_some((i, id, kids))
+                })
+                .collect();
+            // Deterministic order, then a seeded pick.
+            relays.sort_by_key(|r| r.1);
+            let sub_kbps = f64::from(swarm.stream_kbps()) / f64::from(topo.substreams.max(1));
+            for _ in 0..args.throttle.min(relays.len()) {
+                let (i, id, kids) = relays.remove(rng.below(relays.len() as u64) as usize);
+                // Well below what its children need: a fifth of their load.
+                let cut = ((kids as f64 * sub_kbps) / 5.0).max(16.0) as u32;
+                let now = wall_ms();
+                pending.extend(children_of(&topo, id, now));
+                if let Some(page) = &swarm.viewers[i].page {
+                    page.eval(&format!("window.p2p.setUploadKbps({cut})")).await?;
+                }
+                throttled_peers.push((id, now));
+                eprintln!("  throttled viewer {i} ({id}, {kids} children) to {cut} kbit/s");
+            }
+        }
+        // Repairs: a child got its substream from a new parent.
+        if !pending.is_empty() {
+            let reports = swarm.all_stats().await?;
+            pending.retain(|p| {
+                let Some(r) = reports.iter().find(|r| r.peer_id == Some(p.child)) else {
+                    return true;
+                };
+                let Some(l) = r.links.iter().find(|l| l.substream == p.substream) else {
+                    return true;
+                };
+                if l.parent == (protocol::Source::Peer { id: p.old_parent }) {
+                    return true;
+                }
+                match l.first_packet_ms {
+                    Some(first) if l.since_ms >= p.at_ms - 5_000.0 => {
+                        repairs.push((first - p.at_ms).max(0.0));
+                        false
+                    }
+                    _ => true,
+                }
+            });
+        }
+        if t >= next_progress {
+            next_progress += 5.0;
+            let r = swarm.report(t as u64).await?;
+            eprintln!(
+                "  t={:>4.0}s  p2p_share {:.3}  fallbacks {}  stalls {}  mismatched {}  depth {}  congested {}  repairs {}/{} pending  rss {:.0} MB",
+                t,
+                r.p2p_share,
+                r.origin_fallbacks,
+                r.stalls,
+                r.mismatched_viewers,
+                r.tree_depth_max,
+                r.congestion_links_reported,
+                repairs.len(),
+                pending.len(),
+                swarm.browser.rss_mb()
+            );
+        }
     }
-    let report = swarm.report(args.seconds).await?;
+    let mut report = swarm.report(args.seconds).await?;
+    let topo = swarm.topology().await?;
+    report.viewers = args.viewers;
+    report.repair_ms = Pct::of(repairs.clone());
+    report.repairs_measured = repairs.len();
+    report.repairs_unfinished = pending.len();
+    report.congestion_injected = throttled_peers.len();
+    report.congestion_detected = throttled_peers
+        .iter()
+        .filter(|(id, at)| {
+            topo.congestion
+                .iter()
+                .any(|c| c.link.parent == *id && (c.at_ms as f64) <= at + 2.0 * hb_ms)
+        })
+        .count();
     println!("\n{}", report.table());
     println!("(total wall time {:.0} s)", started.elapsed().as_secs_f64());
     let json = serde_json::to_string_pretty(&report)?;

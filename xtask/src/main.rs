@@ -8,9 +8,11 @@
 //! Missing tools (wasm32 target, wasm-bindgen CLI, wasm-pack, Chromium and
 //! ChromeDriver) are installed on the way.
 
+mod bench_topology;
 mod build;
 mod tools;
 mod util;
+mod web;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +70,31 @@ enum Cmd {
         /// Seed for the run's randomness.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Percentage of viewers that leave per minute (each replaced by a new viewer).
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Relaying viewers whose upload is cut to a fraction of their load a third into the run.
+        #[arg(long, default_value_t = 0)]
+        throttle: usize,
+    },
+    /// Benchmark the control center's hierarchy (build, join/leave cost, full-rate capacity).
+    /// Runs in release mode (re-executes itself when built in debug).
+    BenchTopology {
+        #[arg(long, default_value_t = 100_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 50)]
+        regions: usize,
+        /// Write a JSON report to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Substreams (and FEC data shards).
+        #[arg(long, default_value_t = 8)]
+        k: u32,
+        /// Incremental events measured after the build.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
     },
 }
 
@@ -83,7 +110,11 @@ fn main() -> ExitCode {
             playing,
             json,
             seed,
+            churn,
+            throttle,
         } => swarm(e2e::swarm::SwarmArgs {
+            churn,
+            throttle,
             viewers,
             seconds,
             upload_kbps,
@@ -92,6 +123,24 @@ fn main() -> ExitCode {
             seed,
             web_dir: repo_root().join("web"),
         }),
+        Cmd::BenchTopology {
+            nodes,
+            regions,
+            json,
+            seed,
+            k,
+            events,
+        } => bench_topology::run(
+            bench_topology::BenchArgs {
+                nodes,
+                regions,
+                json,
+                seed,
+                k,
+                events,
+            },
+            std::env::args().skip(1).collect(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,6 +197,7 @@ fn demo(listen: SocketAddr) -> Result<()> {
     ensure_wasm_target()?;
     ensure_wasm_bindgen()?;
     build_wasm()?;
+    web::build_web()?;
     let web = repo_root().join("web");
     println!("\nOpen http://{listen}/ in two tabs\n");
     run(cargo()
@@ -159,12 +209,16 @@ fn demo(listen: SocketAddr) -> Result<()> {
 
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(8);
+    let mut steps = Steps::new(9);
     steps.run("wasm32 target", ensure_wasm_target)?;
     steps.run("wasm-bindgen CLI", ensure_wasm_bindgen)?;
     steps.run("wasm-pack", ensure_wasm_pack)?;
     steps.run("Chromium and ChromeDriver", ensure_chromium)?;
     steps.run("build the wasm peer (web/pkg)", build_wasm)?;
+    steps.run(
+        "web assets: npm ci + esbuild (web/dist: player, dashboard)",
+        web::build_web,
+    )?;
     steps.run("native tests: cargo test --workspace", || {
         run(cargo().args(["test", "--workspace"]))
     })?;
@@ -202,6 +256,7 @@ fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
     ensure_wasm_bindgen()?;
     ensure_chromium()?;
     build_wasm()?;
+    web::build_web()?;
     println!("\n==> swarm: {args:?}\n");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

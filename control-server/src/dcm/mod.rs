@@ -1,18 +1,27 @@
 //! Delivery coordinator manager (FIG. 7): one task per channel that owns the channel's
 //! multi-tree and the outbound queues of its peers. Joins, leaves, signaling and heartbeats come
 //! in as [`DcmEvent`]s; instructions, relayed signals and origin packets go out. The topology
-//! decisions themselves are made by the pure [`crate::topology::MultiTree`].
+//! decisions are made by the pure [`crate::topology::MultiTree`]; the heartbeat-driven view and
+//! congestion detection by the pure [`view`] module; this file only wires them together.
 
-use std::collections::{BTreeSet, HashMap};
+pub mod history;
+pub mod view;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::{ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, Source};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::channel::Channel;
+use crate::channel::{now_ms, Channel};
+use crate::config::Config;
 use crate::topology::{MultiTree, MultiTreeConfig};
+use history::History;
+use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 
 /// What a session's writer task sends to its WebSocket.
 #[derive(Debug)]
@@ -61,96 +70,243 @@ pub struct TopologySnapshot {
     pub peers: Vec<PeerView>,
     /// Peers the origin feeds directly, per substream.
     pub origin_children: Vec<Vec<PeerId>>,
+    /// Recent congested links found from heartbeats (newest last).
+    pub congestion: Vec<CongestionRecord>,
+    /// Recent repairs (newest last).
+    pub repairs: Vec<RepairRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerView {
     pub id: PeerId,
     pub upload_kbps: u32,
+    /// Capacity the DCM actually uses for this peer (declared, capped by measurement).
+    pub effective_upload_kbps: u32,
     pub interior_tree: Option<u32>,
     pub plan: Vec<protocol::SubstreamPlan>,
     pub last_heartbeat: Option<Heartbeat>,
+    pub measured_upload_kbps: Option<f64>,
+    pub congestion_events: u32,
+    pub uptime_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CongestionRecord {
+    /// Server wall clock, ms since the Unix epoch.
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub link: view::Congested,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairRecord {
+    pub at_ms: u64,
+    pub reason: String,
+    /// The peer whose links were rebuilt (a departed, silent or congested parent).
+    pub peer: PeerId,
+    /// Peers that got new instructions.
+    pub affected: usize,
 }
 
 struct PeerEntry {
     out: OutboundTx,
     upload_kbps: u32,
-    last_heartbeat: Option<Heartbeat>,
 }
+
+const LOG_KEEP: usize = 1000;
 
 /// State of one DCM. Kept separate from the task loop so it can be driven directly in tests.
 pub struct Dcm {
     channel: Arc<Channel>,
     k: u32,
+    heartbeat_ms: u64,
     tree: MultiTree,
     peers: HashMap<PeerId, PeerEntry>,
     epoch: u64,
+    view: HeartbeatView,
+    detector: CongestionDetector,
+    production: ProductionLog,
+    history: History,
+    /// When each (parent, child, substream) link was created, server ms.
+    link_since: HashMap<(PeerId, PeerId, u32), u64>,
+    congestion_log: VecDeque<CongestionRecord>,
+    repair_log: VecDeque<RepairRecord>,
 }
 
 impl Dcm {
-    pub fn new(channel: Arc<Channel>, k: u32, origin_fanout: u32, max_fanout: u32) -> Self {
+    pub fn new(channel: Arc<Channel>, config: &Config) -> Self {
         let stream_kbps = channel.media.read().map(|m| m.stream_kbps).unwrap_or(1000);
+        let k = config.substreams;
         Dcm {
             channel,
             k,
+            heartbeat_ms: u64::from(config.heartbeat_ms),
             tree: MultiTree::new(MultiTreeConfig {
                 k,
                 stream_kbps,
-                origin_fanout,
-                max_fanout,
+                origin_fanout: config.origin_fanout,
+                max_fanout: config.max_fanout,
             }),
             peers: HashMap::new(),
             epoch: 0,
+            view: HeartbeatView::default(),
+            detector: CongestionDetector::new(CongestionConfig::default()),
+            production: ProductionLog::default(),
+            history: History::default(),
+            link_since: HashMap::new(),
+            congestion_log: VecDeque::new(),
+            repair_log: VecDeque::new(),
         }
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<DcmEvent>) {
-        while let Some(ev) = events.recv().await {
-            self.handle(ev);
+        let mut tick = tokio::time::interval(Duration::from_millis(self.heartbeat_ms.max(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(now_ms()),
+            }
         }
         tracing::debug!(channel = %self.channel.name, "DCM stopped");
     }
 
     pub fn handle(&mut self, ev: DcmEvent) {
+        let now = now_ms();
         match ev {
             DcmEvent::Join {
                 peer,
                 upload_kbps,
                 out,
             } => {
-                self.peers.insert(
-                    peer,
-                    PeerEntry {
-                        out,
-                        upload_kbps,
-                        last_heartbeat: None,
-                    },
-                );
+                self.peers.insert(peer, PeerEntry { out, upload_kbps });
+                self.history.joined(peer, upload_kbps, now);
                 let changes = self.tree.join(peer, upload_kbps);
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
-                self.send_instructions(changes.affected);
+                self.send_instructions(changes.affected, now);
             }
-            DcmEvent::Leave { peer } => {
-                if self.peers.remove(&peer).is_some() {
-                    let changes = self.tree.leave(peer);
-                    tracing::info!(channel = %self.channel.name, %peer, affected = changes.affected.len(), "peer left");
-                    self.send_instructions(changes.affected);
-                }
-            }
+            DcmEvent::Leave { peer } => self.remove_peer(peer, "left", now),
             DcmEvent::Signal { from, to, signal } => self.relay_signal(from, to, signal),
-            DcmEvent::Heartbeat { peer, heartbeat } => {
-                if let Some(e) = self.peers.get_mut(&peer) {
-                    e.last_heartbeat = Some(*heartbeat);
-                }
-            }
+            DcmEvent::Heartbeat { peer, heartbeat } => self.on_heartbeat(peer, *heartbeat, now),
             DcmEvent::Packets(packets) => self.push_from_origin(packets),
             DcmEvent::Snapshot { reply } => {
-                let _ = reply.send(self.snapshot());
+                let _ = reply.send(self.snapshot(now));
             }
         }
     }
 
-    fn send_instructions(&mut self, affected: BTreeSet<PeerId>) {
+    fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
+        if self.peers.remove(&peer).is_none() {
+            return;
+        }
+        self.view.remove(peer);
+        self.detector.forget_peer(peer);
+        self.history.left(peer);
+        self.link_since
+            .retain(|(p, c, _), _| *p != peer && *c != peer);
+        let changes = self.tree.leave(peer);
+        tracing::info!(channel = %self.channel.name, %peer, reason, affected = changes.affected.len(), "peer removed");
+        if !changes.affected.is_empty() {
+            self.log_repair(peer, reason, changes.affected.len(), now);
+        }
+        self.send_instructions(changes.affected, now);
+    }
+
+    fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
+        self.channel.counters.repairs.fetch_add(1, Ordering::Relaxed);
+        self.repair_log.push_back(RepairRecord {
+            at_ms: now,
+            reason: reason.to_string(),
+            peer,
+            affected,
+        });
+        while self.repair_log.len() > LOG_KEEP {
+            self.repair_log.pop_front();
+        }
+    }
+
+    fn on_heartbeat(&mut self, peer: PeerId, hb: Heartbeat, now: u64) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        self.channel.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.view.ingest(hb, now);
+        let link_since = &self.link_since;
+        let found = self.detector.on_heartbeat(
+            &self.view,
+            &self.production,
+            self.k,
+            peer,
+            |p, c, s| link_since.get(&(p, c, s)).copied(),
+            now,
+        );
+        for link in found {
+            self.on_congestion(link, now);
+        }
+    }
+
+    /// A congested link: the parent's uplink cannot carry what the tree asks of it, so its
+    /// capacity is capped at what its heartbeats show it actually uploads, and the tree
+    /// re-homes the children it can no longer feed.
+    fn on_congestion(&mut self, link: view::Congested, now: u64) {
+        self.channel
+            .counters
+            .congestion_events
+            .fetch_add(1, Ordering::Relaxed);
+        self.congestion_log.push_back(CongestionRecord { at_ms: now, link });
+        while self.congestion_log.len() > LOG_KEEP {
+            self.congestion_log.pop_front();
+        }
+        tracing::info!(channel = %self.channel.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, "congested link");
+        let measured = self
+            .view
+            .get(link.parent)
+            .and_then(|s| s.measured_upload_kbps);
+        let Some(cap) = self.history.congested(link.parent, measured, now) else {
+            // Already capped a moment ago; the move is under way.
+            return;
+        };
+        if !self.peers.contains_key(&link.parent) {
+            return;
+        }
+        let changes = self.tree.join(link.parent, cap);
+        self.detector.forget_peer(link.parent);
+        self.log_repair(link.parent, "congested", changes.affected.len(), now);
+        self.send_instructions(changes.affected, now);
+    }
+
+    /// Every heartbeat interval: peers gone silent are removed, recovered peers regain capacity.
+    pub fn on_tick(&mut self, now: u64) {
+        let timeout = self.heartbeat_ms * 3 + 1000;
+        let mut silent = self.view.silent_since(now, timeout);
+        // Peers that never sent a heartbeat at all are judged from their join time.
+        silent.extend(
+            self.peers
+                .keys()
+                .filter(|p| self.view.get(**p).is_none())
+                .filter(|p| self.history.age_ms(**p, now).is_some_and(|a| a > timeout + 2000))
+                .copied(),
+        );
+        for peer in silent {
+            if let Some(e) = self.peers.get(&peer) {
+                let _ = e
+                    .out
+                    .try_send(Outbound::Close("heartbeats stopped".into()));
+            }
+            self.remove_peer(peer, "silent", now);
+        }
+        for (peer, kbps) in self.history.recovered(now) {
+            if self.peers.contains_key(&peer) {
+                let changes = self.tree.join(peer, kbps);
+                self.send_instructions(changes.affected, now);
+            }
+        }
+    }
+
+    fn send_instructions(&mut self, affected: BTreeSet<PeerId>, now: u64) {
         if affected.is_empty() {
             return;
         }
@@ -159,6 +315,18 @@ impl Dcm {
             let Some(plan) = self.tree.plan(peer) else {
                 continue;
             };
+            // Remember when each of the peer's parent links appeared (young links are not judged).
+            self.link_since.retain(|(p, c, s), _| {
+                *c != peer
+                    || plan
+                        .iter()
+                        .any(|sp| sp.index == *s && sp.parent == Source::Peer { id: *p })
+            });
+            for sp in &plan {
+                if let Source::Peer { id } = sp.parent {
+                    self.link_since.entry((id, peer, sp.index)).or_insert(now);
+                }
+            }
             let msg = ServerMsg::Instructions {
                 epoch: self.epoch,
                 substreams: plan,
@@ -203,6 +371,11 @@ impl Dcm {
     }
 
     fn push_from_origin(&mut self, packets: Vec<(u64, Bytes)>) {
+        for (seq, bytes) in &packets {
+            if let Ok(p) = protocol::Packet::decode(bytes) {
+                self.production.record(*seq, p.header.created_ms);
+            }
+        }
         if let Some(edge) = packets.last().map(|p| p.0) {
             let ids: Vec<PeerId> = self.peers.keys().copied().collect();
             for id in ids {
@@ -224,35 +397,39 @@ impl Dcm {
         self.channel
             .counters
             .origin_push_bytes
-            .fetch_add(pushed, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(pushed, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> TopologySnapshot {
+    pub fn snapshot(&self, now: u64) -> TopologySnapshot {
         let mut peers: Vec<PeerView> = self
             .peers
             .iter()
-            .map(|(id, e)| PeerView {
-                id: *id,
-                upload_kbps: e.upload_kbps,
-                interior_tree: self.tree.interior_tree(*id),
-                plan: self.tree.plan(*id).unwrap_or_default(),
-                last_heartbeat: e.last_heartbeat.clone(),
+            .map(|(id, e)| {
+                let state = self.view.get(*id);
+                PeerView {
+                    id: *id,
+                    upload_kbps: e.upload_kbps,
+                    effective_upload_kbps: self.history.effective_kbps(*id).unwrap_or(e.upload_kbps),
+                    interior_tree: self.tree.interior_tree(*id),
+                    plan: self.tree.plan(*id).unwrap_or_default(),
+                    last_heartbeat: state.map(|s| s.heartbeat.clone()),
+                    measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
+                    congestion_events: self.history.congestion_events(*id),
+                    uptime_s: self.history.age_ms(*id, now).unwrap_or(0) as f64 / 1000.0,
+                }
             })
             .collect();
         peers.sort_by_key(|p| p.id);
         TopologySnapshot {
             channel: self.channel.name.clone(),
             substreams: self.k,
-            stream_kbps: self
-                .channel
-                .media
-                .read()
-                .map(|m| m.stream_kbps)
-                .unwrap_or(0),
+            stream_kbps: self.channel.media.read().map(|m| m.stream_kbps).unwrap_or(0),
             epoch: self.epoch,
             max_depth: self.tree.max_depth(),
             peers,
             origin_children: (0..self.k).map(|s| self.tree.origin_children(s)).collect(),
+            congestion: self.congestion_log.iter().copied().collect(),
+            repairs: self.repair_log.iter().cloned().collect(),
         }
     }
 }

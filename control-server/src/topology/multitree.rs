@@ -406,6 +406,53 @@ impl MultiTree {
             .sum()
     }
 
+    /// Changes the origin's slots per tree (a cluster's feeders come and go). Only the overflow
+    /// accounting changes: the trees themselves are not touched.
+    pub fn set_origin_fanout(&mut self, origin_fanout: u32) {
+        self.cfg.origin_fanout = origin_fanout;
+    }
+
+    /// Peers that receive some substream through an origin feed beyond the origin's slots, with
+    /// how many substreams: they do not get the full rate from the slots the origin has. Interior
+    /// roots take the slots first (they carry whole subtrees), then leaves in id order; the
+    /// subtree of an interior root left without a slot is underfed in that tree. O(underfed).
+    pub fn underfed(&self) -> BTreeMap<PeerId, u32> {
+        let mut out = BTreeMap::new();
+        let slots = self.cfg.origin_fanout as usize;
+        for (t, tree) in self.trees.iter().enumerate() {
+            let mut stack: Vec<PeerId> = tree.origin_interior.iter().skip(slots).copied().collect();
+            let leaf_slots = slots.saturating_sub(tree.origin_interior.len());
+            stack.extend(tree.origin_leaves.iter().skip(leaf_slots).copied());
+            while let Some(x) = stack.pop() {
+                *out.entry(x).or_insert(0) += 1;
+                if let Some(n) = self.nodes.get(&x) {
+                    if n.interior == Some(t as u32) {
+                        stack.extend(n.children.iter().copied());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Children `peer` feeds in its interior tree (empty for leaves-everywhere peers).
+    pub fn children(&self, peer: PeerId) -> &[PeerId] {
+        self.nodes.get(&peer).map_or(&[], |n| n.children.as_slice())
+    }
+
+    /// Sum of the interior fan-outs over all trees: forwarding slots the peers offer.
+    pub fn total_fanout(&self) -> u64 {
+        self.trees.iter().map(|t| t.capacity).sum()
+    }
+
+    /// Peers the origin feeds in tree `substream`, interior roots first (the order slots go in).
+    pub fn roots(&self, substream: u32) -> impl Iterator<Item = PeerId> + '_ {
+        self.trees
+            .get(substream as usize)
+            .into_iter()
+            .flat_map(|t| t.origin_interior.iter().chain(&t.origin_leaves).copied())
+    }
+
     /// All peers, ascending.
     pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.nodes.keys().copied()

@@ -105,14 +105,7 @@ async fn run_session(socket: WebSocket, state: AppState) {
         };
         let keep_going = match msg {
             Message::Text(text) => session.on_text(text.as_str()).await,
-            Message::Binary(_) => {
-                session
-                    .error(
-                        ErrorCode::Malformed,
-                        "peers must not send binary frames on the control socket".into(),
-                    )
-                    .await
-            }
+            Message::Binary(frame) => session.on_binary(&frame).await,
             Message::Close(_) => false,
             Message::Ping(_) | Message::Pong(_) => true,
         };
@@ -208,47 +201,69 @@ impl Session {
                     .await;
                 true
             }
-            (ClientMsg::Heartbeat(hb), Some((me, ch))) => {
-                if hb.client_id != me {
-                    return self
-                        .error(
-                            ErrorCode::WrongPeer,
-                            format!(
-                                "heartbeat claims to be {} but this session is {me}",
-                                hb.client_id
-                            ),
-                        )
-                        .await;
-                }
-                let now = Instant::now();
-                let min_gap = Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
-                if let Some((last_seq, last_at)) = self.last_heartbeat {
-                    if hb.seq <= last_seq {
-                        return self
-                            .error(
-                                ErrorCode::Malformed,
-                                format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
-                            )
-                            .await;
-                    }
-                    if now.duration_since(last_at) < min_gap {
-                        return self
-                            .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
-                            .await;
-                    }
-                }
-                self.last_heartbeat = Some((hb.seq, now));
-                let _ = ch
-                    .dcm
-                    .send(DcmEvent::Heartbeat {
-                        peer: me,
-                        heartbeat: Box::new(hb),
-                    })
-                    .await;
-                true
-            }
+            (ClientMsg::Heartbeat(hb), Some((me, ch))) => self.on_heartbeat(me, &ch, hb).await,
             (ClientMsg::Leave, Some(_)) => false,
         }
+    }
+
+    /// Binary frames from peers carry compact heartbeats (see `protocol::heartbeat::binary`).
+    async fn on_binary(&mut self, frame: &[u8]) -> bool {
+        if !self.take_token() {
+            return self
+                .error(ErrorCode::RateLimited, "too many messages; slow down".into())
+                .await;
+        }
+        let Some((me, ch)) = self.joined.clone() else {
+            return self.error(ErrorCode::NotJoined, "send join first".into()).await;
+        };
+        match protocol::heartbeat::binary::decode(frame) {
+            Ok(hb) => self.on_heartbeat(me, &ch, hb).await,
+            Err(e) => self.error(ErrorCode::Malformed, e.to_string()).await,
+        }
+    }
+
+    async fn on_heartbeat(&mut self, me: PeerId, ch: &SharedChannel, hb: protocol::Heartbeat) -> bool {
+        if hb.client_id != me {
+            return self
+                .error(
+                    ErrorCode::WrongPeer,
+                    format!("heartbeat claims to be {} but this session is {me}", hb.client_id),
+                )
+                .await;
+        }
+        // Bounded so a forged heartbeat cannot make the DCM allocate or iterate much.
+        let k = self.state.config.substreams as usize;
+        if hb.parents.len() > k || hb.buffer.len() > k || hb.children.len() > 64 * k {
+            return self
+                .error(ErrorCode::Malformed, "heartbeat lists more links than a peer can have".into())
+                .await;
+        }
+        let now = Instant::now();
+        let min_gap = Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
+        if let Some((last_seq, last_at)) = self.last_heartbeat {
+            if hb.seq <= last_seq {
+                return self
+                    .error(
+                        ErrorCode::Malformed,
+                        format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
+                    )
+                    .await;
+            }
+            if now.duration_since(last_at) < min_gap {
+                return self
+                    .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
+                    .await;
+            }
+        }
+        self.last_heartbeat = Some((hb.seq, now));
+        let _ = ch
+            .dcm
+            .send(DcmEvent::Heartbeat {
+                peer: me,
+                heartbeat: Box::new(hb),
+            })
+            .await;
+        true
     }
 
     async fn join(&mut self, version: u32, channel: String, upload_kbps: u32) -> bool {

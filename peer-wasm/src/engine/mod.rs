@@ -132,6 +132,8 @@ pub struct Engine {
     bucket: TokenBucket,
     send_queue: VecDeque<(PeerId, Rc<Vec<u8>>, f64, u32)>,
     parent_last: Vec<(Option<u64>, Option<u64>)>,
+    /// Per substream: when the current parent was assigned and when its first packet came.
+    parent_timing: Vec<(f64, Option<f64>)>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     pub counters: Counters,
@@ -143,7 +145,9 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, now_ms: f64) -> Self {
-        let bucket = TokenBucket::new(cfg.upload_kbps, 250.0, now_ms);
+        // A whole fragment reaches a forwarder at once and must go to all its children, so the
+        // bucket holds a second of upload: the cap bounds the rate, not the burst.
+        let bucket = TokenBucket::new(cfg.upload_kbps, 1000.0, now_ms);
         Engine {
             cfg,
             me: None,
@@ -158,6 +162,7 @@ impl Engine {
             bucket,
             send_queue: VecDeque::new(),
             parent_last: Vec::new(),
+            parent_timing: Vec::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
             counters: Counters::default(),
@@ -203,6 +208,7 @@ impl Engine {
                 self.me = Some(peer_id);
                 self.k = substreams.max(1);
                 self.parent_last = vec![(None, None); self.k as usize];
+                self.parent_timing = vec![(now_ms, None); self.k as usize];
                 self.next_deliver = Some(start_seq);
                 self.verified = Some(RangeHash::new(start_seq));
                 // Everything from the random-access point up to the live edge already exists:
@@ -247,6 +253,9 @@ impl Engine {
                 != Some(s.parent);
             if changed && i < self.parent_last.len() {
                 self.parent_last[i] = (None, None);
+            }
+            if changed && i < self.parent_timing.len() {
+                self.parent_timing[i] = (self.now, None);
             }
         }
         for gone in self.neighbours.difference(&next) {
@@ -295,6 +304,9 @@ impl Engine {
             };
             if from_parent {
                 *slot = (Some(seq), Some(self.now as u64));
+                if let Some(t) = self.parent_timing.get_mut(sub as usize) {
+                    t.1.get_or_insert(self.now);
+                }
             }
         }
         let Some(next) = self.next_deliver else {
@@ -485,7 +497,28 @@ impl Engine {
             bytes_from_origin: self.counters.bytes_from_origin,
             bytes_up: self.counters.bytes_up,
             origin_fallbacks: self.counters.origin_fallbacks,
+            upload_kbps: self.bucket.rate_kbps(),
         })
+    }
+
+    /// Current parent per substream with its timing (for statistics).
+    pub fn link_stats(&self) -> Vec<protocol::report::LinkStat> {
+        self.plan
+            .iter()
+            .map(|s| {
+                let (since, first) = self
+                    .parent_timing
+                    .get(s.index as usize)
+                    .copied()
+                    .unwrap_or((0.0, None));
+                protocol::report::LinkStat {
+                    substream: s.index,
+                    parent: s.parent,
+                    since_ms: since,
+                    first_packet_ms: first,
+                }
+            })
+            .collect()
     }
 
     pub fn neighbours(&self) -> impl Iterator<Item = &PeerId> {

@@ -1,5 +1,12 @@
 //! MediaSource playback: init segment first, then media bytes in order as the engine delivers
 //! them. Also keeps the player near the live edge and counts stalls.
+//!
+//! Where `MediaSource` is missing but `ManagedMediaSource` exists (iOS Safari 17.1+), the managed
+//! one is used: same API, attached with remote playback (AirPlay) disabled, as WebKit requires.
+//! web-sys has no binding for it, so it is constructed through `js_sys::Reflect`.
+//!
+//! The video element may opt out of the defaults (muted, autoplay) with the attributes
+//! `data-p2p-muted="false"` and `data-p2p-autoplay="false"` (the embeddable player sets them).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -26,10 +33,36 @@ struct PlayState {
     errors: Vec<String>,
 }
 
+/// A `MediaSource`, or a `ManagedMediaSource` where only that exists.
+pub(crate) fn new_media_source() -> Result<(MediaSource, bool), String> {
+    let global = js_sys::global();
+    let get = |name: &str| {
+        js_sys::Reflect::get(&global, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED)
+    };
+    if get("MediaSource").is_function() {
+        return MediaSource::new()
+            .map(|s| (s, false))
+            .map_err(|e| js_err("MediaSource", &e));
+    }
+    let managed = get("ManagedMediaSource");
+    if !managed.is_function() {
+        return Err(
+            "this browser has neither MediaSource nor ManagedMediaSource: it cannot play".into(),
+        );
+    }
+    let ctor: js_sys::Function = managed.unchecked_into();
+    let source = js_sys::Reflect::construct(&ctor, &js_sys::Array::new())
+        .map_err(|e| js_err("ManagedMediaSource", &e))?;
+    // ManagedMediaSource only has the API of MediaSource (plus power hints), so the web-sys
+    // binding's methods apply; they are looked up on the object at call time.
+    Ok((source.unchecked_into::<MediaSource>(), true))
+}
+
 pub(crate) struct Media {
     video: HtmlVideoElement,
     source: MediaSource,
     object_url: String,
+    autoplay: bool,
     mime: String,
     buffer: Option<SourceBuffer>,
     init: Option<Vec<u8>>,
@@ -53,9 +86,7 @@ impl Media {
         mime: String,
         pump: Rc<dyn Fn()>,
     ) -> Result<Self, String> {
-        let source = MediaSource::new().map_err(|e| js_err("MediaSource", &e))?;
-        let object_url = web_sys::Url::create_object_url_with_source(&source)
-            .map_err(|e| js_err("createObjectURL", &e))?;
+        let (source, managed) = new_media_source()?;
         let opened = Rc::new(RefCell::new(false));
         let o = opened.clone();
         let p = pump.clone();
@@ -97,13 +128,28 @@ impl Media {
                 .add_event_listener_with_callback(name, f.as_ref().unchecked_ref())
                 .map_err(|e| js_err("addEventListener", &e))?;
         }
-        video.set_muted(true);
-        video.set_autoplay(true);
+        let opted_out = |name: &str| video.get_attribute(name).as_deref() == Some("false");
+        let autoplay = !opted_out("data-p2p-autoplay");
+        // Autoplay with sound is refused by browsers without a user gesture: muted by default.
+        video.set_muted(!opted_out("data-p2p-muted"));
+        video.set_autoplay(autoplay);
+        if managed {
+            // WebKit opens a ManagedMediaSource only with remote playback (AirPlay) disabled.
+            js_sys::Reflect::set(
+                &video,
+                &JsValue::from_str("disableRemotePlayback"),
+                &JsValue::TRUE,
+            )
+            .map_err(|e| js_err("disableRemotePlayback", &e))?;
+        }
+        let object_url = web_sys::Url::create_object_url_with_source(&source)
+            .map_err(|e| js_err("createObjectURL", &e))?;
         video.set_src(&object_url);
         Ok(Media {
             video,
             source,
             object_url,
+            autoplay,
             mime,
             buffer: None,
             init: None,
@@ -197,6 +243,10 @@ impl Media {
         if !self.started {
             self.started = true;
             self.seek(start.max(end - TARGET_LAG_S - 1.0));
+            if !self.autoplay {
+                // The page starts playback itself (e.g. the player's play()).
+                return;
+            }
             if let Ok(p) = self.video.play() {
                 // Autoplay refusal is reported as an error; the page can offer a play button.
                 let state = self.state.clone();
@@ -281,5 +331,73 @@ impl Drop for Media {
         self.video.remove_attribute("src").ok();
         self.video.load();
         let _ = web_sys::Url::revoke_object_url(&self.object_url);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::*;
+
+    /// Hides `MediaSource` and offers the real one as `ManagedMediaSource` (as iOS Safari does):
+    /// the player still opens, with remote playback disabled.
+    #[wasm_bindgen_test]
+    async fn falls_back_to_managed_media_source() {
+        let global = js_sys::global();
+        let key = JsValue::from_str("MediaSource");
+        let managed_key = JsValue::from_str("ManagedMediaSource");
+        let original = js_sys::Reflect::get(&global, &key).expect("MediaSource");
+        js_sys::Reflect::set(&global, &managed_key, &original).expect("set");
+        js_sys::Reflect::set(&global, &key, &JsValue::UNDEFINED).expect("hide");
+        let made = new_media_source();
+        let document = web_sys::window()
+            .and_then(|w| w.document())
+            .expect("document");
+        let video: HtmlVideoElement = document
+            .create_element("video")
+            .expect("video")
+            .unchecked_into();
+        let opened = Rc::new(RefCell::new(0u32));
+        let o = opened.clone();
+        let media = Media::new(
+            video.clone(),
+            r#"video/mp4; codecs="avc1.42c01e""#.into(),
+            Rc::new(move || *o.borrow_mut() += 1),
+        );
+        js_sys::Reflect::set(&global, &key, &original).expect("restore");
+        js_sys::Reflect::delete_property(&global, &managed_key).expect("delete");
+        let (_, managed) = made.expect("a managed media source");
+        assert!(managed);
+        let media = media.expect("media on a managed source");
+        assert!(video.src().starts_with("blob:"));
+        let disabled = js_sys::Reflect::get(&video, &JsValue::from_str("disableRemotePlayback"))
+            .expect("disableRemotePlayback");
+        assert_eq!(disabled, JsValue::TRUE);
+        // The source opens once attached.
+        for _ in 0..50 {
+            if *opened.borrow() > 0 {
+                break;
+            }
+            super::super::rtc::sleep_ms(20).await;
+        }
+        assert!(*opened.borrow() > 0, "sourceopen never fired");
+        drop(media);
+    }
+
+    #[wasm_bindgen_test]
+    fn attributes_opt_out_of_autoplay_and_mute() {
+        let document = web_sys::window()
+            .and_then(|w| w.document())
+            .expect("document");
+        let video: HtmlVideoElement = document
+            .create_element("video")
+            .expect("video")
+            .unchecked_into();
+        video.set_attribute("data-p2p-autoplay", "false").expect("attr");
+        video.set_attribute("data-p2p-muted", "false").expect("attr");
+        let media = Media::new(video.clone(), "video/mp4".into(), Rc::new(|| ())).expect("media");
+        assert!(!media.autoplay);
+        assert!(!video.muted());
+        assert!(!video.autoplay());
     }
 }

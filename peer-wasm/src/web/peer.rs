@@ -31,6 +31,9 @@ struct Options {
     decode: bool,
     /// Passed to RTCPeerConnection as `iceServers`.
     ice_servers: Option<serde_json::Value>,
+    /// Access token, sent as `?token=` on the control WebSocket (servers started with
+    /// `--viewer-token` require it).
+    token: Option<String>,
 }
 
 impl Default for Options {
@@ -41,6 +44,7 @@ impl Default for Options {
             upload_kbps: 2000,
             decode: true,
             ice_servers: None,
+            token: None,
         }
     }
 }
@@ -63,6 +67,8 @@ struct Inner {
     media: Option<Media>,
     welcome: Option<Welcome>,
     last_heartbeat: f64,
+    heartbeat_bytes: u64,
+    heartbeats_sent: u64,
     tick: Option<(i32, Closure<dyn FnMut()>)>,
     errors: Vec<String>,
     destroyed: bool,
@@ -116,6 +122,8 @@ impl P2pPeer {
                 media: None,
                 welcome: None,
                 last_heartbeat: 0.0,
+                heartbeat_bytes: 0,
+                heartbeats_sent: 0,
                 tick: None,
                 errors: Vec::new(),
                 destroyed: false,
@@ -181,7 +189,10 @@ impl Inner {
             .map(|r| format!("wss://{r}"))
             .or_else(|| b.strip_prefix("http://").map(|r| format!("ws://{r}")))
             .unwrap_or_else(|| b.clone());
-        format!("{rest}/ws")
+        match &self.opts.token {
+            Some(t) => format!("{rest}/ws?token={}", js_sys::encode_uri_component(t)),
+            None => format!("{rest}/ws"),
+        }
     }
 
     fn connect(&mut self) -> Result<(), String> {
@@ -442,7 +453,15 @@ impl Inner {
             if now - self.last_heartbeat >= w.heartbeat_ms {
                 self.last_heartbeat = now;
                 if let Some(hb) = self.engine.heartbeat() {
-                    self.send_ctrl(&ClientMsg::Heartbeat(hb));
+                    // Binary (postcard) is ~8x smaller than JSON; the server takes both.
+                    let frame = protocol::heartbeat::binary::encode(&hb);
+                    self.heartbeat_bytes += frame.len() as u64;
+                    self.heartbeats_sent += 1;
+                    if let Some(ws) = &self.ws {
+                        if ws.ready_state() == WebSocket::OPEN {
+                            let _ = ws.send_with_u8_array(&frame);
+                        }
+                    }
                 }
             }
         }
@@ -492,6 +511,9 @@ impl Inner {
             errors: self.errors.clone(),
             stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
             upload_kbps: self.engine.upload_kbps(),
+            links: self.engine.link_stats(),
+            heartbeats_sent: self.heartbeats_sent,
+            heartbeat_bytes: self.heartbeat_bytes,
         }
     }
 

@@ -1,0 +1,273 @@
+//! The DCM's view of the swarm, built from heartbeats alone (FIG. 9), and congestion detection.
+//!
+//! Every peer reports, per substream, the last sequence number it received from its parent and,
+//! per child, the last one it sent. From these the DCM (or a freshly started replacement that has
+//! never seen the peers join) reconstructs the distribution topology, and finds congested links by
+//! comparing what each side reports with what the origin had produced a grace period earlier.
+//! Pure: time and the origin's production log come in as arguments.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use protocol::{Heartbeat, PeerId, Source, SubstreamPlan};
+use serde::Serialize;
+
+/// What the view remembers of one peer.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    pub heartbeat: Heartbeat,
+    /// Server time (ms) the heartbeat arrived.
+    pub received_ms: u64,
+    /// Upload rate measured between the last two heartbeats, kbit/s.
+    pub measured_upload_kbps: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct HeartbeatView {
+    peers: HashMap<PeerId, PeerState>,
+}
+
+impl HeartbeatView {
+    pub fn ingest(&mut self, hb: Heartbeat, now_ms: u64) {
+        let measured = self.peers.get(&hb.client_id).and_then(|prev| {
+            let dt = now_ms.saturating_sub(prev.received_ms);
+            let db = hb.bytes_up.checked_sub(prev.heartbeat.bytes_up)?;
+            (dt >= 200).then(|| db as f64 * 8.0 / dt as f64)
+        });
+        self.peers.insert(
+            hb.client_id,
+            PeerState {
+                heartbeat: hb,
+                received_ms: now_ms,
+                measured_upload_kbps: measured,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, peer: PeerId) {
+        self.peers.remove(&peer);
+    }
+
+    pub fn get(&self, peer: PeerId) -> Option<&PeerState> {
+        self.peers.get(&peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Peers whose last heartbeat is older than `timeout_ms`.
+    pub fn silent_since(&self, now_ms: u64, timeout_ms: u64) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, s)| now_ms.saturating_sub(s.received_ms) > timeout_ms)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The distribution topology as the heartbeats describe it: each peer's parent per
+    /// substream (its own report) and its children (its parents' reports, so a child that has
+    /// not yet sent a heartbeat is still found).
+    pub fn plans(&self) -> BTreeMap<PeerId, Vec<SubstreamPlan>> {
+        let mut plans: BTreeMap<PeerId, Vec<SubstreamPlan>> = BTreeMap::new();
+        for (id, s) in &self.peers {
+            let mut v: Vec<SubstreamPlan> = s
+                .heartbeat
+                .parents
+                .iter()
+                .map(|p| SubstreamPlan {
+                    index: p.substream,
+                    parent: p.parent,
+                    children: Vec::new(),
+                })
+                .collect();
+            for c in &s.heartbeat.children {
+                if let Some(sp) = v.iter_mut().find(|sp| sp.index == c.substream) {
+                    sp.children.push(c.child);
+                }
+            }
+            for sp in &mut v {
+                sp.children.sort();
+            }
+            v.sort_by_key(|sp| sp.index);
+            plans.insert(*id, v);
+        }
+        plans
+    }
+}
+
+/// Recent packets of the origin: (seq, creation time), to know what a peer should have by now.
+#[derive(Debug, Default)]
+pub struct ProductionLog {
+    recent: VecDeque<(u64, u64)>,
+}
+
+impl ProductionLog {
+    const KEEP: usize = 512;
+
+    pub fn record(&mut self, seq: u64, created_ms: u64) {
+        self.recent.push_back((seq, created_ms));
+        while self.recent.len() > Self::KEEP {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Newest packet of `substream` created at or before `t_ms`.
+    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<u64> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|(seq, created)| *created <= t_ms && protocol::substream_of(*seq, k) == substream)
+            .map(|(seq, _)| *seq)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CongestionConfig {
+    /// How long after its creation a packet may still be on its way down the tree.
+    pub grace_ms: u64,
+    /// Consecutive late observations before a link counts as congested.
+    pub strikes: u32,
+    /// Links younger than this are not judged (the data channel may still be opening).
+    pub settle_ms: u64,
+}
+
+impl Default for CongestionConfig {
+    fn default() -> Self {
+        CongestionConfig {
+            grace_ms: 700,
+            strikes: 1,
+            settle_ms: 3000,
+        }
+    }
+}
+
+/// A link found congested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Congested {
+    pub parent: PeerId,
+    pub child: PeerId,
+    pub substream: u32,
+    /// Packets of this substream the child is behind.
+    pub behind: u64,
+    /// True when the parent's own report shows it did not send (its uplink is the bottleneck).
+    pub parent_side: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct CongestionDetector {
+    pub cfg: CongestionConfig,
+    strikes: HashMap<(PeerId, PeerId, u32), u32>,
+}
+
+impl CongestionDetector {
+    pub fn new(cfg: CongestionConfig) -> Self {
+        CongestionDetector {
+            cfg,
+            strikes: HashMap::new(),
+        }
+    }
+
+    /// Judges the links of `peer` (as child and as parent) after its heartbeat arrived.
+    /// `link_since(parent, child, substream)` is when the DCM created the link (server ms).
+    pub fn on_heartbeat(
+        &mut self,
+        view: &HeartbeatView,
+        log: &ProductionLog,
+        k: u32,
+        peer: PeerId,
+        link_since: impl Fn(PeerId, PeerId, u32) -> Option<u64>,
+        now_ms: u64,
+    ) -> Vec<Congested> {
+        let Some(me) = view.get(peer) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let settled = |p: PeerId, c: PeerId, s: u32| {
+            link_since(p, c, s).is_some_and(|t| now_ms.saturating_sub(t) >= self.cfg.settle_ms)
+        };
+        // As a child: did each peer parent deliver what the origin produced before the grace?
+        let mut judged = Vec::new();
+        for pl in &me.heartbeat.parents {
+            let Source::Peer { id: parent } = pl.parent else {
+                continue;
+            };
+            if !settled(parent, peer, pl.substream) {
+                continue;
+            }
+            let cutoff = me.received_ms.saturating_sub(self.cfg.grace_ms);
+            let Some(expected) = log.newest_before(pl.substream, k, cutoff) else {
+                continue;
+            };
+            // Only the link's fault if the parent itself had the packet.
+            let parent_has = view
+                .get(parent)
+                .and_then(|ps| {
+                    ps.heartbeat
+                        .parents
+                        .iter()
+                        .find(|x| x.substream == pl.substream)
+                })
+                .and_then(|x| x.last_seq)
+                .is_some_and(|s| s >= expected);
+            let late = pl.last_seq.is_none_or(|s| s < expected);
+            judged.push((parent, peer, pl.substream, late && parent_has, expected, pl.last_seq, false));
+        }
+        // As a parent: did it send each child what it had itself received a grace ago?
+        let my_recv: HashMap<u32, (Option<u64>, Option<u64>)> = me
+            .heartbeat
+            .parents
+            .iter()
+            .map(|p| (p.substream, (p.last_seq, p.last_ts_ms)))
+            .collect();
+        for cl in &me.heartbeat.children {
+            if !settled(peer, cl.child, cl.substream) {
+                continue;
+            }
+            let Some((Some(got), Some(got_at))) = my_recv.get(&cl.substream).copied() else {
+                continue;
+            };
+            let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
+            let late = waited > self.cfg.grace_ms && cl.last_seq.is_none_or(|s| s < got);
+            judged.push((peer, cl.child, cl.substream, late, got, cl.last_seq, true));
+        }
+        for (p, c, s, late, expected, have, parent_side) in judged {
+            let key = (p, c, s);
+            if !late {
+                // A healthy report from either side clears the link.
+                if !parent_side || !self.strikes.contains_key(&key) {
+                    self.strikes.remove(&key);
+                }
+                continue;
+            }
+            let n = self.strikes.entry(key).or_insert(0);
+            *n += 1;
+            if *n == self.cfg.strikes {
+                let behind = expected.saturating_sub(have.unwrap_or(0)) / u64::from(k.max(1));
+                out.push(Congested {
+                    parent: p,
+                    child: c,
+                    substream: s,
+                    behind: behind.max(1),
+                    parent_side,
+                });
+            }
+        }
+        out
+    }
+
+    /// Forgets a link (after the DCM moved it) or everything about a peer.
+    pub fn forget_peer(&mut self, peer: PeerId) {
+        self.strikes.retain(|(p, c, _), _| *p != peer && *c != peer);
+    }
+
+    pub fn forget_link(&mut self, parent: PeerId, child: PeerId, substream: u32) {
+        self.strikes.remove(&(parent, child, substream));
+    }
+}
+
+#[cfg(test)]
+mod tests;

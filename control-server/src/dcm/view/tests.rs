@@ -1,0 +1,188 @@
+//! Synthetic heartbeat streams: a multi-tree of peers reporting what they received and sent.
+
+use protocol::{ChildLink, ParentLink};
+
+use super::*;
+use crate::topology::{MultiTree, MultiTreeConfig};
+
+const K: u32 = 4;
+
+fn tree(n: u64) -> MultiTree {
+    let mut t = MultiTree::new(MultiTreeConfig {
+        k: K,
+        stream_kbps: 400,
+        origin_fanout: 1,
+        max_fanout: 4,
+    });
+    for i in 1..=n {
+        // Mixed capacities, some peers upload nothing.
+        let up = [0, 100, 400, 2000][(i % 4) as usize];
+        t.join(PeerId(i), up);
+    }
+    t
+}
+
+/// A heartbeat for `peer` saying it received (and sent) every packet up to `upto`, except the
+/// packets of `starved` = (parent, child, substream) on that link, which stop at `stuck`.
+fn heartbeat(
+    t: &MultiTree,
+    peer: PeerId,
+    seq: u64,
+    upto: u64,
+    starved: Option<(PeerId, PeerId, u32, u64)>,
+    now: u64,
+) -> Heartbeat {
+    let plan = t.plan(peer).expect("peer in tree");
+    let newest = |s: u32| (0..=upto).rev().find(|q| protocol::substream_of(*q, K) == s);
+    let parents = plan
+        .iter()
+        .map(|sp| {
+            let mut last = newest(sp.index);
+            if let Some((p, c, s, stuck)) = starved {
+                if c == peer && s == sp.index && sp.parent == (Source::Peer { id: p }) {
+                    last = Some(stuck);
+                }
+            }
+            ParentLink {
+                substream: sp.index,
+                parent: sp.parent,
+                last_seq: last,
+                last_ts_ms: Some(now.saturating_sub(1500)),
+            }
+        })
+        .collect();
+    let children = plan
+        .iter()
+        .flat_map(|sp| sp.children.iter().map(move |c| (sp.index, *c)))
+        .map(|(s, c)| {
+            let mut last = newest(s);
+            if let Some((p, cc, ss, stuck)) = starved {
+                if p == peer && cc == c && ss == s {
+                    last = Some(stuck);
+                }
+            }
+            ChildLink {
+                substream: s,
+                child: c,
+                last_seq: last,
+                last_ts_ms: Some(now.saturating_sub(1500)),
+            }
+        })
+        .collect();
+    Heartbeat {
+        client_id: peer,
+        seq,
+        local_ts_ms: now,
+        parents,
+        children,
+        buffer: vec![1; K as usize],
+        bytes_from_peers: 0,
+        bytes_from_origin: 0,
+        bytes_up: 0,
+        origin_fallbacks: 0,
+        upload_kbps: 1000,
+    }
+}
+
+fn production(upto: u64, now: u64) -> ProductionLog {
+    let mut log = ProductionLog::default();
+    for seq in 0..=upto {
+        // One fragment (k packets) per second, the last one two seconds ago.
+        log.record(seq, now - 2000 - (upto - seq) / u64::from(K) * 1000);
+    }
+    log
+}
+
+#[test]
+fn congestion_is_found_on_the_starved_link_only() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    // Pick a peer-to-peer link in some tree.
+    let (parent, child, sub) = t
+        .peers()
+        .find_map(|p| {
+            t.plan(p).and_then(|plan| {
+                plan.iter()
+                    .find(|sp| !sp.children.is_empty())
+                    .map(|sp| (p, sp.children[0], sp.index))
+            })
+        })
+        .expect("a relaying peer");
+    let starved = Some((parent, child, sub, upto - 4 * u64::from(K)));
+    let mut view = HeartbeatView::default();
+    for p in t.peers() {
+        view.ingest(heartbeat(&t, p, 1, upto, starved, now), now);
+    }
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let mut found = Vec::new();
+    for p in t.peers() {
+        found.extend(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0), now));
+    }
+    assert!(!found.is_empty(), "the starved link was not detected");
+    for c in &found {
+        assert_eq!((c.parent, c.child, c.substream), (parent, child, sub), "false positive: {c:?}");
+        assert!(c.behind >= 3, "{c:?}");
+    }
+}
+
+#[test]
+fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let mut view = HeartbeatView::default();
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    for p in t.peers() {
+        view.ingest(heartbeat(&t, p, 1, upto, None, now), now);
+    }
+    for p in t.peers() {
+        assert!(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0), now).is_empty());
+    }
+    // A link created a moment ago is not judged even if nothing arrived on it yet.
+    let (parent, child, sub) = t
+        .peers()
+        .find_map(|p| {
+            t.plan(p).and_then(|plan| {
+                plan.iter()
+                    .find(|sp| !sp.children.is_empty())
+                    .map(|sp| (p, sp.children[0], sp.index))
+            })
+        })
+        .expect("a relaying peer");
+    view.ingest(heartbeat(&t, child, 2, upto, Some((parent, child, sub, 0)), now), now);
+    let young = det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(now - 100), now);
+    assert!(young.is_empty());
+}
+
+#[test]
+fn a_fresh_view_rebuilds_the_topology_from_one_interval_of_heartbeats() {
+    let t = tree(60);
+    let now = 50_000;
+    let mut view = HeartbeatView::default();
+    for p in t.peers() {
+        view.ingest(heartbeat(&t, p, 7, 100, None, now), now);
+    }
+    let rebuilt = view.plans();
+    assert_eq!(rebuilt.len(), 60);
+    for p in t.peers() {
+        assert_eq!(rebuilt[&p], t.plan(p).unwrap(), "plan of {p}");
+    }
+}
+
+#[test]
+fn silent_peers_and_measured_upload() {
+    let t = tree(3);
+    let mut view = HeartbeatView::default();
+    let mut hb = heartbeat(&t, PeerId(1), 1, 10, None, 1000);
+    view.ingest(hb.clone(), 1000);
+    hb.seq = 2;
+    hb.bytes_up = 125_000; // 1 Mbit in 1 s
+    view.ingest(hb, 2000);
+    let kbps = view.get(PeerId(1)).and_then(|s| s.measured_upload_kbps).unwrap();
+    assert!((kbps - 1000.0).abs() < 1.0, "{kbps}");
+    view.ingest(heartbeat(&t, PeerId(2), 1, 10, None, 4000), 4000);
+    assert_eq!(view.silent_since(6000, 3000), vec![PeerId(1)]);
+}

@@ -1,0 +1,656 @@
+//! Operator metrics: running totals per channel, a one-second sampler that keeps a ring buffer of
+//! samples per channel (the dashboard's charts), link health derived from heartbeats, and the
+//! Prometheus text exposition served at `/metrics`.
+//!
+//! Byte counts come from two places. The *server-side* counters of [`crate::channel`] count what
+//! the origin sent (pushed over WebSockets to tree roots, served over HTTP as fallback): that is
+//! origin egress, exact. The *peer-reported* counters come from heartbeats: the DCM keeps the
+//! last heartbeat of every peer, and this module adds the last values of departed peers to a
+//! running total so the counters never go backwards when viewers leave.
+//!
+//! The exposition is written by hand (about a hundred lines) rather than with a client library:
+//! every value is read at scrape time from atomics and a DCM snapshot that already exist, so a
+//! registry of metric objects would only duplicate them.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use protocol::{Heartbeat, PeerId, Source};
+use serde::Serialize;
+
+use crate::channel::{now_ms, Channel};
+use crate::dcm::{DcmEvent, PeerView, TopologySnapshot};
+use crate::{AppState, SharedChannel};
+
+/// The only region today; every DCM and viewer belongs to it.
+pub const DEFAULT_REGION: &str = "default";
+/// The only distribution tier today: the multi-tree of substreams.
+pub const DEFAULT_TIER: &str = "multitree";
+/// How the default tier links peers (shown per link on the dashboard).
+pub const DEFAULT_ALGORITHM: &str = "multi-tree (k substream trees, interior in one)";
+/// Interval of the sampler behind the charts.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Samples kept per channel: 15 minutes at one per second.
+pub const SERIES_LEN: usize = 900;
+/// Rates and the p2p share on the charts are averaged over this many samples.
+const RATE_WINDOW: usize = 5;
+/// A tree link whose child heard nothing from its parent for this long is shown as lagging.
+pub const LAGGING_AFTER_MS: u64 = 3000;
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a viewer sits: its region (a group of DCMs) and tier (distribution algorithm).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Placement {
+    pub region: String,
+    pub tier: String,
+}
+
+/// The region and tier of a peer. One place to change when regions and tiers are added.
+pub fn placement(_peer: &PeerView) -> Placement {
+    Placement {
+        region: DEFAULT_REGION.into(),
+        tier: DEFAULT_TIER.into(),
+    }
+}
+
+/// Cumulative counters a peer reports in its heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PeerTotals {
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_up: u64,
+    pub origin_fallbacks: u64,
+}
+
+impl PeerTotals {
+    fn of(hb: &Heartbeat) -> Self {
+        PeerTotals {
+            bytes_from_peers: hb.bytes_from_peers,
+            bytes_from_origin: hb.bytes_from_origin,
+            bytes_up: hb.bytes_up,
+            origin_fallbacks: hb.origin_fallbacks,
+        }
+    }
+
+    fn add(&mut self, o: &PeerTotals) {
+        self.bytes_from_peers += o.bytes_from_peers;
+        self.bytes_from_origin += o.bytes_from_origin;
+        self.bytes_up += o.bytes_up;
+        self.origin_fallbacks += o.origin_fallbacks;
+    }
+
+    /// Share of received bytes that came from peers, if anything was received.
+    pub fn p2p_share(&self) -> Option<f64> {
+        let total = self.bytes_from_peers + self.bytes_from_origin;
+        (total > 0).then(|| self.bytes_from_peers as f64 / total as f64)
+    }
+}
+
+/// Viewers of one region and tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlacementCount {
+    pub region: String,
+    pub tier: String,
+    pub viewers: u32,
+}
+
+/// Everything `/metrics` and the dashboard report about one channel at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChannelTotals {
+    pub viewers: u32,
+    pub viewers_by_placement: Vec<PlacementCount>,
+    /// Peer-reported, departed viewers included.
+    pub received: PeerTotals,
+    pub origin_push_bytes: u64,
+    pub fallback_bytes: u64,
+    pub fallback_packets: u64,
+    pub packets_produced: u64,
+    pub heartbeats: u64,
+    pub congestion_events: u64,
+    pub repairs: u64,
+    /// Tree links whose child reports no packet from its parent for [`LAGGING_AFTER_MS`].
+    pub lagging_links: u32,
+}
+
+impl ChannelTotals {
+    /// Bytes the origin sent: WebSocket pushes plus HTTP fallback.
+    pub fn origin_egress_bytes(&self) -> u64 {
+        self.origin_push_bytes + self.fallback_bytes
+    }
+}
+
+/// One point of a channel's time series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sample {
+    /// Server wall clock, ms since the Unix epoch.
+    pub t_ms: u64,
+    pub viewers: u32,
+    /// Cumulative, peer-reported.
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    /// Cumulative, server-side: push + fallback.
+    pub origin_egress_bytes: u64,
+    pub congestion_events: u64,
+    pub repairs: u64,
+    pub lagging_links: u32,
+    /// Share of bytes received from peers over the last few seconds.
+    pub p2p_share: Option<f64>,
+    /// Receive rates the viewers report, kbit/s, summed over viewers.
+    pub peers_kbps: f64,
+    pub origin_kbps: f64,
+    /// What the origin sent, kbit/s.
+    pub egress_kbps: f64,
+}
+
+#[derive(Default)]
+struct Track {
+    live: HashMap<PeerId, PeerTotals>,
+    departed: PeerTotals,
+    samples: VecDeque<Sample>,
+    last: ChannelTotals,
+}
+
+/// Per-channel running totals and series. One per server, in [`AppState`].
+#[derive(Default)]
+pub struct Metrics {
+    tracks: Mutex<HashMap<String, Track>>,
+    sampler: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Metrics {
+    /// Folds a DCM snapshot into the channel's running totals (peers gone since the last
+    /// snapshot move to the departed total) and returns the channel's totals. Without a
+    /// snapshot (DCM not answering) the last known peer figures are kept.
+    pub fn observe(&self, ch: &Channel, snap: Option<&TopologySnapshot>) -> ChannelTotals {
+        let mut tracks = lock(&self.tracks);
+        let track = tracks.entry(ch.name.clone()).or_default();
+        let mut totals = match snap {
+            Some(snap) => {
+                let current: HashSet<PeerId> = snap.peers.iter().map(|p| p.id).collect();
+                let gone: Vec<PeerId> = track
+                    .live
+                    .keys()
+                    .filter(|id| !current.contains(id))
+                    .copied()
+                    .collect();
+                for id in gone {
+                    if let Some(t) = track.live.remove(&id) {
+                        track.departed.add(&t);
+                    }
+                }
+                for p in &snap.peers {
+                    if let Some(hb) = &p.last_heartbeat {
+                        track.live.insert(p.id, PeerTotals::of(hb));
+                    }
+                }
+                let mut by: BTreeMap<Placement, u32> = BTreeMap::new();
+                for p in &snap.peers {
+                    *by.entry(placement(p)).or_default() += 1;
+                }
+                ChannelTotals {
+                    viewers: snap.peers.len() as u32,
+                    viewers_by_placement: by
+                        .into_iter()
+                        .map(|(p, n)| PlacementCount {
+                            region: p.region,
+                            tier: p.tier,
+                            viewers: n,
+                        })
+                        .collect(),
+                    lagging_links: link_health(snap).iter().filter(|l| l.lagging).count() as u32,
+                    ..ChannelTotals::default()
+                }
+            }
+            None => track.last.clone(),
+        };
+        let mut received = track.departed;
+        for t in track.live.values() {
+            received.add(t);
+        }
+        totals.received = received;
+        let c = &ch.counters;
+        totals.origin_push_bytes = c.origin_push_bytes.load(Ordering::Relaxed);
+        totals.fallback_bytes = c.fallback_bytes.load(Ordering::Relaxed);
+        totals.fallback_packets = c.fallback_packets.load(Ordering::Relaxed);
+        totals.packets_produced = c.packets_produced.load(Ordering::Relaxed);
+        totals.heartbeats = c.heartbeats.load(Ordering::Relaxed);
+        totals.congestion_events = c.congestion_events.load(Ordering::Relaxed);
+        totals.repairs = c.repairs.load(Ordering::Relaxed);
+        track.last = totals.clone();
+        totals
+    }
+
+    /// Observes and appends one sample to the channel's series.
+    pub fn record(&self, ch: &Channel, snap: Option<&TopologySnapshot>, t_ms: u64) -> Sample {
+        let totals = self.observe(ch, snap);
+        let mut tracks = lock(&self.tracks);
+        let track = tracks.entry(ch.name.clone()).or_default();
+        let mut s = Sample {
+            t_ms,
+            viewers: totals.viewers,
+            bytes_from_peers: totals.received.bytes_from_peers,
+            bytes_from_origin: totals.received.bytes_from_origin,
+            origin_egress_bytes: totals.origin_egress_bytes(),
+            congestion_events: totals.congestion_events,
+            repairs: totals.repairs,
+            lagging_links: totals.lagging_links,
+            p2p_share: None,
+            peers_kbps: 0.0,
+            origin_kbps: 0.0,
+            egress_kbps: 0.0,
+        };
+        let back = track.samples.len().min(RATE_WINDOW);
+        if let Some(prev) = track.samples.len().checked_sub(back).and_then(|i| track.samples.get(i)) {
+            let dt_ms = t_ms.saturating_sub(prev.t_ms);
+            if dt_ms > 0 {
+                let d_peers = s.bytes_from_peers.saturating_sub(prev.bytes_from_peers);
+                let d_origin = s.bytes_from_origin.saturating_sub(prev.bytes_from_origin);
+                let d_egress = s.origin_egress_bytes.saturating_sub(prev.origin_egress_bytes);
+                // bytes * 8 / ms = kbit/s
+                let kbps = |b: u64| b as f64 * 8.0 / dt_ms as f64;
+                s.peers_kbps = kbps(d_peers);
+                s.origin_kbps = kbps(d_origin);
+                s.egress_kbps = kbps(d_egress);
+                s.p2p_share = (d_peers + d_origin > 0)
+                    .then(|| d_peers as f64 / (d_peers + d_origin) as f64);
+            }
+        }
+        track.samples.push_back(s.clone());
+        while track.samples.len() > SERIES_LEN {
+            track.samples.pop_front();
+        }
+        s
+    }
+
+    /// Samples of a channel newer than `since_ms`, oldest first.
+    pub fn series(&self, channel: &str, since_ms: u64) -> Vec<Sample> {
+        lock(&self.tracks)
+            .get(channel)
+            .map(|t| {
+                t.samples
+                    .iter()
+                    .filter(|s| s.t_ms > since_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops the state of channels that no longer exist.
+    fn retain(&self, names: &HashSet<String>) {
+        lock(&self.tracks).retain(|k, _| names.contains(k));
+    }
+}
+
+/// Asks a channel's DCM for its topology; `None` if it does not answer in time.
+pub async fn snapshot(ch: &Channel) -> Option<TopologySnapshot> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = async {
+        ch.dcm.send(DcmEvent::Snapshot { reply: tx }).await.ok()?;
+        rx.await.ok()
+    };
+    tokio::time::timeout(SNAPSHOT_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Starts the one-second sampler of `state` if it is not running yet (needs a tokio runtime;
+/// without one, nothing is started and the next call tries again).
+pub fn ensure_sampler(state: &AppState) {
+    if state.metrics.sampler.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        state.metrics.sampler.store(false, Ordering::SeqCst);
+        return;
+    };
+    let channels = state.channels_weak();
+    let metrics = std::sync::Arc::downgrade(&state.metrics);
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            // Ends when the server state is dropped.
+            let (Some(channels), Some(metrics)) = (channels.upgrade(), metrics.upgrade()) else {
+                break;
+            };
+            let list: Vec<SharedChannel> = channels
+                .read()
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            drop(channels);
+            let t_ms = now_ms();
+            for ch in &list {
+                let snap = snapshot(ch).await;
+                metrics.record(ch, snap.as_ref(), t_ms);
+            }
+            metrics.retain(&list.iter().map(|c| c.name.clone()).collect());
+        }
+    });
+}
+
+/// Health of one tree link, from the child's last heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkHealth {
+    pub substream: u32,
+    pub parent: Source,
+    pub child: PeerId,
+    /// Last sequence number the child received from this parent.
+    pub last_seq: Option<u64>,
+    /// How long the child had heard nothing from this parent when it sent the heartbeat.
+    pub silent_ms: Option<u64>,
+    pub lagging: bool,
+}
+
+/// Health of every link of the current plan for which the child has sent a heartbeat.
+pub fn link_health(snap: &TopologySnapshot) -> Vec<LinkHealth> {
+    let mut out = Vec::new();
+    for p in &snap.peers {
+        let Some(hb) = &p.last_heartbeat else {
+            continue;
+        };
+        for s in &p.plan {
+            let Some(link) = hb
+                .parents
+                .iter()
+                .find(|l| l.substream == s.index && l.parent == s.parent)
+            else {
+                continue;
+            };
+            let silent_ms = link.last_ts_ms.map(|t| hb.local_ts_ms.saturating_sub(t));
+            // A link that never delivered counts once the child has been around a while.
+            let lagging = match silent_ms {
+                Some(ms) => ms > LAGGING_AFTER_MS,
+                None => hb.seq * 1000 > LAGGING_AFTER_MS,
+            };
+            out.push(LinkHealth {
+                substream: s.index,
+                parent: s.parent,
+                child: p.id,
+                last_seq: link.last_seq,
+                silent_ms,
+                lagging,
+            });
+        }
+    }
+    out
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Exposition(String);
+
+impl Exposition {
+    /// One metric family: `# HELP`, `# TYPE` and its samples (`labels` without braces).
+    fn family(&mut self, name: &str, kind: &str, help: &str, rows: &[(String, u64)]) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            if labels.is_empty() {
+                let _ = writeln!(self.0, "{name} {v}");
+            } else {
+                let _ = writeln!(self.0, "{name}{{{labels}}} {v}");
+            }
+        }
+    }
+}
+
+/// The Prometheus text exposition (format 0.0.4) of every channel, read now.
+pub async fn render(state: &AppState) -> String {
+    let mut rows: Vec<(String, ChannelTotals)> = Vec::new();
+    for name in state.channel_names() {
+        let Some(ch) = state.channel(&name) else {
+            continue;
+        };
+        let snap = snapshot(&ch).await;
+        rows.push((name, state.metrics.observe(&ch, snap.as_ref())));
+    }
+    let region = DEFAULT_REGION;
+    let base = |ch: &str| format!("channel=\"{}\",region=\"{}\"", esc(ch), esc(region));
+    let per = |f: &dyn Fn(&ChannelTotals) -> u64| -> Vec<(String, u64)> {
+        rows.iter().map(|(n, t)| (base(n), f(t))).collect()
+    };
+    let mut e = Exposition(String::new());
+    e.family(
+        "p2p_dcms",
+        "gauge",
+        "Delivery coordinator managers running (one per channel in each region).",
+        &[(format!("region=\"{}\"", esc(region)), rows.len() as u64)],
+    );
+    let mut viewers = Vec::new();
+    for (n, t) in &rows {
+        if t.viewers_by_placement.is_empty() {
+            viewers.push((
+                format!("{},tier=\"{}\"", base(n), esc(DEFAULT_TIER)),
+                0,
+            ));
+        }
+        for p in &t.viewers_by_placement {
+            viewers.push((
+                format!(
+                    "channel=\"{}\",region=\"{}\",tier=\"{}\"",
+                    esc(n),
+                    esc(&p.region),
+                    esc(&p.tier)
+                ),
+                u64::from(p.viewers),
+            ));
+        }
+    }
+    e.family(
+        "p2p_viewers",
+        "gauge",
+        "Viewers joined to the channel, per region and tier.",
+        &viewers,
+    );
+    let mut received = Vec::new();
+    for (n, t) in &rows {
+        received.push((
+            format!("{},source=\"peers\"", base(n)),
+            t.received.bytes_from_peers,
+        ));
+        received.push((
+            format!("{},source=\"origin\"", base(n)),
+            t.received.bytes_from_origin,
+        ));
+    }
+    e.family(
+        "p2p_received_bytes_total",
+        "counter",
+        "Media bytes viewers received, by source, as their heartbeats report (departed viewers included).",
+        &received,
+    );
+    e.family(
+        "p2p_uploaded_bytes_total",
+        "counter",
+        "Media bytes viewers relayed to other viewers, as their heartbeats report.",
+        &per(&|t| t.received.bytes_up),
+    );
+    e.family(
+        "p2p_viewer_origin_fallbacks_total",
+        "counter",
+        "Packets viewers fetched from the origin because the swarm did not deliver them in time.",
+        &per(&|t| t.received.origin_fallbacks),
+    );
+    let mut egress = Vec::new();
+    for (n, t) in &rows {
+        egress.push((format!("{},path=\"push\"", base(n)), t.origin_push_bytes));
+        egress.push((format!("{},path=\"fallback\"", base(n)), t.fallback_bytes));
+    }
+    e.family(
+        "p2p_origin_egress_bytes_total",
+        "counter",
+        "Bytes the origin sent: pushed over WebSockets to tree roots, or served over HTTP as fallback.",
+        &egress,
+    );
+    e.family(
+        "p2p_origin_fallback_packets_total",
+        "counter",
+        "Packets the origin served over HTTP.",
+        &per(&|t| t.fallback_packets),
+    );
+    e.family(
+        "p2p_packets_produced_total",
+        "counter",
+        "Packets the origin cut from the source.",
+        &per(&|t| t.packets_produced),
+    );
+    e.family(
+        "p2p_heartbeats_total",
+        "counter",
+        "Heartbeats received from viewers.",
+        &per(&|t| t.heartbeats),
+    );
+    e.family(
+        "p2p_congestion_events_total",
+        "counter",
+        "Links the DCM found congested.",
+        &per(&|t| t.congestion_events),
+    );
+    e.family(
+        "p2p_repairs_total",
+        "counter",
+        "Topology repairs (children moved after congestion, departures or silence).",
+        &per(&|t| t.repairs),
+    );
+    e.family(
+        "p2p_lagging_links",
+        "gauge",
+        "Tree links whose child heard nothing from its parent for 3 s, per the child's last heartbeat.",
+        &per(&|t| u64::from(t.lagging_links)),
+    );
+    e.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::origin::PacketWindow;
+    use protocol::heartbeat::ParentLink;
+    use protocol::SubstreamPlan;
+
+    fn channel() -> Channel {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        Channel::new("demo".into(), 1000, PacketWindow::new(64, 1_000_000), tx)
+    }
+
+    fn hb(id: u64, seq: u64, peers: u64, origin: u64) -> Heartbeat {
+        Heartbeat {
+            client_id: PeerId(id),
+            seq,
+            local_ts_ms: 10_000,
+            parents: vec![ParentLink {
+                substream: 0,
+                parent: Source::Origin,
+                last_seq: Some(4),
+                last_ts_ms: Some(10_000 - 5_000),
+            }],
+            children: vec![],
+            buffer: vec![],
+            bytes_from_peers: peers,
+            bytes_from_origin: origin,
+            bytes_up: 0,
+            origin_fallbacks: 0,
+            upload_kbps: 0,
+        }
+    }
+
+    fn snap(peers: &[(u64, Option<Heartbeat>)]) -> TopologySnapshot {
+        TopologySnapshot {
+            channel: "demo".into(),
+            substreams: 1,
+            stream_kbps: 1000,
+            epoch: 1,
+            max_depth: 1,
+            peers: peers
+                .iter()
+                .map(|(id, hb)| PeerView {
+                    id: PeerId(*id),
+                    upload_kbps: 1000,
+                    interior_tree: None,
+                    plan: vec![SubstreamPlan {
+                        index: 0,
+                        parent: Source::Origin,
+                        children: vec![],
+                    }],
+                    last_heartbeat: hb.clone(),
+                })
+                .collect(),
+            origin_children: vec![],
+        }
+    }
+
+    #[test]
+    fn departed_peers_stay_in_the_totals_and_series_have_rates() {
+        let ch = channel();
+        let m = Metrics::default();
+        let t = m.observe(
+            &ch,
+            Some(&snap(&[(1, Some(hb(1, 3, 100, 50))), (2, None)])),
+        );
+        assert_eq!(t.viewers, 2);
+        assert_eq!(t.received.bytes_from_peers, 100);
+        assert_eq!(t.viewers_by_placement[0].viewers, 2);
+        m.record(&ch, Some(&snap(&[(1, Some(hb(1, 4, 200, 50)))])), 1_000);
+        // Peer 1 leaves: its last figures stay in the totals.
+        let s = m.record(&ch, Some(&snap(&[(3, Some(hb(3, 1, 0, 1000)))])), 2_000);
+        assert_eq!(s.viewers, 1);
+        assert_eq!(s.bytes_from_peers, 200);
+        assert_eq!(s.bytes_from_origin, 1050);
+        // 1000 origin bytes in 1 s = 8 kbit/s, no peer bytes: share 0.
+        assert!((s.origin_kbps - 8.0).abs() < 1e-9);
+        assert_eq!(s.p2p_share, Some(0.0));
+        assert_eq!(m.series("demo", 1_000), vec![s]);
+        // Without a snapshot the last figures are kept.
+        assert_eq!(m.observe(&ch, None).viewers, 1);
+    }
+
+    #[test]
+    fn silent_links_are_lagging() {
+        let s = snap(&[(1, Some(hb(1, 3, 0, 0))), (2, None)]);
+        let links = link_health(&s);
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0].silent_ms, Some(5_000));
+        assert!(links[0].lagging);
+    }
+
+    #[tokio::test]
+    async fn exposition_has_every_family_once() {
+        let state = AppState::new(crate::config::Config::default());
+        state.create_channel("a-b", 1000).expect("channel");
+        let text = render(&state).await;
+        for name in [
+            "p2p_dcms",
+            "p2p_viewers",
+            "p2p_received_bytes_total",
+            "p2p_origin_egress_bytes_total",
+            "p2p_heartbeats_total",
+            "p2p_congestion_events_total",
+            "p2p_repairs_total",
+        ] {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name} in\n{text}"
+            );
+        }
+        assert!(text.contains(
+            "p2p_viewers{channel=\"a-b\",region=\"default\",tier=\"multitree\"} 0"
+        ));
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,356 @@
+//! A cluster of the middle or bottom tier (patent FIG. 4, 5, 7): the unit a DCM manages.
+//!
+//! A cluster is a [`MultiTree`] whose "origin" is not the real origin but the cluster's *feeders*:
+//! the nodes of the tier above that hand it the stream (preferred nodes for a region's middle
+//! cluster, middle-tier nodes for a bottom cluster, the origin or a waypoint when the tier above
+//! is empty). Each feeder contributes a number of root feeds ("slots"); the tree's
+//! `origin_fanout` is their sum divided over the trees, and roots beyond it are fed by the real
+//! origin as a last resort (the peers' HTTP fallback) and count as *underfed*.
+//!
+//! * **Middle** clusters run the multi-tree with Reed-Solomon coding: `k + n` trees, tree `i`
+//!   carrying coded shard `i` of every group of `k` packets ([`protocol::fec`]). A node is at full
+//!   rate when at least `k` of its `k + n` substreams are fed within capacity.
+//! * **Bottom** clusters run the plain multi-tree of `k` substreams.
+
+use std::collections::BTreeMap;
+
+use protocol::PeerId;
+use serde::Serialize;
+
+use super::mesh::MeshNode;
+use super::multitree::{Changes, MultiTree, MultiTreeConfig};
+use super::region::Region;
+
+/// Logical id of a cluster: the id of the DCM that manages it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ClusterId(pub u64);
+
+impl std::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dcm{}", self.0)
+    }
+}
+
+/// The tier a cluster belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterKind {
+    /// Erasure-coded: `k + n` trees, any `k` suffice.
+    Middle { k: u32, n: u32 },
+    /// Plain multi-tree of `k` substreams.
+    Bottom { k: u32 },
+}
+
+impl ClusterKind {
+    pub fn trees(&self) -> u32 {
+        match *self {
+            ClusterKind::Middle { k, n } => k + n,
+            ClusterKind::Bottom { k } => k,
+        }
+    }
+
+    /// Substreams a node may miss and still rebuild the full rate.
+    pub fn tolerance(&self) -> u32 {
+        match *self {
+            ClusterKind::Middle { n, .. } => n,
+            ClusterKind::Bottom { .. } => 0,
+        }
+    }
+}
+
+/// Who feeds a cluster's roots, and how many root feeds (over all trees) it can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feeder {
+    pub node: MeshNodeOrPeer,
+    pub slots: u32,
+}
+
+/// A feeder is a tier-above peer, or a server (origin, waypoint) of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MeshNodeOrPeer {
+    Peer(PeerId),
+    Server(MeshNode),
+}
+
+/// One cluster: its tree and its feeders.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub region: Region,
+    pub kind: ClusterKind,
+    tree: MultiTree,
+    feeders: Vec<Feeder>,
+    /// Declared upload of each member, to move members between clusters.
+    uploads: BTreeMap<PeerId, u32>,
+}
+
+impl Cluster {
+    /// `stream_kbps` is the plain stream rate; a middle cluster's trees each carry one coded
+    /// shard per group, i.e. `stream / k` like a plain substream.
+    pub fn new(
+        id: ClusterId,
+        region: Region,
+        kind: ClusterKind,
+        stream_kbps: u32,
+        max_fanout: u32,
+    ) -> Self {
+        let trees = kind.trees().max(1);
+        let k = match kind {
+            ClusterKind::Middle { k, .. } | ClusterKind::Bottom { k } => k.max(1),
+        };
+        let cfg = MultiTreeConfig {
+            k: trees,
+            // Per-tree rate = stream / k in both kinds, so fan-outs are in the same unit.
+            stream_kbps: (u64::from(stream_kbps) * u64::from(trees) / u64::from(k)) as u32,
+            origin_fanout: 0,
+            max_fanout,
+        };
+        Cluster {
+            id,
+            region,
+            kind,
+            tree: MultiTree::new(cfg),
+            feeders: Vec::new(),
+            uploads: BTreeMap::new(),
+        }
+    }
+
+    pub fn tree(&self) -> &MultiTree {
+        &self.tree
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    pub fn contains(&self, peer: PeerId) -> bool {
+        self.uploads.contains_key(&peer)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = (PeerId, u32)> + '_ {
+        self.uploads.iter().map(|(p, u)| (*p, *u))
+    }
+
+    pub fn feeders(&self) -> &[Feeder] {
+        &self.feeders
+    }
+
+    /// Root feeds per tree the feeders give.
+    pub fn root_slots(&self) -> u32 {
+        self.tree.config().origin_fanout
+    }
+
+    /// Forwarding slots minus demand, over all trees: below zero the cluster cannot feed every
+    /// member every substream and some are underfed (the origin tops up).
+    pub fn spare(&self) -> i64 {
+        let trees = i64::from(self.kind.trees());
+        self.tree.total_fanout() as i64 + i64::from(self.root_slots()) * trees
+            - self.len() as i64 * trees
+    }
+
+    /// Slots a member with this upload adds to [`Cluster::spare`] (negative: it needs more than
+    /// it gives).
+    pub fn net_contribution(&self, upload_kbps: u32) -> i64 {
+        i64::from(self.tree.config().fanout_for(upload_kbps)) - i64::from(self.kind.trees())
+    }
+
+    pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
+        self.uploads.insert(peer, upload_kbps);
+        self.tree.join(peer, upload_kbps)
+    }
+
+    pub fn leave(&mut self, peer: PeerId) -> Changes {
+        self.uploads.remove(&peer);
+        self.tree.leave(peer)
+    }
+
+    /// Replaces the feeders; returns the peers whose sources or children changed: the old and
+    /// new feeder peers and the roots.
+    pub fn set_feeders(&mut self, feeders: Vec<Feeder>) -> Changes {
+        let mut aff = Changes::default();
+        for f in self.feeders.iter().chain(&feeders) {
+            if let MeshNodeOrPeer::Peer(p) = f.node {
+                aff.affected.insert(p);
+            }
+        }
+        // Whole root feeds per tree; a feeder's remainder slots stay unused, so every tree has
+        // exactly `root_slots` fed within capacity and the plans agree with `underfed`.
+        let trees = self.kind.trees().max(1);
+        let per_tree: u32 = feeders.iter().map(|f| f.slots / trees).sum();
+        self.tree.set_origin_fanout(per_tree);
+        self.feeders = feeders;
+        aff.affected.extend(self.all_roots());
+        aff
+    }
+
+    fn all_roots(&self) -> Vec<PeerId> {
+        (0..self.kind.trees())
+            .flat_map(|t| self.tree.roots(t))
+            .collect()
+    }
+
+    /// Which feeder feeds each root of tree `t`, in slot order; roots beyond the slots are fed
+    /// by the origin (fallback). Each feeder gives `slots / trees` root feeds per tree.
+    pub fn root_sources(&self, t: u32) -> Vec<(PeerId, MeshNodeOrPeer)> {
+        let trees = self.kind.trees().max(1);
+        let mut quota: Vec<(MeshNodeOrPeer, u32)> = self
+            .feeders
+            .iter()
+            .map(|f| (f.node, f.slots / trees))
+            .collect();
+        let mut next = 0;
+        self.tree
+            .roots(t)
+            .map(|r| {
+                while next < quota.len() && quota[next].1 == 0 {
+                    next += 1;
+                }
+                match quota.get_mut(next) {
+                    Some(q) => {
+                        q.1 -= 1;
+                        (r, q.0)
+                    }
+                    None => (r, MeshNodeOrPeer::Server(MeshNode::Origin)),
+                }
+            })
+            .collect()
+    }
+
+    /// Members that miss more substreams than the kind tolerates, fed within capacity.
+    pub fn underfed(&self) -> impl Iterator<Item = PeerId> + '_ {
+        let tol = self.kind.tolerance();
+        self.tree
+            .underfed()
+            .into_iter()
+            .filter(move |(_, missing)| *missing > tol)
+            .map(|(p, _)| p)
+    }
+
+    /// Splits off about half of the members into a new cluster (alternating by upload, so both
+    /// halves keep similar spare capacity); the caller gives the new one feeders. Both halves are
+    /// rebuilt strongest-first (the patent's greedy heuristic): leaves erode the balance of
+    /// forwarding capacity between trees, and a rebuild restores it at the same cost as moving.
+    pub fn split(&mut self, id: ClusterId, stream_kbps: u32, max_fanout: u32) -> (Cluster, Changes) {
+        let mut by_upload: Vec<(u32, PeerId)> =
+            self.uploads.iter().map(|(p, u)| (*u, *p)).collect();
+        by_upload.sort_unstable_by(|a, b| b.cmp(a));
+        let mut aff = Changes::default();
+        aff.affected.extend(self.uploads.keys().copied());
+        let mut keep = Cluster::new(self.id, self.region, self.kind, stream_kbps, max_fanout);
+        let mut other = Cluster::new(id, self.region, self.kind, stream_kbps, max_fanout);
+        for (i, (u, p)) in by_upload.into_iter().enumerate() {
+            if i % 2 == 0 {
+                keep.join(p, u);
+            } else {
+                other.join(p, u);
+            }
+        }
+        keep.set_feeders(std::mem::take(&mut self.feeders));
+        *self = keep;
+        (other, aff)
+    }
+
+    /// Merges `other`'s members into this cluster, rebuilding it strongest-first (see
+    /// [`Cluster::split`]); `other`'s feeders are the caller's to re-home.
+    pub fn absorb(&mut self, other: Cluster, stream_kbps: u32, max_fanout: u32) -> Changes {
+        let mut by_upload: Vec<(u32, PeerId)> = self
+            .uploads
+            .iter()
+            .chain(&other.uploads)
+            .map(|(p, u)| (*u, *p))
+            .collect();
+        by_upload.sort_unstable_by(|a, b| b.cmp(a));
+        let mut merged = Cluster::new(self.id, self.region, self.kind, stream_kbps, max_fanout);
+        let mut aff = Changes::default();
+        for (u, p) in by_upload {
+            merged.join(p, u);
+            aff.affected.insert(p);
+        }
+        aff.affected
+            .extend(merged.set_feeders(std::mem::take(&mut self.feeders)).affected);
+        *self = merged;
+        aff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn feeder(p: u64, slots: u32) -> Feeder {
+        Feeder {
+            node: MeshNodeOrPeer::Peer(PeerId(p)),
+            slots,
+        }
+    }
+
+    #[test]
+    fn feeders_fill_root_slots_in_order_then_the_origin_tops_up() {
+        let mut c = Cluster::new(ClusterId(1), Region::V4([10, 0]), ClusterKind::Bottom { k: 2 }, 1000, 4);
+        for i in 0..6 {
+            c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
+        }
+        let aff = c.set_feeders(vec![feeder(100, 4), feeder(101, 2)]);
+        assert!(aff.affected.contains(&PeerId(100)) && aff.affected.contains(&PeerId(0)));
+        assert_eq!(c.root_slots(), 3);
+        for t in 0..2 {
+            let src = c.root_sources(t);
+            assert_eq!(src.len(), 6);
+            let by = |n: MeshNodeOrPeer| src.iter().filter(|(_, s)| *s == n).count();
+            assert_eq!(by(MeshNodeOrPeer::Peer(PeerId(100))), 2);
+            assert_eq!(by(MeshNodeOrPeer::Peer(PeerId(101))), 1);
+            assert_eq!(by(MeshNodeOrPeer::Server(MeshNode::Origin)), 3);
+        }
+        assert_eq!(c.underfed().count(), 3);
+        assert_eq!(c.spare(), -6);
+    }
+
+    #[test]
+    fn middle_cluster_tolerates_n_missing_substreams() {
+        let mut c = Cluster::new(
+            ClusterId(2),
+            Region::V4([10, 0]),
+            ClusterKind::Middle { k: 2, n: 1 },
+            1000,
+            8,
+        );
+        assert_eq!(c.tree().config().k, 3);
+        c.join(PeerId(1), 0);
+        // Slots for two of the three trees: one substream missing, within tolerance.
+        c.set_feeders(vec![feeder(9, 2)]);
+        assert_eq!(c.root_slots(), 0);
+        c.set_feeders(vec![feeder(9, 3)]);
+        assert_eq!(c.root_slots(), 1);
+        assert_eq!(c.underfed().count(), 0);
+    }
+
+    #[test]
+    fn split_and_absorb_keep_every_member_fed() {
+        let mut c = Cluster::new(ClusterId(3), Region::V4([1, 2]), ClusterKind::Bottom { k: 4 }, 1000, 8);
+        for i in 0..100 {
+            c.join(PeerId(i), [0, 500, 1000, 3000][i as usize % 4]);
+        }
+        c.set_feeders(vec![feeder(1000, 16), feeder(1001, 16)]);
+        let (mut d, aff) = c.split(ClusterId(4), 1000, 8);
+        d.set_feeders(vec![feeder(1002, 16), feeder(1003, 16)]);
+        assert_eq!(c.len() + d.len(), 100);
+        assert!(c.len().abs_diff(d.len()) <= 1);
+        assert!(!aff.affected.is_empty());
+        for x in [&c, &d] {
+            x.tree().check_invariants().unwrap();
+            assert_eq!(x.underfed().count(), 0, "spare {}", x.spare());
+        }
+        c.absorb(d, 1000, 8);
+        assert_eq!(c.len(), 100);
+        // The absorbed cluster's feeders come along (the hierarchy re-homes them).
+        c.set_feeders((1000..1004).map(|p| feeder(p, 16)).collect());
+        c.tree().check_invariants().unwrap();
+        assert_eq!(c.underfed().count(), 0);
+    }
+}

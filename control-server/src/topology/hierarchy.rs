@@ -1,0 +1,1148 @@
+//! One channel's three-tier hierarchy (patent FIG. 3-7): state in, plan out.
+//!
+//! * **Top**: preferred nodes of every region (and waypoints for regions without a capable
+//!   client) with the origin in a c-connected flooding [`Mesh`].
+//! * **Middle**: per region, one erasure-coded [`Cluster`] of high-capacity nodes, its roots fed by
+//!   the region's preferred nodes (≥ 2 when the region has them).
+//! * **Bottom**: per region, clusters of bounded size running the plain multi-tree, each fed by
+//!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders.
+//!   Clusters split above `cluster_max` and merge below `cluster_min`.
+//!
+//! Every cluster is one DCM's state (its [`ClusterId`] is the DCM's logical id); a DCM task
+//! drives [`Hierarchy::join`] / [`Hierarchy::leave`] and sends new instructions
+//! ([`Hierarchy::plan`]) to the peers named in the returned [`Changes`].
+//!
+//! Capacities are in *units* of one substream, `stream / k` (a coded shard has the same rate).
+//! A preferred node spends `(degree − 1)` streams on the mesh and offers the rest as middle-tier
+//! root feeds; a middle node forwards at most `k + n` units in its middle tree (what it takes)
+//! and offers the rest as root feeds of the bottom cluster it feeds.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use protocol::PeerId;
+use serde::Serialize;
+
+use super::cluster::{Cluster, ClusterId, ClusterKind, Feeder, MeshNodeOrPeer};
+use super::mesh::{History, Mesh, MeshConfig, MeshNode};
+use super::multitree::Changes;
+use super::region::Region;
+
+/// Parameters of a channel's hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HierarchyConfig {
+    /// Substreams of the plain multi-tree, and data shards per FEC group.
+    pub k: u32,
+    pub stream_kbps: u32,
+    pub mesh: MeshConfig,
+    /// Default parity shards `n` of a middle cluster (per region: [`RegionSettings`]).
+    pub fec_n: u32,
+    pub cluster_min: usize,
+    pub cluster_max: usize,
+    /// Middle nodes feeding each bottom cluster (at least 2, so a feeder's departure is not an
+    /// outage); a cluster short of capacity takes up to twice as many.
+    pub feeders_per_cluster: usize,
+    /// Cap on a bottom node's fan-out, in units.
+    pub max_fanout: u32,
+    /// Root feeds per tree the origin or a waypoint gives a cluster it has to feed itself.
+    pub server_slots: u32,
+}
+
+impl Default for HierarchyConfig {
+    fn default() -> Self {
+        HierarchyConfig {
+            k: 8,
+            stream_kbps: 1000,
+            mesh: MeshConfig::default(),
+            fec_n: 2,
+            cluster_min: 64,
+            cluster_max: 512,
+            feeders_per_cluster: 2,
+            max_fanout: 64,
+            server_slots: 2,
+        }
+    }
+}
+
+/// Per-region settings from the region config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionSettings {
+    /// Parity shards of the region's middle tier (`None`: the channel default).
+    pub fec_n: Option<u32>,
+    /// Configured relay server standing in when the region has no capable client.
+    pub waypoint: Option<u32>,
+}
+
+/// The tier of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Preferred,
+    Middle,
+    Bottom,
+}
+
+/// The algorithm used on a link (claim 7), named as the peer expects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "algorithm", rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Flooding with duplicate elimination (top tier).
+    Flood,
+    /// Plain multi-tree substream (bottom tier).
+    Multitree,
+    /// Reed-Solomon coded substream: shard `substream` of each group of `k` packets.
+    MultitreeFec { k: u32, n: u32 },
+}
+
+/// One end of a link in a plan.
+pub type Endpoint = MeshNodeOrPeer;
+
+/// One link of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub peer: Endpoint,
+    /// `None` for flooding (every packet).
+    pub substream: Option<u32>,
+    pub algorithm: Algorithm,
+}
+
+/// What a peer is told: its place, what it receives from whom, what it sends to whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub tier: Tier,
+    pub region: Region,
+    /// DCM managing the peer (`None` for preferred nodes: the top tier's single DCM).
+    pub cluster: Option<ClusterId>,
+    /// `false` for recruited relays: they forward a channel they do not play (claim 19).
+    pub plays: bool,
+    pub receive: Vec<Link>,
+    pub send: Vec<Link>,
+}
+
+#[derive(Debug, Clone)]
+struct PeerInfo {
+    region: Region,
+    /// Effective upload (declared, capped by measurements).
+    upload: u32,
+    tier: Tier,
+    /// Middle nodes: the bottom cluster they feed.
+    feeds: Option<ClusterId>,
+    /// Bottom nodes: their cluster.
+    cluster: Option<ClusterId>,
+    relay: bool,
+}
+
+#[derive(Debug, Clone)]
+struct RegionState {
+    preferred: BTreeSet<PeerId>,
+    /// The server standing in while the region has no client preferred node.
+    waypoint: Option<MeshNode>,
+    middle: ClusterId,
+    fec_n: u32,
+    bottom: BTreeSet<ClusterId>,
+    /// Middle nodes feeding no bottom cluster yet.
+    idle_middle: BTreeSet<PeerId>,
+    /// Middle nodes feeding each bottom cluster.
+    feeders: BTreeMap<ClusterId, BTreeSet<PeerId>>,
+}
+
+/// Summary for benchmarks and the topology page.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HierarchyReport {
+    pub peers: usize,
+    pub regions: usize,
+    pub preferred: usize,
+    pub waypoints: usize,
+    pub middle: usize,
+    pub bottom: usize,
+    pub bottom_clusters: usize,
+    pub relays: usize,
+    pub mesh_connectivity: u32,
+    pub max_depth_middle: u32,
+    pub max_depth_bottom: u32,
+    /// Peers receiving the full rate within the peers' (and servers' allotted) capacity.
+    pub full_rate: usize,
+    /// Upload the plans use / effective upload of all peers.
+    pub upload_used_kbps: u64,
+    pub upload_total_kbps: u64,
+}
+
+/// A channel's hierarchy.
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    cfg: HierarchyConfig,
+    mesh: Mesh,
+    settings: BTreeMap<Region, RegionSettings>,
+    regions: BTreeMap<Region, RegionState>,
+    clusters: BTreeMap<ClusterId, Cluster>,
+    peers: HashMap<PeerId, PeerInfo>,
+    next_cluster: u64,
+}
+
+impl Hierarchy {
+    pub fn new(cfg: HierarchyConfig) -> Self {
+        let cfg = HierarchyConfig {
+            k: cfg.k.max(1),
+            feeders_per_cluster: cfg.feeders_per_cluster.max(2),
+            cluster_max: cfg.cluster_max.max(2),
+            cluster_min: cfg.cluster_min.min(cfg.cluster_max.max(2) / 2),
+            mesh: MeshConfig {
+                stream_kbps: cfg.stream_kbps,
+                ..cfg.mesh
+            },
+            ..cfg
+        };
+        Hierarchy {
+            mesh: Mesh::new(cfg.mesh),
+            cfg,
+            settings: BTreeMap::new(),
+            regions: BTreeMap::new(),
+            clusters: BTreeMap::new(),
+            peers: HashMap::new(),
+            next_cluster: 1,
+        }
+    }
+
+    pub fn config(&self) -> &HierarchyConfig {
+        &self.cfg
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &Cluster> {
+        self.clusters.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Settings of a region (applied when the region next becomes active).
+    pub fn set_region_settings(&mut self, region: Region, s: RegionSettings) {
+        self.settings.insert(region, s);
+    }
+
+    fn unit(&self) -> u64 {
+        (u64::from(self.cfg.stream_kbps) / u64::from(self.cfg.k)).max(1)
+    }
+
+    fn units(&self, kbps: u32) -> u32 {
+        (u64::from(kbps) / self.unit()).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Adds a viewer (re-adding first removes it).
+    pub fn join(&mut self, peer: PeerId, region: Region, upload_kbps: u32, history: History) -> Changes {
+        self.join_as(peer, region, history.effective_upload_kbps(upload_kbps), false)
+    }
+
+    /// Adds many peers at once, strongest first (the patent's greedy heuristic), with the bottom
+    /// clusters each region will need created up front so the build never splits.
+    pub fn build(cfg: HierarchyConfig, peers: &[(PeerId, Region, u32, History)]) -> Self {
+        let mut h = Hierarchy::new(cfg);
+        let mut per_region: BTreeMap<Region, usize> = BTreeMap::new();
+        for p in peers {
+            *per_region.entry(p.1).or_default() += 1;
+        }
+        let target = (h.cfg.cluster_min + h.cfg.cluster_max) / 2;
+        for (region, n) in per_region {
+            h.ensure_region(region);
+            for _ in 0..n.div_ceil(target.max(1)) {
+                h.new_bottom_cluster(region);
+            }
+        }
+        let mut order: Vec<(u32, PeerId, Region)> = peers
+            .iter()
+            .map(|(p, r, u, hist)| (hist.effective_upload_kbps(*u), *p, *r))
+            .collect();
+        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (u, p, r) in order {
+            h.join_as(p, r, u, false);
+        }
+        h
+    }
+
+    fn join_as(&mut self, peer: PeerId, region: Region, upload: u32, relay: bool) -> Changes {
+        let mut aff = if self.peers.contains_key(&peer) {
+            self.leave(peer)
+        } else {
+            Changes::default()
+        };
+        self.ensure_region(region);
+        let stream = self.cfg.stream_kbps;
+        let Some(rs) = self.regions.get(&region) else {
+            return aff;
+        };
+        let tier = if !relay
+            && upload >= self.cfg.mesh.min_upload_kbps()
+            && (rs.preferred.len() as u32) < self.cfg.mesh.per_region
+        {
+            Tier::Preferred
+        } else if upload >= stream && (relay || self.cluster_wanting_feeder(region).is_some()) {
+            Tier::Middle
+        } else {
+            Tier::Bottom
+        };
+        self.peers.insert(
+            peer,
+            PeerInfo {
+                region,
+                upload,
+                tier,
+                feeds: None,
+                cluster: None,
+                relay,
+            },
+        );
+        match tier {
+            Tier::Preferred => self.add_preferred(peer, region, &mut aff),
+            Tier::Middle => self.add_middle(peer, region, &mut aff),
+            Tier::Bottom => self.add_bottom(peer, region, &mut aff),
+        }
+        aff.affected.insert(peer);
+        aff
+    }
+
+    /// Removes a peer; unknown peers change nothing.
+    pub fn leave(&mut self, peer: PeerId) -> Changes {
+        let mut aff = Changes::default();
+        let Some(info) = self.peers.remove(&peer) else {
+            return aff;
+        };
+        let region = info.region;
+        match info.tier {
+            Tier::Preferred => {
+                extend_mesh(&mut aff, self.mesh.remove(MeshNode::Peer(peer)));
+                if let Some(rs) = self.regions.get_mut(&region) {
+                    rs.preferred.remove(&peer);
+                }
+                self.promote_preferred(region, &mut aff);
+                self.refresh_middle_feeders(region, &mut aff);
+            }
+            Tier::Middle => {
+                if let Some(mid) = self.regions.get(&region).map(|r| r.middle) {
+                    if let Some(c) = self.clusters.get_mut(&mid) {
+                        aff.affected.extend(c.leave(peer).affected);
+                    }
+                }
+                if let Some(rs) = self.regions.get_mut(&region) {
+                    rs.idle_middle.remove(&peer);
+                    if let Some(f) = info.feeds {
+                        if let Some(set) = rs.feeders.get_mut(&f) {
+                            set.remove(&peer);
+                        }
+                    }
+                }
+                if let Some(f) = info.feeds {
+                    // Hand the cluster an idle middle node, if any, then re-plan its roots.
+                    let idle = self
+                        .regions
+                        .get(&region)
+                        .and_then(|r| r.idle_middle.first().copied());
+                    if let Some(m) = idle {
+                        self.assign_feeder(m, f);
+                    }
+                    self.refresh_bottom_feeders(f, &mut aff);
+                }
+            }
+            Tier::Bottom => {
+                if let Some(cid) = info.cluster {
+                    if let Some(c) = self.clusters.get_mut(&cid) {
+                        aff.affected.extend(c.leave(peer).affected);
+                    }
+                    self.maybe_merge(cid, &mut aff);
+                }
+            }
+        }
+        self.drop_region_if_empty(region, &mut aff);
+        aff.affected.remove(&peer);
+        aff
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Tiers
+    // -----------------------------------------------------------------------------------------
+
+    fn ensure_region(&mut self, region: Region) {
+        if self.regions.contains_key(&region) {
+            return;
+        }
+        let s = self.settings.get(&region).copied().unwrap_or_default();
+        let fec_n = s.fec_n.unwrap_or(self.cfg.fec_n);
+        let id = self.fresh_id();
+        let kind = ClusterKind::Middle {
+            k: self.cfg.k,
+            n: fec_n,
+        };
+        // A middle node forwards at most what it receives (k + n units): the rest of its upload
+        // feeds the bottom tier.
+        let cluster = Cluster::new(id, region, kind, self.cfg.stream_kbps, kind.trees());
+        self.clusters.insert(id, cluster);
+        let waypoint = s.waypoint.map_or(MeshNode::Origin, MeshNode::Waypoint);
+        self.mesh.insert(waypoint);
+        self.regions.insert(
+            region,
+            RegionState {
+                preferred: BTreeSet::new(),
+                waypoint: Some(waypoint),
+                middle: id,
+                fec_n,
+                bottom: BTreeSet::new(),
+                idle_middle: BTreeSet::new(),
+                feeders: BTreeMap::new(),
+            },
+        );
+        let mut aff = Changes::default();
+        self.refresh_middle_feeders(region, &mut aff);
+    }
+
+    fn drop_region_if_empty(&mut self, region: Region, aff: &mut Changes) {
+        let Some(rs) = self.regions.get(&region) else {
+            return;
+        };
+        let empty = rs.preferred.is_empty()
+            && self.clusters.get(&rs.middle).is_none_or(Cluster::is_empty)
+            && rs
+                .bottom
+                .iter()
+                .all(|c| self.clusters.get(c).is_none_or(Cluster::is_empty));
+        if !empty {
+            return;
+        }
+        if let Some(rs) = self.regions.remove(&region) {
+            self.clusters.remove(&rs.middle);
+            for c in rs.bottom {
+                self.clusters.remove(&c);
+            }
+            if let Some(w @ MeshNode::Waypoint(_)) = rs.waypoint {
+                if !self.regions.values().any(|r| r.waypoint == Some(w)) {
+                    extend_mesh(aff, self.mesh.remove(w));
+                }
+            }
+        }
+    }
+
+    fn fresh_id(&mut self) -> ClusterId {
+        let id = ClusterId(self.next_cluster);
+        self.next_cluster += 1;
+        id
+    }
+
+    /// Units a preferred node has left after flooding: its middle-tier root feeds.
+    fn preferred_slots(&self, upload: u32) -> u32 {
+        let mesh = u64::from(self.cfg.mesh.degree() - 1) * u64::from(self.cfg.stream_kbps);
+        self.units(u64::from(upload).saturating_sub(mesh).min(u64::from(u32::MAX)) as u32)
+    }
+
+    /// Units a middle node has left after its middle tree: its bottom-tier root feeds.
+    fn middle_slots(&self, peer: PeerId, info: &PeerInfo) -> u32 {
+        let used = self
+            .regions
+            .get(&info.region)
+            .and_then(|r| self.clusters.get(&r.middle))
+            .and_then(|c| c.tree().fanout(peer))
+            .unwrap_or(0);
+        self.units(info.upload).saturating_sub(used)
+    }
+
+    fn add_preferred(&mut self, peer: PeerId, region: Region, aff: &mut Changes) {
+        extend_mesh(aff, self.mesh.insert(MeshNode::Peer(peer)));
+        let mut old_waypoint = None;
+        if let Some(rs) = self.regions.get_mut(&region) {
+            rs.preferred.insert(peer);
+            old_waypoint = rs.waypoint.take();
+        }
+        // A capable client replaces the waypoint: servers cost the operator.
+        if let Some(w @ MeshNode::Waypoint(_)) = old_waypoint {
+            if !self.regions.values().any(|r| r.waypoint == Some(w)) {
+                extend_mesh(aff, self.mesh.remove(w));
+            }
+        }
+        self.refresh_middle_feeders(region, aff);
+    }
+
+    /// After a preferred node left: the strongest eligible middle node moves up, else the
+    /// region falls back to its waypoint.
+    fn promote_preferred(&mut self, region: Region, aff: &mut Changes) {
+        let Some(rs) = self.regions.get(&region) else {
+            return;
+        };
+        if !rs.preferred.is_empty() {
+            return;
+        }
+        let min = self.cfg.mesh.min_upload_kbps();
+        let best = self
+            .clusters
+            .get(&rs.middle)
+            .into_iter()
+            .flat_map(Cluster::members)
+            .filter(|(p, u)| *u >= min && self.peers.get(p).is_some_and(|i| !i.relay))
+            .max_by_key(|(p, u)| (*u, std::cmp::Reverse(*p)));
+        if let Some((p, _)) = best {
+            self.remove_middle(p, region, aff);
+            if let Some(info) = self.peers.get_mut(&p) {
+                info.tier = Tier::Preferred;
+                info.feeds = None;
+            }
+            self.add_preferred(p, region, aff);
+        } else {
+            let s = self.settings.get(&region).copied().unwrap_or_default();
+            let w = s.waypoint.map_or(MeshNode::Origin, MeshNode::Waypoint);
+            extend_mesh(aff, self.mesh.insert(w));
+            if let Some(rs) = self.regions.get_mut(&region) {
+                rs.waypoint = Some(w);
+            }
+        }
+    }
+
+    /// Takes a middle node out of the middle cluster and its feeding duty (for a promotion).
+    fn remove_middle(&mut self, peer: PeerId, region: Region, aff: &mut Changes) {
+        let Some(rs) = self.regions.get_mut(&region) else {
+            return;
+        };
+        rs.idle_middle.remove(&peer);
+        let feeds = self.peers.get(&peer).and_then(|i| i.feeds);
+        if let Some(f) = feeds {
+            if let Some(set) = rs.feeders.get_mut(&f) {
+                set.remove(&peer);
+            }
+        }
+        let mid = rs.middle;
+        if let Some(c) = self.clusters.get_mut(&mid) {
+            aff.affected.extend(c.leave(peer).affected);
+        }
+        if let Some(f) = feeds {
+            self.refresh_bottom_feeders(f, aff);
+        }
+    }
+
+    /// A bottom cluster of the region that needs a feeder: fewer than `feeders_per_cluster`, or
+    /// short of capacity and fewer than twice that.
+    fn cluster_wanting_feeder(&self, region: Region) -> Option<ClusterId> {
+        let rs = self.regions.get(&region)?;
+        let f = self.cfg.feeders_per_cluster;
+        let count = |c: &ClusterId| rs.feeders.get(c).map_or(0, BTreeSet::len);
+        rs.bottom
+            .iter()
+            .find(|c| count(c) < f)
+            .or_else(|| {
+                rs.bottom.iter().find(|c| {
+                    count(c) < 2 * f && self.clusters.get(c).is_some_and(|x| x.spare() < 0)
+                })
+            })
+            .copied()
+    }
+
+    fn add_middle(&mut self, peer: PeerId, region: Region, aff: &mut Changes) {
+        let Some(mid) = self.regions.get(&region).map(|r| r.middle) else {
+            return;
+        };
+        let upload = self.peers.get(&peer).map_or(0, |i| i.upload);
+        if let Some(c) = self.clusters.get_mut(&mid) {
+            aff.affected.extend(c.join(peer, upload).affected);
+        }
+        match self.cluster_wanting_feeder(region) {
+            Some(target) => {
+                self.assign_feeder(peer, target);
+                self.refresh_bottom_feeders(target, aff);
+            }
+            None => {
+                if let Some(rs) = self.regions.get_mut(&region) {
+                    rs.idle_middle.insert(peer);
+                }
+            }
+        }
+    }
+
+    fn assign_feeder(&mut self, peer: PeerId, cluster: ClusterId) {
+        let Some(info) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        info.feeds = Some(cluster);
+        if let Some(rs) = self.regions.get_mut(&info.region) {
+            rs.idle_middle.remove(&peer);
+            rs.feeders.entry(cluster).or_default().insert(peer);
+        }
+    }
+
+    fn add_bottom(&mut self, peer: PeerId, region: Region, aff: &mut Changes) {
+        let upload = self.peers.get(&peer).map_or(0, |i| i.upload);
+        let cid = match self.pick_bottom_cluster(region, upload) {
+            Some(c) => c,
+            None => self.new_bottom_cluster(region),
+        };
+        if let Some(info) = self.peers.get_mut(&peer) {
+            info.cluster = Some(cid);
+        }
+        let Some(c) = self.clusters.get_mut(&cid) else {
+            return;
+        };
+        let changes = c.join(peer, upload);
+        let roots_touched = touches_roots(c, &changes);
+        aff.affected.extend(changes.affected);
+        if roots_touched {
+            self.refresh_bottom_feeders(cid, aff);
+        }
+        if self
+            .clusters
+            .get(&cid)
+            .is_some_and(|c| c.len() > self.cfg.cluster_max)
+        {
+            self.split(cid, aff);
+        }
+    }
+
+    /// Balances capacity: a joiner that needs more than it gives goes where spare is largest, a
+    /// contributor where it is smallest; full clusters only when all are full.
+    fn pick_bottom_cluster(&self, region: Region, upload: u32) -> Option<ClusterId> {
+        let rs = self.regions.get(&region)?;
+        let mut best: Option<(i64, ClusterId)> = None;
+        for id in &rs.bottom {
+            let Some(c) = self.clusters.get(id) else {
+                continue;
+            };
+            if c.len() >= self.cfg.cluster_max {
+                continue;
+            }
+            let give = c.net_contribution(upload) >= 0;
+            let key = if give { -c.spare() } else { c.spare() };
+            if best.is_none_or(|(k, _)| key > k) {
+                best = Some((key, *id));
+            }
+        }
+        best.map(|(_, id)| id)
+            .or_else(|| rs.bottom.iter().next().copied())
+    }
+
+    fn new_bottom_cluster(&mut self, region: Region) -> ClusterId {
+        let id = self.fresh_id();
+        let c = Cluster::new(
+            id,
+            region,
+            ClusterKind::Bottom { k: self.cfg.k },
+            self.cfg.stream_kbps,
+            self.cfg.max_fanout,
+        );
+        self.clusters.insert(id, c);
+        if let Some(rs) = self.regions.get_mut(&region) {
+            rs.bottom.insert(id);
+        }
+        // Idle middle nodes feed the new cluster at once.
+        let f = self.cfg.feeders_per_cluster;
+        let idle: Vec<PeerId> = self
+            .regions
+            .get(&region)
+            .map(|r| r.idle_middle.iter().take(f).copied().collect())
+            .unwrap_or_default();
+        for m in idle {
+            self.assign_feeder(m, id);
+        }
+        let mut aff = Changes::default();
+        self.refresh_bottom_feeders(id, &mut aff);
+        id
+    }
+
+    fn split(&mut self, cid: ClusterId, aff: &mut Changes) {
+        let new_id = self.fresh_id();
+        let (stream, maxf) = (self.cfg.stream_kbps, self.cfg.max_fanout);
+        let Some(c) = self.clusters.get_mut(&cid) else {
+            return;
+        };
+        let region = c.region;
+        let (other, changes) = c.split(new_id, stream, maxf);
+        aff.affected.extend(changes.affected);
+        for p in other.members().map(|(p, _)| p) {
+            if let Some(i) = self.peers.get_mut(&p) {
+                i.cluster = Some(new_id);
+            }
+        }
+        self.clusters.insert(new_id, other);
+        // Half of the feeders move along; idle middle nodes top both up.
+        let moving: Vec<PeerId> = self
+            .regions
+            .get(&region)
+            .and_then(|r| r.feeders.get(&cid))
+            .map(|s| s.iter().skip(1).step_by(2).copied().collect())
+            .unwrap_or_default();
+        if let Some(rs) = self.regions.get_mut(&region) {
+            rs.bottom.insert(new_id);
+            if let Some(s) = rs.feeders.get_mut(&cid) {
+                for m in &moving {
+                    s.remove(m);
+                }
+            }
+        }
+        for m in moving {
+            self.assign_feeder(m, new_id);
+        }
+        for target in [cid, new_id] {
+            while self
+                .regions
+                .get(&region)
+                .is_some_and(|r| r.feeders.get(&target).map_or(0, BTreeSet::len) < self.cfg.feeders_per_cluster)
+            {
+                let Some(m) = self.regions.get(&region).and_then(|r| r.idle_middle.first().copied()) else {
+                    break;
+                };
+                self.assign_feeder(m, target);
+            }
+            self.refresh_bottom_feeders(target, aff);
+        }
+    }
+
+    fn maybe_merge(&mut self, cid: ClusterId, aff: &mut Changes) {
+        let Some(c) = self.clusters.get(&cid) else {
+            return;
+        };
+        if c.len() >= self.cfg.cluster_min {
+            return;
+        }
+        let region = c.region;
+        let Some(rs) = self.regions.get(&region) else {
+            return;
+        };
+        // Into the smallest sibling; a region's last cluster stays, however small.
+        let Some(into) = rs
+            .bottom
+            .iter()
+            .filter(|x| **x != cid)
+            .min_by_key(|x| self.clusters.get(x).map_or(usize::MAX, Cluster::len))
+            .copied()
+        else {
+            if c.is_empty() {
+                aff.affected.extend(self.feeder_peers(cid));
+            }
+            return;
+        };
+        let Some(gone) = self.clusters.remove(&cid) else {
+            return;
+        };
+        for p in gone.members().map(|(p, _)| p) {
+            if let Some(i) = self.peers.get_mut(&p) {
+                i.cluster = Some(into);
+            }
+        }
+        let (stream, maxf) = (self.cfg.stream_kbps, self.cfg.max_fanout);
+        if let Some(target) = self.clusters.get_mut(&into) {
+            aff.affected.extend(target.absorb(gone, stream, maxf).affected);
+        }
+        let moved: Vec<PeerId> = self
+            .regions
+            .get_mut(&region)
+            .map(|r| {
+                r.bottom.remove(&cid);
+                r.feeders.remove(&cid).unwrap_or_default().into_iter().collect()
+            })
+            .unwrap_or_default();
+        for m in moved {
+            self.assign_feeder(m, into);
+        }
+        self.refresh_bottom_feeders(into, aff);
+        if self
+            .clusters
+            .get(&into)
+            .is_some_and(|c| c.len() > self.cfg.cluster_max)
+        {
+            self.split(into, aff);
+        }
+    }
+
+    fn feeder_peers(&self, cid: ClusterId) -> Vec<PeerId> {
+        self.clusters
+            .get(&cid)
+            .into_iter()
+            .flat_map(|c| c.feeders())
+            .filter_map(|f| match f.node {
+                MeshNodeOrPeer::Peer(p) => Some(p),
+                MeshNodeOrPeer::Server(_) => None,
+            })
+            .collect()
+    }
+
+    /// The server feeding a region's tier when no peer can: its waypoint, else the origin.
+    fn server_of(&self, region: Region) -> MeshNode {
+        self.regions
+            .get(&region)
+            .and_then(|r| r.waypoint)
+            .unwrap_or(MeshNode::Origin)
+    }
+
+    fn refresh_middle_feeders(&mut self, region: Region, aff: &mut Changes) {
+        let Some(rs) = self.regions.get(&region) else {
+            return;
+        };
+        let trees = self.cfg.k + rs.fec_n;
+        let mut feeders: Vec<Feeder> = rs
+            .preferred
+            .iter()
+            .map(|p| Feeder {
+                node: MeshNodeOrPeer::Peer(*p),
+                slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+            })
+            .collect();
+        if feeders.iter().all(|f| f.slots < trees) {
+            feeders.push(Feeder {
+                node: MeshNodeOrPeer::Server(self.server_of(region)),
+                slots: self.cfg.server_slots * trees,
+            });
+        }
+        let mid = rs.middle;
+        if let Some(c) = self.clusters.get_mut(&mid) {
+            aff.affected.extend(c.set_feeders(feeders).affected);
+        }
+    }
+
+    fn refresh_bottom_feeders(&mut self, cid: ClusterId, aff: &mut Changes) {
+        let Some(region) = self.clusters.get(&cid).map(|c| c.region) else {
+            return;
+        };
+        let mut feeders: Vec<Feeder> = self
+            .regions
+            .get(&region)
+            .and_then(|r| r.feeders.get(&cid))
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let info = self.peers.get(p)?;
+                Some(Feeder {
+                    node: MeshNodeOrPeer::Peer(*p),
+                    slots: self.middle_slots(*p, info),
+                })
+            })
+            .collect();
+        if feeders.is_empty() {
+            feeders.push(Feeder {
+                node: MeshNodeOrPeer::Server(self.server_of(region)),
+                slots: self.cfg.server_slots * self.cfg.k,
+            });
+        }
+        if let Some(c) = self.clusters.get_mut(&cid) {
+            aff.affected.extend(c.set_feeders(feeders).affected);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Plans
+    // -----------------------------------------------------------------------------------------
+
+    /// The algorithm on a link towards `child` (claim 4: it depends on the child's region, whose
+    /// middle tier has its own redundancy).
+    pub fn algorithm_for(&self, child: PeerId) -> Option<Algorithm> {
+        let info = self.peers.get(&child)?;
+        Some(match info.tier {
+            Tier::Preferred => Algorithm::Flood,
+            Tier::Middle => Algorithm::MultitreeFec {
+                k: self.cfg.k,
+                n: self.regions.get(&info.region).map_or(self.cfg.fec_n, |r| r.fec_n),
+            },
+            Tier::Bottom => Algorithm::Multitree,
+        })
+    }
+
+    pub fn tier(&self, peer: PeerId) -> Option<Tier> {
+        self.peers.get(&peer).map(|i| i.tier)
+    }
+
+    /// Everything `peer` must do: tier, DCM, sources per substream, children, algorithm per link.
+    pub fn plan(&self, peer: PeerId) -> Option<PeerPlan> {
+        let info = self.peers.get(&peer)?;
+        let rs = self.regions.get(&info.region)?;
+        let mut plan = PeerPlan {
+            tier: info.tier,
+            region: info.region,
+            cluster: None,
+            plays: !info.relay,
+            receive: Vec::new(),
+            send: Vec::new(),
+        };
+        let me = MeshNodeOrPeer::Peer(peer);
+        match info.tier {
+            Tier::Preferred => {
+                for n in self.mesh.neighbours(MeshNode::Peer(peer)) {
+                    let end = match n {
+                        MeshNode::Peer(p) => MeshNodeOrPeer::Peer(*p),
+                        other => MeshNodeOrPeer::Server(*other),
+                    };
+                    let link = Link {
+                        peer: end,
+                        substream: None,
+                        algorithm: Algorithm::Flood,
+                    };
+                    plan.receive.push(link.clone());
+                    plan.send.push(link);
+                }
+                self.push_root_sends(rs.middle, me, &mut plan);
+            }
+            Tier::Middle => {
+                plan.cluster = Some(rs.middle);
+                self.push_tree_links(rs.middle, peer, &mut plan);
+                if let Some(f) = info.feeds {
+                    self.push_root_sends(f, me, &mut plan);
+                }
+            }
+            Tier::Bottom => {
+                let cid = info.cluster?;
+                plan.cluster = Some(cid);
+                self.push_tree_links(cid, peer, &mut plan);
+            }
+        }
+        Some(plan)
+    }
+
+    fn push_tree_links(&self, cid: ClusterId, peer: PeerId, plan: &mut PeerPlan) {
+        let Some(c) = self.clusters.get(&cid) else {
+            return;
+        };
+        let Some(alg) = self.algorithm_for(peer) else {
+            return;
+        };
+        let Some(subs) = c.tree().plan(peer) else {
+            return;
+        };
+        for s in subs {
+            let from = match s.parent {
+                protocol::Source::Peer { id } => MeshNodeOrPeer::Peer(id),
+                protocol::Source::Origin => c
+                    .root_sources(s.index)
+                    .into_iter()
+                    .find(|(r, _)| *r == peer)
+                    .map_or(MeshNodeOrPeer::Server(MeshNode::Origin), |(_, f)| f),
+            };
+            plan.receive.push(Link {
+                peer: from,
+                substream: Some(s.index),
+                algorithm: alg,
+            });
+            for child in s.children {
+                plan.send.push(Link {
+                    peer: MeshNodeOrPeer::Peer(child),
+                    substream: Some(s.index),
+                    algorithm: self.algorithm_for(child).unwrap_or(alg),
+                });
+            }
+        }
+    }
+
+    /// Roots of cluster `cid` that `feeder` feeds.
+    fn push_root_sends(&self, cid: ClusterId, feeder: MeshNodeOrPeer, plan: &mut PeerPlan) {
+        let Some(c) = self.clusters.get(&cid) else {
+            return;
+        };
+        for t in 0..c.kind.trees() {
+            for (root, f) in c.root_sources(t) {
+                if f == feeder {
+                    plan.send.push(Link {
+                        peer: MeshNodeOrPeer::Peer(root),
+                        substream: Some(t),
+                        algorithm: self.algorithm_for(root).unwrap_or(Algorithm::Multitree),
+                    });
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Recruited relays (claims 19, 43) and reports
+    // -----------------------------------------------------------------------------------------
+
+    /// Regions whose bottom clusters together lack forwarding capacity, with the deficit in units.
+    pub fn deficits(&self) -> BTreeMap<Region, u64> {
+        let mut out = BTreeMap::new();
+        for c in self.clusters.values() {
+            if matches!(c.kind, ClusterKind::Bottom { .. }) && c.spare() < 0 {
+                *out.entry(c.region).or_insert(0) += c.spare().unsigned_abs();
+            }
+        }
+        out
+    }
+
+    /// For each region short of capacity, asks `registry` for spare peers of *other* channels
+    /// and makes them relays here: middle nodes that feed the neediest cluster and play nothing.
+    pub fn recruit_relays(&mut self, channel: u32, registry: &mut RelayRegistry) -> Changes {
+        let mut aff = Changes::default();
+        for (region, deficit) in self.deficits() {
+            let mut missing = deficit.saturating_mul(self.unit());
+            while missing > 0 {
+                let Some((peer, kbps)) = registry.recruit(channel, region, self.cfg.stream_kbps)
+                else {
+                    break;
+                };
+                aff.affected.extend(self.join_as(peer, region, kbps, true).affected);
+                missing = missing.saturating_sub(u64::from(kbps));
+            }
+        }
+        aff
+    }
+
+    /// Counts, depths, full-rate peers and upload use. O(peers · k): for benchmarks and the
+    /// topology page, not for every event.
+    pub fn report(&self) -> HierarchyReport {
+        let mut r = HierarchyReport {
+            peers: self.peers.len(),
+            regions: self.regions.len(),
+            mesh_connectivity: self.mesh.connectivity(),
+            ..HierarchyReport::default()
+        };
+        let unit = self.unit();
+        let mut starved: BTreeSet<PeerId> = BTreeSet::new();
+        let mut feeds_used: HashMap<MeshNodeOrPeer, u64> = HashMap::new();
+        // Middle clusters first: bottom clusters inherit their feeders' shortfall.
+        let mut ordered: Vec<&Cluster> = self.clusters.values().collect();
+        ordered.sort_by_key(|c| matches!(c.kind, ClusterKind::Bottom { .. }));
+        for c in ordered {
+            let bottom = matches!(c.kind, ClusterKind::Bottom { .. });
+            let depth = c.tree().max_depth();
+            if bottom {
+                r.max_depth_bottom = r.max_depth_bottom.max(depth);
+                r.bottom_clusters += 1;
+            } else {
+                r.max_depth_middle = r.max_depth_middle.max(depth);
+            }
+            let feeders_starved = c.feeders().iter().any(|f| match f.node {
+                MeshNodeOrPeer::Peer(p) => starved.contains(&p),
+                MeshNodeOrPeer::Server(_) => false,
+            });
+            if feeders_starved {
+                starved.extend(c.members().map(|(p, _)| p));
+            } else {
+                starved.extend(c.underfed());
+            }
+            for t in 0..c.kind.trees() {
+                for (_, f) in c.root_sources(t) {
+                    *feeds_used.entry(f).or_insert(0) += 1;
+                }
+            }
+            for (p, _) in c.members() {
+                *feeds_used.entry(MeshNodeOrPeer::Peer(p)).or_insert(0) +=
+                    c.tree().children(p).len() as u64;
+            }
+        }
+        for (p, info) in &self.peers {
+            r.upload_total_kbps += u64::from(info.upload);
+            let mut used = feeds_used.get(&MeshNodeOrPeer::Peer(*p)).copied().unwrap_or(0) * unit;
+            match info.tier {
+                Tier::Preferred => {
+                    r.preferred += 1;
+                    let links = self.mesh.neighbours(MeshNode::Peer(*p)).len() as u64;
+                    used += links.saturating_sub(1) * u64::from(self.cfg.stream_kbps);
+                }
+                Tier::Middle => r.middle += 1,
+                Tier::Bottom => r.bottom += 1,
+            }
+            r.relays += usize::from(info.relay);
+            r.upload_used_kbps += used.min(u64::from(info.upload));
+        }
+        r.waypoints = self
+            .mesh
+            .members()
+            .iter()
+            .filter(|n| matches!(n, MeshNode::Waypoint(_)))
+            .count();
+        r.full_rate = self.peers.len() - starved.len();
+        r
+    }
+
+    /// Checks the structure: every cluster's trees, tier bookkeeping, mesh membership. For tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for c in self.clusters.values() {
+            c.tree().check_invariants().map_err(|e| format!("{}: {e}", c.id))?;
+            if matches!(c.kind, ClusterKind::Bottom { .. }) && c.feeders().is_empty() {
+                return Err(format!("{} has no feeder", c.id));
+            }
+        }
+        for (p, info) in &self.peers {
+            let rs = self
+                .regions
+                .get(&info.region)
+                .ok_or_else(|| format!("{p}: region missing"))?;
+            let in_mid = self.clusters.get(&rs.middle).is_some_and(|c| c.contains(*p));
+            let in_bottom = info
+                .cluster
+                .and_then(|c| self.clusters.get(&c))
+                .is_some_and(|c| c.contains(*p));
+            let in_mesh = self.mesh.contains(MeshNode::Peer(*p));
+            let ok = match info.tier {
+                Tier::Preferred => in_mesh && !in_mid && rs.preferred.contains(p),
+                Tier::Middle => in_mid && !in_mesh && info.cluster.is_none(),
+                Tier::Bottom => in_bottom && !in_mid && !in_mesh,
+            };
+            if !ok {
+                return Err(format!("{p}: tier {:?} bookkeeping broken", info.tier));
+            }
+            if let Some(f) = info.feeds {
+                if !rs.feeders.get(&f).is_some_and(|s| s.contains(p)) {
+                    return Err(format!("{p}: feeds {f} but is not listed"));
+                }
+            }
+        }
+        let members: usize = self.clusters.values().map(Cluster::len).sum::<usize>()
+            + self.regions.values().map(|r| r.preferred.len()).sum::<usize>();
+        if members != self.peers.len() {
+            return Err(format!("{members} placed != {} peers", self.peers.len()));
+        }
+        Ok(())
+    }
+}
+
+fn extend_mesh(aff: &mut Changes, changed: BTreeSet<MeshNode>) {
+    aff.affected.extend(changed.into_iter().filter_map(|n| match n {
+        MeshNode::Peer(p) => Some(p),
+        _ => None,
+    }));
+}
+
+/// Whether a cluster change may have changed its set of roots, hence its feeders' duties:
+/// conservative (some affected peer is a root now).
+fn touches_roots(c: &Cluster, changes: &Changes) -> bool {
+    let trees = c.kind.trees();
+    changes
+        .affected
+        .iter()
+        .any(|p| (0..trees).any(|t| c.tree().depth(*p, t) == Some(1)))
+}
+
+/// Spare upload of peers of all channels, so a channel short of capacity in a region can recruit
+/// relays watching something else (claims 19, 43). Shared by the channels' DCMs.
+#[derive(Debug, Clone, Default)]
+pub struct RelayRegistry {
+    /// (region, peer) → (channel it watches, spare upload kbit/s).
+    spare: BTreeMap<(Region, PeerId), (u32, u32)>,
+}
+
+impl RelayRegistry {
+    /// A peer of `channel` in `region` can upload `spare_kbps` more than its channel needs.
+    pub fn offer(&mut self, channel: u32, region: Region, peer: PeerId, spare_kbps: u32) {
+        self.spare.insert((region, peer), (channel, spare_kbps));
+    }
+
+    pub fn withdraw(&mut self, region: Region, peer: PeerId) {
+        self.spare.remove(&(region, peer));
+    }
+
+    /// The peer with the most spare upload (at least `min_kbps`) in `region` watching another
+    /// channel than `for_channel`; it leaves the pool.
+    pub fn recruit(&mut self, for_channel: u32, region: Region, min_kbps: u32) -> Option<(PeerId, u32)> {
+        let (&key, &(_, kbps)) = self
+            .spare
+            .range((region, PeerId(0))..=(region, PeerId(u64::MAX)))
+            .filter(|(_, (ch, kbps))| *ch != for_channel && *kbps >= min_kbps)
+            .max_by_key(|(k, (_, kbps))| (*kbps, std::cmp::Reverse(k.1)))?;
+        self.spare.remove(&key);
+        Some((key.1, kbps))
+    }
+}
+
+/// Splits a peer's capacity between a live channel and a file download (claim 1: two contents
+/// at once): live is served first up to its demand, the file gets what is left. Used for upload
+/// (the relaying a peer is asked for in each hierarchy) and download alike.
+pub fn split_capacity(capacity_kbps: u32, live_kbps: u32, file_kbps: u32) -> (u32, u32) {
+    let live = capacity_kbps.min(live_kbps);
+    (live, (capacity_kbps - live).min(file_kbps))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,224 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn small_cfg() -> HierarchyConfig {
+    HierarchyConfig {
+        k: 4,
+        stream_kbps: 1000,
+        fec_n: 2,
+        cluster_min: 6,
+        cluster_max: 16,
+        ..HierarchyConfig::default()
+    }
+}
+
+fn region(i: u8) -> Region {
+    Region::V4([10, i])
+}
+
+/// Every member of a middle or bottom cluster receives every substream of its cluster, and is
+/// interior (has children) in at most one tree of it.
+fn assert_all_fed(h: &Hierarchy) {
+    for (p, info) in &h.peers {
+        let plan = h.plan(*p).unwrap();
+        match info.tier {
+            Tier::Preferred => {
+                assert!(plan.receive.iter().all(|l| l.algorithm == Algorithm::Flood));
+                assert!(!plan.receive.is_empty());
+            }
+            Tier::Middle | Tier::Bottom => {
+                let c = h.clusters.get(&plan.cluster.unwrap()).unwrap();
+                let subs: BTreeSet<u32> = plan.receive.iter().filter_map(|l| l.substream).collect();
+                assert_eq!(subs.len() as u32, c.kind.trees(), "{p}");
+                let interior: BTreeSet<u32> = (0..c.kind.trees())
+                    .filter(|t| c.tree().plan(*p).unwrap()[*t as usize].children.len() > 0)
+                    .collect();
+                assert!(interior.len() <= 1, "{p} interior in {interior:?}");
+            }
+        }
+    }
+}
+
+fn uploads() -> [u32; 7] {
+    [0, 0, 300, 800, 1500, 4000, 20_000]
+}
+
+#[test]
+fn tiers_follow_capacity_and_plans_name_the_algorithm() {
+    let mut h = Hierarchy::new(small_cfg());
+    h.set_region_settings(region(2), RegionSettings { fec_n: Some(4), waypoint: None });
+    for i in 0..60u64 {
+        let r = region((i % 3) as u8);
+        h.join(PeerId(i), r, uploads()[(i % 7) as usize], History::default());
+        h.check_invariants().unwrap();
+    }
+    assert_all_fed(&h);
+    let rep = h.report();
+    assert!(rep.preferred >= 3 && rep.middle > 0 && rep.bottom > 0, "{rep:?}");
+    for p in h.peers.keys() {
+        let plan = h.plan(*p).unwrap();
+        match plan.tier {
+            Tier::Preferred => assert_eq!(plan.cluster, None),
+            Tier::Middle => {
+                // Claim 4: the coded tier's redundancy is the child's region's.
+                let n = if plan.region == region(2) { 4 } else { 2 };
+                assert!(plan.receive.iter().all(|l| l.algorithm == Algorithm::MultitreeFec { k: 4, n }));
+            }
+            Tier::Bottom => {
+                assert!(plan.receive.iter().all(|l| l.algorithm == Algorithm::Multitree));
+            }
+        }
+    }
+    // Every middle cluster is fed by at least two preferred nodes where the region has them.
+    for rs in h.regions.values() {
+        let c = h.clusters.get(&rs.middle).unwrap();
+        let peers = c.feeders().iter().filter(|f| matches!(f.node, MeshNodeOrPeer::Peer(_))).count();
+        assert_eq!(peers, rs.preferred.len().min(2));
+    }
+}
+
+#[test]
+fn split_and_merge_keep_every_node_fed() {
+    let mut h = Hierarchy::new(small_cfg());
+    let r = region(0);
+    for i in 0..200u64 {
+        h.join(PeerId(i), r, uploads()[(i % 7) as usize], History::default());
+    }
+    h.check_invariants().unwrap();
+    let clusters = h.regions[&r].bottom.len();
+    assert!(clusters >= h.report().bottom / 16, "{clusters} clusters");
+    for c in h.clusters.values().filter(|c| matches!(c.kind, ClusterKind::Bottom { .. })) {
+        assert!(c.len() <= 16);
+    }
+    assert_all_fed(&h);
+    for i in 0..190u64 {
+        h.leave(PeerId(i));
+        h.check_invariants().unwrap();
+        assert_all_fed(&h);
+    }
+    assert!(h.regions[&r].bottom.len() <= 2);
+    for i in 190..200u64 {
+        h.leave(PeerId(i));
+    }
+    assert!(h.is_empty());
+    assert!(h.regions.is_empty());
+    assert_eq!(h.mesh().members(), &[MeshNode::Origin]);
+}
+
+#[test]
+fn random_churn_keeps_invariants() {
+    for seed in 1..=4u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut h = Hierarchy::new(small_cfg());
+        let mut present: Vec<PeerId> = Vec::new();
+        for step in 0..800u64 {
+            if present.is_empty() || rng.below(100) < 60 {
+                let id = PeerId(step);
+                let r = region(rng.below(4) as u8);
+                let up = uploads()[rng.below(7) as usize];
+                let ch = h.join(id, r, up, History::default());
+                assert!(ch.affected.contains(&id));
+                present.push(id);
+            } else {
+                let id = present.swap_remove(rng.below(present.len() as u64) as usize);
+                let ch = h.leave(id);
+                assert!(!ch.affected.contains(&id));
+                assert!(h.plan(id).is_none());
+            }
+            if let Err(e) = h.check_invariants() {
+                panic!("seed {seed} step {step}: {e}");
+            }
+        }
+        assert_all_fed(&h);
+        assert!(is_c_connected_or_small(&h));
+    }
+}
+
+fn is_c_connected_or_small(h: &Hierarchy) -> bool {
+    let c = h.config().mesh.c;
+    h.mesh().len() <= c as usize || super::super::mesh::is_c_connected(h.mesh().adjacency(), c)
+}
+
+#[test]
+fn ample_capacity_gives_everyone_the_full_rate() {
+    let peers: Vec<(PeerId, Region, u32, History)> = (0..400u64)
+        .map(|i| (PeerId(i), region((i / 7 % 4) as u8), [0, 1500, 3000, 8000][(i % 4) as usize], History::default()))
+        .collect();
+    let h = Hierarchy::build(small_cfg(), &peers);
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    let rep = h.report();
+    assert_eq!(rep.full_rate, rep.peers, "{rep:?}");
+    assert!(rep.upload_used_kbps <= rep.upload_total_kbps);
+}
+
+#[test]
+fn preferred_departure_promotes_a_middle_node_or_falls_back_to_a_waypoint() {
+    let mut h = Hierarchy::new(HierarchyConfig {
+        mesh: MeshConfig { per_region: 1, ..MeshConfig::default() },
+        ..small_cfg()
+    });
+    let r = region(7);
+    h.set_region_settings(r, RegionSettings { fec_n: None, waypoint: Some(3) });
+    h.join(PeerId(1), r, 500, History::default());
+    // No capable client: the configured relay stands in.
+    assert!(h.mesh().contains(MeshNode::Waypoint(3)));
+    h.join(PeerId(2), r, 10_000, History::default());
+    assert_eq!(h.tier(PeerId(2)), Some(Tier::Preferred));
+    assert!(!h.mesh().contains(MeshNode::Waypoint(3)));
+    for i in 3..10 {
+        h.join(PeerId(i), r, 1000, History::default());
+    }
+    h.join(PeerId(20), r, 9000, History::default());
+    h.leave(PeerId(2));
+    h.check_invariants().unwrap();
+    if h.tier(PeerId(20)) == Some(Tier::Preferred) {
+        assert!(!h.mesh().contains(MeshNode::Waypoint(3)));
+    } else {
+        assert!(h.mesh().contains(MeshNode::Waypoint(3)));
+    }
+    assert_all_fed(&h);
+}
+
+#[test]
+fn recruited_relay_forwards_a_channel_it_does_not_play() {
+    let mut h = Hierarchy::new(small_cfg());
+    let r = region(1);
+    for i in 0..12 {
+        h.join(PeerId(i), r, 0, History::default()); // nobody here can upload
+    }
+    assert!(h.deficits().get(&r).is_some());
+    let mut reg = RelayRegistry::default();
+    reg.offer(2, r, PeerId(500), 20_000); // watches channel 2
+    reg.offer(1, r, PeerId(501), 50_000); // same channel: not a relay candidate
+    let ch = h.recruit_relays(1, &mut reg);
+    assert!(ch.affected.contains(&PeerId(500)));
+    let plan = h.plan(PeerId(500)).unwrap();
+    assert!(!plan.plays);
+    assert!(!plan.send.is_empty(), "the relay forwards");
+    assert_eq!(h.report().relays, 1);
+    assert!(reg.recruit(1, r, 0).is_none(), "recruited once; the other watches channel 1");
+    h.check_invariants().unwrap();
+}
+
+#[test]
+fn live_is_favoured_over_a_file_when_capacity_is_short() {
+    assert_eq!(split_capacity(3000, 1000, 5000), (1000, 2000));
+    assert_eq!(split_capacity(800, 1000, 5000), (800, 0));
+    assert_eq!(split_capacity(10_000, 1000, 2000), (1000, 2000));
+    assert_eq!(split_capacity(0, 1000, 2000), (0, 0));
+}
