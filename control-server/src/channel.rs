@@ -30,6 +30,50 @@ pub struct ChannelCounters {
     /// Topology repairs: children moved because of congestion, departures, or silent peers.
     pub repairs: AtomicU64,
     pub heartbeats: AtomicU64,
+    /// Time from a heartbeat's arrival at its session to the DCM having applied it.
+    pub heartbeat_apply: ApplyHistogram,
+}
+
+/// Lock-free histogram of microsecond durations in quarter-octave buckets (±10 %).
+pub struct ApplyHistogram {
+    buckets: [AtomicU64; 128],
+}
+
+impl Default for ApplyHistogram {
+    fn default() -> Self {
+        ApplyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl ApplyHistogram {
+    fn bucket(us: u64) -> usize {
+        (((us as f64 + 1.0).log2() * 4.0) as usize).min(127)
+    }
+
+    pub fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Upper edge (ms) of the bucket holding quantile `q`.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return Some((2f64.powf((i as f64 + 1.0) / 4.0) - 1.0) / 1000.0);
+            }
+        }
+        None
+    }
 }
 
 pub struct Channel {

@@ -194,6 +194,13 @@ async fn channel_stats(
         "origin_push_bytes": c.origin_push_bytes.load(Ordering::Relaxed),
         "fallback_bytes": c.fallback_bytes.load(Ordering::Relaxed),
         "fallback_packets": c.fallback_packets.load(Ordering::Relaxed),
+        "heartbeats": c.heartbeats.load(Ordering::Relaxed),
+        "heartbeat_apply_ms": {
+            "p50": c.heartbeat_apply.quantile_ms(0.5),
+            "p99": c.heartbeat_apply.quantile_ms(0.99),
+        },
+        "congestion_events": c.congestion_events.load(Ordering::Relaxed),
+        "repairs": c.repairs.load(Ordering::Relaxed),
     })))
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use protocol::{Heartbeat, PeerId, Source};
+use protocol::{Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
 
 use crate::channel::{now_ms, Channel};
@@ -54,6 +54,28 @@ pub fn placement(_peer: &PeerView) -> Placement {
         region: DEFAULT_REGION.into(),
         tier: DEFAULT_TIER.into(),
     }
+}
+
+/// What this module needs of one peer in a DCM snapshot.
+#[derive(Debug, Clone)]
+pub struct PeerSample<'a> {
+    pub id: PeerId,
+    pub placement: Placement,
+    pub plan: &'a [SubstreamPlan],
+    pub heartbeat: Option<&'a Heartbeat>,
+}
+
+/// The peers of a snapshot, as [`PeerSample`]s.
+pub fn peer_samples(snap: &TopologySnapshot) -> Vec<PeerSample<'_>> {
+    snap.peers
+        .iter()
+        .map(|p| PeerSample {
+            id: p.id,
+            placement: placement(p),
+            plan: &p.plan,
+            heartbeat: p.last_heartbeat.as_ref(),
+        })
+        .collect()
 }
 
 /// Cumulative counters a peer reports in its heartbeats.
@@ -169,11 +191,17 @@ impl Metrics {
     /// snapshot move to the departed total) and returns the channel's totals. Without a
     /// snapshot (DCM not answering) the last known peer figures are kept.
     pub fn observe(&self, ch: &Channel, snap: Option<&TopologySnapshot>) -> ChannelTotals {
+        let peers = snap.map(peer_samples);
+        self.observe_peers(ch, peers.as_deref())
+    }
+
+    /// [`Metrics::observe`] on the peers of a snapshot.
+    pub fn observe_peers(&self, ch: &Channel, peers: Option<&[PeerSample<'_>]>) -> ChannelTotals {
         let mut tracks = lock(&self.tracks);
         let track = tracks.entry(ch.name.clone()).or_default();
-        let mut totals = match snap {
-            Some(snap) => {
-                let current: HashSet<PeerId> = snap.peers.iter().map(|p| p.id).collect();
+        let mut totals = match peers {
+            Some(peers) => {
+                let current: HashSet<PeerId> = peers.iter().map(|p| p.id).collect();
                 let gone: Vec<PeerId> = track
                     .live
                     .keys()
@@ -185,17 +213,17 @@ impl Metrics {
                         track.departed.add(&t);
                     }
                 }
-                for p in &snap.peers {
-                    if let Some(hb) = &p.last_heartbeat {
+                for p in peers {
+                    if let Some(hb) = p.heartbeat {
                         track.live.insert(p.id, PeerTotals::of(hb));
                     }
                 }
                 let mut by: BTreeMap<Placement, u32> = BTreeMap::new();
-                for p in &snap.peers {
-                    *by.entry(placement(p)).or_default() += 1;
+                for p in peers {
+                    *by.entry(p.placement.clone()).or_default() += 1;
                 }
                 ChannelTotals {
-                    viewers: snap.peers.len() as u32,
+                    viewers: peers.len() as u32,
                     viewers_by_placement: by
                         .into_iter()
                         .map(|(p, n)| PlacementCount {
@@ -204,7 +232,7 @@ impl Metrics {
                             viewers: n,
                         })
                         .collect(),
-                    lagging_links: link_health(snap).iter().filter(|l| l.lagging).count() as u32,
+                    lagging_links: link_health(peers).iter().filter(|l| l.lagging).count() as u32,
                     ..ChannelTotals::default()
                 }
             }
@@ -229,7 +257,13 @@ impl Metrics {
 
     /// Observes and appends one sample to the channel's series.
     pub fn record(&self, ch: &Channel, snap: Option<&TopologySnapshot>, t_ms: u64) -> Sample {
-        let totals = self.observe(ch, snap);
+        let peers = snap.map(peer_samples);
+        self.record_peers(ch, peers.as_deref(), t_ms)
+    }
+
+    /// [`Metrics::record`] on the peers of a snapshot.
+    pub fn record_peers(&self, ch: &Channel, peers: Option<&[PeerSample<'_>]>, t_ms: u64) -> Sample {
+        let totals = self.observe_peers(ch, peers);
         let mut tracks = lock(&self.tracks);
         let track = tracks.entry(ch.name.clone()).or_default();
         let mut s = Sample {
@@ -352,13 +386,13 @@ pub struct LinkHealth {
 }
 
 /// Health of every link of the current plan for which the child has sent a heartbeat.
-pub fn link_health(snap: &TopologySnapshot) -> Vec<LinkHealth> {
+pub fn link_health(peers: &[PeerSample<'_>]) -> Vec<LinkHealth> {
     let mut out = Vec::new();
-    for p in &snap.peers {
-        let Some(hb) = &p.last_heartbeat else {
+    for p in peers {
+        let Some(hb) = p.heartbeat else {
             continue;
         };
-        for s in &p.plan {
+        for s in p.plan {
             let Some(link) = hb
                 .parents
                 .iter()
@@ -540,7 +574,6 @@ pub async fn render(state: &AppState) -> String {
 mod tests {
     use super::*;
     use crate::origin::PacketWindow;
-    use protocol::heartbeat::ParentLink;
     use protocol::SubstreamPlan;
 
     fn channel() -> Channel {
@@ -549,65 +582,64 @@ mod tests {
     }
 
     fn hb(id: u64, seq: u64, peers: u64, origin: u64) -> Heartbeat {
-        Heartbeat {
-            client_id: PeerId(id),
-            seq,
-            local_ts_ms: 10_000,
-            parents: vec![ParentLink {
-                substream: 0,
-                parent: Source::Origin,
-                last_seq: Some(4),
-                last_ts_ms: Some(10_000 - 5_000),
+        // From JSON, so fields added to the heartbeat later (with serde defaults) need no edit.
+        serde_json::from_value(serde_json::json!({
+            "client_id": id,
+            "seq": seq,
+            "local_ts_ms": 10_000,
+            "parents": [{
+                "substream": 0,
+                "parent": {"kind": "origin"},
+                "last_seq": 4,
+                "last_ts_ms": 5_000,
             }],
-            children: vec![],
-            buffer: vec![],
-            bytes_from_peers: peers,
-            bytes_from_origin: origin,
-            bytes_up: 0,
-            origin_fallbacks: 0,
-            upload_kbps: 0,
-        }
+            "children": [],
+            "buffer": [],
+            "bytes_from_peers": peers,
+            "bytes_from_origin": origin,
+            "bytes_up": 0,
+            "origin_fallbacks": 0,
+        }))
+        .expect("heartbeat JSON")
     }
 
-    fn snap(peers: &[(u64, Option<Heartbeat>)]) -> TopologySnapshot {
-        TopologySnapshot {
-            channel: "demo".into(),
-            substreams: 1,
-            stream_kbps: 1000,
-            epoch: 1,
-            max_depth: 1,
-            peers: peers
-                .iter()
-                .map(|(id, hb)| PeerView {
-                    id: PeerId(*id),
-                    upload_kbps: 1000,
-                    interior_tree: None,
-                    plan: vec![SubstreamPlan {
-                        index: 0,
-                        parent: Source::Origin,
-                        children: vec![],
-                    }],
-                    last_heartbeat: hb.clone(),
-                })
-                .collect(),
-            origin_children: vec![],
-        }
+    fn plan() -> Vec<SubstreamPlan> {
+        vec![SubstreamPlan {
+            index: 0,
+            parent: Source::Origin,
+            children: vec![],
+        }]
+    }
+
+    fn peers<'a>(list: &'a [(u64, Option<Heartbeat>)], plan: &'a [SubstreamPlan]) -> Vec<PeerSample<'a>> {
+        list.iter()
+            .map(|(id, hb)| PeerSample {
+                id: PeerId(*id),
+                placement: Placement {
+                    region: DEFAULT_REGION.into(),
+                    tier: DEFAULT_TIER.into(),
+                },
+                plan,
+                heartbeat: hb.as_ref(),
+            })
+            .collect()
     }
 
     #[test]
     fn departed_peers_stay_in_the_totals_and_series_have_rates() {
         let ch = channel();
         let m = Metrics::default();
-        let t = m.observe(
-            &ch,
-            Some(&snap(&[(1, Some(hb(1, 3, 100, 50))), (2, None)])),
-        );
+        let plan = plan();
+        let first = [(1, Some(hb(1, 3, 100, 50))), (2, None)];
+        let t = m.observe_peers(&ch, Some(&peers(&first, &plan)));
         assert_eq!(t.viewers, 2);
         assert_eq!(t.received.bytes_from_peers, 100);
         assert_eq!(t.viewers_by_placement[0].viewers, 2);
-        m.record(&ch, Some(&snap(&[(1, Some(hb(1, 4, 200, 50)))])), 1_000);
+        let second = [(1, Some(hb(1, 4, 200, 50)))];
+        m.record_peers(&ch, Some(&peers(&second, &plan)), 1_000);
         // Peer 1 leaves: its last figures stay in the totals.
-        let s = m.record(&ch, Some(&snap(&[(3, Some(hb(3, 1, 0, 1000)))])), 2_000);
+        let third = [(3, Some(hb(3, 1, 0, 1000)))];
+        let s = m.record_peers(&ch, Some(&peers(&third, &plan)), 2_000);
         assert_eq!(s.viewers, 1);
         assert_eq!(s.bytes_from_peers, 200);
         assert_eq!(s.bytes_from_origin, 1050);
@@ -616,13 +648,14 @@ mod tests {
         assert_eq!(s.p2p_share, Some(0.0));
         assert_eq!(m.series("demo", 1_000), vec![s]);
         // Without a snapshot the last figures are kept.
-        assert_eq!(m.observe(&ch, None).viewers, 1);
+        assert_eq!(m.observe_peers(&ch, None).viewers, 1);
     }
 
     #[test]
     fn silent_links_are_lagging() {
-        let s = snap(&[(1, Some(hb(1, 3, 0, 0))), (2, None)]);
-        let links = link_health(&s);
+        let plan = plan();
+        let list = [(1, Some(hb(1, 3, 0, 0))), (2, None)];
+        let links = link_health(&peers(&list, &plan));
         assert_eq!(links.len(), 1);
         assert_eq!(links[0].silent_ms, Some(5_000));
         assert!(links[0].lagging);

@@ -30,7 +30,7 @@ use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Config;
-use crate::metrics::{self, link_health, placement, ChannelTotals, Sample};
+use crate::metrics::{self, link_health, peer_samples, placement, ChannelTotals, Sample};
 use crate::AppState;
 
 /// A fresh random operator token: 32 hex digits from the OS's random source.
@@ -354,6 +354,11 @@ pub struct GraphNode {
     pub region: Option<String>,
     pub tier: Option<String>,
     pub upload_kbps: Option<u32>,
+    /// Capacity the DCM places the peer with (declared, or capped after congestion).
+    pub effective_upload_kbps: Option<u32>,
+    pub measured_upload_kbps: Option<f64>,
+    pub congestion_events: Option<u32>,
+    pub uptime_s: Option<f64>,
     pub interior_tree: Option<u32>,
     pub p2p_share: Option<f64>,
     pub bytes_up: Option<u64>,
@@ -368,9 +373,17 @@ pub struct GraphLink {
     /// `tree` today (a mesh tier would add `mesh` links).
     pub kind: &'static str,
     pub algorithm: &'static str,
+    /// The child's heartbeat shows nothing from the parent for a while.
     pub lagging: bool,
     pub silent_ms: Option<u64>,
+    /// The DCM found this link congested in the last [`RECENT_MS`] ms.
+    pub congested: bool,
 }
+
+/// How far back a congestion record still marks its link on the picture.
+pub const RECENT_MS: u64 = 10_000;
+/// Congestion and repair records sent to the dashboard (newest first).
+const LOG_ROWS: usize = 25;
 
 #[derive(Debug, Serialize)]
 pub struct Graph {
@@ -381,6 +394,10 @@ pub struct Graph {
     pub groups: Vec<serde_json::Value>,
     pub nodes: Vec<GraphNode>,
     pub links: Vec<GraphLink>,
+    /// Recent congestion records of the DCM, newest first.
+    pub congestion: Vec<serde_json::Value>,
+    /// Recent repairs of the DCM, newest first.
+    pub repairs: Vec<serde_json::Value>,
 }
 
 fn node_id(s: &Source) -> String {
@@ -397,10 +414,32 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
     let Some(snap) = metrics::snapshot(&ch).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "DCM is not running");
     };
-    let health: HashMap<(u32, u64), metrics::LinkHealth> = link_health(&snap)
+    let health: HashMap<(u32, u64), metrics::LinkHealth> = link_health(&peer_samples(&snap))
         .into_iter()
         .map(|l| ((l.substream, l.child.0), l))
         .collect();
+    let now = crate::channel::now_ms();
+    let congested: std::collections::HashSet<(u64, u64, u32)> = snap
+        .congestion
+        .iter()
+        .filter(|c| now.saturating_sub(c.at_ms) <= RECENT_MS)
+        .map(|c| (c.link.parent.0, c.link.child.0, c.link.substream))
+        .collect();
+    let recent = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter().rev().take(LOG_ROWS).collect()
+    };
+    let congestion_log = recent(
+        snap.congestion
+            .iter()
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .collect(),
+    );
+    let repair_log = recent(
+        snap.repairs
+            .iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .collect(),
+    );
     let mut nodes = vec![GraphNode {
         id: "origin".into(),
         kind: "origin",
@@ -408,6 +447,10 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         region: None,
         tier: None,
         upload_kbps: None,
+        effective_upload_kbps: None,
+        measured_upload_kbps: None,
+        congestion_events: None,
+        uptime_s: None,
         interior_tree: None,
         p2p_share: None,
         bytes_up: None,
@@ -433,6 +476,10 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
             region: Some(place.region),
             tier: Some(place.tier),
             upload_kbps: Some(p.upload_kbps),
+            effective_upload_kbps: Some(p.effective_upload_kbps),
+            measured_upload_kbps: p.measured_upload_kbps,
+            congestion_events: Some(p.congestion_events),
+            uptime_s: Some(p.uptime_s),
             interior_tree: p.interior_tree,
             p2p_share: totals.and_then(|t| t.0),
             bytes_up: totals.map(|t| t.1),
@@ -447,6 +494,10 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
                 algorithm: "multitree",
                 lagging: h.is_some_and(|h| h.lagging),
                 silent_ms: h.and_then(|h| h.silent_ms),
+                congested: match s.parent {
+                    Source::Peer { id } => congested.contains(&(id.0, p.id.0, s.index)),
+                    Source::Origin => false,
+                },
             });
         }
     }
@@ -461,6 +512,8 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
             .collect(),
         nodes,
         links,
+        congestion: congestion_log,
+        repairs: repair_log,
     })
     .into_response()
 }

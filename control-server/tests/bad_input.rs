@@ -19,6 +19,7 @@ fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
         bytes_up: 0,
         origin_fallbacks: 0,
         upload_kbps: 0,
+        send_backlog_ms: 0,
     })
 }
 

@@ -111,11 +111,12 @@ impl Fec {
             None
         } else {
             Some(
-                ReedSolomon::new(usize::from(params.k), usize::from(params.n))
-                    .map_err(|_| FecError::OutOfRange {
+                ReedSolomon::new(usize::from(params.k), usize::from(params.n)).map_err(|_| {
+                    FecError::OutOfRange {
                         k: params.k(),
                         n: params.n(),
-                    })?,
+                    }
+                })?,
             )
         };
         Ok(Fec { params, rs })
@@ -197,7 +198,9 @@ impl Fec {
             }
             match &slots[index] {
                 Some(prev) if prev.as_slice() != body => {
-                    return Err(FecError::Inconsistent("two different shards with one index"));
+                    return Err(FecError::Inconsistent(
+                        "two different shards with one index",
+                    ));
                 }
                 Some(_) => {}
                 None => slots[index] = Some(body.to_vec()),
@@ -285,7 +288,11 @@ mod tests {
             rng.shuffle(&mut kept);
             let keep = k as u64 + rng.below(u64::from(n) + 1);
             kept.truncate(keep as usize);
-            assert_eq!(fec.decode(&kept).unwrap(), packets, "case {case} k={k} n={n}");
+            assert_eq!(
+                fec.decode(&kept).unwrap(),
+                packets,
+                "case {case} k={k} n={n}"
+            );
             // One fewer than k distinct shards is never enough.
             kept.truncate(k as usize - 1);
             assert_eq!(

@@ -29,6 +29,10 @@ pub struct Heartbeat {
     /// The peer's current upload cap, kbit/s (what a rebuilding DCM needs to place it).
     #[serde(default)]
     pub upload_kbps: u32,
+    /// Age (ms) of the oldest packet waiting in the peer's upload queue: a parent whose uplink
+    /// cannot keep up says so itself, before its children notice.
+    #[serde(default)]
+    pub send_backlog_ms: u32,
 }
 
 /// What a child knows about one of its parents.
@@ -85,6 +89,7 @@ pub mod binary {
         buffer: Vec<u32>,
         counters: (u64, u64, u64, u64),
         upload_kbps: u32,
+        send_backlog_ms: u32,
     }
 
     pub fn encode(hb: &Heartbeat) -> Vec<u8> {
@@ -116,6 +121,7 @@ pub mod binary {
                 hb.origin_fallbacks,
             ),
             upload_kbps: hb.upload_kbps,
+            send_backlog_ms: hb.send_backlog_ms,
         };
         let mut out = vec![TAG_HEARTBEAT];
         // Serializing plain integers and vectors into a Vec cannot fail.
@@ -159,6 +165,7 @@ pub mod binary {
             bytes_up: w.counters.2,
             origin_fallbacks: w.counters.3,
             upload_kbps: w.upload_kbps,
+            send_backlog_ms: w.send_backlog_ms,
         })
     }
 }
@@ -199,6 +206,7 @@ mod tests {
             bytes_up: 98_765_432,
             origin_fallbacks: 17,
             upload_kbps: 2000,
+            send_backlog_ms: 0,
         }
     }
 

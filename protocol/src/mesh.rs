@@ -100,10 +100,19 @@ mod tests {
     #[test]
     fn new_packets_go_to_everyone_but_the_sender() {
         let mut f = Flooder::default();
-        assert_eq!(f.on_packet(5, Some(2), &[1, 2, 3]), Flood::Forward(vec![1, 3]));
+        assert_eq!(
+            f.on_packet(5, Some(2), &[1, 2, 3]),
+            Flood::Forward(vec![1, 3])
+        );
         assert_eq!(f.on_packet(5, Some(1), &[1, 2, 3]), Flood::Duplicate);
-        assert_eq!(f.on_packet(6, None, &[1, 2, 3]), Flood::Forward(vec![1, 2, 3]));
-        assert_eq!(f.on_packet(4, Some(3), &[1, 2, 3]), Flood::Forward(vec![1, 2]));
+        assert_eq!(
+            f.on_packet(6, None, &[1, 2, 3]),
+            Flood::Forward(vec![1, 2, 3])
+        );
+        assert_eq!(
+            f.on_packet(4, Some(3), &[1, 2, 3]),
+            Flood::Forward(vec![1, 2])
+        );
     }
 
     #[test]

@@ -300,6 +300,11 @@ pub struct SwarmReport {
     pub congestion_detected: usize,
     /// Congested links the DCM reported in all (any time, any parent).
     pub congestion_links_reported: usize,
+    /// Per throttled relay: throttle → first congestion report naming it (ms; -1 = never).
+    pub detection_ms: Vec<f64>,
+    /// Children of a throttled relay the DCM left with it (its reduced capacity still feeds
+    /// them); not counted as repairs.
+    pub repairs_kept: usize,
     pub heartbeat_bytes_avg: f64,
     pub heartbeat_ms: u32,
     /// Viewer pages opened in all (churn replaces viewers).
@@ -375,6 +380,8 @@ impl SwarmReport {
             congestion_injected: 0,
             congestion_detected: 0,
             congestion_links_reported: 0,
+            detection_ms: Vec::new(),
+            repairs_kept: 0,
             heartbeat_bytes_avg: {
                 let (b, n) = reports
                     .iter()
@@ -442,11 +449,12 @@ impl SwarmReport {
         row(
             "repair ms p50/p95/max",
             format!(
-                "{:.0} / {:.0} / {:.0} (n={}, unfinished {}; target p95 ≤ {} = 2 intervals)",
+                "{:.0} / {:.0} / {:.0} (n={}, kept {}, unfinished {}; target p95 ≤ {})",
                 self.repair_ms.p50,
                 self.repair_ms.p95,
                 self.repair_ms.max,
                 self.repairs_measured,
+                self.repairs_kept,
                 self.repairs_unfinished,
                 2 * self.heartbeat_ms
             ),
@@ -458,6 +466,7 @@ impl SwarmReport {
                 self.congestion_detected, self.congestion_injected, self.congestion_links_reported
             ),
         );
+        row("detection ms per throttle", format!("{:?}", self.detection_ms));
         row("heartbeat bytes avg", format!("{:.0}", self.heartbeat_bytes_avg));
         row("sessions (departures)", format!("{} ({})", self.viewer_sessions, self.departures));
         row(
@@ -640,10 +649,12 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                     return true;
                 }
                 match l.first_packet_ms {
-                    Some(first) if l.since_ms >= p.at_ms - 5_000.0 => {
+                    Some(first) if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 => {
                         repairs.push((first - p.at_ms).max(0.0));
                         false
                     }
+                    // Moved much later, for another reason (e.g. churn): not this repair.
+                    Some(_) if l.since_ms > p.at_ms + 15_000.0 => false,
                     _ => true,
                 }
             });
@@ -671,7 +682,23 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     report.viewers = args.viewers;
     report.repair_ms = Pct::of(repairs.clone());
     report.repairs_measured = repairs.len();
-    report.repairs_unfinished = pending.len();
+    // Children still with their throttled parent at the end were kept by the DCM.
+    let throttled_ids: Vec<protocol::PeerId> = throttled_peers.iter().map(|t| t.0).collect();
+    report.repairs_kept = pending
+        .iter()
+        .filter(|p| throttled_ids.contains(&p.old_parent))
+        .count();
+    report.repairs_unfinished = pending.len() - report.repairs_kept;
+    report.detection_ms = throttled_peers
+        .iter()
+        .map(|(id, at)| {
+            topo.congestion
+                .iter()
+                .filter(|c| c.link.parent == *id && c.at_ms as f64 >= *at)
+                .map(|c| c.at_ms as f64 - at)
+                .fold(-1.0, |best: f64, d| if best < 0.0 { d } else { best.min(d) })
+        })
+        .collect();
     report.congestion_injected = throttled_peers.len();
     report.congestion_detected = throttled_peers
         .iter()

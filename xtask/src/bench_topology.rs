@@ -88,7 +88,13 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
     };
     let mut rng = Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let base: Vec<(PeerId, Region, u32)> = (0..args.nodes as u64)
-        .map(|i| (PeerId(i), region(&mut rng, args.regions), draw_upload(&mut rng)))
+        .map(|i| {
+            (
+                PeerId(i),
+                region(&mut rng, args.regions),
+                draw_upload(&mut rng),
+            )
+        })
         .collect();
 
     // 1. Full build with the distribution as drawn.
@@ -101,14 +107,21 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
     println!("    {:.3} s", build.as_secs_f64());
 
     // 2. Incremental joins and leaves on the built hierarchy.
-    println!("--> {} incremental events (half joins, half leaves)", args.events);
+    println!(
+        "--> {} incremental events (half joins, half leaves)",
+        args.events
+    );
     let mut present: Vec<PeerId> = base.iter().map(|p| p.0).collect();
     let mut next = args.nodes as u64;
     let (mut joins, mut leaves) = (Vec::new(), Vec::new());
     let mut affected = 0usize;
     for i in 0..args.events {
         if i % 2 == 0 {
-            let (id, r, up) = (PeerId(next), region(&mut rng, args.regions), draw_upload(&mut rng));
+            let (id, r, up) = (
+                PeerId(next),
+                region(&mut rng, args.regions),
+                draw_upload(&mut rng),
+            );
             next += 1;
             let t = Instant::now();
             affected += h.join(id, r, up, History::default()).affected.len();
@@ -130,9 +143,12 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
 
     // 3. Lowest capacity ratio at which everyone gets the full rate (bisection on a scale).
     println!("--> searching the lowest total-upload / (N x stream) with everyone at full rate");
-    let ratio_of = |r: &HierarchyReport| r.upload_total_kbps as f64 / (r.peers as f64 * f64::from(STREAM_KBPS));
+    let ratio_of = |r: &HierarchyReport| {
+        r.upload_total_kbps as f64 / (r.peers as f64 * f64::from(STREAM_KBPS))
+    };
     let base_ratio = ratio_of(&rep);
-    let full = |scale: f64| -> HierarchyReport { Hierarchy::build(cfg, &scaled(&base, scale)).report() };
+    let full =
+        |scale: f64| -> HierarchyReport { Hierarchy::build(cfg, &scaled(&base, scale)).report() };
     let at_target = full(1.1 / base_ratio);
     let (mut lo, mut hi) = (0.5 / base_ratio, 3.0 / base_ratio);
     let mut best: Option<HierarchyReport> = None;
@@ -167,12 +183,26 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
     println!();
     println!("| metric | value |");
     println!("|---|---|");
-    println!("| nodes / regions / k / stream | {} / {} / {} / {STREAM_KBPS} kbit/s |", args.nodes, args.regions, args.k);
+    println!(
+        "| nodes / regions / k / stream | {} / {} / {} / {STREAM_KBPS} kbit/s |",
+        args.nodes, args.regions, args.k
+    );
     println!("| capacity ratio as drawn (total upload / N·stream) | {base_ratio:.2} |");
     println!("| full build | {:.3} s |", build.as_secs_f64());
-    println!("| incremental join p50 / p99 | {:.1} / {:.1} µs |", jp50 / 1e3, jp99 / 1e3);
-    println!("| incremental leave p50 / p99 | {:.1} / {:.1} µs |", lp50 / 1e3, lp99 / 1e3);
-    println!("| peers told per event (mean) | {:.1} |", affected as f64 / args.events.max(1) as f64);
+    println!(
+        "| incremental join p50 / p99 | {:.1} / {:.1} µs |",
+        jp50 / 1e3,
+        jp99 / 1e3
+    );
+    println!(
+        "| incremental leave p50 / p99 | {:.1} / {:.1} µs |",
+        lp50 / 1e3,
+        lp99 / 1e3
+    );
+    println!(
+        "| peers told per event (mean) | {:.1} |",
+        affected as f64 / args.events.max(1) as f64
+    );
     println!(
         "| tiers: preferred / middle / bottom (clusters) / waypoints | {} / {} / {} ({}) / {} |",
         rep.preferred, rep.middle, rep.bottom, rep.bottom_clusters, rep.waypoints
@@ -182,7 +212,11 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
         "| max tree depth: middle / bottom | {} / {} |",
         rep.max_depth_middle, rep.max_depth_bottom
     );
-    println!("| full rate (as drawn; after churn) | {:.4}; {:.4} |", frac(&rep), frac(&after_churn));
+    println!(
+        "| full rate (as drawn; after churn) | {:.4}; {:.4} |",
+        frac(&rep),
+        frac(&after_churn)
+    );
     println!(
         "| upload used / total (as drawn) | {:.3} |",
         rep.upload_used_kbps as f64 / rep.upload_total_kbps.max(1) as f64

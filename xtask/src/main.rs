@@ -8,6 +8,7 @@
 //! Missing tools (wasm32 target, wasm-bindgen CLI, wasm-pack, Chromium and
 //! ChromeDriver) are installed on the way.
 
+mod bench_heartbeats;
 mod bench_topology;
 mod build;
 mod tools;
@@ -96,6 +97,21 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         events: usize,
     },
+    /// The real control server under N simulated peers sending heartbeats (WebSocket clients).
+    BenchHeartbeats {
+        /// Simulated peers (one WebSocket each).
+        #[arg(long, default_value_t = 2000)]
+        peers: usize,
+        /// Measurement time after all peers connected.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Heartbeat interval the server announces and the peers use.
+        #[arg(long, default_value_t = 200)]
+        heartbeat_ms: u32,
+        /// Write a JSON report to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -122,6 +138,17 @@ fn main() -> ExitCode {
             json,
             seed,
             web_dir: repo_root().join("web"),
+        }),
+        Cmd::BenchHeartbeats {
+            peers,
+            seconds,
+            heartbeat_ms,
+            json,
+        } => bench_heartbeats::bench(bench_heartbeats::Args {
+            peers,
+            seconds,
+            heartbeat_ms,
+            json,
         }),
         Cmd::BenchTopology {
             nodes,

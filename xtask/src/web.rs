@@ -113,7 +113,10 @@ pub fn build_web() -> Result<()> {
     let web = repo_root().join("web");
     let lock = web.join("package-lock.json");
     if !lock.is_file() {
-        bail!("{} is missing; it is committed with the repository", lock.display());
+        bail!(
+            "{} is missing; it is committed with the repository",
+            lock.display()
+        );
     }
     let dist = web.join("dist");
     let bundle_stamp = dist.join(".inputs");
@@ -130,13 +133,18 @@ pub fn build_web() -> Result<()> {
     if std::fs::read_to_string(&modules_stamp).ok().as_deref() == Some(&lock_print) {
         println!("web/node_modules matches package-lock.json; skipping npm ci");
     } else {
-        run(Command::new(&npm)
-            .current_dir(&web)
-            .args(["ci", "--no-audit", "--no-fund", "--include=dev"]))?;
+        run(Command::new(&npm).current_dir(&web).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--include=dev",
+        ]))?;
         std::fs::write(&modules_stamp, &lock_print)
             .with_context(|| format!("writing {}", modules_stamp.display()))?;
     }
-    run(Command::new(&npm).current_dir(&web).args(["run", "--silent", "build"]))?;
+    run(Command::new(&npm)
+        .current_dir(&web)
+        .args(["run", "--silent", "build"]))?;
     for o in OUTPUTS {
         if !dist.join(o).is_file() {
             bail!("the web build did not produce {}", dist.join(o).display());

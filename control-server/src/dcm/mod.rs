@@ -51,6 +51,8 @@ pub enum DcmEvent {
     Heartbeat {
         peer: PeerId,
         heartbeat: Box<Heartbeat>,
+        /// When the session received it (to measure how long applying it takes).
+        received: std::time::Instant,
     },
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
@@ -190,7 +192,17 @@ impl Dcm {
             }
             DcmEvent::Leave { peer } => self.remove_peer(peer, "left", now),
             DcmEvent::Signal { from, to, signal } => self.relay_signal(from, to, signal),
-            DcmEvent::Heartbeat { peer, heartbeat } => self.on_heartbeat(peer, *heartbeat, now),
+            DcmEvent::Heartbeat {
+                peer,
+                heartbeat,
+                received,
+            } => {
+                self.on_heartbeat(peer, *heartbeat, now);
+                self.channel
+                    .counters
+                    .heartbeat_apply
+                    .record(received.elapsed());
+            }
             DcmEvent::Packets(packets) => self.push_from_origin(packets),
             DcmEvent::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot(now));

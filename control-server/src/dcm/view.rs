@@ -133,6 +133,9 @@ pub struct CongestionConfig {
     pub strikes: u32,
     /// Links younger than this are not judged (the data channel may still be opening).
     pub settle_ms: u64,
+    /// A parent reporting an upload backlog older than this is congested towards every child
+    /// it has not yet sent its newest packet to.
+    pub backlog_ms: u64,
 }
 
 impl Default for CongestionConfig {
@@ -141,6 +144,7 @@ impl Default for CongestionConfig {
             grace_ms: 700,
             strikes: 1,
             settle_ms: 3000,
+            backlog_ms: 250,
         }
     }
 }
@@ -231,7 +235,9 @@ impl CongestionDetector {
                 continue;
             };
             let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
-            let late = waited > self.cfg.grace_ms && cl.last_seq.is_none_or(|s| s < got);
+            let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
+            let late = (waited > self.cfg.grace_ms || backlogged)
+                && cl.last_seq.is_none_or(|s| s < got);
             judged.push((peer, cl.child, cl.substream, late, got, cl.last_seq, true));
         }
         for (p, c, s, late, expected, have, parent_side) in judged {

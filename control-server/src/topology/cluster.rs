@@ -234,7 +234,12 @@ impl Cluster {
     /// halves keep similar spare capacity); the caller gives the new one feeders. Both halves are
     /// rebuilt strongest-first (the patent's greedy heuristic): leaves erode the balance of
     /// forwarding capacity between trees, and a rebuild restores it at the same cost as moving.
-    pub fn split(&mut self, id: ClusterId, stream_kbps: u32, max_fanout: u32) -> (Cluster, Changes) {
+    pub fn split(
+        &mut self,
+        id: ClusterId,
+        stream_kbps: u32,
+        max_fanout: u32,
+    ) -> (Cluster, Changes) {
         let mut by_upload: Vec<(u32, PeerId)> =
             self.uploads.iter().map(|(p, u)| (*u, *p)).collect();
         by_upload.sort_unstable_by(|a, b| b.cmp(a));
@@ -270,8 +275,11 @@ impl Cluster {
             merged.join(p, u);
             aff.affected.insert(p);
         }
-        aff.affected
-            .extend(merged.set_feeders(std::mem::take(&mut self.feeders)).affected);
+        aff.affected.extend(
+            merged
+                .set_feeders(std::mem::take(&mut self.feeders))
+                .affected,
+        );
         *self = merged;
         aff
     }
@@ -292,7 +300,13 @@ mod tests {
 
     #[test]
     fn feeders_fill_root_slots_in_order_then_the_origin_tops_up() {
-        let mut c = Cluster::new(ClusterId(1), Region::V4([10, 0]), ClusterKind::Bottom { k: 2 }, 1000, 4);
+        let mut c = Cluster::new(
+            ClusterId(1),
+            Region::V4([10, 0]),
+            ClusterKind::Bottom { k: 2 },
+            1000,
+            4,
+        );
         for i in 0..6 {
             c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
         }
@@ -332,7 +346,13 @@ mod tests {
 
     #[test]
     fn split_and_absorb_keep_every_member_fed() {
-        let mut c = Cluster::new(ClusterId(3), Region::V4([1, 2]), ClusterKind::Bottom { k: 4 }, 1000, 8);
+        let mut c = Cluster::new(
+            ClusterId(3),
+            Region::V4([1, 2]),
+            ClusterKind::Bottom { k: 4 },
+            1000,
+            8,
+        );
         for i in 0..100 {
             c.join(PeerId(i), [0, 500, 1000, 3000][i as usize % 4]);
         }

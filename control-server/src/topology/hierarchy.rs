@@ -236,8 +236,19 @@ impl Hierarchy {
     }
 
     /// Adds a viewer (re-adding first removes it).
-    pub fn join(&mut self, peer: PeerId, region: Region, upload_kbps: u32, history: History) -> Changes {
-        self.join_as(peer, region, history.effective_upload_kbps(upload_kbps), false)
+    pub fn join(
+        &mut self,
+        peer: PeerId,
+        region: Region,
+        upload_kbps: u32,
+        history: History,
+    ) -> Changes {
+        self.join_as(
+            peer,
+            region,
+            history.effective_upload_kbps(upload_kbps),
+            false,
+        )
     }
 
     /// Adds many peers at once, strongest first (the patent's greedy heuristic), with the bottom
@@ -435,7 +446,11 @@ impl Hierarchy {
     /// Units a preferred node has left after flooding: its middle-tier root feeds.
     fn preferred_slots(&self, upload: u32) -> u32 {
         let mesh = u64::from(self.cfg.mesh.degree() - 1) * u64::from(self.cfg.stream_kbps);
-        self.units(u64::from(upload).saturating_sub(mesh).min(u64::from(u32::MAX)) as u32)
+        self.units(
+            u64::from(upload)
+                .saturating_sub(mesh)
+                .min(u64::from(u32::MAX)) as u32,
+        )
     }
 
     /// Units a middle node has left after its middle tree: its bottom-tier root feeds.
@@ -680,12 +695,14 @@ impl Hierarchy {
             self.assign_feeder(m, new_id);
         }
         for target in [cid, new_id] {
-            while self
-                .regions
-                .get(&region)
-                .is_some_and(|r| r.feeders.get(&target).map_or(0, BTreeSet::len) < self.cfg.feeders_per_cluster)
-            {
-                let Some(m) = self.regions.get(&region).and_then(|r| r.idle_middle.first().copied()) else {
+            while self.regions.get(&region).is_some_and(|r| {
+                r.feeders.get(&target).map_or(0, BTreeSet::len) < self.cfg.feeders_per_cluster
+            }) {
+                let Some(m) = self
+                    .regions
+                    .get(&region)
+                    .and_then(|r| r.idle_middle.first().copied())
+                else {
                     break;
                 };
                 self.assign_feeder(m, target);
@@ -728,14 +745,19 @@ impl Hierarchy {
         }
         let (stream, maxf) = (self.cfg.stream_kbps, self.cfg.max_fanout);
         if let Some(target) = self.clusters.get_mut(&into) {
-            aff.affected.extend(target.absorb(gone, stream, maxf).affected);
+            aff.affected
+                .extend(target.absorb(gone, stream, maxf).affected);
         }
         let moved: Vec<PeerId> = self
             .regions
             .get_mut(&region)
             .map(|r| {
                 r.bottom.remove(&cid);
-                r.feeders.remove(&cid).unwrap_or_default().into_iter().collect()
+                r.feeders
+                    .remove(&cid)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
             })
             .unwrap_or_default();
         for m in moved {
@@ -837,7 +859,10 @@ impl Hierarchy {
             Tier::Preferred => Algorithm::Flood,
             Tier::Middle => Algorithm::MultitreeFec {
                 k: self.cfg.k,
-                n: self.regions.get(&info.region).map_or(self.cfg.fec_n, |r| r.fec_n),
+                n: self
+                    .regions
+                    .get(&info.region)
+                    .map_or(self.cfg.fec_n, |r| r.fec_n),
             },
             Tier::Bottom => Algorithm::Multitree,
         })
@@ -971,7 +996,8 @@ impl Hierarchy {
                 else {
                     break;
                 };
-                aff.affected.extend(self.join_as(peer, region, kbps, true).affected);
+                aff.affected
+                    .extend(self.join_as(peer, region, kbps, true).affected);
                 missing = missing.saturating_sub(u64::from(kbps));
             }
         }
@@ -1023,7 +1049,11 @@ impl Hierarchy {
         }
         for (p, info) in &self.peers {
             r.upload_total_kbps += u64::from(info.upload);
-            let mut used = feeds_used.get(&MeshNodeOrPeer::Peer(*p)).copied().unwrap_or(0) * unit;
+            let mut used = feeds_used
+                .get(&MeshNodeOrPeer::Peer(*p))
+                .copied()
+                .unwrap_or(0)
+                * unit;
             match info.tier {
                 Tier::Preferred => {
                     r.preferred += 1;
@@ -1049,7 +1079,9 @@ impl Hierarchy {
     /// Checks the structure: every cluster's trees, tier bookkeeping, mesh membership. For tests.
     pub fn check_invariants(&self) -> Result<(), String> {
         for c in self.clusters.values() {
-            c.tree().check_invariants().map_err(|e| format!("{}: {e}", c.id))?;
+            c.tree()
+                .check_invariants()
+                .map_err(|e| format!("{}: {e}", c.id))?;
             if matches!(c.kind, ClusterKind::Bottom { .. }) && c.feeders().is_empty() {
                 return Err(format!("{} has no feeder", c.id));
             }
@@ -1059,7 +1091,10 @@ impl Hierarchy {
                 .regions
                 .get(&info.region)
                 .ok_or_else(|| format!("{p}: region missing"))?;
-            let in_mid = self.clusters.get(&rs.middle).is_some_and(|c| c.contains(*p));
+            let in_mid = self
+                .clusters
+                .get(&rs.middle)
+                .is_some_and(|c| c.contains(*p));
             let in_bottom = info
                 .cluster
                 .and_then(|c| self.clusters.get(&c))
@@ -1080,7 +1115,11 @@ impl Hierarchy {
             }
         }
         let members: usize = self.clusters.values().map(Cluster::len).sum::<usize>()
-            + self.regions.values().map(|r| r.preferred.len()).sum::<usize>();
+            + self
+                .regions
+                .values()
+                .map(|r| r.preferred.len())
+                .sum::<usize>();
         if members != self.peers.len() {
             return Err(format!("{members} placed != {} peers", self.peers.len()));
         }
@@ -1089,10 +1128,11 @@ impl Hierarchy {
 }
 
 fn extend_mesh(aff: &mut Changes, changed: BTreeSet<MeshNode>) {
-    aff.affected.extend(changed.into_iter().filter_map(|n| match n {
-        MeshNode::Peer(p) => Some(p),
-        _ => None,
-    }));
+    aff.affected
+        .extend(changed.into_iter().filter_map(|n| match n {
+            MeshNode::Peer(p) => Some(p),
+            _ => None,
+        }));
 }
 
 /// Whether a cluster change may have changed its set of roots, hence its feeders' duties:
@@ -1125,7 +1165,12 @@ impl RelayRegistry {
 
     /// The peer with the most spare upload (at least `min_kbps`) in `region` watching another
     /// channel than `for_channel`; it leaves the pool.
-    pub fn recruit(&mut self, for_channel: u32, region: Region, min_kbps: u32) -> Option<(PeerId, u32)> {
+    pub fn recruit(
+        &mut self,
+        for_channel: u32,
+        region: Region,
+        min_kbps: u32,
+    ) -> Option<(PeerId, u32)> {
         let (&key, &(_, kbps)) = self
             .spare
             .range((region, PeerId(0))..=(region, PeerId(u64::MAX)))

@@ -258,10 +258,10 @@ fn local_connectivity(g: &[Vec<usize>], s: usize, t: usize, limit: u32) -> u32 {
         out[a].push(b);
         out[b].push(a);
     };
-    for v in 0..m {
+    for (v, next) in g.iter().enumerate() {
         let inner = if v == s || v == t { limit as i32 } else { 1 };
         arc(2 * v, 2 * v + 1, inner, &mut cap);
-        for &w in &g[v] {
+        for &w in next {
             arc(2 * v + 1, 2 * w, 1, &mut cap);
         }
     }
@@ -475,12 +475,20 @@ mod tests {
                 let m = mesh(c, peers);
                 let members = m.members().to_vec();
                 if members.len() > c as usize {
-                    assert!(is_c_connected(m.adjacency(), c), "c={c} m={}", members.len());
+                    assert!(
+                        is_c_connected(m.adjacency(), c),
+                        "c={c} m={}",
+                        members.len()
+                    );
                 }
                 let mut cuts = 0;
                 subsets(&members, (c as usize - 1).min(members.len()), &mut |s| {
                     cuts += 1;
-                    assert!(connected_without(&m, s), "c={c} m={} cut {s:?}", members.len());
+                    assert!(
+                        connected_without(&m, s),
+                        "c={c} m={} cut {s:?}",
+                        members.len()
+                    );
                 });
                 assert!(cuts > 0);
             }
@@ -496,7 +504,10 @@ mod tests {
             let members = m.members().to_vec();
             let victim = members[1 + rng.below(members.len() as u64 - 1) as usize];
             let changed = m.remove(victim);
-            assert!(changed.len() <= 2 * m.config().degree() as usize, "{changed:?}");
+            assert!(
+                changed.len() <= 2 * m.config().degree() as usize,
+                "{changed:?}"
+            );
             let changed = m.insert(MeshNode::Peer(PeerId(1000 + step)));
             assert!(changed.len() <= 2 * m.config().degree() as usize + 1);
             let members = m.members().to_vec();
@@ -513,7 +524,9 @@ mod tests {
     #[test]
     fn connectivity_check_agrees_with_known_graphs() {
         let ring = |m: u32| -> BTreeMap<u32, Vec<u32>> {
-            (0..m).map(|i| (i, vec![(i + 1) % m, (i + m - 1) % m])).collect()
+            (0..m)
+                .map(|i| (i, vec![(i + 1) % m, (i + m - 1) % m]))
+                .collect()
         };
         assert!(is_c_connected(&ring(6), 2));
         assert!(!is_c_connected(&ring(6), 3));
@@ -624,9 +637,15 @@ mod tests {
         };
         let current = BTreeSet::from([PeerId(1)]);
         let close = [cand(1, 0, 10_000, 3600), cand(2, 0, 12_000, 3600)];
-        assert_eq!(select_preferred(&cfg, &current, &close)[&0], vec![PeerId(1)]);
+        assert_eq!(
+            select_preferred(&cfg, &current, &close)[&0],
+            vec![PeerId(1)]
+        );
         let clear = [cand(1, 0, 10_000, 3600), cand(2, 0, 13_000, 3600)];
-        assert_eq!(select_preferred(&cfg, &current, &clear)[&0], vec![PeerId(2)]);
+        assert_eq!(
+            select_preferred(&cfg, &current, &clear)[&0],
+            vec![PeerId(2)]
+        );
         // Without an incumbent the best simply wins.
         assert_eq!(
             select_preferred(&cfg, &BTreeSet::new(), &close)[&0],

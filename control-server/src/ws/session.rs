@@ -33,8 +33,12 @@ impl Default for SessionLimits {
 }
 
 pub async fn ws_handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+    // Small buffers: control messages are tiny, and tens of thousands of sessions must fit in a
+    // few KiB each (tungstenite's defaults are 128 KiB).
     ws.max_message_size(MAX_CONTROL_MESSAGE)
         .max_frame_size(MAX_CONTROL_MESSAGE)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| run_session(socket, state))
 }
 
@@ -261,6 +265,7 @@ impl Session {
             .send(DcmEvent::Heartbeat {
                 peer: me,
                 heartbeat: Box::new(hb),
+                received: now,
             })
             .await;
         true

@@ -18,6 +18,9 @@ use protocol::{ChildLink, Heartbeat, Packet, ParentLink, PeerId, Source, Substre
 
 pub use upload::TokenBucket;
 
+/// Upload backlog (ms) that makes a peer report at once instead of at its next heartbeat.
+pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -126,6 +129,8 @@ pub struct Engine {
     next_deliver: Option<u64>,
     highest_seen: Option<u64>,
     held: BTreeMap<u64, Held>,
+    /// The last packets delivered (two per substream), to prime newly assigned children.
+    recent: VecDeque<Rc<Vec<u8>>>,
     /// Missing seq → when the gap was noticed.
     gaps: BTreeMap<u64, f64>,
     in_flight: BTreeSet<u64>,
@@ -136,6 +141,7 @@ pub struct Engine {
     parent_timing: Vec<(f64, Option<f64>)>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
+    backlog_reported: bool,
     pub counters: Counters,
     pub verified: Option<RangeHash>,
     pub latency: LatencyHistogram,
@@ -157,6 +163,7 @@ impl Engine {
             next_deliver: None,
             highest_seen: None,
             held: BTreeMap::new(),
+            recent: VecDeque::new(),
             gaps: BTreeMap::new(),
             in_flight: BTreeSet::new(),
             bucket,
@@ -165,6 +172,7 @@ impl Engine {
             parent_timing: Vec::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
+            backlog_reported: false,
             counters: Counters::default(),
             verified: None,
             latency: LatencyHistogram::default(),
@@ -268,6 +276,24 @@ impl Engine {
             .iter()
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
+        // A new child of substream i most likely lost its previous parent: hand it the newest
+        // packet of i we have, so it is fed from the swarm at once instead of waiting for the
+        // next one (or for the origin). A duplicate costs it one ignored packet.
+        let old_children: BTreeSet<(PeerId, u32)> = self
+            .plan
+            .iter()
+            .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
+            .collect();
+        for (child, sub) in children.difference(&old_children) {
+            if let Some(p) = self
+                .recent
+                .iter()
+                .rev()
+                .find(|p| protocol::packet::peek_seq(p).map(|q| protocol::substream_of(q, self.k)) == Some(*sub))
+            {
+                self.send_queue.push_back((*child, p.clone(), self.now, *sub));
+            }
+        }
         self.child_last.retain(|key, _| children.contains(key));
         self.send_queue
             .retain(|(to, _, _, sub)| children.contains(&(*to, *sub)));
@@ -377,6 +403,10 @@ impl Engine {
                 v.push(packet_hash(p.payload));
             }
             self.first_delivery_ms.get_or_insert(self.now);
+            self.recent.push_back(h.packet.clone());
+            if self.recent.len() > 2 * self.k as usize {
+                self.recent.pop_front();
+            }
             out.push(Action::Deliver {
                 payload: p.payload.to_vec(),
             });
@@ -440,6 +470,22 @@ impl Engine {
         }
     }
 
+    /// Age of the oldest packet waiting for upload tokens, ms.
+    pub fn send_backlog_ms(&self) -> f64 {
+        self.send_queue
+            .front()
+            .map_or(0.0, |(_, _, queued, _)| (self.now - queued).max(0.0))
+    }
+
+    /// True once per backlog episode when the upload queue has been stuck for a while: the
+    /// glue then sends a heartbeat at once so the DCM can move children before they starve.
+    pub fn wants_early_heartbeat(&mut self) -> bool {
+        let stuck = self.send_backlog_ms() > EARLY_HEARTBEAT_BACKLOG_MS;
+        let fire = stuck && !self.backlog_reported;
+        self.backlog_reported = stuck;
+        fire
+    }
+
     /// Packets held per substream ahead of the playout point (FIG. 9 Buffersize S_i).
     pub fn buffered_per_substream(&self) -> Vec<u32> {
         let mut v = vec![0u32; self.k as usize];
@@ -498,6 +544,7 @@ impl Engine {
             bytes_up: self.counters.bytes_up,
             origin_fallbacks: self.counters.origin_fallbacks,
             upload_kbps: self.bucket.rate_kbps(),
+            send_backlog_ms: self.send_backlog_ms() as u32,
         })
     }
 

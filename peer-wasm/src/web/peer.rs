@@ -450,7 +450,11 @@ impl Inner {
         self.feed(Input::Tick);
         let now = now_ms();
         if let Some(w) = &self.welcome {
-            if now - self.last_heartbeat >= w.heartbeat_ms {
+            // A stuck upload queue is reported at once (the server accepts a heartbeat every
+            // half interval), so children are moved before their buffers drain.
+            let early = self.engine.wants_early_heartbeat()
+                && now - self.last_heartbeat >= w.heartbeat_ms / 2.0 + 20.0;
+            if early || now - self.last_heartbeat >= w.heartbeat_ms {
                 self.last_heartbeat = now;
                 if let Some(hb) = self.engine.heartbeat() {
                     // Binary (postcard) is ~8x smaller than JSON; the server takes both.

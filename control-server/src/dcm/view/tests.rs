@@ -81,6 +81,7 @@ fn heartbeat(
         bytes_up: 0,
         origin_fallbacks: 0,
         upload_kbps: 1000,
+        send_backlog_ms: 0,
     }
 }
 

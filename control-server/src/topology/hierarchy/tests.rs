@@ -45,7 +45,7 @@ fn assert_all_fed(h: &Hierarchy) {
                 let subs: BTreeSet<u32> = plan.receive.iter().filter_map(|l| l.substream).collect();
                 assert_eq!(subs.len() as u32, c.kind.trees(), "{p}");
                 let interior: BTreeSet<u32> = (0..c.kind.trees())
-                    .filter(|t| c.tree().plan(*p).unwrap()[*t as usize].children.len() > 0)
+                    .filter(|t| !c.tree().plan(*p).unwrap()[*t as usize].children.is_empty())
                     .collect();
                 assert!(interior.len() <= 1, "{p} interior in {interior:?}");
             }
@@ -60,15 +60,29 @@ fn uploads() -> [u32; 7] {
 #[test]
 fn tiers_follow_capacity_and_plans_name_the_algorithm() {
     let mut h = Hierarchy::new(small_cfg());
-    h.set_region_settings(region(2), RegionSettings { fec_n: Some(4), waypoint: None });
+    h.set_region_settings(
+        region(2),
+        RegionSettings {
+            fec_n: Some(4),
+            waypoint: None,
+        },
+    );
     for i in 0..60u64 {
         let r = region((i % 3) as u8);
-        h.join(PeerId(i), r, uploads()[(i % 7) as usize], History::default());
+        h.join(
+            PeerId(i),
+            r,
+            uploads()[(i % 7) as usize],
+            History::default(),
+        );
         h.check_invariants().unwrap();
     }
     assert_all_fed(&h);
     let rep = h.report();
-    assert!(rep.preferred >= 3 && rep.middle > 0 && rep.bottom > 0, "{rep:?}");
+    assert!(
+        rep.preferred >= 3 && rep.middle > 0 && rep.bottom > 0,
+        "{rep:?}"
+    );
     for p in h.peers.keys() {
         let plan = h.plan(*p).unwrap();
         match plan.tier {
@@ -76,17 +90,27 @@ fn tiers_follow_capacity_and_plans_name_the_algorithm() {
             Tier::Middle => {
                 // Claim 4: the coded tier's redundancy is the child's region's.
                 let n = if plan.region == region(2) { 4 } else { 2 };
-                assert!(plan.receive.iter().all(|l| l.algorithm == Algorithm::MultitreeFec { k: 4, n }));
+                assert!(plan
+                    .receive
+                    .iter()
+                    .all(|l| l.algorithm == Algorithm::MultitreeFec { k: 4, n }));
             }
             Tier::Bottom => {
-                assert!(plan.receive.iter().all(|l| l.algorithm == Algorithm::Multitree));
+                assert!(plan
+                    .receive
+                    .iter()
+                    .all(|l| l.algorithm == Algorithm::Multitree));
             }
         }
     }
     // Every middle cluster is fed by at least two preferred nodes where the region has them.
     for rs in h.regions.values() {
         let c = h.clusters.get(&rs.middle).unwrap();
-        let peers = c.feeders().iter().filter(|f| matches!(f.node, MeshNodeOrPeer::Peer(_))).count();
+        let peers = c
+            .feeders()
+            .iter()
+            .filter(|f| matches!(f.node, MeshNodeOrPeer::Peer(_)))
+            .count();
         assert_eq!(peers, rs.preferred.len().min(2));
     }
 }
@@ -96,12 +120,21 @@ fn split_and_merge_keep_every_node_fed() {
     let mut h = Hierarchy::new(small_cfg());
     let r = region(0);
     for i in 0..200u64 {
-        h.join(PeerId(i), r, uploads()[(i % 7) as usize], History::default());
+        h.join(
+            PeerId(i),
+            r,
+            uploads()[(i % 7) as usize],
+            History::default(),
+        );
     }
     h.check_invariants().unwrap();
     let clusters = h.regions[&r].bottom.len();
     assert!(clusters >= h.report().bottom / 16, "{clusters} clusters");
-    for c in h.clusters.values().filter(|c| matches!(c.kind, ClusterKind::Bottom { .. })) {
+    for c in h
+        .clusters
+        .values()
+        .filter(|c| matches!(c.kind, ClusterKind::Bottom { .. }))
+    {
         assert!(c.len() <= 16);
     }
     assert_all_fed(&h);
@@ -156,7 +189,14 @@ fn is_c_connected_or_small(h: &Hierarchy) -> bool {
 #[test]
 fn ample_capacity_gives_everyone_the_full_rate() {
     let peers: Vec<(PeerId, Region, u32, History)> = (0..400u64)
-        .map(|i| (PeerId(i), region((i / 7 % 4) as u8), [0, 1500, 3000, 8000][(i % 4) as usize], History::default()))
+        .map(|i| {
+            (
+                PeerId(i),
+                region((i / 7 % 4) as u8),
+                [0, 1500, 3000, 8000][(i % 4) as usize],
+                History::default(),
+            )
+        })
         .collect();
     let h = Hierarchy::build(small_cfg(), &peers);
     h.check_invariants().unwrap();
@@ -169,11 +209,20 @@ fn ample_capacity_gives_everyone_the_full_rate() {
 #[test]
 fn preferred_departure_promotes_a_middle_node_or_falls_back_to_a_waypoint() {
     let mut h = Hierarchy::new(HierarchyConfig {
-        mesh: MeshConfig { per_region: 1, ..MeshConfig::default() },
+        mesh: MeshConfig {
+            per_region: 1,
+            ..MeshConfig::default()
+        },
         ..small_cfg()
     });
     let r = region(7);
-    h.set_region_settings(r, RegionSettings { fec_n: None, waypoint: Some(3) });
+    h.set_region_settings(
+        r,
+        RegionSettings {
+            fec_n: None,
+            waypoint: Some(3),
+        },
+    );
     h.join(PeerId(1), r, 500, History::default());
     // No capable client: the configured relay stands in.
     assert!(h.mesh().contains(MeshNode::Waypoint(3)));
@@ -201,7 +250,7 @@ fn recruited_relay_forwards_a_channel_it_does_not_play() {
     for i in 0..12 {
         h.join(PeerId(i), r, 0, History::default()); // nobody here can upload
     }
-    assert!(h.deficits().get(&r).is_some());
+    assert!(h.deficits().contains_key(&r));
     let mut reg = RelayRegistry::default();
     reg.offer(2, r, PeerId(500), 20_000); // watches channel 2
     reg.offer(1, r, PeerId(501), 50_000); // same channel: not a relay candidate
@@ -211,7 +260,10 @@ fn recruited_relay_forwards_a_channel_it_does_not_play() {
     assert!(!plan.plays);
     assert!(!plan.send.is_empty(), "the relay forwards");
     assert_eq!(h.report().relays, 1);
-    assert!(reg.recruit(1, r, 0).is_none(), "recruited once; the other watches channel 1");
+    assert!(
+        reg.recruit(1, r, 0).is_none(),
+        "recruited once; the other watches channel 1"
+    );
     h.check_invariants().unwrap();
 }
 

@@ -1,0 +1,362 @@
+//! `cargo xtask bench-heartbeats`: the real control server (release build, its own process)
+//! under N simulated peers, tokio-tungstenite clients in this process on loopback, each joining
+//! the demo channel and sending binary FIG. 9 heartbeats at the configured interval that report
+//! healthy links (from the instructions and live-edge notices they receive). Reports sustained
+//! heartbeats per second applied by the DCM, time from receipt to applied, server CPU and
+//! server memory per connected peer.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ChildLink, ClientMsg, Heartbeat, ParentLink, PeerId, ServerMsg, SubstreamPlan};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::{cargo, repo_root, run};
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub peers: usize,
+    pub seconds: u64,
+    pub heartbeat_ms: u32,
+    pub json: Option<PathBuf>,
+}
+
+/// Kills the server when the benchmark ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn raise_fd_limit(want: u64) -> Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let max = cur.maximum.unwrap_or(want);
+    let target = want.min(max);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: cur.maximum,
+        },
+    )
+    .context("raising the open-files limit")?;
+    Ok(target)
+}
+
+/// (utime + stime in clock ticks, RSS in KiB) of a process.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks, rss))
+}
+
+async fn http_get_json(addr: SocketAddr, path: &str) -> Result<Value> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("no HTTP body")?;
+    serde_json::from_str(body).with_context(|| format!("GET {path}: {body}"))
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    sent: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// One simulated peer: joins, tracks its plan and the live edge, reports healthy links.
+async fn sim_peer(
+    addr: SocketAddr,
+    hb_ms: u32,
+    stop: Instant,
+    c: Arc<Counters>,
+    phase_ms: u64,
+    connecting: Arc<tokio::sync::Semaphore>,
+) -> Result<()> {
+    // Bounded concurrent handshakes, released once welcomed.
+    let mut permit = Some(connecting.acquire_owned().await?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+    let join = ClientMsg::Join {
+        version: protocol::PROTOCOL_VERSION,
+        channel: "demo".into(),
+        upload_kbps: 2000,
+    };
+    ws.send(Message::Text(serde_json::to_string(&join)?.into()))
+        .await?;
+    let mut me = None;
+    let mut k = 4u32;
+    let mut plan: Vec<SubstreamPlan> = Vec::new();
+    let mut edge = 0u64;
+    let mut seq = 0u64;
+    let mut counted = false;
+    let start = tokio::time::Instant::now() + Duration::from_millis(phase_ms);
+    let mut tick = tokio::time::interval_at(start, Duration::from_millis(u64::from(hb_ms)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < stop {
+        tokio::select! {
+            msg = ws.next() => {
+                let Some(msg) = msg else { break };
+                if let Message::Text(t) = msg? {
+                    match serde_json::from_str::<ServerMsg>(t.as_str()) {
+                        Ok(ServerMsg::Welcome { peer_id, substreams, live_seq, .. }) => {
+                            me = Some(peer_id);
+                            k = substreams;
+                            edge = live_seq;
+                            permit.take();
+                            if !counted {
+                                counted = true;
+                                c.connected.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(ServerMsg::Instructions { substreams, .. }) => plan = substreams,
+                        Ok(ServerMsg::LiveEdge { seq }) => edge = seq,
+                        Ok(ServerMsg::Error { message, .. }) => bail!("server error: {message}"),
+                        _ => {}
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let Some(id) = me else { continue };
+                seq += 1;
+                let hb = healthy_heartbeat(id, seq, k, &plan, edge);
+                let frame = protocol::heartbeat::binary::encode(&hb);
+                c.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                ws.send(Message::Binary(frame.into())).await?;
+                c.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+fn healthy_heartbeat(id: PeerId, seq: u64, k: u32, plan: &[SubstreamPlan], edge: u64) -> Heartbeat {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let newest = |s: u32| {
+        (edge.saturating_sub(u64::from(k))..=edge)
+            .rev()
+            .find(|q| protocol::substream_of(*q, k) == s)
+    };
+    Heartbeat {
+        client_id: id,
+        seq,
+        local_ts_ms: now,
+        parents: plan
+            .iter()
+            .map(|sp| ParentLink {
+                substream: sp.index,
+                parent: sp.parent,
+                last_seq: newest(sp.index),
+                last_ts_ms: Some(now),
+            })
+            .collect(),
+        children: plan
+            .iter()
+            .flat_map(|sp| {
+                sp.children.iter().map(move |ch| ChildLink {
+                    substream: sp.index,
+                    child: *ch,
+                    last_seq: newest(sp.index),
+                    last_ts_ms: Some(now),
+                })
+            })
+            .collect(),
+        buffer: vec![2; k as usize],
+        bytes_from_peers: seq * 50_000,
+        bytes_from_origin: 0,
+        bytes_up: seq * 50_000,
+        origin_fallbacks: 0,
+        upload_kbps: 2000,
+        send_backlog_ms: 0,
+    }
+}
+
+pub fn bench(args: Args) -> Result<()> {
+    if args.peers == 0 || args.seconds == 0 {
+        bail!("--peers and --seconds must be at least 1");
+    }
+    let limit = raise_fd_limit(4 * args.peers as u64 + 1024)?;
+    if limit < args.peers as u64 + 256 {
+        bail!(
+            "open-files limit {limit} is too low for {} peers",
+            args.peers
+        );
+    }
+    run(cargo().args(["build", "--release", "-p", "control-server"]))?;
+    let bin = crate::build::target_dir()?.join("release/control-server");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let server = Server(
+        Command::new(&bin)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--heartbeat-ms",
+                &args.heartbeat_ms.to_string(),
+            ])
+            .arg("--web-dir")
+            .arg(repo_root().join("web"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?,
+    );
+    let pid = server.0.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        // The server is up when the demo channel has produced its first packet.
+        let t0 = Instant::now();
+        loop {
+            if let Ok(v) = http_get_json(addr, "/api/channels/demo/stats").await {
+                if v["live_seq"].is_u64() {
+                    break;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("control server did not come up on {addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, rss_idle_kib) = proc_usage(pid).context("reading server /proc")?;
+        let c = Arc::new(Counters::default());
+        let connect_deadline = Duration::from_secs(30 + args.peers as u64 / 200);
+        let stop = Instant::now() + connect_deadline + Duration::from_secs(args.seconds) + Duration::from_secs(2);
+        let sem = Arc::new(tokio::sync::Semaphore::new(256));
+        eprintln!("bench-heartbeats: {} peers, heartbeat every {} ms, server pid {pid} on {addr}", args.peers, args.heartbeat_ms);
+        let mut tasks = Vec::with_capacity(args.peers);
+        for i in 0..args.peers {
+            let c = c.clone();
+            let sem = sem.clone();
+            let hb = args.heartbeat_ms;
+            let phase = (i as u64 * 7919) % u64::from(hb);
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = sim_peer(addr, hb, stop, c.clone(), phase, sem).await {
+                    if c.failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("  peer {i}: {e:#}");
+                    }
+                }
+            }));
+            if i % 256 == 255 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Wait until everyone is connected (or the connect phase times out).
+        let t_connect = Instant::now();
+        while c.connected.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed) < args.peers
+            && t_connect.elapsed() < connect_deadline
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            eprint!(
+                "\r  connected {}/{} ({} failed)",
+                c.connected.load(Ordering::Relaxed),
+                args.peers,
+                c.failed.load(Ordering::Relaxed)
+            );
+        }
+        eprintln!();
+        let connected = c.connected.load(Ordering::Relaxed);
+        // Settle one interval, then measure for `seconds`.
+        tokio::time::sleep(Duration::from_millis(u64::from(args.heartbeat_ms) * 2)).await;
+        let s0 = http_get_json(addr, "/api/channels/demo/stats").await?;
+        let (ticks0, _) = proc_usage(pid).context("server /proc")?;
+        let sent0 = c.sent.load(Ordering::Relaxed);
+        let m0 = Instant::now();
+        let mut peak_rss = 0u64;
+        while m0.elapsed() < Duration::from_secs(args.seconds) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (_, rss) = proc_usage(pid).unwrap_or((0, 0));
+            peak_rss = peak_rss.max(rss);
+            eprintln!(
+                "  t={:>3.0}s  sent {:>9}  server rss {:>6.1} MB",
+                m0.elapsed().as_secs_f64(),
+                c.sent.load(Ordering::Relaxed) - sent0,
+                rss as f64 / 1024.0
+            );
+        }
+        let elapsed = m0.elapsed().as_secs_f64();
+        let s1 = http_get_json(addr, "/api/channels/demo/stats").await?;
+        let (ticks1, rss_kib) = proc_usage(pid).context("server /proc")?;
+        let sent = c.sent.load(Ordering::Relaxed) - sent0;
+        let applied = s1["heartbeats"].as_u64().unwrap_or(0) - s0["heartbeats"].as_u64().unwrap_or(0);
+        let hz = 100.0; // Linux USER_HZ
+        let cpu = (ticks1 - ticks0) as f64 / hz / elapsed * 100.0;
+        let per_peer_kib = (peak_rss.max(rss_kib).saturating_sub(rss_idle_kib)) as f64 / connected.max(1) as f64;
+        let report = json!({
+            "peers": args.peers,
+            "connected": connected,
+            "failed": c.failed.load(Ordering::Relaxed),
+            "seconds": args.seconds,
+            "heartbeat_ms": args.heartbeat_ms,
+            "heartbeats_sent": sent,
+            "heartbeats_applied": applied,
+            "heartbeats_per_sec": applied as f64 / elapsed,
+            "apply_ms": { "p50": s1["heartbeat_apply_ms"]["p50"], "p99": s1["heartbeat_apply_ms"]["p99"] },
+            "server_cpu_percent": cpu,
+            "server_rss_mb": rss_kib as f64 / 1024.0,
+            "server_rss_idle_mb": rss_idle_kib as f64 / 1024.0,
+            "server_kib_per_peer": per_peer_kib,
+            "heartbeat_bytes_avg": c.bytes.load(Ordering::Relaxed) as f64 / c.sent.load(Ordering::Relaxed).max(1) as f64,
+        });
+        println!();
+        println!("| metric | value | target |");
+        println!("|---|---|---|");
+        println!("| peers connected | {connected} of {} | |", args.peers);
+        println!("| heartbeats/s applied | {:.0} | ≥ 100000 at 20000 peers |", report["heartbeats_per_sec"].as_f64().unwrap_or(0.0));
+        println!("| apply ms p50 / p99 | {} / {} | p99 ≤ 20 |", report["apply_ms"]["p50"], report["apply_ms"]["p99"]);
+        println!("| server CPU | {cpu:.0} % (of one core) | |");
+        println!("| server memory per peer | {per_peer_kib:.1} KiB | ≤ 8 KiB |");
+        println!("| heartbeat size | {:.0} bytes (binary) | |", report["heartbeat_bytes_avg"].as_f64().unwrap_or(0.0));
+        let text = serde_json::to_string_pretty(&report)?;
+        match &args.json {
+            Some(p) => {
+                std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+                eprintln!("wrote {}", p.display());
+            }
+            None => println!("{text}"),
+        }
+        for t in tasks {
+            t.abort();
+        }
+        drop(server);
+        Ok(())
+    })
+}
