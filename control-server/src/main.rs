@@ -45,7 +45,12 @@ struct Args {
     operator_token: Option<String>,
     /// Origin whose pages may embed the player, e.g. https://site.example (repeatable or
     /// comma-separated). Without any, every origin may.
-    #[arg(long = "allow-origin", value_name = "ORIGIN", value_delimiter = ',', env = "P2P_ALLOWED_ORIGINS")]
+    #[arg(
+        long = "allow-origin",
+        value_name = "ORIGIN",
+        value_delimiter = ',',
+        env = "P2P_ALLOWED_ORIGINS"
+    )]
     allowed_origins: Vec<String>,
     /// Access token viewers must present to join (the player's `token` option). Without it,
     /// anyone may join.

@@ -97,6 +97,13 @@ impl PeerTotals {
         }
     }
 
+    fn max_with(&mut self, o: &PeerTotals) {
+        self.bytes_from_peers = self.bytes_from_peers.max(o.bytes_from_peers);
+        self.bytes_from_origin = self.bytes_from_origin.max(o.bytes_from_origin);
+        self.bytes_up = self.bytes_up.max(o.bytes_up);
+        self.origin_fallbacks = self.origin_fallbacks.max(o.origin_fallbacks);
+    }
+
     fn add(&mut self, o: &PeerTotals) {
         self.bytes_from_peers += o.bytes_from_peers;
         self.bytes_from_origin += o.bytes_from_origin;
@@ -171,9 +178,16 @@ pub struct Sample {
 struct Track {
     live: HashMap<PeerId, PeerTotals>,
     departed: PeerTotals,
+    /// Recently departed peers: a snapshot taken before a departure but observed after it
+    /// (scrapes and the sampler race) must not bring them back and count them twice.
+    gone: HashSet<PeerId>,
+    gone_order: VecDeque<PeerId>,
     samples: VecDeque<Sample>,
     last: ChannelTotals,
 }
+
+/// Departed peers remembered against stale snapshots.
+const GONE_KEEP: usize = 4096;
 
 /// Per-channel running totals and series. One per server, in [`AppState`].
 #[derive(Default)]
@@ -211,12 +225,25 @@ impl Metrics {
                 for id in gone {
                     if let Some(t) = track.live.remove(&id) {
                         track.departed.add(&t);
+                        track.gone.insert(id);
+                        track.gone_order.push_back(id);
+                    }
+                }
+                while track.gone_order.len() > GONE_KEEP {
+                    if let Some(id) = track.gone_order.pop_front() {
+                        track.gone.remove(&id);
                     }
                 }
                 for p in peers {
-                    if let Some(hb) = p.heartbeat {
-                        track.live.insert(p.id, PeerTotals::of(hb));
+                    let Some(hb) = p.heartbeat else {
+                        continue;
+                    };
+                    if track.gone.contains(&p.id) {
+                        continue;
                     }
+                    // Per-peer counters only grow: a stale snapshot does not lower them.
+                    let t = track.live.entry(p.id).or_default();
+                    t.max_with(&PeerTotals::of(hb));
                 }
                 let mut by: BTreeMap<Placement, u32> = BTreeMap::new();
                 for p in peers {
@@ -262,7 +289,12 @@ impl Metrics {
     }
 
     /// [`Metrics::record`] on the peers of a snapshot.
-    pub fn record_peers(&self, ch: &Channel, peers: Option<&[PeerSample<'_>]>, t_ms: u64) -> Sample {
+    pub fn record_peers(
+        &self,
+        ch: &Channel,
+        peers: Option<&[PeerSample<'_>]>,
+        t_ms: u64,
+    ) -> Sample {
         let totals = self.observe_peers(ch, peers);
         let mut tracks = lock(&self.tracks);
         let track = tracks.entry(ch.name.clone()).or_default();
@@ -281,19 +313,26 @@ impl Metrics {
             egress_kbps: 0.0,
         };
         let back = track.samples.len().min(RATE_WINDOW);
-        if let Some(prev) = track.samples.len().checked_sub(back).and_then(|i| track.samples.get(i)) {
+        if let Some(prev) = track
+            .samples
+            .len()
+            .checked_sub(back)
+            .and_then(|i| track.samples.get(i))
+        {
             let dt_ms = t_ms.saturating_sub(prev.t_ms);
             if dt_ms > 0 {
                 let d_peers = s.bytes_from_peers.saturating_sub(prev.bytes_from_peers);
                 let d_origin = s.bytes_from_origin.saturating_sub(prev.bytes_from_origin);
-                let d_egress = s.origin_egress_bytes.saturating_sub(prev.origin_egress_bytes);
+                let d_egress = s
+                    .origin_egress_bytes
+                    .saturating_sub(prev.origin_egress_bytes);
                 // bytes * 8 / ms = kbit/s
                 let kbps = |b: u64| b as f64 * 8.0 / dt_ms as f64;
                 s.peers_kbps = kbps(d_peers);
                 s.origin_kbps = kbps(d_origin);
                 s.egress_kbps = kbps(d_egress);
-                s.p2p_share = (d_peers + d_origin > 0)
-                    .then(|| d_peers as f64 / (d_peers + d_origin) as f64);
+                s.p2p_share =
+                    (d_peers + d_origin > 0).then(|| d_peers as f64 / (d_peers + d_origin) as f64);
             }
         }
         track.samples.push_back(s.clone());
@@ -468,10 +507,7 @@ pub async fn render(state: &AppState) -> String {
     let mut viewers = Vec::new();
     for (n, t) in &rows {
         if t.viewers_by_placement.is_empty() {
-            viewers.push((
-                format!("{},tier=\"{}\"", base(n), esc(DEFAULT_TIER)),
-                0,
-            ));
+            viewers.push((format!("{},tier=\"{}\"", base(n), esc(DEFAULT_TIER)), 0));
         }
         for p in &t.viewers_by_placement {
             viewers.push((
@@ -611,7 +647,10 @@ mod tests {
         }]
     }
 
-    fn peers<'a>(list: &'a [(u64, Option<Heartbeat>)], plan: &'a [SubstreamPlan]) -> Vec<PeerSample<'a>> {
+    fn peers<'a>(
+        list: &'a [(u64, Option<Heartbeat>)],
+        plan: &'a [SubstreamPlan],
+    ) -> Vec<PeerSample<'a>> {
         list.iter()
             .map(|(id, hb)| PeerSample {
                 id: PeerId(*id),
@@ -649,6 +688,11 @@ mod tests {
         assert_eq!(m.series("demo", 1_000), vec![s]);
         // Without a snapshot the last figures are kept.
         assert_eq!(m.observe_peers(&ch, None).viewers, 1);
+        // A stale snapshot (from before peer 1 left, with older figures) changes no total.
+        let stale = [(1, Some(hb(1, 3, 100, 50))), (3, Some(hb(3, 1, 0, 10)))];
+        let t = m.observe_peers(&ch, Some(&peers(&stale, &plan)));
+        assert_eq!(t.received.bytes_from_peers, 200);
+        assert_eq!(t.received.bytes_from_origin, 1050);
     }
 
     #[test]
@@ -681,9 +725,9 @@ mod tests {
                 "{name} in\n{text}"
             );
         }
-        assert!(text.contains(
-            "p2p_viewers{channel=\"a-b\",region=\"default\",tier=\"multitree\"} 0"
-        ));
+        assert!(
+            text.contains("p2p_viewers{channel=\"a-b\",region=\"default\",tier=\"multitree\"} 0")
+        );
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

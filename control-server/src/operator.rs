@@ -116,9 +116,7 @@ pub fn cors_layer(config: &Config) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin, parts| {
             embeddable_path(parts.uri.path())
-                && origin
-                    .to_str()
-                    .is_ok_and(|o| origin_allowed(&config, o))
+                && origin.to_str().is_ok_and(|o| origin_allowed(&config, o))
         }))
         .allow_methods([Method::GET, Method::HEAD])
         .max_age(std::time::Duration::from_secs(600))
@@ -148,7 +146,10 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok());
             if !origin_allowed(&state.config, origin) && !same_origin(origin, host) {
-                tracing::info!(origin, "WebSocket from a page of a not allowed origin refused");
+                tracing::info!(
+                    origin,
+                    "WebSocket from a page of a not allowed origin refused"
+                );
                 return refuse(
                     StatusCode::FORBIDDEN,
                     "pages of this origin may not embed the player (see --allow-origin)",
@@ -157,8 +158,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
         }
         if let Some(expected) = state.config.viewer_token.as_deref() {
             let given = presented_token(req.headers(), req.uri()).unwrap_or_default();
-            if !token_matches(expected, &given) && !token_matches(state.operator_token(), &given)
-            {
+            if !token_matches(expected, &given) && !token_matches(state.operator_token(), &given) {
                 return refuse(
                     StatusCode::UNAUTHORIZED,
                     "this server needs an access token to join (the player's `token` option)",
@@ -183,9 +183,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
 pub fn routes(state: &AppState) -> Router<AppState> {
     let web = state.config.web_dir.clone();
     let dist = web.join("dist");
-    let file = |path: PathBuf, mime: &'static str| {
-        get(move || serve_file(path.clone(), mime))
-    };
+    let file = |path: PathBuf, mime: &'static str| get(move || serve_file(path.clone(), mime));
     Router::new()
         .route(
             "/player.js",
@@ -298,10 +296,14 @@ async fn overview(State(state): State<AppState>) -> Json<Overview> {
         let totals = state.metrics.observe(&ch, snap.as_ref());
         let last_sample = state.metrics.series(&name, 0).pop();
         channels.push(ChannelOverview {
-            live: ch.source_attached.load(std::sync::atomic::Ordering::Relaxed),
+            live: ch
+                .source_attached
+                .load(std::sync::atomic::Ordering::Relaxed),
             dcm_running: snap.is_some(),
             stream_kbps: ch.init().map_or(0, |i| i.2),
-            substreams: snap.as_ref().map_or(state.config.substreams, |s| s.substreams),
+            substreams: snap
+                .as_ref()
+                .map_or(state.config.substreams, |s| s.substreams),
             origin_egress_bytes: totals.origin_egress_bytes(),
             p2p_share: totals.received.p2p_share(),
             totals,

@@ -32,7 +32,9 @@ fn heartbeat(id: PeerId, seq: u64, from_peers: u64, from_origin: u64) -> ClientM
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> Exposition {
-    let r = http(addr, "GET", "/metrics", &[]).await.expect("GET /metrics");
+    let r = http(addr, "GET", "/metrics", &[])
+        .await
+        .expect("GET /metrics");
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(
         r.header("content-type")
@@ -79,9 +81,14 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
         .channel("demo")
         .and_then(|c| c.live_position())
         .expect("live");
-    let r = http(addr, "GET", &format!("/api/channels/demo/packets/{}", live.1), &[])
-        .await
-        .expect("packet");
+    let r = http(
+        addr,
+        "GET",
+        &format!("/api/channels/demo/packets/{}", live.1),
+        &[],
+    )
+    .await
+    .expect("packet");
     assert_eq!(r.status, 200);
 
     let e = scrape_until(addr, "two viewers' heartbeats", |e| {
@@ -91,17 +98,25 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
     assert_eq!(
         e.sum(
             "p2p_viewers",
-            &[("channel", "demo"), ("region", "default"), ("tier", "multitree")]
+            &[
+                ("channel", "demo"),
+                ("region", "default"),
+                ("tier", "multitree")
+            ]
         ),
         2.0
     );
     assert_eq!(e.sum("p2p_dcms", &[("region", "default")]), 1.0);
     assert_eq!(
-        e.sum("p2p_received_bytes_total", &[DEMO[0], DEMO[1], ("source", "origin")]),
+        e.sum(
+            "p2p_received_bytes_total",
+            &[DEMO[0], DEMO[1], ("source", "origin")]
+        ),
         3_000.0
     );
     assert_eq!(e.sum("p2p_uploaded_bytes_total", &DEMO), 6_000.0);
     assert_eq!(e.sum("p2p_viewer_origin_fallbacks_total", &DEMO), 6.0);
+    assert!(e.sum("p2p_heartbeats_total", &DEMO) >= 2.0);
     for (name, kind) in [
         ("p2p_viewers", "gauge"),
         ("p2p_dcms", "gauge"),
@@ -121,7 +136,10 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
     drop(b);
     let e = scrape_until(addr, "viewers gone", |e| e.sum("p2p_viewers", &DEMO) == 0.0).await;
     assert_eq!(
-        e.sum("p2p_received_bytes_total", &[DEMO[0], DEMO[1], ("source", "peers")]),
+        e.sum(
+            "p2p_received_bytes_total",
+            &[DEMO[0], DEMO[1], ("source", "peers")]
+        ),
         12_000.0
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -131,11 +149,17 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
     let fallback = c.fallback_bytes.load(Ordering::Relaxed);
     assert!(fallback > 0, "fallback {fallback}");
     assert_eq!(
-        e.sum("p2p_origin_egress_bytes_total", &[DEMO[0], DEMO[1], ("path", "push")]),
+        e.sum(
+            "p2p_origin_egress_bytes_total",
+            &[DEMO[0], DEMO[1], ("path", "push")]
+        ),
         push as f64
     );
     assert_eq!(
-        e.sum("p2p_origin_egress_bytes_total", &[DEMO[0], DEMO[1], ("path", "fallback")]),
+        e.sum(
+            "p2p_origin_egress_bytes_total",
+            &[DEMO[0], DEMO[1], ("path", "fallback")]
+        ),
         fallback as f64
     );
     assert_eq!(
@@ -183,9 +207,14 @@ async fn operator_apis_need_the_operator_token() {
         let r = http(addr, "GET", path, &[]).await.expect("get");
         assert_eq!(r.status, 401, "{path} without a token: {}", r.body);
         assert!(r.header("www-authenticate").is_some());
-        let r = http(addr, "GET", path, &[("Authorization", "Bearer wrong-token")])
-            .await
-            .expect("get");
+        let r = http(
+            addr,
+            "GET",
+            path,
+            &[("Authorization", "Bearer wrong-token")],
+        )
+        .await
+        .expect("get");
         assert_eq!(r.status, 401, "{path} with a wrong token");
         let r = http(addr, "GET", path, &[("Authorization", &bearer)])
             .await
@@ -198,9 +227,14 @@ async fn operator_apis_need_the_operator_token() {
         assert_eq!(r.status, 200, "{path} with ?token=");
     }
     // The overview's data shape: regions and tiers as lists, viewers per region and tier.
-    let r = http(addr, "GET", "/api/operator/overview", &[("Authorization", &bearer)])
-        .await
-        .expect("overview");
+    let r = http(
+        addr,
+        "GET",
+        "/api/operator/overview",
+        &[("Authorization", &bearer)],
+    )
+    .await
+    .expect("overview");
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(v["regions"][0]["id"], "default");
     assert_eq!(v["regions"][0]["dcms"], 1);
@@ -266,13 +300,23 @@ async fn embedding_rules_cors_origin_check_and_viewer_token() {
         ..Config::default()
     })
     .await;
-    let r = http(addr, "GET", "/api/channels/demo/init", &[("Origin", "https://evil.example")])
-        .await
-        .expect("get");
+    let r = http(
+        addr,
+        "GET",
+        "/api/channels/demo/init",
+        &[("Origin", "https://evil.example")],
+    )
+    .await
+    .expect("get");
     assert_eq!(r.header("access-control-allow-origin"), None);
-    let r = http(addr, "GET", "/api/channels/demo/init", &[("Origin", "https://good.example")])
-        .await
-        .expect("get");
+    let r = http(
+        addr,
+        "GET",
+        "/api/channels/demo/init",
+        &[("Origin", "https://good.example")],
+    )
+    .await
+    .expect("get");
     assert_eq!(
         r.header("access-control-allow-origin"),
         Some("https://good.example")

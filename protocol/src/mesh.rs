@@ -152,7 +152,7 @@ mod tests {
                 accepted[to][seq as usize] += 1;
                 for n in next {
                     // Scramble delivery order a little: some messages overtake others.
-                    if step % 3 == 0 {
+                    if step.is_multiple_of(3) {
                         queue.push_front((n, Some(to), seq));
                     } else {
                         queue.push_back((n, Some(to), seq));

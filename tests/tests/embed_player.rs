@@ -70,8 +70,8 @@ fn real_errors(pages: &[&Page]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Chromium and the built web assets; run by cargo xtask test"]
-async fn player_embedded_from_another_origin_plays_reports_peers_and_destroys_cleanly(
-) -> Result<()> {
+async fn player_embedded_from_another_origin_plays_reports_peers_and_destroys_cleanly() -> Result<()>
+{
     let web = web_dir();
     ensure!(
         web.join("dist/player.js").is_file(),
@@ -125,7 +125,11 @@ async fn player_embedded_from_another_origin_plays_reports_peers_and_destroys_cl
         .await
         .with_context(|| format!("page {name}: video never played"))?;
     }
-    let t0 = json(&a, "document.querySelector('p2p-player').player.video.currentTime").await?;
+    let t0 = json(
+        &a,
+        "document.querySelector('p2p-player').player.video.currentTime",
+    )
+    .await?;
     // Stats report peers, and bytes really flow between the two viewers.
     for (name, p) in [("a", &a), ("b", &b)] {
         p.wait_for(
@@ -151,7 +155,11 @@ async fn player_embedded_from_another_origin_plays_reports_peers_and_destroys_cl
         from_peers > 0.0,
         "no bytes went peer to peer: {last_a} {last_b}"
     );
-    let t1 = json(&a, "document.querySelector('p2p-player').player.video.currentTime").await?;
+    let t1 = json(
+        &a,
+        "document.querySelector('p2p-player').player.video.currentTime",
+    )
+    .await?;
     ensure!(
         t1.as_f64() > t0.as_f64(),
         "video does not advance: {t0} -> {t1}"
@@ -220,9 +228,17 @@ async fn player_embedded_from_another_origin_plays_reports_peers_and_destroys_cl
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let before = json(&b, "document.querySelector('p2p-player').player.video.currentTime").await?;
+    let before = json(
+        &b,
+        "document.querySelector('p2p-player').player.video.currentTime",
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = json(&b, "document.querySelector('p2p-player').player.video.currentTime").await?;
+    let after = json(
+        &b,
+        "document.querySelector('p2p-player').player.video.currentTime",
+    )
+    .await?;
     ensure!(
         after.as_f64() > before.as_f64(),
         "the remaining viewer stopped: {before} -> {after}"

@@ -110,16 +110,35 @@ function renderOverview(ov) {
       `<td>${pct(c.p2p_share)}</td><td>${mb(c.origin_egress_bytes)}</td><td>${c.stream_kbps} kbit/s × ${c.substreams}</td></tr>`).join('');
 }
 
+const clock = (ms) => new Date(ms).toLocaleTimeString('en-GB');
+
 function renderCongestion(graph, ch) {
-  const lagging = graph.links.filter((l) => l.lagging);
   const t = ch ? ch.totals : { congestion_events: 0, repairs: 0 };
-  const rows = lagging.map((l) => `<tr><td>${esc(l.from)} → ${esc(l.to)}</td><td>${l.substream}</td>` +
-    `<td>${l.silent_ms == null ? 'nothing received yet' : `${(l.silent_ms / 1000).toFixed(1)} s silent`}</td></tr>`).join('');
-  $('congestion').innerHTML =
-    `<p>${num(t.congestion_events)} congestion event(s) and ${num(t.repairs)} repair(s) reported by the DCM since start.</p>` +
-    (lagging.length
-      ? `<table><tr><th>lagging link (from heartbeats)</th><th>substream</th><th>state</th></tr>${rows}</table>`
-      : `<p class="muted">No lagging link: every child heard from its parent within 3 s (of ${graph.links.length} links).</p>`);
+  const lagging = graph.links.filter((l) => l.lagging);
+  const parts = [
+    `<p>${num(t.congestion_events)} congestion event(s) and ${num(t.repairs)} repair(s) since start; ` +
+      `${graph.links.filter((l) => l.congested).length} link(s) found congested in the last 10 s, ` +
+      `${lagging.length} lagging now (of ${graph.links.length}).</p>`,
+  ];
+  if (graph.congestion.length) {
+    parts.push('<table id="congestion-log"><tr><th>time</th><th>congested link</th><th>substream</th><th>behind</th><th>bottleneck</th></tr>' +
+      graph.congestion.slice(0, 8).map((c) => `<tr><td>${clock(c.at_ms)}</td><td>p${c.parent} → p${c.child}</td><td>${c.substream}</td>` +
+        `<td>${c.behind} pkts</td><td>${c.parent_side ? "parent's uplink" : 'link'}</td></tr>`).join('') + '</table>');
+  }
+  if (graph.repairs.length) {
+    parts.push('<table id="repair-log"><tr><th>time</th><th>repair</th><th>peer</th><th>re-instructed</th></tr>' +
+      graph.repairs.slice(0, 8).map((r) => `<tr><td>${clock(r.at_ms)}</td><td>${esc(r.reason)}</td><td>p${r.peer}</td><td>${r.affected}</td></tr>`).join('') +
+      '</table>');
+  }
+  if (lagging.length) {
+    parts.push('<table id="lagging"><tr><th>lagging link (from heartbeats)</th><th>substream</th><th>state</th></tr>' +
+      lagging.map((l) => `<tr><td>${esc(l.from)} → ${esc(l.to)}</td><td>${l.substream}</td>` +
+        `<td>${l.silent_ms == null ? 'nothing received yet' : `${(l.silent_ms / 1000).toFixed(1)} s silent`}</td></tr>`).join('') + '</table>');
+  }
+  if (!graph.congestion.length && !graph.repairs.length && !lagging.length) {
+    parts.push('<p class="muted">No congestion, repair or lagging link so far.</p>');
+  }
+  $('congestion').innerHTML = parts.join('');
 }
 
 function makeChart(id, series, yOpts = {}) {
@@ -173,7 +192,8 @@ function renderCharts() {
 function renderLegend(k) {
   $('legend').innerHTML = Array.from({ length: k }, (_, i) =>
     `<span><i style="background:${color(i)}"></i>substream ${i} tree</span>`).join('') +
-    '<span><i class="dash"></i>lagging link</span><span>node fill: the tree a peer is interior in</span>';
+    '<span><i class="dash"></i>lagging link</span><span><i class="hot"></i>congested (DCM, last 10 s)</span>' +
+    '<span>node fill: the tree a peer is interior in</span>';
 }
 
 async function poll() {

@@ -49,7 +49,7 @@ export function renderTopology(container, graph) {
     const d = depth.get(n.id);
     (layers[d] ||= []).push(n);
   }
-  const layerH = 92;
+  const layerH = 110;
   const top = 40;
   const pos = new Map();
   const parentsOf = new Map();
@@ -68,7 +68,7 @@ export function renderTopology(container, graph) {
     const step = width / (nodes.length + 1);
     nodes.forEach((n, i) => pos.set(n.id, { x: step * (i + 1), y: top + d * layerH }));
   });
-  const height = top + (layers.length - 1) * layerH + 60;
+  const height = top + (layers.length - 1) * layerH + 90;
 
   const svg = el('svg', { viewBox: `0 0 ${width} ${height}`, height, role: 'img',
     'aria-label': `topology of channel ${graph.channel}: ${graph.nodes.length - 1} peers` });
@@ -86,9 +86,9 @@ export function renderTopology(container, graph) {
     const xs = members.map((p) => p.x);
     const ys = members.map((p) => p.y);
     const x0 = Math.max(4, Math.min(...xs) - 40);
-    const y0 = Math.min(...ys) - 34;
+    const y0 = Math.min(...ys) - 46;
     const x1 = Math.min(width - 4, Math.max(...xs) + 40);
-    const y1 = Math.max(...ys) + 30;
+    const y1 = Math.max(...ys) + 40;
     const grp = el('g', { class: 'group', 'data-region': g.region, 'data-tier': g.tier }, svg);
     el('rect', { x: x0, y: y0, width: x1 - x0, height: y1 - y0, rx: 10 }, grp);
     el('text', { x: x0 + 8, y: y0 + 14 }, grp).textContent = `region ${g.region} · tier ${g.tier}`;
@@ -99,11 +99,15 @@ export function renderTopology(container, graph) {
     const a = pos.get(l.from);
     const b = pos.get(l.to);
     if (!a || !b) continue;
-    // Parallel links of different substreams bow apart.
-    const bow = (l.substream - (graph.substreams - 1) / 2) * 14;
     const dx = b.x - a.x;
     const dy = b.y - a.y;
     const len = Math.hypot(dx, dy) || 1;
+    // Parallel links of different substreams bow apart; links within a layer arc away from
+    // it (rightwards above, leftwards below), so they do not run through the nodes between.
+    const sameLayer = Math.abs(dy) < 1;
+    const bow = sameLayer
+      ? -(Math.min(len * 0.22, 70) + l.substream * 7)
+      : (l.substream - (graph.substreams - 1) / 2) * 14;
     const sx = a.x + (dx / len) * r;
     const sy = a.y + (dy / len) * r;
     const ex = b.x - (dx / len) * (r + 2);
@@ -112,14 +116,14 @@ export function renderTopology(container, graph) {
     const cy = (sy + ey) / 2 + (dx / len) * bow;
     const path = el('path', {
       d: `M ${sx} ${sy} Q ${cx} ${cy} ${ex} ${ey}`,
-      class: `link${l.lagging ? ' lagging' : ''}`,
+      class: `link${l.lagging ? ' lagging' : ''}${l.congested ? ' congested' : ''}`,
       stroke: color(l.substream),
       'marker-end': `url(#arrow-${l.substream})`,
       'data-from': l.from, 'data-to': l.to, 'data-substream': l.substream,
     }, svg);
     el('title', {}, path).textContent = `${l.from} → ${l.to}, substream ${l.substream}, ${l.kind} (${l.algorithm})` +
       (l.silent_ms != null ? `, last packet ${l.silent_ms} ms before the child's heartbeat` : '') +
-      (l.lagging ? ' — LAGGING' : '');
+      (l.lagging ? ' — LAGGING' : '') + (l.congested ? ' — CONGESTED' : '');
   }
 
   for (const n of graph.nodes) {
@@ -136,7 +140,9 @@ export function renderTopology(container, graph) {
       el('text', { class: 'sub', y: r + 10 }, g).textContent = share;
     }
     el('title', {}, g).textContent = n.kind === 'origin' ? 'origin' :
-      `${n.label}: region ${n.region}, tier ${n.tier}, upload cap ${n.upload_kbps} kbit/s, ` +
+      `${n.label}: region ${n.region}, tier ${n.tier}, upload cap ${n.upload_kbps} kbit/s ` +
+      `(placed with ${n.effective_upload_kbps ?? '–'}, measured ${n.measured_upload_kbps == null ? '–' : Math.round(n.measured_upload_kbps)}), ` +
+      `${n.congestion_events ?? 0} congestion event(s), up ${n.uptime_s == null ? '–' : Math.round(n.uptime_s)} s, ` +
       `interior in tree ${n.interior_tree ?? '–'}, ` +
       `p2p share ${n.p2p_share == null ? '–' : (100 * n.p2p_share).toFixed(1) + ' %'}, ` +
       `uploaded ${n.bytes_up == null ? '–' : (n.bytes_up / 1e6).toFixed(2) + ' MB'}`;

@@ -303,9 +303,10 @@ export class P2pPlayerElement extends HTMLElement {
 
   connectedCallback() {
     if (this.player) return;
+    this._cancelled = false;
     // Attributes set by a parser may arrive after the element connects: start next task.
     setTimeout(() => {
-      if (!this.isConnected || this.player) return;
+      if (!this.isConnected || this.player || this._cancelled) return;
       let ice = null;
       const iceAttr = this.getAttribute('ice-servers');
       if (iceAttr) {
@@ -342,6 +343,7 @@ export class P2pPlayerElement extends HTMLElement {
   showStats(on = true) { if (this.player) this.player.showStats(on); }
   setUploadKbps(kbps) { if (this.player) this.player.setUploadKbps(kbps); }
   destroy() {
+    this._cancelled = true; // also stops a start that is still pending
     if (this.player) {
       this.player.destroy();
       this.player = null;

@@ -81,3 +81,26 @@ pub fn cargo_bin_dir() -> PathBuf {
             .join("bin"),
     }
 }
+
+/// Benchmarks must measure optimized code: in a debug build of xtask this re-runs the same
+/// command line with `cargo run --release` and returns `true` (the caller then returns).
+pub fn rerun_in_release(name: &str) -> Result<bool> {
+    const ENV: &str = "XTASK_RELEASE_REEXEC";
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    if std::env::var_os(ENV).is_some() {
+        anyhow::bail!("re-executed {name} is still a debug build");
+    }
+    println!("==> {name}: debug build, re-executing in release mode");
+    let status = cargo()
+        .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
+        .args(std::env::args().skip(1))
+        .env(ENV, "1")
+        .status()
+        .with_context(|| format!("re-executing {name} in release mode"))?;
+    if !status.success() {
+        anyhow::bail!("release {name} failed: {status}");
+    }
+    Ok(true)
+}

@@ -26,9 +26,19 @@ use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 /// What a session's writer task sends to its WebSocket.
 #[derive(Debug)]
 pub enum Outbound {
-    Msg(ServerMsg),
+    /// Boxed: every session's queue is sized by its largest variant, and tens of thousands of
+    /// idle queues must stay small.
+    Msg(Box<ServerMsg>),
     Packet(Bytes),
+    /// A message serialized once for many peers (live-edge notices).
+    Text(axum::extract::ws::Utf8Bytes),
     Close(String),
+}
+
+impl Outbound {
+    pub fn msg(m: ServerMsg) -> Self {
+        Outbound::Msg(Box::new(m))
+    }
 }
 
 pub type OutboundTx = mpsc::Sender<Outbound>;
@@ -129,8 +139,9 @@ pub struct Dcm {
     detector: CongestionDetector,
     production: ProductionLog,
     history: History,
-    /// When each (parent, child, substream) link was created, server ms.
-    link_since: HashMap<(PeerId, PeerId, u32), u64>,
+    /// Per child: (parent, substream, since when), server ms. Keyed by child so that updating
+    /// one peer's links costs O(k), not a scan of every link of the channel.
+    link_since: HashMap<PeerId, Vec<(PeerId, u32, u64)>>,
     congestion_log: VecDeque<CongestionRecord>,
     repair_log: VecDeque<RepairRecord>,
 }
@@ -217,8 +228,8 @@ impl Dcm {
         self.view.remove(peer);
         self.detector.forget_peer(peer);
         self.history.left(peer);
-        self.link_since
-            .retain(|(p, c, _), _| *p != peer && *c != peer);
+        // Links where it was the parent are rewritten when its children get new instructions.
+        self.link_since.remove(&peer);
         let changes = self.tree.leave(peer);
         tracing::info!(channel = %self.channel.name, %peer, reason, affected = changes.affected.len(), "peer removed");
         if !changes.affected.is_empty() {
@@ -252,7 +263,12 @@ impl Dcm {
             &self.production,
             self.k,
             peer,
-            |p, c, s| link_since.get(&(p, c, s)).copied(),
+            |p, c, s| {
+                link_since
+                    .get(&c)
+                    .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
+                    .map(|l| l.2)
+            },
             now,
         );
         for link in found {
@@ -328,22 +344,28 @@ impl Dcm {
                 continue;
             };
             // Remember when each of the peer's parent links appeared (young links are not judged).
-            self.link_since.retain(|(p, c, s), _| {
-                *c != peer
-                    || plan
-                        .iter()
-                        .any(|sp| sp.index == *s && sp.parent == Source::Peer { id: *p })
-            });
-            for sp in &plan {
-                if let Source::Peer { id } = sp.parent {
-                    self.link_since.entry((id, peer, sp.index)).or_insert(now);
-                }
+            let old = self.link_since.remove(&peer).unwrap_or_default();
+            let links: Vec<(PeerId, u32, u64)> = plan
+                .iter()
+                .filter_map(|sp| match sp.parent {
+                    Source::Peer { id } => {
+                        let since = old
+                            .iter()
+                            .find(|l| l.0 == id && l.1 == sp.index)
+                            .map_or(now, |l| l.2);
+                        Some((id, sp.index, since))
+                    }
+                    Source::Origin => None,
+                })
+                .collect();
+            if !links.is_empty() {
+                self.link_since.insert(peer, links);
             }
             let msg = ServerMsg::Instructions {
                 epoch: self.epoch,
                 substreams: plan,
             };
-            self.send(peer, Outbound::Msg(msg));
+            self.send(peer, Outbound::msg(msg));
         }
     }
 
@@ -372,14 +394,14 @@ impl Dcm {
         if !self.peers.contains_key(&to) || !self.linked(from, to) {
             self.send(
                 from,
-                Outbound::Msg(ServerMsg::Error {
+                Outbound::msg(ServerMsg::Error {
                     code: ErrorCode::NotLinked,
                     message: format!("{to} is not linked with {from}; signaling refused"),
                 }),
             );
             return;
         }
-        self.send(to, Outbound::Msg(ServerMsg::Signal { from, signal }));
+        self.send(to, Outbound::msg(ServerMsg::Signal { from, signal }));
     }
 
     fn push_from_origin(&mut self, packets: Vec<(u64, Bytes)>) {
@@ -389,9 +411,13 @@ impl Dcm {
             }
         }
         if let Some(edge) = packets.last().map(|p| p.0) {
-            let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-            for id in ids {
-                self.send(id, Outbound::Msg(ServerMsg::LiveEdge { seq: edge }));
+            // Serialized once: with tens of thousands of peers this notice dominates otherwise.
+            if let Ok(text) = serde_json::to_string(&ServerMsg::LiveEdge { seq: edge }) {
+                let text = axum::extract::ws::Utf8Bytes::from(text);
+                let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                for id in ids {
+                    self.send(id, Outbound::Text(text.clone()));
+                }
             }
         }
         let mut pushed = 0u64;

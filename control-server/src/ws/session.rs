@@ -37,7 +37,7 @@ pub async fn ws_handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> 
     // few KiB each (tungstenite's defaults are 128 KiB).
     ws.max_message_size(MAX_CONTROL_MESSAGE)
         .max_frame_size(MAX_CONTROL_MESSAGE)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| run_session(socket, state))
 }
@@ -60,7 +60,7 @@ async fn run_session(socket: WebSocket, state: AppState) {
     let writer = tokio::spawn(async move {
         while let Some(item) = out_rx.recv().await {
             let res = match item {
-                Outbound::Msg(m) => match serde_json::to_string(&m) {
+                Outbound::Msg(m) => match serde_json::to_string(&*m) {
                     Ok(s) => sink.send(Message::Text(Utf8Bytes::from(s))).await,
                     Err(e) => {
                         tracing::error!("serializing server message: {e}");
@@ -68,6 +68,7 @@ async fn run_session(socket: WebSocket, state: AppState) {
                     }
                 },
                 Outbound::Packet(b) => sink.send(Message::Binary(b)).await,
+                Outbound::Text(t) => sink.send(Message::Text(t)).await,
                 Outbound::Close(reason) => {
                     let _ = sink
                         .send(Message::Close(Some(CloseFrame {
@@ -129,7 +130,7 @@ impl Session {
         tracing::info!(?code, %message, "protocol error from peer");
         let _ = self
             .out
-            .send(Outbound::Msg(ServerMsg::Error { code, message }))
+            .send(Outbound::msg(ServerMsg::Error { code, message }))
             .await;
         if self.errors >= self.state.limits.max_errors {
             let _ = self
@@ -325,7 +326,7 @@ impl Session {
             live_seq,
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
-        if self.out.send(Outbound::Msg(welcome)).await.is_err() {
+        if self.out.send(Outbound::msg(welcome)).await.is_err() {
             return false;
         }
         let _ = ch

@@ -60,7 +60,9 @@ fn parse_value(s: &str) -> Result<f64, String> {
         "NaN" => Ok(f64::NAN),
         "+Inf" | "Inf" => Ok(f64::INFINITY),
         "-Inf" => Ok(f64::NEG_INFINITY),
-        _ => s.parse::<f64>().map_err(|e| format!("bad value {s:?}: {e}")),
+        _ => s
+            .parse::<f64>()
+            .map_err(|e| format!("bad value {s:?}: {e}")),
     }
 }
 
@@ -130,8 +132,12 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             let mut parts = comment.trim_start().splitn(3, ' ');
             match parts.next() {
                 Some("TYPE") => {
-                    let name = parts.next().ok_or_else(|| err("TYPE without name".into()))?;
-                    let kind = parts.next().ok_or_else(|| err("TYPE without type".into()))?;
+                    let name = parts
+                        .next()
+                        .ok_or_else(|| err("TYPE without name".into()))?;
+                    let kind = parts
+                        .next()
+                        .ok_or_else(|| err("TYPE without type".into()))?;
                     if !valid_metric_name(name) {
                         return Err(err("bad metric name".into()));
                     }
@@ -146,7 +152,9 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
                     }
                 }
                 Some("HELP") => {
-                    let name = parts.next().ok_or_else(|| err("HELP without name".into()))?;
+                    let name = parts
+                        .next()
+                        .ok_or_else(|| err("HELP without name".into()))?;
                     if !valid_metric_name(name) {
                         return Err(err("bad metric name".into()));
                     }
@@ -155,7 +163,9 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             }
             continue;
         }
-        let name_end = line.find(['{', ' ']).ok_or_else(|| err("no value".into()))?;
+        let name_end = line
+            .find(['{', ' '])
+            .ok_or_else(|| err("no value".into()))?;
         let name = &line[..name_end];
         if !valid_metric_name(name) {
             return Err(err("bad metric name".into()));
@@ -166,7 +176,8 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             (BTreeMap::new(), &line[name_end..])
         };
         let mut fields = rest.split_whitespace();
-        let value = parse_value(fields.next().ok_or_else(|| err("no value".into()))?).map_err(err)?;
+        let value =
+            parse_value(fields.next().ok_or_else(|| err("no value".into()))?).map_err(err)?;
         if let Some(ts) = fields.next() {
             ts.parse::<i64>()
                 .map_err(|e| err(format!("bad timestamp: {e}")))?;
@@ -293,16 +304,16 @@ fn parser_accepts_valid_and_rejects_invalid_text() {
     assert_eq!(e.samples[0].labels["y"], "q\"\\\n");
     assert_eq!(e.sum("g", &[]), 1500.0);
     for bad in [
-        "a 1",                                   // no final newline
-        "a{x=\"1\"} 1\nb 2\na{x=\"2\"} 3\n",     // not contiguous
-        "a 1\n# TYPE a counter\n",               // TYPE after samples
-        "a{x=1} 1\n",                            // unquoted label value
-        "a{x=\"1\"} one\n",                      // bad value
-        "a 1\na 2\n",                            // duplicate series
-        "1a 1\n",                                // bad name
-        "# TYPE a counter\n# TYPE a counter\n",  // TYPE twice
-        "# TYPE a counter\na -1\n",              // negative counter
-        "a{x=\"\\t\"} 1\n",                      // bad escape
+        "a 1",                                  // no final newline
+        "a{x=\"1\"} 1\nb 2\na{x=\"2\"} 3\n",    // not contiguous
+        "a 1\n# TYPE a counter\n",              // TYPE after samples
+        "a{x=1} 1\n",                           // unquoted label value
+        "a{x=\"1\"} one\n",                     // bad value
+        "a 1\na 2\n",                           // duplicate series
+        "1a 1\n",                               // bad name
+        "# TYPE a counter\n# TYPE a counter\n", // TYPE twice
+        "# TYPE a counter\na -1\n",             // negative counter
+        "a{x=\"\\t\"} 1\n",                     // bad escape
     ] {
         assert!(parse(bad).is_err(), "accepted {bad:?}");
     }

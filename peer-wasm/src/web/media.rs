@@ -393,8 +393,12 @@ mod tests {
             .create_element("video")
             .expect("video")
             .unchecked_into();
-        video.set_attribute("data-p2p-autoplay", "false").expect("attr");
-        video.set_attribute("data-p2p-muted", "false").expect("attr");
+        video
+            .set_attribute("data-p2p-autoplay", "false")
+            .expect("attr");
+        video
+            .set_attribute("data-p2p-muted", "false")
+            .expect("attr");
         let media = Media::new(video.clone(), "video/mp4".into(), Rc::new(|| ())).expect("media");
         assert!(!media.autoplay);
         assert!(!video.muted());
