@@ -115,13 +115,13 @@ impl ProductionLog {
         }
     }
 
-    /// Newest packet of `substream` created at or before `t_ms`.
-    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<u64> {
+    /// Newest packet of `substream` created at or before `t_ms`: (seq, created_ms).
+    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<(u64, u64)> {
         self.recent
             .iter()
             .rev()
             .find(|(seq, created)| *created <= t_ms && protocol::substream_of(*seq, k) == substream)
-            .map(|(seq, _)| *seq)
+            .copied()
     }
 }
 
@@ -131,7 +131,8 @@ pub struct CongestionConfig {
     pub grace_ms: u64,
     /// Consecutive late observations before a link counts as congested.
     pub strikes: u32,
-    /// Links younger than this are not judged (the data channel may still be opening).
+    /// A link is only judged on packets that arrived upstream at least this long after the link
+    /// was created (its data channel may still have been opening before).
     pub settle_ms: u64,
     /// A parent reporting an upload backlog older than this is congested towards every child
     /// it has not yet sent its newest packet to.
@@ -143,7 +144,7 @@ impl Default for CongestionConfig {
         CongestionConfig {
             grace_ms: 700,
             strikes: 1,
-            settle_ms: 3000,
+            settle_ms: 1000,
             backlog_ms: 250,
         }
     }
@@ -190,8 +191,9 @@ impl CongestionDetector {
             return Vec::new();
         };
         let mut out = Vec::new();
-        let settled = |p: PeerId, c: PeerId, s: u32| {
-            link_since(p, c, s).is_some_and(|t| now_ms.saturating_sub(t) >= self.cfg.settle_ms)
+        // Whether the link existed `settle_ms` before time `t` (server ms).
+        let settled_before = |p: PeerId, c: PeerId, s: u32, t: u64| {
+            link_since(p, c, s).is_some_and(|since| t >= since + self.cfg.settle_ms)
         };
         // As a child: did each peer parent deliver what the origin produced before the grace?
         let mut judged = Vec::new();
@@ -199,13 +201,13 @@ impl CongestionDetector {
             let Source::Peer { id: parent } = pl.parent else {
                 continue;
             };
-            if !settled(parent, peer, pl.substream) {
-                continue;
-            }
             let cutoff = me.received_ms.saturating_sub(self.cfg.grace_ms);
-            let Some(expected) = log.newest_before(pl.substream, k, cutoff) else {
+            let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
             };
+            if !settled_before(parent, peer, pl.substream, created) {
+                continue;
+            }
             // Only the link's fault if the parent itself had the packet.
             let parent_has = view
                 .get(parent)
@@ -227,13 +229,16 @@ impl CongestionDetector {
             .iter()
             .map(|p| (p.substream, (p.last_seq, p.last_ts_ms)))
             .collect();
+        // The parent's clock and the server's differ; judge its own report by its own clock.
+        let skew = me.received_ms as i64 - me.heartbeat.local_ts_ms as i64;
         for cl in &me.heartbeat.children {
-            if !settled(peer, cl.child, cl.substream) {
-                continue;
-            }
             let Some((Some(got), Some(got_at))) = my_recv.get(&cl.substream).copied() else {
                 continue;
             };
+            let got_at_server = (got_at as i64 + skew).max(0) as u64;
+            if !settled_before(peer, cl.child, cl.substream, got_at_server) {
+                continue;
+            }
             let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
             let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
             let late = (waited > self.cfg.grace_ms || backlogged)

@@ -187,3 +187,41 @@ fn silent_peers_and_measured_upload() {
     view.ingest(heartbeat(&t, PeerId(2), 1, 10, None, 4000), 4000);
     assert_eq!(view.silent_since(6000, 3000), vec![PeerId(1)]);
 }
+
+#[test]
+fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let (parent, child, sub) = t
+        .peers()
+        .find_map(|p| {
+            t.plan(p).and_then(|plan| {
+                plan.iter()
+                    .find(|sp| !sp.children.is_empty())
+                    .map(|sp| (p, sp.children[0], sp.index))
+            })
+        })
+        .expect("a relaying peer");
+    let mut view = HeartbeatView::default();
+    // The parent received its newest packet only 100 ms ago (within the grace period), but its
+    // upload queue has been stuck for 400 ms and it still owes the child that packet.
+    let mut hb = heartbeat(&t, parent, 1, upto, Some((parent, child, sub, upto - 8)), now);
+    for p in &mut hb.parents {
+        p.last_ts_ms = Some(now - 100);
+    }
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    view.ingest(hb.clone(), now);
+    assert!(
+        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0), now).is_empty(),
+        "no backlog, within grace: not congested yet"
+    );
+    hb.seq = 2;
+    hb.send_backlog_ms = 400;
+    view.ingest(hb, now);
+    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0), now);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].parent, found[0].child, found[0].substream), (parent, child, sub));
+    assert!(found[0].parent_side);
+}
