@@ -7,10 +7,13 @@ use control_server::config::Config;
 use protocol::{ClientMsg, ErrorCode, Heartbeat, PeerId, ServerMsg, Signal};
 
 fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     ClientMsg::Heartbeat(Heartbeat {
         client_id: id,
         seq,
-        local_ts_ms: 0,
+        local_ts_ms: now,
         parents: vec![],
         children: vec![],
         buffer: vec![],
@@ -103,6 +106,38 @@ async fn heartbeats_claiming_another_peer_or_going_backwards_are_refused() {
     send(&mut ws, &heartbeat(me, 6)).await;
     send(&mut ws, &heartbeat(me, 7)).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn heartbeats_with_absurd_timestamps_or_in_binary_garbage_are_refused() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut ws = connect(addr).await;
+    let me = join(&mut ws, 1000).await;
+    let ClientMsg::Heartbeat(mut hb) = heartbeat(me, 1) else {
+        unreachable!()
+    };
+    hb.local_ts_ms = 12;
+    send(&mut ws, &ClientMsg::Heartbeat(hb)).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(vec![1, 0xff, 0xff, 0xff].into()),
+    )
+    .await
+    .expect("send");
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
+    // A well-formed binary heartbeat is accepted (no error follows; the session stays).
+    let ClientMsg::Heartbeat(hb) = heartbeat(me, 2) else {
+        unreachable!()
+    };
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(protocol::heartbeat::binary::encode(&hb).into()),
+    )
+    .await
+    .expect("send");
+    send_raw(&mut ws, "garbage").await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
 }
 
 #[tokio::test]

@@ -705,7 +705,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         .filter(|(id, at)| {
             topo.congestion
                 .iter()
-                .any(|c| c.link.parent == *id && (c.at_ms as f64) <= at + 2.0 * hb_ms)
+                .any(|c| c.link.parent == *id && c.at_ms as f64 >= *at && (c.at_ms as f64) <= at + 2.0 * hb_ms)
         })
         .count();
     println!("\n{}", report.table());

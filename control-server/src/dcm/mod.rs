@@ -144,6 +144,8 @@ pub struct Dcm {
     link_since: HashMap<PeerId, Vec<(PeerId, u32, u64)>>,
     congestion_log: VecDeque<CongestionRecord>,
     repair_log: VecDeque<RepairRecord>,
+    /// When a child was last moved because of its own complaint (rate limit on moves).
+    last_moved: HashMap<PeerId, u64>,
 }
 
 impl Dcm {
@@ -169,6 +171,7 @@ impl Dcm {
             link_since: HashMap::new(),
             congestion_log: VecDeque::new(),
             repair_log: VecDeque::new(),
+            last_moved: HashMap::new(),
         }
     }
 
@@ -228,6 +231,7 @@ impl Dcm {
         self.view.remove(peer);
         self.detector.forget_peer(peer);
         self.history.left(peer);
+        self.last_moved.remove(&peer);
         // Links where it was the parent are rewritten when its children get new instructions.
         self.link_since.remove(&peer);
         let changes = self.tree.leave(peer);
@@ -276,9 +280,10 @@ impl Dcm {
         }
     }
 
-    /// A congested link: the parent's uplink cannot carry what the tree asks of it, so its
-    /// capacity is capped at what its heartbeats show it actually uploads, and the tree
-    /// re-homes the children it can no longer feed.
+    /// A congested link. If the parent itself reports a stuck uplink, its capacity is capped at
+    /// what its heartbeats show it actually uploads and the tree re-homes the children it can no
+    /// longer feed. If only the child complains, only the child is moved: a peer's report can
+    /// never lower another peer's standing.
     fn on_congestion(&mut self, link: view::Congested, now: u64) {
         self.channel
             .counters
@@ -288,21 +293,37 @@ impl Dcm {
         while self.congestion_log.len() > LOG_KEEP {
             self.congestion_log.pop_front();
         }
-        tracing::info!(channel = %self.channel.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, "congested link");
-        let measured = self
-            .view
-            .get(link.parent)
-            .and_then(|s| s.measured_upload_kbps);
-        let Some(cap) = self.history.congested(link.parent, measured, now) else {
-            // Already capped a moment ago; the move is under way.
-            return;
+        tracing::info!(channel = %self.channel.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, parent_side = link.parent_side, "congested link");
+        let (peer, kbps, reason) = if link.parent_side {
+            let measured = self
+                .view
+                .get(link.parent)
+                .and_then(|s| s.measured_upload_kbps);
+            // None: capped a moment ago; the move is under way.
+            let Some(cap) = self.history.congested(link.parent, measured, now) else {
+                return;
+            };
+            (link.parent, cap, "congested uplink")
+        } else {
+            if self
+                .last_moved
+                .get(&link.child)
+                .is_some_and(|t| now.saturating_sub(*t) < 2_000)
+            {
+                return;
+            }
+            self.last_moved.insert(link.child, now);
+            let Some(kbps) = self.history.effective_kbps(link.child) else {
+                return;
+            };
+            (link.child, kbps, "congested link")
         };
-        if !self.peers.contains_key(&link.parent) {
+        if !self.peers.contains_key(&peer) {
             return;
         }
-        let changes = self.tree.join(link.parent, cap);
-        self.detector.forget_peer(link.parent);
-        self.log_repair(link.parent, "congested", changes.affected.len(), now);
+        let changes = self.tree.join(peer, kbps);
+        self.detector.forget_peer(peer);
+        self.log_repair(peer, reason, changes.affected.len(), now);
         self.send_instructions(changes.affected, now);
     }
 

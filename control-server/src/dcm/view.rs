@@ -143,7 +143,7 @@ impl Default for CongestionConfig {
     fn default() -> Self {
         CongestionConfig {
             grace_ms: 700,
-            strikes: 1,
+            strikes: 2,
             settle_ms: 1000,
             backlog_ms: 250,
         }
@@ -220,7 +220,7 @@ impl CongestionDetector {
                 .and_then(|x| x.last_seq)
                 .is_some_and(|s| s >= expected);
             let late = pl.last_seq.is_none_or(|s| s < expected);
-            judged.push((parent, peer, pl.substream, late && parent_has, expected, pl.last_seq, false));
+            judged.push((parent, peer, pl.substream, late && parent_has, expected, pl.last_seq, false, false));
         }
         // As a parent: did it send each child what it had itself received a grace ago?
         let my_recv: HashMap<u32, (Option<u64>, Option<u64>)> = me
@@ -243,9 +243,9 @@ impl CongestionDetector {
             let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
             let late = (waited > self.cfg.grace_ms || backlogged)
                 && cl.last_seq.is_none_or(|s| s < got);
-            judged.push((peer, cl.child, cl.substream, late, got, cl.last_seq, true));
+            judged.push((peer, cl.child, cl.substream, late, got, cl.last_seq, true, backlogged));
         }
-        for (p, c, s, late, expected, have, parent_side) in judged {
+        for (p, c, s, late, expected, have, parent_side, backlogged) in judged {
             let key = (p, c, s);
             if !late {
                 // A healthy report from either side clears the link.
@@ -256,7 +256,10 @@ impl CongestionDetector {
             }
             let n = self.strikes.entry(key).or_insert(0);
             *n += 1;
-            if *n == self.cfg.strikes {
+            // A parent that says its own uplink is stuck is believed at once; lateness seen
+            // from outside must repeat, since an overloaded host makes every link look late.
+            let needed = if backlogged { 1 } else { self.cfg.strikes };
+            if *n == needed {
                 let behind = expected.saturating_sub(have.unwrap_or(0)) / u64::from(k.max(1));
                 out.push(Congested {
                     parent: p,

@@ -139,17 +139,40 @@ impl Cluster {
         &self.feeders
     }
 
-    /// Root feeds per tree the feeders give.
+    /// Root feeds per tree the feeders give (the smallest over the trees: see
+    /// [`Cluster::root_slots_of`]).
     pub fn root_slots(&self) -> u32 {
         self.tree.config().origin_fanout
+    }
+
+    /// Root feeds the feeders give in tree `t`.
+    pub fn root_slots_of(&self, t: u32) -> u32 {
+        self.tree.origin_slots(t as usize)
     }
 
     /// Forwarding slots minus demand, over all trees: below zero the cluster cannot feed every
     /// member every substream and some are underfed (the origin tops up).
     pub fn spare(&self) -> i64 {
-        let trees = i64::from(self.kind.trees());
-        self.tree.total_fanout() as i64 + i64::from(self.root_slots()) * trees
-            - self.len() as i64 * trees
+        let trees = self.kind.trees();
+        let roots: i64 = (0..trees).map(|t| i64::from(self.root_slots_of(t))).sum();
+        self.tree.total_fanout() as i64 + roots - self.len() as i64 * i64::from(trees)
+    }
+
+    /// Root feeds, over all trees, the feeders must give so that no tree has more roots than
+    /// root slots as the trees stand (feeds are dealt over the trees in order, see
+    /// [`Cluster::set_feeders`]): `trees · (m − 1) + (last tree with m roots) + 1`, `m` the
+    /// largest root count of a tree.
+    pub fn root_feeds_needed(&self) -> u32 {
+        let trees = self.kind.trees();
+        let counts: Vec<u32> = (0..trees)
+            .map(|t| self.tree.origin_children_count(t) as u32)
+            .collect();
+        let m = counts.iter().copied().max().unwrap_or(0);
+        if m == 0 {
+            return 0;
+        }
+        let last = counts.iter().rposition(|c| *c == m).unwrap_or(0) as u32;
+        trees * (m - 1) + last + 1
     }
 
     /// Slots a member with this upload adds to [`Cluster::spare`] (negative: it needs more than
@@ -170,6 +193,11 @@ impl Cluster {
 
     /// Replaces the feeders; returns the peers whose sources or children changed: the old and
     /// new feeder peers and the roots.
+    ///
+    /// The feeders' slots are dealt over the trees in order, as one sequence of root feeds
+    /// (feed `j` goes to tree `j mod trees`, the first feeder's feeds first): a feeder whose
+    /// slots are not a multiple of the tree count still uses every one of them, and every tree
+    /// gets within one root feed of the others.
     pub fn set_feeders(&mut self, feeders: Vec<Feeder>) -> Changes {
         let mut aff = Changes::default();
         for f in self.feeders.iter().chain(&feeders) {
@@ -177,14 +205,57 @@ impl Cluster {
                 aff.affected.insert(p);
             }
         }
-        // Whole root feeds per tree; a feeder's remainder slots stay unused, so every tree has
-        // exactly `root_slots` fed within capacity and the plans agree with `underfed`.
-        let trees = self.kind.trees().max(1);
-        let per_tree: u32 = feeders.iter().map(|f| f.slots / trees).sum();
-        self.tree.set_origin_fanout(per_tree);
         self.feeders = feeders;
+        self.apply_root_slots();
         aff.affected.extend(self.all_roots());
         aff
+    }
+
+    /// Like [`Cluster::set_feeders`] when only some feeders changed: returns the feeders that
+    /// changed and the roots whose source changed, not every root.
+    pub fn update_feeders(&mut self, feeders: Vec<Feeder>) -> Changes {
+        let trees = self.kind.trees();
+        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
+            (0..trees).map(|t| self.root_sources(t)).collect();
+        let mut aff = Changes::default();
+        for f in &self.feeders {
+            if !feeders.contains(f) {
+                if let MeshNodeOrPeer::Peer(p) = f.node {
+                    aff.affected.insert(p);
+                }
+            }
+        }
+        for f in &feeders {
+            if !self.feeders.contains(f) {
+                if let MeshNodeOrPeer::Peer(p) = f.node {
+                    aff.affected.insert(p);
+                }
+            }
+        }
+        self.feeders = feeders;
+        self.apply_root_slots();
+        for (t, old) in before.iter().enumerate() {
+            let new = self.root_sources(t as u32);
+            if &new == old {
+                continue;
+            }
+            for (r, f) in old.iter().chain(&new) {
+                if !(old.contains(&(*r, *f)) && new.contains(&(*r, *f))) {
+                    aff.affected.insert(*r);
+                    if let MeshNodeOrPeer::Peer(p) = f {
+                        aff.affected.insert(*p);
+                    }
+                }
+            }
+        }
+        aff
+    }
+
+    fn apply_root_slots(&mut self) {
+        let trees = self.kind.trees().max(1);
+        let total: u32 = self.feeders.iter().map(|f| f.slots).sum();
+        let per_tree: Vec<u32> = (0..trees).map(|t| dealt(0, total, t, trees)).collect();
+        self.tree.set_origin_fanouts(&per_tree);
     }
 
     fn all_roots(&self) -> Vec<PeerId> {
@@ -194,14 +265,16 @@ impl Cluster {
     }
 
     /// Which feeder feeds each root of tree `t`, in slot order; roots beyond the slots are fed
-    /// by the origin (fallback). Each feeder gives `slots / trees` root feeds per tree.
+    /// by the origin (fallback). Feeders' slots are dealt over the trees (see
+    /// [`Cluster::set_feeders`]).
     pub fn root_sources(&self, t: u32) -> Vec<(PeerId, MeshNodeOrPeer)> {
         let trees = self.kind.trees().max(1);
-        let mut quota: Vec<(MeshNodeOrPeer, u32)> = self
-            .feeders
-            .iter()
-            .map(|f| (f.node, f.slots / trees))
-            .collect();
+        let mut start = 0;
+        let mut quota: Vec<(MeshNodeOrPeer, u32)> = Vec::with_capacity(self.feeders.len());
+        for f in &self.feeders {
+            quota.push((f.node, dealt(start, f.slots, t, trees)));
+            start += f.slots;
+        }
         let mut next = 0;
         self.tree
             .roots(t)
@@ -283,6 +356,13 @@ impl Cluster {
         *self = merged;
         aff
     }
+}
+
+/// Of the feeds `start .. start + len` of a sequence dealt round-robin over `trees` trees, how
+/// many go to tree `t`.
+fn dealt(start: u32, len: u32, t: u32, trees: u32) -> u32 {
+    let upto = |n: u32| n / trees + u32::from(t < n % trees);
+    upto(start + len) - upto(start)
 }
 
 #[cfg(test)]

@@ -124,8 +124,9 @@ struct PeerInfo {
     /// Effective upload (declared, capped by measurements).
     upload: u32,
     tier: Tier,
-    /// Middle nodes: the bottom cluster they feed.
-    feeds: Option<ClusterId>,
+    /// Middle nodes: the bottom clusters they feed (usually one; the bulk build splits a strong
+    /// node's feeds over several, possibly in other regions) and the root feeds allotted to each.
+    feeds: Vec<(ClusterId, u32)>,
     /// Bottom nodes: their cluster.
     cluster: Option<ClusterId>,
     relay: bool,
@@ -251,32 +252,6 @@ impl Hierarchy {
         )
     }
 
-    /// Adds many peers at once, strongest first (the patent's greedy heuristic), with the bottom
-    /// clusters each region will need created up front so the build never splits.
-    pub fn build(cfg: HierarchyConfig, peers: &[(PeerId, Region, u32, History)]) -> Self {
-        let mut h = Hierarchy::new(cfg);
-        let mut per_region: BTreeMap<Region, usize> = BTreeMap::new();
-        for p in peers {
-            *per_region.entry(p.1).or_default() += 1;
-        }
-        let target = (h.cfg.cluster_min + h.cfg.cluster_max) / 2;
-        for (region, n) in per_region {
-            h.ensure_region(region);
-            for _ in 0..n.div_ceil(target.max(1)) {
-                h.new_bottom_cluster(region);
-            }
-        }
-        let mut order: Vec<(u32, PeerId, Region)> = peers
-            .iter()
-            .map(|(p, r, u, hist)| (hist.effective_upload_kbps(*u), *p, *r))
-            .collect();
-        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (u, p, r) in order {
-            h.join_as(p, r, u, false);
-        }
-        h
-    }
-
     fn join_as(&mut self, peer: PeerId, region: Region, upload: u32, relay: bool) -> Changes {
         let mut aff = if self.peers.contains_key(&peer) {
             self.leave(peer)
@@ -293,7 +268,11 @@ impl Hierarchy {
             && (rs.preferred.len() as u32) < self.cfg.mesh.per_region
         {
             Tier::Preferred
-        } else if upload >= stream && (relay || self.cluster_wanting_feeder(region).is_some()) {
+        } else if upload >= stream
+            && (relay
+                || self.units(upload) > self.cfg.max_fanout
+                || self.cluster_wanting_feeder(region).is_some())
+        {
             Tier::Middle
         } else {
             Tier::Bottom
@@ -304,7 +283,7 @@ impl Hierarchy {
                 region,
                 upload,
                 tier,
-                feeds: None,
+                feeds: Vec::new(),
                 cluster: None,
                 relay,
             },
@@ -342,17 +321,19 @@ impl Hierarchy {
                 }
                 if let Some(rs) = self.regions.get_mut(&region) {
                     rs.idle_middle.remove(&peer);
-                    if let Some(f) = info.feeds {
-                        if let Some(set) = rs.feeders.get_mut(&f) {
-                            set.remove(&peer);
-                        }
-                    }
                 }
-                if let Some(f) = info.feeds {
+                for (f, _) in info.feeds {
+                    let Some(fr) = self.region_of_cluster(f) else {
+                        continue;
+                    };
+                    if let Some(set) = self.regions.get_mut(&fr).and_then(|r| r.feeders.get_mut(&f))
+                    {
+                        set.remove(&peer);
+                    }
                     // Hand the cluster an idle middle node, if any, then re-plan its roots.
                     let idle = self
                         .regions
-                        .get(&region)
+                        .get(&fr)
                         .and_then(|r| r.idle_middle.first().copied());
                     if let Some(m) = idle {
                         self.assign_feeder(m, f);
@@ -429,6 +410,22 @@ impl Hierarchy {
             for c in rs.bottom {
                 self.clusters.remove(&c);
             }
+            // Middle nodes of other regions that lent this region root feeds are free again.
+            for (c, set) in rs.feeders {
+                for p in set {
+                    let Some(info) = self.peers.get_mut(&p) else {
+                        continue;
+                    };
+                    info.feeds.retain(|f| f.0 != c);
+                    if info.feeds.is_empty() && info.tier == Tier::Middle {
+                        let own = info.region;
+                        if let Some(r) = self.regions.get_mut(&own) {
+                            r.idle_middle.insert(p);
+                        }
+                    }
+                    aff.affected.insert(p);
+                }
+            }
             if let Some(w @ MeshNode::Waypoint(_)) = rs.waypoint {
                 if !self.regions.values().any(|r| r.waypoint == Some(w)) {
                     extend_mesh(aff, self.mesh.remove(w));
@@ -501,7 +498,6 @@ impl Hierarchy {
             self.remove_middle(p, region, aff);
             if let Some(info) = self.peers.get_mut(&p) {
                 info.tier = Tier::Preferred;
-                info.feeds = None;
             }
             self.add_preferred(p, region, aff);
         } else {
@@ -520,17 +516,23 @@ impl Hierarchy {
             return;
         };
         rs.idle_middle.remove(&peer);
-        let feeds = self.peers.get(&peer).and_then(|i| i.feeds);
-        if let Some(f) = feeds {
-            if let Some(set) = rs.feeders.get_mut(&f) {
-                set.remove(&peer);
-            }
-        }
         let mid = rs.middle;
         if let Some(c) = self.clusters.get_mut(&mid) {
             aff.affected.extend(c.leave(peer).affected);
         }
-        if let Some(f) = feeds {
+        let feeds = self
+            .peers
+            .get_mut(&peer)
+            .map(|i| std::mem::take(&mut i.feeds))
+            .unwrap_or_default();
+        for (f, _) in feeds {
+            if let Some(set) = self
+                .region_of_cluster(f)
+                .and_then(|fr| self.regions.get_mut(&fr))
+                .and_then(|r| r.feeders.get_mut(&f))
+            {
+                set.remove(&peer);
+            }
             self.refresh_bottom_feeders(f, aff);
         }
     }
@@ -573,15 +575,64 @@ impl Hierarchy {
         }
     }
 
+    /// Makes `peer` feed `cluster` with all its root feeds not yet allotted elsewhere.
     fn assign_feeder(&mut self, peer: PeerId, cluster: ClusterId) {
+        let Some(info) = self.peers.get(&peer) else {
+            return;
+        };
+        let allotted: u32 = info.feeds.iter().map(|f| f.1).sum();
+        let slots = self.middle_slots(peer, info).saturating_sub(allotted);
+        self.allot_feeder(peer, cluster, slots);
+    }
+
+    /// Makes `peer` feed `cluster` with `slots` more root feeds.
+    fn allot_feeder(&mut self, peer: PeerId, cluster: ClusterId, slots: u32) {
+        let Some(cr) = self.region_of_cluster(cluster) else {
+            return;
+        };
         let Some(info) = self.peers.get_mut(&peer) else {
             return;
         };
-        info.feeds = Some(cluster);
-        if let Some(rs) = self.regions.get_mut(&info.region) {
+        match info.feeds.iter_mut().find(|f| f.0 == cluster) {
+            Some(f) => f.1 += slots,
+            None => info.feeds.push((cluster, slots)),
+        }
+        let own = info.region;
+        if let Some(rs) = self.regions.get_mut(&own) {
             rs.idle_middle.remove(&peer);
+        }
+        if let Some(rs) = self.regions.get_mut(&cr) {
             rs.feeders.entry(cluster).or_default().insert(peer);
         }
+    }
+
+    /// Moves `peer`'s feeds of cluster `from` to cluster `to` (a split or a merge).
+    fn move_feeds(&mut self, peer: PeerId, from: ClusterId, to: ClusterId) {
+        let Some(info) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(i) = info.feeds.iter().position(|f| f.0 == from) else {
+            return;
+        };
+        let (_, slots) = info.feeds.swap_remove(i);
+        if let Some(cr) = self.region_of_cluster(from) {
+            if let Some(set) = self.regions.get_mut(&cr).and_then(|r| r.feeders.get_mut(&from)) {
+                set.remove(&peer);
+            }
+        }
+        self.allot_feeder(peer, to, slots);
+    }
+
+    fn region_of_cluster(&self, cid: ClusterId) -> Option<Region> {
+        self.clusters.get(&cid).map(|c| c.region)
+    }
+
+    /// Root feeds `peer` gives cluster `cid`.
+    fn feed_slots(&self, peer: PeerId, cid: ClusterId) -> u32 {
+        self.peers
+            .get(&peer)
+            .and_then(|i| i.feeds.iter().find(|f| f.0 == cid))
+            .map_or(0, |f| f.1)
     }
 
     fn add_bottom(&mut self, peer: PeerId, region: Region, aff: &mut Changes) {
@@ -633,7 +684,8 @@ impl Hierarchy {
             .or_else(|| rs.bottom.iter().next().copied())
     }
 
-    fn new_bottom_cluster(&mut self, region: Region) -> ClusterId {
+    /// A new, empty bottom cluster of `region`, without feeders.
+    fn empty_bottom_cluster(&mut self, region: Region) -> ClusterId {
         let id = self.fresh_id();
         let c = Cluster::new(
             id,
@@ -646,6 +698,11 @@ impl Hierarchy {
         if let Some(rs) = self.regions.get_mut(&region) {
             rs.bottom.insert(id);
         }
+        id
+    }
+
+    fn new_bottom_cluster(&mut self, region: Region) -> ClusterId {
+        let id = self.empty_bottom_cluster(region);
         // Idle middle nodes feed the new cluster at once.
         let f = self.cfg.feeders_per_cluster;
         let idle: Vec<PeerId> = self
@@ -685,14 +742,9 @@ impl Hierarchy {
             .unwrap_or_default();
         if let Some(rs) = self.regions.get_mut(&region) {
             rs.bottom.insert(new_id);
-            if let Some(s) = rs.feeders.get_mut(&cid) {
-                for m in &moving {
-                    s.remove(m);
-                }
-            }
         }
         for m in moving {
-            self.assign_feeder(m, new_id);
+            self.move_feeds(m, cid, new_id);
         }
         for target in [cid, new_id] {
             while self.regions.get(&region).is_some_and(|r| {
@@ -761,7 +813,12 @@ impl Hierarchy {
             })
             .unwrap_or_default();
         for m in moved {
-            self.assign_feeder(m, into);
+            let slots = self.peers.get_mut(&m).map_or(0, |i| {
+                let s = i.feeds.iter().filter(|f| f.0 == cid).map(|f| f.1).sum();
+                i.feeds.retain(|f| f.0 != cid);
+                s
+            });
+            self.allot_feeder(m, into, slots);
         }
         self.refresh_bottom_feeders(into, aff);
         if self
@@ -829,10 +886,9 @@ impl Hierarchy {
             .into_iter()
             .flatten()
             .filter_map(|p| {
-                let info = self.peers.get(p)?;
                 Some(Feeder {
                     node: MeshNodeOrPeer::Peer(*p),
-                    slots: self.middle_slots(*p, info),
+                    slots: self.feed_slots(*p, cid),
                 })
             })
             .collect();
@@ -843,7 +899,7 @@ impl Hierarchy {
             });
         }
         if let Some(c) = self.clusters.get_mut(&cid) {
-            aff.affected.extend(c.set_feeders(feeders).affected);
+            aff.affected.extend(c.update_feeders(feeders).affected);
         }
     }
 
@@ -905,8 +961,8 @@ impl Hierarchy {
             Tier::Middle => {
                 plan.cluster = Some(rs.middle);
                 self.push_tree_links(rs.middle, peer, &mut plan);
-                if let Some(f) = info.feeds {
-                    self.push_root_sends(f, me, &mut plan);
+                for (f, _) in &info.feeds {
+                    self.push_root_sends(*f, me, &mut plan);
                 }
             }
             Tier::Bottom => {
@@ -1108,10 +1164,25 @@ impl Hierarchy {
             if !ok {
                 return Err(format!("{p}: tier {:?} bookkeeping broken", info.tier));
             }
-            if let Some(f) = info.feeds {
-                if !rs.feeders.get(&f).is_some_and(|s| s.contains(p)) {
+            let mut allotted = 0u32;
+            for (f, slots) in &info.feeds {
+                let listed = self
+                    .region_of_cluster(*f)
+                    .and_then(|fr| self.regions.get(&fr))
+                    .and_then(|r| r.feeders.get(f))
+                    .is_some_and(|s| s.contains(p));
+                if !listed {
                     return Err(format!("{p}: feeds {f} but is not listed"));
                 }
+                allotted += slots;
+            }
+            if allotted > self.middle_slots(*p, info) {
+                return Err(format!("{p}: {allotted} root feeds allotted over its capacity"));
+            }
+            if info.tier == Tier::Middle
+                && info.feeds.is_empty() != rs.idle_middle.contains(p)
+            {
+                return Err(format!("{p}: idle bookkeeping broken"));
             }
         }
         let members: usize = self.clusters.values().map(Cluster::len).sum::<usize>()
@@ -1189,5 +1260,6 @@ pub fn split_capacity(capacity_kbps: u32, live_kbps: u32, file_kbps: u32) -> (u3
     (live, (capacity_kbps - live).min(file_kbps))
 }
 
+mod build;
 #[cfg(test)]
 mod tests;

@@ -147,6 +147,9 @@ pub struct MultiTree {
     cfg: MultiTreeConfig,
     nodes: BTreeMap<PeerId, Node>,
     trees: Vec<Tree>,
+    /// Per-tree origin slots when they differ between trees ([`MultiTree::set_origin_fanouts`]);
+    /// empty: `cfg.origin_fanout` in every tree.
+    origin_fanouts: Vec<u32>,
 }
 
 impl MultiTree {
@@ -159,6 +162,7 @@ impl MultiTree {
             cfg,
             nodes: BTreeMap::new(),
             trees: vec![Tree::default(); cfg.k as usize],
+            origin_fanouts: Vec::new(),
         }
     }
 
@@ -399,10 +403,13 @@ impl MultiTree {
 
     /// Feeds the origin serves beyond its `origin_fanout` slots, summed over the trees.
     pub fn origin_overflow(&self) -> usize {
-        let slots = self.cfg.origin_fanout as usize;
         self.trees
             .iter()
-            .map(|t| (t.origin_interior.len() + t.origin_leaves.len()).saturating_sub(slots))
+            .enumerate()
+            .map(|(i, t)| {
+                (t.origin_interior.len() + t.origin_leaves.len())
+                    .saturating_sub(self.origin_slots(i) as usize)
+            })
             .sum()
     }
 
@@ -410,6 +417,33 @@ impl MultiTree {
     /// accounting changes: the trees themselves are not touched.
     pub fn set_origin_fanout(&mut self, origin_fanout: u32) {
         self.cfg.origin_fanout = origin_fanout;
+        self.origin_fanouts.clear();
+    }
+
+    /// Like [`MultiTree::set_origin_fanout`], with a number of slots per tree (a cluster's
+    /// feeders deal their root feeds over the trees, so some trees get one more than others).
+    /// `config().origin_fanout` becomes the smallest of them; missing trees get 0.
+    pub fn set_origin_fanouts(&mut self, per_tree: &[u32]) {
+        let k = self.trees.len();
+        self.origin_fanouts = (0..k)
+            .map(|t| per_tree.get(t).copied().unwrap_or(0))
+            .collect();
+        self.cfg.origin_fanout = self.origin_fanouts.iter().copied().min().unwrap_or(0);
+    }
+
+    /// Origin slots of tree `t`.
+    pub fn origin_slots(&self, t: usize) -> u32 {
+        self.origin_fanouts
+            .get(t)
+            .copied()
+            .unwrap_or(self.cfg.origin_fanout)
+    }
+
+    /// Peers the origin feeds in tree `substream` (roots and origin-fed leaves), in O(1).
+    pub fn origin_children_count(&self, substream: u32) -> usize {
+        self.trees
+            .get(substream as usize)
+            .map_or(0, |t| t.origin_interior.len() + t.origin_leaves.len())
     }
 
     /// Peers that receive some substream through an origin feed beyond the origin's slots, with
@@ -418,8 +452,8 @@ impl MultiTree {
     /// subtree of an interior root left without a slot is underfed in that tree. O(underfed).
     pub fn underfed(&self) -> BTreeMap<PeerId, u32> {
         let mut out = BTreeMap::new();
-        let slots = self.cfg.origin_fanout as usize;
         for (t, tree) in self.trees.iter().enumerate() {
+            let slots = self.origin_slots(t) as usize;
             let mut stack: Vec<PeerId> = tree.origin_interior.iter().skip(slots).copied().collect();
             let leaf_slots = slots.saturating_sub(tree.origin_interior.len());
             stack.extend(tree.origin_leaves.iter().skip(leaf_slots).copied());
@@ -753,7 +787,7 @@ impl MultiTree {
 
     fn origin_has_slot(&self, t: usize) -> bool {
         let tree = &self.trees[t];
-        tree.origin_interior.len() + tree.origin_leaves.len() < self.cfg.origin_fanout as usize
+        tree.origin_interior.len() + tree.origin_leaves.len() < self.origin_slots(t) as usize
     }
 
     fn has_room(&self, t: usize, id: PeerId) -> bool {

@@ -243,6 +243,24 @@ impl Session {
                 .error(ErrorCode::Malformed, "heartbeat lists more links than a peer can have".into())
                 .await;
         }
+        // Timestamps are the peer's clock: skew is tolerated, nonsense is not.
+        let server_ms = crate::channel::now_ms();
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        let stamps = hb
+            .parents
+            .iter()
+            .filter_map(|p| p.last_ts_ms)
+            .chain(hb.children.iter().filter_map(|c| c.last_ts_ms));
+        if hb.local_ts_ms.abs_diff(server_ms) > DAY_MS
+            || stamps.into_iter().any(|t| t > hb.local_ts_ms + 1000)
+        {
+            return self
+                .error(
+                    ErrorCode::Malformed,
+                    format!("heartbeat timestamps are absurd (local_ts_ms {})", hb.local_ts_ms),
+                )
+                .await;
+        }
         let now = Instant::now();
         let min_gap = Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
         if let Some((last_seq, last_at)) = self.last_heartbeat {
