@@ -125,10 +125,12 @@ impl Channel {
             .map(|i| (Bytes::from(i.bytes.clone()), i.mime.clone(), m.stream_kbps))
     }
 
-    /// `(start_seq, live_seq)`: newest random-access point and newest packet.
+    /// `(start_seq, live_seq)`: where a joiner starts, and the newest packet. Joiners start one
+    /// fragment behind the newest random-access point: the extra second of buffer absorbs a
+    /// late packet or a repair without a stall, at the cost of a second of delay.
     pub fn live_position(&self) -> Option<(u64, u64)> {
         let m = self.media.read().ok()?;
-        Some((m.window.latest_random_access()?, m.window.latest_seq()?))
+        Some((m.window.random_access_back(1)?, m.window.latest_seq()?))
     }
 
     pub fn packet(&self, seq: u64) -> Lookup {

@@ -18,7 +18,10 @@ fn heartbeat(id: PeerId, seq: u64, from_peers: u64, from_origin: u64) -> ClientM
     let hb: Heartbeat = serde_json::from_value(serde_json::json!({
         "client_id": id.0,
         "seq": seq,
-        "local_ts_ms": 1_000,
+        // The server refuses clocks more than a day off.
+        "local_ts_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         "parents": [],
         "children": [],
         "buffer": [],

@@ -59,6 +59,9 @@ pub const CHROMIUM_FLAGS: &[&str] = &[
     "--disable-renderer-backgrounding",
     "--disable-backgrounding-occluded-windows",
     "--disable-features=TranslateUI",
+    // Many viewer pages share one headless browser; none may have its muted video paused as
+    // "background media" to save power.
+    "--disable-background-media-suspend",
 ];
 
 /// Default timeout of a single CDP call.
@@ -723,6 +726,9 @@ impl Browser {
                 page.call(method, json!({})).await?;
             }
             page.call("Page.setLifecycleEventsEnabled", json!({ "enabled": true }))
+                .await?;
+            // Every page behaves as the focused, visible one (timers, video), like a viewer's tab.
+            page.call("Emulation.setFocusEmulationEnabled", json!({ "enabled": true }))
                 .await?;
             page.navigate(url).await?;
             anyhow::Ok(page)

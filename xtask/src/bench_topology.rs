@@ -126,6 +126,9 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
             let t = Instant::now();
             affected += h.join(id, r, up, History::default()).affected.len();
             joins.push(t.elapsed().as_nanos() as u64);
+            if std::env::var_os("BT_DEBUG").is_some() && t.elapsed().as_micros() > 50 {
+                eprintln!("slow join {:?} {:?} {}us", h.tier(id), up, t.elapsed().as_micros());
+            }
             present.push(id);
         } else {
             let id = present.swap_remove(rng.below(present.len() as u64) as usize);

@@ -21,8 +21,10 @@ use super::{js_err, perf_now};
 /// Seconds of media kept behind the playhead before older data is removed.
 const KEEP_BEHIND_S: f64 = 20.0;
 /// If the playhead falls this far behind the buffered end, jump forward (live).
-const MAX_LAG_S: f64 = 4.0;
-const TARGET_LAG_S: f64 = 1.0;
+const MAX_LAG_S: f64 = 5.0;
+const TARGET_LAG_S: f64 = 2.0;
+/// Media buffered before playback starts.
+const STARTUP_BUFFER_S: f64 = 1.5;
 
 #[derive(Default)]
 struct PlayState {
@@ -77,6 +79,7 @@ pub(crate) struct Media {
     on_seeked: Closure<dyn FnMut()>,
     opened: Rc<RefCell<bool>>,
     play_catch: Option<Closure<dyn FnMut(JsValue)>>,
+    first_media_at: Option<f64>,
 }
 
 impl Media {
@@ -164,6 +167,7 @@ impl Media {
             on_seeked,
             opened,
             play_catch: None,
+            first_media_at: None,
         })
     }
 
@@ -241,8 +245,14 @@ impl Media {
         let end = ranges.end(ranges.length() - 1).unwrap_or(start);
         let now = self.video.current_time();
         if !self.started {
+            // Start with a cushion: a late packet or a repair then drains it instead of
+            // stalling the picture. (Joiners get about two fragments at once.)
+            let first = *self.first_media_at.get_or_insert_with(perf_now);
+            if end - start < STARTUP_BUFFER_S && perf_now() - first < 3000.0 {
+                return;
+            }
             self.started = true;
-            self.seek(start.max(end - TARGET_LAG_S - 1.0));
+            self.seek(start.max(end - TARGET_LAG_S - 0.5));
             if !self.autoplay {
                 // The page starts playback itself (e.g. the player's play()).
                 return;
