@@ -109,11 +109,28 @@ impl Media {
             s.playing_since = Some(now);
         });
         let s = state.clone();
+        let v = video.clone();
         let on_waiting = Closure::<dyn FnMut()>::new(move || {
             let mut s = s.borrow_mut();
             // A stall is the playhead starving after playback started, not our own live seek.
             if s.playing_since.is_some() && !s.own_seek {
                 s.stalls += 1;
+                let ranges = v.buffered();
+                let buffered: Vec<String> = (0..ranges.length())
+                    .map(|i| {
+                        format!(
+                            "{:.2}-{:.2}",
+                            ranges.start(i).unwrap_or(0.0),
+                            ranges.end(i).unwrap_or(0.0)
+                        )
+                    })
+                    .collect();
+                let msg = format!(
+                    "stall at {:.2} s (buffered {})",
+                    v.current_time(),
+                    buffered.join(", ")
+                );
+                s.errors.push(msg);
             }
             s.playing_since = None;
         });
