@@ -273,7 +273,6 @@ impl Dcm {
                     .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
                     .map(|l| l.2)
             },
-            now,
         );
         for link in found {
             self.on_congestion(link, now);

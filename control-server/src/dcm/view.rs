@@ -185,7 +185,6 @@ impl CongestionDetector {
         k: u32,
         peer: PeerId,
         link_since: impl Fn(PeerId, PeerId, u32) -> Option<u64>,
-        now_ms: u64,
     ) -> Vec<Congested> {
         let Some(me) = view.get(peer) else {
             return Vec::new();
@@ -223,16 +222,18 @@ impl CongestionDetector {
             judged.push((parent, peer, pl.substream, late && parent_has, expected, pl.last_seq, false, false));
         }
         // As a parent: did it send each child what it had itself received a grace ago?
-        let my_recv: HashMap<u32, (Option<u64>, Option<u64>)> = me
-            .heartbeat
-            .parents
-            .iter()
-            .map(|p| (p.substream, (p.last_seq, p.last_ts_ms)))
-            .collect();
+        // k entries: a scan beats hashing, and nothing is allocated per heartbeat.
+        let my_recv = |sub: u32| {
+            me.heartbeat
+                .parents
+                .iter()
+                .find(|p| p.substream == sub)
+                .map(|p| (p.last_seq, p.last_ts_ms))
+        };
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.received_ms as i64 - me.heartbeat.local_ts_ms as i64;
         for cl in &me.heartbeat.children {
-            let Some((Some(got), Some(got_at))) = my_recv.get(&cl.substream).copied() else {
+            let Some((Some(got), Some(got_at))) = my_recv(cl.substream) else {
                 continue;
             };
             let got_at_server = (got_at as i64 + skew).max(0) as u64;

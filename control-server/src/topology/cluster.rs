@@ -191,6 +191,46 @@ impl Cluster {
         self.tree.leave(peer)
     }
 
+    /// Like [`Cluster::join`], also naming the roots and feeders whose root feeds may have
+    /// changed: in each tree whose set of roots changed, every root and its feeder (roots are
+    /// dealt to feeders in order, so one new root can shift the others). Trees whose roots did
+    /// not change cost nothing: O(k log n) in the common case.
+    pub fn join_fed(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
+        let before = self.origin_epochs();
+        let mut ch = self.join(peer, upload_kbps);
+        self.name_root_changes(&before, &mut ch);
+        ch
+    }
+
+    /// Like [`Cluster::leave`], naming the roots and feeders as [`Cluster::join_fed`] does.
+    pub fn leave_fed(&mut self, peer: PeerId) -> Changes {
+        let before = self.origin_epochs();
+        let mut ch = self.leave(peer);
+        self.name_root_changes(&before, &mut ch);
+        ch.affected.remove(&peer);
+        ch
+    }
+
+    fn origin_epochs(&self) -> Vec<u64> {
+        (0..self.kind.trees())
+            .map(|t| self.tree.origin_epoch(t))
+            .collect()
+    }
+
+    fn name_root_changes(&self, before: &[u64], ch: &mut Changes) {
+        for (t, e) in before.iter().enumerate() {
+            if self.tree.origin_epoch(t as u32) == *e {
+                continue;
+            }
+            for (r, f) in self.root_sources(t as u32) {
+                ch.affected.insert(r);
+                if let MeshNodeOrPeer::Peer(p) = f {
+                    ch.affected.insert(p);
+                }
+            }
+        }
+    }
+
     /// Replaces the feeders; returns the peers whose sources or children changed: the old and
     /// new feeder peers and the roots.
     ///

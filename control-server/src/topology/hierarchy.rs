@@ -316,7 +316,7 @@ impl Hierarchy {
             Tier::Middle => {
                 if let Some(mid) = self.regions.get(&region).map(|r| r.middle) {
                     if let Some(c) = self.clusters.get_mut(&mid) {
-                        aff.affected.extend(c.leave(peer).affected);
+                        aff.affected.extend(c.leave_fed(peer).affected);
                     }
                 }
                 if let Some(rs) = self.regions.get_mut(&region) {
@@ -344,7 +344,7 @@ impl Hierarchy {
             Tier::Bottom => {
                 if let Some(cid) = info.cluster {
                     if let Some(c) = self.clusters.get_mut(&cid) {
-                        aff.affected.extend(c.leave(peer).affected);
+                        aff.affected.extend(c.leave_fed(peer).affected);
                     }
                     self.maybe_merge(cid, &mut aff);
                 }
@@ -518,7 +518,7 @@ impl Hierarchy {
         rs.idle_middle.remove(&peer);
         let mid = rs.middle;
         if let Some(c) = self.clusters.get_mut(&mid) {
-            aff.affected.extend(c.leave(peer).affected);
+            aff.affected.extend(c.leave_fed(peer).affected);
         }
         let feeds = self
             .peers
@@ -560,7 +560,7 @@ impl Hierarchy {
         };
         let upload = self.peers.get(&peer).map_or(0, |i| i.upload);
         if let Some(c) = self.clusters.get_mut(&mid) {
-            aff.affected.extend(c.join(peer, upload).affected);
+            aff.affected.extend(c.join_fed(peer, upload).affected);
         }
         match self.cluster_wanting_feeder(region) {
             Some(target) => {
@@ -647,12 +647,7 @@ impl Hierarchy {
         let Some(c) = self.clusters.get_mut(&cid) else {
             return;
         };
-        let changes = c.join(peer, upload);
-        let roots_touched = touches_roots(c, &changes);
-        aff.affected.extend(changes.affected);
-        if roots_touched {
-            self.refresh_bottom_feeders(cid, aff);
-        }
+        aff.affected.extend(c.join_fed(peer, upload).affected);
         if self
             .clusters
             .get(&cid)
@@ -1204,16 +1199,6 @@ fn extend_mesh(aff: &mut Changes, changed: BTreeSet<MeshNode>) {
             MeshNode::Peer(p) => Some(p),
             _ => None,
         }));
-}
-
-/// Whether a cluster change may have changed its set of roots, hence its feeders' duties:
-/// conservative (some affected peer is a root now).
-fn touches_roots(c: &Cluster, changes: &Changes) -> bool {
-    let trees = c.kind.trees();
-    changes
-        .affected
-        .iter()
-        .any(|p| (0..trees).any(|t| c.tree().depth(*p, t) == Some(1)))
 }
 
 /// Spare upload of peers of all channels, so a channel short of capacity in a region can recruit

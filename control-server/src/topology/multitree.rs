@@ -133,6 +133,8 @@ struct Tree {
     capacity: u64,
     /// Number of peers at each depth.
     depth_counts: Vec<u64>,
+    /// Bumped whenever the origin gains or loses a child ([`MultiTree::origin_epoch`]).
+    origin_epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -437,6 +439,15 @@ impl MultiTree {
             .get(t)
             .copied()
             .unwrap_or(self.cfg.origin_fanout)
+    }
+
+    /// A counter of tree `substream` that changes whenever the origin gains or loses a child
+    /// there: callers that assign the origin's children to feeders compare it before and after a
+    /// change to know, in O(1), whether they must re-assign.
+    pub fn origin_epoch(&self, substream: u32) -> u64 {
+        self.trees
+            .get(substream as usize)
+            .map_or(0, |t| t.origin_epoch)
     }
 
     /// Peers the origin feeds in tree `substream` (roots and origin-fed leaves), in O(1).
@@ -806,6 +817,7 @@ impl MultiTree {
             Parent::Detached => return,
             Parent::Origin => {
                 let tree = &mut self.trees[t];
+                tree.origin_epoch += 1;
                 if interior {
                     tree.origin_interior.remove(&x);
                 } else {
@@ -837,6 +849,7 @@ impl MultiTree {
         let depth = match parent {
             None => {
                 let tree = &mut self.trees[t];
+                tree.origin_epoch += 1;
                 if interior {
                     tree.origin_interior.insert(x);
                 } else {

@@ -121,7 +121,7 @@ fn congestion_is_found_on_the_starved_link_only() {
     // Seen from outside, lateness must repeat: two heartbeat rounds.
     for _ in 0..2 {
         for p in t.peers() {
-            found.extend(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0), now));
+            found.extend(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0)));
         }
     }
     assert!(!found.is_empty(), "the starved link was not detected");
@@ -143,7 +143,7 @@ fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
         view.ingest(heartbeat(&t, p, 1, upto, None, now), now);
     }
     for p in t.peers() {
-        assert!(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0), now).is_empty());
+        assert!(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0)).is_empty());
     }
     // A link created a moment ago is not judged even if nothing arrived on it yet.
     let (parent, child, sub) = t
@@ -157,7 +157,7 @@ fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
         })
         .expect("a relaying peer");
     view.ingest(heartbeat(&t, child, 2, upto, Some((parent, child, sub, 0)), now), now);
-    let young = det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(now - 100), now);
+    let young = det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(now - 100));
     assert!(young.is_empty());
 }
 
@@ -217,13 +217,13 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     let mut det = CongestionDetector::new(CongestionConfig::default());
     view.ingest(hb.clone(), now);
     assert!(
-        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0), now).is_empty(),
+        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0)).is_empty(),
         "no backlog, within grace: not congested yet"
     );
     hb.seq = 2;
     hb.send_backlog_ms = 400;
     view.ingest(hb, now);
-    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0), now);
+    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].parent, found[0].child, found[0].substream), (parent, child, sub));
     assert!(found[0].parent_side);
