@@ -127,6 +127,13 @@ struct PeerEntry {
 
 const LOG_KEEP: usize = 1000;
 
+/// Capacity a peer is placed with: 85 % of what it offers. The stream's rate is an average and
+/// fragments vary around it; a forwarder filled to its exact cap would fall behind on every
+/// large fragment.
+fn placement_kbps(upload_kbps: u32) -> u32 {
+    (u64::from(upload_kbps) * 85 / 100) as u32
+}
+
 /// State of one DCM. Kept separate from the task loop so it can be driven directly in tests.
 pub struct Dcm {
     channel: Arc<Channel>,
@@ -200,7 +207,7 @@ impl Dcm {
             } => {
                 self.peers.insert(peer, PeerEntry { out, upload_kbps });
                 self.history.joined(peer, upload_kbps, now);
-                let changes = self.tree.join(peer, upload_kbps);
+                let changes = self.tree.join(peer, placement_kbps(upload_kbps));
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
                 self.send_instructions(changes.affected, now);
             }
@@ -320,7 +327,7 @@ impl Dcm {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let changes = self.tree.join(peer, kbps);
+        let changes = self.tree.join(peer, placement_kbps(kbps));
         self.detector.forget_peer(peer);
         self.log_repair(peer, reason, changes.affected.len(), now);
         self.send_instructions(changes.affected, now);
@@ -348,7 +355,7 @@ impl Dcm {
         }
         for (peer, kbps) in self.history.recovered(now) {
             if self.peers.contains_key(&peer) {
-                let changes = self.tree.join(peer, kbps);
+                let changes = self.tree.join(peer, placement_kbps(kbps));
                 self.send_instructions(changes.affected, now);
             }
         }
