@@ -126,9 +126,6 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
             let t = Instant::now();
             affected += h.join(id, r, up, History::default()).affected.len();
             joins.push(t.elapsed().as_nanos() as u64);
-            if std::env::var_os("BT_DEBUG").is_some() && t.elapsed().as_micros() > 50 {
-                eprintln!("slow join {:?} {:?} {}us", h.tier(id), up, t.elapsed().as_micros());
-            }
             present.push(id);
         } else {
             let id = present.swap_remove(rng.below(present.len() as u64) as usize);
@@ -139,11 +136,6 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
         if (i + 1) % (args.events / 4).max(1) == 0 {
             println!("    {} / {} events", i + 1, args.events);
         }
-    }
-    if std::env::var_os("BT_SKIP").is_some() {
-        let (jp50, jp99) = (pct(&mut joins, 50.0), pct(&mut joins, 99.0));
-        println!("build {:?} join {jp50} {jp99}", build);
-        return Ok(());
     }
     let after_churn = h.report();
     h.check_invariants()
@@ -158,6 +150,14 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
     let full =
         |scale: f64| -> HierarchyReport { Hierarchy::build(cfg, &scaled(&base, scale)).report() };
     let at_target = full(1.1 / base_ratio);
+    // The target is "every node at full rate whenever total upload >= 1.1 N R": check a sweep.
+    let sweep: Vec<(f64, f64)> = [1.1, 1.2, 1.3, 1.5, 2.0]
+        .iter()
+        .map(|r| {
+            let rep = full(r / base_ratio);
+            (*r, rep.full_rate as f64 / rep.peers.max(1) as f64)
+        })
+        .collect();
     let (mut lo, mut hi) = (0.5 / base_ratio, 3.0 / base_ratio);
     let mut best: Option<HierarchyReport> = None;
     if full(hi).full_rate == args.nodes {
@@ -230,6 +230,19 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
         rep.upload_used_kbps as f64 / rep.upload_total_kbps.max(1) as f64
     );
     println!("| full rate at ratio 1.10 | {:.4} |", frac(&at_target));
+    println!(
+        "| full rate at ratios {} | {} |",
+        sweep
+            .iter()
+            .map(|s| format!("{:.1}", s.0))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        sweep
+            .iter()
+            .map(|s| format!("{:.4}", s.1))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
     match min_ratio {
         Some(r) => println!("| lowest ratio with every node at full rate | {r:.3} |"),
         None => println!("| lowest ratio with every node at full rate | not reached below 3.0 |"),
@@ -252,6 +265,10 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
             "as_drawn": report(&rep),
             "after_churn": report(&after_churn),
             "full_rate_at_1_1": frac(&at_target),
+            "full_rate_sweep": sweep
+                .iter()
+                .map(|(r, f)| json!({ "ratio": r, "full_rate": f }))
+                .collect::<Vec<_>>(),
             "min_full_rate_ratio": min_ratio,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)

@@ -191,6 +191,25 @@ impl Cluster {
         self.tree.leave(peer)
     }
 
+    /// Adds many members at once: an empty cluster's trees are laid out in one pass
+    /// ([`MultiTree::build`]); a non-empty one takes them one by one, strongest first.
+    pub fn fill(&mut self, members: &[(PeerId, u32)]) {
+        if self.is_empty() {
+            let slots: Vec<u32> = (0..self.kind.trees())
+                .map(|t| self.tree.origin_slots(t as usize))
+                .collect();
+            self.tree = MultiTree::build(*self.tree.config(), members);
+            self.tree.set_origin_fanouts(&slots);
+            self.uploads.extend(members.iter().copied());
+            return;
+        }
+        let mut order = members.to_vec();
+        order.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (p, u) in order {
+            self.join(p, u);
+        }
+    }
+
     /// Like [`Cluster::join`], also naming the roots and feeders whose root feeds may have
     /// changed: in each tree whose set of roots changed, every root and its feeder (roots are
     /// dealt to feeders in order, so one new root can shift the others). Trees whose roots did
@@ -217,17 +236,22 @@ impl Cluster {
             .collect()
     }
 
+    /// Names every root and every feeder peer of the trees whose roots changed (a feeder may
+    /// have lost its last root there, so the feeders are named whether they feed one now).
     fn name_root_changes(&self, before: &[u64], ch: &mut Changes) {
+        let mut any = false;
         for (t, e) in before.iter().enumerate() {
-            if self.tree.origin_epoch(t as u32) == *e {
-                continue;
+            if self.tree.origin_epoch(t as u32) != *e {
+                any = true;
+                ch.affected.extend(self.tree.roots(t as u32));
             }
-            for (r, f) in self.root_sources(t as u32) {
-                ch.affected.insert(r);
-                if let MeshNodeOrPeer::Peer(p) = f {
-                    ch.affected.insert(p);
-                }
-            }
+        }
+        if any {
+            ch.affected
+                .extend(self.feeders.iter().filter_map(|f| match f.node {
+                    MeshNodeOrPeer::Peer(p) => Some(p),
+                    MeshNodeOrPeer::Server(_) => None,
+                }));
         }
     }
 
@@ -443,6 +467,69 @@ mod tests {
         }
         assert_eq!(c.underfed().count(), 3);
         assert_eq!(c.spare(), -6);
+    }
+
+    #[test]
+    fn feeds_are_dealt_over_the_trees_so_none_is_wasted() {
+        let mut c = Cluster::new(
+            ClusterId(5),
+            Region::V4([10, 0]),
+            ClusterKind::Bottom { k: 2 },
+            1000,
+            4,
+        );
+        for i in 0..3 {
+            c.join(PeerId(i), 0); // three roots in each tree
+        }
+        assert_eq!(c.root_feeds_needed(), 6);
+        // 3 + 3 slots: the odd slot of each feeder is not lost, it goes to the other tree.
+        c.set_feeders(vec![feeder(100, 3), feeder(101, 3)]);
+        assert_eq!((c.root_slots_of(0), c.root_slots_of(1)), (3, 3));
+        assert_eq!(c.underfed().count(), 0);
+        for t in 0..2 {
+            let src = c.root_sources(t);
+            assert!(src
+                .iter()
+                .all(|(_, f)| matches!(f, MeshNodeOrPeer::Peer(_))));
+        }
+        let by = |n: u64| {
+            (0..2)
+                .flat_map(|t| c.root_sources(t))
+                .filter(|(_, f)| *f == MeshNodeOrPeer::Peer(PeerId(n)))
+                .count()
+        };
+        assert_eq!((by(100), by(101)), (3, 3));
+        // Five slots cover tree 0 three times and tree 1 twice: one root of tree 1 is underfed.
+        let ch = c.update_feeders(vec![feeder(100, 5)]);
+        assert!(ch.affected.contains(&PeerId(101)));
+        assert_eq!((c.root_slots_of(0), c.root_slots_of(1)), (3, 2));
+        assert_eq!(c.underfed().count(), 1);
+    }
+
+    #[test]
+    fn fill_lays_out_an_empty_cluster_at_once() {
+        let mut c = Cluster::new(
+            ClusterId(6),
+            Region::V4([1, 2]),
+            ClusterKind::Bottom { k: 4 },
+            1000,
+            8,
+        );
+        let members: Vec<(PeerId, u32)> = (0..100)
+            .map(|i| (PeerId(i), [0, 500, 1000, 3000][i as usize % 4]))
+            .collect();
+        c.fill(&members);
+        c.tree().check_invariants().unwrap();
+        assert_eq!(c.len(), 100);
+        assert!(c.contains(PeerId(99)));
+        // Fan-outs 0, 2, 4, 8 (25 each): 350 slots for 400 feeds; the feeders give the rest.
+        let need = c.root_feeds_needed();
+        assert!(need <= 60, "needs {need}");
+        c.set_feeders(vec![feeder(1000, need / 2), feeder(1001, need - need / 2)]);
+        assert_eq!(c.underfed().count(), 0, "spare {}", c.spare());
+        let ch = c.join_fed(PeerId(500), 0);
+        assert!(ch.affected.contains(&PeerId(500)));
+        c.tree().check_invariants().unwrap();
     }
 
     #[test]

@@ -8,6 +8,15 @@
 //!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders.
 //!   Clusters split above `cluster_max` and merge below `cluster_min`.
 //!
+//! A whole channel is placed at once by [`Hierarchy::build`] (the `build` submodule): tiers and
+//! clusters per region strongest first, then the middle tier's root feeds matched to the bottom
+//! clusters' needs, a strong node's feeds split over several clusters, and a region short of
+//! upload **borrowing** root feeds from the middle tier of the region with the most to spare.
+//! A middle node that feeds a cluster of another region is planned like any feeder; when that
+//! region empties, its lenders are released. Peers arriving later go through
+//! [`Hierarchy::join`], which touches O(k log n) state: the cluster's trees, and the cluster's
+//! roots and feeders only in the trees whose set of roots changed.
+//!
 //! Every cluster is one DCM's state (its [`ClusterId`] is the DCM's logical id); a DCM task
 //! drives [`Hierarchy::join`] / [`Hierarchy::leave`] and sends new instructions
 //! ([`Hierarchy::plan`]) to the peers named in the returned [`Changes`].
@@ -15,7 +24,11 @@
 //! Capacities are in *units* of one substream, `stream / k` (a coded shard has the same rate).
 //! A preferred node spends `(degree − 1)` streams on the mesh and offers the rest as middle-tier
 //! root feeds; a middle node forwards at most `k + n` units in its middle tree (what it takes)
-//! and offers the rest as root feeds of the bottom cluster it feeds.
+//! and offers the rest as root feeds of the bottom cluster(s) it feeds. A feeder's root feeds
+//! are dealt over the trees of the cluster ([`Cluster::set_feeders`]), so a feeder with, say, 13
+//! units for 8 trees feeds 2 roots in 5 trees and 1 in the other 3 instead of wasting 5.
+//! Peers whose upload is more than `max_fanout` units are middle nodes: the bottom tier could not
+//! use their surplus.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -326,7 +339,10 @@ impl Hierarchy {
                     let Some(fr) = self.region_of_cluster(f) else {
                         continue;
                     };
-                    if let Some(set) = self.regions.get_mut(&fr).and_then(|r| r.feeders.get_mut(&f))
+                    if let Some(set) = self
+                        .regions
+                        .get_mut(&fr)
+                        .and_then(|r| r.feeders.get_mut(&f))
                     {
                         set.remove(&peer);
                     }
@@ -616,7 +632,11 @@ impl Hierarchy {
         };
         let (_, slots) = info.feeds.swap_remove(i);
         if let Some(cr) = self.region_of_cluster(from) {
-            if let Some(set) = self.regions.get_mut(&cr).and_then(|r| r.feeders.get_mut(&from)) {
+            if let Some(set) = self
+                .regions
+                .get_mut(&cr)
+                .and_then(|r| r.feeders.get_mut(&from))
+            {
                 set.remove(&peer);
             }
         }
@@ -880,11 +900,9 @@ impl Hierarchy {
             .and_then(|r| r.feeders.get(&cid))
             .into_iter()
             .flatten()
-            .filter_map(|p| {
-                Some(Feeder {
-                    node: MeshNodeOrPeer::Peer(*p),
-                    slots: self.feed_slots(*p, cid),
-                })
+            .map(|p| Feeder {
+                node: MeshNodeOrPeer::Peer(*p),
+                slots: self.feed_slots(*p, cid),
             })
             .collect();
         if feeders.is_empty() {
@@ -1172,11 +1190,11 @@ impl Hierarchy {
                 allotted += slots;
             }
             if allotted > self.middle_slots(*p, info) {
-                return Err(format!("{p}: {allotted} root feeds allotted over its capacity"));
+                return Err(format!(
+                    "{p}: {allotted} root feeds allotted over its capacity"
+                ));
             }
-            if info.tier == Tier::Middle
-                && info.feeds.is_empty() != rs.idle_middle.contains(p)
-            {
+            if info.tier == Tier::Middle && info.feeds.is_empty() != rs.idle_middle.contains(p) {
                 return Err(format!("{p}: idle bookkeeping broken"));
             }
         }

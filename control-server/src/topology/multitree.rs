@@ -31,6 +31,10 @@
 //!   place, else the origin), leaves at the shallowest free slot, else the origin. Freed slots in
 //!   every tree are then refilled with leaves the origin was feeding.
 //!
+//! * **Bulk build.** [`MultiTree::build`] lays out many peers at once in the shape greedy joins
+//!   aim at (forwarders balanced over the trees, breadth first, leaves below), for a
+//!   hierarchy's initial build.
+//!
 //! Per tree, ordered indexes of interior nodes keyed by depth (with a free slot, with a leaf
 //! child, feeding only leaves) make "shallowest free slot", "shallowest leaf" and "deepest
 //! bottom forwarder" O(log n) look-ups. A join costs O(k log n); a leave O(k log n + fan-out log
@@ -170,6 +174,114 @@ impl MultiTree {
 
     pub fn config(&self) -> &MultiTreeConfig {
         &self.cfg
+    }
+
+    /// Builds the trees of many peers at once: the shape greedy joins strongest first aim at,
+    /// in O(n·k + n log n) without the incremental indexes' per-join cost.
+    ///
+    /// Peers are taken by fan-out, largest first (ties: lower id). Each forwarder is interior in
+    /// the tree with the least capacity so far (longest-processing-time balancing, as
+    /// [`MultiTree::join`] does). In each tree the first forwarder is the root; the other
+    /// forwarders, then the leaves, fill the free slots breadth first, so forwarders sit
+    /// above leaves and every tree is as shallow as its fan-outs allow. Leaves left without a
+    /// slot hang off the origin. A peer listed twice keeps its last entry.
+    pub fn build(cfg: MultiTreeConfig, peers: &[(PeerId, u32)]) -> Self {
+        let mut m = MultiTree::new(cfg);
+        let k = m.trees.len();
+        let mut latest: BTreeMap<PeerId, u32> = BTreeMap::new();
+        for (p, u) in peers {
+            latest.insert(*p, m.cfg.fanout_for(*u));
+        }
+        let mut order: Vec<(u32, PeerId)> = latest.iter().map(|(p, f)| (*f, *p)).collect();
+        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut interior: Vec<Vec<PeerId>> = vec![Vec::new(); k];
+        let mut load = vec![0u64; k];
+        let mut of = BTreeMap::new();
+        for &(f, p) in &order {
+            if f == 0 {
+                continue;
+            }
+            // Same key as `least_spare_tree`: capacity plus interior roots (one per used tree).
+            let t = (0..k).min_by_key(|t| (load[*t], *t)).unwrap_or(0);
+            if interior[t].is_empty() {
+                load[t] += 1;
+            }
+            load[t] += u64::from(f);
+            interior[t].push(p);
+            of.insert(p, t as u32);
+        }
+        m.nodes = latest
+            .iter()
+            .map(|(p, f)| {
+                let node = Node {
+                    fanout: *f,
+                    interior: of.get(p).copied(),
+                    links: vec![
+                        Link {
+                            parent: Parent::Detached,
+                            depth: 0,
+                        };
+                        k
+                    ],
+                    children: Vec::new(),
+                    leaf_children: 0,
+                };
+                (*p, node)
+            })
+            .collect();
+        for (t, forwarders) in interior.iter().enumerate() {
+            let leaves = order
+                .iter()
+                .map(|x| x.1)
+                .filter(|p| of.get(p) != Some(&(t as u32)));
+            // Breadth first: `open` holds placed forwarders with free slots, shallowest first.
+            let mut open: std::collections::VecDeque<(PeerId, u32, u32)> = Default::default();
+            for p in forwarders.iter().copied().chain(leaves) {
+                let is_fwd = of.get(&p) == Some(&(t as u32));
+                while open.front().is_some_and(|o| o.2 == 0) {
+                    open.pop_front();
+                }
+                let (parent, depth) = match open.front_mut() {
+                    Some(o) => {
+                        o.2 -= 1;
+                        (Parent::Peer(o.0), o.1 + 1)
+                    }
+                    None => (Parent::Origin, 1),
+                };
+                let fanout = m.nodes.get(&p).map_or(0, |n| n.fanout);
+                if let Some(n) = m.nodes.get_mut(&p) {
+                    n.links[t] = Link { parent, depth };
+                }
+                match parent {
+                    Parent::Peer(q) => {
+                        if let Some(qn) = m.nodes.get_mut(&q) {
+                            qn.children.push(p);
+                            qn.leaf_children += u32::from(!is_fwd);
+                        }
+                    }
+                    _ if is_fwd => {
+                        m.trees[t].origin_interior.insert(p);
+                    }
+                    _ => {
+                        m.trees[t].origin_leaves.insert(p);
+                    }
+                }
+                let counts = &mut m.trees[t].depth_counts;
+                if counts.len() <= depth as usize {
+                    counts.resize(depth as usize + 1, 0);
+                }
+                counts[depth as usize] += 1;
+                if is_fwd {
+                    m.trees[t].capacity += u64::from(fanout);
+                    open.push_back((p, depth, fanout));
+                }
+            }
+            for p in forwarders {
+                let key = m.index_key(t, *p);
+                m.insert_keys(t, *p, key);
+            }
+        }
+        m
     }
 
     /// Adds a peer (re-adding a present peer first removes it, e.g. to change its capacity).
@@ -825,14 +937,14 @@ impl MultiTree {
                 }
             }
             Parent::Peer(q) => {
-                self.unindex(t, q);
+                let before = self.index_key(t, q);
                 if let Some(qn) = self.nodes.get_mut(&q) {
                     qn.children.retain(|c| *c != x);
                     if !interior {
                         qn.leaf_children = qn.leaf_children.saturating_sub(1);
                     }
                 }
-                self.index(t, q);
+                self.reindex(t, q, before);
                 aff.insert(q);
             }
         }
@@ -858,7 +970,7 @@ impl MultiTree {
                 1
             }
             Some(q) => {
-                self.unindex(t, q);
+                let before = self.index_key(t, q);
                 let mut depth = 1;
                 if let Some(qn) = self.nodes.get_mut(&q) {
                     qn.children.push(x);
@@ -867,7 +979,7 @@ impl MultiTree {
                     }
                     depth = qn.links[t].depth + 1;
                 }
-                self.index(t, q);
+                self.reindex(t, q, before);
                 aff.insert(q);
                 depth
             }
@@ -881,12 +993,27 @@ impl MultiTree {
 
     /// Sets `root`'s depth in tree `t` and shifts its whole subtree accordingly.
     fn set_subtree_depth(&mut self, t: usize, root: PeerId, depth: u32) {
-        if self
-            .nodes
-            .get(&root)
-            .is_none_or(|n| n.links[t].depth == depth)
-        {
+        let Some(n) = self.nodes.get_mut(&root) else {
+            return;
+        };
+        if n.links[t].depth == depth {
             return; // the subtree keeps its (relative, hence absolute) depths
+        }
+        // A leaf of tree `t` (the common case: k - 1 of a joiner's k placements) has no subtree
+        // and no index entry: only its depth and the histogram change.
+        if n.interior != Some(t as u32) {
+            let old = std::mem::replace(&mut n.links[t].depth, depth);
+            let counts = &mut self.trees[t].depth_counts;
+            if old > 0 {
+                if let Some(c) = counts.get_mut(old as usize) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            if counts.len() <= depth as usize {
+                counts.resize(depth as usize + 1, 0);
+            }
+            counts[depth as usize] += 1;
+            return;
         }
         let mut stack = vec![(root, depth)];
         while let Some((x, d)) = stack.pop() {
@@ -909,6 +1036,88 @@ impl MultiTree {
             }
             counts[d as usize] += 1;
             self.index(t, x);
+        }
+    }
+
+    /// Where `id` sits in tree `t`'s slot indexes: its depth and whether it is in `free`,
+    /// `with_leaf` and `bottom` (`None`: in none, not interior here or not placed).
+    fn index_key(&self, t: usize, id: PeerId) -> Option<(u32, [bool; 3])> {
+        let n = self.nodes.get(&id)?;
+        (n.interior == Some(t as u32) && n.links[t].depth > 0).then(|| {
+            (
+                n.links[t].depth,
+                [
+                    n.children.len() < n.fanout as usize,
+                    n.leaf_children > 0,
+                    n.leaf_children as usize == n.children.len(),
+                ],
+            )
+        })
+    }
+
+    /// After `id`'s children changed (not its depth), updates only the index entries that
+    /// changed since `before` ([`MultiTree::index_key`]): the same result as `unindex` then
+    /// `index`, without touching the sets whose membership stayed the same.
+    fn reindex(&mut self, t: usize, id: PeerId, before: Option<(u32, [bool; 3])>) {
+        let after = self.index_key(t, id);
+        let (Some((d0, b)), Some((d1, a))) = (before, after) else {
+            if before.is_some() || after.is_some() {
+                self.remove_keys(t, id, before);
+                self.insert_keys(t, id, after);
+            }
+            return;
+        };
+        if d0 != d1 {
+            self.remove_keys(t, id, before);
+            self.insert_keys(t, id, after);
+            return;
+        }
+        let tree = &mut self.trees[t];
+        let key = (d0, id);
+        if a[0] != b[0] {
+            if a[0] {
+                tree.free.insert(key);
+            } else {
+                tree.free.remove(&key);
+            }
+        }
+        if a[1] != b[1] {
+            if a[1] {
+                tree.with_leaf.insert(key);
+            } else {
+                tree.with_leaf.remove(&key);
+            }
+        }
+        if a[2] != b[2] {
+            if a[2] {
+                tree.bottom.insert((Reverse(d0), id));
+            } else {
+                tree.bottom.remove(&(Reverse(d0), id));
+            }
+        }
+    }
+
+    fn remove_keys(&mut self, t: usize, id: PeerId, key: Option<(u32, [bool; 3])>) {
+        if let Some((d, _)) = key {
+            let tree = &mut self.trees[t];
+            tree.free.remove(&(d, id));
+            tree.with_leaf.remove(&(d, id));
+            tree.bottom.remove(&(Reverse(d), id));
+        }
+    }
+
+    fn insert_keys(&mut self, t: usize, id: PeerId, key: Option<(u32, [bool; 3])>) {
+        if let Some((d, [free, leafy, bottom])) = key {
+            let tree = &mut self.trees[t];
+            if free {
+                tree.free.insert((d, id));
+            }
+            if leafy {
+                tree.with_leaf.insert((d, id));
+            }
+            if bottom {
+                tree.bottom.insert((Reverse(d), id));
+            }
         }
     }
 
@@ -1232,6 +1441,60 @@ mod tests {
         assert_eq!(m.origin_children(5), Vec::<PeerId>::new());
         assert_eq!(m.depth(PeerId(1), 1), None);
         assert_eq!(m.origin_overflow(), 2);
+    }
+
+    #[test]
+    fn bulk_build_matches_the_invariants_and_supports_churn() {
+        let capacities = [0, 100, 250, 500, 999, 1000, 2000, 5000, 100_000];
+        for seed in 1..=4u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let k = 1 + rng.below(8) as u32;
+            let c = cfg(k, rng.below(3) as u32, 1 + rng.below(16) as u32);
+            let peers: Vec<(PeerId, u32)> = (0..400u64)
+                .map(|i| (PeerId(i), capacities[rng.below(9) as usize]))
+                .collect();
+            let mut m = MultiTree::build(c, &peers);
+            m.check_invariants().unwrap();
+            assert_eq!(m.len(), 400);
+            assert_everyone_fed(&m);
+            // Forwarders above leaves: a tree's origin feeds one root, plus leaves only when the
+            // tree's forwarders are all full.
+            for t in 0..k {
+                let roots = m.origin_children(t);
+                let interior = roots.iter().filter(|p| m.interior_tree(**p) == Some(t));
+                assert!(interior.count() <= 1, "seed {seed} tree {t}");
+            }
+            // The incremental operations work on a built tree.
+            for i in 0..200u64 {
+                if rng.below(2) == 0 {
+                    m.join(PeerId(1000 + i), capacities[rng.below(9) as usize]);
+                } else {
+                    m.leave(PeerId(rng.below(400)));
+                }
+                m.check_invariants().unwrap();
+            }
+            assert_everyone_fed(&m);
+        }
+    }
+
+    #[test]
+    fn per_tree_origin_slots_decide_who_is_underfed() {
+        let mut m = MultiTree::new(cfg(2, 0, 4));
+        for i in 0..4 {
+            m.join(PeerId(i), 0);
+        }
+        m.set_origin_fanouts(&[4, 1]);
+        assert_eq!(m.config().origin_fanout, 1);
+        assert_eq!(m.origin_slots(0), 4);
+        assert_eq!(m.origin_overflow(), 3);
+        let under = m.underfed();
+        assert_eq!(under.len(), 3);
+        assert!(under.values().all(|missing| *missing == 1));
+        let e = m.origin_epoch(0);
+        m.join(PeerId(9), 0);
+        assert_ne!(m.origin_epoch(0), e, "a new origin child changes the epoch");
+        m.set_origin_fanout(2);
+        assert_eq!(m.origin_slots(0), 2);
     }
 
     /// `cargo test -p control-server --release -- --ignored --nocapture scale`

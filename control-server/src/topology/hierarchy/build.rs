@@ -6,8 +6,9 @@
 //!    stream rate, enough for `feeders_per_cluster` per bottom cluster, are middle nodes; all
 //!    others are bottom nodes.
 //! 2. **Bottom clusters** of about `(cluster_min + cluster_max) / 2` members, dealt in snake
-//!    order by upload (1, 2, …, n, n, …, 2, 1, …) so every cluster gets the same mix; each is
-//!    built strongest first, which balances forwarding capacity between its trees.
+//!    order by upload (1, 2, …, n, n, …, 2, 1, …) so every cluster gets the same mix; each
+//!    cluster's trees are laid out in one pass ([`MultiTree::build`]: forwarders balanced over
+//!    the trees, breadth first, leaves below).
 //! 3. **Root feeds, matched across regions.** Each bottom cluster needs as many root feeds as its
 //!    trees have roots ([`Cluster::root_feeds_needed`]); each middle node offers what its middle
 //!    tree leaves it. Clusters take feeds from their own region's middle tier first, largest
@@ -18,8 +19,12 @@
 //!    other feeder link). Finally every cluster gets at least `feeders_per_cluster` distinct
 //!    feeders where any are left, so one feeder's departure is not an outage.
 //!
-//! Cost: one `MultiTree` join per placement (O(k log n)) and O((clusters + middle nodes) · log)
-//! for the matching: no re-planning of roots while peers arrive.
+//! Cost: O(n log n + n·k) for the layout and O(clusters · (regions + middle nodes)) for the
+//! matching; nothing is re-planned while peers arrive (100k peers: about 0.4 s in release on
+//! the 2-core dev machine, see `docs/benchmarks.md`).
+//!
+//! [`Cluster::root_feeds_needed`]: crate::topology::cluster::Cluster::root_feeds_needed
+//! [`MultiTree::build`]: crate::topology::MultiTree::build
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -105,9 +110,10 @@ impl Hierarchy {
         };
         for &(u, p) in &middle {
             self.insert_peer(p, region, u, Tier::Middle);
-            if let Some(c) = self.clusters.get_mut(&mid) {
-                c.join(p, u);
-            }
+        }
+        let members: Vec<(PeerId, u32)> = middle.iter().map(|(u, p)| (*p, *u)).collect();
+        if let Some(c) = self.clusters.get_mut(&mid) {
+            c.fill(&members);
         }
         if let Some(rs) = self.regions.get_mut(&region) {
             rs.idle_middle.extend(middle.iter().map(|m| m.1));
@@ -116,15 +122,19 @@ impl Hierarchy {
 
         let n = bottom.len().div_ceil(target);
         let ids: Vec<ClusterId> = (0..n).map(|_| self.empty_bottom_cluster(region)).collect();
+        let mut members: Vec<Vec<(PeerId, u32)>> = vec![Vec::new(); n];
         for (i, (u, p)) in bottom.into_iter().enumerate() {
             let (round, pos) = (i / n, i % n);
-            let cid = ids[if round % 2 == 0 { pos } else { n - 1 - pos }];
+            let j = if round % 2 == 0 { pos } else { n - 1 - pos };
             self.insert_peer(p, region, u, Tier::Bottom);
             if let Some(info) = self.peers.get_mut(&p) {
-                info.cluster = Some(cid);
+                info.cluster = Some(ids[j]);
             }
-            if let Some(c) = self.clusters.get_mut(&cid) {
-                c.join(p, u);
+            members[j].push((p, u));
+        }
+        for (cid, m) in ids.iter().zip(&members) {
+            if let Some(c) = self.clusters.get_mut(cid) {
+                c.fill(m);
             }
         }
     }

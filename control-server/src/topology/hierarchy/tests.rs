@@ -274,3 +274,152 @@ fn live_is_favoured_over_a_file_when_capacity_is_short() {
     assert_eq!(split_capacity(10_000, 1000, 2000), (1000, 2000));
     assert_eq!(split_capacity(0, 1000, 2000), (0, 0));
 }
+
+/// Plans of every peer, links sorted so that only real changes show.
+fn all_plans(h: &Hierarchy) -> BTreeMap<PeerId, String> {
+    h.peers
+        .keys()
+        .map(|p| {
+            let plan = h.plan(*p).unwrap();
+            let mut recv: Vec<String> = plan.receive.iter().map(|l| format!("{l:?}")).collect();
+            let mut send: Vec<String> = plan.send.iter().map(|l| format!("{l:?}")).collect();
+            recv.sort();
+            send.sort();
+            (
+                *p,
+                format!("{:?} {:?} {recv:?} {send:?}", plan.tier, plan.cluster),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_peer_whose_plan_changes_is_told() {
+    for seed in 1..=3u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let peers: Vec<(PeerId, Region, u32, History)> = (0..120u64)
+            .map(|i| {
+                let up = uploads()[rng.below(7) as usize];
+                (
+                    PeerId(i),
+                    region(rng.below(3) as u8),
+                    up,
+                    History::default(),
+                )
+            })
+            .collect();
+        let mut h = Hierarchy::build(small_cfg(), &peers);
+        h.check_invariants().unwrap();
+        let mut present: Vec<PeerId> = peers.iter().map(|p| p.0).collect();
+        for step in 0..300u64 {
+            let before = all_plans(&h);
+            let ch = if rng.below(2) == 0 {
+                let id = PeerId(1000 + step);
+                present.push(id);
+                let up = uploads()[rng.below(7) as usize];
+                h.join(id, region(rng.below(3) as u8), up, History::default())
+            } else {
+                let id = present.swap_remove(rng.below(present.len() as u64) as usize);
+                h.leave(id)
+            };
+            h.check_invariants()
+                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+            for (p, now) in all_plans(&h) {
+                if before.get(&p) != Some(&now) {
+                    assert!(
+                        ch.affected.contains(&p),
+                        "seed {seed} step {step}: {p} changed silently: {:?} -> {now}",
+                        before.get(&p)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_region_short_of_upload_borrows_from_a_neighbour_middle_tier() {
+    // Region 0 can barely upload; region 1 has strong peers to spare.
+    let mut peers: Vec<(PeerId, Region, u32, History)> = (0..60u64)
+        .map(|i| {
+            (
+                PeerId(i),
+                region(0),
+                [0, 300, 600][(i % 3) as usize],
+                History::default(),
+            )
+        })
+        .collect();
+    peers.extend((100..140u64).map(|i| {
+        let up = if i < 110 { 40_000 } else { 1500 };
+        (PeerId(i), region(1), up, History::default())
+    }));
+    let h = Hierarchy::build(small_cfg(), &peers);
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    let rep = h.report();
+    assert_eq!(rep.full_rate, rep.peers, "{rep:?}");
+    // Region 0's bottom clusters are fed (also) by region 1's middle nodes.
+    let lent: Vec<PeerId> = h.regions[&region(0)]
+        .feeders
+        .values()
+        .flatten()
+        .copied()
+        .filter(|p| h.peers[p].region == region(1))
+        .collect();
+    assert!(!lent.is_empty(), "no cross-region feeder");
+    for p in &lent {
+        let plan = h.plan(*p).unwrap();
+        assert_eq!(plan.tier, Tier::Middle);
+        assert!(plan
+            .send
+            .iter()
+            .any(|l| matches!(l.peer, MeshNodeOrPeer::Peer(q) if h.peers[&q].region == region(0))));
+    }
+    // A lender leaving is repaired like any feeder; the region emptying frees the lenders.
+    let mut h2 = h.clone();
+    h2.leave(lent[0]);
+    h2.check_invariants().unwrap();
+    assert_all_fed(&h2);
+    let mut h3 = h;
+    for i in 0..60u64 {
+        h3.leave(PeerId(i));
+        h3.check_invariants().unwrap();
+    }
+    assert!(!h3.regions.contains_key(&region(0)));
+    for p in &lent[1..] {
+        assert!(h3.peers[p]
+            .feeds
+            .iter()
+            .all(|f| h3.clusters.contains_key(&f.0)));
+    }
+}
+
+#[test]
+fn bulk_build_splits_strong_nodes_over_clusters_and_uses_every_feed() {
+    // One very strong peer and many weak ones: its feeds are split over all bottom clusters.
+    let mut peers: Vec<(PeerId, Region, u32, History)> = (0..80u64)
+        .map(|i| {
+            (
+                PeerId(i),
+                region(3),
+                [0, 500][(i % 2) as usize],
+                History::default(),
+            )
+        })
+        .collect();
+    peers.push((PeerId(900), region(3), 200_000, History::default()));
+    peers.push((PeerId(901), region(3), 200_000, History::default()));
+    peers.push((PeerId(902), region(3), 200_000, History::default()));
+    let h = Hierarchy::build(small_cfg(), &peers);
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    let rep = h.report();
+    assert_eq!(rep.full_rate, rep.peers, "{rep:?}");
+    let strong = h
+        .peers
+        .values()
+        .filter(|i| i.tier == Tier::Middle && i.feeds.len() > 1)
+        .count();
+    assert!(strong >= 1, "a strong middle node feeds several clusters");
+}
