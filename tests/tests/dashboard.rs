@@ -68,7 +68,7 @@ async fn dashboard_shows_the_running_swarm() -> Result<()> {
         .await?;
     page.call(
         "Emulation.setDeviceMetricsOverride",
-        json!({ "width": 1360, "height": 1280, "deviceScaleFactor": 1, "mobile": false }),
+        json!({ "width": 1360, "height": 1360, "deviceScaleFactor": 1, "mobile": false }),
     )
     .await?;
     page.eval("dispatchEvent(new Event('resize')); true")

@@ -50,6 +50,8 @@ export interface StallDetail {
   stalls: number;
   current_time: number;
   buffer_s: number;
+  /** What the peer logged about it (playhead and buffered ranges), when available. */
+  message?: string;
 }
 
 export interface StatsDetail {

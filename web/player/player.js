@@ -93,6 +93,7 @@ export class Player extends EventTarget {
     this.destroyed = false;
     this._ready = false;
     this._stalls = 0;
+    this._stallMessage = undefined;
     this._errors = [];
     this._lastBytes = null;
     this._lastStatsAt = 0;
@@ -171,11 +172,16 @@ export class Player extends EventTarget {
       this._ready = true;
       this._emit('ready', { peer_id: s.peer_id, channel: String(this.options.channel), server: this.options.server });
     }
+    this._newErrors(s.errors || []);
     if (s.stalls > this._stalls) {
       this._stalls = s.stalls;
-      this._emit('stall', { stalls: s.stalls, current_time: s.current_time, buffer_s: s.buffer_s });
+      this._emit('stall', {
+        stalls: s.stalls,
+        current_time: s.current_time,
+        buffer_s: s.buffer_s,
+        message: this._stallMessage,
+      });
     }
-    this._newErrors(s.errors || []);
     const now = performance.now();
     if (now - this._lastStatsAt >= this.options.stats_interval_ms) {
       const bytes = s.bytes_from_peers + s.bytes_from_origin;
@@ -215,7 +221,12 @@ export class Player extends EventTarget {
       fresh = errs.slice(at + 1);
     } else fresh = [];
     this._errors = errs.slice();
-    for (const message of fresh) this._emit('error', { code: errorCode(message), message });
+    for (const message of fresh) {
+      // The peer logs each stall with the playhead and buffered ranges: that is a `stall`
+      // event's detail, not an error.
+      if (message.startsWith('stall at')) this._stallMessage = message;
+      else this._emit('error', { code: errorCode(message), message });
+    }
   }
 
   _fail(code, message) {

@@ -152,7 +152,9 @@ impl Media {
         let autoplay = !opted_out("data-p2p-autoplay");
         // Autoplay with sound is refused by browsers without a user gesture: muted by default.
         video.set_muted(!opted_out("data-p2p-muted"));
-        video.set_autoplay(autoplay);
+        // Never the element's own autoplay: it would start playback on the first appended
+        // frames, before the start-up cushion is buffered. We call play() ourselves.
+        video.set_autoplay(false);
         if managed {
             // WebKit opens a ManagedMediaSource only with remote playback (AirPlay) disabled.
             js_sys::Reflect::set(
