@@ -94,6 +94,7 @@ struct Counters {
     failed: AtomicUsize,
     sent: AtomicU64,
     bytes: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 /// One simulated peer: joins, tracks its plan and the live edge, reports healthy links.
@@ -107,7 +108,14 @@ async fn sim_peer(
 ) -> Result<()> {
     // Bounded concurrent handshakes, released once welcomed.
     let mut permit = Some(connecting.acquire_owned().await?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await?;
+    // A small read buffer: tungstenite zeroes its whole read chunk on every read, and with the
+    // default 128 KiB that memset dominated the simulated peers' CPU.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
+            .await?;
     let join = ClientMsg::Join {
         version: protocol::PROTOCOL_VERSION,
         channel: "demo".into(),
@@ -121,6 +129,7 @@ async fn sim_peer(
     let mut edge = 0u64;
     let mut seq = 0u64;
     let mut counted = false;
+    let mut last_sent: Option<Instant> = None;
     let start = tokio::time::Instant::now() + Duration::from_millis(phase_ms);
     let mut tick = tokio::time::interval_at(start, Duration::from_millis(u64::from(hb_ms)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,6 +151,9 @@ async fn sim_peer(
                         }
                         Ok(ServerMsg::Instructions { substreams, .. }) => plan = substreams,
                         Ok(ServerMsg::LiveEdge { seq }) => edge = seq,
+                        Ok(ServerMsg::Error { code: protocol::ErrorCode::RateLimited, .. }) => {
+                            c.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(ServerMsg::Error { message, .. }) => bail!("server error: {message}"),
                         _ => {}
                     }
@@ -149,6 +161,12 @@ async fn sim_peer(
             }
             _ = tick.tick() => {
                 let Some(id) = me else { continue };
+                // The server refuses heartbeats closer than half an interval; a late tick
+                // must not be followed by a catch-up burst.
+                if last_sent.is_some_and(|t: Instant| t.elapsed() < Duration::from_millis(u64::from(hb_ms) * 6 / 10)) {
+                    continue;
+                }
+                last_sent = Some(Instant::now());
                 seq += 1;
                 let hb = healthy_heartbeat(id, seq, k, &plan, edge);
                 let frame = protocol::heartbeat::binary::encode(&hb);
@@ -327,6 +345,7 @@ pub fn bench(args: Args) -> Result<()> {
             "peers": args.peers,
             "connected": connected,
             "failed": c.failed.load(Ordering::Relaxed),
+            "rate_limited": c.rate_limited.load(Ordering::Relaxed),
             "seconds": args.seconds,
             "heartbeat_ms": args.heartbeat_ms,
             "heartbeats_sent": sent,

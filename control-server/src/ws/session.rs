@@ -50,6 +50,7 @@ struct Session {
     tokens: f64,
     last_refill: Instant,
     last_heartbeat: Option<(u64, Instant)>,
+    hb_tokens: f64,
 }
 
 async fn run_session(socket: WebSocket, state: AppState) {
@@ -94,6 +95,7 @@ async fn run_session(socket: WebSocket, state: AppState) {
         tokens: limits.msgs_per_sec * 2.0,
         last_refill: Instant::now(),
         last_heartbeat: None,
+        hb_tokens: 3.0,
     };
 
     while let Some(msg) = stream.next().await {
@@ -262,8 +264,7 @@ impl Session {
                 .await;
         }
         let now = Instant::now();
-        let min_gap = Duration::from_millis(u64::from(self.state.config.heartbeat_ms) / 2);
-        if let Some((last_seq, last_at)) = self.last_heartbeat {
+        if let Some((last_seq, _)) = self.last_heartbeat {
             if hb.seq <= last_seq {
                 return self
                     .error(
@@ -272,12 +273,20 @@ impl Session {
                     )
                     .await;
             }
-            if now.duration_since(last_at) < min_gap {
-                return self
-                    .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
-                    .await;
-            }
         }
+        // At most two heartbeats per interval on average, with a burst of three: network jitter
+        // can bunch two regular heartbeats, and a peer may report early when congested.
+        let interval = f64::from(self.state.config.heartbeat_ms.max(1)) / 1000.0;
+        if let Some((_, last_at)) = self.last_heartbeat {
+            self.hb_tokens =
+                (self.hb_tokens + now.duration_since(last_at).as_secs_f64() * 2.0 / interval).min(3.0);
+        }
+        if self.hb_tokens < 1.0 {
+            return self
+                .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
+                .await;
+        }
+        self.hb_tokens -= 1.0;
         self.last_heartbeat = Some((hb.seq, now));
         let _ = ch
             .dcm
