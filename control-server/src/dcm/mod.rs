@@ -335,7 +335,9 @@ impl Dcm {
 
     /// Every heartbeat interval: peers gone silent are removed, recovered peers regain capacity.
     pub fn on_tick(&mut self, now: u64) {
-        let timeout = self.heartbeat_ms * 3 + 1000;
+        // Three intervals, but never less than a few seconds: with short intervals a busy server
+        // (or a busy peer) must not cut off viewers whose heartbeats are merely late.
+        let timeout = (self.heartbeat_ms * 3).max(3000) + 1000;
         let mut silent = self.view.silent_since(now, timeout);
         // Peers that never sent a heartbeat at all are judged from their join time.
         silent.extend(
