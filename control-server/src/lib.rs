@@ -48,6 +48,8 @@ pub enum ServerError {
     ChannelExists(String),
     #[error("invalid channel name {0:?}: use 1-64 letters, digits, '-' or '_'")]
     BadChannelName(String),
+    #[error("cannot start the channel's DCM: {0}")]
+    Dcm(String),
     #[error("media: {0}")]
     Media(#[from] origin::Fmp4Error),
 }
@@ -141,7 +143,18 @@ impl AppState {
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
         let ch = Arc::new(Channel::new(name.to_string(), stream_kbps, window, tx));
         let dcm = Dcm::new(ch.clone(), &self.config);
-        tokio::spawn(dcm.run(rx));
+        // The DCM runs on its own thread: with tens of thousands of sessions sharing the
+        // runtime's workers, a task would wait behind them and heartbeats would queue up.
+        let thread_name = format!("dcm-{name}");
+        let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(dcm.run(rx)),
+                Err(e) => tracing::error!("cannot start the DCM runtime: {e}"),
+            }
+        });
+        if let Err(e) = spawned {
+            return Err(ServerError::Dcm(e.to_string()));
+        }
         map.insert(name.to_string(), ch.clone());
         drop(map);
         metrics::ensure_sampler(self);
