@@ -146,12 +146,17 @@ impl AppState {
         // The DCM runs on its own thread: with tens of thousands of sessions sharing the
         // runtime's workers, a task would wait behind them and heartbeats would queue up.
         let thread_name = format!("dcm-{name}");
-        let spawned = std::thread::Builder::new().name(thread_name).spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(dcm.run(rx)),
-                Err(e) => tracing::error!("cannot start the DCM runtime: {e}"),
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(dcm.run(rx)),
+                    Err(e) => tracing::error!("cannot start the DCM runtime: {e}"),
+                }
+            });
         if let Err(e) = spawned {
             return Err(ServerError::Dcm(e.to_string()));
         }

@@ -134,7 +134,9 @@ async fn heartbeats_with_absurd_timestamps_or_in_binary_garbage_are_refused() {
     };
     futures_util::SinkExt::send(
         &mut ws,
-        tokio_tungstenite::tungstenite::Message::Binary(protocol::heartbeat::binary::encode(&hb).into()),
+        tokio_tungstenite::tungstenite::Message::Binary(
+            protocol::heartbeat::binary::encode(&hb).into(),
+        ),
     )
     .await
     .expect("send");

@@ -186,7 +186,9 @@ mod tests {
                     parent: if i == 0 {
                         Source::Origin
                     } else {
-                        Source::Peer { id: PeerId(100 + u64::from(i)) }
+                        Source::Peer {
+                            id: PeerId(100 + u64::from(i)),
+                        }
                     },
                     last_seq: Some(50_000 + u64::from(i)),
                     last_ts_ms: Some(1_764_000_000_000 - 120),
@@ -216,7 +218,12 @@ mod tests {
         let bin = binary::encode(&hb);
         assert_eq!(binary::decode(&bin).unwrap(), hb);
         let json = serde_json::to_vec(&crate::ClientMsg::Heartbeat(hb)).unwrap();
-        assert!(bin.len() * 4 < json.len(), "binary {} vs json {}", bin.len(), json.len());
+        assert!(
+            bin.len() * 4 < json.len(),
+            "binary {} vs json {}",
+            bin.len(),
+            json.len()
+        );
         assert!(bin.len() < 200, "binary heartbeat is {} bytes", bin.len());
     }
 

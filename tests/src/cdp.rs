@@ -728,8 +728,11 @@ impl Browser {
             page.call("Page.setLifecycleEventsEnabled", json!({ "enabled": true }))
                 .await?;
             // Every page behaves as the focused, visible one (timers, video), like a viewer's tab.
-            page.call("Emulation.setFocusEmulationEnabled", json!({ "enabled": true }))
-                .await?;
+            page.call(
+                "Emulation.setFocusEmulationEnabled",
+                json!({ "enabled": true }),
+            )
+            .await?;
             page.navigate(url).await?;
             anyhow::Ok(page)
         }

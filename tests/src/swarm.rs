@@ -383,15 +383,23 @@ impl SwarmReport {
             detection_ms: Vec::new(),
             repairs_kept: 0,
             heartbeat_bytes_avg: {
-                let (b, n) = reports
-                    .iter()
-                    .fold((0u64, 0u64), |(b, n), r| (b + r.heartbeat_bytes, n + r.heartbeats_sent));
-                if n > 0 { b as f64 / n as f64 } else { 0.0 }
+                let (b, n) = reports.iter().fold((0u64, 0u64), |(b, n), r| {
+                    (b + r.heartbeat_bytes, n + r.heartbeats_sent)
+                });
+                if n > 0 {
+                    b as f64 / n as f64
+                } else {
+                    0.0
+                }
             },
             heartbeat_ms: swarm.state.config.heartbeat_ms,
             viewer_sessions: n,
             departures: swarm.viewers.iter().filter(|v| v.page.is_none()).count(),
-            peak_pss_mb_per_viewer: if n > 0 { swarm.peak_pss_mb / n as f64 } else { 0.0 },
+            peak_pss_mb_per_viewer: if n > 0 {
+                swarm.peak_pss_mb / n as f64
+            } else {
+                0.0
+            },
         }
     }
 
@@ -466,9 +474,18 @@ impl SwarmReport {
                 self.congestion_detected, self.congestion_injected, self.congestion_links_reported
             ),
         );
-        row("detection ms per throttle", format!("{:?}", self.detection_ms));
-        row("heartbeat bytes avg", format!("{:.0}", self.heartbeat_bytes_avg));
-        row("sessions (departures)", format!("{} ({})", self.viewer_sessions, self.departures));
+        row(
+            "detection ms per throttle",
+            format!("{:?}", self.detection_ms),
+        );
+        row(
+            "heartbeat bytes avg",
+            format!("{:.0}", self.heartbeat_bytes_avg),
+        );
+        row(
+            "sessions (departures)",
+            format!("{} ({})", self.viewer_sessions, self.departures),
+        );
         row(
             "peak RSS MB per viewer",
             format!("{:.0}", self.peak_rss_mb_per_viewer),
@@ -491,7 +508,11 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
     }
 }
 
@@ -511,7 +532,11 @@ fn wall_ms() -> f64 {
 }
 
 /// The children of `parent`, per substream, from the DCM's topology.
-fn children_of(topo: &TopologySnapshot, parent: protocol::PeerId, at_ms: f64) -> Vec<PendingRepair> {
+fn children_of(
+    topo: &TopologySnapshot,
+    parent: protocol::PeerId,
+    at_ms: f64,
+) -> Vec<PendingRepair> {
     topo.peers
         .iter()
         .filter(|p| p.id == parent)
@@ -563,7 +588,9 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     let total_leaves =
         (args.churn / 100.0 * args.viewers as f64 * args.seconds as f64 / 60.0).round() as usize;
     let mut leave_at: Vec<f64> = (0..total_leaves)
-        .map(|_| 5.0 + rng.below(((args.seconds as f64 - 10.0).max(1.0) * 1000.0) as u64) as f64 / 1000.0)
+        .map(|_| {
+            5.0 + rng.below(((args.seconds as f64 - 10.0).max(1.0) * 1000.0) as u64) as f64 / 1000.0
+        })
         .collect();
     leave_at.sort_by(f64::total_cmp);
     let throttle_at = args.seconds as f64 / 3.0;
@@ -629,7 +656,8 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 let now = wall_ms();
                 pending.extend(children_of(&topo, id, now));
                 if let Some(page) = &swarm.viewers[i].page {
-                    page.eval(&format!("window.p2p.setUploadKbps({cut})")).await?;
+                    page.eval(&format!("window.p2p.setUploadKbps({cut})"))
+                        .await?;
                 }
                 throttled_peers.push((id, now));
                 eprintln!("  throttled viewer {i} ({id}, {kids} children) to {cut} kbit/s");
@@ -649,7 +677,9 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                     return true;
                 }
                 match l.first_packet_ms {
-                    Some(first) if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 => {
+                    Some(first)
+                        if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 =>
+                    {
                         repairs.push((first - p.at_ms).max(0.0));
                         false
                     }
@@ -696,16 +726,21 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 .iter()
                 .filter(|c| c.link.parent == *id && c.at_ms as f64 >= *at)
                 .map(|c| c.at_ms as f64 - at)
-                .fold(-1.0, |best: f64, d| if best < 0.0 { d } else { best.min(d) })
+                .fold(
+                    -1.0,
+                    |best: f64, d| if best < 0.0 { d } else { best.min(d) },
+                )
         })
         .collect();
     report.congestion_injected = throttled_peers.len();
     report.congestion_detected = throttled_peers
         .iter()
         .filter(|(id, at)| {
-            topo.congestion
-                .iter()
-                .any(|c| c.link.parent == *id && c.at_ms as f64 >= *at && (c.at_ms as f64) <= at + 2.0 * hb_ms)
+            topo.congestion.iter().any(|c| {
+                c.link.parent == *id
+                    && c.at_ms as f64 >= *at
+                    && (c.at_ms as f64) <= at + 2.0 * hb_ms
+            })
         })
         .count();
     println!("\n{}", report.table());

@@ -85,7 +85,11 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
         report.stalls == 0,
         "stalls: {} ({:?})",
         report.stalls,
-        reports.iter().filter(|r| r.stalls > 0).map(|r| &r.errors).collect::<Vec<_>>()
+        reports
+            .iter()
+            .filter(|r| r.stalls > 0)
+            .map(|r| &r.errors)
+            .collect::<Vec<_>>()
     );
 
     // Close a viewer that relays to others; its children keep receiving without a stall.

@@ -126,9 +126,12 @@ async fn sim_peer(
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
-            .await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{addr}/ws"),
+        Some(config),
+        false,
+    )
+    .await?;
     let join = ClientMsg::Join {
         version: protocol::PROTOCOL_VERSION,
         channel: "demo".into(),

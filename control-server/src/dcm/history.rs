@@ -48,7 +48,9 @@ impl History {
     }
 
     pub fn age_ms(&self, peer: PeerId, now: u64) -> Option<u64> {
-        self.peers.get(&peer).map(|r| now.saturating_sub(r.joined_ms))
+        self.peers
+            .get(&peer)
+            .map(|r| now.saturating_sub(r.joined_ms))
     }
 
     pub fn congestion_events(&self, peer: PeerId) -> u32 {
@@ -56,9 +58,10 @@ impl History {
     }
 
     pub fn effective_kbps(&self, peer: PeerId) -> Option<u32> {
-        self.peers
-            .get(&peer)
-            .map(|r| r.cap_kbps.map_or(r.declared_kbps, |c| c.min(r.declared_kbps)))
+        self.peers.get(&peer).map(|r| {
+            r.cap_kbps
+                .map_or(r.declared_kbps, |c| c.min(r.declared_kbps))
+        })
     }
 
     /// Records a congestion event on one of `peer`'s uplinks; returns the new capacity to place
@@ -67,7 +70,9 @@ impl History {
         let r = self.peers.get_mut(&peer)?;
         r.congestion_events += 1;
         r.last_congestion_ms = Some(now);
-        if r.last_cap_ms.is_some_and(|t| now.saturating_sub(t) < HOLD_MS) {
+        if r.last_cap_ms
+            .is_some_and(|t| now.saturating_sub(t) < HOLD_MS)
+        {
             return None;
         }
         let current = r.cap_kbps.unwrap_or(r.declared_kbps);

@@ -250,7 +250,10 @@ impl Dcm {
     }
 
     fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
-        self.channel.counters.repairs.fetch_add(1, Ordering::Relaxed);
+        self.channel
+            .counters
+            .repairs
+            .fetch_add(1, Ordering::Relaxed);
         self.repair_log.push_back(RepairRecord {
             at_ms: now,
             reason: reason.to_string(),
@@ -266,21 +269,20 @@ impl Dcm {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        self.channel.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.channel
+            .counters
+            .heartbeats
+            .fetch_add(1, Ordering::Relaxed);
         self.view.ingest(hb, now);
         let link_since = &self.link_since;
-        let found = self.detector.on_heartbeat(
-            &self.view,
-            &self.production,
-            self.k,
-            peer,
-            |p, c, s| {
-                link_since
-                    .get(&c)
-                    .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
-                    .map(|l| l.2)
-            },
-        );
+        let found =
+            self.detector
+                .on_heartbeat(&self.view, &self.production, self.k, peer, |p, c, s| {
+                    link_since
+                        .get(&c)
+                        .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
+                        .map(|l| l.2)
+                });
         for link in found {
             self.on_congestion(link, now);
         }
@@ -295,7 +297,8 @@ impl Dcm {
             .counters
             .congestion_events
             .fetch_add(1, Ordering::Relaxed);
-        self.congestion_log.push_back(CongestionRecord { at_ms: now, link });
+        self.congestion_log
+            .push_back(CongestionRecord { at_ms: now, link });
         while self.congestion_log.len() > LOG_KEEP {
             self.congestion_log.pop_front();
         }
@@ -344,14 +347,16 @@ impl Dcm {
             self.peers
                 .keys()
                 .filter(|p| self.view.get(**p).is_none())
-                .filter(|p| self.history.age_ms(**p, now).is_some_and(|a| a > timeout + 2000))
+                .filter(|p| {
+                    self.history
+                        .age_ms(**p, now)
+                        .is_some_and(|a| a > timeout + 2000)
+                })
                 .copied(),
         );
         for peer in silent {
             if let Some(e) = self.peers.get(&peer) {
-                let _ = e
-                    .out
-                    .try_send(Outbound::Close("heartbeats stopped".into()));
+                let _ = e.out.try_send(Outbound::Close("heartbeats stopped".into()));
             }
             self.remove_peer(peer, "silent", now);
         }
@@ -476,7 +481,10 @@ impl Dcm {
                 PeerView {
                     id: *id,
                     upload_kbps: e.upload_kbps,
-                    effective_upload_kbps: self.history.effective_kbps(*id).unwrap_or(e.upload_kbps),
+                    effective_upload_kbps: self
+                        .history
+                        .effective_kbps(*id)
+                        .unwrap_or(e.upload_kbps),
                     interior_tree: self.tree.interior_tree(*id),
                     plan: self.tree.plan(*id).unwrap_or_default(),
                     last_heartbeat: state.map(|s| s.heartbeat.clone()),
@@ -490,7 +498,12 @@ impl Dcm {
         TopologySnapshot {
             channel: self.channel.name.clone(),
             substreams: self.k,
-            stream_kbps: self.channel.media.read().map(|m| m.stream_kbps).unwrap_or(0),
+            stream_kbps: self
+                .channel
+                .media
+                .read()
+                .map(|m| m.stream_kbps)
+                .unwrap_or(0),
             epoch: self.epoch,
             max_depth: self.tree.max_depth(),
             peers,

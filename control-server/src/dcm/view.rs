@@ -219,7 +219,16 @@ impl CongestionDetector {
                 .and_then(|x| x.last_seq)
                 .is_some_and(|s| s >= expected);
             let late = pl.last_seq.is_none_or(|s| s < expected);
-            judged.push((parent, peer, pl.substream, late && parent_has, expected, pl.last_seq, false, false));
+            judged.push((
+                parent,
+                peer,
+                pl.substream,
+                late && parent_has,
+                expected,
+                pl.last_seq,
+                false,
+                false,
+            ));
         }
         // As a parent: did it send each child what it had itself received a grace ago?
         // k entries: a scan beats hashing, and nothing is allocated per heartbeat.
@@ -242,9 +251,18 @@ impl CongestionDetector {
             }
             let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
             let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
-            let late = (waited > self.cfg.grace_ms || backlogged)
-                && cl.last_seq.is_none_or(|s| s < got);
-            judged.push((peer, cl.child, cl.substream, late, got, cl.last_seq, true, backlogged));
+            let late =
+                (waited > self.cfg.grace_ms || backlogged) && cl.last_seq.is_none_or(|s| s < got);
+            judged.push((
+                peer,
+                cl.child,
+                cl.substream,
+                late,
+                got,
+                cl.last_seq,
+                true,
+                backlogged,
+            ));
         }
         for (p, c, s, late, expected, have, parent_side, backlogged) in judged {
             let key = (p, c, s);

@@ -176,9 +176,7 @@ impl PacketWindow {
     /// The `n`-th newest random-access point still in the window (0 = newest), or the oldest.
     pub fn random_access_back(&self, n: usize) -> Option<u64> {
         let len = self.random_access.len();
-        self.random_access
-            .get(len.saturating_sub(n + 1))
-            .copied()
+        self.random_access.get(len.saturating_sub(n + 1)).copied()
     }
 
     pub fn random_access_at_or_after(&self, seq: u64) -> Option<u64> {

@@ -217,11 +217,16 @@ impl Session {
     async fn on_binary(&mut self, frame: &[u8]) -> bool {
         if !self.take_token() {
             return self
-                .error(ErrorCode::RateLimited, "too many messages; slow down".into())
+                .error(
+                    ErrorCode::RateLimited,
+                    "too many messages; slow down".into(),
+                )
                 .await;
         }
         let Some((me, ch)) = self.joined.clone() else {
-            return self.error(ErrorCode::NotJoined, "send join first".into()).await;
+            return self
+                .error(ErrorCode::NotJoined, "send join first".into())
+                .await;
         };
         match protocol::heartbeat::binary::decode(frame) {
             Ok(hb) => self.on_heartbeat(me, &ch, hb).await,
@@ -229,12 +234,20 @@ impl Session {
         }
     }
 
-    async fn on_heartbeat(&mut self, me: PeerId, ch: &SharedChannel, hb: protocol::Heartbeat) -> bool {
+    async fn on_heartbeat(
+        &mut self,
+        me: PeerId,
+        ch: &SharedChannel,
+        hb: protocol::Heartbeat,
+    ) -> bool {
         if hb.client_id != me {
             return self
                 .error(
                     ErrorCode::WrongPeer,
-                    format!("heartbeat claims to be {} but this session is {me}", hb.client_id),
+                    format!(
+                        "heartbeat claims to be {} but this session is {me}",
+                        hb.client_id
+                    ),
                 )
                 .await;
         }
@@ -242,7 +255,10 @@ impl Session {
         let k = self.state.config.substreams as usize;
         if hb.parents.len() > k || hb.buffer.len() > k || hb.children.len() > 64 * k {
             return self
-                .error(ErrorCode::Malformed, "heartbeat lists more links than a peer can have".into())
+                .error(
+                    ErrorCode::Malformed,
+                    "heartbeat lists more links than a peer can have".into(),
+                )
                 .await;
         }
         // Timestamps are the peer's clock: skew is tolerated, nonsense is not.
@@ -259,7 +275,10 @@ impl Session {
             return self
                 .error(
                     ErrorCode::Malformed,
-                    format!("heartbeat timestamps are absurd (local_ts_ms {})", hb.local_ts_ms),
+                    format!(
+                        "heartbeat timestamps are absurd (local_ts_ms {})",
+                        hb.local_ts_ms
+                    ),
                 )
                 .await;
         }
@@ -278,8 +297,9 @@ impl Session {
         // can bunch two regular heartbeats, and a peer may report early when congested.
         let interval = f64::from(self.state.config.heartbeat_ms.max(1)) / 1000.0;
         if let Some((_, last_at)) = self.last_heartbeat {
-            self.hb_tokens =
-                (self.hb_tokens + now.duration_since(last_at).as_secs_f64() * 2.0 / interval).min(3.0);
+            self.hb_tokens = (self.hb_tokens
+                + now.duration_since(last_at).as_secs_f64() * 2.0 / interval)
+                .min(3.0);
         }
         if self.hb_tokens < 1.0 {
             return self

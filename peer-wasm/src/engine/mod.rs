@@ -285,13 +285,12 @@ impl Engine {
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
         for (child, sub) in children.difference(&old_children) {
-            if let Some(p) = self
-                .recent
-                .iter()
-                .rev()
-                .find(|p| protocol::packet::peek_seq(p).map(|q| protocol::substream_of(q, self.k)) == Some(*sub))
-            {
-                self.send_queue.push_back((*child, p.clone(), self.now, *sub));
+            if let Some(p) = self.recent.iter().rev().find(|p| {
+                protocol::packet::peek_seq(p).map(|q| protocol::substream_of(q, self.k))
+                    == Some(*sub)
+            }) {
+                self.send_queue
+                    .push_back((*child, p.clone(), self.now, *sub));
             }
         }
         self.child_last.retain(|key, _| children.contains(key));

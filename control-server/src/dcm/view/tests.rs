@@ -33,7 +33,11 @@ fn heartbeat(
     now: u64,
 ) -> Heartbeat {
     let plan = t.plan(peer).expect("peer in tree");
-    let newest = |s: u32| (0..=upto).rev().find(|q| protocol::substream_of(*q, K) == s);
+    let newest = |s: u32| {
+        (0..=upto)
+            .rev()
+            .find(|q| protocol::substream_of(*q, K) == s)
+    };
     let parents = plan
         .iter()
         .map(|sp| {
@@ -126,7 +130,11 @@ fn congestion_is_found_on_the_starved_link_only() {
     }
     assert!(!found.is_empty(), "the starved link was not detected");
     for c in &found {
-        assert_eq!((c.parent, c.child, c.substream), (parent, child, sub), "false positive: {c:?}");
+        assert_eq!(
+            (c.parent, c.child, c.substream),
+            (parent, child, sub),
+            "false positive: {c:?}"
+        );
         assert!(c.behind >= 3, "{c:?}");
     }
 }
@@ -143,7 +151,9 @@ fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
         view.ingest(heartbeat(&t, p, 1, upto, None, now), now);
     }
     for p in t.peers() {
-        assert!(det.on_heartbeat(&view, &log, K, p, |_, _, _| Some(0)).is_empty());
+        assert!(det
+            .on_heartbeat(&view, &log, K, p, |_, _, _| Some(0))
+            .is_empty());
     }
     // A link created a moment ago is not judged even if nothing arrived on it yet.
     let (parent, child, sub) = t
@@ -156,7 +166,10 @@ fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
             })
         })
         .expect("a relaying peer");
-    view.ingest(heartbeat(&t, child, 2, upto, Some((parent, child, sub, 0)), now), now);
+    view.ingest(
+        heartbeat(&t, child, 2, upto, Some((parent, child, sub, 0)), now),
+        now,
+    );
     let young = det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(now - 100));
     assert!(young.is_empty());
 }
@@ -185,7 +198,10 @@ fn silent_peers_and_measured_upload() {
     hb.seq = 2;
     hb.bytes_up = 125_000; // 1 Mbit in 1 s
     view.ingest(hb, 2000);
-    let kbps = view.get(PeerId(1)).and_then(|s| s.measured_upload_kbps).unwrap();
+    let kbps = view
+        .get(PeerId(1))
+        .and_then(|s| s.measured_upload_kbps)
+        .unwrap();
     assert!((kbps - 1000.0).abs() < 1.0, "{kbps}");
     view.ingest(heartbeat(&t, PeerId(2), 1, 10, None, 4000), 4000);
     assert_eq!(view.silent_since(6000, 3000), vec![PeerId(1)]);
@@ -210,14 +226,22 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     let mut view = HeartbeatView::default();
     // The parent received its newest packet only 100 ms ago (within the grace period), but its
     // upload queue has been stuck for 400 ms and it still owes the child that packet.
-    let mut hb = heartbeat(&t, parent, 1, upto, Some((parent, child, sub, upto - 8)), now);
+    let mut hb = heartbeat(
+        &t,
+        parent,
+        1,
+        upto,
+        Some((parent, child, sub, upto - 8)),
+        now,
+    );
     for p in &mut hb.parents {
         p.last_ts_ms = Some(now - 100);
     }
     let mut det = CongestionDetector::new(CongestionConfig::default());
     view.ingest(hb.clone(), now);
     assert!(
-        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0)).is_empty(),
+        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
+            .is_empty(),
         "no backlog, within grace: not congested yet"
     );
     hb.seq = 2;
@@ -225,6 +249,9 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     view.ingest(hb, now);
     let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
     assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!((found[0].parent, found[0].child, found[0].substream), (parent, child, sub));
+    assert_eq!(
+        (found[0].parent, found[0].child, found[0].substream),
+        (parent, child, sub)
+    );
     assert!(found[0].parent_side);
 }
