@@ -79,13 +79,18 @@ pub mod binary {
 
     // Mirror types: postcard cannot carry serde's internally tagged enums, so sources are
     // encoded as `Option<peer id>` (None = origin).
+    /// (substream, parent id or None for the origin, last seq, last timestamp).
+    type WireParent = (u32, Option<u64>, Option<u64>, Option<u64>);
+    /// (substream, child id, last seq, last timestamp).
+    type WireChild = (u32, u64, Option<u64>, Option<u64>);
+
     #[derive(Serialize, Deserialize)]
     struct Wire {
         client_id: u64,
         seq: u64,
         local_ts_ms: u64,
-        parents: Vec<(u32, Option<u64>, Option<u64>, Option<u64>)>,
-        children: Vec<(u32, u64, Option<u64>, Option<u64>)>,
+        parents: Vec<WireParent>,
+        children: Vec<WireChild>,
         buffer: Vec<u32>,
         counters: (u64, u64, u64, u64),
         upload_kbps: u32,

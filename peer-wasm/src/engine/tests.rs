@@ -15,7 +15,11 @@ const K: u32 = 2;
 
 fn packet(seq: u64, created_ms: u64) -> Vec<u8> {
     let payload: Vec<u8> = (0..1000).map(|i| (seq as usize * 7 + i) as u8).collect();
-    let flags = if seq % 8 == 0 { FLAG_RANDOM_ACCESS } else { 0 };
+    let flags = if seq.is_multiple_of(8) {
+        FLAG_RANDOM_ACCESS
+    } else {
+        0
+    };
     encode(
         &PacketHeader {
             seq,
