@@ -22,7 +22,6 @@
 //! same factor. Peers are spread uniformly over the regions.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -44,25 +43,9 @@ pub struct BenchArgs {
 }
 
 const STREAM_KBPS: u32 = 1000;
-/// Set in the re-executed child so it never re-executes again.
-const REEXEC_ENV: &str = "XTASK_BENCH_TOPOLOGY_RELEASE";
-
 /// Runs the benchmark; in a debug build, re-runs itself with `cargo run --release` first.
-pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
-    if cfg!(debug_assertions) {
-        if std::env::var_os(REEXEC_ENV).is_some() {
-            bail!("re-executed bench-topology is still a debug build");
-        }
-        println!("==> bench-topology: debug build, re-executing in release mode");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
-            .args(raw)
-            .env(REEXEC_ENV, "1")
-            .status()
-            .context("re-executing in release mode")?;
-        if !status.success() {
-            bail!("release bench-topology failed: {status}");
-        }
+pub fn run(args: BenchArgs) -> Result<()> {
+    if crate::util::rerun_in_release("bench-topology")? {
         return Ok(());
     }
     if args.nodes == 0 || args.regions == 0 {
@@ -75,7 +58,7 @@ pub fn run(args: BenchArgs, raw: Vec<String>) -> Result<()> {
         args.regions,
         args.k,
         args.seed,
-        if std::env::var_os(REEXEC_ENV).is_some() {
+        if crate::util::was_rerun() {
             ", re-executed"
         } else {
             ""

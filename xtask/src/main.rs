@@ -157,17 +157,14 @@ fn main() -> ExitCode {
             seed,
             k,
             events,
-        } => bench_topology::run(
-            bench_topology::BenchArgs {
-                nodes,
-                regions,
-                json,
-                seed,
-                k,
-                events,
-            },
-            std::env::args().skip(1).collect(),
-        ),
+        } => bench_topology::run(bench_topology::BenchArgs {
+            nodes,
+            regions,
+            json,
+            seed,
+            k,
+            events,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,8 +84,15 @@ pub fn cargo_bin_dir() -> PathBuf {
 
 /// Benchmarks must measure optimized code: in a debug build of xtask this re-runs the same
 /// command line with `cargo run --release` and returns `true` (the caller then returns).
+const RERUN_ENV: &str = "XTASK_RELEASE_REEXEC";
+
+/// Whether this process is the release re-run of a benchmark.
+pub fn was_rerun() -> bool {
+    std::env::var_os(RERUN_ENV).is_some()
+}
+
 pub fn rerun_in_release(name: &str) -> Result<bool> {
-    const ENV: &str = "XTASK_RELEASE_REEXEC";
+    const ENV: &str = RERUN_ENV;
     if !cfg!(debug_assertions) {
         return Ok(false);
     }

@@ -89,6 +89,19 @@ fn heartbeat(
     }
 }
 
+/// Some (parent, child, substream) link between two peers.
+fn relay_link(t: &MultiTree) -> (PeerId, PeerId, u32) {
+    t.peers()
+        .find_map(|p| {
+            t.plan(p).and_then(|plan| {
+                plan.iter()
+                    .find(|sp| !sp.children.is_empty())
+                    .map(|sp| (p, sp.children[0], sp.index))
+            })
+        })
+        .expect("a relaying peer")
+}
+
 fn production(upto: u64, now: u64) -> ProductionLog {
     let mut log = ProductionLog::default();
     for seq in 0..=upto {
@@ -105,16 +118,7 @@ fn congestion_is_found_on_the_starved_link_only() {
     let upto = 400;
     let log = production(upto, now);
     // Pick a peer-to-peer link in some tree.
-    let (parent, child, sub) = t
-        .peers()
-        .find_map(|p| {
-            t.plan(p).and_then(|plan| {
-                plan.iter()
-                    .find(|sp| !sp.children.is_empty())
-                    .map(|sp| (p, sp.children[0], sp.index))
-            })
-        })
-        .expect("a relaying peer");
+    let (parent, child, sub) = relay_link(&t);
     let starved = Some((parent, child, sub, upto - 4 * u64::from(K)));
     let mut view = HeartbeatView::default();
     for p in t.peers() {
@@ -156,16 +160,7 @@ fn healthy_swarm_reports_no_congestion_and_young_links_are_not_judged() {
             .is_empty());
     }
     // A link created a moment ago is not judged even if nothing arrived on it yet.
-    let (parent, child, sub) = t
-        .peers()
-        .find_map(|p| {
-            t.plan(p).and_then(|plan| {
-                plan.iter()
-                    .find(|sp| !sp.children.is_empty())
-                    .map(|sp| (p, sp.children[0], sp.index))
-            })
-        })
-        .expect("a relaying peer");
+    let (parent, child, sub) = relay_link(&t);
     view.ingest(
         heartbeat(&t, child, 2, upto, Some((parent, child, sub, 0)), now),
         now,
@@ -213,16 +208,7 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     let now = 1_000_000;
     let upto = 400;
     let log = production(upto, now);
-    let (parent, child, sub) = t
-        .peers()
-        .find_map(|p| {
-            t.plan(p).and_then(|plan| {
-                plan.iter()
-                    .find(|sp| !sp.children.is_empty())
-                    .map(|sp| (p, sp.children[0], sp.index))
-            })
-        })
-        .expect("a relaying peer");
+    let (parent, child, sub) = relay_link(&t);
     let mut view = HeartbeatView::default();
     // The parent received its newest packet only 100 ms ago (within the grace period), but its
     // upload queue has been stuck for 400 ms and it still owes the child that packet.
