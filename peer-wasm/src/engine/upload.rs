@@ -24,8 +24,16 @@ impl TokenBucket {
         }
     }
 
+    /// Changes the rate; the burst scales with it (a slower uplink also bursts less), and
+    /// tokens saved up at the old rate do not outlive the change.
     pub fn set_rate(&mut self, rate_kbps: u32) {
+        let old = self.rate_bps;
         self.rate_bps = f64::from(rate_kbps) * 1000.0;
+        if old > 0.0 {
+            let min = 8.0 * protocol::packet::MAX_PACKET_SIZE as f64;
+            self.burst_bits = (self.burst_bits * self.rate_bps / old).max(min);
+            self.tokens = self.tokens.min(self.burst_bits);
+        }
     }
 
     pub fn rate_kbps(&self) -> u32 {
@@ -72,6 +80,18 @@ mod tests {
         // 800 kbit/s for 10 s = 1,000,000 bytes, plus at most one burst.
         assert!(sent <= 1_000_000 + 20_000 + 16_384, "sent {sent}");
         assert!(sent >= 950_000, "sent {sent}");
+    }
+
+    #[test]
+    fn a_lower_rate_also_shrinks_the_burst() {
+        let mut b = TokenBucket::new(2000, 1000.0, 0.0);
+        b.set_rate(100);
+        let mut sent = 0;
+        while b.try_take(1000, 0.0) {
+            sent += 1000;
+        }
+        // At most one maximal packet's worth, not the 250 kB saved at 2000 kbit/s.
+        assert!(sent <= protocol::packet::MAX_PACKET_SIZE, "sent {sent}");
     }
 
     #[test]

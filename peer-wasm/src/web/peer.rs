@@ -450,10 +450,10 @@ impl Inner {
         self.feed(Input::Tick);
         let now = now_ms();
         if let Some(w) = &self.welcome {
-            // A stuck upload queue is reported at once (the server accepts a heartbeat every
-            // half interval), so children are moved before their buffers drain.
-            let early = self.engine.wants_early_heartbeat()
-                && now - self.last_heartbeat >= w.heartbeat_ms / 2.0 + 20.0;
+            // A stuck upload queue is reported at once, so children are moved before their
+            // buffers drain.
+            // (The server tolerates a burst of three heartbeats, so this need not wait.)
+            let early = now - self.last_heartbeat >= 150.0 && self.engine.wants_early_heartbeat();
             if early || now - self.last_heartbeat >= w.heartbeat_ms {
                 self.last_heartbeat = now;
                 if let Some(hb) = self.engine.heartbeat() {
