@@ -513,3 +513,6 @@ impl Dcm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
