@@ -242,30 +242,13 @@ mod tests {
 
     use super::*;
 
-    /// Tiny deterministic PRNG (xorshift64*), so the property test needs no extra crates.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn shuffle<T>(&mut self, v: &mut [T]) {
-            for i in (1..v.len()).rev() {
-                v.swap(i, self.below(i as u64 + 1) as usize);
-            }
-        }
-    }
+    use crate::rng::XorShift as Rng;
 
     fn group(rng: &mut Rng, k: u32, max_len: u64) -> Vec<Vec<u8>> {
         (0..k)
             .map(|_| {
                 let len = rng.below(max_len + 1) as usize;
-                (0..len).map(|_| rng.next() as u8).collect()
+                (0..len).map(|_| rng.next_u64() as u8).collect()
             })
             .collect()
     }

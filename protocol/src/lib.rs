@@ -21,6 +21,7 @@ pub mod heartbeat;
 pub mod mesh;
 pub mod packet;
 pub mod report;
+pub mod rng;
 
 pub use control::{
     ClientMsg, ErrorCode, ServerMsg, Signal, Source, SubstreamPlan, PROTOCOL_VERSION,

@@ -494,27 +494,7 @@ impl SwarmReport {
     }
 }
 
-/// Small deterministic PRNG (xorshift64*): churn and throttle choices repeat for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
+use protocol::rng::XorShift as Rng;
 
 /// A child whose substream lost its parent at `at_ms` (departure or throttle).
 #[derive(Debug, Clone)]
@@ -567,7 +547,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     if args.throttle > args.viewers {
         bail!("--throttle cannot exceed --viewers");
     }
-    let mut rng = Rng::new(args.seed);
+    let mut rng = Rng::seeded(args.seed);
     let started = Instant::now();
     let mut swarm = Swarm::start(args.web_dir.clone()).await?;
     let hb_ms = f64::from(swarm.state.config.heartbeat_ms);

@@ -297,16 +297,4 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
     v[i.min(v.len() - 1)] as f64
 }
 
-/// xorshift64*: deterministic, no extra crates.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use protocol::rng::XorShift as Rng;

@@ -1169,16 +1169,7 @@ mod tests {
         parts.concat()
     }
 
-    /// Tiny deterministic PRNG (xorshift64*), so tests need no extra crates.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use protocol::rng::XorShift as Rng;
 
     fn tfdt_values(fragment: &[u8]) -> Vec<u64> {
         let mut out = Vec::new();
@@ -1244,7 +1235,7 @@ mod tests {
             let mut rest = DEMO;
             while !rest.is_empty() {
                 let max = if round % 2 == 0 { 17 } else { 70_000 };
-                let n = (1 + rng.next() as usize % max).min(rest.len());
+                let n = (1 + rng.next_u64() as usize % max).min(rest.len());
                 items.extend(s.push(&rest[..n]).unwrap());
                 rest = &rest[n..];
             }
@@ -1477,11 +1468,11 @@ mod tests {
         for _ in 0..200 {
             let mut data = DEMO[..30_000].to_vec();
             for _ in 0..4 {
-                let i = rng.next() as usize % data.len();
-                data[i] = rng.next() as u8;
+                let i = rng.next_u64() as usize % data.len();
+                data[i] = rng.next_u64() as u8;
             }
             let _ = parse_file(&data);
-            let _ = rewrite_timing(&mut data[793..], rng.next() % 1000, 1);
+            let _ = rewrite_timing(&mut data[793..], rng.next_u64() % 1000, 1);
         }
     }
 }

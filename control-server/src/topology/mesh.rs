@@ -401,18 +401,7 @@ mod tests {
     use super::*;
     use protocol::mesh::{Flood, Flooder};
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use protocol::rng::XorShift as Rng;
 
     fn mesh(c: u32, peers: u64) -> Mesh {
         let mut m = Mesh::new(MeshConfig {
