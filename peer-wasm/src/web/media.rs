@@ -25,11 +25,15 @@ const MAX_LAG_S: f64 = 5.0;
 const TARGET_LAG_S: f64 = 2.0;
 /// Media buffered before playback starts.
 const STARTUP_BUFFER_S: f64 = 1.5;
+/// Media played before a `waiting` counts as a stall rather than a start-up hiccup.
+const STARTUP_GRACE_S: f64 = 1.0;
 
 #[derive(Default)]
 struct PlayState {
     playing_since: Option<f64>,
     first_playing_ms: Option<f64>,
+    /// Media time at which playback first started.
+    first_playing_at: Option<f64>,
     stalls: u32,
     own_seek: bool,
     errors: Vec<String>,
@@ -102,18 +106,25 @@ impl Media {
         let on_update_end = Closure::<dyn FnMut()>::new(move || p());
         let state = Rc::new(RefCell::new(PlayState::default()));
         let s = state.clone();
+        let v = video.clone();
         let on_playing = Closure::<dyn FnMut()>::new(move || {
             let mut s = s.borrow_mut();
             let now = perf_now();
             s.first_playing_ms.get_or_insert(now);
+            s.first_playing_at.get_or_insert(v.current_time());
             s.playing_since = Some(now);
         });
         let s = state.clone();
         let v = video.clone();
         let on_waiting = Closure::<dyn FnMut()>::new(move || {
             let mut s = s.borrow_mut();
-            // A stall is the playhead starving after playback started, not our own live seek.
-            if s.playing_since.is_some() && !s.own_seek {
+            // A stall is the playhead starving after playback started, not our own live seek,
+            // and not the decoder's underflow in the first second of playback (a busy page
+            // starting up), which is part of start-up, like in players' usual metrics.
+            let past_startup = s
+                .first_playing_at
+                .is_some_and(|t0| v.current_time() - t0 >= STARTUP_GRACE_S);
+            if s.playing_since.is_some() && !s.own_seek && past_startup {
                 s.stalls += 1;
                 let ranges = v.buffered();
                 let buffered: Vec<String> = (0..ranges.length())
