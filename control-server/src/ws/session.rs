@@ -111,6 +111,15 @@ async fn run_session(socket: WebSocket, state: AppState) {
             }
         };
         let keep_going = match msg {
+            // Every peer message, text or binary, spends one token of the session's budget.
+            Message::Text(_) | Message::Binary(_) if !session.take_token() => {
+                session
+                    .error(
+                        ErrorCode::RateLimited,
+                        "too many messages; slow down".into(),
+                    )
+                    .await
+            }
             Message::Text(text) => session.on_text(text.as_str()).await,
             Message::Binary(frame) => session.on_binary(&frame).await,
             Message::Close(_) => false,
@@ -159,14 +168,6 @@ impl Session {
     }
 
     async fn on_text(&mut self, text: &str) -> bool {
-        if !self.take_token() {
-            return self
-                .error(
-                    ErrorCode::RateLimited,
-                    "too many messages; slow down".into(),
-                )
-                .await;
-        }
         let msg: ClientMsg = match serde_json::from_str(text) {
             Ok(m) => m,
             Err(e) => {
@@ -215,14 +216,6 @@ impl Session {
 
     /// Binary frames from peers carry compact heartbeats (see `protocol::heartbeat::binary`).
     async fn on_binary(&mut self, frame: &[u8]) -> bool {
-        if !self.take_token() {
-            return self
-                .error(
-                    ErrorCode::RateLimited,
-                    "too many messages; slow down".into(),
-                )
-                .await;
-        }
         let Some((me, ch)) = self.joined.clone() else {
             return self
                 .error(ErrorCode::NotJoined, "send join first".into())
