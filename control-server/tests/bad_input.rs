@@ -51,6 +51,8 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             version: 99,
             channel: "demo".into(),
             upload_kbps: 1,
+            region: None,
+            network: None,
         },
     )
     .await;
@@ -61,6 +63,8 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             version: 1,
             channel: "nope".into(),
             upload_kbps: 1,
+            region: None,
+            network: None,
         },
     )
     .await;
@@ -71,6 +75,8 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             version: 1,
             channel: "demo".into(),
             upload_kbps: u32::MAX,
+            region: None,
+            network: None,
         },
     )
     .await;
@@ -82,6 +88,8 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             version: 1,
             channel: "demo".into(),
             upload_kbps: 1,
+            region: None,
+            network: None,
         },
     )
     .await;

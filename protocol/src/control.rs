@@ -29,6 +29,14 @@ pub enum ClientMsg {
         channel: String,
         /// Upload capacity the peer offers to the swarm, in kbit/s (it caps itself to this).
         upload_kbps: u32,
+        /// Region the page asks to be placed in. Honoured only when the server allows region
+        /// hints (`allow_region_hint`, for tests on loopback); otherwise the address decides.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        /// Declared access network (`dsl`, `cable`, `fiber`, `mobile`, `satellite`, `other`): the
+        /// optional sub-criterion of the server's region rules.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
     },
     /// WebRTC signaling for a peer the server linked us with.
     Signal { to: PeerId, signal: Signal },
@@ -65,7 +73,12 @@ pub enum ServerMsg {
     /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
     Instructions {
         epoch: u64,
+        /// The trees of the peer's own cluster: `k` plain substreams, or `k + n` coded ones when
+        /// `tier.fec` is set.
         substreams: Vec<SubstreamPlan>,
+        /// The peer's place in the channel's hierarchy; `None` on a flat multi-tree channel.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tier: Option<TierPlan>,
     },
     Signal {
         from: PeerId,
@@ -88,6 +101,64 @@ pub struct SubstreamPlan {
     pub index: u32,
     pub parent: Source,
     pub children: Vec<PeerId>,
+}
+
+/// A peer's place in the three-tier hierarchy (patent FIG. 3-7) and its links outside its own
+/// cluster's trees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierPlan {
+    pub tier: TierName,
+    /// Display name of the peer's region.
+    pub region: String,
+    /// Logical id of the DCM managing the peer's cluster (`None`: the top tier's DCM).
+    #[serde(default)]
+    pub cluster: Option<u64>,
+    /// `false` for a recruited relay: it forwards the channel but does not play it.
+    #[serde(default = "yes")]
+    pub plays: bool,
+    /// Set on the middle tier: the peer's trees carry Reed-Solomon shards; tree `i < k` carries
+    /// the packets with `seq mod k = i` (data shards travel as plain packets), tree `k + j`
+    /// carries parity shard `j` of every group as a [`crate::fec`] parity frame.
+    #[serde(default)]
+    pub fec: Option<FecSpec>,
+    /// Top tier: flooding neighbours. Every packet seen for the first time goes to all of them
+    /// except the one it came from; `Source::Origin` means the origin pushes the full stream on
+    /// the control socket.
+    #[serde(default)]
+    pub mesh: Vec<Source>,
+    /// Tree roots of other clusters this peer feeds (preferred nodes feed the middle tier with
+    /// coded shards, middle nodes feed bottom clusters with plain substreams).
+    #[serde(default)]
+    pub feeds: Vec<Feed>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierName {
+    Preferred,
+    Middle,
+    Bottom,
+}
+
+/// Reed-Solomon parameters of a coded tier: `k` data and `n` parity shards per group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FecSpec {
+    pub k: u32,
+    pub n: u32,
+}
+
+/// One root feed: send substream `substream` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feed {
+    pub to: PeerId,
+    pub substream: u32,
+    /// `Some`: the receiving cluster is coded, `substream` is a shard index (`≥ k`: parity).
+    #[serde(default)]
+    pub fec: Option<FecSpec>,
 }
 
 /// Where a peer receives a substream from.
@@ -141,6 +212,8 @@ mod tests {
             version: 1,
             channel: "demo".into(),
             upload_kbps: 2000,
+            region: None,
+            network: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

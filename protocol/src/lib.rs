@@ -24,6 +24,7 @@ pub mod report;
 pub mod rng;
 
 pub use control::{
+    Feed, FecSpec, TierName, TierPlan,
     ClientMsg, ErrorCode, ServerMsg, Signal, Source, SubstreamPlan, PROTOCOL_VERSION,
 };
 pub use heartbeat::{ChildLink, Heartbeat, ParentLink};

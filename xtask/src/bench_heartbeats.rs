@@ -136,6 +136,8 @@ async fn sim_peer(
         version: protocol::PROTOCOL_VERSION,
         channel: "demo".into(),
         upload_kbps: 2000,
+        region: None,
+        network: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

@@ -398,6 +398,7 @@ impl Dcm {
             let msg = ServerMsg::Instructions {
                 epoch: self.epoch,
                 substreams: plan,
+                tier: None,
             };
             self.send(peer, Outbound::msg(msg));
         }

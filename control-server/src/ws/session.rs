@@ -182,6 +182,7 @@ impl Session {
                     version,
                     channel,
                     upload_kbps,
+                    ..
                 },
                 None,
             ) => self.join(version, channel, upload_kbps).await,

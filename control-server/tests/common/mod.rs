@@ -89,6 +89,8 @@ pub async fn join(ws: &mut Ws, upload_kbps: u32) -> protocol::PeerId {
             version: protocol::PROTOCOL_VERSION,
             channel: "demo".into(),
             upload_kbps,
+            region: None,
+            network: None,
         },
     )
     .await;

@@ -205,6 +205,8 @@ impl Inner {
                     version: PROTOCOL_VERSION,
                     channel: i.opts.channel.clone(),
                     upload_kbps: i.opts.upload_kbps,
+                    region: None,
+                    network: None,
                 };
                 i.send_ctrl(&join);
             })
