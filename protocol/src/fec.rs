@@ -15,9 +15,25 @@
 //!   so a receiver needs no side channel to place a shard and can refuse shards that disagree.
 //!
 //! Shard layout: `k (u8) | n (u8) | index (u8) | version (u8) | body`.
+//!
+//! On the wire ([`encode_parity_frames`], [`ParityFrame`]): data shard `i` of group `g` is simply
+//! the full wire packet `seq = g·k + i` (header included), relayed as is down data tree `i`.
+//! Parity shard `k + j` travels down tree `k + j` as a parity frame, a 24-byte packet-shaped
+//! header (`'F'`, version, `k`, `n`, body length, group, created_ms) followed by the shard. A
+//! receiver feeds both to a [`GroupAssembler`], which keeps a bounded window of recent groups and
+//! hands back the missing packets of a group as soon as any `k` of its shards are in, so a
+//! middle-tier peer that loses up to `n` parents at once still has every packet without asking
+//! the origin.
 
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use thiserror::Error;
+
+mod parity;
+
+pub use parity::{
+    encode_parity_frames, is_parity_frame, GroupAssembler, ParityFrame, Recovered,
+    DEFAULT_GROUP_WINDOW, MAX_PARITY_FRAME, PARITY_HEADER_LEN, PARITY_MAGIC, PARITY_VERSION,
+};
 
 /// Largest number of data shards (packets per group).
 pub const MAX_DATA_SHARDS: u8 = 32;
@@ -47,6 +63,8 @@ pub enum FecError {
     TooFewShards { need: usize, have: usize },
     #[error("inconsistent shards: {0}")]
     Inconsistent(&'static str),
+    #[error("malformed parity frame: {0}")]
+    MalformedFrame(&'static str),
 }
 
 /// The `(k, n)` of a region's middle tier: `k` data shards, `n` parity shards per group.

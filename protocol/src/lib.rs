@@ -24,8 +24,8 @@ pub mod report;
 pub mod rng;
 
 pub use control::{
-    Feed, FecSpec, TierName, TierPlan,
-    ClientMsg, ErrorCode, ServerMsg, Signal, Source, SubstreamPlan, PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, FecSpec, Feed, ServerMsg, Signal, Source, SubstreamPlan, TierName,
+    TierPlan, PROTOCOL_VERSION,
 };
 pub use heartbeat::{ChildLink, Heartbeat, ParentLink};
 pub use packet::{Packet, PacketError, PacketHeader};
