@@ -1,6 +1,9 @@
 //! Server configuration and its validation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::topology::region::TopologyConfig;
 
 use thiserror::Error;
 
@@ -30,6 +33,11 @@ pub struct Config {
     /// Access token viewers must present (`?token=` on the control WebSocket) to join.
     /// `None` (the default): anyone may join.
     pub viewer_token: Option<String>,
+    /// Regions and tier parameters. `Some`: every channel runs the three-tier hierarchy
+    /// (preferred-node mesh, coded middle tier, bottom clusters); `None`: one flat multi-tree.
+    pub topology: Option<Arc<TopologyConfig>>,
+    /// Largest bottom cluster of the hierarchy (it splits above, merges below a quarter of it).
+    pub cluster_max: usize,
 }
 
 impl Default for Config {
@@ -46,6 +54,8 @@ impl Default for Config {
             operator_token: None,
             allowed_origins: Vec::new(),
             viewer_token: None,
+            topology: None,
+            cluster_max: 512,
         }
     }
 }
@@ -64,6 +74,10 @@ pub enum ConfigError {
     Origin(String),
     #[error("the operator token must be at least 8 characters")]
     OperatorToken,
+    #[error("the topology's k = {topology} disagrees with --substreams {substreams}")]
+    TopologyK { topology: u32, substreams: u32 },
+    #[error("cluster_max must be at least 2")]
+    ClusterMax,
 }
 
 impl Config {
@@ -89,6 +103,17 @@ impl Config {
         }
         if self.operator_token.as_ref().is_some_and(|t| t.len() < 8) {
             return Err(ConfigError::OperatorToken);
+        }
+        if let Some(t) = &self.topology {
+            if t.k != self.substreams {
+                return Err(ConfigError::TopologyK {
+                    topology: t.k,
+                    substreams: self.substreams,
+                });
+            }
+        }
+        if self.cluster_max < 2 {
+            return Err(ConfigError::ClusterMax);
         }
         Ok(())
     }

@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use control_server::topology::region::TopologyConfig;
 use control_server::{config::Config, serve, AppState};
 use tracing_subscriber::EnvFilter;
 
@@ -30,9 +32,24 @@ struct Args {
     /// Stream key that allows HTTP ingest (PUT /ingest/{channel}?key=...); ingest is off without it.
     #[arg(long, env = "P2P_INGEST_KEY")]
     ingest_key: Option<String>,
-    /// Number of substreams k (trees per channel).
-    #[arg(long, default_value_t = 4)]
-    substreams: u32,
+    /// Number of substreams k (trees per channel; default 4, or the topology file's `k`).
+    #[arg(long)]
+    substreams: Option<u32>,
+    /// TOML file with a `[topology]` section (regions, CIDR rules, k, fec_n, mesh_c): every
+    /// channel then runs the three-tier hierarchy. Errors name the line.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Run the three-tier hierarchy with default regions (one per /16 or /48) when no
+    /// --topology file is given.
+    #[arg(long)]
+    hierarchy: bool,
+    /// Honour the region a page asks for (`?region=`) when it names a configured region. For
+    /// tests on loopback, where every peer has the same address; off by default.
+    #[arg(long)]
+    allow_region_hint: bool,
+    /// Largest bottom cluster of the hierarchy (splits above, merges below a quarter of it).
+    #[arg(long, default_value_t = 512)]
+    cluster_max: usize,
     /// Heartbeat interval sent to peers, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u32,
@@ -67,8 +84,35 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if args.allow_region_hint && args.topology.is_none() {
+        anyhow::bail!("--allow-region-hint needs a --topology file naming the regions to hint at");
+    }
+    let mut topology = match &args.topology {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let t = TopologyConfig::from_toml(&text)
+                .with_context(|| format!("in {}", path.display()))?;
+            Some(t)
+        }
+        None if args.hierarchy => {
+            let mut t = TopologyConfig::default();
+            t.k = args.substreams.unwrap_or(4);
+            Some(t)
+        }
+        None => None,
+    };
+    if let Some(t) = topology.as_mut() {
+        t.allow_region_hint |= args.allow_region_hint;
+    }
+    let substreams = args
+        .substreams
+        .or(topology.as_ref().map(|t| t.k))
+        .unwrap_or(4);
     let config = Config {
-        substreams: args.substreams,
+        substreams,
+        topology: topology.map(Arc::new),
+        cluster_max: args.cluster_max,
         heartbeat_ms: args.heartbeat_ms,
         origin_fanout: args.origin_fanout,
         ingest_key: args.ingest_key.clone(),

@@ -38,6 +38,24 @@ pub struct SwarmArgs {
     pub churn: f64,
     /// Relaying viewers whose upload is cut to a fraction mid-run.
     pub throttle: usize,
+    /// `0`: one flat multi-tree. `R ≥ 1`: the three-tier hierarchy with `R` configured regions,
+    /// viewers assigned round-robin (by region hint: every page is on 127.0.0.1).
+    pub regions: usize,
+}
+
+/// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
+pub fn hinted_topology(
+    regions: usize,
+    k: u32,
+) -> Result<control_server::topology::region::TopologyConfig> {
+    let mut toml =
+        format!("[topology]\nk = {k}\nfec_n = 2\nmesh_c = 3\nallow_region_hint = true\n");
+    for r in 0..regions {
+        toml.push_str(&format!("\n[[topology.region]]\nname = \"r{r}\"\n"));
+    }
+    Ok(control_server::topology::region::TopologyConfig::from_toml(
+        &toml,
+    )?)
 }
 
 /// One viewer page.
@@ -59,11 +77,19 @@ pub struct Swarm {
     server: tokio::task::JoinHandle<()>,
     pub peak_rss_mb: f64,
     pub peak_pss_mb: f64,
+    /// Region names viewers are hinted into, round-robin (empty: flat channel, no hints).
+    pub regions: Vec<String>,
 }
 
 impl Swarm {
     /// Starts the control server (demo channel) on 127.0.0.1 and a headless Chromium.
     pub async fn start(web_dir: PathBuf) -> Result<Swarm> {
+        Swarm::start_with(web_dir, 0).await
+    }
+
+    /// Like [`Swarm::start`]; `regions ≥ 1` runs the three-tier hierarchy with that many
+    /// configured regions.
+    pub async fn start_with(web_dir: PathBuf, regions: usize) -> Result<Swarm> {
         if !web_dir.join("pkg/peer.js").is_file() {
             bail!(
                 "{} has no built wasm package (pkg/peer.js): run `cargo xtask test` or \
@@ -71,9 +97,19 @@ impl Swarm {
                 web_dir.display()
             );
         }
+        let base = Config::default();
+        let topology = if regions > 0 {
+            Some(std::sync::Arc::new(hinted_topology(
+                regions,
+                base.substreams,
+            )?))
+        } else {
+            None
+        };
         let config = Config {
             web_dir,
-            ..Config::default()
+            topology,
+            ..base
         };
         let state = AppState::new(config);
         state
@@ -83,7 +119,11 @@ impl Swarm {
         let addr = listener.local_addr()?;
         let app = control_server::app(state.clone());
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
         });
         let browser = Browser::launch(LaunchOptions::default()).await?;
         // Let the origin cut its first fragment so joiners have a random-access point.
@@ -106,14 +146,23 @@ impl Swarm {
             server,
             peak_rss_mb: 0.0,
             peak_pss_mb: 0.0,
+            regions: (0..regions).map(|r| format!("r{r}")).collect(),
         })
     }
 
     /// Opens a viewer page; decoding viewers get their own (visible) window so Chromium does not
     /// pause their video as a background tab.
     pub async fn add_viewer(&mut self, upload_kbps: u32, decode: bool) -> Result<usize> {
+        let region = if self.regions.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "&region={}",
+                self.regions[self.viewers.len() % self.regions.len()]
+            )
+        };
         let url = format!(
-            "http://{}/?channel=demo&upload={upload_kbps}&decode={}",
+            "http://{}/?channel=demo&upload={upload_kbps}&decode={}{region}",
             self.addr,
             u8::from(decode)
         );
@@ -231,6 +280,32 @@ impl Swarm {
         let topo = self.topology().await?;
         let mut r = SwarmReport::from_reports(self, &reports, seconds);
         r.tree_depth_max = topo.max_depth;
+        for p in &topo.peers {
+            if let Some(t) = &p.tier {
+                let name = serde_json::to_value(t.tier)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                *r.tiers.entry(name).or_insert(0) += 1;
+            }
+        }
+        r.regions = topo.hierarchy.as_ref().map_or(0, |h| h.regions.len());
+        let k = f64::from(topo.substreams.max(1));
+        r.origin_copies = topo
+            .peers
+            .iter()
+            .flat_map(|p| &p.origin_pushes)
+            .map(|x| match x {
+                control_server::dcm::planner::Push::Full => 1.0,
+                _ => 1.0 / k,
+            })
+            .sum();
+        let live = self.viewers.iter().filter(|v| v.page.is_some()).count();
+        r.p2p_share_limit_structural = if live > 0 {
+            (1.0 - r.origin_copies / live as f64).max(0.0)
+        } else {
+            0.0
+        };
         r.congestion_links_reported = topo.congestion.len();
         Ok(r)
     }
@@ -311,6 +386,15 @@ pub struct SwarmReport {
     pub viewer_sessions: usize,
     pub departures: usize,
     pub peak_pss_mb_per_viewer: f64,
+    /// Hierarchy runs: peers per tier (`preferred`, `middle`, `bottom`) at the end; empty on a
+    /// flat channel.
+    pub tiers: std::collections::BTreeMap<String, usize>,
+    /// Regions with peers (hierarchy runs).
+    pub regions: usize,
+    /// Streams' worth the origin pushes under the final topology (a full-stream mesh neighbour
+    /// counts 1, a substream 1/k), and the P2P share that leaves at best: `1 − copies / N`.
+    pub origin_copies: f64,
+    pub p2p_share_limit_structural: f64,
 }
 
 impl SwarmReport {
@@ -395,6 +479,10 @@ impl SwarmReport {
             heartbeat_ms: swarm.state.config.heartbeat_ms,
             viewer_sessions: n,
             departures: swarm.viewers.iter().filter(|v| v.page.is_none()).count(),
+            tiers: Default::default(),
+            regions: 0,
+            origin_copies: 0.0,
+            p2p_share_limit_structural: 0.0,
             peak_pss_mb_per_viewer: if n > 0 {
                 swarm.peak_pss_mb / n as f64
             } else {
@@ -549,7 +637,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     }
     let mut rng = Rng::seeded(args.seed);
     let started = Instant::now();
-    let mut swarm = Swarm::start(args.web_dir.clone()).await?;
+    let mut swarm = Swarm::start_with(args.web_dir.clone(), args.regions).await?;
     let hb_ms = f64::from(swarm.state.config.heartbeat_ms);
     eprintln!(
         "swarm: control server on http://{}/, stream {} kbit/s; opening {} viewers ({} playing)",

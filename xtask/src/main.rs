@@ -77,6 +77,10 @@ enum Cmd {
         /// Relaying viewers whose upload is cut to a fraction of their load a third into the run.
         #[arg(long, default_value_t = 0)]
         throttle: usize,
+        /// Run the three-tier hierarchy with this many regions (viewers hinted round-robin);
+        /// 0 runs one flat multi-tree.
+        #[arg(long, default_value_t = 0, value_name = "R")]
+        hierarchy_regions: usize,
     },
     /// Benchmark the control center's hierarchy (build, join/leave cost, full-rate capacity).
     /// Runs in release mode (re-executes itself when built in debug).
@@ -128,9 +132,11 @@ fn main() -> ExitCode {
             seed,
             churn,
             throttle,
+            hierarchy_regions,
         } => swarm(e2e::swarm::SwarmArgs {
             churn,
             throttle,
+            regions: hierarchy_regions,
             viewers,
             seconds,
             upload_kbps,

@@ -5,6 +5,7 @@
 //! congestion detection by the pure [`view`] module; this file only wires them together.
 
 pub mod history;
+pub mod planner;
 pub mod view;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -19,8 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{now_ms, Channel};
 use crate::config::Config;
-use crate::topology::{MultiTree, MultiTreeConfig};
+use crate::topology::region::Region;
+use crate::topology::MultiTreeConfig;
 use history::History;
+use planner::{HierarchyView, Planner, Push};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 
 /// What a session's writer task sends to its WebSocket.
@@ -48,6 +51,8 @@ pub enum DcmEvent {
     Join {
         peer: PeerId,
         upload_kbps: u32,
+        /// The peer's region (classified by the session from its address, rules and hint).
+        region: Region,
         out: OutboundTx,
     },
     Leave {
@@ -86,6 +91,8 @@ pub struct TopologySnapshot {
     pub congestion: Vec<CongestionRecord>,
     /// Recent repairs (newest last).
     pub repairs: Vec<RepairRecord>,
+    /// Regions, tiers, clusters (one DCM each) and the mesh; `None` on a flat channel.
+    pub hierarchy: Option<HierarchyView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +103,10 @@ pub struct PeerView {
     pub effective_upload_kbps: u32,
     pub interior_tree: Option<u32>,
     pub plan: Vec<protocol::SubstreamPlan>,
+    /// Tier, region, cluster, FEC, mesh neighbours and feeds (hierarchical channels).
+    pub tier: Option<protocol::TierPlan>,
+    /// What the origin pushes to this peer on its control socket.
+    pub origin_pushes: Vec<Push>,
     pub last_heartbeat: Option<Heartbeat>,
     pub measured_upload_kbps: Option<f64>,
     pub congestion_events: u32,
@@ -139,7 +150,14 @@ pub struct Dcm {
     channel: Arc<Channel>,
     k: u32,
     heartbeat_ms: u64,
-    tree: MultiTree,
+    planner: Planner,
+    /// Peers the origin pushes to, and what (kept from the plans sent, so a packet costs a scan
+    /// of the origin's direct children only).
+    origin_fed: HashMap<PeerId, Vec<Push>>,
+    /// The newest packets, to code parity shards for coded roots the origin feeds itself.
+    recent: VecDeque<(u64, Bytes)>,
+    /// One Reed-Solomon coder per parity count in use.
+    fecs: HashMap<u32, protocol::fec::Fec>,
     peers: HashMap<PeerId, PeerEntry>,
     epoch: u64,
     view: HeartbeatView,
@@ -163,12 +181,23 @@ impl Dcm {
             channel,
             k,
             heartbeat_ms: u64::from(config.heartbeat_ms),
-            tree: MultiTree::new(MultiTreeConfig {
-                k,
-                stream_kbps,
-                origin_fanout: config.origin_fanout,
-                max_fanout: config.max_fanout,
-            }),
+            planner: match &config.topology {
+                Some(topo) => Planner::tiered(
+                    topo.clone(),
+                    stream_kbps,
+                    config.max_fanout,
+                    config.cluster_max,
+                ),
+                None => Planner::flat(MultiTreeConfig {
+                    k,
+                    stream_kbps,
+                    origin_fanout: config.origin_fanout,
+                    max_fanout: config.max_fanout,
+                }),
+            },
+            origin_fed: HashMap::new(),
+            recent: VecDeque::new(),
+            fecs: HashMap::new(),
             peers: HashMap::new(),
             epoch: 0,
             view: HeartbeatView::default(),
@@ -203,11 +232,12 @@ impl Dcm {
             DcmEvent::Join {
                 peer,
                 upload_kbps,
+                region,
                 out,
             } => {
                 self.peers.insert(peer, PeerEntry { out, upload_kbps });
                 self.history.joined(peer, upload_kbps, now);
-                let changes = self.tree.join(peer, placement_kbps(upload_kbps));
+                let changes = self.planner.join(peer, region, placement_kbps(upload_kbps));
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
                 self.send_instructions(changes.affected, now);
             }
@@ -241,7 +271,8 @@ impl Dcm {
         self.last_moved.remove(&peer);
         // Links where it was the parent are rewritten when its children get new instructions.
         self.link_since.remove(&peer);
-        let changes = self.tree.leave(peer);
+        self.origin_fed.remove(&peer);
+        let changes = self.planner.leave(peer);
         tracing::info!(channel = %self.channel.name, %peer, reason, affected = changes.affected.len(), "peer removed");
         if !changes.affected.is_empty() {
             self.log_repair(peer, reason, changes.affected.len(), now);
@@ -330,7 +361,7 @@ impl Dcm {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let changes = self.tree.join(peer, placement_kbps(kbps));
+        let changes = self.planner.rejoin(peer, placement_kbps(kbps));
         self.detector.forget_peer(peer);
         self.log_repair(peer, reason, changes.affected.len(), now);
         self.send_instructions(changes.affected, now);
@@ -362,7 +393,7 @@ impl Dcm {
         }
         for (peer, kbps) in self.history.recovered(now) {
             if self.peers.contains_key(&peer) {
-                let changes = self.tree.join(peer, placement_kbps(kbps));
+                let changes = self.planner.rejoin(peer, placement_kbps(kbps));
                 self.send_instructions(changes.affected, now);
             }
         }
@@ -374,9 +405,16 @@ impl Dcm {
         }
         self.epoch += 1;
         for peer in affected {
-            let Some(plan) = self.tree.plan(peer) else {
+            let Some(wire) = self.planner.plan(peer) else {
                 continue;
             };
+            let pushes = wire.origin_pushes(self.k);
+            if pushes.is_empty() {
+                self.origin_fed.remove(&peer);
+            } else {
+                self.origin_fed.insert(peer, pushes);
+            }
+            let plan = wire.substreams;
             // Remember when each of the peer's parent links appeared (young links are not judged).
             let old = self.link_since.remove(&peer).unwrap_or_default();
             let links: Vec<(PeerId, u32, u64)> = plan
@@ -398,7 +436,7 @@ impl Dcm {
             let msg = ServerMsg::Instructions {
                 epoch: self.epoch,
                 substreams: plan,
-                tier: None,
+                tier: wire.tier,
             };
             self.send(peer, Outbound::msg(msg));
         }
@@ -419,10 +457,8 @@ impl Dcm {
     }
 
     fn linked(&self, a: PeerId, b: PeerId) -> bool {
-        self.tree.plan(a).is_some_and(|plan| {
-            plan.iter()
-                .any(|s| s.parent == Source::Peer { id: b } || s.children.contains(&b))
-        })
+        self.planner.plan(a).is_some_and(|plan| plan.links_to(b))
+            || self.planner.plan(b).is_some_and(|plan| plan.links_to(a))
     }
 
     fn relay_signal(&mut self, from: PeerId, to: PeerId, signal: Signal) {
@@ -455,14 +491,30 @@ impl Dcm {
                 }
             }
         }
+        let k = self.k;
         let mut pushed = 0u64;
         for (seq, bytes) in packets {
-            let sub = protocol::substream_of(seq, self.k);
-            for child in self.tree.origin_children(sub) {
-                if let Some(entry) = self.peers.get(&child) {
+            let sub = protocol::substream_of(seq, k);
+            let parity = self.parity_completed_by(seq, &bytes);
+            for (peer, pushes) in &self.origin_fed {
+                let Some(entry) = self.peers.get(peer) else {
+                    continue;
+                };
+                for push in pushes {
+                    let frame = match *push {
+                        Push::Full => Some(&bytes),
+                        Push::Data { substream } if substream == sub => Some(&bytes),
+                        Push::Data { .. } => None,
+                        Push::Parity { index, n } => parity
+                            .get(&n)
+                            .and_then(|frames| frames.get(index.saturating_sub(k) as usize)),
+                    };
+                    let Some(frame) = frame else {
+                        continue;
+                    };
                     // Dropped when the peer's queue is full: it fetches the packet over HTTP.
-                    if entry.out.try_send(Outbound::Packet(bytes.clone())).is_ok() {
-                        pushed += bytes.len() as u64;
+                    if entry.out.try_send(Outbound::Packet(frame.clone())).is_ok() {
+                        pushed += frame.len() as u64;
                     }
                 }
             }
@@ -473,12 +525,71 @@ impl Dcm {
             .fetch_add(pushed, Ordering::Relaxed);
     }
 
+    /// Parity frames (per parity count in use) of the group `seq` completes, for coded roots the
+    /// origin feeds itself; empty when no such root exists or the group is not complete.
+    fn parity_completed_by(&mut self, seq: u64, bytes: &Bytes) -> HashMap<u32, Vec<Bytes>> {
+        let k = u64::from(self.k);
+        let wanted: BTreeSet<u32> = self
+            .origin_fed
+            .values()
+            .flatten()
+            .filter_map(|p| match p {
+                Push::Parity { n, .. } => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let mut out = HashMap::new();
+        if wanted.is_empty() {
+            self.recent.clear();
+            return out;
+        }
+        self.recent.push_back((seq, bytes.clone()));
+        while self.recent.len() > 2 * k as usize {
+            self.recent.pop_front();
+        }
+        if seq % k != k - 1 {
+            return out;
+        }
+        let first = seq + 1 - k;
+        let group: Vec<&[u8]> = (first..=seq)
+            .filter_map(|s| self.recent.iter().find(|(q, _)| *q == s))
+            .map(|(_, b)| b.as_ref())
+            .collect();
+        if group.len() != k as usize {
+            return out;
+        }
+        let created = protocol::Packet::decode(bytes).map_or(0, |p| p.header.created_ms);
+        for n in wanted {
+            let fec = match self.fecs.entry(n) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    match protocol::fec::FecParams::new(self.k, n).and_then(protocol::fec::Fec::new)
+                    {
+                        Ok(f) => e.insert(f),
+                        Err(err) => {
+                            tracing::warn!(n, "cannot code parity: {err}");
+                            continue;
+                        }
+                    }
+                }
+            };
+            match protocol::fec::encode_parity_frames(fec, seq / k, created, &group) {
+                Ok(frames) => {
+                    out.insert(n, frames.into_iter().map(Bytes::from).collect());
+                }
+                Err(err) => tracing::warn!(n, "cannot code parity: {err}"),
+            }
+        }
+        out
+    }
+
     pub fn snapshot(&self, now: u64) -> TopologySnapshot {
         let mut peers: Vec<PeerView> = self
             .peers
             .iter()
             .map(|(id, e)| {
                 let state = self.view.get(*id);
+                let wire = self.planner.plan(*id);
                 PeerView {
                     id: *id,
                     upload_kbps: e.upload_kbps,
@@ -486,8 +597,13 @@ impl Dcm {
                         .history
                         .effective_kbps(*id)
                         .unwrap_or(e.upload_kbps),
-                    interior_tree: self.tree.interior_tree(*id),
-                    plan: self.tree.plan(*id).unwrap_or_default(),
+                    interior_tree: self.planner.interior_tree(*id),
+                    plan: wire
+                        .as_ref()
+                        .map(|w| w.substreams.clone())
+                        .unwrap_or_default(),
+                    tier: wire.and_then(|w| w.tier),
+                    origin_pushes: self.origin_fed.get(id).cloned().unwrap_or_default(),
                     last_heartbeat: state.map(|s| s.heartbeat.clone()),
                     measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
                     congestion_events: self.history.congestion_events(*id),
@@ -506,11 +622,26 @@ impl Dcm {
                 .map(|m| m.stream_kbps)
                 .unwrap_or(0),
             epoch: self.epoch,
-            max_depth: self.tree.max_depth(),
+            max_depth: self.planner.max_depth(),
+            origin_children: (0..self.k)
+                .map(|s| {
+                    let mut v: Vec<PeerId> = peers
+                        .iter()
+                        .filter(|p| {
+                            p.origin_pushes
+                                .iter()
+                                .any(|x| *x == Push::Full || *x == Push::Data { substream: s })
+                        })
+                        .map(|p| p.id)
+                        .collect();
+                    v.sort();
+                    v
+                })
+                .collect(),
             peers,
-            origin_children: (0..self.k).map(|s| self.tree.origin_children(s)).collect(),
             congestion: self.congestion_log.iter().copied().collect(),
             repairs: self.repair_log.iter().cloned().collect(),
+            hierarchy: self.planner.hierarchy_view(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The DCM driven directly, without sockets: events in, queued messages out.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use protocol::{ChildLink, ParentLink, SubstreamPlan};
@@ -37,6 +38,7 @@ impl Harness {
         let (out, rx) = mpsc::channel(1024);
         self.outs.insert(PeerId(id), rx);
         self.dcm.handle(DcmEvent::Join {
+            region: crate::topology::region::Region::V4([127, 0]),
             peer: PeerId(id),
             upload_kbps,
             out,
@@ -69,9 +71,14 @@ fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
         h.join(id, 2000);
     }
     let relay = (1..=12u64)
-        .max_by_key(|id| h.dcm.tree.plan(PeerId(*id)).map_or(0, |p| children_of(&p)))
+        .max_by_key(|id| {
+            h.dcm
+                .planner
+                .plan(PeerId(*id))
+                .map_or(0, |p| children_of(&p.substreams))
+        })
         .expect("peers");
-    let plan = h.dcm.tree.plan(PeerId(relay)).expect("plan");
+    let plan = h.dcm.planner.plan(PeerId(relay)).expect("plan").substreams;
     let before = children_of(&plan);
     assert!(before >= 2, "the busiest relay feeds {before}");
     // Links old enough to be judged.
@@ -135,9 +142,11 @@ fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
     );
     // Capped at 80 % of 200 kbit/s: at most one child of a 100 kbit/s substream.
     assert_eq!(h.dcm.history.effective_kbps(PeerId(relay)), Some(160));
-    let after = children_of(&h.dcm.tree.plan(PeerId(relay)).expect("plan"));
+    let after = children_of(&h.dcm.planner.plan(PeerId(relay)).expect("plan").substreams);
     assert!(after <= 1, "still feeds {after} children");
-    h.dcm.tree.check_invariants().expect("invariants");
+    if let super::planner::Planner::Flat(t) = &h.dcm.planner {
+        t.check_invariants().expect("invariants");
+    }
     // The children it dropped were told their new parents.
     let mut moved = 0;
     for s in &plan {
@@ -192,4 +201,199 @@ fn a_childs_complaint_moves_only_the_child_and_silent_peers_are_removed() {
         closed |= matches!(m, Outbound::Close(ref r) if r.contains("heartbeats"));
     }
     assert!(closed);
+}
+
+const THREE_REGIONS: &str = r#"
+[topology]
+k = 4
+fec_n = 2
+mesh_c = 3
+allow_region_hint = true
+
+[[topology.region]]
+name = "north"
+
+[[topology.region]]
+name = "south"
+fec_n = 3
+
+[[topology.region]]
+name = "east"
+"#;
+
+fn tiered_harness() -> Harness {
+    let (tx, _rx) = mpsc::channel(16);
+    let channel = Arc::new(Channel::new(
+        "test".into(),
+        400,
+        PacketWindow::new(64, 1024),
+        tx,
+    ));
+    let topo = crate::topology::region::TopologyConfig::from_toml(THREE_REGIONS).expect("toml");
+    let config = Config {
+        substreams: 4,
+        topology: Some(Arc::new(topo)),
+        ..Config::default()
+    };
+    Harness {
+        dcm: Dcm::new(channel, &config),
+        outs: HashMap::new(),
+    }
+}
+
+impl Harness {
+    fn join_in(&mut self, id: u64, region: u16, upload_kbps: u32) {
+        let (out, rx) = mpsc::channel(4096);
+        self.outs.insert(PeerId(id), rx);
+        self.dcm.handle(DcmEvent::Join {
+            region: crate::topology::region::Region::Named(region),
+            peer: PeerId(id),
+            upload_kbps,
+            out,
+        });
+    }
+
+    /// Latest tier plans and every binary frame queued, draining the queues.
+    fn drain(&mut self) -> HashMap<PeerId, (Option<WireSeen>, Vec<Bytes>)> {
+        let mut out = HashMap::new();
+        for (id, rx) in &mut self.outs {
+            let e: &mut (Option<WireSeen>, Vec<Bytes>) = out.entry(*id).or_default();
+            while let Ok(m) = rx.try_recv() {
+                match m {
+                    Outbound::Msg(m) => {
+                        if let ServerMsg::Instructions {
+                            substreams, tier, ..
+                        } = *m
+                        {
+                            e.0 = Some((substreams, tier));
+                        }
+                    }
+                    Outbound::Packet(b) => e.1.push(b),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+type WireSeen = (Vec<SubstreamPlan>, Option<protocol::TierPlan>);
+
+fn packet(seq: u64) -> Bytes {
+    let header = protocol::PacketHeader {
+        seq,
+        flags: 0,
+        created_ms: 1_000 + seq,
+    };
+    Bytes::from(protocol::packet::encode(
+        &header,
+        &vec![seq as u8; 100 + seq as usize * 37],
+    ))
+}
+
+#[test]
+fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_them() {
+    let mut h = tiered_harness();
+    // Six viewers per region: two strong, two medium, two weak.
+    let mut id = 0;
+    for region in 0..3u16 {
+        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
+            id += 1;
+            h.join_in(id, region, kbps);
+        }
+    }
+    let seen = h.drain();
+    let mut tiers = BTreeMap::new();
+    for (peer, (plan, _)) in &seen {
+        let (subs, tier) = plan.clone().expect("every peer has instructions");
+        let tier = tier.expect("a tiered channel sends tier plans");
+        *tiers.entry(format!("{:?}", tier.tier)).or_insert(0) += 1;
+        match tier.tier {
+            protocol::TierName::Preferred => {
+                assert!(!tier.mesh.is_empty(), "{peer} preferred without mesh");
+                assert!(subs.is_empty());
+            }
+            protocol::TierName::Middle => {
+                let fec = tier.fec.expect("middle tier is coded");
+                let n = if tier.region == "south" { 3 } else { 2 };
+                assert_eq!((fec.k, fec.n), (4, n), "{peer} in {}", tier.region);
+                assert_eq!(subs.len() as u32, fec.k + fec.n);
+            }
+            protocol::TierName::Bottom => {
+                assert!(tier.fec.is_none());
+                assert_eq!(subs.len(), 4);
+            }
+        }
+        // Every neighbour named in a plan may signal with the peer.
+        for s in &subs {
+            if let Source::Peer { id } = s.parent {
+                assert!(h.dcm.linked(*peer, id) && h.dcm.linked(id, *peer));
+            }
+        }
+        for m in &tier.mesh {
+            if let Source::Peer { id } = m {
+                assert!(h.dcm.linked(*peer, *id));
+            }
+        }
+    }
+    assert_eq!(tiers.len(), 3, "all three tiers in use: {tiers:?}");
+    let view = h.dcm.snapshot(0).hierarchy.expect("hierarchy view");
+    assert_eq!(view.regions.len(), 3);
+    assert!(view.mesh_connectivity >= 1);
+
+    // One group of packets from the origin: every peer fed by it gets what its plan says.
+    h.dcm
+        .handle(DcmEvent::Packets((0..8).map(|s| (s, packet(s))).collect()));
+    let pushed = h.drain();
+    let mut parity_checked = 0;
+    for (peer, pushes) in h.dcm.origin_fed.clone() {
+        let frames = &pushed[&peer].1;
+        for p in pushes {
+            match p {
+                Push::Full => assert_eq!(frames.iter().filter(|f| f[0] == b'P').count(), 8),
+                Push::Data { substream } => assert!(frames
+                    .iter()
+                    .any(|f| protocol::packet::peek_seq(f) == Some(u64::from(substream)))),
+                Push::Parity { index, n } => {
+                    let parity: Vec<_> = frames
+                        .iter()
+                        .filter_map(|f| protocol::fec::ParityFrame::decode(f).ok())
+                        .filter(|f| u32::from(f.index) == index)
+                        .collect();
+                    assert_eq!(parity.len(), 2, "{peer}: one parity frame per group");
+                    assert_eq!(u32::from(parity[0].n), n);
+                    parity_checked += 1;
+                }
+            }
+        }
+    }
+    assert!(!h.dcm.origin_fed.is_empty());
+    // The origin floods into the mesh; with two capable peers per region nothing else needs it.
+    assert!(
+        h.dcm
+            .origin_fed
+            .values()
+            .flatten()
+            .all(|p| *p == Push::Full)
+            || parity_checked > 0,
+        "{:?}",
+        h.dcm.origin_fed
+    );
+
+    // A preferred node leaves: the mesh stays connected and every peer still has instructions.
+    let pref = seen
+        .iter()
+        .find(|(_, (p, _))| {
+            p.as_ref()
+                .and_then(|p| p.1.as_ref())
+                .is_some_and(|t| t.tier == protocol::TierName::Preferred)
+        })
+        .map(|(p, _)| *p)
+        .expect("a preferred node");
+    h.dcm.handle(DcmEvent::Leave { peer: pref });
+    let view = h.dcm.snapshot(0).hierarchy.expect("hierarchy view");
+    assert!(view.mesh_connectivity >= 1);
+    for peer in h.dcm.peers.keys() {
+        assert!(h.dcm.planner.plan(*peer).is_some());
+    }
 }

@@ -200,6 +200,12 @@ impl CongestionDetector {
             let Source::Peer { id: parent } = pl.parent else {
                 continue;
             };
+            // Parity trees (index ≥ k, coded middle tier) carry one shard per group, sent when
+            // the group is complete: their lag is by design, and their loss is what the code
+            // tolerates. Only data trees are judged.
+            if pl.substream >= k {
+                continue;
+            }
             let cutoff = me.received_ms.saturating_sub(self.cfg.grace_ms);
             let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
@@ -242,6 +248,9 @@ impl CongestionDetector {
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.received_ms as i64 - me.heartbeat.local_ts_ms as i64;
         for cl in &me.heartbeat.children {
+            if cl.substream >= k {
+                continue;
+            }
             let Some((Some(got), Some(got_at))) = my_recv(cl.substream) else {
                 continue;
             };

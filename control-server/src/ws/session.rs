@@ -1,4 +1,7 @@
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
+
+use axum::extract::ConnectInfo;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -9,6 +12,7 @@ use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
 use crate::dcm::{DcmEvent, Outbound};
+use crate::topology::region::{NetworkType, Region};
 use crate::{AppState, SharedChannel};
 
 /// Limits applied to every session.
@@ -32,18 +36,28 @@ impl Default for SessionLimits {
     }
 }
 
-pub async fn ws_handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+pub async fn ws_handler(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    extensions: axum::http::Extensions,
+) -> Response {
+    // The peer's address decides its region. Servers built without connect info (some
+    // embeddings) place everyone in 0.0.0.0's region.
+    let remote = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
     // Small buffers: control messages are tiny, and tens of thousands of sessions must fit in a
     // few KiB each (tungstenite's defaults are 128 KiB).
     ws.max_message_size(MAX_CONTROL_MESSAGE)
         .max_frame_size(MAX_CONTROL_MESSAGE)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(socket, state))
+        .on_upgrade(move |socket| run_session(socket, state, remote))
 }
 
 struct Session {
     state: AppState,
+    remote: IpAddr,
     out: mpsc::Sender<Outbound>,
     joined: Option<(PeerId, SharedChannel)>,
     errors: u32,
@@ -53,7 +67,7 @@ struct Session {
     hb_tokens: f64,
 }
 
-async fn run_session(socket: WebSocket, state: AppState) {
+async fn run_session(socket: WebSocket, state: AppState, remote: IpAddr) {
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(1024);
 
@@ -89,6 +103,7 @@ async fn run_session(socket: WebSocket, state: AppState) {
     let limits = state.limits;
     let mut session = Session {
         state,
+        remote,
         out: out_tx,
         joined: None,
         errors: 0,
@@ -182,10 +197,14 @@ impl Session {
                     version,
                     channel,
                     upload_kbps,
-                    ..
+                    region,
+                    network,
                 },
                 None,
-            ) => self.join(version, channel, upload_kbps).await,
+            ) => {
+                self.join(version, channel, upload_kbps, region, network)
+                    .await
+            }
             (ClientMsg::Join { .. }, Some(_)) => {
                 self.error(ErrorCode::AlreadyJoined, "already joined".into())
                     .await
@@ -313,7 +332,14 @@ impl Session {
         true
     }
 
-    async fn join(&mut self, version: u32, channel: String, upload_kbps: u32) -> bool {
+    async fn join(
+        &mut self,
+        version: u32,
+        channel: String,
+        upload_kbps: u32,
+        region_hint: Option<String>,
+        network: Option<String>,
+    ) -> bool {
         if version != PROTOCOL_VERSION {
             return self
                 .error(
@@ -333,6 +359,30 @@ impl Session {
                 )
                 .await;
         }
+        let network = match network.as_deref().map(str::parse::<NetworkType>) {
+            None => None,
+            Some(Ok(n)) => Some(n),
+            Some(Err(())) => {
+                return self
+                    .error(
+                        ErrorCode::Malformed,
+                        "network must be one of dsl, cable, fiber, mobile, satellite, other".into(),
+                    )
+                    .await
+            }
+        };
+        if region_hint.as_ref().is_some_and(|r| r.len() > 64) {
+            return self
+                .error(
+                    ErrorCode::Malformed,
+                    "region hint longer than 64 characters".into(),
+                )
+                .await;
+        }
+        let region = match &self.state.config.topology {
+            Some(t) => t.classify(self.remote, network, region_hint.as_deref()),
+            None => Region::fallback(self.remote),
+        };
         let Some(ch) = self.state.channel(&channel) else {
             return self
                 .error(
@@ -375,6 +425,7 @@ impl Session {
             .send(DcmEvent::Join {
                 peer,
                 upload_kbps,
+                region,
                 out: self.out.clone(),
             })
             .await;

@@ -1,0 +1,389 @@
+//! The topology a DCM drives: a flat multi-tree (one cluster, every peer a viewer of the same `k`
+//! trees), or the channel's three-tier hierarchy (regions, a flooding mesh of preferred nodes, an
+//! erasure-coded middle tier, plain bottom clusters). Both are pure; this module only turns their
+//! plans into the wire's [`ServerMsg::Instructions`](protocol::ServerMsg) and tells the DCM what
+//! the origin must push to whom.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use protocol::{FecSpec, Feed, PeerId, Source, SubstreamPlan, TierName, TierPlan};
+use serde::Serialize;
+
+use crate::topology::cluster::{ClusterKind, MeshNodeOrPeer};
+use crate::topology::hierarchy::{
+    Algorithm, Hierarchy, HierarchyConfig, HierarchyReport, PeerPlan, Tier,
+};
+use crate::topology::mesh::{History, MeshConfig, MeshNode};
+use crate::topology::region::{Region, TopologyConfig};
+use crate::topology::{Changes, MultiTree, MultiTreeConfig};
+
+/// What the origin pushes on a peer's control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "push", rename_all = "snake_case")]
+pub enum Push {
+    /// Every packet: the peer is the origin's neighbour in the top-tier mesh.
+    Full,
+    /// Packets with `seq mod k = substream` (a plain tree, or a data shard of a coded one).
+    Data { substream: u32 },
+    /// Parity shard `index` (≥ k) of every group, coded with `n` parity shards.
+    Parity { index: u32, n: u32 },
+}
+
+/// A peer's instructions in wire form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirePlan {
+    pub substreams: Vec<SubstreamPlan>,
+    pub tier: Option<TierPlan>,
+}
+
+impl WirePlan {
+    /// Everything the origin must push to the peer under this plan.
+    pub fn origin_pushes(&self, k: u32) -> Vec<Push> {
+        let mut out = Vec::new();
+        if let Some(t) = &self.tier {
+            if t.mesh.contains(&Source::Origin) {
+                // The full stream covers every substream; nothing else is needed.
+                return vec![Push::Full];
+            }
+        }
+        let fec = self.tier.as_ref().and_then(|t| t.fec);
+        for s in &self.substreams {
+            if s.parent != Source::Origin {
+                continue;
+            }
+            match fec {
+                Some(f) if s.index >= k => out.push(Push::Parity {
+                    index: s.index,
+                    n: f.n,
+                }),
+                _ => out.push(Push::Data { substream: s.index }),
+            }
+        }
+        out
+    }
+
+    /// Whether `other` is one of the peer's neighbours (signaling is allowed between them).
+    pub fn links_to(&self, other: PeerId) -> bool {
+        let peer = Source::Peer { id: other };
+        self.substreams
+            .iter()
+            .any(|s| s.parent == peer || s.children.contains(&other))
+            || self
+                .tier
+                .as_ref()
+                .is_some_and(|t| t.mesh.contains(&peer) || t.feeds.iter().any(|f| f.to == other))
+    }
+}
+
+/// The three-tier state of a channel and what it needs beside the pure [`Hierarchy`].
+pub struct Tiered {
+    h: Hierarchy,
+    topo: Arc<TopologyConfig>,
+    regions: HashMap<PeerId, Region>,
+}
+
+pub enum Planner {
+    Flat(MultiTree),
+    Tiered(Box<Tiered>),
+}
+
+impl Planner {
+    pub fn flat(cfg: MultiTreeConfig) -> Self {
+        Planner::Flat(MultiTree::new(cfg))
+    }
+
+    /// A hierarchy with the topology config's parameters. The mesh keeps its default number of
+    /// preferred nodes per region; `max_fanout` caps a bottom node's fan-out in units.
+    pub fn tiered(
+        topo: Arc<TopologyConfig>,
+        stream_kbps: u32,
+        max_fanout: u32,
+        cluster_max: usize,
+    ) -> Self {
+        let cfg = HierarchyConfig {
+            k: topo.k,
+            stream_kbps,
+            mesh: MeshConfig {
+                c: topo.mesh_c,
+                stream_kbps,
+                ..MeshConfig::default()
+            },
+            fec_n: topo.fec_n,
+            cluster_min: (cluster_max / 4).max(1),
+            cluster_max,
+            max_fanout,
+            ..HierarchyConfig::default()
+        };
+        let h = Hierarchy::new(cfg);
+        Planner::Tiered(Box::new(Tiered {
+            h,
+            topo,
+            regions: HashMap::new(),
+        }))
+    }
+
+    pub fn is_tiered(&self) -> bool {
+        matches!(self, Planner::Tiered(_))
+    }
+
+    /// Places (or re-places) a peer with `upload_kbps` of usable capacity.
+    pub fn join(&mut self, peer: PeerId, region: Region, upload_kbps: u32) -> Changes {
+        match self {
+            Planner::Flat(t) => t.join(peer, upload_kbps),
+            Planner::Tiered(t) => {
+                t.regions.insert(peer, region);
+                t.h.set_region_settings(region, t.topo.settings(region));
+                t.h.join(peer, region, upload_kbps, History::default())
+            }
+        }
+    }
+
+    /// Re-places a peer already known, in its region (after a capacity change).
+    pub fn rejoin(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
+        let region = match self {
+            Planner::Flat(_) => Region::V4([0, 0]),
+            Planner::Tiered(t) => match t.regions.get(&peer) {
+                Some(r) => *r,
+                None => return Changes::default(),
+            },
+        };
+        self.join(peer, region, upload_kbps)
+    }
+
+    pub fn leave(&mut self, peer: PeerId) -> Changes {
+        match self {
+            Planner::Flat(t) => t.leave(peer),
+            Planner::Tiered(t) => {
+                t.regions.remove(&peer);
+                t.h.leave(peer)
+            }
+        }
+    }
+
+    /// The peer's instructions, or `None` for a peer the topology does not know.
+    pub fn plan(&self, peer: PeerId) -> Option<WirePlan> {
+        match self {
+            Planner::Flat(t) => t.plan(peer).map(|substreams| WirePlan {
+                substreams,
+                tier: None,
+            }),
+            Planner::Tiered(t) => t.h.plan(peer).map(|p| t.to_wire(p)),
+        }
+    }
+
+    pub fn interior_tree(&self, peer: PeerId) -> Option<u32> {
+        match self {
+            Planner::Flat(t) => t.interior_tree(peer),
+            Planner::Tiered(t) => {
+                let plan = t.h.plan(peer)?;
+                plan.send
+                    .iter()
+                    .find(|l| !matches!(l.algorithm, Algorithm::Flood))
+                    .and_then(|l| l.substream)
+            }
+        }
+    }
+
+    pub fn max_depth(&self) -> u32 {
+        match self {
+            Planner::Flat(t) => t.max_depth(),
+            Planner::Tiered(t) => {
+                t.h.clusters()
+                    .map(|c| c.tree().max_depth())
+                    .max()
+                    .unwrap_or(0)
+            }
+        }
+    }
+
+    /// The hierarchy's shape for the topology API (`None` on a flat channel).
+    pub fn hierarchy_view(&self) -> Option<HierarchyView> {
+        let Planner::Tiered(t) = self else {
+            return None;
+        };
+        let mut regions: BTreeMap<Region, RegionView> = BTreeMap::new();
+        for c in t.h.clusters() {
+            let r = regions.entry(c.region).or_insert_with(|| RegionView {
+                name: t.topo.name(c.region),
+                preferred: Vec::new(),
+                clusters: Vec::new(),
+            });
+            let (kind, fec) = match c.kind {
+                ClusterKind::Middle { k, n } => ("middle", Some(FecSpec { k, n })),
+                ClusterKind::Bottom { .. } => ("bottom", None),
+            };
+            let mut members: Vec<PeerId> = c.members().map(|(p, _)| p).collect();
+            members.sort();
+            let mut feeders: Vec<String> = c
+                .feeders()
+                .iter()
+                .map(|f| endpoint_name(&t.topo, f.node))
+                .collect();
+            feeders.dedup();
+            r.clusters.push(ClusterView {
+                id: c.id.0,
+                tier: kind,
+                fec,
+                members,
+                feeders,
+                max_depth: c.tree().max_depth(),
+            });
+        }
+        let mut mesh_links = Vec::new();
+        for (node, ns) in t.h.mesh().adjacency() {
+            if let MeshNode::Peer(p) = node {
+                if let Some(r) = t.regions.get(p) {
+                    let name = t.topo.name(*r);
+                    let entry = regions.entry(*r).or_insert_with(|| RegionView {
+                        name,
+                        preferred: Vec::new(),
+                        clusters: Vec::new(),
+                    });
+                    entry.preferred.push(*p);
+                }
+            }
+            for n in ns {
+                if node < n {
+                    mesh_links.push((mesh_name(&t.topo, *node), mesh_name(&t.topo, *n)));
+                }
+            }
+        }
+        Some(HierarchyView {
+            regions: regions.into_values().collect(),
+            mesh_c: t.h.mesh().config().c,
+            mesh_connectivity: t.h.mesh().connectivity(),
+            mesh_links,
+            report: t.h.report(),
+        })
+    }
+}
+
+fn mesh_name(_topo: &TopologyConfig, n: MeshNode) -> String {
+    match n {
+        MeshNode::Origin => "origin".into(),
+        MeshNode::Peer(p) => p.0.to_string(),
+        MeshNode::Waypoint(i) => format!("waypoint#{i}"),
+    }
+}
+
+fn endpoint_name(topo: &TopologyConfig, e: MeshNodeOrPeer) -> String {
+    match e {
+        MeshNodeOrPeer::Peer(p) => p.0.to_string(),
+        MeshNodeOrPeer::Server(n) => mesh_name(topo, n),
+    }
+}
+
+/// `/api/channels/{id}/topology`'s `hierarchy` member.
+#[derive(Debug, Clone, Serialize)]
+pub struct HierarchyView {
+    pub regions: Vec<RegionView>,
+    pub mesh_c: u32,
+    pub mesh_connectivity: u32,
+    /// Top-tier links (flooding), as pairs of node names (`origin` or a peer id).
+    pub mesh_links: Vec<(String, String)>,
+    pub report: HierarchyReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionView {
+    pub name: String,
+    pub preferred: Vec<PeerId>,
+    pub clusters: Vec<ClusterView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    /// The logical id of the DCM managing the cluster.
+    pub id: u64,
+    pub tier: &'static str,
+    pub fec: Option<FecSpec>,
+    pub members: Vec<PeerId>,
+    pub feeders: Vec<String>,
+    pub max_depth: u32,
+}
+
+impl Tiered {
+    /// Servers (origin, waypoints: none run beside the origin yet) become `Source::Origin`: the
+    /// origin pushes on the control socket.
+    fn to_wire(&self, plan: PeerPlan) -> WirePlan {
+        let src = |e: MeshNodeOrPeer| match e {
+            MeshNodeOrPeer::Peer(id) => Source::Peer { id },
+            MeshNodeOrPeer::Server(_) => Source::Origin,
+        };
+        let spec = |a: Algorithm| match a {
+            Algorithm::MultitreeFec { k, n } => Some(FecSpec { k, n }),
+            _ => None,
+        };
+        let mut trees: BTreeMap<u32, SubstreamPlan> = BTreeMap::new();
+        let mut mesh = Vec::new();
+        let mut feeds = Vec::new();
+        let mut fec = None;
+        for l in &plan.receive {
+            match (l.algorithm, l.substream) {
+                (Algorithm::Flood, _) => mesh.push(src(l.peer)),
+                (a, Some(t)) => {
+                    fec = fec.or(spec(a));
+                    trees
+                        .entry(t)
+                        .or_insert_with(|| SubstreamPlan {
+                            index: t,
+                            parent: src(l.peer),
+                            children: Vec::new(),
+                        })
+                        .parent = src(l.peer);
+                }
+                _ => {}
+            }
+        }
+        for l in &plan.send {
+            let (Some(t), MeshNodeOrPeer::Peer(to)) = (l.substream, l.peer) else {
+                continue;
+            };
+            if matches!(l.algorithm, Algorithm::Flood) {
+                continue;
+            }
+            // A middle node's own tree carries coded shards; its plain sends feed bottom roots.
+            // A preferred node has no tree of its own: all its sends are feeds.
+            let own_tree = match plan.tier {
+                Tier::Preferred => false,
+                Tier::Middle => spec(l.algorithm).is_some(),
+                Tier::Bottom => true,
+            };
+            if own_tree {
+                trees
+                    .entry(t)
+                    .or_insert_with(|| SubstreamPlan {
+                        index: t,
+                        parent: Source::Origin,
+                        children: Vec::new(),
+                    })
+                    .children
+                    .push(to);
+            } else {
+                feeds.push(Feed {
+                    to,
+                    substream: t,
+                    fec: spec(l.algorithm),
+                });
+            }
+        }
+        let tier = match plan.tier {
+            Tier::Preferred => TierName::Preferred,
+            Tier::Middle => TierName::Middle,
+            Tier::Bottom => TierName::Bottom,
+        };
+        WirePlan {
+            substreams: trees.into_values().collect(),
+            tier: Some(TierPlan {
+                tier,
+                region: self.topo.name(plan.region),
+                cluster: plan.cluster.map(|c| c.0),
+                plays: plan.plays,
+                fec,
+                mesh,
+                feeds,
+            }),
+        }
+    }
+}
