@@ -48,11 +48,23 @@ pub struct Placement {
     pub tier: String,
 }
 
-/// The region and tier of a peer. One place to change when regions and tiers are added.
-pub fn placement(_peer: &PeerView) -> Placement {
-    Placement {
-        region: DEFAULT_REGION.into(),
-        tier: DEFAULT_TIER.into(),
+/// The region and tier of a peer: from its tier plan on a hierarchical channel, else the flat
+/// channel's single region and tier.
+pub fn placement(peer: &PeerView) -> Placement {
+    match &peer.tier {
+        Some(t) => Placement {
+            region: t.region.clone(),
+            tier: match t.tier {
+                protocol::TierName::Preferred => "preferred",
+                protocol::TierName::Middle => "middle",
+                protocol::TierName::Bottom => "bottom",
+            }
+            .into(),
+        },
+        None => Placement {
+            region: DEFAULT_REGION.into(),
+            tier: DEFAULT_TIER.into(),
+        },
     }
 }
 

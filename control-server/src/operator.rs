@@ -372,7 +372,7 @@ pub struct GraphLink {
     pub from: String,
     pub to: String,
     pub substream: u32,
-    /// `tree` today (a mesh tier would add `mesh` links).
+    /// `tree` (parent → child in a substream tree) or `mesh` (a top-tier flooding link).
     pub kind: &'static str,
     pub algorithm: &'static str,
     /// The child's heartbeat shows nothing from the parent for a while.
@@ -486,6 +486,26 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
             p2p_share: totals.and_then(|t| t.0),
             bytes_up: totals.map(|t| t.1),
         });
+        let fec = p.tier.as_ref().and_then(|t| t.fec);
+        // Top-tier flooding links, drawn once per pair (from the lower id, or the origin).
+        for m in p.tier.iter().flat_map(|t| &t.mesh) {
+            let draw = match m {
+                Source::Origin => true,
+                Source::Peer { id } => id.0 < p.id.0,
+            };
+            if draw {
+                links.push(GraphLink {
+                    from: node_id(m),
+                    to: format!("p{}", p.id.0),
+                    substream: 0,
+                    kind: "mesh",
+                    algorithm: "flood",
+                    lagging: false,
+                    silent_ms: None,
+                    congested: false,
+                });
+            }
+        }
         for s in &p.plan {
             let h = health.get(&(s.index, p.id.0));
             links.push(GraphLink {
@@ -493,7 +513,11 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
                 to: format!("p{}", p.id.0),
                 substream: s.index,
                 kind: "tree",
-                algorithm: "multitree",
+                algorithm: match fec {
+                    Some(f) if s.index >= f.k => "multitree_fec_parity",
+                    Some(_) => "multitree_fec",
+                    None => "multitree",
+                },
                 lagging: h.is_some_and(|h| h.lagging),
                 silent_ms: h.and_then(|h| h.silent_ms),
                 congested: match s.parent {

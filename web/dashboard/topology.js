@@ -73,7 +73,8 @@ export function renderTopology(container, graph) {
   const svg = el('svg', { viewBox: `0 0 ${width} ${height}`, height, role: 'img',
     'aria-label': `topology of channel ${graph.channel}: ${graph.nodes.length - 1} peers` });
   const defs = el('defs', {}, svg);
-  for (let i = 0; i < graph.substreams; i++) {
+  // Coded middle-tier trees go up to k + n - 1.
+  for (let i = 0; i < graph.substreams + 16; i++) {
     const m = el('marker', { id: `arrow-${i}`, viewBox: '0 0 10 10', refX: 10, refY: 5,
       markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' }, defs);
     el('path', { d: 'M 0 0 L 10 5 L 0 10 z', fill: color(i) }, m);
@@ -116,9 +117,10 @@ export function renderTopology(container, graph) {
     const cy = (sy + ey) / 2 + (dx / len) * bow;
     const path = el('path', {
       d: `M ${sx} ${sy} Q ${cx} ${cy} ${ex} ${ey}`,
-      class: `link${l.lagging ? ' lagging' : ''}${l.congested ? ' congested' : ''}`,
-      stroke: color(l.substream),
-      'marker-end': `url(#arrow-${l.substream})`,
+      class: `link ${l.kind}${l.lagging ? ' lagging' : ''}${l.congested ? ' congested' : ''}`,
+      // Mesh links flood every packet both ways: grey, no arrow.
+      stroke: l.kind === 'mesh' ? '#e5e7eb' : color(l.substream),
+      ...(l.kind === 'mesh' ? {} : { 'marker-end': `url(#arrow-${l.substream})` }),
       'data-from': l.from, 'data-to': l.to, 'data-substream': l.substream,
     }, svg);
     el('title', {}, path).textContent = `${l.from} → ${l.to}, substream ${l.substream}, ${l.kind} (${l.algorithm})` +
