@@ -1,14 +1,17 @@
 //! A channel: its media (init segment + packet window, written by the origin) and the handle of
 //! the DCM that steers its peers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::dcm::DcmEvent;
+use crate::dcm::planner::Push;
+use crate::dcm::{DcmEvent, OutboundTx};
 use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
+use crate::topology::region::Region;
 
 /// Media state shared between the origin (writer) and HTTP/WebSocket readers.
 pub struct Media {
@@ -30,6 +33,8 @@ pub struct ChannelCounters {
     /// Topology repairs: children moved because of congestion, departures, or silent peers.
     pub repairs: AtomicU64,
     pub heartbeats: AtomicU64,
+    /// DCM failures survived: each time the channel's DCM died and a new one took over.
+    pub dcm_failovers: AtomicU64,
     /// Time from a heartbeat's arrival at its session to the DCM having applied it.
     pub heartbeat_apply: ApplyHistogram,
 }
@@ -80,8 +85,30 @@ impl ApplyHistogram {
     }
 }
 
+/// A viewer's session as the DCM knows it.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub out: OutboundTx,
+    pub upload_kbps: u32,
+    pub region: Region,
+}
+
+/// What outlives a DCM: the sessions attached to the channel and what the origin pushes to whom
+/// (neither the sessions nor the origin failed). The topology itself is not kept here: a DCM
+/// that takes over rebuilds it from the peers' heartbeats. The DCM writes through on every
+/// change and reads it back only when it takes over.
+#[derive(Debug, Default)]
+pub struct Attachments {
+    pub sessions: HashMap<protocol::PeerId, Attached>,
+    pub origin_fed: HashMap<protocol::PeerId, Vec<Push>>,
+    /// Last instructions epoch sent, so epochs keep increasing across DCMs.
+    pub epoch: u64,
+}
+
 pub struct Channel {
     pub name: String,
+    /// Survives DCM failures (see [`Attachments`]).
+    pub attachments: Mutex<Attachments>,
     pub media: RwLock<Media>,
     pub dcm: mpsc::Sender<DcmEvent>,
     /// True while a source is attached (a second ingest is refused).
@@ -98,6 +125,7 @@ impl Channel {
     ) -> Self {
         Channel {
             name,
+            attachments: Mutex::default(),
             media: RwLock::new(Media {
                 init: None,
                 stream_kbps,

@@ -146,6 +146,8 @@ impl AppState {
         // The DCM runs on its own thread: with tens of thousands of sessions sharing the
         // runtime's workers, a task would wait behind them and heartbeats would queue up.
         let thread_name = format!("dcm-{name}");
+        let config = self.config.clone();
+        let supervised = ch.clone();
         let spawned = std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || {
@@ -153,7 +155,7 @@ impl AppState {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(dcm.run(rx)),
+                    Ok(rt) => rt.block_on(supervise(dcm, supervised, config, rx)),
                     Err(e) => tracing::error!("cannot start the DCM runtime: {e}"),
                 }
             });
@@ -203,6 +205,38 @@ impl AppState {
             c.source_attached.store(false, Ordering::Relaxed);
         });
         Ok(ch)
+    }
+}
+
+/// Runs a channel's DCM and replaces it when it fails (panics): the DCM that takes over adopts
+/// the sessions and the origin's push list and rebuilds the topology from heartbeats
+/// ([`Dcm::take_over`]). Ends when the channel's event queue closes.
+async fn supervise(
+    first: Dcm,
+    channel: SharedChannel,
+    config: Arc<Config>,
+    mut events: mpsc::Receiver<dcm::DcmEvent>,
+) {
+    use futures_util::FutureExt;
+    let mut next = Some(first);
+    loop {
+        let dcm = match next.take() {
+            Some(d) => d,
+            None => Dcm::take_over(channel.clone(), &config, channel::now_ms()),
+        };
+        match std::panic::AssertUnwindSafe(dcm.run(&mut events))
+            .catch_unwind()
+            .await
+        {
+            Ok(()) => break,
+            Err(_) => {
+                channel
+                    .counters
+                    .dcm_failovers
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(channel = %channel.name, "DCM failed; a new one takes over");
+            }
+        }
     }
 }
 

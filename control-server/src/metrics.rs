@@ -152,6 +152,8 @@ pub struct ChannelTotals {
     pub heartbeats: u64,
     pub congestion_events: u64,
     pub repairs: u64,
+    /// Times the channel's DCM failed and a new one took over.
+    pub dcm_failovers: u64,
     /// Tree links whose child reports no packet from its parent for [`LAGGING_AFTER_MS`].
     pub lagging_links: u32,
 }
@@ -290,6 +292,7 @@ impl Metrics {
         totals.heartbeats = c.heartbeats.load(Ordering::Relaxed);
         totals.congestion_events = c.congestion_events.load(Ordering::Relaxed);
         totals.repairs = c.repairs.load(Ordering::Relaxed);
+        totals.dcm_failovers = c.dcm_failovers.load(Ordering::Relaxed);
         track.last = totals.clone();
         totals
     }
@@ -610,6 +613,12 @@ pub async fn render(state: &AppState) -> String {
         &per(&|t| t.repairs),
     );
     e.family(
+        "p2p_dcm_failovers_total",
+        "counter",
+        "Times a channel's DCM failed and a new one took over, rebuilding from heartbeats.",
+        &per(&|t| t.dcm_failovers),
+    );
+    e.family(
         "p2p_lagging_links",
         "gauge",
         "Tree links whose child heard nothing from its parent for 3 s, per the child's last heartbeat.",
@@ -730,6 +739,7 @@ mod tests {
             "p2p_heartbeats_total",
             "p2p_congestion_events_total",
             "p2p_repairs_total",
+            "p2p_dcm_failovers_total",
         ] {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),

@@ -74,6 +74,9 @@ pub enum DcmEvent {
     Snapshot {
         reply: oneshot::Sender<TopologySnapshot>,
     },
+    /// Fault injection for failover tests and drills: the DCM panics, as a bug would make it.
+    /// Its supervisor starts a new DCM, which rebuilds the topology from heartbeats.
+    InjectFailure,
 }
 
 /// The channel's current distribution topology, for `/api/channels/{id}/topology` and tests.
@@ -134,6 +137,7 @@ pub struct RepairRecord {
 struct PeerEntry {
     out: OutboundTx,
     upload_kbps: u32,
+    region: Region,
 }
 
 const LOG_KEEP: usize = 1000;
@@ -171,6 +175,10 @@ pub struct Dcm {
     repair_log: VecDeque<RepairRecord>,
     /// When a child was last moved because of its own complaint (rate limit on moves).
     last_moved: HashMap<PeerId, u64>,
+    /// Set while a DCM that took over collects one round of heartbeats (server ms deadline).
+    recovering_until: Option<u64>,
+    /// Joins that arrived while recovering, placed once the topology is rebuilt.
+    deferred_joins: Vec<DcmEvent>,
 }
 
 impl Dcm {
@@ -208,10 +216,110 @@ impl Dcm {
             congestion_log: VecDeque::new(),
             repair_log: VecDeque::new(),
             last_moved: HashMap::new(),
+            recovering_until: None,
+            deferred_joins: Vec::new(),
         }
     }
 
-    pub async fn run(mut self, mut events: mpsc::Receiver<DcmEvent>) {
+    /// A DCM taking over from one that failed. It adopts the channel's sessions and the origin's
+    /// push list as they were (so roots keep receiving), sends nothing, and collects heartbeats
+    /// for `1.5` intervals; then [`Dcm::finish_recovery`] rebuilds the topology from the links
+    /// the heartbeats report, keeping every consistent one, so viewers notice nothing.
+    pub fn take_over(channel: Arc<Channel>, config: &Config, now: u64) -> Self {
+        let mut dcm = Dcm::new(channel, config);
+        if let Ok(a) = dcm.channel.attachments.lock() {
+            for (peer, att) in &a.sessions {
+                dcm.peers.insert(
+                    *peer,
+                    PeerEntry {
+                        out: att.out.clone(),
+                        upload_kbps: att.upload_kbps,
+                        region: att.region,
+                    },
+                );
+                dcm.history.joined(*peer, att.upload_kbps, now);
+            }
+            dcm.origin_fed = a.origin_fed.clone();
+            dcm.epoch = a.epoch;
+        }
+        dcm.recovering_until = Some(now + dcm.heartbeat_ms * 3 / 2);
+        tracing::warn!(channel = %dcm.channel.name, peers = dcm.peers.len(), "DCM taking over; rebuilding the topology from heartbeats");
+        dcm
+    }
+
+    /// Whether this DCM is still collecting heartbeats after taking over.
+    pub fn recovering(&self) -> bool {
+        self.recovering_until.is_some()
+    }
+
+    /// Rebuilds the topology from the heartbeats received since taking over. Peers whose
+    /// reported links are all consistent get no message; the others are placed and told.
+    pub fn finish_recovery(&mut self, now: u64) {
+        if self.recovering_until.take().is_none() {
+            return;
+        }
+        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        ids.sort();
+        let changes = match &mut self.planner {
+            Planner::Flat(tree) => {
+                // TEMPORARY until MultiTree::restore lands: re-place everyone.
+                let mut fresh = crate::topology::MultiTree::new(tree.config().clone());
+                let mut changes = crate::topology::Changes::default();
+                for p in &ids {
+                    let kbps = placement_kbps(self.peers[p].upload_kbps);
+                    changes.affected.extend(fresh.join(*p, kbps).affected);
+                }
+                *tree = fresh;
+                changes
+            }
+            Planner::Tiered(_) => {
+                // The hierarchy is re-placed from scratch (restoring it link by link is future
+                // work): every peer gets new instructions.
+                let mut changes = crate::topology::Changes::default();
+                for p in &ids {
+                    let (region, kbps) = (self.peers[p].region, self.peers[p].upload_kbps);
+                    changes
+                        .affected
+                        .extend(self.planner.join(*p, region, placement_kbps(kbps)).affected);
+                }
+                changes
+            }
+        };
+        // Links kept count as created now: they are judged only after the settle time.
+        self.link_since.clear();
+        self.origin_fed.clear();
+        for p in &ids {
+            if let Some(wire) = self.planner.plan(*p) {
+                let pushes = wire.origin_pushes(self.k);
+                if !pushes.is_empty() {
+                    self.origin_fed.insert(*p, pushes);
+                }
+                let links: Vec<(PeerId, u32, u64)> = wire
+                    .substreams
+                    .iter()
+                    .filter_map(|sp| match sp.parent {
+                        Source::Peer { id } => Some((id, sp.index, now)),
+                        Source::Origin => None,
+                    })
+                    .collect();
+                if !links.is_empty() {
+                    self.link_since.insert(*p, links);
+                }
+            }
+        }
+        if let Ok(mut a) = self.channel.attachments.lock() {
+            a.origin_fed = self.origin_fed.clone();
+        }
+        tracing::info!(channel = %self.channel.name, peers = ids.len(), instructed = changes.affected.len(), "DCM took over: topology rebuilt from heartbeats");
+        self.send_instructions(changes.affected, now);
+        for ev in std::mem::take(&mut self.deferred_joins) {
+            self.handle(ev);
+        }
+    }
+
+    /// Runs until the event channel closes. Takes the receiver by reference so that, when this
+    /// DCM fails, its supervisor hands the same queue to the DCM that takes over.
+    pub async fn run(mut self, events: &mut mpsc::Receiver<DcmEvent>) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.heartbeat_ms.max(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -235,7 +343,33 @@ impl Dcm {
                 region,
                 out,
             } => {
-                self.peers.insert(peer, PeerEntry { out, upload_kbps });
+                if self.recovering() {
+                    self.deferred_joins.push(DcmEvent::Join {
+                        peer,
+                        upload_kbps,
+                        region,
+                        out,
+                    });
+                    return;
+                }
+                if let Ok(mut a) = self.channel.attachments.lock() {
+                    a.sessions.insert(
+                        peer,
+                        crate::channel::Attached {
+                            out: out.clone(),
+                            upload_kbps,
+                            region,
+                        },
+                    );
+                }
+                self.peers.insert(
+                    peer,
+                    PeerEntry {
+                        out,
+                        upload_kbps,
+                        region,
+                    },
+                );
                 self.history.joined(peer, upload_kbps, now);
                 let changes = self.planner.join(peer, region, placement_kbps(upload_kbps));
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
@@ -258,10 +392,19 @@ impl Dcm {
             DcmEvent::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot(now));
             }
+            DcmEvent::InjectFailure => {
+                panic!("injected DCM failure (channel {})", self.channel.name)
+            }
         }
     }
 
     fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
+        self.deferred_joins
+            .retain(|e| !matches!(e, DcmEvent::Join { peer: p, .. } if *p == peer));
+        if let Ok(mut a) = self.channel.attachments.lock() {
+            a.sessions.remove(&peer);
+            a.origin_fed.remove(&peer);
+        }
         if self.peers.remove(&peer).is_none() {
             return;
         }
@@ -305,6 +448,10 @@ impl Dcm {
             .heartbeats
             .fetch_add(1, Ordering::Relaxed);
         self.view.ingest(hb, now);
+        if self.recovering() {
+            // Collecting the view only; links are judged once the topology is rebuilt.
+            return;
+        }
         let link_since = &self.link_since;
         let found =
             self.detector
@@ -369,6 +516,12 @@ impl Dcm {
 
     /// Every heartbeat interval: peers gone silent are removed, recovered peers regain capacity.
     pub fn on_tick(&mut self, now: u64) {
+        if let Some(until) = self.recovering_until {
+            if now >= until {
+                self.finish_recovery(now);
+            }
+            return;
+        }
         // Three intervals, but never less than a few seconds: with short intervals a busy server
         // (or a busy peer) must not cut off viewers whose heartbeats are merely late.
         let timeout = (self.heartbeat_ms * 3).max(3000) + 1000;
@@ -409,6 +562,14 @@ impl Dcm {
                 continue;
             };
             let pushes = wire.origin_pushes(self.k);
+            if let Ok(mut a) = self.channel.attachments.lock() {
+                a.epoch = self.epoch;
+                if pushes.is_empty() {
+                    a.origin_fed.remove(&peer);
+                } else {
+                    a.origin_fed.insert(peer, pushes.clone());
+                }
+            }
             if pushes.is_empty() {
                 self.origin_fed.remove(&peer);
             } else {
@@ -462,7 +623,10 @@ impl Dcm {
     }
 
     fn relay_signal(&mut self, from: PeerId, to: PeerId, signal: Signal) {
-        if !self.peers.contains_key(&to) || !self.linked(from, to) {
+        // While recovering the DCM does not know the links yet; peers finishing a connection
+        // their old instructions asked for must not be cut off.
+        let allowed = self.recovering() || self.linked(from, to);
+        if !self.peers.contains_key(&to) || !allowed {
             self.send(
                 from,
                 Outbound::msg(ServerMsg::Error {

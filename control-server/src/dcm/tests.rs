@@ -397,3 +397,100 @@ fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_the
         assert!(h.dcm.planner.plan(*peer).is_some());
     }
 }
+
+/// A heartbeat reporting exactly the links of `plan`.
+fn heartbeat_from_plan(peer: PeerId, plan: &[SubstreamPlan], now: u64) -> Heartbeat {
+    Heartbeat {
+        client_id: peer,
+        seq: 1,
+        local_ts_ms: now,
+        parents: plan
+            .iter()
+            .map(|s| ParentLink {
+                substream: s.index,
+                parent: s.parent,
+                last_seq: Some(100),
+                last_ts_ms: Some(now - 50),
+            })
+            .collect(),
+        children: plan
+            .iter()
+            .flat_map(|s| {
+                s.children.iter().map(move |c| ChildLink {
+                    substream: s.index,
+                    child: *c,
+                    last_seq: Some(100),
+                    last_ts_ms: Some(now - 50),
+                })
+            })
+            .collect(),
+        buffer: vec![0; plan.len()],
+        bytes_from_peers: 0,
+        bytes_from_origin: 0,
+        bytes_up: 0,
+        origin_fallbacks: 0,
+        upload_kbps: 2000,
+        send_backlog_ms: 0,
+    }
+}
+
+#[test]
+fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and_says_nothing() {
+    let mut h = Harness::new();
+    let mut rng = protocol::rng::XorShift::seeded(7);
+    for id in 1..=30 {
+        h.join(id, [300, 800, 2000, 4000][rng.below(4) as usize]);
+    }
+    h.dcm.handle(DcmEvent::Leave { peer: PeerId(5) });
+    h.dcm.handle(DcmEvent::Leave { peer: PeerId(17) });
+    let before: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
+        .dcm
+        .peers
+        .keys()
+        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
+        .collect();
+    let fed_before = h.dcm.origin_fed.clone();
+    for id in 1..=30 {
+        h.latest_plan(id);
+    }
+
+    // The DCM dies; a new one adopts the sessions and hears one heartbeat from everyone.
+    let now = 1_000_000;
+    let mut next = Dcm::take_over(h.dcm.channel.clone(), &Config::default(), now);
+    assert!(next.recovering());
+    assert_eq!(next.peers.len(), before.len());
+    assert_eq!(
+        next.origin_fed, fed_before,
+        "the origin keeps pushing meanwhile"
+    );
+    for (peer, plan) in &before {
+        next.on_heartbeat(
+            *peer,
+            heartbeat_from_plan(*peer, plan, now + 100),
+            now + 100,
+        );
+    }
+    next.on_tick(now + 500);
+    assert!(
+        next.recovering(),
+        "waits 1.5 intervals for everyone's heartbeat"
+    );
+    next.on_tick(now + 1_600);
+    assert!(!next.recovering());
+    for (peer, plan) in &before {
+        assert_eq!(
+            &next.planner.plan(*peer).expect("restored").substreams,
+            plan,
+            "{peer}"
+        );
+    }
+    assert_eq!(next.origin_fed, fed_before);
+    // Nobody is told anything: every link is as it was.
+    for id in 1..=30 {
+        assert!(
+            h.latest_plan(id).is_none(),
+            "peer {id} got new instructions"
+        );
+    }
+    assert!(next.epoch >= h.dcm.epoch, "epochs keep increasing");
+}
