@@ -663,12 +663,14 @@ impl Engine {
         let waited = self.now - t;
         match &self.tiers.coded {
             None => waited >= self.cfg.fallback_after_ms,
-            // Until the group's end is known its parity cannot exist yet; a stream that pauses
-            // mid-group still gets its packets, one more fallback period later.
+            // Until the group's end is known its parity cannot exist yet. A stream that pauses
+            // mid-group still gets its packet from the origin, after half the playout delay
+            // (or two fallback periods if longer) rather than never.
             Some(c) => {
                 let end_known = self.highest_seen.is_some_and(|h| c.group_end(seq) <= h);
-                (end_known && waited >= self.cfg.fallback_after_ms)
-                    || waited >= 2.0 * self.cfg.fallback_after_ms
+                let patience =
+                    (2.0 * self.cfg.fallback_after_ms).max(self.cfg.playout_delay_ms / 2.0);
+                (end_known && waited >= self.cfg.fallback_after_ms) || waited >= patience
             }
         }
     }
@@ -881,3 +883,5 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;

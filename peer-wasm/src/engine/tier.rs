@@ -118,7 +118,7 @@ impl Tiers {
     }
 
     fn wants_parity(&self) -> bool {
-        self.feeds.iter().any(|f| is_parity_feed(f))
+        self.feeds.iter().any(is_parity_feed)
     }
 
     /// Feeds that get packet `seq` as is: `(to, substream)`.
