@@ -78,7 +78,9 @@ impl Tiers {
                         })
                     })
                 } else {
-                    Err(FecError::OutOfRange { k: s.k, n: s.n })
+                    Err(FecError::Inconsistent(
+                        "coded tier's k differs from the Welcome's substreams",
+                    ))
                 };
                 match built {
                     Ok(c) => self.coded = Some(c),
