@@ -1,11 +1,15 @@
 // Viewer page: loads the wasm peer, plays the channel and shows live statistics.
-// Query options: channel (default "demo"), upload (kbit/s, default 2000), decode (1/0).
+// Query options: channel (default "demo"), upload (kbit/s, default 2000), decode (1/0),
+// region (a region hint, honoured only by servers allowing it) and network (declared access
+// network: dsl, cable, fiber, mobile, satellite, other).
 import init, { P2pPeer } from './pkg/peer.js';
 
 const params = new URLSearchParams(location.search);
 const channel = params.get('channel') || 'demo';
 const upload = Number(params.get('upload') || 2000);
 const decode = params.get('decode') !== '0';
+const region = params.get('region') || undefined;
+const network = params.get('network') || undefined;
 document.getElementById('channel').textContent = channel;
 
 const fmtBytes = (n) => n > 1e6 ? (n / 1e6).toFixed(2) + ' MB' : (n / 1e3).toFixed(1) + ' kB';
@@ -21,6 +25,10 @@ function render(s) {
     ['uploaded', fmtBytes(s.bytes_up) + ' (cap ' + s.upload_kbps + ' kbit/s)'],
     ['connected peers', s.connected_peers],
     ['origin fallbacks', s.origin_fallbacks],
+    ['tier', s.tier == null ? 'flat' : s.tier + (s.region ? ' (' + s.region + ')' : '')
+      + (s.plays === false ? ', relay only' : '')],
+    ['mesh neighbours', s.mesh_neighbours ?? 0],
+    ['parity frames / recovered', (s.parity_frames_received ?? 0) + ' / ' + (s.packets_recovered ?? 0)],
     ['buffer', s.buffer_s.toFixed(2) + ' s'],
     ['playing', s.decoding ? (s.playing ? 'yes' : 'no') : 'verify only'],
     ['stalls', s.stalls],
@@ -35,7 +43,7 @@ function render(s) {
 
 async function main() {
   await init();
-  const peer = new P2pPeer({ channel, upload_kbps: upload, decode },
+  const peer = new P2pPeer({ channel, upload_kbps: upload, decode, region, network },
     decode ? document.getElementById('video') : undefined);
   peer.start();
   // Exposed for tests and benchmarks, which read statistics out of the page.

@@ -11,6 +11,9 @@
 //! * [`hash`]: the content hash both the origin and the peers compute over packet ranges, so a
 //!   test can prove a viewer reassembled exactly the origin's bytes.
 //! * [`report`]: the statistics a peer exposes to its page (stats panel, benchmarks).
+//! * [`fec`]: Reed-Solomon coding of packet groups for the coded middle tier, its parity frame
+//!   wire format and the receiver's group assembler.
+//! * [`mesh`]: the top tier's flooding rule with duplicate elimination.
 //!
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 

@@ -51,6 +51,27 @@ pub struct PeerReport {
     pub heartbeats_sent: u64,
     #[serde(default)]
     pub heartbeat_bytes: u64,
+    /// Tier of the peer (`preferred`, `middle`, `bottom`); `None` on a flat channel.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Display name of the peer's region, when the channel has tiers.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Packets rebuilt from parity (coded middle tier) instead of received.
+    #[serde(default)]
+    pub packets_recovered: u64,
+    #[serde(default)]
+    pub parity_frames_received: u64,
+    /// Flooding neighbours (top tier).
+    #[serde(default)]
+    pub mesh_neighbours: u32,
+    /// `false` for a recruited relay that forwards the channel without playing it.
+    #[serde(default = "yes")]
+    pub plays: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Timing of a peer's current parent for one substream (wall clock, ms since the Unix epoch),
@@ -125,6 +146,26 @@ impl LatencyHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_without_tier_fields_still_parse() {
+        let mut v = serde_json::to_value(PeerReport::default()).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            for f in [
+                "tier",
+                "region",
+                "packets_recovered",
+                "parity_frames_received",
+                "mesh_neighbours",
+                "plays",
+            ] {
+                o.remove(f);
+            }
+        }
+        let r: PeerReport = serde_json::from_value(v).unwrap_or_default();
+        assert!(r.plays, "a report from before tiers is a playing peer");
+        assert_eq!(r.tier, None);
+    }
 
     #[test]
     fn quantiles_of_merged_histograms() {

@@ -6,15 +6,41 @@
 //! origin), is forwarded to this peer's children in tree `i` within the upload cap, held until
 //! every earlier packet is present, then delivered in order to the player. A packet still missing
 //! `fallback_after_ms` after a later one arrived is fetched from the origin over HTTP.
+//!
+//! Tiers (`Input::Instructions { tier: Some(..) }`, patent FIG. 3-7); `tier: None` is the flat
+//! multi-tree above, unchanged:
+//!
+//! * **Mesh** (top tier). The peers of `tier.mesh` are neighbours; every packet seen for the first
+//!   time, wherever it came from (mesh, origin push, tree parent, fetch, FEC recovery), is sent to
+//!   each of them except the one it came from. Later copies are counted as duplicates and dropped
+//!   (the held/next-deliver window is the duplicate filter).
+//! * **Coded cluster** (middle tier, `tier.fec = Some { k, n }`): the plan has `k + n` trees. Data
+//!   tree `i < k` relays packets with `seq mod k = i` as before; parity tree `k + j` relays parity
+//!   frames ([`protocol::fec::ParityFrame`]) of shard `k + j` verbatim. Packets and frames go to a
+//!   [`protocol::fec::GroupAssembler`]; packets it rebuilds count as `packets_recovered` and are
+//!   then treated like received ones. A gap is fetched from the origin only `fallback_after_ms`
+//!   after both its noticing and the moment its group's last packet became known to exist, so
+//!   parity always gets its chance: losing up to `n` parents at once costs no origin fetch.
+//! * **Feeds**: `tier.feeds` send substream `s` into another cluster's tree root. Plain feeds (and
+//!   coded ones with `s < k`) send the matching packets; a coded feed with `s >= k` gets parity
+//!   shard `s`, coded here once per group as soon as this peer has all `k` packets of it.
+//! * `plays == false` (a recruited relay): everything above runs, but nothing is delivered.
+//!
+//! Every send, tree, mesh or feed, goes through the one upload token bucket and send queue.
 
+mod heartbeat;
+mod tier;
 mod upload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 
+use protocol::fec::{is_parity_frame, ParityFrame, Recovered};
 use protocol::hash::{packet_hash, RangeHash};
 use protocol::report::LatencyHistogram;
-use protocol::{ChildLink, Heartbeat, Packet, ParentLink, PeerId, Source, SubstreamPlan};
+use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
+
+use tier::Tiers;
 
 pub use upload::TokenBucket;
 
@@ -67,7 +93,10 @@ pub enum Input<'a> {
     },
     Instructions {
         plan: Vec<SubstreamPlan>,
+        /// The peer's place in the hierarchy; `None` on a flat multi-tree channel.
+        tier: Option<TierPlan>,
     },
+    /// A media packet or a parity frame (told apart by the first byte).
     Packet {
         from: From,
         bytes: &'a [u8],
@@ -86,7 +115,7 @@ pub enum Input<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send this packet on the data channel to `to`.
+    /// Send this packet (or parity frame) on the data channel to `to`.
     Send { to: PeerId, packet: Rc<Vec<u8>> },
     /// Fetch packet `seq` from the origin over HTTP.
     Fetch { seq: u64 },
@@ -104,6 +133,36 @@ struct Held {
     arrived_ms: f64,
 }
 
+/// Why a queued send goes to its peer; decides whether it survives a plan change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Down tree `i` of the peer's own cluster.
+    Tree(u32),
+    Mesh,
+    /// Root feed of substream `s` into another cluster.
+    Feed(u32),
+}
+
+/// A packet seen for the first time, on its way through [`Engine::accept`].
+struct Fresh {
+    seq: u64,
+    packet: Rc<Vec<u8>>,
+    created_ms: u64,
+    /// The neighbour it came from (nothing goes back there).
+    src: Option<PeerId>,
+}
+
+#[derive(Clone)]
+struct Queued {
+    to: PeerId,
+    packet: Rc<Vec<u8>>,
+    queued_ms: f64,
+    via: Via,
+    /// The sequence number the heartbeat reports for this send (for a parity frame, the last
+    /// packet of its group), so the server compares every tree in one unit.
+    report_seq: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub bytes_from_peers: u64,
@@ -118,6 +177,9 @@ pub struct Counters {
     pub on_time: u64,
     pub late: u64,
     pub send_dropped: u64,
+    /// Packets rebuilt from parity instead of received.
+    pub packets_recovered: u64,
+    pub parity_frames_received: u64,
 }
 
 pub struct Engine {
@@ -135,7 +197,9 @@ pub struct Engine {
     gaps: BTreeMap<u64, f64>,
     in_flight: BTreeSet<u64>,
     bucket: TokenBucket,
-    send_queue: VecDeque<(PeerId, Rc<Vec<u8>>, f64, u32)>,
+    send_queue: VecDeque<Queued>,
+    tiers: Tiers,
+    /// Per tree: last seq received from its current parent and when.
     parent_last: Vec<(Option<u64>, Option<u64>)>,
     /// Per substream: when the current parent was assigned and when its first packet came.
     parent_timing: Vec<(f64, Option<f64>)>,
@@ -168,6 +232,7 @@ impl Engine {
             in_flight: BTreeSet::new(),
             bucket,
             send_queue: VecDeque::new(),
+            tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
             child_last: HashMap::new(),
@@ -191,6 +256,30 @@ impl Engine {
 
     pub fn substreams(&self) -> u32 {
         self.k
+    }
+
+    /// Trees of the peer's own cluster: `k`, or `k + n` in a coded cluster.
+    pub fn trees(&self) -> u32 {
+        self.tiers.trees(self.k)
+    }
+
+    /// The peer's tier, `None` on a flat channel.
+    pub fn tier(&self) -> Option<TierName> {
+        self.tiers.tier_name()
+    }
+
+    pub fn tier_plan(&self) -> Option<&TierPlan> {
+        self.tiers.plan.as_ref()
+    }
+
+    /// False for a recruited relay, which forwards but does not play.
+    pub fn plays(&self) -> bool {
+        self.tiers.plays()
+    }
+
+    /// Flooding neighbours (peers) of the top tier.
+    pub fn mesh_neighbours(&self) -> &[PeerId] {
+        &self.tiers.mesh
     }
 
     pub fn upload_kbps(&self) -> u32 {
@@ -227,7 +316,7 @@ impl Engine {
                 }
                 self.highest_seen = Some(live_seq.max(start_seq));
             }
-            Input::Instructions { plan } => self.apply_plan(plan, &mut out),
+            Input::Instructions { plan, tier } => self.apply_plan(plan, tier, &mut out),
             Input::Packet { from, bytes } => self.on_packet(from, bytes, &mut out),
             Input::FetchFailed { seq, gone } => {
                 self.in_flight.remove(&seq);
@@ -245,8 +334,20 @@ impl Engine {
         out
     }
 
-    fn apply_plan(&mut self, plan: Vec<SubstreamPlan>, out: &mut Vec<Action>) {
-        let mut next: BTreeSet<PeerId> = BTreeSet::new();
+    fn apply_plan(
+        &mut self,
+        plan: Vec<SubstreamPlan>,
+        tier: Option<TierPlan>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.tiers.apply(tier, self.k).is_err() {
+            // A coded plan this peer cannot follow: the data trees still work, parity is ignored.
+            self.counters.invalid += 1;
+        }
+        let trees = self.trees() as usize;
+        self.parent_last.resize(trees, (None, None));
+        self.parent_timing.resize(trees, (self.now, None));
+        let mut next: BTreeSet<PeerId> = self.tiers.neighbours().collect();
         for s in &plan {
             if let Source::Peer { id } = s.parent {
                 next.insert(id);
@@ -266,6 +367,9 @@ impl Engine {
                 self.parent_timing[i] = (self.now, None);
             }
         }
+        if let Some(me) = self.me {
+            next.remove(&me);
+        }
         for gone in self.neighbours.difference(&next) {
             out.push(Action::Disconnect { peer: *gone });
         }
@@ -276,64 +380,116 @@ impl Engine {
             .iter()
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
-        // A new child of substream i most likely lost its previous parent: hand it the newest
+        // A new child of data tree i most likely lost its previous parent: hand it the newest
         // packet of i we have, so it is fed from the swarm at once instead of waiting for the
-        // next one (or for the origin). A duplicate costs it one ignored packet.
+        // next one (or for the origin). A duplicate costs it one ignored packet. Parity trees
+        // are not primed: one stale shard rebuilds nothing on its own.
         let old_children: BTreeSet<(PeerId, u32)> = self
             .plan
             .iter()
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
         for (child, sub) in children.difference(&old_children) {
-            if let Some(p) = self.recent.iter().rev().find(|p| {
-                protocol::packet::peek_seq(p).map(|q| protocol::substream_of(q, self.k))
-                    == Some(*sub)
+            if let Some((seq, p)) = self.recent.iter().rev().find_map(|p| {
+                protocol::packet::peek_seq(p)
+                    .filter(|q| protocol::substream_of(*q, self.k) == *sub)
+                    .map(|q| (q, p))
             }) {
-                self.send_queue
-                    .push_back((*child, p.clone(), self.now, *sub));
+                self.send_queue.push_back(Queued {
+                    to: *child,
+                    packet: p.clone(),
+                    queued_ms: self.now,
+                    via: Via::Tree(*sub),
+                    report_seq: seq,
+                });
             }
         }
         self.child_last.retain(|key, _| children.contains(key));
-        self.send_queue
-            .retain(|(to, _, _, sub)| children.contains(&(*to, *sub)));
+        let mesh: BTreeSet<PeerId> = self.tiers.mesh.iter().copied().collect();
+        let feeds: BTreeSet<(PeerId, u32)> = self
+            .tiers
+            .feeds
+            .iter()
+            .map(|f| (f.to, f.substream))
+            .collect();
+        self.send_queue.retain(|q| match q.via {
+            Via::Tree(sub) => children.contains(&(q.to, sub)),
+            Via::Mesh => mesh.contains(&q.to),
+            Via::Feed(sub) => feeds.contains(&(q.to, sub)),
+        });
         self.neighbours = next;
         self.plan = plan;
     }
 
+    /// Whether a packet of tree `tree` from `from` came from that tree's current parent; if so,
+    /// records `report_seq` as its progress.
+    fn note_parent(&mut self, tree: u32, from: From, report_seq: u64) {
+        let parent = self.plan.iter().find(|s| s.index == tree).map(|s| s.parent);
+        let from_parent = match (from, parent) {
+            (From::Peer(id), Some(Source::Peer { id: pid })) => id == pid,
+            (From::OriginPush, Some(Source::Origin)) => true,
+            _ => false,
+        };
+        if !from_parent {
+            return;
+        }
+        if let Some(slot) = self.parent_last.get_mut(tree as usize) {
+            *slot = (Some(report_seq), Some(self.now as u64));
+        }
+        if let Some(t) = self.parent_timing.get_mut(tree as usize) {
+            t.1.get_or_insert(self.now);
+        }
+    }
+
+    fn count_bytes(&mut self, from: From, len: usize) {
+        match from {
+            From::Peer(_) => self.counters.bytes_from_peers += len as u64,
+            From::OriginPush | From::OriginFetch => self.counters.bytes_from_origin += len as u64,
+        }
+    }
+
+    fn queue_tree(
+        &mut self,
+        tree: u32,
+        packet: &Rc<Vec<u8>>,
+        report_seq: u64,
+        src: Option<PeerId>,
+    ) {
+        let Some(s) = self.plan.iter().find(|s| s.index == tree) else {
+            return;
+        };
+        for child in &s.children {
+            if Some(*child) != src {
+                self.send_queue.push_back(Queued {
+                    to: *child,
+                    packet: packet.clone(),
+                    queued_ms: self.now,
+                    via: Via::Tree(tree),
+                    report_seq,
+                });
+            }
+        }
+    }
+
     fn on_packet(&mut self, from: From, bytes: &[u8], out: &mut Vec<Action>) {
+        if is_parity_frame(bytes) {
+            return self.on_parity(from, bytes, out);
+        }
         let Ok(p) = Packet::decode(bytes) else {
             self.counters.invalid += 1;
             return;
         };
         let seq = p.header.seq;
-        let sub = protocol::substream_of(seq, self.k);
+        self.count_bytes(from, bytes.len());
         match from {
-            From::Peer(_) => {
-                self.counters.bytes_from_peers += bytes.len() as u64;
-                self.counters.packets_from_peers += 1;
-            }
-            From::OriginPush | From::OriginFetch => {
-                self.counters.bytes_from_origin += bytes.len() as u64;
-                self.counters.packets_from_origin += 1;
-            }
+            From::Peer(_) => self.counters.packets_from_peers += 1,
+            From::OriginPush | From::OriginFetch => self.counters.packets_from_origin += 1,
         }
         self.in_flight.remove(&seq);
         if from == From::OriginFetch {
             self.counters.origin_fallbacks += 1;
         }
-        if let Some(slot) = self.parent_last.get_mut(sub as usize) {
-            let from_parent = match (from, self.plan.get(sub as usize).map(|s| s.parent)) {
-                (From::Peer(id), Some(Source::Peer { id: pid })) => id == pid,
-                (From::OriginPush, Some(Source::Origin)) => true,
-                _ => false,
-            };
-            if from_parent {
-                *slot = (Some(seq), Some(self.now as u64));
-                if let Some(t) = self.parent_timing.get_mut(sub as usize) {
-                    t.1.get_or_insert(self.now);
-                }
-            }
-        }
+        self.note_parent(protocol::substream_of(seq, self.k), from, seq);
         let Some(next) = self.next_deliver else {
             return; // not welcomed yet
         };
@@ -341,27 +497,134 @@ impl Engine {
             self.counters.duplicates += 1;
             return;
         }
-        let packet = Rc::new(bytes.to_vec());
-        // Relay first: children wait on us, the player can wait a few microseconds.
-        if let Some(s) = self.plan.iter().find(|s| s.index == sub) {
-            for child in &s.children {
-                if From::Peer(*child) != from {
-                    self.send_queue
-                        .push_back((*child, packet.clone(), self.now, sub));
-                }
+        let src = match from {
+            From::Peer(id) => Some(id),
+            _ => None,
+        };
+        self.accept(vec![Fresh {
+            seq,
+            packet: Rc::new(bytes.to_vec()),
+            created_ms: p.header.created_ms,
+            src,
+        }]);
+        self.deliver(out);
+    }
+
+    /// A parity frame: relayed down its tree, then given to the assembler.
+    fn on_parity(&mut self, from: From, bytes: &[u8], out: &mut Vec<Action>) {
+        let Ok(f) = ParityFrame::decode(bytes) else {
+            self.counters.invalid += 1;
+            return;
+        };
+        self.count_bytes(from, bytes.len());
+        self.counters.parity_frames_received += 1;
+        let tree = u32::from(f.index);
+        self.note_parent(tree, from, f.last_seq());
+        if self.next_deliver.is_none() {
+            return;
+        }
+        if !self.tiers.first_parity_sight(f.group, f.index) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        let src = match from {
+            From::Peer(id) => Some(id),
+            _ => None,
+        };
+        self.queue_tree(tree, &Rc::new(bytes.to_vec()), f.last_seq(), src);
+        // The frame proves its whole group exists.
+        self.note_exists(f.last_seq());
+        let rebuilt = match self.tiers.coded.as_mut() {
+            Some(c) => c.assembler.add_parity(&f),
+            None => Ok(Vec::new()),
+        };
+        let fresh = self.recovered(rebuilt);
+        self.accept(fresh);
+        self.deliver(out);
+    }
+
+    /// The packets of `rebuilt` not already here, ready for [`Engine::accept`].
+    fn recovered(
+        &mut self,
+        rebuilt: Result<Vec<Recovered>, protocol::fec::FecError>,
+    ) -> Vec<Fresh> {
+        let Ok(rebuilt) = rebuilt else {
+            // Parity that does not fit the packets: nothing rebuilt, the origin fills in.
+            self.counters.invalid += 1;
+            return Vec::new();
+        };
+        let mut fresh = Vec::new();
+        for r in rebuilt {
+            let new =
+                self.next_deliver.is_some_and(|n| r.seq >= n) && !self.held.contains_key(&r.seq);
+            let Ok(p) = Packet::decode(&r.packet) else {
+                continue;
+            };
+            if new {
+                self.counters.packets_recovered += 1;
+                self.in_flight.remove(&r.seq);
+                fresh.push(Fresh {
+                    seq: r.seq,
+                    created_ms: p.header.created_ms,
+                    packet: Rc::new(r.packet),
+                    src: None,
+                });
             }
         }
-        self.note_exists(seq);
-        self.gaps.remove(&seq);
-        self.held.insert(
+        fresh
+    }
+
+    /// Packets seen for the first time (received, fetched or rebuilt): each is relayed down its
+    /// tree, flooded to the mesh, handed to the feeds, held for delivery, and shown to the
+    /// assembler (which may rebuild others of its group, accepted the same way).
+    fn accept(&mut self, mut work: Vec<Fresh>) {
+        while let Some(Fresh {
             seq,
-            Held {
-                packet,
-                created_ms: p.header.created_ms,
-                arrived_ms: self.now,
-            },
-        );
-        self.deliver(out);
+            packet,
+            created_ms,
+            src,
+        }) = work.pop()
+        {
+            // Relay first: children wait on us, the player can wait a few microseconds.
+            self.queue_tree(protocol::substream_of(seq, self.k), &packet, seq, src);
+            for i in 0..self.tiers.mesh.len() {
+                let to = self.tiers.mesh[i];
+                if Some(to) != src {
+                    self.queue(to, &packet, Via::Mesh, seq);
+                }
+            }
+            for (to, sub) in self.tiers.data_feeds(seq, self.k) {
+                if Some(to) != src {
+                    self.queue(to, &packet, Via::Feed(sub), seq);
+                }
+            }
+            for (to, sub, frame) in self.tiers.parity_for(seq, &packet) {
+                let report_seq = ParityFrame::decode(&frame).map_or(seq, |f| f.last_seq());
+                self.queue(to, &frame, Via::Feed(sub), report_seq);
+            }
+            self.note_exists(seq);
+            self.gaps.remove(&seq);
+            let rebuilt = self.tiers.assemble_packet(seq, &packet);
+            self.held.insert(
+                seq,
+                Held {
+                    packet,
+                    created_ms,
+                    arrived_ms: self.now,
+                },
+            );
+            work.extend(self.recovered(rebuilt));
+        }
+    }
+
+    fn queue(&mut self, to: PeerId, packet: &Rc<Vec<u8>>, via: Via, report_seq: u64) {
+        self.send_queue.push_back(Queued {
+            to,
+            packet: packet.clone(),
+            queued_ms: self.now,
+            via,
+            report_seq,
+        });
     }
 
     /// Packets up to `seq` exist at the origin: every one not yet here becomes a gap, and is
@@ -378,7 +641,37 @@ impl Engine {
                 self.gaps.entry(missing).or_insert(self.now);
             }
         }
+        // Coded cluster: a group's parity can only be made once its last packet exists, so the
+        // fallback clock of its gaps starts no earlier than that.
+        if let Some(c) = &self.tiers.coded {
+            if upto > high {
+                let k = u64::from(c.params.k());
+                let lo = (high + 1) / k * k;
+                for (seq, t) in self.gaps.range_mut(lo..=upto) {
+                    if c.group_end(*seq) <= upto {
+                        *t = t.max(self.now);
+                    }
+                }
+            }
+        }
         self.highest_seen = Some(high.max(upto));
+    }
+
+    /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
+    fn fetch_due(&self, seq: u64, t: f64) -> bool {
+        let waited = self.now - t;
+        match &self.tiers.coded {
+            None => waited >= self.cfg.fallback_after_ms,
+            // Until the group's end is known its parity cannot exist yet. A stream that pauses
+            // mid-group still gets its packet from the origin, after half the playout delay
+            // (or two fallback periods if longer) rather than never.
+            Some(c) => {
+                let end_known = self.highest_seen.is_some_and(|h| c.group_end(seq) <= h);
+                let patience =
+                    (2.0 * self.cfg.fallback_after_ms).max(self.cfg.playout_delay_ms / 2.0);
+                (end_known && waited >= self.cfg.fallback_after_ms) || waited >= patience
+            }
+        }
     }
 
     fn deliver(&mut self, out: &mut Vec<Action>) {
@@ -406,9 +699,12 @@ impl Engine {
             if self.recent.len() > 2 * self.k as usize {
                 self.recent.pop_front();
             }
-            out.push(Action::Deliver {
-                payload: p.payload.to_vec(),
-            });
+            // A recruited relay verifies and forwards but has no player.
+            if self.tiers.plays() {
+                out.push(Action::Deliver {
+                    payload: p.payload.to_vec(),
+                });
+            }
             self.next_deliver = Some(next + 1);
         }
     }
@@ -434,9 +730,7 @@ impl Engine {
         let due: Vec<u64> = self
             .gaps
             .iter()
-            .filter(|(seq, t)| {
-                !self.in_flight.contains(seq) && self.now - **t >= self.cfg.fallback_after_ms
-            })
+            .filter(|(seq, t)| !self.in_flight.contains(seq) && self.fetch_due(**seq, **t))
             .map(|(s, _)| *s)
             .take(32)
             .collect();
@@ -451,21 +745,27 @@ impl Engine {
             }
         }
         // Sends within the upload cap; stale ones are dropped.
-        while let Some((to, packet, queued, sub)) = self.send_queue.front().cloned() {
-            if self.now - queued > self.cfg.send_timeout_ms {
+        while let Some(q) = self.send_queue.front() {
+            if self.now - q.queued_ms > self.cfg.send_timeout_ms {
                 self.send_queue.pop_front();
                 self.counters.send_dropped += 1;
                 continue;
             }
-            if !self.bucket.try_take(packet.len(), self.now) {
+            if !self.bucket.try_take(q.packet.len(), self.now) {
                 break;
             }
-            self.send_queue.pop_front();
-            self.counters.bytes_up += packet.len() as u64;
-            if let Some(seq) = protocol::packet::peek_seq(&packet) {
-                self.child_last.insert((to, sub), (seq, self.now as u64));
+            let Some(q) = self.send_queue.pop_front() else {
+                break;
+            };
+            self.counters.bytes_up += q.packet.len() as u64;
+            if let Via::Tree(sub) = q.via {
+                self.child_last
+                    .insert((q.to, sub), (q.report_seq, self.now as u64));
             }
-            out.push(Action::Send { to, packet });
+            out.push(Action::Send {
+                to: q.to,
+                packet: q.packet,
+            });
         }
     }
 
@@ -473,7 +773,7 @@ impl Engine {
     pub fn send_backlog_ms(&self) -> f64 {
         self.send_queue
             .front()
-            .map_or(0.0, |(_, _, queued, _)| (self.now - queued).max(0.0))
+            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0))
     }
 
     /// True once per backlog episode when the upload queue has been stuck for a while: the
@@ -485,88 +785,6 @@ impl Engine {
         fire
     }
 
-    /// Packets held per substream ahead of the playout point (FIG. 9 Buffersize S_i).
-    pub fn buffered_per_substream(&self) -> Vec<u32> {
-        let mut v = vec![0u32; self.k as usize];
-        for seq in self.held.keys() {
-            if let Some(slot) = v.get_mut(protocol::substream_of(*seq, self.k) as usize) {
-                *slot += 1;
-            }
-        }
-        v
-    }
-
-    /// Builds the next FIG. 9 heartbeat.
-    pub fn heartbeat(&mut self) -> Option<Heartbeat> {
-        let me = self.me?;
-        self.hb_seq += 1;
-        let parents = self
-            .plan
-            .iter()
-            .map(|s| {
-                let (last_seq, last_ts_ms) = self
-                    .parent_last
-                    .get(s.index as usize)
-                    .copied()
-                    .unwrap_or((None, None));
-                ParentLink {
-                    substream: s.index,
-                    parent: s.parent,
-                    last_seq,
-                    last_ts_ms,
-                }
-            })
-            .collect();
-        let children = self
-            .plan
-            .iter()
-            .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
-            .map(|(child, substream)| {
-                let last = self.child_last.get(&(child, substream));
-                ChildLink {
-                    substream,
-                    child,
-                    last_seq: last.map(|l| l.0),
-                    last_ts_ms: last.map(|l| l.1),
-                }
-            })
-            .collect();
-        Some(Heartbeat {
-            client_id: me,
-            seq: self.hb_seq,
-            local_ts_ms: self.now as u64,
-            parents,
-            children,
-            buffer: self.buffered_per_substream(),
-            bytes_from_peers: self.counters.bytes_from_peers,
-            bytes_from_origin: self.counters.bytes_from_origin,
-            bytes_up: self.counters.bytes_up,
-            origin_fallbacks: self.counters.origin_fallbacks,
-            upload_kbps: self.bucket.rate_kbps(),
-            send_backlog_ms: self.send_backlog_ms() as u32,
-        })
-    }
-
-    /// Current parent per substream with its timing (for statistics).
-    pub fn link_stats(&self) -> Vec<protocol::report::LinkStat> {
-        self.plan
-            .iter()
-            .map(|s| {
-                let (since, first) = self
-                    .parent_timing
-                    .get(s.index as usize)
-                    .copied()
-                    .unwrap_or((0.0, None));
-                protocol::report::LinkStat {
-                    substream: s.index,
-                    parent: s.parent,
-                    since_ms: since,
-                    first_packet_ms: first,
-                }
-            })
-            .collect()
-    }
-
     pub fn neighbours(&self) -> impl Iterator<Item = &PeerId> {
         self.neighbours.iter()
     }
@@ -574,3 +792,5 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;

@@ -81,10 +81,13 @@ impl Sim {
             (4, plan([p(1), p(2)], [vec![], vec![]])),
         ];
         for (id, pl) in plans {
-            engines
-                .get_mut(&id)
-                .unwrap()
-                .handle(Input::Instructions { plan: pl }, 0.0);
+            engines.get_mut(&id).unwrap().handle(
+                Input::Instructions {
+                    plan: pl,
+                    tier: None,
+                },
+                0.0,
+            );
         }
         Sim {
             engines,

@@ -1,6 +1,10 @@
 //! Upload cap: a token bucket in bits, so a peer never uploads more than it declared to the
 //! control center (the multi-tree's fan-out was computed from that declaration).
 
+/// The largest thing the engine sends is a parity frame of a maximal packet (a little larger
+/// than the packet itself); the bucket must always be able to hold one.
+const MIN_BURST_BITS: f64 = 8.0 * protocol::fec::MAX_PARITY_FRAME as f64;
+
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate_bps: f64,
@@ -13,9 +17,8 @@ impl TokenBucket {
     /// `burst_ms` of traffic at the full rate may go out back to back.
     pub fn new(rate_kbps: u32, burst_ms: f64, now_ms: f64) -> Self {
         let rate_bps = f64::from(rate_kbps) * 1000.0;
-        // At least one maximal packet must fit, or a slow peer could never send anything.
-        let burst_bits =
-            (rate_bps * burst_ms / 1000.0).max(8.0 * protocol::packet::MAX_PACKET_SIZE as f64);
+        // At least one maximal frame must fit, or a slow peer could never send anything.
+        let burst_bits = (rate_bps * burst_ms / 1000.0).max(MIN_BURST_BITS);
         TokenBucket {
             rate_bps,
             burst_bits,
@@ -30,8 +33,7 @@ impl TokenBucket {
         let old = self.rate_bps;
         self.rate_bps = f64::from(rate_kbps) * 1000.0;
         if old > 0.0 {
-            let min = 8.0 * protocol::packet::MAX_PACKET_SIZE as f64;
-            self.burst_bits = (self.burst_bits * self.rate_bps / old).max(min);
+            self.burst_bits = (self.burst_bits * self.rate_bps / old).max(MIN_BURST_BITS);
             self.tokens = self.tokens.min(self.burst_bits);
         }
     }
@@ -90,8 +92,8 @@ mod tests {
         while b.try_take(1000, 0.0) {
             sent += 1000;
         }
-        // At most one maximal packet's worth, not the 250 kB saved at 2000 kbit/s.
-        assert!(sent <= protocol::packet::MAX_PACKET_SIZE, "sent {sent}");
+        // At most one maximal frame's worth, not the 250 kB saved at 2000 kbit/s.
+        assert!(sent <= protocol::fec::MAX_PARITY_FRAME, "sent {sent}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use protocol::report::PeerReport;
-use protocol::{ClientMsg, PeerId, ServerMsg, PROTOCOL_VERSION};
+use protocol::{ClientMsg, PeerId, ServerMsg, TierName, PROTOCOL_VERSION};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -34,6 +34,10 @@ struct Options {
     /// Access token, sent as `?token=` on the control WebSocket (servers started with
     /// `--viewer-token` require it).
     token: Option<String>,
+    /// Region to ask to be placed in (honoured only by servers allowing region hints).
+    region: Option<String>,
+    /// Declared access network (`dsl`, `cable`, `fiber`, `mobile`, `satellite`, `other`).
+    network: Option<String>,
 }
 
 impl Default for Options {
@@ -45,6 +49,8 @@ impl Default for Options {
             decode: true,
             ice_servers: None,
             token: None,
+            region: None,
+            network: None,
         }
     }
 }
@@ -82,7 +88,8 @@ pub struct P2pPeer {
 
 #[wasm_bindgen]
 impl P2pPeer {
-    /// `options`: `{ server?, channel, upload_kbps, decode, ice_servers? }`; `video`: the element to
+    /// `options`: `{ server?, channel, upload_kbps, decode, ice_servers?, token?, region?,
+    /// network? }`; `video`: the element to
     /// play into (ignored when `decode` is false).
     #[wasm_bindgen(constructor)]
     pub fn new(options: JsValue, video: Option<HtmlVideoElement>) -> Result<P2pPeer, JsError> {
@@ -169,6 +176,16 @@ impl Drop for P2pPeer {
     }
 }
 
+/// The tier's wire name (`preferred`, `middle`, `bottom`), as the server spells it.
+fn tier_name(t: TierName) -> String {
+    match t {
+        TierName::Preferred => "preferred",
+        TierName::Middle => "middle",
+        TierName::Bottom => "bottom",
+    }
+    .to_string()
+}
+
 /// Runs `f` on the shared state if it is still alive and not borrowed (events can only
 /// arrive from the JS event loop, so a failed borrow means a bug, not a race; we skip).
 fn with(me: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner)) {
@@ -205,8 +222,8 @@ impl Inner {
                     version: PROTOCOL_VERSION,
                     channel: i.opts.channel.clone(),
                     upload_kbps: i.opts.upload_kbps,
-                    region: None,
-                    network: None,
+                    region: i.opts.region.clone(),
+                    network: i.opts.network.clone(),
                 };
                 i.send_ctrl(&join);
             })
@@ -221,6 +238,8 @@ impl Inner {
                 if let Some(text) = data.as_string() {
                     i.on_server_text(&text);
                 } else if data.is_instance_of::<js_sys::ArrayBuffer>() {
+                    // A packet or, for coded roots the origin feeds, a parity frame: the engine
+                    // tells them apart by the first byte.
                     let bytes = js_sys::Uint8Array::new(&data).to_vec();
                     i.feed(Input::Packet {
                         from: From::OriginPush,
@@ -337,9 +356,12 @@ impl Inner {
                     live_seq,
                 });
             }
-            ServerMsg::Instructions { substreams, .. } => {
-                self.feed(Input::Instructions { plan: substreams })
-            }
+            ServerMsg::Instructions {
+                substreams, tier, ..
+            } => self.feed(Input::Instructions {
+                plan: substreams,
+                tier,
+            }),
             ServerMsg::LiveEdge { seq } => self.feed(Input::LiveEdge { seq }),
             ServerMsg::Signal { from, signal } => {
                 if !self.links.contains_key(&from) {
@@ -520,6 +542,12 @@ impl Inner {
             links: self.engine.link_stats(),
             heartbeats_sent: self.heartbeats_sent,
             heartbeat_bytes: self.heartbeat_bytes,
+            tier: self.engine.tier().map(tier_name),
+            region: self.engine.tier_plan().map(|t| t.region.clone()),
+            packets_recovered: c.packets_recovered,
+            parity_frames_received: c.parity_frames_received,
+            mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
+            plays: self.engine.plays(),
         }
     }
 

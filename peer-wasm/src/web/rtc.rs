@@ -25,6 +25,9 @@ const MAX_QUEUE: usize = 512;
 /// Events a link reports to the peer.
 pub(crate) enum LinkEvent {
     Signal(PeerId, Signal),
+    /// A binary message: a media packet or a parity frame (the engine dispatches on the first
+    /// byte). Messages are whole frames of up to `protocol::fec::MAX_PARITY_FRAME` bytes, far
+    /// below any browser's SCTP message limit (Chrome and Firefox take 256 KiB).
     Packet(PeerId, Vec<u8>),
     /// The channel opened or drained: queued packets can go.
     Writable(PeerId),

@@ -101,7 +101,8 @@ async fn two_links_exchange_packets_over_a_real_data_channel() {
         a.offer();
         // Queued before the channel is open: must not be lost.
         a.send(Rc::new(vec![1, 2, 3]));
-        a.send(Rc::new(vec![4; 16 * 1024]));
+        // The largest frame the engine sends: a parity frame of a maximal packet.
+        a.send(Rc::new(vec![4; protocol::fec::MAX_PARITY_FRAME]));
     }
     for _ in 0..200 {
         if received.borrow().len() >= 2 {
@@ -112,7 +113,7 @@ async fn two_links_exchange_packets_over_a_real_data_channel() {
     let got = received.borrow().clone();
     assert_eq!(got.len(), 2, "packets received: {}", got.len());
     assert_eq!(got[0], vec![1, 2, 3]);
-    assert_eq!(got[1], vec![4; 16 * 1024]);
+    assert_eq!(got[1], vec![4; protocol::fec::MAX_PARITY_FRAME]);
     assert!(a_slot.borrow().as_ref().unwrap().is_open());
     // Dropping a link closes its connection and detaches its callbacks.
     a_slot.borrow_mut().take();
