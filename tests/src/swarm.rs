@@ -170,9 +170,15 @@ impl Swarm {
             .browser
             .new_page_with(&url, PageOptions { new_window: decode })
             .await?;
-        page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
+        if let Err(e) = page
+            .wait_for("window.p2p !== undefined", Duration::from_secs(20))
             .await
-            .context("viewer page did not start its peer")?;
+        {
+            bail!(
+                "viewer page {url} did not start its peer: {e:#}; console errors: {:?}",
+                page.console_errors()
+            );
+        }
         self.viewers.push(Viewer {
             page: Some(page),
             decode,

@@ -57,6 +57,15 @@ pub fn build_wasm() -> Result<()> {
         .arg(&out_dir)
         .args(["--out-name", "peer"])
         .arg(&wasm))?;
+    // A dependency that links a bare `extern "C"` symbol on wasm32 makes wasm-bindgen import a
+    // module named "env", which no browser provides: every page would fail to load.
+    let js = std::fs::read_to_string(out_dir.join("peer.js"))?;
+    if js.contains("from \"env\"") || js.contains("from 'env'") {
+        anyhow::bail!(
+            "web/pkg/peer.js imports the module \"env\": some dependency links a bare extern symbol \
+             on wasm32 (e.g. `instant` without its wasm-bindgen feature); browsers cannot load it"
+        );
+    }
     println!("wrote {}/peer.js and peer_bg.wasm", out_dir.display());
     Ok(())
 }

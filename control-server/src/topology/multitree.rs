@@ -47,6 +47,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::{PeerId, Source, SubstreamPlan};
 
+mod restore;
+#[cfg(test)]
+mod restore_tests;
+
+pub use restore::ObservedPeer;
+
 /// Candidates examined when looking for a slot outside a subtree that is being moved; beyond
 /// this the subtree goes to the origin rather than make a leave expensive.
 const MAX_SCAN: usize = 256;
