@@ -34,6 +34,10 @@
 //! * **Bulk build.** [`MultiTree::build`] lays out many peers at once in the shape greedy joins
 //!   aim at (forwarders balanced over the trees, breadth first, leaves below), for a
 //!   hierarchy's initial build.
+//! * **Restore.** [`MultiTree::restore`] rebuilds the trees from the parents peers report in
+//!   their heartbeats, for a DCM taking over a channel: every consistent link is kept, so peers
+//!   that run a consistent plan hear nothing, and the rest is placed as joins would place it
+//!   (`multitree/restore.rs`).
 //!
 //! Per tree, ordered indexes of interior nodes keyed by depth (with a free slot, with a leaf
 //! child, feeding only leaves) make "shallowest free slot", "shallowest leaf" and "deepest

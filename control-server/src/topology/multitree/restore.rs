@@ -104,9 +104,10 @@ impl MultiTree {
             .collect();
         m.assign_interior_trees(&reports, &claimants);
 
+        // The primitives record whom they touch; restore compares with the reports instead.
         let mut scratch = BTreeSet::new();
-        for t in 0..k {
-            m.restore_tree(t, &reports, &claimants[t], &mut scratch);
+        for (t, of_tree) in claimants.iter().enumerate() {
+            m.restore_tree(t, &reports, of_tree, &mut scratch);
         }
 
         let mut affected = BTreeSet::new();
