@@ -783,6 +783,10 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     }
     let mut report = swarm.report(args.seconds).await?;
     let topo = swarm.topology().await?;
+    // For debugging a run: the final topology as the DCM sees it.
+    if let Some(path) = std::env::var_os("P2P_SWARM_TOPOLOGY") {
+        std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
+    }
     report.viewers = args.viewers;
     report.repair_ms = Pct::of(repairs.clone());
     report.repairs_measured = repairs.len();

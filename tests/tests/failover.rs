@@ -24,7 +24,13 @@ async fn plans(swarm: &Swarm) -> Result<BTreeMap<PeerId, Vec<SubstreamPlan>>> {
         .await?
         .peers
         .into_iter()
-        .map(|p| (p.id, p.plan))
+        .map(|mut p| {
+            // Children in id order: heartbeats do not say in which order they were adopted.
+            for s in &mut p.plan {
+                s.children.sort();
+            }
+            (p.id, p.plan)
+        })
         .collect())
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{now_ms, Channel};
 use crate::config::Config;
+use crate::topology::multitree::ObservedPeer;
 use crate::topology::region::Region;
 use crate::topology::MultiTreeConfig;
 use history::History;
@@ -262,14 +263,36 @@ impl Dcm {
         ids.sort();
         let changes = match &mut self.planner {
             Planner::Flat(tree) => {
-                // TEMPORARY until MultiTree::restore lands: re-place everyone.
-                let mut fresh = crate::topology::MultiTree::new(tree.config().clone());
-                let mut changes = crate::topology::Changes::default();
+                let observed: Vec<ObservedPeer> = ids
+                    .iter()
+                    .filter_map(|p| {
+                        let state = self.view.get(*p)?;
+                        Some(ObservedPeer {
+                            peer: *p,
+                            upload_kbps: placement_kbps(
+                                self.history
+                                    .effective_kbps(*p)
+                                    .unwrap_or(self.peers[p].upload_kbps),
+                            ),
+                            parents: state
+                                .heartbeat
+                                .parents
+                                .iter()
+                                .map(|l| (l.substream, l.parent))
+                                .collect(),
+                        })
+                    })
+                    .collect();
+                let (restored, mut changes) =
+                    crate::topology::MultiTree::restore(*tree.config(), &observed);
+                *tree = restored;
+                // Sessions that sent no heartbeat in time are placed like joiners.
                 for p in &ids {
-                    let kbps = placement_kbps(self.peers[p].upload_kbps);
-                    changes.affected.extend(fresh.join(*p, kbps).affected);
+                    if self.view.get(*p).is_none() {
+                        let kbps = placement_kbps(self.peers[p].upload_kbps);
+                        changes.affected.extend(tree.join(*p, kbps).affected);
+                    }
                 }
-                *tree = fresh;
                 changes
             }
             Planner::Tiered(_) => {
