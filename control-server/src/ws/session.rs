@@ -265,7 +265,13 @@ impl Session {
                 .await;
         }
         // Bounded so a forged heartbeat cannot make the DCM allocate or iterate much.
-        let k = self.state.config.substreams as usize;
+        // A coded middle tier has up to k + n trees.
+        let k = self.state.config.substreams as usize
+            + if self.state.config.topology.is_some() {
+                usize::from(protocol::fec::MAX_PARITY_SHARDS)
+            } else {
+                0
+            };
         if hb.parents.len() > k || hb.buffer.len() > k || hb.children.len() > 64 * k {
             return self
                 .error(
