@@ -100,23 +100,41 @@ async fn eighteen_viewers_in_three_regions_use_three_tiers_and_lose_nothing_when
                     *carried.entry(id).or_default() += 1;
                 }
             }
-            let mut by_count: Vec<(usize, PeerId)> =
-                carried.into_iter().map(|(id, c)| (c, id)).collect();
-            by_count.sort();
-            let (mut lost, mut chosen) = (0, Vec::new());
-            for (c, id) in by_count {
-                if chosen.len() < n && lost + c <= n && by_peer.contains_key(&id) {
-                    lost += c;
-                    chosen.push(id);
+            // The set of open parents whose trees together are as many as possible but ≤ n (few
+            // parents: every subset is tried); more parents break the tie.
+            let list: Vec<(PeerId, usize)> = carried
+                .into_iter()
+                .filter(|(id, _)| by_peer.contains_key(id))
+                .collect();
+            let mut best: (usize, usize, Vec<PeerId>) = (0, 0, Vec::new());
+            for mask in 1u32..(1 << list.len().min(12)) {
+                let set: Vec<&(PeerId, usize)> = list
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask & (1 << i) != 0)
+                    .map(|(_, x)| x)
+                    .collect();
+                let lost: usize = set.iter().map(|x| x.1).sum();
+                if lost <= n && (lost, set.len()) > (best.0, best.1) {
+                    best = (lost, set.len(), set.iter().map(|x| x.0).collect());
                 }
             }
-            (!chosen.is_empty()).then_some((p.id, chosen))
+            (!best.2.is_empty()).then_some((best.0, p.id, best.2))
         })
-        .max_by_key(|(_, c)| c.len())
+        .max_by_key(|(lost, _, c)| (*lost, c.len()))
+        .map(|(_, m, c)| (m, c))
         .ok_or_else(|| anyhow!("no middle-tier viewer with peer parents: {tiers:?}"))?;
     let m = by_peer[&middle];
     let before = swarm.stats(m).await?;
-    println!("closing parents {parents:?} of middle-tier viewer {m} ({middle})");
+    let lost_trees = topo.peers.iter().find(|p| p.id == middle).map_or(0, |p| {
+        p.plan
+            .iter()
+            .filter(|s| matches!(s.parent, Source::Peer { id } if parents.contains(&id)))
+            .count()
+    });
+    println!(
+        "closing parents {parents:?} of middle-tier viewer {m} ({middle}): {lost_trees} of its trees"
+    );
     for p in &parents {
         swarm.close_viewer(by_peer[p]).await?;
     }

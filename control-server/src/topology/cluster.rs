@@ -339,6 +339,14 @@ impl Cluster {
             quota.push((f.node, dealt(start, f.slots, t, trees)));
             start += f.slots;
         }
+        // Tree t starts with feeder t mod F: when feeders have more slots than roots to feed,
+        // the trees are spread over all of them instead of the first one feeding every tree, so
+        // a member does not depend on a single feeder (the middle tier is fed by ≥ 2 preferred
+        // nodes, and the code absorbs the loss of a feeder carrying ≤ n of a member's trees).
+        if !quota.is_empty() {
+            let r = t as usize % quota.len();
+            quota.rotate_left(r);
+        }
         let mut next = 0;
         self.tree
             .roots(t)
