@@ -22,6 +22,9 @@ pub struct PeerReport {
     pub duplicates: u64,
     /// Packets delivered in order to the player (or the verifier).
     pub packets_played: u64,
+    /// Payload bytes delivered in order to the player (or verified), each packet once.
+    #[serde(default)]
+    pub bytes_played: u64,
     /// Delivered packets that arrived before their playout deadline.
     pub on_time: u64,
     /// Delivered packets that arrived after it (or were skipped).

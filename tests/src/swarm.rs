@@ -401,6 +401,12 @@ pub struct SwarmReport {
     /// counts 1, a substream 1/k), and the P2P share that leaves at best: `1 − copies / N`.
     pub origin_copies: f64,
     pub p2p_share_limit_structural: f64,
+    /// Payload bytes the viewers played (each packet once), and the share of them the server
+    /// did not have to send: `1 − (push + fallback bytes) / bytes_played`. Unlike `p2p_share`
+    /// (received bytes, which on a hierarchy include mesh duplicates and parity), this counts
+    /// useful bytes only.
+    pub bytes_played: u64,
+    pub p2p_share_useful: f64,
 }
 
 impl SwarmReport {
@@ -489,6 +495,15 @@ impl SwarmReport {
             regions: 0,
             origin_copies: 0.0,
             p2p_share_limit_structural: 0.0,
+            bytes_played: reports.iter().map(|r| r.bytes_played).sum(),
+            p2p_share_useful: {
+                let played: u64 = reports.iter().map(|r| r.bytes_played).sum();
+                if played > 0 {
+                    (1.0 - (push + fallback) as f64 / played as f64).max(0.0)
+                } else {
+                    0.0
+                }
+            },
             peak_pss_mb_per_viewer: if n > 0 {
                 swarm.peak_pss_mb / n as f64
             } else {
@@ -520,6 +535,19 @@ impl SwarmReport {
                 self.p2p_share, self.p2p_share_limit
             ),
         );
+        row(
+            "p2p_share_useful",
+            format!(
+                "{:.3} (1 - server bytes / bytes played; structural limit 1-copies/N = {:.3})",
+                self.p2p_share_useful, self.p2p_share_limit_structural
+            ),
+        );
+        if !self.tiers.is_empty() {
+            row(
+                "tiers (regions)",
+                format!("{:?} ({})", self.tiers, self.regions),
+            );
+        }
         row("bytes from origin", self.bytes_from_origin.to_string());
         row("bytes from peers", self.bytes_from_peers.to_string());
         row("origin fallbacks (pkts)", self.origin_fallbacks.to_string());

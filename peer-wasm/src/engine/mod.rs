@@ -174,6 +174,8 @@ pub struct Counters {
     pub duplicates: u64,
     pub invalid: u64,
     pub packets_played: u64,
+    /// Payload bytes handed to the player (or verified), each packet once.
+    pub bytes_played: u64,
     pub on_time: u64,
     pub late: u64,
     pub send_dropped: u64,
@@ -691,6 +693,7 @@ impl Engine {
                 self.counters.late += 1;
             }
             self.counters.packets_played += 1;
+            self.counters.bytes_played += p.payload.len() as u64;
             if let Some(v) = self.verified.as_mut() {
                 v.push(packet_hash(p.payload));
             }

@@ -522,6 +522,7 @@ impl Inner {
             origin_fallbacks: c.origin_fallbacks,
             duplicates: c.duplicates,
             packets_played: c.packets_played,
+            bytes_played: c.bytes_played,
             on_time: c.on_time,
             late: c.late,
             verified_first_seq: verified.map(|v| v.first_seq),
