@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::dcm::planner::Push;
+use crate::dcm::relay::RelayBoard;
 use crate::dcm::{DcmEvent, OutboundTx};
 use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
 use crate::topology::region::Region;
@@ -33,6 +34,8 @@ pub struct ChannelCounters {
     /// Topology repairs: children moved because of congestion, departures, or silent peers.
     pub repairs: AtomicU64,
     pub heartbeats: AtomicU64,
+    /// Peers of other channels recruited to relay this one (claims 19, 43).
+    pub relays_recruited: AtomicU64,
     /// DCM failures survived: each time the channel's DCM died and a new one took over.
     pub dcm_failovers: AtomicU64,
     /// Time from a heartbeat's arrival at its session to the DCM having applied it.
@@ -107,6 +110,8 @@ pub struct Attachments {
 
 pub struct Channel {
     pub name: String,
+    /// Shared by all channels of a server: spare peers and recruit tokens.
+    pub relays: Arc<RelayBoard>,
     /// Survives DCM failures (see [`Attachments`]).
     pub attachments: Mutex<Attachments>,
     pub media: RwLock<Media>,
@@ -125,6 +130,7 @@ impl Channel {
     ) -> Self {
         Channel {
             name,
+            relays: Arc::default(),
             attachments: Mutex::default(),
             media: RwLock::new(Media {
                 init: None,
@@ -135,6 +141,12 @@ impl Channel {
             source_attached: AtomicBool::new(false),
             counters: ChannelCounters::default(),
         }
+    }
+
+    /// Uses the server's shared relay board instead of a private one.
+    pub fn with_relays(mut self, relays: Arc<RelayBoard>) -> Self {
+        self.relays = relays;
+        self
     }
 
     pub fn set_init(&self, init: InitSegment) {

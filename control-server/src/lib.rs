@@ -65,6 +65,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// The operator token in force: configured, or generated at start-up.
     operator_token: Arc<str>,
+    /// Spare peers of all channels and recruit tokens (claims 19, 43).
+    pub relays: Arc<dcm::relay::RelayBoard>,
 }
 
 impl AppState {
@@ -80,6 +82,7 @@ impl AppState {
             next_peer: Arc::new(AtomicU64::new(1)),
             metrics: Arc::default(),
             operator_token,
+            relays: Arc::default(),
         }
     }
 
@@ -141,7 +144,10 @@ impl AppState {
         }
         let (tx, rx) = mpsc::channel(4096);
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
-        let ch = Arc::new(Channel::new(name.to_string(), stream_kbps, window, tx));
+        let ch = Arc::new(
+            Channel::new(name.to_string(), stream_kbps, window, tx)
+                .with_relays(self.relays.clone()),
+        );
         let dcm = Dcm::new(ch.clone(), &self.config);
         // The DCM runs on its own thread: with tens of thousands of sessions sharing the
         // runtime's workers, a task would wait behind them and heartbeats would queue up.

@@ -53,6 +53,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            relay_token: None,
         },
     )
     .await;
@@ -65,6 +66,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            relay_token: None,
         },
     )
     .await;
@@ -77,10 +79,38 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: u32::MAX,
             region: None,
             network: None,
+            relay_token: None,
         },
     )
     .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadCapacity);
+    // A relay token nobody issued, and a network type nobody knows.
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 1,
+            channel: "demo".into(),
+            upload_kbps: 1,
+            region: None,
+            network: None,
+            relay_token: Some("forged".into()),
+        },
+    )
+    .await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::BadRelayToken);
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            version: 1,
+            channel: "demo".into(),
+            upload_kbps: 1,
+            region: None,
+            network: Some("carrier-pigeon".into()),
+            relay_token: None,
+        },
+    )
+    .await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
     join(&mut ws, 500).await;
     send(
         &mut ws,
@@ -90,6 +120,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            relay_token: None,
         },
     )
     .await;

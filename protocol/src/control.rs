@@ -37,6 +37,10 @@ pub enum ClientMsg {
         /// optional sub-criterion of the server's region rules.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<String>,
+        /// Token from a [`ServerMsg::Recruit`]: this session relays the channel for the control
+        /// center without playing it (claims 19, 43).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_token: Option<String>,
     },
     /// WebRTC signaling for a peer the server linked us with.
     Signal { to: PeerId, signal: Signal },
@@ -92,6 +96,14 @@ pub enum ServerMsg {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// The peer has upload to spare and another channel of its region lacks it: open a second
+    /// session to `channel`, joining with `relay_token`, and relay it within `upload_kbps`
+    /// without playing it (claims 19, 43).
+    Recruit {
+        channel: String,
+        relay_token: String,
+        upload_kbps: u32,
     },
 }
 
@@ -200,6 +212,8 @@ pub enum ErrorCode {
     WrongPeer,
     RateLimited,
     BadCapacity,
+    /// A relay token that was never issued, was used, expired, or names another channel.
+    BadRelayToken,
 }
 
 #[cfg(test)]
@@ -214,6 +228,7 @@ mod tests {
             upload_kbps: 2000,
             region: None,
             network: None,
+            relay_token: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

@@ -71,6 +71,9 @@ pub struct PeerReport {
     /// `false` for a recruited relay that forwards the channel without playing it.
     #[serde(default = "yes")]
     pub plays: bool,
+    /// Relay sessions this peer runs for other channels it was recruited into.
+    #[serde(default)]
+    pub relays: Vec<RelayReport>,
 }
 
 fn yes() -> bool {
@@ -79,6 +82,23 @@ fn yes() -> bool {
 
 /// Timing of a peer's current parent for one substream (wall clock, ms since the Unix epoch),
 /// from which benchmarks measure how long a repair took.
+/// A relay session a recruited peer runs for another channel (it forwards, never plays).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RelayReport {
+    pub channel: String,
+    pub peer_id: Option<PeerId>,
+    pub tier: Option<String>,
+    pub plays: bool,
+    pub bytes_up: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub packets_from_peers: u64,
+    pub packets_played: u64,
+    pub connected_peers: u32,
+    pub errors: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkStat {
     pub substream: u32,

@@ -6,6 +6,7 @@
 
 pub mod history;
 pub mod planner;
+pub mod relay;
 pub mod view;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -54,6 +55,8 @@ pub enum DcmEvent {
         upload_kbps: u32,
         /// The peer's region (classified by the session from its address, rules and hint).
         region: Region,
+        /// A recruited relay's session (it forwards without playing).
+        relay: bool,
         out: OutboundTx,
     },
     Leave {
@@ -364,6 +367,7 @@ impl Dcm {
                 peer,
                 upload_kbps,
                 region,
+                relay,
                 out,
             } => {
                 if self.recovering() {
@@ -371,6 +375,7 @@ impl Dcm {
                         peer,
                         upload_kbps,
                         region,
+                        relay,
                         out,
                     });
                     return;
@@ -394,7 +399,12 @@ impl Dcm {
                     },
                 );
                 self.history.joined(peer, upload_kbps, now);
-                let changes = self.planner.join(peer, region, placement_kbps(upload_kbps));
+                let changes = if relay {
+                    self.planner
+                        .join_relay(peer, region, placement_kbps(upload_kbps))
+                } else {
+                    self.planner.join(peer, region, placement_kbps(upload_kbps))
+                };
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
                 self.send_instructions(changes.affected, now);
             }
@@ -428,6 +438,7 @@ impl Dcm {
             a.sessions.remove(&peer);
             a.origin_fed.remove(&peer);
         }
+        self.channel.relays.session_ended(peer);
         if self.peers.remove(&peer).is_none() {
             return;
         }
@@ -572,6 +583,62 @@ impl Dcm {
                 let changes = self.planner.rejoin(peer, placement_kbps(kbps));
                 self.send_instructions(changes.affected, now);
             }
+        }
+        if self.planner.is_tiered() {
+            self.manage_relays(now);
+        }
+    }
+
+    /// Claims 19, 43: offers this channel's peers with upload to spare to the other channels of
+    /// their region, and recruits one relay at a time for a region short of capacity here.
+    fn manage_relays(&mut self, now: u64) {
+        let stream = self
+            .channel
+            .media
+            .read()
+            .map(|m| m.stream_kbps)
+            .unwrap_or(1000);
+        let board = self.channel.relays.clone();
+        for (peer, e) in &self.peers {
+            let Some(plan) = self.planner.plan(*peer) else {
+                continue;
+            };
+            // Relays of this channel are not offered to a third one.
+            if plan.tier.as_ref().is_some_and(|t| !t.plays) {
+                continue;
+            }
+            let capacity =
+                placement_kbps(self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps));
+            let spare = capacity.saturating_sub(Planner::used_kbps(&plan, stream, self.k));
+            if spare >= stream {
+                board.offer(&self.channel.name, e.region, *peer, spare, &e.out);
+            } else {
+                board.withdraw(*peer);
+            }
+        }
+        if board.pending_for(&self.channel.name, now) {
+            return;
+        }
+        // Middle-tier relays take k + n shards: at least one and a half streams.
+        let need = stream.saturating_mul(3) / 2;
+        for region in self.planner.deficits().into_keys() {
+            let Some((relay_token, upload_kbps, out)) =
+                board.recruit(&self.channel.name, region, need, now)
+            else {
+                continue;
+            };
+            tracing::info!(channel = %self.channel.name, upload_kbps, "recruiting a relay from another channel");
+            let msg = ServerMsg::Recruit {
+                channel: self.channel.name.clone(),
+                relay_token,
+                upload_kbps,
+            };
+            let _ = out.try_send(Outbound::msg(msg));
+            self.channel
+                .counters
+                .relays_recruited
+                .fetch_add(1, Ordering::Relaxed);
+            break;
         }
     }
 

@@ -139,6 +139,46 @@ impl Planner {
         }
     }
 
+    /// Places a recruited relay: it forwards this channel without playing it (claims 19, 43).
+    /// A flat channel has no relays; the peer is placed like a viewer.
+    pub fn join_relay(&mut self, peer: PeerId, region: Region, upload_kbps: u32) -> Changes {
+        match self {
+            Planner::Flat(t) => t.join(peer, upload_kbps),
+            Planner::Tiered(t) => {
+                t.regions.insert(peer, region);
+                t.h.set_region_settings(region, t.topo.settings(region));
+                t.h.join_relay(peer, region, upload_kbps)
+            }
+        }
+    }
+
+    /// Regions whose bottom clusters lack forwarding capacity, with the deficit in units of
+    /// `stream / k`; always empty on a flat channel.
+    pub fn deficits(&self) -> BTreeMap<Region, u64> {
+        match self {
+            Planner::Flat(_) => BTreeMap::new(),
+            Planner::Tiered(t) => t.h.deficits(),
+        }
+    }
+
+    /// Upload a plan asks of its peer, kbit/s: a full stream per mesh neighbour, a substream
+    /// per tree child and per feed.
+    pub fn used_kbps(plan: &WirePlan, stream_kbps: u32, k: u32) -> u32 {
+        let unit = u64::from(stream_kbps) / u64::from(k.max(1));
+        let children: u64 = plan
+            .substreams
+            .iter()
+            .map(|s| s.children.len() as u64)
+            .sum();
+        let (mesh, feeds) = plan.tier.as_ref().map_or((0, 0), |t| {
+            (
+                t.mesh.iter().filter(|s| **s != Source::Origin).count() as u64,
+                t.feeds.len() as u64,
+            )
+        });
+        ((children + feeds) * unit + mesh * u64::from(stream_kbps)).min(u64::from(u32::MAX)) as u32
+    }
+
     /// Re-places a peer already known, in its region (after a capacity change).
     pub fn rejoin(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
         let region = match self {

@@ -39,6 +39,7 @@ impl Harness {
         self.outs.insert(PeerId(id), rx);
         self.dcm.handle(DcmEvent::Join {
             region: crate::topology::region::Region::V4([127, 0]),
+            relay: false,
             peer: PeerId(id),
             upload_kbps,
             out,
@@ -247,6 +248,7 @@ impl Harness {
         self.outs.insert(PeerId(id), rx);
         self.dcm.handle(DcmEvent::Join {
             region: crate::topology::region::Region::Named(region),
+            relay: false,
             peer: PeerId(id),
             upload_kbps,
             out,

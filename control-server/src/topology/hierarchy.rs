@@ -265,6 +265,13 @@ impl Hierarchy {
         )
     }
 
+    /// Adds a recruited relay (claims 19, 43): a peer of another channel that forwards this one
+    /// without playing it. It joins the middle tier when it can take the full rate, and is
+    /// never a preferred node.
+    pub fn join_relay(&mut self, peer: PeerId, region: Region, upload_kbps: u32) -> Changes {
+        self.join_as(peer, region, upload_kbps, true)
+    }
+
     fn join_as(&mut self, peer: PeerId, region: Region, upload: u32, relay: bool) -> Changes {
         let mut aff = if self.peers.contains_key(&peer) {
             self.leave(peer)

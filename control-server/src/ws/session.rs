@@ -199,10 +199,11 @@ impl Session {
                     upload_kbps,
                     region,
                     network,
+                    relay_token,
                 },
                 None,
             ) => {
-                self.join(version, channel, upload_kbps, region, network)
+                self.join(version, channel, upload_kbps, region, network, relay_token)
                     .await
             }
             (ClientMsg::Join { .. }, Some(_)) => {
@@ -345,6 +346,7 @@ impl Session {
         upload_kbps: u32,
         region_hint: Option<String>,
         network: Option<String>,
+        relay_token: Option<String>,
     ) -> bool {
         if version != PROTOCOL_VERSION {
             return self
@@ -408,6 +410,27 @@ impl Session {
                 .await;
         };
         let peer = self.state.next_peer_id();
+        // A recruited relay: its token fixes its region and the upload it offers.
+        let (region, upload_kbps, relay) = match &relay_token {
+            None => (region, upload_kbps, false),
+            Some(t) => {
+                match self
+                    .state
+                    .relays
+                    .redeem(t, &ch.name, peer, crate::channel::now_ms())
+                {
+                    Some(g) => (g.region, g.upload_kbps.min(upload_kbps.max(1)), true),
+                    None => return self
+                        .error(
+                            ErrorCode::BadRelayToken,
+                            format!(
+                                "relay token unknown, used, expired or not for channel {channel:?}"
+                            ),
+                        )
+                        .await,
+                }
+            }
+        };
         let base = format!("/api/channels/{}", ch.name);
         let welcome = ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
@@ -432,6 +455,7 @@ impl Session {
                 peer,
                 upload_kbps,
                 region,
+                relay,
                 out: self.out.clone(),
             })
             .await;

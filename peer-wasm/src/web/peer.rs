@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
-use protocol::report::PeerReport;
+use protocol::report::{PeerReport, RelayReport};
 use protocol::{ClientMsg, PeerId, ServerMsg, TierName, PROTOCOL_VERSION};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
@@ -38,6 +38,10 @@ struct Options {
     region: Option<String>,
     /// Declared access network (`dsl`, `cable`, `fiber`, `mobile`, `satellite`, `other`).
     network: Option<String>,
+    /// Set by the peer itself on the relay sessions it opens when recruited (not an option
+    /// for pages).
+    #[serde(skip)]
+    relay_token: Option<String>,
 }
 
 impl Default for Options {
@@ -51,9 +55,13 @@ impl Default for Options {
             token: None,
             region: None,
             network: None,
+            relay_token: None,
         }
     }
 }
+
+/// Relay sessions a page runs at most at once (a misbehaving server cannot make it open more).
+const MAX_RELAY_SESSIONS: usize = 2;
 
 struct Welcome {
     heartbeat_ms: f64,
@@ -79,6 +87,8 @@ struct Inner {
     errors: Vec<String>,
     destroyed: bool,
     ice_servers: JsValue,
+    /// Sessions for other channels this peer was recruited to relay (claims 19, 43).
+    relays: Vec<(String, P2pPeer)>,
 }
 
 #[wasm_bindgen]
@@ -99,11 +109,42 @@ impl P2pPeer {
             serde_wasm_bindgen::from_value(options)
                 .map_err(|e| JsError::new(&format!("invalid options: {e}")))?
         };
+        Self::with_options(opts, video).map_err(|e| JsError::new(&e))
+    }
+
+    /// Connects to the control center and starts receiving.
+    pub fn start(&self) -> Result<(), JsError> {
+        self.start_inner().map_err(|e| JsError::new(&e))
+    }
+
+    /// A snapshot of the peer's statistics (see `protocol::report::PeerReport`).
+    pub fn stats(&self) -> JsValue {
+        let report = self.inner.borrow_mut().report();
+        serde_json::to_string(&report)
+            .ok()
+            .and_then(|s| js_sys::JSON::parse(&s).ok())
+            .unwrap_or(JsValue::NULL)
+    }
+
+    /// Changes the upload cap (kbit/s) at run time.
+    #[wasm_bindgen(js_name = setUploadKbps)]
+    pub fn set_upload_kbps(&self, kbps: u32) {
+        self.inner.borrow_mut().engine.set_upload_kbps(kbps);
+    }
+
+    /// Closes every connection and stops all timers; the object is inert afterwards.
+    pub fn destroy(&self) {
+        self.inner.borrow_mut().shutdown();
+    }
+}
+
+impl P2pPeer {
+    fn with_options(opts: Options, video: Option<HtmlVideoElement>) -> Result<P2pPeer, String> {
         let base_url = match &opts.server {
             Some(s) => s.trim_end_matches('/').to_string(),
             None => web_sys::window()
                 .and_then(|w| w.location().origin().ok())
-                .ok_or_else(|| JsError::new("no server given and no page origin"))?,
+                .ok_or_else(|| "no server given and no page origin".to_string())?,
         };
         let ice_servers = match &opts.ice_servers {
             Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
@@ -135,36 +176,43 @@ impl P2pPeer {
                 errors: Vec::new(),
                 destroyed: false,
                 ice_servers,
+                relays: Vec::new(),
             })
         });
         Ok(P2pPeer { inner })
     }
 
-    /// Connects to the control center and starts receiving.
-    pub fn start(&self) -> Result<(), JsError> {
-        let mut inner = self.inner.borrow_mut();
-        inner.connect().map_err(|e| JsError::new(&e))?;
-        inner.start_tick().map_err(|e| JsError::new(&e))
+    fn start_inner(&self) -> Result<(), String> {
+        let mut inner = self
+            .inner
+            .try_borrow_mut()
+            .map_err(|_| "peer busy".to_string())?;
+        inner.connect()?;
+        inner.start_tick()
     }
 
-    /// A snapshot of the peer's statistics (see `protocol::report::PeerReport`).
-    pub fn stats(&self) -> JsValue {
-        let report = self.inner.borrow_mut().report();
-        serde_json::to_string(&report)
-            .ok()
-            .and_then(|s| js_sys::JSON::parse(&s).ok())
-            .unwrap_or(JsValue::NULL)
-    }
-
-    /// Changes the upload cap (kbit/s) at run time.
-    #[wasm_bindgen(js_name = setUploadKbps)]
-    pub fn set_upload_kbps(&self, kbps: u32) {
-        self.inner.borrow_mut().engine.set_upload_kbps(kbps);
-    }
-
-    /// Closes every connection and stops all timers; the object is inert afterwards.
-    pub fn destroy(&self) {
-        self.inner.borrow_mut().shutdown();
+    /// This session's statistics as a relay entry of the peer that recruited it.
+    fn relay_report(&self, channel: &str) -> RelayReport {
+        let Ok(mut i) = self.inner.try_borrow_mut() else {
+            return RelayReport {
+                channel: channel.to_string(),
+                ..RelayReport::default()
+            };
+        };
+        let r = i.report();
+        RelayReport {
+            channel: channel.to_string(),
+            peer_id: r.peer_id,
+            tier: r.tier,
+            plays: r.plays,
+            bytes_up: r.bytes_up,
+            bytes_from_peers: r.bytes_from_peers,
+            bytes_from_origin: r.bytes_from_origin,
+            packets_from_peers: r.packets_from_peers,
+            packets_played: r.packets_played,
+            connected_peers: r.connected_peers,
+            errors: r.errors,
+        }
     }
 }
 
@@ -224,6 +272,7 @@ impl Inner {
                     upload_kbps: i.opts.upload_kbps,
                     region: i.opts.region.clone(),
                     network: i.opts.network.clone(),
+                    relay_token: i.opts.relay_token.clone(),
                 };
                 i.send_ctrl(&join);
             })
@@ -375,6 +424,41 @@ impl Inner {
             ServerMsg::Error { code, message } => {
                 self.error(format!("server error {code:?}: {message}"))
             }
+            ServerMsg::Recruit {
+                channel,
+                relay_token,
+                upload_kbps,
+            } => self.start_relay(channel, relay_token, upload_kbps),
+        }
+    }
+
+    /// Claims 19, 43: the control center asks this peer to relay another channel with upload it
+    /// has to spare. A second session joins that channel with the token, relays within
+    /// `upload_kbps` and plays nothing.
+    fn start_relay(&mut self, channel: String, relay_token: String, upload_kbps: u32) {
+        if self.opts.relay_token.is_some() || self.relays.len() >= MAX_RELAY_SESSIONS {
+            return self.error(format!("recruit for {channel:?} ignored: no relay slot"));
+        }
+        if upload_kbps > self.opts.upload_kbps {
+            return self.error(format!(
+                "recruit for {channel:?} asks {upload_kbps} kbit/s, more than the {} offered",
+                self.opts.upload_kbps
+            ));
+        }
+        let opts = Options {
+            server: Some(self.base_url.clone()),
+            channel: channel.clone(),
+            upload_kbps,
+            decode: false,
+            relay_token: Some(relay_token),
+            ..self.opts.clone()
+        };
+        match P2pPeer::with_options(opts, None).and_then(|p| {
+            p.start_inner()?;
+            Ok(p)
+        }) {
+            Ok(p) => self.relays.push((channel, p)),
+            Err(e) => self.error(format!("cannot relay {channel:?}: {e}")),
         }
     }
 
@@ -549,6 +633,11 @@ impl Inner {
             parity_frames_received: c.parity_frames_received,
             mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
             plays: self.engine.plays(),
+            relays: self
+                .relays
+                .iter()
+                .map(|(ch, r)| r.relay_report(ch))
+                .collect(),
         }
     }
 
@@ -572,5 +661,8 @@ impl Inner {
         self.ws_closures.clear();
         self.links.clear();
         self.media = None;
+        for (_, r) in self.relays.drain(..) {
+            r.destroy();
+        }
     }
 }
