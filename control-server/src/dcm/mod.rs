@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::{ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, Source};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -166,7 +167,7 @@ pub struct Dcm {
     recent: VecDeque<(u64, Bytes)>,
     /// One Reed-Solomon coder per parity count in use.
     fecs: HashMap<u32, protocol::fec::Fec>,
-    peers: HashMap<PeerId, PeerEntry>,
+    peers: FxHashMap<PeerId, PeerEntry>,
     epoch: u64,
     view: HeartbeatView,
     detector: CongestionDetector,
@@ -174,7 +175,7 @@ pub struct Dcm {
     history: History,
     /// Per child: (parent, substream, since when), server ms. Keyed by child so that updating
     /// one peer's links costs O(k), not a scan of every link of the channel.
-    link_since: HashMap<PeerId, Vec<(PeerId, u32, u64)>>,
+    link_since: FxHashMap<PeerId, Vec<(PeerId, u32, u64)>>,
     congestion_log: VecDeque<CongestionRecord>,
     repair_log: VecDeque<RepairRecord>,
     /// When a child was last moved because of its own complaint (rate limit on moves).
@@ -210,13 +211,13 @@ impl Dcm {
             origin_fed: HashMap::new(),
             recent: VecDeque::new(),
             fecs: HashMap::new(),
-            peers: HashMap::new(),
+            peers: FxHashMap::default(),
             epoch: 0,
             view: HeartbeatView::default(),
             detector: CongestionDetector::new(CongestionConfig::default()),
             production: ProductionLog::default(),
             history: History::default(),
-            link_since: HashMap::new(),
+            link_since: FxHashMap::default(),
             congestion_log: VecDeque::new(),
             repair_log: VecDeque::new(),
             last_moved: HashMap::new(),

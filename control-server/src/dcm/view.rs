@@ -6,7 +6,9 @@
 //! comparing what each side reports with what the origin had produced a grace period earlier.
 //! Pure: time and the origin's production log come in as arguments.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use protocol::{Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
@@ -23,7 +25,9 @@ pub struct PeerState {
 
 #[derive(Debug, Default)]
 pub struct HeartbeatView {
-    peers: HashMap<PeerId, PeerState>,
+    // Fx: peer ids are small integers the server hands out, and this map is hit several times
+    // per heartbeat; SipHash's DoS resistance buys nothing here.
+    peers: FxHashMap<PeerId, PeerState>,
 }
 
 impl HeartbeatView {
@@ -165,14 +169,20 @@ pub struct Congested {
 #[derive(Debug, Default)]
 pub struct CongestionDetector {
     pub cfg: CongestionConfig,
-    strikes: HashMap<(PeerId, PeerId, u32), u32>,
+    strikes: FxHashMap<(PeerId, PeerId, u32), u32>,
+    /// Links judged in the current heartbeat; kept to reuse its allocation.
+    scratch: Vec<Judged>,
 }
+
+/// (parent, child, substream, late, expected, have, parent_side, backlogged)
+type Judged = (PeerId, PeerId, u32, bool, u64, Option<u64>, bool, bool);
 
 impl CongestionDetector {
     pub fn new(cfg: CongestionConfig) -> Self {
         CongestionDetector {
             cfg,
-            strikes: HashMap::new(),
+            strikes: FxHashMap::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -195,7 +205,8 @@ impl CongestionDetector {
             link_since(p, c, s).is_some_and(|since| t >= since + self.cfg.settle_ms)
         };
         // As a child: did each peer parent deliver what the origin produced before the grace?
-        let mut judged = Vec::new();
+        let mut judged = std::mem::take(&mut self.scratch);
+        judged.clear();
         for pl in &me.heartbeat.parents {
             let Source::Peer { id: parent } = pl.parent else {
                 continue;
@@ -210,26 +221,27 @@ impl CongestionDetector {
             let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
             };
-            if !settled_before(parent, peer, pl.substream, created) {
-                continue;
-            }
-            // Only the link's fault if the parent itself had the packet.
-            let parent_has = view
-                .get(parent)
-                .and_then(|ps| {
-                    ps.heartbeat
-                        .parents
-                        .iter()
-                        .find(|x| x.substream == pl.substream)
-                })
-                .and_then(|x| x.last_seq)
-                .is_some_and(|s| s >= expected);
-            let late = pl.last_seq.is_none_or(|s| s < expected);
+            // Cheap test first: in a healthy swarm the child is not late, and the lookups below
+            // (the link's age, the parent's own report: other peers' memory, cache misses at
+            // tens of thousands of heartbeats per second) are skipped.
+            let late = pl.last_seq.is_none_or(|s| s < expected)
+                && settled_before(parent, peer, pl.substream, created)
+                // Only the link's fault if the parent itself had the packet.
+                && view
+                    .get(parent)
+                    .and_then(|ps| {
+                        ps.heartbeat
+                            .parents
+                            .iter()
+                            .find(|x| x.substream == pl.substream)
+                    })
+                    .and_then(|x| x.last_seq)
+                    .is_some_and(|s| s >= expected);
             judged.push((
                 parent,
                 peer,
                 pl.substream,
-                late && parent_has,
+                late,
                 expected,
                 pl.last_seq,
                 false,
@@ -255,13 +267,11 @@ impl CongestionDetector {
                 continue;
             };
             let got_at_server = (got_at as i64 + skew).max(0) as u64;
-            if !settled_before(peer, cl.child, cl.substream, got_at_server) {
-                continue;
-            }
             let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
             let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
-            let late =
-                (waited > self.cfg.grace_ms || backlogged) && cl.last_seq.is_none_or(|s| s < got);
+            let late = (waited > self.cfg.grace_ms || backlogged)
+                && cl.last_seq.is_none_or(|s| s < got)
+                && settled_before(peer, cl.child, cl.substream, got_at_server);
             judged.push((
                 peer,
                 cl.child,
@@ -273,8 +283,12 @@ impl CongestionDetector {
                 backlogged,
             ));
         }
-        for (p, c, s, late, expected, have, parent_side, backlogged) in judged {
+        for &(p, c, s, late, expected, have, parent_side, backlogged) in &judged {
             let key = (p, c, s);
+            if !late && self.strikes.is_empty() {
+                // The common case in a healthy swarm: nothing to clear, no hashing.
+                continue;
+            }
             if !late {
                 // A healthy report from either side clears the link.
                 if !parent_side || !self.strikes.contains_key(&key) {
@@ -298,6 +312,7 @@ impl CongestionDetector {
                 });
             }
         }
+        self.scratch = judged;
         out
     }
 

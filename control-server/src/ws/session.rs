@@ -420,14 +420,16 @@ impl Session {
                     .redeem(t, &ch.name, peer, crate::channel::now_ms())
                 {
                     Some(g) => (g.region, g.upload_kbps.min(upload_kbps.max(1)), true),
-                    None => return self
-                        .error(
-                            ErrorCode::BadRelayToken,
-                            format!(
+                    None => {
+                        return self
+                            .error(
+                                ErrorCode::BadRelayToken,
+                                format!(
                                 "relay token unknown, used, expired or not for channel {channel:?}"
                             ),
-                        )
-                        .await,
+                            )
+                            .await
+                    }
                 }
             }
         };
