@@ -53,6 +53,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            companion: None,
         },
     )
     .await;
@@ -65,6 +66,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            companion: None,
         },
     )
     .await;
@@ -77,6 +79,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: u32::MAX,
             region: None,
             network: None,
+            companion: None,
         },
     )
     .await;
@@ -90,6 +93,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            companion: None,
         },
     )
     .await;

@@ -91,6 +91,7 @@ pub async fn join(ws: &mut Ws, upload_kbps: u32) -> protocol::PeerId {
             upload_kbps,
             region: None,
             network: None,
+            companion: None,
         },
     )
     .await;
