@@ -63,7 +63,11 @@ impl FileInfo {
             return None;
         }
         let start = u64::from(index) * u64::from(self.piece_size);
-        Some(self.size.saturating_sub(start).min(u64::from(self.piece_size)) as usize)
+        Some(
+            self.size
+                .saturating_sub(start)
+                .min(u64::from(self.piece_size)) as usize,
+        )
     }
 }
 

@@ -138,7 +138,7 @@ async fn sim_peer(
         upload_kbps: 2000,
         region: None,
         network: None,
-            companion: None,
+        companion: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

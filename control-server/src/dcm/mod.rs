@@ -455,9 +455,9 @@ impl Dcm {
 
     /// Splits a live session's page upload with a download of the same page: live keeps what
     /// it needs ([`split::split_upload`]). The live peer's fan-out is lowered in place to its
-    /// share, so none of its children moves (a repair would cost them a fallback burst); if its
-    /// current children already need more than the share's fan-out, it keeps them, and the
-    /// share applies from its next placement on.
+    /// share, so none of its children moves (a repair would cost them a fallback burst) and it
+    /// is given no new ones beyond its share. On a hierarchy the share applies from the peer's
+    /// next placement on.
     fn split_upload(
         &mut self,
         peer: PeerId,
@@ -479,7 +479,11 @@ impl Dcm {
         let s = split::split_upload(capacity_kbps, stream_kbps, used, file_rate_kbps);
         self.history.set_ceiling(peer, Some(s.live_kbps));
         let kbps = self.history.effective_kbps(peer).unwrap_or(s.live_kbps);
-        let lowered = self.planner.lower_capacity(peer, placement_kbps(kbps));
+        // Never below what its current children take (the share covers them by construction;
+        // the placement margin may not): it keeps them, and gets no new ones beyond its share.
+        let lowered = self
+            .planner
+            .lower_capacity(peer, placement_kbps(kbps).max(used));
         tracing::info!(channel = %self.channel.name, %peer, capacity_kbps, live_kbps = s.live_kbps, file_kbps = s.file_kbps, lowered, "upload split with a download");
         self.splits.insert(peer, s);
         Some(s)

@@ -43,8 +43,7 @@ pub fn split_upload(
 /// Upload a peer's current plan asks of it: one substream's rate per child in each tree.
 pub fn planned_upload_kbps(plan: &[SubstreamPlan], stream_kbps: u32, k: u32) -> u32 {
     let children: usize = plan.iter().map(|s| s.children.len()).sum();
-    (children as u64 * u64::from(stream_kbps) / u64::from(k.max(1))).min(u64::from(u32::MAX))
-        as u32
+    (children as u64 * u64::from(stream_kbps) / u64::from(k.max(1))).min(u64::from(u32::MAX)) as u32
 }
 
 /// What a live DCM answers when a download of the same page asks for its share.
@@ -64,7 +63,10 @@ mod tests {
         // 2000 kbit/s, a 500 kbit/s live stream, a 1200 kbit/s carousel: the file gets 1200,
         // the live session keeps 800 (its need and the surplus).
         let s = split_upload(2000, 500, 300, 1200);
-        assert_eq!((s.live_need_kbps, s.live_kbps, s.file_kbps), (500, 800, 1200));
+        assert_eq!(
+            (s.live_need_kbps, s.live_kbps, s.file_kbps),
+            (500, 800, 1200)
+        );
     }
 
     #[test]

@@ -74,7 +74,9 @@ mod tests {
 
     #[test]
     fn packets_cycle_through_the_pieces_forever() {
-        let bytes: Vec<u8> = (0..(PIECE_SIZE * 2 + 10)).map(|i| (i % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..(PIECE_SIZE * 2 + 10))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut c = Carousel::new("f.bin", bytes.clone()).unwrap();
         assert_eq!(c.info.pieces, 3);
         let mut rebuilt = Vec::new();

@@ -495,12 +495,12 @@ impl Session {
             return Err(format!("companion {live} is not a joined session"));
         };
         if info.remote != self.remote {
-            return Err(format!(
-                "companion {live} is a session of another address"
-            ));
+            return Err(format!("companion {live} is a session of another address"));
         }
         if info.channel.file().is_some() {
-            return Err(format!("companion {live} is a download, not a live session"));
+            return Err(format!(
+                "companion {live} is a download, not a live session"
+            ));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let asked = info
