@@ -41,6 +41,65 @@ function render(s) {
   document.getElementById('errors').textContent = s.errors.slice(-3).join(' · ');
 }
 
+// Downloads (a file channel received beside the live one, through the same swarm). Offered only
+// when the server lists a file channel.
+let saved = false;
+
+async function offerDownloads(peer) {
+  let list;
+  try {
+    list = (await (await fetch('/api/channels')).json()).channels.filter((c) => c.file);
+  } catch (e) {
+    return; // no list, no downloads: the live channel is unaffected
+  }
+  if (!list.length) return;
+  document.getElementById('downloads').hidden = false;
+  const box = document.getElementById('download-buttons');
+  for (const c of list) {
+    const b = document.createElement('button');
+    b.textContent = `Download ${c.file.name} (${fmtBytes(c.file.size)})`;
+    b.dataset.channel = c.id;
+    b.onclick = () => {
+      try {
+        saved = false;
+        peer.download(c.id);
+        document.getElementById('download-progress').hidden = false;
+      } catch (e) {
+        document.getElementById('download-status').textContent = String(e);
+      }
+    };
+    box.appendChild(b);
+  }
+}
+
+function renderDownload(peer, d) {
+  if (!d) return;
+  const bar = document.getElementById('download-progress');
+  bar.max = d.pieces || 1;
+  bar.value = d.pieces_have;
+  const total = d.bytes_from_peers + d.bytes_from_origin;
+  document.getElementById('download-status').textContent = d.done
+    ? `${d.name}: done in ${(d.elapsed_ms / 1000).toFixed(1)} s, digest ${d.digest} verified, `
+      + `${total ? (100 * d.bytes_from_peers / total).toFixed(0) : 0} % from peers`
+    : `${d.name || d.channel}: ${d.pieces_have}/${d.pieces} pieces, upload share ${d.upload_kbps} kbit/s`
+      + (d.errors.length ? ' · ' + d.errors[d.errors.length - 1] : '');
+  if (d.done && !saved) {
+    saved = true;
+    // A normal browser download of the verified bytes; the object URL is revoked once the
+    // click has handed it to the browser.
+    const blob = peer.downloadBlob();
+    if (!blob) return;
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement('a');
+    a.href = url;
+    a.download = d.name;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  }
+}
+
 async function main() {
   await init();
   const peer = new P2pPeer({ channel, upload_kbps: upload, decode, region, network },
@@ -48,7 +107,12 @@ async function main() {
   peer.start();
   // Exposed for tests and benchmarks, which read statistics out of the page.
   window.p2p = peer;
-  setInterval(() => render(peer.stats()), 500);
+  setInterval(() => {
+    const s = peer.stats();
+    render(s);
+    renderDownload(peer, s.download);
+  }, 500);
+  offerDownloads(peer);
   addEventListener('pagehide', () => peer.destroy());
 }
 

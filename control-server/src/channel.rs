@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -119,6 +119,8 @@ pub struct Channel {
     /// True while a source is attached (a second ingest is refused).
     pub source_attached: AtomicBool,
     pub counters: ChannelCounters,
+    /// Set on a file channel (a carousel of the file's pieces, see [`crate::origin::carousel`]).
+    pub file: OnceLock<protocol::FileInfo>,
 }
 
 impl Channel {
@@ -140,6 +142,7 @@ impl Channel {
             dcm,
             source_attached: AtomicBool::new(false),
             counters: ChannelCounters::default(),
+            file: OnceLock::new(),
         }
     }
 
@@ -172,9 +175,24 @@ impl Channel {
     /// `(start_seq, live_seq)`: where a joiner starts, and the newest packet. Joiners start one
     /// fragment behind the newest random-access point: the extra second of buffer absorbs a
     /// late packet or a repair without a stall, at the cost of a second of delay.
+    /// On a file channel every packet is a starting point: a downloader starts at the newest.
     pub fn live_position(&self) -> Option<(u64, u64)> {
         let m = self.media.read().ok()?;
-        Some((m.window.random_access_back(1)?, m.window.latest_seq()?))
+        let latest = m.window.latest_seq()?;
+        if self.file.get().is_some() {
+            return Some((latest, latest));
+        }
+        Some((m.window.random_access_back(1)?, latest))
+    }
+
+    /// Nominal rate: the live stream's, or a file carousel's.
+    pub fn stream_kbps(&self) -> u32 {
+        self.media.read().map_or(0, |m| m.stream_kbps)
+    }
+
+    /// The file this channel carries, if it is a file channel.
+    pub fn file(&self) -> Option<&protocol::FileInfo> {
+        self.file.get()
     }
 
     pub fn packet(&self, seq: u64) -> Lookup {
@@ -210,6 +228,24 @@ impl Channel {
                 out.push((seq, bytes));
             }
         }
+        self.hand_to_dcm(out).await;
+    }
+
+    /// Stores ready-made packets (a file carousel's) and hands them to the DCM.
+    pub async fn publish_packets(&self, packets: Vec<(u64, Vec<u8>)>) {
+        let mut out = Vec::with_capacity(packets.len());
+        if let Ok(mut m) = self.media.write() {
+            for (seq, p) in packets {
+                let bytes = Bytes::from(p);
+                if m.window.push(seq, bytes.clone(), false).is_ok() {
+                    out.push((seq, bytes));
+                }
+            }
+        }
+        self.hand_to_dcm(out).await;
+    }
+
+    async fn hand_to_dcm(&self, out: Vec<(u64, Bytes)>) {
         self.counters
             .packets_produced
             .fetch_add(out.len() as u64, Ordering::Relaxed);

@@ -38,6 +38,8 @@ pub struct Config {
     pub topology: Option<Arc<TopologyConfig>>,
     /// Largest bottom cluster of the hierarchy (it splits above, merges below a quarter of it).
     pub cluster_max: usize,
+    /// Rate at which the origin sends a file channel's carousel, kbit/s.
+    pub file_kbps: u32,
 }
 
 impl Default for Config {
@@ -56,6 +58,7 @@ impl Default for Config {
             viewer_token: None,
             topology: None,
             cluster_max: 512,
+            file_kbps: 1000,
         }
     }
 }
@@ -78,6 +81,8 @@ pub enum ConfigError {
     TopologyK { topology: u32, substreams: u32 },
     #[error("cluster_max must be at least 2")]
     ClusterMax,
+    #[error("file_kbps must be between 8 and 1000000, got {0}")]
+    FileKbps(u32),
 }
 
 impl Config {
@@ -93,6 +98,9 @@ impl Config {
         }
         if self.max_fanout == 0 {
             return Err(ConfigError::Fanout);
+        }
+        if !(8..=1_000_000).contains(&self.file_kbps) {
+            return Err(ConfigError::FileKbps(self.file_kbps));
         }
         if let Some(o) = self
             .allowed_origins

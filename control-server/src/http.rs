@@ -77,6 +77,8 @@ async fn list_channels(State(state): State<AppState>) -> Json<serde_json::Value>
                 "live": c.source_attached.load(Ordering::Relaxed),
                 "start_seq": pos.map(|p| p.0),
                 "live_seq": pos.map(|p| p.1),
+                // Set on file channels (downloads): name, size, pieces, digest.
+                "file": c.file(),
             })
         })
         .collect();

@@ -52,6 +52,16 @@ pub enum ServerError {
     Dcm(String),
     #[error("media: {0}")]
     Media(#[from] origin::Fmp4Error),
+    #[error("file for channel {0:?} is empty: there is nothing to download")]
+    EmptyFile(String),
+}
+
+/// What the server knows of a joined session, to check a download's `companion`.
+#[derive(Clone)]
+pub struct SessionInfo {
+    pub remote: std::net::IpAddr,
+    pub channel: SharedChannel,
+    pub upload_kbps: u32,
 }
 
 /// Shared server state: configuration and the channel registry.
@@ -67,6 +77,8 @@ pub struct AppState {
     operator_token: Arc<str>,
     /// Spare peers of all channels and recruit tokens (claims 19, 43).
     pub relays: Arc<dcm::relay::RelayBoard>,
+    /// Joined sessions by peer id (a download names its live companion by id).
+    sessions: Arc<RwLock<HashMap<PeerId, SessionInfo>>>,
 }
 
 impl AppState {
@@ -83,7 +95,24 @@ impl AppState {
             metrics: Arc::default(),
             operator_token,
             relays: Arc::default(),
+            sessions: Arc::default(),
         }
+    }
+
+    pub(crate) fn register_session(&self, peer: PeerId, info: SessionInfo) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.insert(peer, info);
+        }
+    }
+
+    pub(crate) fn unregister_session(&self, peer: PeerId) {
+        if let Ok(mut m) = self.sessions.write() {
+            m.remove(&peer);
+        }
+    }
+
+    pub fn session(&self, peer: PeerId) -> Option<SessionInfo> {
+        self.sessions.read().ok()?.get(&peer).cloned()
     }
 
     /// The token that opens the operator dashboard and APIs (configured or generated).
@@ -185,6 +214,12 @@ impl AppState {
         self.start_looped_channel("demo", DEMO_CLIP.to_vec())
     }
 
+    /// Publishes the demo clip itself for download as channel `demo-file` (saved as
+    /// `demo.mp4`), so the demo page can offer a download beside the live channel.
+    pub fn start_demo_file_channel(&self) -> Result<SharedChannel, ServerError> {
+        self.start_file_channel_as("demo-file", "demo.mp4", DEMO_CLIP.to_vec())
+    }
+
     /// Publishes a fragmented MP4 file as an endless live channel (looped, timeline continuous).
     pub fn start_looped_channel(
         &self,
@@ -196,6 +231,37 @@ impl AppState {
         ch.set_init(clip.init.clone());
         ch.source_attached.store(true, Ordering::Relaxed);
         tokio::spawn(origin::ingest::run_looped(ch.clone(), clip));
+        Ok(ch)
+    }
+
+    /// Publishes a file for download as a carousel of pieces (any file type): packet `seq`
+    /// carries piece `seq mod N`, sent round after round at `config.file_kbps`.
+    /// The browser saves it under the channel's name; see [`AppState::start_file_channel_as`].
+    pub fn start_file_channel(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<SharedChannel, ServerError> {
+        self.start_file_channel_as(name, name, data)
+    }
+
+    /// Like [`AppState::start_file_channel`], with the name the browser saves the file under.
+    pub fn start_file_channel_as(
+        &self,
+        name: &str,
+        file_name: &str,
+        data: Vec<u8>,
+    ) -> Result<SharedChannel, ServerError> {
+        let carousel = origin::carousel::Carousel::new(file_name, data)
+            .ok_or_else(|| ServerError::EmptyFile(name.to_string()))?;
+        let ch = self.create_channel(name, self.config.file_kbps)?;
+        let _ = ch.file.set(carousel.info.clone());
+        ch.source_attached.store(true, Ordering::Relaxed);
+        tokio::spawn(origin::carousel::run_carousel(
+            ch.clone(),
+            carousel,
+            self.config.file_kbps,
+        ));
         Ok(ch)
     }
 

@@ -26,6 +26,13 @@ struct Args {
     /// Also publish a fragmented MP4 file, looped as a live channel: NAME=PATH (repeatable).
     #[arg(long = "file", value_name = "NAME=PATH")]
     files: Vec<String>,
+    /// Publish a file (any type) for download beside the live channels, as a carousel of
+    /// pieces distributed through the swarm: NAME=PATH (repeatable).
+    #[arg(long = "download", value_name = "NAME=PATH")]
+    downloads: Vec<String>,
+    /// Rate at which the origin sends each file channel's carousel, kbit/s.
+    #[arg(long, default_value_t = 1000)]
+    file_kbps: u32,
     /// Publish fragmented MP4 read from standard input as channel NAME.
     #[arg(long, value_name = "NAME")]
     stdin: Option<String>,
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         operator_token: args.operator_token.clone(),
         allowed_origins: args.allowed_origins.clone(),
         viewer_token: args.viewer_token.clone(),
+        file_kbps: args.file_kbps,
         ..Config::default()
     };
     config.validate().context("invalid configuration")?;
@@ -128,6 +136,23 @@ async fn main() -> anyhow::Result<()> {
         state
             .start_demo_channel()
             .context("starting the demo channel")?;
+        // The demo page offers this file for download beside the live channel.
+        state
+            .start_demo_file_channel()
+            .context("starting the demo file channel")?;
+    }
+    for spec in &args.downloads {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--download expects NAME=PATH, got {spec:?}"))?;
+        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        let file_name = std::path::Path::new(path)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or(name);
+        state
+            .start_file_channel_as(name, file_name, data)
+            .with_context(|| format!("publishing {path} for download as channel {name:?}"))?;
     }
     for spec in &args.files {
         let (name, path) = spec

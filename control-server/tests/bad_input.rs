@@ -54,6 +54,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         },
     )
     .await;
@@ -67,6 +68,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         },
     )
     .await;
@@ -80,6 +82,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         },
     )
     .await;
@@ -93,6 +96,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: None,
+            companion: None,
             relay_token: Some("forged".into()),
         },
     )
@@ -106,6 +110,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             upload_kbps: 1,
             region: None,
             network: Some("carrier-pigeon".into()),
+            companion: None,
             relay_token: None,
         },
     )
@@ -121,6 +126,7 @@ async fn join_with_bad_version_channel_or_capacity_is_refused() {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         },
     )
     .await;

@@ -41,6 +41,12 @@ pub enum ClientMsg {
         /// center without playing it (claims 19, 43).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay_token: Option<String>,
+        /// For a download session (a file channel): the live session of the same page it
+        /// accompanies. The server then splits the declared `upload_kbps` between the two,
+        /// live first (claim 1), and refuses a companion that is not a session of the same
+        /// address with [`ErrorCode::BadCompanion`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        companion: Option<PeerId>,
     },
     /// WebRTC signaling for a peer the server linked us with.
     Signal { to: PeerId, signal: Signal },
@@ -73,6 +79,15 @@ pub enum ServerMsg {
         start_seq: u64,
         /// Newest packet the origin has produced.
         live_seq: u64,
+        /// Set on a file channel: the file the packets carry (packet `seq` is piece
+        /// `seq mod pieces`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<crate::FileInfo>,
+        /// Upload (kbit/s) the server placed this session with, when it differs from the one
+        /// declared: a download session's share after the live companion took what it needs.
+        /// The peer caps its relaying to it (and its live session to the rest).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_kbps: Option<u32>,
     },
     /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
     Instructions {
@@ -214,6 +229,8 @@ pub enum ErrorCode {
     BadCapacity,
     /// A relay token that was never issued, was used, expired, or names another channel.
     BadRelayToken,
+    /// A download session's `companion` is unknown, not live, or of another address.
+    BadCompanion,
 }
 
 #[cfg(test)]
@@ -229,6 +246,7 @@ mod tests {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

@@ -14,11 +14,13 @@
 //! * [`fec`]: Reed-Solomon coding of packet groups for the coded middle tier, its parity frame
 //!   wire format and the receiver's group assembler.
 //! * [`mesh`]: the top tier's flooding rule with duplicate elimination.
+//! * [`file`]: file channels (a carousel of pieces) and the file digest.
 //!
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 
 pub mod control;
 pub mod fec;
+pub mod file;
 pub mod hash;
 pub mod heartbeat;
 pub mod mesh;
@@ -30,6 +32,7 @@ pub use control::{
     ClientMsg, ErrorCode, FecSpec, Feed, ServerMsg, Signal, Source, SubstreamPlan, TierName,
     TierPlan, PROTOCOL_VERSION,
 };
+pub use file::FileInfo;
 pub use heartbeat::{ChildLink, Heartbeat, ParentLink};
 pub use packet::{Packet, PacketError, PacketHeader};
 

@@ -74,6 +74,51 @@ pub struct PeerReport {
     /// Relay sessions this peer runs for other channels it was recruited into.
     #[serde(default)]
     pub relays: Vec<RelayReport>,
+    /// The file this page downloads beside the live channel, if any (claim 1).
+    #[serde(default)]
+    pub download: Option<DownloadReport>,
+}
+
+/// Progress of a download session (a second session of the page, on a file channel).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DownloadReport {
+    pub channel: String,
+    pub peer_id: Option<PeerId>,
+    /// File name, size and piece count once welcomed.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub pieces: u32,
+    #[serde(default)]
+    pub pieces_have: u32,
+    /// All pieces here and the reassembled bytes match `expected_digest`.
+    #[serde(default)]
+    pub done: bool,
+    /// Digest computed over the reassembled bytes (once complete), and the server's.
+    #[serde(default)]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub expected_digest: String,
+    #[serde(default)]
+    pub bytes_from_peers: u64,
+    #[serde(default)]
+    pub bytes_from_origin: u64,
+    #[serde(default)]
+    pub bytes_up: u64,
+    #[serde(default)]
+    pub origin_fallbacks: u64,
+    /// Upload cap of the download session (its share of the page's upload).
+    #[serde(default)]
+    pub upload_kbps: u32,
+    /// Start of the download → complete, ms.
+    #[serde(default)]
+    pub elapsed_ms: Option<f64>,
+    #[serde(default)]
+    pub plan: Vec<SubstreamPlan>,
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 fn yes() -> bool {

@@ -90,6 +90,17 @@ impl Swarm {
     /// Like [`Swarm::start`]; `regions ≥ 1` runs the three-tier hierarchy with that many
     /// configured regions.
     pub async fn start_with(web_dir: PathBuf, regions: usize) -> Result<Swarm> {
+        Swarm::start_configured(web_dir, regions, |c| c).await
+    }
+
+    /// Like [`Swarm::start_with`], with the server's configuration adjusted by `configure`
+    /// (e.g. a file carousel's rate). More channels can be started on `swarm.state` afterwards
+    /// (e.g. [`AppState::start_file_channel`]).
+    pub async fn start_configured(
+        web_dir: PathBuf,
+        regions: usize,
+        configure: impl FnOnce(Config) -> Config,
+    ) -> Result<Swarm> {
         if !web_dir.join("pkg/peer.js").is_file() {
             bail!(
                 "{} has no built wasm package (pkg/peer.js): run `cargo xtask test` or \
@@ -106,11 +117,11 @@ impl Swarm {
         } else {
             None
         };
-        let config = Config {
+        let config = configure(Config {
             web_dir,
             topology,
             ..base
-        };
+        });
         let state = AppState::new(config);
         state
             .start_demo_channel()
@@ -252,10 +263,15 @@ impl Swarm {
     }
 
     pub async fn topology(&self) -> Result<TopologySnapshot> {
+        self.topology_of("demo").await
+    }
+
+    /// The DCM's current topology of any channel (e.g. a file channel's downloaders).
+    pub async fn topology_of(&self, channel: &str) -> Result<TopologySnapshot> {
         let ch = self
             .state
-            .channel("demo")
-            .ok_or_else(|| anyhow!("demo channel is gone"))?;
+            .channel(channel)
+            .ok_or_else(|| anyhow!("channel {channel:?} is gone"))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         ch.dcm
             .send(DcmEvent::Snapshot { reply: tx })

@@ -139,6 +139,7 @@ async fn sim_peer(
         region: None,
         network: None,
         relay_token: None,
+        companion: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

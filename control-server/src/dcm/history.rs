@@ -21,6 +21,8 @@ struct Record {
     congestion_events: u32,
     last_congestion_ms: Option<u64>,
     last_cap_ms: Option<u64>,
+    /// Upload left to this session when it shares the page's upload with a download (claim 1).
+    ceiling_kbps: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +41,7 @@ impl History {
                 congestion_events: 0,
                 last_congestion_ms: None,
                 last_cap_ms: None,
+                ceiling_kbps: None,
             },
         );
     }
@@ -59,9 +62,19 @@ impl History {
 
     pub fn effective_kbps(&self, peer: PeerId) -> Option<u32> {
         self.peers.get(&peer).map(|r| {
-            r.cap_kbps
-                .map_or(r.declared_kbps, |c| c.min(r.declared_kbps))
+            let own = r
+                .cap_kbps
+                .map_or(r.declared_kbps, |c| c.min(r.declared_kbps));
+            r.ceiling_kbps.map_or(own, |c| c.min(own))
         })
+    }
+
+    /// Sets (or lifts, with `None`) the share of the page's upload this session may use while
+    /// a download of the same page runs beside it.
+    pub fn set_ceiling(&mut self, peer: PeerId, kbps: Option<u32>) {
+        if let Some(r) = self.peers.get_mut(&peer) {
+            r.ceiling_kbps = kbps;
+        }
     }
 
     /// Records a congestion event on one of `peer`'s uplinks; returns the new capacity to place

@@ -7,6 +7,7 @@
 pub mod history;
 pub mod planner;
 pub mod relay;
+pub mod split;
 pub mod view;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -79,6 +80,20 @@ pub enum DcmEvent {
     Snapshot {
         reply: oneshot::Sender<TopologySnapshot>,
     },
+    /// A download session of the same page asks for its share of the page's upload (claim 1):
+    /// this (live) DCM decides the split, live first, keeps `peer` within its share from now on,
+    /// and answers `None` if `peer` is not one of its sessions.
+    SplitUpload {
+        peer: PeerId,
+        capacity_kbps: u32,
+        file_rate_kbps: u32,
+        reply: oneshot::Sender<Option<split::UploadSplit>>,
+    },
+    /// The download beside `peer` ended: it may use the page's whole upload again (from its
+    /// next placement on).
+    EndSplit {
+        peer: PeerId,
+    },
     /// Fault injection for failover tests and drills: the DCM panics, as a bug would make it.
     /// Its supervisor starts a new DCM, which rebuilds the topology from heartbeats.
     InjectFailure,
@@ -115,6 +130,8 @@ pub struct PeerView {
     pub tier: Option<protocol::TierPlan>,
     /// What the origin pushes to this peer on its control socket.
     pub origin_pushes: Vec<Push>,
+    /// Set while a download of the same page shares its upload (claim 1).
+    pub upload_split: Option<split::UploadSplit>,
     pub last_heartbeat: Option<Heartbeat>,
     pub measured_upload_kbps: Option<f64>,
     pub congestion_events: u32,
@@ -184,6 +201,8 @@ pub struct Dcm {
     recovering_until: Option<u64>,
     /// Joins that arrived while recovering, placed once the topology is rebuilt.
     deferred_joins: Vec<DcmEvent>,
+    /// Live sessions sharing their page's upload with a download, and how.
+    splits: HashMap<PeerId, split::UploadSplit>,
 }
 
 impl Dcm {
@@ -223,6 +242,7 @@ impl Dcm {
             last_moved: HashMap::new(),
             recovering_until: None,
             deferred_joins: Vec::new(),
+            splits: HashMap::new(),
         }
     }
 
@@ -426,10 +446,58 @@ impl Dcm {
             DcmEvent::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot(now));
             }
+            DcmEvent::SplitUpload {
+                peer,
+                capacity_kbps,
+                file_rate_kbps,
+                reply,
+            } => {
+                let _ = reply.send(self.split_upload(peer, capacity_kbps, file_rate_kbps));
+            }
+            DcmEvent::EndSplit { peer } => {
+                self.history.set_ceiling(peer, None);
+                self.splits.remove(&peer);
+            }
             DcmEvent::InjectFailure => {
                 panic!("injected DCM failure (channel {})", self.channel.name)
             }
         }
+    }
+
+    /// Splits a live session's page upload with a download of the same page: live keeps what
+    /// it needs ([`split::split_upload`]). The live peer's fan-out is lowered in place to its
+    /// share, so none of its children moves (a repair would cost them a fallback burst) and it
+    /// is given no new ones beyond its share. On a hierarchy the share applies from the peer's
+    /// next placement on.
+    fn split_upload(
+        &mut self,
+        peer: PeerId,
+        capacity_kbps: u32,
+        file_rate_kbps: u32,
+    ) -> Option<split::UploadSplit> {
+        if !self.peers.contains_key(&peer) {
+            return None;
+        }
+        let stream_kbps = self
+            .channel
+            .media
+            .read()
+            .map(|m| m.stream_kbps)
+            .unwrap_or(0);
+        let used = self.planner.plan(peer).map_or(0, |w| {
+            split::planned_upload_kbps(&w.substreams, stream_kbps, self.k)
+        });
+        let s = split::split_upload(capacity_kbps, stream_kbps, used, file_rate_kbps);
+        self.history.set_ceiling(peer, Some(s.live_kbps));
+        let kbps = self.history.effective_kbps(peer).unwrap_or(s.live_kbps);
+        // Never below what its current children take (the share covers them by construction;
+        // the placement margin may not): it keeps them, and gets no new ones beyond its share.
+        let lowered = self
+            .planner
+            .lower_capacity(peer, placement_kbps(kbps).max(used));
+        tracing::info!(channel = %self.channel.name, %peer, capacity_kbps, live_kbps = s.live_kbps, file_kbps = s.file_kbps, lowered, "upload split with a download");
+        self.splits.insert(peer, s);
+        Some(s)
     }
 
     fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
@@ -446,6 +514,7 @@ impl Dcm {
         self.view.remove(peer);
         self.detector.forget_peer(peer);
         self.history.left(peer);
+        self.splits.remove(&peer);
         self.last_moved.remove(&peer);
         // Links where it was the parent are rewritten when its children get new instructions.
         self.link_since.remove(&peer);
@@ -859,6 +928,7 @@ impl Dcm {
                         .unwrap_or_default(),
                     tier: wire.and_then(|w| w.tier),
                     origin_pushes: self.origin_fed.get(id).cloned().unwrap_or_default(),
+                    upload_split: self.splits.get(id).copied(),
                     last_heartbeat: state.map(|s| s.heartbeat.clone()),
                     measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
                     congestion_events: self.history.congestion_events(*id),

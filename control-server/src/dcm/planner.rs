@@ -212,6 +212,15 @@ impl Planner {
         }
     }
 
+    /// Lowers a peer's capacity without moving anyone (flat multi-tree only); false when its
+    /// current children need more, or on a hierarchy (re-placement there is future work).
+    pub fn lower_capacity(&mut self, peer: PeerId, upload_kbps: u32) -> bool {
+        match self {
+            Planner::Flat(t) => t.lower_fanout(peer, upload_kbps),
+            Planner::Tiered(_) => false,
+        }
+    }
+
     pub fn interior_tree(&self, peer: PeerId) -> Option<u32> {
         match self {
             Planner::Flat(t) => t.interior_tree(peer),

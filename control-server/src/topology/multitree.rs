@@ -630,6 +630,34 @@ impl MultiTree {
         self.nodes.get(&peer)?.interior
     }
 
+    /// Lowers a peer's fan-out to what `upload_kbps` allows, in place: no link changes, so its
+    /// children are not disturbed; it just stops being offered new ones beyond the new fan-out.
+    /// Returns false (and changes nothing) when its current children would not fit, or when
+    /// the new fan-out would be 0 for an interior peer (that needs a re-placement).
+    pub fn lower_fanout(&mut self, peer: PeerId, upload_kbps: u32) -> bool {
+        let want = self.cfg.fanout_for(upload_kbps);
+        let Some(n) = self.nodes.get(&peer) else {
+            return false;
+        };
+        if want >= n.fanout {
+            return true;
+        }
+        let Some(t) = n.interior.map(|t| t as usize) else {
+            return true;
+        };
+        if want == 0 || n.children.len() > want as usize {
+            return false;
+        }
+        let before = self.index_key(t, peer);
+        let diff = n.fanout - want;
+        if let Some(n) = self.nodes.get_mut(&peer) {
+            n.fanout = want;
+        }
+        self.trees[t].capacity -= u64::from(diff);
+        self.reindex(t, peer, before);
+        true
+    }
+
     /// The peer's fan-out in its interior tree (0 for leaves-everywhere peers).
     pub fn fanout(&self, peer: PeerId) -> Option<u32> {
         self.nodes.get(&peer).map(|n| n.fanout)
@@ -1167,6 +1195,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn lower_fanout_keeps_children_and_stops_new_ones() {
+        let cfg = MultiTreeConfig {
+            k: 2,
+            stream_kbps: 1000,
+            origin_fanout: 1,
+            max_fanout: 16,
+        };
+        let mut t = MultiTree::new(cfg);
+        t.join(PeerId(1), 4000);
+        for p in 2..5 {
+            t.join(PeerId(p), 0);
+        }
+        let kids = t.children(PeerId(1)).len();
+        assert!(kids >= 1);
+        // Too low for its current children: refused, nothing changes.
+        assert!(!t.lower_fanout(PeerId(1), (kids as u32 - 1) * 500));
+        assert_eq!(t.fanout(PeerId(1)), Some(8));
+        assert!(t.lower_fanout(PeerId(1), kids as u32 * 500));
+        assert_eq!(t.fanout(PeerId(1)), Some(kids as u32));
+        assert_eq!(t.children(PeerId(1)).len(), kids);
+        t.check_invariants().unwrap();
+        // No free slot left: a joiner is not hung under it.
+        t.join(PeerId(9), 0);
+        assert!(t.children(PeerId(1)).len() <= kids);
+        t.check_invariants().unwrap();
+    }
 
     use protocol::rng::XorShift as Rng;
 

@@ -60,6 +60,8 @@ struct Session {
     remote: IpAddr,
     out: mpsc::Sender<Outbound>,
     joined: Option<(PeerId, SharedChannel)>,
+    /// A download's live companion whose upload it shares (told when the download ends).
+    companion: Option<(PeerId, SharedChannel)>,
     errors: u32,
     tokens: f64,
     last_refill: Instant,
@@ -106,6 +108,7 @@ async fn run_session(socket: WebSocket, state: AppState, remote: IpAddr) {
         remote,
         out: out_tx,
         joined: None,
+        companion: None,
         errors: 0,
         tokens: limits.msgs_per_sec * 2.0,
         last_refill: Instant::now(),
@@ -199,12 +202,21 @@ impl Session {
                     upload_kbps,
                     region,
                     network,
+                    companion,
                     relay_token,
                 },
                 None,
             ) => {
-                self.join(version, channel, upload_kbps, region, network, relay_token)
-                    .await
+                let req = JoinRequest {
+                    version,
+                    channel,
+                    upload_kbps,
+                    region_hint: region,
+                    network,
+                    companion,
+                    relay_token,
+                };
+                self.join(req).await
             }
             (ClientMsg::Join { .. }, Some(_)) => {
                 self.error(ErrorCode::AlreadyJoined, "already joined".into())
@@ -339,15 +351,16 @@ impl Session {
         true
     }
 
-    async fn join(
-        &mut self,
-        version: u32,
-        channel: String,
-        upload_kbps: u32,
-        region_hint: Option<String>,
-        network: Option<String>,
-        relay_token: Option<String>,
-    ) -> bool {
+    async fn join(&mut self, req: JoinRequest) -> bool {
+        let JoinRequest {
+            version,
+            channel,
+            upload_kbps,
+            region_hint,
+            network,
+            companion,
+            relay_token,
+        } = req;
         if version != PROTOCOL_VERSION {
             return self
                 .error(
@@ -399,8 +412,13 @@ impl Session {
                 )
                 .await;
         };
-        let (Some((_, mime, stream_kbps)), Some((start_seq, live_seq))) =
-            (ch.init(), ch.live_position())
+        let file = ch.file().cloned();
+        let media = match (&file, ch.init()) {
+            (Some(_), _) => Some(("application/octet-stream".to_string(), ch.stream_kbps())),
+            (None, Some((_, mime, kbps))) => Some((mime, kbps)),
+            (None, None) => None,
+        };
+        let (Some((mime, stream_kbps)), Some((start_seq, live_seq))) = (media, ch.live_position())
         else {
             return self
                 .error(
@@ -409,10 +427,21 @@ impl Session {
                 )
                 .await;
         };
+        // A download beside a live session of the same page: live keeps what it needs.
+        let mut placed_kbps = upload_kbps;
+        let mut granted = None;
+        if let Some(live) = companion {
+            let s = match self.split_with(live, &ch, upload_kbps).await {
+                Ok(s) => s,
+                Err(message) => return self.error(ErrorCode::BadCompanion, message).await,
+            };
+            placed_kbps = s.file_kbps;
+            granted = Some(s.file_kbps);
+        }
         let peer = self.state.next_peer_id();
         // A recruited relay: its token fixes its region and the upload it offers.
-        let (region, upload_kbps, relay) = match &relay_token {
-            None => (region, upload_kbps, false),
+        let (region, placed_kbps, relay) = match &relay_token {
+            None => (region, placed_kbps, false),
             Some(t) => {
                 match self
                     .state
@@ -446,6 +475,8 @@ impl Session {
             packet_url: format!("{base}/packets/"),
             start_seq,
             live_seq,
+            file,
+            upload_kbps: granted,
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
         if self.out.send(Outbound::msg(welcome)).await.is_err() {
@@ -455,27 +486,99 @@ impl Session {
             .dcm
             .send(DcmEvent::Join {
                 peer,
-                upload_kbps,
+                upload_kbps: placed_kbps,
                 region,
                 relay,
                 out: self.out.clone(),
             })
             .await;
+        self.state.register_session(
+            peer,
+            crate::SessionInfo {
+                remote: self.remote,
+                channel: ch.clone(),
+                upload_kbps,
+            },
+        );
         self.joined = Some((peer, ch));
         true
     }
 
-    async fn leave(&mut self) {
-        if let Some((peer, ch)) = self.joined.take() {
-            let _ = ch.dcm.send(DcmEvent::Leave { peer }).await;
+    /// Checks a download's companion (a live session of the same address) and asks its DCM
+    /// for the download's share of the page's upload.
+    async fn split_with(
+        &mut self,
+        live: PeerId,
+        download: &SharedChannel,
+        upload_kbps: u32,
+    ) -> Result<crate::dcm::split::UploadSplit, String> {
+        if download.file().is_none() {
+            return Err(format!(
+                "companion is for downloads; channel {:?} is not a file channel",
+                download.name
+            ));
+        }
+        let Some(info) = self.state.session(live) else {
+            return Err(format!("companion {live} is not a joined session"));
+        };
+        if info.remote != self.remote {
+            return Err(format!("companion {live} is a session of another address"));
+        }
+        if info.channel.file().is_some() {
+            return Err(format!(
+                "companion {live} is a download, not a live session"
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let asked = info
+            .channel
+            .dcm
+            .send(DcmEvent::SplitUpload {
+                peer: live,
+                capacity_kbps: upload_kbps,
+                file_rate_kbps: download.stream_kbps(),
+                reply: tx,
+            })
+            .await;
+        match (asked, rx.await) {
+            (Ok(()), Ok(Some(s))) => {
+                self.companion = Some((live, info.channel));
+                Ok(s)
+            }
+            _ => Err(format!("companion {live} has left its channel")),
         }
     }
+
+    async fn leave(&mut self) {
+        if let Some((peer, ch)) = self.joined.take() {
+            self.state.unregister_session(peer);
+            let _ = ch.dcm.send(DcmEvent::Leave { peer }).await;
+        }
+        if let Some((live, ch)) = self.companion.take() {
+            let _ = ch.dcm.send(DcmEvent::EndSplit { peer: live }).await;
+        }
+    }
+}
+
+/// The fields of a `join` message.
+struct JoinRequest {
+    version: u32,
+    channel: String,
+    upload_kbps: u32,
+    region_hint: Option<String>,
+    network: Option<String>,
+    companion: Option<PeerId>,
+    relay_token: Option<String>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some((peer, ch)) = self.joined.take() {
+            self.state.unregister_session(peer);
             let _ = ch.dcm.try_send(DcmEvent::Leave { peer });
+        }
+        if let Some((live, ch)) = self.companion.take() {
+            let _ = ch.dcm.try_send(DcmEvent::EndSplit { peer: live });
         }
     }
 }

@@ -92,6 +92,7 @@ pub async fn join(ws: &mut Ws, upload_kbps: u32) -> protocol::PeerId {
             region: None,
             network: None,
             relay_token: None,
+            companion: None,
         },
     )
     .await;

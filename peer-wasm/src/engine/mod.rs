@@ -28,6 +28,7 @@
 //!
 //! Every send, tree, mesh or feed, goes through the one upload token bucket and send queue.
 
+pub mod file;
 mod heartbeat;
 mod tier;
 mod upload;
@@ -119,8 +120,8 @@ pub enum Action {
     Send { to: PeerId, packet: Rc<Vec<u8>> },
     /// Fetch packet `seq` from the origin over HTTP.
     Fetch { seq: u64 },
-    /// In-order media bytes for the player.
-    Deliver { payload: Vec<u8> },
+    /// In-order media bytes for the player (or, on a file channel, the piece `seq mod N`).
+    Deliver { seq: u64, payload: Vec<u8> },
     /// A neighbour appeared in the plan: open a connection (the lower id offers).
     Connect { peer: PeerId },
     /// A neighbour left the plan: close the connection.
@@ -705,6 +706,7 @@ impl Engine {
             // A recruited relay verifies and forwards but has no player.
             if self.tiers.plays() {
                 out.push(Action::Deliver {
+                    seq: next,
                     payload: p.payload.to_vec(),
                 });
             }

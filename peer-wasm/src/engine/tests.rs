@@ -122,7 +122,7 @@ impl Sim {
                         }
                     }
                 }
-                Action::Deliver { payload } => {
+                Action::Deliver { payload, .. } => {
                     self.delivered.entry(id).or_default().extend(payload)
                 }
                 Action::Connect { .. } | Action::Disconnect { .. } => {}

@@ -146,7 +146,7 @@ impl Net {
                         None => self.input(id, Input::FetchFailed { seq, gone: false }),
                     }
                 }
-                Action::Deliver { payload } => {
+                Action::Deliver { payload, .. } => {
                     self.delivered.entry(id).or_default().extend(payload)
                 }
                 Action::Connect { .. } | Action::Disconnect { .. } => {}

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
-use protocol::report::{PeerReport, RelayReport};
+use protocol::report::{DownloadReport, PeerReport, RelayReport};
 use protocol::{ClientMsg, PeerId, ServerMsg, TierName, PROTOCOL_VERSION};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
@@ -17,6 +17,7 @@ use super::fetch::{fetch_bytes, Fetched};
 use super::media::Media;
 use super::rtc::{Link, LinkEvent};
 use super::{js_err, now_ms, perf_now};
+use crate::engine::file::FileAssembler;
 use crate::engine::{Action, Engine, EngineConfig, From, Input};
 
 /// Options accepted by `new P2pPeer(options, video)`.
@@ -69,6 +70,22 @@ struct Welcome {
     stream_kbps: u32,
 }
 
+/// A download session's own state (claim 1: the page receives a file beside the live channel).
+/// The session itself is an ordinary [`Inner`]: its own WebSocket, engine and data channels.
+struct Download {
+    /// The page's live session, whose upload this download shares.
+    live: Weak<RefCell<Inner>>,
+    companion: PeerId,
+    assembler: Option<FileAssembler>,
+    /// Share of the page's upload the server granted the download.
+    granted_kbps: Option<u32>,
+    started_ms: f64,
+    done_ms: Option<f64>,
+    /// The verified file, once complete.
+    bytes: Option<Vec<u8>>,
+    digest: Option<String>,
+}
+
 struct Inner {
     me: Weak<RefCell<Inner>>,
     opts: Options,
@@ -87,13 +104,18 @@ struct Inner {
     errors: Vec<String>,
     destroyed: bool,
     ice_servers: JsValue,
+    /// `Some` on a download session.
+    download: Option<Download>,
     /// Sessions for other channels this peer was recruited to relay (claims 19, 43).
-    relays: Vec<(String, P2pPeer)>,
+    relays: Vec<(String, Rc<RefCell<Inner>>)>,
 }
 
 #[wasm_bindgen]
 pub struct P2pPeer {
     inner: Rc<RefCell<Inner>>,
+    /// The download session running beside the live one, if any (kept after it completes, for
+    /// its statistics and the file).
+    download: RefCell<Option<Rc<RefCell<Inner>>>>,
 }
 
 #[wasm_bindgen]
@@ -109,17 +131,116 @@ impl P2pPeer {
             serde_wasm_bindgen::from_value(options)
                 .map_err(|e| JsError::new(&format!("invalid options: {e}")))?
         };
-        Self::with_options(opts, video).map_err(|e| JsError::new(&e))
+        let base_url = match &opts.server {
+            Some(s) => s.trim_end_matches('/').to_string(),
+            None => web_sys::window()
+                .and_then(|w| w.location().origin().ok())
+                .ok_or_else(|| JsError::new("no server given and no page origin"))?,
+        };
+        let video = if opts.decode { video } else { None };
+        Ok(P2pPeer {
+            inner: Inner::create(opts, base_url, video, None),
+            download: RefCell::new(None),
+        })
+    }
+
+    /// Starts downloading the file of file channel `channel` beside the live channel, through
+    /// the swarm (a second session: its own WebSocket, engine and data channels). The server
+    /// gives it the part of `upload_kbps` the live channel does not need. Progress appears in
+    /// `stats().download`; once `done`, `downloadBlob()` returns the file.
+    pub fn download(&self, channel: String) -> Result<(), JsError> {
+        if let Some(d) = self.download.borrow().as_ref() {
+            let running = d.try_borrow().map(|d| !d.destroyed).unwrap_or(true);
+            if running {
+                return Err(JsError::new("a download is already running"));
+            }
+        }
+        let (opts, base_url, companion) = {
+            let live = self.inner.borrow();
+            let companion = live
+                .engine
+                .peer_id()
+                .ok_or_else(|| JsError::new("the live channel has not started yet"))?;
+            let opts = Options {
+                channel,
+                decode: false,
+                ..live.opts.clone()
+            };
+            (opts, live.base_url.clone(), companion)
+        };
+        let dl = Inner::create(
+            opts,
+            base_url,
+            None,
+            Some(Download {
+                live: Rc::downgrade(&self.inner),
+                companion,
+                assembler: None,
+                granted_kbps: None,
+                started_ms: perf_now(),
+                done_ms: None,
+                bytes: None,
+                digest: None,
+            }),
+        );
+        {
+            let mut d = dl.borrow_mut();
+            d.connect().map_err(|e| JsError::new(&e))?;
+            d.start_tick().map_err(|e| JsError::new(&e))?;
+        }
+        if let Some(old) = self.download.replace(Some(dl)) {
+            if let Ok(mut o) = old.try_borrow_mut() {
+                o.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// The downloaded file as a `Blob` (`application/octet-stream`), once complete and
+    /// verified against the server's digest; `undefined` before.
+    #[wasm_bindgen(js_name = downloadBlob)]
+    pub fn download_blob(&self) -> Result<Option<web_sys::Blob>, JsError> {
+        let slot = self.download.borrow();
+        let Some(dl) = slot.as_ref() else {
+            return Ok(None);
+        };
+        let dl = dl.borrow();
+        let Some(bytes) = dl.download.as_ref().and_then(|d| d.bytes.as_ref()) else {
+            return Ok(None);
+        };
+        let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes.as_slice()));
+        let opts = web_sys::BlobPropertyBag::new();
+        opts.set_type("application/octet-stream");
+        web_sys::Blob::new_with_u8_array_sequence_and_options(&parts, &opts)
+            .map(Some)
+            .map_err(|e| JsError::new(&js_err("Blob", &e)))
+    }
+
+    /// Stops a running download (its session leaves; the live channel gets its upload back).
+    #[wasm_bindgen(js_name = cancelDownload)]
+    pub fn cancel_download(&self) {
+        if let Some(d) = self.download.borrow().as_ref() {
+            if let Ok(mut d) = d.try_borrow_mut() {
+                d.shutdown();
+            }
+        }
     }
 
     /// Connects to the control center and starts receiving.
     pub fn start(&self) -> Result<(), JsError> {
-        self.start_inner().map_err(|e| JsError::new(&e))
+        let mut inner = self.inner.borrow_mut();
+        inner.connect().map_err(|e| JsError::new(&e))?;
+        inner.start_tick().map_err(|e| JsError::new(&e))
     }
 
     /// A snapshot of the peer's statistics (see `protocol::report::PeerReport`).
     pub fn stats(&self) -> JsValue {
-        let report = self.inner.borrow_mut().report();
+        let mut report = self.inner.borrow_mut().report();
+        report.download = self
+            .download
+            .borrow()
+            .as_ref()
+            .and_then(|d| d.try_borrow().ok().and_then(|d| d.download_report()));
         serde_json::to_string(&report)
             .ok()
             .and_then(|s| js_sys::JSON::parse(&s).ok())
@@ -135,84 +256,7 @@ impl P2pPeer {
     /// Closes every connection and stops all timers; the object is inert afterwards.
     pub fn destroy(&self) {
         self.inner.borrow_mut().shutdown();
-    }
-}
-
-impl P2pPeer {
-    fn with_options(opts: Options, video: Option<HtmlVideoElement>) -> Result<P2pPeer, String> {
-        let base_url = match &opts.server {
-            Some(s) => s.trim_end_matches('/').to_string(),
-            None => web_sys::window()
-                .and_then(|w| w.location().origin().ok())
-                .ok_or_else(|| "no server given and no page origin".to_string())?,
-        };
-        let ice_servers = match &opts.ice_servers {
-            Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
-            None => JsValue::UNDEFINED,
-        };
-        let engine = Engine::new(
-            EngineConfig {
-                upload_kbps: opts.upload_kbps,
-                ..EngineConfig::default()
-            },
-            now_ms(),
-        );
-        let inner = Rc::new_cyclic(|me| {
-            RefCell::new(Inner {
-                me: me.clone(),
-                video: if opts.decode { video } else { None },
-                opts,
-                base_url,
-                engine,
-                ws: None,
-                ws_closures: Vec::new(),
-                links: HashMap::new(),
-                media: None,
-                welcome: None,
-                last_heartbeat: 0.0,
-                heartbeat_bytes: 0,
-                heartbeats_sent: 0,
-                tick: None,
-                errors: Vec::new(),
-                destroyed: false,
-                ice_servers,
-                relays: Vec::new(),
-            })
-        });
-        Ok(P2pPeer { inner })
-    }
-
-    fn start_inner(&self) -> Result<(), String> {
-        let mut inner = self
-            .inner
-            .try_borrow_mut()
-            .map_err(|_| "peer busy".to_string())?;
-        inner.connect()?;
-        inner.start_tick()
-    }
-
-    /// This session's statistics as a relay entry of the peer that recruited it.
-    fn relay_report(&self, channel: &str) -> RelayReport {
-        let Ok(mut i) = self.inner.try_borrow_mut() else {
-            return RelayReport {
-                channel: channel.to_string(),
-                ..RelayReport::default()
-            };
-        };
-        let r = i.report();
-        RelayReport {
-            channel: channel.to_string(),
-            peer_id: r.peer_id,
-            tier: r.tier,
-            plays: r.plays,
-            bytes_up: r.bytes_up,
-            bytes_from_peers: r.bytes_from_peers,
-            bytes_from_origin: r.bytes_from_origin,
-            packets_from_peers: r.packets_from_peers,
-            packets_played: r.packets_played,
-            connected_peers: r.connected_peers,
-            errors: r.errors,
-        }
+        self.cancel_download();
     }
 }
 
@@ -221,6 +265,7 @@ impl Drop for P2pPeer {
         if let Ok(mut i) = self.inner.try_borrow_mut() {
             i.shutdown();
         }
+        self.cancel_download();
     }
 }
 
@@ -247,6 +292,58 @@ fn with(me: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner)) {
 }
 
 impl Inner {
+    fn create(
+        opts: Options,
+        base_url: String,
+        video: Option<HtmlVideoElement>,
+        download: Option<Download>,
+    ) -> Rc<RefCell<Inner>> {
+        let ice_servers = match &opts.ice_servers {
+            Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
+            None => JsValue::UNDEFINED,
+        };
+        let engine = Engine::new(
+            EngineConfig {
+                upload_kbps: opts.upload_kbps,
+                ..EngineConfig::default()
+            },
+            now_ms(),
+        );
+        Rc::new_cyclic(|me| {
+            RefCell::new(Inner {
+                me: me.clone(),
+                video,
+                opts,
+                base_url,
+                engine,
+                ws: None,
+                ws_closures: Vec::new(),
+                links: HashMap::new(),
+                media: None,
+                welcome: None,
+                last_heartbeat: 0.0,
+                heartbeat_bytes: 0,
+                heartbeats_sent: 0,
+                tick: None,
+                errors: Vec::new(),
+                destroyed: false,
+                ice_servers,
+                download,
+                relays: Vec::new(),
+            })
+        })
+    }
+
+    /// Sets the live session's upload cap (from a download session; the live one is not
+    /// borrowed then: both run on the JS event loop, one event at a time).
+    fn set_live_upload(&self, kbps: u32) {
+        if let Some(live) = self.download.as_ref().and_then(|d| d.live.upgrade()) {
+            if let Ok(mut l) = live.try_borrow_mut() {
+                l.engine.set_upload_kbps(kbps);
+            }
+        }
+    }
+
     fn ws_url(&self) -> String {
         let b = &self.base_url;
         let rest = b
@@ -272,6 +369,7 @@ impl Inner {
                     upload_kbps: i.opts.upload_kbps,
                     region: i.opts.region.clone(),
                     network: i.opts.network.clone(),
+                    companion: i.download.as_ref().map(|d| d.companion),
                     relay_token: i.opts.relay_token.clone(),
                 };
                 i.send_ctrl(&join);
@@ -364,8 +462,26 @@ impl Inner {
                 packet_url,
                 start_seq,
                 live_seq,
+                file,
+                upload_kbps,
                 ..
             } => {
+                if let Some(granted) = upload_kbps {
+                    // The live session keeps the rest of the page's upload.
+                    self.engine.set_upload_kbps(granted);
+                    self.set_live_upload(self.opts.upload_kbps.saturating_sub(granted));
+                }
+                if let Some(d) = self.download.as_mut() {
+                    d.granted_kbps = upload_kbps;
+                    match file.map(FileAssembler::new) {
+                        Some(Ok(a)) => d.assembler = Some(a),
+                        Some(Err(e)) => self.error(e.to_string()),
+                        None => self.error(format!(
+                            "channel {} is not a file channel: nothing to download",
+                            self.opts.channel
+                        )),
+                    }
+                }
                 self.welcome = Some(Welcome {
                     heartbeat_ms: f64::from(heartbeat_ms),
                     packet_url: format!("{}{}", self.base_url, packet_url),
@@ -432,39 +548,63 @@ impl Inner {
         }
     }
 
-    /// Claims 19, 43: the control center asks this peer to relay another channel with upload it
-    /// has to spare. A second session joins that channel with the token, relays within
-    /// `upload_kbps` and plays nothing.
-    fn start_relay(&mut self, channel: String, relay_token: String, upload_kbps: u32) {
-        if self.opts.relay_token.is_some() || self.relays.len() >= MAX_RELAY_SESSIONS {
-            return self.error(format!("recruit for {channel:?} ignored: no relay slot"));
-        }
-        if upload_kbps > self.opts.upload_kbps {
-            return self.error(format!(
-                "recruit for {channel:?} asks {upload_kbps} kbit/s, more than the {} offered",
-                self.opts.upload_kbps
-            ));
-        }
-        let opts = Options {
-            server: Some(self.base_url.clone()),
-            channel: channel.clone(),
-            upload_kbps,
-            decode: false,
-            relay_token: Some(relay_token),
-            ..self.opts.clone()
-        };
-        match P2pPeer::with_options(opts, None).and_then(|p| {
-            p.start_inner()?;
-            Ok(p)
-        }) {
-            Ok(p) => self.relays.push((channel, p)),
-            Err(e) => self.error(format!("cannot relay {channel:?}: {e}")),
-        }
-    }
-
     fn feed(&mut self, input: Input<'_>) {
         let actions = self.engine.handle(input, now_ms());
         self.run(actions);
+        self.finish_download();
+    }
+
+    /// A download session whose file is complete checks it, keeps it and leaves: the swarm's
+    /// other downloaders are re-homed by the server, and the live channel gets the page's
+    /// whole upload back.
+    fn finish_download(&mut self) {
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        let Some(a) = d.assembler.as_ref() else {
+            return;
+        };
+        if d.done_ms.is_some() || !a.is_complete() {
+            return;
+        }
+        d.done_ms = Some(perf_now());
+        let result = a.finish();
+        match result {
+            Ok(bytes) => {
+                d.digest = Some(a.info().digest.clone());
+                d.bytes = Some(bytes);
+            }
+            Err(e) => {
+                d.digest = None;
+                self.error(e.to_string());
+            }
+        }
+        self.shutdown();
+    }
+
+    fn download_report(&self) -> Option<DownloadReport> {
+        let d = self.download.as_ref()?;
+        let c = &self.engine.counters;
+        let info = d.assembler.as_ref().map(FileAssembler::info);
+        Some(DownloadReport {
+            channel: self.opts.channel.clone(),
+            peer_id: self.engine.peer_id(),
+            name: info.map(|i| i.name.clone()).unwrap_or_default(),
+            size: info.map_or(0, |i| i.size),
+            pieces: info.map_or(0, |i| i.pieces),
+            pieces_have: d.assembler.as_ref().map_or(0, FileAssembler::pieces_have),
+            done: d.bytes.is_some(),
+            digest: d.digest.clone(),
+            expected_digest: info.map(|i| i.digest.clone()).unwrap_or_default(),
+            bytes_from_peers: c.bytes_from_peers,
+            bytes_from_origin: c.bytes_from_origin,
+            bytes_up: c.bytes_up,
+            origin_fallbacks: c.origin_fallbacks,
+            upload_kbps: self.engine.upload_kbps(),
+            elapsed_ms: d.done_ms.map(|t| t - d.started_ms),
+            plan: self.engine.plan().to_vec(),
+            errors: self.errors.clone(),
+        })
     }
 
     fn run(&mut self, actions: Vec<Action>) {
@@ -476,8 +616,10 @@ impl Inner {
                     }
                 }
                 Action::Fetch { seq } => self.fetch(seq),
-                Action::Deliver { payload } => {
-                    if let Some(m) = self.media.as_mut() {
+                Action::Deliver { seq, payload } => {
+                    if let Some(a) = self.download.as_mut().and_then(|d| d.assembler.as_mut()) {
+                        a.add(seq, &payload);
+                    } else if let Some(m) = self.media.as_mut() {
                         m.push(payload);
                     }
                 }
@@ -586,6 +728,43 @@ impl Inner {
         }
     }
 
+    /// Claims 19, 43: the control center asks this peer to relay another channel with upload it
+    /// has to spare. A second session joins that channel with the token, relays within
+    /// `upload_kbps` and plays nothing.
+    fn start_relay(&mut self, channel: String, relay_token: String, upload_kbps: u32) {
+        if self.opts.relay_token.is_some()
+            || self.download.is_some()
+            || self.relays.len() >= MAX_RELAY_SESSIONS
+        {
+            return self.error(format!("recruit for {channel:?} ignored: no relay slot"));
+        }
+        if upload_kbps > self.opts.upload_kbps {
+            return self.error(format!(
+                "recruit for {channel:?} asks {upload_kbps} kbit/s, more than the {} offered",
+                self.opts.upload_kbps
+            ));
+        }
+        let opts = Options {
+            channel: channel.clone(),
+            upload_kbps,
+            decode: false,
+            relay_token: Some(relay_token),
+            ..self.opts.clone()
+        };
+        let relay = Inner::create(opts, self.base_url.clone(), None, None);
+        let started = relay
+            .try_borrow_mut()
+            .map_err(|_| "relay session busy".to_string())
+            .and_then(|mut r| {
+                r.connect()?;
+                r.start_tick()
+            });
+        match started {
+            Ok(()) => self.relays.push((channel, relay)),
+            Err(e) => self.error(format!("cannot relay {channel:?}: {e}")),
+        }
+    }
+
     fn report(&mut self) -> PeerReport {
         let c = &self.engine.counters;
         let verified = self.engine.verified;
@@ -633,10 +812,11 @@ impl Inner {
             parity_frames_received: c.parity_frames_received,
             mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
             plays: self.engine.plays(),
+            download: None,
             relays: self
                 .relays
                 .iter()
-                .map(|(ch, r)| r.relay_report(ch))
+                .map(|(ch, r)| relay_report(ch, r))
                 .collect(),
         }
     }
@@ -661,8 +841,37 @@ impl Inner {
         self.ws_closures.clear();
         self.links.clear();
         self.media = None;
-        for (_, r) in self.relays.drain(..) {
-            r.destroy();
+        if self.download.is_some() {
+            self.set_live_upload(self.opts.upload_kbps);
         }
+        for (_, r) in self.relays.drain(..) {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.shutdown();
+            }
+        }
+    }
+}
+
+/// A relay session's statistics as an entry of the peer that was recruited.
+fn relay_report(channel: &str, relay: &Rc<RefCell<Inner>>) -> RelayReport {
+    let Ok(mut i) = relay.try_borrow_mut() else {
+        return RelayReport {
+            channel: channel.to_string(),
+            ..RelayReport::default()
+        };
+    };
+    let r = i.report();
+    RelayReport {
+        channel: channel.to_string(),
+        peer_id: r.peer_id,
+        tier: r.tier,
+        plays: r.plays,
+        bytes_up: r.bytes_up,
+        bytes_from_peers: r.bytes_from_peers,
+        bytes_from_origin: r.bytes_from_origin,
+        packets_from_peers: r.packets_from_peers,
+        packets_played: r.packets_played,
+        connected_peers: r.connected_peers,
+        errors: r.errors,
     }
 }
