@@ -164,6 +164,9 @@ struct PeerEntry {
 
 const LOG_KEEP: usize = 1000;
 
+/// How often a hierarchical channel's top tier is re-chosen from the peers' records.
+const REEVALUATE_MS: u64 = 10_000;
+
 /// Capacity a peer is placed with: 85 % of what it offers. The stream's rate is an average and
 /// fragments vary around it; a forwarder filled to its exact cap would fall behind on every
 /// large fragment.
@@ -201,6 +204,8 @@ pub struct Dcm {
     recovering_until: Option<u64>,
     /// Joins that arrived while recovering, placed once the topology is rebuilt.
     deferred_joins: Vec<DcmEvent>,
+    /// When the top tier was last re-evaluated from the peers' records (server ms).
+    last_reevaluation: u64,
     /// Live sessions sharing their page's upload with a download, and how.
     splits: HashMap<PeerId, split::UploadSplit>,
 }
@@ -242,6 +247,7 @@ impl Dcm {
             last_moved: HashMap::new(),
             recovering_until: None,
             deferred_joins: Vec::new(),
+            last_reevaluation: 0,
             splits: HashMap::new(),
         }
     }
@@ -270,6 +276,20 @@ impl Dcm {
         dcm.recovering_until = Some(now + dcm.heartbeat_ms * 3 / 2);
         tracing::warn!(channel = %dcm.channel.name, peers = dcm.peers.len(), "DCM taking over; rebuilding the topology from heartbeats");
         dcm
+    }
+
+    /// A peer's record as the hierarchy ranks it for the top and middle tiers (issue 4, 3):
+    /// uptime and a delivered share lowered by each congestion event on its links.
+    fn ranking(&self, peer: PeerId, now: u64) -> crate::topology::mesh::History {
+        crate::topology::mesh::History {
+            uptime_s: (self.history.age_ms(peer, now).unwrap_or(0) / 1000) as u32,
+            delivered_permille: 1000u32
+                .saturating_sub(self.history.congestion_events(peer).saturating_mul(100))
+                as u16,
+            // Not the measured upload: a peer uploads only what it is asked to, and the DCM's own
+            // history already caps a congested peer (and lets it recover, with hysteresis).
+            measured_upload_kbps: 0,
+        }
     }
 
     /// Whether this DCM is still collecting heartbeats after taking over.
@@ -325,9 +345,11 @@ impl Dcm {
                 let mut changes = crate::topology::Changes::default();
                 for p in &ids {
                     let (region, kbps) = (self.peers[p].region, self.peers[p].upload_kbps);
-                    changes
-                        .affected
-                        .extend(self.planner.join(*p, region, placement_kbps(kbps)).affected);
+                    changes.affected.extend(
+                        self.planner
+                            .join(*p, region, placement_kbps(kbps), self.ranking(*p, now))
+                            .affected,
+                    );
                 }
                 changes
             }
@@ -424,7 +446,12 @@ impl Dcm {
                     self.planner
                         .join_relay(peer, region, placement_kbps(upload_kbps))
                 } else {
-                    self.planner.join(peer, region, placement_kbps(upload_kbps))
+                    self.planner.join(
+                        peer,
+                        region,
+                        placement_kbps(upload_kbps),
+                        self.ranking(peer, now),
+                    )
                 };
                 tracing::info!(channel = %self.channel.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
                 self.send_instructions(changes.affected, now);
@@ -612,7 +639,8 @@ impl Dcm {
         if !self.peers.contains_key(&peer) {
             return;
         }
-        let changes = self.planner.rejoin(peer, placement_kbps(kbps));
+        let ranking = self.ranking(peer, now);
+        let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
         self.detector.forget_peer(peer);
         self.log_repair(peer, reason, changes.affected.len(), now);
         self.send_instructions(changes.affected, now);
@@ -650,12 +678,39 @@ impl Dcm {
         }
         for (peer, kbps) in self.history.recovered(now) {
             if self.peers.contains_key(&peer) {
-                let changes = self.planner.rejoin(peer, placement_kbps(kbps));
+                let ranking = self.ranking(peer, now);
+                let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
                 self.send_instructions(changes.affected, now);
             }
         }
         if self.planner.is_tiered() {
             self.manage_relays(now);
+            if now.saturating_sub(self.last_reevaluation) >= REEVALUATE_MS {
+                self.last_reevaluation = now;
+                self.reevaluate_preferred(now);
+            }
+        }
+    }
+
+    /// Claims 10, 18: the top tier re-chosen from history, with hysteresis (see
+    /// [`Planner::reevaluate_preferred`]).
+    fn reevaluate_preferred(&mut self, now: u64) {
+        let candidates: Vec<crate::topology::mesh::Candidate<Region>> = self
+            .peers
+            .iter()
+            .map(|(peer, e)| crate::topology::mesh::Candidate {
+                peer: *peer,
+                region: e.region,
+                upload_kbps: placement_kbps(
+                    self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps),
+                ),
+                history: self.ranking(*peer, now),
+            })
+            .collect();
+        let changes = self.planner.reevaluate_preferred(&candidates);
+        if !changes.affected.is_empty() {
+            tracing::info!(channel = %self.channel.name, affected = changes.affected.len(), "top tier re-evaluated");
+            self.send_instructions(changes.affected, now);
         }
     }
 

@@ -14,7 +14,7 @@ use crate::topology::cluster::{ClusterKind, MeshNodeOrPeer};
 use crate::topology::hierarchy::{
     Algorithm, Hierarchy, HierarchyConfig, HierarchyReport, PeerPlan, Tier,
 };
-use crate::topology::mesh::{History, MeshConfig, MeshNode};
+use crate::topology::mesh::{select_preferred, Candidate, History, MeshConfig, MeshNode};
 use crate::topology::region::{Region, TopologyConfig};
 use crate::topology::{Changes, MultiTree, MultiTreeConfig};
 
@@ -81,6 +81,8 @@ pub struct Tiered {
     h: Hierarchy,
     topo: Arc<TopologyConfig>,
     regions: HashMap<PeerId, Region>,
+    /// Recruited relays: re-placed as relays, never as viewers.
+    relays: std::collections::HashSet<PeerId>,
 }
 
 pub enum Planner {
@@ -120,6 +122,7 @@ impl Planner {
             h,
             topo,
             regions: HashMap::new(),
+            relays: Default::default(),
         }))
     }
 
@@ -127,14 +130,26 @@ impl Planner {
         matches!(self, Planner::Tiered(_))
     }
 
-    /// Places (or re-places) a peer with `upload_kbps` of usable capacity.
-    pub fn join(&mut self, peer: PeerId, region: Region, upload_kbps: u32) -> Changes {
+    /// Places (or re-places) a peer with `upload_kbps` of usable capacity. Its record
+    /// (`history`: uptime, delivered share, measured upload) ranks it for the top and middle
+    /// tiers of a hierarchy.
+    pub fn join(
+        &mut self,
+        peer: PeerId,
+        region: Region,
+        upload_kbps: u32,
+        history: History,
+    ) -> Changes {
         match self {
             Planner::Flat(t) => t.join(peer, upload_kbps),
             Planner::Tiered(t) => {
                 t.regions.insert(peer, region);
                 t.h.set_region_settings(region, t.topo.settings(region));
-                t.h.join(peer, region, upload_kbps, History::default())
+                if t.relays.contains(&peer) {
+                    t.h.join_relay(peer, region, history.effective_upload_kbps(upload_kbps))
+                } else {
+                    t.h.join(peer, region, upload_kbps, history)
+                }
             }
         }
     }
@@ -146,6 +161,7 @@ impl Planner {
             Planner::Flat(t) => t.join(peer, upload_kbps),
             Planner::Tiered(t) => {
                 t.regions.insert(peer, region);
+                t.relays.insert(peer);
                 t.h.set_region_settings(region, t.topo.settings(region));
                 t.h.join_relay(peer, region, upload_kbps)
             }
@@ -179,8 +195,54 @@ impl Planner {
         ((children + feeds) * unit + mesh * u64::from(stream_kbps)).min(u64::from(u32::MAX)) as u32
     }
 
-    /// Re-places a peer already known, in its region (after a capacity change).
-    pub fn rejoin(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
+    /// Claims 10, 18: re-evaluates the top tier from the peers' records. Per region, the best
+    /// candidates (capable of the mesh's upload, ranked by capacity × delivered share × uptime)
+    /// become the preferred nodes, but an incumbent keeps its place unless a challenger beats it
+    /// by the mesh's hysteresis margin, so the tier does not flap; a region that lost a
+    /// preferred node gets one back. `candidates`: every viewer (relays are never preferred).
+    pub fn reevaluate_preferred(&mut self, candidates: &[Candidate<Region>]) -> Changes {
+        let Planner::Tiered(t) = self else {
+            return Changes::default();
+        };
+        let candidates: Vec<Candidate<Region>> = candidates
+            .iter()
+            .filter(|c| !t.relays.contains(&c.peer) && t.h.tier(c.peer).is_some())
+            .cloned()
+            .collect();
+        let current: std::collections::BTreeSet<PeerId> = candidates
+            .iter()
+            .filter(|c| t.h.tier(c.peer) == Some(Tier::Preferred))
+            .map(|c| c.peer)
+            .collect();
+        let chosen: std::collections::BTreeSet<PeerId> =
+            select_preferred(&t.h.config().mesh, &current, &candidates)
+                .into_values()
+                .flatten()
+                .collect();
+        let demote: Vec<&Candidate<Region>> = candidates
+            .iter()
+            .filter(|c| current.contains(&c.peer) && !chosen.contains(&c.peer))
+            .collect();
+        let promote: Vec<&Candidate<Region>> = candidates
+            .iter()
+            .filter(|c| chosen.contains(&c.peer) && !current.contains(&c.peer))
+            .collect();
+        let mut aff = Changes::default();
+        // Out first, so the promoted find room; the demoted come back below the top tier.
+        for c in &demote {
+            aff.affected.extend(t.h.leave(c.peer).affected);
+        }
+        for c in promote.iter().chain(&demote) {
+            aff.affected.extend(
+                t.h.join(c.peer, c.region, c.upload_kbps, c.history)
+                    .affected,
+            );
+        }
+        aff
+    }
+
+    /// Re-places a peer already known, in its region and role (after a capacity change).
+    pub fn rejoin(&mut self, peer: PeerId, upload_kbps: u32, history: History) -> Changes {
         let region = match self {
             Planner::Flat(_) => Region::V4([0, 0]),
             Planner::Tiered(t) => match t.regions.get(&peer) {
@@ -188,7 +250,7 @@ impl Planner {
                 None => return Changes::default(),
             },
         };
-        self.join(peer, region, upload_kbps)
+        self.join(peer, region, upload_kbps, history)
     }
 
     pub fn leave(&mut self, peer: PeerId) -> Changes {
@@ -196,6 +258,7 @@ impl Planner {
             Planner::Flat(t) => t.leave(peer),
             Planner::Tiered(t) => {
                 t.regions.remove(&peer);
+                t.relays.remove(&peer);
                 t.h.leave(peer)
             }
         }
@@ -264,11 +327,8 @@ impl Planner {
             };
             let mut members: Vec<PeerId> = c.members().map(|(p, _)| p).collect();
             members.sort();
-            let mut feeders: Vec<String> = c
-                .feeders()
-                .iter()
-                .map(|f| endpoint_name(&t.topo, f.node))
-                .collect();
+            let mut feeders: Vec<String> =
+                c.feeders().iter().map(|f| endpoint_name(f.node)).collect();
             feeders.dedup();
             r.clusters.push(ClusterView {
                 id: c.id.0,
@@ -294,7 +354,7 @@ impl Planner {
             }
             for n in ns {
                 if node < n {
-                    mesh_links.push((mesh_name(&t.topo, *node), mesh_name(&t.topo, *n)));
+                    mesh_links.push((mesh_name(*node), mesh_name(*n)));
                 }
             }
         }
@@ -308,7 +368,7 @@ impl Planner {
     }
 }
 
-fn mesh_name(_topo: &TopologyConfig, n: MeshNode) -> String {
+fn mesh_name(n: MeshNode) -> String {
     match n {
         MeshNode::Origin => "origin".into(),
         MeshNode::Peer(p) => p.0.to_string(),
@@ -316,10 +376,10 @@ fn mesh_name(_topo: &TopologyConfig, n: MeshNode) -> String {
     }
 }
 
-fn endpoint_name(topo: &TopologyConfig, e: MeshNodeOrPeer) -> String {
+fn endpoint_name(e: MeshNodeOrPeer) -> String {
     match e {
         MeshNodeOrPeer::Peer(p) => p.0.to_string(),
-        MeshNodeOrPeer::Server(n) => mesh_name(topo, n),
+        MeshNodeOrPeer::Server(n) => mesh_name(n),
     }
 }
 

@@ -503,3 +503,60 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
     }
     assert!(next.epoch >= h.dcm.epoch, "epochs keep increasing");
 }
+
+#[test]
+fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_without_flapping() {
+    let mut h = tiered_harness();
+    let mut id = 0;
+    for region in 0..3u16 {
+        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
+            id += 1;
+            h.join_in(id, region, kbps);
+        }
+    }
+    let preferred_in = |h: &Harness, region: &str| -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = h
+            .dcm
+            .snapshot(0)
+            .peers
+            .iter()
+            .filter(|p| {
+                p.tier
+                    .as_ref()
+                    .is_some_and(|t| t.tier == protocol::TierName::Preferred && t.region == region)
+            })
+            .map(|p| p.id)
+            .collect();
+        v.sort();
+        v
+    };
+    let before = preferred_in(&h, "north");
+    assert_eq!(before.len(), 2);
+    h.dcm.handle(DcmEvent::Leave { peer: before[0] });
+    assert_eq!(
+        preferred_in(&h, "north").len(),
+        1,
+        "one left, nobody promoted yet"
+    );
+    h.drain();
+    h.dcm.reevaluate_preferred(50_000);
+    let after = preferred_in(&h, "north");
+    assert_eq!(
+        after.len(),
+        2,
+        "a capable peer of the region moved up: {after:?}"
+    );
+    assert!(after.contains(&before[1]), "the incumbent keeps its place");
+    let told = h.drain();
+    assert!(told.values().any(|(plan, _)| plan.is_some()));
+    // Nothing changed since: a second evaluation moves nobody.
+    h.dcm.reevaluate_preferred(60_000);
+    assert_eq!(preferred_in(&h, "north"), after);
+    assert!(
+        h.drain().values().all(|(plan, _)| plan.is_none()),
+        "flapping"
+    );
+    for region in ["south", "east"] {
+        assert_eq!(preferred_in(&h, region).len(), 2);
+    }
+}
