@@ -358,7 +358,25 @@ impl Planner {
                 }
             }
         }
+        // Every link with the algorithm it runs (claim 7), receiver side.
+        let mut peers: Vec<PeerId> = t.regions.keys().copied().collect();
+        peers.sort();
+        let mut links = Vec::new();
+        for p in peers {
+            let Some(plan) = t.h.plan(p) else {
+                continue;
+            };
+            for l in plan.receive {
+                links.push(LinkView {
+                    from: endpoint_name(l.peer),
+                    to: p,
+                    substream: l.substream,
+                    algorithm: l.algorithm,
+                });
+            }
+        }
         Some(HierarchyView {
+            links,
             regions: regions.into_values().collect(),
             mesh_c: t.h.mesh().config().c,
             mesh_connectivity: t.h.mesh().connectivity(),
@@ -391,7 +409,20 @@ pub struct HierarchyView {
     pub mesh_connectivity: u32,
     /// Top-tier links (flooding), as pairs of node names (`origin` or a peer id).
     pub mesh_links: Vec<(String, String)>,
+    /// Every link, receiver side, with its algorithm (`flood`, `multitree`, `multitree_fec`).
+    pub links: Vec<LinkView>,
     pub report: HierarchyReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkView {
+    /// `origin`, a waypoint, or a peer id.
+    pub from: String,
+    pub to: PeerId,
+    /// `None` on a flooding link (every packet).
+    pub substream: Option<u32>,
+    #[serde(flatten)]
+    pub algorithm: Algorithm,
 }
 
 #[derive(Debug, Clone, Serialize)]

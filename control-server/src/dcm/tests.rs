@@ -1,6 +1,6 @@
 //! The DCM driven directly, without sockets: events in, queued messages out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use protocol::{ChildLink, ParentLink, SubstreamPlan};
@@ -342,6 +342,21 @@ fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_the
     let view = h.dcm.snapshot(0).hierarchy.expect("hierarchy view");
     assert_eq!(view.regions.len(), 3);
     assert!(view.mesh_connectivity >= 1);
+    // Every link is listed with its algorithm, and serializes for the topology API.
+    let json = serde_json::to_value(&view).expect("json");
+    let algorithms: BTreeSet<String> = json["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| l["algorithm"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(
+        algorithms,
+        ["flood", "multitree", "multitree_fec"]
+            .map(String::from)
+            .into(),
+        "{json}"
+    );
 
     // One group of packets from the origin: every peer fed by it gets what its plan says.
     h.dcm
