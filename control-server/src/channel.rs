@@ -94,6 +94,8 @@ pub struct Attached {
     pub out: OutboundTx,
     pub upload_kbps: u32,
     pub region: Region,
+    /// A recruited relay's session (it stays a relay under a new DCM).
+    pub relay: bool,
 }
 
 /// What outlives a DCM: the sessions attached to the channel and what the origin pushes to whom

@@ -160,12 +160,16 @@ struct PeerEntry {
     out: OutboundTx,
     upload_kbps: u32,
     region: Region,
+    relay: bool,
 }
 
 const LOG_KEEP: usize = 1000;
 
 /// How often a hierarchical channel's top tier is re-chosen from the peers' records.
 const REEVALUATE_MS: u64 = 10_000;
+
+/// How often spare peers are offered to other channels and short regions recruit relays.
+const RELAY_ROUND_MS: u64 = 3_000;
 
 /// Capacity a peer is placed with: 85 % of what it offers. The stream's rate is an average and
 /// fragments vary around it; a forwarder filled to its exact cap would fall behind on every
@@ -206,6 +210,8 @@ pub struct Dcm {
     deferred_joins: Vec<DcmEvent>,
     /// When the top tier was last re-evaluated from the peers' records (server ms).
     last_reevaluation: u64,
+    /// When spare peers were last offered to other channels (server ms).
+    last_relay_round: u64,
     /// Live sessions sharing their page's upload with a download, and how.
     splits: HashMap<PeerId, split::UploadSplit>,
 }
@@ -248,6 +254,7 @@ impl Dcm {
             recovering_until: None,
             deferred_joins: Vec::new(),
             last_reevaluation: 0,
+            last_relay_round: 0,
             splits: HashMap::new(),
         }
     }
@@ -266,6 +273,7 @@ impl Dcm {
                         out: att.out.clone(),
                         upload_kbps: att.upload_kbps,
                         region: att.region,
+                        relay: att.relay,
                     },
                 );
                 dcm.history.joined(*peer, att.upload_kbps, now);
@@ -344,12 +352,14 @@ impl Dcm {
                 // work): every peer gets new instructions.
                 let mut changes = crate::topology::Changes::default();
                 for p in &ids {
-                    let (region, kbps) = (self.peers[p].region, self.peers[p].upload_kbps);
-                    changes.affected.extend(
-                        self.planner
-                            .join(*p, region, placement_kbps(kbps), self.ranking(*p, now))
-                            .affected,
-                    );
+                    let e = &self.peers[p];
+                    let (region, kbps) = (e.region, placement_kbps(e.upload_kbps));
+                    let placed = if e.relay {
+                        self.planner.join_relay(*p, region, kbps)
+                    } else {
+                        self.planner.join(*p, region, kbps, self.ranking(*p, now))
+                    };
+                    changes.affected.extend(placed.affected);
                 }
                 changes
             }
@@ -430,6 +440,7 @@ impl Dcm {
                             out: out.clone(),
                             upload_kbps,
                             region,
+                            relay,
                         },
                     );
                 }
@@ -439,6 +450,7 @@ impl Dcm {
                         out,
                         upload_kbps,
                         region,
+                        relay,
                     },
                 );
                 self.history.joined(peer, upload_kbps, now);
@@ -684,7 +696,12 @@ impl Dcm {
             }
         }
         if self.planner.is_tiered() {
-            self.manage_relays(now);
+            // Both scan every peer's plan: every few seconds is enough for capacity that
+            // changes with joins and leaves, and keeps heartbeats from queueing behind them.
+            if now.saturating_sub(self.last_relay_round) >= RELAY_ROUND_MS {
+                self.last_relay_round = now;
+                self.manage_relays(now);
+            }
             if now.saturating_sub(self.last_reevaluation) >= REEVALUATE_MS {
                 self.last_reevaluation = now;
                 self.reevaluate_preferred(now);
