@@ -48,6 +48,10 @@ enum Cmd {
         /// Address for the control server to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// More control-server options after `--`, e.g. `cargo xtask demo -- --hierarchy` or
+        /// `-- --topology docs/topology.example.toml` (see `control-server --help`).
+        #[arg(last = true)]
+        server_args: Vec<String>,
     },
     /// Run all tests: native, wasm (wasm-pack in headless Chromium) and e2e.
     Test,
@@ -121,7 +125,10 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Demo { listen } => demo(listen),
+        Cmd::Demo {
+            listen,
+            server_args,
+        } => demo(listen, &server_args),
         Cmd::Test => test(),
         Cmd::Swarm {
             viewers,
@@ -223,7 +230,7 @@ impl Steps {
     }
 }
 
-fn demo(listen: SocketAddr) -> Result<()> {
+fn demo(listen: SocketAddr, server_args: &[String]) -> Result<()> {
     ensure_wasm_target()?;
     ensure_wasm_bindgen()?;
     build_wasm()?;
@@ -234,7 +241,8 @@ fn demo(listen: SocketAddr) -> Result<()> {
         .args(["run", "--release", "-p", "control-server", "--", "--listen"])
         .arg(listen.to_string())
         .arg("--web-dir")
-        .arg(&web))
+        .arg(&web)
+        .args(server_args))
 }
 
 fn test() -> Result<()> {
