@@ -119,8 +119,7 @@ impl RelayBoard {
         now_ms: u64,
     ) -> Option<(String, u32, OutboundTx)> {
         let mut i = self.lock();
-        i.tokens
-            .retain(|_, p| now_ms.saturating_sub(p.issued_ms) < TOKEN_TTL_MS);
+        Self::expire(&mut i, now_ms);
         let id = Self::channel_id(&mut i, channel);
         let (peer, kbps) = i.registry.recruit(id, region, min_kbps)?;
         i.regions.remove(&peer);
@@ -142,11 +141,26 @@ impl RelayBoard {
         Some((token, kbps, out))
     }
 
+    /// Drops tokens nobody redeemed in time; their peers may be offered again.
+    fn expire(i: &mut Inner, now_ms: u64) {
+        let expired: Vec<String> = i
+            .tokens
+            .iter()
+            .filter(|(_, p)| now_ms.saturating_sub(p.issued_ms) >= TOKEN_TTL_MS)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in expired {
+            if let Some(p) = i.tokens.remove(&t) {
+                i.busy.remove(&p.grant.watcher);
+            }
+        }
+    }
+
     /// Whether a recruit for `channel` is still waiting for its peer to join.
     pub fn pending_for(&self, channel: &str, now_ms: u64) -> bool {
-        self.lock().tokens.values().any(|p| {
-            p.grant.channel == channel && now_ms.saturating_sub(p.issued_ms) < TOKEN_TTL_MS
-        })
+        let mut i = self.lock();
+        Self::expire(&mut i, now_ms);
+        i.tokens.values().any(|p| p.grant.channel == channel)
     }
 
     /// Redeems a token for a session joining `channel` as `relay`; each token works once.
@@ -205,5 +219,15 @@ mod tests {
                 .is_none(),
             "expired"
         );
+        // A token never redeemed frees its peer once it expires.
+        board.offer("live", r, PeerId(1), 3000, &tx);
+        let _unused = board.recruit("other", r, 1000, 100).expect("recruit");
+        board.offer("live", r, PeerId(1), 3000, &tx);
+        assert!(board.pending_for("other", 100 + TOKEN_TTL_MS - 1));
+        assert!(!board.pending_for("other", 100 + TOKEN_TTL_MS));
+        board.offer("live", r, PeerId(1), 3000, &tx);
+        assert!(board
+            .recruit("other", r, 1000, 100 + TOKEN_TTL_MS)
+            .is_some());
     }
 }
