@@ -6,6 +6,29 @@ use common::*;
 use control_server::config::Config;
 use protocol::{ClientMsg, ErrorCode, Heartbeat, PeerId, ServerMsg, Signal};
 
+/// A join with no region hint, network, companion or relay token.
+fn join_msg(version: u32, channel: &str, upload_kbps: u32) -> ClientMsg {
+    join_with(version, channel, upload_kbps, None, None)
+}
+
+fn join_with(
+    version: u32,
+    channel: &str,
+    upload_kbps: u32,
+    network: Option<&str>,
+    relay_token: Option<&str>,
+) -> ClientMsg {
+    ClientMsg::Join {
+        version,
+        channel: channel.into(),
+        upload_kbps,
+        region: None,
+        network: network.map(String::from),
+        companion: None,
+        relay_token: relay_token.map(String::from),
+    }
+}
+
 fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -45,91 +68,23 @@ async fn malformed_and_unknown_messages_get_errors_and_the_session_survives() {
 async fn join_with_bad_version_channel_or_capacity_is_refused() {
     let (addr, _state) = start_server(Config::default()).await;
     let mut ws = connect(addr).await;
-    send(
-        &mut ws,
-        &ClientMsg::Join {
-            version: 99,
-            channel: "demo".into(),
-            upload_kbps: 1,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(&mut ws, &join_msg(99, "demo", 1)).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::UnsupportedVersion);
-    send(
-        &mut ws,
-        &ClientMsg::Join {
-            version: 1,
-            channel: "nope".into(),
-            upload_kbps: 1,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(&mut ws, &join_msg(1, "nope", 1)).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::UnknownChannel);
-    send(
-        &mut ws,
-        &ClientMsg::Join {
-            version: 1,
-            channel: "demo".into(),
-            upload_kbps: u32::MAX,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(&mut ws, &join_msg(1, "demo", u32::MAX)).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadCapacity);
     // A relay token nobody issued, and a network type nobody knows.
-    send(
-        &mut ws,
-        &ClientMsg::Join {
-            version: 1,
-            channel: "demo".into(),
-            upload_kbps: 1,
-            region: None,
-            network: None,
-            companion: None,
-            relay_token: Some("forged".into()),
-        },
-    )
-    .await;
+    send(&mut ws, &join_with(1, "demo", 1, None, Some("forged"))).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadRelayToken);
     send(
         &mut ws,
-        &ClientMsg::Join {
-            version: 1,
-            channel: "demo".into(),
-            upload_kbps: 1,
-            region: None,
-            network: Some("carrier-pigeon".into()),
-            companion: None,
-            relay_token: None,
-        },
+        &join_with(1, "demo", 1, Some("carrier-pigeon"), None),
     )
     .await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::Malformed);
     join(&mut ws, 500).await;
-    send(
-        &mut ws,
-        &ClientMsg::Join {
-            version: 1,
-            channel: "demo".into(),
-            upload_kbps: 1,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(&mut ws, &join_msg(1, "demo", 1)).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::AlreadyJoined);
 }
 
