@@ -85,6 +85,14 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss))
 }
 
+/// Idle clock ticks of the whole machine, summed over its cores (`/proc/stat`).
+fn machine_idle_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?;
+    // cpu  user nice system idle iowait ...
+    cpu.split_whitespace().nth(4)?.parse().ok()
+}
+
 async fn http_get_json(addr: SocketAddr, path: &str) -> Result<Value> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
@@ -150,6 +158,8 @@ async fn sim_peer(
     let mut seq = 0u64;
     let mut counted = false;
     let mut last_sent: Option<Instant> = None;
+    // Rebuilt when the plan changes; each tick only updates its numbers in place.
+    let mut template: Option<Heartbeat> = None;
     let start = tokio::time::Instant::now() + Duration::from_millis(phase_ms);
     let mut tick = tokio::time::interval_at(start, Duration::from_millis(u64::from(hb_ms)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,6 +168,13 @@ async fn sim_peer(
             msg = ws.next() => {
                 let Some(msg) = msg else { break };
                 if let Message::Text(t) = msg? {
+                    // The live-edge notice is the common message: read its number directly.
+                    if let Some(rest) = t.as_str().strip_prefix(r#"{"type":"live_edge","seq":"#) {
+                        if let Ok(s) = rest.trim_end_matches('}').parse() {
+                            edge = s;
+                            continue;
+                        }
+                    }
                     match serde_json::from_str::<ServerMsg>(t.as_str()) {
                         Ok(ServerMsg::Welcome { peer_id, substreams, live_seq, .. }) => {
                             me = Some(peer_id);
@@ -169,7 +186,10 @@ async fn sim_peer(
                                 c.connected.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Ok(ServerMsg::Instructions { substreams, .. }) => plan = substreams,
+                        Ok(ServerMsg::Instructions { substreams, .. }) => {
+                            plan = substreams;
+                            template = None;
+                        }
                         Ok(ServerMsg::LiveEdge { seq }) => edge = seq,
                         Ok(ServerMsg::Error { code: protocol::ErrorCode::RateLimited, .. }) => {
                             c.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -188,8 +208,9 @@ async fn sim_peer(
                 }
                 last_sent = Some(Instant::now());
                 seq += 1;
-                let hb = healthy_heartbeat(id, seq, k, &plan, edge);
-                let frame = protocol::heartbeat::binary::encode(&hb);
+                let hb = template.get_or_insert_with(|| healthy_heartbeat(id, k, &plan));
+                refresh(hb, seq, k, edge);
+                let frame = protocol::heartbeat::binary::encode(hb);
                 c.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
                 ws.send(Message::Binary(frame.into())).await?;
                 c.sent.fetch_add(1, Ordering::Relaxed);
@@ -200,26 +221,19 @@ async fn sim_peer(
     Ok(())
 }
 
-fn healthy_heartbeat(id: PeerId, seq: u64, k: u32, plan: &[SubstreamPlan], edge: u64) -> Heartbeat {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let newest = |s: u32| {
-        (edge.saturating_sub(u64::from(k))..=edge)
-            .rev()
-            .find(|q| protocol::substream_of(*q, k) == s)
-    };
+/// A heartbeat reporting every link of `plan` (numbers filled in by [`refresh`]).
+fn healthy_heartbeat(id: PeerId, k: u32, plan: &[SubstreamPlan]) -> Heartbeat {
     Heartbeat {
         client_id: id,
-        seq,
-        local_ts_ms: now,
+        seq: 0,
+        local_ts_ms: 0,
         parents: plan
             .iter()
             .map(|sp| ParentLink {
                 substream: sp.index,
                 parent: sp.parent,
-                last_seq: newest(sp.index),
-                last_ts_ms: Some(now),
+                last_seq: None,
+                last_ts_ms: None,
             })
             .collect(),
         children: plan
@@ -228,19 +242,44 @@ fn healthy_heartbeat(id: PeerId, seq: u64, k: u32, plan: &[SubstreamPlan], edge:
                 sp.children.iter().map(move |ch| ChildLink {
                     substream: sp.index,
                     child: *ch,
-                    last_seq: newest(sp.index),
-                    last_ts_ms: Some(now),
+                    last_seq: None,
+                    last_ts_ms: None,
                 })
             })
             .collect(),
         buffer: vec![2; k as usize],
-        bytes_from_peers: seq * 50_000,
+        bytes_from_peers: 0,
         bytes_from_origin: 0,
-        bytes_up: seq * 50_000,
+        bytes_up: 0,
         origin_fallbacks: 0,
         upload_kbps: 2000,
         send_backlog_ms: 0,
     }
+}
+
+/// Healthy numbers for heartbeat `seq`: every link has carried the newest packet of its
+/// substream up to the live edge `edge`.
+fn refresh(hb: &mut Heartbeat, seq: u64, k: u32, edge: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let newest = |s: u32| {
+        (edge.saturating_sub(u64::from(k))..=edge)
+            .rev()
+            .find(|q| protocol::substream_of(*q, k) == s)
+    };
+    hb.seq = seq;
+    hb.local_ts_ms = now;
+    for p in &mut hb.parents {
+        p.last_seq = newest(p.substream);
+        p.last_ts_ms = Some(now);
+    }
+    for ch in &mut hb.children {
+        ch.last_seq = newest(ch.substream);
+        ch.last_ts_ms = Some(now);
+    }
+    hb.bytes_from_peers = seq * 50_000;
+    hb.bytes_up = seq * 50_000;
 }
 
 pub fn bench(args: Args) -> Result<()> {
@@ -341,6 +380,8 @@ pub fn bench(args: Args) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(u64::from(args.heartbeat_ms) * 2)).await;
         let s0 = http_get_json(addr, "/api/channels/demo/stats").await?;
         let (ticks0, _) = proc_usage(pid).context("server /proc")?;
+        let (gen_ticks0, _) = proc_usage(std::process::id()).context("own /proc")?;
+        let idle0 = machine_idle_ticks();
         let sent0 = c.sent.load(Ordering::Relaxed);
         let m0 = Instant::now();
         let mut peak_rss = 0u64;
@@ -358,10 +399,17 @@ pub fn bench(args: Args) -> Result<()> {
         let elapsed = m0.elapsed().as_secs_f64();
         let s1 = http_get_json(addr, "/api/channels/demo/stats").await?;
         let (ticks1, rss_kib) = proc_usage(pid).context("server /proc")?;
+        let (gen_ticks1, _) = proc_usage(std::process::id()).context("own /proc")?;
+        let idle1 = machine_idle_ticks();
         let sent = c.sent.load(Ordering::Relaxed) - sent0;
         let applied = s1["heartbeats"].as_u64().unwrap_or(0) - s0["heartbeats"].as_u64().unwrap_or(0);
         let hz = 100.0; // Linux USER_HZ
         let cpu = (ticks1 - ticks0) as f64 / hz / elapsed * 100.0;
+        let gen_cpu = (gen_ticks1 - gen_ticks0) as f64 / hz / elapsed * 100.0;
+        let idle = match (idle0, idle1) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / hz / elapsed * 100.0),
+            _ => None,
+        };
         let per_peer_kib = (peak_rss.max(rss_kib).saturating_sub(rss_idle_kib)) as f64 / connected.max(1) as f64;
         let report = json!({
             "peers": args.peers,
@@ -375,6 +423,8 @@ pub fn bench(args: Args) -> Result<()> {
             "heartbeats_per_sec": applied as f64 / elapsed,
             "apply_ms": { "p50": s1["heartbeat_apply_ms"]["p50"], "p99": s1["heartbeat_apply_ms"]["p99"] },
             "server_cpu_percent": cpu,
+            "generator_cpu_percent": gen_cpu,
+            "machine_idle_percent": idle,
             "server_rss_mb": rss_kib as f64 / 1024.0,
             "server_rss_idle_mb": rss_idle_kib as f64 / 1024.0,
             "server_kib_per_peer": per_peer_kib,
@@ -387,6 +437,10 @@ pub fn bench(args: Args) -> Result<()> {
         println!("| heartbeats/s applied | {:.0} | ≥ 100000 at 20000 peers |", report["heartbeats_per_sec"].as_f64().unwrap_or(0.0));
         println!("| apply ms p50 / p99 | {} / {} | p99 ≤ 20 |", report["apply_ms"]["p50"], report["apply_ms"]["p99"]);
         println!("| server CPU | {cpu:.0} % (of one core) | |");
+        println!("| generator CPU (this process) | {gen_cpu:.0} % | |");
+        if let Some(idle) = idle {
+            println!("| machine idle | {idle:.0} % (of {} cores) | |", std::thread::available_parallelism().map_or(1, |n| n.get()));
+        }
         println!("| server memory per peer | {per_peer_kib:.1} KiB | ≤ 8 KiB |");
         println!("| heartbeat size | {:.0} bytes (binary) | |", report["heartbeat_bytes_avg"].as_f64().unwrap_or(0.0));
         let text = serde_json::to_string_pretty(&report)?;

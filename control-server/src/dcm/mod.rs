@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::{ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, Source};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -214,7 +214,17 @@ pub struct Dcm {
     last_relay_round: u64,
     /// Live sessions sharing their page's upload with a download, and how.
     splits: HashMap<PeerId, split::UploadSplit>,
+    /// Peers sent every live-edge notice: new or re-planned ones until a heartbeat shows them
+    /// fed, and those whose last heartbeat showed them behind. The others, fed by their
+    /// parents, learn of new packets from the packets themselves and get every
+    /// [`EDGE_ALL_EVERY`]th notice only, which spares a message per peer per fragment.
+    edge_every: FxHashSet<PeerId>,
+    /// Live-edge notices sent so far.
+    edges: u64,
 }
+
+/// One live-edge notice in this many goes to every peer (see `Dcm::edge_every`).
+const EDGE_ALL_EVERY: u64 = 4;
 
 impl Dcm {
     pub fn new(channel: Arc<Channel>, config: &Config) -> Self {
@@ -256,6 +266,8 @@ impl Dcm {
             last_reevaluation: 0,
             last_relay_round: 0,
             splits: HashMap::new(),
+            edge_every: FxHashSet::default(),
+            edges: 0,
         }
     }
 
@@ -552,6 +564,7 @@ impl Dcm {
         }
         self.view.remove(peer);
         self.detector.forget_peer(peer);
+        self.edge_every.remove(&peer);
         self.history.left(peer);
         self.splits.remove(&peer);
         self.last_moved.remove(&peer);
@@ -604,6 +617,11 @@ impl Dcm {
                         .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
                         .map(|l| l.2)
                 });
+        if self.detector.last_behind() {
+            self.edge_every.insert(peer);
+        } else {
+            self.edge_every.remove(&peer);
+        }
         for link in found {
             self.on_congestion(link, now);
         }
@@ -826,6 +844,9 @@ impl Dcm {
             if !links.is_empty() {
                 self.link_since.insert(peer, links);
             }
+            // New links take a moment to deliver: until a heartbeat shows them feeding it,
+            // the peer hears of every new packet from the origin.
+            self.edge_every.insert(peer);
             let msg = ServerMsg::Instructions {
                 epoch: self.epoch,
                 substreams: plan,
@@ -881,7 +902,13 @@ impl Dcm {
             // Serialized once: with tens of thousands of peers this notice dominates otherwise.
             if let Ok(text) = serde_json::to_string(&ServerMsg::LiveEdge { seq: edge }) {
                 let text = axum::extract::ws::Utf8Bytes::from(text);
-                let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                let everyone = self.edges % EDGE_ALL_EVERY == 0 || self.recovering();
+                self.edges += 1;
+                let ids: Vec<PeerId> = if everyone {
+                    self.peers.keys().copied().collect()
+                } else {
+                    self.edge_every.iter().copied().collect()
+                };
                 for id in ids {
                     self.send(id, Outbound::Text(text.clone()));
                 }

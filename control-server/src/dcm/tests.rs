@@ -575,3 +575,63 @@ fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_wi
         assert_eq!(preferred_in(&h, region).len(), 2);
     }
 }
+
+/// Live-edge notices queued for a peer, draining its queue.
+fn edges_queued(h: &mut Harness, id: u64) -> usize {
+    let Some(rx) = h.outs.get_mut(&PeerId(id)) else {
+        return 0;
+    };
+    let mut n = 0;
+    while let Ok(m) = rx.try_recv() {
+        if let Outbound::Text(t) = m {
+            n += usize::from(t.as_str().contains("live_edge"));
+        }
+    }
+    n
+}
+
+#[test]
+fn live_edge_notices_go_to_everyone_only_now_and_then_and_always_to_peers_behind() {
+    let mut h = Harness::new();
+    for id in 1..=6 {
+        h.join(id, 2000);
+    }
+    let batch = |from: u64| DcmEvent::Packets((from..from + 8).map(|s| (s, packet(s))).collect());
+    // The first notice goes to everyone.
+    h.dcm.handle(batch(0));
+    for id in 1..=6 {
+        assert_eq!(edges_queued(&mut h, id), 1, "peer {id}");
+    }
+    // Peers 1-5 report every substream up to date; peer 6 is one packet short on substream 2.
+    let now = now_ms();
+    for id in 1..=6u64 {
+        let plan = h.dcm.planner.plan(PeerId(id)).expect("plan").substreams;
+        let mut hb = heartbeat_from_plan(PeerId(id), &plan, now);
+        for p in &mut hb.parents {
+            let newest = 4 + u64::from(p.substream);
+            p.last_seq = Some(if id == 6 && p.substream == 2 {
+                newest - 4
+            } else {
+                newest
+            });
+        }
+        h.dcm.on_heartbeat(PeerId(id), hb, now);
+    }
+    // The next notices reach only the peer behind, until the one for everyone comes round.
+    for round in 1..super::EDGE_ALL_EVERY {
+        h.dcm.handle(batch(8 * round));
+        for id in 1..=5 {
+            assert_eq!(edges_queued(&mut h, id), 0, "peer {id}, round {round}");
+        }
+        assert_eq!(edges_queued(&mut h, 6), 1, "round {round}");
+    }
+    h.dcm.handle(batch(8 * super::EDGE_ALL_EVERY));
+    for id in 1..=6 {
+        assert_eq!(edges_queued(&mut h, id), 1, "peer {id}");
+    }
+    // A peer given new instructions hears of every packet again until it reports being fed.
+    h.dcm.send_instructions(BTreeSet::from([PeerId(3)]), now);
+    h.dcm.handle(batch(8 * (super::EDGE_ALL_EVERY + 1)));
+    assert_eq!(edges_queued(&mut h, 3), 1);
+    assert_eq!(edges_queued(&mut h, 4), 0);
+}

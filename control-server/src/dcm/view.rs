@@ -172,6 +172,9 @@ pub struct CongestionDetector {
     strikes: FxHashMap<(PeerId, PeerId, u32), u32>,
     /// Links judged in the current heartbeat; kept to reuse its allocation.
     scratch: Vec<Judged>,
+    /// Whether the last heartbeat judged showed its peer missing a packet a parent (or the
+    /// origin) should have delivered by then.
+    last_behind: bool,
 }
 
 /// (parent, child, substream, late, expected, have, parent_side, backlogged)
@@ -183,7 +186,14 @@ impl CongestionDetector {
             cfg,
             strikes: FxHashMap::default(),
             scratch: Vec::new(),
+            last_behind: false,
         }
+    }
+
+    /// Whether the peer of the last [`CongestionDetector::on_heartbeat`] call lags behind what
+    /// the origin produced a grace ago, on any data substream.
+    pub fn last_behind(&self) -> bool {
+        self.last_behind
     }
 
     /// Judges the links of `peer` (as child and as parent) after its heartbeat arrived.
@@ -196,6 +206,7 @@ impl CongestionDetector {
         peer: PeerId,
         link_since: impl Fn(PeerId, PeerId, u32) -> Option<u64>,
     ) -> Vec<Congested> {
+        self.last_behind = false;
         let Some(me) = view.get(peer) else {
             return Vec::new();
         };
@@ -207,10 +218,8 @@ impl CongestionDetector {
         // As a child: did each peer parent deliver what the origin produced before the grace?
         let mut judged = std::mem::take(&mut self.scratch);
         judged.clear();
+        self.last_behind = false;
         for pl in &me.heartbeat.parents {
-            let Source::Peer { id: parent } = pl.parent else {
-                continue;
-            };
             // Parity trees (index ≥ k, coded middle tier) carry one shard per group, sent when
             // the group is complete: their lag is by design, and their loss is what the code
             // tolerates. Only data trees are judged.
@@ -219,6 +228,12 @@ impl CongestionDetector {
             }
             let cutoff = me.received_ms.saturating_sub(self.cfg.grace_ms);
             let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
+                continue;
+            };
+            if pl.last_seq.is_none_or(|s| s < expected) {
+                self.last_behind = true;
+            }
+            let Source::Peer { id: parent } = pl.parent else {
                 continue;
             };
             // Cheap test first: in a healthy swarm the child is not late, and the lookups below

@@ -6,7 +6,6 @@ use axum::extract::ConnectInfo;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
 use protocol::control::MAX_CONTROL_MESSAGE;
 use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -69,39 +68,43 @@ struct Session {
     hb_tokens: f64,
 }
 
-async fn run_session(socket: WebSocket, state: AppState, remote: IpAddr) {
-    let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(1024);
+/// A peer that has not taken a control message for this long is cut loose: its session must
+/// not hold its queue (and the DCM's messages to it) forever.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    // Writer: the only place that touches the sink, so DCM and session never race on it.
-    let writer = tokio::spawn(async move {
-        while let Some(item) = out_rx.recv().await {
-            let res = match item {
-                Outbound::Msg(m) => match serde_json::to_string(&*m) {
-                    Ok(s) => sink.send(Message::Text(Utf8Bytes::from(s))).await,
-                    Err(e) => {
-                        tracing::error!("serializing server message: {e}");
-                        continue;
-                    }
-                },
-                Outbound::Packet(b) => sink.send(Message::Binary(b)).await,
-                Outbound::Text(t) => sink.send(Message::Text(t)).await,
-                Outbound::Close(reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: 1008,
-                            reason: Utf8Bytes::from(reason),
-                        })))
-                        .await;
-                    break;
-                }
-            };
-            if res.is_err() {
-                break;
+/// Writes one queued message; false once the session must end (closed, failed or too slow).
+async fn write_out(socket: &mut WebSocket, item: Outbound) -> bool {
+    let (msg, last) = match item {
+        Outbound::Msg(m) => match serde_json::to_string(&*m) {
+            Ok(s) => (Message::Text(Utf8Bytes::from(s)), false),
+            Err(e) => {
+                tracing::error!("serializing server message: {e}");
+                return true;
             }
-        }
-    });
+        },
+        Outbound::Packet(b) => (Message::Binary(b), false),
+        Outbound::Text(t) => (Message::Text(t), false),
+        Outbound::Close(reason) => (
+            Message::Close(Some(CloseFrame {
+                code: 1008,
+                reason: Utf8Bytes::from(reason),
+            })),
+            true,
+        ),
+    };
+    let sent = matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
+        Ok(Ok(()))
+    );
+    sent && !last
+}
 
+/// One task per session reads the peer's messages and writes what the session and the DCM
+/// queued for it. A single task (rather than a reader and a writer around a split socket)
+/// costs one wake-up per message and no lock between the halves, which is what lets tens of
+/// thousands of sessions share two cores.
+async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
+    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(1024);
     let limits = state.limits;
     let mut session = Session {
         state,
@@ -116,56 +119,72 @@ async fn run_session(socket: WebSocket, state: AppState, remote: IpAddr) {
         hb_tokens: 3.0,
     };
 
-    while let Some(msg) = stream.next().await {
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                // Oversize frames land here: tell the peer why before the socket goes.
-                tracing::debug!("websocket error: {e}");
-                session
-                    .error(ErrorCode::TooLarge, format!("websocket error: {e}"))
-                    .await;
-                break;
+    loop {
+        tokio::select! {
+            // Queued messages first: an error reaches the peer before its next message is read.
+            biased;
+            item = out_rx.recv() => {
+                // Never `None`: the session holds a sender.
+                let Some(item) = item else { break };
+                if !write_out(&mut socket, item).await {
+                    break;
+                }
             }
-        };
-        let keep_going = match msg {
-            // Every peer message, text or binary, spends one token of the session's budget.
-            Message::Text(_) | Message::Binary(_) if !session.take_token() => {
-                session
-                    .error(
-                        ErrorCode::RateLimited,
-                        "too many messages; slow down".into(),
-                    )
-                    .await
+            msg = socket.recv() => {
+                let Some(msg) = msg else { break };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Oversize frames land here: tell the peer why before the socket goes.
+                        tracing::debug!("websocket error: {e}");
+                        session.error(ErrorCode::TooLarge, format!("websocket error: {e}"));
+                        break;
+                    }
+                };
+                let keep_going = match msg {
+                    // Every peer message, text or binary, spends one token of the session's
+                    // budget.
+                    Message::Text(_) | Message::Binary(_) if !session.take_token() => session
+                        .error(ErrorCode::RateLimited, "too many messages; slow down".into()),
+                    Message::Text(text) => session.on_text(text.as_str()).await,
+                    Message::Binary(frame) => session.on_binary(&frame).await,
+                    Message::Close(_) => false,
+                    Message::Ping(_) | Message::Pong(_) => true,
+                };
+                if !keep_going {
+                    break;
+                }
             }
-            Message::Text(text) => session.on_text(text.as_str()).await,
-            Message::Binary(frame) => session.on_binary(&frame).await,
-            Message::Close(_) => false,
-            Message::Ping(_) | Message::Pong(_) => true,
-        };
-        if !keep_going {
-            break;
         }
     }
     session.leave().await;
     drop(session);
-    let _ = writer.await;
+    // What is still queued (a last error, a close) goes out unless the peer is gone.
+    while let Ok(item) = out_rx.try_recv() {
+        if !write_out(&mut socket, item).await {
+            break;
+        }
+    }
 }
 
 impl Session {
-    /// Sends an error to the peer; returns false once the peer has used up its error budget.
-    async fn error(&mut self, code: ErrorCode, message: String) -> bool {
+    /// Queues an error for the peer; returns false once the peer has used up its error budget.
+    /// Never waits: the session's own task drains the queue, and a peer whose queue is full is
+    /// cut loose anyway.
+    fn error(&mut self, code: ErrorCode, message: String) -> bool {
         self.errors += 1;
         tracing::info!(?code, %message, "protocol error from peer");
-        let _ = self
+        if self
             .out
-            .send(Outbound::msg(ServerMsg::Error { code, message }))
-            .await;
+            .try_send(Outbound::msg(ServerMsg::Error { code, message }))
+            .is_err()
+        {
+            return false;
+        }
         if self.errors >= self.state.limits.max_errors {
             let _ = self
                 .out
-                .send(Outbound::Close("too many protocol errors".into()))
-                .await;
+                .try_send(Outbound::Close("too many protocol errors".into()));
             return false;
         }
         true
@@ -188,11 +207,7 @@ impl Session {
     async fn on_text(&mut self, text: &str) -> bool {
         let msg: ClientMsg = match serde_json::from_str(text) {
             Ok(m) => m,
-            Err(e) => {
-                return self
-                    .error(ErrorCode::Malformed, format!("malformed message: {e}"))
-                    .await
-            }
+            Err(e) => return self.error(ErrorCode::Malformed, format!("malformed message: {e}")),
         };
         match (msg, self.joined.clone()) {
             (
@@ -220,17 +235,11 @@ impl Session {
             }
             (ClientMsg::Join { .. }, Some(_)) => {
                 self.error(ErrorCode::AlreadyJoined, "already joined".into())
-                    .await
             }
-            (_, None) => {
-                self.error(ErrorCode::NotJoined, "send join first".into())
-                    .await
-            }
+            (_, None) => self.error(ErrorCode::NotJoined, "send join first".into()),
             (ClientMsg::Signal { to, signal }, Some((me, ch))) => {
                 if to == me {
-                    return self
-                        .error(ErrorCode::NotLinked, "cannot signal yourself".into())
-                        .await;
+                    return self.error(ErrorCode::NotLinked, "cannot signal yourself".into());
                 }
                 let _ = ch
                     .dcm
@@ -250,13 +259,11 @@ impl Session {
     /// Binary frames from peers carry compact heartbeats (see `protocol::heartbeat::binary`).
     async fn on_binary(&mut self, frame: &[u8]) -> bool {
         let Some((me, ch)) = self.joined.clone() else {
-            return self
-                .error(ErrorCode::NotJoined, "send join first".into())
-                .await;
+            return self.error(ErrorCode::NotJoined, "send join first".into());
         };
         match protocol::heartbeat::binary::decode(frame) {
             Ok(hb) => self.on_heartbeat(me, &ch, hb).await,
-            Err(e) => self.error(ErrorCode::Malformed, e.to_string()).await,
+            Err(e) => self.error(ErrorCode::Malformed, e.to_string()),
         }
     }
 
@@ -267,15 +274,13 @@ impl Session {
         hb: protocol::Heartbeat,
     ) -> bool {
         if hb.client_id != me {
-            return self
-                .error(
-                    ErrorCode::WrongPeer,
-                    format!(
-                        "heartbeat claims to be {} but this session is {me}",
-                        hb.client_id
-                    ),
-                )
-                .await;
+            return self.error(
+                ErrorCode::WrongPeer,
+                format!(
+                    "heartbeat claims to be {} but this session is {me}",
+                    hb.client_id
+                ),
+            );
         }
         // Bounded so a forged heartbeat cannot make the DCM allocate or iterate much.
         // A coded middle tier has up to k + n trees.
@@ -286,12 +291,10 @@ impl Session {
                 0
             };
         if hb.parents.len() > k || hb.buffer.len() > k || hb.children.len() > 64 * k {
-            return self
-                .error(
-                    ErrorCode::Malformed,
-                    "heartbeat lists more links than a peer can have".into(),
-                )
-                .await;
+            return self.error(
+                ErrorCode::Malformed,
+                "heartbeat lists more links than a peer can have".into(),
+            );
         }
         // Timestamps are the peer's clock: skew is tolerated, nonsense is not.
         let server_ms = crate::channel::now_ms();
@@ -304,25 +307,21 @@ impl Session {
         if hb.local_ts_ms.abs_diff(server_ms) > DAY_MS
             || stamps.into_iter().any(|t| t > hb.local_ts_ms + 1000)
         {
-            return self
-                .error(
-                    ErrorCode::Malformed,
-                    format!(
-                        "heartbeat timestamps are absurd (local_ts_ms {})",
-                        hb.local_ts_ms
-                    ),
-                )
-                .await;
+            return self.error(
+                ErrorCode::Malformed,
+                format!(
+                    "heartbeat timestamps are absurd (local_ts_ms {})",
+                    hb.local_ts_ms
+                ),
+            );
         }
         let now = Instant::now();
         if let Some((last_seq, _)) = self.last_heartbeat {
             if hb.seq <= last_seq {
-                return self
-                    .error(
-                        ErrorCode::Malformed,
-                        format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
-                    )
-                    .await;
+                return self.error(
+                    ErrorCode::Malformed,
+                    format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
+                );
             }
         }
         // At most two heartbeats per interval on average, with a burst of three: network jitter
@@ -334,9 +333,7 @@ impl Session {
                 .min(3.0);
         }
         if self.hb_tokens < 1.0 {
-            return self
-                .error(ErrorCode::RateLimited, "heartbeats too frequent".into())
-                .await;
+            return self.error(ErrorCode::RateLimited, "heartbeats too frequent".into());
         }
         self.hb_tokens -= 1.0;
         self.last_heartbeat = Some((hb.seq, now));
@@ -366,51 +363,42 @@ impl Session {
                 .error(
                     ErrorCode::UnsupportedVersion,
                     format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
-                )
-                .await;
+                );
         }
         if upload_kbps > self.state.limits.max_upload_kbps {
-            return self
-                .error(
-                    ErrorCode::BadCapacity,
-                    format!(
-                        "declared upload {upload_kbps} kbit/s exceeds the limit of {} kbit/s",
-                        self.state.limits.max_upload_kbps
-                    ),
-                )
-                .await;
+            return self.error(
+                ErrorCode::BadCapacity,
+                format!(
+                    "declared upload {upload_kbps} kbit/s exceeds the limit of {} kbit/s",
+                    self.state.limits.max_upload_kbps
+                ),
+            );
         }
         let network = match network.as_deref().map(str::parse::<NetworkType>) {
             None => None,
             Some(Ok(n)) => Some(n),
             Some(Err(())) => {
-                return self
-                    .error(
-                        ErrorCode::Malformed,
-                        "network must be one of dsl, cable, fiber, mobile, satellite, other".into(),
-                    )
-                    .await
+                return self.error(
+                    ErrorCode::Malformed,
+                    "network must be one of dsl, cable, fiber, mobile, satellite, other".into(),
+                )
             }
         };
         if region_hint.as_ref().is_some_and(|r| r.len() > 64) {
-            return self
-                .error(
-                    ErrorCode::Malformed,
-                    "region hint longer than 64 characters".into(),
-                )
-                .await;
+            return self.error(
+                ErrorCode::Malformed,
+                "region hint longer than 64 characters".into(),
+            );
         }
         let region = match &self.state.config.topology {
             Some(t) => t.classify(self.remote, network, region_hint.as_deref()),
             None => Region::fallback(self.remote),
         };
         let Some(ch) = self.state.channel(&channel) else {
-            return self
-                .error(
-                    ErrorCode::UnknownChannel,
-                    format!("no channel named {channel:?}"),
-                )
-                .await;
+            return self.error(
+                ErrorCode::UnknownChannel,
+                format!("no channel named {channel:?}"),
+            );
         };
         let file = ch.file().cloned();
         let media = match (&file, ch.init()) {
@@ -420,12 +408,10 @@ impl Session {
         };
         let (Some((mime, stream_kbps)), Some((start_seq, live_seq))) = (media, ch.live_position())
         else {
-            return self
-                .error(
-                    ErrorCode::UnknownChannel,
-                    format!("channel {channel:?} has no live source yet"),
-                )
-                .await;
+            return self.error(
+                ErrorCode::UnknownChannel,
+                format!("channel {channel:?} has no live source yet"),
+            );
         };
         // A download beside a live session of the same page: live keeps what it needs.
         let mut placed_kbps = upload_kbps;
@@ -433,7 +419,7 @@ impl Session {
         if let Some(live) = companion {
             let s = match self.split_with(live, &ch, upload_kbps).await {
                 Ok(s) => s,
-                Err(message) => return self.error(ErrorCode::BadCompanion, message).await,
+                Err(message) => return self.error(ErrorCode::BadCompanion, message),
             };
             placed_kbps = s.file_kbps;
             granted = Some(s.file_kbps);
@@ -450,14 +436,12 @@ impl Session {
                 {
                     Some(g) => (g.region, g.upload_kbps.min(upload_kbps.max(1)), true),
                     None => {
-                        return self
-                            .error(
-                                ErrorCode::BadRelayToken,
-                                format!(
+                        return self.error(
+                            ErrorCode::BadRelayToken,
+                            format!(
                                 "relay token unknown, used, expired or not for channel {channel:?}"
                             ),
-                            )
-                            .await
+                        )
                     }
                 }
             }
@@ -479,7 +463,7 @@ impl Session {
             upload_kbps: granted,
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
-        if self.out.send(Outbound::msg(welcome)).await.is_err() {
+        if self.out.try_send(Outbound::msg(welcome)).is_err() {
             return false;
         }
         let _ = ch
