@@ -89,6 +89,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages back a whole 2 MiB page as soon as one byte of it is touched; with
+    // tens of thousands of sessions each owning a few small allocations that inflates resident
+    // memory by half again (measured with `cargo xtask bench-heartbeats`) and buys nothing.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()

@@ -126,6 +126,7 @@ async fn sim_peer(
     c: Arc<Counters>,
     phase_ms: u64,
     connecting: Arc<tokio::sync::Semaphore>,
+    shared_edge: Arc<AtomicU64>,
 ) -> Result<()> {
     // Bounded concurrent handshakes, released once welcomed.
     let mut permit = Some(connecting.acquire_owned().await?);
@@ -209,7 +210,10 @@ async fn sim_peer(
                 last_sent = Some(Instant::now());
                 seq += 1;
                 let hb = template.get_or_insert_with(|| healthy_heartbeat(id, k, &plan));
-                refresh(hb, seq, k, edge);
+                // A fed peer knows the edge from the packets its parents deliver; the server
+                // tells only lagging peers every time, so the simulated peers read it from the
+                // benchmark's poller.
+                refresh(hb, seq, k, edge.max(shared_edge.load(Ordering::Relaxed)));
                 let frame = protocol::heartbeat::binary::encode(hb);
                 c.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
                 ws.send(Message::Binary(frame.into())).await?;
@@ -343,6 +347,21 @@ pub fn bench(args: Args) -> Result<()> {
         let connect_deadline = Duration::from_secs(30 + args.peers as u64 / 200);
         let stop = Instant::now() + connect_deadline + Duration::from_secs(args.seconds) + Duration::from_secs(2);
         let sem = Arc::new(tokio::sync::Semaphore::new(256));
+        // The live edge, polled from the stats API (what the peers' parents would deliver).
+        let shared_edge = Arc::new(AtomicU64::new(0));
+        let poller = {
+            let shared_edge = shared_edge.clone();
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    if let Ok(v) = http_get_json(addr, "/api/channels/demo/stats").await {
+                        if let Some(seq) = v["live_seq"].as_u64() {
+                            shared_edge.fetch_max(seq, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
         eprintln!("bench-heartbeats: {} peers, heartbeat every {} ms, server pid {pid} on {addr}", args.peers, args.heartbeat_ms);
         let mut tasks = Vec::with_capacity(args.peers);
         for i in 0..args.peers {
@@ -350,8 +369,9 @@ pub fn bench(args: Args) -> Result<()> {
             let sem = sem.clone();
             let hb = args.heartbeat_ms;
             let phase = (i as u64 * 7919) % u64::from(hb);
+            let edge = shared_edge.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = sim_peer(addr, hb, stop, c.clone(), phase, sem).await {
+                if let Err(e) = sim_peer(addr, hb, stop, c.clone(), phase, sem, edge).await {
                     if c.failed.fetch_add(1, Ordering::Relaxed) < 3 {
                         eprintln!("  peer {i}: {e:#}");
                     }
@@ -423,6 +443,8 @@ pub fn bench(args: Args) -> Result<()> {
             "heartbeats_per_sec": applied as f64 / elapsed,
             "apply_ms": { "p50": s1["heartbeat_apply_ms"]["p50"], "p99": s1["heartbeat_apply_ms"]["p99"] },
             "server_cpu_percent": cpu,
+            "congestion_events": s1["congestion_events"].as_u64().unwrap_or(0).saturating_sub(s0["congestion_events"].as_u64().unwrap_or(0)),
+            "repairs": s1["repairs"].as_u64().unwrap_or(0).saturating_sub(s0["repairs"].as_u64().unwrap_or(0)),
             "generator_cpu_percent": gen_cpu,
             "machine_idle_percent": idle,
             "server_rss_mb": rss_kib as f64 / 1024.0,
@@ -442,6 +464,7 @@ pub fn bench(args: Args) -> Result<()> {
             println!("| machine idle | {idle:.0} % (of {} cores) | |", std::thread::available_parallelism().map_or(1, |n| n.get()));
         }
         println!("| server memory per peer | {per_peer_kib:.1} KiB | ≤ 8 KiB |");
+        println!("| congestion events / repairs during the run | {} / {} | 0 / 0 (all links healthy) |", report["congestion_events"], report["repairs"]);
         println!("| heartbeat size | {:.0} bytes (binary) | |", report["heartbeat_bytes_avg"].as_f64().unwrap_or(0.0));
         let text = serde_json::to_string_pretty(&report)?;
         match &args.json {
@@ -454,6 +477,7 @@ pub fn bench(args: Args) -> Result<()> {
         for t in tasks {
             t.abort();
         }
+        poller.abort();
         drop(server);
         Ok(())
     })

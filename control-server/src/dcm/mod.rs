@@ -30,11 +30,9 @@ use history::History;
 use planner::{HierarchyView, Planner, Push};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 
-/// What a session's writer task sends to its WebSocket.
+/// What a session's task sends to its WebSocket.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Boxed: every session's queue is sized by its largest variant, and tens of thousands of
-    /// idle queues must stay small.
     Msg(Box<ServerMsg>),
     Packet(Bytes),
     /// A message serialized once for many peers (live-edge notices).
@@ -43,12 +41,14 @@ pub enum Outbound {
 }
 
 impl Outbound {
-    pub fn msg(m: ServerMsg) -> Self {
-        Outbound::Msg(Box::new(m))
+    pub fn msg(m: ServerMsg) -> Box<Self> {
+        Box::new(Outbound::Msg(Box::new(m)))
     }
 }
 
-pub type OutboundTx = mpsc::Sender<Outbound>;
+/// Boxed in the queue: a tokio channel allocates its first block of 32 slots up front, and
+/// tens of thousands of idle sessions' queues must stay small (8 bytes a slot, not 40).
+pub type OutboundTx = mpsc::Sender<Box<Outbound>>;
 
 #[derive(Debug)]
 pub enum DcmEvent {
@@ -216,14 +216,14 @@ pub struct Dcm {
     splits: HashMap<PeerId, split::UploadSplit>,
     /// Peers sent every live-edge notice: new or re-planned ones until a heartbeat shows them
     /// fed, and those whose last heartbeat showed them behind. The others, fed by their
-    /// parents, learn of new packets from the packets themselves and get every
-    /// [`EDGE_ALL_EVERY`]th notice only, which spares a message per peer per fragment.
+    /// parents, learn of new packets from the packets themselves and get one notice in
+    /// [`EDGE_ALL_EVERY`] only (in turns), which spares most of a message per peer per fragment.
     edge_every: FxHashSet<PeerId>,
     /// Live-edge notices sent so far.
     edges: u64,
 }
 
-/// One live-edge notice in this many goes to every peer (see `Dcm::edge_every`).
+/// A fed peer gets one live-edge notice in this many (see `Dcm::edge_every`).
 const EDGE_ALL_EVERY: u64 = 4;
 
 impl Dcm {
@@ -702,7 +702,7 @@ impl Dcm {
         );
         for peer in silent {
             if let Some(e) = self.peers.get(&peer) {
-                let _ = e.out.try_send(Outbound::Close("heartbeats stopped".into()));
+                let _ = e.out.try_send(Box::new(Outbound::Close("heartbeats stopped".into())));
             }
             self.remove_peer(peer, "silent", now);
         }
@@ -856,7 +856,7 @@ impl Dcm {
         }
     }
 
-    fn send(&mut self, peer: PeerId, msg: Outbound) {
+    fn send(&mut self, peer: PeerId, msg: Box<Outbound>) {
         let Some(entry) = self.peers.get(&peer) else {
             return;
         };
@@ -866,7 +866,7 @@ impl Dcm {
             tracing::warn!(%peer, "outbound queue full; closing session");
             let _ = entry
                 .out
-                .try_send(Outbound::Close("outbound queue full".into()));
+                .try_send(Box::new(Outbound::Close("outbound queue full".into())));
         }
     }
 
@@ -902,15 +902,21 @@ impl Dcm {
             // Serialized once: with tens of thousands of peers this notice dominates otherwise.
             if let Ok(text) = serde_json::to_string(&ServerMsg::LiveEdge { seq: edge }) {
                 let text = axum::extract::ws::Utf8Bytes::from(text);
-                let everyone = self.edges % EDGE_ALL_EVERY == 0 || self.recovering();
+                // The fed peers take turns, a quarter per notice, so that no notice goes to
+                // everyone at once and holds up the heartbeats queued behind it.
+                let turn = self.edges % EDGE_ALL_EVERY;
                 self.edges += 1;
-                let ids: Vec<PeerId> = if everyone {
-                    self.peers.keys().copied().collect()
-                } else {
-                    self.edge_every.iter().copied().collect()
-                };
+                let everyone = self.recovering();
+                let ids: Vec<PeerId> = self
+                    .peers
+                    .keys()
+                    .filter(|p| {
+                        everyone || p.0 % EDGE_ALL_EVERY == turn || self.edge_every.contains(p)
+                    })
+                    .copied()
+                    .collect();
                 for id in ids {
-                    self.send(id, Outbound::Text(text.clone()));
+                    self.send(id, Box::new(Outbound::Text(text.clone())));
                 }
             }
         }
@@ -936,7 +942,7 @@ impl Dcm {
                         continue;
                     };
                     // Dropped when the peer's queue is full: it fetches the packet over HTTP.
-                    if entry.out.try_send(Outbound::Packet(frame.clone())).is_ok() {
+                    if entry.out.try_send(Box::new(Outbound::Packet(frame.clone()))).is_ok() {
                         pushed += frame.len() as u64;
                     }
                 }

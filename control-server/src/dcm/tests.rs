@@ -11,7 +11,7 @@ use crate::origin::PacketWindow;
 
 struct Harness {
     dcm: Dcm,
-    outs: HashMap<PeerId, mpsc::Receiver<Outbound>>,
+    outs: HashMap<PeerId, mpsc::Receiver<Box<Outbound>>>,
 }
 
 impl Harness {
@@ -51,7 +51,7 @@ impl Harness {
         let rx = self.outs.get_mut(&PeerId(id))?;
         let mut plan = None;
         while let Ok(m) = rx.try_recv() {
-            if let Outbound::Msg(m) = m {
+            if let Outbound::Msg(m) = *m {
                 if let ServerMsg::Instructions { substreams, .. } = *m {
                     plan = Some(substreams);
                 }
@@ -199,7 +199,7 @@ fn a_childs_complaint_moves_only_the_child_and_silent_peers_are_removed() {
     let rx = h.outs.get_mut(&PeerId(3)).expect("rx");
     let mut closed = false;
     while let Ok(m) = rx.try_recv() {
-        closed |= matches!(m, Outbound::Close(ref r) if r.contains("heartbeats"));
+        closed |= matches!(*m, Outbound::Close(ref r) if r.contains("heartbeats"));
     }
     assert!(closed);
 }
@@ -261,7 +261,7 @@ impl Harness {
         for (id, rx) in &mut self.outs {
             let e: &mut (Option<WireSeen>, Vec<Bytes>) = out.entry(*id).or_default();
             while let Ok(m) = rx.try_recv() {
-                match m {
+                match *m {
                     Outbound::Msg(m) => {
                         if let ServerMsg::Instructions {
                             substreams, tier, ..
@@ -583,7 +583,7 @@ fn edges_queued(h: &mut Harness, id: u64) -> usize {
     };
     let mut n = 0;
     while let Ok(m) = rx.try_recv() {
-        if let Outbound::Text(t) = m {
+        if let Outbound::Text(t) = *m {
             n += usize::from(t.as_str().contains("live_edge"));
         }
     }
@@ -591,13 +591,13 @@ fn edges_queued(h: &mut Harness, id: u64) -> usize {
 }
 
 #[test]
-fn live_edge_notices_go_to_everyone_only_now_and_then_and_always_to_peers_behind() {
+fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     let mut h = Harness::new();
     for id in 1..=6 {
         h.join(id, 2000);
     }
     let batch = |from: u64| DcmEvent::Packets((from..from + 8).map(|s| (s, packet(s))).collect());
-    // The first notice goes to everyone.
+    // Newly placed peers hear of every packet.
     h.dcm.handle(batch(0));
     for id in 1..=6 {
         assert_eq!(edges_queued(&mut h, id), 1, "peer {id}");
@@ -617,21 +617,22 @@ fn live_edge_notices_go_to_everyone_only_now_and_then_and_always_to_peers_behind
         }
         h.dcm.on_heartbeat(PeerId(id), hb, now);
     }
-    // The next notices reach only the peer behind, until the one for everyone comes round.
-    for round in 1..super::EDGE_ALL_EVERY {
+    // Over the next four notices each fed peer gets one, the peer behind all four.
+    let mut got = [0usize; 7];
+    for round in 1..=super::EDGE_ALL_EVERY {
         h.dcm.handle(batch(8 * round));
-        for id in 1..=5 {
-            assert_eq!(edges_queued(&mut h, id), 0, "peer {id}, round {round}");
+        for id in 1..=6 {
+            got[id] += edges_queued(&mut h, id as u64);
         }
-        assert_eq!(edges_queued(&mut h, 6), 1, "round {round}");
     }
-    h.dcm.handle(batch(8 * super::EDGE_ALL_EVERY));
-    for id in 1..=6 {
-        assert_eq!(edges_queued(&mut h, id), 1, "peer {id}");
-    }
+    assert_eq!(&got[1..6], &[1; 5], "fed peers");
+    assert_eq!(got[6], super::EDGE_ALL_EVERY as usize, "the peer behind");
     // A peer given new instructions hears of every packet again until it reports being fed.
     h.dcm.send_instructions(BTreeSet::from([PeerId(3)]), now);
-    h.dcm.handle(batch(8 * (super::EDGE_ALL_EVERY + 1)));
-    assert_eq!(edges_queued(&mut h, 3), 1);
-    assert_eq!(edges_queued(&mut h, 4), 0);
+    let mut got3 = 0;
+    for round in 1..=super::EDGE_ALL_EVERY {
+        h.dcm.handle(batch(8 * (super::EDGE_ALL_EVERY + round)));
+        got3 += edges_queued(&mut h, 3);
+    }
+    assert_eq!(got3, super::EDGE_ALL_EVERY as usize);
 }

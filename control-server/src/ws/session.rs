@@ -51,13 +51,13 @@ pub async fn ws_handler(
         .max_frame_size(MAX_CONTROL_MESSAGE)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(socket, state, remote))
+        .on_upgrade(move |socket| { let f = run_session(socket, state, remote); static ONCE: std::sync::Once = std::sync::Once::new(); ONCE.call_once(|| eprintln!("SIZES session future {} websocket {} outbound {}", std::mem::size_of_val(&f), std::mem::size_of::<WebSocket>(), std::mem::size_of::<Outbound>())); f })
 }
 
 struct Session {
     state: AppState,
     remote: IpAddr,
-    out: mpsc::Sender<Outbound>,
+    out: crate::dcm::OutboundTx,
     joined: Option<(PeerId, SharedChannel)>,
     /// A download's live companion whose upload it shares (told when the download ends).
     companion: Option<(PeerId, SharedChannel)>,
@@ -73,8 +73,8 @@ struct Session {
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Writes one queued message; false once the session must end (closed, failed or too slow).
-async fn write_out(socket: &mut WebSocket, item: Outbound) -> bool {
-    let (msg, last) = match item {
+async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
+    let (msg, last) = match *item {
         Outbound::Msg(m) => match serde_json::to_string(&*m) {
             Ok(s) => (Message::Text(Utf8Bytes::from(s)), false),
             Err(e) => {
@@ -104,7 +104,7 @@ async fn write_out(socket: &mut WebSocket, item: Outbound) -> bool {
 /// costs one wake-up per message and no lock between the halves, which is what lets tens of
 /// thousands of sessions share two cores.
 async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
-    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(1024);
+    let (out_tx, mut out_rx) = mpsc::channel::<Box<Outbound>>(1024);
     let limits = state.limits;
     let mut session = Session {
         state,
@@ -146,8 +146,10 @@ async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
                     // budget.
                     Message::Text(_) | Message::Binary(_) if !session.take_token() => session
                         .error(ErrorCode::RateLimited, "too many messages; slow down".into()),
-                    Message::Text(text) => session.on_text(text.as_str()).await,
-                    Message::Binary(frame) => session.on_binary(&frame).await,
+                    // Boxed (one small allocation per message): the handlers' futures are
+                    // large and would otherwise sit in every idle session's task.
+                    Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
+                    Message::Binary(frame) => Box::pin(session.on_binary(&frame)).await,
                     Message::Close(_) => false,
                     Message::Ping(_) | Message::Pong(_) => true,
                 };
@@ -184,7 +186,7 @@ impl Session {
         if self.errors >= self.state.limits.max_errors {
             let _ = self
                 .out
-                .try_send(Outbound::Close("too many protocol errors".into()));
+                .try_send(Box::new(Outbound::Close("too many protocol errors".into())));
             return false;
         }
         true
@@ -231,7 +233,9 @@ impl Session {
                     companion,
                     relay_token,
                 };
-                self.join(req).await
+                // Boxed: joining is rare and its future large; every session's task would
+                // otherwise carry its size for life.
+                Box::pin(self.join(req)).await
             }
             (ClientMsg::Join { .. }, Some(_)) => {
                 self.error(ErrorCode::AlreadyJoined, "already joined".into())
