@@ -624,9 +624,13 @@ impl Inner {
                     }
                 }
                 Action::Connect { peer } => {
+                    // The answering side opens its end now too, without offering: packets the
+                    // engine sends at once (a new child's priming packet) then wait in the link's
+                    // queue until the data channel opens, instead of being dropped for want of a
+                    // link while the offer is on its way.
                     let offerer = self.engine.peer_id().is_some_and(|me| me < peer);
-                    if !self.links.contains_key(&peer) && offerer {
-                        self.open_link(peer, true);
+                    if !self.links.contains_key(&peer) {
+                        self.open_link(peer, offerer);
                     }
                 }
                 Action::Disconnect { peer } => {
@@ -665,6 +669,8 @@ impl Inner {
             LinkEvent::Channel(peer, dc) => {
                 if let Some(l) = self.links.get_mut(&peer) {
                     l.attach_channel(dc);
+                    // The channel may already be open when it is announced: send what waits.
+                    l.flush();
                 }
             }
             LinkEvent::Closed(peer) => {
