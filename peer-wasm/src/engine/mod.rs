@@ -48,6 +48,11 @@ pub use upload::TokenBucket;
 /// Upload backlog (ms) that makes a peer report at once instead of at its next heartbeat.
 pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 
+/// How recent a packet from a peer that is not (yet) our parent must be to count as the first
+/// packet of that peer's new link when our instructions then name it: instructions to the two
+/// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
+const EARLY_PARENT_MS: f64 = 1000.0;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -206,6 +211,10 @@ pub struct Engine {
     parent_last: Vec<(Option<u64>, Option<u64>)>,
     /// Per substream: when the current parent was assigned and when its first packet came.
     parent_timing: Vec<(f64, Option<f64>)>,
+    /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
+    /// when). A peer only sends a tree's packets to its children there, so this is a new parent
+    /// whose instructions overtook ours (it primes us over a link that was already open).
+    early_parent: Vec<Option<(PeerId, u64, f64)>>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
@@ -238,6 +247,7 @@ impl Engine {
             tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
+            early_parent: Vec::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
             backlog_reported: false,
@@ -368,6 +378,22 @@ impl Engine {
             }
             if changed && i < self.parent_timing.len() {
                 self.parent_timing[i] = (self.now, None);
+                // The new parent already delivered (its instructions came first): that is its
+                // first packet, received before we knew; count it from now, not from the next.
+                if let (Source::Peer { id }, Some(Some((from, seq, at)))) =
+                    (s.parent, self.early_parent.get(i))
+                {
+                    if *from == id && self.now - at <= EARLY_PARENT_MS {
+                        let seq = *seq;
+                        self.parent_timing[i].1 = Some(self.now);
+                        if let Some(slot) = self.parent_last.get_mut(i) {
+                            *slot = (Some(seq), Some(self.now as u64));
+                        }
+                    }
+                }
+            }
+            if let Some(e) = self.early_parent.get_mut(i) {
+                *e = None;
             }
         }
         if let Some(me) = self.me {
@@ -434,6 +460,13 @@ impl Engine {
             _ => false,
         };
         if !from_parent {
+            if let From::Peer(id) = from {
+                let i = tree as usize;
+                if self.early_parent.len() <= i {
+                    self.early_parent.resize(i + 1, None);
+                }
+                self.early_parent[i] = Some((id, report_seq, self.now));
+            }
             return;
         }
         if let Some(slot) = self.parent_last.get_mut(tree as usize) {

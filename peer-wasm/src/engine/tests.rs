@@ -353,3 +353,73 @@ fn garbage_from_a_peer_is_counted_not_delivered() {
     assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
     assert_eq!(e.counters.invalid, 1);
 }
+
+#[test]
+fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructions() {
+    let welcome = |e: &mut Engine| {
+        e.handle(
+            Input::Welcome {
+                peer_id: PeerId(3),
+                substreams: K,
+                start_seq: 0,
+                live_seq: 0,
+            },
+            0.0,
+        );
+        e.handle(
+            Input::Instructions {
+                plan: plan(
+                    [Source::Peer { id: PeerId(1) }, Source::Origin],
+                    [vec![], vec![]],
+                ),
+                tier: None,
+            },
+            0.0,
+        );
+    };
+    let moved = plan(
+        [Source::Peer { id: PeerId(9) }, Source::Origin],
+        [vec![], vec![]],
+    );
+    // Peer 9 was told first and primed us with packet 2 of tree 0 over an open link; our
+    // instructions naming it come 40 ms later.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    welcome(&mut e);
+    e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &packet(2, 5000),
+        },
+        5000.0,
+    );
+    assert_eq!(e.link_stats()[0].first_packet_ms, None);
+    e.handle(
+        Input::Instructions {
+            plan: moved.clone(),
+            tier: None,
+        },
+        5040.0,
+    );
+    let l = &e.link_stats()[0];
+    assert_eq!(l.parent, Source::Peer { id: PeerId(9) });
+    assert_eq!((l.since_ms, l.first_packet_ms), (5040.0, Some(5040.0)));
+    assert_eq!(e.heartbeat().unwrap().parents[0].last_seq, Some(2));
+    // A packet from that peer long before proves nothing about the new link.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    welcome(&mut e);
+    e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &packet(2, 5000),
+        },
+        5000.0,
+    );
+    e.handle(
+        Input::Instructions {
+            plan: moved,
+            tier: None,
+        },
+        8000.0,
+    );
+    assert_eq!(e.link_stats()[0].first_packet_ms, None);
+}
