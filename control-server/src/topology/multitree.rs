@@ -477,24 +477,24 @@ impl MultiTree {
     /// The deepest forwarder of tree `t` that feeds only leaves, preferring one with room for
     /// `need` children among the deepest few; never `exclude` (the departed peer's parent, which
     /// may have just become a bottom forwarder).
+    ///
+    /// Among equally deep ones, the one with the most free slots: it gives up the fewest of its
+    /// own leaves (each one a new connection), and if its uplink turns out to be bad it strands
+    /// the fewest. That matters after congestion: the forwarders under a congested parent were
+    /// starved, so a bad uplink among them has not shown yet.
     fn bottom_forwarder(&self, t: usize, need: usize, exclude: Option<PeerId>) -> Option<PeerId> {
-        let mut candidates = self.trees[t]
+        self.trees[t]
             .bottom
             .iter()
-            .map(|(_, id)| *id)
-            .filter(|id| Some(*id) != exclude)
+            .filter(|(_, id)| Some(*id) != exclude)
             .take(16)
-            .peekable();
-        let first = *candidates.peek()?;
-        Some(
-            candidates
-                .find(|id| {
-                    self.nodes
-                        .get(id)
-                        .is_some_and(|n| n.fanout as usize >= need)
-                })
-                .unwrap_or(first),
-        )
+            .filter_map(|(Reverse(depth), id)| {
+                let n = self.nodes.get(id)?;
+                let room = (n.fanout as usize).saturating_sub(n.children.len());
+                Some(((n.fanout as usize >= need, *depth, room, Reverse(*id)), *id))
+            })
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, id)| id)
     }
 
     /// For each substream: where the peer receives it from and whom it forwards it to.
@@ -1491,6 +1491,35 @@ mod tests {
             assert!(!changes.affected.contains(&leaf), "{leaf} was told to move");
         }
         assert_eq!(kids(&m, 3), vec![PeerId(7), PeerId(8)]);
+    }
+
+    #[test]
+    fn the_emptiest_of_equally_deep_bottom_forwarders_takes_the_place() {
+        // k = 1: root R; B and C under it (fan-out 3 each); leaf 4 under R, leaves 5, 6, 7
+        // under B, leaf 8 under C.
+        let mut m = MultiTree::new(cfg(1, 1, 3));
+        for p in 1..=3 {
+            m.join(PeerId(p), 3000);
+        }
+        for p in 4..9 {
+            m.join(PeerId(p), 0);
+        }
+        let mut b = m.children(PeerId(2)).to_vec();
+        b.sort();
+        assert_eq!(b, vec![PeerId(5), PeerId(6), PeerId(7)]);
+        assert_eq!(m.children(PeerId(3)), &[PeerId(8)]);
+        let changes = m.leave(PeerId(1));
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        // C, with two free slots, replaces R rather than the full B; B's leaves hear nothing.
+        assert_eq!(m.origin_children(0), vec![PeerId(3)]);
+        for leaf in [5, 6, 7] {
+            assert!(!changes.affected.contains(&PeerId(leaf)));
+        }
+        assert_eq!(
+            m.plan(PeerId(8)).unwrap()[0].parent,
+            Source::Peer { id: PeerId(3) }
+        );
     }
 
     #[test]
