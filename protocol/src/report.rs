@@ -150,6 +150,10 @@ pub struct LinkStat {
     pub parent: crate::Source,
     pub since_ms: f64,
     pub first_packet_ms: Option<f64>,
+    /// When the data channel to this parent last opened (wall clock ms; `None`: not open, or
+    /// the parent is the origin). Filled in by the page, which owns the connections.
+    #[serde(default)]
+    pub parent_open_ms: Option<f64>,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

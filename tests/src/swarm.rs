@@ -402,6 +402,11 @@ pub struct SwarmReport {
     pub repairs_reused_link: usize,
     pub repair_connect_reused_ms: Pct,
     pub repair_connect_new_link_ms: Pct,
+    /// The connect part of repairs over new links split again: assigned → the data channel to
+    /// the new parent open, and (all repairs to a peer) channel open or assigned, whichever is
+    /// later → first packet.
+    pub repair_channel_open_ms: Pct,
+    pub repair_open_to_packet_ms: Pct,
     /// Repairs whose new parent is the origin (a tree slot pushed over the control socket, not
     /// an HTTP fallback; still counted in `repair_ms`).
     pub repairs_to_origin: usize,
@@ -511,6 +516,8 @@ impl SwarmReport {
             repairs_reused_link: 0,
             repair_connect_reused_ms: Pct::default(),
             repair_connect_new_link_ms: Pct::default(),
+            repair_channel_open_ms: Pct::default(),
+            repair_open_to_packet_ms: Pct::default(),
             repairs_to_origin: 0,
             repair_departure_ms: Pct::default(),
             repair_throttle_ms: Pct::default(),
@@ -692,6 +699,8 @@ struct Repaired {
     reused_link: bool,
     to_origin: bool,
     throttle: bool,
+    /// Data channel to the new parent open, ms after the assignment (negative: open before).
+    open_ms: Option<f64>,
 }
 
 fn wall_ms() -> f64 {
@@ -872,7 +881,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                         };
                         // One line per repair, to see where a slow one spent its time.
                         eprintln!(
-                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}{})",
+                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{})",
                             p.child,
                             p.substream,
                             p.old_parent,
@@ -880,6 +889,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                             first - p.at_ms,
                             l.since_ms - p.at_ms,
                             first - l.since_ms,
+                            l.parent_open_ms.map(|o| (o - l.since_ms).round()),
                             if reused_link { ", reused link" } else { "" }
                         );
                         repairs.push(Repaired {
@@ -889,6 +899,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                             reused_link,
                             to_origin: l.parent == protocol::Source::Origin,
                             throttle: p.throttle,
+                            open_ms: l.parent_open_ms.map(|o| o - l.since_ms),
                         });
                         false
                     }
@@ -934,6 +945,9 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     report.repair_connect_new_link_ms =
         pct(&|r| (!r.reused_link && !r.to_origin).then_some(r.connect_ms));
     report.repairs_to_origin = repairs.iter().filter(|r| r.to_origin).count();
+    report.repair_channel_open_ms = pct(&|r| (!r.reused_link).then_some(r.open_ms?.max(0.0)));
+    report.repair_open_to_packet_ms =
+        pct(&|r| Some(r.total_ms - r.assign_ms - r.open_ms?.max(0.0)));
     report.repair_departure_ms = pct(&|r| (!r.throttle).then_some(r.total_ms));
     report.repair_throttle_ms = pct(&|r| r.throttle.then_some(r.total_ms));
     // Children still with their throttled parent at the end were kept by the DCM.

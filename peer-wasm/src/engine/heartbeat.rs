@@ -93,6 +93,7 @@ impl Engine {
                     parent: s.parent,
                     since_ms: since,
                     first_packet_ms: first,
+                    parent_open_ms: None,
                 }
             })
             .collect()

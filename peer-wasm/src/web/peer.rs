@@ -663,6 +663,9 @@ impl Inner {
             }),
             LinkEvent::Writable(peer) => {
                 if let Some(l) = self.links.get_mut(&peer) {
+                    if l.opened_ms.is_none() && l.is_open() {
+                        l.opened_ms = Some(now_ms());
+                    }
                     l.flush();
                 }
             }
@@ -670,6 +673,9 @@ impl Inner {
                 if let Some(l) = self.links.get_mut(&peer) {
                     l.attach_channel(dc);
                     // The channel may already be open when it is announced: send what waits.
+                    if l.opened_ms.is_none() && l.is_open() {
+                        l.opened_ms = Some(now_ms());
+                    }
                     l.flush();
                 }
             }
@@ -809,7 +815,19 @@ impl Inner {
             errors: self.errors.clone(),
             stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
             upload_kbps: self.engine.upload_kbps(),
-            links: self.engine.link_stats(),
+            links: {
+                let mut links = self.engine.link_stats();
+                for l in &mut links {
+                    if let protocol::Source::Peer { id } = l.parent {
+                        l.parent_open_ms = self
+                            .links
+                            .get(&id)
+                            .filter(|link| link.is_open())
+                            .and_then(|link| link.opened_ms);
+                    }
+                }
+                links
+            },
             heartbeats_sent: self.heartbeats_sent,
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),
