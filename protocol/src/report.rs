@@ -50,6 +50,11 @@ pub struct PeerReport {
     /// Per substream: current parent, since when, and when its first packet arrived.
     #[serde(default)]
     pub links: Vec<LinkStat>,
+    /// The last few parents the peer had before its current ones (oldest first), with
+    /// `until_ms` set: a repair that delivered and was then superseded by another move still
+    /// shows when it delivered.
+    #[serde(default)]
+    pub past_links: Vec<LinkStat>,
     #[serde(default)]
     pub heartbeats_sent: u64,
     #[serde(default)]
@@ -154,6 +159,9 @@ pub struct LinkStat {
     /// the parent is the origin). Filled in by the page, which owns the connections.
     #[serde(default)]
     pub parent_open_ms: Option<f64>,
+    /// When the peer stopped receiving this substream from this parent (past links only).
+    #[serde(default)]
+    pub until_ms: Option<f64>,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

@@ -865,12 +865,31 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 let Some(r) = reports.iter().find(|r| r.peer_id == Some(p.child)) else {
                     return true;
                 };
-                let Some(l) = r.links.iter().find(|l| l.substream == p.substream) else {
+                let Some(current) = r.links.iter().find(|l| l.substream == p.substream) else {
                     return true;
                 };
-                if l.parent == (protocol::Source::Peer { id: p.old_parent }) {
+                let old = protocol::Source::Peer { id: p.old_parent };
+                if current.parent == old {
                     return true;
                 }
+                // The links this substream had since it left the old parent, oldest first: a
+                // new parent that delivered and was then replaced by another move (say, a
+                // joiner adopting the orphan) finished the repair when it delivered.
+                let spans: Vec<&protocol::report::LinkStat> = r
+                    .past_links
+                    .iter()
+                    .chain(std::iter::once(current))
+                    .filter(|l| l.substream == p.substream)
+                    .collect();
+                let after = spans
+                    .iter()
+                    .rposition(|l| l.parent == old)
+                    .map_or(0, |i| i + 1);
+                let l = spans[after..]
+                    .iter()
+                    .copied()
+                    .find(|l| l.first_packet_ms.is_some())
+                    .unwrap_or(current);
                 match l.first_packet_ms {
                     Some(first)
                         if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 =>
@@ -881,7 +900,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                         };
                         // One line per repair, to see where a slow one spent its time.
                         eprintln!(
-                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{})",
+                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{}) injected at {:.0}",
                             p.child,
                             p.substream,
                             p.old_parent,
@@ -890,7 +909,8 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                             l.since_ms - p.at_ms,
                             first - l.since_ms,
                             l.parent_open_ms.map(|o| (o - l.since_ms).round()),
-                            if reused_link { ", reused link" } else { "" }
+                            if reused_link { ", reused link" } else { "" },
+                            p.at_ms
                         );
                         repairs.push(Repaired {
                             total_ms: (first - p.at_ms).max(0.0),

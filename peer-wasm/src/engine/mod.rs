@@ -53,6 +53,9 @@ pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 /// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
 const EARLY_PARENT_MS: f64 = 1000.0;
 
+/// Replaced parent links kept for statistics (a few moves per substream).
+const PAST_LINKS: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -215,6 +218,8 @@ pub struct Engine {
     /// when). A peer only sends a tree's packets to its children there, so this is a new parent
     /// whose instructions overtook ours (it primes us over a link that was already open).
     early_parent: Vec<Option<(PeerId, u64, f64)>>,
+    /// The last [`PAST_LINKS`] parent links replaced by new instructions, for statistics.
+    past_links: VecDeque<protocol::report::LinkStat>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
@@ -248,6 +253,7 @@ impl Engine {
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
             early_parent: Vec::new(),
+            past_links: VecDeque::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
             backlog_reported: false,
@@ -377,6 +383,20 @@ impl Engine {
                 self.parent_last[i] = (None, None);
             }
             if changed && i < self.parent_timing.len() {
+                if let Some(old) = self.plan.iter().find(|o| o.index == s.index) {
+                    let (since, first) = self.parent_timing[i];
+                    self.past_links.push_back(protocol::report::LinkStat {
+                        substream: s.index,
+                        parent: old.parent,
+                        since_ms: since,
+                        first_packet_ms: first,
+                        parent_open_ms: None,
+                        until_ms: Some(self.now),
+                    });
+                    while self.past_links.len() > PAST_LINKS {
+                        self.past_links.pop_front();
+                    }
+                }
                 self.parent_timing[i] = (self.now, None);
                 // The new parent already delivered (its instructions came first): that is its
                 // first packet, received before we knew; count it from now, not from the next.

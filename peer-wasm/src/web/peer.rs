@@ -828,6 +828,7 @@ impl Inner {
                 }
                 links
             },
+            past_links: self.engine.past_links(),
             heartbeats_sent: self.heartbeats_sent,
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),
