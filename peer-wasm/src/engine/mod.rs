@@ -56,6 +56,10 @@ const EARLY_PARENT_MS: f64 = 1000.0;
 /// Replaced parent links kept for statistics (a few moves per substream).
 const PAST_LINKS: usize = 32;
 
+/// A priming packet not sent within this long is dropped: by then the child has most likely
+/// had the next packet of its substream, or fetched the gap from the origin.
+const PRIME_TIMEOUT_MS: f64 = 1000.0;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -209,6 +213,11 @@ pub struct Engine {
     in_flight: BTreeSet<u64>,
     bucket: TokenBucket,
     send_queue: VecDeque<Queued>,
+    /// Priming packets for new children: sent only when `send_queue` is empty, dropped after
+    /// [`PRIME_TIMEOUT_MS`], and never part of the upload backlog reported to the server.
+    prime_queue: VecDeque<Queued>,
+    /// Upload time (ms) spent on primes and not yet caught up, as of the second field (ms).
+    prime_debt: (f64, f64),
     tiers: Tiers,
     /// Per tree: last seq received from its current parent and when.
     parent_last: Vec<(Option<u64>, Option<u64>)>,
@@ -249,6 +258,8 @@ impl Engine {
             in_flight: BTreeSet::new(),
             bucket,
             send_queue: VecDeque::new(),
+            prime_queue: VecDeque::new(),
+            prime_debt: (0.0, 0.0),
             tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
@@ -432,7 +443,9 @@ impl Engine {
         // A new child of data tree i most likely lost its previous parent: hand it the newest
         // packet of i we have, so it is fed from the swarm at once instead of waiting for the
         // next one (or for the origin). A duplicate costs it one ignored packet. Parity trees
-        // are not primed: one stale shard rebuilds nothing on its own.
+        // are not primed: one stale shard rebuilds nothing on its own. Primes are extra load
+        // (a repair can hand a parent a dozen children at once): they go after the stream, so
+        // they never delay a packet nor make a healthy uplink look congested.
         let old_children: BTreeSet<(PeerId, u32)> = self
             .plan
             .iter()
@@ -444,7 +457,7 @@ impl Engine {
                     .filter(|q| protocol::substream_of(*q, self.k) == *sub)
                     .map(|q| (q, p))
             }) {
-                self.send_queue.push_back(Queued {
+                self.prime_queue.push_back(Queued {
                     to: *child,
                     packet: p.clone(),
                     queued_ms: self.now,
@@ -461,11 +474,13 @@ impl Engine {
             .iter()
             .map(|f| (f.to, f.substream))
             .collect();
-        self.send_queue.retain(|q| match q.via {
+        let keep = |q: &Queued| match q.via {
             Via::Tree(sub) => children.contains(&(q.to, sub)),
             Via::Mesh => mesh.contains(&q.to),
             Via::Feed(sub) => feeds.contains(&(q.to, sub)),
-        });
+        };
+        self.send_queue.retain(keep);
+        self.prime_queue.retain(keep);
         self.neighbours = next;
         self.plan = plan;
     }
@@ -825,13 +840,63 @@ impl Engine {
                 packet: q.packet,
             });
         }
+        // Primes only once the stream itself is out (see `prime_queue`).
+        while self.send_queue.is_empty() {
+            let Some(q) = self.prime_queue.front() else {
+                break;
+            };
+            let sent_newer = match q.via {
+                Via::Tree(sub) => self
+                    .child_last
+                    .get(&(q.to, sub))
+                    .is_some_and(|(seq, _)| *seq >= q.report_seq),
+                Via::Mesh | Via::Feed(_) => false,
+            };
+            // Stale, or the child already had a packet of that tree from us: useless now.
+            if self.now - q.queued_ms > PRIME_TIMEOUT_MS || sent_newer {
+                self.prime_queue.pop_front();
+                continue;
+            }
+            if !self.bucket.try_take(q.packet.len(), self.now) {
+                break;
+            }
+            let Some(q) = self.prime_queue.pop_front() else {
+                break;
+            };
+            let rate_bps = f64::from(self.bucket.rate_kbps().max(1)) * 1000.0;
+            let spent_ms = q.packet.len() as f64 * 8.0 * 1000.0 / rate_bps;
+            self.prime_debt = (self.prime_debt_ms() + spent_ms, self.now);
+            self.counters.bytes_up += q.packet.len() as u64;
+            if let Via::Tree(sub) = q.via {
+                self.child_last
+                    .insert((q.to, sub), (q.report_seq, self.now as u64));
+            }
+            out.push(Action::Send {
+                to: q.to,
+                packet: q.packet,
+            });
+        }
     }
 
-    /// Age of the oldest packet waiting for upload tokens, ms.
+    /// Age of the oldest packet waiting for upload tokens, ms, less the upload time our own
+    /// primes took from the stream lately.
+    ///
+    /// This is what the server judges the uplink by. A repair can hand a parent a dozen new
+    /// children at once, each primed with a packet; the tokens those primes took delay the
+    /// next packets by that much, once, on an uplink that carries its children fine. Reported
+    /// as backlog it made the server cap healthy new parents and move their children again.
     pub fn send_backlog_ms(&self) -> f64 {
-        self.send_queue
+        let age = self
+            .send_queue
             .front()
-            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0))
+            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0));
+        (age - self.prime_debt_ms()).max(0.0)
+    }
+
+    /// Upload time spent on primes that the bucket has not caught up with yet, ms.
+    fn prime_debt_ms(&self) -> f64 {
+        let (debt, at) = self.prime_debt;
+        (debt - (self.now - at)).max(0.0)
     }
 
     /// True once per backlog episode when the upload queue has been stuck for a while: the

@@ -423,3 +423,87 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
     );
     assert_eq!(e.link_stats()[0].first_packet_ms, None);
 }
+
+#[test]
+fn priming_new_children_never_delays_the_stream_nor_counts_as_backlog() {
+    // Peer 1 forwards tree 0 at 80 kbit/s: 10 bytes per ms, a packet (about 1 kB) per 100 ms,
+    // and a burst of about 16 packets.
+    let mut e = Engine::new(
+        EngineConfig {
+            upload_kbps: 80,
+            ..EngineConfig::default()
+        },
+        0.0,
+    );
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+        },
+        0.0,
+    );
+    let o = Source::Origin;
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![2], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let sends = |actions: &[Action]| -> Vec<(u64, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, packet } => {
+                    Some((to.0, protocol::packet::peek_seq(packet).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    for seq in 0..4u64 {
+        let t = 1000.0 * seq as f64;
+        e.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &packet(seq, t as u64),
+            },
+            t,
+        );
+    }
+    // 29 new children at once: 29 primes (packet 2, the newest of tree 0), more than the
+    // bucket lets out at once.
+    let out = e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [(2..32).collect(), vec![]]),
+            tier: None,
+        },
+        5000.0,
+    );
+    let primed = sends(&out);
+    assert!(primed.len() > 5 && primed.len() < 29, "{primed:?}");
+    assert!(primed.iter().all(|(_, seq)| *seq == 2));
+    // The next packet of tree 0 arrives: it goes to the children before any waiting prime.
+    let mut after = sends(&e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(4, 5100),
+        },
+        5100.0,
+    ));
+    for t in (5150..=5400).step_by(50) {
+        after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
+    }
+    // Its copies have waited 300 ms, but only because our own primes took the tokens: that
+    // is not a congested uplink.
+    assert_eq!(e.send_backlog_ms(), 0.0);
+    assert!(!e.wants_early_heartbeat());
+    for t in (5450..7000).step_by(50) {
+        after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
+    }
+    assert!(after.iter().any(|(_, seq)| *seq == 4), "{after:?}");
+    // Primes still waiting went stale behind the stream and were dropped, not sent late.
+    assert!(after.iter().all(|(_, seq)| *seq == 4), "{after:?}");
+}
