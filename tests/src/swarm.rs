@@ -410,6 +410,9 @@ pub struct SwarmReport {
     /// Repairs whose new parent is the origin (a tree slot pushed over the control socket, not
     /// an HTTP fallback; still counted in `repair_ms`).
     pub repairs_to_origin: usize,
+    /// Repairs finished by a new parent that a later move had replaced by the time the run
+    /// looked (counted at its own first packet, not the later parent's).
+    pub repairs_by_replaced_link: usize,
     /// `repair_ms` by cause.
     pub repair_departure_ms: Pct,
     pub repair_throttle_ms: Pct,
@@ -519,6 +522,7 @@ impl SwarmReport {
             repair_channel_open_ms: Pct::default(),
             repair_open_to_packet_ms: Pct::default(),
             repairs_to_origin: 0,
+            repairs_by_replaced_link: 0,
             repair_departure_ms: Pct::default(),
             repair_throttle_ms: Pct::default(),
             congestion_injected: 0,
@@ -701,6 +705,7 @@ struct Repaired {
     throttle: bool,
     /// Data channel to the new parent open, ms after the assignment (negative: open before).
     open_ms: Option<f64>,
+    replaced: bool,
 }
 
 fn wall_ms() -> f64 {
@@ -920,6 +925,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                             to_origin: l.parent == protocol::Source::Origin,
                             throttle: p.throttle,
                             open_ms: l.parent_open_ms.map(|o| o - l.since_ms),
+                            replaced: l.until_ms.is_some(),
                         });
                         false
                     }
@@ -965,6 +971,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     report.repair_connect_new_link_ms =
         pct(&|r| (!r.reused_link && !r.to_origin).then_some(r.connect_ms));
     report.repairs_to_origin = repairs.iter().filter(|r| r.to_origin).count();
+    report.repairs_by_replaced_link = repairs.iter().filter(|r| r.replaced).count();
     report.repair_channel_open_ms = pct(&|r| (!r.reused_link).then_some(r.open_ms?.max(0.0)));
     report.repair_open_to_packet_ms =
         pct(&|r| Some(r.total_ms - r.assign_ms - r.open_ms?.max(0.0)));
