@@ -213,11 +213,9 @@ pub struct Engine {
     in_flight: BTreeSet<u64>,
     bucket: TokenBucket,
     send_queue: VecDeque<Queued>,
-    /// Priming packets for new children: sent only when `send_queue` is empty, dropped after
-    /// [`PRIME_TIMEOUT_MS`], and never part of the upload backlog reported to the server.
+    /// Priming packets for new children: sent only when `send_queue` is empty and dropped after
+    /// [`PRIME_TIMEOUT_MS`].
     prime_queue: VecDeque<Queued>,
-    /// Upload time (ms) spent on primes and not yet caught up, as of the second field (ms).
-    prime_debt: (f64, f64),
     tiers: Tiers,
     /// Per tree: last seq received from its current parent and when.
     parent_last: Vec<(Option<u64>, Option<u64>)>,
@@ -259,7 +257,6 @@ impl Engine {
             bucket,
             send_queue: VecDeque::new(),
             prime_queue: VecDeque::new(),
-            prime_debt: (0.0, 0.0),
             tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
@@ -445,7 +442,7 @@ impl Engine {
         // next one (or for the origin). A duplicate costs it one ignored packet. Parity trees
         // are not primed: one stale shard rebuilds nothing on its own. Primes are extra load
         // (a repair can hand a parent a dozen children at once): they go after the stream, so
-        // they never delay a packet nor make a healthy uplink look congested.
+        // they never delay a packet its other children wait for.
         let old_children: BTreeSet<(PeerId, u32)> = self
             .plan
             .iter()
@@ -863,9 +860,6 @@ impl Engine {
             let Some(q) = self.prime_queue.pop_front() else {
                 break;
             };
-            let rate_bps = f64::from(self.bucket.rate_kbps().max(1)) * 1000.0;
-            let spent_ms = q.packet.len() as f64 * 8.0 * 1000.0 / rate_bps;
-            self.prime_debt = (self.prime_debt_ms() + spent_ms, self.now);
             self.counters.bytes_up += q.packet.len() as u64;
             if let Via::Tree(sub) = q.via {
                 self.child_last
@@ -878,25 +872,12 @@ impl Engine {
         }
     }
 
-    /// Age of the oldest packet waiting for upload tokens, ms, less the upload time our own
-    /// primes took from the stream lately.
-    ///
-    /// This is what the server judges the uplink by. A repair can hand a parent a dozen new
-    /// children at once, each primed with a packet; the tokens those primes took delay the
-    /// next packets by that much, once, on an uplink that carries its children fine. Reported
-    /// as backlog it made the server cap healthy new parents and move their children again.
+    /// Age of the oldest packet waiting for upload tokens, ms (primes not included: they are
+    /// optional, and the stream goes first).
     pub fn send_backlog_ms(&self) -> f64 {
-        let age = self
-            .send_queue
+        self.send_queue
             .front()
-            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0));
-        (age - self.prime_debt_ms()).max(0.0)
-    }
-
-    /// Upload time spent on primes that the bucket has not caught up with yet, ms.
-    fn prime_debt_ms(&self) -> f64 {
-        let (debt, at) = self.prime_debt;
-        (debt - (self.now - at)).max(0.0)
+            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0))
     }
 
     /// True once per backlog episode when the upload queue has been stuck for a while: the

@@ -425,7 +425,7 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
 }
 
 #[test]
-fn priming_new_children_never_delays_the_stream_nor_counts_as_backlog() {
+fn priming_new_children_never_delays_the_stream() {
     // Peer 1 forwards tree 0 at 80 kbit/s: 10 bytes per ms, a packet (about 1 kB) per 100 ms,
     // and a burst of about 16 packets.
     let mut e = Engine::new(
@@ -496,10 +496,6 @@ fn priming_new_children_never_delays_the_stream_nor_counts_as_backlog() {
     for t in (5150..=5400).step_by(50) {
         after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
     }
-    // Its copies have waited 300 ms, but only because our own primes took the tokens: that
-    // is not a congested uplink.
-    assert_eq!(e.send_backlog_ms(), 0.0);
-    assert!(!e.wants_early_heartbeat());
     for t in (5450..7000).step_by(50) {
         after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
     }
