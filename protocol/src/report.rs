@@ -50,6 +50,11 @@ pub struct PeerReport {
     /// Per substream: current parent, since when, and when its first packet arrived.
     #[serde(default)]
     pub links: Vec<LinkStat>,
+    /// The last few parents the peer had before its current ones (oldest first), with
+    /// `until_ms` set: a repair that delivered and was then superseded by another move still
+    /// shows when it delivered.
+    #[serde(default)]
+    pub past_links: Vec<LinkStat>,
     #[serde(default)]
     pub heartbeats_sent: u64,
     #[serde(default)]
@@ -150,6 +155,13 @@ pub struct LinkStat {
     pub parent: crate::Source,
     pub since_ms: f64,
     pub first_packet_ms: Option<f64>,
+    /// When the data channel to this parent last opened (wall clock ms; `None`: not open, or
+    /// the parent is the origin). Filled in by the page, which owns the connections.
+    #[serde(default)]
+    pub parent_open_ms: Option<f64>,
+    /// When the peer stopped receiving this substream from this parent (past links only).
+    #[serde(default)]
+    pub until_ms: Option<f64>,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

@@ -391,6 +391,31 @@ pub struct SwarmReport {
     pub repair_ms: Pct,
     pub repairs_measured: usize,
     pub repairs_unfinished: usize,
+    /// The measured repairs split in two: injected → the child's page has its new parent (its
+    /// link's `since_ms`: departure or congestion seen, DCM decided, instructions delivered) and
+    /// new parent assigned → first packet from it (connection set-up, priming, next packet).
+    pub repair_assign_ms: Pct,
+    pub repair_connect_ms: Pct,
+    /// Repairs whose new parent was already the child's neighbour when the repair was injected
+    /// (a link of the DCM's plan in some other tree, so normally an open connection), and the
+    /// assigned → first packet time of those and of the others.
+    pub repairs_reused_link: usize,
+    pub repair_connect_reused_ms: Pct,
+    pub repair_connect_new_link_ms: Pct,
+    /// The connect part of repairs over new links split again: assigned → the data channel to
+    /// the new parent open, and (all repairs to a peer) channel open or assigned, whichever is
+    /// later → first packet.
+    pub repair_channel_open_ms: Pct,
+    pub repair_open_to_packet_ms: Pct,
+    /// Repairs whose new parent is the origin (a tree slot pushed over the control socket, not
+    /// an HTTP fallback; still counted in `repair_ms`).
+    pub repairs_to_origin: usize,
+    /// Repairs finished by a new parent that a later move had replaced by the time the run
+    /// looked (counted at its own first packet, not the later parent's).
+    pub repairs_by_replaced_link: usize,
+    /// `repair_ms` by cause.
+    pub repair_departure_ms: Pct,
+    pub repair_throttle_ms: Pct,
     /// Throttled relays (each one injected congestion event).
     pub congestion_injected: usize,
     /// Throttled relays the DCM flagged within two heartbeat intervals.
@@ -489,6 +514,17 @@ impl SwarmReport {
             repair_ms: Pct::default(),
             repairs_measured: 0,
             repairs_unfinished: 0,
+            repair_assign_ms: Pct::default(),
+            repair_connect_ms: Pct::default(),
+            repairs_reused_link: 0,
+            repair_connect_reused_ms: Pct::default(),
+            repair_connect_new_link_ms: Pct::default(),
+            repair_channel_open_ms: Pct::default(),
+            repair_open_to_packet_ms: Pct::default(),
+            repairs_to_origin: 0,
+            repairs_by_replaced_link: 0,
+            repair_departure_ms: Pct::default(),
+            repair_throttle_ms: Pct::default(),
             congestion_injected: 0,
             congestion_detected: 0,
             congestion_links_reported: 0,
@@ -606,6 +642,18 @@ impl SwarmReport {
             ),
         );
         row(
+            "repair: assign / connect",
+            format!(
+                "p95 {:.0} / {:.0} (p50 {:.0} / {:.0}); reused link {}, to origin {}",
+                self.repair_assign_ms.p95,
+                self.repair_connect_ms.p95,
+                self.repair_assign_ms.p50,
+                self.repair_connect_ms.p50,
+                self.repairs_reused_link,
+                self.repairs_to_origin
+            ),
+        );
+        row(
             "congestion detected",
             format!(
                 "{} of {} injected within 2 intervals ({} links reported)",
@@ -641,6 +689,23 @@ struct PendingRepair {
     substream: u32,
     old_parent: protocol::PeerId,
     at_ms: f64,
+    throttle: bool,
+    /// The child's neighbours (parents and children in any tree) when the repair was injected.
+    neighbours: Vec<protocol::PeerId>,
+}
+
+/// One finished repair, with its parts (see [`SwarmReport::repair_assign_ms`]).
+#[derive(Debug, Clone, Copy)]
+struct Repaired {
+    total_ms: f64,
+    assign_ms: f64,
+    connect_ms: f64,
+    reused_link: bool,
+    to_origin: bool,
+    throttle: bool,
+    /// Data channel to the new parent open, ms after the assignment (negative: open before).
+    open_ms: Option<f64>,
+    replaced: bool,
 }
 
 fn wall_ms() -> f64 {
@@ -654,7 +719,22 @@ fn children_of(
     topo: &TopologySnapshot,
     parent: protocol::PeerId,
     at_ms: f64,
+    throttle: bool,
 ) -> Vec<PendingRepair> {
+    let neighbours = |child: protocol::PeerId| -> Vec<protocol::PeerId> {
+        topo.peers
+            .iter()
+            .filter(|p| p.id == child)
+            .flat_map(|p| p.plan.iter())
+            .flat_map(|sp| {
+                let parent = match sp.parent {
+                    protocol::Source::Peer { id } => Some(id),
+                    protocol::Source::Origin => None,
+                };
+                parent.into_iter().chain(sp.children.iter().copied())
+            })
+            .collect()
+    };
     topo.peers
         .iter()
         .filter(|p| p.id == parent)
@@ -665,6 +745,8 @@ fn children_of(
                     substream: sp.index,
                     old_parent: parent,
                     at_ms,
+                    throttle,
+                    neighbours: neighbours(*c),
                 })
             })
         })
@@ -715,7 +797,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     let mut throttled = false;
     let mut throttled_peers: Vec<(protocol::PeerId, f64)> = Vec::new();
     let mut pending: Vec<PendingRepair> = Vec::new();
-    let mut repairs: Vec<f64> = Vec::new();
+    let mut repairs: Vec<Repaired> = Vec::new();
 
     let run_started = Instant::now();
     let deadline = run_started + Duration::from_secs(args.seconds);
@@ -738,7 +820,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
             let now = wall_ms();
             if let Some(id) = id {
                 let topo = swarm.topology().await?;
-                pending.extend(children_of(&topo, id, now));
+                pending.extend(children_of(&topo, id, now, false));
             }
             swarm.close_viewer(victim).await?;
             let up = swarm.viewers[victim].upload_kbps;
@@ -772,7 +854,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 // Well below what its children need: a fifth of their load.
                 let cut = ((kids as f64 * sub_kbps) / 5.0).max(16.0) as u32;
                 let now = wall_ms();
-                pending.extend(children_of(&topo, id, now));
+                pending.extend(children_of(&topo, id, now, true));
                 if let Some(page) = &swarm.viewers[i].page {
                     page.eval(&format!("window.p2p.setUploadKbps({cut})"))
                         .await?;
@@ -788,17 +870,63 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 let Some(r) = reports.iter().find(|r| r.peer_id == Some(p.child)) else {
                     return true;
                 };
-                let Some(l) = r.links.iter().find(|l| l.substream == p.substream) else {
+                let Some(current) = r.links.iter().find(|l| l.substream == p.substream) else {
                     return true;
                 };
-                if l.parent == (protocol::Source::Peer { id: p.old_parent }) {
+                let old = protocol::Source::Peer { id: p.old_parent };
+                if current.parent == old {
                     return true;
                 }
+                // The links this substream had since it left the old parent, oldest first: a
+                // new parent that delivered and was then replaced by another move (say, a
+                // joiner adopting the orphan) finished the repair when it delivered.
+                let spans: Vec<&protocol::report::LinkStat> = r
+                    .past_links
+                    .iter()
+                    .chain(std::iter::once(current))
+                    .filter(|l| l.substream == p.substream)
+                    .collect();
+                let after = spans
+                    .iter()
+                    .rposition(|l| l.parent == old)
+                    .map_or(0, |i| i + 1);
+                let l = spans[after..]
+                    .iter()
+                    .copied()
+                    .find(|l| l.first_packet_ms.is_some())
+                    .unwrap_or(current);
                 match l.first_packet_ms {
                     Some(first)
                         if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 =>
                     {
-                        repairs.push((first - p.at_ms).max(0.0));
+                        let reused_link = match l.parent {
+                            protocol::Source::Peer { id } => p.neighbours.contains(&id),
+                            protocol::Source::Origin => false,
+                        };
+                        // One line per repair, to see where a slow one spent its time.
+                        eprintln!(
+                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{}) injected at {:.0}",
+                            p.child,
+                            p.substream,
+                            p.old_parent,
+                            l.parent,
+                            first - p.at_ms,
+                            l.since_ms - p.at_ms,
+                            first - l.since_ms,
+                            l.parent_open_ms.map(|o| (o - l.since_ms).round()),
+                            if reused_link { ", reused link" } else { "" },
+                            p.at_ms
+                        );
+                        repairs.push(Repaired {
+                            total_ms: (first - p.at_ms).max(0.0),
+                            assign_ms: (l.since_ms - p.at_ms).max(0.0),
+                            connect_ms: (first - l.since_ms).max(0.0),
+                            reused_link,
+                            to_origin: l.parent == protocol::Source::Origin,
+                            throttle: p.throttle,
+                            open_ms: l.parent_open_ms.map(|o| o - l.since_ms),
+                            replaced: l.until_ms.is_some(),
+                        });
                         false
                     }
                     // Moved much later, for another reason (e.g. churn): not this repair.
@@ -832,8 +960,23 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
     }
     report.viewers = args.viewers;
-    report.repair_ms = Pct::of(repairs.clone());
+    let pct =
+        |f: &dyn Fn(&Repaired) -> Option<f64>| Pct::of(repairs.iter().filter_map(f).collect());
+    report.repair_ms = pct(&|r| Some(r.total_ms));
     report.repairs_measured = repairs.len();
+    report.repair_assign_ms = pct(&|r| Some(r.assign_ms));
+    report.repair_connect_ms = pct(&|r| Some(r.connect_ms));
+    report.repairs_reused_link = repairs.iter().filter(|r| r.reused_link).count();
+    report.repair_connect_reused_ms = pct(&|r| r.reused_link.then_some(r.connect_ms));
+    report.repair_connect_new_link_ms =
+        pct(&|r| (!r.reused_link && !r.to_origin).then_some(r.connect_ms));
+    report.repairs_to_origin = repairs.iter().filter(|r| r.to_origin).count();
+    report.repairs_by_replaced_link = repairs.iter().filter(|r| r.replaced).count();
+    report.repair_channel_open_ms = pct(&|r| (!r.reused_link).then_some(r.open_ms?.max(0.0)));
+    report.repair_open_to_packet_ms =
+        pct(&|r| Some(r.total_ms - r.assign_ms - r.open_ms?.max(0.0)));
+    report.repair_departure_ms = pct(&|r| (!r.throttle).then_some(r.total_ms));
+    report.repair_throttle_ms = pct(&|r| r.throttle.then_some(r.total_ms));
     // Children still with their throttled parent at the end were kept by the DCM.
     let throttled_ids: Vec<protocol::PeerId> = throttled_peers.iter().map(|t| t.0).collect();
     report.repairs_kept = pending

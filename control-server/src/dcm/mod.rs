@@ -702,7 +702,9 @@ impl Dcm {
         );
         for peer in silent {
             if let Some(e) = self.peers.get(&peer) {
-                let _ = e.out.try_send(Box::new(Outbound::Close("heartbeats stopped".into())));
+                let _ = e
+                    .out
+                    .try_send(Box::new(Outbound::Close("heartbeats stopped".into())));
             }
             self.remove_peer(peer, "silent", now);
         }
@@ -812,6 +814,7 @@ impl Dcm {
                 continue;
             };
             let pushes = wire.origin_pushes(self.k);
+            let primes = self.origin_primes(peer, &pushes);
             if let Ok(mut a) = self.channel.attachments.lock() {
                 a.epoch = self.epoch;
                 if pushes.is_empty() {
@@ -853,7 +856,46 @@ impl Dcm {
                 tier: wire.tier,
             };
             self.send(peer, Outbound::msg(msg));
+            // After the instructions on the same socket, so the page counts them as its new
+            // parent's (the origin's).
+            for bytes in primes {
+                self.channel
+                    .counters
+                    .origin_push_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.send(peer, Box::new(Outbound::Packet(bytes)));
+            }
         }
+    }
+
+    /// The newest packet of each substream the origin starts feeding `peer` with `pushes`: a
+    /// new tree root (a repair can make one) would otherwise wait for the substream's next
+    /// packet, up to a fragment, while a peer parent primes its new children at once.
+    fn origin_primes(&self, peer: PeerId, pushes: &[Push]) -> Vec<Bytes> {
+        let before = self.origin_fed.get(&peer);
+        let Some((_, latest)) = self.channel.live_position() else {
+            return Vec::new();
+        };
+        let k = u64::from(self.k.max(1));
+        pushes
+            .iter()
+            .filter(|p| before.is_none_or(|b| !b.contains(p)))
+            .filter_map(|p| match *p {
+                Push::Data { substream } => Some(substream),
+                // Full streams (mesh) and parity are not primed: one packet or one stale shard
+                // is not what those peers wait for.
+                Push::Full | Push::Parity { .. } => None,
+            })
+            .filter_map(|sub| {
+                let seq = (latest.saturating_sub(k - 1)..=latest)
+                    .rev()
+                    .find(|s| protocol::substream_of(*s, self.k) == sub)?;
+                match self.channel.packet(seq) {
+                    crate::origin::Lookup::Found(bytes) => Some(bytes),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     fn send(&mut self, peer: PeerId, msg: Box<Outbound>) {
@@ -942,7 +984,11 @@ impl Dcm {
                         continue;
                     };
                     // Dropped when the peer's queue is full: it fetches the packet over HTTP.
-                    if entry.out.try_send(Box::new(Outbound::Packet(frame.clone()))).is_ok() {
+                    if entry
+                        .out
+                        .try_send(Box::new(Outbound::Packet(frame.clone())))
+                        .is_ok()
+                    {
                         pushed += frame.len() as u64;
                     }
                 }

@@ -279,6 +279,39 @@ impl Harness {
     }
 }
 
+#[test]
+fn a_peer_the_origin_starts_feeding_gets_the_newest_packet_of_its_substreams_at_once() {
+    let mut h = Harness::new();
+    if let Ok(mut m) = h.dcm.channel.media.write() {
+        for seq in 0..10 {
+            m.window.push(seq, packet(seq), seq == 0).unwrap();
+        }
+    }
+    h.join(1, 2000);
+    // Alone, the peer hangs under the origin in all four trees: the instructions, then packets
+    // 6, 7, 8, 9 (the newest of substreams 2, 3, 0, 1), in that order on its socket.
+    let rx = h.outs.get_mut(&PeerId(1)).unwrap();
+    let mut seen = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        match *m {
+            Outbound::Msg(m) if matches!(*m, ServerMsg::Instructions { .. }) => seen.push(None),
+            Outbound::Packet(b) => seen.push(protocol::packet::peek_seq(&b)),
+            _ => {}
+        }
+    }
+    assert_eq!(seen[0], None, "{seen:?}");
+    let mut primed: Vec<u64> = seen[1..].iter().map(|s| s.unwrap()).collect();
+    primed.sort();
+    assert_eq!(primed, vec![6, 7, 8, 9]);
+    // Instructions that change nothing for the origin's pushes prime nothing again.
+    h.dcm
+        .send_instructions(BTreeSet::from([PeerId(1)]), now_ms());
+    let rx = h.outs.get_mut(&PeerId(1)).unwrap();
+    while let Ok(m) = rx.try_recv() {
+        assert!(!matches!(*m, Outbound::Packet(_)));
+    }
+}
+
 type WireSeen = (Vec<SubstreamPlan>, Option<protocol::TierPlan>);
 
 fn packet(seq: u64) -> Bytes {

@@ -395,24 +395,32 @@ impl MultiTree {
         orphans: Vec<PeerId>,
         aff: &mut BTreeSet<PeerId>,
     ) {
-        let (mut forwarders, mut leaves): (Vec<PeerId>, Vec<PeerId>) =
+        let (mut forwarders, leaves): (Vec<PeerId>, Vec<PeerId>) =
             orphans.into_iter().partition(|c| self.is_interior(*c, t));
         // Bigger forwarders first: they should end up higher.
         forwarders.sort_by_key(|c| (Reverse(self.nodes.get(c).map_or(0, |n| n.fanout)), *c));
         let mut displaced = Vec::new();
+        let mut replacement = None;
         if !forwarders.is_empty() {
             if let Some(f) = self.bottom_forwarder(t, forwarders.len(), old_parent) {
                 forwarders.retain(|c| *c != f);
-                self.detach(t, f, aff);
+                // `f` moves with its leaves still attached; it gives up only as many of them as
+                // it needs slots for the orphaned forwarders (which have subtrees, so they come
+                // first). A leaf it keeps keeps its data channel: every re-homed leaf needs a new
+                // WebRTC connection to its new parent, seconds on a loaded browser.
+                let slots = self.nodes.get(&f).map_or(0, |n| n.fanout as usize);
+                let adopt = forwarders.len().min(slots);
                 let f_children = self
                     .nodes
                     .get(&f)
                     .map(|n| n.children.clone())
                     .unwrap_or_default();
-                for l in f_children {
+                let give_up = (f_children.len() + adopt).saturating_sub(slots);
+                for l in f_children.into_iter().take(give_up) {
                     self.detach(t, l, aff);
                     displaced.push(l);
                 }
+                self.detach(t, f, aff);
                 self.attach(t, f, old_parent, aff);
                 // Adopted children keep their depth: `attach` renumbers nothing.
                 forwarders.retain(|c| {
@@ -423,45 +431,70 @@ impl MultiTree {
                         true
                     }
                 });
-                leaves.retain(|c| {
-                    if self.has_room(t, f) {
-                        self.attach(t, *c, Some(f), aff);
-                        false
-                    } else {
-                        true
-                    }
-                });
+                replacement = Some(f);
             }
         }
         for c in forwarders {
             self.place_interior(t, c, true, aff);
         }
         for c in leaves.into_iter().chain(displaced) {
-            self.place_leaf(t, c, aff);
+            self.place_orphan_leaf(t, c, replacement, aff);
+        }
+    }
+
+    /// Re-homes a leaf of tree `t` that lost its parent, under a peer it already has a link
+    /// with when one can take it, else under `replacement` (the forwarder that took its old
+    /// parent's place) if it has room, else like a joiner ([`MultiTree::place_leaf`]).
+    ///
+    /// Its parents in the other trees are interior there, so never in `t`; but its own children
+    /// (in the tree where it is interior) are interior in other trees, possibly in `t`. Such a
+    /// child can adopt it without a cycle (a leaf of `t` has no descendants in `t`), and the
+    /// data channel between them is already open, so the substream resumes without a new
+    /// connection. The shallowest such child with a free slot wins. Its depth is at most one
+    /// below an existing forwarder's, so leaves never push the trees deeper than their
+    /// forwarders.
+    fn place_orphan_leaf(
+        &mut self,
+        t: usize,
+        x: PeerId,
+        replacement: Option<PeerId>,
+        aff: &mut BTreeSet<PeerId>,
+    ) {
+        let neighbour = self.nodes.get(&x).and_then(|n| {
+            n.children
+                .iter()
+                .filter(|c| self.has_room(t, **c) && self.reaches_origin_avoiding(t, **c, x))
+                .filter_map(|c| Some((self.nodes.get(c)?.links[t].depth, *c)))
+                .min()
+        });
+        match (neighbour, replacement) {
+            (Some((_, q)), _) => self.attach(t, x, Some(q), aff),
+            (None, Some(f)) if self.has_room(t, f) => self.attach(t, x, Some(f), aff),
+            (None, _) => self.place_leaf(t, x, aff),
         }
     }
 
     /// The deepest forwarder of tree `t` that feeds only leaves, preferring one with room for
     /// `need` children among the deepest few; never `exclude` (the departed peer's parent, which
     /// may have just become a bottom forwarder).
+    ///
+    /// Among equally deep ones, the one with the most free slots: it gives up the fewest of its
+    /// own leaves (each one a new connection), and if its uplink turns out to be bad it strands
+    /// the fewest. That matters after congestion: the forwarders under a congested parent were
+    /// starved, so a bad uplink among them has not shown yet.
     fn bottom_forwarder(&self, t: usize, need: usize, exclude: Option<PeerId>) -> Option<PeerId> {
-        let mut candidates = self.trees[t]
+        self.trees[t]
             .bottom
             .iter()
-            .map(|(_, id)| *id)
-            .filter(|id| Some(*id) != exclude)
+            .filter(|(_, id)| Some(*id) != exclude)
             .take(16)
-            .peekable();
-        let first = *candidates.peek()?;
-        Some(
-            candidates
-                .find(|id| {
-                    self.nodes
-                        .get(id)
-                        .is_some_and(|n| n.fanout as usize >= need)
-                })
-                .unwrap_or(first),
-        )
+            .filter_map(|(Reverse(depth), id)| {
+                let n = self.nodes.get(id)?;
+                let room = (n.fanout as usize).saturating_sub(n.children.len());
+                Some(((n.fanout as usize >= need, *depth, room, Reverse(*id)), *id))
+            })
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, id)| id)
     }
 
     /// For each substream: where the peer receives it from and whom it forwards it to.
@@ -1422,6 +1455,137 @@ mod tests {
             assert_eq!(m.max_depth(), 0);
             assert_eq!(m.origin_load(), 0);
         }
+    }
+
+    #[test]
+    fn replacement_forwarder_keeps_the_leaves_it_has_room_for() {
+        // k = 1: R (fan-out 2) is the root; B (3) and C (2) hang under it; B feeds leaves
+        // 4, 5, 6 and C feeds 7, 8.
+        let mut m = MultiTree::new(cfg(1, 1, 3));
+        m.join(PeerId(1), 2000);
+        m.join(PeerId(2), 3000);
+        m.join(PeerId(3), 2000);
+        for p in 4..9 {
+            m.join(PeerId(p), 0);
+        }
+        let kids = |m: &MultiTree, p: u64| {
+            let mut c = m.children(PeerId(p)).to_vec();
+            c.sort();
+            c
+        };
+        assert_eq!(kids(&m, 1), vec![PeerId(2), PeerId(3)]);
+        assert_eq!(kids(&m, 2), vec![PeerId(4), PeerId(5), PeerId(6)]);
+        assert_eq!(kids(&m, 3), vec![PeerId(7), PeerId(8)]);
+        // The root leaves: B takes its place and adopts C, which costs it one of its three
+        // slots; it gives up one leaf and keeps the other two, whose links do not change.
+        let changes = m.leave(PeerId(1));
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert_eq!(m.origin_children(0)[0], PeerId(2));
+        let b = kids(&m, 2);
+        assert_eq!(b.len(), 3);
+        assert!(b.contains(&PeerId(3)));
+        let kept: Vec<PeerId> = b.into_iter().filter(|c| *c != PeerId(3)).collect();
+        assert_eq!(kept.len(), 2);
+        for leaf in kept {
+            assert!(!changes.affected.contains(&leaf), "{leaf} was told to move");
+        }
+        assert_eq!(kids(&m, 3), vec![PeerId(7), PeerId(8)]);
+    }
+
+    #[test]
+    fn the_emptiest_of_equally_deep_bottom_forwarders_takes_the_place() {
+        // k = 1: root R; B and C under it (fan-out 3 each); leaf 4 under R, leaves 5, 6, 7
+        // under B, leaf 8 under C.
+        let mut m = MultiTree::new(cfg(1, 1, 3));
+        for p in 1..=3 {
+            m.join(PeerId(p), 3000);
+        }
+        for p in 4..9 {
+            m.join(PeerId(p), 0);
+        }
+        let mut b = m.children(PeerId(2)).to_vec();
+        b.sort();
+        assert_eq!(b, vec![PeerId(5), PeerId(6), PeerId(7)]);
+        assert_eq!(m.children(PeerId(3)), &[PeerId(8)]);
+        let changes = m.leave(PeerId(1));
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        // C, with two free slots, replaces R rather than the full B; B's leaves hear nothing.
+        assert_eq!(m.origin_children(0), vec![PeerId(3)]);
+        for leaf in [5, 6, 7] {
+            assert!(!changes.affected.contains(&PeerId(leaf)));
+        }
+        assert_eq!(
+            m.plan(PeerId(8)).unwrap()[0].parent,
+            Source::Peer { id: PeerId(3) }
+        );
+    }
+
+    #[test]
+    fn orphaned_leaves_go_to_a_neighbour_when_one_has_room() {
+        // Whenever a forwarder leaves, each of its leaf children whose own children (in the tree
+        // where it forwards) include a forwarder of the lost tree with a free slot must end up
+        // under one of them: that link is already open.
+        let caps = [0, 500, 1000, 2000, 4000];
+        let mut adopted = 0;
+        for seed in 1..=4u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut m = MultiTree::new(cfg(4, 1, 4));
+            let mut present: Vec<PeerId> = Vec::new();
+            for step in 0..800u64 {
+                if present.len() < 30 || rng.below(2) == 0 {
+                    m.join(PeerId(step), caps[rng.below(caps.len() as u64) as usize]);
+                    present.push(PeerId(step));
+                    continue;
+                }
+                let victim = present.swap_remove(rng.below(present.len() as u64) as usize);
+                let Some(t) = m.interior_tree(victim) else {
+                    m.leave(victim);
+                    continue;
+                };
+                let t = t as usize;
+                // Its leaf children in `t`, each with its own children (its neighbours that
+                // can be interior in `t`).
+                let orphans: Vec<(PeerId, Vec<PeerId>)> = m
+                    .children(victim)
+                    .iter()
+                    .filter(|c| m.interior_tree(**c) != Some(t as u32))
+                    .map(|c| {
+                        let own: Vec<PeerId> = m
+                            .children(*c)
+                            .iter()
+                            .copied()
+                            .filter(|x| *x != victim)
+                            .collect();
+                        (*c, own)
+                    })
+                    .collect();
+                m.leave(victim);
+                if let Err(e) = m.check_invariants() {
+                    panic!("seed {seed} step {step}: {e}");
+                }
+                for (x, neighbours) in orphans {
+                    let Source::Peer { id: parent } = m.plan(x).unwrap()[t].parent else {
+                        continue;
+                    };
+                    if neighbours.contains(&parent) {
+                        adopted += 1;
+                        continue;
+                    }
+                    for c in neighbours {
+                        let room = m.interior_tree(c) == Some(t as u32)
+                            && m.children(c).len() < m.fanout(c).unwrap() as usize;
+                        assert!(
+                            !room,
+                            "seed {seed} step {step}: {x} went to {parent}, not {c}"
+                        );
+                    }
+                }
+            }
+            assert_everyone_fed(&m);
+        }
+        assert!(adopted >= 20, "only {adopted} adoptions by a neighbour");
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub async fn ws_handler(
         .max_frame_size(MAX_CONTROL_MESSAGE)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| { let f = run_session(socket, state, remote); static ONCE: std::sync::Once = std::sync::Once::new(); ONCE.call_once(|| eprintln!("SIZES session future {} websocket {} outbound {}", std::mem::size_of_val(&f), std::mem::size_of::<WebSocket>(), std::mem::size_of::<Outbound>())); f })
+        .on_upgrade(move |socket| run_session(socket, state, remote))
 }
 
 struct Session {

@@ -78,6 +78,11 @@ impl Engine {
         })
     }
 
+    /// Parent links replaced by instructions, oldest first (for statistics).
+    pub fn past_links(&self) -> Vec<protocol::report::LinkStat> {
+        self.past_links.iter().cloned().collect()
+    }
+
     /// Current parent per substream with its timing (for statistics).
     pub fn link_stats(&self) -> Vec<protocol::report::LinkStat> {
         self.plan
@@ -93,6 +98,8 @@ impl Engine {
                     parent: s.parent,
                     since_ms: since,
                     first_packet_ms: first,
+                    parent_open_ms: None,
+                    until_ms: None,
                 }
             })
             .collect()

@@ -48,6 +48,18 @@ pub use upload::TokenBucket;
 /// Upload backlog (ms) that makes a peer report at once instead of at its next heartbeat.
 pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 
+/// How recent a packet from a peer that is not (yet) our parent must be to count as the first
+/// packet of that peer's new link when our instructions then name it: instructions to the two
+/// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
+const EARLY_PARENT_MS: f64 = 1000.0;
+
+/// Replaced parent links kept for statistics (a few moves per substream).
+const PAST_LINKS: usize = 32;
+
+/// A priming packet not sent within this long is dropped: by then the child has most likely
+/// had the next packet of its substream, or fetched the gap from the origin.
+const PRIME_TIMEOUT_MS: f64 = 1000.0;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -201,11 +213,20 @@ pub struct Engine {
     in_flight: BTreeSet<u64>,
     bucket: TokenBucket,
     send_queue: VecDeque<Queued>,
+    /// Priming packets for new children: sent only when `send_queue` is empty and dropped after
+    /// [`PRIME_TIMEOUT_MS`].
+    prime_queue: VecDeque<Queued>,
     tiers: Tiers,
     /// Per tree: last seq received from its current parent and when.
     parent_last: Vec<(Option<u64>, Option<u64>)>,
     /// Per substream: when the current parent was assigned and when its first packet came.
     parent_timing: Vec<(f64, Option<f64>)>,
+    /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
+    /// when). A peer only sends a tree's packets to its children there, so this is a new parent
+    /// whose instructions overtook ours (it primes us over a link that was already open).
+    early_parent: Vec<Option<(PeerId, u64, f64)>>,
+    /// The last [`PAST_LINKS`] parent links replaced by new instructions, for statistics.
+    past_links: VecDeque<protocol::report::LinkStat>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
@@ -235,9 +256,12 @@ impl Engine {
             in_flight: BTreeSet::new(),
             bucket,
             send_queue: VecDeque::new(),
+            prime_queue: VecDeque::new(),
             tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
+            early_parent: Vec::new(),
+            past_links: VecDeque::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
             backlog_reported: false,
@@ -367,7 +391,37 @@ impl Engine {
                 self.parent_last[i] = (None, None);
             }
             if changed && i < self.parent_timing.len() {
+                if let Some(old) = self.plan.iter().find(|o| o.index == s.index) {
+                    let (since, first) = self.parent_timing[i];
+                    self.past_links.push_back(protocol::report::LinkStat {
+                        substream: s.index,
+                        parent: old.parent,
+                        since_ms: since,
+                        first_packet_ms: first,
+                        parent_open_ms: None,
+                        until_ms: Some(self.now),
+                    });
+                    while self.past_links.len() > PAST_LINKS {
+                        self.past_links.pop_front();
+                    }
+                }
                 self.parent_timing[i] = (self.now, None);
+                // The new parent already delivered (its instructions came first): that is its
+                // first packet, received before we knew; count it from now, not from the next.
+                if let (Source::Peer { id }, Some(Some((from, seq, at)))) =
+                    (s.parent, self.early_parent.get(i))
+                {
+                    if *from == id && self.now - at <= EARLY_PARENT_MS {
+                        let seq = *seq;
+                        self.parent_timing[i].1 = Some(self.now);
+                        if let Some(slot) = self.parent_last.get_mut(i) {
+                            *slot = (Some(seq), Some(self.now as u64));
+                        }
+                    }
+                }
+            }
+            if let Some(e) = self.early_parent.get_mut(i) {
+                *e = None;
             }
         }
         if let Some(me) = self.me {
@@ -386,7 +440,9 @@ impl Engine {
         // A new child of data tree i most likely lost its previous parent: hand it the newest
         // packet of i we have, so it is fed from the swarm at once instead of waiting for the
         // next one (or for the origin). A duplicate costs it one ignored packet. Parity trees
-        // are not primed: one stale shard rebuilds nothing on its own.
+        // are not primed: one stale shard rebuilds nothing on its own. Primes are extra load
+        // (a repair can hand a parent a dozen children at once): they go after the stream, so
+        // they never delay a packet its other children wait for.
         let old_children: BTreeSet<(PeerId, u32)> = self
             .plan
             .iter()
@@ -398,7 +454,7 @@ impl Engine {
                     .filter(|q| protocol::substream_of(*q, self.k) == *sub)
                     .map(|q| (q, p))
             }) {
-                self.send_queue.push_back(Queued {
+                self.prime_queue.push_back(Queued {
                     to: *child,
                     packet: p.clone(),
                     queued_ms: self.now,
@@ -415,11 +471,13 @@ impl Engine {
             .iter()
             .map(|f| (f.to, f.substream))
             .collect();
-        self.send_queue.retain(|q| match q.via {
+        let keep = |q: &Queued| match q.via {
             Via::Tree(sub) => children.contains(&(q.to, sub)),
             Via::Mesh => mesh.contains(&q.to),
             Via::Feed(sub) => feeds.contains(&(q.to, sub)),
-        });
+        };
+        self.send_queue.retain(keep);
+        self.prime_queue.retain(keep);
         self.neighbours = next;
         self.plan = plan;
     }
@@ -434,6 +492,13 @@ impl Engine {
             _ => false,
         };
         if !from_parent {
+            if let From::Peer(id) = from {
+                let i = tree as usize;
+                if self.early_parent.len() <= i {
+                    self.early_parent.resize(i + 1, None);
+                }
+                self.early_parent[i] = Some((id, report_seq, self.now));
+            }
             return;
         }
         if let Some(slot) = self.parent_last.get_mut(tree as usize) {
@@ -772,9 +837,43 @@ impl Engine {
                 packet: q.packet,
             });
         }
+        // Primes only once the stream itself is out (see `prime_queue`).
+        while self.send_queue.is_empty() {
+            let Some(q) = self.prime_queue.front() else {
+                break;
+            };
+            let sent_newer = match q.via {
+                Via::Tree(sub) => self
+                    .child_last
+                    .get(&(q.to, sub))
+                    .is_some_and(|(seq, _)| *seq >= q.report_seq),
+                Via::Mesh | Via::Feed(_) => false,
+            };
+            // Stale, or the child already had a packet of that tree from us: useless now.
+            if self.now - q.queued_ms > PRIME_TIMEOUT_MS || sent_newer {
+                self.prime_queue.pop_front();
+                continue;
+            }
+            if !self.bucket.try_take(q.packet.len(), self.now) {
+                break;
+            }
+            let Some(q) = self.prime_queue.pop_front() else {
+                break;
+            };
+            self.counters.bytes_up += q.packet.len() as u64;
+            if let Via::Tree(sub) = q.via {
+                self.child_last
+                    .insert((q.to, sub), (q.report_seq, self.now as u64));
+            }
+            out.push(Action::Send {
+                to: q.to,
+                packet: q.packet,
+            });
+        }
     }
 
-    /// Age of the oldest packet waiting for upload tokens, ms.
+    /// Age of the oldest packet waiting for upload tokens, ms (primes not included: they are
+    /// optional, and the stream goes first).
     pub fn send_backlog_ms(&self) -> f64 {
         self.send_queue
             .front()

@@ -353,3 +353,153 @@ fn garbage_from_a_peer_is_counted_not_delivered() {
     assert!(a.iter().all(|a| !matches!(a, Action::Deliver { .. })));
     assert_eq!(e.counters.invalid, 1);
 }
+
+#[test]
+fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructions() {
+    let welcome = |e: &mut Engine| {
+        e.handle(
+            Input::Welcome {
+                peer_id: PeerId(3),
+                substreams: K,
+                start_seq: 0,
+                live_seq: 0,
+            },
+            0.0,
+        );
+        e.handle(
+            Input::Instructions {
+                plan: plan(
+                    [Source::Peer { id: PeerId(1) }, Source::Origin],
+                    [vec![], vec![]],
+                ),
+                tier: None,
+            },
+            0.0,
+        );
+    };
+    let moved = plan(
+        [Source::Peer { id: PeerId(9) }, Source::Origin],
+        [vec![], vec![]],
+    );
+    // Peer 9 was told first and primed us with packet 2 of tree 0 over an open link; our
+    // instructions naming it come 40 ms later.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    welcome(&mut e);
+    e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &packet(2, 5000),
+        },
+        5000.0,
+    );
+    assert_eq!(e.link_stats()[0].first_packet_ms, None);
+    e.handle(
+        Input::Instructions {
+            plan: moved.clone(),
+            tier: None,
+        },
+        5040.0,
+    );
+    let l = &e.link_stats()[0];
+    assert_eq!(l.parent, Source::Peer { id: PeerId(9) });
+    assert_eq!((l.since_ms, l.first_packet_ms), (5040.0, Some(5040.0)));
+    assert_eq!(e.heartbeat().unwrap().parents[0].last_seq, Some(2));
+    // A packet from that peer long before proves nothing about the new link.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    welcome(&mut e);
+    e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &packet(2, 5000),
+        },
+        5000.0,
+    );
+    e.handle(
+        Input::Instructions {
+            plan: moved,
+            tier: None,
+        },
+        8000.0,
+    );
+    assert_eq!(e.link_stats()[0].first_packet_ms, None);
+}
+
+#[test]
+fn priming_new_children_never_delays_the_stream() {
+    // Peer 1 forwards tree 0 at 80 kbit/s: 10 bytes per ms, a packet (about 1 kB) per 100 ms,
+    // and a burst of about 16 packets.
+    let mut e = Engine::new(
+        EngineConfig {
+            upload_kbps: 80,
+            ..EngineConfig::default()
+        },
+        0.0,
+    );
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+        },
+        0.0,
+    );
+    let o = Source::Origin;
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![2], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let sends = |actions: &[Action]| -> Vec<(u64, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, packet } => {
+                    Some((to.0, protocol::packet::peek_seq(packet).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    for seq in 0..4u64 {
+        let t = 1000.0 * seq as f64;
+        e.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &packet(seq, t as u64),
+            },
+            t,
+        );
+    }
+    // 29 new children at once: 29 primes (packet 2, the newest of tree 0), more than the
+    // bucket lets out at once.
+    let out = e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [(2..32).collect(), vec![]]),
+            tier: None,
+        },
+        5000.0,
+    );
+    let primed = sends(&out);
+    assert!(primed.len() > 5 && primed.len() < 29, "{primed:?}");
+    assert!(primed.iter().all(|(_, seq)| *seq == 2));
+    // The next packet of tree 0 arrives: it goes to the children before any waiting prime.
+    let mut after = sends(&e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(4, 5100),
+        },
+        5100.0,
+    ));
+    for t in (5150..=5400).step_by(50) {
+        after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
+    }
+    for t in (5450..7000).step_by(50) {
+        after.extend(sends(&e.handle(Input::Tick, f64::from(t))));
+    }
+    assert!(after.iter().any(|(_, seq)| *seq == 4), "{after:?}");
+    // Primes still waiting went stale behind the stream and were dropped, not sent late.
+    assert!(after.iter().all(|(_, seq)| *seq == 4), "{after:?}");
+}

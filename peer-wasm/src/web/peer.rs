@@ -624,9 +624,13 @@ impl Inner {
                     }
                 }
                 Action::Connect { peer } => {
+                    // The answering side opens its end now too, without offering: packets the
+                    // engine sends at once (a new child's priming packet) then wait in the link's
+                    // queue until the data channel opens, instead of being dropped for want of a
+                    // link while the offer is on its way.
                     let offerer = self.engine.peer_id().is_some_and(|me| me < peer);
-                    if !self.links.contains_key(&peer) && offerer {
-                        self.open_link(peer, true);
+                    if !self.links.contains_key(&peer) {
+                        self.open_link(peer, offerer);
                     }
                 }
                 Action::Disconnect { peer } => {
@@ -659,12 +663,20 @@ impl Inner {
             }),
             LinkEvent::Writable(peer) => {
                 if let Some(l) = self.links.get_mut(&peer) {
+                    if l.opened_ms.is_none() && l.is_open() {
+                        l.opened_ms = Some(now_ms());
+                    }
                     l.flush();
                 }
             }
             LinkEvent::Channel(peer, dc) => {
                 if let Some(l) = self.links.get_mut(&peer) {
                     l.attach_channel(dc);
+                    // The channel may already be open when it is announced: send what waits.
+                    if l.opened_ms.is_none() && l.is_open() {
+                        l.opened_ms = Some(now_ms());
+                    }
+                    l.flush();
                 }
             }
             LinkEvent::Closed(peer) => {
@@ -803,7 +815,20 @@ impl Inner {
             errors: self.errors.clone(),
             stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
             upload_kbps: self.engine.upload_kbps(),
-            links: self.engine.link_stats(),
+            links: {
+                let mut links = self.engine.link_stats();
+                for l in &mut links {
+                    if let protocol::Source::Peer { id } = l.parent {
+                        l.parent_open_ms = self
+                            .links
+                            .get(&id)
+                            .filter(|link| link.is_open())
+                            .and_then(|link| link.opened_ms);
+                    }
+                }
+                links
+            },
+            past_links: self.engine.past_links(),
             heartbeats_sent: self.heartbeats_sent,
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),

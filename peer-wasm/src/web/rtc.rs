@@ -63,6 +63,8 @@ pub(crate) struct Link {
     queue: VecDeque<Rc<Vec<u8>>>,
     sink: Sink,
     pub(crate) dropped: u64,
+    /// When the data channel opened (wall clock ms), for statistics.
+    pub(crate) opened_ms: Option<f64>,
     _on_ice: Closure<dyn FnMut(RtcPeerConnectionIceEvent)>,
     _on_dc: Closure<dyn FnMut(RtcDataChannelEvent)>,
     _on_state: Closure<dyn FnMut()>,
@@ -115,6 +117,7 @@ impl Link {
             queue: VecDeque::new(),
             sink,
             dropped: 0,
+            opened_ms: None,
             _on_ice: on_ice,
             _on_dc: on_dc,
             _on_state: on_state,
