@@ -487,11 +487,12 @@ impl Dcm {
                 heartbeat,
                 received,
             } => {
-                self.on_heartbeat(peer, *heartbeat, now);
-                self.channel
-                    .counters
-                    .heartbeat_apply
-                    .record(received.elapsed());
+                // Judged as of its arrival: a heartbeat that queued behind others (a busy
+                // server) must not make its peer look late for packets cut meanwhile.
+                let waited = received.elapsed();
+                let arrived = now.saturating_sub(waited.as_millis() as u64);
+                self.on_heartbeat_at(peer, *heartbeat, arrived, now);
+                self.channel.counters.heartbeat_apply.record(waited);
             }
             DcmEvent::Packets(packets) => self.push_from_origin(packets),
             DcmEvent::Snapshot { reply } => {
@@ -595,7 +596,13 @@ impl Dcm {
         }
     }
 
+    #[cfg(test)]
     fn on_heartbeat(&mut self, peer: PeerId, hb: Heartbeat, now: u64) {
+        self.on_heartbeat_at(peer, hb, now, now);
+    }
+
+    /// A heartbeat that reached the server at `arrived` (server ms), applied at `now`.
+    fn on_heartbeat_at(&mut self, peer: PeerId, hb: Heartbeat, arrived: u64, now: u64) {
         if !self.peers.contains_key(&peer) {
             return;
         }
@@ -603,7 +610,7 @@ impl Dcm {
             .counters
             .heartbeats
             .fetch_add(1, Ordering::Relaxed);
-        self.view.ingest(hb, now);
+        self.view.ingest(hb, arrived);
         if self.recovering() {
             // Collecting the view only; links are judged once the topology is rebuilt.
             return;

@@ -284,15 +284,27 @@ impl CongestionDetector {
             let got_at_server = (got_at as i64 + skew).max(0) as u64;
             let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
             let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
+            // A parent whose own uplink is stuck holds more than its parent sent it when it
+            // filled the gaps from the origin (its parent may be starved too): what the origin
+            // produced a grace ago is owed as well. Judged by what it sent its parent alone,
+            // a relay under a congested relay hides its backlog until the one above is repaired.
+            let (owed, owed_at) = match log.newest_before(
+                cl.substream,
+                k,
+                me.received_ms.saturating_sub(self.cfg.grace_ms),
+            ) {
+                Some((expected, created)) if backlogged && expected > got => (expected, created),
+                _ => (got, got_at_server),
+            };
             let late = (waited > self.cfg.grace_ms || backlogged)
-                && cl.last_seq.is_none_or(|s| s < got)
-                && settled_before(peer, cl.child, cl.substream, got_at_server);
+                && cl.last_seq.is_none_or(|s| s < owed)
+                && settled_before(peer, cl.child, cl.substream, owed_at);
             judged.push((
                 peer,
                 cl.child,
                 cl.substream,
                 late,
-                got,
+                owed,
                 cl.last_seq,
                 true,
                 backlogged,

@@ -241,3 +241,46 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     );
     assert!(found[0].parent_side);
 }
+
+#[test]
+fn a_backlogged_relay_under_a_starved_one_owes_what_the_origin_produced() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let (parent, child, sub) = relay_link(&t);
+    let mut view = HeartbeatView::default();
+    // The relay's own parent is starved (it got only `upto - 40` on this substream): the
+    // relay fetched the rest from the origin, its child has everything the relay's parent
+    // delivered, and the relay's upload queue is stuck.
+    let stuck = upto - 40;
+    let mut hb = heartbeat(&t, parent, 1, upto, None, now);
+    for p in &mut hb.parents {
+        if p.substream == sub {
+            p.last_seq = Some(stuck);
+            p.last_ts_ms = Some(now - 100);
+        }
+    }
+    for c in &mut hb.children {
+        if c.substream == sub && c.child == child {
+            c.last_seq = Some(stuck);
+        }
+    }
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    view.ingest(hb.clone(), now);
+    assert!(
+        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
+            .is_empty(),
+        "without a backlog the child has all the relay got from its parent"
+    );
+    hb.seq = 2;
+    hb.send_backlog_ms = 600;
+    view.ingest(hb, now);
+    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
+    assert!(
+        found
+            .iter()
+            .any(|f| (f.parent, f.child, f.substream) == (parent, child, sub) && f.parent_side),
+        "{found:?}"
+    );
+}
