@@ -654,8 +654,8 @@ fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     let mut got = [0usize; 7];
     for round in 1..=super::EDGE_ALL_EVERY {
         h.dcm.handle(batch(8 * round));
-        for id in 1..=6 {
-            got[id] += edges_queued(&mut h, id as u64);
+        for (id, n) in got.iter_mut().enumerate().skip(1) {
+            *n += edges_queued(&mut h, id as u64);
         }
     }
     assert_eq!(&got[1..6], &[1; 5], "fed peers");
