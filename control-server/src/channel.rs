@@ -65,13 +65,23 @@ impl ApplyHistogram {
         self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Upper edge (ms) of the bucket holding quantile `q`.
+    /// Upper edge (ms) of the bucket holding quantile `q`, over everything recorded.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let counts: Vec<u64> = self
-            .buckets
+        Self::quantile_of(&self.counts(), q)
+    }
+
+    /// The bucket counts, so that a reader can take the difference of two readings and get
+    /// quantiles over a window of its choosing ([`ApplyHistogram::quantile_of`]).
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets
             .iter()
             .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+            .collect()
+    }
+
+    /// Upper edge (ms) of the bucket holding quantile `q` of `counts` (bucket `i` holds
+    /// durations below 2^((i+1)/4) - 1 µs).
+    pub fn quantile_of(counts: &[u64], q: f64) -> Option<f64> {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -264,3 +274,30 @@ pub fn now_ms() -> u64 {
 }
 
 pub type SharedChannel = Arc<Channel>;
+
+#[cfg(test)]
+mod tests {
+    use super::ApplyHistogram;
+    use std::time::Duration;
+
+    #[test]
+    fn a_window_of_the_apply_histogram_leaves_earlier_records_out() {
+        let h = ApplyHistogram::default();
+        // A slow start (every peer joining at once)...
+        for _ in 0..1000 {
+            h.record(Duration::from_millis(400));
+        }
+        let before = h.counts();
+        // ...then a steady window of fast applies.
+        for _ in 0..1000 {
+            h.record(Duration::from_micros(300));
+        }
+        let after = h.counts();
+        let window: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let p99 = ApplyHistogram::quantile_of(&window, 0.99).expect("p99");
+        assert!((0.3..0.4).contains(&p99), "window p99 {p99} ms");
+        let all = h.quantile_ms(0.99).expect("p99");
+        assert!(all > 300.0, "since start p99 {all} ms");
+        assert_eq!(ApplyHistogram::quantile_of(&[0; 128], 0.5), None);
+    }
+}

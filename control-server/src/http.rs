@@ -201,6 +201,9 @@ async fn channel_stats(
             "p50": c.heartbeat_apply.quantile_ms(0.5),
             "p99": c.heartbeat_apply.quantile_ms(0.99),
         },
+        // Counts per quarter-octave bucket of µs (bucket i: below 2^((i+1)/4) - 1 µs), since
+        // the server started: the difference of two readings gives a window's quantiles.
+        "heartbeat_apply_us_buckets": c.heartbeat_apply.counts(),
         "congestion_events": c.congestion_events.load(Ordering::Relaxed),
         "repairs": c.repairs.load(Ordering::Relaxed),
     })))

@@ -85,6 +85,24 @@ fn proc_usage(pid: u32) -> Option<(u64, u64)> {
     Some((ticks, rss))
 }
 
+/// Quantile `q` (ms, bucket upper edge) of the apply times recorded between two stats
+/// readings: the connect phase (every peer joining at once) stays out of the figure.
+fn window_quantile(s0: &Value, s1: &Value, q: f64) -> Option<f64> {
+    let counts = |v: &Value| -> Vec<u64> {
+        v["heartbeat_apply_us_buckets"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default()
+    };
+    let (a, b) = (counts(s0), counts(s1));
+    let diff: Vec<u64> = b
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.saturating_sub(a.get(i).copied().unwrap_or(0)))
+        .collect();
+    control_server::channel::ApplyHistogram::quantile_of(&diff, q)
+}
+
 /// Idle clock ticks of the whole machine, summed over its cores (`/proc/stat`).
 fn machine_idle_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -441,7 +459,8 @@ pub fn bench(args: Args) -> Result<()> {
             "heartbeats_sent": sent,
             "heartbeats_applied": applied,
             "heartbeats_per_sec": applied as f64 / elapsed,
-            "apply_ms": { "p50": s1["heartbeat_apply_ms"]["p50"], "p99": s1["heartbeat_apply_ms"]["p99"] },
+            "apply_ms": { "p50": window_quantile(&s0, &s1, 0.5), "p99": window_quantile(&s0, &s1, 0.99) },
+            "apply_ms_since_start": { "p50": s1["heartbeat_apply_ms"]["p50"], "p99": s1["heartbeat_apply_ms"]["p99"] },
             "server_cpu_percent": cpu,
             "congestion_events": s1["congestion_events"].as_u64().unwrap_or(0).saturating_sub(s0["congestion_events"].as_u64().unwrap_or(0)),
             "repairs": s1["repairs"].as_u64().unwrap_or(0).saturating_sub(s0["repairs"].as_u64().unwrap_or(0)),

@@ -126,7 +126,7 @@ async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
             item = out_rx.recv() => {
                 // Never `None`: the session holds a sender.
                 let Some(item) = item else { break };
-                if !write_out(&mut socket, item).await {
+                if !Box::pin(write_out(&mut socket, item)).await {
                     break;
                 }
             }
