@@ -221,6 +221,35 @@ pub struct Dcm {
     edge_every: FxHashSet<PeerId>,
     /// Live-edge notices sent so far.
     edges: u64,
+    /// Work done a slice at a time between events when the DCM runs its own loop
+    /// ([`Dcm::run`]): with tens of thousands of peers a snapshot or a live-edge notice to a
+    /// quarter of them takes tens of ms, and heartbeats queued behind it would wait that long.
+    background: VecDeque<Background>,
+    /// Set by [`Dcm::run`]; driven directly (tests), background work finishes within the event.
+    sliced: bool,
+}
+
+/// Peers handled per slice of background work (a few ms).
+const BACKGROUND_SLICE: usize = 1000;
+
+/// Events handled, at most, between two slices of background work.
+const EVENTS_PER_SLICE: usize = 256;
+
+enum Background {
+    /// A live-edge notice still to be queued for `ids[next..]`.
+    Edge {
+        text: axum::extract::ws::Utf8Bytes,
+        ids: Vec<PeerId>,
+        next: usize,
+    },
+    /// A topology snapshot being assembled (peers that leave meanwhile are skipped).
+    Snapshot {
+        reply: oneshot::Sender<TopologySnapshot>,
+        ids: Vec<PeerId>,
+        views: Vec<PeerView>,
+        next: usize,
+        now: u64,
+    },
 }
 
 /// A fed peer gets one live-edge notice in this many (see `Dcm::edge_every`).
@@ -268,6 +297,8 @@ impl Dcm {
             splits: HashMap::new(),
             edge_every: FxHashSet::default(),
             edges: 0,
+            background: VecDeque::new(),
+            sliced: false,
         }
     }
 
@@ -411,21 +442,99 @@ impl Dcm {
     /// Runs until the event channel closes. Takes the receiver by reference so that, when this
     /// DCM fails, its supervisor hands the same queue to the DCM that takes over.
     pub async fn run(mut self, events: &mut mpsc::Receiver<DcmEvent>) {
+        use futures_util::FutureExt;
+        self.sliced = true;
         let mut tick = tokio::time::interval(Duration::from_millis(self.heartbeat_ms.max(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(ev) => self.handle(ev),
-                    None => break,
-                },
-                _ = tick.tick() => self.on_tick(now_ms()),
+        'run: loop {
+            if self.background.is_empty() {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ev) => self.handle(ev),
+                        None => break,
+                    },
+                    _ = tick.tick() => self.on_tick(now_ms()),
+                }
+                continue;
             }
+            // Queued events first, then one slice of the background work.
+            for _ in 0..EVENTS_PER_SLICE {
+                match events.try_recv() {
+                    Ok(ev) => self.handle(ev),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break 'run,
+                }
+            }
+            if tick.tick().now_or_never().is_some() {
+                self.on_tick(now_ms());
+            }
+            self.background_slice(BACKGROUND_SLICE);
+            // Let the runtime breathe (timers, the reply just sent).
+            tokio::task::yield_now().await;
         }
         tracing::debug!(channel = %self.channel.name, "DCM stopped");
     }
 
     pub fn handle(&mut self, ev: DcmEvent) {
+        self.handle_event(ev);
+        if !self.sliced {
+            while !self.background.is_empty() {
+                self.background_slice(usize::MAX);
+            }
+        }
+    }
+
+    /// Does up to `budget` peers' worth of the oldest background job.
+    fn background_slice(&mut self, budget: usize) {
+        let Some(job) = self.background.pop_front() else {
+            return;
+        };
+        match job {
+            Background::Edge {
+                text,
+                ids,
+                mut next,
+            } => {
+                let end = ids.len().min(next.saturating_add(budget));
+                for id in &ids[next..end] {
+                    self.send(*id, Box::new(Outbound::Text(text.clone())));
+                }
+                next = end;
+                if next < ids.len() {
+                    self.background
+                        .push_front(Background::Edge { text, ids, next });
+                }
+            }
+            Background::Snapshot {
+                reply,
+                ids,
+                mut views,
+                mut next,
+                now,
+            } => {
+                let end = ids.len().min(next.saturating_add(budget));
+                views.extend(
+                    ids[next..end]
+                        .iter()
+                        .filter_map(|id| self.peer_view(*id, now)),
+                );
+                next = end;
+                if next < ids.len() {
+                    self.background.push_front(Background::Snapshot {
+                        reply,
+                        ids,
+                        views,
+                        next,
+                        now,
+                    });
+                } else {
+                    let _ = reply.send(self.snapshot_of(views));
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, ev: DcmEvent) {
         let now = now_ms();
         match ev {
             DcmEvent::Join {
@@ -496,7 +605,15 @@ impl Dcm {
             }
             DcmEvent::Packets(packets) => self.push_from_origin(packets),
             DcmEvent::Snapshot { reply } => {
-                let _ = reply.send(self.snapshot(now));
+                let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                ids.sort();
+                self.background.push_back(Background::Snapshot {
+                    reply,
+                    ids,
+                    views: Vec::new(),
+                    next: 0,
+                    now,
+                });
             }
             DcmEvent::SplitUpload {
                 peer,
@@ -964,9 +1081,8 @@ impl Dcm {
                     })
                     .copied()
                     .collect();
-                for id in ids {
-                    self.send(id, Box::new(Outbound::Text(text.clone())));
-                }
+                self.background
+                    .push_back(Background::Edge { text, ids, next: 0 });
             }
         }
         let k = self.k;
@@ -1066,34 +1182,40 @@ impl Dcm {
     }
 
     pub fn snapshot(&self, now: u64) -> TopologySnapshot {
-        let mut peers: Vec<PeerView> = self
+        let views = self
             .peers
-            .iter()
-            .map(|(id, e)| {
-                let state = self.view.get(*id);
-                let wire = self.planner.plan(*id);
-                PeerView {
-                    id: *id,
-                    upload_kbps: e.upload_kbps,
-                    effective_upload_kbps: self
-                        .history
-                        .effective_kbps(*id)
-                        .unwrap_or(e.upload_kbps),
-                    interior_tree: self.planner.interior_tree(*id),
-                    plan: wire
-                        .as_ref()
-                        .map(|w| w.substreams.clone())
-                        .unwrap_or_default(),
-                    tier: wire.and_then(|w| w.tier),
-                    origin_pushes: self.origin_fed.get(id).cloned().unwrap_or_default(),
-                    upload_split: self.splits.get(id).copied(),
-                    last_heartbeat: state.map(|s| s.heartbeat.clone()),
-                    measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
-                    congestion_events: self.history.congestion_events(*id),
-                    uptime_s: self.history.age_ms(*id, now).unwrap_or(0) as f64 / 1000.0,
-                }
-            })
+            .keys()
+            .filter_map(|id| self.peer_view(*id, now))
             .collect();
+        self.snapshot_of(views)
+    }
+
+    fn peer_view(&self, id: PeerId, now: u64) -> Option<PeerView> {
+        let e = self.peers.get(&id)?;
+        let id = &id;
+        let state = self.view.get(*id);
+        let wire = self.planner.plan(*id);
+        Some(PeerView {
+            id: *id,
+            upload_kbps: e.upload_kbps,
+            effective_upload_kbps: self.history.effective_kbps(*id).unwrap_or(e.upload_kbps),
+            interior_tree: self.planner.interior_tree(*id),
+            plan: wire
+                .as_ref()
+                .map(|w| w.substreams.clone())
+                .unwrap_or_default(),
+            tier: wire.and_then(|w| w.tier),
+            origin_pushes: self.origin_fed.get(id).cloned().unwrap_or_default(),
+            upload_split: self.splits.get(id).copied(),
+            last_heartbeat: state.map(|s| s.heartbeat.clone()),
+            measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
+            congestion_events: self.history.congestion_events(*id),
+            uptime_s: self.history.age_ms(*id, now).unwrap_or(0) as f64 / 1000.0,
+        })
+    }
+
+    /// The snapshot made of `peers`' views (sorted here).
+    fn snapshot_of(&self, mut peers: Vec<PeerView>) -> TopologySnapshot {
         peers.sort_by_key(|p| p.id);
         TopologySnapshot {
             channel: self.channel.name.clone(),

@@ -669,3 +669,40 @@ fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     }
     assert_eq!(got3, super::EDGE_ALL_EVERY as usize);
 }
+
+#[test]
+fn snapshots_and_live_edge_notices_are_built_a_slice_at_a_time_in_the_dcm_loop() {
+    let mut h = Harness::new();
+    for id in 1..=10 {
+        h.join(id, 2000);
+    }
+    h.dcm.sliced = true;
+    let (reply, mut rx) = oneshot::channel();
+    h.dcm.handle(DcmEvent::Snapshot { reply });
+    h.dcm.handle(DcmEvent::Packets(vec![(0, packet(0))]));
+    // Four peers a slice: the snapshot takes three slices, then the notice three more.
+    for _ in 0..2 {
+        h.dcm.background_slice(4);
+        assert!(
+            rx.try_recv().is_err(),
+            "snapshot answered before it was complete"
+        );
+    }
+    h.dcm.background_slice(4);
+    let snap = rx.try_recv().expect("snapshot after three slices");
+    assert_eq!(snap.peers.len(), 10);
+    assert!(snap.peers.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        edges_queued(&mut h, 1),
+        0,
+        "the notice waits for the snapshot"
+    );
+    h.dcm.background_slice(4);
+    let after_one: usize = (1..=10).map(|id| edges_queued(&mut h, id)).sum();
+    assert_eq!(after_one, 4);
+    h.dcm.background_slice(4);
+    h.dcm.background_slice(4);
+    let total: usize = (1..=10).map(|id| edges_queued(&mut h, id)).sum();
+    assert_eq!(total, 6, "every newly placed peer got the notice once");
+    assert!(h.dcm.background.is_empty());
+}
