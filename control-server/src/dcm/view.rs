@@ -21,6 +21,20 @@ pub struct PeerState {
     pub received_ms: u64,
     /// Upload rate measured between the last two heartbeats, kbit/s.
     pub measured_upload_kbps: Option<f64>,
+    /// Server clock minus the peer's clock plus the quickest transit seen (ms): the smallest
+    /// `received_ms - local_ts_ms` so far, allowed to creep up 1 ms per heartbeat to follow
+    /// clock drift. A heartbeat that queued in a busy server's socket or DCM queue has a larger
+    /// difference; this one does not grow with the queueing.
+    pub clock_offset_ms: i64,
+}
+
+impl PeerState {
+    /// When the peer wrote its last heartbeat, on the server's clock (never after it arrived).
+    /// Lateness is judged as of then: packets cut while the heartbeat waited in the server's
+    /// queues are not yet owed.
+    pub fn sent_ms(&self) -> u64 {
+        ((self.heartbeat.local_ts_ms as i64).saturating_add(self.clock_offset_ms)).max(0) as u64
+    }
 }
 
 #[derive(Debug, Default)]
@@ -37,12 +51,17 @@ impl HeartbeatView {
             let db = hb.bytes_up.checked_sub(prev.heartbeat.bytes_up)?;
             (dt >= 200).then(|| db as f64 * 8.0 / dt as f64)
         });
+        let offset = now_ms as i64 - hb.local_ts_ms as i64;
+        let clock_offset_ms = self.peers.get(&hb.client_id).map_or(offset, |prev| {
+            offset.min(prev.clock_offset_ms.saturating_add(1))
+        });
         self.peers.insert(
             hb.client_id,
             PeerState {
                 heartbeat: hb,
                 received_ms: now_ms,
                 measured_upload_kbps: measured,
+                clock_offset_ms,
             },
         );
     }
@@ -226,7 +245,7 @@ impl CongestionDetector {
             if pl.substream >= k {
                 continue;
             }
-            let cutoff = me.received_ms.saturating_sub(self.cfg.grace_ms);
+            let cutoff = me.sent_ms().saturating_sub(self.cfg.grace_ms);
             let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
             };
@@ -273,7 +292,7 @@ impl CongestionDetector {
                 .map(|p| (p.last_seq, p.last_ts_ms))
         };
         // The parent's clock and the server's differ; judge its own report by its own clock.
-        let skew = me.received_ms as i64 - me.heartbeat.local_ts_ms as i64;
+        let skew = me.clock_offset_ms;
         for cl in &me.heartbeat.children {
             if cl.substream >= k {
                 continue;
@@ -291,7 +310,7 @@ impl CongestionDetector {
             let (owed, owed_at) = match log.newest_before(
                 cl.substream,
                 k,
-                me.received_ms.saturating_sub(self.cfg.grace_ms),
+                me.sent_ms().saturating_sub(self.cfg.grace_ms),
             ) {
                 Some((expected, created)) if backlogged && expected > got => (expected, created),
                 _ => (got, got_at_server),

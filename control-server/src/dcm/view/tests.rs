@@ -284,3 +284,42 @@ fn a_backlogged_relay_under_a_starved_one_owes_what_the_origin_produced() {
         "{found:?}"
     );
 }
+
+#[test]
+fn a_heartbeat_that_queued_in_the_server_is_judged_as_of_when_it_was_written() {
+    let t = tree(40);
+    let (_, child, _) = relay_link(&t);
+    // Ten fragments of K packets, one a second.
+    let base = 1_000_000u64;
+    let mut log = ProductionLog::default();
+    for seq in 0..10 * u64::from(K) {
+        log.record(seq, base + seq / u64::from(K) * 1000);
+    }
+    let upto = |fragment: u64| (fragment + 1) * u64::from(K) - 1;
+    let mut view = HeartbeatView::default();
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    // A heartbeat that arrives at once: the peer's clock is the server's.
+    view.ingest(
+        heartbeat(&t, child, 1, upto(4), None, base + 4000),
+        base + 4000,
+    );
+    det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
+    assert!(!det.last_behind());
+    // Written at 5.0 s with everything of fragment 5, read by a busy server 2.5 s later.
+    view.ingest(
+        heartbeat(&t, child, 2, upto(5), None, base + 5000),
+        base + 7500,
+    );
+    det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
+    assert!(
+        !det.last_behind(),
+        "judged against packets cut while it queued"
+    );
+    // The same delay on a peer that really is behind (fragment 2 at 6.0 s) is still seen.
+    view.ingest(
+        heartbeat(&t, child, 3, upto(2), None, base + 6000),
+        base + 8500,
+    );
+    det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
+    assert!(det.last_behind());
+}
