@@ -827,15 +827,7 @@ impl Engine {
             let Some(q) = self.send_queue.pop_front() else {
                 break;
             };
-            self.counters.bytes_up += q.packet.len() as u64;
-            if let Via::Tree(sub) = q.via {
-                self.child_last
-                    .insert((q.to, sub), (q.report_seq, self.now as u64));
-            }
-            out.push(Action::Send {
-                to: q.to,
-                packet: q.packet,
-            });
+            out.push(self.sent(q));
         }
         // Primes only once the stream itself is out (see `prime_queue`).
         while self.send_queue.is_empty() {
@@ -860,15 +852,20 @@ impl Engine {
             let Some(q) = self.prime_queue.pop_front() else {
                 break;
             };
-            self.counters.bytes_up += q.packet.len() as u64;
-            if let Via::Tree(sub) = q.via {
-                self.child_last
-                    .insert((q.to, sub), (q.report_seq, self.now as u64));
-            }
-            out.push(Action::Send {
-                to: q.to,
-                packet: q.packet,
-            });
+            out.push(self.sent(q));
+        }
+    }
+
+    /// Accounts for a queued packet leaving now, and the action that sends it.
+    fn sent(&mut self, q: Queued) -> Action {
+        self.counters.bytes_up += q.packet.len() as u64;
+        if let Via::Tree(sub) = q.via {
+            self.child_last
+                .insert((q.to, sub), (q.report_seq, self.now as u64));
+        }
+        Action::Send {
+            to: q.to,
+            packet: q.packet,
         }
     }
 
