@@ -23,8 +23,12 @@ pub struct Media {
 
 #[derive(Default)]
 pub struct ChannelCounters {
-    /// Bytes the origin pushed over WebSockets to the peers it feeds.
+    /// Bytes the origin pushed over WebSockets to the peers it feeds (bridges included).
     pub origin_push_bytes: AtomicU64,
+    /// Of those, bytes pushed over bridges: to children whose new peer parent was connecting.
+    pub origin_bridge_bytes: AtomicU64,
+    /// Substreams bridged by the origin after a move (make-before-break repairs).
+    pub bridges_opened: AtomicU64,
     /// Bytes served over HTTP as fallback / catch-up.
     pub fallback_bytes: AtomicU64,
     pub fallback_packets: AtomicU64,

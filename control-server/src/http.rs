@@ -194,6 +194,8 @@ async fn channel_stats(
         "live_seq": pos.map(|p| p.1),
         "packets_produced": c.packets_produced.load(Ordering::Relaxed),
         "origin_push_bytes": c.origin_push_bytes.load(Ordering::Relaxed),
+        "origin_bridge_bytes": c.origin_bridge_bytes.load(Ordering::Relaxed),
+        "bridges_opened": c.bridges_opened.load(Ordering::Relaxed),
         "fallback_bytes": c.fallback_bytes.load(Ordering::Relaxed),
         "fallback_packets": c.fallback_packets.load(Ordering::Relaxed),
         "heartbeats": c.heartbeats.load(Ordering::Relaxed),

@@ -146,6 +146,10 @@ pub struct ChannelTotals {
     /// Peer-reported, departed viewers included.
     pub received: PeerTotals,
     pub origin_push_bytes: u64,
+    /// Of `origin_push_bytes`, what bridges pushed to children whose new parent was connecting.
+    pub origin_bridge_bytes: u64,
+    /// Substreams the origin bridged after moves.
+    pub bridges_opened: u64,
     pub fallback_bytes: u64,
     pub fallback_packets: u64,
     pub packets_produced: u64,
@@ -286,6 +290,8 @@ impl Metrics {
         totals.received = received;
         let c = &ch.counters;
         totals.origin_push_bytes = c.origin_push_bytes.load(Ordering::Relaxed);
+        totals.origin_bridge_bytes = c.origin_bridge_bytes.load(Ordering::Relaxed);
+        totals.bridges_opened = c.bridges_opened.load(Ordering::Relaxed);
         totals.fallback_bytes = c.fallback_bytes.load(Ordering::Relaxed);
         totals.fallback_packets = c.fallback_packets.load(Ordering::Relaxed);
         totals.packets_produced = c.packets_produced.load(Ordering::Relaxed);
@@ -611,6 +617,18 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         "Topology repairs (children moved after congestion, departures or silence).",
         &per(&|t| t.repairs),
+    );
+    e.family(
+        "p2p_origin_bridge_bytes_total",
+        "counter",
+        "Of the origin's push bytes, those it bridged to children whose new parent was connecting.",
+        &per(&|t| t.origin_bridge_bytes),
+    );
+    e.family(
+        "p2p_bridges_total",
+        "counter",
+        "Substreams the origin bridged to a moved child until its new parent delivered.",
+        &per(&|t| t.bridges_opened),
     );
     e.family(
         "p2p_dcm_failovers_total",

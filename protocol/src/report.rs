@@ -162,6 +162,11 @@ pub struct LinkStat {
     /// When the peer stopped receiving this substream from this parent (past links only).
     #[serde(default)]
     pub until_ms: Option<f64>,
+    /// When the origin's bridge first delivered this substream after this (peer) parent was
+    /// assigned: the server pushes a moved substream on the control socket until the new link
+    /// delivers (make-before-break repair).
+    #[serde(default)]
+    pub bridged_ms: Option<f64>,
 }
 
 /// Fixed-bucket latency histogram that merges across peers.

@@ -387,8 +387,17 @@ pub struct SwarmReport {
     pub server_push_bytes: u64,
     pub server_fallback_bytes: u64,
     pub bytes_up: u64,
-    /// Failure or throttle injected → child receiving that substream from a new parent.
+    /// Failure or throttle injected → child receiving that substream again: from the origin's
+    /// bridge (pushed on the control socket while the new parent connects) or from the new
+    /// parent, whichever came first.
     pub repair_ms: Pct,
+    /// Injected → the new *peer* parent's first packet (the figure `repair_ms` was before
+    /// bridges), over the repairs whose new parent delivered before the run ended.
+    pub repair_peer_ms: Pct,
+    /// Repairs the origin's bridge finished before the new parent delivered.
+    pub repairs_bridged: usize,
+    /// Of those, repairs whose new parent had not delivered by the end of the run.
+    pub repairs_peer_unfinished: usize,
     pub repairs_measured: usize,
     pub repairs_unfinished: usize,
     /// The measured repairs split in two: injected → the child's page has its new parent (its
@@ -512,6 +521,9 @@ impl SwarmReport {
             server_fallback_bytes: fallback,
             bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
             repair_ms: Pct::default(),
+            repair_peer_ms: Pct::default(),
+            repairs_bridged: 0,
+            repairs_peer_unfinished: 0,
             repairs_measured: 0,
             repairs_unfinished: 0,
             repair_assign_ms: Pct::default(),
@@ -642,6 +654,17 @@ impl SwarmReport {
             ),
         );
         row(
+            "repair to new peer ms",
+            format!(
+                "{:.0} / {:.0} / {:.0} (p50/p95/max; bridged first {}, peer unfinished {})",
+                self.repair_peer_ms.p50,
+                self.repair_peer_ms.p95,
+                self.repair_peer_ms.max,
+                self.repairs_bridged,
+                self.repairs_peer_unfinished
+            ),
+        );
+        row(
             "repair: assign / connect",
             format!(
                 "p95 {:.0} / {:.0} (p50 {:.0} / {:.0}); reused link {}, to origin {}",
@@ -692,12 +715,21 @@ struct PendingRepair {
     throttle: bool,
     /// The child's neighbours (parents and children in any tree) when the repair was injected.
     neighbours: Vec<protocol::PeerId>,
+    /// When the origin's bridge first delivered the substream after the move, if it did, and
+    /// when the child's page had its new parent.
+    bridged_ms: Option<f64>,
+    assigned_ms: Option<f64>,
 }
 
 /// One finished repair, with its parts (see [`SwarmReport::repair_assign_ms`]).
 #[derive(Debug, Clone, Copy)]
 struct Repaired {
+    /// Injected → the substream flowing again, from the origin's bridge or the new parent.
     total_ms: f64,
+    /// Injected → the new parent's first packet (`None`: only the bridge delivered by the end).
+    peer_ms: Option<f64>,
+    /// The bridge delivered before the new parent did.
+    bridged: bool,
     assign_ms: f64,
     connect_ms: f64,
     reused_link: bool,
@@ -747,6 +779,8 @@ fn children_of(
                     at_ms,
                     throttle,
                     neighbours: neighbours(*c),
+                    bridged_ms: None,
+                    assigned_ms: None,
                 })
             })
         })
@@ -866,7 +900,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         // Repairs: a child got its substream from a new parent.
         if !pending.is_empty() {
             let reports = swarm.all_stats().await?;
-            pending.retain(|p| {
+            pending.retain_mut(|p| {
                 let Some(r) = reports.iter().find(|r| r.peer_id == Some(p.child)) else {
                     return true;
                 };
@@ -890,22 +924,36 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                     .iter()
                     .rposition(|l| l.parent == old)
                     .map_or(0, |i| i + 1);
+                let in_window =
+                    |l: &protocol::report::LinkStat| l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0;
+                // The origin's bridge may have carried the substream before the new parent did.
+                let bridged = spans[after..]
+                    .iter()
+                    .filter(|l| in_window(l))
+                    .filter_map(|l| l.bridged_ms)
+                    .reduce(f64::min);
+                if bridged.is_some() {
+                    p.bridged_ms = bridged;
+                    p.assigned_ms = spans[after..]
+                        .iter()
+                        .find(|l| in_window(l))
+                        .map(|l| l.since_ms);
+                }
                 let l = spans[after..]
                     .iter()
                     .copied()
                     .find(|l| l.first_packet_ms.is_some())
                     .unwrap_or(current);
                 match l.first_packet_ms {
-                    Some(first)
-                        if l.since_ms >= p.at_ms - 5_000.0 && l.since_ms <= p.at_ms + 15_000.0 =>
-                    {
+                    Some(peer_first) if in_window(l) => {
+                        let first = p.bridged_ms.map_or(peer_first, |b| b.min(peer_first));
                         let reused_link = match l.parent {
                             protocol::Source::Peer { id } => p.neighbours.contains(&id),
                             protocol::Source::Origin => false,
                         };
                         // One line per repair, to see where a slow one spent its time.
                         eprintln!(
-                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{}) injected at {:.0}",
+                            "    repair {} sub {} {} -> {:?}: {:.0} ms (assign {:.0}, connect {:.0}, open {:?}{}; new parent's first packet at {:.0}) injected at {:.0}",
                             p.child,
                             p.substream,
                             p.old_parent,
@@ -914,11 +962,19 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                             l.since_ms - p.at_ms,
                             first - l.since_ms,
                             l.parent_open_ms.map(|o| (o - l.since_ms).round()),
-                            if reused_link { ", reused link" } else { "" },
+                            match (reused_link, p.bridged_ms.is_some_and(|b| b < peer_first)) {
+                                (true, true) => ", reused link, bridged",
+                                (true, false) => ", reused link",
+                                (false, true) => ", bridged",
+                                (false, false) => "",
+                            },
+                            peer_first - p.at_ms,
                             p.at_ms
                         );
                         repairs.push(Repaired {
                             total_ms: (first - p.at_ms).max(0.0),
+                            peer_ms: Some((peer_first - p.at_ms).max(0.0)),
+                            bridged: p.bridged_ms.is_some_and(|b| b < peer_first),
                             assign_ms: (l.since_ms - p.at_ms).max(0.0),
                             connect_ms: (first - l.since_ms).max(0.0),
                             reused_link,
@@ -960,10 +1016,33 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
     }
     report.viewers = args.viewers;
+    // Children the bridge fed whose new parent had not delivered by the end: their substream
+    // flowed again, so the repair is measured, without a new parent's figure.
+    pending.retain(|p| {
+        let (Some(b), Some(assigned)) = (p.bridged_ms, p.assigned_ms) else {
+            return true;
+        };
+        repairs.push(Repaired {
+            total_ms: (b - p.at_ms).max(0.0),
+            peer_ms: None,
+            bridged: true,
+            assign_ms: (assigned - p.at_ms).max(0.0),
+            connect_ms: (b - assigned).max(0.0),
+            reused_link: false,
+            to_origin: false,
+            throttle: p.throttle,
+            open_ms: None,
+            replaced: false,
+        });
+        false
+    });
     let pct =
         |f: &dyn Fn(&Repaired) -> Option<f64>| Pct::of(repairs.iter().filter_map(f).collect());
     report.repair_ms = pct(&|r| Some(r.total_ms));
     report.repairs_measured = repairs.len();
+    report.repair_peer_ms = pct(&|r| r.peer_ms);
+    report.repairs_bridged = repairs.iter().filter(|r| r.bridged).count();
+    report.repairs_peer_unfinished = repairs.iter().filter(|r| r.peer_ms.is_none()).count();
     report.repair_assign_ms = pct(&|r| Some(r.assign_ms));
     report.repair_connect_ms = pct(&|r| Some(r.connect_ms));
     report.repairs_reused_link = repairs.iter().filter(|r| r.reused_link).count();

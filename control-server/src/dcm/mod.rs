@@ -4,6 +4,7 @@
 //! decisions are made by the pure [`crate::topology::MultiTree`]; the heartbeat-driven view and
 //! congestion detection by the pure [`view`] module; this file only wires them together.
 
+pub mod bridge;
 pub mod history;
 pub mod planner;
 pub mod relay;
@@ -26,6 +27,7 @@ use crate::config::Config;
 use crate::topology::multitree::ObservedPeer;
 use crate::topology::region::Region;
 use crate::topology::MultiTreeConfig;
+use bridge::Bridges;
 use history::History;
 use planner::{HierarchyView, Planner, Push};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
@@ -130,6 +132,8 @@ pub struct PeerView {
     pub tier: Option<protocol::TierPlan>,
     /// What the origin pushes to this peer on its control socket.
     pub origin_pushes: Vec<Push>,
+    /// Substreams the origin bridges to this peer while their new peer parents connect.
+    pub origin_bridges: Vec<u32>,
     /// Set while a download of the same page shares its upload (claim 1).
     pub upload_split: Option<split::UploadSplit>,
     pub last_heartbeat: Option<Heartbeat>,
@@ -187,6 +191,9 @@ pub struct Dcm {
     /// Peers the origin pushes to, and what (kept from the plans sent, so a packet costs a scan
     /// of the origin's direct children only).
     origin_fed: HashMap<PeerId, Vec<Push>>,
+    /// Substreams the origin pushes to children whose new peer parent is still connecting
+    /// (make-before-break repair, see [`bridge`]).
+    bridges: Bridges,
     /// The newest packets, to code parity shards for coded roots the origin feeds itself.
     recent: VecDeque<(u64, Bytes)>,
     /// One Reed-Solomon coder per parity count in use.
@@ -278,6 +285,7 @@ impl Dcm {
                 }),
             },
             origin_fed: HashMap::new(),
+            bridges: Bridges::new(bridge::DEFAULT_MAX_BRIDGES),
             recent: VecDeque::new(),
             fecs: HashMap::new(),
             peers: FxHashMap::default(),
@@ -410,6 +418,7 @@ impl Dcm {
         // Links kept count as created now: they are judged only after the settle time.
         self.link_since.clear();
         self.origin_fed.clear();
+        self.bridges.clear();
         for p in &ids {
             if let Some(wire) = self.planner.plan(*p) {
                 let pushes = wire.origin_pushes(self.k);
@@ -689,6 +698,7 @@ impl Dcm {
         // Links where it was the parent are rewritten when its children get new instructions.
         self.link_since.remove(&peer);
         self.origin_fed.remove(&peer);
+        self.bridges.remove(peer);
         let changes = self.planner.leave(peer);
         tracing::info!(channel = %self.channel.name, %peer, reason, affected = changes.affected.len(), "peer removed");
         if !changes.affected.is_empty() {
@@ -727,6 +737,9 @@ impl Dcm {
             .counters
             .heartbeats
             .fetch_add(1, Ordering::Relaxed);
+        if !self.bridges.is_empty() {
+            self.bridges.on_heartbeat(peer, &hb.parents);
+        }
         self.view.ingest(hb, arrived);
         if self.recovering() {
             // Collecting the view only; links are judged once the topology is rebuilt.
@@ -810,6 +823,7 @@ impl Dcm {
         }
         // Three intervals, but never less than a few seconds: with short intervals a busy server
         // (or a busy peer) must not cut off viewers whose heartbeats are merely late.
+        self.bridges.expire(now);
         let timeout = (self.heartbeat_ms * 3).max(3000) + 1000;
         let mut silent = self.view.silent_since(now, timeout);
         // Peers that never sent a heartbeat at all are judged from their join time.
@@ -939,6 +953,33 @@ impl Dcm {
             };
             let pushes = wire.origin_pushes(self.k);
             let primes = self.origin_primes(peer, &pushes);
+            // What fed each substream until now, for the bridges.
+            let mut before: Vec<(u32, Option<PeerId>)> = self
+                .link_since
+                .get(&peer)
+                .into_iter()
+                .flatten()
+                .map(|l| (l.1, Some(l.0)))
+                .collect();
+            for push in self.origin_fed.get(&peer).into_iter().flatten() {
+                match *push {
+                    Push::Full => before.extend((0..self.k).map(|s| (s, None))),
+                    Push::Data { substream } => before.push((substream, None)),
+                    Push::Parity { index, .. } => before.push((index, None)),
+                }
+            }
+            let bridged = self
+                .bridges
+                .replan(peer, &before, &wire.substreams, self.k, now);
+            let mut bridge_primes = Vec::new();
+            if !bridged.is_empty() {
+                tracing::debug!(channel = %self.channel.name, %peer, ?bridged, "origin bridges the moved substreams");
+                self.channel
+                    .counters
+                    .bridges_opened
+                    .fetch_add(bridged.len() as u64, Ordering::Relaxed);
+                bridge_primes.extend(bridged.into_iter().filter_map(|s| self.newest_of(s)));
+            }
             if let Ok(mut a) = self.channel.attachments.lock() {
                 a.epoch = self.epoch;
                 if pushes.is_empty() {
@@ -981,11 +1022,19 @@ impl Dcm {
             };
             self.send(peer, Outbound::msg(msg));
             // After the instructions on the same socket, so the page counts them as its new
-            // parent's (the origin's).
+            // parent's (the origin's) or as the bridge's.
             for bytes in primes {
                 self.channel
                     .counters
                     .origin_push_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.send(peer, Box::new(Outbound::Packet(bytes)));
+            }
+            for bytes in bridge_primes {
+                let c = &self.channel.counters;
+                c.origin_push_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                c.origin_bridge_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.send(peer, Box::new(Outbound::Packet(bytes)));
             }
@@ -997,10 +1046,6 @@ impl Dcm {
     /// packet, up to a fragment, while a peer parent primes its new children at once.
     fn origin_primes(&self, peer: PeerId, pushes: &[Push]) -> Vec<Bytes> {
         let before = self.origin_fed.get(&peer);
-        let Some((_, latest)) = self.channel.live_position() else {
-            return Vec::new();
-        };
-        let k = u64::from(self.k.max(1));
         pushes
             .iter()
             .filter(|p| before.is_none_or(|b| !b.contains(p)))
@@ -1010,16 +1055,21 @@ impl Dcm {
                 // is not what those peers wait for.
                 Push::Full | Push::Parity { .. } => None,
             })
-            .filter_map(|sub| {
-                let seq = (latest.saturating_sub(k - 1)..=latest)
-                    .rev()
-                    .find(|s| protocol::substream_of(*s, self.k) == sub)?;
-                match self.channel.packet(seq) {
-                    crate::origin::Lookup::Found(bytes) => Some(bytes),
-                    _ => None,
-                }
-            })
+            .filter_map(|sub| self.newest_of(sub))
             .collect()
+    }
+
+    /// The newest packet the origin has of substream `sub`.
+    fn newest_of(&self, sub: u32) -> Option<Bytes> {
+        let (_, latest) = self.channel.live_position()?;
+        let k = u64::from(self.k.max(1));
+        let seq = (latest.saturating_sub(k - 1)..=latest)
+            .rev()
+            .find(|s| protocol::substream_of(*s, self.k) == sub)?;
+        match self.channel.packet(seq) {
+            crate::origin::Lookup::Found(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     fn send(&mut self, peer: PeerId, msg: Box<Outbound>) {
@@ -1087,6 +1137,7 @@ impl Dcm {
         }
         let k = self.k;
         let mut pushed = 0u64;
+        let mut bridged = 0u64;
         for (seq, bytes) in packets {
             let sub = protocol::substream_of(seq, k);
             let parity = self.parity_completed_by(seq, &bytes);
@@ -1116,11 +1167,29 @@ impl Dcm {
                     }
                 }
             }
+            if self.bridges.is_empty() {
+                continue;
+            }
+            for (peer, bridges) in self.bridges.iter() {
+                if !bridges.iter().any(|b| b.substream == sub) {
+                    continue;
+                }
+                let Some(entry) = self.peers.get(peer) else {
+                    continue;
+                };
+                if entry
+                    .out
+                    .try_send(Box::new(Outbound::Packet(bytes.clone())))
+                    .is_ok()
+                {
+                    bridged += bytes.len() as u64;
+                }
+            }
         }
-        self.channel
-            .counters
-            .origin_push_bytes
-            .fetch_add(pushed, Ordering::Relaxed);
+        let c = &self.channel.counters;
+        c.origin_push_bytes
+            .fetch_add(pushed + bridged, Ordering::Relaxed);
+        c.origin_bridge_bytes.fetch_add(bridged, Ordering::Relaxed);
     }
 
     /// Parity frames (per parity count in use) of the group `seq` completes, for coded roots the
@@ -1206,6 +1275,7 @@ impl Dcm {
                 .unwrap_or_default(),
             tier: wire.and_then(|w| w.tier),
             origin_pushes: self.origin_fed.get(id).cloned().unwrap_or_default(),
+            origin_bridges: self.bridges.of(*id).map(|b| b.substream).collect(),
             upload_split: self.splits.get(id).copied(),
             last_heartbeat: state.map(|s| s.heartbeat.clone()),
             measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),

@@ -706,3 +706,134 @@ fn snapshots_and_live_edge_notices_are_built_a_slice_at_a_time_in_the_dcm_loop()
     assert_eq!(total, 6, "every newly placed peer got the notice once");
     assert!(h.dcm.background.is_empty());
 }
+
+/// What the peer's queue holds now, in order: `None` for instructions (with the substream's
+/// parent), `Some(seq)` for a pushed packet.
+fn drain(h: &mut Harness, id: u64, sub: u32) -> (Vec<Option<u64>>, Option<Source>) {
+    let mut seen = Vec::new();
+    let mut parent = None;
+    let Some(rx) = h.outs.get_mut(&PeerId(id)) else {
+        return (seen, parent);
+    };
+    while let Ok(m) = rx.try_recv() {
+        match *m {
+            Outbound::Msg(m) => {
+                if let ServerMsg::Instructions { substreams, .. } = *m {
+                    parent = substreams.iter().find(|s| s.index == sub).map(|s| s.parent);
+                    seen.push(None);
+                }
+            }
+            Outbound::Packet(b) => seen.push(protocol::packet::peek_seq(&b)),
+            _ => {}
+        }
+    }
+    (seen, parent)
+}
+
+#[test]
+fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_delivers() {
+    let mut h = Harness::new();
+    if let Ok(mut m) = h.dcm.channel.media.write() {
+        for seq in 0..10 {
+            m.window.push(seq, packet(seq), seq == 0).unwrap();
+        }
+    }
+    for id in 1..=10 {
+        h.join(id, 2000);
+    }
+    // A forwarder of some tree and one of its children there that the origin does not feed.
+    let (parent, child, sub) = (1..=10u64)
+        .find_map(|p| {
+            let plan = h.dcm.planner.plan(PeerId(p))?.substreams;
+            plan.iter().find_map(|s| {
+                let c = s.children.iter().find(|c| {
+                    !h.dcm
+                        .origin_fed
+                        .get(c)
+                        .is_some_and(|v| v.contains(&Push::Data { substream: s.index }))
+                })?;
+                Some((p, c.0, s.index))
+            })
+        })
+        .expect("a relay with a child");
+    for id in 1..=10 {
+        drain(&mut h, id, sub);
+    }
+    h.dcm.handle(DcmEvent::Leave {
+        peer: PeerId(parent),
+    });
+    // New instructions, then at once the newest packet of the lost substream (9 mod 4 = 1,
+    // so substream s's newest is the largest seq ≤ 9 with seq mod 4 = s).
+    let (seen, new_parent) = drain(&mut h, child, sub);
+    let Some(Source::Peer { id: new_parent }) = new_parent else {
+        panic!("child {child} not re-homed under a peer: {new_parent:?}");
+    };
+    let newest = (0..10u64).rev().find(|s| s % 4 == u64::from(sub)).unwrap();
+    assert_eq!(seen.first(), Some(&None), "{seen:?}");
+    assert!(seen.contains(&Some(newest)), "no bridge prime: {seen:?}");
+    // Every substream the re-plan moved is bridged (the leave may move more than the lost one).
+    let subs: Vec<u32> = h
+        .dcm
+        .snapshot(now_ms())
+        .peers
+        .iter()
+        .find(|p| p.id == PeerId(child))
+        .map(|p| p.origin_bridges.clone())
+        .unwrap_or_default();
+    assert!(subs.contains(&sub), "{subs:?}");
+    let fed: Vec<u32> = h
+        .dcm
+        .origin_fed
+        .get(&PeerId(child))
+        .into_iter()
+        .flatten()
+        .filter_map(|p| match p {
+            Push::Data { substream } => Some(*substream),
+            _ => None,
+        })
+        .collect();
+    // The origin's next packets: the bridged substreams' reach the child, the others do not.
+    let next: Vec<(u64, Bytes)> = (10..14).map(|s| (s, packet(s))).collect();
+    h.dcm.handle(DcmEvent::Packets(next));
+    let (seen, _) = drain(&mut h, child, sub);
+    let got: Vec<u64> = seen.iter().flatten().copied().collect();
+    let want: Vec<u64> = (10..14)
+        .filter(|s| {
+            let s4 = (s % 4) as u32;
+            subs.contains(&s4) || fed.contains(&s4)
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        h.dcm
+            .channel
+            .counters
+            .origin_bridge_bytes
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    // A heartbeat showing the new parent delivering closes the bridge.
+    let plan = h.dcm.planner.plan(PeerId(child)).expect("plan").substreams;
+    let hb = heartbeat_from_plan(PeerId(child), &plan, now_ms());
+    assert!(hb
+        .parents
+        .iter()
+        .any(|l| l.substream == sub && l.parent == Source::Peer { id: new_parent }));
+    h.dcm.on_heartbeat(PeerId(child), hb, now_ms());
+    assert!(h.dcm.bridges.of(PeerId(child)).next().is_none());
+    let next: Vec<(u64, Bytes)> = (14..18).map(|s| (s, packet(s))).collect();
+    h.dcm.handle(DcmEvent::Packets(next));
+    let (seen, _) = drain(&mut h, child, sub);
+    assert!(
+        !seen.iter().flatten().any(|s| s % 4 == u64::from(sub)),
+        "still bridged: {seen:?}"
+    );
+    assert_eq!(
+        h.dcm
+            .channel
+            .counters
+            .bridges_opened
+            .load(Ordering::Relaxed),
+        h.dcm.bridges.opened
+    );
+}

@@ -100,6 +100,7 @@ impl Engine {
                     first_packet_ms: first,
                     parent_open_ms: None,
                     until_ms: None,
+                    bridged_ms: self.bridged.get(s.index as usize).copied().flatten(),
                 }
             })
             .collect()

@@ -221,6 +221,9 @@ pub struct Engine {
     parent_last: Vec<(Option<u64>, Option<u64>)>,
     /// Per substream: when the current parent was assigned and when its first packet came.
     parent_timing: Vec<(f64, Option<f64>)>,
+    /// Per substream: when the origin's bridge first delivered it after the current (peer)
+    /// parent was assigned: the server pushes a moved substream until the new link delivers.
+    bridged: Vec<Option<f64>>,
     /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
     /// when). A peer only sends a tree's packets to its children there, so this is a new parent
     /// whose instructions overtook ours (it primes us over a link that was already open).
@@ -260,6 +263,7 @@ impl Engine {
             tiers: Tiers::default(),
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
+            bridged: Vec::new(),
             early_parent: Vec::new(),
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
@@ -333,6 +337,7 @@ impl Engine {
                 self.k = substreams.max(1);
                 self.parent_last = vec![(None, None); self.k as usize];
                 self.parent_timing = vec![(now_ms, None); self.k as usize];
+                self.bridged = vec![None; self.k as usize];
                 self.next_deliver = Some(start_seq);
                 self.verified = Some(RangeHash::new(start_seq));
                 // Everything from the random-access point up to the live edge already exists:
@@ -374,6 +379,7 @@ impl Engine {
         let trees = self.trees() as usize;
         self.parent_last.resize(trees, (None, None));
         self.parent_timing.resize(trees, (self.now, None));
+        self.bridged.resize(trees, None);
         let mut next: BTreeSet<PeerId> = self.tiers.neighbours().collect();
         for s in &plan {
             if let Source::Peer { id } = s.parent {
@@ -400,12 +406,16 @@ impl Engine {
                         first_packet_ms: first,
                         parent_open_ms: None,
                         until_ms: Some(self.now),
+                        bridged_ms: self.bridged.get(i).copied().flatten(),
                     });
                     while self.past_links.len() > PAST_LINKS {
                         self.past_links.pop_front();
                     }
                 }
                 self.parent_timing[i] = (self.now, None);
+                if let Some(b) = self.bridged.get_mut(i) {
+                    *b = None;
+                }
                 // The new parent already delivered (its instructions came first): that is its
                 // first packet, received before we knew; count it from now, not from the next.
                 if let (Source::Peer { id }, Some(Some((from, seq, at)))) =
@@ -492,6 +502,12 @@ impl Engine {
             _ => false,
         };
         if !from_parent {
+            if from == From::OriginPush && matches!(parent, Some(Source::Peer { .. })) {
+                // The origin bridges this tree while our new parent connects.
+                if let Some(b) = self.bridged.get_mut(tree as usize) {
+                    b.get_or_insert(self.now);
+                }
+            }
             if let From::Peer(id) = from {
                 let i = tree as usize;
                 if self.early_parent.len() <= i {

@@ -425,6 +425,95 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
 }
 
 #[test]
+fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_timed() {
+    // Peer 3 is a forwarder of tree 0 (child 4). Its parent 1 is replaced by 9, whose link is
+    // still opening; meanwhile the origin pushes tree 0 on the control socket.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(3),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+        },
+        0.0,
+    );
+    let with = |p: u64| {
+        plan(
+            [Source::Peer { id: PeerId(p) }, Source::Origin],
+            [vec![4], vec![]],
+        )
+    };
+    e.handle(
+        Input::Instructions {
+            plan: with(1),
+            tier: None,
+        },
+        0.0,
+    );
+    e.handle(
+        Input::Instructions {
+            plan: with(9),
+            tier: None,
+        },
+        1000.0,
+    );
+    let out = e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(2, 1000),
+        },
+        1030.0,
+    );
+    // Relayed to the child at once, like a packet from the parent.
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::Send { to, .. } if *to == PeerId(4))));
+    let l = &e.link_stats()[0];
+    assert_eq!(
+        (l.since_ms, l.first_packet_ms, l.bridged_ms),
+        (1000.0, None, Some(1030.0))
+    );
+    // Not the new parent's progress: the DCM closes the bridge only when 9 itself delivers.
+    assert_eq!(e.heartbeat().unwrap().parents[0].last_seq, None);
+    e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &packet(4, 2000),
+        },
+        2400.0,
+    );
+    let l = &e.link_stats()[0];
+    assert_eq!(
+        (l.first_packet_ms, l.bridged_ms),
+        (Some(2400.0), Some(1030.0))
+    );
+    assert_eq!(e.heartbeat().unwrap().parents[0].last_seq, Some(4));
+    // Tree 1's own origin push is its parent's, not a bridge.
+    e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(3, 2000),
+        },
+        2500.0,
+    );
+    assert_eq!(e.link_stats()[1].bridged_ms, None);
+    // The next move starts the clock again, and the replaced link keeps its figures.
+    e.handle(
+        Input::Instructions {
+            plan: with(5),
+            tier: None,
+        },
+        3000.0,
+    );
+    assert_eq!(e.link_stats()[0].bridged_ms, None);
+    assert_eq!(
+        e.past_links().last().and_then(|l| l.bridged_ms),
+        Some(1030.0)
+    );
+}
+
+#[test]
 fn priming_new_children_never_delays_the_stream() {
     // Peer 1 forwards tree 0 at 80 kbit/s: 10 bytes per ms, a packet (about 1 kB) per 100 ms,
     // and a burst of about 16 packets.
