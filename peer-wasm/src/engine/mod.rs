@@ -885,12 +885,23 @@ impl Engine {
         }
     }
 
-    /// Age of the oldest packet waiting for upload tokens, ms (primes not included: they are
-    /// optional, and the stream goes first).
+    /// Upload backlog, ms: how long the oldest packet waiting for upload tokens has waited, or
+    /// how long the newest will wait at the current rate, whichever is longer (primes not
+    /// included: they are optional, and the stream goes first). The second is known the moment
+    /// a fragment is queued, so an uplink that cannot carry it says so at once instead of
+    /// after waiting out [`EARLY_HEARTBEAT_BACKLOG_MS`].
     pub fn send_backlog_ms(&self) -> f64 {
-        self.send_queue
+        let waited = self
+            .send_queue
             .front()
-            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0))
+            .map_or(0.0, |q| (self.now - q.queued_ms).max(0.0));
+        if self.send_queue.is_empty() {
+            return waited;
+        }
+        let queued: usize = self.send_queue.iter().map(|q| q.packet.len()).sum();
+        // Capped: a zero rate (a paused uplink) must still encode as a number.
+        let ahead = self.bucket.wait_ms(queued, self.now).min(60_000.0);
+        waited.max(ahead)
     }
 
     /// True once per backlog episode when the upload queue has been stuck for a while: the

@@ -592,3 +592,51 @@ fn priming_new_children_never_delays_the_stream() {
     // Primes still waiting went stale behind the stream and were dropped, not sent late.
     assert!(after.iter().all(|(_, seq)| *seq == 4), "{after:?}");
 }
+
+#[test]
+fn a_throttled_uplink_reports_its_backlog_as_soon_as_a_packet_is_queued() {
+    // Peer 1 forwards tree 0 to three children at 2000 kbit/s, then is cut to 16 kbit/s.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+        },
+        0.0,
+    );
+    e.handle(
+        Input::Instructions {
+            plan: plan([Source::Origin, Source::Origin], [vec![2, 3, 4], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let push = |e: &mut Engine, seq: u64, t: f64| {
+        e.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &packet(seq, t as u64),
+            },
+            t,
+        )
+    };
+    // Healthy: sent at once, no backlog, no early heartbeat.
+    push(&mut e, 0, 100.0);
+    assert_eq!(e.send_backlog_ms(), 0.0);
+    assert!(!e.wants_early_heartbeat());
+    // Cut to 64 kbit/s (8 bytes per ms; the bucket keeps one maximal frame, about 16 kB, of
+    // burst). A fragment of ten packets for three children is about 30 kB: the last copy will
+    // wait well over a second, known the moment it is queued.
+    e.set_upload_kbps(64);
+    for seq in (2..=20).step_by(2) {
+        push(&mut e, seq, 1100.0);
+    }
+    let backlog = e.send_backlog_ms();
+    assert!(backlog > EARLY_HEARTBEAT_BACKLOG_MS, "{backlog}");
+    assert!(e.wants_early_heartbeat());
+    // Once per episode.
+    assert!(!e.wants_early_heartbeat());
+    assert_eq!(e.heartbeat().unwrap().send_backlog_ms, backlog as u32);
+}

@@ -48,6 +48,17 @@ impl TokenBucket {
         self.last_ms = now_ms;
     }
 
+    /// How long until `bytes` worth of tokens will have accrued (0 if they are there now):
+    /// the wait of the last of `bytes` queued now, at the current rate.
+    pub fn wait_ms(&self, bytes: usize, now_ms: f64) -> f64 {
+        if self.rate_bps <= 0.0 {
+            return f64::INFINITY;
+        }
+        let dt = (now_ms - self.last_ms).max(0.0);
+        let tokens = (self.tokens + dt * self.rate_bps / 1000.0).min(self.burst_bits);
+        ((bytes as f64 * 8.0 - tokens) / self.rate_bps * 1000.0).max(0.0)
+    }
+
     /// Takes `bytes` worth of tokens if available.
     pub fn try_take(&mut self, bytes: usize, now_ms: f64) -> bool {
         if self.rate_bps <= 0.0 {
@@ -67,6 +78,22 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_is_what_the_missing_tokens_take_at_the_rate() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        // 8 Mbit/s = 1000 bytes per ms, 100 ms of burst = 100 kB.
+        let mut b = TokenBucket::new(8000, 100.0, 0.0);
+        assert!(close(b.wait_ms(100_000, 0.0), 0.0));
+        assert!(close(b.wait_ms(300_000, 0.0), 200.0));
+        assert!(b.try_take(100_000, 0.0));
+        // 20 kB accrued in 20 ms; 30 kB more take 30 ms.
+        assert!(close(b.wait_ms(50_000, 20.0), 30.0));
+        // A throttle shows at once: at a fifth of the rate (200 bytes per ms), 4 kB accrued by
+        // 20 ms and 46 kB more take 230 ms.
+        b.set_rate(1600);
+        assert!(close(b.wait_ms(50_000, 20.0), 230.0));
+    }
 
     #[test]
     fn long_run_rate_is_capped() {
