@@ -287,6 +287,16 @@ impl Swarm {
             .map_or(0, |i| i.2)
     }
 
+    /// (substreams bridged, bytes pushed over bridges) by the demo channel's origin.
+    pub fn bridge_counters(&self) -> (u64, u64) {
+        self.state.channel("demo").map_or((0, 0), |c| {
+            (
+                c.counters.bridges_opened.load(Ordering::Relaxed),
+                c.counters.origin_bridge_bytes.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     pub fn origin_counters(&self) -> (u64, u64) {
         self.state.channel("demo").map_or((0, 0), |c| {
             (
@@ -386,6 +396,10 @@ pub struct SwarmReport {
     /// Bytes the server sent: pushed to tree roots over WebSockets, and served over HTTP.
     pub server_push_bytes: u64,
     pub server_fallback_bytes: u64,
+    /// Of `server_push_bytes`, the bridges' (moved children fed while their new parent
+    /// connected), and how many substreams were bridged.
+    pub server_bridge_bytes: u64,
+    pub bridges_opened: u64,
     pub bytes_up: u64,
     /// Failure or throttle injected → child receiving that substream again: from the origin's
     /// bridge (pushed on the control socket while the new parent connects) or from the new
@@ -518,6 +532,8 @@ impl SwarmReport {
             playing_viewers: reports.iter().filter(|r| r.decoding).count(),
             origin_fallbacks: reports.iter().map(|r| r.origin_fallbacks).sum(),
             server_push_bytes: push,
+            server_bridge_bytes: swarm.bridge_counters().1,
+            bridges_opened: swarm.bridge_counters().0,
             server_fallback_bytes: fallback,
             bytes_up: reports.iter().map(|r| r.bytes_up).sum(),
             repair_ms: Pct::default(),

@@ -102,6 +102,12 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
         .context("no peer relays to two or more children")?;
     let relay_id = relay.id;
     let children: Vec<_> = relay.plan.iter().flat_map(|s| s.children.clone()).collect();
+    let orphans: Vec<(protocol::PeerId, u32)> = relay
+        .plan
+        .iter()
+        .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
+        .collect();
+    let (bridges_before, _) = swarm.bridge_counters();
     let relay_idx = reports
         .iter()
         .position(|r| r.peer_id == Some(relay_id))
@@ -136,6 +142,46 @@ async fn eight_viewers_relay_byte_exact_survive_a_departure_and_a_late_joiner_pl
     ensure!(
         total_stalls == 0,
         "stalls after the departure: {total_stalls}"
+    );
+    // Make-before-break: every orphan moved under a new peer parent was fed the lost substream
+    // by the origin's bridge on its control socket while that link opened.
+    let (bridges_after, bridge_bytes) = swarm.bridge_counters();
+    let mut bridged = 0;
+    for (child, sub) in &orphans {
+        let Some(r) = reports.iter().find(|r| r.peer_id == Some(*child)) else {
+            continue;
+        };
+        let spans: Vec<_> = r
+            .past_links
+            .iter()
+            .chain(r.links.iter())
+            .filter(|l| l.substream == *sub)
+            .collect();
+        let after = spans
+            .iter()
+            .rposition(|l| l.parent == Source::Peer { id: relay_id })
+            .map_or(0, |i| i + 1);
+        let to_peer = spans[after..]
+            .iter()
+            .any(|l| matches!(l.parent, Source::Peer { .. }));
+        if !to_peer {
+            continue; // re-homed under the origin itself
+        }
+        ensure!(
+            spans[after..].iter().any(|l| l.bridged_ms.is_some()),
+            "orphan {child} (substream {sub}) was never bridged: {spans:?}"
+        );
+        bridged += 1;
+    }
+    println!(
+        "bridged orphans: {bridged} of {}; bridges opened {}, {} bytes",
+        orphans.len(),
+        bridges_after - bridges_before,
+        bridge_bytes
+    );
+    ensure!(
+        bridged == 0 || (bridges_after > bridges_before && bridge_bytes > 0),
+        "bridged orphans, yet the server counted no bridge"
     );
 
     // A late joiner starts playing.

@@ -293,27 +293,39 @@ impl CongestionDetector {
         };
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.clock_offset_ms;
+        let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
         for cl in &me.heartbeat.children {
             if cl.substream >= k {
                 continue;
             }
-            let Some((Some(got), Some(got_at))) = my_recv(cl.substream) else {
-                continue;
+            // What it got from its own parent: nothing yet when that parent is new (the origin
+            // may be bridging the substream meanwhile, which is no parent's progress).
+            let (got, got_at_server, waited) = match my_recv(cl.substream) {
+                Some((Some(got), Some(got_at))) => (
+                    Some(got),
+                    (got_at as i64 + skew).max(0) as u64,
+                    me.heartbeat.local_ts_ms.saturating_sub(got_at),
+                ),
+                _ if backlogged => (None, 0, 0),
+                _ => continue,
             };
-            let got_at_server = (got_at as i64 + skew).max(0) as u64;
-            let waited = me.heartbeat.local_ts_ms.saturating_sub(got_at);
-            let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
             // A parent whose own uplink is stuck holds more than its parent sent it when it
-            // filled the gaps from the origin (its parent may be starved too): what the origin
-            // produced a grace ago is owed as well. Judged by what it sent its parent alone,
-            // a relay under a congested relay hides its backlog until the one above is repaired.
+            // filled the gaps from the origin or a bridge (its parent may be starved, or new):
+            // what the origin produced a grace ago is owed as well. Judged by what it got from
+            // its parent alone, a relay under a congested relay hides its backlog until the one
+            // above is repaired, and then until its new parent's link is up.
             let (owed, owed_at) = match log.newest_before(
                 cl.substream,
                 k,
                 me.sent_ms().saturating_sub(self.cfg.grace_ms),
             ) {
-                Some((expected, created)) if backlogged && expected > got => (expected, created),
-                _ => (got, got_at_server),
+                Some((expected, created)) if backlogged && got.is_none_or(|g| expected > g) => {
+                    (expected, created)
+                }
+                _ => match got {
+                    Some(got) => (got, got_at_server),
+                    None => continue,
+                },
             };
             let late = (waited > self.cfg.grace_ms || backlogged)
                 && cl.last_seq.is_none_or(|s| s < owed)

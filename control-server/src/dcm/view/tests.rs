@@ -323,3 +323,47 @@ fn a_heartbeat_that_queued_in_the_server_is_judged_as_of_when_it_was_written() {
     det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
     assert!(det.last_behind());
 }
+
+#[test]
+fn a_backlogged_relay_whose_new_parent_has_not_delivered_yet_is_still_judged() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let (parent, child, sub) = relay_link(&t);
+    let mut view = HeartbeatView::default();
+    // The relay was just moved under a new parent (nothing from it yet: the origin bridges the
+    // substream meanwhile), its child is 40 packets behind, and its upload queue is stuck.
+    let stuck = upto - 40;
+    let mut hb = heartbeat(&t, parent, 1, upto, None, now);
+    for p in &mut hb.parents {
+        if p.substream == sub {
+            p.last_seq = None;
+            p.last_ts_ms = None;
+        }
+    }
+    for c in &mut hb.children {
+        if c.substream == sub && c.child == child {
+            c.last_seq = Some(stuck);
+        }
+    }
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    view.ingest(hb.clone(), now);
+    assert!(
+        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
+            .is_empty(),
+        "without a backlog nothing is known of what it owes"
+    );
+    hb.seq = 2;
+    hb.send_backlog_ms = 600;
+    view.ingest(hb, now);
+    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
+    assert!(
+        found
+            .iter()
+            .any(|f| (f.parent, f.child, f.substream) == (parent, child, sub) && f.parent_side),
+        "{found:?}"
+    );
+    // Only the children it owes: the others have what the origin produced.
+    assert!(found.iter().all(|f| f.child == child || f.substream != sub));
+}
