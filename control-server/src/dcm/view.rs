@@ -294,6 +294,19 @@ impl CongestionDetector {
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.clock_offset_ms;
         let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
+        // Stuck beyond the grace (not a large fragment's passing backlog): a child is owed at
+        // once what its parent already sent a sibling in the same tree, which proves the
+        // parent had it, whatever it got from its own parent (nothing yet when that parent is
+        // new, or less than it fetched from the origin).
+        let stuck = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.grace_ms;
+        let sibling_best = |sub: u32| {
+            me.heartbeat
+                .children
+                .iter()
+                .filter(|c| c.substream == sub)
+                .filter_map(|c| Some((c.last_seq?, c.last_ts_ms?)))
+                .max()
+        };
         for cl in &me.heartbeat.children {
             if cl.substream >= k {
                 continue;
@@ -314,7 +327,7 @@ impl CongestionDetector {
             // what the origin produced a grace ago is owed as well. Judged by what it got from
             // its parent alone, a relay under a congested relay hides its backlog until the one
             // above is repaired, and then until its new parent's link is up.
-            let (owed, owed_at) = match log.newest_before(
+            let (mut owed, mut owed_at) = match log.newest_before(
                 cl.substream,
                 k,
                 me.sent_ms().saturating_sub(self.cfg.grace_ms),
@@ -324,9 +337,19 @@ impl CongestionDetector {
                 }
                 _ => match got {
                     Some(got) => (got, got_at_server),
-                    None => continue,
+                    None => (0, 0),
                 },
             };
+            if stuck {
+                if let Some((seq, at)) = sibling_best(cl.substream) {
+                    if seq > owed {
+                        (owed, owed_at) = (seq, (at as i64 + skew).max(0) as u64);
+                    }
+                }
+            }
+            if owed == 0 && got.is_none() {
+                continue;
+            }
             let late = (waited > self.cfg.grace_ms || backlogged)
                 && cl.last_seq.is_none_or(|s| s < owed)
                 && settled_before(peer, cl.child, cl.substream, owed_at);

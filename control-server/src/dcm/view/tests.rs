@@ -367,3 +367,55 @@ fn a_backlogged_relay_whose_new_parent_has_not_delivered_yet_is_still_judged() {
     // Only the children it owes: the others have what the origin produced.
     assert!(found.iter().all(|f| f.child == child || f.substream != sub));
 }
+
+#[test]
+fn a_stuck_relay_owes_each_child_what_it_already_sent_a_sibling() {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    // A relay with two or more children in one tree.
+    let (parent, sub, kids) = (1..=40u64)
+        .find_map(|p| {
+            let plan = t.plan(PeerId(p))?;
+            plan.iter()
+                .find(|s| s.children.len() >= 2)
+                .map(|s| (PeerId(p), s.index, s.children.clone()))
+        })
+        .expect("a relay with two children in one tree");
+    let mut view = HeartbeatView::default();
+    // It got a packet just now (produced 100 ms ago, so no child is owed it by the grace
+    // rule yet), sent it to its first child and queued it for the others.
+    let fresh = upto + u64::from(K);
+    let fresh = fresh - (fresh % u64::from(K)) + u64::from(sub);
+    let mut hb = heartbeat(&t, parent, 1, upto, None, now);
+    for c in &mut hb.children {
+        if c.substream == sub && c.child == kids[0] {
+            c.last_seq = Some(fresh);
+            c.last_ts_ms = Some(now - 20);
+        }
+    }
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    // A passing backlog (a large fragment) changes nothing.
+    hb.send_backlog_ms = 400;
+    view.ingest(hb.clone(), now);
+    assert!(det
+        .on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
+        .is_empty());
+    // Stuck for longer than the grace: every other child of that tree is late at once.
+    hb.seq = 2;
+    hb.send_backlog_ms = 3000;
+    view.ingest(hb, now);
+    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
+    for kid in &kids[1..] {
+        assert!(
+            found
+                .iter()
+                .any(|f| (f.parent, f.child, f.substream) == (parent, *kid, sub) && f.parent_side),
+            "{kid} not flagged: {found:?}"
+        );
+    }
+    assert!(!found
+        .iter()
+        .any(|f| f.child == kids[0] && f.substream == sub));
+}
