@@ -445,6 +445,9 @@ pub struct SwarmReport {
     pub congestion_detected: usize,
     /// Congested links the DCM reported in all (any time, any parent).
     pub congestion_links_reported: usize,
+    /// Of those, links whose parent was not a throttled relay (its children's complaints, or
+    /// its own backlog after a repair handed it many children): false or secondary alarms.
+    pub congestion_links_unthrottled: usize,
     /// Per throttled relay: throttle → first congestion report naming it (ms; -1 = never).
     pub detection_ms: Vec<f64>,
     /// Children of a throttled relay the DCM left with it (its reduced capacity still feeds
@@ -556,6 +559,7 @@ impl SwarmReport {
             congestion_injected: 0,
             congestion_detected: 0,
             congestion_links_reported: 0,
+            congestion_links_unthrottled: 0,
             detection_ms: Vec::new(),
             repairs_kept: 0,
             heartbeat_bytes_avg: {
@@ -695,8 +699,11 @@ impl SwarmReport {
         row(
             "congestion detected",
             format!(
-                "{} of {} injected within 2 intervals ({} links reported)",
-                self.congestion_detected, self.congestion_injected, self.congestion_links_reported
+                "{} of {} injected within 2 intervals ({} links reported, {} not of a throttled parent)",
+                self.congestion_detected,
+                self.congestion_injected,
+                self.congestion_links_reported,
+                self.congestion_links_unthrottled
             ),
         );
         row(
@@ -1092,6 +1099,11 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
                 )
         })
         .collect();
+    report.congestion_links_unthrottled = topo
+        .congestion
+        .iter()
+        .filter(|c| !throttled_peers.iter().any(|(id, _)| *id == c.link.parent))
+        .count();
     report.congestion_injected = throttled_peers.len();
     report.congestion_detected = throttled_peers
         .iter()
