@@ -372,7 +372,8 @@ pub struct GraphLink {
     pub from: String,
     pub to: String,
     pub substream: u32,
-    /// `tree` (parent → child in a substream tree) or `mesh` (a top-tier flooding link).
+    /// `tree` (parent → child in a substream tree), `mesh` (a top-tier flooding link) or
+    /// `bridge` (the origin feeding a moved substream while the child's new parent connects).
     pub kind: &'static str,
     pub algorithm: &'static str,
     /// The child's heartbeat shows nothing from the parent for a while.
@@ -505,6 +506,18 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
                     congested: false,
                 });
             }
+        }
+        for sub in &p.origin_bridges {
+            links.push(GraphLink {
+                from: "origin".into(),
+                to: format!("p{}", p.id.0),
+                substream: *sub,
+                kind: "bridge",
+                algorithm: "origin_bridge",
+                lagging: false,
+                silent_ms: None,
+                congested: false,
+            });
         }
         for s in &p.plan {
             let h = health.get(&(s.index, p.id.0));

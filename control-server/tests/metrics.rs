@@ -128,6 +128,8 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
         ("p2p_heartbeats_total", "counter"),
         ("p2p_congestion_events_total", "counter"),
         ("p2p_repairs_total", "counter"),
+        ("p2p_bridges_total", "counter"),
+        ("p2p_origin_bridge_bytes_total", "counter"),
     ] {
         assert_eq!(e.types.get(name).map(String::as_str), Some(kind), "{name}");
         assert!(e.select(name, &[]).count() > 0, "no sample of {name}");

@@ -193,6 +193,7 @@ function renderLegend(k) {
   $('legend').innerHTML = Array.from({ length: k }, (_, i) =>
     `<span><i style="background:${color(i)}"></i>substream ${i} tree</span>`).join('') +
     '<span><i class="dash"></i>lagging link</span><span><i class="hot"></i>congested (DCM, last 10 s)</span>' +
+    '<span><i class="bridge"></i>origin bridge (moved child, new parent connecting)</span>' +
     '<span>node fill: the tree a peer is interior in</span>';
 }
 

@@ -20,7 +20,9 @@ function el(name, attrs = {}, parent = null) {
 function depths(graph) {
   const out = new Map([['origin', 0]]);
   const children = new Map();
+  // Bridges are temporary: a bridged peer keeps its place in the trees.
   for (const l of graph.links) {
+    if (l.kind === 'bridge') continue;
     if (!children.has(l.from)) children.set(l.from, []);
     children.get(l.from).push(l.to);
   }
@@ -54,6 +56,7 @@ export function renderTopology(container, graph) {
   const pos = new Map();
   const parentsOf = new Map();
   for (const l of graph.links) {
+    if (l.kind === 'bridge') continue;
     if (!parentsOf.has(l.to)) parentsOf.set(l.to, []);
     parentsOf.get(l.to).push(l.from);
   }
