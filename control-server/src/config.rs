@@ -40,6 +40,9 @@ pub struct Config {
     pub cluster_max: usize,
     /// Rate at which the origin sends a file channel's carousel, kbit/s.
     pub file_kbps: u32,
+    /// Origin bridges open at once per channel (a moved child fed by the origin until its new
+    /// parent delivers, see `dcm::bridge`); 0 turns bridging off.
+    pub max_bridges: usize,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             topology: None,
             cluster_max: 512,
             file_kbps: 1000,
+            max_bridges: crate::dcm::bridge::DEFAULT_MAX_BRIDGES,
         }
     }
 }

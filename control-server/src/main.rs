@@ -68,6 +68,11 @@ struct Args {
     /// Peers the origin feeds directly per substream before it becomes an overflow parent.
     #[arg(long, default_value_t = 1)]
     origin_fanout: u32,
+    /// Moved children the origin may feed at once per channel while their new parent
+    /// connects (make-before-break repair; each costs 1/k of the stream for about a second).
+    /// 0 turns bridging off.
+    #[arg(long, default_value_t = control_server::dcm::bridge::DEFAULT_MAX_BRIDGES)]
+    max_bridges: usize,
     /// Token for the operator dashboard and APIs (at least 8 characters). Without it a random
     /// token is generated at start-up and printed with the dashboard URL.
     #[arg(long, env = "P2P_OPERATOR_TOKEN")]
@@ -138,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins.clone(),
         viewer_token: args.viewer_token.clone(),
         file_kbps: args.file_kbps,
+        max_bridges: args.max_bridges,
         ..Config::default()
     };
     config.validate().context("invalid configuration")?;

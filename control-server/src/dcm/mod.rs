@@ -285,7 +285,7 @@ impl Dcm {
                 }),
             },
             origin_fed: HashMap::new(),
-            bridges: Bridges::new(bridge::DEFAULT_MAX_BRIDGES),
+            bridges: Bridges::new(config.max_bridges),
             recent: VecDeque::new(),
             fecs: HashMap::new(),
             peers: FxHashMap::default(),

@@ -233,6 +233,9 @@ pub struct Engine {
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
+    /// A new parent delivered a substream the origin was bridging: the next heartbeat ends
+    /// the bridge, so it is worth sending early.
+    bridge_ended: bool,
     pub counters: Counters,
     pub verified: Option<RangeHash>,
     pub latency: LatencyHistogram,
@@ -269,6 +272,7 @@ impl Engine {
             child_last: HashMap::new(),
             hb_seq: 0,
             backlog_reported: false,
+            bridge_ended: false,
             counters: Counters::default(),
             verified: None,
             latency: LatencyHistogram::default(),
@@ -521,6 +525,9 @@ impl Engine {
             *slot = (Some(report_seq), Some(self.now as u64));
         }
         if let Some(t) = self.parent_timing.get_mut(tree as usize) {
+            if t.1.is_none() && self.bridged.get(tree as usize).is_some_and(|b| b.is_some()) {
+                self.bridge_ended = true;
+            }
             t.1.get_or_insert(self.now);
         }
     }
@@ -906,11 +913,18 @@ impl Engine {
 
     /// True once per backlog episode when the upload queue has been stuck for a while: the
     /// glue then sends a heartbeat at once so the DCM can move children before they starve.
-    pub fn wants_early_heartbeat(&mut self) -> bool {
+    /// With `spare` (the server's heartbeat budget allows one more now), also true once after
+    /// a new parent first delivered a substream the origin was bridging: the DCM closes the
+    /// bridge on that heartbeat, which spares the origin up to an interval of duplicates.
+    pub fn wants_early_heartbeat(&mut self, spare: bool) -> bool {
         let stuck = self.send_backlog_ms() > EARLY_HEARTBEAT_BACKLOG_MS;
         let fire = stuck && !self.backlog_reported;
         self.backlog_reported = stuck;
-        fire
+        let bridge = spare && self.bridge_ended;
+        if fire || bridge {
+            self.bridge_ended = false;
+        }
+        fire || bridge
     }
 
     pub fn neighbours(&self) -> impl Iterator<Item = &PeerId> {

@@ -715,7 +715,12 @@ impl Inner {
             // A stuck upload queue is reported at once, so children are moved before their
             // buffers drain.
             // (The server tolerates a burst of three heartbeats, so this need not wait.)
-            let early = now - self.last_heartbeat >= 150.0 && self.engine.wants_early_heartbeat();
+            let since = now - self.last_heartbeat;
+            // Half an interval apart, an extra heartbeat always fits the server's budget.
+            let early = since >= 150.0
+                && self
+                    .engine
+                    .wants_early_heartbeat(since >= w.heartbeat_ms / 2.0);
             if early || now - self.last_heartbeat >= w.heartbeat_ms {
                 self.last_heartbeat = now;
                 if let Some(hb) = self.engine.heartbeat() {
