@@ -126,6 +126,8 @@ pub struct Attachments {
 
 pub struct Channel {
     pub name: String,
+    /// Substreams `k` of the channel's trees (the origin cuts fragments to match).
+    pub substreams: u32,
     /// Shared by all channels of a server: spare peers and recruit tokens.
     pub relays: Arc<RelayBoard>,
     /// Survives DCM failures (see [`Attachments`]).
@@ -148,6 +150,7 @@ impl Channel {
     ) -> Self {
         Channel {
             name,
+            substreams: 1,
             relays: Arc::default(),
             attachments: Mutex::default(),
             media: RwLock::new(Media {
@@ -165,6 +168,13 @@ impl Channel {
     /// Uses the server's shared relay board instead of a private one.
     pub fn with_relays(mut self, relays: Arc<RelayBoard>) -> Self {
         self.relays = relays;
+        self
+    }
+
+    /// The channel's substreams `k`, so that the origin cuts every fragment into a multiple
+    /// of `k` equal packets (see [`crate::origin::packetizer`]).
+    pub fn with_substreams(mut self, k: u32) -> Self {
+        self.substreams = k.max(1);
         self
     }
 

@@ -175,7 +175,8 @@ impl AppState {
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
         let ch = Arc::new(
             Channel::new(name.to_string(), stream_kbps, window, tx)
-                .with_relays(self.relays.clone()),
+                .with_relays(self.relays.clone())
+                .with_substreams(self.config.substreams),
         );
         let dcm = Dcm::new(ch.clone(), &self.config);
         // The DCM runs on its own thread: with tens of thousands of sessions sharing the

@@ -64,7 +64,7 @@ impl LoopedClip {
 
 /// Plays the clip out in real time forever, rewriting timestamps so the timeline never jumps.
 pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
-    let mut packetizer = Packetizer::new(0);
+    let mut packetizer = Packetizer::new(0, channel.substreams);
     let start = Instant::now();
     let ts = f64::from(clip.init.timescale);
     let mut sequence_number: u32 = 1;
@@ -124,10 +124,11 @@ impl LiveIngest {
             .ok()
             .and_then(|m| m.window.latest_seq())
             .map_or(0, |s| s + 1);
+        let k = channel.substreams;
         LiveIngest {
             channel,
             splitter: Fmp4Splitter::new(),
-            packetizer: Packetizer::new(next),
+            packetizer: Packetizer::new(next, k),
             started: None,
             bytes: 0,
         }
