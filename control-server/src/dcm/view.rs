@@ -160,6 +160,11 @@ pub struct CongestionConfig {
     /// A parent reporting an upload backlog older than this is congested towards every child
     /// it has not yet sent its newest packet to.
     pub backlog_ms: u64,
+    /// A parent whose backlog exceeds this cannot forward a fragment before its children's
+    /// fallback fetches it: it owes each child at once what it already sent a sibling. Above
+    /// one fragment, so that a healthy forwarder handed many children at once (and priming
+    /// them) is not taken for a stuck one.
+    pub stuck_ms: u64,
 }
 
 impl Default for CongestionConfig {
@@ -169,6 +174,7 @@ impl Default for CongestionConfig {
             strikes: 2,
             settle_ms: 1000,
             backlog_ms: 250,
+            stuck_ms: 1500,
         }
     }
 }
@@ -294,11 +300,11 @@ impl CongestionDetector {
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.clock_offset_ms;
         let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
-        // Stuck beyond the grace (not a large fragment's passing backlog): a child is owed at
-        // once what its parent already sent a sibling in the same tree, which proves the
-        // parent had it, whatever it got from its own parent (nothing yet when that parent is
-        // new, or less than it fetched from the origin).
-        let stuck = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.grace_ms;
+        // Stuck (not a large fragment's passing backlog): a child is owed at once what its
+        // parent already sent a sibling in the same tree, which proves the parent had it,
+        // whatever it got from its own parent (nothing yet when that parent is new, or less
+        // than it fetched from the origin).
+        let stuck = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.stuck_ms;
         let sibling_best = |sub: u32| {
             me.heartbeat
                 .children

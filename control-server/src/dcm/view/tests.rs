@@ -396,13 +396,14 @@ fn a_stuck_relay_owes_each_child_what_it_already_sent_a_sibling() {
         }
     }
     let mut det = CongestionDetector::new(CongestionConfig::default());
-    // A passing backlog (a large fragment) changes nothing.
-    hb.send_backlog_ms = 400;
+    // A passing backlog (a large fragment, or many new children primed at once) changes
+    // nothing.
+    hb.send_backlog_ms = 1200;
     view.ingest(hb.clone(), now);
     assert!(det
         .on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
         .is_empty());
-    // Stuck for longer than the grace: every other child of that tree is late at once.
+    // Stuck for longer than a fragment: every other child of that tree is late at once.
     hb.seq = 2;
     hb.send_backlog_ms = 3000;
     view.ingest(hb, now);
