@@ -428,16 +428,7 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
 fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_timed() {
     // Peer 3 is a forwarder of tree 0 (child 4). Its parent 1 is replaced by 9, whose link is
     // still opening; meanwhile the origin pushes tree 0 on the control socket.
-    let mut e = Engine::new(EngineConfig::default(), 0.0);
-    e.handle(
-        Input::Welcome {
-            peer_id: PeerId(3),
-            substreams: K,
-            start_seq: 0,
-            live_seq: 0,
-        },
-        0.0,
-    );
+    let mut e = welcomed(3);
     let with = |p: u64| {
         plan(
             [Source::Peer { id: PeerId(p) }, Source::Origin],
@@ -597,19 +588,25 @@ fn priming_new_children_never_delays_the_stream() {
     assert!(after.iter().all(|(_, seq)| *seq == 4), "{after:?}");
 }
 
-#[test]
-fn a_throttled_uplink_reports_its_backlog_as_soon_as_a_packet_is_queued() {
-    // Peer 1 forwards tree 0 to three children at 2000 kbit/s, then is cut to 16 kbit/s.
+/// An engine with default settings, welcomed as `peer` at time 0 (nothing to catch up on).
+fn welcomed(peer: u64) -> Engine {
     let mut e = Engine::new(EngineConfig::default(), 0.0);
     e.handle(
         Input::Welcome {
-            peer_id: PeerId(1),
+            peer_id: PeerId(peer),
             substreams: K,
             start_seq: 0,
             live_seq: 0,
         },
         0.0,
     );
+    e
+}
+
+#[test]
+fn a_throttled_uplink_reports_its_backlog_as_soon_as_a_packet_is_queued() {
+    // Peer 1 forwards tree 0 to three children at 2000 kbit/s, then is cut to 64 kbit/s.
+    let mut e = welcomed(1);
     e.handle(
         Input::Instructions {
             plan: plan([Source::Origin, Source::Origin], [vec![2, 3, 4], vec![]]),

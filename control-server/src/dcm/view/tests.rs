@@ -242,23 +242,22 @@ fn a_parent_reporting_an_upload_backlog_is_congested_towards_children_it_owes() 
     assert!(found[0].parent_side);
 }
 
-#[test]
-fn a_backlogged_relay_under_a_starved_one_owes_what_the_origin_produced() {
+/// A relay whose child got only `upto - 40` on one substream, reporting `own` as what it got
+/// itself from its parent there: judged once without a backlog (nothing may be found), then
+/// with its upload queue stuck. Returns that second judgment and the link.
+fn relay_behind_with_a_stuck_queue(own: Option<u64>) -> (Vec<Congested>, (PeerId, PeerId, u32)) {
     let t = tree(40);
     let now = 1_000_000;
     let upto = 400;
     let log = production(upto, now);
     let (parent, child, sub) = relay_link(&t);
     let mut view = HeartbeatView::default();
-    // The relay's own parent is starved (it got only `upto - 40` on this substream): the
-    // relay fetched the rest from the origin, its child has everything the relay's parent
-    // delivered, and the relay's upload queue is stuck.
     let stuck = upto - 40;
     let mut hb = heartbeat(&t, parent, 1, upto, None, now);
     for p in &mut hb.parents {
         if p.substream == sub {
-            p.last_seq = Some(stuck);
-            p.last_ts_ms = Some(now - 100);
+            p.last_seq = own;
+            p.last_ts_ms = own.map(|_| now - 100);
         }
     }
     for c in &mut hb.children {
@@ -271,18 +270,41 @@ fn a_backlogged_relay_under_a_starved_one_owes_what_the_origin_produced() {
     assert!(
         det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
             .is_empty(),
-        "without a backlog the child has all the relay got from its parent"
+        "without a backlog the child has all the relay is known to have had"
     );
     hb.seq = 2;
     hb.send_backlog_ms = 600;
     view.ingest(hb, now);
     let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
+    (found, (parent, child, sub))
+}
+
+#[test]
+fn a_backlogged_relay_under_a_starved_one_owes_what_the_origin_produced() {
+    // The relay's own parent is starved (it got only `upto - 40` too): the relay fetched the
+    // rest from the origin.
+    let (found, link) = relay_behind_with_a_stuck_queue(Some(360));
+    assert!(
+        found
+            .iter()
+            .any(|f| (f.parent, f.child, f.substream) == link && f.parent_side),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_backlogged_relay_whose_new_parent_has_not_delivered_yet_is_still_judged() {
+    // The relay was just moved under a new parent (nothing from it yet: the origin bridges the
+    // substream meanwhile).
+    let (found, (parent, child, sub)) = relay_behind_with_a_stuck_queue(None);
     assert!(
         found
             .iter()
             .any(|f| (f.parent, f.child, f.substream) == (parent, child, sub) && f.parent_side),
         "{found:?}"
     );
+    // Only the children it owes: the others have what the origin produced.
+    assert!(found.iter().all(|f| f.child == child || f.substream != sub));
 }
 
 #[test]
@@ -322,50 +344,6 @@ fn a_heartbeat_that_queued_in_the_server_is_judged_as_of_when_it_was_written() {
     );
     det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
     assert!(det.last_behind());
-}
-
-#[test]
-fn a_backlogged_relay_whose_new_parent_has_not_delivered_yet_is_still_judged() {
-    let t = tree(40);
-    let now = 1_000_000;
-    let upto = 400;
-    let log = production(upto, now);
-    let (parent, child, sub) = relay_link(&t);
-    let mut view = HeartbeatView::default();
-    // The relay was just moved under a new parent (nothing from it yet: the origin bridges the
-    // substream meanwhile), its child is 40 packets behind, and its upload queue is stuck.
-    let stuck = upto - 40;
-    let mut hb = heartbeat(&t, parent, 1, upto, None, now);
-    for p in &mut hb.parents {
-        if p.substream == sub {
-            p.last_seq = None;
-            p.last_ts_ms = None;
-        }
-    }
-    for c in &mut hb.children {
-        if c.substream == sub && c.child == child {
-            c.last_seq = Some(stuck);
-        }
-    }
-    let mut det = CongestionDetector::new(CongestionConfig::default());
-    view.ingest(hb.clone(), now);
-    assert!(
-        det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0))
-            .is_empty(),
-        "without a backlog nothing is known of what it owes"
-    );
-    hb.seq = 2;
-    hb.send_backlog_ms = 600;
-    view.ingest(hb, now);
-    let found = det.on_heartbeat(&view, &log, K, parent, |_, _, _| Some(0));
-    assert!(
-        found
-            .iter()
-            .any(|f| (f.parent, f.child, f.substream) == (parent, child, sub) && f.parent_side),
-        "{found:?}"
-    );
-    // Only the children it owes: the others have what the origin produced.
-    assert!(found.iter().all(|f| f.child == child || f.substream != sub));
 }
 
 #[test]
