@@ -45,7 +45,10 @@ impl Packetizer {
     ) -> Vec<Vec<u8>> {
         let len = fragment.len();
         let n = (len.div_ceil(MAX_PAYLOAD).div_ceil(self.k) * self.k).min(len);
-        let (base, longer) = if n == 0 { (0, 0) } else { (len / n, len % n) };
+        let (base, longer) = (
+            len.checked_div(n).unwrap_or(0),
+            len.checked_rem(n).unwrap_or(0),
+        );
         let mut at = 0;
         (0..n)
             .map(|i| {
