@@ -31,6 +31,8 @@ impl Engine {
     pub fn heartbeat(&mut self) -> Option<Heartbeat> {
         let me = self.me?;
         self.hb_seq += 1;
+        // This heartbeat reports the new parents' progress: no extra one is needed for it.
+        self.bridge_ended = false;
         let parents = self
             .plan
             .iter()

@@ -484,6 +484,10 @@ fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_t
     assert!(e.wants_early_heartbeat(true));
     assert!(!e.wants_early_heartbeat(true));
     assert_eq!(e.heartbeat().unwrap().parents[0].last_seq, Some(4));
+    // A regular heartbeat that went first makes the early one unnecessary.
+    e.bridge_ended = true;
+    e.heartbeat();
+    assert!(!e.wants_early_heartbeat(true));
     // Tree 1's own origin push is its parent's, not a bridge.
     e.handle(
         Input::Packet {
