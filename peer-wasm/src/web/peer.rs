@@ -522,10 +522,14 @@ impl Inner {
                 });
             }
             ServerMsg::Instructions {
-                substreams, tier, ..
+                substreams,
+                tier,
+                bridged,
+                ..
             } => self.feed(Input::Instructions {
                 plan: substreams,
                 tier,
+                bridged,
             }),
             ServerMsg::LiveEdge { seq } => self.feed(Input::LiveEdge { seq }),
             ServerMsg::Signal { from, signal } => {
