@@ -98,11 +98,6 @@ pub enum ServerMsg {
         /// The peer's place in the channel's hierarchy; `None` on a flat multi-tree channel.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tier: Option<TierPlan>,
-        /// New children of this peer that the origin is bridging (it sent them the substream's
-        /// newest packet and keeps feeding them until this peer delivers): priming them too
-        /// would only spend this peer's upload on duplicates.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        bridged: Vec<BridgedChild>,
     },
     Signal {
         from: PeerId,
@@ -133,13 +128,6 @@ pub struct SubstreamPlan {
     pub index: u32,
     pub parent: Source,
     pub children: Vec<PeerId>,
-}
-
-/// A child the origin bridges in one substream (see [`ServerMsg::Instructions`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BridgedChild {
-    pub child: PeerId,
-    pub substream: u32,
 }
 
 /// A peer's place in the three-tier hierarchy (patent FIG. 3-7) and its links outside its own

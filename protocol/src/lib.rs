@@ -29,8 +29,8 @@ pub mod report;
 pub mod rng;
 
 pub use control::{
-    BridgedChild, ClientMsg, ErrorCode, FecSpec, Feed, ServerMsg, Signal, Source, SubstreamPlan,
-    TierName, TierPlan, PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, FecSpec, Feed, ServerMsg, Signal, Source, SubstreamPlan, TierName,
+    TierPlan, PROTOCOL_VERSION,
 };
 pub use file::FileInfo;
 pub use heartbeat::{ChildLink, Heartbeat, ParentLink};

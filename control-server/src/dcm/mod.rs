@@ -947,35 +947,39 @@ impl Dcm {
             return;
         }
         self.epoch += 1;
-        // Bridges first, for every peer told: a parent's instructions name the new children the
-        // origin bridges, so that it does not prime them as well.
-        let mut bridge_primes: HashMap<PeerId, Vec<Bytes>> = HashMap::new();
-        for peer in &affected {
-            let Some(wire) = self.planner.plan(*peer) else {
-                continue;
-            };
-            let primes = self.open_bridges(*peer, &wire.substreams, now);
-            if !primes.is_empty() {
-                bridge_primes.insert(*peer, primes);
-            }
-        }
         for peer in affected {
             let Some(wire) = self.planner.plan(peer) else {
                 continue;
             };
             let pushes = wire.origin_pushes(self.k);
             let primes = self.origin_primes(peer, &pushes);
-            let bridged: Vec<protocol::BridgedChild> = wire
-                .substreams
-                .iter()
-                .flat_map(|sp| sp.children.iter().map(move |c| (*c, sp.index)))
-                .filter(|(c, sub)| {
-                    self.bridges
-                        .of(*c)
-                        .any(|b| b.substream == *sub && b.parent == peer)
-                })
-                .map(|(child, substream)| protocol::BridgedChild { child, substream })
+            // What fed each substream until now, for the bridges.
+            let mut before: Vec<(u32, Option<PeerId>)> = self
+                .link_since
+                .get(&peer)
+                .into_iter()
+                .flatten()
+                .map(|l| (l.1, Some(l.0)))
                 .collect();
+            for push in self.origin_fed.get(&peer).into_iter().flatten() {
+                match *push {
+                    Push::Full => before.extend((0..self.k).map(|s| (s, None))),
+                    Push::Data { substream } => before.push((substream, None)),
+                    Push::Parity { index, .. } => before.push((index, None)),
+                }
+            }
+            let bridged = self
+                .bridges
+                .replan(peer, &before, &wire.substreams, self.k, now);
+            let mut bridge_primes = Vec::new();
+            if !bridged.is_empty() {
+                tracing::debug!(channel = %self.channel.name, %peer, ?bridged, "origin bridges the moved substreams");
+                self.channel
+                    .counters
+                    .bridges_opened
+                    .fetch_add(bridged.len() as u64, Ordering::Relaxed);
+                bridge_primes.extend(bridged.into_iter().filter_map(|s| self.newest_of(s)));
+            }
             if let Ok(mut a) = self.channel.attachments.lock() {
                 a.epoch = self.epoch;
                 if pushes.is_empty() {
@@ -1015,7 +1019,6 @@ impl Dcm {
                 epoch: self.epoch,
                 substreams: plan,
                 tier: wire.tier,
-                bridged,
             };
             self.send(peer, Outbound::msg(msg));
             // After the instructions on the same socket, so the page counts them as its new
@@ -1027,7 +1030,7 @@ impl Dcm {
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.send(peer, Box::new(Outbound::Packet(bytes)));
             }
-            for bytes in bridge_primes.remove(&peer).unwrap_or_default() {
+            for bytes in bridge_primes {
                 let c = &self.channel.counters;
                 c.origin_push_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -1036,45 +1039,6 @@ impl Dcm {
                 self.send(peer, Box::new(Outbound::Packet(bytes)));
             }
         }
-    }
-
-    /// Opens and closes `peer`'s bridges for its new plan `substreams` (see [`bridge`]) and
-    /// returns the newest packet of each substream newly bridged, to send after the
-    /// instructions.
-    fn open_bridges(
-        &mut self,
-        peer: PeerId,
-        substreams: &[protocol::SubstreamPlan],
-        now: u64,
-    ) -> Vec<Bytes> {
-        // What fed each substream until now: its parent link, or the origin's push.
-        let mut before: Vec<(u32, Option<PeerId>)> = self
-            .link_since
-            .get(&peer)
-            .into_iter()
-            .flatten()
-            .map(|l| (l.1, Some(l.0)))
-            .collect();
-        for push in self.origin_fed.get(&peer).into_iter().flatten() {
-            match *push {
-                Push::Full => before.extend((0..self.k).map(|s| (s, None))),
-                Push::Data { substream } => before.push((substream, None)),
-                Push::Parity { index, .. } => before.push((index, None)),
-            }
-        }
-        let bridged = self.bridges.replan(peer, &before, substreams, self.k, now);
-        if bridged.is_empty() {
-            return Vec::new();
-        }
-        tracing::debug!(channel = %self.channel.name, %peer, ?bridged, "origin bridges the moved substreams");
-        self.channel
-            .counters
-            .bridges_opened
-            .fetch_add(bridged.len() as u64, Ordering::Relaxed);
-        bridged
-            .into_iter()
-            .filter_map(|s| self.newest_of(s))
-            .collect()
     }
 
     /// The newest packet of each substream the origin starts feeding `peer` with `pushes`: a

@@ -39,7 +39,7 @@ use std::rc::Rc;
 use protocol::fec::{is_parity_frame, ParityFrame, Recovered};
 use protocol::hash::{packet_hash, RangeHash};
 use protocol::report::LatencyHistogram;
-use protocol::{BridgedChild, Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
+use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
 use tier::Tiers;
 
@@ -108,8 +108,6 @@ pub enum Input<'a> {
         plan: Vec<SubstreamPlan>,
         /// The peer's place in the hierarchy; `None` on a flat multi-tree channel.
         tier: Option<TierPlan>,
-        /// New children the origin bridges: not primed.
-        bridged: Vec<BridgedChild>,
     },
     /// A media packet or a parity frame (told apart by the first byte).
     Packet {
@@ -354,11 +352,7 @@ impl Engine {
                 }
                 self.highest_seen = Some(live_seq.max(start_seq));
             }
-            Input::Instructions {
-                plan,
-                tier,
-                bridged,
-            } => self.apply_plan(plan, tier, &bridged, &mut out),
+            Input::Instructions { plan, tier } => self.apply_plan(plan, tier, &mut out),
             Input::Packet { from, bytes } => self.on_packet(from, bytes, &mut out),
             Input::FetchFailed { seq, gone } => {
                 self.in_flight.remove(&seq);
@@ -380,7 +374,6 @@ impl Engine {
         &mut self,
         plan: Vec<SubstreamPlan>,
         tier: Option<TierPlan>,
-        bridged: &[BridgedChild],
         out: &mut Vec<Action>,
     ) {
         if self.tiers.apply(tier, self.k).is_err() {
@@ -461,9 +454,8 @@ impl Engine {
         // A new child of data tree i most likely lost its previous parent: hand it the newest
         // packet of i we have, so it is fed from the swarm at once instead of waiting for the
         // next one (or for the origin). A duplicate costs it one ignored packet. Parity trees
-        // are not primed: one stale shard rebuilds nothing on its own, and neither are children
-        // the origin bridges (it sent them that packet already). Primes are extra load (a
-        // repair can hand a parent a dozen children at once): they go after the stream, so
+        // are not primed: one stale shard rebuilds nothing on its own. Primes are extra load
+        // (a repair can hand a parent a dozen children at once): they go after the stream, so
         // they never delay a packet its other children wait for.
         let old_children: BTreeSet<(PeerId, u32)> = self
             .plan
@@ -471,12 +463,6 @@ impl Engine {
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
         for (child, sub) in children.difference(&old_children) {
-            if bridged
-                .iter()
-                .any(|b| b.child == *child && b.substream == *sub)
-            {
-                continue;
-            }
             if let Some((seq, p)) = self.recent.iter().rev().find_map(|p| {
                 protocol::packet::peek_seq(p)
                     .filter(|q| protocol::substream_of(*q, self.k) == *sub)

@@ -85,7 +85,6 @@ impl Sim {
                 Input::Instructions {
                     plan: pl,
                     tier: None,
-                    bridged: Vec::new(),
                 },
                 0.0,
             );
@@ -374,7 +373,6 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
                     [vec![], vec![]],
                 ),
                 tier: None,
-                bridged: Vec::new(),
             },
             0.0,
         );
@@ -399,7 +397,6 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
         Input::Instructions {
             plan: moved.clone(),
             tier: None,
-            bridged: Vec::new(),
         },
         5040.0,
     );
@@ -421,7 +418,6 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
         Input::Instructions {
             plan: moved,
             tier: None,
-            bridged: Vec::new(),
         },
         8000.0,
     );
@@ -443,7 +439,6 @@ fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_t
         Input::Instructions {
             plan: with(1),
             tier: None,
-            bridged: Vec::new(),
         },
         0.0,
     );
@@ -451,7 +446,6 @@ fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_t
         Input::Instructions {
             plan: with(9),
             tier: None,
-            bridged: Vec::new(),
         },
         1000.0,
     );
@@ -508,7 +502,6 @@ fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_t
         Input::Instructions {
             plan: with(5),
             tier: None,
-            bridged: Vec::new(),
         },
         3000.0,
     );
@@ -544,7 +537,6 @@ fn priming_new_children_never_delays_the_stream() {
         Input::Instructions {
             plan: plan([o, o], [vec![2], vec![]]),
             tier: None,
-            bridged: Vec::new(),
         },
         0.0,
     );
@@ -575,7 +567,6 @@ fn priming_new_children_never_delays_the_stream() {
         Input::Instructions {
             plan: plan([o, o], [(2..32).collect(), vec![]]),
             tier: None,
-            bridged: Vec::new(),
         },
         5000.0,
     );
@@ -601,48 +592,6 @@ fn priming_new_children_never_delays_the_stream() {
     assert!(after.iter().all(|(_, seq)| *seq == 4), "{after:?}");
 }
 
-#[test]
-fn new_children_the_origin_bridges_are_not_primed() {
-    // Peer 1 roots tree 0 and has a packet of it; then it gets children 2 and 3, of which the
-    // origin bridges 3 (it sent 3 that packet already).
-    let mut e = welcomed(1);
-    let plan_with = |kids: Vec<u64>| plan([Source::Origin, Source::Origin], [kids, vec![]]);
-    e.handle(
-        Input::Instructions {
-            plan: plan_with(vec![]),
-            tier: None,
-            bridged: Vec::new(),
-        },
-        0.0,
-    );
-    e.handle(
-        Input::Packet {
-            from: From::OriginPush,
-            bytes: &packet(0, 0),
-        },
-        10.0,
-    );
-    let out = e.handle(
-        Input::Instructions {
-            plan: plan_with(vec![2, 3]),
-            tier: None,
-            bridged: vec![protocol::BridgedChild {
-                child: PeerId(3),
-                substream: 0,
-            }],
-        },
-        20.0,
-    );
-    let primed: Vec<PeerId> = out
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send { to, .. } => Some(*to),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(primed, vec![PeerId(2)]);
-}
-
 /// An engine with default settings, welcomed as `peer` at time 0 (nothing to catch up on).
 fn welcomed(peer: u64) -> Engine {
     let mut e = Engine::new(EngineConfig::default(), 0.0);
@@ -666,7 +615,6 @@ fn a_throttled_uplink_reports_its_backlog_as_soon_as_a_packet_is_queued() {
         Input::Instructions {
             plan: plan([Source::Origin, Source::Origin], [vec![2, 3, 4], vec![]]),
             tier: None,
-            bridged: Vec::new(),
         },
         0.0,
     );

@@ -110,14 +110,7 @@ impl Net {
     fn instruct(&mut self, id: u64, plan: Vec<SubstreamPlan>, tier: Option<TierPlan>) {
         let now = self.now;
         let e = self.engines.get_mut(&id).expect("known engine");
-        let actions = e.handle(
-            Input::Instructions {
-                plan,
-                tier,
-                bridged: Vec::new(),
-            },
-            now,
-        );
+        let actions = e.handle(Input::Instructions { plan, tier }, now);
         self.run_actions(id, actions);
     }
 
@@ -397,7 +390,6 @@ fn preferred_node_codes_parity_once_per_group_identical_to_encode_parity_frames(
         Input::Instructions {
             plan: vec![],
             tier: tier(TierName::Preferred, vec![Source::Origin], feeds, None),
-            bridged: Vec::new(),
         },
         0.0,
     );
@@ -473,7 +465,6 @@ fn a_recruited_relay_forwards_but_plays_nothing() {
         Input::Instructions {
             plan: subs,
             tier: plan,
-            bridged: Vec::new(),
         },
         0.0,
     );

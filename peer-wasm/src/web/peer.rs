@@ -522,14 +522,10 @@ impl Inner {
                 });
             }
             ServerMsg::Instructions {
-                substreams,
-                tier,
-                bridged,
-                ..
+                substreams, tier, ..
             } => self.feed(Input::Instructions {
                 plan: substreams,
                 tier,
-                bridged,
             }),
             ServerMsg::LiveEdge { seq } => self.feed(Input::LiveEdge { seq }),
             ServerMsg::Signal { from, signal } => {
