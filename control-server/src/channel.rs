@@ -29,6 +29,8 @@ pub struct ChannelCounters {
     pub origin_bridge_bytes: AtomicU64,
     /// Substreams bridged by the origin after a move (make-before-break repairs).
     pub bridges_opened: AtomicU64,
+    /// Moves left unbridged because `max_bridges` were open already.
+    pub bridges_refused: AtomicU64,
     /// Bytes served over HTTP as fallback / catch-up.
     pub fallback_bytes: AtomicU64,
     pub fallback_packets: AtomicU64,

@@ -196,6 +196,7 @@ async fn channel_stats(
         "origin_push_bytes": c.origin_push_bytes.load(Ordering::Relaxed),
         "origin_bridge_bytes": c.origin_bridge_bytes.load(Ordering::Relaxed),
         "bridges_opened": c.bridges_opened.load(Ordering::Relaxed),
+        "bridges_refused": c.bridges_refused.load(Ordering::Relaxed),
         "fallback_bytes": c.fallback_bytes.load(Ordering::Relaxed),
         "fallback_packets": c.fallback_packets.load(Ordering::Relaxed),
         "heartbeats": c.heartbeats.load(Ordering::Relaxed),

@@ -968,9 +968,16 @@ impl Dcm {
                     Push::Parity { index, .. } => before.push((index, None)),
                 }
             }
+            let refused = self.bridges.refused;
             let bridged = self
                 .bridges
                 .replan(peer, &before, &wire.substreams, self.k, now);
+            if self.bridges.refused > refused {
+                self.channel
+                    .counters
+                    .bridges_refused
+                    .fetch_add(self.bridges.refused - refused, Ordering::Relaxed);
+            }
             let mut bridge_primes = Vec::new();
             if !bridged.is_empty() {
                 tracing::debug!(channel = %self.channel.name, %peer, ?bridged, "origin bridges the moved substreams");

@@ -16,6 +16,14 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with(Config {
+            substreams: 4,
+            origin_fanout: 1,
+            ..Config::default()
+        })
+    }
+
+    fn with(config: Config) -> Self {
         let (tx, _rx) = mpsc::channel(16);
         let channel = Arc::new(Channel::new(
             "test".into(),
@@ -23,11 +31,6 @@ impl Harness {
             PacketWindow::new(64, 1024),
             tx,
         ));
-        let config = Config {
-            substreams: 4,
-            origin_fanout: 1,
-            ..Config::default()
-        };
         Harness {
             dcm: Dcm::new(channel, &config),
             outs: HashMap::new(),
@@ -836,4 +839,37 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
             .load(Ordering::Relaxed),
         h.dcm.bridges.opened
     );
+}
+
+#[test]
+fn with_max_bridges_zero_nothing_is_bridged_and_the_refusals_are_counted() {
+    let mut h = Harness::with(Config {
+        substreams: 4,
+        origin_fanout: 1,
+        max_bridges: 0,
+        ..Config::default()
+    });
+    if let Ok(mut m) = h.dcm.channel.media.write() {
+        for seq in 0..10 {
+            m.window.push(seq, packet(seq), seq == 0).unwrap();
+        }
+    }
+    for id in 1..=10 {
+        h.join(id, 2000);
+    }
+    let relay = (1..=10u64)
+        .max_by_key(|id| {
+            h.dcm
+                .planner
+                .plan(PeerId(*id))
+                .map_or(0, |p| children_of(&p.substreams))
+        })
+        .expect("peers");
+    h.dcm.handle(DcmEvent::Leave {
+        peer: PeerId(relay),
+    });
+    let c = &h.dcm.channel.counters;
+    assert_eq!(c.bridges_opened.load(Ordering::Relaxed), 0);
+    assert!(c.bridges_refused.load(Ordering::Relaxed) > 0);
+    assert!(h.dcm.bridges.is_empty());
 }
