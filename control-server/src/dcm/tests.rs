@@ -68,20 +68,25 @@ fn children_of(plan: &[SubstreamPlan]) -> usize {
     plan.iter().map(|s| s.children.len()).sum()
 }
 
-#[test]
-fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
-    let mut h = Harness::new();
-    for id in 1..=12 {
-        h.join(id, 2000);
-    }
-    let relay = (1..=12u64)
+/// Of peers `1..=n`, the one with the most children.
+fn busiest_relay(h: &Harness, n: u64) -> u64 {
+    (1..=n)
         .max_by_key(|id| {
             h.dcm
                 .planner
                 .plan(PeerId(*id))
                 .map_or(0, |p| children_of(&p.substreams))
         })
-        .expect("peers");
+        .expect("peers")
+}
+
+#[test]
+fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
+    let mut h = Harness::new();
+    for id in 1..=12 {
+        h.join(id, 2000);
+    }
+    let relay = busiest_relay(&h, 12);
     let plan = h.dcm.planner.plan(PeerId(relay)).expect("plan").substreams;
     let before = children_of(&plan);
     assert!(before >= 2, "the busiest relay feeds {before}");
@@ -857,14 +862,7 @@ fn with_max_bridges_zero_nothing_is_bridged_and_the_refusals_are_counted() {
     for id in 1..=10 {
         h.join(id, 2000);
     }
-    let relay = (1..=10u64)
-        .max_by_key(|id| {
-            h.dcm
-                .planner
-                .plan(PeerId(*id))
-                .map_or(0, |p| children_of(&p.substreams))
-        })
-        .expect("peers");
+    let relay = busiest_relay(&h, 10);
     h.dcm.handle(DcmEvent::Leave {
         peer: PeerId(relay),
     });
