@@ -247,7 +247,29 @@ fn demo(listen: SocketAddr, server_args: &[String]) -> Result<()> {
 
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(9);
+    let mut steps = Steps::new(11);
+    // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
+    steps.run("formatting: cargo fmt --all -- --check", || {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))
+            .context("code is not formatted: run `cargo fmt --all` and commit the result")
+    })?;
+    steps.run(
+        "lints: cargo clippy --workspace --all-targets -- -D warnings",
+        || {
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+            .context(
+                "clippy found warnings: fix them (`cargo clippy --workspace --all-targets` \
+                 lists them; `cargo clippy --fix` applies the mechanical ones)",
+            )
+        },
+    )?;
     steps.run("wasm32 target", ensure_wasm_target)?;
     steps.run("wasm-bindgen CLI", ensure_wasm_bindgen)?;
     steps.run("wasm-pack", ensure_wasm_pack)?;
