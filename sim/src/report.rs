@@ -1,0 +1,310 @@
+//! The run's figures, under the browser swarm's field names where the meaning is the same
+//! (`tests/src/swarm.rs`), plus the simulator's own.
+
+use std::collections::BTreeMap;
+
+use protocol::report::LatencyHistogram;
+use serde::Serialize;
+
+use crate::checks::Invariants;
+use crate::scenario::RunConfig;
+use crate::world::World;
+
+/// Percentiles of a sample, as the swarm reports them.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Pct {
+    pub p50: f64,
+    pub p95: f64,
+    pub max: f64,
+}
+
+impl Pct {
+    pub fn of(mut v: Vec<f64>) -> Pct {
+        if v.is_empty() {
+            return Pct::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[(((v.len() as f64) * q).ceil() as usize).clamp(1, v.len()) - 1];
+        Pct {
+            p50: at(0.5),
+            p95: at(0.95),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub run: RunConfig,
+    /// `placeholder` until the real coordinator core is wired in.
+    pub coordinator: &'static str,
+    pub viewers: usize,
+    pub viewer_sessions: usize,
+    pub departures: usize,
+    pub stream_kbps: u32,
+    pub substreams: u32,
+    pub unreachable_pct: f64,
+    pub loss_pct: f64,
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
+    pub p2p_share: f64,
+    pub p2p_share_limit: f64,
+    pub bytes_played: u64,
+    pub p2p_share_useful: f64,
+    pub server_push_bytes: u64,
+    pub server_fallback_bytes: u64,
+    pub origin_fallbacks: u64,
+    pub startup_ms: Pct,
+    pub latency_ms: Pct,
+    pub continuity: f64,
+    pub stalls: u32,
+    pub repair_ms: Pct,
+    pub repairs_measured: usize,
+    pub repairs_unfinished: usize,
+    /// Needs the coordinator's congestion records (not available from the placeholder).
+    pub congestion_detected: usize,
+    pub tiers: BTreeMap<String, usize>,
+    /// Peak over simulated seconds of origin egress (pushes + fetches) in streams' worth.
+    pub origin_egress_peak_copies: f64,
+    pub links_opened: u64,
+    pub link_failures: u64,
+    pub link_setup_ms: Pct,
+    pub send_dropped: u64,
+    pub heartbeat_bytes_avg: f64,
+    pub invariants: Invariants,
+    pub events: u64,
+    pub wall_s: f64,
+    /// Simulated peer-seconds per wall second.
+    pub sim_speed: f64,
+    pub coordinator_cpu_us_per_heartbeat: f64,
+    pub coordinator_cpu_us_per_join: f64,
+    /// Control-only runs: growth of the process's resident memory over the run per peer, an
+    /// upper bound of the coordinator's state per peer (it includes the simulator's own small
+    /// per-peer records). `null` on media runs, where the engines dominate.
+    pub coordinator_bytes_per_peer: Option<f64>,
+    pub peak_rss_mb: f64,
+}
+
+pub fn build(
+    cfg: &RunConfig,
+    w: &World,
+    inv: Invariants,
+    wall_s: f64,
+    rss_growth: Option<f64>,
+) -> Report {
+    let mut hist = LatencyHistogram::default();
+    let (mut b0, mut b1, mut played, mut on_time, mut late) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut fallbacks, mut dropped) = (0u64, 0u64);
+    for p in &w.peers {
+        let st = p.stats();
+        let c = &st.counters;
+        b0 += c.bytes_from_origin;
+        b1 += c.bytes_from_peers;
+        played += c.bytes_played;
+        on_time += c.on_time;
+        late += c.late;
+        fallbacks += c.origin_fallbacks;
+        dropped += c.send_dropped;
+        hist.merge_sparse(&st.latency);
+    }
+    let lat = |q| hist.quantile(q).unwrap_or(0) as f64;
+    let n = w.peers.iter().filter(|p| p.alive).count();
+    let egress = w.totals.origin_push_bytes + w.totals.origin_fetch_bytes;
+    let stream_bytes_per_s = f64::from(cfg.stream_kbps) * 1000.0 / 8.0;
+    let peak = w.totals.egress_per_s.iter().copied().max().unwrap_or(0);
+    let (hb_bytes, hb_n) = w.peers.iter().fold((0u64, 0u64), |(b, n), p| {
+        (b + p.heartbeat_bytes, n + p.heartbeats_sent)
+    });
+    let cpu = &w.control.cpu;
+    let per = |ns: u128, n: u64| {
+        if n > 0 {
+            ns as f64 / n as f64 / 1000.0
+        } else {
+            0.0
+        }
+    };
+    let sim_peer_s: f64 = w
+        .peers
+        .iter()
+        .map(|p| {
+            let end = p.left_at.unwrap_or(w.q.now());
+            crate::queue::ms(end.saturating_sub(p.joined_at)) / 1000.0
+        })
+        .sum();
+    let mut tiers = BTreeMap::new();
+    for s in w.control.snapshot(w.now_ms() as u64) {
+        if let Some(t) = s.tier {
+            let name = format!("{t:?}").to_lowercase();
+            *tiers.entry(name).or_insert(0) += 1;
+        }
+    }
+    let pending = w
+        .peers
+        .iter()
+        .filter(|p| p.alive)
+        .map(|p| p.repairs.len())
+        .sum();
+    Report {
+        run: cfg.clone(),
+        coordinator: if w.control.real {
+            "coordinator"
+        } else {
+            "placeholder"
+        },
+        viewers: n,
+        viewer_sessions: w.peers.len(),
+        departures: w.peers.iter().filter(|p| p.left_at.is_some()).count(),
+        stream_kbps: cfg.stream_kbps,
+        substreams: cfg.k,
+        unreachable_pct: w.cfg.net.unreachable * 100.0,
+        loss_pct: w.cfg.net.loss * 100.0,
+        bytes_from_origin: b0,
+        bytes_from_peers: b1,
+        p2p_share: ratio(b1, b0 + b1),
+        p2p_share_limit: if n > 0 { 1.0 - 1.0 / n as f64 } else { 0.0 },
+        bytes_played: played,
+        p2p_share_useful: if played > 0 {
+            (1.0 - egress as f64 / played as f64).max(0.0)
+        } else {
+            0.0
+        },
+        server_push_bytes: w.totals.origin_push_bytes,
+        server_fallback_bytes: w.totals.origin_fetch_bytes,
+        origin_fallbacks: fallbacks,
+        startup_ms: Pct::of(
+            w.peers
+                .iter()
+                .filter_map(|p| p.playout.startup_ms)
+                .collect(),
+        ),
+        latency_ms: Pct {
+            p50: lat(0.5),
+            p95: lat(0.95),
+            max: lat(1.0),
+        },
+        continuity: ratio(on_time, on_time + late),
+        stalls: w.peers.iter().map(|p| p.playout.stalls).sum(),
+        repair_ms: Pct::of(w.totals.repairs_ms.clone()),
+        repairs_measured: w.totals.repairs_ms.len(),
+        repairs_unfinished: pending,
+        congestion_detected: 0,
+        tiers,
+        origin_egress_peak_copies: peak as f64 / stream_bytes_per_s,
+        links_opened: w.totals.links_opened,
+        link_failures: w.totals.link_failures,
+        link_setup_ms: Pct::of(w.totals.setup_ms.clone()),
+        send_dropped: dropped,
+        heartbeat_bytes_avg: if hb_n > 0 {
+            hb_bytes as f64 / hb_n as f64
+        } else {
+            0.0
+        },
+        invariants: inv,
+        events: w.totals.events,
+        wall_s,
+        sim_speed: if wall_s > 0.0 {
+            sim_peer_s / wall_s
+        } else {
+            0.0
+        },
+        coordinator_cpu_us_per_heartbeat: per(cpu.heartbeat_ns, cpu.heartbeats),
+        coordinator_cpu_us_per_join: per(cpu.join_ns, cpu.joins),
+        coordinator_bytes_per_peer: rss_growth,
+        peak_rss_mb: rss_mb().unwrap_or(0.0),
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b > 0 {
+        a as f64 / b as f64
+    } else {
+        0.0
+    }
+}
+
+/// Resident memory of this process, MB (Linux).
+pub fn rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0 / 1e6)
+}
+
+/// Memory available to a new run, MB (Linux).
+pub fn available_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1000.0)
+}
+
+impl Report {
+    /// A short human-readable summary.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| s.push_str(&format!("  {k:<34} {v}\n"));
+        row("coordinator", self.coordinator.to_string());
+        row(
+            "viewers (sessions, departures)",
+            format!(
+                "{} ({}, {})",
+                self.viewers, self.viewer_sessions, self.departures
+            ),
+        );
+        row(
+            "p2p_share / useful / limit",
+            format!(
+                "{:.4} / {:.4} / {:.4}",
+                self.p2p_share, self.p2p_share_useful, self.p2p_share_limit
+            ),
+        );
+        let pct = |p: &Pct| format!("{:.0} / {:.0} / {:.0}", p.p50, p.p95, p.max);
+        row("startup ms p50/p95/max", pct(&self.startup_ms));
+        row("latency ms p50/p95/max", pct(&self.latency_ms));
+        row("continuity", format!("{:.5}", self.continuity));
+        row("stalls", self.stalls.to_string());
+        row(
+            "repair ms p50/p95/max (n)",
+            format!("{} ({})", pct(&self.repair_ms), self.repairs_measured),
+        );
+        row(
+            "origin egress peak (streams)",
+            format!("{:.1}", self.origin_egress_peak_copies),
+        );
+        row(
+            "links opened / failed",
+            format!("{} / {}", self.links_opened, self.link_failures),
+        );
+        row("invariants", format!("{:?}", self.invariants));
+        row(
+            "wall s / sim_speed (peer-s per s)",
+            format!("{:.1} / {:.0}", self.wall_s, self.sim_speed),
+        );
+        row(
+            "coordinator us/heartbeat, us/join",
+            format!(
+                "{:.2}, {:.2}",
+                self.coordinator_cpu_us_per_heartbeat, self.coordinator_cpu_us_per_join
+            ),
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pct;
+
+    #[test]
+    fn percentiles_like_the_swarm() {
+        let p = Pct::of((1..=100).map(f64::from).collect());
+        assert_eq!(
+            p,
+            Pct {
+                p50: 50.0,
+                p95: 95.0,
+                max: 100.0
+            }
+        );
+        assert_eq!(Pct::of(Vec::new()), Pct::default());
+    }
+}

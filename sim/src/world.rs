@@ -1,0 +1,582 @@
+//! The simulated world: peers, links, the origin and the control plane, stepped one event at a
+//! time in virtual time (earliest first). Nothing here reads the wall clock except to measure
+//! the coordinator's CPU cost, so a seed reproduces a run exactly.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use protocol::{Heartbeat, PeerId};
+
+use crate::control::{Control, ControlConfig, Down};
+use crate::dist::Rng;
+use crate::links::Links;
+use crate::net::NetConfig;
+use crate::origin::{OriginConfig, SyntheticOrigin};
+use crate::peer::{id_of, index_of, SimPeer, TICK_MS};
+use crate::queue::{ms, us, EventQueue, Micros};
+use crate::wire::Wire;
+
+/// The engine and coordinator see time as ms since an arbitrary epoch; starting it far from
+/// zero keeps "x ms ago" arithmetic away from zero.
+pub const EPOCH_MS: f64 = 1_000_000.0;
+
+/// Control frames' size on the wire when small (WebSocket framing + JSON), bytes.
+const CTRL_BYTES: usize = 300;
+
+/// What a peer sends to the control center.
+pub enum Up {
+    Join,
+    Heartbeat(Box<Heartbeat>),
+    Leave,
+    LinkFailed(PeerId),
+}
+
+/// What a fallback fetch found at the origin.
+pub enum FetchReply {
+    Packet(Rc<Vec<u8>>),
+    NotYet,
+    Gone,
+}
+
+pub enum Ev {
+    Join(u32),
+    Leave(u32),
+    AtServer(u32, Up),
+    AtPeer(u32, Down),
+    Tick(u32),
+    Fragment,
+    LinkOpen(u32, u32, u32),
+    LinkFail(u32, u32, u32),
+    Data {
+        to: u32,
+        from: u32,
+        gen: u32,
+        packet: Rc<Vec<u8>>,
+    },
+    FetchAtOrigin(u32, u64),
+    Fetched(u32, u64, FetchReply),
+    CoordTimeout,
+}
+
+/// Parameters of one run.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    pub seed: u64,
+    pub net: NetConfig,
+    pub origin: OriginConfig,
+    pub control: ControlConfig,
+    /// Peers run engines and media flows (false: the control-only scenario).
+    pub media: bool,
+}
+
+/// Running totals the report is built from.
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub events: u64,
+    pub origin_push_bytes: u64,
+    pub origin_fetch_bytes: u64,
+    /// Origin egress per simulated second.
+    pub egress_per_s: Vec<u64>,
+    pub repairs_ms: Vec<f64>,
+    pub links_opened: u64,
+    pub link_failures: u64,
+    pub setup_ms: Vec<f64>,
+    pub server_errors: u64,
+    pub closed_by_server: u64,
+}
+
+pub struct World {
+    pub cfg: WorldConfig,
+    pub q: EventQueue<Ev>,
+    pub peers: Vec<SimPeer>,
+    pub links: Links,
+    pub wire: Wire,
+    pub origin: SyntheticOrigin,
+    pub control: Control,
+    pub rng: Rng,
+    pub totals: Totals,
+    coord_timer: Option<Micros>,
+    /// The last shared text message parsed (many peers get the same `Arc<str>`).
+    text_cache: Option<(std::sync::Arc<str>, protocol::ServerMsg)>,
+}
+
+impl World {
+    pub fn new(cfg: WorldConfig) -> Self {
+        let control = Control::new(cfg.control.clone(), EPOCH_MS as u64);
+        let origin = SyntheticOrigin::new(cfg.origin, cfg.seed);
+        let rng = Rng::stream(cfg.seed, 1);
+        let mut w = World {
+            cfg,
+            q: EventQueue::default(),
+            peers: Vec::new(),
+            links: Links::default(),
+            wire: Wire::default(),
+            origin,
+            control,
+            rng,
+            totals: Totals::default(),
+            coord_timer: None,
+            text_cache: None,
+        };
+        w.q.at(0, Ev::Fragment);
+        w
+    }
+
+    /// Virtual time as the engine and coordinator see it, ms.
+    pub fn now_ms(&self) -> f64 {
+        EPOCH_MS + ms(self.q.now())
+    }
+
+    fn now_ms_u64(&self) -> u64 {
+        self.now_ms() as u64
+    }
+
+    /// Creates a peer that joins at `at`; returns its index.
+    pub fn add_peer(&mut self, at: Micros) -> u32 {
+        let index = self.peers.len();
+        let mut rng = Rng::stream(self.cfg.seed, 0x1000_0000 + index as u64);
+        let net = self.cfg.net.draw_peer(index, &mut rng);
+        let joined_ms = EPOCH_MS + ms(at);
+        self.peers
+            .push(SimPeer::new(index, net, self.cfg.media, joined_ms, at));
+        self.wire.grow(index + 1);
+        self.q.at(at, Ev::Join(index as u32));
+        index as u32
+    }
+
+    /// Runs every event up to `until` (virtual µs).
+    pub fn run_until(&mut self, until: Micros) {
+        while let Some(ev) = self.q.pop_until(until) {
+            self.totals.events += 1;
+            self.step(ev);
+        }
+        self.q.advance_to(until);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Join(i) => self.on_join(i),
+            Ev::Leave(i) => self.on_leave(i),
+            Ev::AtServer(i, up) => self.at_server(i, up),
+            Ev::AtPeer(i, down) => self.at_peer(i, down),
+            Ev::Tick(i) => self.on_tick(i),
+            Ev::Fragment => self.on_fragment(),
+            Ev::LinkOpen(a, b, gen) => self.on_link_open(a, b, gen),
+            Ev::LinkFail(a, b, gen) => self.on_link_fail(a, b, gen),
+            Ev::Data {
+                to,
+                from,
+                gen,
+                packet,
+            } => self.on_data(to, from, gen, &packet),
+            Ev::FetchAtOrigin(i, seq) => self.fetch_at_origin(i, seq),
+            Ev::Fetched(i, seq, reply) => self.on_fetched(i, seq, reply),
+            Ev::CoordTimeout => {
+                self.coord_timer = None;
+                let now = self.now_ms_u64();
+                if self.control.poll_timeout().is_some_and(|t| t <= now) {
+                    self.control.handle_timeout(now);
+                }
+                self.drain_control();
+            }
+        }
+    }
+
+    // --- control plane -------------------------------------------------------------------
+
+    /// Sends `up` from peer `i` to the control center (ordered, through the peer's uplink).
+    pub(crate) fn send_up(&mut self, i: u32, up: Up, bytes: usize) {
+        let now = self.q.now();
+        let p = &self.peers[i as usize];
+        let (kbps, one_way) = (p.net.up_kbps, self.cfg.net.server_ms(&p.net));
+        let left = self.wire.uplink(i as usize, bytes, now, kbps);
+        let at = (left + us(one_way)).max(self.peers[i as usize].ctrl_up_last);
+        self.peers[i as usize].ctrl_up_last = at;
+        self.q.at(at, Ev::AtServer(i, up));
+    }
+
+    fn send_down(&mut self, i: u32, down: Down) {
+        if !self.peers.get(i as usize).is_some_and(|p| p.alive) {
+            return;
+        }
+        let bytes = match &down {
+            Down::Packet(b) => {
+                self.totals.origin_push_bytes += b.len() as u64;
+                self.count_egress(b.len());
+                b.len()
+            }
+            Down::Text(t) => t.len(),
+            _ => CTRL_BYTES,
+        };
+        let now = self.q.now();
+        let p = &self.peers[i as usize];
+        let arrive = now + us(self.cfg.net.server_ms(&p.net));
+        let done = self
+            .wire
+            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
+        let at = done.max(p.ctrl_down_last);
+        self.peers[i as usize].ctrl_down_last = at;
+        self.q.at(at, Ev::AtPeer(i, down));
+    }
+
+    fn count_egress(&mut self, bytes: usize) {
+        let s = (self.q.now() / 1_000_000) as usize;
+        if self.totals.egress_per_s.len() <= s {
+            self.totals.egress_per_s.resize(s + 1, 0);
+        }
+        self.totals.egress_per_s[s] += bytes as u64;
+    }
+
+    fn at_server(&mut self, i: u32, up: Up) {
+        let now = self.now_ms_u64();
+        let id = id_of(i as usize);
+        match up {
+            Up::Join => {
+                if !self.peers[i as usize].alive {
+                    return;
+                }
+                let Some((start, live)) = self.origin.live_position() else {
+                    self.totals.server_errors += 1;
+                    return;
+                };
+                // The session sends the Welcome before the DCM hears of the join.
+                let welcome = self.control.welcome(id, start, live);
+                self.send_down(i, Down::Msg(Box::new(welcome)));
+                let net = self.peers[i as usize].net;
+                self.control.join(id, net.declared_kbps, net.region, now);
+            }
+            Up::Heartbeat(hb) => {
+                if self.peers[i as usize].alive {
+                    self.control.heartbeat(id, hb, now);
+                }
+            }
+            Up::Leave => self.control.leave(id, now),
+            Up::LinkFailed(other) => self.control.link_failed(id, other, now),
+        }
+        self.drain_control();
+    }
+
+    /// Routes every output of the coordinator and re-arms its timer.
+    pub(crate) fn drain_control(&mut self) {
+        while let Some((peer, down)) = self.control.poll_output() {
+            if let Some(i) = index_of(peer) {
+                if matches!(down, Down::Close) {
+                    self.totals.closed_by_server += 1;
+                }
+                self.send_down(i as u32, down);
+            }
+        }
+        if let Some(t) = self.control.poll_timeout() {
+            let at = us((t as f64 - EPOCH_MS).max(0.0));
+            if self.coord_timer.is_none_or(|c| at < c) {
+                self.coord_timer = Some(at);
+                self.q.at(at, Ev::CoordTimeout);
+            }
+        }
+    }
+
+    fn on_fragment(&mut self) {
+        let now = self.now_ms_u64();
+        let seqs = self.origin.cut(now);
+        let packets: Vec<(u64, Bytes)> = seqs
+            .filter_map(|s| self.origin.packet(s).map(|p| (s, p.bytes.clone())))
+            .collect();
+        self.control.packets(packets, now);
+        self.drain_control();
+        self.q
+            .after(u64::from(self.origin.cfg.fragment_ms) * 1000, Ev::Fragment);
+    }
+
+    // --- peers ---------------------------------------------------------------------------
+
+    fn on_join(&mut self, i: u32) {
+        let p = &mut self.peers[i as usize];
+        p.alive = true;
+        self.send_up(i, Up::Join, CTRL_BYTES);
+    }
+
+    fn on_leave(&mut self, i: u32) {
+        let now = self.q.now();
+        let Some(p) = self.peers.get_mut(i as usize) else {
+            return;
+        };
+        if !p.alive {
+            return;
+        }
+        // Its children lose a parent: each such substream is a repair to measure.
+        let me = p.id;
+        let children: Vec<(PeerId, u32)> = match &p.engine {
+            Some(e) => e
+                .plan()
+                .iter()
+                .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
+                .collect(),
+            None => Vec::new(),
+        };
+        let neighbours: Vec<PeerId> = p
+            .engine
+            .as_ref()
+            .map(|e| e.neighbours().copied().collect())
+            .unwrap_or_default();
+        // The Leave goes out before the page is gone.
+        self.send_up(i, Up::Leave, CTRL_BYTES);
+        let p = &mut self.peers[i as usize];
+        p.alive = false;
+        p.left_at = Some(now);
+        p.retire();
+        for (child, sub) in children {
+            if let Some(c) = index_of(child).and_then(|c| self.peers.get_mut(c)) {
+                if c.alive {
+                    c.repairs.push(crate::peer::PendingRepair {
+                        substream: sub,
+                        old_parent: me,
+                        since: now,
+                    });
+                }
+            }
+        }
+        for n in neighbours {
+            if let Some(j) = index_of(n) {
+                self.links.close(i, j as u32);
+            }
+        }
+    }
+
+    fn at_peer(&mut self, i: u32, down: Down) {
+        if !self.peers[i as usize].alive {
+            return;
+        }
+        match down {
+            Down::Msg(m) => self.on_server_msg(i, *m),
+            Down::Packet(b) => self.feed_packet(i, peer_wasm::engine::From::OriginPush, &b),
+            Down::Text(t) => {
+                let cached = self
+                    .text_cache
+                    .as_ref()
+                    .filter(|(a, _)| std::sync::Arc::ptr_eq(a, &t))
+                    .map(|(_, m)| m.clone());
+                let msg = match cached {
+                    Some(m) => m,
+                    None => match serde_json::from_str::<protocol::ServerMsg>(&t) {
+                        Ok(m) => {
+                            self.text_cache = Some((t.clone(), m.clone()));
+                            m
+                        }
+                        Err(_) => {
+                            self.totals.server_errors += 1;
+                            return;
+                        }
+                    },
+                };
+                self.on_server_msg(i, msg);
+            }
+            Down::Close => {
+                self.totals.closed_by_server += 1;
+                self.on_leave(i);
+            }
+        }
+    }
+
+    fn on_server_msg(&mut self, i: u32, msg: protocol::ServerMsg) {
+        use peer_wasm::engine::Input;
+        use protocol::ServerMsg;
+        match msg {
+            ServerMsg::Welcome {
+                peer_id,
+                heartbeat_ms,
+                substreams,
+                start_seq,
+                live_seq,
+                ..
+            } => {
+                let now = self.now_ms();
+                let p = &mut self.peers[i as usize];
+                p.heartbeat_ms = Some(f64::from(heartbeat_ms));
+                p.run_start = start_seq;
+                p.start_seq = Some(start_seq);
+                let phase = self.rng.below(us(TICK_MS).max(1));
+                if self.cfg.media {
+                    self.feed(
+                        i,
+                        Input::Welcome {
+                            peer_id,
+                            substreams,
+                            start_seq,
+                            live_seq,
+                        },
+                    );
+                    self.q.after(phase, Ev::Tick(i));
+                } else {
+                    // Control-only: heartbeats only, at their interval.
+                    let _ = now;
+                    self.q.after(phase, Ev::Tick(i));
+                }
+            }
+            ServerMsg::Instructions {
+                substreams, tier, ..
+            } => {
+                if self.cfg.media {
+                    self.feed(
+                        i,
+                        Input::Instructions {
+                            plan: substreams,
+                            tier,
+                        },
+                    );
+                } else {
+                    self.peers[i as usize].plan = substreams;
+                }
+            }
+            ServerMsg::LiveEdge { seq } => self.feed(i, Input::LiveEdge { seq }),
+            ServerMsg::Error { .. } => self.totals.server_errors += 1,
+            // Signals are not simulated (links are set up directly); relays are not recruited
+            // across channels in a one-channel run.
+            ServerMsg::Signal { .. } | ServerMsg::Recruit { .. } => {}
+        }
+    }
+
+    fn on_link_open(&mut self, a: u32, b: u32, gen: u32) {
+        let now = self.q.now();
+        let alive = |w: &World, x: u32| w.peers.get(x as usize).is_some_and(|p| p.alive);
+        if !alive(self, a) || !alive(self, b) {
+            self.links.close(a, b);
+            return;
+        }
+        let started = self.links.get(a, b).and_then(|l| l.started);
+        let Some(waiting) = self.links.open(a, b, gen, now) else {
+            return;
+        };
+        self.totals.links_opened += 1;
+        if let Some(s) = started {
+            self.totals.setup_ms.push(ms(now - s));
+        }
+        let (lo, hi) = (a.min(b), a.max(b));
+        let [low_to_high, high_to_low] = waiting;
+        for p in low_to_high {
+            self.transmit(lo, hi, gen, p);
+        }
+        for p in high_to_low {
+            self.transmit(hi, lo, gen, p);
+        }
+    }
+
+    fn on_link_fail(&mut self, a: u32, b: u32, gen: u32) {
+        if !self.links.fail(a, b, gen) {
+            return;
+        }
+        self.totals.link_failures += 1;
+        // Both ends see ICE fail; each tells the control center (see `Control::link_failed`).
+        for (me, other) in [(a, b), (b, a)] {
+            if self.peers[me as usize].alive {
+                self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);
+            }
+        }
+    }
+
+    /// Puts `packet` on the open link `from -> to`.
+    pub(crate) fn transmit(&mut self, from: u32, to: u32, gen: u32, packet: Rc<Vec<u8>>) {
+        let now = self.q.now();
+        let (fnet, tnet) = (self.peers[from as usize].net, self.peers[to as usize].net);
+        let one_way = self.cfg.net.path_ms(&fnet, &tnet);
+        let left = self
+            .wire
+            .uplink(from as usize, packet.len(), now, fnet.up_kbps);
+        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
+        let arrive = left + us(one_way + lost);
+        let ordered = self.links.order(from, to, arrive);
+        let done = self
+            .wire
+            .downlink(to as usize, packet.len(), ordered, tnet.down_kbps);
+        let done = self.links.order(from, to, done);
+        self.q.at(
+            done,
+            Ev::Data {
+                to,
+                from,
+                gen,
+                packet,
+            },
+        );
+    }
+
+    fn on_data(&mut self, to: u32, from: u32, gen: u32, packet: &Rc<Vec<u8>>) {
+        if !self.links.current(to, from, gen) || !self.peers[to as usize].alive {
+            return;
+        }
+        self.feed_packet(
+            to,
+            peer_wasm::engine::From::Peer(id_of(from as usize)),
+            packet,
+        );
+    }
+
+    fn fetch_at_origin(&mut self, i: u32, seq: u64) {
+        let reply = match self.origin.fetch(seq) {
+            crate::origin::Fetched::Packet(p) => FetchReply::Packet(p.rc.clone()),
+            crate::origin::Fetched::NotYet => FetchReply::NotYet,
+            crate::origin::Fetched::Gone => FetchReply::Gone,
+        };
+        let bytes = match &reply {
+            FetchReply::Packet(b) => b.len(),
+            _ => CTRL_BYTES,
+        };
+        if let FetchReply::Packet(b) = &reply {
+            self.totals.origin_fetch_bytes += b.len() as u64;
+            self.count_egress(b.len());
+        }
+        let p = &self.peers[i as usize];
+        let one_way = self.cfg.net.server_ms(&p.net);
+        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
+        let arrive = self.q.now() + us(one_way + lost);
+        let done = self
+            .wire
+            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
+        self.q.at(done, Ev::Fetched(i, seq, reply));
+    }
+
+    fn on_fetched(&mut self, i: u32, seq: u64, reply: FetchReply) {
+        use peer_wasm::engine::Input;
+        if !self.peers[i as usize].alive {
+            return;
+        }
+        match reply {
+            FetchReply::Packet(p) => self.feed_packet(i, peer_wasm::engine::From::OriginFetch, &p),
+            FetchReply::NotYet => self.feed(i, Input::FetchFailed { seq, gone: false }),
+            FetchReply::Gone => self.feed(i, Input::FetchFailed { seq, gone: true }),
+        }
+    }
+
+    fn on_tick(&mut self, i: u32) {
+        if !self.peers[i as usize].alive {
+            return;
+        }
+        let now = self.now_ms();
+        if self.cfg.media {
+            self.feed(i, peer_wasm::engine::Input::Tick);
+            let p = &mut self.peers[i as usize];
+            p.playout.advance(now);
+            if p.heartbeat_due(now) {
+                p.last_heartbeat_ms = now;
+                let hb = p.engine.as_mut().and_then(|e| e.heartbeat());
+                if let Some(hb) = hb {
+                    self.send_heartbeat(i, hb);
+                }
+            }
+            self.q.after(us(TICK_MS), Ev::Tick(i));
+        } else {
+            let hb = crate::control_only::heartbeat(&mut self.peers[i as usize], &self.origin, now);
+            self.send_heartbeat(i, hb);
+            let every = self.peers[i as usize].heartbeat_ms.unwrap_or(1000.0);
+            self.q.after(us(every), Ev::Tick(i));
+        }
+    }
+
+    fn send_heartbeat(&mut self, i: u32, hb: Heartbeat) {
+        // Binary (postcard) frames, as the glue sends them.
+        let frame = protocol::heartbeat::binary::encode(&hb);
+        let p = &mut self.peers[i as usize];
+        p.heartbeats_sent += 1;
+        p.heartbeat_bytes += frame.len() as u64;
+        self.send_up(i, Up::Heartbeat(Box::new(hb)), frame.len() + 8);
+    }
+}
