@@ -5,10 +5,16 @@
 //!   drives many pages in one browser process.
 //! * [`swarm`] — the swarm harness used by `cargo xtask swarm` and the e2e
 //!   tests: a control server plus N viewer pages relaying video over WebRTC.
+//! * [`wait`] — [`wait::wait_until`]: poll a condition until a deadline
+//!   instead of sleeping a fixed time.
+//! * [`console`] — the console errors a test expects; every browser test
+//!   fails on any other.
 //!
 //! Tests that need a real browser are `#[ignore]`d so that a plain
 //! `cargo test --workspace` stays hermetic; `cargo xtask test` runs them with
 //! `cargo test -p e2e -- --ignored --test-threads=1`.
 
 pub mod cdp;
+pub mod console;
 pub mod swarm;
+pub mod wait;

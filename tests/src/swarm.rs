@@ -16,6 +16,8 @@ use protocol::report::{LatencyHistogram, PeerReport};
 use serde::Serialize;
 
 use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
+use crate::console::{ensure_only_expected, Allowed};
+use crate::wait::wait_until;
 
 /// Parameters of one swarm run (see `cargo xtask swarm --help`).
 #[derive(Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct Viewer {
     pub upload_kbps: u32,
     /// Last statistics read from the page (kept after the page is closed).
     pub last: Option<PeerReport>,
+    /// The page's console errors when it was closed (see [`Swarm::console_errors`]).
+    pub errors_at_close: Vec<String>,
 }
 
 /// A running swarm.
@@ -138,17 +142,18 @@ impl Swarm {
         });
         let browser = Browser::launch(LaunchOptions::default()).await?;
         // Let the origin cut its first fragment so joiners have a random-access point.
-        let t0 = Instant::now();
-        while state
-            .channel("demo")
-            .and_then(|c| c.live_position())
-            .is_none()
-        {
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("demo channel produced no packets within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            "the demo channel's first packets",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            async || {
+                state
+                    .channel("demo")
+                    .and_then(|c| c.live_position())
+                    .context("no packet cut yet")
+            },
+        )
+        .await?;
         Ok(Swarm {
             addr,
             state,
@@ -195,6 +200,7 @@ impl Swarm {
             decode,
             upload_kbps,
             last: None,
+            errors_at_close: Vec::new(),
         });
         Ok(self.viewers.len() - 1)
     }
@@ -245,6 +251,7 @@ impl Swarm {
             .page
             .take()
             .ok_or_else(|| anyhow!("viewer {i} is already closed"))?;
+        v.errors_at_close = page.console_errors();
         page.close()
             .await
             .with_context(|| format!("closing viewer {i}"))
@@ -260,6 +267,37 @@ impl Swarm {
         let ch = self.state.channel("demo")?;
         let origin = ch.range_hash(first, r.verified_count)?;
         Some(origin.hex() == r.verified_hash)
+    }
+
+    /// Console errors of every viewer page so far, closed pages included, each prefixed with
+    /// `viewer N: `.
+    pub fn console_errors(&self) -> Vec<String> {
+        self.viewers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                let errors = match &v.page {
+                    Some(page) => page.console_errors(),
+                    None => v.errors_at_close.clone(),
+                };
+                errors.into_iter().map(move |e| format!("viewer {i}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Fails if any viewer page (closed ones included) logged a console error that `allowed`
+    /// does not list.
+    pub fn ensure_no_unexpected_console_errors(&self, allowed: &[Allowed]) -> Result<()> {
+        ensure_only_expected("the viewer pages", &self.console_errors(), allowed)
+    }
+
+    /// The newest packet the demo channel's origin has cut.
+    pub fn latest_seq(&self) -> Result<u64> {
+        self.state
+            .channel("demo")
+            .and_then(|c| c.live_position())
+            .map(|(_, latest)| latest)
+            .context("the demo channel has cut no packet")
     }
 
     pub async fn topology(&self) -> Result<TopologySnapshot> {
@@ -861,6 +899,8 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     let mut next_progress = 5.0;
     let mut next_leave = 0;
     while Instant::now() < deadline {
+        // The benchmark's clock tick, not a wait for a condition: the run lasts `--seconds`
+        // and is sampled every half second.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t = run_started.elapsed().as_secs_f64();
         // Departures due now.
