@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::dcm::planner::Push;
-use crate::dcm::relay::RelayBoard;
-use crate::dcm::{DcmEvent, OutboundTx};
+use coordinator::dcm::planner::Push;
+use coordinator::topology::region::Region;
+
+use crate::events::{DcmEvent, OutboundTx};
 use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
-use crate::topology::region::Region;
+use crate::relay::RelayBoard;
 
 /// Media state shared between the origin (writer) and HTTP/WebSocket readers.
 pub struct Media {
@@ -139,7 +140,7 @@ pub struct Channel {
     /// True while a source is attached (a second ingest is refused).
     pub source_attached: AtomicBool,
     pub counters: ChannelCounters,
-    /// Set on a file channel (a carousel of the file's pieces, see [`crate::origin::carousel`]).
+    /// Set on a file channel (a carousel of the file's pieces, see the `source::carousel` module).
     pub file: OnceLock<protocol::FileInfo>,
 }
 

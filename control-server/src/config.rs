@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::topology::region::TopologyConfig;
+use coordinator::topology::region::TopologyConfig;
 
 use thiserror::Error;
 
@@ -62,7 +62,7 @@ impl Default for Config {
             topology: None,
             cluster_max: 512,
             file_kbps: 1000,
-            max_bridges: crate::dcm::bridge::DEFAULT_MAX_BRIDGES,
+            max_bridges: coordinator::dcm::bridge::DEFAULT_MAX_BRIDGES,
         }
     }
 }

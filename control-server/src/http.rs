@@ -16,9 +16,9 @@ use serde_json::json;
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
-use crate::dcm::DcmEvent;
-use crate::origin::ingest::LiveIngest;
+use crate::events::DcmEvent;
 use crate::origin::Lookup;
+use crate::source::ingest::LiveIngest;
 use crate::{AppState, SharedChannel};
 
 /// Error type of the HTTP handlers: a status and a message the client can read.
@@ -294,7 +294,7 @@ async fn ingest(
                 result = live.push(&chunk).await;
             }
             Some(Err(e)) => {
-                result = Err(crate::origin::ingest::IngestError::Io(e.to_string()));
+                result = Err(crate::source::ingest::IngestError::Io(e.to_string()));
             }
         }
     }

@@ -18,11 +18,14 @@
 pub mod channel;
 pub mod config;
 pub mod dcm;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod operator;
 pub mod origin;
-pub mod topology;
+pub mod relay;
+pub mod source;
+pub mod token;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -34,6 +37,7 @@ use tokio::sync::mpsc;
 
 pub use channel::{Channel, SharedChannel};
 use config::Config;
+pub use coordinator::topology;
 use dcm::Dcm;
 use origin::PacketWindow;
 use protocol::PeerId;
@@ -76,7 +80,7 @@ pub struct AppState {
     /// The operator token in force: configured, or generated at start-up.
     operator_token: Arc<str>,
     /// Spare peers of all channels and recruit tokens (claims 19, 43).
-    pub relays: Arc<dcm::relay::RelayBoard>,
+    pub relays: Arc<relay::RelayBoard>,
     /// Joined sessions by peer id (a download names its live companion by id).
     sessions: Arc<RwLock<HashMap<PeerId, SessionInfo>>>,
 }
@@ -85,7 +89,7 @@ impl AppState {
     pub fn new(config: Config) -> Self {
         let operator_token: Arc<str> = match config.operator_token.as_deref() {
             Some(t) if !t.is_empty() => t.into(),
-            _ => operator::random_token().into(),
+            _ => token::random_token().into(),
         };
         AppState {
             config: Arc::new(config),
@@ -191,7 +195,7 @@ impl AppState {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(supervise(dcm, supervised, config, rx)),
+                    Ok(rt) => rt.block_on(dcm::supervise(dcm, supervised, config, rx)),
                     Err(e) => tracing::error!("cannot start the DCM runtime: {e}"),
                 }
             });
@@ -227,11 +231,11 @@ impl AppState {
         name: &str,
         data: Vec<u8>,
     ) -> Result<SharedChannel, ServerError> {
-        let clip = origin::ingest::LoopedClip::parse(data)?;
+        let clip = source::ingest::LoopedClip::parse(data)?;
         let ch = self.create_channel(name, clip.stream_kbps())?;
         ch.set_init(clip.init.clone());
         ch.source_attached.store(true, Ordering::Relaxed);
-        tokio::spawn(origin::ingest::run_looped(ch.clone(), clip));
+        tokio::spawn(source::ingest::run_looped(ch.clone(), clip));
         Ok(ch)
     }
 
@@ -253,12 +257,12 @@ impl AppState {
         file_name: &str,
         data: Vec<u8>,
     ) -> Result<SharedChannel, ServerError> {
-        let carousel = origin::carousel::Carousel::new(file_name, data)
+        let carousel = source::carousel::Carousel::new(file_name, data)
             .ok_or_else(|| ServerError::EmptyFile(name.to_string()))?;
         let ch = self.create_channel(name, self.config.file_kbps)?;
         let _ = ch.file.set(carousel.info.clone());
         ch.source_attached.store(true, Ordering::Relaxed);
-        tokio::spawn(origin::carousel::run_carousel(
+        tokio::spawn(source::carousel::run_carousel(
             ch.clone(),
             carousel,
             self.config.file_kbps,
@@ -272,44 +276,12 @@ impl AppState {
         ch.source_attached.store(true, Ordering::Relaxed);
         let c = ch.clone();
         tokio::spawn(async move {
-            if let Err(e) = origin::ingest::run_reader(c.clone(), tokio::io::stdin()).await {
+            if let Err(e) = source::ingest::run_reader(c.clone(), tokio::io::stdin()).await {
                 tracing::error!(channel = %c.name, "stdin ingest stopped: {e}");
             }
             c.source_attached.store(false, Ordering::Relaxed);
         });
         Ok(ch)
-    }
-}
-
-/// Runs a channel's DCM and replaces it when it fails (panics): the DCM that takes over adopts
-/// the sessions and the origin's push list and rebuilds the topology from heartbeats
-/// ([`Dcm::take_over`]). Ends when the channel's event queue closes.
-async fn supervise(
-    first: Dcm,
-    channel: SharedChannel,
-    config: Arc<Config>,
-    mut events: mpsc::Receiver<dcm::DcmEvent>,
-) {
-    use futures_util::FutureExt;
-    let mut next = Some(first);
-    loop {
-        let dcm = match next.take() {
-            Some(d) => d,
-            None => Dcm::take_over(channel.clone(), &config, channel::now_ms()),
-        };
-        match std::panic::AssertUnwindSafe(dcm.run(&mut events))
-            .catch_unwind()
-            .await
-        {
-            Ok(()) => break,
-            Err(_) => {
-                channel
-                    .counters
-                    .dcm_failovers
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(channel = %channel.name, "DCM failed; a new one takes over");
-            }
-        }
     }
 }
 

@@ -14,8 +14,6 @@
 //! | `GET /api/channels/{id}/topology` | operator | the DCM's raw snapshot |
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
-use std::io::Read;
 use std::path::PathBuf;
 
 use axum::extract::{Path, Query, Request, State};
@@ -31,24 +29,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Config;
 use crate::metrics::{self, link_health, peer_samples, placement, ChannelTotals, Sample};
+pub use crate::token::random_token;
 use crate::AppState;
-
-/// A fresh random operator token: 32 hex digits from the OS's random source.
-pub fn random_token() -> String {
-    let mut buf = [0u8; 16];
-    let from_os = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .is_ok();
-    if !from_os {
-        // Not Linux: std's hasher keys are seeded from the OS's random source too.
-        for chunk in buf.chunks_mut(8) {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos()));
-            chunk.copy_from_slice(&h.finish().to_le_bytes());
-        }
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Compares tokens without an early exit on the first differing byte.
 pub fn token_matches(expected: &str, given: &str) -> bool {
@@ -179,7 +161,7 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
-/// Routes of this module (merged into [`crate::http::router`]).
+/// Routes of this module (merged into the HTTP router).
 pub fn routes(state: &AppState) -> Router<AppState> {
     let web = state.config.web_dir.clone();
     let dist = web.join("dist");

@@ -8,14 +8,10 @@
 //! 3. [`window`] keeps the most recent packets for joiners and for peers' fallback fetches, plus a
 //!    long log of packet hashes for end-to-end verification.
 //!
-//! 4. [`carousel`] publishes a file for download: its pieces, round after round.
-//!
 //! All of them are pure, synchronous logic: the I/O and timing around them live elsewhere, so they
 //! are tested natively and deterministically.
 
-pub mod carousel;
 pub mod fmp4;
-pub mod ingest;
 pub mod packetizer;
 pub mod window;
 

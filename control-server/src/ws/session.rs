@@ -10,9 +10,9 @@ use protocol::control::MAX_CONTROL_MESSAGE;
 use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
-use crate::dcm::{DcmEvent, Outbound};
-use crate::topology::region::{NetworkType, Region};
+use crate::events::{DcmEvent, Outbound};
 use crate::{AppState, SharedChannel};
+use coordinator::topology::region::{NetworkType, Region};
 
 /// Limits applied to every session.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +57,7 @@ pub async fn ws_handler(
 struct Session {
     state: AppState,
     remote: IpAddr,
-    out: crate::dcm::OutboundTx,
+    out: crate::events::OutboundTx,
     joined: Option<(PeerId, SharedChannel)>,
     /// A download's live companion whose upload it shares (told when the download ends).
     companion: Option<(PeerId, SharedChannel)>,

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use super::{Fmp4Error, Fmp4Item, Fmp4Splitter, Fragment, InitSegment, Packetizer};
 use crate::channel::Channel;
+use crate::origin::{Fmp4Error, Fmp4Item, Fmp4Splitter, Fragment, InitSegment, Packetizer};
 
 /// Why a live ingest stopped.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub struct LoopedClip {
 
 impl LoopedClip {
     pub fn parse(data: Vec<u8>) -> Result<Self, Fmp4Error> {
-        let (init, fragments) = super::fmp4::parse_file(&data)?;
+        let (init, fragments) = crate::origin::fmp4::parse_file(&data)?;
         if fragments.is_empty() {
             return Err(Fmp4Error::NotFragmented("the file has no media fragments"));
         }
@@ -74,9 +74,11 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
             let due = start + Duration::from_secs_f64(media_time as f64 / ts);
             tokio::time::sleep_until(due).await;
             let mut bytes = frag.bytes.clone();
-            if let Err(e) =
-                super::fmp4::rewrite_timing(&mut bytes, lap * clip.duration, sequence_number)
-            {
+            if let Err(e) = crate::origin::fmp4::rewrite_timing(
+                &mut bytes,
+                lap * clip.duration,
+                sequence_number,
+            ) {
                 tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
                 return;
             }

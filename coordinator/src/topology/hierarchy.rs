@@ -39,6 +39,7 @@ use super::cluster::{Cluster, ClusterId, ClusterKind, Feeder, MeshNodeOrPeer};
 use super::mesh::{History, Mesh, MeshConfig, MeshNode};
 use super::multitree::Changes;
 use super::region::Region;
+pub use super::region::RegionSettings;
 
 /// Parameters of a channel's hierarchy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,15 +75,6 @@ impl Default for HierarchyConfig {
             server_slots: 2,
         }
     }
-}
-
-/// Per-region settings from the region config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionSettings {
-    /// Parity shards of the region's middle tier (`None`: the channel default).
-    pub fec_n: Option<u32>,
-    /// Configured relay server standing in when the region has no capable client.
-    pub waypoint: Option<u32>,
 }
 
 /// The tier of a node.

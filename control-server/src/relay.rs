@@ -13,9 +13,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use protocol::PeerId;
 
-use super::OutboundTx;
-use crate::topology::hierarchy::RelayRegistry;
-use crate::topology::region::Region;
+use coordinator::topology::hierarchy::RelayRegistry;
+use coordinator::topology::region::Region;
+
+use crate::events::OutboundTx;
 
 /// A token is valid this long after it was issued (server ms).
 pub const TOKEN_TTL_MS: u64 = 30_000;
@@ -125,7 +126,7 @@ impl RelayBoard {
         i.regions.remove(&peer);
         let out = i.outs.remove(&peer)?;
         i.busy.insert(peer);
-        let token = crate::operator::random_token();
+        let token = crate::token::random_token();
         i.tokens.insert(
             token.clone(),
             Pending {

@@ -1,57 +1,163 @@
-//! The DCM driven directly, without sockets: events in, queued messages out.
+//! The DCM driven directly, without sockets: events and time in, outputs routed into one
+//! queue per peer, as a driver would.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use protocol::{ChildLink, ParentLink, SubstreamPlan};
-use tokio::sync::mpsc;
 
 use super::*;
-use crate::origin::PacketWindow;
+
+/// The harness's clock: every test runs at a fixed virtual time unless it says otherwise.
+const T0: u64 = 1_000_000;
+
+fn now_ms() -> u64 {
+    T0
+}
+
+/// What a driver would put on a peer's socket.
+#[derive(Debug)]
+enum Outbound {
+    Msg(Box<ServerMsg>),
+    Packet(Bytes),
+    Text(Arc<str>),
+    Close(String),
+}
+
+/// One peer's queue of outputs.
+#[derive(Default)]
+struct Rx(VecDeque<Box<Outbound>>);
+
+impl Rx {
+    fn try_recv(&mut self) -> Result<Box<Outbound>, ()> {
+        self.0.pop_front().ok_or(())
+    }
+}
 
 struct Harness {
     dcm: Dcm,
-    outs: HashMap<PeerId, mpsc::Receiver<Box<Outbound>>>,
+    outs: HashMap<PeerId, Rx>,
+    /// What the origin pushes to whom and the epoch, as the outputs said (a driver keeps them
+    /// outside the DCM for a DCM that takes over).
+    fed: HashMap<PeerId, Vec<Push>>,
+    epoch: u64,
+    snapshots: Vec<(u64, TopologySnapshot)>,
+    /// Background work is left for the test to do a slice at a time (as the server's loop).
+    sliced: bool,
+}
+
+impl Dcm {
+    fn on_heartbeat(&mut self, peer: PeerId, hb: Heartbeat, now: u64) {
+        self.on_heartbeat_at(peer, hb, now, now);
+    }
+
+    fn on_tick(&mut self, now: u64) {
+        self.handle_timeout(now);
+    }
 }
 
 impl Harness {
     fn new() -> Self {
-        Self::with(Config {
-            substreams: 4,
+        Self::with(DcmConfig {
+            k: 4,
             origin_fanout: 1,
-            ..Config::default()
+            ..DcmConfig::flat("test", 400)
         })
     }
 
-    fn with(config: Config) -> Self {
-        let (tx, _rx) = mpsc::channel(16);
-        let channel = Arc::new(Channel::new(
-            "test".into(),
-            400,
-            PacketWindow::new(64, 1024),
-            tx,
-        ));
+    fn with(config: DcmConfig) -> Self {
         Harness {
-            dcm: Dcm::new(channel, &config),
+            dcm: Dcm::new(config, T0),
             outs: HashMap::new(),
+            fed: HashMap::new(),
+            epoch: 0,
+            snapshots: Vec::new(),
+            sliced: false,
         }
     }
 
+    /// Routes every output, background work included, to the peers' queues.
+    fn pump(&mut self) {
+        while let Some(o) = self.dcm.poll_output() {
+            self.route(o);
+        }
+        self.epoch = self.dcm.epoch();
+    }
+
+    /// Routes the outputs ready now, leaving background work undone.
+    fn pump_ready(&mut self) {
+        while self.dcm.has_ready_output() {
+            let Some(o) = self.dcm.poll_output() else {
+                break;
+            };
+            self.route(o);
+        }
+    }
+
+    fn route(&mut self, o: Output) {
+        match o {
+            Output::Send { peer, msg } => {
+                let m = match msg {
+                    OutMsg::Msg(m) => Outbound::Msg(m),
+                    OutMsg::Packet(b) => Outbound::Packet(b),
+                    OutMsg::Text(t) => Outbound::Text(t),
+                };
+                if let Some(rx) = self.outs.get_mut(&peer) {
+                    rx.0.push_back(Box::new(m));
+                }
+            }
+            Output::Close { peer, reason } => {
+                if let Some(rx) = self.outs.get_mut(&peer) {
+                    rx.0.push_back(Box::new(Outbound::Close(reason)));
+                }
+            }
+            Output::OriginFed {
+                peer,
+                pushes,
+                epoch,
+            } => {
+                self.epoch = epoch;
+                if pushes.is_empty() {
+                    self.fed.remove(&peer);
+                } else {
+                    self.fed.insert(peer, pushes);
+                }
+            }
+            Output::Relays(_) => {}
+            Output::Snapshot { token, snapshot } => self.snapshots.push((token, *snapshot)),
+        }
+    }
+
+    /// `peer`'s queue, with every output so far routed.
+    fn rx(&mut self, peer: &PeerId) -> Option<&mut Rx> {
+        if self.sliced {
+            self.pump_ready();
+        } else {
+            self.pump();
+        }
+        self.outs.get_mut(peer)
+    }
+
+    fn handle(&mut self, ev: Event) {
+        self.dcm.handle(ev, T0);
+    }
+
     fn join(&mut self, id: u64, upload_kbps: u32) {
-        let (out, rx) = mpsc::channel(1024);
-        self.outs.insert(PeerId(id), rx);
-        self.dcm.handle(DcmEvent::Join {
-            region: crate::topology::region::Region::V4([127, 0]),
-            relay: false,
-            peer: PeerId(id),
-            upload_kbps,
-            out,
-        });
+        self.outs.insert(PeerId(id), Rx::default());
+        self.dcm.handle(
+            Event::Join {
+                region: crate::topology::region::Region::V4([127, 0]),
+                relay: false,
+                peer: PeerId(id),
+                upload_kbps,
+            },
+            T0,
+        );
     }
 
     /// The latest instructions queued for a peer, draining its queue.
     fn latest_plan(&mut self, id: u64) -> Option<Vec<SubstreamPlan>> {
-        let rx = self.outs.get_mut(&PeerId(id))?;
+        let rx = self.rx(&PeerId(id))?;
         let mut plan = None;
         while let Ok(m) = rx.try_recv() {
             if let Outbound::Msg(m) = *m {
@@ -61,6 +167,12 @@ impl Harness {
             }
         }
         plan
+    }
+
+    /// The origin's packets `0..n` go in (before anyone joins: nobody gets them).
+    fn produce(&mut self, seqs: std::ops::Range<u64>) {
+        self.handle(Event::Packets(seqs.map(|s| (s, packet(s))).collect()));
+        self.pump();
     }
 }
 
@@ -174,7 +286,7 @@ fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
         "only {moved} of {} children were re-homed",
         before - after
     );
-    assert!(h.dcm.channel.counters.repairs.load(Ordering::Relaxed) >= 1);
+    assert!(h.dcm.stats().repairs >= 1);
 }
 
 #[test]
@@ -204,7 +316,7 @@ fn a_childs_complaint_moves_only_the_child_and_silent_peers_are_removed() {
     let later = now_ms() + 60_000;
     h.dcm.on_tick(later);
     assert!(h.dcm.peers.is_empty());
-    let rx = h.outs.get_mut(&PeerId(3)).expect("rx");
+    let rx = h.rx(&PeerId(3)).expect("rx");
     let mut closed = false;
     while let Ok(m) = rx.try_recv() {
         closed |= matches!(*m, Outbound::Close(ref r) if r.contains("heartbeats"));
@@ -231,40 +343,28 @@ name = "east"
 "#;
 
 fn tiered_harness() -> Harness {
-    let (tx, _rx) = mpsc::channel(16);
-    let channel = Arc::new(Channel::new(
-        "test".into(),
-        400,
-        PacketWindow::new(64, 1024),
-        tx,
-    ));
     let topo = crate::topology::region::TopologyConfig::from_toml(THREE_REGIONS).expect("toml");
-    let config = Config {
-        substreams: 4,
+    Harness::with(DcmConfig {
+        k: 4,
         topology: Some(Arc::new(topo)),
-        ..Config::default()
-    };
-    Harness {
-        dcm: Dcm::new(channel, &config),
-        outs: HashMap::new(),
-    }
+        ..DcmConfig::flat("test", 400)
+    })
 }
 
 impl Harness {
     fn join_in(&mut self, id: u64, region: u16, upload_kbps: u32) {
-        let (out, rx) = mpsc::channel(4096);
-        self.outs.insert(PeerId(id), rx);
-        self.dcm.handle(DcmEvent::Join {
+        self.outs.insert(PeerId(id), Rx::default());
+        self.handle(Event::Join {
             region: crate::topology::region::Region::Named(region),
             relay: false,
             peer: PeerId(id),
             upload_kbps,
-            out,
         });
     }
 
     /// Latest tier plans and every binary frame queued, draining the queues.
     fn drain(&mut self) -> HashMap<PeerId, (Option<WireSeen>, Vec<Bytes>)> {
+        self.pump();
         let mut out = HashMap::new();
         for (id, rx) in &mut self.outs {
             let e: &mut (Option<WireSeen>, Vec<Bytes>) = out.entry(*id).or_default();
@@ -290,15 +390,11 @@ impl Harness {
 #[test]
 fn a_peer_the_origin_starts_feeding_gets_the_newest_packet_of_its_substreams_at_once() {
     let mut h = Harness::new();
-    if let Ok(mut m) = h.dcm.channel.media.write() {
-        for seq in 0..10 {
-            m.window.push(seq, packet(seq), seq == 0).unwrap();
-        }
-    }
+    h.produce(0..10);
     h.join(1, 2000);
     // Alone, the peer hangs under the origin in all four trees: the instructions, then packets
     // 6, 7, 8, 9 (the newest of substreams 2, 3, 0, 1), in that order on its socket.
-    let rx = h.outs.get_mut(&PeerId(1)).unwrap();
+    let rx = h.rx(&PeerId(1)).unwrap();
     let mut seen = Vec::new();
     while let Ok(m) = rx.try_recv() {
         match *m {
@@ -314,7 +410,7 @@ fn a_peer_the_origin_starts_feeding_gets_the_newest_packet_of_its_substreams_at_
     // Instructions that change nothing for the origin's pushes prime nothing again.
     h.dcm
         .send_instructions(BTreeSet::from([PeerId(1)]), now_ms());
-    let rx = h.outs.get_mut(&PeerId(1)).unwrap();
+    let rx = h.rx(&PeerId(1)).unwrap();
     while let Ok(m) = rx.try_recv() {
         assert!(!matches!(*m, Outbound::Packet(_)));
     }
@@ -400,8 +496,7 @@ fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_the
     );
 
     // One group of packets from the origin: every peer fed by it gets what its plan says.
-    h.dcm
-        .handle(DcmEvent::Packets((0..8).map(|s| (s, packet(s))).collect()));
+    h.handle(Event::Packets((0..8).map(|s| (s, packet(s))).collect()));
     let pushed = h.drain();
     let mut parity_checked = 0;
     for (peer, pushes) in h.dcm.origin_fed.clone() {
@@ -448,7 +543,7 @@ fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_the
         })
         .map(|(p, _)| *p)
         .expect("a preferred node");
-    h.dcm.handle(DcmEvent::Leave { peer: pref });
+    h.handle(Event::Leave { peer: pref });
     let view = h.dcm.snapshot(0).hierarchy.expect("hierarchy view");
     assert!(view.mesh_connectivity >= 1);
     for peer in h.dcm.peers.keys() {
@@ -499,8 +594,8 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
     for id in 1..=30 {
         h.join(id, [300, 800, 2000, 4000][rng.below(4) as usize]);
     }
-    h.dcm.handle(DcmEvent::Leave { peer: PeerId(5) });
-    h.dcm.handle(DcmEvent::Leave { peer: PeerId(17) });
+    h.handle(Event::Leave { peer: PeerId(5) });
+    h.handle(Event::Leave { peer: PeerId(17) });
     let before: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
         .dcm
         .peers
@@ -514,7 +609,28 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
 
     // The DCM dies; a new one adopts the sessions and hears one heartbeat from everyone.
     let now = 1_000_000;
-    let mut next = Dcm::take_over(h.dcm.channel.clone(), &Config::default(), now);
+    h.pump();
+    let adopted: Vec<Adopted> = h
+        .dcm
+        .peers
+        .iter()
+        .map(|(peer, e)| Adopted {
+            peer: *peer,
+            upload_kbps: e.upload_kbps,
+            region: e.region,
+            relay: e.relay,
+        })
+        .collect();
+    assert_eq!(
+        h.fed, fed_before,
+        "the outputs told the driver what the origin pushes"
+    );
+    let cfg = DcmConfig {
+        k: 4,
+        origin_fanout: 1,
+        ..DcmConfig::flat("test", 400)
+    };
+    let mut next = Dcm::take_over(cfg, &adopted, h.fed.clone(), h.epoch, now);
     assert!(next.recovering());
     assert_eq!(next.peers.len(), before.len());
     assert_eq!(
@@ -588,7 +704,7 @@ fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_wi
     };
     let before = preferred_in(&h, "north");
     assert_eq!(before.len(), 2);
-    h.dcm.handle(DcmEvent::Leave { peer: before[0] });
+    h.handle(Event::Leave { peer: before[0] });
     assert_eq!(
         preferred_in(&h, "north").len(),
         1,
@@ -619,13 +735,13 @@ fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_wi
 
 /// Live-edge notices queued for a peer, draining its queue.
 fn edges_queued(h: &mut Harness, id: u64) -> usize {
-    let Some(rx) = h.outs.get_mut(&PeerId(id)) else {
+    let Some(rx) = h.rx(&PeerId(id)) else {
         return 0;
     };
     let mut n = 0;
     while let Ok(m) = rx.try_recv() {
         if let Outbound::Text(t) = *m {
-            n += usize::from(t.as_str().contains("live_edge"));
+            n += usize::from(t.contains("live_edge"));
         }
     }
     n
@@ -637,9 +753,9 @@ fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     for id in 1..=6 {
         h.join(id, 2000);
     }
-    let batch = |from: u64| DcmEvent::Packets((from..from + 8).map(|s| (s, packet(s))).collect());
+    let batch = |from: u64| Event::Packets((from..from + 8).map(|s| (s, packet(s))).collect());
     // Newly placed peers hear of every packet.
-    h.dcm.handle(batch(0));
+    h.handle(batch(0));
     for id in 1..=6 {
         assert_eq!(edges_queued(&mut h, id), 1, "peer {id}");
     }
@@ -661,7 +777,7 @@ fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     // Over the next four notices each fed peer gets one, the peer behind all four.
     let mut got = [0usize; 7];
     for round in 1..=super::EDGE_ALL_EVERY {
-        h.dcm.handle(batch(8 * round));
+        h.handle(batch(8 * round));
         for (id, n) in got.iter_mut().enumerate().skip(1) {
             *n += edges_queued(&mut h, id as u64);
         }
@@ -672,7 +788,7 @@ fn fed_peers_get_one_live_edge_notice_in_four_and_peers_behind_get_all() {
     h.dcm.send_instructions(BTreeSet::from([PeerId(3)]), now);
     let mut got3 = 0;
     for round in 1..=super::EDGE_ALL_EVERY {
-        h.dcm.handle(batch(8 * (super::EDGE_ALL_EVERY + round)));
+        h.handle(batch(8 * (super::EDGE_ALL_EVERY + round)));
         got3 += edges_queued(&mut h, 3);
     }
     assert_eq!(got3, super::EDGE_ALL_EVERY as usize);
@@ -684,20 +800,24 @@ fn snapshots_and_live_edge_notices_are_built_a_slice_at_a_time_in_the_dcm_loop()
     for id in 1..=10 {
         h.join(id, 2000);
     }
-    h.dcm.sliced = true;
-    let (reply, mut rx) = oneshot::channel();
-    h.dcm.handle(DcmEvent::Snapshot { reply });
-    h.dcm.handle(DcmEvent::Packets(vec![(0, packet(0))]));
+    h.pump();
+    h.sliced = true;
+    h.handle(Event::Snapshot { token: 7 });
+    h.handle(Event::Packets(vec![(0, packet(0))]));
+    h.pump_ready();
     // Four peers a slice: the snapshot takes three slices, then the notice three more.
     for _ in 0..2 {
         h.dcm.background_slice(4);
+        h.pump_ready();
         assert!(
-            rx.try_recv().is_err(),
+            h.snapshots.is_empty(),
             "snapshot answered before it was complete"
         );
     }
     h.dcm.background_slice(4);
-    let snap = rx.try_recv().expect("snapshot after three slices");
+    h.pump_ready();
+    let (token, snap) = h.snapshots.pop().expect("snapshot after three slices");
+    assert_eq!(token, 7);
     assert_eq!(snap.peers.len(), 10);
     assert!(snap.peers.windows(2).all(|w| w[0].id < w[1].id));
     assert_eq!(
@@ -706,10 +826,12 @@ fn snapshots_and_live_edge_notices_are_built_a_slice_at_a_time_in_the_dcm_loop()
         "the notice waits for the snapshot"
     );
     h.dcm.background_slice(4);
+    h.pump_ready();
     let after_one: usize = (1..=10).map(|id| edges_queued(&mut h, id)).sum();
     assert_eq!(after_one, 4);
     h.dcm.background_slice(4);
     h.dcm.background_slice(4);
+    h.pump_ready();
     let total: usize = (1..=10).map(|id| edges_queued(&mut h, id)).sum();
     assert_eq!(total, 6, "every newly placed peer got the notice once");
     assert!(h.dcm.background.is_empty());
@@ -720,7 +842,7 @@ fn snapshots_and_live_edge_notices_are_built_a_slice_at_a_time_in_the_dcm_loop()
 fn drain(h: &mut Harness, id: u64, sub: u32) -> (Vec<Option<u64>>, Option<Source>) {
     let mut seen = Vec::new();
     let mut parent = None;
-    let Some(rx) = h.outs.get_mut(&PeerId(id)) else {
+    let Some(rx) = h.rx(&PeerId(id)) else {
         return (seen, parent);
     };
     while let Ok(m) = rx.try_recv() {
@@ -741,11 +863,7 @@ fn drain(h: &mut Harness, id: u64, sub: u32) -> (Vec<Option<u64>>, Option<Source
 #[test]
 fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_delivers() {
     let mut h = Harness::new();
-    if let Ok(mut m) = h.dcm.channel.media.write() {
-        for seq in 0..10 {
-            m.window.push(seq, packet(seq), seq == 0).unwrap();
-        }
-    }
+    h.produce(0..10);
     for id in 1..=10 {
         h.join(id, 2000);
     }
@@ -767,7 +885,7 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
     for id in 1..=10 {
         drain(&mut h, id, sub);
     }
-    h.dcm.handle(DcmEvent::Leave {
+    h.handle(Event::Leave {
         peer: PeerId(parent),
     });
     // New instructions, then at once the newest packet of the lost substream (9 mod 4 = 1,
@@ -802,7 +920,7 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
         .collect();
     // The origin's next packets: the bridged substreams' reach the child, the others do not.
     let next: Vec<(u64, Bytes)> = (10..14).map(|s| (s, packet(s))).collect();
-    h.dcm.handle(DcmEvent::Packets(next));
+    h.handle(Event::Packets(next));
     let (seen, _) = drain(&mut h, child, sub);
     let got: Vec<u64> = seen.iter().flatten().copied().collect();
     let want: Vec<u64> = (10..14)
@@ -812,14 +930,7 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
         })
         .collect();
     assert_eq!(got, want);
-    assert!(
-        h.dcm
-            .channel
-            .counters
-            .origin_bridge_bytes
-            .load(Ordering::Relaxed)
-            > 0
-    );
+    assert!(h.dcm.stats().origin_bridge_bytes > 0);
     // A heartbeat showing the new parent delivering closes the bridge.
     let plan = h.dcm.planner.plan(PeerId(child)).expect("plan").substreams;
     let hb = heartbeat_from_plan(PeerId(child), &plan, now_ms());
@@ -830,44 +941,33 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
     h.dcm.on_heartbeat(PeerId(child), hb, now_ms());
     assert!(h.dcm.bridges.of(PeerId(child)).next().is_none());
     let next: Vec<(u64, Bytes)> = (14..18).map(|s| (s, packet(s))).collect();
-    h.dcm.handle(DcmEvent::Packets(next));
+    h.handle(Event::Packets(next));
     let (seen, _) = drain(&mut h, child, sub);
     assert!(
         !seen.iter().flatten().any(|s| s % 4 == u64::from(sub)),
         "still bridged: {seen:?}"
     );
-    assert_eq!(
-        h.dcm
-            .channel
-            .counters
-            .bridges_opened
-            .load(Ordering::Relaxed),
-        h.dcm.bridges.opened
-    );
+    assert_eq!(h.dcm.stats().bridges_opened, h.dcm.bridges.opened);
 }
 
 #[test]
 fn with_max_bridges_zero_nothing_is_bridged_and_the_refusals_are_counted() {
-    let mut h = Harness::with(Config {
-        substreams: 4,
+    let mut h = Harness::with(DcmConfig {
+        k: 4,
         origin_fanout: 1,
         max_bridges: 0,
-        ..Config::default()
+        ..DcmConfig::flat("test", 400)
     });
-    if let Ok(mut m) = h.dcm.channel.media.write() {
-        for seq in 0..10 {
-            m.window.push(seq, packet(seq), seq == 0).unwrap();
-        }
-    }
+    h.produce(0..10);
     for id in 1..=10 {
         h.join(id, 2000);
     }
     let relay = busiest_relay(&h, 10);
-    h.dcm.handle(DcmEvent::Leave {
+    h.handle(Event::Leave {
         peer: PeerId(relay),
     });
-    let c = &h.dcm.channel.counters;
-    assert_eq!(c.bridges_opened.load(Ordering::Relaxed), 0);
-    assert!(c.bridges_refused.load(Ordering::Relaxed) > 0);
+    let c = h.dcm.stats();
+    assert_eq!(c.bridges_opened, 0);
+    assert!(c.bridges_refused > 0);
     assert!(h.dcm.bridges.is_empty());
 }

@@ -2,8 +2,6 @@
 
 use std::net::IpAddr;
 
-use super::hierarchy::RegionSettings;
-
 /// A region: a configured one (index into the config's region table), or the fallback for peers
 /// matching no rule: their IPv4 /16 or IPv6 /48.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -11,6 +9,15 @@ pub enum Region {
     Named(u16),
     V4([u8; 2]),
     V6([u16; 3]),
+}
+
+/// Per-region settings from the region config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionSettings {
+    /// Parity shards of the region's middle tier (`None`: the channel default).
+    pub fec_n: Option<u32>,
+    /// Configured relay server standing in when the region has no capable client.
+    pub waypoint: Option<u32>,
 }
 
 impl Region {
