@@ -11,6 +11,7 @@
 mod bench_heartbeats;
 mod bench_topology;
 mod build;
+mod sim;
 mod tools;
 mod util;
 mod web;
@@ -105,6 +106,14 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         events: usize,
     },
+    /// Whole-system simulator: real peer engines and coordinator over a simulated network
+    /// (`--peers N --seconds S --scenario NAME ...`; the arguments go to `cargo run --release
+    /// -p sim --`, see docs/simulator.md).
+    #[command(disable_help_flag = true)]
+    Sim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The real control server under N simulated peers sending heartbeats (WebSocket clients).
     BenchHeartbeats {
         /// Simulated peers (one WebSocket each).
@@ -152,6 +161,7 @@ fn main() -> ExitCode {
             seed,
             web_dir: repo_root().join("web"),
         }),
+        Cmd::Sim { args } => sim::sim(&args),
         Cmd::BenchHeartbeats {
             peers,
             seconds,
