@@ -5,10 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
+use e2e::console::VIEWER_PAGE;
 use e2e::swarm::Swarm;
+use e2e::wait::{remaining, wait_until};
+use protocol::report::PeerReport;
 use protocol::{PeerId, Source, TierName};
 
 fn web_dir() -> PathBuf {
@@ -17,8 +20,43 @@ fn web_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"))
 }
 
-async fn sleep_s(s: u64) {
-    tokio::time::sleep(Duration::from_secs(s)).await;
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Whether the peer's current plan names none of `gone` as a parent.
+fn free_of(r: &PeerReport, gone: &[PeerId]) -> bool {
+    r.plan.iter().all(|s| free_of_one(s.parent, gone))
+}
+
+/// Fails unless every substream the peer received from one of `gone` (per its plan in
+/// `before`) now comes from another parent, which has delivered a packet of it.
+fn ensure_repaired(before: &PeerReport, now: &PeerReport, gone: &[PeerId]) -> Result<()> {
+    ensure!(
+        free_of(now, gone),
+        "its plan still names a closed parent: {:?}",
+        now.plan
+    );
+    for s in before.plan.iter().filter(|s| !free_of_one(s.parent, gone)) {
+        let l = now
+            .links
+            .iter()
+            .find(|l| l.substream == s.index)
+            .with_context(|| format!("no link for substream {}: {:?}", s.index, now.links))?;
+        ensure!(
+            l.first_packet_ms.is_some(),
+            "substream {} has not been delivered by its new parent yet: {l:?}",
+            s.index
+        );
+    }
+    Ok(())
+}
+
+fn free_of_one(parent: Source, gone: &[PeerId]) -> bool {
+    !matches!(parent, Source::Peer { id } if gone.contains(&id))
+}
+
+/// The sequence number after the last packet the peer has verified in order.
+fn verified_end(r: &PeerReport) -> u64 {
+    r.verified_first_seq.unwrap_or(0) + r.verified_count
 }
 
 /// Viewer index of every open page, by peer id.
@@ -48,40 +86,48 @@ async fn eighteen_viewers_in_three_regions_use_three_tiers_and_lose_nothing_when
     for i in 0..viewers {
         swarm.add_viewer(classes[(i / 3) % 6], i < 2).await?;
     }
-    sleep_s(25).await;
-
-    let topo = swarm.topology().await?;
-    let h = topo
-        .hierarchy
-        .as_ref()
-        .ok_or_else(|| anyhow!("the channel runs no hierarchy"))?;
-    ensure!(h.regions.len() == 3, "regions: {:?}", h.regions);
-    let mut tiers: BTreeMap<String, Vec<PeerId>> = BTreeMap::new();
-    for p in &topo.peers {
-        let t = p.tier.as_ref().context("a peer without a tier plan")?;
-        tiers.entry(format!("{:?}", t.tier)).or_default().push(p.id);
-    }
+    // Within the 25 s the test used to sleep: three regions, all three tiers in use, a
+    // 2-connected mesh, and every viewer byte-exact with the origin.
+    let (topo, tiers) = wait_until(
+        "three tiers in three regions and every viewer byte-exact",
+        Duration::from_secs(25),
+        SECOND,
+        async || {
+            let topo = swarm.topology().await?;
+            let h = topo
+                .hierarchy
+                .as_ref()
+                .ok_or_else(|| anyhow!("the channel runs no hierarchy"))?;
+            ensure!(h.regions.len() == 3, "regions: {:?}", h.regions);
+            let mut tiers: BTreeMap<String, Vec<PeerId>> = BTreeMap::new();
+            for p in &topo.peers {
+                let t = p.tier.as_ref().context("a peer without a tier plan")?;
+                tiers.entry(format!("{:?}", t.tier)).or_default().push(p.id);
+            }
+            ensure!(tiers.len() == 3, "not all three tiers in use: {tiers:?}");
+            ensure!(
+                h.mesh_connectivity >= 2,
+                "mesh connectivity {}",
+                h.mesh_connectivity
+            );
+            let reports = swarm.all_stats().await?;
+            for (i, r) in reports.iter().enumerate() {
+                ensure!(
+                    r.verified_count > 20 && swarm.matches_origin(r) == Some(true),
+                    "viewer {i} ({:?}) is not byte-exact with the origin: verified {} ({:?})",
+                    r.peer_id,
+                    r.verified_count,
+                    swarm.matches_origin(r)
+                );
+            }
+            Ok((topo, tiers))
+        },
+    )
+    .await?;
     println!(
         "tiers: {tiers:?}, mesh connectivity {}",
-        h.mesh_connectivity
+        topo.hierarchy.as_ref().map_or(0, |h| h.mesh_connectivity)
     );
-    ensure!(tiers.len() == 3, "not all three tiers in use: {tiers:?}");
-    ensure!(
-        h.mesh_connectivity >= 2,
-        "mesh connectivity {}",
-        h.mesh_connectivity
-    );
-
-    let reports = swarm.all_stats().await?;
-    for (i, r) in reports.iter().enumerate() {
-        ensure!(
-            r.verified_count > 20 && swarm.matches_origin(r) == Some(true),
-            "viewer {i} ({:?}) is not byte-exact with the origin: verified {} ({:?})",
-            r.peer_id,
-            r.verified_count,
-            swarm.matches_origin(r)
-        );
-    }
     let by_peer = index_by_peer(&mut swarm).await?;
 
     // 1. A middle-tier viewer loses up to n of its parents at once: the code rebuilds what they
@@ -138,8 +184,42 @@ async fn eighteen_viewers_in_three_regions_use_three_tiers_and_lose_nothing_when
     for p in &parents {
         swarm.close_viewer(by_peer[p]).await?;
     }
-    sleep_s(10).await;
-    let after = swarm.stats(m).await?;
+    // Within the 10 s the test used to sleep: the viewer is re-homed and its new parents
+    // deliver (the repair is over), then its in-order verified range passes every packet the
+    // origin had cut by then. Any packet lost in the repair would by then have been fetched
+    // from the origin (counted as a fallback) or have broken the range, so the checks below
+    // see every loss the repair caused.
+    let closed_at = Instant::now();
+    let edge = wait_until(
+        "the middle-tier viewer's new parents to deliver",
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+        async || {
+            let r = swarm.stats(m).await?;
+            ensure_repaired(&before, &r, &parents)?;
+            swarm.latest_seq()
+        },
+    )
+    .await?;
+    let after = wait_until(
+        "the middle-tier viewer to verify past the repair",
+        remaining(closed_at, Duration::from_secs(10)),
+        Duration::from_millis(500),
+        async || {
+            let r = swarm.stats(m).await?;
+            ensure!(
+                r.verified_first_seq != before.verified_first_seq
+                    || (verified_end(&r) > edge && r.verified_count > before.verified_count + 10),
+                "verified up to {} (packet {edge} was cut when the repair was done), {} packets \
+                 ({} before the parents left)",
+                verified_end(&r),
+                r.verified_count,
+                before.verified_count
+            );
+            Ok(r)
+        },
+    )
+    .await?;
     ensure!(
         after.origin_fallbacks == before.origin_fallbacks,
         "middle-tier viewer {m} fell back to the origin {} times after losing {} parents",
@@ -175,8 +255,46 @@ async fn eighteen_viewers_in_three_regions_use_three_tiers_and_lose_nothing_when
         by_peer[&preferred]
     );
     swarm.close_viewer(by_peer[&preferred]).await?;
-    sleep_s(10).await;
-    let after = swarm.all_stats().await?;
+    // As above, within the 10 s the test used to sleep: the preferred node's children have
+    // new parents that deliver, then every open viewer verifies past the packets cut by then.
+    let closed_at = Instant::now();
+    let edge = wait_until(
+        "the preferred node's children's new parents to deliver",
+        Duration::from_secs(10),
+        SECOND,
+        async || {
+            let reports = swarm.all_stats().await?;
+            for (i, (b, r)) in before.iter().zip(&reports).enumerate() {
+                if swarm.viewers[i].page.is_some() {
+                    ensure_repaired(b, r, &[preferred]).with_context(|| format!("viewer {i}"))?;
+                }
+            }
+            swarm.latest_seq()
+        },
+    )
+    .await?;
+    let after = wait_until(
+        "every viewer to verify past the repair",
+        remaining(closed_at, Duration::from_secs(10)),
+        SECOND,
+        async || {
+            let after = swarm.all_stats().await?;
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                ensure!(
+                    swarm.viewers[i].page.is_none()
+                        || a.verified_first_seq != b.verified_first_seq
+                        || (verified_end(a) > edge && a.verified_count > b.verified_count + 10),
+                    "viewer {i} verified up to {} (packet {edge} was cut when the repair was \
+                     done), {} packets ({} before)",
+                    verified_end(a),
+                    a.verified_count,
+                    b.verified_count
+                );
+            }
+            Ok(after)
+        },
+    )
+    .await?;
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         if swarm.viewers[i].page.is_none() {
             continue;
@@ -198,6 +316,7 @@ async fn eighteen_viewers_in_three_regions_use_three_tiers_and_lose_nothing_when
         "p2p share {:.3} below 0.6",
         report.p2p_share
     );
+    swarm.ensure_no_unexpected_console_errors(VIEWER_PAGE)?;
     swarm.shutdown().await;
     Ok(())
 }
