@@ -8,24 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
+use e2e::console::VIEWER_PAGE;
 use e2e::swarm::Swarm;
+use e2e::wait::wait_until;
 use protocol::report::DownloadReport;
 
 fn web_dir() -> PathBuf {
     std::env::var_os("P2P_WEB_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../web"))
-}
-
-/// Console errors other than the 404s of fallback fetches for packets not cut yet.
-fn real_console_errors(swarm: &Swarm) -> Vec<String> {
-    swarm
-        .viewers
-        .iter()
-        .filter_map(|v| v.page.as_ref())
-        .flat_map(|p| p.console_errors())
-        .filter(|e| !e.contains("404"))
-        .collect()
 }
 
 /// A file of pseudo-random bytes (nothing compressible or periodic a bug could hide behind).
@@ -58,15 +49,30 @@ async fn a_page_watches_live_while_downloading_a_file_and_both_arrive_byte_exact
     for (i, up) in UPLOADS.iter().enumerate() {
         swarm.add_viewer(*up, i == 0).await?;
     }
-    tokio::time::sleep(Duration::from_secs(8)).await;
     let live_kbps = swarm.stream_kbps();
-    let before = swarm.all_stats().await?;
-    for (i, r) in before.iter().enumerate() {
-        ensure!(
-            swarm.matches_origin(r) == Some(true),
-            "viewer {i} live bytes differ before the download: {r:?}"
-        );
-    }
+    // Within the 8 s the test used to sleep: every page receives the live channel byte-exact,
+    // and the decoding one plays (the live advance measured below starts from a playing page).
+    let before = wait_until(
+        "every page to receive the live channel byte-exact",
+        Duration::from_secs(8),
+        Duration::from_millis(500),
+        async || {
+            let before = swarm.all_stats().await?;
+            for (i, r) in before.iter().enumerate() {
+                ensure!(
+                    swarm.matches_origin(r) == Some(true),
+                    "viewer {i} live bytes differ before the download: {r:?}"
+                );
+            }
+            ensure!(
+                before[0].playing,
+                "viewer 0 does not play yet: {:?}",
+                before[0]
+            );
+            Ok(before)
+        },
+    )
+    .await?;
 
     // Three pages start downloading at once, beside their live channel.
     let started = Instant::now();
@@ -79,6 +85,8 @@ async fn a_page_watches_live_while_downloading_a_file_and_both_arrive_byte_exact
     let mut checked_split = false;
     let deadline = started + Duration::from_secs(45);
     let downloads: Vec<DownloadReport> = loop {
+        // A poll of the downloads' progress (until done or the deadline below), which also
+        // checks the upload split while the downloads run.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let reports = swarm.all_stats().await?;
         let dls: Vec<Option<DownloadReport>> = DOWNLOADERS
@@ -217,21 +225,35 @@ async fn a_page_watches_live_while_downloading_a_file_and_both_arrive_byte_exact
         );
     }
     ensure!(after[0].current_time > before[0].current_time + took * 0.6);
-    // The download sessions left when done: the live sessions have their whole upload back.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let live_topo = swarm.topology().await?;
-    ensure!(
-        live_topo.peers.iter().all(|p| p.upload_split.is_none()),
-        "upload splits outlived their downloads"
-    );
+    // The download sessions left when done: within the second the test used to sleep, the
+    // live sessions have their whole upload back.
+    wait_until(
+        "the live sessions to get their whole upload back",
+        Duration::from_secs(1),
+        Duration::from_millis(100),
+        async || {
+            let live_topo = swarm.topology().await?;
+            let split: Vec<_> = live_topo
+                .peers
+                .iter()
+                .filter(|p| p.upload_split.is_some())
+                .map(|p| (p.id, p.upload_split))
+                .collect();
+            ensure!(
+                split.is_empty(),
+                "upload splits outlived their downloads: {split:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
     println!(
         "downloads: {} pages x {} B in {took:.1} s; {:.0} % of download bytes from peers; live {live_kbps} kbit/s, file carousel {FILE_KBPS} kbit/s",
         downloads.len(),
         info.size,
         100.0 * from_peers as f64 / (from_peers + from_origin).max(1) as f64
     );
-    let errors = real_console_errors(&swarm);
-    ensure!(errors.is_empty(), "console errors: {errors:#?}");
+    swarm.ensure_no_unexpected_console_errors(VIEWER_PAGE)?;
     swarm.shutdown().await;
     Ok(())
 }
