@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use e2e::cdp::{Browser, LaunchOptions};
+use e2e::console::{ensure_only_expected, Allowed};
 use serde_json::json;
 
 #[tokio::test]
@@ -32,6 +33,22 @@ async fn cdp_smoke() -> anyhow::Result<()> {
     let errors = page.console_errors();
     assert!(errors.iter().any(|e| e.contains("boom 42")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("later")), "{errors:?}");
+    // And nothing else: the exception thrown inside `eval` is the call's error, not an error
+    // of the page.
+    ensure_only_expected(
+        "the smoke page",
+        &errors,
+        &[
+            Allowed {
+                why: "logged by the page on purpose",
+                all_of: &["console.error: boom 42"],
+            },
+            Allowed {
+                why: "logged by the test on purpose",
+                all_of: &["console.error: later"],
+            },
+        ],
+    )?;
 
     let dir = tempfile::tempdir()?;
     let png = dir.path().join("smoke.png");
@@ -88,6 +105,9 @@ async fn cdp_many_pages() -> anyhow::Result<()> {
         browser.rss_mb(),
         browser.pss_mb()
     );
+    for (i, p) in pages.iter().chain([&visible]).enumerate() {
+        ensure_only_expected(&format!("page {i}"), &p.console_errors(), &[])?;
+    }
     for p in pages {
         p.close().await?;
     }
