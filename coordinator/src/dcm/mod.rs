@@ -17,6 +17,7 @@
 pub mod bridge;
 pub mod event;
 pub mod history;
+mod invariants;
 mod origin;
 pub mod planner;
 pub mod snapshot;

@@ -309,6 +309,29 @@ impl Planner {
         }
     }
 
+    /// The topology's own structural invariants (every tree's, tier bookkeeping) and, on a
+    /// hierarchy, that the top-tier mesh has the connectivity it promises. For tests and the
+    /// simulator: O(n·k).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        match self {
+            Planner::Flat(t) => t.check_invariants(),
+            Planner::Tiered(t) => {
+                t.h.check_invariants()?;
+                let mesh = t.h.mesh();
+                let c = mesh.connectivity();
+                if mesh.len() > c as usize
+                    && !crate::topology::mesh::is_c_connected(mesh.adjacency(), c)
+                {
+                    return Err(format!(
+                        "the mesh of {} nodes is not {c}-connected",
+                        mesh.len()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The hierarchy's shape for the topology API (`None` on a flat channel).
     pub fn hierarchy_view(&self) -> Option<HierarchyView> {
         let Planner::Tiered(t) = self else {
