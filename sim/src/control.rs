@@ -1,20 +1,19 @@
-//! The control plane as the simulator sees it: one channel's coordinator, driven with virtual
-//! time, plus the part of the server's session layer the simulator replaces (the Welcome).
-//! Everything the coordinator decides goes through this module, so switching the placeholder
-//! for the real `coordinator::Dcm` is local to it.
+//! The control plane: the real coordinator core (`coordinator::Dcm`, one channel), driven with
+//! virtual time, plus the part of the server's session layer the simulator replaces (the
+//! Welcome, sent before the DCM hears of the join, as `control-server/src/ws/session.rs` does).
 //!
-//! Wall-clock CPU time spent inside the coordinator is measured per kind of event (it does not
-//! influence the simulation, which stays deterministic).
+//! Everything the coordinator decides goes through this module. Wall-clock CPU time spent
+//! inside the coordinator is measured per kind of event; it never feeds back into the
+//! simulation, which stays deterministic.
 
-mod placeholder;
-
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use coordinator::topology::region::{Region, TopologyConfig};
+use coordinator::{Dcm, DcmConfig, DcmStats, Event, OutMsg, Output, TopologySnapshot};
 use protocol::{Heartbeat, PeerId, ServerMsg, SubstreamPlan, TierName, PROTOCOL_VERSION};
-
-use placeholder::Placeholder;
 
 /// What the coordinator sends down one peer's control socket.
 #[derive(Debug, Clone)]
@@ -22,7 +21,7 @@ pub enum Down {
     Msg(Box<ServerMsg>),
     /// A packet the origin pushes on the control socket.
     Packet(Bytes),
-    /// A server message serialized once for many peers.
+    /// A server message serialized once for many peers (live-edge notices).
     Text(Arc<str>),
     /// The session is closed by the server.
     Close,
@@ -34,7 +33,7 @@ pub struct ControlConfig {
     pub k: u32,
     pub heartbeat_ms: u32,
     pub stream_kbps: u32,
-    /// Run the three-tier hierarchy over `regions` regions.
+    /// Run the three-tier hierarchy (regions are `Region::Named(0..regions)`).
     pub hierarchy: bool,
     pub regions: u16,
     pub origin_fanout: u32,
@@ -48,8 +47,9 @@ pub struct CpuStats {
     pub join_ns: u128,
     pub heartbeats: u64,
     pub heartbeat_ns: u128,
+    /// Leaves, origin packets, periodic work and output production.
     pub other_ns: u128,
-    /// Link failures the peers reported (no coordinator event exists for them yet).
+    /// Link failures the peers reported (the coordinator has no event for them yet).
     pub link_failures: u64,
 }
 
@@ -63,22 +63,32 @@ pub struct PeerSnap {
 
 pub struct Control {
     cfg: ControlConfig,
-    inner: Placeholder,
-    out: std::collections::VecDeque<(PeerId, Down)>,
+    dcm: Dcm,
+    out: VecDeque<(PeerId, Down)>,
     pub cpu: CpuStats,
-    /// Whether the real coordinator runs (false: the temporary placeholder).
-    pub real: bool,
 }
 
 impl Control {
-    pub fn new(cfg: ControlConfig, _now_ms: u64) -> Self {
-        let inner = Placeholder::new(cfg.k, cfg.stream_kbps, cfg.max_fanout);
+    pub fn new(cfg: ControlConfig, now_ms: u64) -> Self {
+        // As the server's `--hierarchy` without a topology file: default regions settings.
+        let topology = cfg.hierarchy.then(|| {
+            let mut t = TopologyConfig::default();
+            t.k = cfg.k;
+            Arc::new(t)
+        });
+        let dcm_cfg = DcmConfig {
+            k: cfg.k,
+            heartbeat_ms: u64::from(cfg.heartbeat_ms),
+            topology,
+            origin_fanout: cfg.origin_fanout,
+            max_fanout: cfg.max_fanout,
+            ..DcmConfig::flat(&cfg.channel, cfg.stream_kbps)
+        };
         Control {
+            dcm: Dcm::new(dcm_cfg, now_ms),
             cfg,
-            inner,
-            out: std::collections::VecDeque::new(),
+            out: VecDeque::new(),
             cpu: CpuStats::default(),
-            real: false,
         }
     }
 
@@ -86,8 +96,7 @@ impl Control {
         &self.cfg
     }
 
-    /// The Welcome the session layer sends before the coordinator hears of the join
-    /// (`control-server/src/ws/session.rs`).
+    /// The Welcome the session layer sends before the coordinator hears of the join.
     pub fn welcome(&self, peer: PeerId, start_seq: u64, live_seq: u64) -> ServerMsg {
         let base = format!("/api/channels/{}", self.cfg.channel);
         ServerMsg::Welcome {
@@ -107,89 +116,119 @@ impl Control {
         }
     }
 
-    pub fn join(&mut self, peer: PeerId, upload_kbps: u32, _region: u16, _now_ms: u64) {
+    pub fn join(&mut self, peer: PeerId, upload_kbps: u32, region: u16, now_ms: u64) {
         let t = Instant::now();
-        self.inner.join(peer, upload_kbps);
-        self.collect();
+        self.dcm.handle(
+            Event::Join {
+                peer,
+                upload_kbps,
+                region: Region::Named(region),
+                relay: false,
+            },
+            now_ms,
+        );
         self.cpu.joins += 1;
         self.cpu.join_ns += t.elapsed().as_nanos();
     }
 
-    pub fn leave(&mut self, peer: PeerId, _now_ms: u64) {
+    pub fn leave(&mut self, peer: PeerId, now_ms: u64) {
         let t = Instant::now();
-        self.inner.leave(peer);
-        self.collect();
+        self.dcm.handle(Event::Leave { peer }, now_ms);
         self.cpu.other_ns += t.elapsed().as_nanos();
     }
 
-    #[allow(clippy::boxed_local)] // the coordinator's event takes the heartbeat boxed
-    pub fn heartbeat(&mut self, _peer: PeerId, _hb: Box<Heartbeat>, _arrived_ms: u64) {
+    pub fn heartbeat(&mut self, peer: PeerId, heartbeat: Box<Heartbeat>, arrived_ms: u64) {
         let t = Instant::now();
-        // The placeholder reads no heartbeats.
+        self.dcm.handle(
+            Event::Heartbeat {
+                peer,
+                heartbeat,
+                arrived_ms,
+            },
+            arrived_ms,
+        );
         self.cpu.heartbeats += 1;
         self.cpu.heartbeat_ns += t.elapsed().as_nanos();
     }
 
-    /// `peer` could not open its data channel to `other` (ICE failed). The coordinator has no
-    /// event for this yet: counted, and otherwise left to the heartbeats (the child's parent
-    /// link shows no progress).
+    /// `peer` could not open its data channel to `other` (ICE failed after the timeout). The
+    /// coordinator has no event for this yet: counted here, and otherwise left to what the
+    /// heartbeats show (the child's parent link makes no progress).
     pub fn link_failed(&mut self, _peer: PeerId, _other: PeerId, _now_ms: u64) {
         self.cpu.link_failures += 1;
     }
 
-    /// New origin packets: pushed to the peers whose parent is the origin.
-    pub fn packets(&mut self, packets: Vec<(u64, Bytes)>, _now_ms: u64) {
+    /// New origin packets: the DCM pushes them to the peers the origin feeds.
+    pub fn packets(&mut self, packets: Vec<(u64, Bytes)>, now_ms: u64) {
         let t = Instant::now();
-        let k = u64::from(self.cfg.k.max(1));
-        for (seq, bytes) in packets {
-            let tree = (seq % k) as usize;
-            for p in &self.inner.origin_children[tree] {
-                self.out.push_back((*p, Down::Packet(bytes.clone())));
-            }
-        }
+        self.dcm.handle(Event::Packets(packets), now_ms);
         self.cpu.other_ns += t.elapsed().as_nanos();
     }
 
     pub fn poll_timeout(&self) -> Option<u64> {
-        None
+        self.dcm.poll_timeout()
     }
 
-    pub fn handle_timeout(&mut self, _now_ms: u64) {}
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let t = Instant::now();
+        self.dcm.handle_timeout(now_ms);
+        self.cpu.other_ns += t.elapsed().as_nanos();
+    }
 
+    /// The next message for a peer. Outputs the simulator has no use for (origin push lists
+    /// kept for a take-over, relay rounds, snapshots) are dropped.
     pub fn poll_output(&mut self) -> Option<(PeerId, Down)> {
-        self.out.pop_front()
-    }
-
-    /// Every placed peer with its plan.
-    pub fn snapshot(&self, _now_ms: u64) -> Vec<PeerSnap> {
-        let mut v: Vec<PeerSnap> = self
-            .inner
-            .peers()
-            .filter_map(|id| {
-                Some(PeerSnap {
-                    id,
-                    plan: self.inner.plan(id)?,
-                    tier: None,
-                })
-            })
-            .collect();
-        v.sort_by_key(|p| p.id);
-        v
-    }
-
-    /// Peers fed by the origin directly, per substream.
-    pub fn origin_children(&self) -> Vec<Vec<PeerId>> {
-        self.inner.origin_children.clone()
-    }
-
-    /// Interior tree of `peer` (for checks).
-    pub fn interior_of(&self, peer: PeerId) -> Option<u32> {
-        self.inner.interior_of(peer)
-    }
-
-    fn collect(&mut self) {
-        for (p, m) in self.inner.take_instructions() {
-            self.out.push_back((p, Down::Msg(Box::new(m))));
+        if let Some(o) = self.out.pop_front() {
+            return Some(o);
         }
+        let t = Instant::now();
+        let mut found = None;
+        while let Some(o) = self.dcm.poll_output() {
+            match o {
+                Output::Send { peer, msg } => {
+                    let down = match msg {
+                        OutMsg::Msg(m) => Down::Msg(m),
+                        OutMsg::Packet(b) => Down::Packet(b),
+                        OutMsg::Text(t) => Down::Text(t),
+                    };
+                    found = Some((peer, down));
+                    break;
+                }
+                Output::Close { peer, .. } => {
+                    found = Some((peer, Down::Close));
+                    break;
+                }
+                Output::OriginFed { .. } | Output::Relays(_) | Output::Snapshot { .. } => {}
+            }
+        }
+        self.cpu.other_ns += t.elapsed().as_nanos();
+        found
+    }
+
+    /// The coordinator's full snapshot.
+    pub fn topology(&self, now_ms: u64) -> TopologySnapshot {
+        self.dcm.snapshot(now_ms)
+    }
+
+    /// Every placed peer with its plan and tier.
+    pub fn snapshot(&self, now_ms: u64) -> Vec<PeerSnap> {
+        self.dcm
+            .snapshot(now_ms)
+            .peers
+            .into_iter()
+            .map(|p| PeerSnap {
+                id: p.id,
+                plan: p.plan,
+                tier: p.tier.map(|t| t.tier),
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> DcmStats {
+        self.dcm.stats()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.dcm.peer_count()
     }
 }

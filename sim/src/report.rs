@@ -36,8 +36,6 @@ impl Pct {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub run: RunConfig,
-    /// `placeholder` until the real coordinator core is wired in.
-    pub coordinator: &'static str,
     pub viewers: usize,
     pub viewer_sessions: usize,
     pub departures: usize,
@@ -63,6 +61,10 @@ pub struct Report {
     pub repairs_unfinished: usize,
     /// Needs the coordinator's congestion records (not available from the placeholder).
     pub congestion_detected: usize,
+    /// The coordinator's own counters: congested links found, repairs, origin bridges opened.
+    pub congestion_events: u64,
+    pub coordinator_repairs: u64,
+    pub bridges_opened: u64,
     pub tiers: BTreeMap<String, usize>,
     /// Peak over simulated seconds of origin egress (pushes + fetches) in streams' worth.
     pub origin_egress_peak_copies: f64,
@@ -146,11 +148,6 @@ pub fn build(
         .sum();
     Report {
         run: cfg.clone(),
-        coordinator: if w.control.real {
-            "coordinator"
-        } else {
-            "placeholder"
-        },
         viewers: n,
         viewer_sessions: w.peers.len(),
         departures: w.peers.iter().filter(|p| p.left_at.is_some()).count(),
@@ -188,6 +185,9 @@ pub fn build(
         repairs_measured: w.totals.repairs_ms.len(),
         repairs_unfinished: pending,
         congestion_detected: 0,
+        congestion_events: w.control.stats().congestion_events,
+        coordinator_repairs: w.control.stats().repairs,
+        bridges_opened: w.control.stats().bridges_opened,
         tiers,
         origin_egress_peak_copies: peak as f64 / stream_bytes_per_s,
         links_opened: w.totals.links_opened,
@@ -242,7 +242,6 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let mut row = |k: &str, v: String| s.push_str(&format!("  {k:<34} {v}\n"));
-        row("coordinator", self.coordinator.to_string());
         row(
             "viewers (sessions, departures)",
             format!(
