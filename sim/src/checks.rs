@@ -13,13 +13,18 @@ pub struct Invariants {
     pub wrong_parent_count: usize,
     /// Trees in which following parents from some peer loops.
     pub cycles: usize,
-    /// Peers whose delivered bytes differ from the origin's (range hash mismatch).
+    /// Peers that delivered a payload differing from the origin's (each compared byte for
+    /// byte as it was delivered).
     pub mismatched_viewers: usize,
     /// Peers that verified nothing at all.
     pub viewers_without_data: usize,
     /// Staying peers that skipped a gap or whose verified range stops short of what the
     /// origin made up to `tail_ms` before the end.
     pub incomplete_viewers: usize,
+    /// The first violation `Dcm::check_invariants` found (one parent per substream, parents
+    /// and children agree, interior in one tree, no cycles, pushes as planned, mesh
+    /// c-connected), if any.
+    pub coordinator: Option<String>,
 }
 
 /// Exactly one parent per substream for each placed peer, and no loop in any tree.
@@ -93,7 +98,7 @@ pub fn delivery_invariants(w: &World, tail_ms: f64) -> Invariants {
             }
             continue;
         };
-        if w.origin.range_hash(v.first_seq, v.count) != Some(v) {
+        if p.mismatched > 0 {
             inv.mismatched_viewers += 1;
         }
         if p.alive && !p.leaves {
@@ -117,6 +122,7 @@ pub fn delivery_invariants(w: &World, tail_ms: f64) -> Invariants {
     let (wrong, cycles) = tree_invariants(&live, k);
     inv.wrong_parent_count = wrong;
     inv.cycles = cycles;
+    inv.coordinator = w.control.check_invariants().err();
     inv
 }
 

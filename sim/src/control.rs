@@ -224,6 +224,11 @@ impl Control {
             .collect()
     }
 
+    /// The coordinator's own invariants (trees, tiers, mesh, plans sent); the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.dcm.check_invariants()
+    }
+
     pub fn stats(&self) -> DcmStats {
         self.dcm.stats()
     }

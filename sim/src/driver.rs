@@ -70,7 +70,18 @@ impl World {
                     let one_way = self.cfg.net.server_ms(&net);
                     self.q.after(us(one_way), Ev::FetchAtOrigin(i, seq));
                 }
-                Action::Deliver { seq, .. } => self.deliver(i, seq),
+                Action::Deliver { seq, payload } => {
+                    // Byte-exact: the payload the player gets is the origin's.
+                    let same = self.origin.packet(seq).and_then(|p| {
+                        protocol::Packet::decode(&p.rc)
+                            .ok()
+                            .map(|p| p.payload == payload.as_slice())
+                    });
+                    if same != Some(true) {
+                        self.peers[i as usize].mismatched += 1;
+                    }
+                    self.deliver(i, seq)
+                }
                 Action::Connect { peer } => {
                     let Some(j) = index_of(peer) else { continue };
                     self.connect(i, j as u32);

@@ -68,6 +68,8 @@ pub struct Report {
     pub tiers: BTreeMap<String, usize>,
     /// Peak over simulated seconds of origin egress (pushes + fetches) in streams' worth.
     pub origin_egress_peak_copies: f64,
+    /// Origin egress in each simulated second, in streams' worth.
+    pub origin_egress_copies_per_s: Vec<f64>,
     pub links_opened: u64,
     pub link_failures: u64,
     pub link_setup_ms: Pct,
@@ -190,6 +192,12 @@ pub fn build(
         bridges_opened: w.control.stats().bridges_opened,
         tiers,
         origin_egress_peak_copies: peak as f64 / stream_bytes_per_s,
+        origin_egress_copies_per_s: w
+            .totals
+            .egress_per_s
+            .iter()
+            .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+            .collect(),
         links_opened: w.totals.links_opened,
         link_failures: w.totals.link_failures,
         link_setup_ms: Pct::of(w.totals.setup_ms.clone()),

@@ -24,6 +24,7 @@ fn steady_swarm_delivers_every_packet_byte_exact_without_a_stall() {
     assert_eq!(inv.incomplete_viewers, 0, "{inv:?}");
     assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
     assert_eq!(inv.cycles, 0, "{inv:?}");
+    assert_eq!(inv.coordinator, None);
     assert_eq!(r.stalls, 0, "{}", r.table());
     assert!(r.continuity >= 0.999, "{}", r.table());
     assert!(r.p2p_share > 0.5, "{}", r.table());
@@ -41,6 +42,7 @@ fn churn_keeps_the_trees_whole_and_the_bytes_exact() {
     assert_eq!(inv.mismatched_viewers, 0, "{inv:?}");
     assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
     assert_eq!(inv.cycles, 0, "{inv:?}");
+    assert_eq!(inv.coordinator, None);
     assert!(r.repairs_measured > 0, "{}", r.table());
 }
 
