@@ -1,6 +1,6 @@
 //! Invariants of a run, checked on the coordinator's snapshot and on what the peers delivered.
 
-use protocol::{PeerId, Source};
+use protocol::{PeerId, Source, TierName};
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
@@ -27,11 +27,13 @@ pub struct Invariants {
     pub coordinator: Option<String>,
 }
 
-/// Exactly one parent per substream for each placed peer, and no loop in any tree.
+/// Exactly one parent per substream for each placed tree member, and no loop in any tree.
+/// The hierarchy's top tier (preferred nodes) gets the stream from its flooding mesh, not
+/// from trees, so it is left to the coordinator's own check.
 pub fn tree_invariants(snap: &[PeerSnap], k: u32) -> (usize, usize) {
     let mut wrong = 0;
     let mut parent: Vec<FxHashMap<PeerId, Option<PeerId>>> = vec![FxHashMap::default(); k as usize];
-    for p in snap {
+    for p in snap.iter().filter(|p| p.tier != Some(TierName::Preferred)) {
         let mut seen = vec![0u32; k as usize];
         for s in &p.plan {
             if let Some(c) = seen.get_mut(s.index as usize) {

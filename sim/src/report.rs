@@ -55,6 +55,8 @@ pub struct Report {
     pub startup_ms: Pct,
     pub latency_ms: Pct,
     pub continuity: f64,
+    /// Continuity of the peers that stayed to the end (the survivors of a mass failure).
+    pub continuity_staying: f64,
     pub stalls: u32,
     pub repair_ms: Pct,
     pub repairs_measured: usize,
@@ -99,6 +101,7 @@ pub fn build(
     let mut hist = LatencyHistogram::default();
     let (mut b0, mut b1, mut played, mut on_time, mut late) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut fallbacks, mut dropped) = (0u64, 0u64);
+    let (mut stay_on, mut stay_late) = (0u64, 0u64);
     for p in &w.peers {
         let st = p.stats();
         let c = &st.counters;
@@ -108,6 +111,10 @@ pub fn build(
         on_time += c.on_time;
         late += c.late;
         fallbacks += c.origin_fallbacks;
+        if p.alive && !p.leaves {
+            stay_on += c.on_time;
+            stay_late += c.late;
+        }
         dropped += c.send_dropped;
         hist.merge_sparse(&st.latency);
     }
@@ -182,6 +189,7 @@ pub fn build(
             max: lat(1.0),
         },
         continuity: ratio(on_time, on_time + late),
+        continuity_staying: ratio(stay_on, stay_on + stay_late),
         stalls: w.peers.iter().map(|p| p.playout.stalls).sum(),
         repair_ms: Pct::of(w.totals.repairs_ms.clone()),
         repairs_measured: w.totals.repairs_ms.len(),

@@ -76,3 +76,20 @@ fn impossible_runs_are_refused_naming_the_flag() {
     };
     assert!(sim::run(&cfg, false).is_err_and(|m| m.contains("--loss")));
 }
+
+#[test]
+fn hierarchy_keeps_its_invariants() {
+    let cfg = RunConfig {
+        regions: 3,
+        hierarchy: true,
+        ..small(Scenario::Steady, 150, 30)
+    };
+    let r = sim::run(&cfg, false).expect("valid configuration");
+    let inv = &r.invariants;
+    assert!(r.tiers.len() >= 2, "{:?}", r.tiers);
+    assert_eq!(inv.mismatched_viewers, 0, "{inv:?}");
+    assert_eq!(inv.incomplete_viewers, 0, "{inv:?}");
+    assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
+    assert_eq!(inv.cycles, 0, "{inv:?}");
+    assert_eq!(inv.coordinator, None);
+}
