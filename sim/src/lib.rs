@@ -15,6 +15,7 @@ pub mod control;
 mod control_only;
 pub mod dist;
 mod driver;
+mod inject;
 pub mod links;
 pub mod net;
 pub mod origin;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use sim::scenario::Network;
 use sim::{RunConfig, Scenario};
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,13 @@ struct Args {
     /// Every peer declares this upload (kbit/s) instead of 80 % of its drawn capacity.
     #[arg(long)]
     upload_kbps: Option<u32>,
+    /// Network model: `internet` (the documented mix) or `loopback` (the browser swarm's
+    /// machine, for calibration).
+    #[arg(long, value_enum, default_value_t = Network::Internet)]
+    network: Network,
+    /// Relaying peers whose upload is cut to a fifth of their load a third into the run.
+    #[arg(long, default_value_t = 0)]
+    throttle: usize,
     /// JSON file with the region-to-region one-way delays, ms (`regions` rows of `regions`).
     #[arg(long)]
     matrix: Option<PathBuf>,
@@ -99,6 +107,8 @@ fn real_main() -> Result<()> {
         heartbeat_ms: a.heartbeat_ms,
         matrix,
         upload_kbps: a.upload_kbps,
+        throttle: a.throttle,
+        network: a.network,
         ..RunConfig::new(a.peers, a.seconds, a.scenario)
     };
     if let Err(e) = cfg.validate() {

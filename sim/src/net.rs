@@ -113,6 +113,31 @@ impl Default for NetConfig {
     }
 }
 
+impl NetConfig {
+    /// The browser swarm's machine: every page on loopback, so no delay, no loss, every pair
+    /// connects and capacity is the CPU's (taken as 10 Gbit/s); data channels still take the
+    /// 15 ms (idle) to 1.5 s (loaded machine) the swarm measured to open. For calibrating the
+    /// simulator against `cargo xtask swarm` (issue 11, item 4).
+    pub fn loopback() -> Self {
+        NetConfig {
+            access: vec![AccessClass {
+                name: "loopback".into(),
+                weight: 1.0,
+                down_kbps: Dist::constant(1e7),
+                up_kbps: Dist::constant(1e7),
+                access_ms: Dist::constant(0.05),
+            }],
+            declared: Declared::Fixed { kbps: 2000 },
+            loss: 0.0,
+            setup_ms: Dist::log_uniform(15.0, 1500.0),
+            setup_rtts: 0.0,
+            unreachable: 0.0,
+            fixed_one_way_ms: Some(0.1),
+            ..NetConfig::default()
+        }
+    }
+}
+
 /// What a peer got from the model.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerNet {

@@ -52,6 +52,9 @@ pub struct Report {
     pub server_push_bytes: u64,
     pub server_fallback_bytes: u64,
     pub origin_fallbacks: u64,
+    /// Of those, by the tier the peer was in at the end (`flat` on a flat channel; departed
+    /// peers not included).
+    pub origin_fallbacks_by_tier: BTreeMap<String, u64>,
     pub startup_ms: Pct,
     pub latency_ms: Pct,
     pub continuity: f64,
@@ -61,8 +64,11 @@ pub struct Report {
     pub repair_ms: Pct,
     pub repairs_measured: usize,
     pub repairs_unfinished: usize,
-    /// Needs the coordinator's congestion records (not available from the placeholder).
+    /// Throttled relays (`--throttle`) and those the coordinator flagged within two heartbeat
+    /// intervals, and per relay the delay to its first report (ms, -1: none).
+    pub congestion_injected: usize,
     pub congestion_detected: usize,
+    pub detection_ms: Vec<f64>,
     /// The coordinator's own counters: congested links found, repairs, origin bridges opened.
     pub congestion_events: u64,
     pub coordinator_repairs: u64,
@@ -119,6 +125,15 @@ pub fn build(
         hist.merge_sparse(&st.latency);
     }
     let lat = |q| hist.quantile(q).unwrap_or(0) as f64;
+    let mut by_tier: BTreeMap<String, u64> = BTreeMap::new();
+    for p in w.peers.iter().filter(|p| p.alive) {
+        if let Some(e) = &p.engine {
+            let tier = e
+                .tier()
+                .map_or_else(|| "flat".to_string(), |t| format!("{t:?}").to_lowercase());
+            *by_tier.entry(tier).or_insert(0) += e.counters.origin_fallbacks;
+        }
+    }
     let n = w.peers.iter().filter(|p| p.alive).count();
     let egress = w.totals.origin_push_bytes + w.totals.origin_fetch_bytes;
     let stream_bytes_per_s = f64::from(cfg.stream_kbps) * 1000.0 / 8.0;
@@ -177,6 +192,7 @@ pub fn build(
         server_push_bytes: w.totals.origin_push_bytes,
         server_fallback_bytes: w.totals.origin_fetch_bytes,
         origin_fallbacks: fallbacks,
+        origin_fallbacks_by_tier: by_tier,
         startup_ms: Pct::of(
             w.peers
                 .iter()
@@ -194,7 +210,9 @@ pub fn build(
         repair_ms: Pct::of(w.totals.repairs_ms.clone()),
         repairs_measured: w.totals.repairs_ms.len(),
         repairs_unfinished: pending,
-        congestion_detected: 0,
+        congestion_injected: w.totals.throttled.len(),
+        congestion_detected: w.totals.congestion_detected,
+        detection_ms: w.totals.detection_ms.clone(),
         congestion_events: w.control.stats().congestion_events,
         coordinator_repairs: w.control.stats().repairs,
         bridges_opened: w.control.stats().bridges_opened,

@@ -29,6 +29,16 @@ pub enum Scenario {
     ControlOnly,
 }
 
+/// The network model a run starts from (then changed by the scenario and the flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// The documented residential and mobile mix (`NetConfig::default`).
+    Internet,
+    /// The browser swarm's loopback (`NetConfig::loopback`), for calibration.
+    Loopback,
+}
+
 /// Everything a run needs, from the command line or a test.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
@@ -51,6 +61,10 @@ pub struct RunConfig {
     pub matrix: Option<Vec<Vec<f64>>>,
     /// Every peer declares this upload (kbit/s) instead of a share of its capacity.
     pub upload_kbps: Option<u32>,
+    /// Relaying peers whose upload cap is cut to a fifth of their load a third into the run
+    /// (the browser swarm's `--throttle`).
+    pub throttle: usize,
+    pub network: Network,
 }
 
 impl RunConfig {
@@ -71,15 +85,21 @@ impl RunConfig {
             heartbeat_ms: 1000,
             matrix: None,
             upload_kbps: None,
+            throttle: 0,
+            network: Network::Internet,
         }
     }
 
     /// The network model of this run (validated).
     pub fn net(&self) -> Result<NetConfig, String> {
+        let base = match self.network {
+            Network::Internet => NetConfig::default(),
+            Network::Loopback => NetConfig::loopback(),
+        };
         let mut net = NetConfig {
             regions: self.regions,
             matrix: self.matrix.clone(),
-            ..NetConfig::default()
+            ..base
         };
         if let Some(kbps) = self.upload_kbps {
             net.declared = Declared::Fixed { kbps };
@@ -123,6 +143,9 @@ impl RunConfig {
         }
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             return Err("--heartbeat-ms must be between 100 and 60000".into());
+        }
+        if self.throttle > self.peers {
+            return Err("--throttle cannot exceed --peers".into());
         }
         if self.upload_kbps == Some(0) {
             return Err("--upload-kbps must be at least 1".into());
@@ -176,6 +199,9 @@ impl RunConfig {
             live.push(w.add_peer(at));
         }
         let end = self.seconds * 1_000_000;
+        if self.throttle > 0 {
+            w.q.at(end / 3, Ev::Throttle(self.throttle));
+        }
         match self.scenario {
             Scenario::Churn if self.churn_pct > 0.0 => {
                 let from = first + window;

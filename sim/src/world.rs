@@ -56,6 +56,10 @@ pub enum Ev {
     FetchAtOrigin(u32, u64),
     Fetched(u32, u64, FetchReply),
     CoordTimeout,
+    /// Cut the upload of this many relaying peers (see `inject.rs`).
+    Throttle(usize),
+    /// Look for the coordinator's congestion reports on the throttled peers.
+    CheckCongestion,
 }
 
 /// Parameters of one run.
@@ -83,6 +87,12 @@ pub struct Totals {
     pub setup_ms: Vec<f64>,
     pub server_errors: u64,
     pub closed_by_server: u64,
+    /// Throttled relays and when (engine ms).
+    pub throttled: Vec<(PeerId, f64)>,
+    /// Per throttled relay: throttle to the first congestion report naming it, ms (-1: none).
+    pub detection_ms: Vec<f64>,
+    /// Throttled relays the coordinator flagged within two heartbeat intervals.
+    pub congestion_detected: usize,
 }
 
 pub struct World {
@@ -171,6 +181,8 @@ impl World {
             } => self.on_data(to, from, gen, &packet),
             Ev::FetchAtOrigin(i, seq) => self.fetch_at_origin(i, seq),
             Ev::Fetched(i, seq, reply) => self.on_fetched(i, seq, reply),
+            Ev::Throttle(n) => self.throttle(n),
+            Ev::CheckCongestion => self.check_congestion(),
             Ev::CoordTimeout => {
                 self.coord_timer = None;
                 let now = self.now_ms_u64();
