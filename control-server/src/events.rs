@@ -55,6 +55,11 @@ pub enum DcmEvent {
         /// applying it takes).
         received: std::time::Instant,
     },
+    /// `reporter`'s data channel with `peer` never opened.
+    LinkFailed {
+        reporter: PeerId,
+        peer: PeerId,
+    },
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
     Snapshot {

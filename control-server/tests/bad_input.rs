@@ -240,3 +240,37 @@ async fn flooding_is_rate_limited() {
     }
     assert!(saw_rate_limit);
 }
+
+#[tokio::test]
+async fn a_link_that_never_opened_is_re_planned_and_a_report_about_yourself_is_refused() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut a = connect(addr).await;
+    let ida = join(&mut a, 5000).await;
+    let mut b = connect(addr).await;
+    let idb = join(&mut b, 5000).await;
+    // Two strong peers feed each other: b has a as its parent in some substream.
+    let under_a = |plan: &[protocol::SubstreamPlan]| {
+        plan.iter()
+            .any(|s| s.parent == protocol::Source::Peer { id: ida })
+    };
+    loop {
+        match next_msg(&mut b).await {
+            Some(ServerMsg::Instructions { substreams, .. }) if under_a(&substreams) => break,
+            Some(_) => continue,
+            None => panic!("b closed"),
+        }
+    }
+    send(&mut b, &ClientMsg::LinkFailed { peer: ida }).await;
+    loop {
+        match next_msg(&mut b).await {
+            Some(ServerMsg::Instructions { substreams, .. }) => {
+                assert!(!under_a(&substreams), "{substreams:?}");
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("b closed"),
+        }
+    }
+    send(&mut b, &ClientMsg::LinkFailed { peer: idb }).await;
+    assert_eq!(next_error(&mut b).await, ErrorCode::NotLinked);
+}

@@ -52,6 +52,10 @@ pub enum ClientMsg {
     Signal { to: PeerId, signal: Signal },
     /// The FIG. 9 heartbeat.
     Heartbeat(Heartbeat),
+    /// A data channel with `peer` (a parent or child the instructions named) never opened: the
+    /// ICE attempt failed or timed out, typically both peers behind endpoint-dependent NATs or
+    /// UDP blocked. The server never pairs the two again and re-places the child at once.
+    LinkFailed { peer: PeerId },
     /// Orderly goodbye (closing the socket means the same).
     Leave,
 }

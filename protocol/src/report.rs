@@ -57,6 +57,10 @@ pub struct PeerReport {
     pub past_links: Vec<LinkStat>,
     #[serde(default)]
     pub heartbeats_sent: u64,
+    /// Data channels that never opened (ICE failed or timed out), each reported to the
+    /// control center.
+    #[serde(default)]
+    pub links_failed: u64,
     #[serde(default)]
     pub heartbeat_bytes: u64,
     /// Tier of the peer (`preferred`, `middle`, `bottom`); `None` on a flat channel.

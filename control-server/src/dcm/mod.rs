@@ -240,6 +240,9 @@ impl Dcm {
                 );
                 self.channel.counters.heartbeat_apply.record(waited);
             }
+            DcmEvent::LinkFailed { reporter, peer } => {
+                self.core.handle(Event::LinkFailed { reporter, peer }, now)
+            }
             DcmEvent::Packets(packets) => self.core.handle(Event::Packets(packets), now),
             DcmEvent::Snapshot { reply } => {
                 let token = self.next_token;

@@ -256,6 +256,16 @@ impl Session {
                 true
             }
             (ClientMsg::Heartbeat(hb), Some((me, ch))) => self.on_heartbeat(me, &ch, hb).await,
+            (ClientMsg::LinkFailed { peer }, Some((me, ch))) => {
+                if peer == me {
+                    return self.error(ErrorCode::NotLinked, "a link with yourself".into());
+                }
+                let _ = ch
+                    .dcm
+                    .send(DcmEvent::LinkFailed { reporter: me, peer })
+                    .await;
+                true
+            }
             (ClientMsg::Leave, Some(_)) => false,
         }
     }

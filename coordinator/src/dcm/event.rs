@@ -82,6 +82,10 @@ pub enum Event {
         heartbeat: Box<Heartbeat>,
         arrived_ms: u64,
     },
+    /// `reporter`'s data channel with `peer` never opened (ICE failed or timed out): the two are
+    /// never paired again, and a child of theirs is re-placed now. A report only moves the link
+    /// between these two, so a peer that reports every link hurts only itself.
+    LinkFailed { reporter: PeerId, peer: PeerId },
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
     /// The download beside `peer` ended: it may use the page's whole upload again (from its
@@ -168,4 +172,6 @@ pub struct DcmStats {
     pub origin_bridge_bytes: u64,
     /// Live-edge notices queued (one per peer each).
     pub edge_notices: u64,
+    /// Reports of data channels that never opened, from peers the DCM knows.
+    pub link_failures: u64,
 }

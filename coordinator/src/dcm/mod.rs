@@ -301,6 +301,7 @@ impl Dcm {
                 heartbeat,
                 arrived_ms,
             } => self.on_heartbeat_at(peer, *heartbeat, arrived_ms.min(now), now),
+            Event::LinkFailed { reporter, peer } => self.link_failed(reporter, peer, now),
             Event::Packets(packets) => self.push_from_origin(packets),
             Event::EndSplit { peer } => {
                 self.history.set_ceiling(peer, None);
@@ -343,6 +344,24 @@ impl Dcm {
             )
         };
         tracing::debug!(channel = %self.name, %peer, upload_kbps, affected = changes.affected.len(), "peer joined");
+        self.send_instructions(changes.affected, now);
+    }
+
+    /// `reporter` could not open a data channel with `peer`: the planner blocks the pair and
+    /// re-places a child of theirs; the moved child is bridged by the origin as after any move.
+    fn link_failed(&mut self, reporter: PeerId, peer: PeerId, now: u64) {
+        if reporter == peer
+            || !self.peers.contains_key(&reporter)
+            || !self.peers.contains_key(&peer)
+        {
+            return;
+        }
+        self.stats.link_failures += 1;
+        let changes = self.planner.block(reporter, peer);
+        tracing::debug!(channel = %self.name, %reporter, %peer, affected = changes.affected.len(), "data channel never opened; pair blocked");
+        if !changes.affected.is_empty() {
+            self.log_repair(reporter, "unreachable pair", changes.affected.len(), now);
+        }
         self.send_instructions(changes.affected, now);
     }
 

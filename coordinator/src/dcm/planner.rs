@@ -309,6 +309,15 @@ impl Planner {
         }
     }
 
+    /// `a` and `b` cannot connect (one of them reported a data channel that never opened): they
+    /// are never parent and child again, and a child of theirs is re-placed now.
+    pub fn block(&mut self, a: PeerId, b: PeerId) -> Changes {
+        match self {
+            Planner::Flat(t) => t.block(a, b),
+            Planner::Tiered(t) => t.h.block(a, b),
+        }
+    }
+
     /// The topology's own structural invariants (every tree's, tier bookkeeping) and, on a
     /// hierarchy, that the top-tier mesh has the connectivity it promises. For tests and the
     /// simulator: O(n·k).

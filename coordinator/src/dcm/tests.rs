@@ -971,3 +971,65 @@ fn with_max_bridges_zero_nothing_is_bridged_and_the_refusals_are_counted() {
     assert!(c.bridges_refused > 0);
     assert!(h.dcm.bridges.is_empty());
 }
+
+#[test]
+fn a_child_that_cannot_reach_its_parent_is_re_homed_bridged_and_never_paired_with_it_again() {
+    let mut h = Harness::new();
+    h.produce(0..10);
+    for id in 1..=12 {
+        h.join(id, 2000);
+    }
+    h.pump();
+    let relay = busiest_relay(&h, 12);
+    let plan = h.dcm.planner.plan(PeerId(relay)).expect("plan").substreams;
+    let (sub, child) = plan
+        .iter()
+        .find_map(|s| s.children.first().map(|c| (s.index, *c)))
+        .expect("a child");
+    for id in 1..=12 {
+        h.latest_plan(id);
+    }
+    // The child's data channel with its parent never opens; it says so.
+    h.handle(Event::LinkFailed {
+        reporter: child,
+        peer: PeerId(relay),
+    });
+    let new = h.latest_plan(child.0).expect("new instructions");
+    let parent = new.iter().find(|s| s.index == sub).map(|s| s.parent);
+    assert_ne!(parent, Some(Source::Peer { id: PeerId(relay) }));
+    assert!(
+        h.dcm.bridges.of(child).any(|b| b.substream == sub) || parent == Some(Source::Origin),
+        "the origin bridges the moved substream until the new parent delivers"
+    );
+    assert_eq!(h.dcm.stats().link_failures, 1);
+    assert_eq!(
+        h.dcm.repair_log.back().map(|r| r.reason.as_str()),
+        Some("unreachable pair")
+    );
+    // Joins, leaves and more reports never put them together again.
+    for id in 13..=30 {
+        h.join(id, [300, 2000, 4000][id as usize % 3]);
+    }
+    for id in [2u64, 5, 9] {
+        if id != relay && PeerId(id) != child {
+            h.handle(Event::Leave { peer: PeerId(id) });
+        }
+    }
+    h.dcm.check_invariants().expect("invariants");
+    let plan = h.dcm.planner.plan(child).expect("plan").substreams;
+    assert!(plan
+        .iter()
+        .all(|s| s.parent != Source::Peer { id: PeerId(relay) }));
+    let relay_plan = h.dcm.planner.plan(PeerId(relay)).expect("plan").substreams;
+    assert!(relay_plan.iter().all(|s| !s.children.contains(&child)));
+    // Reports naming unknown peers or the reporter itself change nothing.
+    h.handle(Event::LinkFailed {
+        reporter: child,
+        peer: PeerId(999),
+    });
+    h.handle(Event::LinkFailed {
+        reporter: child,
+        peer: child,
+    });
+    assert_eq!(h.dcm.stats().link_failures, 1);
+}

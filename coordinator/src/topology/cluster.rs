@@ -221,6 +221,15 @@ impl Cluster {
         ch
     }
 
+    /// Two members that cannot connect ([`MultiTree::block`]), naming the roots and feeders as
+    /// [`Cluster::join_fed`] does.
+    pub fn block_fed(&mut self, a: PeerId, b: PeerId) -> Changes {
+        let before = self.origin_epochs();
+        let mut ch = self.tree.block(a, b);
+        self.name_root_changes(&before, &mut ch);
+        ch
+    }
+
     /// Like [`Cluster::leave`], naming the roots and feeders as [`Cluster::join_fed`] does.
     pub fn leave_fed(&mut self, peer: PeerId) -> Changes {
         let before = self.origin_epochs();

@@ -370,6 +370,33 @@ impl Hierarchy {
         aff
     }
 
+    /// Two peers that cannot connect: when they share a cluster, they are never parent and
+    /// child there again ([`Cluster::block_fed`]). Links between tiers (a feeder and a root, mesh
+    /// neighbours) are not re-planned by a block yet: the cluster's roots are fed by whichever
+    /// feeders the region has.
+    pub fn block(&mut self, a: PeerId, b: PeerId) -> Changes {
+        let (Some(ca), Some(cb)) = (self.cluster_of(a), self.cluster_of(b)) else {
+            return Changes::default();
+        };
+        if ca != cb {
+            return Changes::default();
+        }
+        self.clusters
+            .get_mut(&ca)
+            .map(|c| c.block_fed(a, b))
+            .unwrap_or_default()
+    }
+
+    /// The cluster whose trees `peer` belongs to (`None` for a preferred node).
+    fn cluster_of(&self, peer: PeerId) -> Option<ClusterId> {
+        let info = self.peers.get(&peer)?;
+        match info.tier {
+            Tier::Preferred => None,
+            Tier::Middle => self.regions.get(&info.region).map(|r| r.middle),
+            Tier::Bottom => info.cluster,
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // Tiers
     // -----------------------------------------------------------------------------------------

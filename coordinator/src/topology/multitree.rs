@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::{PeerId, Source, SubstreamPlan};
 
+mod blocked;
 mod restore;
 #[cfg(test)]
 mod restore_tests;
@@ -166,6 +167,9 @@ pub struct MultiTree {
     /// Per-tree origin slots when they differ between trees ([`MultiTree::set_origin_fanouts`]);
     /// empty: `cfg.origin_fanout` in every tree.
     origin_fanouts: Vec<u32>,
+    /// Pairs of peers that cannot connect (symmetric): never parent and child in any tree
+    /// ([`MultiTree::block`], `multitree/blocked.rs`).
+    blocked: BTreeMap<PeerId, BTreeSet<PeerId>>,
 }
 
 impl MultiTree {
@@ -179,6 +183,7 @@ impl MultiTree {
             nodes: BTreeMap::new(),
             trees: vec![Tree::default(); cfg.k as usize],
             origin_fanouts: Vec::new(),
+            blocked: BTreeMap::new(),
         }
     }
 
@@ -377,6 +382,7 @@ impl MultiTree {
         for t in 0..self.trees.len() {
             self.refill(t, &mut aff);
         }
+        self.forget_blocks(peer);
         aff.remove(&peer);
         Changes { affected: aff }
     }
@@ -402,7 +408,10 @@ impl MultiTree {
         let mut displaced = Vec::new();
         let mut replacement = None;
         if !forwarders.is_empty() {
-            if let Some(f) = self.bottom_forwarder(t, forwarders.len(), old_parent) {
+            let f = self
+                .bottom_forwarder(t, forwarders.len(), old_parent)
+                .filter(|f| old_parent.is_none_or(|q| !self.is_blocked(*f, q)));
+            if let Some(f) = f {
                 forwarders.retain(|c| *c != f);
                 // `f` moves with its leaves still attached; it gives up only as many of them as
                 // it needs slots for the orphaned forwarders (which have subtrees, so they come
@@ -424,7 +433,7 @@ impl MultiTree {
                 self.attach(t, f, old_parent, aff);
                 // Adopted children keep their depth: `attach` renumbers nothing.
                 forwarders.retain(|c| {
-                    if self.has_room(t, f) {
+                    if self.has_room(t, f) && !self.is_blocked(*c, f) {
                         self.attach(t, *c, Some(f), aff);
                         false
                     } else {
@@ -463,13 +472,19 @@ impl MultiTree {
         let neighbour = self.nodes.get(&x).and_then(|n| {
             n.children
                 .iter()
-                .filter(|c| self.has_room(t, **c) && self.reaches_origin_avoiding(t, **c, x))
+                .filter(|c| {
+                    self.has_room(t, **c)
+                        && !self.is_blocked(x, **c)
+                        && self.reaches_origin_avoiding(t, **c, x)
+                })
                 .filter_map(|c| Some((self.nodes.get(c)?.links[t].depth, *c)))
                 .min()
         });
         match (neighbour, replacement) {
             (Some((_, q)), _) => self.attach(t, x, Some(q), aff),
-            (None, Some(f)) if self.has_room(t, f) => self.attach(t, x, Some(f), aff),
+            (None, Some(f)) if self.has_room(t, f) && !self.is_blocked(x, f) => {
+                self.attach(t, x, Some(f), aff)
+            }
             (None, _) => self.place_leaf(t, x, aff),
         }
     }
@@ -870,9 +885,8 @@ impl MultiTree {
         has_subtree: bool,
         aff: &mut BTreeSet<PeerId>,
     ) {
-        let moving = has_subtree.then_some(x);
-        let free = self.first_valid(t, Index::Free, moving);
-        let leafy = self.first_valid(t, Index::WithLeaf, moving);
+        let free = self.first_valid(t, Index::Free, x, has_subtree);
+        let leafy = self.first_valid(t, Index::WithLeaf, x, has_subtree);
         // A moved subtree keeps its depth best under a free origin slot: repairs use the
         // origin's budget rather than push a whole subtree deeper. (A joiner has no subtree, so
         // it never takes one: the origin should feed as few peers as possible.)
@@ -902,10 +916,11 @@ impl MultiTree {
                     self.attach(t, x, None, aff);
                     return;
                 };
-                // Take the leaf's place and adopt it (or re-home it if we are already full).
+                // Take the leaf's place and adopt it (or re-home it if we are already full, or
+                // the two cannot connect).
                 self.detach(t, leaf, aff);
                 self.attach(t, x, Some(q), aff);
-                if self.has_room(t, x) {
+                if self.has_room(t, x) && !self.is_blocked(x, leaf) {
                     self.attach(t, leaf, Some(x), aff);
                 } else {
                     self.place_leaf(t, leaf, aff);
@@ -919,16 +934,14 @@ impl MultiTree {
     fn place_leaf(&mut self, t: usize, x: PeerId, aff: &mut BTreeSet<PeerId>) {
         // A leaf has no subtree, so any free slot is safe, even one inside a subtree that is
         // itself still being re-attached: its depth is renumbered when that subtree moves.
-        let parent = self.trees[t].free.first().map(|(_, q)| *q);
+        let parent = self.first_free_for(t, x);
         self.attach(t, x, parent, aff);
     }
 
     /// Moves leaves the origin feeds under interior nodes with free slots.
     fn refill(&mut self, t: usize, aff: &mut BTreeSet<PeerId>) {
         loop {
-            let tree = &self.trees[t];
-            let (Some(&leaf), Some(&(_, q))) = (tree.origin_leaves.first(), tree.free.first())
-            else {
+            let Some((leaf, q)) = self.refill_pair(t) else {
                 return;
             };
             self.detach(t, leaf, aff);
@@ -936,20 +949,30 @@ impl MultiTree {
         }
     }
 
-    /// Shallowest entry of an index that is connected to the origin and not inside the subtree
-    /// of `moving` (no check when `moving` is `None`: nothing is detached then).
-    fn first_valid(&self, t: usize, index: Index, moving: Option<PeerId>) -> Option<(u32, PeerId)> {
+    /// Shallowest entry of an index that can take `x`: not blocked with it and, when `x` moves
+    /// with its subtree (`moving`), connected to the origin outside that subtree.
+    fn first_valid(
+        &self,
+        t: usize,
+        index: Index,
+        x: PeerId,
+        moving: bool,
+    ) -> Option<(u32, PeerId)> {
         let tree = &self.trees[t];
         let set = match index {
             Index::Free => &tree.free,
             Index::WithLeaf => &tree.with_leaf,
         };
-        let Some(moving) = moving else {
+        let unblocked = !self.blocked.contains_key(&x);
+        if !moving && unblocked {
             return set.first().copied();
-        };
+        }
         set.iter()
             .take(MAX_SCAN)
-            .find(|(_, q)| self.reaches_origin_avoiding(t, *q, moving))
+            .find(|(_, q)| {
+                (unblocked || !self.is_blocked(x, *q))
+                    && (!moving || self.reaches_origin_avoiding(t, *q, x))
+            })
             .copied()
     }
 

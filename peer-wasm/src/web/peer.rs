@@ -100,6 +100,8 @@ struct Inner {
     last_heartbeat: f64,
     heartbeat_bytes: u64,
     heartbeats_sent: u64,
+    /// Data channels that never opened, reported to the control center.
+    links_failed: u64,
     tick: Option<(i32, Closure<dyn FnMut()>)>,
     errors: Vec<String>,
     destroyed: bool,
@@ -324,6 +326,7 @@ impl Inner {
                 last_heartbeat: 0.0,
                 heartbeat_bytes: 0,
                 heartbeats_sent: 0,
+                links_failed: 0,
                 tick: None,
                 errors: Vec::new(),
                 destroyed: false,
@@ -645,6 +648,7 @@ impl Inner {
         let sink = Rc::new(move |ev: LinkEvent| with(&me, |i| i.on_link_event(ev)));
         match Link::new(peer, &self.ice_servers, sink) {
             Ok(mut link) => {
+                link.created_ms = now_ms();
                 if offer {
                     link.offer();
                 }
@@ -681,8 +685,13 @@ impl Inner {
             }
             LinkEvent::Closed(peer) => {
                 // The engine keeps the plan; missing packets come from the origin until the
-                // control center (which sees the departure) sends new instructions.
-                self.links.remove(&peer);
+                // control center (which sees the departure) sends new instructions. A link that
+                // never opened is reported: the control center pairs us with someone else.
+                if let Some(link) = self.links.remove(&peer) {
+                    if link.opened_ms.is_none() {
+                        self.link_failed(peer);
+                    }
+                }
             }
         }
     }
@@ -708,9 +717,28 @@ impl Inner {
         });
     }
 
+    /// A data channel with `peer` never opened: tell the control center, which never pairs the
+    /// two of us again.
+    fn link_failed(&mut self, peer: PeerId) {
+        self.links_failed += 1;
+        self.send_ctrl(&ClientMsg::LinkFailed { peer });
+    }
+
     fn on_tick(&mut self) {
         self.feed(Input::Tick);
         let now = now_ms();
+        let stuck: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.opened_ms.is_none() && now - l.created_ms > crate::web::rtc::LINK_OPEN_TIMEOUT_MS
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in stuck {
+            self.links.remove(&peer);
+            self.link_failed(peer);
+        }
         if let Some(w) = &self.welcome {
             // A stuck upload queue is reported at once, so children are moved before their
             // buffers drain.
@@ -835,6 +863,7 @@ impl Inner {
             },
             past_links: self.engine.past_links(),
             heartbeats_sent: self.heartbeats_sent,
+            links_failed: self.links_failed,
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),
             region: self.engine.tier_plan().map(|t| t.region.clone()),

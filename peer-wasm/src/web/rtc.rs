@@ -56,6 +56,10 @@ impl Drop for ChannelHandlers {
     }
 }
 
+/// A data channel that has not opened this long after its link was created never will: two
+/// peers behind endpoint-dependent NATs, or UDP blocked. Under load a channel opens in 0.3-1.5 s.
+pub(crate) const LINK_OPEN_TIMEOUT_MS: f64 = 10_000.0;
+
 pub(crate) struct Link {
     peer: PeerId,
     pc: RtcPeerConnection,
@@ -65,6 +69,9 @@ pub(crate) struct Link {
     pub(crate) dropped: u64,
     /// When the data channel opened (wall clock ms), for statistics.
     pub(crate) opened_ms: Option<f64>,
+    /// When the link was created (wall clock ms): one that has not opened within
+    /// [`LINK_OPEN_TIMEOUT_MS`] is reported to the control center as failed.
+    pub(crate) created_ms: f64,
     _on_ice: Closure<dyn FnMut(RtcPeerConnectionIceEvent)>,
     _on_dc: Closure<dyn FnMut(RtcDataChannelEvent)>,
     _on_state: Closure<dyn FnMut()>,
@@ -118,6 +125,7 @@ impl Link {
             sink,
             dropped: 0,
             opened_ms: None,
+            created_ms: 0.0,
             _on_ice: on_ice,
             _on_dc: on_dc,
             _on_state: on_state,
