@@ -200,7 +200,11 @@ impl RunConfig {
         }
         let end = self.seconds * 1_000_000;
         if self.throttle > 0 {
-            w.q.at(end / 3, Ev::Throttle(self.throttle));
+            // At a seeded point of the fragment cycle (fragments are cut on whole multiples of
+            // `fragment_ms`): right after a fragment, a throttle shows at once; right before
+            // the next, only with it.
+            let phase = rng.below(u64::from(self.fragment_ms) * 1000);
+            w.q.at(end / 3 + phase, Ev::Throttle(self.throttle));
         }
         match self.scenario {
             Scenario::Churn if self.churn_pct > 0.0 => {
