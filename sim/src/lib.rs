@@ -24,6 +24,8 @@ pub mod playout;
 pub mod queue;
 pub mod report;
 pub mod scenario;
+mod server;
+mod transport;
 pub mod wire;
 pub mod world;
 

@@ -4,7 +4,6 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
 use protocol::{Heartbeat, PeerId};
 
 use crate::control::{Control, ControlConfig, Down};
@@ -12,7 +11,7 @@ use crate::dist::Rng;
 use crate::links::Links;
 use crate::net::NetConfig;
 use crate::origin::{OriginConfig, SyntheticOrigin};
-use crate::peer::{id_of, index_of, SimPeer, TICK_MS};
+use crate::peer::{index_of, SimPeer, TICK_MS};
 use crate::queue::{ms, us, EventQueue, Micros};
 use crate::wire::Wire;
 
@@ -21,7 +20,7 @@ use crate::wire::Wire;
 pub const EPOCH_MS: f64 = 1_000_000.0;
 
 /// Control frames' size on the wire when small (WebSocket framing + JSON), bytes.
-const CTRL_BYTES: usize = 300;
+pub(crate) const CTRL_BYTES: usize = 300;
 
 /// What a peer sends to the control center.
 pub enum Up {
@@ -105,7 +104,7 @@ pub struct World {
     pub control: Control,
     pub rng: Rng,
     pub totals: Totals,
-    coord_timer: Option<Micros>,
+    pub(crate) coord_timer: Option<Micros>,
     /// The last shared text message parsed (many peers get the same `Arc<str>`).
     text_cache: Option<(std::sync::Arc<str>, protocol::ServerMsg)>,
 }
@@ -137,7 +136,7 @@ impl World {
         EPOCH_MS + ms(self.q.now())
     }
 
-    fn now_ms_u64(&self) -> u64 {
+    pub(crate) fn now_ms_u64(&self) -> u64 {
         self.now_ms() as u64
     }
 
@@ -193,113 +192,6 @@ impl World {
             }
         }
     }
-
-    // --- control plane -------------------------------------------------------------------
-
-    /// Sends `up` from peer `i` to the control center (ordered, through the peer's uplink).
-    pub(crate) fn send_up(&mut self, i: u32, up: Up, bytes: usize) {
-        let now = self.q.now();
-        let p = &self.peers[i as usize];
-        let (kbps, one_way) = (p.net.up_kbps, self.cfg.net.server_ms(&p.net));
-        let left = self.wire.uplink(i as usize, bytes, now, kbps);
-        let at = (left + us(one_way)).max(self.peers[i as usize].ctrl_up_last);
-        self.peers[i as usize].ctrl_up_last = at;
-        self.q.at(at, Ev::AtServer(i, up));
-    }
-
-    fn send_down(&mut self, i: u32, down: Down) {
-        if !self.peers.get(i as usize).is_some_and(|p| p.alive) {
-            return;
-        }
-        let bytes = match &down {
-            Down::Packet(b) => {
-                self.totals.origin_push_bytes += b.len() as u64;
-                self.count_egress(b.len());
-                b.len()
-            }
-            Down::Text(t) => t.len(),
-            _ => CTRL_BYTES,
-        };
-        let now = self.q.now();
-        let p = &self.peers[i as usize];
-        let arrive = now + us(self.cfg.net.server_ms(&p.net));
-        let done = self
-            .wire
-            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
-        let at = done.max(p.ctrl_down_last);
-        self.peers[i as usize].ctrl_down_last = at;
-        self.q.at(at, Ev::AtPeer(i, down));
-    }
-
-    fn count_egress(&mut self, bytes: usize) {
-        let s = (self.q.now() / 1_000_000) as usize;
-        if self.totals.egress_per_s.len() <= s {
-            self.totals.egress_per_s.resize(s + 1, 0);
-        }
-        self.totals.egress_per_s[s] += bytes as u64;
-    }
-
-    fn at_server(&mut self, i: u32, up: Up) {
-        let now = self.now_ms_u64();
-        let id = id_of(i as usize);
-        match up {
-            Up::Join => {
-                if !self.peers[i as usize].alive {
-                    return;
-                }
-                let Some((start, live)) = self.origin.live_position() else {
-                    self.totals.server_errors += 1;
-                    return;
-                };
-                // The session sends the Welcome before the DCM hears of the join.
-                let welcome = self.control.welcome(id, start, live);
-                self.send_down(i, Down::Msg(Box::new(welcome)));
-                let net = self.peers[i as usize].net;
-                self.control.join(id, net.declared_kbps, net.region, now);
-            }
-            Up::Heartbeat(hb) => {
-                if self.peers[i as usize].alive {
-                    self.control.heartbeat(id, hb, now);
-                }
-            }
-            Up::Leave => self.control.leave(id, now),
-            Up::LinkFailed(other) => self.control.link_failed(id, other, now),
-        }
-        self.drain_control();
-    }
-
-    /// Routes every output of the coordinator and re-arms its timer.
-    pub(crate) fn drain_control(&mut self) {
-        while let Some((peer, down)) = self.control.poll_output() {
-            if let Some(i) = index_of(peer) {
-                if matches!(down, Down::Close) {
-                    self.totals.closed_by_server += 1;
-                }
-                self.send_down(i as u32, down);
-            }
-        }
-        if let Some(t) = self.control.poll_timeout() {
-            let at = us((t as f64 - EPOCH_MS).max(0.0));
-            if self.coord_timer.is_none_or(|c| at < c) {
-                self.coord_timer = Some(at);
-                self.q.at(at, Ev::CoordTimeout);
-            }
-        }
-    }
-
-    fn on_fragment(&mut self) {
-        let now = self.now_ms_u64();
-        let seqs = self.origin.cut(now);
-        let packets: Vec<(u64, Bytes)> = seqs
-            .filter_map(|s| self.origin.packet(s).map(|p| (s, p.bytes.clone())))
-            .collect();
-        self.control.packets(packets, now);
-        self.drain_control();
-        self.q
-            .after(u64::from(self.origin.cfg.fragment_ms) * 1000, Ev::Fragment);
-    }
-
-    // --- peers ---------------------------------------------------------------------------
 
     fn on_join(&mut self, i: u32) {
         let p = &mut self.peers[i as usize];
@@ -401,7 +293,6 @@ impl World {
                 live_seq,
                 ..
             } => {
-                let now = self.now_ms();
                 let p = &mut self.peers[i as usize];
                 p.heartbeat_ms = Some(f64::from(heartbeat_ms));
                 p.run_start = start_seq;
@@ -420,7 +311,6 @@ impl World {
                     self.q.after(phase, Ev::Tick(i));
                 } else {
                     // Control-only: heartbeats only, at their interval.
-                    let _ = now;
                     self.q.after(phase, Ev::Tick(i));
                 }
             }
@@ -444,117 +334,6 @@ impl World {
             // Signals are not simulated (links are set up directly); relays are not recruited
             // across channels in a one-channel run.
             ServerMsg::Signal { .. } | ServerMsg::Recruit { .. } => {}
-        }
-    }
-
-    fn on_link_open(&mut self, a: u32, b: u32, gen: u32) {
-        let now = self.q.now();
-        let alive = |w: &World, x: u32| w.peers.get(x as usize).is_some_and(|p| p.alive);
-        if !alive(self, a) || !alive(self, b) {
-            self.links.close(a, b);
-            return;
-        }
-        let started = self.links.get(a, b).and_then(|l| l.started);
-        let Some(waiting) = self.links.open(a, b, gen, now) else {
-            return;
-        };
-        self.totals.links_opened += 1;
-        if let Some(s) = started {
-            self.totals.setup_ms.push(ms(now - s));
-        }
-        let (lo, hi) = (a.min(b), a.max(b));
-        let [low_to_high, high_to_low] = waiting;
-        for p in low_to_high {
-            self.transmit(lo, hi, gen, p);
-        }
-        for p in high_to_low {
-            self.transmit(hi, lo, gen, p);
-        }
-    }
-
-    fn on_link_fail(&mut self, a: u32, b: u32, gen: u32) {
-        if !self.links.fail(a, b, gen) {
-            return;
-        }
-        self.totals.link_failures += 1;
-        // Both ends see ICE fail; each tells the control center (see `Control::link_failed`).
-        for (me, other) in [(a, b), (b, a)] {
-            if self.peers[me as usize].alive {
-                self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);
-            }
-        }
-    }
-
-    /// Puts `packet` on the open link `from -> to`.
-    pub(crate) fn transmit(&mut self, from: u32, to: u32, gen: u32, packet: Rc<Vec<u8>>) {
-        let now = self.q.now();
-        let (fnet, tnet) = (self.peers[from as usize].net, self.peers[to as usize].net);
-        let one_way = self.cfg.net.path_ms(&fnet, &tnet);
-        let left = self
-            .wire
-            .uplink(from as usize, packet.len(), now, fnet.up_kbps);
-        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
-        let arrive = left + us(one_way + lost);
-        let ordered = self.links.order(from, to, arrive);
-        let done = self
-            .wire
-            .downlink(to as usize, packet.len(), ordered, tnet.down_kbps);
-        let done = self.links.order(from, to, done);
-        self.q.at(
-            done,
-            Ev::Data {
-                to,
-                from,
-                gen,
-                packet,
-            },
-        );
-    }
-
-    fn on_data(&mut self, to: u32, from: u32, gen: u32, packet: &Rc<Vec<u8>>) {
-        if !self.links.current(to, from, gen) || !self.peers[to as usize].alive {
-            return;
-        }
-        self.feed_packet(
-            to,
-            peer_wasm::engine::From::Peer(id_of(from as usize)),
-            packet,
-        );
-    }
-
-    fn fetch_at_origin(&mut self, i: u32, seq: u64) {
-        let reply = match self.origin.fetch(seq) {
-            crate::origin::Fetched::Packet(p) => FetchReply::Packet(p.rc.clone()),
-            crate::origin::Fetched::NotYet => FetchReply::NotYet,
-            crate::origin::Fetched::Gone => FetchReply::Gone,
-        };
-        let bytes = match &reply {
-            FetchReply::Packet(b) => b.len(),
-            _ => CTRL_BYTES,
-        };
-        if let FetchReply::Packet(b) = &reply {
-            self.totals.origin_fetch_bytes += b.len() as u64;
-            self.count_egress(b.len());
-        }
-        let p = &self.peers[i as usize];
-        let one_way = self.cfg.net.server_ms(&p.net);
-        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
-        let arrive = self.q.now() + us(one_way + lost);
-        let done = self
-            .wire
-            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
-        self.q.at(done, Ev::Fetched(i, seq, reply));
-    }
-
-    fn on_fetched(&mut self, i: u32, seq: u64, reply: FetchReply) {
-        use peer_wasm::engine::Input;
-        if !self.peers[i as usize].alive {
-            return;
-        }
-        match reply {
-            FetchReply::Packet(p) => self.feed_packet(i, peer_wasm::engine::From::OriginFetch, &p),
-            FetchReply::NotYet => self.feed(i, Input::FetchFailed { seq, gone: false }),
-            FetchReply::Gone => self.feed(i, Input::FetchFailed { seq, gone: true }),
         }
     }
 

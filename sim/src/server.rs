@@ -1,0 +1,136 @@
+//! The server side of the world: the control connection in both directions (ordered, with
+//! delay, through the peer's access link), the coordinator's outputs, the origin cutting
+//! fragments, and fallback fetches answered at the origin.
+
+use bytes::Bytes;
+
+use crate::control::Down;
+use crate::peer::{id_of, index_of};
+use crate::queue::us;
+use crate::world::{Ev, FetchReply, Up, World, CTRL_BYTES, EPOCH_MS};
+
+impl World {
+    /// Sends `up` from peer `i` to the control center (ordered, through the peer's uplink).
+    pub(crate) fn send_up(&mut self, i: u32, up: Up, bytes: usize) {
+        let now = self.q.now();
+        let p = &self.peers[i as usize];
+        let (kbps, one_way) = (p.net.up_kbps, self.cfg.net.server_ms(&p.net));
+        let left = self.wire.uplink(i as usize, bytes, now, kbps);
+        let at = (left + us(one_way)).max(self.peers[i as usize].ctrl_up_last);
+        self.peers[i as usize].ctrl_up_last = at;
+        self.q.at(at, Ev::AtServer(i, up));
+    }
+
+    pub(crate) fn send_down(&mut self, i: u32, down: Down) {
+        if !self.peers.get(i as usize).is_some_and(|p| p.alive) {
+            return;
+        }
+        let bytes = match &down {
+            Down::Packet(b) => {
+                self.totals.origin_push_bytes += b.len() as u64;
+                self.count_egress(b.len());
+                b.len()
+            }
+            Down::Text(t) => t.len(),
+            _ => CTRL_BYTES,
+        };
+        let now = self.q.now();
+        let p = &self.peers[i as usize];
+        let arrive = now + us(self.cfg.net.server_ms(&p.net));
+        let done = self
+            .wire
+            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
+        let at = done.max(p.ctrl_down_last);
+        self.peers[i as usize].ctrl_down_last = at;
+        self.q.at(at, Ev::AtPeer(i, down));
+    }
+
+    pub(crate) fn count_egress(&mut self, bytes: usize) {
+        let s = (self.q.now() / 1_000_000) as usize;
+        if self.totals.egress_per_s.len() <= s {
+            self.totals.egress_per_s.resize(s + 1, 0);
+        }
+        self.totals.egress_per_s[s] += bytes as u64;
+    }
+
+    pub(crate) fn at_server(&mut self, i: u32, up: Up) {
+        let now = self.now_ms_u64();
+        let id = id_of(i as usize);
+        match up {
+            Up::Join => {
+                if !self.peers[i as usize].alive {
+                    return;
+                }
+                let Some((start, live)) = self.origin.live_position() else {
+                    self.totals.server_errors += 1;
+                    return;
+                };
+                // The session sends the Welcome before the DCM hears of the join.
+                let welcome = self.control.welcome(id, start, live);
+                self.send_down(i, Down::Msg(Box::new(welcome)));
+                let net = self.peers[i as usize].net;
+                self.control.join(id, net.declared_kbps, net.region, now);
+            }
+            Up::Heartbeat(hb) => {
+                if self.peers[i as usize].alive {
+                    self.control.heartbeat(id, hb, now);
+                }
+            }
+            Up::Leave => self.control.leave(id, now),
+            Up::LinkFailed(other) => self.control.link_failed(id, other, now),
+        }
+        self.drain_control();
+    }
+
+    /// Routes every output of the coordinator and re-arms its timer.
+    pub(crate) fn drain_control(&mut self) {
+        while let Some((peer, down)) = self.control.poll_output() {
+            if let Some(i) = index_of(peer) {
+                self.send_down(i as u32, down);
+            }
+        }
+        if let Some(t) = self.control.poll_timeout() {
+            let at = us((t as f64 - EPOCH_MS).max(0.0));
+            if self.coord_timer.is_none_or(|c| at < c) {
+                self.coord_timer = Some(at);
+                self.q.at(at, Ev::CoordTimeout);
+            }
+        }
+    }
+
+    pub(crate) fn on_fragment(&mut self) {
+        let now = self.now_ms_u64();
+        let seqs = self.origin.cut(now);
+        let packets: Vec<(u64, Bytes)> = seqs
+            .filter_map(|s| self.origin.packet(s).map(|p| (s, p.bytes.clone())))
+            .collect();
+        self.control.packets(packets, now);
+        self.drain_control();
+        self.q
+            .after(u64::from(self.origin.cfg.fragment_ms) * 1000, Ev::Fragment);
+    }
+
+    pub(crate) fn fetch_at_origin(&mut self, i: u32, seq: u64) {
+        let reply = match self.origin.fetch(seq) {
+            crate::origin::Fetched::Packet(p) => FetchReply::Packet(p.rc.clone()),
+            crate::origin::Fetched::NotYet => FetchReply::NotYet,
+            crate::origin::Fetched::Gone => FetchReply::Gone,
+        };
+        let bytes = match &reply {
+            FetchReply::Packet(b) => b.len(),
+            _ => CTRL_BYTES,
+        };
+        if let FetchReply::Packet(b) = &reply {
+            self.totals.origin_fetch_bytes += b.len() as u64;
+            self.count_egress(b.len());
+        }
+        let p = &self.peers[i as usize];
+        let one_way = self.cfg.net.server_ms(&p.net);
+        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
+        let arrive = self.q.now() + us(one_way + lost);
+        let done = self
+            .wire
+            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
+        self.q.at(done, Ev::Fetched(i, seq, reply));
+    }
+}

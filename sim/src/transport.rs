@@ -1,0 +1,97 @@
+//! Data channels at work: opening (or failing) after set-up, packets on the wire between
+//! peers, and the replies of fallback fetches reaching the peer.
+
+use std::rc::Rc;
+
+use crate::peer::id_of;
+use crate::queue::{ms, us};
+use crate::world::{Ev, FetchReply, Up, World, CTRL_BYTES};
+
+impl World {
+    pub(crate) fn on_link_open(&mut self, a: u32, b: u32, gen: u32) {
+        let now = self.q.now();
+        let alive = |w: &World, x: u32| w.peers.get(x as usize).is_some_and(|p| p.alive);
+        if !alive(self, a) || !alive(self, b) {
+            self.links.close(a, b);
+            return;
+        }
+        let started = self.links.get(a, b).and_then(|l| l.started);
+        let Some(waiting) = self.links.open(a, b, gen, now) else {
+            return;
+        };
+        self.totals.links_opened += 1;
+        if let Some(s) = started {
+            self.totals.setup_ms.push(ms(now - s));
+        }
+        let (lo, hi) = (a.min(b), a.max(b));
+        let [low_to_high, high_to_low] = waiting;
+        for p in low_to_high {
+            self.transmit(lo, hi, gen, p);
+        }
+        for p in high_to_low {
+            self.transmit(hi, lo, gen, p);
+        }
+    }
+
+    pub(crate) fn on_link_fail(&mut self, a: u32, b: u32, gen: u32) {
+        if !self.links.fail(a, b, gen) {
+            return;
+        }
+        self.totals.link_failures += 1;
+        // Both ends see ICE fail; each tells the control center (see `Control::link_failed`).
+        for (me, other) in [(a, b), (b, a)] {
+            if self.peers[me as usize].alive {
+                self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);
+            }
+        }
+    }
+
+    /// Puts `packet` on the open link `from -> to`.
+    pub(crate) fn transmit(&mut self, from: u32, to: u32, gen: u32, packet: Rc<Vec<u8>>) {
+        let now = self.q.now();
+        let (fnet, tnet) = (self.peers[from as usize].net, self.peers[to as usize].net);
+        let one_way = self.cfg.net.path_ms(&fnet, &tnet);
+        let left = self
+            .wire
+            .uplink(from as usize, packet.len(), now, fnet.up_kbps);
+        let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
+        let arrive = left + us(one_way + lost);
+        let ordered = self.links.order(from, to, arrive);
+        let done = self
+            .wire
+            .downlink(to as usize, packet.len(), ordered, tnet.down_kbps);
+        let done = self.links.order(from, to, done);
+        self.q.at(
+            done,
+            Ev::Data {
+                to,
+                from,
+                gen,
+                packet,
+            },
+        );
+    }
+
+    pub(crate) fn on_data(&mut self, to: u32, from: u32, gen: u32, packet: &Rc<Vec<u8>>) {
+        if !self.links.current(to, from, gen) || !self.peers[to as usize].alive {
+            return;
+        }
+        self.feed_packet(
+            to,
+            peer_wasm::engine::From::Peer(id_of(from as usize)),
+            packet,
+        );
+    }
+
+    pub(crate) fn on_fetched(&mut self, i: u32, seq: u64, reply: FetchReply) {
+        use peer_wasm::engine::Input;
+        if !self.peers[i as usize].alive {
+            return;
+        }
+        match reply {
+            FetchReply::Packet(p) => self.feed_packet(i, peer_wasm::engine::From::OriginFetch, &p),
+            FetchReply::NotYet => self.feed(i, Input::FetchFailed { seq, gone: false }),
+            FetchReply::Gone => self.feed(i, Input::FetchFailed { seq, gone: true }),
+        }
+    }
+}
