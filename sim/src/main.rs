@@ -57,6 +57,10 @@ struct Args {
     /// machine, for calibration).
     #[arg(long, value_enum, default_value_t = Network::Internet)]
     network: Network,
+    /// The origin releases each fragment's packets evenly over the next fragment duration
+    /// instead of all at once (a design option to evaluate; the real origin bursts).
+    #[arg(long)]
+    pace: bool,
     /// Relaying peers whose upload is cut to a fifth of their load a third into the run.
     #[arg(long, default_value_t = 0)]
     throttle: usize,
@@ -109,6 +113,7 @@ fn real_main() -> Result<()> {
         upload_kbps: a.upload_kbps,
         throttle: a.throttle,
         network: a.network,
+        pace: a.pace,
         ..RunConfig::new(a.peers, a.seconds, a.scenario)
     };
     if let Err(e) = cfg.validate() {

@@ -25,6 +25,10 @@ pub struct OriginConfig {
     pub k: u32,
     /// Packets kept for fallback fetches (the server's `window_packets`).
     pub window: u64,
+    /// Release a fragment's packets evenly over the next `fragment_ms` instead of all at once
+    /// (what an origin pacing its output, or chunked encoding, would do). Off: the real
+    /// origin's behaviour.
+    pub pace: bool,
 }
 
 pub struct OriginPacket {
@@ -46,6 +50,8 @@ pub struct SyntheticOrigin {
     packets: Vec<OriginPacket>,
     /// First sequence number of each fragment, in order.
     fragment_starts: Vec<u64>,
+    /// Packets released so far (visible to fetches, Welcomes and the coordinator).
+    released: u64,
     rng: Rng,
 }
 
@@ -55,6 +61,7 @@ impl SyntheticOrigin {
             cfg,
             packets: Vec::new(),
             fragment_starts: Vec::new(),
+            released: 0,
             rng: Rng::stream(seed, 0x0819),
         }
     }
@@ -101,7 +108,15 @@ impl SyntheticOrigin {
             });
         }
         self.fragment_starts.push(first);
+        if !self.cfg.pace {
+            self.released = first + n as u64;
+        }
         first..first + n as u64
+    }
+
+    /// Makes packets up to `seq` visible (paced origin).
+    pub fn release(&mut self, seq: u64) {
+        self.released = self.released.max((seq + 1).min(self.packets.len() as u64));
     }
 
     pub fn packet(&self, seq: u64) -> Option<&OriginPacket> {
@@ -111,12 +126,13 @@ impl SyntheticOrigin {
     /// `(start_seq, live_seq)` for a Welcome: the newest random-access point and the newest
     /// packet; `None` before the first fragment.
     pub fn live_position(&self) -> Option<(u64, u64)> {
-        let start = *self.fragment_starts.last()?;
-        Some((start, self.packets.len() as u64 - 1))
+        let live = self.released.checked_sub(1)?;
+        let start = *self.fragment_starts.iter().rev().find(|s| **s <= live)?;
+        Some((start, live))
     }
 
     pub fn fetch(&self, seq: u64) -> Fetched<'_> {
-        let produced = self.packets.len() as u64;
+        let produced = self.released;
         if seq >= produced {
             return Fetched::NotYet;
         }
@@ -146,8 +162,9 @@ impl SyntheticOrigin {
         (seq + 1) % self.packets_per_fragment().max(1) == 0
     }
 
+    /// Packets released so far.
     pub fn produced(&self) -> u64 {
-        self.packets.len() as u64
+        self.released
     }
 }
 
@@ -163,6 +180,7 @@ mod tests {
                 fragment_ms: 1000,
                 k,
                 window: 4096,
+                pace: false,
             },
             1,
         )
@@ -202,6 +220,7 @@ mod tests {
                 fragment_ms: 1000,
                 k: 4,
                 window: 4,
+                pace: false,
             },
             1,
         );
@@ -226,5 +245,28 @@ mod tests {
         }
         assert_eq!(o.range_hash(1, 3), Some(peer));
         assert_eq!(o.range_hash(1, 1000), None);
+    }
+
+    #[test]
+    fn a_paced_origin_shows_packets_as_they_are_released() {
+        let mut o = SyntheticOrigin::new(
+            OriginConfig {
+                stream_kbps: 1000,
+                fragment_ms: 1000,
+                k: 4,
+                window: 4096,
+                pace: true,
+            },
+            1,
+        );
+        assert_eq!(o.cut(0), 0..8);
+        assert_eq!(o.live_position(), None);
+        assert!(matches!(o.fetch(0), Fetched::NotYet));
+        o.release(2);
+        assert_eq!(o.live_position(), Some((0, 2)));
+        assert!(matches!(o.fetch(2), Fetched::Packet(_)));
+        assert!(matches!(o.fetch(3), Fetched::NotYet));
+        o.release(100);
+        assert_eq!(o.produced(), 8);
     }
 }

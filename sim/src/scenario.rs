@@ -65,6 +65,8 @@ pub struct RunConfig {
     /// (the browser swarm's `--throttle`).
     pub throttle: usize,
     pub network: Network,
+    /// The origin releases each fragment's packets evenly over the next fragment duration.
+    pub pace: bool,
 }
 
 impl RunConfig {
@@ -87,6 +89,7 @@ impl RunConfig {
             upload_kbps: None,
             throttle: 0,
             network: Network::Internet,
+            pace: false,
         }
     }
 
@@ -163,6 +166,7 @@ impl RunConfig {
                 fragment_ms: self.fragment_ms,
                 k: self.k,
                 window: 4096,
+                pace: self.pace,
             },
             control: ControlConfig {
                 channel: "sim".into(),

@@ -101,13 +101,30 @@ impl World {
     pub(crate) fn on_fragment(&mut self) {
         let now = self.now_ms_u64();
         let seqs = self.origin.cut(now);
-        let packets: Vec<(u64, Bytes)> = seqs
-            .filter_map(|s| self.origin.packet(s).map(|p| (s, p.bytes.clone())))
-            .collect();
-        self.control.packets(packets, now);
-        self.drain_control();
-        self.q
-            .after(u64::from(self.origin.cfg.fragment_ms) * 1000, Ev::Fragment);
+        let frag_us = u64::from(self.origin.cfg.fragment_ms) * 1000;
+        if self.origin.cfg.pace {
+            let n = (seqs.end - seqs.start).max(1);
+            for (i, seq) in seqs.enumerate() {
+                self.q.after(frag_us * i as u64 / n, Ev::Release(seq));
+            }
+        } else {
+            let packets: Vec<(u64, Bytes)> = seqs
+                .filter_map(|s| self.origin.packet(s).map(|p| (s, p.bytes.clone())))
+                .collect();
+            self.control.packets(packets, now);
+            self.drain_control();
+        }
+        self.q.after(frag_us, Ev::Fragment);
+    }
+
+    /// A paced origin releases packet `seq`.
+    pub(crate) fn on_release(&mut self, seq: u64) {
+        self.origin.release(seq);
+        if let Some(p) = self.origin.packet(seq) {
+            let packets = vec![(seq, p.bytes.clone())];
+            self.control.packets(packets, self.now_ms_u64());
+            self.drain_control();
+        }
     }
 
     pub(crate) fn fetch_at_origin(&mut self, i: u32, seq: u64) {

@@ -44,6 +44,8 @@ pub enum Ev {
     AtPeer(u32, Down),
     Tick(u32),
     Fragment,
+    /// A paced origin releases one packet.
+    Release(u64),
     LinkOpen(u32, u32, u32),
     LinkFail(u32, u32, u32),
     Data {
@@ -170,6 +172,7 @@ impl World {
             Ev::AtPeer(i, down) => self.at_peer(i, down),
             Ev::Tick(i) => self.on_tick(i),
             Ev::Fragment => self.on_fragment(),
+            Ev::Release(seq) => self.on_release(seq),
             Ev::LinkOpen(a, b, gen) => self.on_link_open(a, b, gen),
             Ev::LinkFail(a, b, gen) => self.on_link_fail(a, b, gen),
             Ev::Data {
