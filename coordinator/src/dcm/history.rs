@@ -3,9 +3,8 @@
 //! with, so a peer that declared more than it delivers stops being given children it cannot feed,
 //! and gets its capacity back, step by step, once it has behaved for a while (hysteresis).
 
-use std::collections::HashMap;
-
 use protocol::PeerId;
+use rustc_hash::FxHashMap;
 
 /// A capped peer regains capacity after this long without congestion.
 const RECOVER_AFTER_MS: u64 = 30_000;
@@ -27,7 +26,7 @@ struct Record {
 
 #[derive(Debug, Default)]
 pub struct History {
-    peers: HashMap<PeerId, Record>,
+    peers: FxHashMap<PeerId, Record>,
 }
 
 impl History {

@@ -24,7 +24,7 @@ pub mod snapshot;
 pub mod split;
 pub mod view;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use protocol::{ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, Source};
@@ -70,7 +70,7 @@ pub struct Dcm {
     planner: Planner,
     /// Peers the origin pushes to, and what (kept from the plans sent, so a packet costs a scan
     /// of the origin's direct children only).
-    origin_fed: HashMap<PeerId, Vec<Push>>,
+    origin_fed: FxHashMap<PeerId, Vec<Push>>,
     /// Substreams the origin pushes to children whose new peer parent is still connecting
     /// (make-before-break repair, see [`bridge`]).
     bridges: Bridges,
@@ -88,7 +88,7 @@ pub struct Dcm {
     congestion_log: VecDeque<CongestionRecord>,
     repair_log: VecDeque<RepairRecord>,
     /// When a child was last moved because of its own complaint (rate limit on moves).
-    last_moved: HashMap<PeerId, u64>,
+    last_moved: FxHashMap<PeerId, u64>,
     /// Set while a DCM that took over collects one round of heartbeats (server ms deadline).
     recovering_until: Option<u64>,
     /// Joins that arrived while recovering, placed once the topology is rebuilt.
@@ -100,7 +100,7 @@ pub struct Dcm {
     /// When spare peers were last offered to other channels (server ms).
     last_relay_round: u64,
     /// Live sessions sharing their page's upload with a download, and how.
-    splits: HashMap<PeerId, split::UploadSplit>,
+    splits: FxHashMap<PeerId, split::UploadSplit>,
     /// Peers sent every live-edge notice: new or re-planned ones until a heartbeat shows them
     /// fed, and those whose last heartbeat showed them behind. The others, fed by their
     /// parents, learn of new packets from the packets themselves and get one notice in
@@ -108,6 +108,8 @@ pub struct Dcm {
     edge_every: FxHashSet<PeerId>,
     /// Live-edge notices sent so far.
     edges: u64,
+    /// Peers offered to other channels as relays in the last relay round.
+    offered: FxHashSet<PeerId>,
     /// Work yielded a slice at a time (see [`Dcm::poll_output`]): with tens of thousands of
     /// peers a snapshot or a live-edge notice to a quarter of them takes tens of ms, and
     /// heartbeats queued behind it would wait that long.
@@ -155,7 +157,7 @@ impl Dcm {
                     max_fanout: cfg.max_fanout,
                 }),
             },
-            origin_fed: HashMap::new(),
+            origin_fed: FxHashMap::default(),
             bridges: Bridges::new(cfg.max_bridges),
             origin: origin::OriginPush::new(k),
             peers: FxHashMap::default(),
@@ -167,15 +169,16 @@ impl Dcm {
             link_since: FxHashMap::default(),
             congestion_log: VecDeque::new(),
             repair_log: VecDeque::new(),
-            last_moved: HashMap::new(),
+            last_moved: FxHashMap::default(),
             recovering_until: None,
             deferred_joins: Vec::new(),
             last_tick: None,
             last_reevaluation: 0,
             last_relay_round: 0,
-            splits: HashMap::new(),
+            splits: FxHashMap::default(),
             edge_every: FxHashSet::default(),
             edges: 0,
+            offered: FxHashSet::default(),
             background: VecDeque::new(),
             outputs: VecDeque::new(),
             stats: DcmStats::default(),
@@ -190,7 +193,7 @@ impl Dcm {
     pub fn take_over(
         cfg: DcmConfig,
         adopted: &[Adopted],
-        origin_fed: HashMap<PeerId, Vec<Push>>,
+        origin_fed: std::collections::HashMap<PeerId, Vec<Push>>,
         epoch: u64,
         now: u64,
     ) -> Self {
@@ -206,7 +209,7 @@ impl Dcm {
             );
             dcm.history.joined(a.peer, a.upload_kbps, now);
         }
-        dcm.origin_fed = origin_fed;
+        dcm.origin_fed = origin_fed.into_iter().collect();
         dcm.epoch = epoch;
         dcm.recovering_until = Some(now + dcm.heartbeat_ms * 3 / 2);
         tracing::warn!(channel = %dcm.name, peers = dcm.peers.len(), "DCM taking over; rebuilding the topology from heartbeats");
@@ -588,6 +591,7 @@ impl Dcm {
         self.view.remove(peer);
         self.detector.forget_peer(peer);
         self.edge_every.remove(&peer);
+        self.offered.remove(&peer);
         self.history.left(peer);
         self.splits.remove(&peer);
         self.last_moved.remove(&peer);
@@ -792,7 +796,15 @@ impl Dcm {
             need_kbps: stream.saturating_mul(3) / 2,
             ..RelayRound::default()
         };
+        let mut offered = FxHashSet::default();
         for (peer, e) in &self.peers {
+            let capacity =
+                placement_kbps(self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps));
+            // Only a peer that could spare a whole stream is worth building a plan for: with a
+            // million peers, every plan every round would cost seconds.
+            if capacity < stream || e.relay {
+                continue;
+            }
             let Some(plan) = self.planner.plan(*peer) else {
                 continue;
             };
@@ -800,15 +812,20 @@ impl Dcm {
             if plan.tier.as_ref().is_some_and(|t| !t.plays) {
                 continue;
             }
-            let capacity =
-                placement_kbps(self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps));
             let spare = capacity.saturating_sub(Planner::used_kbps(&plan, stream, self.k));
             if spare >= stream {
                 round.offers.push((*peer, e.region, spare));
-            } else {
-                round.withdrawals.push(*peer);
+                offered.insert(*peer);
             }
         }
+        // Withdrawn: offered last round, not now (peers that left are off the board already).
+        round.withdrawals = self
+            .offered
+            .iter()
+            .filter(|p| !offered.contains(*p) && self.peers.contains_key(*p))
+            .copied()
+            .collect();
+        self.offered = offered;
         // Deterministic order, whatever the map's.
         round.offers.sort_by_key(|o| o.0);
         round.withdrawals.sort();

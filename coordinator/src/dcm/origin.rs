@@ -1,7 +1,8 @@
 //! The origin's push decisions: which of the origin's new packets (and parity frames) go to which
 //! peer's control socket, and the live-edge notices that tell peers how far the stream is.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ pub(super) struct OriginPush {
     /// The newest packets, to code parity shards for coded roots the origin feeds itself.
     recent: VecDeque<(u64, Bytes)>,
     /// One Reed-Solomon coder per parity count in use.
-    fecs: HashMap<u32, protocol::fec::Fec>,
+    fecs: FxHashMap<u32, protocol::fec::Fec>,
 }
 
 impl OriginPush {
@@ -27,7 +28,7 @@ impl OriginPush {
             k,
             newest: vec![None; k as usize],
             recent: VecDeque::new(),
-            fecs: HashMap::new(),
+            fecs: FxHashMap::default(),
         }
     }
 
@@ -56,9 +57,9 @@ impl OriginPush {
         wanted: &BTreeSet<u32>,
         seq: u64,
         bytes: &Bytes,
-    ) -> HashMap<u32, Vec<Bytes>> {
+    ) -> FxHashMap<u32, Vec<Bytes>> {
         let k = u64::from(self.k);
-        let mut out = HashMap::new();
+        let mut out = FxHashMap::default();
         if wanted.is_empty() {
             self.recent.clear();
             return out;

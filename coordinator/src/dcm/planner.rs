@@ -4,7 +4,8 @@
 //! plans into the wire's [`ServerMsg::Instructions`](protocol::ServerMsg) and tells the DCM what
 //! the origin must push to whom.
 
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use protocol::{FecSpec, Feed, PeerId, Source, SubstreamPlan, TierName, TierPlan};
@@ -80,9 +81,9 @@ impl WirePlan {
 pub struct Tiered {
     h: Hierarchy,
     topo: Arc<TopologyConfig>,
-    regions: HashMap<PeerId, Region>,
+    regions: FxHashMap<PeerId, Region>,
     /// Recruited relays: re-placed as relays, never as viewers.
-    relays: std::collections::HashSet<PeerId>,
+    relays: rustc_hash::FxHashSet<PeerId>,
 }
 
 pub enum Planner {
@@ -121,7 +122,7 @@ impl Planner {
         Planner::Tiered(Box::new(Tiered {
             h,
             topo,
-            regions: HashMap::new(),
+            regions: FxHashMap::default(),
             relays: Default::default(),
         }))
     }

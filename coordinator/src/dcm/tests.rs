@@ -1,7 +1,7 @@
 //! The DCM driven directly, without sockets: events and time in, outputs routed into one
 //! queue per peer, as a driver would.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use protocol::{ChildLink, ParentLink, SubstreamPlan};
@@ -602,7 +602,7 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
         .keys()
         .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
         .collect();
-    let fed_before = h.dcm.origin_fed.clone();
+    let fed_before: HashMap<PeerId, Vec<Push>> = h.dcm.origin_fed.clone().into_iter().collect();
     for id in 1..=30 {
         h.latest_plan(id);
     }
@@ -634,7 +634,11 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
     assert!(next.recovering());
     assert_eq!(next.peers.len(), before.len());
     assert_eq!(
-        next.origin_fed, fed_before,
+        next.origin_fed
+            .clone()
+            .into_iter()
+            .collect::<HashMap<_, _>>(),
+        fed_before,
         "the origin keeps pushing meanwhile"
     );
     for (peer, plan) in &before {
@@ -665,7 +669,13 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
             "{peer}"
         );
     }
-    assert_eq!(next.origin_fed, fed_before);
+    assert_eq!(
+        next.origin_fed
+            .clone()
+            .into_iter()
+            .collect::<HashMap<_, _>>(),
+        fed_before
+    );
     // Nobody is told anything: every link is as it was.
     for id in 1..=30 {
         assert!(

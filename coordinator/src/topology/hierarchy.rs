@@ -30,7 +30,8 @@
 //! Peers whose upload is more than `max_fanout` units are middle nodes: the bottom tier could not
 //! use their surplus.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::PeerId;
 use serde::Serialize;
@@ -180,7 +181,7 @@ pub struct Hierarchy {
     settings: BTreeMap<Region, RegionSettings>,
     regions: BTreeMap<Region, RegionState>,
     clusters: BTreeMap<ClusterId, Cluster>,
-    peers: HashMap<PeerId, PeerInfo>,
+    peers: FxHashMap<PeerId, PeerInfo>,
     next_cluster: u64,
 }
 
@@ -203,7 +204,7 @@ impl Hierarchy {
             settings: BTreeMap::new(),
             regions: BTreeMap::new(),
             clusters: BTreeMap::new(),
-            peers: HashMap::new(),
+            peers: FxHashMap::default(),
             next_cluster: 1,
         }
     }
@@ -1110,7 +1111,7 @@ impl Hierarchy {
         };
         let unit = self.unit();
         let mut starved: BTreeSet<PeerId> = BTreeSet::new();
-        let mut feeds_used: HashMap<MeshNodeOrPeer, u64> = HashMap::new();
+        let mut feeds_used: FxHashMap<MeshNodeOrPeer, u64> = FxHashMap::default();
         // Middle clusters first: bottom clusters inherit their feeders' shortfall.
         let mut ordered: Vec<&Cluster> = self.clusters.values().collect();
         ordered.sort_by_key(|c| matches!(c.kind, ClusterKind::Bottom { .. }));

@@ -26,7 +26,8 @@
 //! [`Cluster::root_feeds_needed`]: crate::topology::cluster::Cluster::root_feeds_needed
 //! [`MultiTree::build`]: crate::topology::MultiTree::build
 
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 
 use protocol::PeerId;
 
@@ -46,7 +47,8 @@ impl Hierarchy {
     /// Places many peers at once (see the module docs); a peer listed twice keeps its last entry.
     pub fn build(cfg: HierarchyConfig, peers: &[(PeerId, Region, u32, History)]) -> Self {
         let mut h = Hierarchy::new(cfg);
-        let mut latest: HashMap<PeerId, (Region, u32)> = HashMap::with_capacity(peers.len());
+        let mut latest: FxHashMap<PeerId, (Region, u32)> =
+            FxHashMap::with_capacity_and_hasher(peers.len(), Default::default());
         for (p, r, u, hist) in peers {
             latest.insert(*p, (*r, hist.effective_upload_kbps(*u)));
         }
