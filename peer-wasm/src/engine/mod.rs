@@ -53,6 +53,10 @@ pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 /// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
 const EARLY_PARENT_MS: f64 = 1000.0;
 
+/// Each packet from a peer lowers a substream's remembered lag by this factor (see
+/// `Engine::path_lag`): a tree that became shallower is trusted again within tens of packets.
+const PATH_LAG_DECAY: f64 = 0.9;
+
 /// Replaced parent links kept for statistics (a few moves per substream).
 const PAST_LINKS: usize = 32;
 
@@ -229,6 +233,12 @@ pub struct Engine {
     /// Per substream: when the origin's bridge first delivered it after the current (peer)
     /// parent was assigned: the server pushes a moved substream until the new link delivers.
     bridged: Vec<Option<f64>>,
+    /// Per substream: how much later than the others its packets arrive (ms, a decaying
+    /// maximum of how long a packet known to exist took to come from a peer). Trees differ in
+    /// depth and each hop's uplink serializes a fragment to its children one after another, so
+    /// a substream carried by a deeper tree is routinely late; its gaps wait that much longer
+    /// before the origin is asked, instead of fetching what is already on its way.
+    path_lag: Vec<f64>,
     /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
     /// when). A peer only sends a tree's packets to its children there, so this is a new parent
     /// whose instructions overtook ours (it primes us over a link that was already open).
@@ -272,6 +282,7 @@ impl Engine {
             parent_last: Vec::new(),
             parent_timing: Vec::new(),
             bridged: Vec::new(),
+            path_lag: Vec::new(),
             early_parent: Vec::new(),
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
@@ -347,6 +358,7 @@ impl Engine {
                 self.parent_last = vec![(None, None); self.k as usize];
                 self.parent_timing = vec![(now_ms, None); self.k as usize];
                 self.bridged = vec![None; self.k as usize];
+                self.path_lag = vec![0.0; self.k as usize];
                 self.next_deliver = Some(start_seq);
                 self.verified = Some(RangeHash::new(start_seq));
                 // Everything from the random-access point up to the live edge already exists:
@@ -699,7 +711,10 @@ impl Engine {
                 self.queue(to, &frame, Via::Feed(sub), report_seq);
             }
             self.note_exists(seq);
-            self.gaps.remove(&seq);
+            let known_since = self.gaps.remove(&seq);
+            if src.is_some() {
+                self.note_path_lag(seq, known_since);
+            }
             let rebuilt = self.tiers.assemble_packet(seq, &packet);
             self.held.insert(
                 seq,
@@ -753,9 +768,28 @@ impl Engine {
         self.highest_seen = Some(high.max(upto));
     }
 
+    /// A packet of `seq`'s substream came from a peer, `known_since` after the engine learnt
+    /// that it existed (`None`: before). The substream's lag rises at once to a late arrival
+    /// and decays by a tenth with each packet.
+    fn note_path_lag(&mut self, seq: u64, known_since: Option<f64>) {
+        let sub = protocol::substream_of(seq, self.k) as usize;
+        let sample = known_since.map_or(0.0, |t| (self.now - t).max(0.0));
+        if let Some(lag) = self.path_lag.get_mut(sub) {
+            *lag = sample.max(*lag * PATH_LAG_DECAY);
+        }
+    }
+
+    /// How long past `fallback_after_ms` a gap of `seq`'s substream waits for its tree: the
+    /// substream's usual lag, at most half the slack the playout delay leaves.
+    fn path_patience(&self, seq: u64) -> f64 {
+        let sub = protocol::substream_of(seq, self.k) as usize;
+        let cap = ((self.cfg.playout_delay_ms - self.cfg.fallback_after_ms) / 2.0).max(0.0);
+        self.path_lag.get(sub).copied().unwrap_or(0.0).min(cap)
+    }
+
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
     fn fetch_due(&self, seq: u64, t: f64) -> bool {
-        let waited = self.now - t;
+        let waited = self.now - t - self.path_patience(seq);
         match &self.tiers.coded {
             None => waited >= self.cfg.fallback_after_ms,
             // Until the group's end is known its parity cannot exist yet. A stream that pauses

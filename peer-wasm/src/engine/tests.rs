@@ -645,3 +645,66 @@ fn a_throttled_uplink_reports_its_backlog_as_soon_as_a_packet_is_queued() {
     assert!(!e.wants_early_heartbeat(false));
     assert_eq!(e.heartbeat().unwrap().send_backlog_ms, backlog as u32);
 }
+
+#[test]
+fn a_substream_whose_tree_is_routinely_late_is_waited_for_not_fetched() {
+    // Substream 1 travels a deeper tree: its packets arrive 700 ms after the next packet of
+    // substream 0 has shown they exist. Substream 0 is prompt, until one of its packets is lost.
+    let mut e = welcomed(9);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let mut fetched: Vec<u64> = Vec::new();
+    let mut step = |e: &mut Engine, at: f64, input: Input<'_>| {
+        for a in e.handle(input, at) {
+            if let Action::Fetch { seq } = a {
+                fetched.push(seq);
+            }
+        }
+    };
+    // Packet 30 (substream 0) is lost on its prompt tree.
+    for j in 0..20u64 {
+        let t = 1000.0 * j as f64;
+        let even = 2 * j;
+        if even != 30 {
+            step(
+                &mut e,
+                t,
+                Input::Packet {
+                    from: From::Peer(PeerId(1)),
+                    bytes: &packet(even, t as u64),
+                },
+            );
+        }
+        // The odd packet of the previous pair arrives 700 ms after this even one.
+        for dt in (50..1000).step_by(50) {
+            let at = t + dt as f64;
+            if dt == 700 && j > 0 {
+                let odd = 2 * (j - 1) + 1;
+                step(
+                    &mut e,
+                    at,
+                    Input::Packet {
+                        from: From::Peer(PeerId(2)),
+                        bytes: &packet(odd, (at - 1700.0) as u64),
+                    },
+                );
+            }
+            step(&mut e, at, Input::Tick);
+        }
+    }
+    let late: Vec<u64> = fetched.iter().copied().filter(|s| s % 2 == 1).collect();
+    assert!(
+        late.len() <= 1 && late.iter().all(|s| *s <= 3),
+        "the late tree's packets were fetched: {late:?}"
+    );
+    assert!(
+        fetched.contains(&30),
+        "a packet lost on the prompt tree is still fetched: {fetched:?}"
+    );
+}
