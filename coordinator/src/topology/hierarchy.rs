@@ -1038,13 +1038,12 @@ impl Hierarchy {
                 substream: Some(s.index),
                 algorithm: alg,
             });
-            for child in s.children {
-                plan.send.push(Link {
-                    peer: MeshNodeOrPeer::Peer(child),
-                    substream: Some(s.index),
-                    algorithm: self.algorithm_for(child).unwrap_or(alg),
-                });
-            }
+            // A cluster's members share one tier, so its children share `alg`.
+            plan.send.extend(s.children.into_iter().map(|child| Link {
+                peer: MeshNodeOrPeer::Peer(child),
+                substream: Some(s.index),
+                algorithm: alg,
+            }));
         }
     }
 
