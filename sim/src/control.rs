@@ -49,7 +49,7 @@ pub struct CpuStats {
     pub heartbeat_ns: u128,
     /// Leaves, origin packets, periodic work and output production.
     pub other_ns: u128,
-    /// Link failures the peers reported (the coordinator has no event for them yet).
+    /// Link failures the peers reported.
     pub link_failures: u64,
 }
 
@@ -151,11 +151,20 @@ impl Control {
         self.cpu.heartbeat_ns += t.elapsed().as_nanos();
     }
 
-    /// `peer` could not open its data channel to `other` (ICE failed after the timeout). The
-    /// coordinator has no event for this yet: counted here, and otherwise left to what the
-    /// heartbeats show (the child's parent link makes no progress).
-    pub fn link_failed(&mut self, _peer: PeerId, _other: PeerId, _now_ms: u64) {
+    /// `peer`'s data channel to `other` never opened (ICE failed after the timeout), reported
+    /// as the glue reports it (`ClientMsg::LinkFailed`): the DCM never pairs the two again and
+    /// re-places the child at once.
+    pub fn link_failed(&mut self, peer: PeerId, other: PeerId, now_ms: u64) {
+        let t = Instant::now();
         self.cpu.link_failures += 1;
+        self.dcm.handle(
+            Event::LinkFailed {
+                reporter: peer,
+                peer: other,
+            },
+            now_ms,
+        );
+        self.cpu.other_ns += t.elapsed().as_nanos();
     }
 
     /// New origin packets: the DCM pushes them to the peers the origin feeds.

@@ -61,6 +61,9 @@ struct Args {
     /// instead of all at once (a design option to evaluate; the real origin bursts).
     #[arg(long)]
     pace: bool,
+    /// The engines' fallback delay: how long a gap waits before the origin is asked (ms).
+    #[arg(long, default_value_t = 600.0)]
+    fallback_ms: f64,
     /// Relaying peers whose upload is cut to a fifth of their load a third into the run.
     #[arg(long, default_value_t = 0)]
     throttle: usize,
@@ -114,6 +117,7 @@ fn real_main() -> Result<()> {
         throttle: a.throttle,
         network: a.network,
         pace: a.pace,
+        fallback_ms: a.fallback_ms,
         ..RunConfig::new(a.peers, a.seconds, a.scenario)
     };
     if let Err(e) = cfg.validate() {

@@ -61,15 +61,18 @@ pub struct SimPeer {
 }
 
 impl SimPeer {
-    pub fn new(index: usize, net: PeerNet, media: bool, now_ms: f64, joined_at: Micros) -> Self {
-        let engine = media.then(|| {
+    pub fn new(
+        index: usize,
+        net: PeerNet,
+        engine: Option<&EngineConfig>,
+        now_ms: f64,
+        joined_at: Micros,
+    ) -> Self {
+        let engine = engine.map(|cfg| {
             Box::new(Engine::new(
                 EngineConfig {
                     upload_kbps: net.declared_kbps,
-                    // Byte-exactness is checked by comparing each delivered payload with the
-                    // origin's (`driver.rs`), which costs far less than hashing it.
-                    verify: false,
-                    ..EngineConfig::default()
+                    ..cfg.clone()
                 },
                 now_ms,
             ))

@@ -1,6 +1,7 @@
 //! Scenarios: who joins and leaves when, and which network parameters change, for one run.
 
 use clap::ValueEnum;
+use peer_wasm::engine::EngineConfig;
 use serde::Serialize;
 
 use crate::control::ControlConfig;
@@ -67,6 +68,8 @@ pub struct RunConfig {
     pub network: Network,
     /// The origin releases each fragment's packets evenly over the next fragment duration.
     pub pace: bool,
+    /// The engines' `fallback_after_ms`: how long a gap waits before the origin is asked.
+    pub fallback_ms: f64,
 }
 
 impl RunConfig {
@@ -90,6 +93,7 @@ impl RunConfig {
             throttle: 0,
             network: Network::Internet,
             pace: false,
+            fallback_ms: EngineConfig::default().fallback_after_ms,
         }
     }
 
@@ -147,6 +151,9 @@ impl RunConfig {
         if !(100..=60_000).contains(&self.heartbeat_ms) {
             return Err("--heartbeat-ms must be between 100 and 60000".into());
         }
+        if !(self.fallback_ms.is_finite() && self.fallback_ms >= 0.0) {
+            return Err("--fallback-ms must be a number of ms >= 0".into());
+        }
         if self.throttle > self.peers {
             return Err("--throttle cannot exceed --peers".into());
         }
@@ -179,6 +186,13 @@ impl RunConfig {
                 max_fanout: 16,
             },
             media: self.scenario != Scenario::ControlOnly,
+            engine: EngineConfig {
+                fallback_after_ms: self.fallback_ms,
+                // Byte-exactness is checked by comparing each delivered payload with the
+                // origin's (`driver.rs`), which costs far less than hashing it.
+                verify: false,
+                ..EngineConfig::default()
+            },
         })
     }
 

@@ -38,7 +38,9 @@ impl World {
             return;
         }
         self.totals.link_failures += 1;
-        // Both ends see ICE fail; each tells the control center (see `Control::link_failed`).
+        // Both ends see ICE fail, drop the link and tell the control center, as the glue does
+        // (`LinkEvent::Closed` of a link that never opened).
+        self.links.close(a, b);
         for (me, other) in [(a, b), (b, a)] {
             if self.peers[me as usize].alive {
                 self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);

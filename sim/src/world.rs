@@ -6,6 +6,8 @@ use std::rc::Rc;
 
 use protocol::{Heartbeat, PeerId};
 
+use peer_wasm::engine::EngineConfig;
+
 use crate::control::{Control, ControlConfig, Down};
 use crate::dist::Rng;
 use crate::links::Links;
@@ -72,6 +74,8 @@ pub struct WorldConfig {
     pub control: ControlConfig,
     /// Peers run engines and media flows (false: the control-only scenario).
     pub media: bool,
+    /// The engines' settings (`upload_kbps` is each peer's own declaration).
+    pub engine: EngineConfig,
 }
 
 /// Running totals the report is built from.
@@ -148,8 +152,9 @@ impl World {
         let mut rng = Rng::stream(self.cfg.seed, 0x1000_0000 + index as u64);
         let net = self.cfg.net.draw_peer(index, &mut rng);
         let joined_ms = EPOCH_MS + ms(at);
+        let engine = self.cfg.media.then_some(&self.cfg.engine);
         self.peers
-            .push(SimPeer::new(index, net, self.cfg.media, joined_ms, at));
+            .push(SimPeer::new(index, net, engine, joined_ms, at));
         self.wire.grow(index + 1);
         self.q.at(at, Ev::Join(index as u32));
         index as u32

@@ -6,7 +6,7 @@ fn small(scenario: Scenario, peers: usize, seconds: u64) -> RunConfig {
     RunConfig {
         // A lighter stream keeps the test fast in debug builds; every path is still exercised.
         stream_kbps: 400,
-        // Pairs that cannot connect need a coordinator event that does not exist yet.
+        // Every pair connects here; `unreachable_pairs_are_placed_around` covers the others.
         unreachable_pct: Some(0.0),
         seed: 7,
         ..RunConfig::new(peers, seconds, scenario)
@@ -92,4 +92,21 @@ fn hierarchy_keeps_its_invariants() {
     assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
     assert_eq!(inv.cycles, 0, "{inv:?}");
     assert_eq!(inv.coordinator, None);
+}
+
+#[test]
+fn unreachable_pairs_are_placed_around() {
+    let cfg = RunConfig {
+        unreachable_pct: Some(20.0),
+        ..small(Scenario::Steady, 100, 40)
+    };
+    let r = sim::run(&cfg, false).expect("valid configuration");
+    let inv = &r.invariants;
+    assert!(r.link_failures > 0, "{}", r.table());
+    assert_eq!(inv.mismatched_viewers, 0, "{inv:?}");
+    assert_eq!(inv.incomplete_viewers, 0, "{inv:?}");
+    assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
+    assert_eq!(inv.cycles, 0, "{inv:?}");
+    assert_eq!(inv.coordinator, None);
+    assert!(r.continuity >= 0.999, "{}", r.table());
 }
