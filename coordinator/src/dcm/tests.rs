@@ -882,11 +882,14 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
         .find_map(|p| {
             let plan = h.dcm.planner.plan(PeerId(p))?.substreams;
             plan.iter().find_map(|s| {
+                // A leaf of that tree (a forwarder's subtree may move under the origin).
                 let c = s.children.iter().find(|c| {
-                    !h.dcm
-                        .origin_fed
-                        .get(c)
-                        .is_some_and(|v| v.contains(&Push::Data { substream: s.index }))
+                    h.dcm.planner.interior_tree(**c) != Some(s.index)
+                        && !h
+                            .dcm
+                            .origin_fed
+                            .get(c)
+                            .is_some_and(|v| v.contains(&Push::Data { substream: s.index }))
                 })?;
                 Some((p, c.0, s.index))
             })

@@ -526,13 +526,23 @@ impl MultiTree {
                         Parent::Origin | Parent::Detached => Source::Origin,
                     },
                     children: if n.interior == Some(t as u32) {
-                        n.children.clone()
+                        self.forwarders_first(t, &n.children)
                     } else {
                         Vec::new()
                     },
                 })
                 .collect(),
         )
+    }
+
+    /// `children` of a node of tree `t`, the forwarders of `t` first. A peer sends each packet
+    /// to its children in this order, and its uplink serializes them: a forwarder served first
+    /// passes the packet on while the leaves are still being served, so each hop adds one
+    /// packet's time on the way down instead of one per sibling.
+    fn forwarders_first(&self, t: usize, children: &[PeerId]) -> Vec<PeerId> {
+        let mut v = children.to_vec();
+        v.sort_by_key(|c| !self.is_interior(*c, t));
+        v
     }
 
     /// Hops from the origin to `peer` in tree `substream` (the origin's children have depth 1).

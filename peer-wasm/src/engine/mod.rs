@@ -780,10 +780,13 @@ impl Engine {
     }
 
     /// How long past `fallback_after_ms` a gap of `seq`'s substream waits for its tree: the
-    /// substream's usual lag, at most half the slack the playout delay leaves.
+    /// substream's usual lag, at most an eighth of the slack the playout delay leaves (237 ms by
+    /// default). The player keeps about a fragment of slack, which a fetch must fit in too: in
+    /// the simulator (1 000 peers, 1 s fragments) a quarter already cost stalls, an eighth took
+    /// the useful P2P share from 0.85 to 0.92.
     fn path_patience(&self, seq: u64) -> f64 {
         let sub = protocol::substream_of(seq, self.k) as usize;
-        let cap = ((self.cfg.playout_delay_ms - self.cfg.fallback_after_ms) / 2.0).max(0.0);
+        let cap = ((self.cfg.playout_delay_ms - self.cfg.fallback_after_ms) / 8.0).max(0.0);
         self.path_lag.get(sub).copied().unwrap_or(0.0).min(cap)
     }
 
@@ -872,6 +875,12 @@ impl Engine {
             .collect();
         for seq in due {
             self.in_flight.insert(seq);
+            // The tree missed even its usual lag: it is failing, not slow. Its next gaps are
+            // fetched without the extra patience until its packets flow again.
+            let sub = protocol::substream_of(seq, self.k) as usize;
+            if let Some(lag) = self.path_lag.get_mut(sub) {
+                *lag = 0.0;
+            }
             out.push(Action::Fetch { seq });
         }
         // A gap at the head that nobody can fill for too long: skip it.
