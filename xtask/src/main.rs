@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::build::build_wasm;
@@ -255,9 +255,48 @@ fn demo(listen: SocketAddr, server_args: &[String]) -> Result<()> {
         .args(server_args))
 }
 
+/// The coordinator is the sans-IO core that the server and the simulator both drive: nothing in
+/// its dependency tree may bring a runtime, a socket or a clock of its own.
+fn check_core_deps() -> Result<()> {
+    const FORBIDDEN: [&str; 6] = ["tokio", "axum", "hyper", "mio", "socket2", "async-std"];
+    let out = cargo()
+        .args([
+            "tree",
+            "-p",
+            "coordinator",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree -p coordinator failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            let name = l.split_whitespace().next().unwrap_or("");
+            FORBIDDEN.contains(&name)
+        })
+        .collect();
+    if !found.is_empty() {
+        bail!(
+            "the coordinator crate must stay sans-IO, but its dependencies include {found:?}: \
+             move that code into control-server (the driver) instead"
+        );
+    }
+    Ok(())
+}
+
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(11);
+    let mut steps = Steps::new(12);
     // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
     steps.run("formatting: cargo fmt --all -- --check", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
@@ -279,6 +318,10 @@ fn test() -> Result<()> {
                  lists them; `cargo clippy --fix` applies the mechanical ones)",
             )
         },
+    )?;
+    steps.run(
+        "sans-IO core: the coordinator depends on no runtime or socket",
+        check_core_deps,
     )?;
     steps.run("wasm32 target", ensure_wasm_target)?;
     steps.run("wasm-bindgen CLI", ensure_wasm_bindgen)?;
