@@ -12,25 +12,31 @@
 //! The decisions themselves are made by pure parts: [`planner`] (placement), [`view`]
 //! (the heartbeat view and congestion detection), [`history`] (per-peer records and capacity
 //! caps), [`bridge`] (make-before-break repair), [`split`] (a page's upload shared with a
-//! download); [`origin`](self::origin) holds what the origin pushes to whom.
+//! download). The DCM's own steps, one file each: `repair.rs` (heartbeats, congestion,
+//! departures, silence and unreachable pairs), `instructions.rs` (telling peers, priming and
+//! bridging), `recovery.rs` (restore after failover), `top_tier.rs` (re-choosing preferred
+//! nodes, relay rounds), `origin.rs` (what the origin pushes to whom), `snapshot.rs` and
+//! `invariants.rs`.
 
 pub mod bridge;
 pub mod event;
 pub mod history;
+mod instructions;
 mod invariants;
 mod origin;
 pub mod planner;
+mod recovery;
+mod repair;
 pub mod snapshot;
 pub mod split;
+mod top_tier;
 pub mod view;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
-use bytes::Bytes;
-use protocol::{ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, Source};
+use protocol::{ErrorCode, PeerId, ServerMsg, Signal};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::topology::multitree::ObservedPeer;
 use crate::topology::region::Region;
 use crate::topology::MultiTreeConfig;
 use bridge::Bridges;
@@ -350,24 +356,6 @@ impl Dcm {
         self.send_instructions(changes.affected, now);
     }
 
-    /// `reporter` could not open a data channel with `peer`: the planner blocks the pair and
-    /// re-places a child of theirs; the moved child is bridged by the origin as after any move.
-    fn link_failed(&mut self, reporter: PeerId, peer: PeerId, now: u64) {
-        if reporter == peer
-            || !self.peers.contains_key(&reporter)
-            || !self.peers.contains_key(&peer)
-        {
-            return;
-        }
-        self.stats.link_failures += 1;
-        let changes = self.planner.block(reporter, peer);
-        tracing::debug!(channel = %self.name, %reporter, %peer, affected = changes.affected.len(), "data channel never opened; pair blocked");
-        if !changes.affected.is_empty() {
-            self.log_repair(reporter, "unreachable pair", changes.affected.len(), now);
-        }
-        self.send_instructions(changes.affected, now);
-    }
-
     /// A peer's record as the hierarchy ranks it for the top and middle tiers (issue 4, 3):
     /// uptime and a delivered share lowered by each congestion event on its links.
     fn ranking(&self, peer: PeerId, now: u64) -> crate::topology::mesh::History {
@@ -379,118 +367,6 @@ impl Dcm {
             // Not the measured upload: a peer uploads only what it is asked to, and the DCM's own
             // history already caps a congested peer (and lets it recover, with hysteresis).
             measured_upload_kbps: 0,
-        }
-    }
-
-    /// Rebuilds the topology from the heartbeats received since taking over. Peers whose
-    /// reported links are all consistent get no message; the others are placed and told.
-    fn finish_recovery(&mut self, now: u64) {
-        if self.recovering_until.take().is_none() {
-            return;
-        }
-        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        ids.sort();
-        let changes = match &mut self.planner {
-            Planner::Flat(tree) => {
-                let observed: Vec<ObservedPeer> = ids
-                    .iter()
-                    .filter_map(|p| {
-                        let state = self.view.get(*p)?;
-                        let declared = self.peers.get(p).map_or(0, |e| e.upload_kbps);
-                        Some(ObservedPeer {
-                            peer: *p,
-                            upload_kbps: placement_kbps(
-                                self.history.effective_kbps(*p).unwrap_or(declared),
-                            ),
-                            parents: state
-                                .heartbeat
-                                .parents
-                                .iter()
-                                .map(|l| (l.substream, l.parent))
-                                .collect(),
-                        })
-                    })
-                    .collect();
-                let (restored, mut changes) =
-                    crate::topology::MultiTree::restore(*tree.config(), &observed);
-                *tree = restored;
-                // Sessions that sent no heartbeat in time are placed like joiners.
-                for p in &ids {
-                    if self.view.get(*p).is_none() {
-                        let declared = self.peers.get(p).map_or(0, |e| e.upload_kbps);
-                        changes
-                            .affected
-                            .extend(tree.join(*p, placement_kbps(declared)).affected);
-                    }
-                }
-                changes
-            }
-            Planner::Tiered(_) => {
-                // The hierarchy is re-placed from scratch (restoring it link by link is future
-                // work): every peer gets new instructions.
-                let mut changes = crate::topology::Changes::default();
-                for p in &ids {
-                    let Some(e) = self.peers.get(p) else {
-                        continue;
-                    };
-                    let (region, kbps, relay) = (e.region, placement_kbps(e.upload_kbps), e.relay);
-                    let placed = if relay {
-                        self.planner.join_relay(*p, region, kbps)
-                    } else {
-                        let ranking = self.ranking(*p, now);
-                        self.planner.join(*p, region, kbps, ranking)
-                    };
-                    changes.affected.extend(placed.affected);
-                }
-                changes
-            }
-        };
-        // Links kept count as created now: they are judged only after the settle time.
-        self.link_since.clear();
-        let before = std::mem::take(&mut self.origin_fed);
-        self.bridges.clear();
-        for p in &ids {
-            if let Some(wire) = self.planner.plan(*p) {
-                let pushes = wire.origin_pushes(self.k);
-                if !pushes.is_empty() {
-                    self.origin_fed.insert(*p, pushes);
-                }
-                let links: Vec<(PeerId, u32, u64)> = wire
-                    .substreams
-                    .iter()
-                    .filter_map(|sp| match sp.parent {
-                        Source::Peer { id } => Some((id, sp.index, now)),
-                        Source::Origin => None,
-                    })
-                    .collect();
-                if !links.is_empty() {
-                    self.link_since.insert(*p, links);
-                }
-            }
-        }
-        // Tell the driver what the origin pushes now, where it changed.
-        for (peer, pushes) in &self.origin_fed {
-            if before.get(peer) != Some(pushes) {
-                self.outputs.push_back(Output::OriginFed {
-                    peer: *peer,
-                    pushes: pushes.clone(),
-                    epoch: self.epoch,
-                });
-            }
-        }
-        for peer in before.keys() {
-            if !self.origin_fed.contains_key(peer) {
-                self.outputs.push_back(Output::OriginFed {
-                    peer: *peer,
-                    pushes: Vec::new(),
-                    epoch: self.epoch,
-                });
-            }
-        }
-        tracing::info!(channel = %self.name, peers = ids.len(), instructed = changes.affected.len(), "DCM took over: topology rebuilt from heartbeats");
-        self.send_instructions(changes.affected, now);
-        for ev in std::mem::take(&mut self.deferred_joins) {
-            self.handle(ev, now);
         }
     }
 
@@ -582,129 +458,6 @@ impl Dcm {
         Some(s)
     }
 
-    fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
-        self.deferred_joins
-            .retain(|e| !matches!(e, Event::Join { peer: p, .. } if *p == peer));
-        if self.peers.remove(&peer).is_none() {
-            return;
-        }
-        self.view.remove(peer);
-        self.detector.forget_peer(peer);
-        self.edge_every.remove(&peer);
-        self.offered.remove(&peer);
-        self.history.left(peer);
-        self.splits.remove(&peer);
-        self.last_moved.remove(&peer);
-        // Links where it was the parent are rewritten when its children get new instructions.
-        self.link_since.remove(&peer);
-        if self.origin_fed.remove(&peer).is_some() {
-            self.outputs.push_back(Output::OriginFed {
-                peer,
-                pushes: Vec::new(),
-                epoch: self.epoch,
-            });
-        }
-        self.bridges.remove(peer);
-        let changes = self.planner.leave(peer);
-        tracing::debug!(channel = %self.name, %peer, reason, affected = changes.affected.len(), "peer removed");
-        if !changes.affected.is_empty() {
-            self.log_repair(peer, reason, changes.affected.len(), now);
-        }
-        self.send_instructions(changes.affected, now);
-    }
-
-    fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
-        self.stats.repairs += 1;
-        self.repair_log.push_back(RepairRecord {
-            at_ms: now,
-            reason: reason.to_string(),
-            peer,
-            affected,
-        });
-        while self.repair_log.len() > LOG_KEEP {
-            self.repair_log.pop_front();
-        }
-    }
-
-    /// A heartbeat that reached the server at `arrived` (server ms), applied at `now`.
-    fn on_heartbeat_at(&mut self, peer: PeerId, hb: Heartbeat, arrived: u64, now: u64) {
-        if !self.peers.contains_key(&peer) {
-            return;
-        }
-        self.stats.heartbeats += 1;
-        if !self.bridges.is_empty() {
-            self.bridges.on_heartbeat(peer, &hb.parents);
-        }
-        self.view.ingest(hb, arrived);
-        if self.recovering() {
-            // Collecting the view only; links are judged once the topology is rebuilt.
-            return;
-        }
-        let link_since = &self.link_since;
-        let found =
-            self.detector
-                .on_heartbeat(&self.view, &self.production, self.k, peer, |p, c, s| {
-                    link_since
-                        .get(&c)
-                        .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
-                        .map(|l| l.2)
-                });
-        if self.detector.last_behind() {
-            self.edge_every.insert(peer);
-        } else {
-            self.edge_every.remove(&peer);
-        }
-        for link in found {
-            self.on_congestion(link, now);
-        }
-    }
-
-    /// A congested link. If the parent itself reports a stuck uplink, its capacity is capped at
-    /// what its heartbeats show it actually uploads and the tree re-homes the children it can no
-    /// longer feed. If only the child complains, only the child is moved: a peer's report can
-    /// never lower another peer's standing.
-    fn on_congestion(&mut self, link: view::Congested, now: u64) {
-        self.stats.congestion_events += 1;
-        self.congestion_log
-            .push_back(CongestionRecord { at_ms: now, link });
-        while self.congestion_log.len() > LOG_KEEP {
-            self.congestion_log.pop_front();
-        }
-        tracing::info!(channel = %self.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, parent_side = link.parent_side, "congested link");
-        let (peer, kbps, reason) = if link.parent_side {
-            let measured = self
-                .view
-                .get(link.parent)
-                .and_then(|s| s.measured_upload_kbps);
-            // None: capped a moment ago; the move is under way.
-            let Some(cap) = self.history.congested(link.parent, measured, now) else {
-                return;
-            };
-            (link.parent, cap, "congested uplink")
-        } else {
-            if self
-                .last_moved
-                .get(&link.child)
-                .is_some_and(|t| now.saturating_sub(*t) < 2_000)
-            {
-                return;
-            }
-            self.last_moved.insert(link.child, now);
-            let Some(kbps) = self.history.effective_kbps(link.child) else {
-                return;
-            };
-            (link.child, kbps, "congested link")
-        };
-        if !self.peers.contains_key(&peer) {
-            return;
-        }
-        let ranking = self.ranking(peer, now);
-        let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
-        self.detector.forget_peer(peer);
-        self.log_repair(peer, reason, changes.affected.len(), now);
-        self.send_instructions(changes.affected, now);
-    }
-
     /// The periodic work, once per heartbeat interval (see [`Dcm::poll_timeout`]): a DCM that
     /// took over rebuilds the topology once its round of heartbeats is in; peers gone silent
     /// are removed, recovered peers regain capacity, and on a hierarchy the top tier and the
@@ -763,185 +516,6 @@ impl Dcm {
                 self.reevaluate_preferred(now);
             }
         }
-    }
-
-    /// Claims 10, 18: the top tier re-chosen from history, with hysteresis (see
-    /// [`Planner::reevaluate_preferred`]).
-    fn reevaluate_preferred(&mut self, now: u64) {
-        let candidates: Vec<crate::topology::mesh::Candidate<Region>> = self
-            .peers
-            .iter()
-            .map(|(peer, e)| crate::topology::mesh::Candidate {
-                peer: *peer,
-                region: e.region,
-                upload_kbps: placement_kbps(
-                    self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps),
-                ),
-                history: self.ranking(*peer, now),
-            })
-            .collect();
-        let changes = self.planner.reevaluate_preferred(&candidates);
-        if !changes.affected.is_empty() {
-            tracing::info!(channel = %self.name, affected = changes.affected.len(), "top tier re-evaluated");
-            self.send_instructions(changes.affected, now);
-        }
-    }
-
-    /// Claims 19, 43: which of this channel's peers have upload to spare for the other channels
-    /// of their region, and which regions here are short of capacity. The driver takes the
-    /// round to the board the channels share.
-    fn relay_round(&mut self) {
-        let stream = self.stream_kbps;
-        let mut round = RelayRound {
-            need_kbps: stream.saturating_mul(3) / 2,
-            ..RelayRound::default()
-        };
-        let mut offered = FxHashSet::default();
-        for (peer, e) in &self.peers {
-            let capacity =
-                placement_kbps(self.history.effective_kbps(*peer).unwrap_or(e.upload_kbps));
-            // Only a peer that could spare a whole stream is worth building a plan for: with a
-            // million peers, every plan every round would cost seconds.
-            if capacity < stream || e.relay {
-                continue;
-            }
-            let Some(plan) = self.planner.plan(*peer) else {
-                continue;
-            };
-            // Relays of this channel are not offered to a third one.
-            if plan.tier.as_ref().is_some_and(|t| !t.plays) {
-                continue;
-            }
-            let spare = capacity.saturating_sub(Planner::used_kbps(&plan, stream, self.k));
-            if spare >= stream {
-                round.offers.push((*peer, e.region, spare));
-                offered.insert(*peer);
-            }
-        }
-        // Withdrawn: offered last round, not now (peers that left are off the board already).
-        round.withdrawals = self
-            .offered
-            .iter()
-            .filter(|p| !offered.contains(*p) && self.peers.contains_key(*p))
-            .copied()
-            .collect();
-        self.offered = offered;
-        // Deterministic order, whatever the map's.
-        round.offers.sort_by_key(|o| o.0);
-        round.withdrawals.sort();
-        // Middle-tier relays take k + n shards: at least one and a half streams.
-        round.deficits = self.planner.deficits().into_keys().collect();
-        self.outputs.push_back(Output::Relays(round));
-    }
-
-    fn send_instructions(&mut self, affected: BTreeSet<PeerId>, now: u64) {
-        if affected.is_empty() {
-            return;
-        }
-        self.epoch += 1;
-        for peer in affected {
-            let Some(wire) = self.planner.plan(peer) else {
-                continue;
-            };
-            let pushes = wire.origin_pushes(self.k);
-            let primes = self.origin_primes(peer, &pushes);
-            // What fed each substream until now, for the bridges.
-            let mut before: Vec<(u32, Option<PeerId>)> = self
-                .link_since
-                .get(&peer)
-                .into_iter()
-                .flatten()
-                .map(|l| (l.1, Some(l.0)))
-                .collect();
-            for push in self.origin_fed.get(&peer).into_iter().flatten() {
-                match *push {
-                    Push::Full => before.extend((0..self.k).map(|s| (s, None))),
-                    Push::Data { substream } => before.push((substream, None)),
-                    Push::Parity { index, .. } => before.push((index, None)),
-                }
-            }
-            let refused = self.bridges.refused;
-            let bridged = self
-                .bridges
-                .replan(peer, &before, &wire.substreams, self.k, now);
-            self.stats.bridges_refused += self.bridges.refused.saturating_sub(refused);
-            let mut bridge_primes = Vec::new();
-            if !bridged.is_empty() {
-                tracing::debug!(channel = %self.name, %peer, ?bridged, "origin bridges the moved substreams");
-                self.stats.bridges_opened += bridged.len() as u64;
-                bridge_primes.extend(bridged.into_iter().filter_map(|s| self.origin.newest_of(s)));
-            }
-            let fed_before = self.origin_fed.get(&peer);
-            if fed_before.map_or(!pushes.is_empty(), |b| *b != pushes) {
-                self.outputs.push_back(Output::OriginFed {
-                    peer,
-                    pushes: pushes.clone(),
-                    epoch: self.epoch,
-                });
-            }
-            if pushes.is_empty() {
-                self.origin_fed.remove(&peer);
-            } else {
-                self.origin_fed.insert(peer, pushes);
-            }
-            let plan = wire.substreams;
-            // Remember when each of the peer's parent links appeared (young links are not judged).
-            let old = self.link_since.remove(&peer).unwrap_or_default();
-            let links: Vec<(PeerId, u32, u64)> = plan
-                .iter()
-                .filter_map(|sp| match sp.parent {
-                    Source::Peer { id } => {
-                        let since = old
-                            .iter()
-                            .find(|l| l.0 == id && l.1 == sp.index)
-                            .map_or(now, |l| l.2);
-                        Some((id, sp.index, since))
-                    }
-                    Source::Origin => None,
-                })
-                .collect();
-            if !links.is_empty() {
-                self.link_since.insert(peer, links);
-            }
-            // New links take a moment to deliver: until a heartbeat shows them feeding it,
-            // the peer hears of every new packet from the origin.
-            self.edge_every.insert(peer);
-            let msg = ServerMsg::Instructions {
-                epoch: self.epoch,
-                substreams: plan,
-                tier: wire.tier,
-            };
-            self.send(peer, OutMsg::Msg(Box::new(msg)));
-            // After the instructions on the same socket, so the page counts them as its new
-            // parent's (the origin's) or as the bridge's.
-            for bytes in primes {
-                self.stats.origin_push_bytes += bytes.len() as u64;
-                self.send(peer, OutMsg::Packet(bytes));
-            }
-            for bytes in bridge_primes {
-                self.stats.origin_push_bytes += bytes.len() as u64;
-                self.stats.origin_bridge_bytes += bytes.len() as u64;
-                self.send(peer, OutMsg::Packet(bytes));
-            }
-        }
-    }
-
-    /// The newest packet of each substream the origin starts feeding `peer` with `pushes`: a
-    /// new tree root (a repair can make one) would otherwise wait for the substream's next
-    /// packet, up to a fragment, while a peer parent primes its new children at once.
-    fn origin_primes(&self, peer: PeerId, pushes: &[Push]) -> Vec<Bytes> {
-        let before = self.origin_fed.get(&peer);
-        pushes
-            .iter()
-            .filter(|p| before.is_none_or(|b| !b.contains(p)))
-            .filter_map(|p| match *p {
-                Push::Data { substream } => Some(substream),
-                // Full streams (mesh) and parity are not primed: one packet or one stale shard
-                // is not what those peers wait for.
-                Push::Full | Push::Parity { .. } => None,
-            })
-            .filter_map(|sub| self.origin.newest_of(sub))
-            .collect()
     }
 
     fn send(&mut self, peer: PeerId, msg: OutMsg) {

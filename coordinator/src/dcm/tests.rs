@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use protocol::{ChildLink, ParentLink, SubstreamPlan};
+use bytes::Bytes;
+use protocol::{ChildLink, Heartbeat, ParentLink, Source, SubstreamPlan};
 
 use super::*;
 

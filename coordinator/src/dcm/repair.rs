@@ -1,0 +1,151 @@
+//! Heartbeats in, repairs out: each heartbeat goes into the view and the congestion detector; a
+//! congested link, a peer gone silent, a departure or a pair that cannot connect re-homes the
+//! children concerned; capped peers regain capacity over time.
+
+use protocol::{Heartbeat, PeerId};
+
+use super::snapshot::{CongestionRecord, RepairRecord};
+use super::{placement_kbps, view, Dcm, Event, Output, LOG_KEEP};
+
+impl Dcm {
+    pub(super) fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
+        self.deferred_joins
+            .retain(|e| !matches!(e, Event::Join { peer: p, .. } if *p == peer));
+        if self.peers.remove(&peer).is_none() {
+            return;
+        }
+        self.view.remove(peer);
+        self.detector.forget_peer(peer);
+        self.edge_every.remove(&peer);
+        self.offered.remove(&peer);
+        self.history.left(peer);
+        self.splits.remove(&peer);
+        self.last_moved.remove(&peer);
+        // Links where it was the parent are rewritten when its children get new instructions.
+        self.link_since.remove(&peer);
+        if self.origin_fed.remove(&peer).is_some() {
+            self.outputs.push_back(Output::OriginFed {
+                peer,
+                pushes: Vec::new(),
+                epoch: self.epoch,
+            });
+        }
+        self.bridges.remove(peer);
+        let changes = self.planner.leave(peer);
+        tracing::debug!(channel = %self.name, %peer, reason, affected = changes.affected.len(), "peer removed");
+        if !changes.affected.is_empty() {
+            self.log_repair(peer, reason, changes.affected.len(), now);
+        }
+        self.send_instructions(changes.affected, now);
+    }
+
+    pub(super) fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
+        self.stats.repairs += 1;
+        self.repair_log.push_back(RepairRecord {
+            at_ms: now,
+            reason: reason.to_string(),
+            peer,
+            affected,
+        });
+        while self.repair_log.len() > LOG_KEEP {
+            self.repair_log.pop_front();
+        }
+    }
+
+    /// A heartbeat that reached the server at `arrived` (server ms), applied at `now`.
+    pub(super) fn on_heartbeat_at(&mut self, peer: PeerId, hb: Heartbeat, arrived: u64, now: u64) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        self.stats.heartbeats += 1;
+        if !self.bridges.is_empty() {
+            self.bridges.on_heartbeat(peer, &hb.parents);
+        }
+        self.view.ingest(hb, arrived);
+        if self.recovering() {
+            // Collecting the view only; links are judged once the topology is rebuilt.
+            return;
+        }
+        let link_since = &self.link_since;
+        let found =
+            self.detector
+                .on_heartbeat(&self.view, &self.production, self.k, peer, |p, c, s| {
+                    link_since
+                        .get(&c)
+                        .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
+                        .map(|l| l.2)
+                });
+        if self.detector.last_behind() {
+            self.edge_every.insert(peer);
+        } else {
+            self.edge_every.remove(&peer);
+        }
+        for link in found {
+            self.on_congestion(link, now);
+        }
+    }
+
+    /// A congested link. If the parent itself reports a stuck uplink, its capacity is capped at
+    /// what its heartbeats show it actually uploads and the tree re-homes the children it can no
+    /// longer feed. If only the child complains, only the child is moved: a peer's report can
+    /// never lower another peer's standing.
+    pub(super) fn on_congestion(&mut self, link: view::Congested, now: u64) {
+        self.stats.congestion_events += 1;
+        self.congestion_log
+            .push_back(CongestionRecord { at_ms: now, link });
+        while self.congestion_log.len() > LOG_KEEP {
+            self.congestion_log.pop_front();
+        }
+        tracing::info!(channel = %self.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, parent_side = link.parent_side, "congested link");
+        let (peer, kbps, reason) = if link.parent_side {
+            let measured = self
+                .view
+                .get(link.parent)
+                .and_then(|s| s.measured_upload_kbps);
+            // None: capped a moment ago; the move is under way.
+            let Some(cap) = self.history.congested(link.parent, measured, now) else {
+                return;
+            };
+            (link.parent, cap, "congested uplink")
+        } else {
+            if self
+                .last_moved
+                .get(&link.child)
+                .is_some_and(|t| now.saturating_sub(*t) < 2_000)
+            {
+                return;
+            }
+            self.last_moved.insert(link.child, now);
+            let Some(kbps) = self.history.effective_kbps(link.child) else {
+                return;
+            };
+            (link.child, kbps, "congested link")
+        };
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        let ranking = self.ranking(peer, now);
+        let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
+        self.detector.forget_peer(peer);
+        self.log_repair(peer, reason, changes.affected.len(), now);
+        self.send_instructions(changes.affected, now);
+    }
+
+    /// `reporter` could not open a data channel with `peer`: the planner blocks the pair and
+    /// re-places a child of theirs; the moved child is bridged by the origin as after any move.
+    pub(super) fn link_failed(&mut self, reporter: PeerId, peer: PeerId, now: u64) {
+        if reporter == peer
+            || !self.peers.contains_key(&reporter)
+            || !self.peers.contains_key(&peer)
+        {
+            return;
+        }
+        self.stats.link_failures += 1;
+        let changes = self.planner.block(reporter, peer);
+        tracing::debug!(channel = %self.name, %reporter, %peer, affected = changes.affected.len(), "data channel never opened; pair blocked");
+        if !changes.affected.is_empty() {
+            self.log_repair(reporter, "unreachable pair", changes.affected.len(), now);
+        }
+        self.send_instructions(changes.affected, now);
+    }
+}
