@@ -193,9 +193,9 @@ impl Dcm {
 
     /// A DCM taking over from one that failed (the resource service locator rebound its logical
     /// id). It adopts the sessions and the origin's push list as they were (so roots keep
-    /// receiving), sends nothing, and collects heartbeats for `1.5` intervals; then
-    /// the first [`Dcm::handle_timeout`] after that rebuilds the topology from the links the heartbeats report,
-    /// keeping every consistent one, so viewers notice nothing.
+    /// receiving), sends nothing, and collects heartbeats for `1.5` intervals; the first
+    /// [`Dcm::handle_timeout`] after that rebuilds the topology from the links the heartbeats
+    /// report, keeping every consistent one, so viewers notice nothing.
     pub fn take_over(
         cfg: DcmConfig,
         adopted: &[Adopted],
