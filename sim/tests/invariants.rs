@@ -44,6 +44,9 @@ fn churn_keeps_the_trees_whole_and_the_bytes_exact() {
     assert_eq!(inv.cycles, 0, "{inv:?}");
     assert_eq!(inv.coordinator, None);
     assert!(r.repairs_measured > 0, "{}", r.table());
+    // Departures are repaired (bridged, fallbacks in time) without a viewer noticing.
+    assert_eq!(r.stalls, 0, "{}", r.table());
+    assert!(r.continuity >= 0.999, "{}", r.table());
 }
 
 #[test]
