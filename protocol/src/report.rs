@@ -274,3 +274,42 @@ mod tests {
         assert_eq!(LatencyHistogram::default().quantile(0.5), None);
     }
 }
+
+/// Percentiles of a sample, `{p50, p95, max}`, as every benchmark's JSON reports them (the
+/// browser swarm and the simulator alike). Nearest-rank: `p95` is the smallest value with at
+/// least 95 % of the sample at or below it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Pct {
+    pub p50: f64,
+    pub p95: f64,
+    pub max: f64,
+}
+
+impl Pct {
+    pub fn of(mut v: Vec<f64>) -> Pct {
+        if v.is_empty() {
+            return Pct::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[(((v.len() as f64) * q).ceil() as usize).clamp(1, v.len()) - 1];
+        Pct {
+            p50: at(0.5),
+            p95: at(0.95),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+#[cfg(test)]
+mod pct_tests {
+    use super::Pct;
+
+    #[test]
+    fn percentiles_are_nearest_rank_and_empty_is_zero() {
+        assert_eq!(Pct::of(Vec::new()), Pct::default());
+        let p = Pct::of((1..=100).rev().map(f64::from).collect());
+        assert_eq!((p.p50, p.p95, p.max), (50.0, 95.0, 100.0));
+        let one = Pct::of(vec![7.0]);
+        assert_eq!((one.p50, one.p95, one.max), (7.0, 7.0, 7.0));
+    }
+}

@@ -10,28 +10,8 @@ use crate::checks::Invariants;
 use crate::scenario::RunConfig;
 use crate::world::World;
 
-/// Percentiles of a sample, as the swarm reports them.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct Pct {
-    pub p50: f64,
-    pub p95: f64,
-    pub max: f64,
-}
-
-impl Pct {
-    pub fn of(mut v: Vec<f64>) -> Pct {
-        if v.is_empty() {
-            return Pct::default();
-        }
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[(((v.len() as f64) * q).ceil() as usize).clamp(1, v.len()) - 1];
-        Pct {
-            p50: at(0.5),
-            p95: at(0.95),
-            max: v[v.len() - 1],
-        }
-    }
-}
+/// Percentiles of a sample: the same {p50, p95, max} in every benchmark's JSON.
+pub use protocol::report::Pct;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
