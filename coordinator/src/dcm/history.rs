@@ -24,12 +24,14 @@ struct Record {
     ceiling_kbps: Option<u32>,
 }
 
+/// Every peer's record (the DCM's history of the patent's claims 10 and 18; the hierarchy ranks
+/// candidates by the [`crate::topology::mesh::History`] derived from it).
 #[derive(Debug, Default)]
-pub struct History {
+pub struct PeerRecords {
     peers: FxHashMap<PeerId, Record>,
 }
 
-impl History {
+impl PeerRecords {
     pub fn joined(&mut self, peer: PeerId, declared_kbps: u32, now: u64) {
         self.peers.insert(
             peer,
@@ -129,7 +131,7 @@ mod tests {
 
     #[test]
     fn congestion_caps_at_measured_upload_then_recovers_gradually() {
-        let mut h = History::default();
+        let mut h = PeerRecords::default();
         let p = PeerId(1);
         h.joined(p, 2000, 0);
         assert_eq!(h.congested(p, Some(200.0), 1000), Some(160));
@@ -151,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_peer_without_measurement_is_halved() {
-        let mut h = History::default();
+        let mut h = PeerRecords::default();
         h.joined(PeerId(2), 1000, 0);
         assert_eq!(h.congested(PeerId(2), None, 5000), Some(500));
     }

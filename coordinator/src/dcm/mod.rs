@@ -41,7 +41,7 @@ use crate::topology::region::Region;
 use crate::topology::MultiTreeConfig;
 use bridge::Bridges;
 pub use event::{Adopted, DcmConfig, DcmStats, Event, OutMsg, Output, RelayRound};
-use history::History;
+use history::PeerRecords;
 use planner::{Planner, Push};
 pub use snapshot::{CongestionRecord, PeerView, RepairRecord, TopologySnapshot};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
@@ -87,7 +87,7 @@ pub struct Dcm {
     view: HeartbeatView,
     detector: CongestionDetector,
     production: ProductionLog,
-    history: History,
+    history: PeerRecords,
     /// Per child: (parent, substream, since when), server ms. Keyed by child so that updating
     /// one peer's links costs O(k), not a scan of every link of the channel.
     link_since: FxHashMap<PeerId, Vec<(PeerId, u32, u64)>>,
@@ -171,7 +171,7 @@ impl Dcm {
             view: HeartbeatView::default(),
             detector: CongestionDetector::new(CongestionConfig::default()),
             production: ProductionLog::default(),
-            history: History::default(),
+            history: PeerRecords::default(),
             link_since: FxHashMap::default(),
             congestion_log: VecDeque::new(),
             repair_log: VecDeque::new(),
