@@ -172,13 +172,13 @@ impl PacketWindow {
         self.random_access.back().copied()
     }
 
-    /// First random-access packet at or after `seq` still in the window.
     /// The `n`-th newest random-access point still in the window (0 = newest), or the oldest.
     pub fn random_access_back(&self, n: usize) -> Option<u64> {
         let len = self.random_access.len();
         self.random_access.get(len.saturating_sub(n + 1)).copied()
     }
 
+    /// First random-access packet at or after `seq` still in the window.
     pub fn random_access_at_or_after(&self, seq: u64) -> Option<u64> {
         let i = self.random_access.partition_point(|s| *s < seq);
         self.random_access.get(i).copied()
