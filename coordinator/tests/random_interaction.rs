@@ -121,7 +121,7 @@ impl World {
                         }
                     }
                 }
-                Output::Close { peer, .. } => {
+                Output::Close { peer, .. } | Output::Evict { peer, .. } => {
                     if self.peers.remove(&peer).is_none() {
                         self.fail(format!("{peer} closed twice"));
                     }
@@ -373,6 +373,39 @@ impl World {
                                 self.fail(format!("{a} still under {b} after reporting it"));
                             }
                         }
+                    }
+                }
+            }
+            92 if rng.below(2) == 0 => {
+                // A forgery report (issue 13): true, false or without evidence, about a parent
+                // or anyone. Whoever is evicted leaves through `Output::Evict`, and the
+                // invariants hold after it.
+                if let Some(a) = self.random_peer(rng) {
+                    let parent = self.peers.get(&a).and_then(|p| {
+                        p.plan.iter().find_map(|s| match s.parent {
+                            protocol::Source::Peer { id } => Some(id),
+                            protocol::Source::Origin => None,
+                        })
+                    });
+                    let accused = match parent {
+                        Some(p) if rng.below(3) != 0 => Some(p),
+                        _ => self.random_peer(rng),
+                    };
+                    let evidence = match rng.below(4) {
+                        0 => coordinator::dcm::hostile::Evidence::Refuted,
+                        1 => coordinator::dcm::hostile::Evidence::Unknown,
+                        _ => coordinator::dcm::hostile::Evidence::Holds,
+                    };
+                    if let Some(b) = accused {
+                        self.dcm.handle(
+                            Event::ForgeryReport {
+                                reporter: a,
+                                accused: b,
+                                seq: self.next_seq,
+                                evidence,
+                            },
+                            self.now,
+                        );
                     }
                 }
             }

@@ -56,6 +56,15 @@ pub enum ClientMsg {
     /// ICE attempt failed or timed out, typically both peers behind endpoint-dependent NATs or
     /// UDP blocked. The server never pairs the two again and re-places the child at once.
     LinkFailed { peer: PeerId },
+    /// `peer` sent packet `seq` whose SHA-256 (`hash`, hex) is not the one the origin signed in
+    /// the channel's manifest. The server checks the evidence against the origin's own hash; a
+    /// peer that several of its neighbours report is evicted, a report that does not hold counts
+    /// against its reporter.
+    Forged {
+        peer: PeerId,
+        seq: u64,
+        hash: String,
+    },
     /// Orderly goodbye (closing the socket means the same).
     Leave,
 }
@@ -92,6 +101,11 @@ pub enum ServerMsg {
         /// The peer caps its relaying to it (and its live session to the rest).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upload_kbps: Option<u32>,
+        /// The origin's ed25519 public key (hex) when the channel's stream is signed: binary
+        /// frames starting with `M` on this socket are its manifests, and packets from peers
+        /// are played and forwarded only once they match one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        public_key: Option<String>,
     },
     /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
     Instructions {
@@ -235,6 +249,11 @@ pub enum ErrorCode {
     BadRelayToken,
     /// A download session's `companion` is unknown, not live, or of another address.
     BadCompanion,
+    /// The peer was proven to forward forged data (or to accuse honest peers) and is removed;
+    /// its address is refused for a while.
+    Evicted,
+    /// The peer's address was evicted recently and is refused until the ban ends.
+    Banned,
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //!   wire format and the receiver's group assembler.
 //! * [`mesh`]: the top tier's flooding rule with duplicate elimination.
 //! * [`file`]: file channels (a carousel of pieces) and the file digest.
+//! * [`manifest`]: the signed stream: the origin's ed25519-signed manifests of packet hashes
+//!   that every peer checks before it plays or forwards a packet.
 //!
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 
@@ -23,6 +25,7 @@ pub mod fec;
 pub mod file;
 pub mod hash;
 pub mod heartbeat;
+pub mod manifest;
 pub mod mesh;
 pub mod packet;
 pub mod report;

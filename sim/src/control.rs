@@ -203,7 +203,7 @@ impl Control {
                     found = Some((peer, down));
                     break;
                 }
-                Output::Close { peer, .. } => {
+                Output::Close { peer, .. } | Output::Evict { peer, .. } => {
                     found = Some((peer, Down::Close));
                     break;
                 }

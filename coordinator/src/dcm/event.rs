@@ -88,6 +88,18 @@ pub enum Event {
     LinkFailed { reporter: PeerId, peer: PeerId },
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
+    /// The origin's signed manifest of the packets that follow (issue 13): sent to every peer,
+    /// before the packets it covers, and to each joiner with the few before it. On a signed
+    /// channel it is also the live-edge notice (it names the newest packet), so no other is sent.
+    Manifest(Bytes),
+    /// `reporter` got packet `seq` from `accused` with a hash that is not the signed one; the
+    /// driver says what the origin's own hash makes of it ([`super::hostile`]).
+    ForgeryReport {
+        reporter: PeerId,
+        accused: PeerId,
+        seq: u64,
+        evidence: super::hostile::Evidence,
+    },
     /// The download beside `peer` ended: it may use the page's whole upload again (from its
     /// next placement on).
     EndSplit { peer: PeerId },
@@ -116,6 +128,9 @@ pub enum Output {
     Send { peer: PeerId, msg: OutMsg },
     /// Close `peer`'s session with `reason`; the DCM has already removed it.
     Close { peer: PeerId, reason: String },
+    /// `peer` was proven hostile and removed: close its session with an `evicted` error and
+    /// refuse its address for a while.
+    Evict { peer: PeerId, reason: String },
     /// What the origin pushes to `peer` changed (empty: nothing any more), and the epoch of the
     /// instructions that said so. Kept by the driver outside the DCM, so that a DCM taking over
     /// after a failure keeps the roots fed ([`Dcm::take_over`](super::Dcm::take_over)).
@@ -174,4 +189,11 @@ pub struct DcmStats {
     pub edge_notices: u64,
     /// Reports of data channels that never opened, from peers the DCM knows.
     pub link_failures: u64,
+    /// Signed manifests queued (one per peer each).
+    pub manifests_sent: u64,
+    /// Forgery reports from peers the DCM knows, and of those, false ones.
+    pub forgery_reports: u64,
+    pub false_reports: u64,
+    /// Peers evicted as hostile.
+    pub evictions: u64,
 }

@@ -21,6 +21,7 @@
 pub mod bridge;
 pub mod event;
 pub mod history;
+pub mod hostile;
 mod instructions;
 mod invariants;
 mod origin;
@@ -123,15 +124,23 @@ pub struct Dcm {
     /// Outputs ready now, in order.
     outputs: VecDeque<Output>,
     stats: DcmStats,
+    /// Forgery reports, per accused and per reporter ([`hostile`]).
+    reports: hostile::Reports,
+    /// The origin's last signed manifests, for joiners; empty on an unsigned channel.
+    manifests: VecDeque<bytes::Bytes>,
 }
+
+/// Manifests a joiner is sent: those of the packets it may still get from peers (it starts a
+/// fragment or two behind the live edge, and fetches what is older from the origin).
+const JOIN_MANIFESTS: usize = 8;
 
 /// A fed peer gets one live-edge notice in this many (see `Dcm::edge_every`).
 const EDGE_ALL_EVERY: u64 = 4;
 
 enum Background {
-    /// A live-edge notice still to be sent to `ids[next..]`.
+    /// A live-edge notice (or a signed manifest) still to be sent to `ids[next..]`.
     Edge {
-        text: std::sync::Arc<str>,
+        msg: OutMsg,
         ids: Vec<PeerId>,
         next: usize,
     },
@@ -188,6 +197,8 @@ impl Dcm {
             background: VecDeque::new(),
             outputs: VecDeque::new(),
             stats: DcmStats::default(),
+            reports: hostile::Reports::default(),
+            manifests: VecDeque::new(),
         }
     }
 
@@ -312,6 +323,15 @@ impl Dcm {
             } => self.on_heartbeat_at(peer, *heartbeat, arrived_ms.min(now), now),
             Event::LinkFailed { reporter, peer } => self.link_failed(reporter, peer, now),
             Event::Packets(packets) => self.push_from_origin(packets),
+            Event::Manifest(frame) => self.broadcast_manifest(frame),
+            Event::ForgeryReport {
+                reporter,
+                accused,
+                seq,
+                evidence,
+            } => {
+                self.forgery_report(reporter, accused, seq, evidence, now);
+            }
             Event::EndSplit { peer } => {
                 self.history.set_ceiling(peer, None);
                 self.splits.remove(&peer);
@@ -341,6 +361,7 @@ impl Dcm {
             },
         );
         self.history.joined(peer, upload_kbps, now);
+        self.send_manifests_to(peer);
         let changes = if relay {
             self.planner
                 .join_relay(peer, region, placement_kbps(upload_kbps))
@@ -376,25 +397,24 @@ impl Dcm {
             return;
         };
         match job {
-            Background::Edge {
-                text,
-                ids,
-                mut next,
-            } => {
+            Background::Edge { msg, ids, mut next } => {
                 let end = ids.len().min(next.saturating_add(budget));
                 for id in &ids[next..end] {
                     if self.peers.contains_key(id) {
-                        self.stats.edge_notices += 1;
+                        match msg {
+                            OutMsg::Packet(_) => self.stats.manifests_sent += 1,
+                            _ => self.stats.edge_notices += 1,
+                        }
                         self.outputs.push_back(Output::Send {
                             peer: *id,
-                            msg: OutMsg::Text(text.clone()),
+                            msg: msg.clone(),
                         });
                     }
                 }
                 next = end;
                 if next < ids.len() {
                     self.background
-                        .push_front(Background::Edge { text, ids, next });
+                        .push_front(Background::Edge { msg, ids, next });
                 }
             }
             Background::Snapshot {

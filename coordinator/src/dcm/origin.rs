@@ -106,6 +106,34 @@ impl OriginPush {
 }
 
 impl Dcm {
+    /// The origin's signed manifest of the packets about to come: to every peer (a slice at a
+    /// time, as live-edge notices), and kept for joiners.
+    pub(super) fn broadcast_manifest(&mut self, frame: Bytes) {
+        self.manifests.push_back(frame.clone());
+        while self.manifests.len() > super::JOIN_MANIFESTS {
+            self.manifests.pop_front();
+        }
+        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        ids.sort_unstable();
+        self.background.push_back(Background::Edge {
+            msg: OutMsg::Packet(frame),
+            ids,
+            next: 0,
+        });
+    }
+
+    /// A joiner's backlog of manifests, queued before its first instructions.
+    pub(super) fn send_manifests_to(&mut self, peer: PeerId) {
+        for i in 0..self.manifests.len() {
+            let frame = self.manifests[i].clone();
+            self.stats.manifests_sent += 1;
+            self.outputs.push_back(Output::Send {
+                peer,
+                msg: OutMsg::Packet(frame),
+            });
+        }
+    }
+
     /// New packets from the origin: a live-edge notice (in turns, see `edge_every`), then each
     /// packet pushed to the peers the origin feeds and to those it bridges.
     pub(super) fn push_from_origin(&mut self, packets: Vec<(u64, Bytes)>) {
@@ -115,7 +143,9 @@ impl Dcm {
             }
             self.origin.record(*seq, bytes);
         }
-        if let Some(edge) = packets.last().map(|p| p.0) {
+        // On a signed channel the manifest sent before these packets was the notice.
+        let signed = !self.manifests.is_empty();
+        if let Some(edge) = packets.last().map(|p| p.0).filter(|_| !signed) {
             // Serialized once: with tens of thousands of peers this notice dominates otherwise.
             if let Ok(text) = serde_json::to_string(&ServerMsg::LiveEdge { seq: edge }) {
                 let text: Arc<str> = Arc::from(text);
@@ -134,8 +164,11 @@ impl Dcm {
                     .collect();
                 // Deterministic order, whatever the map's.
                 ids.sort_unstable();
-                self.background
-                    .push_back(Background::Edge { text, ids, next: 0 });
+                self.background.push_back(Background::Edge {
+                    msg: OutMsg::Text(text),
+                    ids,
+                    next: 0,
+                });
             }
         }
         let k = self.k;

@@ -15,6 +15,7 @@ impl Dcm {
             return;
         }
         self.view.remove(peer);
+        self.reports.forget(peer);
         self.detector.forget_peer(peer);
         self.edge_every.remove(&peer);
         self.offered.remove(&peer);

@@ -107,7 +107,7 @@ impl Harness {
                     rx.0.push_back(Box::new(m));
                 }
             }
-            Output::Close { peer, reason } => {
+            Output::Close { peer, reason } | Output::Evict { peer, reason } => {
                 if let Some(rx) = self.outs.get_mut(&peer) {
                     rx.0.push_back(Box::new(Outbound::Close(reason)));
                 }
@@ -1047,3 +1047,5 @@ fn a_child_that_cannot_reach_its_parent_is_re_homed_bridged_and_never_paired_wit
     });
     assert_eq!(h.dcm.stats().link_failures, 1);
 }
+
+mod hostile_tests;
