@@ -14,6 +14,7 @@ use coordinator::topology::region::Region;
 use crate::events::{DcmEvent, OutboundTx};
 use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
 use crate::relay::RelayBoard;
+use protocol::manifest::ManifestSigner;
 
 /// Media state shared between the origin (writer) and HTTP/WebSocket readers.
 pub struct Media {
@@ -47,6 +48,15 @@ pub struct ChannelCounters {
     pub dcm_failovers: AtomicU64,
     /// Time from a heartbeat's arrival at its session to the DCM having applied it.
     pub heartbeat_apply: ApplyHistogram,
+    /// Bytes of signed manifests the origin made (each goes to every peer).
+    pub manifest_bytes: AtomicU64,
+    /// Manifest frames queued to peers (one per peer each).
+    pub manifests_sent: AtomicU64,
+    /// Forgery reports received from peers, and of those, false ones.
+    pub forgery_reports: AtomicU64,
+    pub false_reports: AtomicU64,
+    /// Peers evicted as hostile.
+    pub evictions: AtomicU64,
 }
 
 /// Lock-free histogram of microsecond durations in quarter-octave buckets (±10 %).
@@ -142,6 +152,8 @@ pub struct Channel {
     pub counters: ChannelCounters,
     /// Set on a file channel (a carousel of the file's pieces, see the `source::carousel` module).
     pub file: OnceLock<protocol::FileInfo>,
+    /// Signs a manifest of every published fragment (issue 13); `None`: an unsigned stream.
+    signer: Option<Mutex<ManifestSigner>>,
 }
 
 impl Channel {
@@ -165,6 +177,28 @@ impl Channel {
             source_attached: AtomicBool::new(false),
             counters: ChannelCounters::default(),
             file: OnceLock::new(),
+            signer: None,
+        }
+    }
+
+    /// Signs the stream with the ed25519 key of seed `seed` (see [`protocol::manifest`]).
+    pub fn with_signer(mut self, seed: &[u8; 32]) -> Self {
+        self.signer = Some(Mutex::new(ManifestSigner::new(seed, &self.name)));
+        self
+    }
+
+    /// The stream's public key (hex), if it is signed.
+    pub fn public_key(&self) -> Option<String> {
+        let signer = self.signer.as_ref()?.lock().ok()?;
+        Some(signer.public_key().to_hex())
+    }
+
+    /// SHA-256 of packet `seq` as the origin cut it, while the window holds it: what a forgery
+    /// report's evidence is checked against.
+    pub fn packet_digest(&self, seq: u64) -> Option<protocol::manifest::Digest32> {
+        match self.packet(seq) {
+            Lookup::Found(bytes) => Some(protocol::manifest::packet_digest(&bytes)),
+            Lookup::NotYet | Lookup::Evicted => None,
         }
     }
 
@@ -278,6 +312,22 @@ impl Channel {
         self.counters
             .packets_produced
             .fetch_add(out.len() as u64, Ordering::Relaxed);
+        // The manifest goes first: peers that get these packets from other peers can check
+        // them as they come. Packets are consecutive within one publication.
+        let manifests = match (&self.signer, out.first()) {
+            (Some(signer), Some((first, _))) => signer.lock().map_or(Vec::new(), |mut s| {
+                let packets: Vec<&[u8]> = out.iter().map(|(_, b)| b.as_ref()).collect();
+                s.sign(*first, &packets)
+            }),
+            _ => Vec::new(),
+        };
+        for m in manifests {
+            let frame = Bytes::from(m.encode());
+            self.counters
+                .manifest_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            let _ = self.dcm.send(DcmEvent::Manifest(frame)).await;
+        }
         // The DCM may lag; packets it misses are still in the window for fallback.
         let _ = self.dcm.send(DcmEvent::Packets(out)).await;
     }

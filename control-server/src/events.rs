@@ -16,6 +16,9 @@ pub enum Outbound {
     /// A message serialized once for many peers (live-edge notices).
     Text(axum::extract::ws::Utf8Bytes),
     Close(String),
+    /// The DCM evicted the peer: the session sends an `evicted` error with the reason, closes,
+    /// and refuses the peer's address for the configured time.
+    Evict(String),
 }
 
 impl Outbound {
@@ -62,6 +65,16 @@ pub enum DcmEvent {
     },
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
+    /// The origin's signed manifest of the packets that follow (issue 13).
+    Manifest(Bytes),
+    /// `reporter` got packet `seq` from `accused` with a hash that is not the signed one, and
+    /// what the origin's own hash says of it.
+    Forged {
+        reporter: PeerId,
+        accused: PeerId,
+        seq: u64,
+        evidence: coordinator::dcm::hostile::Evidence,
+    },
     Snapshot {
         reply: oneshot::Sender<TopologySnapshot>,
     },

@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(crate::ws::ws_handler))
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}/init", get(init_segment))
+        .route("/api/channels/{id}/key", get(stream_key))
         .route("/api/channels/{id}/packets/{seq}", get(packet))
         .route("/api/channels/{id}/hash", get(range_hash))
         .route("/api/channels/{id}/topology", get(topology))
@@ -101,6 +102,25 @@ async fn init_segment(
         bytes,
     )
         .into_response())
+}
+
+/// The channel's public stream key, for sites that pin it in the player (`public_key`).
+async fn stream_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let ch = channel(&state, &id)?;
+    let key = ch.public_key().ok_or_else(|| {
+        not_found(format!(
+            "channel {id:?} is not signed (the server runs with --unsigned)"
+        ))
+    })?;
+    Ok(axum::Json(serde_json::json!({
+        "channel": ch.name,
+        "algorithm": "ed25519",
+        "public_key": key,
+    }))
+    .into_response())
 }
 
 async fn packet(

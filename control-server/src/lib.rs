@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod operator;
 pub mod origin;
 pub mod relay;
+pub mod signing;
 pub mod source;
 pub mod token;
 pub mod ws;
@@ -83,6 +84,8 @@ pub struct AppState {
     pub relays: Arc<relay::RelayBoard>,
     /// Joined sessions by peer id (a download names its live companion by id).
     sessions: Arc<RwLock<HashMap<PeerId, SessionInfo>>>,
+    /// Addresses of evicted peers and when their ban ends (issue 13).
+    bans: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, std::time::Instant>>>,
 }
 
 impl AppState {
@@ -100,7 +103,30 @@ impl AppState {
             operator_token,
             relays: Arc::default(),
             sessions: Arc::default(),
+            bans: Arc::default(),
         }
+    }
+
+    /// Refuses `addr` for the configured ban time (an evicted peer's address).
+    pub(crate) fn ban(&self, addr: std::net::IpAddr) {
+        let secs = self.config.ban_secs;
+        if secs == 0 {
+            return;
+        }
+        if let Ok(mut b) = self.bans.lock() {
+            let now = std::time::Instant::now();
+            b.retain(|_, until| *until > now);
+            b.insert(addr, now + std::time::Duration::from_secs(secs));
+            self.metrics.record_ban();
+        }
+        tracing::warn!(%addr, secs, "address banned");
+    }
+
+    /// How long `addr` stays refused, if it is.
+    pub(crate) fn banned(&self, addr: std::net::IpAddr) -> Option<std::time::Duration> {
+        let b = self.bans.lock().ok()?;
+        let until = b.get(&addr)?;
+        until.checked_duration_since(std::time::Instant::now())
     }
 
     pub(crate) fn register_session(&self, peer: PeerId, info: SessionInfo) {
@@ -177,11 +203,13 @@ impl AppState {
         }
         let (tx, rx) = mpsc::channel(4096);
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
-        let ch = Arc::new(
-            Channel::new(name.to_string(), stream_kbps, window, tx)
-                .with_relays(self.relays.clone())
-                .with_substreams(self.config.substreams),
-        );
+        let mut channel = Channel::new(name.to_string(), stream_kbps, window, tx)
+            .with_relays(self.relays.clone())
+            .with_substreams(self.config.substreams);
+        if let Some(seed) = &self.config.signing_seed {
+            channel = channel.with_signer(seed);
+        }
+        let ch = Arc::new(channel);
         let dcm = Dcm::new(ch.clone(), &self.config);
         // The DCM runs on its own thread: with tens of thousands of sessions sharing the
         // runtime's workers, a task would wait behind them and heartbeats would queue up.

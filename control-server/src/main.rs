@@ -90,6 +90,18 @@ struct Args {
     /// anyone may join.
     #[arg(long, env = "P2P_VIEWER_TOKEN")]
     viewer_token: Option<String>,
+    /// File holding the origin's ed25519 signing key (64 hex digits), created there at the
+    /// first start. Without it a fresh key is made for this run (players that pin a public key
+    /// then refuse the stream after a restart).
+    #[arg(long, value_name = "FILE", env = "P2P_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+    /// Do not sign the stream: peers then relay packets without checking them (for
+    /// benchmarks that compare the cost of signing).
+    #[arg(long, conflicts_with = "signing_key")]
+    unsigned: bool,
+    /// Seconds an evicted peer's address is refused (0: not at all).
+    #[arg(long, default_value_t = 600)]
+    ban_secs: u64,
 }
 
 #[tokio::main]
@@ -131,7 +143,14 @@ async fn main() -> anyhow::Result<()> {
         .substreams
         .or(topology.as_ref().map(|t| t.k))
         .unwrap_or(4);
+    let signing_seed = match (&args.signing_key, args.unsigned) {
+        (_, true) => None,
+        (Some(path), false) => Some(control_server::signing::load_or_create(path)?),
+        (None, false) => Some(control_server::signing::random_seed()?),
+    };
     let config = Config {
+        signing_seed,
+        ban_secs: args.ban_secs,
         substreams,
         topology: topology.map(Arc::new),
         cluster_max: args.cluster_max,

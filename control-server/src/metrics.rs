@@ -158,6 +158,13 @@ pub struct ChannelTotals {
     pub repairs: u64,
     /// Times the channel's DCM failed and a new one took over.
     pub dcm_failovers: u64,
+    /// The signed stream (issue 13): manifest bytes the origin made, manifest frames sent,
+    /// forgery reports (and false ones), peers evicted.
+    pub manifest_bytes: u64,
+    pub manifests_sent: u64,
+    pub forgery_reports: u64,
+    pub false_reports: u64,
+    pub evictions: u64,
     /// Tree links whose child reports no packet from its parent for [`LAGGING_AFTER_MS`].
     pub lagging_links: u32,
 }
@@ -212,6 +219,8 @@ const GONE_KEEP: usize = 4096;
 pub struct Metrics {
     tracks: Mutex<HashMap<String, Track>>,
     sampler: AtomicBool,
+    /// Addresses refused after an eviction, since start.
+    bans: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +228,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Metrics {
+    pub fn record_ban(&self) {
+        self.bans.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Folds a DCM snapshot into the channel's running totals (peers gone since the last
     /// snapshot move to the departed total) and returns the channel's totals. Without a
     /// snapshot (DCM not answering) the last known peer figures are kept.
@@ -299,6 +312,11 @@ impl Metrics {
         totals.congestion_events = c.congestion_events.load(Ordering::Relaxed);
         totals.repairs = c.repairs.load(Ordering::Relaxed);
         totals.dcm_failovers = c.dcm_failovers.load(Ordering::Relaxed);
+        totals.manifest_bytes = c.manifest_bytes.load(Ordering::Relaxed);
+        totals.manifests_sent = c.manifests_sent.load(Ordering::Relaxed);
+        totals.forgery_reports = c.forgery_reports.load(Ordering::Relaxed);
+        totals.false_reports = c.false_reports.load(Ordering::Relaxed);
+        totals.evictions = c.evictions.load(Ordering::Relaxed);
         track.last = totals.clone();
         totals
     }
@@ -635,6 +653,36 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         "Times a channel's DCM failed and a new one took over, rebuilding from heartbeats.",
         &per(&|t| t.dcm_failovers),
+    );
+    e.family(
+        "p2p_manifest_bytes_total",
+        "counter",
+        "Bytes of signed manifests the origin made (each goes to every viewer).",
+        &per(&|t| t.manifest_bytes),
+    );
+    e.family(
+        "p2p_forgery_reports_total",
+        "counter",
+        "Reports from viewers of packets whose hash is not the signed one.",
+        &per(&|t| t.forgery_reports),
+    );
+    e.family(
+        "p2p_false_forgery_reports_total",
+        "counter",
+        "Forgery reports refuted by the origin's own hash (they count against the reporter).",
+        &per(&|t| t.false_reports),
+    );
+    e.family(
+        "p2p_evictions_total",
+        "counter",
+        "Viewers evicted as hostile (forged data, false or uncorroborated accusations).",
+        &per(&|t| t.evictions),
+    );
+    e.family(
+        "p2p_bans_total",
+        "counter",
+        "Addresses refused for a while after an eviction.",
+        &[(String::new(), state.metrics.bans.load(Ordering::Relaxed))],
     );
     e.family(
         "p2p_lagging_links",

@@ -86,6 +86,26 @@ pub struct PeerReport {
     /// The file this page downloads beside the live channel, if any (claim 1).
     #[serde(default)]
     pub download: Option<DownloadReport>,
+    /// The signed stream (issue 13): set when packets from peers are checked.
+    #[serde(default)]
+    pub signed: Option<SignedReport>,
+}
+
+/// What a peer's checks of the signed stream found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedReport {
+    /// Manifests taken, and frames refused (bad signature, wrong channel, garbage).
+    pub manifests: u64,
+    pub bad_manifests: u64,
+    /// Packets from peers checked and found genuine, and their bytes.
+    pub verified_packets: u64,
+    pub verified_bytes: u64,
+    /// Packets whose hash was not the signed one (dropped, fetched from the origin).
+    pub forged: u64,
+    /// Packets dropped unchecked (no manifest in time, or the waiting buffer full).
+    pub unverified_dropped: u64,
+    /// Forgery reports sent to the control center.
+    pub reports_sent: u64,
 }
 
 /// Progress of a download session (a second session of the page, on a file channel).

@@ -113,6 +113,7 @@ impl Control {
             live_seq,
             file: None,
             upload_kbps: None,
+            public_key: None,
         }
     }
 

@@ -91,6 +91,8 @@ impl World {
                         self.links.close(i, j as u32);
                     }
                 }
+                // The simulated origin does not sign (every simulated peer is honest).
+                Action::ReportForgery { .. } => {}
             }
         }
     }

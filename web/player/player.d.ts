@@ -26,6 +26,10 @@ export interface P2pPlayerOptions {
   controls?: boolean;
   /** Access token, for servers started with `--viewer-token`. */
   token?: string | null;
+  /** The origin's ed25519 public key (64 hex digits, from `/api/channels/{id}/key`): the player
+   * then refuses a stream signed with another key, or unsigned. Without it the player trusts the
+   * key the server announces (every packet from other viewers is still checked against it). */
+  public_key?: string | null;
   /** Show the stats overlay (P2P share, peers, bitrate, buffer). Default false. */
   stats?: boolean;
   /** STUN/TURN servers, passed to RTCPeerConnection as `iceServers`. */
@@ -130,7 +134,7 @@ export declare class Player extends EventTarget {
 export declare function mount(element: HTMLElement | string, options?: P2pPlayerOptions): Player;
 
 /** `<p2p-player>`: attributes server, channel, upload-kbps, autoplay, muted, controls, token,
- *  stats, ice-servers (JSON). Events as for {@link Player}. */
+ *  public-key, stats, ice-servers (JSON). Events as for {@link Player}. */
 export declare class P2pPlayerElement extends HTMLElement {
   readonly player: Player | null;
   play(): Promise<void>;

@@ -29,6 +29,7 @@ const DEFAULTS = {
   muted: true,
   controls: true,
   token: null,
+  public_key: null,
   stats: false,
   ice_servers: null,
   stats_interval_ms: 1000,
@@ -150,6 +151,7 @@ export class Player extends EventTarget {
         decode: true,
         ice_servers: o.ice_servers || undefined,
         token: o.token || undefined,
+        public_key: o.public_key || undefined,
       }, this.video);
       this.peer.start();
     } catch (e) {
@@ -308,7 +310,7 @@ function boolAttr(el, name, dflt) {
   return v !== 'false' && v !== '0' && v !== 'off';
 }
 
-/** `<p2p-player server channel upload-kbps autoplay muted controls token stats ice-servers>` */
+/** `<p2p-player server channel upload-kbps autoplay muted controls token public-key stats ice-servers>` */
 export class P2pPlayerElement extends HTMLElement {
   static get observedAttributes() { return ['stats']; }
 
@@ -334,6 +336,7 @@ export class P2pPlayerElement extends HTMLElement {
         muted: boolAttr(this, 'muted', true),
         controls: boolAttr(this, 'controls', true),
         token: this.getAttribute('token') || undefined,
+        public_key: this.getAttribute('public-key') || undefined,
         stats: boolAttr(this, 'stats', false),
         ice_servers: ice || undefined,
       });

@@ -244,6 +244,21 @@ impl Dcm {
                 self.core.handle(Event::LinkFailed { reporter, peer }, now)
             }
             DcmEvent::Packets(packets) => self.core.handle(Event::Packets(packets), now),
+            DcmEvent::Manifest(frame) => self.core.handle(Event::Manifest(frame), now),
+            DcmEvent::Forged {
+                reporter,
+                accused,
+                seq,
+                evidence,
+            } => self.core.handle(
+                Event::ForgeryReport {
+                    reporter,
+                    accused,
+                    seq,
+                    evidence,
+                },
+                now,
+            ),
             DcmEvent::Snapshot { reply } => {
                 let token = self.next_token;
                 self.next_token += 1;
@@ -306,6 +321,12 @@ impl Dcm {
             Output::Close { peer, reason } => {
                 if let Some(out) = self.outs.get(&peer) {
                     let _ = out.try_send(Box::new(Outbound::Close(reason)));
+                }
+                self.forget(peer);
+            }
+            Output::Evict { peer, reason } => {
+                if let Some(out) = self.outs.get(&peer) {
+                    let _ = out.try_send(Box::new(Outbound::Evict(reason)));
                 }
                 self.forget(peer);
             }
@@ -442,6 +463,10 @@ impl Dcm {
             s.origin_bridge_bytes,
             was.origin_bridge_bytes,
         );
+        add(&c.manifests_sent, s.manifests_sent, was.manifests_sent);
+        add(&c.forgery_reports, s.forgery_reports, was.forgery_reports);
+        add(&c.false_reports, s.false_reports, was.false_reports);
+        add(&c.evictions, s.evictions, was.evictions);
     }
 }
 

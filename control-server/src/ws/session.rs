@@ -91,6 +91,27 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
             })),
             true,
         ),
+        Outbound::Evict(reason) => {
+            // The error first, so the page can tell its viewer why, then the close.
+            let error = ServerMsg::Error {
+                code: ErrorCode::Evicted,
+                message: reason.clone(),
+            };
+            if let Ok(s) = serde_json::to_string(&error) {
+                let _ = tokio::time::timeout(
+                    SEND_TIMEOUT,
+                    socket.send(Message::Text(Utf8Bytes::from(s))),
+                )
+                .await;
+            }
+            (
+                Message::Close(Some(CloseFrame {
+                    code: 1008,
+                    reason: Utf8Bytes::from(reason),
+                })),
+                true,
+            )
+        }
     };
     let sent = matches!(
         tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
@@ -126,6 +147,9 @@ async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
             item = out_rx.recv() => {
                 // Never `None`: the session holds a sender.
                 let Some(item) = item else { break };
+                if matches!(*item, Outbound::Evict(_)) {
+                    session.state.ban(session.remote);
+                }
                 if !Box::pin(write_out(&mut socket, item)).await {
                     break;
                 }
@@ -263,6 +287,33 @@ impl Session {
                 let _ = ch
                     .dcm
                     .send(DcmEvent::LinkFailed { reporter: me, peer })
+                    .await;
+                true
+            }
+            (ClientMsg::Forged { peer, seq, hash }, Some((me, ch))) => {
+                if peer == me {
+                    return self.error(ErrorCode::NotLinked, "a report about yourself".into());
+                }
+                let Some(received) = protocol::manifest::from_hex(&hash) else {
+                    return self.error(
+                        ErrorCode::Malformed,
+                        "forged: hash must be 64 hex digits (the SHA-256 received)".into(),
+                    );
+                };
+                use coordinator::dcm::hostile::Evidence;
+                let evidence = match ch.packet_digest(seq) {
+                    Some(origin) if origin == received => Evidence::Refuted,
+                    Some(_) => Evidence::Holds,
+                    None => Evidence::Unknown,
+                };
+                let _ = ch
+                    .dcm
+                    .send(DcmEvent::Forged {
+                        reporter: me,
+                        accused: peer,
+                        seq,
+                        evidence,
+                    })
                     .await;
                 true
             }
@@ -408,6 +459,19 @@ impl Session {
             Some(t) => t.classify(self.remote, network, region_hint.as_deref()),
             None => Region::fallback(self.remote),
         };
+        if let Some(left) = self.state.banned(self.remote) {
+            self.error(
+                ErrorCode::Banned,
+                format!(
+                    "this address was evicted for sending forged data; refused for {} s more",
+                    left.as_secs().max(1)
+                ),
+            );
+            let _ = self
+                .out
+                .try_send(Box::new(Outbound::Close("address banned".into())));
+            return false;
+        }
         let Some(ch) = self.state.channel(&channel) else {
             return self.error(
                 ErrorCode::UnknownChannel,
@@ -475,6 +539,7 @@ impl Session {
             live_seq,
             file,
             upload_kbps: granted,
+            public_key: ch.public_key(),
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
         if self.out.try_send(Outbound::msg(welcome)).is_err() {

@@ -32,6 +32,7 @@ pub mod file;
 mod heartbeat;
 mod tier;
 mod upload;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
@@ -42,6 +43,7 @@ use protocol::report::LatencyHistogram;
 use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
 use tier::Tiers;
+use verify::{Check, Verifier};
 
 pub use upload::TokenBucket;
 
@@ -127,6 +129,11 @@ pub enum Input<'a> {
     LiveEdge {
         seq: u64,
     },
+    /// A signed manifest (a binary frame starting with `M` on the control socket): the hashes
+    /// of the packets that follow. It also says they exist, as a live-edge notice does.
+    Manifest {
+        bytes: &'a [u8],
+    },
     /// A fallback fetch failed; `gone` when the origin no longer has the packet.
     FetchFailed {
         seq: u64,
@@ -147,6 +154,13 @@ pub enum Action {
     Connect { peer: PeerId },
     /// A neighbour left the plan: close the connection.
     Disconnect { peer: PeerId },
+    /// `peer` sent packet `seq` hashing to `hash`, which is not the signed hash: tell the
+    /// control center (`ClientMsg::Forged`).
+    ReportForgery {
+        peer: PeerId,
+        seq: u64,
+        hash: [u8; 32],
+    },
 }
 
 struct Held {
@@ -204,6 +218,17 @@ pub struct Counters {
     /// Packets rebuilt from parity instead of received.
     pub packets_recovered: u64,
     pub parity_frames_received: u64,
+    /// Signed manifests taken, and frames refused (bad signature, wrong channel, garbage).
+    pub manifests: u64,
+    pub bad_manifests: u64,
+    /// Packets from peers (or rebuilt from parity) whose hash was not the signed one.
+    pub forged: u64,
+    /// Packets from peers dropped unchecked: their manifest did not come in time, or the
+    /// buffer of packets waiting for one was full.
+    pub unverified_dropped: u64,
+    /// Packets checked against a manifest and found genuine, and their bytes.
+    pub verified_packets: u64,
+    pub verified_bytes: u64,
 }
 
 pub struct Engine {
@@ -255,6 +280,8 @@ pub struct Engine {
     pub verified: Option<RangeHash>,
     pub latency: LatencyHistogram,
     pub first_delivery_ms: Option<f64>,
+    /// Set on a signed channel ([`Engine::set_stream_key`]).
+    verifier: Option<Verifier>,
     now: f64,
 }
 
@@ -293,8 +320,20 @@ impl Engine {
             verified: None,
             latency: LatencyHistogram::default(),
             first_delivery_ms: None,
+            verifier: None,
             now: now_ms,
         }
+    }
+
+    /// The channel's stream is signed with `key`: from now on packets from peers are played
+    /// and forwarded only once a manifest signed with it vouches for them.
+    pub fn set_stream_key(&mut self, key: protocol::manifest::StreamKey, channel: &str) {
+        self.verifier = Some(Verifier::new(key, channel));
+    }
+
+    /// Whether packets from peers are checked against signed manifests.
+    pub fn is_verifying(&self) -> bool {
+        self.verifier.is_some()
     }
 
     pub fn peer_id(&self) -> Option<PeerId> {
@@ -381,6 +420,7 @@ impl Engine {
                 }
             }
             Input::LiveEdge { seq } => self.note_exists(seq),
+            Input::Manifest { bytes } => self.on_manifest(bytes, &mut out),
             Input::Tick => {}
         }
         self.poll(&mut out);
@@ -593,6 +633,42 @@ impl Engine {
             From::Peer(_) => self.counters.packets_from_peers += 1,
             From::OriginPush | From::OriginFetch => self.counters.packets_from_origin += 1,
         }
+        // A signed stream: what a peer sends is checked before anything else is done with it
+        // (duplicates of what is already here need no check).
+        if let (From::Peer(id), Some(v)) = (from, self.verifier.as_mut()) {
+            let fresh =
+                self.next_deliver.is_some_and(|n| seq >= n) && !self.held.contains_key(&seq);
+            if fresh {
+                match v.check(seq, bytes) {
+                    Check::Genuine => {
+                        self.counters.verified_packets += 1;
+                        self.counters.verified_bytes += bytes.len() as u64;
+                    }
+                    Check::Forged(got) => return self.on_forged(Some(id), seq, got, out),
+                    Check::Unknown => {
+                        if !v.hold(seq, Some(id), bytes, self.now) {
+                            self.counters.unverified_dropped += 1;
+                        }
+                        // It exists (as an unsigned stream would take it to): if no manifest
+                        // vouches for it in time, the gap is fetched from the origin.
+                        self.note_exists(seq);
+                        return;
+                    }
+                }
+            }
+        }
+        self.admit(from, seq, bytes, p.header.created_ms, out);
+    }
+
+    /// A packet received (and, on a signed stream, checked): relayed, held and delivered.
+    fn admit(
+        &mut self,
+        from: From,
+        seq: u64,
+        bytes: &[u8],
+        created_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
         self.in_flight.remove(&seq);
         if from == From::OriginFetch {
             self.counters.origin_fallbacks += 1;
@@ -612,10 +688,90 @@ impl Engine {
         self.accept(vec![Fresh {
             seq,
             packet: Rc::new(bytes.to_vec()),
-            created_ms: p.header.created_ms,
+            created_ms,
             src,
         }]);
         self.deliver(out);
+    }
+
+    /// A signed manifest: its packets exist, and those that came before it are checked now.
+    fn on_manifest(&mut self, frame: &[u8], out: &mut Vec<Action>) {
+        let Some(v) = self.verifier.as_mut() else {
+            // An unsigned stream has no manifests; a frame like one is garbage.
+            self.counters.bad_manifests += 1;
+            return;
+        };
+        let range = match v.add_manifest(frame) {
+            Ok(r) => r,
+            Err(_) => {
+                self.counters.bad_manifests += 1;
+                return;
+            }
+        };
+        self.counters.manifests += 1;
+        let waiting = v.take_pending(range.clone());
+        if let Some(last) = range.end.checked_sub(1).filter(|_| !range.is_empty()) {
+            self.note_exists(last);
+        }
+        for (seq, p) in waiting {
+            let check = match self.verifier.as_ref() {
+                Some(v) => v.check(seq, &p.bytes),
+                None => Check::Unknown,
+            };
+            match check {
+                Check::Genuine => {
+                    self.counters.verified_packets += 1;
+                    self.counters.verified_bytes += p.bytes.len() as u64;
+                    let Ok(created_ms) = Packet::decode(&p.bytes).map(|d| d.header.created_ms)
+                    else {
+                        continue;
+                    };
+                    match p.from {
+                        Some(id) => self.admit(From::Peer(id), seq, &p.bytes, created_ms, out),
+                        None => {
+                            // Rebuilt from parity before its manifest came.
+                            if self.next_deliver.is_some_and(|n| seq >= n)
+                                && !self.held.contains_key(&seq)
+                            {
+                                self.accept(vec![Fresh {
+                                    seq,
+                                    packet: Rc::new(p.bytes),
+                                    created_ms,
+                                    src: None,
+                                }]);
+                                self.deliver(out);
+                            }
+                        }
+                    }
+                }
+                Check::Forged(got) => self.on_forged(p.from, seq, got, out),
+                Check::Unknown => {}
+            }
+        }
+    }
+
+    /// Packet `seq` (from `from`, or rebuilt from parity when `None`) hashed to `got`, not to
+    /// the signed hash: dropped, reported (once in a while per sender), and fetched from the
+    /// origin now rather than after the usual wait.
+    fn on_forged(&mut self, from: Option<PeerId>, seq: u64, got: [u8; 32], out: &mut Vec<Action>) {
+        self.counters.forged += 1;
+        if let (Some(id), Some(v)) = (from, self.verifier.as_mut()) {
+            if v.should_report(id, self.now) {
+                out.push(Action::ReportForgery {
+                    peer: id,
+                    seq,
+                    hash: got,
+                });
+            }
+        }
+        self.note_exists(seq);
+        let due = self.now
+            - self.cfg.fallback_after_ms
+            - (self.cfg.playout_delay_ms - self.cfg.fallback_after_ms).max(0.0)
+            - 1.0;
+        if let Some(t) = self.gaps.get_mut(&seq) {
+            *t = t.min(due.max(self.now - self.cfg.give_up_ms / 2.0));
+        }
     }
 
     /// A parity frame: relayed down its tree, then given to the assembler.
@@ -669,6 +825,21 @@ impl Engine {
                 continue;
             };
             if new {
+                if let Some(v) = self.verifier.as_mut() {
+                    match v.check(r.seq, &r.packet) {
+                        Check::Genuine => {}
+                        Check::Forged(_) => {
+                            // Forged parity (data packets are checked before they are coded
+                            // with): nobody to blame for sure; the origin fills the gap.
+                            self.counters.forged += 1;
+                            continue;
+                        }
+                        Check::Unknown => {
+                            v.hold(r.seq, None, &r.packet, self.now);
+                            continue;
+                        }
+                    }
+                }
                 self.counters.packets_recovered += 1;
                 self.in_flight.remove(&r.seq);
                 fresh.push(Fresh {
@@ -865,6 +1036,9 @@ impl Engine {
     }
 
     fn poll(&mut self, out: &mut Vec<Action>) {
+        if let Some(v) = self.verifier.as_mut() {
+            self.counters.unverified_dropped += v.expire(self.next_deliver, self.now);
+        }
         // Fallback fetches for gaps that stayed open too long.
         let due: Vec<u64> = self
             .gaps
@@ -988,3 +1162,5 @@ impl Engine {
 mod tests;
 #[cfg(test)]
 mod tier_tests;
+#[cfg(test)]
+mod verify_tests;

@@ -125,7 +125,9 @@ impl Sim {
                 Action::Deliver { payload, .. } => {
                     self.delivered.entry(id).or_default().extend(payload)
                 }
-                Action::Connect { .. } | Action::Disconnect { .. } => {}
+                Action::Connect { .. }
+                | Action::Disconnect { .. }
+                | Action::ReportForgery { .. } => {}
             }
         }
     }

@@ -149,7 +149,9 @@ impl Net {
                 Action::Deliver { payload, .. } => {
                     self.delivered.entry(id).or_default().extend(payload)
                 }
-                Action::Connect { .. } | Action::Disconnect { .. } => {}
+                Action::Connect { .. }
+                | Action::Disconnect { .. }
+                | Action::ReportForgery { .. } => {}
             }
         }
     }

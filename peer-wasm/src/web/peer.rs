@@ -39,6 +39,9 @@ struct Options {
     region: Option<String>,
     /// Declared access network (`dsl`, `cable`, `fiber`, `mobile`, `satellite`, `other`).
     network: Option<String>,
+    /// The origin's ed25519 public key (64 hex digits) the site pins: the player refuses a
+    /// stream signed with another key, or not signed at all.
+    public_key: Option<String>,
     /// Set by the peer itself on the relay sessions it opens when recruited (not an option
     /// for pages).
     #[serde(skip)]
@@ -56,6 +59,7 @@ impl Default for Options {
             token: None,
             region: None,
             network: None,
+            public_key: None,
             relay_token: None,
         }
     }
@@ -102,6 +106,8 @@ struct Inner {
     heartbeats_sent: u64,
     /// Data channels that never opened, reported to the control center.
     links_failed: u64,
+    /// Forgery reports sent to the control center.
+    forgeries_reported: u64,
     tick: Option<(i32, Closure<dyn FnMut()>)>,
     errors: Vec<String>,
     destroyed: bool,
@@ -327,6 +333,7 @@ impl Inner {
                 heartbeat_bytes: 0,
                 heartbeats_sent: 0,
                 links_failed: 0,
+                forgeries_reported: 0,
                 tick: None,
                 errors: Vec::new(),
                 destroyed: false,
@@ -388,13 +395,17 @@ impl Inner {
                 if let Some(text) = data.as_string() {
                     i.on_server_text(&text);
                 } else if data.is_instance_of::<js_sys::ArrayBuffer>() {
-                    // A packet or, for coded roots the origin feeds, a parity frame: the engine
-                    // tells them apart by the first byte.
+                    // A packet or, for coded roots the origin feeds, a parity frame (the engine
+                    // tells them apart by the first byte), or a signed manifest.
                     let bytes = js_sys::Uint8Array::new(&data).to_vec();
-                    i.feed(Input::Packet {
-                        from: From::OriginPush,
-                        bytes: &bytes,
-                    });
+                    if bytes.first() == Some(&protocol::manifest::MAGIC) {
+                        i.feed(Input::Manifest { bytes: &bytes });
+                    } else {
+                        i.feed(Input::Packet {
+                            from: From::OriginPush,
+                            bytes: &bytes,
+                        });
+                    }
                 }
             })
         });
@@ -467,8 +478,16 @@ impl Inner {
                 live_seq,
                 file,
                 upload_kbps,
+                public_key,
+                channel,
                 ..
             } => {
+                if let Err(e) = self.take_stream_key(public_key.as_deref(), &channel) {
+                    // Playing a stream the site did not vouch for is worse than not playing.
+                    self.error(e);
+                    self.shutdown();
+                    return;
+                }
                 if let Some(granted) = upload_kbps {
                     // The live session keeps the rest of the page's upload.
                     self.engine.set_upload_kbps(granted);
@@ -551,6 +570,31 @@ impl Inner {
         }
     }
 
+    /// The stream's key from the Welcome, checked against the key the site pins (if any).
+    fn take_stream_key(&mut self, offered: Option<&str>, channel: &str) -> Result<(), String> {
+        let pinned = self.opts.public_key.as_deref().map(str::trim);
+        let key = match (offered, pinned) {
+            (None, None) => return Ok(()),
+            (None, Some(_)) => {
+                return Err(format!(
+                    "stream_unsigned: channel {channel} is not signed, but the player pins a \
+                     public key; refusing to play it"
+                ))
+            }
+            (Some(k), Some(p)) if !k.eq_ignore_ascii_case(p) => {
+                return Err(format!(
+                    "stream_key_mismatch: channel {channel} is signed with key {k}, not the \
+                     pinned {p}; refusing to play it"
+                ))
+            }
+            (Some(k), _) => k,
+        };
+        let key = protocol::manifest::StreamKey::from_hex(key)
+            .map_err(|e| format!("stream_key_invalid: {e}"))?;
+        self.engine.set_stream_key(key, channel);
+        Ok(())
+    }
+
     fn feed(&mut self, input: Input<'_>) {
         let actions = self.engine.handle(input, now_ms());
         self.run(actions);
@@ -625,6 +669,14 @@ impl Inner {
                     } else if let Some(m) = self.media.as_mut() {
                         m.push(payload);
                     }
+                }
+                Action::ReportForgery { peer, seq, hash } => {
+                    self.forgeries_reported += 1;
+                    self.send_ctrl(&ClientMsg::Forged {
+                        peer,
+                        seq,
+                        hash: protocol::manifest::hex(&hash),
+                    });
                 }
                 Action::Connect { peer } => {
                     // The answering side opens its end now too, without offering: packets the
@@ -872,6 +924,18 @@ impl Inner {
             mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
             plays: self.engine.plays(),
             download: None,
+            signed: self
+                .engine
+                .is_verifying()
+                .then(|| protocol::report::SignedReport {
+                    manifests: c.manifests,
+                    bad_manifests: c.bad_manifests,
+                    verified_packets: c.verified_packets,
+                    verified_bytes: c.verified_bytes,
+                    forged: c.forged,
+                    unverified_dropped: c.unverified_dropped,
+                    reports_sent: self.forgeries_reported,
+                }),
             relays: self
                 .relays
                 .iter()
