@@ -44,7 +44,8 @@ pub struct Config {
     /// parent delivers, see `dcm::bridge`); 0 turns bridging off.
     pub max_bridges: usize,
     /// Seed of the origin's ed25519 key: every channel's stream is signed with it (issue 13).
-    /// `None`: streams are unsigned and peers relay packets unchecked.
+    /// The default is a fresh key per process; `None`: streams are unsigned and peers relay
+    /// packets unchecked.
     pub signing_seed: Option<[u8; 32]>,
     /// How long an evicted peer's address is refused, in seconds; 0: not at all.
     pub ban_secs: u64,
@@ -68,7 +69,8 @@ impl Default for Config {
             cluster_max: 512,
             file_kbps: 1000,
             max_bridges: coordinator::dcm::bridge::DEFAULT_MAX_BRIDGES,
-            signing_seed: None,
+            // Signed by default, with a key for this process (see `crate::signing`).
+            signing_seed: crate::signing::random_seed().ok(),
             ban_secs: 600,
         }
     }
