@@ -48,8 +48,10 @@ pub struct ChannelCounters {
     pub dcm_failovers: AtomicU64,
     /// Time from a heartbeat's arrival at its session to the DCM having applied it.
     pub heartbeat_apply: ApplyHistogram,
-    /// Bytes of signed manifests the origin made (each goes to every peer).
+    /// Bytes of signed manifests the origin made (each goes to every peer), and of the packets
+    /// they cover.
     pub manifest_bytes: AtomicU64,
+    pub media_bytes: AtomicU64,
     /// Manifest frames queued to peers (one per peer each).
     pub manifests_sent: AtomicU64,
     /// Forgery reports received from peers, and of those, false ones.
@@ -321,6 +323,10 @@ impl Channel {
             }),
             _ => Vec::new(),
         };
+        self.counters.media_bytes.fetch_add(
+            out.iter().map(|(_, b)| b.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         for m in manifests {
             let frame = Bytes::from(m.encode());
             self.counters

@@ -89,6 +89,23 @@ pub struct PeerReport {
     /// The signed stream (issue 13): set when packets from peers are checked.
     #[serde(default)]
     pub signed: Option<SignedReport>,
+    /// The last few packets that missed their playout deadline (or were skipped), to tell
+    /// why continuity fell.
+    #[serde(default)]
+    pub late_samples: Vec<LateSample>,
+}
+
+/// One packet that missed its playout deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LateSample {
+    pub seq: u64,
+    /// How long after its deadline it arrived (ms); negative: skipped, with the number of
+    /// packets jumped over.
+    pub late_ms: f64,
+    /// The peer it came from; `None`: the origin (push or fallback) or rebuilt from parity.
+    pub from: Option<PeerId>,
+    /// When it was delivered (the page's clock, ms).
+    pub at_ms: f64,
 }
 
 /// What a peer's checks of the signed stream found.

@@ -43,6 +43,8 @@ pub struct SwarmArgs {
     /// `0`: one flat multi-tree. `R ≥ 1`: the three-tier hierarchy with `R` configured regions,
     /// viewers assigned round-robin (by region hint: every page is on 127.0.0.1).
     pub regions: usize,
+    /// Run the stream unsigned (peers relay without checking), to measure what signing costs.
+    pub unsigned: bool,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -318,6 +320,34 @@ impl Swarm {
         Ok(rx.await?)
     }
 
+    /// The signed stream's figures, `None` if the channel is unsigned.
+    fn signing_report(&self, reports: &[PeerReport]) -> Option<SigningReport> {
+        let ch = self.state.channel("demo")?;
+        ch.public_key()?;
+        let c = &ch.counters;
+        let manifest = c.manifest_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let media = c.media_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let signed: Vec<_> = reports.iter().filter_map(|r| r.signed.as_ref()).collect();
+        let sum = |f: &dyn Fn(&protocol::report::SignedReport) -> u64| -> u64 {
+            signed.iter().map(|s| f(s)).sum()
+        };
+        let overhead = if media > 0 {
+            manifest as f64 / media as f64
+        } else {
+            0.0
+        };
+        Some(SigningReport {
+            manifest_bytes_per_s: overhead * f64::from(self.stream_kbps()) * 125.0,
+            manifest_overhead: overhead,
+            verified_packets: sum(&|s| s.verified_packets),
+            verified_bytes: sum(&|s| s.verified_bytes),
+            forged: sum(&|s| s.forged),
+            unverified_dropped: sum(&|s| s.unverified_dropped),
+            bad_manifests: sum(&|s| s.bad_manifests),
+            verifying_viewers: signed.len(),
+        })
+    }
+
     pub fn stream_kbps(&self) -> u32 {
         self.state
             .channel("demo")
@@ -492,6 +522,26 @@ pub struct SwarmReport {
     /// useful bytes only.
     pub bytes_played: u64,
     pub p2p_share_useful: f64,
+    /// The signed stream (issue 13); `None` when the run was unsigned.
+    pub signing: Option<SigningReport>,
+}
+
+/// What the signed stream cost and found in a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SigningReport {
+    /// Manifest bytes the origin made per second, and per media byte it cut (every viewer gets
+    /// each manifest once, so this is also each viewer's overhead on the stream it receives).
+    pub manifest_bytes_per_s: f64,
+    pub manifest_overhead: f64,
+    /// Over all viewers: packets from peers checked and found genuine, forged ones, ones
+    /// dropped unchecked, manifests refused.
+    pub verified_packets: u64,
+    pub verified_bytes: u64,
+    pub forged: u64,
+    pub unverified_dropped: u64,
+    pub bad_manifests: u64,
+    /// Viewers that checked packets (all of them on a signed stream).
+    pub verifying_viewers: usize,
 }
 
 impl SwarmReport {
@@ -611,6 +661,7 @@ impl SwarmReport {
             } else {
                 0.0
             },
+            signing: swarm.signing_report(reports),
         }
     }
 
@@ -618,6 +669,22 @@ impl SwarmReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let mut row = |k: &str, v: String| s.push_str(&format!("| {k:<24} | {v:<40} |\n"));
+        match &self.signing {
+            None => row("signed stream", "off (--unsigned)".into()),
+            Some(g) => row(
+                "signed stream",
+                format!(
+                    "manifests {:.0} B/s = {:.2} % of the stream (target ≤ 1 %); {} viewers \
+                     verified {} packets, forged {}, dropped unchecked {}",
+                    g.manifest_bytes_per_s,
+                    g.manifest_overhead * 100.0,
+                    g.verifying_viewers,
+                    g.verified_packets,
+                    g.forged,
+                    g.unverified_dropped
+                ),
+            ),
+        }
         row(
             "viewers (playing)",
             format!("{} ({})", self.viewers, self.playing_viewers),
@@ -844,7 +911,12 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     }
     let mut rng = Rng::seeded(args.seed);
     let started = Instant::now();
-    let mut swarm = Swarm::start_with(args.web_dir.clone(), args.regions).await?;
+    let unsigned = args.unsigned;
+    let mut swarm = Swarm::start_configured(args.web_dir.clone(), args.regions, |c| Config {
+        signing_seed: if unsigned { None } else { c.signing_seed },
+        ..c
+    })
+    .await?;
     let hb_ms = f64::from(swarm.state.config.heartbeat_ms);
     eprintln!(
         "swarm: control server on http://{}/, stream {} kbit/s; opening {} viewers ({} playing)",

@@ -86,6 +86,10 @@ enum Cmd {
         /// 0 runs one flat multi-tree.
         #[arg(long, default_value_t = 0, value_name = "R")]
         hierarchy_regions: usize,
+        /// Run the stream unsigned (peers relay without checking), to measure what signing
+        /// costs.
+        #[arg(long)]
+        unsigned: bool,
     },
     /// Benchmark the control center's hierarchy (build, join/leave cost, full-rate capacity).
     /// Runs in release mode (re-executes itself when built in debug).
@@ -149,7 +153,9 @@ fn main() -> ExitCode {
             churn,
             throttle,
             hierarchy_regions,
+            unsigned,
         } => swarm(e2e::swarm::SwarmArgs {
+            unsigned,
             churn,
             throttle,
             regions: hierarchy_regions,

@@ -196,4 +196,7 @@ pub struct DcmStats {
     pub false_reports: u64,
     /// Peers evicted as hostile.
     pub evictions: u64,
+    /// Parents demoted because their children corroborated that they send nothing while their
+    /// own heartbeats claim they do.
+    pub silent_demoted: u64,
 }

@@ -36,6 +36,8 @@ pub const REPORT_WINDOW_MS: u64 = 30_000;
 pub const FALSE_REPORTS_EVICT: u32 = 3;
 /// Distinct peers a reporter may accuse without anyone else agreeing before it is evicted.
 pub const UNCORROBORATED_EVICT: usize = 3;
+/// Children complaining of one parent within this long corroborate each other (server ms).
+pub const SILENCE_WINDOW_MS: u64 = 10_000;
 
 /// What the origin's own hash says of a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,9 @@ pub struct Reports {
     false_reports: FxHashMap<PeerId, u32>,
     /// Reporter → peers it accused, with the reports held.
     accused_by: FxHashMap<PeerId, FxHashSet<PeerId>>,
+    /// Parent → children whose heartbeats show it late while its own heartbeat claims it sent
+    /// them what they lack, and when.
+    silence: FxHashMap<PeerId, FxHashMap<PeerId, u64>>,
 }
 
 impl Reports {
@@ -75,7 +80,11 @@ impl Reports {
         self.against.remove(&peer);
         self.false_reports.remove(&peer);
         self.accused_by.remove(&peer);
+        self.silence.remove(&peer);
         for m in self.against.values_mut() {
+            m.remove(&peer);
+        }
+        for m in self.silence.values_mut() {
             m.remove(&peer);
         }
         for s in self.accused_by.values_mut() {
@@ -106,6 +115,51 @@ impl Reports {
 }
 
 impl Dcm {
+    /// A child's heartbeats show its parent late on `substream`. Returns true when the parent
+    /// is to be demoted as a peer that takes children and sends them nothing (issue 13): its
+    /// own heartbeat claims it sent this child more than the child got from it, and another
+    /// child said the same of it within [`SILENCE_WINDOW_MS`]. One child's word is never enough
+    /// (a lying child would demote an honest parent); an honest but congested parent says so
+    /// itself (its backlog) and is capped by what it manages to send instead.
+    pub(super) fn corroborated_silence(
+        &mut self,
+        parent: PeerId,
+        child: PeerId,
+        substream: u32,
+        now: u64,
+    ) -> bool {
+        let got = self.view.get(child).and_then(|c| {
+            c.heartbeat
+                .parents
+                .iter()
+                .find(|p| p.substream == substream)
+                .map(|p| p.last_seq)
+        });
+        let claimed = self.view.get(parent).and_then(|p| {
+            p.heartbeat
+                .children
+                .iter()
+                .find(|c| c.child == child && c.substream == substream)
+                .and_then(|c| c.last_seq)
+        });
+        let contradicts = match (claimed, got) {
+            (Some(claimed), Some(got)) => got.is_none_or(|g| claimed > g),
+            _ => false,
+        };
+        if !contradicts {
+            return false;
+        }
+        let m = self.reports.silence.entry(parent).or_default();
+        m.retain(|_, t| now.saturating_sub(*t) <= SILENCE_WINDOW_MS);
+        m.insert(child, now);
+        if m.len() < CORROBORATING_REPORTERS {
+            return false;
+        }
+        self.reports.silence.remove(&parent);
+        tracing::warn!(channel = %self.name, %parent, "children corroborate: it claims to send what they never get");
+        true
+    }
+
     /// `reporter` says `accused` sent it packet `seq` with a hash that is not the signed one.
     pub(super) fn forgery_report(
         &mut self,

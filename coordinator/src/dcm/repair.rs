@@ -98,7 +98,17 @@ impl Dcm {
             self.congestion_log.pop_front();
         }
         tracing::info!(channel = %self.name, parent = %link.parent, child = %link.child, substream = link.substream, behind = link.behind, parent_side = link.parent_side, "congested link");
-        let (peer, kbps, reason) = if link.parent_side {
+        let silent_parent = !link.parent_side
+            && self.corroborated_silence(link.parent, link.child, link.substream, now);
+        let (peer, kbps, reason) = if silent_parent {
+            // Demoted by history to no upload: every child re-homed, none given until the
+            // record recovers (and again if it keeps failing them).
+            let Some(cap) = self.history.congested(link.parent, Some(0.0), now) else {
+                return;
+            };
+            self.stats.silent_demoted += 1;
+            (link.parent, cap, "claims to send what its children never get")
+        } else if link.parent_side {
             let measured = self
                 .view
                 .get(link.parent)

@@ -167,7 +167,12 @@ struct Held {
     packet: Rc<Vec<u8>>,
     created_ms: u64,
     arrived_ms: f64,
+    /// The peer it came from; `None`: the origin, or rebuilt from parity.
+    src: Option<PeerId>,
 }
+
+/// Late packets remembered for statistics ([`Engine::late_samples`]).
+const LATE_SAMPLES: usize = 16;
 
 /// Why a queued send goes to its peer; decides whether it survives a plan change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +287,8 @@ pub struct Engine {
     pub first_delivery_ms: Option<f64>,
     /// Set on a signed channel ([`Engine::set_stream_key`]).
     verifier: Option<Verifier>,
+    /// The last few packets that arrived after their playout deadline, or were skipped.
+    pub late_samples: VecDeque<protocol::report::LateSample>,
     now: f64,
 }
 
@@ -321,6 +328,7 @@ impl Engine {
             latency: LatencyHistogram::default(),
             first_delivery_ms: None,
             verifier: None,
+            late_samples: VecDeque::new(),
             now: now_ms,
         }
     }
@@ -893,6 +901,7 @@ impl Engine {
                     packet,
                     created_ms,
                     arrived_ms: self.now,
+                    src,
                 },
             );
             work.extend(self.recovered(rebuilt));
@@ -993,6 +1002,15 @@ impl Engine {
                 self.counters.on_time += 1;
             } else {
                 self.counters.late += 1;
+                self.late_samples.push_back(protocol::report::LateSample {
+                    seq: next,
+                    late_ms: h.arrived_ms - h.created_ms as f64 - self.cfg.playout_delay_ms,
+                    from: h.src,
+                    at_ms: self.now,
+                });
+                while self.late_samples.len() > LATE_SAMPLES {
+                    self.late_samples.pop_front();
+                }
             }
             self.counters.packets_played += 1;
             self.counters.bytes_played += p.payload.len() as u64;
@@ -1027,6 +1045,16 @@ impl Engine {
         if let Some((&first_held, _)) = self.held.iter().next() {
             let skipped = first_held - next;
             self.counters.late += skipped;
+            self.late_samples.push_back(protocol::report::LateSample {
+                seq: next,
+                // Skipped: `late_ms` is the number of packets jumped over, negated.
+                late_ms: -(skipped as f64),
+                from: None,
+                at_ms: self.now,
+            });
+            while self.late_samples.len() > LATE_SAMPLES {
+                self.late_samples.pop_front();
+            }
             self.gaps.retain(|s, _| *s > first_held);
             self.next_deliver = Some(first_held);
             // The verified range must stay contiguous; start a new one after the hole.

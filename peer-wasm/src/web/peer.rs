@@ -924,6 +924,7 @@ impl Inner {
             mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
             plays: self.engine.plays(),
             download: None,
+            late_samples: self.engine.late_samples.iter().cloned().collect(),
             signed: self
                 .engine
                 .is_verifying()
