@@ -26,6 +26,7 @@ pub mod origin;
 pub mod relay;
 pub mod source;
 pub mod token;
+pub mod viewer_token;
 pub mod ws;
 
 use std::collections::HashMap;

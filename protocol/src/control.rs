@@ -235,6 +235,12 @@ pub enum ErrorCode {
     BadRelayToken,
     /// A download session's `companion` is unknown, not live, or of another address.
     BadCompanion,
+    /// The viewer token (`--token-secret`) has expired. The session is then closed.
+    TokenExpired,
+    /// The viewer token opens another channel. The session is then closed.
+    TokenWrongChannel,
+    /// The viewer token is missing, malformed or badly signed. The session is then closed.
+    TokenInvalid,
 }
 
 #[cfg(test)]
