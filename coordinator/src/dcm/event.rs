@@ -174,4 +174,6 @@ pub struct DcmStats {
     pub edge_notices: u64,
     /// Reports of data channels that never opened, from peers the DCM knows.
     pub link_failures: u64,
+    /// Heartbeats (or links in them) refused as implausible, by reason.
+    pub heartbeats_refused: super::plausible::RefusalCounts,
 }

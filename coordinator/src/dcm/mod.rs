@@ -25,6 +25,7 @@ mod instructions;
 mod invariants;
 mod origin;
 pub mod planner;
+pub mod plausible;
 mod recovery;
 mod repair;
 pub mod snapshot;
@@ -123,6 +124,8 @@ pub struct Dcm {
     /// Outputs ready now, in order.
     outputs: VecDeque<Output>,
     stats: DcmStats,
+    /// The check of heartbeats' claims (see [`plausible`]).
+    plausible: plausible::Plausibility,
 }
 
 /// A fed peer gets one live-edge notice in this many (see `Dcm::edge_every`).
@@ -188,6 +191,7 @@ impl Dcm {
             background: VecDeque::new(),
             outputs: VecDeque::new(),
             stats: DcmStats::default(),
+            plausible: plausible::Plausibility::default(),
         }
     }
 
@@ -241,7 +245,10 @@ impl Dcm {
     }
 
     pub fn stats(&self) -> DcmStats {
-        self.stats
+        DcmStats {
+            heartbeats_refused: self.plausible.refused,
+            ..self.stats
+        }
     }
 
     /// Whether this DCM is still collecting heartbeats after taking over.
@@ -341,6 +348,7 @@ impl Dcm {
             },
         );
         self.history.joined(peer, upload_kbps, now);
+        self.plausible.joined(peer, now);
         let changes = if relay {
             self.planner
                 .join_relay(peer, region, placement_kbps(upload_kbps))
