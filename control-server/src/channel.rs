@@ -42,6 +42,9 @@ pub struct ChannelCounters {
     /// Topology repairs: children moved because of congestion, departures, or silent peers.
     pub repairs: AtomicU64,
     pub heartbeats: AtomicU64,
+    /// Heartbeats (or links in them) the DCM refused as implausible, by reason (in the order of
+    /// `coordinator::dcm::plausible::Refusal::ALL`).
+    pub heartbeats_refused: [AtomicU64; 4],
     /// Peers of other channels recruited to relay this one (claims 19, 43).
     pub relays_recruited: AtomicU64,
     /// DCM failures survived: each time the channel's DCM died and a new one took over.

@@ -33,6 +33,9 @@ pub struct Config {
     /// Access token viewers must present (`?token=` on the control WebSocket) to join.
     /// `None` (the default): anyone may join.
     pub viewer_token: Option<String>,
+    /// Secret of the signed viewer tokens (HS256 JWTs with `channel`, `exp`, optional `sub`,
+    /// see `viewer_token`). `Some`: joining needs such a token (or the static `viewer_token`).
+    pub token_secret: Option<String>,
     /// Regions and tier parameters. `Some`: every channel runs the three-tier hierarchy
     /// (preferred-node mesh, coded middle tier, bottom clusters); `None`: one flat multi-tree.
     pub topology: Option<Arc<TopologyConfig>>,
@@ -65,6 +68,7 @@ impl Default for Config {
             operator_token: None,
             allowed_origins: Vec::new(),
             viewer_token: None,
+            token_secret: None,
             topology: None,
             cluster_max: 512,
             file_kbps: 1000,
@@ -88,6 +92,8 @@ pub enum ConfigError {
     Fanout,
     #[error("allowed origin {0:?} is not of the form http(s)://host[:port] (or *)")]
     Origin(String),
+    #[error("the token secret must be at least 32 bytes (256 bits, RFC 7518 §3.2), got {0}")]
+    TokenSecret(usize),
     #[error("the operator token must be at least 8 characters")]
     OperatorToken,
     #[error("the topology's k = {topology} disagrees with --substreams {substreams}")]
@@ -124,6 +130,13 @@ impl Config {
         }
         if self.operator_token.as_ref().is_some_and(|t| t.len() < 8) {
             return Err(ConfigError::OperatorToken);
+        }
+        if let Some(s) = self
+            .token_secret
+            .as_ref()
+            .filter(|s| s.len() < crate::viewer_token::MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::TokenSecret(s.len()));
         }
         if let Some(t) = &self.topology {
             if t.k != self.substreams {
@@ -175,5 +188,10 @@ mod tests {
         c.allowed_origins.clear();
         c.operator_token = Some("short".into());
         assert!(matches!(c.validate(), Err(ConfigError::OperatorToken)));
+        c.operator_token = None;
+        c.token_secret = Some("too short".into());
+        assert!(matches!(c.validate(), Err(ConfigError::TokenSecret(9))));
+        c.token_secret = Some("x".repeat(32));
+        assert!(c.validate().is_ok());
     }
 }

@@ -234,11 +234,80 @@ async fn channel_stats(
 
 /// Streaming ingest: `PUT /ingest/{channel}?key=K` with a fragmented-MP4 body, e.g.
 /// `ffmpeg … -f mp4 -movflags frag_keyframe+empty_moov+default_base_moof - | curl -T - URL`.
+///
+/// A refusal (wrong key, busy channel, not fragmented MP4, a broken stream) is answered only
+/// after the rest of the upload was read and discarded (see [`drain_body`]): a server that
+/// answers and closes with the upload unread makes the kernel reset the connection, and the
+/// publisher sees `curl: (55) Send failure: Broken pipe` instead of the status and its reason.
 async fn ingest(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     body: Body,
+) -> Response {
+    let mut stream = body.into_data_stream();
+    match ingest_stream(state, id, q, &mut stream).await {
+        Ok(r) => r,
+        Err(e) => {
+            let drained = drain_body(&mut stream).await;
+            tracing::info!(
+                status = %e.0,
+                reason = %e.1,
+                drained_bytes = drained.bytes,
+                complete = drained.complete,
+                "ingest refused"
+            );
+            let mut r = e.into_response();
+            if !drained.complete {
+                // Part of the upload is still unread: say that the connection ends here.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            r
+        }
+    }
+}
+
+/// Longest a refused upload is read and discarded before the answer goes out anyway.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most bytes of a refused upload read and discarded before the answer goes out anyway.
+const DRAIN_BYTES: u64 = 1 << 30;
+
+/// What [`drain_body`] did.
+struct Drained {
+    bytes: u64,
+    /// The body ended (or failed) within the bounds.
+    complete: bool,
+}
+
+/// Reads and discards the rest of a request body, for at most [`DRAIN_TIME`] and
+/// [`DRAIN_BYTES`].
+async fn drain_body(stream: &mut axum::body::BodyDataStream) -> Drained {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    let mut bytes = 0u64;
+    while bytes < DRAIN_BYTES {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(chunk))) => bytes += chunk.len() as u64,
+            Ok(None | Some(Err(_))) => {
+                return Drained {
+                    bytes,
+                    complete: true,
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Drained {
+        bytes,
+        complete: false,
+    }
+}
+
+async fn ingest_stream(
+    state: AppState,
+    id: String,
+    q: HashMap<String, String>,
+    stream: &mut axum::body::BodyDataStream,
 ) -> Result<Response, ApiError> {
     let Some(expected) = state.config.ingest_key.as_deref() else {
         return Err(ApiError(
@@ -260,7 +329,6 @@ async fn ingest(
             ));
         }
     }
-    let mut stream = body.into_data_stream();
     // Validate the start of the body before creating or touching any channel, so that
     // something that is not fragmented MP4 leaves running channels exactly as they were.
     let mut probe = crate::origin::Fmp4Splitter::new();

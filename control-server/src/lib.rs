@@ -27,6 +27,7 @@ pub mod relay;
 pub mod signing;
 pub mod source;
 pub mod token;
+pub mod viewer_token;
 pub mod ws;
 
 use std::collections::HashMap;

@@ -102,6 +102,11 @@ struct Args {
     /// Seconds an evicted peer's address is refused (0: not at all).
     #[arg(long, default_value_t = 600)]
     ban_secs: u64,
+    /// Secret (at least 32 bytes) of signed viewer tokens: HS256 JWTs with claims `channel`,
+    /// `exp` (Unix seconds) and optional `sub`, minted by the site's backend. Joining then needs
+    /// such a token for the channel (or the --viewer-token); prefer the environment variable.
+    #[arg(long, env = "P2P_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
 }
 
 #[tokio::main]
@@ -161,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
         operator_token: args.operator_token.clone(),
         allowed_origins: args.allowed_origins.clone(),
         viewer_token: args.viewer_token.clone(),
+        token_secret: args.token_secret.clone(),
         file_kbps: args.file_kbps,
         max_bridges: args.max_bridges,
         ..Config::default()

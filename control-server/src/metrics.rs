@@ -154,6 +154,8 @@ pub struct ChannelTotals {
     pub fallback_packets: u64,
     pub packets_produced: u64,
     pub heartbeats: u64,
+    /// Heartbeats refused as implausible, by reason (see `coordinator::dcm::plausible`).
+    pub heartbeats_refused: [u64; 4],
     pub congestion_events: u64,
     pub repairs: u64,
     /// Times the channel's DCM failed and a new one took over.
@@ -309,6 +311,13 @@ impl Metrics {
         totals.fallback_packets = c.fallback_packets.load(Ordering::Relaxed);
         totals.packets_produced = c.packets_produced.load(Ordering::Relaxed);
         totals.heartbeats = c.heartbeats.load(Ordering::Relaxed);
+        for (t, c) in totals
+            .heartbeats_refused
+            .iter_mut()
+            .zip(&c.heartbeats_refused)
+        {
+            *t = c.load(Ordering::Relaxed);
+        }
         totals.congestion_events = c.congestion_events.load(Ordering::Relaxed);
         totals.repairs = c.repairs.load(Ordering::Relaxed);
         totals.dcm_failovers = c.dcm_failovers.load(Ordering::Relaxed);
@@ -623,6 +632,22 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         "Heartbeats received from viewers.",
         &per(&|t| t.heartbeats),
+    );
+    let mut refused = Vec::new();
+    for (n, t) in &rows {
+        for (i, r) in coordinator::dcm::plausible::Refusal::ALL.iter().enumerate() {
+            refused.push((
+                format!("{},reason=\"{}\"", base(n), r.label()),
+                t.heartbeats_refused[i],
+            ));
+        }
+    }
+    e.family(
+        "p2p_heartbeats_refused_total",
+        "counter",
+        "Heartbeats the DCM refused as implausible (substream, counters_backwards, \
+         counters_implausible), or whose links with unknown peers it dropped (unknown_link).",
+        &refused,
     );
     e.family(
         "p2p_congestion_events_total",

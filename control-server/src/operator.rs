@@ -39,7 +39,7 @@ pub fn token_matches(expected: &str, given: &str) -> bool {
 }
 
 /// The token a request presents: `Authorization: Bearer T`, else `?token=T`.
-fn presented_token(headers: &HeaderMap, uri: &axum::http::Uri) -> Option<String> {
+pub(crate) fn presented_token(headers: &HeaderMap, uri: &axum::http::Uri) -> Option<String> {
     if let Some(t) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -138,7 +138,14 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
                 );
             }
         }
-        if let Some(expected) = state.config.viewer_token.as_deref() {
+        // With `--token-secret` the session checks every token at join (a browser's WebSocket
+        // cannot read an HTTP status, but it can read an error message).
+        if let Some(expected) = state
+            .config
+            .viewer_token
+            .as_deref()
+            .filter(|_| state.config.token_secret.is_none())
+        {
             let given = presented_token(req.headers(), req.uri()).unwrap_or_default();
             if !token_matches(expected, &given) && !token_matches(state.operator_token(), &given) {
                 return refuse(

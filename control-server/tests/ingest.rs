@@ -119,3 +119,61 @@ async fn fragmented_mp4_ingest_becomes_a_channel_with_packets_and_init() {
         .source_attached
         .load(std::sync::atomic::Ordering::Relaxed));
 }
+
+/// A non-fragmented MP4 (`ftyp`, then a large `mdat`) uploaded slowly in chunks, as
+/// `cat movie.mp4 | curl -T - URL` does: the publisher gets the 415 and its reason, and every
+/// byte it sends is taken (no reset, no broken pipe), even though the server knew after the
+/// first chunk.
+#[tokio::test]
+async fn a_slow_non_fragmented_upload_gets_its_415_without_a_broken_pipe() {
+    let (addr, _state) = start_server(config()).await;
+    let mut body = Vec::new();
+    body.extend_from_slice(&[0, 0, 0, 16]);
+    body.extend_from_slice(b"ftypisom\0\0\x02\0");
+    let mdat_len: u32 = 3_000_000;
+    body.extend_from_slice(&mdat_len.to_be_bytes());
+    body.extend_from_slice(b"mdat");
+    body.resize(8 + 16 + mdat_len as usize, 0x5a);
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "PUT /ingest/movie?key=sekrit HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    let (mut rd, mut wr) = s.into_split();
+    // Read the answer concurrently, as curl does while it uploads.
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).to_string()
+    });
+    let mut sent = 0usize;
+    for (i, chunk) in body.chunks(64 * 1024).enumerate() {
+        let write = async {
+            wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            wr.write_all(chunk).await?;
+            wr.write_all(b"\r\n").await
+        };
+        if let Err(e) = write.await {
+            panic!("send failure after {sent} of {} bytes: {e}", body.len());
+        }
+        sent += chunk.len();
+        // Slowly: a few chunks at a time, as a pipe delivers them.
+        if i % 8 == 7 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    wr.write_all(b"0\r\n\r\n").await.expect("last chunk");
+    let text = reader.await.expect("reader");
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(status, 415, "{text}");
+    assert!(
+        text.contains("not fragmented MP4") && text.contains("mdat"),
+        "{text}"
+    );
+}

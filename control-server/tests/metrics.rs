@@ -196,6 +196,39 @@ async fn metrics_parse_and_match_heartbeats_and_origin_counters() {
     assert_eq!(last["origin_egress_bytes"], push + fallback);
 }
 
+/// The attack of issue 13: one heartbeat with counters at the top of the u64 range. It is
+/// refused (counted by reason) and `/metrics` goes on reporting what honest heartbeats said.
+#[tokio::test]
+async fn absurd_heartbeat_counters_are_refused_and_stay_out_of_metrics() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut a = connect(addr).await;
+    let id = join(&mut a, 1000).await;
+    send(&mut a, &heartbeat(id, 1, 5_000, 1_000)).await;
+    scrape_until(addr, "the honest heartbeat", |e| {
+        e.sum("p2p_received_bytes_total", &[("source", "peers")]) == 5_000.0
+    })
+    .await;
+    send(&mut a, &heartbeat(id, 2, u64::MAX - 10, 1_000)).await;
+    let e = scrape_until(addr, "the refusal counted", |e| {
+        e.sum(
+            "p2p_heartbeats_refused_total",
+            &[("reason", "counters_implausible")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        e.sum("p2p_received_bytes_total", &[("source", "peers")]),
+        5_000.0
+    );
+    assert_eq!(e.sum("p2p_uploaded_bytes_total", &DEMO), 2_500.0);
+    assert_eq!(
+        e.types
+            .get("p2p_heartbeats_refused_total")
+            .map(String::as_str),
+        Some("counter")
+    );
+}
+
 #[tokio::test]
 async fn operator_apis_need_the_operator_token() {
     let (addr, state) = start_server(Config::default()).await;

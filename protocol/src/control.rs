@@ -254,6 +254,12 @@ pub enum ErrorCode {
     Evicted,
     /// The peer's address was evicted recently and is refused until the ban ends.
     Banned,
+    /// The viewer token (`--token-secret`) has expired. The session is then closed.
+    TokenExpired,
+    /// The viewer token opens another channel. The session is then closed.
+    TokenWrongChannel,
+    /// The viewer token is missing, malformed or badly signed. The session is then closed.
+    TokenInvalid,
 }
 
 #[cfg(test)]

@@ -275,12 +275,15 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
         let at = evicted_at
             .get(&v.id)
             .ok_or_else(|| anyhow!("the {name} {} was not evicted within 20 s", v.id))?;
-        let first = first_forged[&v.id]
-            .ok_or_else(|| anyhow!("the {name} never forged a packet"))?;
+        let first =
+            first_forged[&v.id].ok_or_else(|| anyhow!("the {name} never forged a packet"))?;
         // Eviction time on the wall clock, from the monotonic instant.
         let evicted_ms = now_ms - at.elapsed().as_secs_f64() * 1000.0;
         let after = evicted_ms - first;
-        println!("{name} {}: evicted {after:.0} ms after its first forged packet", v.id);
+        println!(
+            "{name} {}: evicted {after:.0} ms after its first forged packet",
+            v.id
+        );
         ensure!(
             after <= 2.0 * heartbeat.as_secs_f64() * 1000.0 + 100.0,
             "the {name} was evicted {after:.0} ms after its first forged packet (limit: two \
@@ -316,7 +319,10 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
         if hostile.contains(&id) {
             continue;
         }
-        ensure!(present.contains(&id), "honest viewer {i} ({id}) was evicted");
+        ensure!(
+            present.contains(&id),
+            "honest viewer {i} ({id}) was evicted"
+        );
         ensure!(
             swarm.matches_origin(r) == Some(true),
             "honest viewer {i} played bytes that differ from the origin's"
@@ -352,7 +358,11 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
     ensure!(totals.evictions >= 2, "evictions {}", totals.evictions);
     let hostile_pages: BTreeSet<usize> = [flipper.1, replayer.1, silent.1].into();
     for (i, v) in swarm.viewers.iter().enumerate() {
-        let errors = v.page.as_ref().map(|p| p.console_errors()).unwrap_or_default();
+        let errors = v
+            .page
+            .as_ref()
+            .map(|p| p.console_errors())
+            .unwrap_or_default();
         let allowed = if hostile_pages.contains(&i) {
             HOSTILE_PAGE
         } else {

@@ -24,7 +24,8 @@ export interface P2pPlayerOptions {
   muted?: boolean;
   /** Show the video element's native controls. Default true. */
   controls?: boolean;
-  /** Access token, for servers started with `--viewer-token`. */
+  /** Access token, for servers started with `--viewer-token`, or a signed token (an HS256 JWT
+   *  for this channel minted by your backend) for servers started with `--token-secret`. */
   token?: string | null;
   /** The origin's ed25519 public key (64 hex digits, from `/api/channels/{id}/key`): the player
    * then refuses a stream signed with another key, or unsigned. Without it the player trusts the
@@ -87,6 +88,12 @@ export type ErrorCode =
   | 'bad_option'
   | 'disconnected'
   | 'server'
+  /** The `token` has expired (servers with `--token-secret`); the session is closed. */
+  | 'token_expired'
+  /** The `token` was minted for another channel; the session is closed. */
+  | 'token_wrong_channel'
+  /** The `token` is missing, malformed or badly signed; the session is closed. */
+  | 'token_invalid'
   | 'autoplay_blocked'
   | 'media'
   | 'peer';

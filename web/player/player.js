@@ -52,9 +52,18 @@ function loadPeer(server) {
   return p;
 }
 
+// Server error codes the player reports as their own `error` codes (the peer logs a server
+// error as `server error <Code>: <message>`, the code in Rust's spelling); others are `server`.
+const SERVER_CODES = {
+  TokenExpired: 'token_expired',
+  TokenWrongChannel: 'token_wrong_channel',
+  TokenInvalid: 'token_invalid',
+};
+
 function errorCode(message) {
   if (message.startsWith('control connection closed')) return 'disconnected';
-  if (message.startsWith('server error')) return 'server';
+  const server = /^server error (\w+)/.exec(message);
+  if (server) return SERVER_CODES[server[1]] || 'server';
   if (message.includes('video.play()')) return 'autoplay_blocked';
   if (/MediaSource|SourceBuffer|appendBuffer|init segment/.test(message)) return 'media';
   return 'peer';

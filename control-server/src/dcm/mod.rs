@@ -445,6 +445,13 @@ impl Dcm {
             }
         };
         add(&c.heartbeats, s.heartbeats, was.heartbeats);
+        for (i, counter) in c.heartbeats_refused.iter().enumerate() {
+            add(
+                counter,
+                s.heartbeats_refused.0[i],
+                was.heartbeats_refused.0[i],
+            );
+        }
         add(
             &c.congestion_events,
             s.congestion_events,

@@ -35,9 +35,17 @@ impl Default for SessionLimits {
     }
 }
 
+/// Hard cap on a frame or message, well above [`MAX_CONTROL_MESSAGE`]: the session itself
+/// refuses anything over `MAX_CONTROL_MESSAGE` with `too_large` and closes gracefully (the frame
+/// was read, so nothing unread is left to make the kernel reset the connection). Only a frame
+/// over this cap makes the WebSocket itself fail before the peer's input is read.
+const HARD_MESSAGE_CAP: usize = 4 * MAX_CONTROL_MESSAGE;
+
 pub async fn ws_handler(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     extensions: axum::http::Extensions,
 ) -> Response {
     // The peer's address decides its region. Servers built without connect info (some
@@ -45,13 +53,15 @@ pub async fn ws_handler(
     let remote = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    // The viewer token (`?token=`) is checked at join, where a refusal can name its reason.
+    let token = crate::operator::presented_token(&headers, &uri);
     // Small buffers: control messages are tiny, and tens of thousands of sessions must fit in a
     // few KiB each (tungstenite's defaults are 128 KiB).
-    ws.max_message_size(MAX_CONTROL_MESSAGE)
-        .max_frame_size(MAX_CONTROL_MESSAGE)
+    ws.max_message_size(HARD_MESSAGE_CAP)
+        .max_frame_size(HARD_MESSAGE_CAP)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(socket, state, remote))
+        .on_upgrade(move |socket| run_session(socket, state, remote, token))
 }
 
 struct Session {
@@ -66,20 +76,50 @@ struct Session {
     last_refill: Instant,
     last_heartbeat: Option<(u64, Instant)>,
     hb_tokens: f64,
+    /// The token the WebSocket URL presented (`?token=`), checked at join.
+    token: Option<String>,
+    /// Code of the last error sent, named in the close reason when the error budget runs out.
+    last_error: Option<ErrorCode>,
 }
 
 /// A peer that has not taken a control message for this long is cut loose: its session must
 /// not hold its queue (and the DCM's messages to it) forever.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Writes one queued message; false once the session must end (closed, failed or too slow).
-async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
+/// How long a closing session keeps reading (and discarding) the peer's input after its close
+/// frame, so the kernel does not reset the connection over unread input before the peer has read
+/// the last error and the close frame.
+const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bytes a closing session discards at most before it drops the connection anyway.
+const CLOSE_DRAIN_BYTES: usize = 4 << 20;
+
+/// What writing one queued message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Sent,
+    /// A close frame went out: the session ends.
+    Closed,
+    /// The peer is gone or too slow.
+    Failed,
+}
+
+/// A close reason fits a control frame: at most 123 bytes, cut at a character boundary.
+fn close_reason(reason: &str) -> Utf8Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Utf8Bytes::from(&reason[..end])
+}
+
+/// Writes one queued message.
+async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> Written {
     let (msg, last) = match *item {
         Outbound::Msg(m) => match serde_json::to_string(&*m) {
             Ok(s) => (Message::Text(Utf8Bytes::from(s)), false),
             Err(e) => {
                 tracing::error!("serializing server message: {e}");
-                return true;
+                return Written::Sent;
             }
         },
         Outbound::Packet(b) => (Message::Binary(b), false),
@@ -87,7 +127,7 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
         Outbound::Close(reason) => (
             Message::Close(Some(CloseFrame {
                 code: 1008,
-                reason: Utf8Bytes::from(reason),
+                reason: close_reason(&reason),
             })),
             true,
         ),
@@ -107,7 +147,7 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
             (
                 Message::Close(Some(CloseFrame {
                     code: 1008,
-                    reason: Utf8Bytes::from(reason),
+                    reason: close_reason(&reason),
                 })),
                 true,
             )
@@ -117,14 +157,34 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> bool {
         tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
         Ok(Ok(()))
     );
-    sent && !last
+    match (sent, last) {
+        (false, _) => Written::Failed,
+        (true, true) => Written::Closed,
+        (true, false) => Written::Sent,
+    }
+}
+
+/// How the session loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The peer closed, left, failed or is too slow: nothing more to say to it.
+    ByPeer,
+    /// The server sent its close frame (with a reason).
+    CloseSent,
+    /// The server ends the session and has not sent a close frame yet.
+    ByServer,
 }
 
 /// One task per session reads the peer's messages and writes what the session and the DCM
 /// queued for it. A single task (rather than a reader and a writer around a split socket)
 /// costs one wake-up per message and no lock between the halves, which is what lets tens of
 /// thousands of sessions share two cores.
-async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
+async fn run_session(
+    mut socket: WebSocket,
+    state: AppState,
+    remote: IpAddr,
+    token: Option<String>,
+) {
     let (out_tx, mut out_rx) = mpsc::channel::<Box<Outbound>>(1024);
     let limits = state.limits;
     let mut session = Session {
@@ -138,34 +198,47 @@ async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
         last_refill: Instant::now(),
         last_heartbeat: None,
         hb_tokens: 3.0,
+        token,
+        last_error: None,
     };
 
-    loop {
+    let ended = loop {
         tokio::select! {
             // Queued messages first: an error reaches the peer before its next message is read.
             biased;
             item = out_rx.recv() => {
                 // Never `None`: the session holds a sender.
-                let Some(item) = item else { break };
+                let Some(item) = item else { break Ended::ByServer };
                 if matches!(*item, Outbound::Evict(_)) {
                     session.state.ban(session.remote);
                 }
-                if !Box::pin(write_out(&mut socket, item)).await {
-                    break;
+                match Box::pin(write_out(&mut socket, item)).await {
+                    Written::Sent => {}
+                    Written::Closed => break Ended::CloseSent,
+                    Written::Failed => break Ended::ByPeer,
                 }
             }
             msg = socket.recv() => {
-                let Some(msg) = msg else { break };
+                let Some(msg) = msg else { break Ended::ByPeer };
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {
-                        // Oversize frames land here: tell the peer why before the socket goes.
+                        // Frames over the hard cap land here: tell the peer why before the
+                        // socket goes (its input can no longer be read).
                         tracing::debug!("websocket error: {e}");
-                        session.error(ErrorCode::TooLarge, format!("websocket error: {e}"));
-                        break;
+                        session.refuse(ErrorCode::TooLarge, format!("websocket error: {e}"));
+                        break Ended::ByServer;
                     }
                 };
                 let keep_going = match msg {
+                    Message::Text(t) if t.len() > MAX_CONTROL_MESSAGE => session.refuse(
+                        ErrorCode::TooLarge,
+                        format!("message of {} bytes exceeds {MAX_CONTROL_MESSAGE}", t.len()),
+                    ),
+                    Message::Binary(b) if b.len() > MAX_CONTROL_MESSAGE => session.refuse(
+                        ErrorCode::TooLarge,
+                        format!("message of {} bytes exceeds {MAX_CONTROL_MESSAGE}", b.len()),
+                    ),
                     // Every peer message, text or binary, spends one token of the session's
                     // budget.
                     Message::Text(_) | Message::Binary(_) if !session.take_token() => session
@@ -174,21 +247,59 @@ async fn run_session(mut socket: WebSocket, state: AppState, remote: IpAddr) {
                     // large and would otherwise sit in every idle session's task.
                     Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
                     Message::Binary(frame) => Box::pin(session.on_binary(&frame)).await,
-                    Message::Close(_) => false,
+                    Message::Close(_) => break Ended::ByPeer,
                     Message::Ping(_) | Message::Pong(_) => true,
                 };
                 if !keep_going {
-                    break;
+                    break Ended::ByServer;
                 }
             }
         }
-    }
+    };
     session.leave().await;
     drop(session);
-    // What is still queued (a last error, a close) goes out unless the peer is gone.
-    while let Ok(item) = out_rx.try_recv() {
-        if !write_out(&mut socket, item).await {
-            break;
+    if ended != Ended::ByPeer {
+        close_gracefully(&mut socket, &mut out_rx, ended).await;
+    }
+}
+
+/// Ends a session the server closes: what is still queued (a last error, the close frame) goes
+/// out, a close frame follows if none was queued, and then the peer's input is read and
+/// discarded until its close, for at most [`CLOSE_DRAIN`] and [`CLOSE_DRAIN_BYTES`]. Dropping
+/// the socket with unread input would make the kernel reset the connection, and a reset throws
+/// away what the peer had not read yet: the error and the close frame with its reason.
+async fn close_gracefully(
+    socket: &mut WebSocket,
+    out_rx: &mut mpsc::Receiver<Box<Outbound>>,
+    ended: Ended,
+) {
+    let mut close_sent = ended == Ended::CloseSent;
+    while !close_sent {
+        let Ok(item) = out_rx.try_recv() else { break };
+        match write_out(socket, item).await {
+            Written::Sent => {}
+            Written::Closed => close_sent = true,
+            Written::Failed => return,
+        }
+    }
+    if !close_sent {
+        let bye = Message::Close(Some(CloseFrame {
+            code: 1000,
+            reason: Utf8Bytes::from_static("session ended"),
+        }));
+        if !matches!(
+            tokio::time::timeout(SEND_TIMEOUT, socket.send(bye)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + CLOSE_DRAIN;
+    let mut discarded = 0usize;
+    while discarded < CLOSE_DRAIN_BYTES {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
+            Ok(Some(Ok(m))) => discarded += m.into_data().len().max(1),
         }
     }
 }
@@ -199,6 +310,7 @@ impl Session {
     /// cut loose anyway.
     fn error(&mut self, code: ErrorCode, message: String) -> bool {
         self.errors += 1;
+        self.last_error = Some(code);
         tracing::info!(?code, %message, "protocol error from peer");
         if self
             .out
@@ -208,12 +320,58 @@ impl Session {
             return false;
         }
         if self.errors >= self.state.limits.max_errors {
-            let _ = self
-                .out
-                .try_send(Box::new(Outbound::Close("too many protocol errors".into())));
+            let last = serde_json::to_value(code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let _ = self.out.try_send(Box::new(Outbound::Close(format!(
+                "too many protocol errors (last: {last})"
+            ))));
             return false;
         }
         true
+    }
+
+    /// Queues an error and a close frame whose reason is the error's message: the session ends
+    /// (gracefully, see [`close_gracefully`]). Always false.
+    fn refuse(&mut self, code: ErrorCode, message: String) -> bool {
+        tracing::info!(?code, %message, "session refused");
+        self.last_error = Some(code);
+        let reason = message.clone();
+        if self
+            .out
+            .try_send(Outbound::msg(ServerMsg::Error { code, message }))
+            .is_ok()
+        {
+            let _ = self.out.try_send(Box::new(Outbound::Close(reason)));
+        }
+        false
+    }
+
+    /// The viewer-token check at join (`--token-secret`): the static `--viewer-token` and the
+    /// operator token still open every channel; otherwise a signed token for `channel`.
+    fn check_viewer_token(&self, channel: &str) -> Result<(), crate::viewer_token::TokenError> {
+        let config = &self.state.config;
+        let Some(secret) = config.token_secret.as_deref() else {
+            return Ok(());
+        };
+        let given = self.token.as_deref().unwrap_or_default();
+        let static_ok = config
+            .viewer_token
+            .as_deref()
+            .is_some_and(|t| crate::operator::token_matches(t, given))
+            || crate::operator::token_matches(self.state.operator_token(), given);
+        if static_ok {
+            return Ok(());
+        }
+        let claims = crate::viewer_token::validate(
+            secret.as_bytes(),
+            self.token.as_deref(),
+            channel,
+            crate::viewer_token::unix_now_s(),
+        )?;
+        tracing::debug!(channel, sub = ?claims.sub, "viewer token accepted");
+        Ok(())
     }
 
     fn take_token(&mut self) -> bool {
@@ -429,6 +587,13 @@ impl Session {
                     ErrorCode::UnsupportedVersion,
                     format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
                 );
+        }
+        // A recruited relay presents its relay token and a download its live companion instead:
+        // both are checked below, and the page's viewer token names the live channel.
+        if relay_token.is_none() && companion.is_none() {
+            if let Err(e) = self.check_viewer_token(&channel) {
+                return self.refuse(e.code(), e.to_string());
+            }
         }
         if upload_kbps > self.state.limits.max_upload_kbps {
             return self.error(

@@ -199,4 +199,6 @@ pub struct DcmStats {
     /// Parents demoted because their children corroborated that they send nothing while their
     /// own heartbeats claim they do.
     pub silent_demoted: u64,
+    /// Heartbeats (or links in them) refused as implausible, by reason.
+    pub heartbeats_refused: super::plausible::RefusalCounts,
 }

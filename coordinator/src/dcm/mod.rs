@@ -26,6 +26,7 @@ mod instructions;
 mod invariants;
 mod origin;
 pub mod planner;
+pub mod plausible;
 mod recovery;
 mod repair;
 pub mod snapshot;
@@ -128,6 +129,8 @@ pub struct Dcm {
     reports: hostile::Reports,
     /// The origin's last signed manifests, for joiners; empty on an unsigned channel.
     manifests: VecDeque<bytes::Bytes>,
+    /// The check of heartbeats' claims (see [`plausible`]).
+    plausible: plausible::Plausibility,
 }
 
 /// Manifests a joiner is sent: those of the packets it may still get from peers (it starts a
@@ -199,6 +202,7 @@ impl Dcm {
             stats: DcmStats::default(),
             reports: hostile::Reports::default(),
             manifests: VecDeque::new(),
+            plausible: plausible::Plausibility::default(),
         }
     }
 
@@ -252,7 +256,10 @@ impl Dcm {
     }
 
     pub fn stats(&self) -> DcmStats {
-        self.stats
+        DcmStats {
+            heartbeats_refused: self.plausible.refused,
+            ..self.stats
+        }
     }
 
     /// Whether this DCM is still collecting heartbeats after taking over.
@@ -362,6 +369,7 @@ impl Dcm {
         );
         self.history.joined(peer, upload_kbps, now);
         self.send_manifests_to(peer);
+        self.plausible.joined(peer, now);
         let changes = if relay {
             self.planner
                 .join_relay(peer, region, placement_kbps(upload_kbps))

@@ -16,6 +16,7 @@ impl Dcm {
         }
         self.view.remove(peer);
         self.reports.forget(peer);
+        self.plausible.left(peer, now);
         self.detector.forget_peer(peer);
         self.edge_every.remove(&peer);
         self.offered.remove(&peer);
@@ -59,6 +60,25 @@ impl Dcm {
             return;
         }
         self.stats.heartbeats += 1;
+        let mut hb = hb;
+        let bounds = super::plausible::Bounds {
+            substreams: self.k
+                + if self.planner.is_tiered() {
+                    u32::from(protocol::fec::MAX_PARITY_SHARDS)
+                } else {
+                    0
+                },
+            stream_kbps: self.stream_kbps,
+            upload_kbps: self.peers.get(&peer).map_or(0, |p| p.upload_kbps),
+        };
+        let peers = &self.peers;
+        if self
+            .plausible
+            .check(peer, &mut hb, arrived, bounds, |id| peers.contains_key(&id))
+            .is_err()
+        {
+            return;
+        }
         if !self.bridges.is_empty() {
             self.bridges.on_heartbeat(peer, &hb.parents);
         }
@@ -107,7 +127,11 @@ impl Dcm {
                 return;
             };
             self.stats.silent_demoted += 1;
-            (link.parent, cap, "claims to send what its children never get")
+            (
+                link.parent,
+                cap,
+                "claims to send what its children never get",
+            )
         } else if link.parent_side {
             let measured = self
                 .view

@@ -42,6 +42,7 @@ use protocol::hash::{packet_hash, RangeHash};
 use protocol::report::LatencyHistogram;
 use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
+use protocol::manifest::packet_digest;
 use tier::Tiers;
 use verify::{Check, Verifier};
 
@@ -646,13 +647,28 @@ impl Engine {
         if let (From::Peer(id), Some(v)) = (from, self.verifier.as_mut()) {
             let fresh =
                 self.next_deliver.is_some_and(|n| seq >= n) && !self.held.contains_key(&seq);
-            if fresh {
+            if !fresh {
+                // A copy of a packet already here (mesh flooding, priming, a slow tree): harmless
+                // to us, but a forged copy still proves its sender forges, and a forger whose
+                // copies mostly lose the race to genuine ones must be found all the same.
+                let forged = match self.held.get(&seq) {
+                    Some(h) => (*h.packet != bytes).then(|| packet_digest(bytes)),
+                    None => match v.check(seq, bytes) {
+                        Check::Forged(got) => Some(got),
+                        Check::Genuine | Check::Unknown => None,
+                    },
+                };
+                if let Some(got) = forged {
+                    self.counters.duplicates += 1;
+                    return self.on_forged(Some(id), seq, got, false, out);
+                }
+            } else {
                 match v.check(seq, bytes) {
                     Check::Genuine => {
                         self.counters.verified_packets += 1;
                         self.counters.verified_bytes += bytes.len() as u64;
                     }
-                    Check::Forged(got) => return self.on_forged(Some(id), seq, got, out),
+                    Check::Forged(got) => return self.on_forged(Some(id), seq, got, true, out),
                     Check::Unknown => {
                         if !v.hold(seq, Some(id), bytes, self.now) {
                             self.counters.unverified_dropped += 1;
@@ -752,16 +768,23 @@ impl Engine {
                         }
                     }
                 }
-                Check::Forged(got) => self.on_forged(p.from, seq, got, out),
+                Check::Forged(got) => self.on_forged(p.from, seq, got, true, out),
                 Check::Unknown => {}
             }
         }
     }
 
     /// Packet `seq` (from `from`, or rebuilt from parity when `None`) hashed to `got`, not to
-    /// the signed hash: dropped, reported (once in a while per sender), and fetched from the
-    /// origin now rather than after the usual wait.
-    fn on_forged(&mut self, from: Option<PeerId>, seq: u64, got: [u8; 32], out: &mut Vec<Action>) {
+    /// the signed hash: dropped, reported (once in a while per sender), and, when `refetch` (it
+    /// is not here yet), fetched from the origin now rather than after the usual wait.
+    fn on_forged(
+        &mut self,
+        from: Option<PeerId>,
+        seq: u64,
+        got: [u8; 32],
+        refetch: bool,
+        out: &mut Vec<Action>,
+    ) {
         self.counters.forged += 1;
         if let (Some(id), Some(v)) = (from, self.verifier.as_mut()) {
             if v.should_report(id, self.now) {
@@ -771,6 +794,9 @@ impl Engine {
                     hash: got,
                 });
             }
+        }
+        if !refetch {
+            return;
         }
         self.note_exists(seq);
         let due = self.now

@@ -192,3 +192,48 @@ fn the_origin_push_needs_no_manifest() {
     assert_eq!(delivered(&a), vec![1]);
     assert_eq!(forwarded(&a), 1);
 }
+
+#[test]
+fn a_forged_copy_of_a_packet_already_here_still_reports_its_sender() {
+    let mut signer = ManifestSigner::new(&[9; 32], "demo");
+    let mut e = engine(&signer);
+    let m = manifest(&mut signer, 1, 2);
+    e.handle(Input::Manifest { bytes: &m }, 0.0);
+    // The genuine packet 2 won the race (held, waiting for 1); the forged copy comes second.
+    e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(2),
+        },
+        1.0,
+    );
+    let mut forged = packet(2);
+    forged[30] ^= 1;
+    let a = from_peer(&mut e, &forged, 2.0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::ReportForgery { peer, seq: 2, .. } if *peer == PARENT
+    )));
+    assert!(delivered(&a).is_empty() && forwarded(&a) == 0);
+    // Once played, a forged copy is still caught (by the manifest's hash).
+    e.handle(
+        Input::Packet {
+            from: From::OriginPush,
+            bytes: &packet(1),
+        },
+        3.0,
+    );
+    assert_eq!(e.counters.forged, 1);
+    let a = e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(7)),
+            bytes: &forged,
+        },
+        4.0,
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::ReportForgery { peer, seq: 2, .. } if *peer == PeerId(7)
+    )));
+    assert_eq!(e.counters.forged, 2);
+}
