@@ -39,6 +39,8 @@ struct Peer {
     plan: Vec<SubstreamPlan>,
     epoch: u64,
     heartbeats: u64,
+    /// Bytes uploaded so far: counters only grow (the DCM refuses heartbeats whose do not).
+    bytes_up: u64,
     region: u16,
     upload_kbps: u32,
 }
@@ -183,6 +185,7 @@ impl World {
             return;
         };
         p.heartbeats += 1;
+        p.bytes_up += if backlog_ms > 0 { 1_000 } else { 50_000 };
         let last = self.next_seq.saturating_sub(if behind { 40 } else { 1 });
         let hb = Heartbeat {
             client_id: peer,
@@ -213,7 +216,7 @@ impl World {
             buffer: vec![4; p.plan.len()],
             bytes_from_peers: p.heartbeats * 50_000,
             bytes_from_origin: 0,
-            bytes_up: p.heartbeats * if backlog_ms > 0 { 1_000 } else { 50_000 },
+            bytes_up: p.bytes_up,
             origin_fallbacks: 0,
             upload_kbps: p.upload_kbps,
             send_backlog_ms: backlog_ms,

@@ -125,7 +125,9 @@ fn data_children(p: &control_server::dcm::PeerView, k: u32) -> usize {
     trees + feeds
 }
 
-async fn hostile_swarm(regions: usize) -> Result<()> {
+/// `silent_limit`: how soon after it goes quiet the silent page's children must be fed by
+/// others.
+async fn hostile_swarm(regions: usize, silent_limit: Duration) -> Result<()> {
     let mut swarm = Swarm::start_with(web_dir(), regions).await?;
     let heartbeat = Duration::from_millis(u64::from(swarm.state.config.heartbeat_ms));
     let k = swarm.state.config.substreams;
@@ -199,23 +201,33 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
     // Two distinct honest parents to accuse falsely, one by the replayer and one by the silent
     // page (the same peer accused by both would be two corroborating reporters: collusion,
     // which this scheme does not claim to resist).
+    // Nor a child of the silent page: it would then be its accuser's parent and child at once,
+    // which in a small cluster leaves the DCM nowhere to move either.
     let honest_parent = |v: &control_server::dcm::PeerView, not: Option<PeerId>| {
         v.plan.iter().find_map(|s| match s.parent {
-            Source::Peer { id } if !hostile.contains(&id) && Some(id) != not => Some(id),
+            Source::Peer { id }
+                if !hostile.contains(&id) && Some(id) != not && !silent_children.contains(&id) =>
+            {
+                Some(id)
+            }
             _ => None,
         })
     };
     let accused_a = honest_parent(replayer.0, None);
     let accused_b = honest_parent(silent.0, accused_a);
+    let tier = |p: &control_server::dcm::PeerView| p.tier.as_ref().map(|t| t.tier);
     println!(
-        "hostile: flipper {} (feeds {}), replayer {} (feeds {}), silent {} (feeds {}); falsely \
-         accused {accused_a:?} {accused_b:?}",
+        "hostile: flipper {} (feeds {}, {:?}), replayer {} (feeds {}, {:?}), silent {} (feeds \
+         {}, {:?}); falsely accused {accused_a:?} {accused_b:?}",
         flipper.0.id,
         data_children(flipper.0, k),
+        tier(flipper.0),
         replayer.0.id,
         data_children(replayer.0, k),
+        tier(replayer.0),
         silent.0.id,
-        data_children(silent.0, k)
+        data_children(silent.0, k),
+        tier(silent.0)
     );
     let page = |i: usize| {
         swarm.viewers[i]
@@ -292,8 +304,26 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
         );
     }
     if !silent_children.is_empty() {
-        let moved = silent_moved_at
-            .ok_or_else(|| anyhow!("the silent page's children were never moved"))?;
+        let Some(moved) = silent_moved_at else {
+            let topo = swarm.topology().await?;
+            let about = |p: PeerId| p == silent.0.id || silent_children.contains(&p);
+            let congestion: Vec<_> = topo
+                .congestion
+                .iter()
+                .filter(|c| about(c.link.parent) || about(c.link.child))
+                .collect();
+            let repairs: Vec<_> = topo.repairs.iter().filter(|r| about(r.peer)).collect();
+            let now: Vec<_> = topo
+                .peers
+                .iter()
+                .filter(|p| about(p.id))
+                .map(|p| (p.id, &p.plan, p.tier.as_ref().map(|t| (t.tier, &t.feeds))))
+                .collect();
+            return Err(anyhow!(
+                "the silent page's children {silent_children:?} were never moved; congestion \
+                 {congestion:?}; repairs {repairs:?}; now {now:?}"
+            ));
+        };
         let after = moved.duration_since(patched);
         println!(
             "silent {}: its {} children moved away {} ms after it went quiet",
@@ -302,9 +332,8 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
             after.as_millis()
         );
         ensure!(
-            after <= 2 * heartbeat + Duration::from_millis(1500),
-            "the silent page's children were moved after {after:?} (limit: two heartbeat \
-             intervals after the fallback reveals the gap)"
+            after <= silent_limit,
+            "the silent page's children were moved after {after:?} (limit {silent_limit:?})"
         );
     }
 
@@ -376,11 +405,15 @@ async fn hostile_swarm(regions: usize) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Chromium and the built wasm package; run by cargo xtask test"]
 async fn hostile_pages_on_a_flat_channel_are_evicted_and_honest_viewers_play_on() -> Result<()> {
-    hostile_swarm(0).await
+    // Two heartbeat intervals once the children's gaps show (the detector's grace of 700 ms):
+    // two strikes per child, two children corroborating; measured 2.2-3.2 s.
+    hostile_swarm(0, Duration::from_secs(4)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Chromium and the built wasm package; run by cargo xtask test"]
 async fn a_forger_in_the_middle_tier_of_a_hierarchy_is_evicted() -> Result<()> {
-    hostile_swarm(3).await
+    // A silent middle node's second complaint comes from a cluster root it feeds across tiers
+    // (its own cluster is small, often one child); measured 2.8-2.9 s.
+    hostile_swarm(3, Duration::from_secs(4)).await
 }

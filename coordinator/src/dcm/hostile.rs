@@ -38,6 +38,8 @@ pub const FALSE_REPORTS_EVICT: u32 = 3;
 pub const UNCORROBORATED_EVICT: usize = 3;
 /// Children complaining of one parent within this long corroborate each other (server ms).
 pub const SILENCE_WINDOW_MS: u64 = 10_000;
+/// A parent reporting at most this upload backlog (ms) says it is not short of uplink.
+const SILENT_BACKLOG_MS: u64 = 250;
 
 /// What the origin's own hash says of a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,8 +144,15 @@ impl Dcm {
                 .find(|c| c.child == child && c.substream == substream)
                 .and_then(|c| c.last_seq)
         });
+        // A parent that does not list the link (a feed into another cluster's root) claims, by
+        // reporting no upload backlog, that it sends what it has.
+        let quiet_uplink = self
+            .view
+            .get(parent)
+            .is_some_and(|p| u64::from(p.heartbeat.send_backlog_ms) <= SILENT_BACKLOG_MS);
         let contradicts = match (claimed, got) {
             (Some(claimed), Some(got)) => got.is_none_or(|g| claimed > g),
+            (None, Some(_)) => quiet_uplink,
             _ => false,
         };
         if !contradicts {

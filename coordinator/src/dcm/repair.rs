@@ -160,7 +160,18 @@ impl Dcm {
             return;
         }
         let ranking = self.ranking(peer, now);
-        let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
+        let mut changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
+        let same_parent = self.planner.plan(link.child).is_some_and(|p| {
+            p.substreams.iter().any(|s| {
+                s.index == link.substream && s.parent == protocol::Source::Peer { id: link.parent }
+            })
+        });
+        if !link.parent_side && !silent_parent && same_parent {
+            // Placed under the same parent again (a small cluster has no other): the two are
+            // not paired again, as after a link that never opened.
+            let blocked = self.planner.block(link.child, link.parent);
+            changes.affected.extend(blocked.affected);
+        }
         self.detector.forget_peer(peer);
         self.log_repair(peer, reason, changes.affected.len(), now);
         self.send_instructions(changes.affected, now);
