@@ -135,7 +135,9 @@ fn run_tee(
             all.push('\n');
         }
     }
-    let status = child.wait().with_context(|| format!("waiting for `{line}`"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}`"))?;
     Ok((status.success(), all))
 }
 
@@ -146,13 +148,16 @@ fn build(target_dir: &Path) -> Result<bool> {
     let log = target_dir.join("build.log");
     let mut bootstrap = false;
     loop {
-        let (ok, out) = run_tee(&mut cargo_fuzz("build", target_dir, bootstrap), &log, |_| true)?;
+        let (ok, out) = run_tee(
+            &mut cargo_fuzz("build", target_dir, bootstrap),
+            &log,
+            |_| true,
+        )?;
         if ok {
             return Ok(bootstrap);
         }
         let nightly = out.contains("only accepted on the nightly")
-            || out.contains("-Z")
-                && (out.contains("nightly") || out.contains("unstable"));
+            || out.contains("-Z") && (out.contains("nightly") || out.contains("unstable"));
         if nightly && !bootstrap {
             println!(
                 "this cargo-fuzz passes nightly-only flags; retrying with RUSTC_BOOTSTRAP=1 \
@@ -254,11 +259,7 @@ pub fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-max_len={}", target.max_len))
-            .args([
-                "-timeout=10",
-                "-rss_limit_mb=2048",
-                "-print_final_stats=1",
-            ]);
+            .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"]);
         let mut crashed = false;
         let (ok, out) = run_tee(&mut cmd, &log, |l| {
             crashed |= l.contains("panicked at") || l.contains("ERROR: libFuzzer");
@@ -602,8 +603,7 @@ mod tests {
         }
         let mp4 = fmp4_seeds();
         assert_eq!(mp4.len(), 4);
-        let (init, fragments) =
-            control_server::origin::fmp4::parse_file(&mp4[0].1[2..]).unwrap();
+        let (init, fragments) = control_server::origin::fmp4::parse_file(&mp4[0].1[2..]).unwrap();
         assert!(init.mime.starts_with("video/mp4"));
         assert_eq!(fragments.len(), 2);
         assert!(fragments[0].starts_with_keyframe);
