@@ -149,6 +149,9 @@ fuzz_target!(|input: Input| {
                     }
                 }
                 if damaged || solo_failed {
+                    // A damaged frame may have claimed any group (one far ahead pushes the
+                    // next groups out of the window): the oracle starts afresh.
+                    solo = GroupAssembler::new(params, 1).expect("assembler");
                     continue;
                 }
                 let have: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
