@@ -4,6 +4,8 @@
 //! * `cargo xtask test` — everything CI runs: native tests, wasm tests in
 //!   headless Chromium, and the end-to-end browser tests.
 //! * `cargo xtask swarm` — run a swarm of headless viewers and report.
+//! * `cargo xtask fuzz --seconds N` — coverage-guided fuzzing of every parser of untrusted
+//!   input (cargo-fuzz, libFuzzer; targets in `fuzz/`).
 //!
 //! Missing tools (wasm32 target, wasm-bindgen CLI, wasm-pack, Chromium and
 //! ChromeDriver) are installed on the way.
@@ -11,6 +13,7 @@
 mod bench_heartbeats;
 mod bench_topology;
 mod build;
+mod fuzz;
 mod sim;
 mod tools;
 mod util;
@@ -54,8 +57,20 @@ enum Cmd {
         #[arg(last = true)]
         server_args: Vec<String>,
     },
-    /// Run all tests: native, wasm (wasm-pack in headless Chromium) and e2e.
+    /// Run all tests: native, wasm (wasm-pack in headless Chromium), e2e, and each fuzz
+    /// target for a few seconds.
     Test,
+    /// Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable toolchain) of the control
+    /// messages, the DCM, binary heartbeats, the fMP4 splitter, packet headers and the FEC
+    /// assembler. Installs cargo-fuzz if missing; a crash fails the run and names its input.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+    },
     /// Run a swarm of headless viewers against a local control server.
     Swarm {
         /// Number of viewer pages.
@@ -143,6 +158,7 @@ fn main() -> ExitCode {
             server_args,
         } => demo(listen, &server_args),
         Cmd::Test => test(),
+        Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Cmd::Swarm {
             viewers,
             seconds,
@@ -300,9 +316,12 @@ fn check_core_deps() -> Result<()> {
     Ok(())
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test` (longer runs: `cargo xtask fuzz`).
+const FUZZ_TEST_SECONDS: u64 = 15;
+
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(12);
+    let mut steps = Steps::new(13);
     // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
     steps.run("formatting: cargo fmt --all -- --check", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
@@ -341,6 +360,13 @@ fn test() -> Result<()> {
     steps.run("native tests: cargo test --workspace", || {
         run(cargo().args(["test", "--workspace"]))
     })?;
+    steps.run(
+        &format!(
+            "fuzzing: each of the {} fuzz targets for {FUZZ_TEST_SECONDS}s (cargo xtask fuzz)",
+            fuzz::TARGETS.len()
+        ),
+        || fuzz::fuzz(FUZZ_TEST_SECONDS, &[]),
+    )?;
     steps.run(
         "wasm tests: wasm-pack test peer-wasm in headless Chromium",
         || {

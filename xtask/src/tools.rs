@@ -181,6 +181,43 @@ pub fn ensure_wasm_pack() -> Result<()> {
         .context("installed wasm-pack but it is not found or does not run")
 }
 
+/// The cargo-fuzz release `cargo xtask fuzz` installs when none is found (any 0.13 works).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Path of `cargo-fuzz`, if installed and working.
+pub fn cargo_fuzz_bin() -> Option<PathBuf> {
+    let bin = find_tool("cargo-fuzz")?;
+    output(Command::new(&bin).arg("--version")).map(|_| bin)
+}
+
+/// Makes sure `cargo fuzz` is available (`cargo install cargo-fuzz` if not). It needs no
+/// nightly toolchain here: `cargo xtask fuzz` builds with `--sanitizer none`.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if let Some(bin) = cargo_fuzz_bin() {
+        let v = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+        println!("{} found at {}", v.trim(), bin.display());
+        return Ok(());
+    }
+    println!("Installing cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io (about a minute)");
+    run(cargo().args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+    .context(
+        "cargo-fuzz is not installed and `cargo install cargo-fuzz` failed (is crates.io \
+         reachable?); install it by hand (`cargo install cargo-fuzz`) and re-run",
+    )?;
+    cargo_fuzz_bin().map(|_| ()).with_context(|| {
+        format!(
+            "installed cargo-fuzz but it is not found or does not run; is {} on PATH?",
+            cargo_bin_dir().display()
+        )
+    })
+}
+
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }
