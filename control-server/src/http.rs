@@ -249,10 +249,9 @@ async fn ingest(
     // The publisher's address, for the limit on channels ingest may create per address.
     let remote = extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map_or(
-            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            |c| c.0.ip(),
-        );
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| {
+            c.0.ip()
+        });
     let mut stream = body.into_data_stream();
     match ingest_stream(state, id, q, remote, &mut stream).await {
         Ok(r) => r,

@@ -203,9 +203,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Why a per-address limit refused something: the message names the limit and its flag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
-    #[error(
-        "too many sessions from {addr}: at most {max} at once (--max-sessions-per-address)"
-    )]
+    #[error("too many sessions from {addr}: at most {max} at once (--max-sessions-per-address)")]
     Sessions { addr: AddressKey, max: u32 },
     #[error(
         "too many joins from {addr}: at most {max} per minute (--max-joins-per-minute); \
@@ -440,7 +438,9 @@ impl AddressTable {
             return;
         };
         let entry = self.entry(key, Instant::now());
-        lock(&entry.buckets).ingest_channels.push(channel.to_string());
+        lock(&entry.buckets)
+            .ingest_channels
+            .push(channel.to_string());
     }
 }
 
@@ -522,7 +522,8 @@ mod tests {
         // The bucket is shared by the address's sessions.
         assert!(other.traffic(500).is_err());
         let far = t.open_session(v4(9)).expect("open").expect("tracked");
-        far.traffic(3000).expect("another address has its own bucket");
+        far.traffic(3000)
+            .expect("another address has its own bucket");
     }
 
     #[test]
