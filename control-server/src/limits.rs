@@ -45,8 +45,8 @@ pub const BYTES_BURST_SECS: u32 = 4;
 impl Default for AddressLimits {
     fn default() -> Self {
         AddressLimits {
-            sessions: 64,
-            joins_per_minute: 120,
+            sessions: 128,
+            joins_per_minute: 240,
             control_bytes_per_sec: 1 << 20,
             ingest_channels: 16,
         }
@@ -74,10 +74,14 @@ pub enum Limit {
     HeartbeatRate,
     MessageSize,
     NotLinked,
+    /// Joins refused for their viewer token (`--token-secret`).
+    ViewerToken,
+    /// Joins refused because the address was banned after an eviction (`--ban-secs`).
+    BannedAddress,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 10] = [
         Limit::SessionsPerAddress,
         Limit::JoinsPerMinute,
         Limit::ControlBytesPerSec,
@@ -86,6 +90,8 @@ impl Limit {
         Limit::HeartbeatRate,
         Limit::MessageSize,
         Limit::NotLinked,
+        Limit::ViewerToken,
+        Limit::BannedAddress,
     ];
 
     /// The metric label.
@@ -99,6 +105,8 @@ impl Limit {
             Limit::HeartbeatRate => "heartbeat_rate",
             Limit::MessageSize => "message_size",
             Limit::NotLinked => "not_linked",
+            Limit::ViewerToken => "viewer_token",
+            Limit::BannedAddress => "banned_address",
         }
     }
 }

@@ -418,3 +418,19 @@ async fn under_the_default_limits_sixty_sessions_of_one_address_join() {
         assert_eq!(refusals(&state, l.label()).await, 0, "{}", l.label());
     }
 }
+
+#[tokio::test]
+async fn refused_viewer_tokens_are_counted() {
+    let (addr, state) = start(Config {
+        token_secret: Some("s".repeat(32)),
+        ..Config::default()
+    })
+    .await;
+    let mut ws = connect_from(HOME, addr).await;
+    send(&mut ws, &join_msg()).await;
+    let (errors, close) = until_close(&mut ws).await;
+    assert_eq!(errors.first().map(|e| e.0), Some(ErrorCode::TokenInvalid));
+    assert!(close.is_ok(), "{close:?}");
+    assert_eq!(refusals(&state, "viewer_token").await, 1);
+    assert_eq!(refusals(&state, "banned_address").await, 0);
+}

@@ -654,6 +654,7 @@ impl Session {
         // both are checked below, and the page's viewer token names the live channel.
         if relay_token.is_none() && companion.is_none() {
             if let Err(e) = self.check_viewer_token(&channel) {
+                self.state.addresses.refusals.record(Limit::ViewerToken);
                 return self.refuse(e.code(), e.to_string());
             }
         }
@@ -687,6 +688,7 @@ impl Session {
             None => Region::fallback(self.remote),
         };
         if let Some(left) = self.state.banned(self.remote) {
+            self.state.addresses.refusals.record(Limit::BannedAddress);
             self.error(
                 ErrorCode::Banned,
                 format!(
