@@ -279,7 +279,7 @@ async fn run_session(
                         )
                     }
                     // The address's control traffic, in bytes per second: over it, the message
-                    // is dropped unread.
+                    // is dropped unparsed.
                     Message::Text(_) | Message::Binary(_) if over_bytes.is_some() => {
                         over_bytes == Some(true)
                     }
