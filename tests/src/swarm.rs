@@ -320,6 +320,38 @@ impl Swarm {
         Ok(rx.await?)
     }
 
+    /// Runs the verification benchmark in the first open page and estimates each viewer's
+    /// verification CPU from it (left at zero if no page can run it).
+    async fn measure_verification(
+        &self,
+        g: &mut SigningReport,
+        reports: &[PeerReport],
+        seconds: u64,
+    ) {
+        let Some(page) = self.viewers.iter().find_map(|v| v.page.as_ref()) else {
+            return;
+        };
+        let Ok(v) = page
+            .eval("import('/pkg/peer.js').then((m) => m.verifyBenchmark(8, 200))")
+            .await
+        else {
+            return;
+        };
+        g.sha256_mb_per_s = v["sha256_mb_per_s"].as_f64().unwrap_or(0.0);
+        g.manifest_verify_us = v["manifest_verify_us"].as_f64().unwrap_or(0.0);
+        let (n, secs) = (reports.len().max(1) as f64, seconds.max(1) as f64);
+        let manifests: u64 = reports
+            .iter()
+            .filter_map(|r| r.signed.as_ref())
+            .map(|s| s.manifests)
+            .sum();
+        if g.sha256_mb_per_s > 0.0 {
+            let hash_s = g.verified_bytes as f64 / n / secs / (g.sha256_mb_per_s * 1e6);
+            let manifest_s = manifests as f64 / n / secs * g.manifest_verify_us / 1e6;
+            g.verify_cpu_percent = (hash_s + manifest_s) * 100.0;
+        }
+    }
+
     /// The signed stream's figures, `None` if the channel is unsigned.
     fn signing_report(&self, reports: &[PeerReport]) -> Option<SigningReport> {
         let ch = self.state.channel("demo")?;
@@ -345,6 +377,7 @@ impl Swarm {
             unverified_dropped: sum(&|s| s.unverified_dropped),
             bad_manifests: sum(&|s| s.bad_manifests),
             verifying_viewers: signed.len(),
+            ..SigningReport::default()
         })
     }
 
@@ -379,6 +412,9 @@ impl Swarm {
         let reports = self.all_stats().await?;
         let topo = self.topology().await?;
         let mut r = SwarmReport::from_reports(self, &reports, seconds);
+        if let Some(g) = r.signing.as_mut() {
+            self.measure_verification(g, &reports, seconds).await;
+        }
         r.tree_depth_max = topo.max_depth;
         for p in &topo.peers {
             if let Some(t) = &p.tier {
@@ -542,6 +578,14 @@ pub struct SigningReport {
     pub bad_manifests: u64,
     /// Viewers that checked packets (all of them on a signed stream).
     pub verifying_viewers: usize,
+    /// Measured in the first open viewer page with the release wasm: SHA-256 throughput and
+    /// the cost of taking one manifest (see `peer-wasm/src/web/bench.rs`).
+    pub sha256_mb_per_s: f64,
+    pub manifest_verify_us: f64,
+    /// What checking cost each viewer, as a share of one core: its verified bytes over the
+    /// hashing throughput plus its manifests times the cost of one (an estimate from the
+    /// measured rates, not a profile).
+    pub verify_cpu_percent: f64,
 }
 
 impl SwarmReport {
@@ -675,13 +719,17 @@ impl SwarmReport {
                 "signed stream",
                 format!(
                     "manifests {:.0} B/s = {:.2} % of the stream (target ≤ 1 %); {} viewers \
-                     verified {} packets, forged {}, dropped unchecked {}",
+                     verified {} packets, forged {}, dropped unchecked {}; SHA-256 {:.0} MB/s, \
+                     {:.0} µs a manifest: ~{:.3} % of a core per viewer",
                     g.manifest_bytes_per_s,
                     g.manifest_overhead * 100.0,
                     g.verifying_viewers,
                     g.verified_packets,
                     g.forged,
-                    g.unverified_dropped
+                    g.unverified_dropped,
+                    g.sha256_mb_per_s,
+                    g.manifest_verify_us,
+                    g.verify_cpu_percent
                 ),
             ),
         }

@@ -2,11 +2,13 @@
 //! [`crate::engine::Engine`]. JS callbacks are owned by the Rust structs that registered them and
 //! are detached when those structs drop; nothing is leaked with `Closure::forget`.
 
+mod bench;
 mod fetch;
 mod media;
 mod peer;
 mod rtc;
 
+pub use bench::verify_benchmark;
 pub use peer::P2pPeer;
 
 use wasm_bindgen::JsValue;

@@ -209,3 +209,116 @@ fn manifests_reach_every_peer_replace_live_edge_notices_and_joiners_get_the_last
         "the last eight, in order"
     );
 }
+
+/// A heartbeat of `peer` under `plan`: it received `got` from each parent and claims to have
+/// sent `sent` to each child.
+fn heartbeat(peer: PeerId, plan: &[SubstreamPlan], got: u64, sent: u64) -> Heartbeat {
+    Heartbeat {
+        client_id: peer,
+        seq: 1,
+        local_ts_ms: T0,
+        parents: plan
+            .iter()
+            .map(|s| ParentLink {
+                substream: s.index,
+                parent: s.parent,
+                last_seq: Some(got),
+                last_ts_ms: Some(T0 - 50),
+            })
+            .collect(),
+        children: plan
+            .iter()
+            .flat_map(|s| {
+                s.children.iter().map(move |c| ChildLink {
+                    substream: s.index,
+                    child: *c,
+                    last_seq: Some(sent),
+                    last_ts_ms: Some(T0 - 50),
+                })
+            })
+            .collect(),
+        buffer: vec![0; plan.len()],
+        bytes_from_peers: 0,
+        bytes_from_origin: 0,
+        bytes_up: 0,
+        origin_fallbacks: 0,
+        upload_kbps: 2000,
+        send_backlog_ms: 0,
+    }
+}
+
+/// Two children of the busiest relay in one tree, and that tree.
+fn two_children_in_one_tree(h: &Harness, relay: PeerId) -> (u32, PeerId, PeerId) {
+    let plan = h.dcm.planner.plan(relay).expect("plan").substreams;
+    let s = plan
+        .iter()
+        .find(|s| s.children.len() >= 2)
+        .expect("a tree where the relay feeds two peers");
+    (s.index, s.children[0], s.children[1])
+}
+
+#[test]
+fn a_parent_that_claims_to_send_what_two_children_never_get_is_demoted() {
+    let mut h = Harness::new();
+    for id in 1..=12 {
+        h.join(id, 2000);
+    }
+    let relay = PeerId(busiest_relay(&h, 12));
+    let (sub, a, b) = two_children_in_one_tree(&h, relay);
+    let plan_of = |h: &Harness, p: PeerId| h.dcm.planner.plan(p).expect("plan").substreams;
+    // The relay says it got and sent up to 200; its children got nothing after 100.
+    let hb = heartbeat(relay, &plan_of(&h, relay), 200, 200);
+    h.dcm.on_heartbeat(relay, hb, T0);
+    for c in [a, b] {
+        let hb = heartbeat(c, &plan_of(&h, c), 100, 100);
+        h.dcm.on_heartbeat(c, hb, T0);
+    }
+    let complaint = |child| view::Congested {
+        parent: relay,
+        child,
+        substream: sub,
+        behind: 25,
+        parent_side: false,
+    };
+    h.dcm.on_congestion(complaint(a), T0);
+    assert!(
+        h.dcm.history.effective_kbps(relay).is_some_and(|k| k > 0),
+        "one child's word demotes nobody"
+    );
+    h.dcm.on_congestion(complaint(b), T0 + 500);
+    assert_eq!(h.dcm.history.effective_kbps(relay), Some(0), "demoted");
+    assert_eq!(h.dcm.stats().silent_demoted, 1);
+    let left = plan_of(&h, relay);
+    assert_eq!(children_of(&left), 0, "no child left with it: {left:?}");
+    h.dcm.check_invariants().expect("invariants");
+}
+
+#[test]
+fn an_honest_parent_whose_children_got_what_it_sent_is_not_demoted() {
+    let mut h = Harness::new();
+    for id in 1..=12 {
+        h.join(id, 2000);
+    }
+    let relay = PeerId(busiest_relay(&h, 12));
+    let (sub, a, b) = two_children_in_one_tree(&h, relay);
+    let plan_of = |h: &Harness, p: PeerId| h.dcm.planner.plan(p).expect("plan").substreams;
+    // It sent up to 100 only (its uplink or its own parent is the problem, not a lie).
+    let mut hb = heartbeat(relay, &plan_of(&h, relay), 200, 100);
+    hb.send_backlog_ms = 900;
+    h.dcm.on_heartbeat(relay, hb, T0);
+    for c in [a, b] {
+        let hb = heartbeat(c, &plan_of(&h, c), 100, 100);
+        h.dcm.on_heartbeat(c, hb, T0);
+    }
+    for (i, c) in [a, b].into_iter().enumerate() {
+        let link = view::Congested {
+            parent: relay,
+            child: c,
+            substream: sub,
+            behind: 25,
+            parent_side: false,
+        };
+        h.dcm.on_congestion(link, T0 + 2_500 * i as u64);
+    }
+    assert_eq!(h.dcm.stats().silent_demoted, 0);
+}
