@@ -52,6 +52,11 @@ pub struct Config {
     pub signing_seed: Option<[u8; 32]>,
     /// How long an evicted peer's address is refused, in seconds; 0: not at all.
     pub ban_secs: u64,
+    /// Abuse limits per network address (sessions, joins, control traffic, ingest channels);
+    /// see `crate::limits` and the table in docs/protocol.md.
+    pub address_limits: crate::limits::AddressLimits,
+    /// Limits of every control session (message rate and size, error budget).
+    pub session_limits: crate::ws::SessionLimits,
 }
 
 impl Default for Config {
@@ -76,6 +81,8 @@ impl Default for Config {
             // Signed by default, with a key for this process (see `crate::signing`).
             signing_seed: crate::signing::random_seed().ok(),
             ban_secs: 600,
+            address_limits: crate::limits::AddressLimits::default(),
+            session_limits: crate::ws::SessionLimits::default(),
         }
     }
 }
@@ -102,6 +109,12 @@ pub enum ConfigError {
     ClusterMax,
     #[error("file_kbps must be between 8 and 1000000, got {0}")]
     FileKbps(u32),
+    #[error("messages per second must be between 1 and 100000, got {0}")]
+    MsgsPerSec(f64),
+    #[error("the largest control message must be between 1024 and {max} bytes, got {0}", max = protocol::control::MAX_CONTROL_MESSAGE)]
+    MessageBytes(usize),
+    #[error("the error budget of a session must be at least 1")]
+    MaxErrors,
 }
 
 impl Config {
@@ -148,6 +161,16 @@ impl Config {
         }
         if self.cluster_max < 2 {
             return Err(ConfigError::ClusterMax);
+        }
+        let l = &self.session_limits;
+        if !(1.0..=100_000.0).contains(&l.msgs_per_sec) {
+            return Err(ConfigError::MsgsPerSec(l.msgs_per_sec));
+        }
+        if !(1024..=protocol::control::MAX_CONTROL_MESSAGE).contains(&l.max_message_bytes) {
+            return Err(ConfigError::MessageBytes(l.max_message_bytes));
+        }
+        if l.max_errors == 0 {
+            return Err(ConfigError::MaxErrors);
         }
         Ok(())
     }

@@ -243,10 +243,17 @@ async fn ingest(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    extensions: axum::http::Extensions,
     body: Body,
 ) -> Response {
+    // The publisher's address, for the limit on channels ingest may create per address.
+    let remote = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |c| {
+            c.0.ip()
+        });
     let mut stream = body.into_data_stream();
-    match ingest_stream(state, id, q, &mut stream).await {
+    match ingest_stream(state, id, q, remote, &mut stream).await {
         Ok(r) => r,
         Err(e) => {
             let drained = drain_body(&mut stream).await;
@@ -307,6 +314,7 @@ async fn ingest_stream(
     state: AppState,
     id: String,
     q: HashMap<String, String>,
+    remote: std::net::IpAddr,
     stream: &mut axum::body::BodyDataStream,
 ) -> Result<Response, ApiError> {
     let Some(expected) = state.config.ingest_key.as_deref() else {
@@ -321,12 +329,23 @@ async fn ingest_stream(
             "wrong or missing stream key".into(),
         ));
     }
-    if let Some(existing) = state.channel(&id) {
-        if existing.source_attached.load(Ordering::Relaxed) {
+    match state.channel(&id) {
+        Some(existing) if existing.source_attached.load(Ordering::Relaxed) => {
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 format!("channel {id:?} already has a live source"),
             ));
+        }
+        Some(_) => {}
+        // A new channel (and its DCM thread): within the address's allowance.
+        None => {
+            if let Err(e) = state
+                .addresses
+                .may_create_channel(remote, |c| state.channel(c).is_some())
+            {
+                state.addresses.refusals.record(e.limit());
+                return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, e.to_string()));
+            }
         }
     }
     // Validate the start of the body before creating or touching any channel, so that
@@ -354,9 +373,13 @@ async fn ingest_stream(
     }
     let ch = match state.channel(&id) {
         Some(ch) => ch,
-        None => state
-            .create_channel(&id, state.config.default_stream_kbps)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?,
+        None => {
+            let ch = state
+                .create_channel(&id, state.config.default_stream_kbps)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+            state.addresses.ingest_created(remote, &id);
+            ch
+        }
     };
     if ch.source_attached.swap(true, Ordering::SeqCst) {
         return Err(ApiError(

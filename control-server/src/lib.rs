@@ -20,6 +20,7 @@ pub mod config;
 pub mod dcm;
 pub mod events;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod operator;
 pub mod origin;
@@ -85,6 +86,8 @@ pub struct AppState {
     pub relays: Arc<relay::RelayBoard>,
     /// Joined sessions by peer id (a download names its live companion by id).
     sessions: Arc<RwLock<HashMap<PeerId, SessionInfo>>>,
+    /// Per-address abuse limits and every limit's refusal counts (issue 13).
+    pub addresses: Arc<limits::AddressTable>,
     /// Addresses of evicted peers and when their ban ends (issue 13).
     bans: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, std::time::Instant>>>,
 }
@@ -95,9 +98,12 @@ impl AppState {
             Some(t) if !t.is_empty() => t.into(),
             _ => token::random_token().into(),
         };
+        let session_limits = config.session_limits;
+        let addresses = Arc::new(limits::AddressTable::new(config.address_limits));
         AppState {
             config: Arc::new(config),
-            limits: SessionLimits::default(),
+            limits: session_limits,
+            addresses,
             channels: Arc::default(),
             next_peer: Arc::new(AtomicU64::new(1)),
             metrics: Arc::default(),

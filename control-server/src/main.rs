@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use control_server::topology::region::TopologyConfig;
-use control_server::{config::Config, serve, AppState};
+use control_server::{config::Config, limits, serve, AppState, SessionLimits};
 use tracing_subscriber::EnvFilter;
 
 // Tens of thousands of sessions allocate and free small buffers per message on every core:
@@ -102,6 +102,35 @@ struct Args {
     /// Seconds an evicted peer's address is refused (0: not at all).
     #[arg(long, default_value_t = 600)]
     ban_secs: u64,
+    /// Control sessions one network address (IPv4, or IPv6 /64) may hold open at once; more
+    /// are refused with `too_many_sessions`. Viewers behind one NAT share an address. 0: no
+    /// limit (e.g. behind a reverse proxy, where every session comes from the proxy).
+    #[arg(long, default_value_t = limits::AddressLimits::default().sessions)]
+    max_sessions_per_address: u32,
+    /// Joins one network address may make per minute (refused with `rate_limited`). 0: no
+    /// limit.
+    #[arg(long, default_value_t = limits::AddressLimits::default().joins_per_minute)]
+    max_joins_per_minute: u32,
+    /// Bytes per second of control traffic the server reads from one network address's
+    /// sessions together (burst: 4 s worth); messages over it are dropped with `rate_limited`.
+    /// 0: no limit.
+    #[arg(long, default_value_t = limits::AddressLimits::default().control_bytes_per_sec)]
+    max_control_bytes_per_sec: u32,
+    /// Channels HTTP ingest may create for one network address (counting those that still
+    /// exist); more are refused with HTTP 429. 0: no limit.
+    #[arg(long, default_value_t = limits::AddressLimits::default().ingest_channels)]
+    max_ingest_channels_per_address: u32,
+    /// Messages per second one control session may send (burst: twice as many); more are
+    /// refused with `rate_limited`.
+    #[arg(long, default_value_t = SessionLimits::default().msgs_per_sec)]
+    max_msgs_per_sec: f64,
+    /// Largest control message, bytes (1024 to 65536); larger ones are refused with
+    /// `too_large` and the session is closed.
+    #[arg(long, default_value_t = SessionLimits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Protocol errors (refused messages) a session may cause before it is closed.
+    #[arg(long, default_value_t = SessionLimits::default().max_errors)]
+    max_errors: u32,
     /// Secret (at least 32 bytes) of signed viewer tokens: HS256 JWTs with claims `channel`,
     /// `exp` (Unix seconds) and optional `sub`, minted by the site's backend. Joining then needs
     /// such a token for the channel (or the --viewer-token); prefer the environment variable.
@@ -169,6 +198,18 @@ async fn main() -> anyhow::Result<()> {
         token_secret: args.token_secret.clone(),
         file_kbps: args.file_kbps,
         max_bridges: args.max_bridges,
+        address_limits: limits::AddressLimits {
+            sessions: args.max_sessions_per_address,
+            joins_per_minute: args.max_joins_per_minute,
+            control_bytes_per_sec: args.max_control_bytes_per_sec,
+            ingest_channels: args.max_ingest_channels_per_address,
+        },
+        session_limits: SessionLimits {
+            msgs_per_sec: args.max_msgs_per_sec,
+            max_message_bytes: args.max_message_bytes,
+            max_errors: args.max_errors,
+            ..SessionLimits::default()
+        },
         ..Config::default()
     };
     config.validate().context("invalid configuration")?;

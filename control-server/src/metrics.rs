@@ -709,6 +709,28 @@ pub async fn render(state: &AppState) -> String {
         "Addresses refused for a while after an eviction.",
         &[(String::new(), state.metrics.bans.load(Ordering::Relaxed))],
     );
+    let refusals: Vec<(String, u64)> = crate::limits::Limit::ALL
+        .iter()
+        .map(|l| {
+            (
+                format!("limit=\"{}\"", l.label()),
+                state.addresses.refusals.get(*l),
+            )
+        })
+        .collect();
+    e.family(
+        "p2p_limit_refusals_total",
+        "counter",
+        "Messages, sessions, joins and ingest channels refused by an abuse limit (see the limits \
+         table in docs/protocol.md).",
+        &refusals,
+    );
+    e.family(
+        "p2p_address_limit_entries",
+        "gauge",
+        "Network addresses the per-address limits track now (open sessions or recent joins).",
+        &[(String::new(), state.addresses.len() as u64)],
+    );
     e.family(
         "p2p_lagging_links",
         "gauge",

@@ -260,6 +260,9 @@ pub enum ErrorCode {
     TokenWrongChannel,
     /// The viewer token is missing, malformed or badly signed. The session is then closed.
     TokenInvalid,
+    /// The peer's network address already has as many control sessions open as the server
+    /// allows (`--max-sessions-per-address`). The session is then closed.
+    TooManySessions,
 }
 
 #[cfg(test)]

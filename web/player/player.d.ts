@@ -94,6 +94,9 @@ export type ErrorCode =
   | 'token_wrong_channel'
   /** The `token` is missing, malformed or badly signed; the session is closed. */
   | 'token_invalid'
+  /** The viewer's network address has as many sessions open as the server allows
+   * (`--max-sessions-per-address`); the session is closed. */
+  | 'too_many_sessions'
   | 'autoplay_blocked'
   | 'media'
   | 'peer';

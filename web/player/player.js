@@ -58,6 +58,7 @@ const SERVER_CODES = {
   TokenExpired: 'token_expired',
   TokenWrongChannel: 'token_wrong_channel',
   TokenInvalid: 'token_invalid',
+  TooManySessions: 'too_many_sessions',
 };
 
 function errorCode(message) {

@@ -333,6 +333,14 @@ pub fn bench(args: Args) -> Result<()> {
                 &addr.to_string(),
                 "--heartbeat-ms",
                 &args.heartbeat_ms.to_string(),
+                // Every simulated peer connects from 127.0.0.1: the per-address abuse limits
+                // (sessions, joins, control bytes) would refuse all but the first few dozen.
+                "--max-sessions-per-address",
+                "0",
+                "--max-joins-per-minute",
+                "0",
+                "--max-control-bytes-per-sec",
+                "0",
             ])
             .arg("--web-dir")
             .arg(repo_root().join("web"))

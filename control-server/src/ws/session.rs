@@ -11,6 +11,7 @@ use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
 use crate::events::{DcmEvent, Outbound};
+use crate::limits::Limit;
 use crate::{AppState, SharedChannel};
 use coordinator::topology::region::{NetworkType, Region};
 
@@ -23,6 +24,9 @@ pub struct SessionLimits {
     pub max_errors: u32,
     /// Largest upload a peer may declare, kbit/s.
     pub max_upload_kbps: u32,
+    /// Largest message (text or binary) a peer may send, bytes: at most
+    /// [`MAX_CONTROL_MESSAGE`], which peers are built to stay under.
+    pub max_message_bytes: usize,
 }
 
 impl Default for SessionLimits {
@@ -31,6 +35,7 @@ impl Default for SessionLimits {
             msgs_per_sec: 100.0,
             max_errors: 20,
             max_upload_kbps: 10_000_000,
+            max_message_bytes: MAX_CONTROL_MESSAGE,
         }
     }
 }
@@ -80,6 +85,8 @@ struct Session {
     token: Option<String>,
     /// Code of the last error sent, named in the close reason when the error budget runs out.
     last_error: Option<ErrorCode>,
+    /// The session's place among its address's sessions (per-address limits), if tracked.
+    address: Option<crate::limits::AddressSession>,
 }
 
 /// A peer that has not taken a control message for this long is cut loose: its session must
@@ -187,6 +194,7 @@ async fn run_session(
 ) {
     let (out_tx, mut out_rx) = mpsc::channel::<Box<Outbound>>(1024);
     let limits = state.limits;
+    let address = state.addresses.open_session(remote);
     let mut session = Session {
         state,
         remote,
@@ -200,9 +208,24 @@ async fn run_session(
         hb_tokens: 3.0,
         token,
         last_error: None,
+        address: None,
     };
 
+    // Over the address's session limit: the refusal and its reason go out, then the close.
+    let refused = match address {
+        Ok(a) => {
+            session.address = a;
+            false
+        }
+        Err(e) => {
+            session.state.addresses.refusals.record(e.limit());
+            !session.refuse(ErrorCode::TooManySessions, e.to_string())
+        }
+    };
     let ended = loop {
+        if refused {
+            break Ended::ByServer;
+        }
         tokio::select! {
             // Queued messages first: an error reaches the peer before its next message is read.
             biased;
@@ -211,6 +234,11 @@ async fn run_session(
                 let Some(item) = item else { break Ended::ByServer };
                 if matches!(*item, Outbound::Evict(_)) {
                     session.state.ban(session.remote);
+                }
+                if let Outbound::Msg(m) = &*item {
+                    if let ServerMsg::Error { code: ErrorCode::NotLinked, .. } = **m {
+                        session.state.addresses.refusals.record(Limit::NotLinked);
+                    }
                 }
                 match Box::pin(write_out(&mut socket, item)).await {
                     Written::Sent => {}
@@ -230,19 +258,38 @@ async fn run_session(
                         break Ended::ByServer;
                     }
                 };
+                let len = match &msg {
+                    Message::Text(t) => t.len(),
+                    Message::Binary(b) => b.len(),
+                    _ => 0,
+                };
+                let max_len = limits.max_message_bytes;
+                let data = matches!(msg, Message::Text(_) | Message::Binary(_));
+                let over_bytes = if data && len <= max_len {
+                    session.over_bytes(len)
+                } else {
+                    None
+                };
                 let keep_going = match msg {
-                    Message::Text(t) if t.len() > MAX_CONTROL_MESSAGE => session.refuse(
-                        ErrorCode::TooLarge,
-                        format!("message of {} bytes exceeds {MAX_CONTROL_MESSAGE}", t.len()),
-                    ),
-                    Message::Binary(b) if b.len() > MAX_CONTROL_MESSAGE => session.refuse(
-                        ErrorCode::TooLarge,
-                        format!("message of {} bytes exceeds {MAX_CONTROL_MESSAGE}", b.len()),
-                    ),
+                    Message::Text(_) | Message::Binary(_) if len > max_len => {
+                        session.state.addresses.refusals.record(Limit::MessageSize);
+                        session.refuse(
+                            ErrorCode::TooLarge,
+                            format!("message of {len} bytes exceeds {max_len}"),
+                        )
+                    }
+                    // The address's control traffic, in bytes per second: over it, the message
+                    // is dropped unparsed.
+                    Message::Text(_) | Message::Binary(_) if over_bytes.is_some() => {
+                        over_bytes == Some(true)
+                    }
                     // Every peer message, text or binary, spends one token of the session's
                     // budget.
-                    Message::Text(_) | Message::Binary(_) if !session.take_token() => session
-                        .error(ErrorCode::RateLimited, "too many messages; slow down".into()),
+                    Message::Text(_) | Message::Binary(_) if !session.take_token() => {
+                        session.state.addresses.refusals.record(Limit::MessagesPerSec);
+                        session
+                            .error(ErrorCode::RateLimited, "too many messages; slow down".into())
+                    }
                     // Boxed (one small allocation per message): the handlers' futures are
                     // large and would otherwise sit in every idle session's task.
                     Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
@@ -372,6 +419,15 @@ impl Session {
         )?;
         tracing::debug!(channel, sub = ?claims.sub, "viewer token accepted");
         Ok(())
+    }
+
+    /// Spends `len` bytes of the address's control-traffic budget: `None` within it. Over it
+    /// the caller drops the message: a `rate_limited` error is queued (it counts against the
+    /// session's error budget) and `Some(keep_going)` returned.
+    fn over_bytes(&mut self, len: usize) -> Option<bool> {
+        let e = self.address.as_ref()?.traffic(len).err()?;
+        self.state.addresses.refusals.record(e.limit());
+        Some(self.error(ErrorCode::RateLimited, e.to_string()))
     }
 
     fn take_token(&mut self) -> bool {
@@ -556,6 +612,7 @@ impl Session {
                 .min(3.0);
         }
         if self.hb_tokens < 1.0 {
+            self.state.addresses.refusals.record(Limit::HeartbeatRate);
             return self.error(ErrorCode::RateLimited, "heartbeats too frequent".into());
         }
         self.hb_tokens -= 1.0;
@@ -581,6 +638,11 @@ impl Session {
             companion,
             relay_token,
         } = req;
+        // Every join attempt from the address counts, refused ones included.
+        if let Some(Err(e)) = self.address.as_ref().map(|a| a.join()) {
+            self.state.addresses.refusals.record(e.limit());
+            return self.refuse(ErrorCode::RateLimited, e.to_string());
+        }
         if version != PROTOCOL_VERSION {
             return self
                 .error(
@@ -592,6 +654,7 @@ impl Session {
         // both are checked below, and the page's viewer token names the live channel.
         if relay_token.is_none() && companion.is_none() {
             if let Err(e) = self.check_viewer_token(&channel) {
+                self.state.addresses.refusals.record(Limit::ViewerToken);
                 return self.refuse(e.code(), e.to_string());
             }
         }
@@ -625,6 +688,7 @@ impl Session {
             None => Region::fallback(self.remote),
         };
         if let Some(left) = self.state.banned(self.remote) {
+            self.state.addresses.refusals.record(Limit::BannedAddress);
             self.error(
                 ErrorCode::Banned,
                 format!(
