@@ -162,7 +162,7 @@ impl Driver {
     fn drain(&mut self) {
         while let Some(out) = self.dcm.poll_output() {
             match out {
-                Output::Close { peer, .. } => self.closing.push(peer),
+                Output::Close { peer, .. } | Output::Evict { peer, .. } => self.closing.push(peer),
                 Output::OriginFed {
                     peer,
                     pushes,

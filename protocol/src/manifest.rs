@@ -76,6 +76,10 @@ pub enum ManifestError {
     BadMagic(u8, u8),
     #[error("manifest covers {0} packets, more than the limit of {MAX_PACKETS}")]
     TooManyPackets(usize),
+    #[error("manifest's sequence range does not fit in 64 bits")]
+    SeqOverflow,
+    #[error("manifest's reserved bytes are not zero")]
+    Reserved,
     #[error("manifest says {expected} bytes but has {actual}")]
     LengthMismatch { expected: usize, actual: usize },
     #[error("manifest channel name is not UTF-8")]
@@ -123,6 +127,11 @@ impl Manifest {
         if buf[0] != MAGIC || buf[1] != VERSION {
             return Err(ManifestError::BadMagic(buf[0], buf[1]));
         }
+        // Not covered by the signature's meaning: refused rather than ignored, so that one
+        // manifest has one encoding.
+        if buf[2] != 0 || buf[3] != 0 {
+            return Err(ManifestError::Reserved);
+        }
         let u64_at = |at: usize| {
             buf.get(at..at + 8)
                 .and_then(|b| b.try_into().ok())
@@ -136,6 +145,9 @@ impl Manifest {
             .map_or(0, u32::from_be_bytes) as usize;
         if count > MAX_PACKETS {
             return Err(ManifestError::TooManyPackets(count));
+        }
+        if first_seq.checked_add(count as u64).is_none() {
+            return Err(ManifestError::SeqOverflow);
         }
         let mut prev = [0u8; 32];
         prev.copy_from_slice(&buf[24..56]);
@@ -447,6 +459,12 @@ mod tests {
             Manifest::decode(&many),
             Err(ManifestError::TooManyPackets(_))
         ));
+        let mut reserved = frame.clone();
+        reserved[3] = 1;
+        assert_eq!(Manifest::decode(&reserved), Err(ManifestError::Reserved));
+        let mut far = frame.clone();
+        far[12..20].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+        assert_eq!(Manifest::decode(&far), Err(ManifestError::SeqOverflow));
         assert!(StreamKey::from_hex("zz").is_err());
         assert_eq!(from_hex(&hex(&[0xab; 32])), Some([0xab; 32]));
     }

@@ -109,7 +109,7 @@ pub struct LateSample {
 }
 
 /// What a peer's checks of the signed stream found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SignedReport {
     /// Manifests taken, and frames refused (bad signature, wrong channel, garbage).
     pub manifests: u64,
@@ -123,6 +123,14 @@ pub struct SignedReport {
     pub unverified_dropped: u64,
     /// Forgery reports sent to the control center.
     pub reports_sent: u64,
+    /// Packets from peers that arrived before their manifest, and how long they waited for it
+    /// in all and at most (ms).
+    #[serde(default)]
+    pub manifest_waits: u64,
+    #[serde(default)]
+    pub manifest_wait_ms: f64,
+    #[serde(default)]
+    pub manifest_wait_max_ms: f64,
 }
 
 /// Progress of a download session (a second session of the page, on a file channel).

@@ -376,6 +376,13 @@ impl Swarm {
             forged: sum(&|s| s.forged),
             unverified_dropped: sum(&|s| s.unverified_dropped),
             bad_manifests: sum(&|s| s.bad_manifests),
+            manifest_waits: sum(&|s| s.manifest_waits),
+            manifest_wait_avg_ms: signed.iter().map(|s| s.manifest_wait_ms).sum::<f64>()
+                / sum(&|s| s.manifest_waits).max(1) as f64,
+            manifest_wait_max_ms: signed
+                .iter()
+                .map(|s| s.manifest_wait_max_ms)
+                .fold(0.0, f64::max),
             verifying_viewers: signed.len(),
             ..SigningReport::default()
         })
@@ -576,6 +583,10 @@ pub struct SigningReport {
     pub forged: u64,
     pub unverified_dropped: u64,
     pub bad_manifests: u64,
+    /// Packets from peers that arrived before their manifest, their mean and longest wait (ms).
+    pub manifest_waits: u64,
+    pub manifest_wait_avg_ms: f64,
+    pub manifest_wait_max_ms: f64,
     /// Viewers that checked packets (all of them on a signed stream).
     pub verifying_viewers: usize,
     /// Measured in the first open viewer page with the release wasm: SHA-256 throughput and
@@ -719,12 +730,16 @@ impl SwarmReport {
                 "signed stream",
                 format!(
                     "manifests {:.0} B/s = {:.2} % of the stream (target ≤ 1 %); {} viewers \
-                     verified {} packets, forged {}, dropped unchecked {}; SHA-256 {:.0} MB/s, \
-                     {:.0} µs a manifest: ~{:.3} % of a core per viewer",
+                     verified {} packets ({} waited for their manifest: {:.0} ms on average, {:.0} \
+                     at most), forged {}, dropped unchecked {}; SHA-256 {:.0} MB/s, {:.0} µs a \
+                     manifest: ~{:.3} % of a core per viewer",
                     g.manifest_bytes_per_s,
                     g.manifest_overhead * 100.0,
                     g.verifying_viewers,
                     g.verified_packets,
+                    g.manifest_waits,
+                    g.manifest_wait_avg_ms,
+                    g.manifest_wait_max_ms,
                     g.forged,
                     g.unverified_dropped,
                     g.sha256_mb_per_s,

@@ -89,7 +89,23 @@ pub const TARGETS: &[Target] = &[
         seeds: no_seeds,
         args: &[],
     },
+    Target {
+        name: "manifest",
+        max_len: 4096,
+        seeds: manifest_seeds,
+        args: &[],
+    },
 ];
+
+fn manifest_seeds() -> Vec<(String, Vec<u8>)> {
+    let packets: Vec<&[u8]> = vec![b"moof"; 3];
+    // Signed with a key other than the target's: decodable, never taken by its book.
+    protocol::manifest::ManifestSigner::new(&[9; 32], "demo")
+        .sign(120, &packets)
+        .iter()
+        .map(|m| ("manifest.bin".to_string(), m.encode()))
+        .collect()
+}
 
 /// What one target's run found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

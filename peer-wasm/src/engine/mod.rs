@@ -175,6 +175,10 @@ struct Held {
 /// Late packets remembered for statistics ([`Engine::late_samples`]).
 const LATE_SAMPLES: usize = 16;
 
+/// How far beyond the newest packet known to exist a parity frame's group may end (packets):
+/// tens of seconds of stream, far more than a coded tree runs ahead of the live-edge notices.
+const PARITY_AHEAD: u64 = 512;
+
 /// Why a queued send goes to its peer; decides whether it survives a plan change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
@@ -235,6 +239,11 @@ pub struct Counters {
     /// Packets checked against a manifest and found genuine, and their bytes.
     pub verified_packets: u64,
     pub verified_bytes: u64,
+    /// Packets from peers that arrived before their manifest, and how long they waited for it
+    /// in all and at most (ms).
+    pub manifest_waits: u64,
+    pub manifest_wait_ms: f64,
+    pub manifest_wait_max_ms: f64,
 }
 
 pub struct Engine {
@@ -738,6 +747,10 @@ impl Engine {
             self.note_exists(last);
         }
         for (seq, p) in waiting {
+            let waited = (self.now - p.since).max(0.0);
+            self.counters.manifest_waits += 1;
+            self.counters.manifest_wait_ms += waited;
+            self.counters.manifest_wait_max_ms = self.counters.manifest_wait_max_ms.max(waited);
             let check = match self.verifier.as_ref() {
                 Some(v) => v.check(seq, &p.bytes),
                 None => Check::Unknown,
@@ -816,6 +829,13 @@ impl Engine {
         };
         self.count_bytes(from, bytes.len());
         self.counters.parity_frames_received += 1;
+        // A frame for a group far beyond anything known to exist is garbage or hostile: taken,
+        // it would move the assembler's window past every real group (found by fuzzing).
+        let known = self.highest_seen.or(self.next_deliver).unwrap_or(0);
+        if f.last_seq() > known.saturating_add(PARITY_AHEAD) {
+            self.counters.invalid += 1;
+            return;
+        }
         let tree = u32::from(f.index);
         self.note_parent(tree, from, f.last_seq());
         if self.next_deliver.is_none() {
@@ -1170,6 +1190,15 @@ impl Engine {
             to: q.to,
             packet: q.packet,
         }
+    }
+
+    /// How long until the first queued send can go (ms; 0: now), `None` with nothing queued.
+    /// Sends leave only when the engine is polled, so a driver that polls on a coarse timer
+    /// wakes it then: otherwise a packet held back by the upload cap waits for the next event,
+    /// up to a whole tick per hop.
+    pub fn next_send_in_ms(&self) -> Option<f64> {
+        let head = self.send_queue.front().or(self.prime_queue.front())?;
+        Some(self.bucket.wait_ms(head.packet.len(), self.now))
     }
 
     /// Upload backlog, ms: how long the oldest packet waiting for upload tokens has waited, or

@@ -506,3 +506,39 @@ fn garbage_parity_frames_are_counted_not_relayed() {
     assert!(a.is_empty());
     assert_eq!(e.counters.invalid, 1);
 }
+
+/// A hostile parent's parity frame for a group far ahead of the stream is dropped: taken, it
+/// moved the assembler's window past every real group and cost the member its recovery (found
+/// by `cargo xtask fuzz`).
+#[test]
+fn a_parity_frame_far_ahead_of_the_stream_does_not_disable_recovery() {
+    let roots = [20u64, 21, 22, 23, 24];
+    let mut net = Net::with_fallback(&[1, 20, 21, 22, 23, 24, 10], 40.0);
+    coded_cluster(&mut net, 1, &roots, 10);
+    let fec = Fec::new(FecParams::new(K, 2).expect("params")).expect("fec");
+    let far = 1_000_000u64;
+    let ps: Vec<Vec<u8>> = (far * 3..far * 3 + 3).map(|s| packet(s, 0)).collect();
+    let refs: Vec<&[u8]> = ps.iter().map(Vec::as_slice).collect();
+    let frames = encode_parity_frames(&fec, far, 0, &refs).expect("code");
+    let leaf = net.engines.get_mut(&10).expect("leaf");
+    leaf.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(23)),
+            bytes: &frames[0],
+        },
+        0.0,
+    );
+    assert_eq!(leaf.counters.invalid, 1, "the far-ahead frame is refused");
+    net.run(
+        PACKETS,
+        |_| vec![1],
+        |net, seq| {
+            if seq == PACKETS / 3 {
+                net.dead.extend([20, 22]);
+            }
+        },
+    );
+    net.assert_complete(10);
+    assert_eq!(net.fetches(10), 0, "the leaf still recovers from parity");
+    assert!(net.engines[&10].counters.packets_recovered > 0);
+}

@@ -68,6 +68,9 @@ impl Default for Options {
 /// Relay sessions a page runs at most at once (a misbehaving server cannot make it open more).
 const MAX_RELAY_SESSIONS: usize = 2;
 
+/// The engine's periodic poll (gap fetches, heartbeats, link timeouts), ms.
+const TICK_MS: i32 = 50;
+
 struct Welcome {
     heartbeat_ms: f64,
     packet_url: String,
@@ -108,6 +111,8 @@ struct Inner {
     links_failed: u64,
     /// Forgery reports sent to the control center.
     forgeries_reported: u64,
+    /// When a wake-up for sends held back by the upload cap is scheduled (page ms).
+    wake_at: Option<f64>,
     tick: Option<(i32, Closure<dyn FnMut()>)>,
     errors: Vec<String>,
     destroyed: bool,
@@ -334,6 +339,7 @@ impl Inner {
                 heartbeats_sent: 0,
                 links_failed: 0,
                 forgeries_reported: 0,
+                wake_at: None,
                 tick: None,
                 errors: Vec::new(),
                 destroyed: false,
@@ -430,7 +436,10 @@ impl Inner {
         let cb = Closure::<dyn FnMut()>::new(move || with(&me, |i| i.on_tick()));
         let window = web_sys::window().ok_or("no window")?;
         let id = window
-            .set_interval_with_callback_and_timeout_and_arguments_0(cb.as_ref().unchecked_ref(), 50)
+            .set_interval_with_callback_and_timeout_and_arguments_0(
+                cb.as_ref().unchecked_ref(),
+                TICK_MS,
+            )
             .map_err(|e| js_err("setInterval", &e))?;
         self.tick = Some((id, cb));
         Ok(())
@@ -599,6 +608,41 @@ impl Inner {
         let actions = self.engine.handle(input, now_ms());
         self.run(actions);
         self.finish_download();
+        self.wake_for_sends();
+    }
+
+    /// A send held back by the upload cap goes as soon as its tokens are there, not at the next
+    /// 50 ms tick: each hop of a tree would otherwise add up to a tick to its packets (measured:
+    /// latency p95 +100 ms in a 12-viewer swarm once nothing else happened to poll the engine
+    /// right after a fragment arrived).
+    fn wake_for_sends(&mut self) {
+        let Some(wait) = self.engine.next_send_in_ms() else {
+            return;
+        };
+        if self.destroyed || wait >= TICK_MS as f64 {
+            return;
+        }
+        let now = now_ms();
+        let at = now + wait;
+        // One already scheduled, soon enough (a wake-up that could not run, its peer busy,
+        // is stale after a tick and no longer counts).
+        if self
+            .wake_at
+            .is_some_and(|t| t <= at + 1.0 && t >= now - f64::from(TICK_MS))
+        {
+            return;
+        }
+        self.wake_at = Some(at);
+        let me = self.me.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            crate::web::rtc::sleep_ms(wait.ceil() as i32).await;
+            with(&me, |i| {
+                i.wake_at = None;
+                if !i.destroyed {
+                    i.feed(Input::Tick);
+                }
+            });
+        });
     }
 
     /// A download session whose file is complete checks it, keeps it and leaves: the swarm's
@@ -936,6 +980,9 @@ impl Inner {
                     forged: c.forged,
                     unverified_dropped: c.unverified_dropped,
                     reports_sent: self.forgeries_reported,
+                    manifest_waits: c.manifest_waits,
+                    manifest_wait_ms: c.manifest_wait_ms,
+                    manifest_wait_max_ms: c.manifest_wait_max_ms,
                 }),
             relays: self
                 .relays
