@@ -89,7 +89,8 @@ pub struct AppState {
     /// Per-address abuse limits and every limit's refusal counts (issue 13).
     pub addresses: Arc<limits::AddressTable>,
     /// Addresses of evicted peers and when their ban ends (issue 13).
-    bans: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, std::time::Instant>>>,
+    /// Keyed as the per-address limits are (an IPv6 subscriber's /64 counts as one address).
+    bans: Arc<std::sync::Mutex<HashMap<limits::AddressKey, std::time::Instant>>>,
 }
 
 impl AppState {
@@ -114,16 +115,18 @@ impl AppState {
         }
     }
 
-    /// Refuses `addr` for the configured ban time (an evicted peer's address).
+    /// Refuses `addr` for the configured ban time (an evicted peer's address). Sessions without
+    /// a known address (a server embedded without connect info) all share one, and are not
+    /// banned.
     pub(crate) fn ban(&self, addr: std::net::IpAddr) {
         let secs = self.config.ban_secs;
-        if secs == 0 {
+        let Some(key) = limits::AddressKey::of(addr).filter(|_| secs > 0) else {
             return;
-        }
+        };
         if let Ok(mut b) = self.bans.lock() {
             let now = std::time::Instant::now();
             b.retain(|_, until| *until > now);
-            b.insert(addr, now + std::time::Duration::from_secs(secs));
+            b.insert(key, now + std::time::Duration::from_secs(secs));
             self.metrics.record_ban();
         }
         tracing::warn!(%addr, secs, "address banned");
@@ -131,8 +134,9 @@ impl AppState {
 
     /// How long `addr` stays refused, if it is.
     pub(crate) fn banned(&self, addr: std::net::IpAddr) -> Option<std::time::Duration> {
+        let key = limits::AddressKey::of(addr)?;
         let b = self.bans.lock().ok()?;
-        let until = b.get(&addr)?;
+        let until = b.get(&key)?;
         until.checked_duration_since(std::time::Instant::now())
     }
 

@@ -135,7 +135,8 @@ fn parent_of_two(ids: &[PeerId], seen: &[Seen]) -> Option<(usize, usize, usize)>
 
 #[tokio::test]
 async fn a_forger_reported_by_two_children_is_evicted_and_its_address_banned() {
-    let (addr, state) = start_server(control_server::config::Config::default()).await;
+    let (addr, state) =
+        start_server_with_addresses(control_server::config::Config::default()).await;
     let (mut socks, ids, mut seen) = swarm(addr, 8).await;
     let (forger, a, b) = parent_of_two(&ids, &seen).expect("a parent of two peers");
     let ch = state.channel("demo").expect("demo");

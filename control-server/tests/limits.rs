@@ -36,30 +36,9 @@ macro_rules! wait_for {
 const HOME: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
-/// Like `common::start_server`, served with connect info so that sessions have addresses.
+/// The server, with connect info so that sessions have addresses.
 async fn start(config: Config) -> (SocketAddr, AppState) {
-    let state = AppState::new(config);
-    state.start_demo_channel().expect("demo channel");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = control_server::app(state.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await;
-    });
-    wait_for!(
-        "the demo channel's first packet",
-        state
-            .channel("demo")
-            .and_then(|c| c.live_position())
-            .is_some()
-    );
-    (addr, state)
+    start_server_with_addresses(config).await
 }
 
 async fn tcp_from(from: Ipv4Addr, to: SocketAddr) -> tokio::net::TcpStream {

@@ -16,6 +16,16 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub async fn start_server(config: Config) -> (SocketAddr, AppState) {
+    serve(config, false).await
+}
+
+/// Like [`start_server`], served with connect info, so that sessions have addresses (the
+/// per-address limits and bans apply; without it every session is 0.0.0.0's and neither does).
+pub async fn start_server_with_addresses(config: Config) -> (SocketAddr, AppState) {
+    serve(config, true).await
+}
+
+async fn serve(config: Config, addresses: bool) -> (SocketAddr, AppState) {
     let state = AppState::new(config);
     state.start_demo_channel().expect("demo channel");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -24,7 +34,15 @@ pub async fn start_server(config: Config) -> (SocketAddr, AppState) {
     let addr = listener.local_addr().expect("addr");
     let app = control_server::app(state.clone());
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = if addresses {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        } else {
+            axum::serve(listener, app).await
+        };
     });
     // Wait for the first fragment so joins are accepted.
     for _ in 0..200 {
