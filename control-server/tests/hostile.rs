@@ -11,7 +11,7 @@ use common::*;
 use futures_util::StreamExt;
 use protocol::manifest::{Manifest, ManifestBook, StreamKey};
 use protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, Source};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Reads what is queued on `ws` for up to `wait`: the latest plan's peer parents, manifests,
@@ -61,9 +61,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
+    read_response(&mut s).await.1
 }
 
 #[tokio::test]
@@ -178,19 +176,7 @@ async fn a_forger_reported_by_two_children_is_evicted_and_its_address_banned() {
     }
     // Its address (127.0.0.1 here) is refused for the ban time.
     let mut again = connect(addr).await;
-    send(
-        &mut again,
-        &ClientMsg::Join {
-            version: protocol::PROTOCOL_VERSION,
-            channel: "demo".into(),
-            upload_kbps: 1000,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(&mut again, &join_msg(1000)).await;
     assert_eq!(next_error(&mut again).await, ErrorCode::Banned);
     let metrics = http_get(addr, "/metrics").await;
     assert!(

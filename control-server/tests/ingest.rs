@@ -27,15 +27,7 @@ async fn put(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (u16, Strin
         s.write_all(b"0\r\n\r\n").await
     }
     .await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    read_response(&mut s).await
 }
 
 fn config() -> Config {

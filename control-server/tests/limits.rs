@@ -13,8 +13,8 @@ use control_server::config::Config;
 use control_server::limits::AddressLimits;
 use control_server::AppState;
 use futures_util::{SinkExt, StreamExt};
-use protocol::{ClientMsg, ErrorCode, ServerMsg};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use protocol::{ErrorCode, ServerMsg};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -105,18 +105,6 @@ fn limits(l: AddressLimits) -> Config {
     }
 }
 
-fn join_msg() -> ClientMsg {
-    ClientMsg::Join {
-        version: protocol::PROTOCOL_VERSION,
-        channel: "demo".into(),
-        upload_kbps: 1000,
-        region: None,
-        network: None,
-        relay_token: None,
-        companion: None,
-    }
-}
-
 #[tokio::test]
 async fn sessions_over_the_per_address_limit_are_refused_with_too_many_sessions() {
     let (addr, state) = start(limits(AddressLimits {
@@ -155,7 +143,7 @@ async fn sessions_over_the_per_address_limit_are_refused_with_too_many_sessions(
     drop(idle.pop());
     wait_for!("a freed slot to take a new session", {
         let mut ws = connect_from(HOME, addr).await;
-        send(&mut ws, &join_msg()).await;
+        send(&mut ws, &join_msg(1000)).await;
         matches!(next_msg(&mut ws).await, Some(ServerMsg::Welcome { .. }))
     });
     assert_alive(&mut joined).await;
@@ -177,7 +165,7 @@ async fn joins_over_the_per_minute_limit_are_refused_with_rate_limited() {
         socks.push(ws);
     }
     let mut fourth = connect_from(HOME, addr).await;
-    send(&mut fourth, &join_msg()).await;
+    send(&mut fourth, &join_msg(1000)).await;
     let (errors, close) = until_close(&mut fourth).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].0, ErrorCode::RateLimited);
@@ -328,15 +316,7 @@ async fn put_from(from: Ipv4Addr, addr: SocketAddr, path: &str, body: &[u8]) -> 
         s.write_all(body).await
     }
     .await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    read_response(&mut s).await
 }
 
 #[tokio::test]
@@ -406,7 +386,7 @@ async fn refused_viewer_tokens_are_counted() {
     })
     .await;
     let mut ws = connect_from(HOME, addr).await;
-    send(&mut ws, &join_msg()).await;
+    send(&mut ws, &join_msg(1000)).await;
     let (errors, close) = until_close(&mut ws).await;
     assert_eq!(errors.first().map(|e| e.0), Some(ErrorCode::TokenInvalid));
     assert!(close.is_ok(), "{close:?}");

@@ -10,7 +10,7 @@ use control_server::config::Config;
 use control_server::viewer_token::{unix_now_s, ViewerClaims};
 use futures_util::StreamExt;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use protocol::{ClientMsg, ErrorCode, ServerMsg};
+use protocol::{ErrorCode, ServerMsg};
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "a site's secret of at least 32 bytes";
@@ -29,18 +29,6 @@ fn mint(secret: &str, channel: &str, exp: u64) -> String {
     .expect("mint")
 }
 
-fn join_demo() -> ClientMsg {
-    ClientMsg::Join {
-        version: protocol::PROTOCOL_VERSION,
-        channel: "demo".into(),
-        upload_kbps: 1000,
-        region: None,
-        network: None,
-        relay_token: None,
-        companion: None,
-    }
-}
-
 /// Joins with `token` and returns the first control message and the close reason, if any.
 async fn try_join(addr: std::net::SocketAddr, token: Option<&str>) -> (ServerMsg, Option<String>) {
     let url = match token {
@@ -50,7 +38,7 @@ async fn try_join(addr: std::net::SocketAddr, token: Option<&str>) -> (ServerMsg
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("the upgrade is accepted: the token is checked at join");
-    send(&mut ws, &join_demo()).await;
+    send(&mut ws, &join_msg(1000)).await;
     let first = next_msg(&mut ws).await.expect("an answer to join");
     if matches!(first, ServerMsg::Welcome { .. }) {
         return (first, None);

@@ -378,8 +378,14 @@ impl ManifestBook {
     }
 
     /// Forgets digests below `seq` (already played).
+    /// Cheap when there is nothing to forget (it runs at every poll of a peer's engine).
     pub fn forget_below(&mut self, seq: u64) {
-        self.digests = self.digests.split_off(&seq);
+        while let Some(e) = self.digests.first_entry() {
+            if *e.key() >= seq {
+                break;
+            }
+            e.remove();
+        }
     }
 }
 

@@ -100,20 +100,21 @@ pub async fn next_msg(ws: &mut Ws) -> Option<ServerMsg> {
     }
 }
 
+/// A plain `join` of the demo channel.
+pub fn join_msg(upload_kbps: u32) -> ClientMsg {
+    ClientMsg::Join {
+        version: protocol::PROTOCOL_VERSION,
+        channel: "demo".into(),
+        upload_kbps,
+        region: None,
+        network: None,
+        relay_token: None,
+        companion: None,
+    }
+}
+
 pub async fn join(ws: &mut Ws, upload_kbps: u32) -> protocol::PeerId {
-    send(
-        ws,
-        &ClientMsg::Join {
-            version: protocol::PROTOCOL_VERSION,
-            channel: "demo".into(),
-            upload_kbps,
-            region: None,
-            network: None,
-            relay_token: None,
-            companion: None,
-        },
-    )
-    .await;
+    send(ws, &join_msg(upload_kbps)).await;
     match next_msg(ws).await {
         Some(ServerMsg::Welcome { peer_id, .. }) => peer_id,
         other => panic!("expected welcome, got {other:?}"),
@@ -129,4 +130,19 @@ pub async fn next_error(ws: &mut Ws) -> protocol::ErrorCode {
             None => panic!("connection closed before an error arrived"),
         }
     }
+}
+
+/// Reads an HTTP/1.1 response to the end (the request said `Connection: close`), for at most
+/// 20 s: (status, the whole text). Status 0 if nothing parsable came.
+pub async fn read_response(s: &mut TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }

@@ -115,25 +115,22 @@ impl Dcm {
         }
         let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
         ids.sort_unstable();
-        if ids.len() <= super::BACKGROUND_SLICE {
-            // Before the packets it covers, which the origin pushes next: a peer fed by a root
-            // then has the manifest when the packets reach it and checks them at once. A
-            // larger channel gets it a slice at a time, as live-edge notices; its trees are
-            // deeper, and the packets take longer to reach the peers that need it.
-            for peer in ids {
-                self.stats.manifests_sent += 1;
-                self.outputs.push_back(Output::Send {
-                    peer,
-                    msg: OutMsg::Packet(frame.clone()),
-                });
-            }
-            return;
-        }
-        self.background.push_back(Background::Edge {
+        let small = ids.len() <= super::BACKGROUND_SLICE;
+        let job = Background::Edge {
             msg: OutMsg::Packet(frame),
             ids,
             next: 0,
-        });
+        };
+        if small {
+            // All of it now, before the packets it covers, which the origin pushes next: a peer
+            // fed by a root then has the manifest when the packets reach it and checks them at
+            // once. A larger channel gets it a slice at a time, as live-edge notices; its trees
+            // are deeper, and the packets take longer to reach the peers that need it.
+            self.background.push_front(job);
+            self.background_slice(super::BACKGROUND_SLICE);
+        } else {
+            self.background.push_back(job);
+        }
     }
 
     /// A joiner's backlog of manifests, queued before its first instructions.

@@ -213,38 +213,14 @@ fn manifests_reach_every_peer_replace_live_edge_notices_and_joiners_get_the_last
 /// A heartbeat of `peer` under `plan`: it received `got` from each parent and claims to have
 /// sent `sent` to each child.
 fn heartbeat(peer: PeerId, plan: &[SubstreamPlan], got: u64, sent: u64) -> Heartbeat {
-    Heartbeat {
-        client_id: peer,
-        seq: 1,
-        local_ts_ms: T0,
-        parents: plan
-            .iter()
-            .map(|s| ParentLink {
-                substream: s.index,
-                parent: s.parent,
-                last_seq: Some(got),
-                last_ts_ms: Some(T0 - 50),
-            })
-            .collect(),
-        children: plan
-            .iter()
-            .flat_map(|s| {
-                s.children.iter().map(move |c| ChildLink {
-                    substream: s.index,
-                    child: *c,
-                    last_seq: Some(sent),
-                    last_ts_ms: Some(T0 - 50),
-                })
-            })
-            .collect(),
-        buffer: vec![0; plan.len()],
-        bytes_from_peers: 0,
-        bytes_from_origin: 0,
-        bytes_up: 0,
-        origin_fallbacks: 0,
-        upload_kbps: 2000,
-        send_backlog_ms: 0,
+    let mut hb = heartbeat_from_plan(peer, plan, T0);
+    for p in &mut hb.parents {
+        p.last_seq = Some(got);
     }
+    for c in &mut hb.children {
+        c.last_seq = Some(sent);
+    }
+    hb
 }
 
 /// Two children of the busiest relay in one tree, and that tree.
