@@ -29,8 +29,8 @@ use clap::{Parser, Subcommand};
 
 use crate::build::build_wasm;
 use crate::tools::{
-    ensure_chromium, ensure_wasm_bindgen, ensure_wasm_pack, ensure_wasm_target, wasm_pack_bin,
-    CHROMEDRIVER,
+    ensure_chromium, ensure_ffmpeg, ensure_wasm_bindgen, ensure_wasm_pack, ensure_wasm_target,
+    wasm_pack_bin, CHROMEDRIVER,
 };
 use crate::util::{cargo, repo_root, run};
 
@@ -241,8 +241,9 @@ impl Steps {
         self.done += 1;
         let (n, total) = (self.done, self.total);
         println!(
-            "\n==> [{n}/{total}] {name}   (elapsed {:.1}s)",
-            self.start.elapsed().as_secs_f64()
+            "\n==> [{n}/{total}] {name}   (elapsed {:.1}s{})",
+            self.start.elapsed().as_secs_f64(),
+            disk_free_note()
         );
         let t = Instant::now();
         f().with_context(|| format!("step {n}/{total} \"{name}\" failed"))?;
@@ -259,6 +260,34 @@ impl Steps {
             self.total,
             self.start.elapsed().as_secs_f64()
         );
+    }
+}
+
+/// ", disk free N GiB" for the target directory's file system, or nothing where `df` cannot
+/// tell: a full disk shows up as a linker killed by SIGBUS, and this line says why.
+fn disk_free_note() -> String {
+    let Ok(dir) = build::target_dir() else {
+        return String::new();
+    };
+    let mut probe = dir.as_path();
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => return String::new(),
+        }
+    }
+    let Some(out) = util::output(Command::new("df").arg("-Pk").arg(probe)) else {
+        return String::new();
+    };
+    // POSIX format: the second line's fourth column is the space available, in KiB.
+    let avail_kib = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    match avail_kib {
+        Some(kib) => format!(", disk free {:.1} GiB", kib as f64 / (1024.0 * 1024.0)),
+        None => String::new(),
     }
 }
 
@@ -321,7 +350,7 @@ const FUZZ_TEST_SECONDS: u64 = 15;
 
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(13);
+    let mut steps = Steps::new(14);
     // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
     steps.run("formatting: cargo fmt --all -- --check", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
@@ -352,6 +381,7 @@ fn test() -> Result<()> {
     steps.run("wasm-bindgen CLI", ensure_wasm_bindgen)?;
     steps.run("wasm-pack", ensure_wasm_pack)?;
     steps.run("Chromium and ChromeDriver", ensure_chromium)?;
+    steps.run("ffmpeg (live sources of the ingest tests)", ensure_ffmpeg)?;
     steps.run("build the wasm peer (web/pkg)", build_wasm)?;
     steps.run(
         "web assets: npm ci + esbuild (web/dist: player, dashboard)",

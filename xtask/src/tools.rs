@@ -222,44 +222,75 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }
 
-/// Makes sure Chromium and ChromeDriver are installed (via apt when running
-/// as root on Debian).
-pub fn ensure_chromium() -> Result<()> {
-    let missing = || -> Vec<&str> {
-        [CHROMIUM, CHROMEDRIVER]
-            .into_iter()
-            .filter(|p| !Path::new(p).is_file())
+/// Installs the Debian packages whose programs are missing (as root, with apt-get), or says
+/// which to install. `wanted` pairs a program's path with the package that provides it.
+fn ensure_debian_programs(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing = || -> Vec<(&str, &str)> {
+        wanted
+            .iter()
+            .copied()
+            .filter(|(path, _)| !Path::new(path).is_file())
             .collect()
     };
     let absent = missing();
-    if !absent.is_empty() {
-        if !is_root() {
-            bail!(
-                "{} not found; install the Debian packages `chromium` and `chromium-driver` \
-                 (e.g. `sudo apt-get install -y chromium chromium-driver`)",
-                absent.join(" and ")
-            );
-        }
-        println!(
-            "{} not found; installing chromium and chromium-driver",
-            absent.join(" and ")
-        );
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "chromium", "chromium-driver"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        let still = missing();
-        if !still.is_empty() {
-            bail!(
-                "apt-get installed chromium/chromium-driver but {} is still missing",
-                still.join(" and ")
-            );
-        }
+    if absent.is_empty() {
+        return Ok(());
     }
+    let programs: Vec<&str> = absent.iter().map(|(p, _)| *p).collect();
+    let mut packages: Vec<&str> = absent.iter().map(|(_, pkg)| *pkg).collect();
+    packages.dedup();
+    if !is_root() {
+        bail!(
+            "{} not found; install the Debian packages {} (e.g. `sudo apt-get install -y {}`)",
+            programs.join(" and "),
+            packages.join(", "),
+            packages.join(" ")
+        );
+    }
+    println!(
+        "{} not found; installing {}",
+        programs.join(" and "),
+        packages.join(", ")
+    );
+    // The package lists are fetched once per run of xtask.
+    static UPDATED: std::sync::Once = std::sync::Once::new();
+    let mut update = Ok(());
+    UPDATED.call_once(|| update = run(Command::new("apt-get").arg("update")));
+    update?;
+    run(Command::new("apt-get")
+        .args(["install", "-y"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let still: Vec<&str> = missing().iter().map(|(p, _)| *p).collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get installed {} but {} is still missing",
+            packages.join(", "),
+            still.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// Makes sure Chromium and ChromeDriver are installed (via apt when running
+/// as root on Debian).
+pub fn ensure_chromium() -> Result<()> {
+    ensure_debian_programs(&[(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")])?;
     for bin in [CHROMIUM, CHROMEDRIVER] {
         let v = output(Command::new(bin).arg("--version")).unwrap_or_default();
         println!("{bin}: {}", v.trim());
     }
+    Ok(())
+}
+
+/// Where Debian's ffmpeg puts its program: tests encode and publish live sources with it.
+pub const FFMPEG: &str = "/usr/bin/ffmpeg";
+
+/// Makes sure ffmpeg is installed (via apt when running as root on Debian).
+pub fn ensure_ffmpeg() -> Result<()> {
+    ensure_debian_programs(&[(FFMPEG, "ffmpeg")])?;
+    let v = output(Command::new(FFMPEG).arg("-version")).unwrap_or_default();
+    println!("{FFMPEG}: {}", v.lines().next().unwrap_or("").trim());
     Ok(())
 }
 
