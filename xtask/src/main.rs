@@ -60,6 +60,9 @@ enum Cmd {
     /// Run all tests: native, wasm (wasm-pack in headless Chromium), e2e, and each fuzz
     /// target for a few seconds.
     Test,
+    /// Build the wasm peer (web/pkg) and the web assets (web/dist) only: what the e2e tests
+    /// need before `cargo test -p e2e -- --ignored` with `P2P_WEB_DIR=web`.
+    Build,
     /// Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable toolchain) of the control
     /// messages, the DCM, binary heartbeats, the fMP4 splitter, packet headers and the FEC
     /// assembler. Installs cargo-fuzz if missing; a crash fails the run and names its input.
@@ -158,6 +161,10 @@ fn main() -> ExitCode {
             server_args,
         } => demo(listen, &server_args),
         Cmd::Test => test(),
+        Cmd::Build => ensure_wasm_target()
+            .and_then(|()| ensure_wasm_bindgen())
+            .and_then(|()| build_wasm())
+            .and_then(|()| web::build_web()),
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Cmd::Swarm {
             viewers,

@@ -310,6 +310,23 @@ impl Planner {
         }
     }
 
+    /// Whether the link from `parent` to `child` is a feed between tiers (a middle node feeding
+    /// a bottom cluster's root): re-placing the child does not move it, [`Planner::block`] does.
+    pub fn is_feed(&self, parent: PeerId, child: PeerId) -> bool {
+        match self {
+            Planner::Flat(_) => false,
+            Planner::Tiered(t) => t.h.feeds_cluster_of(parent, child),
+        }
+    }
+
+    /// Roots of other clusters `peer` feeds, with the tree of each feed (none on a flat channel).
+    pub fn fed_roots(&self, peer: PeerId) -> Vec<(PeerId, u32)> {
+        match self {
+            Planner::Flat(_) => Vec::new(),
+            Planner::Tiered(t) => t.h.fed_roots(peer),
+        }
+    }
+
     /// `a` and `b` cannot connect (one of them reported a data channel that never opened): they
     /// are never parent and child again, and a child of theirs is re-placed now.
     pub fn block(&mut self, a: PeerId, b: PeerId) -> Changes {

@@ -88,14 +88,26 @@ impl Dcm {
             return;
         }
         let link_since = &self.link_since;
-        let found =
+        let since = |p: PeerId, c: PeerId, s: u32| {
+            link_since
+                .get(&c)
+                .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
+                .map(|l| l.2)
+        };
+        let mut found =
             self.detector
-                .on_heartbeat(&self.view, &self.production, self.k, peer, |p, c, s| {
-                    link_since
-                        .get(&c)
-                        .and_then(|v| v.iter().find(|l| l.0 == p && l.1 == s))
-                        .map(|l| l.2)
-                });
+                .on_heartbeat(&self.view, &self.production, self.k, peer, since);
+        let fed = self.planner.fed_roots(peer);
+        if !fed.is_empty() {
+            found.extend(self.detector.on_feeder_heartbeat(
+                &self.view,
+                &self.production,
+                self.k,
+                peer,
+                &fed,
+                since,
+            ));
+        }
         if self.detector.last_behind() {
             self.edge_every.insert(peer);
         } else {
@@ -142,6 +154,15 @@ impl Dcm {
                 return;
             };
             (link.parent, cap, "congested uplink")
+        } else if self.planner.is_feed(link.parent, link.child) {
+            // A bottom cluster's root complaining of the middle node feeding it: that feed is
+            // dealt to other feeders (re-placing the root within its cluster would leave it).
+            let changes = self.planner.block(link.child, link.parent);
+            self.detector
+                .forget_link(link.parent, link.child, link.substream);
+            self.log_repair(link.child, "congested feed", changes.affected.len(), now);
+            self.send_instructions(changes.affected, now);
+            return;
         } else {
             if self
                 .last_moved

@@ -165,6 +165,11 @@ pub struct CongestionConfig {
     /// one fragment, so that a healthy forwarder handed many children at once (and priming
     /// them) is not taken for a stuck one.
     pub stuck_ms: u64,
+    /// How long after its creation a packet must have been owed on a link that delivers
+    /// nothing at all while its parent claims to feed it (see `claimed_but_dead`): shorter
+    /// than `grace_ms`, since a link that is merely slow still delivers something. The peer
+    /// engine reports a parent gone quiet this long (plus a margin) in an early heartbeat.
+    pub dead_grace_ms: u64,
 }
 
 impl Default for CongestionConfig {
@@ -175,6 +180,7 @@ impl Default for CongestionConfig {
             settle_ms: 1000,
             backlog_ms: 250,
             stuck_ms: 1500,
+            dead_grace_ms: 400,
         }
     }
 }
@@ -202,8 +208,70 @@ pub struct CongestionDetector {
     last_behind: bool,
 }
 
-/// (parent, child, substream, late, expected, have, parent_side, backlogged)
+/// (parent, child, substream, late, expected, have, parent_side, at_once): `at_once` when one
+/// late observation is enough (the parent says its uplink is stuck, or it claims to feed a link
+/// that delivers nothing).
 type Judged = (PeerId, PeerId, u32, bool, u64, Option<u64>, bool, bool);
+
+/// Whether `child`'s link from `parent` on `substream` is dead while the parent claims to feed
+/// it: the parent's own last heartbeat says it sent the child `expected` (or, for a link it does
+/// not list, a feed into another cluster, it reports no upload backlog while holding the
+/// packet), yet nothing at all has come over the link since `expected` was created. A slow link
+/// still delivers, late; an overloaded child still shows arrivals; a silent forwarder (issue 13)
+/// shows neither, and its children are moved on the first heartbeat that shows it rather than
+/// the second.
+fn claimed_but_dead(
+    view: &HeartbeatView,
+    cfg: &CongestionConfig,
+    parent: PeerId,
+    child: PeerId,
+    substream: u32,
+    expected: u64,
+    created: u64,
+) -> bool {
+    // The child's side first: in a healthy swarm it has the packet, and the parent's report
+    // (another peer's memory) is not read.
+    let Some(cs) = view.get(child) else {
+        return false;
+    };
+    let Some(link) = cs
+        .heartbeat
+        .parents
+        .iter()
+        .find(|p| p.substream == substream && p.parent == Source::Peer { id: parent })
+    else {
+        return false;
+    };
+    if link.last_seq.is_some_and(|s| s >= expected) {
+        return false;
+    }
+    let arrived_since = link.last_ts_ms.is_some_and(|t| {
+        let at = (t as i64).saturating_add(cs.clock_offset_ms).max(0) as u64;
+        at > created
+    });
+    if arrived_since {
+        return false;
+    }
+    let Some(ps) = view.get(parent) else {
+        return false;
+    };
+    let held = ps
+        .heartbeat
+        .parents
+        .iter()
+        .find(|x| x.substream == substream)
+        .and_then(|x| x.last_seq)
+        .is_some_and(|s| s >= expected);
+    match ps
+        .heartbeat
+        .children
+        .iter()
+        .find(|c| c.child == child && c.substream == substream)
+    {
+        Some(c) => c.last_seq.is_some_and(|s| s >= expected),
+        None => held && u64::from(ps.heartbeat.send_backlog_ms) <= cfg.backlog_ms,
+    }
+}
 
 impl CongestionDetector {
     pub fn new(cfg: CongestionConfig) -> Self {
@@ -219,6 +287,34 @@ impl CongestionDetector {
     /// the origin produced a grace ago, on any data substream.
     pub fn last_behind(&self) -> bool {
         self.last_behind
+    }
+
+    /// The packet `child` is owed on the link from `parent` (`substream`) if that link is dead
+    /// while `parent` claims to feed it ([`claimed_but_dead`]), judged as of the child's last
+    /// heartbeat with [`CongestionConfig::dead_grace_ms`]; links younger than `settle_ms` are
+    /// not judged.
+    #[allow(clippy::too_many_arguments)]
+    fn dead_link(
+        &self,
+        view: &HeartbeatView,
+        log: &ProductionLog,
+        k: u32,
+        parent: PeerId,
+        child: PeerId,
+        substream: u32,
+        link_since: &impl Fn(PeerId, PeerId, u32) -> Option<u64>,
+    ) -> Option<u64> {
+        if substream >= k {
+            return None;
+        }
+        let cs = view.get(child)?;
+        let cutoff = cs.sent_ms().saturating_sub(self.cfg.dead_grace_ms);
+        let (expected, created) = log.newest_before(substream, k, cutoff)?;
+        let dead = claimed_but_dead(view, &self.cfg, parent, child, substream, expected, created);
+        (dead
+            && link_since(parent, child, substream)
+                .is_some_and(|since| created >= since + self.cfg.settle_ms))
+        .then_some(expected)
     }
 
     /// Judges the links of `peer` (as child and as parent) after its heartbeat arrived.
@@ -277,6 +373,21 @@ impl CongestionDetector {
                     })
                     .and_then(|x| x.last_seq)
                     .is_some_and(|s| s >= expected);
+            if let Some(owed) =
+                self.dead_link(view, log, k, parent, peer, pl.substream, &link_since)
+            {
+                judged.push((
+                    parent,
+                    peer,
+                    pl.substream,
+                    true,
+                    owed,
+                    pl.last_seq,
+                    false,
+                    true,
+                ));
+                continue;
+            }
             judged.push((
                 parent,
                 peer,
@@ -315,6 +426,22 @@ impl CongestionDetector {
         };
         for cl in &me.heartbeat.children {
             if cl.substream >= k {
+                continue;
+            }
+            // The child's last heartbeat, read against this one's claims: when the child spoke
+            // first, the parent's report is what shows the link dead (judged as the child's
+            // complaint, so the parent's standing is not touched here).
+            if let Some(owed) =
+                self.dead_link(view, log, k, peer, cl.child, cl.substream, &link_since)
+            {
+                let have = view.get(cl.child).and_then(|c| {
+                    c.heartbeat
+                        .parents
+                        .iter()
+                        .find(|p| p.substream == cl.substream)
+                        .and_then(|p| p.last_seq)
+                });
+                judged.push((peer, cl.child, cl.substream, true, owed, have, false, true));
                 continue;
             }
             // What it got from its own parent: nothing yet when that parent is new (the origin
@@ -370,7 +497,7 @@ impl CongestionDetector {
                 backlogged,
             ));
         }
-        for &(p, c, s, late, expected, have, parent_side, backlogged) in &judged {
+        for &(p, c, s, late, expected, have, parent_side, at_once) in &judged {
             let key = (p, c, s);
             if !late && self.strikes.is_empty() {
                 // The common case in a healthy swarm: nothing to clear, no hashing.
@@ -385,10 +512,13 @@ impl CongestionDetector {
             }
             let n = self.strikes.entry(key).or_insert(0);
             *n += 1;
-            // A parent that says its own uplink is stuck is believed at once; lateness seen
+            // A parent that says its own uplink is stuck is believed at once, and so is a link
+            // that delivers nothing while its parent claims to feed it; other lateness seen
             // from outside must repeat, since an overloaded host makes every link look late.
-            let needed = if backlogged { 1 } else { self.cfg.strikes };
-            if *n == needed {
+            let needed = if at_once { 1 } else { self.cfg.strikes };
+            // An earlier strike that fired nothing (it needed a second) leaves `n` past 1 when
+            // the link turns clear-cut: it fires then, up to the usual count.
+            if *n == needed || (at_once && *n <= self.cfg.strikes) {
                 let behind = expected.saturating_sub(have.unwrap_or(0)) / u64::from(k.max(1));
                 out.push(Congested {
                     parent: p,
@@ -400,6 +530,50 @@ impl CongestionDetector {
             }
         }
         self.scratch = judged;
+        out
+    }
+
+    /// Judges the feeds of `peer` into other clusters' roots (`fed`: root and tree), which its
+    /// heartbeat does not list: a root whose last heartbeat shows the feed dead while `peer`,
+    /// holding the packet and reporting no backlog, claims to send what it has, is moved at once
+    /// (as [`CongestionDetector::on_heartbeat`] does for the links a parent lists).
+    pub fn on_feeder_heartbeat(
+        &mut self,
+        view: &HeartbeatView,
+        log: &ProductionLog,
+        k: u32,
+        peer: PeerId,
+        fed: &[(PeerId, u32)],
+        link_since: impl Fn(PeerId, PeerId, u32) -> Option<u64>,
+    ) -> Vec<Congested> {
+        let mut out = Vec::new();
+        for &(root, substream) in fed {
+            let Some(expected) = self.dead_link(view, log, k, peer, root, substream, &link_since)
+            else {
+                continue;
+            };
+            let Some(child) = view.get(root) else {
+                continue;
+            };
+            let n = self.strikes.entry((peer, root, substream)).or_insert(0);
+            *n += 1;
+            if *n <= self.cfg.strikes {
+                let have = child
+                    .heartbeat
+                    .parents
+                    .iter()
+                    .find(|p| p.substream == substream)
+                    .and_then(|p| p.last_seq);
+                let behind = expected.saturating_sub(have.unwrap_or(0)) / u64::from(k.max(1));
+                out.push(Congested {
+                    parent: peer,
+                    child: root,
+                    substream,
+                    behind: behind.max(1),
+                    parent_side: false,
+                });
+            }
+        }
         out
     }
 

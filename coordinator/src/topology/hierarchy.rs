@@ -371,21 +371,118 @@ impl Hierarchy {
         aff
     }
 
-    /// Two peers that cannot connect: when they share a cluster, they are never parent and
-    /// child there again ([`Cluster::block_fed`]). Links between tiers (a feeder and a root, mesh
-    /// neighbours) are not re-planned by a block yet: the cluster's roots are fed by whichever
-    /// feeders the region has.
+    /// Two peers that cannot connect (or whose link failed twice): when they share a cluster,
+    /// they are never parent and child there again ([`Cluster::block_fed`]). When one is a
+    /// middle node feeding the other's bottom cluster, it stops feeding that cluster: an idle
+    /// middle node of the region takes its place if there is one, and the cluster's roots are
+    /// re-dealt over its feeders (the region's server when none is left). Other links between
+    /// tiers (preferred nodes feeding the middle tier, mesh neighbours) are not re-planned by a
+    /// block yet.
     pub fn block(&mut self, a: PeerId, b: PeerId) -> Changes {
         let (Some(ca), Some(cb)) = (self.cluster_of(a), self.cluster_of(b)) else {
             return Changes::default();
         };
         if ca != cb {
-            return Changes::default();
+            let mut aff = Changes::default();
+            if !self.drop_feeder(a, cb, &mut aff) {
+                self.drop_feeder(b, ca, &mut aff);
+            }
+            return aff;
         }
         self.clusters
             .get_mut(&ca)
             .map(|c| c.block_fed(a, b))
             .unwrap_or_default()
+    }
+
+    /// Whether `feeder` is a middle node feeding the bottom cluster of `root`: a link between
+    /// them is a feed between tiers, which moving `root` within its cluster would not change.
+    pub fn feeds_cluster_of(&self, feeder: PeerId, root: PeerId) -> bool {
+        let Some(cid) = self
+            .peers
+            .get(&root)
+            .filter(|i| i.tier == Tier::Bottom)
+            .and_then(|i| i.cluster)
+        else {
+            return false;
+        };
+        self.peers
+            .get(&feeder)
+            .is_some_and(|i| i.tier == Tier::Middle && i.feeds.iter().any(|f| f.0 == cid))
+    }
+
+    /// The roots `feeder` feeds in other clusters, with the tree of each feed (parity trees
+    /// included): links its heartbeat does not list, since they are not in its own trees.
+    pub fn fed_roots(&self, feeder: PeerId) -> Vec<(PeerId, u32)> {
+        let Some(info) = self.peers.get(&feeder) else {
+            return Vec::new();
+        };
+        let clusters: Vec<ClusterId> = match info.tier {
+            Tier::Preferred => self
+                .regions
+                .get(&info.region)
+                .map(|r| r.middle)
+                .into_iter()
+                .collect(),
+            Tier::Middle => info.feeds.iter().map(|f| f.0).collect(),
+            Tier::Bottom => Vec::new(),
+        };
+        let me = MeshNodeOrPeer::Peer(feeder);
+        let mut out = Vec::new();
+        for cid in clusters {
+            let Some(c) = self.clusters.get(&cid) else {
+                continue;
+            };
+            for t in 0..c.kind.trees() {
+                out.extend(
+                    c.root_sources(t)
+                        .into_iter()
+                        .filter(|(_, f)| *f == me)
+                        .map(|(root, _)| (root, t)),
+                );
+            }
+        }
+        out
+    }
+
+    /// `feeder` stops feeding bottom cluster `cid` (false: it did not feed it). It becomes idle
+    /// if it feeds nothing else; an idle middle node of the cluster's region, another one, is
+    /// assigned in its place; the cluster's roots are re-planned.
+    fn drop_feeder(&mut self, feeder: PeerId, cid: ClusterId, aff: &mut Changes) -> bool {
+        let Some(info) = self.peers.get_mut(&feeder) else {
+            return false;
+        };
+        let Some(i) = info.feeds.iter().position(|f| f.0 == cid) else {
+            return false;
+        };
+        info.feeds.swap_remove(i);
+        let idle_now = info.feeds.is_empty();
+        let own = info.region;
+        let Some(cr) = self.region_of_cluster(cid) else {
+            return false;
+        };
+        if let Some(set) = self
+            .regions
+            .get_mut(&cr)
+            .and_then(|r| r.feeders.get_mut(&cid))
+        {
+            set.remove(&feeder);
+        }
+        let stand_in = self
+            .regions
+            .get(&cr)
+            .and_then(|r| r.idle_middle.iter().find(|m| **m != feeder).copied());
+        if let Some(m) = stand_in {
+            self.assign_feeder(m, cid);
+        }
+        if idle_now {
+            if let Some(rs) = self.regions.get_mut(&own) {
+                rs.idle_middle.insert(feeder);
+            }
+        }
+        self.refresh_bottom_feeders(cid, aff);
+        aff.affected.insert(feeder);
+        true
     }
 
     /// The cluster whose trees `peer` belongs to (`None` for a preferred node).

@@ -51,6 +51,12 @@ pub use upload::TokenBucket;
 /// Upload backlog (ms) that makes a peer report at once instead of at its next heartbeat.
 pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 
+/// How long after a gap appeared a parent that has sent nothing since is reported in an early
+/// heartbeat. Past the DCM's grace for dead links (`dead_grace_ms`, 400 ms after a packet was
+/// made), so that the heartbeat shows the packet owed: a parent that claims to feed a link
+/// that delivers nothing is moved on that one heartbeat (issue 13: a silent forwarder).
+pub const QUIET_PARENT_REPORT_MS: f64 = 450.0;
+
 /// How recent a packet from a peer that is not (yet) our parent must be to count as the first
 /// packet of that peer's new link when our instructions then name it: instructions to the two
 /// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
@@ -288,6 +294,9 @@ pub struct Engine {
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
+    /// Per tree: since when its peer parent has sent nothing although a gap of the tree was
+    /// fetched from the origin, and whether an early heartbeat said so already.
+    quiet_parent: Vec<Option<(f64, bool)>>,
     /// A new parent delivered a substream the origin was bridging: the next heartbeat ends
     /// the bridge, so it is worth sending early.
     bridge_ended: bool,
@@ -332,6 +341,7 @@ impl Engine {
             child_last: HashMap::new(),
             hb_seq: 0,
             backlog_reported: false,
+            quiet_parent: Vec::new(),
             bridge_ended: false,
             counters: Counters::default(),
             verified: None,
@@ -414,6 +424,7 @@ impl Engine {
                 self.k = substreams.max(1);
                 self.parent_last = vec![(None, None); self.k as usize];
                 self.parent_timing = vec![(now_ms, None); self.k as usize];
+                self.quiet_parent = vec![None; self.k as usize];
                 self.bridged = vec![None; self.k as usize];
                 self.path_lag = vec![0.0; self.k as usize];
                 self.next_deliver = Some(start_seq);
@@ -458,6 +469,7 @@ impl Engine {
         let trees = self.trees() as usize;
         self.parent_last.resize(trees, (None, None));
         self.parent_timing.resize(trees, (self.now, None));
+        self.quiet_parent.resize(trees, None);
         self.bridged.resize(trees, None);
         let mut next: BTreeSet<PeerId> = self.tiers.neighbours().collect();
         for s in &plan {
@@ -474,6 +486,11 @@ impl Engine {
                 != Some(s.parent);
             if changed && i < self.parent_last.len() {
                 self.parent_last[i] = (None, None);
+            }
+            if changed {
+                if let Some(q) = self.quiet_parent.get_mut(i) {
+                    *q = None;
+                }
             }
             if changed && i < self.parent_timing.len() {
                 if let Some(old) = self.plan.iter().find(|o| o.index == s.index) {
@@ -598,6 +615,9 @@ impl Engine {
         }
         if let Some(slot) = self.parent_last.get_mut(tree as usize) {
             *slot = (Some(report_seq), Some(self.now as u64));
+        }
+        if let Some(q) = self.quiet_parent.get_mut(tree as usize) {
+            *q = None;
         }
         if let Some(t) = self.parent_timing.get_mut(tree as usize) {
             if t.1.is_none() && self.bridged.get(tree as usize).is_some_and(|b| b.is_some()) {
@@ -940,6 +960,17 @@ impl Engine {
             if src.is_some() {
                 self.note_path_lag(seq, known_since);
             }
+            // A gap its tree's parent did not fill (rebuilt from parity, fetched, or from
+            // another peer): that parent may have gone quiet.
+            if let Some(noticed) = known_since {
+                let sub = protocol::substream_of(seq, self.k);
+                let from_parent = self.plan.iter().any(|p| {
+                    p.index == sub && src.is_some_and(|s| p.parent == Source::Peer { id: s })
+                });
+                if !from_parent {
+                    self.note_quiet_parent(sub as usize, noticed);
+                }
+            }
             let rebuilt = self.tiers.assemble_packet(seq, &packet);
             self.held.insert(
                 seq,
@@ -992,6 +1023,30 @@ impl Engine {
             }
         }
         self.highest_seen = Some(high.max(upto));
+    }
+
+    /// A gap of tree `tree`, open since `noticed`, is old or was filled by another source: if
+    /// the tree's peer parent (assigned before the gap, not being bridged) has sent nothing
+    /// since, it is quiet until it sends again.
+    fn note_quiet_parent(&mut self, tree: usize, noticed: f64) {
+        let peer_parent = self
+            .plan
+            .iter()
+            .any(|p| p.index as usize == tree && matches!(p.parent, Source::Peer { .. }));
+        let assigned_before = self
+            .parent_timing
+            .get(tree)
+            .is_some_and(|(since, _)| *since <= noticed);
+        let bridged = self.bridged.get(tree).is_some_and(|b| b.is_some());
+        let silent_since = self
+            .parent_last
+            .get(tree)
+            .is_some_and(|(_, at)| at.is_none_or(|at| (at as f64) < noticed));
+        if peer_parent && assigned_before && !bridged && silent_since {
+            if let Some(q) = self.quiet_parent.get_mut(tree) {
+                q.get_or_insert((noticed, false));
+            }
+        }
     }
 
     /// A packet of `seq`'s substream came from a peer, `known_since` after the engine learnt
@@ -1131,6 +1186,18 @@ impl Engine {
             }
             out.push(Action::Fetch { seq });
         }
+        // Gaps open for a while whose tree's parent has sent nothing since.
+        let now = self.now;
+        let quiet: Vec<(usize, f64)> = self
+            .gaps
+            .iter()
+            .take(64)
+            .filter(|(_, t)| now - **t >= QUIET_PARENT_REPORT_MS)
+            .map(|(seq, t)| (protocol::substream_of(*seq, self.k) as usize, *t))
+            .collect();
+        for (tree, noticed) in quiet {
+            self.note_quiet_parent(tree, noticed);
+        }
         // A gap at the head that nobody can fill for too long: skip it.
         if let (Some(next), Some((&first_gap, &t))) = (self.next_deliver, self.gaps.iter().next()) {
             if first_gap == next && self.now - t > self.cfg.give_up_ms && !self.held.is_empty() {
@@ -1225,10 +1292,21 @@ impl Engine {
     /// With `spare` (the server's heartbeat budget allows one more now), also true once after
     /// a new parent first delivered a substream the origin was bridging: the DCM closes the
     /// bridge on that heartbeat, which spares the origin up to an interval of duplicates.
+    ///
+    /// Also true once when a peer parent has sent nothing for [`QUIET_PARENT_REPORT_MS`] since
+    /// a gap of its tree appeared that the origin had to fill: the DCM then sees the link dead
+    /// while the parent may claim to feed it, and moves this peer at once.
     pub fn wants_early_heartbeat(&mut self, spare: bool) -> bool {
         let stuck = self.send_backlog_ms() > EARLY_HEARTBEAT_BACKLOG_MS;
-        let fire = stuck && !self.backlog_reported;
+        let mut fire = stuck && !self.backlog_reported;
         self.backlog_reported = stuck;
+        let now = self.now;
+        for (since, reported) in self.quiet_parent.iter_mut().flatten() {
+            if !*reported && now - *since >= QUIET_PARENT_REPORT_MS {
+                *reported = true;
+                fire = true;
+            }
+        }
         let bridge = spare && self.bridge_ended;
         if fire || bridge {
             self.bridge_ended = false;

@@ -710,3 +710,72 @@ fn a_substream_whose_tree_is_routinely_late_is_waited_for_not_fetched() {
         "a packet lost on the prompt tree is still fetched: {fetched:?}"
     );
 }
+
+#[test]
+fn a_parent_gone_quiet_is_reported_in_one_early_heartbeat() {
+    // Peer 9 gets tree 0 from peer 1 and tree 1 from peer 2. Peer 1 stops sending after
+    // packet 2 (issue 13: a forwarder that claims to send and sends nothing).
+    let mut e = welcomed(9);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let from = |e: &mut Engine, id: u64, seq: u64, t: f64| {
+        e.handle(
+            Input::Packet {
+                from: From::Peer(PeerId(id)),
+                bytes: &packet(seq, t as u64),
+            },
+            t,
+        )
+    };
+    from(&mut e, 1, 0, 1000.0);
+    from(&mut e, 2, 1, 1000.0);
+    from(&mut e, 1, 2, 2000.0);
+    from(&mut e, 2, 3, 2000.0);
+    // Packet 4 never comes from peer 1; packet 5 from peer 2 shows it exists.
+    from(&mut e, 2, 5, 3000.0);
+    let mut fetched_at = None;
+    let mut early_at = Vec::new();
+    let mut t = 3000.0;
+    while t <= 5000.0 {
+        let out = e.handle(Input::Tick, t);
+        if fetched_at.is_none() && out.iter().any(|a| matches!(a, Action::Fetch { seq: 4 })) {
+            fetched_at = Some(t);
+        }
+        if e.wants_early_heartbeat(false) {
+            early_at.push(t);
+        }
+        t += 50.0;
+    }
+    assert!(fetched_at.is_some(), "the gap was never fetched");
+    // Once, as soon as the gap (noticed at 3000 ms) is older than the DCM's grace for dead
+    // links: before the origin is asked for it.
+    assert_eq!(early_at, vec![3000.0 + QUIET_PARENT_REPORT_MS]);
+
+    // A parent that delivers the gap late (slow, not silent) is not reported.
+    let mut e = welcomed(9);
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    from(&mut e, 1, 0, 1000.0);
+    from(&mut e, 2, 1, 1000.0);
+    from(&mut e, 2, 3, 2000.0);
+    let mut t = 2000.0;
+    while t <= 4000.0 {
+        e.handle(Input::Tick, t);
+        if t == 2400.0 {
+            from(&mut e, 1, 2, t);
+        }
+        assert!(!e.wants_early_heartbeat(false), "reported at {t}");
+        t += 50.0;
+    }
+}

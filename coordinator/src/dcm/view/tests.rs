@@ -398,3 +398,151 @@ fn a_stuck_relay_owes_each_child_what_it_already_sent_a_sibling() {
         .iter()
         .any(|f| f.child == kids[0] && f.substream == sub));
 }
+
+/// A parent that claims to have sent its child everything (its heartbeat lists the child's link
+/// as up to date) while nothing has come over the link for `quiet_ms`: heartbeats of the
+/// parent and of the child, the child's stuck at `upto - 4 k` on that substream.
+fn silent_parent_view(quiet_ms: u64) -> (HeartbeatView, ProductionLog, (PeerId, PeerId, u32)) {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let (parent, child, sub) = relay_link(&t);
+    let mut view = HeartbeatView::default();
+    for p in t.peers() {
+        let mut hb = heartbeat(
+            &t,
+            p,
+            1,
+            upto,
+            Some((parent, child, sub, upto - 4 * u64::from(K))),
+            now,
+        );
+        if p == parent {
+            // It says it sent the child everything.
+            for c in &mut hb.children {
+                if c.child == child && c.substream == sub {
+                    c.last_seq = Some(upto);
+                }
+            }
+        }
+        if p == child {
+            for l in &mut hb.parents {
+                if l.substream == sub {
+                    l.last_ts_ms = Some(now - quiet_ms);
+                }
+            }
+        }
+        view.ingest(hb, now);
+    }
+    (view, log, (parent, child, sub))
+}
+
+#[test]
+fn a_parent_that_claims_to_feed_a_dead_link_is_found_on_the_first_heartbeat() {
+    // Nothing over the link for 5 s, while the newest packet owed was made 2 s ago.
+    let (view, log, link) = silent_parent_view(5000);
+    // Whichever heartbeat the detector reads second shows the contradiction: the child's...
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let found = det.on_heartbeat(&view, &log, K, link.1, |_, _, _| Some(0));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].parent, found[0].child, found[0].substream), link);
+    assert!(
+        !found[0].parent_side,
+        "the child's complaint, not the parent's"
+    );
+    // ... or the parent's.
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let found = det.on_heartbeat(&view, &log, K, link.0, |_, _, _| Some(0));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].parent, found[0].child, found[0].substream), link);
+    assert!(!found[0].parent_side);
+    // A link created a moment ago is not judged, from either side.
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    for peer in [link.0, link.1] {
+        assert!(det
+            .on_heartbeat(&view, &log, K, peer, |_, _, _| Some(1_000_000 - 100))
+            .is_empty());
+    }
+}
+
+#[test]
+fn a_link_that_still_delivers_late_needs_two_strikes_even_if_its_parent_claims_more() {
+    // The same claim, but packets came over the link 100 ms ago: slow, not dead. One late
+    // report is not enough (an overloaded host makes links look late); the second is.
+    let (view, log, link) = silent_parent_view(100);
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    assert!(det
+        .on_heartbeat(&view, &log, K, link.1, |_, _, _| Some(0))
+        .is_empty());
+    assert!(det
+        .on_heartbeat(&view, &log, K, link.0, |_, _, _| Some(0))
+        .is_empty());
+    let found = det.on_heartbeat(&view, &log, K, link.1, |_, _, _| Some(0));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].parent, found[0].child, found[0].substream), link);
+}
+
+#[test]
+fn an_honest_parent_that_says_what_it_sent_is_not_taken_for_a_silent_one() {
+    // The parent's report matches the child's (both stuck at the same packet), and nothing
+    // came over the link for 5 s.
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 400;
+    let log = production(upto, now);
+    let (parent, child, sub) = relay_link(&t);
+    let stuck = upto - 4 * u64::from(K);
+    let mut view = HeartbeatView::default();
+    for p in t.peers() {
+        let mut hb = heartbeat(&t, p, 1, upto, Some((parent, child, sub, stuck)), now);
+        if p == child {
+            for l in &mut hb.parents {
+                if l.substream == sub {
+                    l.last_ts_ms = Some(now - 5000);
+                }
+            }
+        }
+        view.ingest(hb, now);
+    }
+    // The child's complaint alone, once, is not enough: the parent does not contradict it.
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let found = det.on_heartbeat(&view, &log, K, child, |_, _, _| Some(0));
+    assert!(found.is_empty(), "{found:?}");
+}
+
+#[test]
+fn a_feeder_that_holds_the_packet_and_reports_no_backlog_is_judged_on_the_feeds_it_does_not_list() {
+    let (mut view, log, (parent, child, sub)) = silent_parent_view(5000);
+    // The link is a feed into another cluster: the parent's heartbeat does not list it.
+    let mut hb = view.get(parent).unwrap().heartbeat.clone();
+    hb.children
+        .retain(|c| !(c.child == child && c.substream == sub));
+    hb.seq += 1;
+    view.ingest(hb.clone(), 1_000_000);
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let found = det.on_feeder_heartbeat(&view, &log, K, parent, &[(child, sub)], |_, _, _| Some(0));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].parent, found[0].child, found[0].substream),
+        (parent, child, sub)
+    );
+    // Parity feeds are not judged, nor a young feed.
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    assert!(det
+        .on_feeder_heartbeat(&view, &log, K, parent, &[(child, K)], |_, _, _| Some(0))
+        .is_empty());
+    assert!(det
+        .on_feeder_heartbeat(&view, &log, K, parent, &[(child, sub)], |_, _, _| {
+            Some(1_000_000 - 100)
+        })
+        .is_empty());
+    // A feeder that says its uplink is backed up is not claiming to send what it has.
+    hb.send_backlog_ms = 1000;
+    hb.seq += 1;
+    view.ingest(hb, 1_000_000);
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    assert!(det
+        .on_feeder_heartbeat(&view, &log, K, parent, &[(child, sub)], |_, _, _| Some(0))
+        .is_empty());
+}

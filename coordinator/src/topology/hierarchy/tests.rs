@@ -412,3 +412,69 @@ fn bulk_build_splits_strong_nodes_over_clusters_and_uses_every_feed() {
         .count();
     assert!(strong >= 1, "a strong middle node feeds several clusters");
 }
+
+#[test]
+fn blocking_a_middle_feeder_and_a_root_it_feeds_re_deals_that_clusters_roots() {
+    let mut tried = 0;
+    for seed in 1..=5u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let peers: Vec<(PeerId, Region, u32, History)> = (0..150u64)
+            .map(|i| {
+                let up = uploads()[rng.below(7) as usize];
+                (PeerId(i), region(0), up, History::default())
+            })
+            .collect();
+        let mut h = Hierarchy::build(small_cfg(), &peers);
+        h.check_invariants().unwrap();
+        // A bottom-cluster root and the middle node feeding it one of its substreams.
+        let Some((root, feeder, cid)) = h.peers.iter().find_map(|(p, info)| {
+            if info.tier != Tier::Bottom {
+                return None;
+            }
+            let plan = h.plan(*p)?;
+            plan.receive.iter().find_map(|l| match l.peer {
+                MeshNodeOrPeer::Peer(f)
+                    if h.peers.get(&f).is_some_and(|i| i.tier == Tier::Middle) =>
+                {
+                    Some((*p, f, plan.cluster?))
+                }
+                _ => None,
+            })
+        }) else {
+            continue;
+        };
+        tried += 1;
+        let before = all_plans(&h);
+        let ch = h.block(root, feeder);
+        h.check_invariants()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_all_fed(&h);
+        assert!(
+            !h.feeder_peers(cid).contains(&feeder),
+            "seed {seed}: {feeder} still feeds the cluster of {root}"
+        );
+        let plan = h.plan(root).unwrap();
+        assert!(
+            plan.receive
+                .iter()
+                .all(|l| l.peer != MeshNodeOrPeer::Peer(feeder)),
+            "seed {seed}: {root} still fed by {feeder}: {plan:?}"
+        );
+        for (p, now) in all_plans(&h) {
+            if before.get(&p) != Some(&now) {
+                assert!(
+                    ch.affected.contains(&p),
+                    "seed {seed}: {p} changed silently"
+                );
+            }
+        }
+        // Either order of the pair does it.
+        let mut h2 = Hierarchy::build(small_cfg(), &peers);
+        h2.block(feeder, root);
+        assert!(!h2.feeder_peers(cid).contains(&feeder), "seed {seed}");
+    }
+    assert!(
+        tried >= 3,
+        "only {tried} seeds had a root fed by a middle node"
+    );
+}
