@@ -323,7 +323,13 @@ async fn time_going_backwards_is_logged_and_ignored() {
     let requested = segment_requests(&live);
     assert_eq!(
         requested,
-        ["seg11.m4s", "seg12.m4s", "seg13.m4s", "seg14.m4s", "seg15.m4s"]
+        [
+            "seg11.m4s",
+            "seg12.m4s",
+            "seg13.m4s",
+            "seg14.m4s",
+            "seg15.m4s"
+        ]
     );
 }
 
@@ -347,7 +353,10 @@ async fn a_segment_that_is_not_fmp4_is_skipped_and_the_pull_goes_on() {
     .await;
     assert_eq!(status.refused_segments.load(Ordering::Relaxed), 1);
     let err = status.view().last_error.expect("reason");
-    assert!(err.contains("segment 5") && err.contains("not fragmented MP4"), "{err}");
+    assert!(
+        err.contains("segment 5") && err.contains("not fragmented MP4"),
+        "{err}"
+    );
     assert_eq!(status.phase(), Phase::Following);
     assert_eq!(status.view().last_segment_seq, Some(6));
 }
@@ -361,9 +370,23 @@ async fn the_operator_starts_and_stops_a_pull_over_the_api() {
     let body = serde_json::json!({ "channel": "op", "url": url, "rendition": "highest" });
     let (status, text) = request(addr, "POST", "/api/operator/pull", None, Some(&body)).await;
     assert_eq!(status, 401, "{text}");
-    let (status, text) = request(addr, "POST", "/api/operator/pull", Some(&token), Some(&body)).await;
+    let (status, text) = request(
+        addr,
+        "POST",
+        "/api/operator/pull",
+        Some(&token),
+        Some(&body),
+    )
+    .await;
     assert_eq!(status, 201, "{text}");
-    let (status, _) = request(addr, "POST", "/api/operator/pull", Some(&token), Some(&body)).await;
+    let (status, _) = request(
+        addr,
+        "POST",
+        "/api/operator/pull",
+        Some(&token),
+        Some(&body),
+    )
+    .await;
     assert_eq!(status, 409, "a second source is refused");
     let bad = serde_json::json!({ "channel": "op2", "url": "ftp://x/y.m3u8" });
     let (status, _) = request(addr, "POST", "/api/operator/pull", Some(&token), Some(&bad)).await;
@@ -385,7 +408,14 @@ async fn the_operator_starts_and_stops_a_pull_over_the_api() {
     let (status, _) = request(addr, "DELETE", "/api/operator/pull/op", Some(&token), None).await;
     assert_eq!(status, 404);
     // The channel may be pulled again.
-    let (status, text) = request(addr, "POST", "/api/operator/pull", Some(&token), Some(&body)).await;
+    let (status, text) = request(
+        addr,
+        "POST",
+        "/api/operator/pull",
+        Some(&token),
+        Some(&body),
+    )
+    .await;
     assert_eq!(status, 201, "{text}");
 }
 

@@ -36,11 +36,7 @@ async fn start_pull(State(state): State<AppState>, Json(req): Json<PullRequest>)
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match super::start(&state, &req.channel, &req.url, rendition) {
-        Ok(status) => (
-            StatusCode::CREATED,
-            Json(json!({ "pull": status.view() })),
-        )
-            .into_response(),
+        Ok(status) => (StatusCode::CREATED, Json(json!({ "pull": status.view() }))).into_response(),
         Err(e @ PullStartError::SourceAttached(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ PullStartError::Client(_)) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())

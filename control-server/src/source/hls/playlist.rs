@@ -87,9 +87,9 @@ fn variant_matches(v: &VariantStream, name: &str) -> bool {
         .and_then(|a| a.get("NAME"))
         .is_some_and(|n| eq(&n.to_string()));
     let group = v.video.as_deref().is_some_and(eq);
-    let resolution = v.resolution.is_some_and(|r| {
-        eq(&format!("{}x{}", r.width, r.height)) || eq(&format!("{}p", r.height))
-    });
+    let resolution = v
+        .resolution
+        .is_some_and(|r| eq(&format!("{}x{}", r.width, r.height)) || eq(&format!("{}p", r.height)));
     let path = v
         .uri
         .split(['?', '#'])
@@ -152,7 +152,12 @@ impl SegmentRef {
         if self.encrypted {
             return Some(NotCmaf::Encrypted);
         }
-        let path = self.resource.uri.split(['?', '#']).next().unwrap_or_default();
+        let path = self
+            .resource
+            .uri
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default();
         let ts_name = [".ts", ".tsv", ".tsa", ".m2ts"]
             .iter()
             .any(|ext| path.to_ascii_lowercase().ends_with(ext));
@@ -376,7 +381,10 @@ mod tests {
         let u = f.update(&media(&live(10, 6)));
         assert_eq!(seqs(&u), vec![13, 14, 15]);
         assert!(u.changed);
-        assert_eq!(u.new[0].map.as_ref().map(|m| m.uri.as_str()), Some("init.mp4"));
+        assert_eq!(
+            u.new[0].map.as_ref().map(|m| m.uri.as_str()),
+            Some("init.mp4")
+        );
         assert_eq!(u.new[2].resource.uri, "seg15.m4s");
         // Unchanged reload: nothing new.
         let u = f.update(&media(&live(10, 6)));
@@ -443,7 +451,10 @@ mod tests {
                    #EXT-X-KEY:METHOD=AES-128,URI=\"k\"\n#EXT-X-MAP:URI=\"i.mp4\"\n\
                    #EXTINF:2.0,\na.m4s\n#EXTINF:2.0,\nb.m4s\n";
         let u = Follower::new().update(&media(enc));
-        assert!(u.new.iter().all(|s| s.refusal() == Some(NotCmaf::Encrypted)));
+        assert!(u
+            .new
+            .iter()
+            .all(|s| s.refusal() == Some(NotCmaf::Encrypted)));
         let cmaf = Follower::new().update(&media(&live(0, 2)));
         assert!(cmaf.new.iter().all(|s| s.refusal().is_none()));
         assert!(sniff_transport_stream(&[0x47, 0x40, 0x11, 0x10]));
@@ -498,8 +509,14 @@ mod tests {
         let t = Duration::from_secs(2);
         assert_eq!(reload_after(t, true), t);
         assert_eq!(reload_after(t, false), Duration::from_secs(1));
-        assert_eq!(request_timeout(Duration::from_secs(1)), Duration::from_secs(2));
-        assert_eq!(request_timeout(Duration::from_secs(6)), Duration::from_secs(9));
+        assert_eq!(
+            request_timeout(Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            request_timeout(Duration::from_secs(6)),
+            Duration::from_secs(9)
+        );
         let mut b = Backoff::default();
         let delays: Vec<u128> = (0..7).map(|_| b.fail().as_millis()).collect();
         assert_eq!(delays, vec![250, 500, 1000, 2000, 3000, 3000, 3000]);

@@ -99,10 +99,7 @@ async fn fetch(
         let last = offset + length.saturating_sub(1);
         req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{last}"));
     }
-    let mut resp = req
-        .send()
-        .await
-        .map_err(|e| FetchError::network(url, &e))?;
+    let mut resp = req.send().await.map_err(|e| FetchError::network(url, &e))?;
     if !resp.status().is_success() {
         return Err(FetchError::Status {
             url: url.to_string(),
@@ -279,7 +276,9 @@ impl Puller {
     async fn resolve(&mut self) -> Result<Url, Stop> {
         loop {
             let url = self.url.clone();
-            let Some((base, body)) = self.fetch_retrying(&url, None, PLAYLIST_LIMIT, None).await?
+            let Some((base, body)) = self
+                .fetch_retrying(&url, None, PLAYLIST_LIMIT, None)
+                .await?
             else {
                 continue;
             };
@@ -293,9 +292,9 @@ impl Puller {
                             master.variants.len()
                         )));
                     };
-                    let media = base.join(&v.uri).map_err(|e| {
-                        Stop::Refused(format!("rendition URI {:?}: {e}", v.uri))
-                    })?;
+                    let media = base
+                        .join(&v.uri)
+                        .map_err(|e| Stop::Refused(format!("rendition URI {:?}: {e}", v.uri)))?;
                     if let Some(group) = &v.audio {
                         let separate = master
                             .alternatives
