@@ -4,9 +4,12 @@
 //!
 //! * [`playlist`]: the sans-IO rules: rendition choice, which segments are new, reload timing,
 //!   backoff, what is not CMAF.
-//! * [`pull`]: one tokio task per channel that moves bytes: loads the playlist, fetches the
-//!   `EXT-X-MAP` init segment once and every new segment once, and publishes each complete
-//!   segment through [`crate::source::ingest::LiveIngest`].
+//! * [`pace`]: when each segment goes out (sans-IO): at the pace of the segments' durations, so
+//!   the segments a pull starts with are a cushion against a stalling source.
+//! * [`pull`]: the tokio side, per channel: a fetcher task that loads the playlist, fetches the
+//!   `EXT-X-MAP` init segment once and every new segment once, checks each whole segment, and
+//!   hands it to a publisher task that paces it out through
+//!   [`crate::source::ingest::LiveIngest`].
 //! * [`api`]: `POST /api/operator/pull`, `DELETE /api/operator/pull/{channel}`,
 //!   `GET /api/operator/pulls`.
 //!
@@ -14,6 +17,7 @@
 //! `/metrics`.
 
 pub mod api;
+pub mod pace;
 pub mod playlist;
 pub mod pull;
 

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use m3u8_rs::Playlist;
 use reqwest::{Client, Url};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::pace::Pacer;
 use super::playlist::{
     choose_variant, reload_after, request_timeout, sniff_transport_stream, Backoff, Follower,
     NotCmaf, RenditionChoice, Resource, SegmentRef,
@@ -30,6 +31,8 @@ const SEGMENT_LIMIT: usize = 96 << 20;
 const SEGMENT_ATTEMPTS: u32 = 6;
 /// Target duration assumed before the first media playlist says it.
 const DEFAULT_TARGET: Duration = Duration::from_secs(4);
+/// Segments waiting to be paced out beyond which they go out at once (bounds the delay).
+const MAX_QUEUE: usize = 6;
 
 /// The HTTP client of the pulls: rustls (no OpenSSL), redirects followed, connect timeout 3 s.
 pub fn client() -> reqwest::Result<Client> {
@@ -139,6 +142,16 @@ enum Stop {
 struct Init {
     url: Url,
     range: Option<(u64, Option<u64>)>,
+    bytes: Arc<Vec<u8>>,
+}
+
+/// A segment fetched whole and checked, on its way to the publisher.
+struct Ready {
+    seq: u64,
+    /// Seconds, from `EXTINF`.
+    duration: f64,
+    /// The init segment it needs (a new one starts a new splitter).
+    init: Arc<Vec<u8>>,
     bytes: Vec<u8>,
 }
 
@@ -154,7 +167,8 @@ pub struct Puller {
     backoff: Backoff,
     target: Duration,
     init: Option<Init>,
-    live: Option<LiveIngest>,
+    /// Checked segments go to the publisher task, which paces them out.
+    out: Option<mpsc::Sender<Ready>>,
     /// End of the previous byte range per URI (a `BYTERANGE` without offset follows it).
     range_end: Option<(Url, u64)>,
 }
@@ -179,7 +193,7 @@ impl Puller {
             backoff: Backoff::default(),
             target: DEFAULT_TARGET,
             init: None,
-            live: None,
+            out: None,
             range_end: None,
         }
     }
@@ -187,10 +201,21 @@ impl Puller {
     /// Runs until the operator stops it, the playlist ends, or the stream is refused.
     pub async fn run(mut self) {
         let name = self.channel.name.clone();
+        let (tx, rx) = mpsc::channel(64);
+        self.out = Some(tx);
+        let publisher = tokio::spawn(publish(
+            self.channel.clone(),
+            self.status.clone(),
+            rx,
+            self.stop.clone(),
+        ));
         let stop = match self.follow().await {
             Err(stop) => stop,
             Ok(never) => match never {},
         };
+        // What is queued still goes out at its pace (unless the operator stopped the pull).
+        self.out = None;
+        let _ = publisher.await;
         let phase = match stop {
             Stop::Operator => {
                 tracing::info!(channel = %name, "HLS pull stopped");
@@ -462,10 +487,8 @@ impl Puller {
             self.init = Some(Init {
                 url: init_url,
                 range: map.byte_range,
-                bytes,
+                bytes: Arc::new(bytes),
             });
-            // A new init segment starts a new splitter (the packet numbering goes on).
-            self.live = None;
         }
         let url = base
             .join(&seg.resource.uri)
@@ -487,7 +510,7 @@ impl Puller {
         if sniff_transport_stream(&bytes) {
             return Err(Stop::Refused(NotCmaf::TransportStream.to_string()));
         }
-        self.publish(seg.seq, &url, &bytes).await;
+        self.check_and_queue(&seg, &url, bytes).await;
         Ok(())
     }
 
@@ -512,16 +535,18 @@ impl Puller {
         )))
     }
 
-    /// Checks a whole segment against the init segment and publishes it. A segment that is not
-    /// fragmented MP4 is skipped: the channel keeps its window and the pull goes on.
-    async fn publish(&mut self, seq: u64, url: &Url, bytes: &[u8]) {
+    /// Checks a whole segment against the init segment and queues it for publication. A
+    /// segment that is not fragmented MP4 is skipped: the channel keeps its window and the pull
+    /// goes on.
+    async fn check_and_queue(&mut self, seg: &SegmentRef, url: &Url, bytes: Vec<u8>) {
         let Some(init) = &self.init else {
             return;
         };
+        let seq = seg.seq;
         let mut probe = Fmp4Splitter::new();
         let checked = probe
             .push(&init.bytes)
-            .and_then(|_| probe.push(bytes))
+            .and_then(|_| probe.push(&bytes))
             .and_then(|items| Ok((items, probe.finish()?)));
         let fragments = match &checked {
             Ok((a, b)) => a
@@ -542,23 +567,70 @@ impl Puller {
             self.status.error(message);
             return;
         }
-        let live = match &mut self.live {
-            Some(live) => live,
-            None => {
-                let mut live = LiveIngest::new(self.channel.clone());
-                if let Err(e) = live.push(&init.bytes).await {
-                    tracing::error!(channel = %self.channel.name, "HLS pull: init segment: {e}");
-                    return;
+        let ready = Ready {
+            seq,
+            duration: seg.duration,
+            init: init.bytes.clone(),
+            bytes,
+        };
+        if let Some(out) = &self.out {
+            let _ = out.send(ready).await;
+        }
+    }
+}
+
+/// The publisher task: releases checked segments at the pace of their durations (see
+/// [`Pacer`]) through [`LiveIngest`], one whole segment at a time. Ends when the fetcher is done
+/// and the queue is empty, or at once when the operator stops the pull.
+async fn publish(
+    channel: Arc<Channel>,
+    status: Arc<PullStatus>,
+    mut rx: mpsc::Receiver<Ready>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let start = Instant::now();
+    let mut pacer = Pacer::new(MAX_QUEUE);
+    let mut live: Option<(Arc<Vec<u8>>, LiveIngest)> = None;
+    loop {
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Some(ready) = next else {
+            return;
+        };
+        // Wait for its turn; a queue that grows past MAX_QUEUE meanwhile releases it early.
+        loop {
+            let now = Instant::now();
+            let due = start + pacer.due(now - start, rx.len() + 1);
+            if due <= now {
+                break;
+            }
+            let nap = due.min(now + Duration::from_millis(200));
+            tokio::select! {
+                _ = tokio::time::sleep_until(nap) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        pacer.released(start.elapsed(), ready.duration);
+        let ingest = match &mut live {
+            Some((init, ingest)) if Arc::ptr_eq(init, &ready.init) => ingest,
+            _ => {
+                // A new init segment starts a new splitter (the packet numbering goes on).
+                let mut ingest = LiveIngest::new(channel.clone());
+                if let Err(e) = ingest.push(&ready.init).await {
+                    tracing::error!(channel = %channel.name, "HLS pull: init segment: {e}");
+                    continue;
                 }
-                self.live.insert(live)
+                &mut live.insert((ready.init.clone(), ingest)).1
             }
         };
-        if let Err(e) = live.push(bytes).await {
-            // Checked above, so this is not expected; start a fresh splitter at the next one.
-            tracing::error!(channel = %self.channel.name, seq, "HLS pull: publishing: {e}");
-            self.live = None;
-            return;
+        if let Err(e) = ingest.push(&ready.bytes).await {
+            // Checked before it was queued, so this is not expected; start afresh at the next.
+            tracing::error!(channel = %channel.name, seq = ready.seq, "HLS pull: publishing: {e}");
+            live = None;
+            continue;
         }
-        self.status.published(seq, bytes.len());
+        status.published(ready.seq, ready.bytes.len());
     }
 }
