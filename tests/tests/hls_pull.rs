@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use control_server::source::hls::{self, Phase, RenditionChoice};
-use e2e::console::VIEWER_PAGE;
+use e2e::console::{ensure_only_expected, FAVICON_404, VIEWER_PAGE};
 use e2e::swarm::Swarm;
 use e2e::wait::wait_until;
 use tokio::time::Instant;
@@ -299,6 +299,24 @@ async fn four_viewers_play_a_pulled_hls_stream_byte_exact_through_a_source_stall
         .find(|l| l.starts_with("p2p_pull_retries_total{channel=\"hls\""))
         .context("p2p_pull_retries_total for hls")?;
     ensure!(!line.ends_with(" 0"), "{line}");
+    // And the dashboard's channel table says so.
+    let dashboard = swarm
+        .browser
+        .new_page(&format!(
+            "http://{}/dashboard?token={}",
+            swarm.addr,
+            swarm.state.operator_token()
+        ))
+        .await?;
+    dashboard
+        .wait_for(
+            "/HLS pull following: [0-9,]+ segments, [1-9][0-9,]* retries/\
+               .test(document.getElementById('channels').textContent)",
+            Duration::from_secs(10),
+        )
+        .await
+        .context("the dashboard never showed the pull's retries")?;
+    ensure_only_expected("the dashboard", &dashboard.console_errors(), &[FAVICON_404])?;
     // No viewer stalled: the origin's cushion and the viewers' buffer absorbed the stall.
     let stalls: Vec<u32> = after.iter().map(|r| r.stalls).collect();
     println!("stalls before the source stall {stalls_before:?}, after {stalls:?}");
