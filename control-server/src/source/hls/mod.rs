@@ -281,3 +281,36 @@ pub fn start(
     }
     Ok(status)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_specs_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_spec("live=https://cdn.example/a.m3u8?x=1"),
+            Some(("live", "https://cdn.example/a.m3u8?x=1"))
+        );
+        assert_eq!(parse_spec("live"), None);
+        assert_eq!(parse_spec("=https://x/a.m3u8"), None);
+        assert_eq!(parse_spec("live="), None);
+    }
+
+    #[test]
+    fn a_fresh_status_is_starting_and_counts_what_is_published() {
+        let s = PullStatus::new("ch", "http://x/a.m3u8", RenditionChoice::Lowest);
+        assert_eq!(s.phase(), Phase::Starting);
+        s.published(7, 1000);
+        s.error("GET http://x/a.m3u8: HTTP 404".into());
+        let v = s.view();
+        assert_eq!(
+            (v.segments, v.bytes, v.last_segment_seq),
+            (1, 1000, Some(7))
+        );
+        assert_eq!(v.rendition, "lowest");
+        assert!(v.last_error.as_ref().is_some_and(|e| e.contains("404")));
+        let json = serde_json::to_value(&v).expect("JSON");
+        assert_eq!(json["phase"], "starting");
+    }
+}
