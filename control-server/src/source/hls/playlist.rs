@@ -208,6 +208,9 @@ pub struct Follower {
     last_seen: Option<u64>,
     /// `EXT-X-MAP` carried from segment to segment (the parser attaches it to the first only).
     map: Option<Resource>,
+    /// The playlist's first sequence number at the last load that was not backwards (it must
+    /// never decrease, RFC 8216 §6.2.2).
+    first_seen: Option<u64>,
     /// Whether the previous load was already backwards (logged once per episode).
     backwards: bool,
 }
@@ -267,9 +270,10 @@ impl Follower {
         };
         let next = match self.next_seq {
             None => end.saturating_sub(START_SEGMENTS as u64).max(first),
-            Some(next) if end < next => {
-                // Ends before what we already published: time went backwards (an encoder that
-                // restarted its numbering, a looping test source, a stale cache).
+            Some(next) if end < next || self.first_seen.is_some_and(|f| first < f) => {
+                // Ends before what we already published, or starts before where it started
+                // last time: time went backwards (an encoder that restarted its numbering, a
+                // looping test source, a stale cache).
                 update.backwards = Some((next, end));
                 self.backwards = true;
                 return update;
@@ -278,6 +282,7 @@ impl Follower {
         };
         self.backwards = false;
         self.last_seen = Some(end);
+        self.first_seen = Some(first);
         if next < first {
             update.skipped = first - next;
         }
@@ -424,6 +429,16 @@ mod tests {
         assert!(u.new.is_empty());
         assert!(!f.is_backwards());
         assert_eq!(seqs(&f.update(&media(&live(103, 5)))), vec![105, 106, 107]);
+    }
+
+    #[test]
+    fn a_restarted_numbering_that_runs_past_the_published_point_is_still_backwards() {
+        let mut f = Follower::new();
+        f.update(&media(&live(10, 6)));
+        // Ends past 16, but its first sequence number went down: a new timeline.
+        let u = f.update(&media(&live(0, 20)));
+        assert_eq!(u.backwards, Some((16, 20)));
+        assert!(u.new.is_empty());
     }
 
     #[test]

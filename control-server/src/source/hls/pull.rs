@@ -395,9 +395,9 @@ impl Puller {
                 self.status.backwards.fetch_add(1, Ordering::Relaxed);
                 if !was_backwards {
                     let message = format!(
-                        "the playlist went back in time: it ends at sequence {} but {} was \
-                         published already; ignored until it passes that point (restart the \
-                         pull after an encoder restart)",
+                        "the playlist went back in time: its media sequence numbers went down \
+                         (it now lists up to {}, and {} was published already); ignored until it \
+                         passes that point (restart the pull after an encoder restart)",
                         now.saturating_sub(1),
                         had.saturating_sub(1)
                     );
