@@ -6,6 +6,7 @@
 //!   backoff, what is not CMAF.
 //! * [`pace`]: when each segment goes out (sans-IO): at the pace of the segments' durations, so
 //!   the segments a pull starts with are a cushion against a stalling source.
+//! * [`fetch`]: one GET, whole, bounded in time and size, its failure classified.
 //! * [`pull`]: the tokio side, per channel: a fetcher task that loads the playlist, fetches the
 //!   `EXT-X-MAP` init segment once and every new segment once, checks each whole segment, and
 //!   hands it to a publisher task that paces it out through
@@ -17,6 +18,7 @@
 //! `/metrics`.
 
 pub mod api;
+pub mod fetch;
 pub mod pace;
 pub mod playlist;
 pub mod pull;
@@ -257,7 +259,7 @@ pub fn start(
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(PullStartError::BadUrl(url.into()));
     }
-    let client = pull::client().map_err(|e| PullStartError::Client(e.to_string()))?;
+    let client = fetch::client().map_err(|e| PullStartError::Client(e.to_string()))?;
     let ch = match state.channel(channel) {
         Some(ch) => ch,
         None => state.create_channel(channel, state.config.default_stream_kbps)?,
