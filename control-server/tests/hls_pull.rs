@@ -104,6 +104,12 @@ async fn serve_path(State(live): State<Shared>, Path(name): Path<String>) -> Res
     if name == "live.m3u8" {
         return l.playlist().into_response();
     }
+    if name == "master.m3u8" {
+        return "#EXTM3U\n\
+                #EXT-X-STREAM-INF:BANDWIDTH=2000000,RESOLUTION=1280x720\nlive.m3u8\n\
+                #EXT-X-STREAM-INF:BANDWIDTH=300000,RESOLUTION=320x180\nlow.m3u8\n"
+            .into_response();
+    }
     if name == "init.mp4" {
         return l.init.clone().into_response();
     }
@@ -359,6 +365,33 @@ async fn a_segment_that_is_not_fmp4_is_skipped_and_the_pull_goes_on() {
     );
     assert_eq!(status.phase(), Phase::Following);
     assert_eq!(status.view().last_segment_seq, Some(6));
+}
+
+#[tokio::test]
+async fn a_multivariant_playlist_is_followed_through_the_chosen_rendition() {
+    let (_addr, state) = start_server(Config::default()).await;
+    let (hls_addr, live) = start_hls(Live::demo()).await;
+    let master = format!("http://{hls_addr}/hls/master.m3u8");
+    let high = hls::start(&state, "high", &master, RenditionChoice::Highest).expect("pull");
+    let low = hls::start(&state, "low", &master, "320x180".parse().expect("choice")).expect("pull");
+    wait_for("the 720p rendition's segments", 10, || {
+        high.segments.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let media = high.view().media_url.expect("media playlist");
+    assert_eq!(media, format!("http://{hls_addr}/hls/live.m3u8"));
+    // The 320x180 rendition's playlist does not exist on this server: retried, never published.
+    wait_for("retries of the missing rendition", 10, || {
+        low.retries.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(low.segments.load(Ordering::Relaxed), 0);
+    assert!(low
+        .view()
+        .media_url
+        .is_some_and(|u| u.ends_with("/hls/low.m3u8")));
+    assert_eq!(low.phase(), Phase::Retrying);
+    assert!(lock(&live).log.iter().any(|p| p == "low.m3u8"));
 }
 
 #[tokio::test]

@@ -197,9 +197,7 @@ impl Puller {
         tracing::warn!(channel = %self.channel.name, "HLS pull: {message}; retrying");
         self.status.retries.fetch_add(1, Ordering::Relaxed);
         self.status.error(message);
-        if self.status.phase() != Phase::Starting {
-            self.status.set_phase(Phase::Retrying);
-        }
+        self.status.set_phase(Phase::Retrying);
     }
 
     /// The media playlist to follow: `self.url` itself, or the chosen rendition of it.
