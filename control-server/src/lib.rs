@@ -91,6 +91,8 @@ pub struct AppState {
     /// Addresses of evicted peers and when their ban ends (issue 13).
     /// Keyed as the per-address limits are (an IPv6 subscriber's /64 counts as one address).
     bans: Arc<std::sync::Mutex<HashMap<limits::AddressKey, std::time::Instant>>>,
+    /// Live HLS/CMAF playlists pulled into channels, with their status (issue 14).
+    pub pulls: Arc<source::hls::PullBoard>,
 }
 
 impl AppState {
@@ -112,6 +114,7 @@ impl AppState {
             relays: Arc::default(),
             sessions: Arc::default(),
             bans: Arc::default(),
+            pulls: Arc::default(),
         }
     }
 

@@ -41,6 +41,14 @@ struct Args {
     /// Publish fragmented MP4 read from standard input as channel NAME.
     #[arg(long, value_name = "NAME")]
     stdin: Option<String>,
+    /// Follow a live HLS playlist of fMP4 (CMAF) segments and publish it as channel NAME:
+    /// NAME=URL of a media or multivariant .m3u8 (repeatable). MPEG-TS segments are refused.
+    #[arg(long = "pull", value_name = "NAME=URL")]
+    pulls: Vec<String>,
+    /// Rendition of a multivariant playlist to pull: `highest` (default), `lowest`,
+    /// `bandwidth<=BITS_PER_SECOND`, or a name (NAME attribute, 1280x720, 720p).
+    #[arg(long, default_value = "highest", value_name = "CHOICE")]
+    pull_rendition: control_server::source::hls::RenditionChoice,
     /// Stream key that allows HTTP ingest (PUT /ingest/{channel}?key=...); ingest is off without it.
     #[arg(long, env = "P2P_INGEST_KEY")]
     ingest_key: Option<String>,
@@ -247,6 +255,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(name) = &args.stdin {
         state.start_stdin_channel(name)?;
+    }
+    for spec in &args.pulls {
+        let (name, url) = control_server::source::hls::parse_spec(spec)
+            .with_context(|| format!("--pull expects NAME=URL, got {spec:?}"))?;
+        control_server::source::hls::start(&state, name, url, args.pull_rendition.clone())
+            .with_context(|| format!("pulling {url} as channel {name:?}"))?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -731,6 +731,55 @@ pub async fn render(state: &AppState) -> String {
         "Network addresses the per-address limits track now (open sessions or recent joins).",
         &[(String::new(), state.addresses.len() as u64)],
     );
+    // HLS pulls (issue 14): one row per channel that has one.
+    let pulls = state.pulls.all();
+    let pull_rows = |f: &dyn Fn(&crate::source::hls::PullStatus) -> u64| -> Vec<(String, u64)> {
+        pulls.iter().map(|p| (base(&p.channel), f(p))).collect()
+    };
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    e.family(
+        "p2p_pull_segments_total",
+        "counter",
+        "Segments an HLS pull fetched whole and published.",
+        &pull_rows(&|p| n(&p.segments)),
+    );
+    e.family(
+        "p2p_pull_bytes_total",
+        "counter",
+        "Bytes of segments and init segments an HLS pull published.",
+        &pull_rows(&|p| n(&p.bytes)),
+    );
+    e.family(
+        "p2p_pull_retries_total",
+        "counter",
+        "Requests of an HLS pull that failed and were retried with backoff (connection refused, \
+         HTTP errors, timeouts, truncated bodies, unparsable playlists).",
+        &pull_rows(&|p| n(&p.retries)),
+    );
+    e.family(
+        "p2p_pull_refused_segments_total",
+        "counter",
+        "Segments an HLS pull skipped because they were not fragmented MP4.",
+        &pull_rows(&|p| n(&p.refused_segments)),
+    );
+    e.family(
+        "p2p_pull_skipped_segments_total",
+        "counter",
+        "Segments an HLS pull never published: gone from the playlist, or given up after retries.",
+        &pull_rows(&|p| n(&p.skipped_segments)),
+    );
+    e.family(
+        "p2p_pull_backwards_total",
+        "counter",
+        "Loads of a pulled playlist that went back in time (ignored).",
+        &pull_rows(&|p| n(&p.backwards)),
+    );
+    e.family(
+        "p2p_pull_up",
+        "gauge",
+        "1 while an HLS pull follows its playlist (0: starting, retrying, ended, refused, stopped).",
+        &pull_rows(&|p| u64::from(p.phase() == crate::source::hls::Phase::Following)),
+    );
     e.family(
         "p2p_lagging_links",
         "gauge",

@@ -12,6 +12,7 @@
 //! | `GET /api/operator/channels/{id}/series?since=MS` | operator | one sample per second |
 //! | `GET /api/operator/channels/{id}/graph` | operator | topology picture: nodes and links |
 //! | `GET /api/channels/{id}/topology` | operator | the DCM's raw snapshot |
+//! | `POST /api/operator/pull`, `DELETE /api/operator/pull/{id}`, `GET /api/operator/pulls` | operator | HLS pulls ([`crate::source::hls::api`]) |
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -198,6 +199,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/operator/overview", get(overview))
         .route("/api/operator/channels/{id}/series", get(series))
         .route("/api/operator/channels/{id}/graph", get(graph))
+        .merge(crate::source::hls::api::routes())
 }
 
 async fn serve_file(path: PathBuf, mime: &'static str) -> Response {
@@ -265,6 +267,8 @@ pub struct ChannelOverview {
     /// Cumulative share of received bytes that came from peers.
     pub p2p_share: Option<f64>,
     pub last_sample: Option<Sample>,
+    /// The channel's HLS pull, if it is pulled from a playlist.
+    pub pull: Option<crate::source::hls::PullView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -297,6 +301,7 @@ async fn overview(State(state): State<AppState>) -> Json<Overview> {
             p2p_share: totals.received.p2p_share(),
             totals,
             last_sample,
+            pull: state.pulls.status(&name).map(|p| p.view()),
             id: name,
         });
     }

@@ -85,6 +85,8 @@ pub struct Swarm {
     pub peak_pss_mb: f64,
     /// Region names viewers are hinted into, round-robin (empty: flat channel, no hints).
     pub regions: Vec<String>,
+    /// The channel viewers watch and the checks read (`demo` unless set).
+    pub channel: String,
 }
 
 impl Swarm {
@@ -165,6 +167,7 @@ impl Swarm {
             peak_rss_mb: 0.0,
             peak_pss_mb: 0.0,
             regions: (0..regions).map(|r| format!("r{r}")).collect(),
+            channel: "demo".into(),
         })
     }
 
@@ -180,8 +183,9 @@ impl Swarm {
             )
         };
         let url = format!(
-            "http://{}/?channel=demo&upload={upload_kbps}&decode={}{region}",
+            "http://{}/?channel={}&upload={upload_kbps}&decode={}{region}",
             self.addr,
+            self.channel,
             u8::from(decode)
         );
         let page = self
@@ -266,7 +270,7 @@ impl Swarm {
         if r.verified_count == 0 {
             return None;
         }
-        let ch = self.state.channel("demo")?;
+        let ch = self.state.channel(&self.channel)?;
         let origin = ch.range_hash(first, r.verified_count)?;
         Some(origin.hex() == r.verified_hash)
     }
@@ -296,14 +300,14 @@ impl Swarm {
     /// The newest packet the demo channel's origin has cut.
     pub fn latest_seq(&self) -> Result<u64> {
         self.state
-            .channel("demo")
+            .channel(&self.channel)
             .and_then(|c| c.live_position())
             .map(|(_, latest)| latest)
             .context("the demo channel has cut no packet")
     }
 
     pub async fn topology(&self) -> Result<TopologySnapshot> {
-        self.topology_of("demo").await
+        self.topology_of(&self.channel).await
     }
 
     /// The DCM's current topology of any channel (e.g. a file channel's downloaders).
@@ -354,7 +358,7 @@ impl Swarm {
 
     /// The signed stream's figures, `None` if the channel is unsigned.
     fn signing_report(&self, reports: &[PeerReport]) -> Option<SigningReport> {
-        let ch = self.state.channel("demo")?;
+        let ch = self.state.channel(&self.channel)?;
         ch.public_key()?;
         let c = &ch.counters;
         let manifest = c.manifest_bytes.load(std::sync::atomic::Ordering::Relaxed);
@@ -390,14 +394,14 @@ impl Swarm {
 
     pub fn stream_kbps(&self) -> u32 {
         self.state
-            .channel("demo")
+            .channel(&self.channel)
             .and_then(|c| c.init())
             .map_or(0, |i| i.2)
     }
 
     /// (substreams bridged, bytes pushed over bridges) by the demo channel's origin.
     pub fn bridge_counters(&self) -> (u64, u64) {
-        self.state.channel("demo").map_or((0, 0), |c| {
+        self.state.channel(&self.channel).map_or((0, 0), |c| {
             (
                 c.counters.bridges_opened.load(Ordering::Relaxed),
                 c.counters.origin_bridge_bytes.load(Ordering::Relaxed),
@@ -406,7 +410,7 @@ impl Swarm {
     }
 
     pub fn origin_counters(&self) -> (u64, u64) {
-        self.state.channel("demo").map_or((0, 0), |c| {
+        self.state.channel(&self.channel).map_or((0, 0), |c| {
             (
                 c.counters.origin_push_bytes.load(Ordering::Relaxed),
                 c.counters.fallback_bytes.load(Ordering::Relaxed),

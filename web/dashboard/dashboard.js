@@ -105,9 +105,20 @@ function renderOverview(ov) {
     `<tr><th>region \\ tier</th>${tiers.map((x) => `<th title="${esc(ov.tiers.find((y) => y.id === x).algorithm)}">${esc(x)}</th>`).join('')}<th>DCMs</th></tr>` +
     regions.map((r) => `<tr><td>${esc(r)}</td>${tiers.map((x) => `<td data-region="${esc(r)}" data-tier="${esc(x)}">${count(r, x)}</td>`).join('')}` +
       `<td>${ov.regions.find((y) => y.id === r).dcms}</td></tr>`).join('');
-  $('channels').innerHTML = '<tr><th>channel</th><th>live</th><th>viewers</th><th>p2p share</th><th>origin egress</th><th>stream</th></tr>' +
+  $('channels').innerHTML = '<tr><th>channel</th><th>live</th><th>viewers</th><th>p2p share</th><th>origin egress</th><th>stream</th><th>source</th></tr>' +
     ov.channels.map((c) => `<tr><td>${esc(c.id)}</td><td>${c.live ? 'yes' : 'no'}</td><td>${c.totals.viewers}</td>` +
-      `<td>${pct(c.p2p_share)}</td><td>${mb(c.origin_egress_bytes)}</td><td>${c.stream_kbps} kbit/s × ${c.substreams}</td></tr>`).join('');
+      `<td>${pct(c.p2p_share)}</td><td>${mb(c.origin_egress_bytes)}</td><td>${c.stream_kbps} kbit/s × ${c.substreams}</td>` +
+      `<td>${pullCell(c.pull)}</td></tr>`).join('');
+}
+
+// An HLS pull (`pull` in the overview): its state, segments, retries, and the last error.
+function pullCell(p) {
+  if (!p) return '';
+  const err = p.last_error ? ` title="${esc(p.last_error)}"` : '';
+  const warn = p.phase === 'retrying' || p.phase === 'refused' ? ' class="err"' : '';
+  return `<span${warn}${err}>HLS pull ${esc(p.phase)}: ${num(p.segments)} segments, ${num(p.retries)} retries` +
+    `${p.refused_segments ? `, ${num(p.refused_segments)} refused` : ''}` +
+    `${p.last_error ? `<br><small>${esc(p.last_error)}</small>` : ''}</span>`;
 }
 
 const clock = (ms) => new Date(ms).toLocaleTimeString('en-GB');

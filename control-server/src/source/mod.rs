@@ -1,7 +1,9 @@
 //! Sources that feed a channel's origin: a looped clip, standard input and HTTP ingest
-//! ([`ingest`]), and a file's carousel for downloads ([`carousel`]). They run on the tokio
+//! ([`ingest`]), a live HLS/CMAF playlist followed over HTTP ([`hls`]), and a file's carousel for
+//! downloads ([`carousel`]). They run on the tokio
 //! runtime and publish through [`crate::channel::Channel`]; the pure cutting and storing they use
 //! is in [`crate::origin`].
 
 pub mod carousel;
+pub mod hls;
 pub mod ingest;
