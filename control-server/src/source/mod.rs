@@ -4,4 +4,5 @@
 //! is in [`crate::origin`].
 
 pub mod carousel;
+pub mod flv;
 pub mod ingest;

@@ -1,0 +1,719 @@
+//! FLV tags (as RTMP carries them) → fragmented MP4, in Rust, without ffmpeg.
+//!
+//! Pure: tags and their millisecond timestamps go in, init segments and `moof`+`mdat` fragments
+//! come out as bytes that [`crate::origin::Fmp4Splitter`] accepts, so RTMP enters the origin by
+//! the same path as HTTP ingest. The boxes are written with `mp4-atom`.
+//!
+//! * Video: H.264 only (FLV codec id 7). The AVC sequence header *is* an
+//!   `AVCDecoderConfigurationRecord`, copied into `avcC`; NAL units are already length-prefixed
+//!   (AVCC), so samples are copied as they are. Timescale 90 000; the FLV composition time
+//!   offset becomes the `trun` sample's `cts`.
+//! * Audio: AAC only (FLV sound format 10). The AudioSpecificConfig goes into `esds`; the
+//!   timescale is the sample rate and every frame lasts 1024 samples, timestamps re-synchronised
+//!   to the FLV clock when they drift more than 100 ms from that count (a gap in the source).
+//! * A fragment is cut at every video keyframe and holds both tracks' samples since the previous
+//!   one. A video sample's duration is the distance to the next sample's decode time, so the
+//!   last sample is held back until the next one arrives (or [`Remuxer::finish`]).
+//! * The timeline starts at `resume_us` (a reconnecting publisher continues the channel's
+//!   timeline where its previous connection ended, so viewers' MediaSource keeps playing).
+
+use mp4_atom::{
+    Audio, Avc1, Avcc, Dinf, Dref, Encode, Esds, Ftyp, Hdlr, Mdhd, Mdia, Mfhd, Minf, Moof, Moov,
+    Mp4a, Mvex, Mvhd, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd, Traf, Trak,
+    Trex, Trun, TrunEntry, Url, Visual, Vmhd,
+};
+use thiserror::Error;
+
+/// Timescale of the video track (ticks per second): FLV milliseconds map to it exactly.
+pub const VIDEO_TIMESCALE: u32 = 90_000;
+/// Samples per AAC frame (AAC-LC; HE-AAC's core frame as well).
+const AAC_FRAME: u32 = 1024;
+const VIDEO_TRACK: u32 = 1;
+const AUDIO_TRACK: u32 = 2;
+/// `trun` sample flags: a sync sample (depends on no other).
+const SYNC: u32 = 0x0200_0000;
+/// `trun` sample flags: depends on others, not a sync sample.
+const NON_SYNC: u32 = 0x0101_0000;
+/// Samples a fragment may hold before it is cut without a keyframe (a publisher whose
+/// keyframe interval is absurdly long, or that never sends one, cannot grow memory unbounded).
+const MAX_SAMPLES_PER_FRAGMENT: usize = 4096;
+
+/// Why a tag cannot be remuxed. Unsupported codecs end the publish with this message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RemuxError {
+    #[error("video codec 7 (H.264) only; got {0}")]
+    UnsupportedVideo(String),
+    #[error("audio format 10 (AAC) only; got {0}")]
+    UnsupportedAudio(String),
+    #[error("malformed {what} tag: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    #[error("writing MP4 boxes: {0}")]
+    Mp4(String),
+}
+
+impl From<mp4_atom::Error> for RemuxError {
+    fn from(e: mp4_atom::Error) -> Self {
+        RemuxError::Mp4(e.to_string())
+    }
+}
+
+/// What the remuxer produced, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// `ftyp` + `moov`: before the first fragment and whenever a track's configuration changed.
+    Init(Vec<u8>),
+    /// `moof` + `mdat`, starting with a video keyframe (except a fragment cut for length).
+    Fragment(Vec<u8>),
+}
+
+/// The name of an FLV video codec id, for refusals.
+fn video_codec_name(id: u8) -> &'static str {
+    match id {
+        2 => "Sorenson H.263",
+        3 => "Screen video",
+        4 => "VP6",
+        5 => "VP6 with alpha",
+        6 => "Screen video 2",
+        7 => "H.264",
+        12 => "HEVC",
+        13 => "AV1",
+        _ => "unknown",
+    }
+}
+
+/// The name of an FLV sound format, for refusals.
+fn audio_codec_name(id: u8) -> &'static str {
+    match id {
+        0 | 3 => "PCM",
+        1 => "ADPCM",
+        2 | 14 => "MP3",
+        4..=6 => "Nellymoser",
+        7 => "G.711 A-law",
+        8 => "G.711 mu-law",
+        10 => "AAC",
+        11 => "Speex",
+        _ => "unknown",
+    }
+}
+
+/// A FourCC of Enhanced RTMP, for refusals.
+fn fourcc_name(f: &[u8]) -> String {
+    let name = match f {
+        b"hvc1" => "HEVC",
+        b"av01" => "AV1",
+        b"vp09" => "VP9",
+        b"avc1" => "H.264 (Enhanced RTMP)",
+        b"Opus" => "Opus",
+        b"fLaC" => "FLAC",
+        b"ac-3" => "AC-3",
+        b"ec-3" => "E-AC-3",
+        b".mp3" => "MP3",
+        b"mp4a" => "AAC (Enhanced RTMP)",
+        _ => "unknown",
+    };
+    format!(
+        "Enhanced RTMP codec {:?} ({name})",
+        String::from_utf8_lossy(f)
+    )
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Decode time in the track's timescale.
+    dts: u64,
+    /// Composition offset in the track's timescale.
+    cts: i32,
+    duration: u32,
+    key: bool,
+    data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AudioConfig {
+    /// The AudioSpecificConfig, verbatim.
+    asc: Vec<u8>,
+    sample_rate: u32,
+    channels: u16,
+}
+
+/// FLV tags in, fMP4 out. See the module documentation.
+#[derive(Debug)]
+pub struct Remuxer {
+    avcc: Option<Avcc>,
+    audio: Option<AudioConfig>,
+    width: u16,
+    height: u16,
+    /// Bytes of the init segment last emitted.
+    last_init: Option<Vec<u8>>,
+    /// Whether the emitted init segment has an audio track.
+    init_has_audio: bool,
+    /// A configuration changed since the last init segment: a new one goes before the next
+    /// keyframe.
+    config_dirty: bool,
+    /// Where this connection's timeline starts, microseconds.
+    resume_us: u64,
+    /// FLV timestamp (ms) of the first media tag, mapped to `resume_us`.
+    origin_ms: Option<u32>,
+    /// The fragment being assembled: open once the first keyframe arrived.
+    open: bool,
+    video: Vec<Sample>,
+    audio_samples: Vec<Sample>,
+    /// The latest video sample, waiting for the next one to know its duration.
+    held: Option<Sample>,
+    /// Decode time the next AAC frame should have, audio ticks.
+    audio_next: Option<u64>,
+    /// End of the last sample written, per track, in µs (for the next connection's resume).
+    video_end_us: u64,
+    audio_end_us: u64,
+    sequence: u32,
+}
+
+impl Remuxer {
+    /// A remuxer whose timeline starts at `resume_us` microseconds.
+    pub fn new(resume_us: u64) -> Self {
+        Remuxer {
+            avcc: None,
+            audio: None,
+            width: 0,
+            height: 0,
+            last_init: None,
+            init_has_audio: false,
+            config_dirty: false,
+            resume_us,
+            origin_ms: None,
+            open: false,
+            video: Vec::new(),
+            audio_samples: Vec::new(),
+            held: None,
+            audio_next: None,
+            video_end_us: resume_us,
+            audio_end_us: resume_us,
+            sequence: 0,
+        }
+    }
+
+    /// Picture size from the stream's metadata (`onMetaData`), written in the `avc1` entry.
+    /// Decoders read the size from the SPS; this is informative.
+    pub fn set_dimensions(&mut self, width: u32, height: u32) {
+        let w = u16::try_from(width).unwrap_or(0);
+        let h = u16::try_from(height).unwrap_or(0);
+        if (w, h) != (self.width, self.height) {
+            self.width = w;
+            self.height = h;
+            self.config_dirty |= self.avcc.is_some();
+        }
+    }
+
+    /// Where the timeline ends so far (the end of the last sample written), microseconds.
+    pub fn end_us(&self) -> u64 {
+        self.video_end_us.max(self.audio_end_us)
+    }
+
+    /// Microseconds → ticks of `timescale`.
+    fn ticks(us: u64, timescale: u32) -> u64 {
+        (u128::from(us) * u128::from(timescale) / 1_000_000) as u64
+    }
+
+    fn us(ticks: u64, timescale: u32) -> u64 {
+        (u128::from(ticks) * 1_000_000 / u128::from(timescale.max(1))) as u64
+    }
+
+    /// Time of FLV timestamp `ts_ms` on this connection's timeline, µs.
+    fn timeline_us(&mut self, ts_ms: u32) -> u64 {
+        let origin = *self.origin_ms.get_or_insert(ts_ms);
+        self.resume_us + u64::from(ts_ms.saturating_sub(origin)) * 1000
+    }
+
+    /// One FLV video tag body (the RTMP video message).
+    pub fn push_video(&mut self, ts_ms: u32, tag: &[u8]) -> Result<Vec<Output>, RemuxError> {
+        let malformed = |reason: &str| RemuxError::Malformed {
+            what: "video",
+            reason: reason.to_owned(),
+        };
+        let first = *tag.first().ok_or_else(|| malformed("empty"))?;
+        if first & 0x80 != 0 {
+            // Enhanced RTMP: the FourCC follows the first byte.
+            let fourcc = tag.get(1..5).ok_or_else(|| malformed("no FourCC"))?;
+            return Err(RemuxError::UnsupportedVideo(fourcc_name(fourcc)));
+        }
+        let frame_type = first >> 4;
+        let codec = first & 0x0f;
+        if codec != 7 {
+            return Err(RemuxError::UnsupportedVideo(format!(
+                "codec id {codec} ({})",
+                video_codec_name(codec)
+            )));
+        }
+        if frame_type == 5 {
+            // Video info / command frame: carries no picture.
+            return Ok(Vec::new());
+        }
+        let packet_type = *tag.get(1).ok_or_else(|| malformed("no AVC packet type"))?;
+        let cts_bytes = tag.get(2..5).ok_or_else(|| malformed("no composition time"))?;
+        // Signed 24-bit composition time offset, milliseconds.
+        let cts_ms = (i32::from(cts_bytes[0] as i8) << 16)
+            | (i32::from(cts_bytes[1]) << 8)
+            | i32::from(cts_bytes[2]);
+        let body = tag.get(5..).unwrap_or_default();
+        match packet_type {
+            0 => {
+                let mut buf = body;
+                let avcc = <Avcc as mp4_atom::Atom>::decode_body(&mut buf)
+                    .map_err(|e| malformed(&format!("AVC sequence header: {e}")))?;
+                if self.avcc.as_ref() != Some(&avcc) {
+                    self.avcc = Some(avcc);
+                    self.config_dirty = true;
+                }
+                Ok(Vec::new())
+            }
+            1 => {
+                if self.avcc.is_none() || body.is_empty() {
+                    // Pictures before the decoder configuration cannot be decoded.
+                    return Ok(Vec::new());
+                }
+                let key = frame_type == 1;
+                let t_us = self.timeline_us(ts_ms);
+                let sample = Sample {
+                    dts: Self::ticks(t_us, VIDEO_TIMESCALE),
+                    cts: cts_ms.saturating_mul((VIDEO_TIMESCALE / 1000) as i32),
+                    duration: 0,
+                    key,
+                    data: body.to_vec(),
+                };
+                self.push_video_sample(sample)
+            }
+            // End of sequence, or unknown: nothing to play.
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn push_video_sample(&mut self, sample: Sample) -> Result<Vec<Output>, RemuxError> {
+        let mut out = Vec::new();
+        if !self.open && !sample.key {
+            // Viewers start at a keyframe: wait for the first one.
+            return Ok(out);
+        }
+        if let Some(mut prev) = self.held.take() {
+            // A decode time that goes backwards or stands still gets the smallest duration.
+            prev.duration = u32::try_from(sample.dts.saturating_sub(prev.dts))
+                .unwrap_or(u32::MAX)
+                .max(1);
+            self.video.push(prev);
+        }
+        if sample.key || self.video.len() + self.audio_samples.len() >= MAX_SAMPLES_PER_FRAGMENT {
+            if let Some(f) = self.cut()? {
+                out.push(Output::Fragment(f));
+            }
+            if sample.key {
+                if let Some(init) = self.init_if_changed()? {
+                    out.push(Output::Init(init));
+                }
+                self.open = true;
+            }
+        }
+        self.held = Some(sample);
+        Ok(out)
+    }
+
+    /// One FLV audio tag body (the RTMP audio message).
+    pub fn push_audio(&mut self, ts_ms: u32, tag: &[u8]) -> Result<Vec<Output>, RemuxError> {
+        let malformed = |reason: &str| RemuxError::Malformed {
+            what: "audio",
+            reason: reason.to_owned(),
+        };
+        let first = *tag.first().ok_or_else(|| malformed("empty"))?;
+        let format = first >> 4;
+        if format == 9 {
+            let fourcc = tag.get(1..5).ok_or_else(|| malformed("no FourCC"))?;
+            return Err(RemuxError::UnsupportedAudio(fourcc_name(fourcc)));
+        }
+        if format != 10 {
+            return Err(RemuxError::UnsupportedAudio(format!(
+                "format {format} ({})",
+                audio_codec_name(format)
+            )));
+        }
+        let packet_type = *tag.get(1).ok_or_else(|| malformed("no AAC packet type"))?;
+        let body = tag.get(2..).unwrap_or_default();
+        match packet_type {
+            0 => {
+                let config = parse_audio_specific_config(body).ok_or_else(|| {
+                    malformed("AudioSpecificConfig too short or its sample rate unknown")
+                })?;
+                if self.audio.as_ref() != Some(&config) {
+                    self.audio = Some(config);
+                    self.audio_next = None;
+                    self.config_dirty = true;
+                }
+                Ok(Vec::new())
+            }
+            1 => {
+                let Some(rate) = self.audio.as_ref().map(|a| a.sample_rate) else {
+                    return Ok(Vec::new());
+                };
+                if !self.open || !self.init_has_audio || body.is_empty() {
+                    // Before the first keyframe (or before an init segment with this track).
+                    self.timeline_us(ts_ms);
+                    return Ok(Vec::new());
+                }
+                let flv = Self::ticks(self.timeline_us(ts_ms), rate);
+                let dts = match self.audio_next {
+                    Some(next) if flv.abs_diff(next) <= u64::from(rate / 10) => next,
+                    _ => flv,
+                };
+                self.audio_next = Some(dts + u64::from(AAC_FRAME));
+                self.audio_samples.push(Sample {
+                    dts,
+                    cts: 0,
+                    duration: AAC_FRAME,
+                    key: true,
+                    data: body.to_vec(),
+                });
+                Ok(Vec::new())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The publisher left: writes the held-back samples as a last fragment. The held video
+    /// sample lasts as long as the one before it.
+    pub fn finish(&mut self) -> Result<Vec<Output>, RemuxError> {
+        if let Some(mut last) = self.held.take() {
+            last.duration = self
+                .video
+                .last()
+                .map_or(VIDEO_TIMESCALE / 30, |s| s.duration);
+            self.video.push(last);
+        }
+        Ok(self.cut()?.map(Output::Fragment).into_iter().collect())
+    }
+
+    /// The init segment, if the configuration changed since the last one emitted.
+    fn init_if_changed(&mut self) -> Result<Option<Vec<u8>>, RemuxError> {
+        if !self.config_dirty && self.last_init.is_some() {
+            return Ok(None);
+        }
+        self.config_dirty = false;
+        let bytes = self.init_segment()?;
+        if self.last_init.as_ref() == Some(&bytes) {
+            return Ok(None);
+        }
+        self.init_has_audio = self.audio.is_some();
+        self.last_init = Some(bytes.clone());
+        Ok(Some(bytes))
+    }
+
+    fn init_segment(&self) -> Result<Vec<u8>, RemuxError> {
+        let avcc = self
+            .avcc
+            .clone()
+            .ok_or_else(|| RemuxError::Mp4("no AVC sequence header before the keyframe".into()))?;
+        let ftyp = Ftyp {
+            major_brand: b"iso6".into(),
+            minor_version: 512,
+            compatible_brands: vec![b"iso6".into(), b"cmfc".into(), b"mp41".into()],
+        };
+        let dinf = || Dinf {
+            dref: Dref {
+                entries: vec![Url {
+                    location: String::new(),
+                }
+                .into()],
+            },
+        };
+        let empty_tables = |stsd: Stsd| Stbl {
+            stsd,
+            stts: Stts::default(),
+            stsc: Stsc::default(),
+            stsz: Stsz::default(),
+            stco: Some(Stco::default()),
+            ..Default::default()
+        };
+        let mut trak = vec![Trak {
+            tkhd: Tkhd {
+                track_id: VIDEO_TRACK,
+                enabled: true,
+                in_movie: true,
+                width: self.width.into(),
+                height: self.height.into(),
+                ..Default::default()
+            },
+            mdia: Mdia {
+                mdhd: Mdhd {
+                    timescale: VIDEO_TIMESCALE,
+                    language: "und".into(),
+                    ..Default::default()
+                },
+                hdlr: Hdlr {
+                    handler: b"vide".into(),
+                    name: "p2p-live RTMP video".into(),
+                },
+                minf: Minf {
+                    vmhd: Some(Vmhd::default()),
+                    dinf: dinf(),
+                    stbl: empty_tables(Stsd {
+                        codecs: vec![Avc1 {
+                            visual: Visual {
+                                data_reference_index: 1,
+                                width: self.width,
+                                height: self.height,
+                                horizresolution: 72.into(),
+                                vertresolution: 72.into(),
+                                frame_count: 1,
+                                compressor: "".into(),
+                                depth: 24,
+                            },
+                            avcc,
+                            btrt: None,
+                            colr: None,
+                            pasp: None,
+                            taic: None,
+                            fiel: None,
+                            spatial: None,
+                        }
+                        .into()],
+                    }),
+                    ..Default::default()
+                },
+            },
+            ..Default::default()
+        }];
+        let mut trex = vec![Trex {
+            track_id: VIDEO_TRACK,
+            default_sample_description_index: 1,
+            ..Default::default()
+        }];
+        if let Some(a) = &self.audio {
+            let (profile, freq_index, chan_conf) = asc_fields(&a.asc);
+            trak.push(Trak {
+                tkhd: Tkhd {
+                    track_id: AUDIO_TRACK,
+                    alternate_group: 1,
+                    enabled: true,
+                    in_movie: true,
+                    volume: 1.into(),
+                    ..Default::default()
+                },
+                mdia: Mdia {
+                    mdhd: Mdhd {
+                        timescale: a.sample_rate,
+                        language: "und".into(),
+                        ..Default::default()
+                    },
+                    hdlr: Hdlr {
+                        handler: b"soun".into(),
+                        name: "p2p-live RTMP audio".into(),
+                    },
+                    minf: Minf {
+                        smhd: Some(Smhd::default()),
+                        dinf: dinf(),
+                        stbl: empty_tables(Stsd {
+                            codecs: vec![Mp4a {
+                                audio: Audio {
+                                    data_reference_index: 1,
+                                    channel_count: a.channels,
+                                    sample_size: 16,
+                                    // 16.16 fixed point: rates above 65535 Hz do not fit.
+                                    sample_rate: u16::try_from(a.sample_rate)
+                                        .unwrap_or(0)
+                                        .into(),
+                                },
+                                esds: Esds {
+                                    es_desc: mp4_atom::esds::EsDescriptor {
+                                        es_id: AUDIO_TRACK as u16,
+                                        depends_on_es_id: None,
+                                        url: None,
+                                        ocr_es_id: None,
+                                        stream_priority: 0,
+                                        dec_config: mp4_atom::esds::DecoderConfig {
+                                            // MPEG-4 audio, audio stream.
+                                            object_type_indication: 0x40,
+                                            stream_type: 5,
+                                            dec_specific: Some(mp4_atom::esds::DecoderSpecific {
+                                                profile,
+                                                freq_index,
+                                                chan_conf,
+                                                raw: a.asc.clone(),
+                                            }),
+                                            ..Default::default()
+                                        },
+                                        sl_config: mp4_atom::esds::SLConfig {},
+                                    },
+                                },
+                                btrt: None,
+                                taic: None,
+                            }
+                            .into()],
+                        }),
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            });
+            trex.push(Trex {
+                track_id: AUDIO_TRACK,
+                default_sample_description_index: 1,
+                ..Default::default()
+            });
+        }
+        let moov = Moov {
+            mvhd: Mvhd {
+                timescale: 1000,
+                rate: 1.into(),
+                volume: 1.into(),
+                next_track_id: AUDIO_TRACK + 1,
+                ..Default::default()
+            },
+            mvex: Some(Mvex { mehd: None, trex }),
+            trak,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        ftyp.encode(&mut out)?;
+        moov.encode(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the samples gathered so far as one fragment (nothing if there are none).
+    fn cut(&mut self) -> Result<Option<Vec<u8>>, RemuxError> {
+        let video = std::mem::take(&mut self.video);
+        let audio = std::mem::take(&mut self.audio_samples);
+        if video.is_empty() && audio.is_empty() {
+            return Ok(None);
+        }
+        if let Some(last) = video.last() {
+            self.video_end_us =
+                Self::us(last.dts + u64::from(last.duration), VIDEO_TIMESCALE).max(self.video_end_us);
+        }
+        if let (Some(last), Some(a)) = (audio.last(), &self.audio) {
+            self.audio_end_us =
+                Self::us(last.dts + u64::from(last.duration), a.sample_rate).max(self.audio_end_us);
+        }
+        self.sequence = self.sequence.wrapping_add(1);
+        let traf = |track_id: u32, samples: &[Sample], data_offset: i32, video: bool| Traf {
+            tfhd: Tfhd {
+                track_id,
+                default_base_is_moof: true,
+                ..Default::default()
+            },
+            tfdt: Some(Tfdt {
+                base_media_decode_time: samples.first().map_or(0, |s| s.dts),
+            }),
+            trun: vec![Trun {
+                data_offset: Some(data_offset),
+                samples: samples
+                    .iter()
+                    .map(|s| TrunEntry {
+                        duration: Some(s.duration),
+                        size: Some(s.data.len() as u32),
+                        flags: Some(if s.key { SYNC } else { NON_SYNC }),
+                        cts: video.then_some(i64::from(s.cts)),
+                    })
+                    .collect::<Vec<_>>()
+                    .into(),
+            }],
+            sbgp: vec![],
+            sgpd: vec![],
+            subs: vec![],
+            saiz: vec![],
+            saio: vec![],
+            meta: None,
+            senc: None,
+            udta: None,
+        };
+        let video_bytes: usize = video.iter().map(|s| s.data.len()).sum();
+        let audio_bytes: usize = audio.iter().map(|s| s.data.len()).sum();
+        let build = |moof_len: usize| -> Result<Moof, RemuxError> {
+            let base = i32::try_from(moof_len + 8)
+                .map_err(|_| RemuxError::Mp4("moof too large".into()))?;
+            let audio_at = i32::try_from(moof_len + 8 + video_bytes)
+                .map_err(|_| RemuxError::Mp4("fragment too large".into()))?;
+            let mut trafs = Vec::new();
+            if !video.is_empty() {
+                trafs.push(traf(VIDEO_TRACK, &video, base, true));
+            }
+            if !audio.is_empty() {
+                trafs.push(traf(AUDIO_TRACK, &audio, audio_at, false));
+            }
+            Ok(Moof {
+                mfhd: Mfhd {
+                    sequence_number: self.sequence,
+                },
+                traf: trafs,
+            })
+        };
+        // The data offsets count from the moof's start, so its size is needed first; it does
+        // not depend on the offsets' values.
+        let mut probe = Vec::new();
+        build(0)?.encode(&mut probe)?;
+        let mut out = Vec::with_capacity(probe.len() + 8 + video_bytes + audio_bytes);
+        build(probe.len())?.encode(&mut out)?;
+        let mdat_len = u32::try_from(8 + video_bytes + audio_bytes)
+            .map_err(|_| RemuxError::Mp4("mdat over 4 GiB".into()))?;
+        out.extend_from_slice(&mdat_len.to_be_bytes());
+        out.extend_from_slice(b"mdat");
+        for s in video.iter().chain(audio.iter()) {
+            out.extend_from_slice(&s.data);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Sample rates by `samplingFrequencyIndex` (ISO/IEC 14496-3).
+const AAC_RATES: [u32; 13] = [
+    96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+];
+
+/// `(audioObjectType, samplingFrequencyIndex, channelConfiguration)` of an AudioSpecificConfig's
+/// first two bytes (the escape forms are kept verbatim in `raw`; these fields are informative).
+fn asc_fields(asc: &[u8]) -> (u8, u8, u8) {
+    match asc {
+        [a, b, ..] => (a >> 3, ((a & 7) << 1) | (b >> 7), (b >> 3) & 0x0f),
+        _ => (0, 0, 0),
+    }
+}
+
+/// Sample rate and channels of an AudioSpecificConfig.
+fn parse_audio_specific_config(asc: &[u8]) -> Option<AudioConfig> {
+    // 5 bits object type (31: escape, 6 more bits), 4 bits frequency index (15: 24-bit rate),
+    // 4 bits channel configuration.
+    let mut bits = BitReader { data: asc, pos: 0 };
+    let aot = bits.read(5)?;
+    if aot == 31 {
+        bits.read(6)?;
+    }
+    let index = bits.read(4)?;
+    let sample_rate = if index == 15 {
+        bits.read(24)?
+    } else {
+        *AAC_RATES.get(index as usize)?
+    };
+    let channels = bits.read(4)? as u16;
+    (sample_rate > 0).then(|| AudioConfig {
+        asc: asc.to_vec(),
+        sample_rate,
+        channels: if channels == 0 { 2 } else { channels },
+    })
+}
+
+struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl BitReader<'_> {
+    fn read(&mut self, n: usize) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = *self.data.get(self.pos / 8)?;
+            let bit = (byte >> (7 - self.pos % 8)) & 1;
+            v = (v << 1) | u32::from(bit);
+            self.pos += 1;
+        }
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+#[path = "flv_tests.rs"]
+mod tests;
