@@ -44,6 +44,12 @@ struct Args {
     /// Stream key that allows HTTP ingest (PUT /ingest/{channel}?key=...); ingest is off without it.
     #[arg(long, env = "P2P_INGEST_KEY")]
     ingest_key: Option<String>,
+    /// Accept RTMP publishers (OBS, ffmpeg, hardware encoders) on this address, e.g.
+    /// 0.0.0.0:1935: `rtmp://HOST:PORT/live/CHANNEL?key=KEY` (OBS: Server
+    /// `rtmp://HOST:PORT/live`, Stream Key `CHANNEL?key=KEY`), KEY being the --ingest-key.
+    /// H.264 + AAC. Off by default.
+    #[arg(long, value_name = "ADDR", requires = "ingest_key")]
+    rtmp: Option<SocketAddr>,
     /// Number of substreams k (trees per channel; default 4, or the topology file's `k`).
     #[arg(long)]
     substreams: Option<u32>,
@@ -191,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_ms,
         origin_fanout: args.origin_fanout,
         ingest_key: args.ingest_key.clone(),
+        rtmp: args.rtmp,
         web_dir: args.web_dir.clone(),
         operator_token: args.operator_token.clone(),
         allowed_origins: args.allowed_origins.clone(),
@@ -252,6 +259,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    if let Some(rtmp) = state.config.rtmp {
+        let server = control_server::source::rtmp::listen(rtmp, state.clone())
+            .await
+            .with_context(|| format!("binding the RTMP listener on {rtmp}"))?;
+        println!(
+            "Go live: rtmp://{}/live/CHANNEL?key=… (OBS: Server rtmp://{}/live, Stream Key \
+             CHANNEL?key=…)",
+            server.local_addr, server.local_addr
+        );
+    }
     tracing::info!("control center listening on http://{addr}/");
     println!("Open http://{addr}/ in two tabs to watch the demo channel.");
     println!("Embed the player: http://{addr}/embed");

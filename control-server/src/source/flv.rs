@@ -19,8 +19,8 @@
 
 use mp4_atom::{
     Audio, Avc1, Avcc, Dinf, Dref, Encode, Esds, Ftyp, Hdlr, Mdhd, Mdia, Mfhd, Minf, Moof, Moov,
-    Mp4a, Mvex, Mvhd, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd, Traf, Trak,
-    Trex, Trun, TrunEntry, Url, Visual, Vmhd,
+    Mp4a, Mvex, Mvhd, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd, Traf, Trak, Trex,
+    Trun, TrunEntry, Url, Visual, Vmhd,
 };
 use thiserror::Error;
 
@@ -249,7 +249,9 @@ impl Remuxer {
             return Ok(Vec::new());
         }
         let packet_type = *tag.get(1).ok_or_else(|| malformed("no AVC packet type"))?;
-        let cts_bytes = tag.get(2..5).ok_or_else(|| malformed("no composition time"))?;
+        let cts_bytes = tag
+            .get(2..5)
+            .ok_or_else(|| malformed("no composition time"))?;
         // Signed 24-bit composition time offset, milliseconds.
         let cts_ms = (i32::from(cts_bytes[0] as i8) << 16)
             | (i32::from(cts_bytes[1]) << 8)
@@ -514,9 +516,7 @@ impl Remuxer {
                                     channel_count: a.channels,
                                     sample_size: 16,
                                     // 16.16 fixed point: rates above 65535 Hz do not fit.
-                                    sample_rate: u16::try_from(a.sample_rate)
-                                        .unwrap_or(0)
-                                        .into(),
+                                    sample_rate: u16::try_from(a.sample_rate).unwrap_or(0).into(),
                                 },
                                 esds: Esds {
                                     es_desc: mp4_atom::esds::EsDescriptor {
@@ -582,8 +582,8 @@ impl Remuxer {
             return Ok(None);
         }
         if let Some(last) = video.last() {
-            self.video_end_us =
-                Self::us(last.dts + u64::from(last.duration), VIDEO_TIMESCALE).max(self.video_end_us);
+            self.video_end_us = Self::us(last.dts + u64::from(last.duration), VIDEO_TIMESCALE)
+                .max(self.video_end_us);
         }
         if let (Some(last), Some(a)) = (audio.last(), &self.audio) {
             self.audio_end_us =

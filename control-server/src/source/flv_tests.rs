@@ -85,7 +85,10 @@ fn h264_and_aac_tags_become_fragments_the_splitter_accepts() {
         assert_eq!(f.base_decode_time, i as u64 * 2 * 90_000);
         // The last one ends with the held-back picture, given its predecessor's duration
         // (timestamps are whole milliseconds: 33 or 34 ms at 30 fps).
-        assert!(f.duration.abs_diff(2 * 90_000) <= 90, "fragment {i} lasts 2 s");
+        assert!(
+            f.duration.abs_diff(2 * 90_000) <= 90,
+            "fragment {i} lasts 2 s"
+        );
     }
     assert!(r.end_us().abs_diff(6_000_000) <= 1000);
 }
@@ -106,7 +109,9 @@ fn fragments_carry_both_tracks_with_sample_timing() {
     assert_eq!(entries[1].flags, Some(NON_SYNC));
     assert_eq!(entries[1].cts, Some(33 * 90));
     // 33 or 34 ms between 30 fps frames at millisecond timestamps.
-    assert!(entries.iter().all(|e| matches!(e.duration, Some(2970 | 3060))));
+    assert!(entries
+        .iter()
+        .all(|e| matches!(e.duration, Some(2970 | 3060))));
     let audio = &moof.traf[1];
     assert_eq!(audio.tfhd.track_id, AUDIO_TRACK);
     let a: Vec<_> = audio.trun[0].samples.iter().collect();
@@ -123,8 +128,14 @@ fn fragments_carry_both_tracks_with_sample_timing() {
 #[test]
 fn pictures_before_the_first_keyframe_are_dropped() {
     let mut r = Remuxer::new(0);
-    assert!(r.push_video(0, &avc_sequence_header()).expect("avc").is_empty());
-    assert!(r.push_video(0, &picture(false, 0, 10)).expect("p").is_empty());
+    assert!(r
+        .push_video(0, &avc_sequence_header())
+        .expect("avc")
+        .is_empty());
+    assert!(r
+        .push_video(0, &picture(false, 0, 10))
+        .expect("p")
+        .is_empty());
     let out = r.push_video(33, &picture(true, 0, 10)).expect("key");
     assert!(matches!(out.as_slice(), [Output::Init(_)]));
 }
@@ -139,7 +150,10 @@ fn a_resumed_timeline_continues_where_the_last_connection_ended() {
     let b = remux_stream(&mut second, 60, 30);
     let (init_a, _) = parse_file(&a).expect("a");
     let (init_b, frags) = parse_file(&b).expect("b");
-    assert_eq!(init_a, init_b, "same encoder settings: the same init segment");
+    assert_eq!(
+        init_a, init_b,
+        "same encoder settings: the same init segment"
+    );
     assert_eq!(frags[0].base_decode_time, end * 9 / 100);
 }
 
@@ -155,7 +169,10 @@ fn a_changed_sequence_header_emits_a_new_init_segment_at_the_next_keyframe() {
     assert!(matches!(same.as_slice(), [Output::Fragment(_)]));
     r.set_dimensions(1280, 720);
     let changed = r.push_video(66, &picture(true, 0, 10)).expect("key");
-    assert!(matches!(changed.as_slice(), [Output::Fragment(_), Output::Init(_)]));
+    assert!(matches!(
+        changed.as_slice(),
+        [Output::Fragment(_), Output::Init(_)]
+    ));
 }
 
 #[test]
@@ -171,7 +188,10 @@ fn unsupported_codecs_are_refused_by_name() {
     let e = r.push_video(0, b"\x90av01").expect_err("enhanced");
     assert!(e.to_string().contains("AV1"), "{e}");
     let e = r.push_audio(0, &[0x2f, 0]).expect_err("mp3");
-    assert_eq!(e.to_string(), "audio format 10 (AAC) only; got format 2 (MP3)");
+    assert_eq!(
+        e.to_string(),
+        "audio format 10 (AAC) only; got format 2 (MP3)"
+    );
 }
 
 #[test]
@@ -205,6 +225,9 @@ fn audio_specific_config_gives_rate_and_channels() {
     assert_eq!((c.sample_rate, c.channels), (44100, 2));
     let c = parse_audio_specific_config(&[0x11, 0x90]).expect("48k");
     assert_eq!((c.sample_rate, c.channels), (48000, 2));
-    assert!(parse_audio_specific_config(&[0x17, 0x80]).is_none(), "index 14 is reserved");
+    assert!(
+        parse_audio_specific_config(&[0x17, 0x80]).is_none(),
+        "index 14 is reserved"
+    );
     assert!(parse_audio_specific_config(&[0x12]).is_none());
 }

@@ -6,3 +6,4 @@
 pub mod carousel;
 pub mod flv;
 pub mod ingest;
+pub mod rtmp;
