@@ -122,8 +122,9 @@ struct Args {
     /// 0: no limit.
     #[arg(long, default_value_t = limits::AddressLimits::default().control_bytes_per_sec)]
     max_control_bytes_per_sec: u32,
-    /// Channels HTTP ingest may create for one network address (counting those that still
-    /// exist); more are refused with HTTP 429. 0: no limit.
+    /// Channels HTTP or RTMP ingest may create for one network address (counting those that
+    /// still exist); more are refused (HTTP 429, RTMP `NetStream.Publish.Rejected`). 0: no
+    /// limit.
     #[arg(long, default_value_t = limits::AddressLimits::default().ingest_channels)]
     max_ingest_channels_per_address: u32,
     /// Messages per second one control session may send (burst: twice as many); more are

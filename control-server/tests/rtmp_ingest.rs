@@ -208,6 +208,29 @@ async fn an_unsupported_codec_is_refused_by_name() {
     let ch = state.channel("cam4").expect("created at publish");
     assert!(ch.init().is_none(), "no init segment from a refused stream");
     assert!(!ch.source_attached.load(std::sync::atomic::Ordering::SeqCst));
+    // H.264 with MP3 audio: refused from the stream's metadata, before any media is cut.
+    let mut cmd = Command::new(FFMPEG);
+    cmd.args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(X264)
+        .args(["-c:a", "libmp3lame", "-t", "3", "-f", "flv"])
+        .arg(format!("rtmp://{rtmp}/live/cam7?key={KEY}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let (ok, err) = outcome(cmd.spawn().expect("ffmpeg"), Duration::from_secs(20)).await;
+    assert!(!ok, "MP3 audio was taken");
+    assert!(
+        err.contains("audio format 10 (AAC) only; got format 2 (MP3)"),
+        "{err}"
+    );
+    let ch = state.channel("cam7").expect("created at publish");
+    assert!(
+        ch.init().is_none(),
+        "nothing published from a refused stream"
+    );
 }
 
 #[tokio::test]

@@ -35,8 +35,17 @@ fn publish(rtmp: SocketAddr) -> Result<Child> {
         .args(["-hide_banner", "-loglevel", "error", "-re"])
         .args(["-f", "lavfi", "-i", "testsrc2=size=854x480:rate=30"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency"])
-        .args(["-g", "60", "-b:v", "1500k", "-maxrate", "1500k", "-bufsize", "3000k"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args([
+            "-g", "60", "-b:v", "1500k", "-maxrate", "1500k", "-bufsize", "3000k",
+        ])
         .args(["-c:a", "aac", "-b:a", "128k", "-t", "120", "-f", "flv"])
         .arg(format!("rtmp://{rtmp}/live/{CHANNEL}?key={KEY}"))
         .stdin(Stdio::null())
@@ -68,7 +77,9 @@ fn matches_origin(state: &AppState, r: &PeerReport) -> Option<bool> {
     if r.verified_count == 0 {
         return None;
     }
-    let origin = state.channel(CHANNEL)?.range_hash(first, r.verified_count)?;
+    let origin = state
+        .channel(CHANNEL)?
+        .range_hash(first, r.verified_count)?;
     Some(origin.hex() == r.verified_hash)
 }
 
@@ -77,7 +88,10 @@ fn matches_origin(state: &AppState, r: &PeerReport) -> Option<bool> {
 async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart() -> Result<()> {
     let web = web_dir();
     if !web.join("pkg/peer.js").is_file() {
-        bail!("{} has no built wasm package: run `cargo xtask test`", web.display());
+        bail!(
+            "{} has no built wasm package: run `cargo xtask test`",
+            web.display()
+        );
     }
     ensure!(
         std::path::Path::new(FFMPEG).exists(),
@@ -142,7 +156,11 @@ async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart(
             let mut times = Vec::new();
             for (i, page) in pages.iter().enumerate() {
                 let r = stats(page).await?;
-                ensure!(r.verified_count > 20, "viewer {i} verified {}: {r:?}", r.verified_count);
+                ensure!(
+                    r.verified_count > 20,
+                    "viewer {i} verified {}: {r:?}",
+                    r.verified_count
+                );
                 ensure!(
                     matches_origin(&state, &r) == Some(true),
                     "viewer {i}'s bytes differ from the origin's"
@@ -162,7 +180,11 @@ async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart(
         })
         .await
     };
-    let started = check("every viewer to play byte-exact with sound", &[0.0; VIEWERS]).await?;
+    let started = check(
+        "every viewer to play byte-exact with sound",
+        &[0.0; VIEWERS],
+    )
+    .await?;
     let playing = check(
         "every viewer's video to advance by 2 s",
         &started.iter().map(|t| t + 2.0).collect::<Vec<_>>(),
@@ -178,7 +200,9 @@ async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart(
         Duration::from_secs(5),
         Duration::from_millis(100),
         async || {
-            ensure!(!channel.source_attached.load(std::sync::atomic::Ordering::SeqCst));
+            ensure!(!channel
+                .source_attached
+                .load(std::sync::atomic::Ordering::SeqCst));
             Ok(())
         },
     )
@@ -212,7 +236,10 @@ async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart(
     .await?;
     for (i, page) in pages.iter().enumerate() {
         let same = page.eval("window.__sameDocument === true").await?;
-        ensure!(same.as_bool() == Some(true), "viewer {i}'s page was reloaded");
+        ensure!(
+            same.as_bool() == Some(true),
+            "viewer {i}'s page was reloaded"
+        );
     }
     eprintln!(
         "rtmp_ingest: started at {started:.1?} s, {playing:.1?} s before the publisher left, \

@@ -37,6 +37,9 @@ const NON_SYNC: u32 = 0x0101_0000;
 /// Samples a fragment may hold before it is cut without a keyframe (a publisher whose
 /// keyframe interval is absurdly long, or that never sends one, cannot grow memory unbounded).
 const MAX_SAMPLES_PER_FRAGMENT: usize = 4096;
+/// Bytes a fragment may hold before it is cut without a keyframe (the origin's splitter takes
+/// fragments of up to 128 MiB; a 2 s fragment at 20 Mbit/s is 5 MB).
+const MAX_FRAGMENT_BYTES: usize = 32 << 20;
 
 /// Why a tag cannot be remuxed. Unsupported codecs end the publish with this message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -158,6 +161,8 @@ pub struct Remuxer {
     open: bool,
     video: Vec<Sample>,
     audio_samples: Vec<Sample>,
+    /// Bytes of `video` and `audio_samples` together.
+    pending_bytes: usize,
     /// The latest video sample, waiting for the next one to know its duration.
     held: Option<Sample>,
     /// Decode time the next AAC frame should have, audio ticks.
@@ -184,6 +189,7 @@ impl Remuxer {
             open: false,
             video: Vec::new(),
             audio_samples: Vec::new(),
+            pending_bytes: 0,
             held: None,
             audio_next: None,
             video_end_us: resume_us,
@@ -201,6 +207,33 @@ impl Remuxer {
             self.width = w;
             self.height = h;
             self.config_dirty |= self.avcc.is_some();
+        }
+    }
+
+    /// Refuses, before any media, a stream whose `onMetaData` announces another codec than
+    /// H.264 (7) or AAC (10). Enhanced RTMP announces a FourCC as the number.
+    pub fn check_metadata(
+        video_codec_id: Option<u32>,
+        audio_codec_id: Option<u32>,
+    ) -> Result<(), RemuxError> {
+        let fourcc = |id: u32| fourcc_name(&id.to_be_bytes());
+        match video_codec_id {
+            None | Some(7) => {}
+            Some(id @ 0..=15) => {
+                return Err(RemuxError::UnsupportedVideo(format!(
+                    "codec id {id} ({})",
+                    video_codec_name(id as u8)
+                )))
+            }
+            Some(id) => return Err(RemuxError::UnsupportedVideo(fourcc(id))),
+        }
+        match audio_codec_id {
+            None | Some(10) => Ok(()),
+            Some(id @ 0..=15) => Err(RemuxError::UnsupportedAudio(format!(
+                "format {id} ({})",
+                audio_codec_name(id as u8)
+            ))),
+            Some(id) => Err(RemuxError::UnsupportedAudio(fourcc(id))),
         }
     }
 
@@ -300,9 +333,12 @@ impl Remuxer {
             prev.duration = u32::try_from(sample.dts.saturating_sub(prev.dts))
                 .unwrap_or(u32::MAX)
                 .max(1);
+            self.pending_bytes += prev.data.len();
             self.video.push(prev);
         }
-        if sample.key || self.video.len() + self.audio_samples.len() >= MAX_SAMPLES_PER_FRAGMENT {
+        let full = self.video.len() + self.audio_samples.len() >= MAX_SAMPLES_PER_FRAGMENT
+            || self.pending_bytes >= MAX_FRAGMENT_BYTES;
+        if sample.key || full {
             if let Some(f) = self.cut()? {
                 out.push(Output::Fragment(f));
             }
@@ -364,6 +400,12 @@ impl Remuxer {
                     _ => flv,
                 };
                 self.audio_next = Some(dts + u64::from(AAC_FRAME));
+                if self.pending_bytes >= MAX_FRAGMENT_BYTES {
+                    // No keyframe for far too long: drop audio rather than grow without bound
+                    // (the next picture cuts the fragment).
+                    return Ok(Vec::new());
+                }
+                self.pending_bytes += body.len();
                 self.audio_samples.push(Sample {
                     dts,
                     cts: 0,
@@ -578,6 +620,7 @@ impl Remuxer {
     fn cut(&mut self) -> Result<Option<Vec<u8>>, RemuxError> {
         let video = std::mem::take(&mut self.video);
         let audio = std::mem::take(&mut self.audio_samples);
+        self.pending_bytes = 0;
         if video.is_empty() && audio.is_empty() {
             return Ok(None);
         }

@@ -231,3 +231,35 @@ fn audio_specific_config_gives_rate_and_channels() {
     );
     assert!(parse_audio_specific_config(&[0x12]).is_none());
 }
+
+#[test]
+fn metadata_announcing_another_codec_is_refused_before_any_media() {
+    assert!(Remuxer::check_metadata(Some(7), Some(10)).is_ok());
+    assert!(Remuxer::check_metadata(None, None).is_ok());
+    let e = Remuxer::check_metadata(Some(7), Some(2)).expect_err("mp3");
+    assert_eq!(
+        e.to_string(),
+        "audio format 10 (AAC) only; got format 2 (MP3)"
+    );
+    let e =
+        Remuxer::check_metadata(Some(u32::from_be_bytes(*b"hvc1")), Some(10)).expect_err("hevc");
+    assert!(e.to_string().contains("\"hvc1\" (HEVC)"), "{e}");
+}
+
+#[test]
+fn a_publisher_without_keyframes_cannot_grow_a_fragment_without_bound() {
+    let mut r = Remuxer::new(0);
+    r.push_video(0, &avc_sequence_header()).expect("avc");
+    r.push_video(0, &picture(true, 0, 10)).expect("key");
+    let mut cut = false;
+    for i in 1..8u32 {
+        let out = r
+            .push_video(i * 33, &picture(false, 0, 8 << 20))
+            .expect("p");
+        cut |= out.iter().any(|o| matches!(o, Output::Fragment(_)));
+    }
+    assert!(
+        cut,
+        "a fragment over 32 MiB must be cut without waiting for a keyframe"
+    );
+}

@@ -502,12 +502,16 @@ impl Conn {
                 }
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
-                if let Some(p) = publisher.as_mut() {
-                    if let (Some(w), Some(h)) = (metadata.video_width, metadata.video_height) {
-                        p.remuxer.set_dimensions(w, h);
-                    }
+                let Some(p) = publisher.as_mut() else {
+                    return Ok(());
+                };
+                if let (Some(w), Some(h)) = (metadata.video_width, metadata.video_height) {
+                    p.remuxer.set_dimensions(w, h);
                 }
-                Ok(())
+                let verdict =
+                    Remuxer::check_metadata(metadata.video_codec_id, metadata.audio_codec_id)
+                        .map(|()| Vec::new());
+                self.media(p, verdict).await
             }
             ServerSessionEvent::VideoDataReceived {
                 data, timestamp, ..
