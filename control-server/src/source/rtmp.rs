@@ -40,8 +40,10 @@ use crate::AppState;
 pub const APP: &str = "live";
 /// Longest the handshake may take.
 const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
-/// Longest a connection may stay silent (a publisher sends media many times a second).
-const IDLE_TIME: Duration = Duration::from_secs(30);
+/// Longest a connection may stay silent (a publisher sends media many times a second). A
+/// publisher whose link died without a FIN holds its channel this long: its encoder's
+/// reconnection is refused as a second publisher until then.
+const IDLE_TIME: Duration = Duration::from_secs(10);
 /// Bytes a connection may send before its publish request is accepted: the commands before it
 /// take a few hundred; more is a client that never publishes, holding buffers.
 const MAX_BYTES_BEFORE_PUBLISH: u64 = 1 << 20;
