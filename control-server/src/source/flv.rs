@@ -11,6 +11,7 @@
 //! * Audio: AAC only (FLV sound format 10). The AudioSpecificConfig goes into `esds`; the
 //!   timescale is the sample rate and every frame lasts 1024 samples, timestamps re-synchronised
 //!   to the FLV clock when they drift more than 100 ms from that count (a gap in the source).
+//! * Video is required (a stream with only audio is refused after 5 s); audio is optional.
 //! * A fragment is cut at every video keyframe and holds both tracks' samples since the previous
 //!   one. A video sample's duration is the distance to the next sample's decode time, so the
 //!   last sample is held back until the next one arrives (or [`Remuxer::finish`]).
@@ -37,6 +38,9 @@ const NON_SYNC: u32 = 0x0101_0000;
 /// Samples a fragment may hold before it is cut without a keyframe (a publisher whose
 /// keyframe interval is absurdly long, or that never sends one, cannot grow memory unbounded).
 const MAX_SAMPLES_PER_FRAGMENT: usize = 4096;
+/// AAC frames (about 5 s at 48 kHz) a stream may send before its first picture: a stream
+/// without video is refused after them rather than kept waiting silently.
+const MAX_AUDIO_BEFORE_VIDEO: u32 = 240;
 /// Bytes a fragment may hold before it is cut without a keyframe (the origin's splitter takes
 /// fragments of up to 128 MiB; a 2 s fragment at 20 Mbit/s is 5 MB).
 const MAX_FRAGMENT_BYTES: usize = 32 << 20;
@@ -167,6 +171,8 @@ pub struct Remuxer {
     held: Option<Sample>,
     /// Decode time the next AAC frame should have, audio ticks.
     audio_next: Option<u64>,
+    /// AAC frames received before any H.264 configuration.
+    audio_before_video: u32,
     /// End of the last sample written, per track, in µs (for the next connection's resume).
     video_end_us: u64,
     audio_end_us: u64,
@@ -192,6 +198,7 @@ impl Remuxer {
             pending_bytes: 0,
             held: None,
             audio_next: None,
+            audio_before_video: 0,
             video_end_us: resume_us,
             audio_end_us: resume_us,
             sequence: 0,
@@ -389,6 +396,15 @@ impl Remuxer {
                 let Some(rate) = self.audio.as_ref().map(|a| a.sample_rate) else {
                     return Ok(Vec::new());
                 };
+                if self.avcc.is_none() {
+                    self.audio_before_video += 1;
+                    if self.audio_before_video > MAX_AUDIO_BEFORE_VIDEO {
+                        return Err(RemuxError::UnsupportedVideo(
+                            "no video in the first 5 s (audio-only streams are not supported)"
+                                .into(),
+                        ));
+                    }
+                }
                 if !self.open || !self.init_has_audio || body.is_empty() {
                     // Before the first keyframe (or before an init segment with this track).
                     self.timeline_us(ts_ms);

@@ -263,3 +263,19 @@ fn a_publisher_without_keyframes_cannot_grow_a_fragment_without_bound() {
         "a fragment over 32 MiB must be cut without waiting for a keyframe"
     );
 }
+
+#[test]
+fn an_audio_only_stream_is_refused_after_five_seconds() {
+    let mut r = Remuxer::new(0);
+    r.push_audio(0, &aac_sequence_header()).expect("aac");
+    let mut refused = None;
+    for i in 0..300u32 {
+        if let Err(e) = r.push_audio(i * 21, &aac_frame(100)) {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = refused.expect("refused");
+    assert!(i > 200, "refused too early, after {i} frames");
+    assert!(e.to_string().contains("no video"), "{e}");
+}

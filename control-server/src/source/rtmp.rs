@@ -224,7 +224,7 @@ impl Publisher {
 
     /// The publisher left: flushes the held-back samples, frees the channel for the next
     /// publisher and records where the timeline ended.
-    async fn close(mut self, resume: &ResumePoints, why: &str) {
+    async fn close(mut self, resume: &ResumePoints, result: &Result<(), ConnError>) {
         match self.remuxer.finish() {
             Ok(out) => {
                 if let Err(e) = self.apply(out).await {
@@ -237,12 +237,21 @@ impl Publisher {
             m.insert(self.channel.name.clone(), self.remuxer.end_us());
         }
         self.channel.source_attached.store(false, Ordering::SeqCst);
-        tracing::info!(
-            channel = %self.channel.name,
-            fragments = self.fragments,
-            seconds = self.started.elapsed().as_secs(),
-            "RTMP publisher left: {why}"
-        );
+        let (fragments, seconds) = (self.fragments, self.started.elapsed().as_secs());
+        match result {
+            Ok(()) => tracing::info!(
+                channel = %self.channel.name,
+                fragments,
+                seconds,
+                "RTMP publisher left"
+            ),
+            Err(e) => tracing::warn!(
+                channel = %self.channel.name,
+                fragments,
+                seconds,
+                "RTMP publisher dropped: {e}"
+            ),
+        }
     }
 }
 
@@ -254,12 +263,8 @@ async fn connection(
 ) {
     let mut publisher = None;
     let result = run(&mut socket, remote, &state, &resume, &mut publisher).await;
-    let why = match &result {
-        Ok(()) => "connection closed".to_owned(),
-        Err(e) => e.to_string(),
-    };
     match publisher {
-        Some(p) => p.close(&resume, &why).await,
+        Some(p) => p.close(&resume, &result).await,
         None => match &result {
             Err(ConnError::Refused(r)) => {
                 tracing::info!(code = r.code, "RTMP publish refused: {}", r.description);
@@ -312,6 +317,7 @@ async fn run(
                 remaining_bytes,
             } => {
                 socket.write_all(&response_bytes).await?;
+                // At most what the last read brought, so it fits `buf` (checked below).
                 break remaining_bytes;
             }
         }
@@ -327,23 +333,12 @@ async fn run(
         close_after_flush: false,
     };
     conn.results(initial, state, resume, publisher).await?;
-    let mut received = remaining.len() as u64;
-    let results = conn
-        .session
-        .handle_input(&remaining)
-        .map_err(|e| ConnError::Session(format!("{e:?}")))?;
-    let outcome = conn.results(results, state, resume, publisher).await;
-    socket.write_all(&conn.out).await?;
-    conn.out.clear();
-    if outcome.is_err() {
-        linger(socket, &mut buf).await;
-    }
-    outcome?;
+    let mut received = 0u64;
+    let mut n = remaining.len();
+    buf.get_mut(..n)
+        .ok_or_else(|| ConnError::Handshake(format!("{n} bytes after the handshake")))?
+        .copy_from_slice(&remaining);
     loop {
-        let n = read_some(socket, &mut buf, IDLE_TIME).await?;
-        if n == 0 {
-            return Ok(());
-        }
         received += n as u64;
         if publisher.is_none() && received > MAX_BYTES_BEFORE_PUBLISH {
             return Err(ConnError::TooMuchBeforePublish(received));
@@ -362,6 +357,10 @@ async fn run(
         }
         outcome?;
         if conn.close_after_flush {
+            return Ok(());
+        }
+        n = read_some(socket, &mut buf, IDLE_TIME).await?;
+        if n == 0 {
             return Ok(());
         }
     }
