@@ -1,7 +1,9 @@
 //! The remuxer against synthetic FLV tags, checked by the origin's own splitter.
 
+use super::boxes::{AUDIO_TRACK, NON_SYNC, SYNC, VIDEO_TRACK};
 use super::*;
 use crate::origin::fmp4::parse_file;
+use mp4_atom::Moof;
 
 /// An SPS of High profile, level 3.1 (from an x264 encode), and its PPS.
 const SPS: &[u8] = b"gd\0\x1f\xac$\x84\x01@\x16\xec\x04@\0\0\x03\0@\0\0\x0c#\xc6\x0c\x92";
