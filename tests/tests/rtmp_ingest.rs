@@ -241,6 +241,17 @@ async fn rtmp_publisher_plays_with_sound_in_four_viewers_and_survives_a_restart(
             "viewer {i}'s page was reloaded"
         );
     }
+    for (i, page) in pages.iter().enumerate() {
+        let r = stats(page).await?;
+        eprintln!(
+            "rtmp_ingest: viewer {i}: {} kB from peers, {} kB from the origin, {} stalls, \
+             audio {} B decoded",
+            r.bytes_from_peers / 1000,
+            r.bytes_from_origin / 1000,
+            r.stalls,
+            audio_decoded(page).await?
+        );
+    }
     eprintln!(
         "rtmp_ingest: started at {started:.1?} s, {playing:.1?} s before the publisher left, \
          {stalled_at:.1?} s when it came back, {resumed:.1?} s after"
