@@ -1,5 +1,6 @@
 //! Sources that feed a channel's origin: a looped clip, standard input and HTTP ingest
-//! ([`ingest`]), and a file's carousel for downloads ([`carousel`]). They run on the tokio
+//! ([`ingest`]), RTMP publishers ([`rtmp`], through the pure FLV → fMP4 remuxer [`flv`]), and a
+//! file's carousel for downloads ([`carousel`]). They run on the tokio
 //! runtime and publish through [`crate::channel::Channel`]; the pure cutting and storing they use
 //! is in [`crate::origin`].
 
