@@ -33,6 +33,11 @@ const MAX_SAMPLES_PER_FRAGMENT: usize = 4096;
 /// AAC frames (about 5 s at 48 kHz) a stream may send before its first picture: a stream
 /// without video is refused after them rather than kept waiting silently.
 const MAX_AUDIO_BEFORE_VIDEO: u32 = 240;
+/// How far a tag's timestamp may fall behind the latest before it counts as a restarted clock
+/// (audio and video tags interleave a few hundred ms apart at most).
+const MAX_BACKWARDS_MS: u64 = 1000;
+/// Where the timeline goes on after a restarted clock: one 25 fps frame after the latest tag.
+const DISCONTINUITY_STEP_US: u64 = 40_000;
 /// Bytes a fragment may hold before it is cut without a keyframe (the origin's splitter takes
 /// fragments of up to 128 MiB; a 2 s fragment at 20 Mbit/s is 5 MB).
 const MAX_FRAGMENT_BYTES: usize = 32 << 20;
@@ -153,6 +158,8 @@ pub struct Remuxer {
     resume_us: u64,
     /// FLV timestamp (ms) of the first media tag, mapped to `resume_us`.
     origin_ms: Option<u32>,
+    /// The latest time a tag was mapped to, µs.
+    latest_us: u64,
     /// The fragment being assembled: open once the first keyframe arrived.
     open: bool,
     video: Vec<Sample>,
@@ -184,6 +191,7 @@ impl Remuxer {
             config_dirty: false,
             resume_us,
             origin_ms: None,
+            latest_us: resume_us,
             open: false,
             video: Vec::new(),
             audio_samples: Vec::new(),
@@ -251,9 +259,21 @@ impl Remuxer {
     }
 
     /// Time of FLV timestamp `ts_ms` on this connection's timeline, µs.
+    ///
+    /// A timestamp more than [`MAX_BACKWARDS_MS`] behind the latest (an encoder that restarted
+    /// its clock without reconnecting) is a discontinuity: the timeline goes on from where it
+    /// was, one frame later, instead of going back (which would make players overwrite what
+    /// they buffered).
     fn timeline_us(&mut self, ts_ms: u32) -> u64 {
         let origin = *self.origin_ms.get_or_insert(ts_ms);
-        self.resume_us + u64::from(ts_ms.saturating_sub(origin)) * 1000
+        let mut t = self.resume_us + u64::from(ts_ms.saturating_sub(origin)) * 1000;
+        if t + MAX_BACKWARDS_MS * 1000 < self.latest_us {
+            self.resume_us = self.latest_us + DISCONTINUITY_STEP_US;
+            self.origin_ms = Some(ts_ms);
+            t = self.resume_us;
+        }
+        self.latest_us = self.latest_us.max(t);
+        t
     }
 
     /// One FLV video tag body (the RTMP video message).
@@ -338,7 +358,7 @@ impl Remuxer {
         let full = self.video.len() + self.audio_samples.len() >= MAX_SAMPLES_PER_FRAGMENT
             || self.pending_bytes >= MAX_FRAGMENT_BYTES;
         if sample.key || full {
-            if let Some(f) = self.cut()? {
+            if let Some(f) = self.cut(false)? {
                 out.push(Output::Fragment(f));
             }
             if sample.key {
@@ -408,7 +428,9 @@ impl Remuxer {
                     _ => flv,
                 };
                 self.audio_next = Some(dts + u64::from(AAC_FRAME));
-                if self.pending_bytes >= MAX_FRAGMENT_BYTES {
+                if self.pending_bytes >= MAX_FRAGMENT_BYTES
+                    || self.video.len() + self.audio_samples.len() >= MAX_SAMPLES_PER_FRAGMENT
+                {
                     // No keyframe for far too long: drop audio rather than grow without bound
                     // (the next picture cuts the fragment).
                     return Ok(Vec::new());
@@ -437,7 +459,7 @@ impl Remuxer {
                 .map_or(VIDEO_TIMESCALE / 30, |s| s.duration);
             self.video.push(last);
         }
-        Ok(self.cut()?.map(Output::Fragment).into_iter().collect())
+        Ok(self.cut(true)?.map(Output::Fragment).into_iter().collect())
     }
 
     /// The init segment, if the configuration changed since the last one emitted.
@@ -463,8 +485,13 @@ impl Remuxer {
         boxes::init_segment(avcc, self.audio.as_ref(), self.width, self.height)
     }
 
-    /// Writes the samples gathered so far as one fragment (nothing if there are none).
-    fn cut(&mut self) -> Result<Option<Vec<u8>>, RemuxError> {
+    /// Writes the samples gathered so far as one fragment (nothing if there are none). Audio
+    /// alone waits for the next picture unless `flush`: a fragment's time and random access
+    /// are its video's.
+    fn cut(&mut self, flush: bool) -> Result<Option<Vec<u8>>, RemuxError> {
+        if self.video.is_empty() && !flush {
+            return Ok(None);
+        }
         let video = std::mem::take(&mut self.video);
         let audio = std::mem::take(&mut self.audio_samples);
         self.pending_bytes = 0;

@@ -281,3 +281,39 @@ fn an_audio_only_stream_is_refused_after_five_seconds() {
     assert!(i > 200, "refused too early, after {i} frames");
     assert!(e.to_string().contains("no video"), "{e}");
 }
+
+#[test]
+fn an_encoder_clock_that_restarts_does_not_take_the_timeline_back() {
+    let mut r = Remuxer::new(0);
+    let first = remux_stream(&mut r, 90, 30);
+    // The same encoder restarts its timestamps at 0 on the same connection.
+    let second = remux_stream(&mut r, 60, 30);
+    let (_, a) = parse_file(&first).expect("first");
+    let b = {
+        // The second run repeats the sequence headers but no init segment (unchanged).
+        let mut whole = first.clone();
+        whole.extend(&second);
+        parse_file(&whole).expect("both").1
+    };
+    let last = a.last().expect("fragments");
+    let next = &b[a.len()];
+    assert!(
+        next.base_decode_time >= last.base_decode_time + last.duration,
+        "went back: {} after {}",
+        next.base_decode_time,
+        last.base_decode_time + last.duration
+    );
+    assert!(next.base_decode_time - (last.base_decode_time + last.duration) <= 2 * 3600);
+}
+
+#[test]
+fn audio_without_pictures_cannot_grow_a_fragment_without_bound() {
+    let mut r = Remuxer::new(0);
+    r.push_video(0, &avc_sequence_header()).expect("avc");
+    r.push_audio(0, &aac_sequence_header()).expect("aac");
+    r.push_video(0, &picture(true, 0, 10)).expect("key");
+    for i in 0..20_000u32 {
+        r.push_audio(i * 21, &aac_frame(1)).expect("audio");
+    }
+    assert!(r.audio_samples.len() <= MAX_SAMPLES_PER_FRAGMENT);
+}
