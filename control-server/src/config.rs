@@ -19,6 +19,9 @@ pub struct Config {
     /// Packets kept for joiners and fallback fetches.
     pub window_packets: usize,
     pub ingest_key: Option<String>,
+    /// Address of the RTMP ingest listener (`--rtmp`, see `source::rtmp`): publishers push
+    /// `rtmp://HOST:PORT/live/CHANNEL?key=KEY` with the `ingest_key`. `None` (the default): off.
+    pub rtmp: Option<std::net::SocketAddr>,
     pub web_dir: PathBuf,
     /// Stream rate assumed for channels whose rate is not known from a file.
     pub default_stream_kbps: u32,
@@ -68,6 +71,7 @@ impl Default for Config {
             max_fanout: 16,
             window_packets: 4096,
             ingest_key: None,
+            rtmp: None,
             web_dir: PathBuf::from("web"),
             default_stream_kbps: 1000,
             operator_token: None,
@@ -115,6 +119,8 @@ pub enum ConfigError {
     MessageBytes(usize),
     #[error("the error budget of a session must be at least 1")]
     MaxErrors,
+    #[error("RTMP ingest (--rtmp) needs a stream key: add --ingest-key")]
+    RtmpWithoutKey,
 }
 
 impl Config {
@@ -130,6 +136,9 @@ impl Config {
         }
         if self.max_fanout == 0 {
             return Err(ConfigError::Fanout);
+        }
+        if self.rtmp.is_some() && self.ingest_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::RtmpWithoutKey);
         }
         if !(8..=1_000_000).contains(&self.file_kbps) {
             return Err(ConfigError::FileKbps(self.file_kbps));

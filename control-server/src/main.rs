@@ -52,6 +52,12 @@ struct Args {
     /// Stream key that allows HTTP ingest (PUT /ingest/{channel}?key=...); ingest is off without it.
     #[arg(long, env = "P2P_INGEST_KEY")]
     ingest_key: Option<String>,
+    /// Accept RTMP publishers (OBS, ffmpeg, hardware encoders) on this address, e.g.
+    /// 0.0.0.0:1935: `rtmp://HOST:PORT/live/CHANNEL?key=KEY` (OBS: Server
+    /// `rtmp://HOST:PORT/live`, Stream Key `CHANNEL?key=KEY`), KEY being the --ingest-key.
+    /// H.264 + AAC. Off by default.
+    #[arg(long, value_name = "ADDR", requires = "ingest_key")]
+    rtmp: Option<SocketAddr>,
     /// Number of substreams k (trees per channel; default 4, or the topology file's `k`).
     #[arg(long)]
     substreams: Option<u32>,
@@ -124,8 +130,9 @@ struct Args {
     /// 0: no limit.
     #[arg(long, default_value_t = limits::AddressLimits::default().control_bytes_per_sec)]
     max_control_bytes_per_sec: u32,
-    /// Channels HTTP ingest may create for one network address (counting those that still
-    /// exist); more are refused with HTTP 429. 0: no limit.
+    /// Channels HTTP or RTMP ingest may create for one network address (counting those that
+    /// still exist); more are refused (HTTP 429, RTMP `NetStream.Publish.Rejected`). 0: no
+    /// limit.
     #[arg(long, default_value_t = limits::AddressLimits::default().ingest_channels)]
     max_ingest_channels_per_address: u32,
     /// Messages per second one control session may send (burst: twice as many); more are
@@ -199,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_ms,
         origin_fanout: args.origin_fanout,
         ingest_key: args.ingest_key.clone(),
+        rtmp: args.rtmp,
         web_dir: args.web_dir.clone(),
         operator_token: args.operator_token.clone(),
         allowed_origins: args.allowed_origins.clone(),
@@ -266,6 +274,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    if let Some(rtmp) = state.config.rtmp {
+        let server = control_server::source::rtmp::listen(rtmp, state.clone())
+            .await
+            .with_context(|| format!("binding the RTMP listener on {rtmp}"))?;
+        println!(
+            "Go live: rtmp://{}/live/CHANNEL?key=… (OBS: Server rtmp://{}/live, Stream Key \
+             CHANNEL?key=…)",
+            server.local_addr, server.local_addr
+        );
+    }
     tracing::info!("control center listening on http://{addr}/");
     println!("Open http://{addr}/ in two tabs to watch the demo channel.");
     println!("Embed the player: http://{addr}/embed");

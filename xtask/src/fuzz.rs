@@ -95,7 +95,34 @@ pub const TARGETS: &[Target] = &[
         seeds: manifest_seeds,
         args: &[],
     },
+    Target {
+        name: "flv_remux",
+        max_len: 64 * 1024,
+        seeds: flv_seeds,
+        args: &[],
+    },
 ];
+
+/// A valid start for `flv_remux`: its built-in H.264 and AAC configurations, then two seconds
+/// of 25 fps pictures (a keyframe each second) and AAC frames.
+fn flv_seeds() -> Vec<(String, Vec<u8>)> {
+    let mut s = vec![1u8];
+    let mut tag = |video: bool, step: u8, body: &[u8]| {
+        s.push(u8::from(video));
+        s.push(step);
+        s.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        s.extend_from_slice(body);
+    };
+    for i in 0..50u8 {
+        let key = i % 25 == 0;
+        let mut picture = vec![if key { 0x17 } else { 0x27 }, 1, 0, 0, 0, 0, 0, 0, 8];
+        picture.extend_from_slice(&[if key { 0x65 } else { 0x41 }; 8]);
+        tag(true, 40, &picture);
+        tag(false, 0, &[0xaf, 1, 0x21, 0x10, 0x04]);
+        tag(false, 21, &[0xaf, 1, 0x21, 0x10, 0x04]);
+    }
+    vec![("flv.bin".to_string(), s)]
+}
 
 fn manifest_seeds() -> Vec<(String, Vec<u8>)> {
     let packets: Vec<&[u8]> = vec![b"moof"; 3];
