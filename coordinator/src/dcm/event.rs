@@ -175,6 +175,8 @@ pub struct Adopted {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DcmStats {
     pub heartbeats: u64,
+    /// Times the flat trees were re-planned at a new measured stream rate.
+    pub replans: u64,
     pub congestion_events: u64,
     pub repairs: u64,
     /// Substreams bridged by the origin after a move.

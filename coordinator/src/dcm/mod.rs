@@ -59,6 +59,14 @@ const LOG_KEEP: usize = 1000;
 /// How often a hierarchical channel's top tier is re-chosen from the peers' records.
 const REEVALUATE_MS: u64 = 10_000;
 
+/// How far (a fraction) the measured stream rate may drift from the rate flat trees were
+/// planned at before they are re-planned.
+const REPLAN_CHANGE: f64 = 0.15;
+
+/// Peers re-placed per tick after the stream rate changed: the moves are spread over a few
+/// seconds rather than every child of the channel changing parent at once.
+const REPLAN_PER_TICK: usize = 32;
+
 /// How often spare peers are offered to other channels and short regions recruit relays.
 const RELAY_ROUND_MS: u64 = 3_000;
 
@@ -75,6 +83,10 @@ pub struct Dcm {
     k: u32,
     heartbeat_ms: u64,
     stream_kbps: u32,
+    /// The rate flat trees are planned at (the measured one once it moved far enough).
+    planned_kbps: u32,
+    /// Peers to re-place after the stream rate changed, a few per tick.
+    replan_queue: VecDeque<PeerId>,
     planner: Planner,
     /// Peers the origin pushes to, and what (kept from the plans sent, so a packet costs a scan
     /// of the origin's direct children only).
@@ -166,6 +178,8 @@ impl Dcm {
             k,
             heartbeat_ms: cfg.heartbeat_ms.max(1),
             stream_kbps,
+            planned_kbps: stream_kbps,
+            replan_queue: VecDeque::new(),
             planner: match cfg.topology {
                 Some(topo) => Planner::tiered(topo, stream_kbps, cfg.max_fanout, cfg.cluster_max),
                 None => Planner::flat(MultiTreeConfig {
@@ -343,7 +357,7 @@ impl Dcm {
                 self.history.set_ceiling(peer, None);
                 self.splits.remove(&peer);
             }
-            Event::StreamRate { kbps } => self.stream_kbps = kbps.max(1),
+            Event::StreamRate { kbps } => self.on_stream_rate(kbps, now),
             Event::Snapshot { token } => {
                 let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
                 ids.sort();
@@ -500,6 +514,9 @@ impl Dcm {
         }
         self.last_tick = Some(now);
         self.bridges.expire(now);
+        if !self.replan_queue.is_empty() {
+            self.replan_some(now);
+        }
         // Three intervals, but never less than a few seconds: with short intervals a busy server
         // (or a busy peer) must not cut off viewers whose heartbeats are merely late.
         let timeout = (self.heartbeat_ms * 3).max(3000) + 1000;
@@ -544,6 +561,54 @@ impl Dcm {
                 self.reevaluate_preferred(now);
             }
         }
+    }
+
+    /// The origin measured the stream at `kbps`. A flat channel's trees were planned at the
+    /// rate known when the DCM started (an ingest channel's is a guess until its publisher has
+    /// sent a few seconds): when the measured rate moves more than [`REPLAN_CHANGE`] away from
+    /// the planned one, joins are planned at the new rate, and peers that now carry more
+    /// children than their upload allows are re-placed, [`REPLAN_PER_TICK`] per tick.
+    fn on_stream_rate(&mut self, kbps: u32, _now: u64) {
+        let kbps = kbps.max(1);
+        self.stream_kbps = kbps;
+        let planned = self.planned_kbps;
+        let off = f64::from(kbps.abs_diff(planned)) / f64::from(planned.max(1));
+        if off <= REPLAN_CHANGE || !self.planner.set_stream_kbps(kbps) {
+            return;
+        }
+        tracing::info!(channel = %self.name, planned, measured = kbps, "stream rate changed: re-planning");
+        self.planned_kbps = kbps;
+        self.stats.replans += 1;
+        let mut over: Vec<PeerId> = self
+            .peers
+            .keys()
+            .copied()
+            .filter(|p| {
+                let kbps = self.history.effective_kbps(*p).unwrap_or(0);
+                self.planner.over_capacity(*p, placement_kbps(kbps)) == Some(true)
+            })
+            .collect();
+        over.sort();
+        self.replan_queue = over.into();
+    }
+
+    /// Re-places up to [`REPLAN_PER_TICK`] peers queued by [`Dcm::on_stream_rate`].
+    fn replan_some(&mut self, now: u64) {
+        let mut affected = std::collections::BTreeSet::new();
+        for _ in 0..REPLAN_PER_TICK {
+            let Some(peer) = self.replan_queue.pop_front() else {
+                break;
+            };
+            if !self.peers.contains_key(&peer) {
+                continue;
+            }
+            let kbps = self.history.effective_kbps(peer).unwrap_or(0);
+            let ranking = self.ranking(peer, now);
+            let changes = self.planner.rejoin(peer, placement_kbps(kbps), ranking);
+            self.log_repair(peer, "stream rate changed", changes.affected.len(), now);
+            affected.extend(changes.affected);
+        }
+        self.send_instructions(affected, now);
     }
 
     fn send(&mut self, peer: PeerId, msg: OutMsg) {

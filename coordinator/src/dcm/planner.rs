@@ -319,6 +319,31 @@ impl Planner {
         }
     }
 
+    /// The stream rate flat trees are planned at, and whether a peer placed with `upload_kbps`
+    /// has a larger fan-out than that rate allows now (`None`: a hierarchy, whose clusters keep
+    /// the rate they were made with).
+    pub fn over_capacity(&self, peer: PeerId, upload_kbps: u32) -> Option<bool> {
+        match self {
+            Planner::Flat(t) => {
+                let now = t.fanout(peer)?;
+                Some(t.config().fanout_for(upload_kbps) < now)
+            }
+            Planner::Tiered(_) => None,
+        }
+    }
+
+    /// Plans at `kbps` from now on (flat trees; a hierarchy keeps its rate). Returns whether
+    /// anything changed.
+    pub fn set_stream_kbps(&mut self, kbps: u32) -> bool {
+        match self {
+            Planner::Flat(t) if t.config().stream_kbps != kbps => {
+                t.set_stream_kbps(kbps);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Roots of other clusters `peer` feeds, with the tree of each feed (none on a flat channel).
     pub fn fed_roots(&self, peer: PeerId) -> Vec<(PeerId, u32)> {
         match self {

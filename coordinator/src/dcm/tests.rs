@@ -1049,3 +1049,48 @@ fn a_child_that_cannot_reach_its_parent_is_re_homed_bridged_and_never_paired_wit
 }
 
 mod hostile_tests;
+
+#[test]
+fn a_flat_channel_is_re_planned_when_the_measured_stream_rate_moves_and_no_relay_is_left_over_capacity(
+) {
+    // Planned at 400 kbit/s (100 per substream); every peer offers 1000 (850 placed: 8 units).
+    let mut h = Harness::new();
+    for id in 1..=40 {
+        h.join(id, 1000);
+    }
+    h.pump();
+    let most = |h: &mut Harness| (1..=40).map(|id| busiest_relay_children(h, id)).max();
+    let before = most(&mut h).unwrap_or(0);
+    assert!(before > 2, "{before}");
+    // A drift within 15 % changes nothing.
+    h.dcm.handle(Event::StreamRate { kbps: 440 }, T0 + 1000);
+    assert_eq!(h.dcm.stats().replans, 0);
+    // The origin measures 1600 kbit/s (400 per substream: 850 carries 2 children).
+    h.dcm.handle(Event::StreamRate { kbps: 1600 }, T0 + 2000);
+    assert_eq!(h.dcm.stats().replans, 1);
+    // Re-placed a few per tick.
+    for i in 0..10 {
+        h.dcm.handle_timeout(T0 + 3000 + i * 1000);
+    }
+    h.pump();
+    h.dcm.check_invariants().unwrap();
+    for id in 1..=40 {
+        let n = busiest_relay_children(&mut h, id);
+        assert!(n <= 2, "peer {id} still feeds {n} children in its tree");
+    }
+    // New joiners are planned at the new rate as well.
+    h.join(41, 1000);
+    h.pump();
+    assert!(busiest_relay_children(&mut h, 41) <= 2);
+}
+
+/// Children of `id` in its busiest tree, from the DCM's planner.
+fn busiest_relay_children(h: &mut Harness, id: u64) -> usize {
+    h.dcm.planner.plan(PeerId(id)).map_or(0, |p| {
+        p.substreams
+            .iter()
+            .map(|s| s.children.len())
+            .max()
+            .unwrap_or(0)
+    })
+}

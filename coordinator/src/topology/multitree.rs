@@ -191,6 +191,13 @@ impl MultiTree {
         &self.cfg
     }
 
+    /// Plans joins and re-placements from now on at this stream rate (the origin's measured
+    /// one). Peers already placed keep their fan-out until re-placed: see
+    /// [`crate::dcm::Dcm`]'s re-plan after a rate change.
+    pub fn set_stream_kbps(&mut self, kbps: u32) {
+        self.cfg.stream_kbps = kbps.max(1);
+    }
+
     /// Builds the trees of many peers at once: the shape greedy joins strongest first aim at,
     /// in O(n·k + n log n) without the incremental indexes' per-join cost.
     ///
