@@ -99,7 +99,9 @@ impl AppState {
     pub fn new(config: Config) -> Self {
         let operator_token: Arc<str> = match config.operator_token.as_deref() {
             Some(t) if !t.is_empty() => t.into(),
-            _ => token::random_token().into(),
+            _ => token::random_token()
+                .expect("the OS random source is needed for the operator token")
+                .into(),
         };
         let session_limits = config.session_limits;
         let addresses = Arc::new(limits::AddressTable::new(config.address_limits));

@@ -557,9 +557,9 @@ mod tests {
 
     #[test]
     fn tokens() {
-        let a = random_token();
+        let a = random_token().unwrap();
         assert_eq!(a.len(), 32);
-        assert_ne!(a, random_token());
+        assert_ne!(Some(&a), random_token().as_ref());
         assert!(token_matches(&a, &a.clone()));
         assert!(!token_matches(&a, &a[..31]));
         assert!(!token_matches("abc", "abd"));

@@ -119,6 +119,8 @@ impl RelayBoard {
         min_kbps: u32,
         now_ms: u64,
     ) -> Option<(String, u32, OutboundTx)> {
+        // Before anything is taken from the board: without a token nobody is recruited.
+        let token = crate::token::random_token()?;
         let mut i = self.lock();
         Self::expire(&mut i, now_ms);
         let id = Self::channel_id(&mut i, channel);
@@ -126,7 +128,6 @@ impl RelayBoard {
         i.regions.remove(&peer);
         let out = i.outs.remove(&peer)?;
         i.busy.insert(peer);
-        let token = crate::token::random_token();
         i.tokens.insert(
             token.clone(),
             Pending {
