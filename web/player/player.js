@@ -66,6 +66,7 @@ function errorCode(message) {
   const server = /^server error (\w+)/.exec(message);
   if (server) return SERVER_CODES[server[1]] || 'server';
   if (message.includes('video.play()')) return 'autoplay_blocked';
+  if (message.startsWith('unsupported codec')) return 'unsupported_codec';
   if (/MediaSource|SourceBuffer|appendBuffer|init segment/.test(message)) return 'media';
   return 'peer';
 }

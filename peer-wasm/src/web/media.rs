@@ -64,6 +64,53 @@ pub(crate) fn new_media_source() -> Result<(MediaSource, bool), String> {
     Ok((source.unchecked_into::<MediaSource>(), true))
 }
 
+/// Whether this browser's MediaSource (or ManagedMediaSource) says it can play `mime`; `None`
+/// when neither exists.
+fn type_supported(mime: &str) -> Option<bool> {
+    let global = js_sys::global();
+    ["MediaSource", "ManagedMediaSource"]
+        .iter()
+        .find_map(|name| {
+            let ctor = js_sys::Reflect::get(&global, &JsValue::from_str(name)).ok()?;
+            let f = js_sys::Reflect::get(&ctor, &JsValue::from_str("isTypeSupported")).ok()?;
+            let f: js_sys::Function = f.dyn_into().ok()?;
+            let yes = f.call1(&ctor, &JsValue::from_str(mime)).ok()?;
+            Some(yes.is_truthy())
+        })
+}
+
+/// An error naming what this browser cannot play of `mime` (each codec of its `codecs`
+/// parameter is asked about alone), or `None` if it can play it all.
+pub(crate) fn unsupported(mime: &str) -> Option<String> {
+    if type_supported(mime)? {
+        return None;
+    }
+    let container = mime.split(';').next().unwrap_or(mime).trim();
+    let codecs: Vec<&str> = mime
+        .split_once("codecs=")
+        .map(|(_, c)| c.trim_matches(|ch: char| ch == '"' || ch == '\'' || ch.is_whitespace()))
+        .map(|c| {
+            c.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let refused: Vec<&str> = codecs
+        .iter()
+        .copied()
+        .filter(|c| type_supported(&format!("{container}; codecs=\"{c}\"")) == Some(false))
+        .collect();
+    Some(if refused.is_empty() {
+        format!("unsupported codec: this browser cannot play {mime}")
+    } else {
+        format!(
+            "unsupported codec: this browser cannot play {} (the stream is {mime})",
+            refused.join(", ")
+        )
+    })
+}
+
 pub(crate) struct Media {
     video: HtmlVideoElement,
     source: MediaSource,
@@ -93,6 +140,9 @@ impl Media {
         mime: String,
         pump: Rc<dyn Fn()>,
     ) -> Result<Self, String> {
+        if let Some(e) = unsupported(&mime) {
+            return Err(e);
+        }
         let (source, managed) = new_media_source()?;
         let opened = Rc::new(RefCell::new(false));
         let o = opened.clone();

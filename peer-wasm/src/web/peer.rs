@@ -972,7 +972,7 @@ impl Inner {
             signed: self
                 .engine
                 .is_verifying()
-                .then(|| protocol::report::SignedReport {
+                .then_some(protocol::report::SignedReport {
                     manifests: c.manifests,
                     bad_manifests: c.bad_manifests,
                     verified_packets: c.verified_packets,

@@ -20,6 +20,19 @@ fn media_source_accepts_the_demo_codec() {
 }
 
 #[wasm_bindgen_test]
+fn a_codec_the_browser_cannot_play_is_named() {
+    let ok = r#"video/mp4; codecs="avc1.42c01e, mp4a.40.2""#;
+    assert_eq!(super::media::unsupported(ok), None);
+    let e = super::media::unsupported(r#"video/mp4; codecs="avc1.42c01e, xyz9.1""#)
+        .expect("an unknown codec is not playable");
+    assert!(e.starts_with("unsupported codec"), "{e}");
+    assert!(
+        e.contains("xyz9.1") && !e.contains("cannot play avc1"),
+        "{e}"
+    );
+}
+
+#[wasm_bindgen_test]
 fn js_errors_become_readable_messages() {
     let e = js_sys::Error::new("boom");
     assert_eq!(super::js_err("ctx", &e.into()), "ctx: boom");
