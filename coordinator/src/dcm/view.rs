@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
-use protocol::{Heartbeat, PeerId, Source, SubstreamPlan};
+use protocol::{ChildLink, Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
 
 /// What the view remembers of one peer.
@@ -138,6 +138,17 @@ impl ProductionLog {
         }
     }
 
+    /// When packet `seq` was made, if it is among the recent ones.
+    pub fn created(&self, seq: u64) -> Option<u64> {
+        let first = self.recent.front()?.0;
+        let i = usize::try_from(seq.checked_sub(first)?).ok()?;
+        match self.recent.get(i) {
+            Some((s, c)) if *s == seq => Some(*c),
+            // Not contiguous (a restart of the numbering): search.
+            _ => self.recent.iter().find(|(s, _)| *s == seq).map(|(_, c)| *c),
+        }
+    }
+
     /// Newest packet of `substream` created at or before `t_ms`: (seq, created_ms).
     pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<(u64, u64)> {
         self.recent
@@ -219,9 +230,11 @@ type Judged = (PeerId, PeerId, u32, bool, u64, Option<u64>, bool, bool);
 /// packet), yet nothing at all has come over the link since `expected` was created. A slow link
 /// still delivers, late; an overloaded child still shows arrivals; a silent forwarder (issue 13)
 /// shows neither, and its children are moved on the first heartbeat that shows it rather than
-/// the second.
+/// the second. Only a link that delivered before counts: one that never did may never have
+/// opened.
 fn claimed_but_dead(
     view: &HeartbeatView,
+    log: &ProductionLog,
     cfg: &CongestionConfig,
     parent: PeerId,
     child: PeerId,
@@ -245,32 +258,61 @@ fn claimed_but_dead(
     if link.last_seq.is_some_and(|s| s >= expected) {
         return false;
     }
-    let arrived_since = link.last_ts_ms.is_some_and(|t| {
-        let at = (t as i64).saturating_add(cs.clock_offset_ms).max(0) as u64;
-        at > created
-    });
-    if arrived_since {
+    // A link that never delivered may never have opened (an unreachable pair): that is for
+    // the data channel's own timeout and `link_failed` to settle, which also keeps the pair
+    // apart afterwards. Dead here means it delivered, then stopped.
+    let Some(last_at) = link.last_ts_ms else {
+        return false;
+    };
+    let last_at = (last_at as i64).saturating_add(cs.clock_offset_ms).max(0) as u64;
+    if last_at > created {
         return false;
     }
     let Some(ps) = view.get(parent) else {
         return false;
     };
-    let held = ps
+    // When a packet `last` (no earlier than `expected`) went at local time `at`, `expected` went
+    // as much earlier as it was made earlier (a forwarder passes packets on with about the same
+    // delay).
+    let went_at = |last: u64, at: u64| {
+        let made_apart = log.created(last).map_or(0, |c| c.saturating_sub(created));
+        at.saturating_sub(made_apart)
+    };
+    // What the parent received on the substream, and when.
+    let got = ps
         .heartbeat
         .parents
         .iter()
         .find(|x| x.substream == substream)
-        .and_then(|x| x.last_seq)
-        .is_some_and(|s| s >= expected);
-    match ps
+        .and_then(|x| Some((x.last_seq?, x.last_ts_ms?)))
+        .filter(|(s, _)| *s >= expected);
+    // When the parent says it sent the packet, on the server's clock: from its last send to
+    // this child, or, for a link it does not list, from when it received the packet, which it
+    // passed on at once if it reports nothing queued. A link that delivers late (a slow uplink,
+    // a long path, packets of one substream a second apart) delivers within the grace of that;
+    // a dead one never does.
+    let skew = ps.clock_offset_ms;
+    let sent_at = match ps
         .heartbeat
         .children
         .iter()
         .find(|c| c.child == child && c.substream == substream)
     {
-        Some(c) => c.last_seq.is_some_and(|s| s >= expected),
-        None => held && u64::from(ps.heartbeat.send_backlog_ms) <= cfg.backlog_ms,
-    }
+        Some(ChildLink {
+            last_seq: Some(last),
+            last_ts_ms: Some(at),
+            ..
+        }) if *last >= expected => Some(went_at(*last, *at)),
+        Some(_) => None,
+        None if u64::from(ps.heartbeat.send_backlog_ms) <= cfg.backlog_ms => {
+            got.map(|(last, at)| went_at(last, at))
+        }
+        None => None,
+    };
+    sent_at.is_some_and(|t| {
+        let t = (t as i64).saturating_add(skew).max(0) as u64;
+        t >= created && t + cfg.dead_grace_ms <= cs.sent_ms()
+    })
 }
 
 impl CongestionDetector {
@@ -310,7 +352,9 @@ impl CongestionDetector {
         let cs = view.get(child)?;
         let cutoff = cs.sent_ms().saturating_sub(self.cfg.dead_grace_ms);
         let (expected, created) = log.newest_before(substream, k, cutoff)?;
-        let dead = claimed_but_dead(view, &self.cfg, parent, child, substream, expected, created);
+        let dead = claimed_but_dead(
+            view, log, &self.cfg, parent, child, substream, expected, created,
+        );
         (dead
             && link_since(parent, child, substream)
                 .is_some_and(|since| created >= since + self.cfg.settle_ms))

@@ -1026,8 +1026,8 @@ impl Engine {
     }
 
     /// A gap of tree `tree`, open since `noticed`, is old or was filled by another source: if
-    /// the tree's peer parent (assigned before the gap, not being bridged) has sent nothing
-    /// since, it is quiet until it sends again.
+    /// the tree's peer parent (assigned before the gap, not being bridged) delivered before and
+    /// has sent nothing since, it is quiet until it sends again.
     fn note_quiet_parent(&mut self, tree: usize, noticed: f64) {
         let peer_parent = self
             .plan
@@ -1038,10 +1038,12 @@ impl Engine {
             .get(tree)
             .is_some_and(|(since, _)| *since <= noticed);
         let bridged = self.bridged.get(tree).is_some_and(|b| b.is_some());
+        // It delivered before (a link that never did may never have opened: the glue reports
+        // that when the data channel times out) and nothing since.
         let silent_since = self
             .parent_last
             .get(tree)
-            .is_some_and(|(_, at)| at.is_none_or(|at| (at as f64) < noticed));
+            .is_some_and(|(_, at)| at.is_some_and(|at| (at as f64) < noticed));
         if peer_parent && assigned_before && !bridged && silent_since {
             if let Some(q) = self.quiet_parent.get_mut(tree) {
                 q.get_or_insert((noticed, false));

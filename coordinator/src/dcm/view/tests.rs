@@ -520,6 +520,7 @@ fn a_feeder_that_holds_the_packet_and_reports_no_backlog_is_judged_on_the_feeds_
         .retain(|c| !(c.child == child && c.substream == sub));
     hb.seq += 1;
     view.ingest(hb.clone(), 1_000_000);
+    // It received the packet 1.5 s before and has nothing queued: it passed it on then.
     let mut det = CongestionDetector::new(CongestionConfig::default());
     let found = det.on_feeder_heartbeat(&view, &log, K, parent, &[(child, sub)], |_, _, _| Some(0));
     assert_eq!(found.len(), 1, "{found:?}");
@@ -527,6 +528,22 @@ fn a_feeder_that_holds_the_packet_and_reports_no_backlog_is_judged_on_the_feeds_
         (found[0].parent, found[0].child, found[0].substream),
         (parent, child, sub)
     );
+    // Had it received the packet only 100 ms before the child wrote, it would still be on its
+    // way.
+    let mut late = hb.clone();
+    late.seq += 10;
+    for p in &mut late.parents {
+        p.last_ts_ms = Some(1_000_000 - 100);
+    }
+    let mut v2 = HeartbeatView::default();
+    for id in [parent, child] {
+        v2.ingest(view.get(id).unwrap().heartbeat.clone(), 1_000_000);
+    }
+    v2.ingest(late, 1_000_000);
+    let mut d2 = CongestionDetector::new(CongestionConfig::default());
+    assert!(d2
+        .on_feeder_heartbeat(&v2, &log, K, parent, &[(child, sub)], |_, _, _| Some(0))
+        .is_empty());
     // Parity feeds are not judged, nor a young feed.
     let mut det = CongestionDetector::new(CongestionConfig::default());
     assert!(det
@@ -544,5 +561,25 @@ fn a_feeder_that_holds_the_packet_and_reports_no_backlog_is_judged_on_the_feeds_
     let mut det = CongestionDetector::new(CongestionConfig::default());
     assert!(det
         .on_feeder_heartbeat(&view, &log, K, parent, &[(child, sub)], |_, _, _| Some(0))
+        .is_empty());
+}
+
+#[test]
+fn a_packet_sent_a_moment_before_the_childs_report_is_not_yet_owed_on_one_report() {
+    // The same claim, but the parent sent its last packet to the child only 100 ms before the
+    // child wrote its heartbeat: on a long path or a slow uplink that packet is still on its way
+    // (one packet per substream a second apart means nothing else arrived since either).
+    let (mut view, log, (parent, child, sub)) = silent_parent_view(5000);
+    let mut hb = view.get(parent).unwrap().heartbeat.clone();
+    for c in &mut hb.children {
+        if c.child == child && c.substream == sub {
+            c.last_ts_ms = Some(1_000_000 - 100);
+        }
+    }
+    hb.seq += 1;
+    view.ingest(hb, 1_000_000);
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    assert!(det
+        .on_heartbeat(&view, &log, K, child, |_, _, _| Some(0))
         .is_empty());
 }
