@@ -239,8 +239,7 @@ fn claimed_but_dead(
     parent: PeerId,
     child: PeerId,
     substream: u32,
-    expected: u64,
-    created: u64,
+    (expected, created): (u64, u64),
 ) -> bool {
     // The child's side first: in a healthy swarm it has the packet, and the parent's report
     // (another peer's memory) is not read.
