@@ -352,7 +352,13 @@ impl CongestionDetector {
         let cutoff = cs.sent_ms().saturating_sub(self.cfg.dead_grace_ms);
         let (expected, created) = log.newest_before(substream, k, cutoff)?;
         let dead = claimed_but_dead(
-            view, log, &self.cfg, parent, child, substream, expected, created,
+            view,
+            log,
+            &self.cfg,
+            parent,
+            child,
+            substream,
+            (expected, created),
         );
         (dead
             && link_since(parent, child, substream)
