@@ -233,6 +233,18 @@ async fn an_unsupported_codec_is_refused_by_name() {
         ch.init().is_none(),
         "nothing published from a refused stream"
     );
+    // The dashboard's row and /metrics' counter name the codec refusals.
+    use control_server::source::rtmp::Reason;
+    assert_eq!(state.rtmp.refusals(Reason::Codec), 2);
+    assert_eq!(state.rtmp.dropped(), 0, "a refused stream is not a drop");
+    let row = state.rtmp.channel("cam7").expect("cam7's RTMP row");
+    assert!(!row.publishing);
+    assert!(
+        row.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("got format 2 (MP3)")),
+        "{row:?}"
+    );
 }
 
 #[tokio::test]
@@ -256,6 +268,11 @@ async fn garbage_and_a_publisher_cut_mid_tag_leave_other_channels_alone() {
     })
     .await;
     assert!(closed.is_ok(), "the server kept a garbage connection open");
+    assert_eq!(
+        state.rtmp.failed_connections(),
+        1,
+        "the garbage connection is counted"
+    );
     // A valid handshake start (C0 + C1), then the connection drops mid-handshake.
     let mut s = tokio::net::TcpStream::connect(rtmp).await.expect("connect");
     let mut c1 = vec![3u8];
