@@ -129,9 +129,8 @@ function rtmpCell(r) {
   if (!r) return '';
   const err = r.last_error ? ` title="${esc(r.last_error)}"` : '';
   const head = r.publishing ? `RTMP live since ${clock(r.since_ms)}` : 'RTMP: no publisher';
-  return `<span class="rtmp${r.refusals || r.errors ? ' err' : ''}"${err}>${head}: ${num(r.publishes)} publish(es), ` +
-    `${num(r.refusals)} refused` +
-    `${r.last_error ? `<br><small>${clock(r.last_error_ms)} ${esc(r.last_error)}</small>` : ''}</span>`;
+  return `<span class="rtmp"${err}>${head}: ${num(r.publishes)} publish(es), ${num(r.refusals)} refused` +
+    `${r.last_error ? `<br><small class="err">${clock(r.last_error_ms)} ${esc(r.last_error)}</small>` : ''}</span>`;
 }
 
 // The RTMP listener (`rtmp` at the overview's top): refusals by reason (also of channel names
