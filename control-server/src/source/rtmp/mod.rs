@@ -177,9 +177,9 @@ impl Publisher {
             m.insert(self.channel.name.clone(), self.remuxer.end_us());
         }
         self.channel.source_attached.store(false, Ordering::SeqCst);
-        // A refused stream is on the board already (`Conn::media`).
+        // A refused stream or request is on the board already (`Conn::media`, `Conn::refuse`).
         let error = match result {
-            Err(ConnError::Media(_)) | Ok(()) => None,
+            Err(ConnError::Media(_) | ConnError::Refused(_)) | Ok(()) => None,
             Err(e) => Some(e.to_string()),
         };
         board.left(&self.channel.name, error.as_deref());
