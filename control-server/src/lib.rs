@@ -93,6 +93,8 @@ pub struct AppState {
     bans: Arc<std::sync::Mutex<HashMap<limits::AddressKey, std::time::Instant>>>,
     /// Live HLS/CMAF playlists pulled into channels, with their status (issue 14).
     pub pulls: Arc<source::hls::PullBoard>,
+    /// The RTMP listener's address, publishers, refusals and last errors (issue 14).
+    pub rtmp: Arc<source::rtmp::RtmpBoard>,
 }
 
 impl AppState {
@@ -117,6 +119,7 @@ impl AppState {
             sessions: Arc::default(),
             bans: Arc::default(),
             pulls: Arc::default(),
+            rtmp: Arc::default(),
         }
     }
 

@@ -780,6 +780,46 @@ pub async fn render(state: &AppState) -> String {
         "1 while an HLS pull follows its playlist (0: starting, retrying, ended, refused, stopped).",
         &pull_rows(&|p| u64::from(p.phase() == crate::source::hls::Phase::Following)),
     );
+    // RTMP ingest (issue 14): the listener as a whole (refused channel names come from
+    // unauthenticated clients, so no channel label).
+    let rtmp = &state.rtmp;
+    e.family(
+        "p2p_rtmp_publishers",
+        "gauge",
+        "RTMP publishers feeding a channel now.",
+        &[(String::new(), rtmp.publishers())],
+    );
+    e.family(
+        "p2p_rtmp_publishes_total",
+        "counter",
+        "RTMP publish requests accepted.",
+        &[(String::new(), rtmp.publishes())],
+    );
+    let rtmp_refusals: Vec<(String, u64)> = crate::source::rtmp::Reason::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.label()), rtmp.refusals(*r)))
+        .collect();
+    e.family(
+        "p2p_rtmp_refusals_total",
+        "counter",
+        "RTMP publishers refused: another application (application), wrong or missing stream key \
+         (key), a channel with a live source (busy), a bad channel name (channel_name), the \
+         address's channel limit (limit), a codec other than H.264/AAC (codec), an unreadable tag \
+         (malformed), the channel could not start (server).",
+        &rtmp_refusals,
+    );
+    e.family(
+        "p2p_rtmp_dropped_total",
+        "counter",
+        "RTMP publishers whose connection ended with an error (protocol error, silence, cut).",
+        &[(String::new(), rtmp.dropped())],
+    );
+    e.family(
+        "p2p_rtmp_failed_connections_total",
+        "counter",
+        "RTMP connections that ended with an error before publishing (not RTMP, handshake, silence).",
+        &[(String::new(), rtmp.failed_connections())],
+    );
     e.family(
         "p2p_lagging_links",
         "gauge",

@@ -5,7 +5,8 @@
 //! | route | who | what |
 //! |---|---|---|
 //! | `GET /player.js`, `/player.d.ts` | anyone, CORS | the embeddable player and its typings |
-//! | `GET /embed` | anyone | snippet, live preview, option and event reference |
+//! | `GET /embed` | anyone | snippet, live preview, option and event reference, ingest URLs |
+//! | `GET /api/ingest` | anyone; the key only with the operator token | each channel's ingest URLs ([`crate::source::urls`]) |
 //! | `GET /dashboard` | anyone (the page holds no data) | the operator dashboard |
 //! | `GET /metrics` | anyone | Prometheus text (aggregates only, no peer details) |
 //! | `GET /api/operator/overview` | operator | channels, viewers per region and tier, totals |
@@ -200,6 +201,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/operator/channels/{id}/series", get(series))
         .route("/api/operator/channels/{id}/graph", get(graph))
         .merge(crate::source::hls::api::routes())
+        .merge(crate::source::urls::routes())
 }
 
 async fn serve_file(path: PathBuf, mime: &'static str) -> Response {
@@ -269,6 +271,8 @@ pub struct ChannelOverview {
     pub last_sample: Option<Sample>,
     /// The channel's HLS pull, if it is pulled from a playlist.
     pub pull: Option<crate::source::hls::PullView>,
+    /// The channel's RTMP publisher, refusals and last error, if RTMP ever touched it.
+    pub rtmp: Option<crate::source::rtmp::RtmpChannelView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -277,6 +281,8 @@ pub struct Overview {
     pub regions: Vec<RegionView>,
     pub tiers: Vec<TierView>,
     pub channels: Vec<ChannelOverview>,
+    /// The RTMP listener (publishers, refusals by reason, last error), if it listens.
+    pub rtmp: Option<crate::source::rtmp::RtmpView>,
 }
 
 async fn overview(State(state): State<AppState>) -> Json<Overview> {
@@ -302,6 +308,7 @@ async fn overview(State(state): State<AppState>) -> Json<Overview> {
             totals,
             last_sample,
             pull: state.pulls.status(&name).map(|p| p.view()),
+            rtmp: state.rtmp.channel(&name),
             id: name,
         });
     }
@@ -316,6 +323,7 @@ async fn overview(State(state): State<AppState>) -> Json<Overview> {
             algorithm: metrics::DEFAULT_ALGORITHM.into(),
         }],
         channels,
+        rtmp: state.rtmp.view(),
     })
 }
 

@@ -108,7 +108,8 @@ function renderOverview(ov) {
   $('channels').innerHTML = '<tr><th>channel</th><th>live</th><th>viewers</th><th>p2p share</th><th>origin egress</th><th>stream</th><th>source</th></tr>' +
     ov.channels.map((c) => `<tr><td>${esc(c.id)}</td><td>${c.live ? 'yes' : 'no'}</td><td>${c.totals.viewers}</td>` +
       `<td>${pct(c.p2p_share)}</td><td>${mb(c.origin_egress_bytes)}</td><td>${c.stream_kbps} kbit/s × ${c.substreams}</td>` +
-      `<td>${pullCell(c.pull)}</td></tr>`).join('');
+      `<td>${pullCell(c.pull)}${c.pull && c.rtmp ? '<br>' : ''}${rtmpCell(c.rtmp)}</td></tr>`).join('');
+  renderRtmp(ov.rtmp);
 }
 
 // An HLS pull (`pull` in the overview): its state, segments, retries, and the last error.
@@ -122,6 +123,31 @@ function pullCell(p) {
 }
 
 const clock = (ms) => new Date(ms).toLocaleTimeString('en-GB');
+
+// A channel's RTMP side (`rtmp` in the overview): publishing or not, refusals, the last error.
+function rtmpCell(r) {
+  if (!r) return '';
+  const err = r.last_error ? ` title="${esc(r.last_error)}"` : '';
+  const head = r.publishing ? `RTMP live since ${clock(r.since_ms)}` : 'RTMP: no publisher';
+  return `<span class="rtmp"${err}>${head}: ${num(r.publishes)} publish(es), ${num(r.refusals)} refused` +
+    `${r.last_error ? `<br><small class="err">${clock(r.last_error_ms)} ${esc(r.last_error)}</small>` : ''}</span>`;
+}
+
+// The RTMP listener (`rtmp` at the overview's top): refusals by reason (also of channel names
+// that do not exist, such as a wrong key for a new channel) and its last error.
+function renderRtmp(r) {
+  const p = $('rtmp-status');
+  p.hidden = !r;
+  if (!r) return;
+  const refused = Object.entries(r.refusals).filter(([, n]) => n > 0)
+    .map(([k, n]) => `${esc(k)} ${num(n)}`).join(', ');
+  const last = r.last_error;
+  p.innerHTML = `RTMP ingest on ${esc(r.listening)}: ${num(r.publishers)} publisher(s) now, ` +
+    `${num(r.publishes)} accepted, refused: ${refused || 'none'}, ${num(r.dropped)} dropped` +
+    (last ? `<br><span class="err">last error ${clock(last.at_ms)}${last.channel ? ` (${esc(last.channel)})` : ''}: ` +
+      `${esc(last.kind)}: ${esc(last.message)}</span>` : '');
+}
+
 
 function renderCongestion(graph, ch) {
   const t = ch ? ch.totals : { congestion_events: 0, repairs: 0 };

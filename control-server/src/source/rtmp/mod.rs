@@ -36,7 +36,9 @@ use super::ingest::LiveIngest;
 use crate::channel::SharedChannel;
 use crate::AppState;
 
+mod board;
 mod publish;
+pub use board::{Reason, RtmpBoard, RtmpChannelView, RtmpProblem, RtmpView};
 use publish::attach;
 pub use publish::{check_key, is_publish_app, parse_publish_name, PublishName, Refusal, APP};
 
@@ -74,6 +76,7 @@ type ResumePoints = Arc<Mutex<HashMap<String, u64>>>;
 pub async fn listen(addr: SocketAddr, state: AppState) -> std::io::Result<RtmpServer> {
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
+    state.rtmp.set_listening(local_addr);
     let resume: ResumePoints = Arc::default();
     let task = tokio::spawn(async move {
         loop {
@@ -156,7 +159,12 @@ impl Publisher {
 
     /// The publisher left: flushes the held-back samples, frees the channel for the next
     /// publisher and records where the timeline ended.
-    async fn close(mut self, resume: &ResumePoints, result: &Result<(), ConnError>) {
+    async fn close(
+        mut self,
+        board: &RtmpBoard,
+        resume: &ResumePoints,
+        result: &Result<(), ConnError>,
+    ) {
         match self.remuxer.finish() {
             Ok(out) => {
                 if let Err(e) = self.apply(out).await {
@@ -169,6 +177,12 @@ impl Publisher {
             m.insert(self.channel.name.clone(), self.remuxer.end_us());
         }
         self.channel.source_attached.store(false, Ordering::SeqCst);
+        // A refused stream or request is on the board already (`Conn::media`, `Conn::refuse`).
+        let error = match result {
+            Err(ConnError::Media(_) | ConnError::Refused(_)) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        board.left(&self.channel.name, error.as_deref());
         let (fragments, seconds) = (self.fragments, self.started.elapsed().as_secs());
         match result {
             Ok(()) => tracing::info!(
@@ -196,12 +210,15 @@ async fn connection(
     let mut publisher = None;
     let result = run(&mut socket, remote, &state, &resume, &mut publisher).await;
     match publisher {
-        Some(p) => p.close(&resume, &result).await,
+        Some(p) => p.close(&state.rtmp, &resume, &result).await,
         None => match &result {
             Err(ConnError::Refused(r)) => {
                 tracing::info!(code = r.code, "RTMP publish refused: {}", r.description);
             }
-            Err(e) => tracing::info!("RTMP connection ended before publishing: {e}"),
+            Err(e) => {
+                state.rtmp.failed_connection(&e.to_string());
+                tracing::info!("RTMP connection ended before publishing: {e}");
+            }
             Ok(()) => tracing::debug!("RTMP connection closed before publishing"),
         },
     }
@@ -353,8 +370,17 @@ impl Conn {
         Ok(())
     }
 
-    /// Refuses request `request_id` with `refusal`; the connection ends once it is sent.
-    fn refuse(&mut self, request_id: u32, refusal: Refusal) -> Result<(), ConnError> {
+    /// Refuses request `request_id` of a publisher naming `channel` with `refusal`, and
+    /// records it on the board; the connection ends once it is sent.
+    fn refuse(
+        &mut self,
+        state: &AppState,
+        channel: Option<&str>,
+        request_id: u32,
+        refusal: Refusal,
+    ) -> Result<(), ConnError> {
+        let exists = channel.is_some_and(|c| state.channel(c).is_some());
+        state.rtmp.refused(channel, exists, &refusal);
         let r = self
             .session
             .reject_request(request_id, refusal.code, &refusal.description);
@@ -380,8 +406,11 @@ impl Conn {
                     self.send(r)
                 } else {
                     self.refuse(
+                        state,
+                        None,
                         request_id,
                         Refusal::new(
+                            Reason::Application,
                             "NetConnection.Connect.Rejected",
                             format!(
                                 "unknown application {app_name:?}: publish to \
@@ -396,22 +425,28 @@ impl Conn {
                 stream_key,
                 ..
             } => {
-                if publisher.is_some() {
+                let name = parse_publish_name(&stream_key);
+                if let Some(p) = publisher.as_ref() {
+                    let channel = p.channel.name.clone();
                     return self.refuse(
+                        state,
+                        Some(&channel),
                         request_id,
                         Refusal::new(
+                            Reason::Busy,
                             "NetStream.Publish.BadName",
                             "this connection already publishes a channel",
                         ),
                     );
                 }
-                match attach(state, self.remote, &parse_publish_name(&stream_key)) {
+                match attach(state, self.remote, &name) {
                     Ok(channel) => {
                         let r = self.session.accept_request(request_id);
                         if let Err(e) = self.send(r) {
                             channel.source_attached.store(false, Ordering::SeqCst);
                             return Err(e);
                         }
+                        state.rtmp.started(&channel.name);
                         let resume_us = resume
                             .lock()
                             .ok()
@@ -431,7 +466,7 @@ impl Conn {
                         });
                         Ok(())
                     }
-                    Err(refusal) => self.refuse(request_id, refusal),
+                    Err(refusal) => self.refuse(state, Some(&name.channel), request_id, refusal),
                 }
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
@@ -444,7 +479,7 @@ impl Conn {
                 let verdict =
                     Remuxer::check_metadata(metadata.video_codec_id, metadata.audio_codec_id)
                         .map(|()| Vec::new());
-                self.media(p, verdict).await
+                self.media(&state.rtmp, p, verdict).await
             }
             ServerSessionEvent::VideoDataReceived {
                 data, timestamp, ..
@@ -453,7 +488,7 @@ impl Conn {
                     return Ok(());
                 };
                 let out = p.remuxer.push_video(timestamp.value, &data);
-                self.media(p, out).await
+                self.media(&state.rtmp, p, out).await
             }
             ServerSessionEvent::AudioDataReceived {
                 data, timestamp, ..
@@ -462,7 +497,7 @@ impl Conn {
                     return Ok(());
                 };
                 let out = p.remuxer.push_audio(timestamp.value, &data);
-                self.media(p, out).await
+                self.media(&state.rtmp, p, out).await
             }
             ServerSessionEvent::PublishStreamFinished { .. } => {
                 self.close_after_flush = true;
@@ -474,12 +509,20 @@ impl Conn {
 
     async fn media(
         &mut self,
+        board: &RtmpBoard,
         p: &mut Publisher,
         out: Result<Vec<Output>, RemuxError>,
     ) -> Result<(), ConnError> {
         match out {
             Ok(outputs) => p.apply(outputs).await,
             Err(e) => {
+                let reason = match e {
+                    RemuxError::UnsupportedVideo(_) | RemuxError::UnsupportedAudio(_) => {
+                        Reason::Codec
+                    }
+                    RemuxError::Malformed { .. } | RemuxError::Mp4(_) => Reason::Malformed,
+                };
+                board.stream_refused(&p.channel.name, reason, &e.to_string());
                 // Tell the publisher why (ffmpeg prints `Server error: …`), then hang up.
                 if let Some(bytes) = status_error(&e.to_string()) {
                     self.out.extend_from_slice(&bytes);

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
+use super::board::Reason;
 use crate::channel::SharedChannel;
 use crate::AppState;
 
@@ -16,13 +17,16 @@ pub const APP: &str = "live";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{description}")]
 pub struct Refusal {
+    /// What kind of refusal, for the counters (`p2p_rtmp_refusals_total{reason}`).
+    pub reason: Reason,
     pub code: &'static str,
     pub description: String,
 }
 
 impl Refusal {
-    pub(super) fn new(code: &'static str, description: impl Into<String>) -> Self {
+    pub(super) fn new(reason: Reason, code: &'static str, description: impl Into<String>) -> Self {
         Refusal {
+            reason,
             code,
             description: description.into(),
         }
@@ -60,6 +64,7 @@ pub fn parse_publish_name(stream: &str) -> PublishName {
 pub fn check_key(expected: Option<&str>, name: &PublishName) -> Result<(), Refusal> {
     let Some(expected) = expected else {
         return Err(Refusal::new(
+            Reason::Key,
             "NetStream.Publish.Unauthorized",
             "RTMP ingest needs a stream key: start the server with --ingest-key",
         ));
@@ -67,10 +72,12 @@ pub fn check_key(expected: Option<&str>, name: &PublishName) -> Result<(), Refus
     match name.key.as_deref() {
         Some(k) if k == expected => Ok(()),
         Some(_) => Err(Refusal::new(
+            Reason::Key,
             "NetStream.Publish.Unauthorized",
             "wrong stream key",
         )),
         None => Err(Refusal::new(
+            Reason::Key,
             "NetStream.Publish.Unauthorized",
             format!(
                 "missing stream key: publish to rtmp://HOST/{APP}/{}?key=KEY \
@@ -91,6 +98,7 @@ pub(super) fn attach(
     check_key(state.config.ingest_key.as_deref(), name)?;
     let busy = || {
         Refusal::new(
+            Reason::Busy,
             "NetStream.Publish.BadName",
             format!("channel {:?} already has a live source", name.channel),
         )
@@ -103,13 +111,22 @@ pub(super) fn attach(
                 .may_create_channel(remote.ip(), |c| state.channel(c).is_some())
             {
                 state.addresses.refusals.record(e.limit());
-                return Err(Refusal::new("NetStream.Publish.Rejected", e.to_string()));
+                return Err(Refusal::new(
+                    Reason::Limit,
+                    "NetStream.Publish.Rejected",
+                    e.to_string(),
+                ));
             }
             let ch = state
                 .create_channel(&name.channel, state.config.default_stream_kbps)
                 .map_err(|e| match e {
                     crate::ServerError::ChannelExists(_) => busy(),
-                    e => Refusal::new("NetStream.Publish.BadName", e.to_string()),
+                    e @ crate::ServerError::BadChannelName(_) => Refusal::new(
+                        Reason::ChannelName,
+                        "NetStream.Publish.BadName",
+                        e.to_string(),
+                    ),
+                    e => Refusal::new(Reason::Server, "NetStream.Publish.BadName", e.to_string()),
                 })?;
             state.addresses.ingest_created(remote.ip(), &name.channel);
             ch
