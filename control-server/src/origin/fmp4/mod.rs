@@ -11,15 +11,17 @@
 //!   whether it starts with a keyframe, which makes it a random-access point for joiners.
 //!
 //! Everything here is pure and never panics on input: sizes are validated before slicing and every
-//! read is bounds-checked, because the bytes come from untrusted ingest clients. Box sizes are
+//! read, ours or `mp4-atom`'s, is bounds-checked (the `fmp4_split` fuzz target checks both),
+//! because the bytes come from untrusted ingest clients. Box sizes are
 //! capped ([`MAX_BOX_SIZE`]) so a hostile header cannot make the origin buffer gigabytes.
 //!
 //! [`rewrite_timing`] patches `tfdt`/`mfhd` in place so a short clip can be looped forever as a
 //! live stream with a continuous timeline.
 //!
-//! The boxes are decoded by `mp4-atom` ([`boxes`]); what is written here is what it does not do:
-//! cutting a stream that arrives in pieces at box boundaries with bounded memory, the MSE
-//! `codecs` string ([`codecs`]), and patching timing fields in place ([`retime`]).
+//! The boxes are decoded by `mp4-atom` (`boxes.rs`); what is written here is what it does not do:
+//! cutting a stream that arrives in pieces at box boundaries with bounded memory and keeping the
+//! original bytes (this file), the MSE `codecs` string (`codecs.rs`), and patching timing fields
+//! in place (`retime.rs`).
 
 mod boxes;
 mod codecs;
