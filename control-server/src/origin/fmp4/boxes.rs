@@ -2,11 +2,15 @@
 //! the in-place retiming), the `moov` (tracks, timescale, codecs, `trex` defaults) and each `moof`
 //! (decode time, duration, keyframe flag).
 //!
-//! Only the boxes the origin reads are decoded: `tkhd`, `mdhd`, `hdlr`, `stsd` and `mvex` out of
-//! the `moov`, found by walking its children, so metadata it does not need (`udta`, `meta`,
-//! `edts`, the empty sample tables) cannot make a playable stream be refused.
+//! Only the boxes the origin reads are decoded, found by walking their parents: `tkhd`, `mdhd`,
+//! `hdlr`, `stsd` and `mvex` out of the `moov`, `tfhd`, `tfdt` and `trun` out of a `moof`. So
+//! boxes it does not need (`udta`, `meta`, `edts`, `sdtp`, encryption boxes) cannot make a
+//! playable stream be refused, and mp4-atom's warning about a box it does not know is not logged
+//! once per fragment.
 
-use mp4_atom::{Decode, DecodeMaybe, Hdlr, Mdhd, Moof, Mvex, Stsd, Tkhd, Trex, TrunSamples};
+use mp4_atom::{
+    Decode, DecodeMaybe, Hdlr, Mdhd, Mvex, Stsd, Tfdt, Tfhd, Tkhd, Trex, Trun, TrunSamples,
+};
 
 use super::{codecs, Fmp4Error, MAX_BOX_SIZE};
 
@@ -250,18 +254,41 @@ pub(super) struct FragmentInfo {
     pub starts_with_keyframe: bool,
 }
 
-/// Reads a whole `moof` box: the primary track's `traf` (else the first one).
-pub(super) fn read_moof(moof: &RawBox<'_>, movie: &MovieInfo) -> Result<FragmentInfo, Fmp4Error> {
-    let moof: Moof = moof.decode()?;
-    let traf = moof
-        .traf
-        .iter()
-        .find(|t| t.tfhd.track_id == movie.primary_track)
-        .or(moof.traf.first())
-        .ok_or_else(|| Fmp4Error::Malformed("moof without traf".into()))?;
-    let base_decode_time = traf
-        .tfdt
-        .as_ref()
+/// Reads a `moof` body: the primary track's `traf` (else the first one).
+///
+/// As in the `moov`, only the boxes read here are decoded (`tfhd` of each `traf`, then `tfdt`
+/// and `trun` of the chosen one): a box mp4-atom does not know (`sdtp`, a `uuid`) costs nothing
+/// and logs nothing once per fragment.
+pub(super) fn read_moof(body: &[u8], movie: &MovieInfo) -> Result<FragmentInfo, Fmp4Error> {
+    let mut chosen = None;
+    for b in BoxIter::new(body, "moof") {
+        let b = b?;
+        if &b.kind != b"traf" {
+            continue;
+        }
+        let tfhd: Tfhd = find(b.body(), &[b"tfhd"])?
+            .ok_or_else(|| Fmp4Error::Malformed("traf without tfhd".into()))?
+            .decode()?;
+        let is_primary = tfhd.track_id == movie.primary_track;
+        if chosen.is_none() || is_primary {
+            chosen = Some((tfhd, b));
+        }
+        if is_primary {
+            break;
+        }
+    }
+    let (tfhd, traf) = chosen.ok_or_else(|| Fmp4Error::Malformed("moof without traf".into()))?;
+    let mut tfdt = None;
+    let mut truns = Vec::new();
+    for b in BoxIter::new(traf.body(), "traf") {
+        let b = b?;
+        match &b.kind {
+            b"tfdt" => tfdt = Some(b.decode::<Tfdt>()?),
+            b"trun" => truns.push(b.decode::<Trun>()?),
+            _ => {}
+        }
+    }
+    let base_decode_time = tfdt
         .ok_or_else(|| {
             Fmp4Error::Malformed(
                 "traf without tfdt: live delivery needs each fragment's absolute decode time"
@@ -269,17 +296,15 @@ pub(super) fn read_moof(moof: &RawBox<'_>, movie: &MovieInfo) -> Result<Fragment
             )
         })?
         .base_media_decode_time;
-    let trex = movie.trex.iter().find(|t| t.track_id == traf.tfhd.track_id);
-    let default_duration = traf
-        .tfhd
+    let trex = movie.trex.iter().find(|t| t.track_id == tfhd.track_id);
+    let default_duration = tfhd
         .default_sample_duration
         .or(trex.map(|t| t.default_sample_duration))
         .unwrap_or(0);
-    let default_flags = traf
-        .tfhd
+    let default_flags = tfhd
         .default_sample_flags
         .or(trex.map(|t| t.default_sample_flags));
-    let duration = traf.trun.iter().fold(0u64, |total, run| {
+    let duration = truns.iter().fold(0u64, |total, run| {
         let run_duration = match &run.samples {
             // Not walked: the count comes from the stream and costs no bytes.
             TrunSamples::Inherited { count, .. } => u64::from(*count) * u64::from(default_duration),
@@ -290,8 +315,7 @@ pub(super) fn read_moof(moof: &RawBox<'_>, movie: &MovieInfo) -> Result<Fragment
         };
         total.saturating_add(run_duration)
     });
-    let first_sample_flags = traf
-        .trun
+    let first_sample_flags = truns
         .iter()
         .find_map(|run| run.samples.get(0))
         .and_then(|s| s.flags.or(default_flags));

@@ -31,7 +31,7 @@ mod tests;
 
 use thiserror::Error;
 
-use boxes::{fourcc, parse_header, read_moof, read_moov, FragmentInfo, MovieInfo, RawBox};
+use boxes::{fourcc, parse_header, read_moof, read_moov, FragmentInfo, MovieInfo};
 pub use retime::rewrite_timing;
 
 /// Largest box the splitter accepts. A one-second fragment of even a high-bitrate stream is far
@@ -277,12 +277,10 @@ impl Fmp4Splitter {
             if self.buf.len() < end {
                 return Ok(());
             }
-            let whole = RawBox {
-                kind: header.kind,
-                start: self.scan,
-                header_len: header.header_len,
-                bytes: self.buf.get(self.scan..end).unwrap_or_default(),
-            };
+            let body = self
+                .buf
+                .get(self.scan + header.header_len..end)
+                .unwrap_or_default();
 
             if kind == b"mfra" {
                 // The random-access index of a whole file: its offsets are meaningless once the
@@ -306,12 +304,12 @@ impl Fmp4Splitter {
                             self.pos
                         )));
                     }
-                    self.movie = Some(read_moov(whole.body())?);
+                    self.movie = Some(read_moov(body)?);
                 }
                 Phase::Init => {}
                 Phase::Fragments if kind == b"moof" => {
                     let movie = self.movie.as_ref().ok_or(Fmp4Error::MissingInit)?;
-                    self.moof = Some(read_moof(&whole, movie)?);
+                    self.moof = Some(read_moof(body, movie)?);
                 }
                 Phase::Fragments if kind == b"mdat" => {
                     if let Some(info) = self.moof.take() {

@@ -230,9 +230,16 @@ fn synthetic_stream_with_largesize_mdat_prefix_boxes_and_defaults() {
         if let Some(f) = first_flags {
             trun.extend_from_slice(&f.to_be_bytes());
         }
+        // An `sdtp` (sample dependencies, which mp4-atom does not know) is skipped.
+        let sdtp = mp4box(b"sdtp", &[0, 0, 0, 0, 0x20, 0x10, 0x10, 0x10, 0x10]);
         let traf = mp4box(
             b"traf",
-            &cat(&[tfhd, mp4box(b"tfdt", &tfdt_body), mp4box(b"trun", &trun)]),
+            &cat(&[
+                tfhd,
+                mp4box(b"tfdt", &tfdt_body),
+                sdtp,
+                mp4box(b"trun", &trun),
+            ]),
         );
         let moof = mp4box(b"moof", &cat(&[mfhd, traf]));
         // mdat with a 64-bit largesize header.
