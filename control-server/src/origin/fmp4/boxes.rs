@@ -216,7 +216,7 @@ pub(super) fn read_moov(body: &[u8]) -> Result<MovieInfo, Fmp4Error> {
     })
 }
 
-fn read_trak(body: &[u8]) -> Result<TrackInfo, Fmp4Error> {
+pub(super) fn read_trak(body: &[u8]) -> Result<TrackInfo, Fmp4Error> {
     let missing = |what: &str| Fmp4Error::Malformed(format!("trak without {what}"));
     let tkhd: Tkhd = find(body, &[b"tkhd"])?
         .ok_or_else(|| missing("tkhd"))?
@@ -225,7 +225,16 @@ fn read_trak(body: &[u8]) -> Result<TrackInfo, Fmp4Error> {
         .ok_or_else(|| missing("mdhd"))?
         .decode()?;
     let handler = match find(body, &[b"mdia", b"hdlr"])? {
-        Some(b) => b.decode::<Hdlr>()?.handler.into(),
+        // mp4-atom also decodes the handler's name, and refuses one that is not UTF-8 (a Latin-1
+        // name from an old muxer): no reason to refuse a stream, so then the type is read from
+        // its fixed place (after version, flags and pre_defined).
+        Some(b) => match b.decode::<Hdlr>() {
+            Ok(hdlr) => hdlr.handler.into(),
+            Err(e) => match b.body().get(8..12) {
+                Some(&[a, b, c, d]) => [a, b, c, d],
+                _ => return Err(e),
+            },
+        },
         None => [0; 4],
     };
     // A sample entry mp4-atom cannot decode is a codec we cannot name: the MIME type falls back to

@@ -4,7 +4,7 @@
 
 use mp4_atom::{Decode, Esds, Hvcc, Moof, Stsd};
 
-use super::boxes::BoxIter;
+use super::boxes::{read_trak, BoxIter};
 use super::codecs::{codec_string, hevc, mp4a};
 use super::*;
 
@@ -330,6 +330,24 @@ fn codec_strings() {
             let _ = entry_codec(kind, &junk);
         }
     }
+}
+
+#[test]
+fn handler_name_that_is_not_utf8_does_not_hide_the_track_type() {
+    let mut tkhd = vec![0u8; 84];
+    tkhd[12..16].copy_from_slice(&2u32.to_be_bytes());
+    let mut mdhd = vec![0u8; 24];
+    mdhd[12..16].copy_from_slice(&48_000u32.to_be_bytes());
+    let mut hdlr = vec![0u8; 24];
+    hdlr[8..12].copy_from_slice(b"soun");
+    hdlr.extend_from_slice(b"Son \xe9l\xe9ment\0"); // Latin-1
+    let mdia = mp4box(
+        b"mdia",
+        &cat(&[mp4box(b"mdhd", &mdhd), mp4box(b"hdlr", &hdlr)]),
+    );
+    let track = read_trak(&cat(&[mp4box(b"tkhd", &tkhd), mdia])).unwrap();
+    assert_eq!(&track.handler, b"soun");
+    assert_eq!((track.track_id, track.timescale), (2, 48_000));
 }
 
 #[test]
