@@ -16,7 +16,7 @@
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../control-server/src/origin/fmp4.rs"]
+#[path = "../../control-server/src/origin/fmp4/mod.rs"]
 mod fmp4;
 
 #[allow(dead_code)]

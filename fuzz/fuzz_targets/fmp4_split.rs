@@ -1,4 +1,4 @@
-//! The origin's streaming fMP4 splitter (`control-server/src/origin/fmp4.rs`), which reads
+//! The origin's streaming fMP4 splitter (`control-server/src/origin/fmp4/`), which reads
 //! whatever an ingest client uploads. Any bytes, cut into any chunks, must give items or an
 //! error, never a panic; and how the stream is chunked must not change what comes out: the
 //! items and the final result equal those of the whole stream pushed at once (up to the items
@@ -8,15 +8,15 @@
 //!
 //! Input: two bytes choosing the chunking, then the stream.
 //!
-//! The module is compiled here from its source file rather than through the `control-server`
-//! crate: it depends on nothing but `thiserror`, and the crate would bring tokio, axum and
-//! hyper into every instrumented fuzz build.
+//! The module is compiled here from its source files rather than through the `control-server`
+//! crate: it depends on nothing but `thiserror` and `mp4-atom`, and the crate would bring tokio,
+//! axum and hyper into every instrumented fuzz build.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
-#[path = "../../control-server/src/origin/fmp4.rs"]
+#[path = "../../control-server/src/origin/fmp4/mod.rs"]
 mod fmp4;
 
 use fmp4::{Fmp4Error, Fmp4Item, Fmp4Splitter};
