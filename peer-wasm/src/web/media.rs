@@ -80,11 +80,9 @@ fn type_supported(mime: &str) -> Option<bool> {
 }
 
 /// An error naming what this browser cannot play of `mime` (each codec of its `codecs`
-/// parameter is asked about alone), or `None` if it can play it all.
+/// parameter is asked about alone), or `None` if it can play it all. A type without a `codecs` parameter names nothing to refuse: `addSourceBuffer` has the last
+/// word on it.
 pub(crate) fn unsupported(mime: &str) -> Option<String> {
-    if type_supported(mime)? {
-        return None;
-    }
     let container = mime.split(';').next().unwrap_or(mime).trim();
     let codecs: Vec<&str> = mime
         .split_once("codecs=")
@@ -96,6 +94,9 @@ pub(crate) fn unsupported(mime: &str) -> Option<String> {
                 .collect()
         })
         .unwrap_or_default();
+    if codecs.is_empty() || type_supported(mime)? {
+        return None;
+    }
     let refused: Vec<&str> = codecs
         .iter()
         .copied()
