@@ -55,6 +55,16 @@ impl LoopedClip {
         self.duration as f64 / f64::from(self.init.timescale)
     }
 
+    /// The longest fragment, ms (the viewers' buffered end steps by this much).
+    pub fn max_fragment_ms(&self) -> u32 {
+        let ts = f64::from(self.init.timescale.max(1));
+        self.fragments
+            .iter()
+            .map(|f| (f.duration as f64 * 1000.0 / ts).round() as u32)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Average media bit rate of the clip, kbit/s.
     pub fn stream_kbps(&self) -> u32 {
         let bytes: usize = self.fragments.iter().map(|f| f.bytes.len()).sum();
