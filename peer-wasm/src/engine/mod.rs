@@ -1037,9 +1037,21 @@ impl Engine {
         let high = self.highest_seen.unwrap_or(next.saturating_sub(1));
         // Bounded: a bogus edge far ahead must not allocate millions of gaps.
         let upto = seq.min(high + 4096);
-        for missing in (high + 1).max(next)..=upto {
+        let first = (high + 1).max(next);
+        // A whole fragment becomes known at once (its manifest, a live-edge notice), but a tree
+        // hands its packets down one after another: with long fragments the last ones come most
+        // of a fragment's duration later, so each gap's clock starts where its packet is due.
+        let spread = self.burst_spread_ms();
+        let m = (upto + 1).saturating_sub(first);
+        let burst = m > u64::from(self.k);
+        for missing in first..=upto {
             if !self.held.contains_key(&missing) {
-                self.gaps.entry(missing).or_insert(self.now);
+                let due = if burst {
+                    spread * (missing - first) as f64 / m as f64
+                } else {
+                    0.0
+                };
+                self.gaps.entry(missing).or_insert(self.now + due);
             }
         }
         // Coded cluster: a group's parity can only be made once its last packet exists, so the
@@ -1102,6 +1114,20 @@ impl Engine {
         let sub = protocol::substream_of(seq, self.k) as usize;
         let cap = ((self.cfg.playout_delay_ms - self.cfg.fallback_after_ms) / 8.0).max(0.0);
         self.path_lag.get(sub).copied().unwrap_or(0.0).min(cap)
+    }
+
+    /// Over how long the packets of a fragment that became known at once are expected from the
+    /// trees (ms): two thirds of a long fragment (a stream provisioned at 1.5 times its rate
+    /// pushes a fragment down a hop in that time), within half the slack the playout delay
+    /// leaves a fetch. Fragments up to 1.5 s (the demo clip's 1 s) are not spread: the trees
+    /// carry them within the fallback period already.
+    fn burst_spread_ms(&self) -> f64 {
+        let d = self.fragments.fragment_ms().unwrap_or(0.0);
+        if d < 1500.0 {
+            return 0.0;
+        }
+        let slack = (self.cfg.playout_delay_ms - self.cfg.fallback_after_ms).max(0.0) / 2.0;
+        (d * 2.0 / 3.0).min(slack)
     }
 
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.

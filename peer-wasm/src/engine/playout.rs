@@ -44,8 +44,11 @@ pub struct PlayoutSizing {
 }
 
 impl PlayoutSizing {
-    /// Target lag `max(2 s, D + 1 s, 1.5 D)`: a fragment's step plus at least a second (half a
-    /// fragment for long ones) for the next fragment to cross the swarm. The player jumps
+    /// Target lag `max(2 s, D + 1 s, 2 D)`: a fragment's step, plus the time the next fragment
+    /// takes to cross the swarm. A tree provisioned at 1.5 times the stream rate hands a
+    /// fragment down a hop in two thirds of `D` (its packets come one after another), and a
+    /// packet the tree failed still needs a fallback period and a fetch: `1.5 D`, the first
+    /// guess, stalled 4 s fragments in the swarm (docs/benchmarks.md, issue 14). The player jumps
     /// forward only beyond the target plus `max(3 s, 2 D)`, starts once `max(1.5 s, 1.5 D)` is
     /// buffered (joiners get the last two fragments at once), and a packet is on time within the
     /// target lag plus half a second of its cutting.
@@ -55,7 +58,7 @@ impl PlayoutSizing {
         } else {
             DEFAULT_FRAGMENT_S
         };
-        let target_lag_s = 2.0f64.max(d + 1.0).max(1.5 * d);
+        let target_lag_s = 2.0f64.max(d + 1.0).max(2.0 * d);
         let playout_delay_ms = (target_lag_s + 0.5) * 1000.0;
         PlayoutSizing {
             fragment_s: d,
@@ -161,18 +164,18 @@ mod tests {
             // Jumping forward never happens right after a fragment lands at the target lag
             // (the lag is then at most the target plus a fragment).
             assert!(s.max_lag_s > s.target_lag_s + d, "{d}: {s:?}");
-            // Joiners get two fragments at once: enough to start at the target lag.
+            // Joiners get two fragments at once: enough to start.
             assert!(s.startup_buffer_s <= (2.0 * d).max(1.5), "{d}: {s:?}");
             assert!(s.playout_delay_ms > s.target_lag_s * 1000.0);
             assert!(s.give_up_ms > s.playout_delay_ms);
         }
         let two = PlayoutSizing::for_fragment(2.0);
-        assert_eq!(two.target_lag_s, 3.0);
-        assert_eq!(two.max_lag_s, 7.0);
+        assert_eq!(two.target_lag_s, 4.0);
+        assert_eq!(two.max_lag_s, 8.0);
         let four = PlayoutSizing::for_fragment(4.0);
-        assert_eq!(four.target_lag_s, 6.0);
-        assert_eq!(four.max_lag_s, 14.0);
-        assert_eq!(four.playout_delay_ms, 6500.0);
+        assert_eq!(four.target_lag_s, 8.0);
+        assert_eq!(four.max_lag_s, 16.0);
+        assert_eq!(four.playout_delay_ms, 8500.0);
     }
 
     #[test]
@@ -197,7 +200,7 @@ mod tests {
             }
         }
         assert_eq!(c.fragment_ms(), Some(2000.0));
-        assert_eq!(c.sizing().target_lag_s, 3.0);
+        assert_eq!(c.sizing().target_lag_s, 4.0);
     }
 
     #[test]
@@ -277,8 +280,8 @@ mod tests {
             );
         }
         assert_eq!(e.playout().fragment_s, 2.0);
-        assert_eq!(e.playout().target_lag_s, 3.0);
-        assert_eq!(e.playout_delay_ms(), 3500.0);
+        assert_eq!(e.playout().target_lag_s, 4.0);
+        assert_eq!(e.playout_delay_ms(), 4500.0);
         // The third fragment arrives 3 s after it was cut: late for the demo clip's 2.5 s
         // deadline, on time for 2 s fragments.
         for seq in 8..12 {
@@ -298,8 +301,74 @@ mod tests {
         // A Welcome hint alone sizes the playout before any packet.
         let mut e = Engine::new(EngineConfig::default(), 0.0);
         e.set_fragment_hint(4000.0);
-        assert_eq!(e.playout().target_lag_s, 6.0);
-        assert_eq!(e.playout_delay_ms(), 6500.0);
+        assert_eq!(e.playout().target_lag_s, 8.0);
+        assert_eq!(e.playout_delay_ms(), 8500.0);
+    }
+
+    /// A 2 s fragment of 16 packets announced at once: its trees hand the packets down over
+    /// about 1.3 s, so the origin is asked for each one only a fallback period after it was due,
+    /// not for all of them 600 ms after the notice.
+    #[test]
+    fn a_long_fragment_announced_at_once_is_fetched_as_its_packets_fall_due() {
+        use crate::engine::{Action, Engine, EngineConfig, Input};
+        use protocol::{PeerId, Source, SubstreamPlan};
+
+        let fetched_by = |fragment_ms: f64, at: f64| -> Vec<u64> {
+            let mut e = Engine::new(EngineConfig::default(), 0.0);
+            e.set_fragment_hint(fragment_ms);
+            e.handle(
+                Input::Welcome {
+                    peer_id: PeerId(1),
+                    substreams: 4,
+                    start_seq: 16,
+                    live_seq: 15,
+                },
+                0.0,
+            );
+            e.handle(
+                Input::Instructions {
+                    plan: (0..4)
+                        .map(|i| SubstreamPlan {
+                            index: i,
+                            parent: Source::Peer { id: PeerId(9) },
+                            children: vec![],
+                        })
+                        .collect(),
+                    tier: None,
+                },
+                0.0,
+            );
+            let mut fetched = Vec::new();
+            let mut t = 0.0;
+            fetched.extend(
+                e.handle(Input::LiveEdge { seq: 31 }, t)
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::Fetch { seq } => Some(seq),
+                        _ => None,
+                    }),
+            );
+            while t < at {
+                t += 50.0;
+                fetched.extend(
+                    e.handle(Input::Tick, t)
+                        .into_iter()
+                        .filter_map(|a| match a {
+                            Action::Fetch { seq } => Some(seq),
+                            _ => None,
+                        }),
+                );
+            }
+            fetched
+        };
+        // (Packet 16, the joiner's catch-up, was fetched at the Welcome; 17..=31 are the burst.)
+        // The demo clip's 1 s fragments: everything after the fallback period, as before.
+        assert_eq!(fetched_by(1000.0, 700.0).len(), 15);
+        // 2 s fragments: the first packets then, the last ones about 1.3 s later.
+        let early = fetched_by(2000.0, 700.0);
+        assert!(!early.is_empty() && early.len() < 4, "{early:?}");
+        assert!(early.iter().all(|s| *s < 20), "{early:?}");
+        assert_eq!(fetched_by(2000.0, 2000.0).len(), 15);
     }
 
     #[test]
