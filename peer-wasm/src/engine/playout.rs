@@ -234,7 +234,11 @@ mod tests {
         let packet = |seq: u64| {
             // Four packets a fragment, a fragment cut every 2 s.
             let created_ms = seq / 4 * 2000;
-            let flags = if seq % 4 == 0 { FLAG_RANDOM_ACCESS } else { 0 };
+            let flags = if seq.is_multiple_of(4) {
+                FLAG_RANDOM_ACCESS
+            } else {
+                0
+            };
             (
                 created_ms,
                 encode(
