@@ -600,6 +600,9 @@ pub struct SwarmReport {
     pub join_over_s: u64,
     /// Stalls per playing viewer, in the order they were opened (stalls of closed pages kept).
     pub stalls_per_playing_viewer: Vec<u32>,
+    /// The playing viewers' stall messages (`viewer N: stall at T s (buffered …)`), to see where
+    /// in the media each stall happened.
+    pub stall_messages: Vec<String>,
 }
 
 /// What the signed stream cost and found in a run.
@@ -757,6 +760,16 @@ impl SwarmReport {
                 .filter(|r| r.decoding)
                 .map(|r| r.stalls)
                 .collect(),
+            stall_messages: reports
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    r.errors
+                        .iter()
+                        .filter(|e| e.contains("stall at"))
+                        .map(move |e| format!("viewer {i}: {e}"))
+                })
+                .collect(),
         }
     }
 
@@ -846,6 +859,9 @@ impl SwarmReport {
                 self.stalls, self.stalls_per_playing_viewer
             ),
         );
+        for m in &self.stall_messages {
+            row("  stall", m.clone());
+        }
         row(
             "mismatched_viewers",
             format!("{} (must be 0)", self.mismatched_viewers),

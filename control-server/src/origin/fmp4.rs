@@ -387,6 +387,19 @@ pub fn rewrite_timing(
     add_decode_time: u64,
     sequence_number: u32,
 ) -> Result<(), Fmp4Error> {
+    rewrite_timing_per_track(bytes, &|_| add_decode_time, sequence_number)
+}
+
+/// Like [`rewrite_timing`], adding `add_decode_time(track_id)` to each track's decode times:
+/// tracks have their own timescales (video often 15 360 or 90 000 Hz, AAC audio its sample rate),
+/// so a loop's shift of `n` × the clip duration is a different count of ticks in each. Shifting
+/// an audio track by the video's ticks left a hole in its timeline at the first loop, where
+/// every player stalled (issue 14, found with `cargo xtask swarm --source`).
+pub fn rewrite_timing_per_track(
+    bytes: &mut [u8],
+    add_decode_time: &dyn Fn(u32) -> u64,
+    sequence_number: u32,
+) -> Result<(), Fmp4Error> {
     enum Patch {
         U32(usize, u32),
         U64(usize, u64),
@@ -434,6 +447,7 @@ pub fn rewrite_timing(
                         Fmp4Error::Malformed("traf without tfdt: cannot rewrite its timing".into())
                     })?;
                     let at = traf_body + tfdt.body_start + 4;
+                    let add_decode_time = add_decode_time(track_id);
                     let mut r = Reader::new(tfdt.body, "tfdt");
                     let (version, _) = r.full_box()?;
                     if version == 1 {
@@ -476,6 +490,20 @@ pub fn rewrite_timing(
         }
     }
     Ok(())
+}
+
+/// Each track's timescale (`track_id`, ticks per second) from an init segment's `moov`.
+pub fn track_timescales(init: &[u8]) -> Result<Vec<(u32, u32)>, Fmp4Error> {
+    let moov = find(init, "init segment", b"moov")?.ok_or(Fmp4Error::MissingInit)?;
+    let mut out = Vec::new();
+    for b in BoxIter::new(moov.body, "moov") {
+        let b = b?;
+        if &b.kind == b"trak" {
+            let t = parse_trak(b.body)?;
+            out.push((t.track_id, t.timescale));
+        }
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1242,6 +1270,41 @@ mod tests {
             items.extend(s.finish().unwrap());
             assert_eq!(items, expected);
         }
+    }
+
+    /// A looped clip with audio: each track is shifted by its own count of ticks.
+    #[test]
+    fn rewrite_timing_per_track_shifts_each_track_by_its_own_ticks() {
+        fn bx(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+            let mut b = (8 + body.len() as u32).to_be_bytes().to_vec();
+            b.extend_from_slice(kind);
+            b.extend_from_slice(body);
+            b
+        }
+        let traf = |track: u32, base: u64| {
+            let mut tfhd = vec![0, 0, 0, 0];
+            tfhd.extend_from_slice(&track.to_be_bytes());
+            let mut tfdt = vec![1, 0, 0, 0];
+            tfdt.extend_from_slice(&base.to_be_bytes());
+            bx(b"traf", &cat(&[bx(b"tfhd", &tfhd), bx(b"tfdt", &tfdt)]))
+        };
+        let mfhd = bx(b"mfhd", &[0, 0, 0, 0, 0, 0, 0, 1]);
+        let moof = bx(b"moof", &cat(&[mfhd, traf(1, 15_360), traf(2, 48_000)]));
+        let mut bytes = cat(&[moof, bx(b"mdat", &[0; 4])]);
+        // One 20 s lap: 20 s of video at 15 360 Hz, 20 s of audio at 48 kHz.
+        rewrite_timing_per_track(
+            &mut bytes,
+            &|track| if track == 1 { 20 * 15_360 } else { 20 * 48_000 },
+            2,
+        )
+        .unwrap();
+        assert_eq!(tfdt_values(&bytes), vec![21 * 15_360, 21 * 48_000]);
+        assert_eq!(mfhd_seq(&bytes), 2);
+        let (init, _) = parse_file(DEMO).unwrap();
+        assert_eq!(
+            track_timescales(&init.bytes).unwrap(),
+            vec![(1, init.timescale)]
+        );
     }
 
     #[test]
