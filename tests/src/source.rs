@@ -12,8 +12,7 @@ use serde::Serialize;
 
 /// How to turn any video into a file the swarm can loop (printed with a refusal).
 pub const FRAGMENT_HINT: &str = "ffmpeg -i IN -c:v libx264 -g 60 -c:a aac \
-     -movflags +frag_keyframe+empty_moov+default_base_moof OUT.mp4 (or `-c copy` to re-mux \
-     without re-encoding)";
+     -movflags +frag_keyframe+empty_moov+default_base_moof OUT.mp4";
 
 /// A parsed source clip and what the report prints about it.
 #[derive(Debug, Clone)]
@@ -57,7 +56,8 @@ impl SourceClip {
         SourceClip::parse(&name, bytes).with_context(|| {
             format!(
                 "{} cannot be looped as a live source: it must be a fragmented MP4 (init segment, \
-                 then moof+mdat fragments starting at keyframes); make one with `{FRAGMENT_HINT}`",
+                 then moof+mdat fragments starting at keyframes); make one with `{FRAGMENT_HINT}` (a fragment per keyframe; \
+                 -g 60 is 2 s at 30 fps; `-c copy` instead re-muxes without re-encoding)",
                 path.display()
             )
         })
