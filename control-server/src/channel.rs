@@ -12,7 +12,7 @@ use coordinator::dcm::planner::Push;
 use coordinator::topology::region::Region;
 
 use crate::events::{DcmEvent, OutboundTx};
-use crate::origin::{InitSegment, Lookup, PacketWindow, Packetizer};
+use crate::origin::{Cadence, InitSegment, Lookup, PacketWindow, Packetizer};
 use crate::relay::RelayBoard;
 use protocol::manifest::ManifestSigner;
 
@@ -159,6 +159,8 @@ pub struct Channel {
     pub file: OnceLock<protocol::FileInfo>,
     /// Signs a manifest of every published fragment (issue 13); `None`: an unsigned stream.
     signer: Option<Mutex<ManifestSigner>>,
+    /// Spacing of the published fragments (issue 14): what joiners size their lag from.
+    cadence: Mutex<Cadence>,
 }
 
 impl Channel {
@@ -183,6 +185,7 @@ impl Channel {
             counters: ChannelCounters::default(),
             file: OnceLock::new(),
             signer: None,
+            cadence: Mutex::default(),
         }
     }
 
@@ -253,6 +256,19 @@ impl Channel {
         Some((m.window.random_access_back(1)?, latest))
     }
 
+    /// The longest recent spacing of the published fragments (ms): how long a viewer's buffered
+    /// end stands still between steps. `None` before two fragments (or a seed) are known.
+    pub fn fragment_ms(&self) -> Option<u32> {
+        self.cadence.lock().ok()?.fragment_ms()
+    }
+
+    /// A source that knows its fragments in advance (a looped clip) says how long they are.
+    pub fn seed_fragment_ms(&self, ms: u32) {
+        if let Ok(mut c) = self.cadence.lock() {
+            c.seed(ms);
+        }
+    }
+
     /// Nominal rate: the live stream's, or a file carousel's.
     pub fn stream_kbps(&self) -> u32 {
         self.media.read().map_or(0, |m| m.stream_kbps)
@@ -282,6 +298,9 @@ impl Channel {
         random_access: bool,
     ) {
         let created_ms = now_ms();
+        if let Ok(mut c) = self.cadence.lock() {
+            c.note(created_ms);
+        }
         let packets = packetizer.packetize(fragment, random_access, created_ms);
         let mut out = Vec::with_capacity(packets.len());
         if let Ok(mut m) = self.media.write() {

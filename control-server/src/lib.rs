@@ -281,6 +281,7 @@ impl AppState {
         let clip = source::ingest::LoopedClip::parse(data)?;
         let ch = self.create_channel(name, clip.stream_kbps())?;
         ch.set_init(clip.init.clone());
+        ch.seed_fragment_ms(clip.max_fragment_ms());
         ch.source_attached.store(true, Ordering::Relaxed);
         tokio::spawn(source::ingest::run_looped(ch.clone(), clip));
         Ok(ch)

@@ -106,6 +106,13 @@ pub enum ServerMsg {
         /// are played and forwarded only once they match one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         public_key: Option<String>,
+        /// How long the stream's fragments are (ms), as the origin measured them: the longest
+        /// recent spacing of its publications. A player keeps more than a fragment behind the
+        /// live edge so the next one arrives before the playhead runs out (2 s and 4 s keyframe
+        /// intervals need more than the 1 s demo clip). Absent from older servers and before
+        /// the origin knows; peers then measure it from the packets' `created_ms`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fragment_ms: Option<u32>,
     },
     /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
     Instructions {
@@ -295,6 +302,33 @@ mod tests {
             s,
             r#"{"index":0,"parent":{"kind":"peer","id":7},"children":[3]}"#
         );
+    }
+
+    #[test]
+    fn welcome_without_fragment_ms_still_parses() {
+        // What servers before issue 14 send: no `fragment_ms`.
+        let old = r#"{"type":"welcome","version":1,"peer_id":4,"channel":"demo",
+            "heartbeat_ms":1000,"substreams":4,"stream_kbps":450,"mime":"video/mp4",
+            "init_url":"/i","packet_url":"/p/","start_seq":10,"live_seq":20}"#;
+        let m: ServerMsg = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            m,
+            ServerMsg::Welcome {
+                fragment_ms: None,
+                ..
+            }
+        ));
+        // And a new one round-trips it (older peers ignore the unknown field).
+        let mut v: serde_json::Value = serde_json::from_str(old).unwrap();
+        v["fragment_ms"] = 2000.into();
+        let m: ServerMsg = serde_json::from_value(v).unwrap();
+        assert!(matches!(
+            m,
+            ServerMsg::Welcome {
+                fragment_ms: Some(2000),
+                ..
+            }
+        ));
     }
 
     #[test]

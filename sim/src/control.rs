@@ -114,6 +114,7 @@ impl Control {
             file: None,
             upload_kbps: None,
             public_key: None,
+            fragment_ms: None,
         }
     }
 

@@ -5,6 +5,8 @@
 //!   drives many pages in one browser process.
 //! * [`swarm`] — the swarm harness used by `cargo xtask swarm` and the e2e
 //!   tests: a control server plus N viewer pages relaying video over WebRTC.
+//! * [`source`] — the swarm's source: the demo clip or any fragmented-MP4
+//!   file, checked and described before the run.
 //! * [`wait`] — [`wait::wait_until`]: poll a condition until a deadline
 //!   instead of sleeping a fixed time.
 //! * [`console`] — the console errors a test expects; every browser test
@@ -16,5 +18,6 @@
 
 pub mod cdp;
 pub mod console;
+pub mod source;
 pub mod swarm;
 pub mod wait;

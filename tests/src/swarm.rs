@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
 use crate::console::{ensure_only_expected, Allowed};
+pub use crate::source::{SourceClip, SourceInfo};
 use crate::wait::wait_until;
 
 /// Parameters of one swarm run (see `cargo xtask swarm --help`).
@@ -45,6 +46,13 @@ pub struct SwarmArgs {
     pub regions: usize,
     /// Run the stream unsigned (peers relay without checking), to measure what signing costs.
     pub unsigned: bool,
+    /// A fragmented-MP4 file looped as the live channel instead of the demo clip.
+    pub source: Option<PathBuf>,
+    /// Open the viewers one by one over this many seconds of the run (the playing ones spread
+    /// among them) instead of all before it starts: joiners throughout the run. 0: all first.
+    pub join_over: u64,
+    /// `web_dir` was built elsewhere and is served as it is (`--web-dir`).
+    pub prebuilt: bool,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -87,6 +95,8 @@ pub struct Swarm {
     pub regions: Vec<String>,
     /// The channel viewers watch and the checks read (`demo` unless set).
     pub channel: String,
+    /// What the `demo` channel loops: the demo clip or `--source`.
+    pub source: SourceInfo,
 }
 
 impl Swarm {
@@ -108,6 +118,17 @@ impl Swarm {
         web_dir: PathBuf,
         regions: usize,
         configure: impl FnOnce(Config) -> Config,
+    ) -> Result<Swarm> {
+        Swarm::start_source(web_dir, regions, configure, SourceClip::demo()?).await
+    }
+
+    /// Like [`Swarm::start_configured`], with channel `demo` looping `source` (the demo clip or
+    /// any fragmented-MP4 file, see [`SourceClip::load`]).
+    pub async fn start_source(
+        web_dir: PathBuf,
+        regions: usize,
+        configure: impl FnOnce(Config) -> Config,
+        source: SourceClip,
     ) -> Result<Swarm> {
         if !web_dir.join("pkg/peer.js").is_file() {
             bail!(
@@ -132,8 +153,8 @@ impl Swarm {
         });
         let state = AppState::new(config);
         state
-            .start_demo_channel()
-            .context("starting demo channel")?;
+            .start_looped_channel("demo", source.bytes)
+            .with_context(|| format!("starting channel demo with {}", source.name))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = control_server::app(state.clone());
@@ -168,6 +189,7 @@ impl Swarm {
             peak_pss_mb: 0.0,
             regions: (0..regions).map(|r| format!("r{r}")).collect(),
             channel: "demo".into(),
+            source: source.info,
         })
     }
 
@@ -571,6 +593,16 @@ pub struct SwarmReport {
     pub p2p_share_useful: f64,
     /// The signed stream (issue 13); `None` when the run was unsigned.
     pub signing: Option<SigningReport>,
+    /// What the channel looped (issue 14): the demo clip or `--source`, its rate and its
+    /// fragment and keyframe spacing.
+    pub source: SourceInfo,
+    /// Seconds over which viewers joined (`--join-over`; 0: all before the run).
+    pub join_over_s: u64,
+    /// Stalls per playing viewer, in the order they were opened (stalls of closed pages kept).
+    pub stalls_per_playing_viewer: Vec<u32>,
+    /// The playing viewers' stall messages (`viewer N: stall at T s (buffered …)`), to see where
+    /// in the media each stall happened.
+    pub stall_messages: Vec<String>,
 }
 
 /// What the signed stream cost and found in a run.
@@ -721,6 +753,23 @@ impl SwarmReport {
                 0.0
             },
             signing: swarm.signing_report(reports),
+            source: swarm.source.clone(),
+            join_over_s: 0,
+            stalls_per_playing_viewer: reports
+                .iter()
+                .filter(|r| r.decoding)
+                .map(|r| r.stalls)
+                .collect(),
+            stall_messages: reports
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    r.errors
+                        .iter()
+                        .filter(|e| e.contains("stall at"))
+                        .map(move |e| format!("viewer {i}: {e}"))
+                })
+                .collect(),
         }
     }
 
@@ -752,6 +801,7 @@ impl SwarmReport {
                 ),
             ),
         }
+        row("source", self.source.summary());
         row(
             "viewers (playing)",
             format!("{} ({})", self.viewers, self.playing_viewers),
@@ -802,7 +852,16 @@ impl SwarmReport {
             ),
         );
         row("continuity", format!("{:.4} (ideal 1)", self.continuity));
-        row("stalls", format!("{} (ideal 0)", self.stalls));
+        row(
+            "stalls",
+            format!(
+                "{} (ideal 0; per playing viewer {:?})",
+                self.stalls, self.stalls_per_playing_viewer
+            ),
+        );
+        for m in &self.stall_messages {
+            row("  stall", m.clone());
+        }
         row(
             "mismatched_viewers",
             format!("{} (must be 0)", self.mismatched_viewers),
@@ -979,10 +1038,20 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     let mut rng = Rng::seeded(args.seed);
     let started = Instant::now();
     let unsigned = args.unsigned;
-    let mut swarm = Swarm::start_configured(args.web_dir.clone(), args.regions, |c| Config {
-        signing_seed: if unsigned { None } else { c.signing_seed },
-        ..c
-    })
+    let source = match &args.source {
+        Some(path) => SourceClip::load(path)?,
+        None => SourceClip::demo()?,
+    };
+    eprintln!("swarm: source {}", source.info.summary());
+    let mut swarm = Swarm::start_source(
+        args.web_dir.clone(),
+        args.regions,
+        |c| Config {
+            signing_seed: if unsigned { None } else { c.signing_seed },
+            ..c
+        },
+        source,
+    )
     .await?;
     let hb_ms = f64::from(swarm.state.config.heartbeat_ms);
     eprintln!(
@@ -992,10 +1061,27 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         args.viewers,
         args.playing.min(args.viewers)
     );
-    for i in 0..args.viewers {
-        let up = args.upload_kbps[i % args.upload_kbps.len()];
-        swarm.add_viewer(up, i < args.playing).await?;
-        eprint!("\r  opened {}/{} viewers", i + 1, args.viewers);
+    // Joiners: all before the run, or viewer i at i/N of `--join-over` into it, the playing ones
+    // spread evenly among them (so some start playing well into the stream).
+    let join_over = args.join_over.min(args.seconds) as f64;
+    let joins: Vec<(f64, bool)> = (0..args.viewers)
+        .map(|i| {
+            if join_over > 0.0 {
+                (
+                    join_over * i as f64 / args.viewers as f64,
+                    i * args.playing % args.viewers < args.playing,
+                )
+            } else {
+                (0.0, i < args.playing)
+            }
+        })
+        .collect();
+    let mut next_join = 0;
+    while next_join < joins.len() && joins[next_join].0 <= 0.0 {
+        let up = args.upload_kbps[next_join % args.upload_kbps.len()];
+        swarm.add_viewer(up, joins[next_join].1).await?;
+        next_join += 1;
+        eprint!("\r  opened {}/{} viewers", next_join, args.viewers);
     }
     eprintln!();
     // Churn: departures at random moments, each followed by a new (verify-only) viewer.
@@ -1022,6 +1108,18 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         // and is sampled every half second.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t = run_started.elapsed().as_secs_f64();
+        // Joiners due now.
+        while next_join < joins.len() && joins[next_join].0 <= t {
+            let up = args.upload_kbps[next_join % args.upload_kbps.len()];
+            let decode = joins[next_join].1;
+            swarm.add_viewer(up, decode).await?;
+            next_join += 1;
+            eprintln!(
+                "  t={t:>4.0}s  viewer {} joined{}",
+                next_join - 1,
+                if decode { " (playing)" } else { "" }
+            );
+        }
         // Departures due now.
         while next_leave < leave_at.len() && leave_at[next_leave] <= t {
             next_leave += 1;
@@ -1198,6 +1296,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
     }
     report.viewers = args.viewers;
+    report.join_over_s = args.join_over;
     // Children the bridge fed whose new parent had not delivered by the end: their substream
     // flowed again, so the repair is measured, without a new parent's figure.
     pending.retain(|p| {

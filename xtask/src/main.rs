@@ -108,6 +108,18 @@ enum Cmd {
         /// costs.
         #[arg(long)]
         unsigned: bool,
+        /// Loop this fragmented-MP4 file as the live channel instead of the demo clip (make one
+        /// with `ffmpeg ... -movflags +frag_keyframe+empty_moov+default_base_moof`).
+        #[arg(long, value_name = "PATH")]
+        source: Option<PathBuf>,
+        /// Open the viewers one by one over the first S seconds of the run, the playing ones
+        /// spread among them, instead of all before it: joiners throughout the stream.
+        #[arg(long, default_value_t = 0, value_name = "S")]
+        join_over: u64,
+        /// Serve this already built web directory (its `pkg/` and `dist/`) as it is, without
+        /// building: to compare two builds of the player on the same source.
+        #[arg(long, value_name = "DIR")]
+        web_dir: Option<PathBuf>,
     },
     /// Benchmark the control center's hierarchy (build, join/leave cost, full-rate capacity).
     /// Runs in release mode (re-executes itself when built in debug).
@@ -177,8 +189,14 @@ fn main() -> ExitCode {
             throttle,
             hierarchy_regions,
             unsigned,
+            source,
+            join_over,
+            web_dir,
         } => swarm(e2e::swarm::SwarmArgs {
             unsigned,
+            source,
+            join_over,
+            prebuilt: web_dir.is_some(),
             churn,
             throttle,
             regions: hierarchy_regions,
@@ -188,7 +206,7 @@ fn main() -> ExitCode {
             playing,
             json,
             seed,
-            web_dir: repo_root().join("web"),
+            web_dir: web_dir.unwrap_or_else(|| repo_root().join("web")),
         }),
         Cmd::Sim { args } => sim::sim(&args),
         Cmd::BenchHeartbeats {
@@ -434,11 +452,18 @@ fn test() -> Result<()> {
 }
 
 fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
-    ensure_wasm_target()?;
-    ensure_wasm_bindgen()?;
+    // A source the origin cannot loop is refused before the builds, not after them.
+    if let Some(path) = &args.source {
+        let clip = e2e::source::SourceClip::load(path)?;
+        println!("source {}", clip.info.summary());
+    }
     ensure_chromium()?;
-    build_wasm()?;
-    web::build_web()?;
+    if !args.prebuilt {
+        ensure_wasm_target()?;
+        ensure_wasm_bindgen()?;
+        build_wasm()?;
+        web::build_web()?;
+    }
     println!("\n==> swarm: {args:?}\n");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

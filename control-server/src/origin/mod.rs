@@ -8,13 +8,17 @@
 //! 3. [`window`] keeps the most recent packets for joiners and for peers' fallback fetches, plus a
 //!    long log of packet hashes for end-to-end verification.
 //!
+//! 4. [`cadence`] measures how often fragments are published (the players' lag is sized from it).
+//!
 //! All of them are pure, synchronous logic: the I/O and timing around them live elsewhere, so they
 //! are tested natively and deterministically.
 
+pub mod cadence;
 pub mod fmp4;
 pub mod packetizer;
 pub mod window;
 
+pub use cadence::Cadence;
 pub use fmp4::{
     parse_file, rewrite_timing, Fmp4Error, Fmp4Item, Fmp4Splitter, Fragment, InitSegment,
 };

@@ -55,6 +55,16 @@ impl LoopedClip {
         self.duration as f64 / f64::from(self.init.timescale)
     }
 
+    /// The longest fragment, ms (the viewers' buffered end steps by this much).
+    pub fn max_fragment_ms(&self) -> u32 {
+        let ts = f64::from(self.init.timescale.max(1));
+        self.fragments
+            .iter()
+            .map(|f| (f.duration as f64 * 1000.0 / ts).round() as u32)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Average media bit rate of the clip, kbit/s.
     pub fn stream_kbps(&self) -> u32 {
         let bytes: usize = self.fragments.iter().map(|f| f.bytes.len()).sum();
@@ -67,18 +77,32 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
     let mut packetizer = Packetizer::new(0, channel.substreams);
     let start = Instant::now();
     let ts = f64::from(clip.init.timescale);
+    // A lap is the primary track's duration, shifted into each track's own timescale (audio's
+    // is its sample rate): one shift in the primary's ticks would tear the audio timeline.
+    let timescales = match crate::origin::fmp4::track_timescales(&clip.init.bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
+            return;
+        }
+    };
     let mut sequence_number: u32 = 1;
     for lap in 0u64.. {
+        let lap_s = (lap * clip.duration) as f64 / ts;
+        let shift = |track_id: u32| -> u64 {
+            match timescales.iter().find(|(id, _)| *id == track_id) {
+                Some((_, track_ts)) => (lap_s * f64::from(*track_ts)).round() as u64,
+                None => lap * clip.duration,
+            }
+        };
         for frag in &clip.fragments {
             let media_time = lap * clip.duration + (frag.base_decode_time - clip.first_decode_time);
             let due = start + Duration::from_secs_f64(media_time as f64 / ts);
             tokio::time::sleep_until(due).await;
             let mut bytes = frag.bytes.clone();
-            if let Err(e) = crate::origin::fmp4::rewrite_timing(
-                &mut bytes,
-                lap * clip.duration,
-                sequence_number,
-            ) {
+            if let Err(e) =
+                crate::origin::fmp4::rewrite_timing_per_track(&mut bytes, &shift, sequence_number)
+            {
                 tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
                 return;
             }

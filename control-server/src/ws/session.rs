@@ -769,6 +769,7 @@ impl Session {
             file,
             upload_kbps: granted,
             public_key: ch.public_key(),
+            fragment_ms: ch.fragment_ms(),
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
         if self.out.try_send(Outbound::msg(welcome)).is_err() {

@@ -30,6 +30,7 @@
 
 pub mod file;
 mod heartbeat;
+pub mod playout;
 mod tier;
 mod upload;
 pub mod verify;
@@ -46,6 +47,7 @@ use protocol::manifest::packet_digest;
 use tier::Tiers;
 use verify::{Check, Verifier};
 
+pub use playout::{FragmentClock, PlayoutSizing};
 pub use upload::TokenBucket;
 
 /// Upload backlog (ms) that makes a peer report at once instead of at its next heartbeat.
@@ -80,6 +82,8 @@ pub struct EngineConfig {
     /// How long a gap may stay open before the packet is fetched from the origin.
     pub fallback_after_ms: f64,
     /// Packet counts as on time if playable within this long of its creation at the origin.
+    /// A floor: the engine raises it (and `give_up_ms`) to the stream's fragment duration's
+    /// [`PlayoutSizing`] once it knows it.
     pub playout_delay_ms: f64,
     /// A gap older than this is skipped (the player jumps over it) rather than waited for.
     pub give_up_ms: f64,
@@ -308,6 +312,10 @@ pub struct Engine {
     verifier: Option<Verifier>,
     /// The last few packets that arrived after their playout deadline, or were skipped.
     pub late_samples: VecDeque<protocol::report::LateSample>,
+    /// The stream's fragment duration, learnt from the Welcome and the delivered packets, and
+    /// the configured playout delay and give-up time it may only raise.
+    fragments: FragmentClock,
+    floor: (f64, f64),
     now: f64,
 }
 
@@ -317,6 +325,8 @@ impl Engine {
         // bucket holds a second of upload: the cap bounds the rate, not the burst.
         let bucket = TokenBucket::new(cfg.upload_kbps, 1000.0, now_ms);
         Engine {
+            floor: (cfg.playout_delay_ms, cfg.give_up_ms),
+            fragments: FragmentClock::default(),
             cfg,
             me: None,
             k: 1,
@@ -357,6 +367,29 @@ impl Engine {
     /// and forwarded only once a manifest signed with it vouches for them.
     pub fn set_stream_key(&mut self, key: protocol::manifest::StreamKey, channel: &str) {
         self.verifier = Some(Verifier::new(key, channel));
+    }
+
+    /// The origin's measure of the stream's fragment duration (Welcome `fragment_ms`).
+    pub fn set_fragment_hint(&mut self, ms: f64) {
+        self.fragments.hint(ms);
+        self.resize_playout();
+    }
+
+    /// How far behind the live edge to play, for the fragment duration known so far (the
+    /// player reads it; the engine's own playout deadline follows it).
+    pub fn playout(&self) -> PlayoutSizing {
+        self.fragments.sizing()
+    }
+
+    fn resize_playout(&mut self) {
+        let s = self.fragments.sizing();
+        self.cfg.playout_delay_ms = s.playout_delay_ms.max(self.floor.0);
+        self.cfg.give_up_ms = s.give_up_ms.max(self.floor.1);
+    }
+
+    /// The playout delay in force (ms): the configured one, or more for long fragments.
+    pub fn playout_delay_ms(&self) -> f64 {
+        self.cfg.playout_delay_ms
     }
 
     /// Whether packets from peers are checked against signed manifests.
@@ -1004,9 +1037,21 @@ impl Engine {
         let high = self.highest_seen.unwrap_or(next.saturating_sub(1));
         // Bounded: a bogus edge far ahead must not allocate millions of gaps.
         let upto = seq.min(high + 4096);
-        for missing in (high + 1).max(next)..=upto {
+        let first = (high + 1).max(next);
+        // A whole fragment becomes known at once (its manifest, a live-edge notice), but a tree
+        // hands its packets down one after another: with long fragments the last ones come most
+        // of a fragment's duration later, so each gap's clock starts where its packet is due.
+        let spread = self.burst_spread_ms();
+        let m = (upto + 1).saturating_sub(first);
+        let burst = m > u64::from(self.k);
+        for missing in first..=upto {
             if !self.held.contains_key(&missing) {
-                self.gaps.entry(missing).or_insert(self.now);
+                let due = if burst {
+                    spread * (missing - first) as f64 / m as f64
+                } else {
+                    0.0
+                };
+                self.gaps.entry(missing).or_insert(self.now + due);
             }
         }
         // Coded cluster: a group's parity can only be made once its last packet exists, so the
@@ -1073,6 +1118,20 @@ impl Engine {
         self.path_lag.get(sub).copied().unwrap_or(0.0).min(cap)
     }
 
+    /// Over how long the packets of a fragment that became known at once are expected from the
+    /// trees (ms): two thirds of a long fragment (a stream provisioned at 1.5 times its rate
+    /// pushes a fragment down a hop in that time), within half the slack the playout delay
+    /// leaves a fetch. Fragments up to 1.5 s (the demo clip's 1 s) are not spread: the trees
+    /// carry them within the fallback period already.
+    fn burst_spread_ms(&self) -> f64 {
+        let d = self.fragments.fragment_ms().unwrap_or(0.0);
+        if d < 1500.0 {
+            return 0.0;
+        }
+        let slack = (self.cfg.playout_delay_ms - self.cfg.fallback_after_ms).max(0.0) / 2.0;
+        (d * 2.0 / 3.0).min(slack)
+    }
+
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
     fn fetch_due(&self, seq: u64, t: f64) -> bool {
         let waited = self.now - t - self.path_patience(seq);
@@ -1100,6 +1159,11 @@ impl Engine {
             };
             let latency = (self.now - h.created_ms as f64).max(0.0);
             self.latency.record(latency as u64);
+            let known = self.fragments.fragment_ms();
+            self.fragments.note(h.created_ms);
+            if self.fragments.fragment_ms() != known {
+                self.resize_playout();
+            }
             // On time: the packet was here before its playout deadline.
             if h.arrived_ms <= h.created_ms as f64 + self.cfg.playout_delay_ms {
                 self.counters.on_time += 1;

@@ -17,14 +17,13 @@ use wasm_bindgen::JsCast;
 use web_sys::{HtmlVideoElement, MediaSource, MediaSourceReadyState, SourceBuffer};
 
 use super::{js_err, perf_now};
+use crate::engine::PlayoutSizing;
 
 /// Seconds of media kept behind the playhead before older data is removed.
 const KEEP_BEHIND_S: f64 = 20.0;
-/// If the playhead falls this far behind the buffered end, jump forward (live).
-const MAX_LAG_S: f64 = 5.0;
-const TARGET_LAG_S: f64 = 2.0;
-/// Media buffered before playback starts.
-const STARTUP_BUFFER_S: f64 = 1.5;
+// How far behind the buffered end the playhead runs (target and maximum before it jumps
+// forward), and the media buffered before playback starts, follow the stream's fragment
+// duration: see `crate::engine::playout`, which sizes them.
 /// Media played before a `waiting` counts as a stall rather than a start-up hiccup.
 const STARTUP_GRACE_S: f64 = 1.0;
 
@@ -132,6 +131,8 @@ pub(crate) struct Media {
     opened: Rc<RefCell<bool>>,
     play_catch: Option<Closure<dyn FnMut(JsValue)>>,
     first_media_at: Option<f64>,
+    /// Lag and start-up cushion for the stream's fragment duration (the engine learns it).
+    playout: PlayoutSizing,
 }
 
 impl Media {
@@ -249,7 +250,13 @@ impl Media {
             opened,
             play_catch: None,
             first_media_at: None,
+            playout: PlayoutSizing::default(),
         })
+    }
+
+    /// Sizes the lag behind the live edge for the stream's fragment duration.
+    pub(crate) fn set_playout(&mut self, playout: PlayoutSizing) {
+        self.playout = playout;
     }
 
     pub(crate) fn set_init(&mut self, init: Vec<u8>) {
@@ -327,13 +334,15 @@ impl Media {
         let now = self.video.current_time();
         if !self.started {
             // Start with a cushion: a late packet or a repair then drains it instead of
-            // stalling the picture. (Joiners get about two fragments at once.)
+            // stalling the picture. (Joiners get about two fragments at once.) The lag must
+            // exceed a fragment: the buffered end then stands still for that long.
+            let p = self.playout;
             let first = *self.first_media_at.get_or_insert_with(perf_now);
-            if end - start < STARTUP_BUFFER_S && perf_now() - first < 3000.0 {
+            if end - start < p.startup_buffer_s && perf_now() - first < p.startup_timeout_ms {
                 return;
             }
             self.started = true;
-            self.seek(start.max(end - TARGET_LAG_S - 0.5));
+            self.seek(start.max(end - p.target_lag_s - 0.5));
             if !self.autoplay {
                 // The page starts playback itself (e.g. the player's play()).
                 return;
@@ -348,8 +357,8 @@ impl Media {
                 // Owned here so it outlives the promise (dropped with the player).
                 self.play_catch = Some(on_err);
             }
-        } else if end - now > MAX_LAG_S {
-            self.seek(end - TARGET_LAG_S);
+        } else if end - now > self.playout.max_lag_s {
+            self.seek(end - self.playout.target_lag_s);
         }
     }
 

@@ -489,8 +489,12 @@ impl Inner {
                 upload_kbps,
                 public_key,
                 channel,
+                fragment_ms,
                 ..
             } => {
+                if let Some(ms) = fragment_ms {
+                    self.engine.set_fragment_hint(f64::from(ms));
+                }
                 if let Err(e) = self.take_stream_key(public_key.as_deref(), &channel) {
                     // Playing a stream the site did not vouch for is worse than not playing.
                     self.error(e);
@@ -528,7 +532,10 @@ impl Inner {
                         })
                     });
                     match Media::new(video, mime, pump) {
-                        Ok(m) => self.media = Some(m),
+                        Ok(mut m) => {
+                            m.set_playout(self.engine.playout());
+                            self.media = Some(m);
+                        }
                         Err(e) => self.error(e),
                     }
                     let url = format!("{}{}", self.base_url, init_url);
@@ -861,6 +868,7 @@ impl Inner {
             }
         }
         if let Some(m) = self.media.as_mut() {
+            m.set_playout(self.engine.playout());
             m.pump();
             let errs = m.take_errors();
             for e in errs {

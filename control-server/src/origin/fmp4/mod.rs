@@ -32,7 +32,7 @@ mod tests;
 use thiserror::Error;
 
 use boxes::{fourcc, parse_header, read_moof, read_moov, FragmentInfo, MovieInfo};
-pub use retime::rewrite_timing;
+pub use retime::{rewrite_timing, rewrite_timing_per_track, track_timescales};
 
 /// Largest box the splitter accepts. A one-second fragment of even a high-bitrate stream is far
 /// below this; anything larger is almost certainly garbage or an attack on the origin's memory.

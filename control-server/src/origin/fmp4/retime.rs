@@ -8,7 +8,7 @@
 
 use mp4_atom::{Mfhd, Tfdt, Tfhd};
 
-use super::boxes::BoxIter;
+use super::boxes::{read_trak, BoxIter};
 use super::Fmp4Error;
 
 /// Rewrites a fragment's timing in place: adds `add_decode_time` to the `baseMediaDecodeTime` of
@@ -21,6 +21,19 @@ use super::Fmp4Error;
 pub fn rewrite_timing(
     bytes: &mut [u8],
     add_decode_time: u64,
+    sequence_number: u32,
+) -> Result<(), Fmp4Error> {
+    rewrite_timing_per_track(bytes, &|_| add_decode_time, sequence_number)
+}
+
+/// Like [`rewrite_timing`], adding `add_decode_time(track_id)` to each track's decode times:
+/// tracks have their own timescales (video often 15 360 or 90 000 Hz, AAC audio its sample rate),
+/// so a loop's shift of `n` × the clip duration is a different count of ticks in each. Shifting
+/// an audio track by the video's ticks left a hole in its timeline at the first loop, where
+/// every player stalled (issue 14, found with `cargo xtask swarm --source`).
+pub fn rewrite_timing_per_track(
+    bytes: &mut [u8],
+    add_decode_time: &dyn Fn(u32) -> u64,
     sequence_number: u32,
 ) -> Result<(), Fmp4Error> {
     enum Patch {
@@ -68,7 +81,9 @@ pub fn rewrite_timing(
                     let old = tfdt.decode::<Tfdt>()?.base_media_decode_time;
                     let at = traf_body + field(tfdt.start, tfdt.header_len);
                     let overflow = Fmp4Error::TimestampOverflow { track_id };
-                    let new = old.checked_add(add_decode_time).ok_or(overflow.clone())?;
+                    let new = old
+                        .checked_add(add_decode_time(track_id))
+                        .ok_or(overflow.clone())?;
                     // The version decides the field's width; mp4-atom decoded one it knows.
                     if tfdt.body().first() == Some(&1) {
                         patches.push(Patch::U64(at, new));
@@ -102,4 +117,24 @@ pub fn rewrite_timing(
         }
     }
     Ok(())
+}
+
+/// Each track's timescale (`track_id`, ticks per second) from an init segment's `moov`.
+pub fn track_timescales(init: &[u8]) -> Result<Vec<(u32, u32)>, Fmp4Error> {
+    let mut out = Vec::new();
+    for top in BoxIter::new(init, "init segment") {
+        let top = top?;
+        if &top.kind != b"moov" {
+            continue;
+        }
+        for b in BoxIter::new(top.body(), "moov") {
+            let b = b?;
+            if &b.kind == b"trak" {
+                let t = read_trak(b.body())?;
+                out.push((t.track_id, t.timescale));
+            }
+        }
+        return Ok(out);
+    }
+    Err(Fmp4Error::MissingInit)
 }

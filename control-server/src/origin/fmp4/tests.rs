@@ -398,3 +398,38 @@ fn splitter_throughput_on_demo_clip() {
         start.elapsed().as_secs_f64() * 1e6 / n as f64
     );
 }
+
+/// A looped clip with audio: each track is shifted by its own count of ticks.
+#[test]
+fn rewrite_timing_per_track_shifts_each_track_by_its_own_ticks() {
+    fn bx(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut b = (8 + body.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(kind);
+        b.extend_from_slice(body);
+        b
+    }
+    let traf = |track: u32, base: u64| {
+        let mut tfhd = vec![0, 0, 0, 0];
+        tfhd.extend_from_slice(&track.to_be_bytes());
+        let mut tfdt = vec![1, 0, 0, 0];
+        tfdt.extend_from_slice(&base.to_be_bytes());
+        bx(b"traf", &cat(&[bx(b"tfhd", &tfhd), bx(b"tfdt", &tfdt)]))
+    };
+    let mfhd = bx(b"mfhd", &[0, 0, 0, 0, 0, 0, 0, 1]);
+    let moof = bx(b"moof", &cat(&[mfhd, traf(1, 15_360), traf(2, 48_000)]));
+    let mut bytes = cat(&[moof, bx(b"mdat", &[0; 4])]);
+    // One 20 s lap: 20 s of video at 15 360 Hz, 20 s of audio at 48 kHz.
+    rewrite_timing_per_track(
+        &mut bytes,
+        &|track| if track == 1 { 20 * 15_360 } else { 20 * 48_000 },
+        2,
+    )
+    .unwrap();
+    assert_eq!(tfdt_values(&bytes), vec![21 * 15_360, 21 * 48_000]);
+    assert_eq!(mfhd_seq(&bytes), 2);
+    let (init, _) = parse_file(DEMO).unwrap();
+    assert_eq!(
+        track_timescales(&init.bytes).unwrap(),
+        vec![(1, init.timescale)]
+    );
+}
