@@ -59,6 +59,10 @@ pub const EARLY_HEARTBEAT_BACKLOG_MS: f64 = 300.0;
 /// that delivers nothing is moved on that one heartbeat (issue 13: a silent forwarder).
 pub const QUIET_PARENT_REPORT_MS: f64 = 450.0;
 
+/// Early heartbeats about one quiet parent, [`QUIET_PARENT_REPORT_MS`] apart (the server takes
+/// a burst of three).
+pub const QUIET_PARENT_REPORTS: u32 = 2;
+
 /// How recent a packet from a peer that is not (yet) our parent must be to count as the first
 /// packet of that peer's new link when our instructions then name it: instructions to the two
 /// ends of a link travel on two WebSockets, and the parent's can win by a few milliseconds.
@@ -298,9 +302,9 @@ pub struct Engine {
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
     backlog_reported: bool,
-    /// Per tree: since when its peer parent has sent nothing although a gap of the tree was
-    /// fetched from the origin, and whether an early heartbeat said so already.
-    quiet_parent: Vec<Option<(f64, bool)>>,
+    /// Per tree: since when its peer parent has sent nothing although a gap of the tree is old
+    /// or was filled by another source, and how many early heartbeats said so already.
+    quiet_parent: Vec<Option<(f64, u32)>>,
     /// A new parent delivered a substream the origin was bridging: the next heartbeat ends
     /// the bridge, so it is worth sending early.
     bridge_ended: bool,
@@ -1091,7 +1095,7 @@ impl Engine {
             .is_some_and(|(_, at)| at.is_some_and(|at| (at as f64) < noticed));
         if peer_parent && assigned_before && !bridged && silent_since {
             if let Some(q) = self.quiet_parent.get_mut(tree) {
-                q.get_or_insert((noticed, false));
+                q.get_or_insert((noticed, 0));
             }
         }
     }
@@ -1359,17 +1363,22 @@ impl Engine {
     /// a new parent first delivered a substream the origin was bridging: the DCM closes the
     /// bridge on that heartbeat, which spares the origin up to an interval of duplicates.
     ///
-    /// Also true once when a peer parent has sent nothing for [`QUIET_PARENT_REPORT_MS`] since
-    /// a gap of its tree appeared that the origin had to fill: the DCM then sees the link dead
-    /// while the parent may claim to feed it, and moves this peer at once.
+    /// Also true when a peer parent has sent nothing for [`QUIET_PARENT_REPORT_MS`] since a gap
+    /// of its tree appeared, and once more a period later ([`QUIET_PARENT_REPORTS`] in all): the
+    /// DCM then sees the link dead while the parent may claim to feed it, and moves this peer at
+    /// once.
     pub fn wants_early_heartbeat(&mut self, spare: bool) -> bool {
         let stuck = self.send_backlog_ms() > EARLY_HEARTBEAT_BACKLOG_MS;
         let mut fire = stuck && !self.backlog_reported;
         self.backlog_reported = stuck;
         let now = self.now;
         for (since, reported) in self.quiet_parent.iter_mut().flatten() {
-            if !*reported && now - *since >= QUIET_PARENT_REPORT_MS {
-                *reported = true;
+            // A second report one period later: the parent's own heartbeat may not have shown
+            // the packet sent yet when the first was read (it is judged against the later of
+            // the two).
+            let due = QUIET_PARENT_REPORT_MS * f64::from(*reported + 1);
+            if *reported < QUIET_PARENT_REPORTS && now - *since >= due {
+                *reported += 1;
                 fire = true;
             }
         }
