@@ -182,7 +182,7 @@ async fn segments_are_published_once_each_in_order() {
     let (_addr, state) = start_server(Config::default()).await;
     let (hls_addr, live) = start_hls(Live::demo()).await;
     let status = pull(&state, "pulled", hls_addr);
-    // The first load takes the last three of 0..4.
+    // The first load takes the last four of 0..4 (`START_SEGMENTS`): all of them.
     wait_for("the first segments", 10, || {
         status.segments.load(Ordering::Relaxed) >= 3
     })
@@ -192,20 +192,20 @@ async fn segments_are_published_once_each_in_order() {
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     wait_for("every segment", 10, || {
-        status.segments.load(Ordering::Relaxed) == 8
+        status.segments.load(Ordering::Relaxed) == 9
     })
     .await;
     // A few more polls: nothing is fetched twice.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let expected: Vec<String> = (1..9).map(|s| format!("seg{s}.m4s")).collect();
+    let expected: Vec<String> = (0..9).map(|s| format!("seg{s}.m4s")).collect();
     assert_eq!(segment_requests(&live), expected);
     let v = status.view();
     assert_eq!(v.phase, Phase::Following);
-    assert_eq!(v.segments, 8);
+    assert_eq!(v.segments, 9);
     assert_eq!(v.last_segment_seq, Some(8));
     assert_eq!(v.retries, 0);
     let l = lock(&live);
-    let bytes: usize = l.init.len() + (1..9).map(|s| l.segment(s).len()).sum::<usize>();
+    let bytes: usize = l.init.len() + (0..9).map(|s| l.segment(s).len()).sum::<usize>();
     assert_eq!(v.bytes, bytes as u64);
     assert_eq!(l.log.iter().filter(|p| *p == "init.mp4").count(), 1);
     let ch = state.channel("pulled").expect("channel");
@@ -236,7 +236,7 @@ async fn a_404_then_recovery_is_counted_as_retries_and_loses_nothing() {
     lock(&live).fail_next = 2;
     advance(&live);
     wait_for("the segments after the outage", 15, || {
-        status.segments.load(Ordering::Relaxed) == 5
+        status.segments.load(Ordering::Relaxed) == 6
     })
     .await;
     assert_eq!(status.retries.load(Ordering::Relaxed), 5);
@@ -246,7 +246,7 @@ async fn a_404_then_recovery_is_counted_as_retries_and_loses_nothing() {
     published.dedup();
     assert_eq!(
         published,
-        (1..6).map(|s| format!("seg{s}.m4s")).collect::<Vec<_>>()
+        (0..6).map(|s| format!("seg{s}.m4s")).collect::<Vec<_>>()
     );
     // The dashboard's JSON and /metrics show the retries.
     let text = get_text(addr, "/metrics").await;
@@ -254,7 +254,7 @@ async fn a_404_then_recovery_is_counted_as_retries_and_loses_nothing() {
         text.contains("p2p_pull_retries_total{channel=\"flaky\",region=\"default\"} 5"),
         "{text}"
     );
-    assert!(text.contains("p2p_pull_segments_total{channel=\"flaky\",region=\"default\"} 5"));
+    assert!(text.contains("p2p_pull_segments_total{channel=\"flaky\",region=\"default\"} 6"));
     let overview = get_text(
         addr,
         &format!("/api/operator/overview?token={}", state.operator_token()),
@@ -294,7 +294,7 @@ async fn time_going_backwards_is_logged_and_ignored() {
     let (hls_addr, live) = start_hls(l).await;
     let status = pull(&state, "looping", hls_addr);
     wait_for("the first segments", 10, || {
-        status.segments.load(Ordering::Relaxed) == 3
+        status.segments.load(Ordering::Relaxed) == 4
     })
     .await;
     let ch = state.channel("looping").expect("channel");
@@ -308,7 +308,7 @@ async fn time_going_backwards_is_logged_and_ignored() {
         status.backwards.load(Ordering::Relaxed) >= 2
     })
     .await;
-    assert_eq!(status.segments.load(Ordering::Relaxed), 3);
+    assert_eq!(status.segments.load(Ordering::Relaxed), 4);
     assert_eq!(ch.live_position(), before, "the channel keeps its window");
     let err = status.view().last_error.expect("reason");
     assert!(err.contains("back in time"), "{err}");
@@ -323,13 +323,14 @@ async fn time_going_backwards_is_logged_and_ignored() {
         (l.first, l.end) = (12, 16);
     }
     wait_for("the new segments", 10, || {
-        status.segments.load(Ordering::Relaxed) == 5
+        status.segments.load(Ordering::Relaxed) == 6
     })
     .await;
     let requested = segment_requests(&live);
     assert_eq!(
         requested,
         [
+            "seg10.m4s",
             "seg11.m4s",
             "seg12.m4s",
             "seg13.m4s",
@@ -347,14 +348,14 @@ async fn a_segment_that_is_not_fmp4_is_skipped_and_the_pull_goes_on() {
     let (hls_addr, live) = start_hls(l).await;
     let status = pull(&state, "garbled", hls_addr);
     wait_for("the first segments", 10, || {
-        status.segments.load(Ordering::Relaxed) == 3
+        status.segments.load(Ordering::Relaxed) == 4
     })
     .await;
     for _ in 0..3 {
         advance(&live);
     }
     wait_for("the segments after the bad one", 10, || {
-        status.segments.load(Ordering::Relaxed) == 5
+        status.segments.load(Ordering::Relaxed) == 6
     })
     .await;
     assert_eq!(status.refused_segments.load(Ordering::Relaxed), 1);

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use m3u8_rs::{KeyMethod, MasterPlaylist, MediaPlaylist, VariantStream};
 
-/// Segments taken from a live playlist's end at the first load: enough for a joiner to start one
-/// fragment behind a keyframe, without replaying the encoder's whole window.
-pub const START_SEGMENTS: usize = 3;
+/// Segments taken from a live playlist's end at the first load (RFC 8216 §6.3.3: at least three
+/// target durations from the end). Released at their own pace, they are the cushion that rides
+/// out a source that stalls: with three, a 3 s stall of a 1 s-segment source stalled a viewer
+/// in one full test run of e2e `hls_pull`; four add a segment of delay.
+pub const START_SEGMENTS: usize = 4;
 
 /// What the operator tells us to do when refusing a stream that is not CMAF.
 pub const CMAF_HINT: &str = "only fragmented-MP4 (CMAF) HLS can be pulled, MPEG-TS segments are \
@@ -384,13 +386,13 @@ mod tests {
     fn first_load_starts_near_the_live_edge_and_each_segment_comes_once() {
         let mut f = Follower::new();
         let u = f.update(&media(&live(10, 6)));
-        assert_eq!(seqs(&u), vec![13, 14, 15]);
+        assert_eq!(seqs(&u), vec![12, 13, 14, 15]);
         assert!(u.changed);
         assert_eq!(
             u.new[0].map.as_ref().map(|m| m.uri.as_str()),
             Some("init.mp4")
         );
-        assert_eq!(u.new[2].resource.uri, "seg15.m4s");
+        assert_eq!(u.new[3].resource.uri, "seg15.m4s");
         // Unchanged reload: nothing new.
         let u = f.update(&media(&live(10, 6)));
         assert!(u.new.is_empty());
