@@ -357,7 +357,7 @@ impl Dcm {
                 self.history.set_ceiling(peer, None);
                 self.splits.remove(&peer);
             }
-            Event::StreamRate { kbps } => self.on_stream_rate(kbps, now),
+            Event::StreamRate { kbps } => self.on_stream_rate(kbps),
             Event::Snapshot { token } => {
                 let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
                 ids.sort();
@@ -568,7 +568,7 @@ impl Dcm {
     /// sent a few seconds): when the measured rate moves more than [`REPLAN_CHANGE`] away from
     /// the planned one, joins are planned at the new rate, and peers that now carry more
     /// children than their upload allows are re-placed, [`REPLAN_PER_TICK`] per tick.
-    fn on_stream_rate(&mut self, kbps: u32, _now: u64) {
+    fn on_stream_rate(&mut self, kbps: u32) {
         let kbps = kbps.max(1);
         self.stream_kbps = kbps;
         let planned = self.planned_kbps;

@@ -350,6 +350,17 @@ impl CongestionDetector {
         }
         let cs = view.get(child)?;
         let cutoff = cs.sent_ms().saturating_sub(self.cfg.dead_grace_ms);
+        // Fast path of the common case, before the production log is scanned: a link that
+        // delivered after the cutoff (or never) is not dead in `claimed_but_dead`'s sense.
+        let last_at = cs
+            .heartbeat
+            .parents
+            .iter()
+            .find(|p| p.substream == substream && p.parent == Source::Peer { id: parent })?
+            .last_ts_ms?;
+        if (last_at as i64).saturating_add(cs.clock_offset_ms).max(0) as u64 > cutoff {
+            return None;
+        }
         let (expected, created) = log.newest_before(substream, k, cutoff)?;
         let dead = claimed_but_dead(
             view,
