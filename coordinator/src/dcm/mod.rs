@@ -27,6 +27,7 @@ mod invariants;
 mod origin;
 pub mod planner;
 pub mod plausible;
+mod production;
 mod recovery;
 mod repair;
 pub mod snapshot;

@@ -148,12 +148,14 @@ impl Dcm {
     /// New packets from the origin: a live-edge notice (in turns, see `edge_every`), then each
     /// packet pushed to the peers the origin feeds and to those it bridges.
     pub(super) fn push_from_origin(&mut self, packets: Vec<(u64, Bytes)>) {
+        let mut made = Vec::with_capacity(packets.len());
         for (seq, bytes) in &packets {
             if let Ok(p) = protocol::Packet::decode(bytes) {
-                self.production.record(*seq, p.header.created_ms);
+                made.push((*seq, p.header.created_ms));
             }
             self.origin.record(*seq, bytes);
         }
+        self.production.record_batch(&made);
         // On a signed channel the manifest sent to everyone before these packets was the notice.
         let signed = !self.manifests.is_empty();
         if let Some(edge) = packets.last().map(|p| p.0).filter(|_| !signed) {

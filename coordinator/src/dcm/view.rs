@@ -6,12 +6,14 @@
 //! comparing what each side reports with what the origin had produced a grace period earlier.
 //! Pure: time and the origin's production log come in as arguments.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
 use protocol::{ChildLink, Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
+
+pub use super::production::ProductionLog;
 
 /// What the view remembers of one peer.
 #[derive(Debug, Clone)]
@@ -122,43 +124,6 @@ impl HeartbeatView {
     }
 }
 
-/// Recent packets of the origin: (seq, creation time), to know what a peer should have by now.
-#[derive(Debug, Default)]
-pub struct ProductionLog {
-    recent: VecDeque<(u64, u64)>,
-}
-
-impl ProductionLog {
-    const KEEP: usize = 512;
-
-    pub fn record(&mut self, seq: u64, created_ms: u64) {
-        self.recent.push_back((seq, created_ms));
-        while self.recent.len() > Self::KEEP {
-            self.recent.pop_front();
-        }
-    }
-
-    /// When packet `seq` was made, if it is among the recent ones.
-    pub fn created(&self, seq: u64) -> Option<u64> {
-        let first = self.recent.front()?.0;
-        let i = usize::try_from(seq.checked_sub(first)?).ok()?;
-        match self.recent.get(i) {
-            Some((s, c)) if *s == seq => Some(*c),
-            // Not contiguous (a restart of the numbering): search.
-            _ => self.recent.iter().find(|(s, _)| *s == seq).map(|(_, c)| *c),
-        }
-    }
-
-    /// Newest packet of `substream` created at or before `t_ms`: (seq, created_ms).
-    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<(u64, u64)> {
-        self.recent
-            .iter()
-            .rev()
-            .find(|(seq, created)| *created <= t_ms && protocol::substream_of(*seq, k) == substream)
-            .copied()
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct CongestionConfig {
     /// How long after its creation a packet may still be on its way down the tree.
@@ -227,7 +192,7 @@ type Judged = (PeerId, PeerId, u32, bool, u64, Option<u64>, bool, bool);
 /// Whether `child`'s link from `parent` on `substream` is dead while the parent claims to feed
 /// it: the parent's own last heartbeat says it sent the child `expected` (or, for a link it does
 /// not list, a feed into another cluster, it reports no upload backlog while holding the
-/// packet), yet nothing at all has come over the link since `expected` was created. A slow link
+/// packet), yet nothing at all has come over the link since `expected` was due (see `ProductionLog`). A slow link
 /// still delivers, late; an overloaded child still shows arrivals; a silent forwarder (issue 13)
 /// shows neither, and its children are moved on the first heartbeat that shows it rather than
 /// the second. Only a link that delivered before counts: one that never did may never have
@@ -239,7 +204,7 @@ fn claimed_but_dead(
     parent: PeerId,
     child: PeerId,
     substream: u32,
-    (expected, created): (u64, u64),
+    (expected, due): (u64, u64),
 ) -> bool {
     // The child's side first: in a healthy swarm it has the packet, and the parent's report
     // (another peer's memory) is not read.
@@ -264,7 +229,7 @@ fn claimed_but_dead(
         return false;
     };
     let last_at = (last_at as i64).saturating_add(cs.clock_offset_ms).max(0) as u64;
-    if last_at > created {
+    if last_at > due {
         return false;
     }
     let Some(ps) = view.get(parent) else {
@@ -274,7 +239,7 @@ fn claimed_but_dead(
     // as much earlier as it was made earlier (a forwarder passes packets on with about the same
     // delay).
     let went_at = |last: u64, at: u64| {
-        let made_apart = log.created(last).map_or(0, |c| c.saturating_sub(created));
+        let made_apart = log.due(last).map_or(0, |c| c.saturating_sub(due));
         at.saturating_sub(made_apart)
     };
     // What the parent received on the substream, and when.
@@ -310,7 +275,7 @@ fn claimed_but_dead(
     };
     sent_at.is_some_and(|t| {
         let t = (t as i64).saturating_add(skew).max(0) as u64;
-        t >= created && t + cfg.dead_grace_ms <= cs.sent_ms()
+        t >= due && t + cfg.dead_grace_ms <= cs.sent_ms()
     })
 }
 
@@ -361,7 +326,7 @@ impl CongestionDetector {
         if (last_at as i64).saturating_add(cs.clock_offset_ms).max(0) as u64 > cutoff {
             return None;
         }
-        let (expected, created) = log.newest_before(substream, k, cutoff)?;
+        let (expected, due) = log.newest_before(substream, k, cutoff)?;
         let dead = claimed_but_dead(
             view,
             log,
@@ -369,11 +334,11 @@ impl CongestionDetector {
             parent,
             child,
             substream,
-            (expected, created),
+            (expected, due),
         );
         (dead
             && link_since(parent, child, substream)
-                .is_some_and(|since| created >= since + self.cfg.settle_ms))
+                .is_some_and(|since| due >= since + self.cfg.settle_ms))
         .then_some(expected)
     }
 
@@ -408,7 +373,7 @@ impl CongestionDetector {
                 continue;
             }
             let cutoff = me.sent_ms().saturating_sub(self.cfg.grace_ms);
-            let Some((expected, created)) = log.newest_before(pl.substream, k, cutoff) else {
+            let Some((expected, due)) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
             };
             if pl.last_seq.is_none_or(|s| s < expected) {
@@ -421,7 +386,7 @@ impl CongestionDetector {
             // (the link's age, the parent's own report: other peers' memory, cache misses at
             // tens of thousands of heartbeats per second) are skipped.
             let late = pl.last_seq.is_none_or(|s| s < expected)
-                && settled_before(parent, peer, pl.substream, created)
+                && settled_before(parent, peer, pl.substream, due)
                 // Only the link's fault if the parent itself had the packet.
                 && view
                     .get(parent)
@@ -470,12 +435,15 @@ impl CongestionDetector {
         };
         // The parent's clock and the server's differ; judge its own report by its own clock.
         let skew = me.clock_offset_ms;
-        let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms;
+        // A fragment longer than the grace covers is forwarded over its spread: a backlog that
+        // long is a passing burst, not a stuck uplink (see `ProductionLog`).
+        let burst = log.current_spread();
+        let backlogged = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.backlog_ms + burst;
         // Stuck (not a large fragment's passing backlog): a child is owed at once what its
         // parent already sent a sibling in the same tree, which proves the parent had it,
         // whatever it got from its own parent (nothing yet when that parent is new, or less
         // than it fetched from the origin).
-        let stuck = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.stuck_ms;
+        let stuck = u64::from(me.heartbeat.send_backlog_ms) > self.cfg.stuck_ms + burst;
         let sibling_best = |sub: u32| {
             me.heartbeat
                 .children
@@ -525,8 +493,8 @@ impl CongestionDetector {
                 k,
                 me.sent_ms().saturating_sub(self.cfg.grace_ms),
             ) {
-                Some((expected, created)) if backlogged && got.is_none_or(|g| expected > g) => {
-                    (expected, created)
+                Some((expected, due)) if backlogged && got.is_none_or(|g| expected > g) => {
+                    (expected, due)
                 }
                 _ => match got {
                     Some(got) => (got, got_at_server),
@@ -543,7 +511,9 @@ impl CongestionDetector {
             if owed == 0 && got.is_none() {
                 continue;
             }
-            let late = (waited > self.cfg.grace_ms || backlogged)
+            // The last packet it got may be the end of a burst it is still passing on.
+            let allowed = self.cfg.grace_ms + got.map_or(0, |g| log.spread(g));
+            let late = (waited > allowed || backlogged)
                 && cl.last_seq.is_none_or(|s| s < owed)
                 && settled_before(peer, cl.child, cl.substream, owed_at);
             judged.push((

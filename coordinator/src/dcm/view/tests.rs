@@ -583,3 +583,96 @@ fn a_packet_sent_a_moment_before_the_childs_report_is_not_yet_owed_on_one_report
         .on_heartbeat(&view, &log, K, child, |_, _, _| Some(0))
         .is_empty());
 }
+
+/// Fragments of `n` packets every `every_ms`, the newest made `age_ms` before `now`, each handed
+/// to the origin whole (one creation time per fragment), up to packet `upto`.
+fn fragments(upto: u64, n: u64, every_ms: u64, age_ms: u64, now: u64) -> ProductionLog {
+    let mut log = ProductionLog::default();
+    let last = upto / n;
+    for f in 0..=last {
+        let created = now - age_ms - (last - f) * every_ms;
+        let batch: Vec<(u64, u64)> = (f * n..(f + 1) * n).map(|s| (s, created)).collect();
+        log.record_batch(&batch);
+    }
+    log
+}
+
+/// One relay link whose parent has passed on `sent` packets of the newest fragment (16 packets,
+/// 4 per substream), reporting `backlog_ms` of upload queued; every other link is up to date.
+/// Two heartbeat rounds; returns what was found congested and the link.
+fn passing_a_burst(
+    log: &ProductionLog,
+    sent: u64,
+    backlog_ms: u32,
+) -> (Vec<Congested>, (PeerId, PeerId, u32)) {
+    let t = tree(40);
+    let now = 1_000_000;
+    let upto = 16 * 30 - 1;
+    let (parent, child, sub) = relay_link(&t);
+    let first = upto + 1 - 16;
+    // The newest packet of the link's substream among the first `sent` of the fragment.
+    let stuck = (first..first + sent)
+        .rev()
+        .find(|s| protocol::substream_of(*s, K) == sub)
+        .unwrap_or(first - 16 + u64::from(sub));
+    let mut view = HeartbeatView::default();
+    let mut det = CongestionDetector::new(CongestionConfig::default());
+    let mut found = Vec::new();
+    for round in 1..=2 {
+        for p in t.peers() {
+            let mut hb = heartbeat(&t, p, round, upto, Some((parent, child, sub, stuck)), now);
+            if p == parent {
+                hb.send_backlog_ms = backlog_ms;
+            }
+            view.ingest(hb, now);
+        }
+        for p in t.peers() {
+            found.extend(det.on_heartbeat(&view, log, K, p, |_, _, _| Some(0)));
+        }
+    }
+    (found, (parent, child, sub))
+}
+
+#[test]
+fn a_forwarder_passing_on_a_long_fragment_is_not_taken_for_a_congested_one() {
+    let now = 1_000_000;
+    let upto = 16 * 30 - 1;
+    // 4 s fragments, the newest cut 1.5 s ago (the heartbeats say the parent got it then): a
+    // forwarder at 1.5 times its share passes it on over 2/3 of 4 s, and has sent half of it.
+    let long = fragments(upto, 16, 4_000, 1_500, now);
+    let (found, _) = passing_a_burst(&long, 8, 2_000);
+    assert!(found.is_empty(), "a passing burst taken for congestion: {found:?}");
+    // The same reports read as 1 s fragments, each due whole: that parent would be late.
+    let short = fragments(upto, 16, 1_000, 1_500, now);
+    let (found, link) = passing_a_burst(&short, 8, 2_000);
+    assert!(
+        found
+            .iter()
+            .any(|c| (c.parent, c.child, c.substream) == link),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_forwarder_stuck_on_a_long_fragment_is_still_found() {
+    let now = 1_000_000;
+    let upto = 16 * 30 - 1;
+    let long = fragments(upto, 16, 4_000, 1_500, now);
+    // Nothing of the fragment passed on in 1.5 s, with no backlog to show for it: the child
+    // lacks what was due 0.7 s ago while its parent holds it.
+    let (found, link) = passing_a_burst(&long, 0, 0);
+    assert!(
+        found
+            .iter()
+            .any(|c| (c.parent, c.child, c.substream) == link),
+        "{found:?}"
+    );
+    // Nothing passed on and a backlog longer than the fragment's spread: its uplink is stuck.
+    let (found, link) = passing_a_burst(&long, 0, 3_500);
+    assert!(
+        found
+            .iter()
+            .any(|c| (c.parent, c.child, c.substream) == link && c.parent_side),
+        "{found:?}"
+    );
+}
