@@ -97,6 +97,8 @@ pub struct Swarm {
     pub channel: String,
     /// What the `demo` channel loops: the demo clip or `--source`.
     pub source: SourceInfo,
+    /// Wall clock when the server started (ms since the Unix epoch).
+    started_ms: f64,
 }
 
 impl Swarm {
@@ -190,6 +192,7 @@ impl Swarm {
             regions: (0..regions).map(|r| format!("r{r}")).collect(),
             channel: "demo".into(),
             source: source.info,
+            started_ms: wall_ms(),
         })
     }
 
@@ -476,6 +479,20 @@ impl Swarm {
             0.0
         };
         r.congestion_links_reported = topo.congestion.len();
+        r.congestion_log = topo
+            .congestion
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "at_s": (c.at_ms as f64 - self.started_ms) / 1000.0,
+                    "parent": c.link.parent,
+                    "child": c.link.child,
+                    "substream": c.link.substream,
+                    "behind": c.link.behind,
+                    "parent_side": c.link.parent_side,
+                })
+            })
+            .collect();
         Ok(r)
     }
 
@@ -565,6 +582,9 @@ pub struct SwarmReport {
     /// Of those, links whose parent was not a throttled relay (its children's complaints, or
     /// its own backlog after a repair handed it many children): false or secondary alarms.
     pub congestion_links_unthrottled: usize,
+    /// The DCM's congestion records at the end of the run, for diagnosis: each link with
+    /// `at_s` (seconds into the run), `behind` (fragments) and `parent_side`.
+    pub congestion_log: Vec<serde_json::Value>,
     /// Per throttled relay: throttle → first congestion report naming it (ms; -1 = never).
     pub detection_ms: Vec<f64>,
     /// Children of a throttled relay the DCM left with it (its reduced capacity still feeds
@@ -719,6 +739,7 @@ impl SwarmReport {
             congestion_detected: 0,
             congestion_links_reported: 0,
             congestion_links_unthrottled: 0,
+            congestion_log: Vec::new(),
             detection_ms: Vec::new(),
             repairs_kept: 0,
             heartbeat_bytes_avg: {

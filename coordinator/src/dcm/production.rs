@@ -2,21 +2,23 @@
 //! it, to know what a peer should have by now.
 //!
 //! A live source hands the origin a whole fragment at once, and every packet of it is stamped
-//! with the same creation time. A forwarder whose uplink is a little faster than its share of
-//! the stream passes such a burst on over most of the fragment's duration D: at 1.5 times its
-//! share, the last packet leaves 2/3 D after the first. The congestion detector's grace was
-//! measured on fragments of up to [`WHOLE_FRAGMENT_MS`] arriving whole; a longer fragment's
-//! packets are taken to be due spread over the excess, as if the source had made them at an
-//! even pace, so that a 4 s fragment passing through a busy but healthy forwarder is not taken
-//! for congestion on every fragment (issue 14: 72-156 links reported on 2-4 s fragments, none on
-//! the 1 s demo clip). The duration is read off the gap between the last two fragments' creation
-//! times (a live source cuts them as it goes); the first fragment is not spread.
+//! with the same creation time. The planner fills a forwarder's uplink up to its declared
+//! capacity, and a forwarder that busy passes such a burst on over the whole of the fragment's
+//! duration D (its token bucket's one-second burst is spent on the fragment before). The
+//! detector's grace was measured on the demo clip's 1 s fragments; the packets of a fragment of
+//! [`SPREAD_FROM_MS`] or longer are taken to be due spread evenly over D, as if the source had
+//! made them at an even pace, so that a 4 s fragment passing through a busy but healthy
+//! forwarder is not taken for congestion on every fragment (issue 14: 54-156 links reported on
+//! 4 s fragments, none on the 1 s demo clip). The peer engine's fallback clock spreads a
+//! fragment's gaps the same way (`peer-wasm/src/engine/mod.rs`, `burst_spread_ms`). The
+//! duration is read off the gap between the last two fragments' creation times (a live source
+//! cuts them as it goes); the first fragment is not spread.
 
 use std::collections::VecDeque;
 
-/// The fragment duration the detector's grace covers for a fragment arriving whole (ms): the
-/// demo clip's, on which it was measured. Only what a fragment lasts beyond this is spread.
-pub const WHOLE_FRAGMENT_MS: u64 = 1_000;
+/// Fragments shorter than this (ms) are due whole, when made: the detector's grace covers them
+/// (the demo clip's are 1 s). The peer engine spreads from the same duration.
+pub const SPREAD_FROM_MS: u64 = 1_500;
 
 /// The longest spread (ms): a source that paused for a minute does not make the next fragment
 /// owed a minute late.
@@ -24,12 +26,12 @@ pub const MAX_SPREAD_MS: u64 = 10_000;
 
 /// One recent packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Made {
-    seq: u64,
-    /// Creation time stamped by the origin (server ms).
-    created_ms: u64,
+pub struct Made {
+    pub seq: u64,
+    /// Creation time stamped by the origin (server ms): a link created later never carries it.
+    pub created_ms: u64,
     /// When a healthy tree owes it (server ms): `created_ms` plus its share of the spread.
-    due_ms: u64,
+    pub due_ms: u64,
 }
 
 /// Recent packets of the origin, oldest first.
@@ -51,8 +53,8 @@ impl ProductionLog {
     }
 
     /// Records a batch of new packets, in order. Packets stamped with one creation time are one
-    /// fragment: its packets are due evenly over what the fragment lasts beyond
-    /// [`WHOLE_FRAGMENT_MS`], its duration taken from the gap to the previous fragment.
+    /// fragment: when it lasts [`SPREAD_FROM_MS`] or more (the gap to the previous fragment),
+    /// its packets are due evenly over its duration.
     pub fn record_batch(&mut self, packets: &[(u64, u64)]) {
         let mut i = 0;
         while i < packets.len() {
@@ -66,11 +68,9 @@ impl ProductionLog {
                 .back()
                 .map(|m| m.created_ms)
                 .filter(|prev| *prev < created)
-                .map_or(0, |prev| {
-                    (created - prev)
-                        .saturating_sub(WHOLE_FRAGMENT_MS)
-                        .min(MAX_SPREAD_MS)
-                });
+                .map(|prev| created - prev)
+                .filter(|d| *d >= SPREAD_FROM_MS)
+                .map_or(0, |d| d.min(MAX_SPREAD_MS));
             for (j, &(seq, created_ms)) in packets[i..i + n].iter().enumerate() {
                 // Packet j of n is due once j+1 n-ths of the spread have passed: the last one
                 // at the end of it.
@@ -113,19 +113,19 @@ impl ProductionLog {
         self.get(seq).map_or(0, |m| m.due_ms - m.created_ms)
     }
 
-    /// The spread of the newest fragment (ms): how much longer than [`WHOLE_FRAGMENT_MS`] the
-    /// stream's fragments last now, which a forwarder's upload backlog may reach in passing.
+    /// The spread of the newest fragment (ms): what a forwarder's upload backlog may reach in
+    /// passing on a fragment (0 for short ones).
     pub fn current_spread(&self) -> u64 {
         self.recent.back().map_or(0, |m| m.due_ms - m.created_ms)
     }
 
-    /// Newest packet of `substream` owed at or before `t_ms`: (seq, due_ms).
-    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<(u64, u64)> {
+    /// Newest packet of `substream` owed at or before `t_ms`.
+    pub fn newest_before(&self, substream: u32, k: u32, t_ms: u64) -> Option<Made> {
         self.recent
             .iter()
             .rev()
             .find(|m| m.due_ms <= t_ms && protocol::substream_of(m.seq, k) == substream)
-            .map(|m| (m.seq, m.due_ms))
+            .copied()
     }
 }
 
@@ -138,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    fn one_second_fragments_are_due_when_made() {
+    fn short_fragments_are_due_when_made() {
         let mut log = ProductionLog::default();
         log.record_batch(&fragment(0, 4, 10_000));
         log.record_batch(&fragment(4, 4, 11_000));
@@ -146,26 +146,29 @@ mod tests {
             assert_eq!(log.spread(seq), 0, "seq {seq}");
         }
         assert_eq!(log.due(5), Some(11_000));
-        assert_eq!(log.newest_before(1, 4, 10_999), Some((1, 10_000)));
+        let owed = log.newest_before(1, 4, 10_999).map(|m| (m.seq, m.due_ms));
+        assert_eq!(owed, Some((1, 10_000)));
     }
 
     #[test]
     fn a_long_fragment_is_due_over_its_excess() {
         let mut log = ProductionLog::default();
         log.record_batch(&fragment(0, 8, 10_000));
-        // 4 s after the one before: its 8 packets are due over 3 s, the last at the end.
+        // 4 s after the one before: its 8 packets are due over 4 s, the last at the end.
         log.record_batch(&fragment(8, 8, 14_000));
-        assert_eq!(log.due(8), Some(14_000 + 375));
-        assert_eq!(log.due(15), Some(17_000));
-        assert_eq!(log.spread(15), 3_000);
+        assert_eq!(log.due(8), Some(14_500));
+        assert_eq!(log.due(15), Some(18_000));
+        assert_eq!(log.spread(15), 4_000);
         // The first fragment had nothing before it to measure.
         assert_eq!(log.spread(7), 0);
-        // At 15.5 s, substream 1 (k = 4) owes seq 9 (due 14 750), not seq 13 (due 16 250).
-        assert_eq!(log.newest_before(1, 4, 15_500), Some((9, 14_750)));
-        assert_eq!(log.newest_before(1, 4, 16_250), Some((13, 16_250)));
+        // At 16 s, substream 1 (k = 4) owes seq 9 (due 15 000), not seq 13 (due 17 000).
+        let owed = |t| log.newest_before(1, 4, t).map(|m| (m.seq, m.created_ms, m.due_ms));
+        assert_eq!(owed(16_000), Some((9, 14_000, 15_000)));
+        assert_eq!(owed(17_000), Some((13, 14_000, 17_000)));
         // Due times never run backwards, fragment to fragment.
         log.record_batch(&fragment(16, 8, 18_000));
-        let dues: Vec<u64> = (0..24).filter_map(|s| log.due(s)).collect();
+        log.record_batch(&fragment(24, 8, 22_000));
+        let dues: Vec<u64> = (0..32).filter_map(|s| log.due(s)).collect();
         assert!(dues.windows(2).all(|w| w[0] <= w[1]), "{dues:?}");
     }
 
@@ -183,8 +186,8 @@ mod tests {
         let mut batch = fragment(0, 2, 1_000);
         batch.extend(fragment(2, 2, 3_000));
         log.record_batch(&batch);
-        assert_eq!(log.due(2), Some(3_500));
-        assert_eq!(log.due(3), Some(4_000));
+        assert_eq!(log.due(2), Some(4_000));
+        assert_eq!(log.due(3), Some(5_000));
     }
 
     #[test]

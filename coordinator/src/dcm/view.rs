@@ -326,7 +326,7 @@ impl CongestionDetector {
         if (last_at as i64).saturating_add(cs.clock_offset_ms).max(0) as u64 > cutoff {
             return None;
         }
-        let (expected, due) = log.newest_before(substream, k, cutoff)?;
+        let owed = log.newest_before(substream, k, cutoff)?;
         let dead = claimed_but_dead(
             view,
             log,
@@ -334,12 +334,14 @@ impl CongestionDetector {
             parent,
             child,
             substream,
-            (expected, due),
+            (owed.seq, owed.due_ms),
         );
+        // Settled: the link existed a while before the packet was made (a link never carries
+        // what its parent had before it).
         (dead
             && link_since(parent, child, substream)
-                .is_some_and(|since| due >= since + self.cfg.settle_ms))
-        .then_some(expected)
+                .is_some_and(|since| owed.created_ms >= since + self.cfg.settle_ms))
+        .then_some(owed.seq)
     }
 
     /// Judges the links of `peer` (as child and as parent) after its heartbeat arrived.
@@ -373,9 +375,10 @@ impl CongestionDetector {
                 continue;
             }
             let cutoff = me.sent_ms().saturating_sub(self.cfg.grace_ms);
-            let Some((expected, due)) = log.newest_before(pl.substream, k, cutoff) else {
+            let Some(owed) = log.newest_before(pl.substream, k, cutoff) else {
                 continue;
             };
+            let expected = owed.seq;
             if pl.last_seq.is_none_or(|s| s < expected) {
                 self.last_behind = true;
             }
@@ -386,7 +389,7 @@ impl CongestionDetector {
             // (the link's age, the parent's own report: other peers' memory, cache misses at
             // tens of thousands of heartbeats per second) are skipped.
             let late = pl.last_seq.is_none_or(|s| s < expected)
-                && settled_before(parent, peer, pl.substream, due)
+                && settled_before(parent, peer, pl.substream, owed.created_ms)
                 // Only the link's fault if the parent itself had the packet.
                 && view
                     .get(parent)
@@ -493,9 +496,7 @@ impl CongestionDetector {
                 k,
                 me.sent_ms().saturating_sub(self.cfg.grace_ms),
             ) {
-                Some((expected, due)) if backlogged && got.is_none_or(|g| expected > g) => {
-                    (expected, due)
-                }
+                Some(m) if backlogged && got.is_none_or(|g| m.seq > g) => (m.seq, m.created_ms),
                 _ => match got {
                     Some(got) => (got, got_at_server),
                     None => (0, 0),
