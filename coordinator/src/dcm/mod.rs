@@ -64,6 +64,15 @@ const REEVALUATE_MS: u64 = 10_000;
 /// planned at before they are re-planned.
 const REPLAN_CHANGE: f64 = 0.15;
 
+/// Headroom for long fragments (numerator, denominator): flat trees of a stream whose fragments
+/// are spread (see `production.rs`) are planned at this multiple of its measured rate, so that a
+/// forwarder's uplink is filled to two thirds at most. A fragment arrives whole and the viewer's
+/// playout lag (two fragments) leaves one fragment's duration for it to come down the trees: a
+/// forwarder filled to its cap takes all of that for one hop (4 s fragments at 1.5 times the
+/// rate: stalls at every few boundaries), one filled to two thirds takes two thirds of it, less
+/// its one-second token burst.
+const LONG_FRAGMENT_HEADROOM: (u32, u32) = (3, 2);
+
 /// Peers re-placed per tick after the stream rate changed: the moves are spread over a few
 /// seconds rather than every child of the channel changing parent at once.
 const REPLAN_PER_TICK: usize = 32;
@@ -566,12 +575,19 @@ impl Dcm {
 
     /// The origin measured the stream at `kbps`. A flat channel's trees were planned at the
     /// rate known when the DCM started (an ingest channel's is a guess until its publisher has
-    /// sent a few seconds): when the measured rate moves more than [`REPLAN_CHANGE`] away from
-    /// the planned one, joins are planned at the new rate, and peers that now carry more
-    /// children than their upload allows are re-placed, [`REPLAN_PER_TICK`] per tick.
+    /// sent a few seconds): when the measured rate (with [`LONG_FRAGMENT_HEADROOM`] for long
+    /// fragments) moves more than [`REPLAN_CHANGE`] away from the planned one, joins are planned
+    /// at the new rate, and peers that now carry more children than their upload allows are
+    /// re-placed, [`REPLAN_PER_TICK`] per tick.
     fn on_stream_rate(&mut self, kbps: u32) {
         let kbps = kbps.max(1);
         self.stream_kbps = kbps;
+        let kbps = if self.production.current_spread() > 0 {
+            let (num, den) = LONG_FRAGMENT_HEADROOM;
+            kbps.saturating_mul(num) / den
+        } else {
+            kbps
+        };
         let planned = self.planned_kbps;
         let off = f64::from(kbps.abs_diff(planned)) / f64::from(planned.max(1));
         if off <= REPLAN_CHANGE || !self.planner.set_stream_kbps(kbps) {

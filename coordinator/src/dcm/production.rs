@@ -2,23 +2,26 @@
 //! it, to know what a peer should have by now.
 //!
 //! A live source hands the origin a whole fragment at once, and every packet of it is stamped
-//! with the same creation time. The planner fills a forwarder's uplink up to its declared
-//! capacity, and a forwarder that busy passes such a burst on over the whole of the fragment's
-//! duration D (its token bucket's one-second burst is spent on the fragment before). The
-//! detector's grace was measured on the demo clip's 1 s fragments; the packets of a fragment of
-//! [`SPREAD_FROM_MS`] or longer are taken to be due spread evenly over D, as if the source had
-//! made them at an even pace, so that a 4 s fragment passing through a busy but healthy
-//! forwarder is not taken for congestion on every fragment (issue 14: 54-156 links reported on
-//! 4 s fragments, none on the 1 s demo clip). The peer engine's fallback clock spreads a
-//! fragment's gaps the same way (`peer-wasm/src/engine/mod.rs`, `burst_spread_ms`). The
-//! duration is read off the gap between the last two fragments' creation times (a live source
-//! cuts them as it goes); the first fragment is not spread.
+//! with the same creation time. A forwarder passes such a burst on over as much of the
+//! fragment's duration D as its uplink is filled: the DCM plans the trees of a stream with long
+//! fragments so that uplinks are filled to two thirds at most (`LONG_FRAGMENT_HEADROOM` in
+//! `dcm/mod.rs`). The detector's grace was measured on the demo clip's 1 s fragments; the
+//! packets of a fragment of [`SPREAD_FROM_MS`] or longer are taken to be due spread evenly over
+//! two thirds of D, as if the source had made them at that pace, so that a 4 s fragment passing
+//! through a busy but healthy forwarder is not taken for congestion on every fragment (issue 14:
+//! 54-156 links reported on 4 s fragments, none on the 1 s demo clip). The peer engine's
+//! fallback clock spreads a fragment's gaps the same way (`peer-wasm/src/engine/mod.rs`,
+//! `burst_spread_ms`). The duration is read off the gap between the last two fragments'
+//! creation times (a live source cuts them as it goes); the first fragment is not spread.
 
 use std::collections::VecDeque;
 
 /// Fragments shorter than this (ms) are due whole, when made: the detector's grace covers them
 /// (the demo clip's are 1 s). The peer engine spreads from the same duration.
 pub const SPREAD_FROM_MS: u64 = 1_500;
+
+/// The share of a long fragment's duration its packets are due over (numerator, denominator).
+pub const SPREAD_SHARE: (u64, u64) = (2, 3);
 
 /// The longest spread (ms): a source that paused for a minute does not make the next fragment
 /// owed a minute late.
@@ -54,7 +57,7 @@ impl ProductionLog {
 
     /// Records a batch of new packets, in order. Packets stamped with one creation time are one
     /// fragment: when it lasts [`SPREAD_FROM_MS`] or more (the gap to the previous fragment),
-    /// its packets are due evenly over its duration.
+    /// its packets are due evenly over [`SPREAD_SHARE`] of its duration.
     pub fn record_batch(&mut self, packets: &[(u64, u64)]) {
         let mut i = 0;
         while i < packets.len() {
@@ -70,7 +73,7 @@ impl ProductionLog {
                 .filter(|prev| *prev < created)
                 .map(|prev| created - prev)
                 .filter(|d| *d >= SPREAD_FROM_MS)
-                .map_or(0, |d| d.min(MAX_SPREAD_MS));
+                .map_or(0, |d| (d * SPREAD_SHARE.0 / SPREAD_SHARE.1).min(MAX_SPREAD_MS));
             for (j, &(seq, created_ms)) in packets[i..i + n].iter().enumerate() {
                 // Packet j of n is due once j+1 n-ths of the spread have passed: the last one
                 // at the end of it.
@@ -154,20 +157,20 @@ mod tests {
     fn a_long_fragment_is_due_over_its_excess() {
         let mut log = ProductionLog::default();
         log.record_batch(&fragment(0, 8, 10_000));
-        // 4 s after the one before: its 8 packets are due over 4 s, the last at the end.
-        log.record_batch(&fragment(8, 8, 14_000));
-        assert_eq!(log.due(8), Some(14_500));
-        assert_eq!(log.due(15), Some(18_000));
-        assert_eq!(log.spread(15), 4_000);
+        // 3 s after the one before: its 8 packets are due over 2 s, the last at the end.
+        log.record_batch(&fragment(8, 8, 13_000));
+        assert_eq!(log.due(8), Some(13_250));
+        assert_eq!(log.due(15), Some(15_000));
+        assert_eq!(log.spread(15), 2_000);
         // The first fragment had nothing before it to measure.
         assert_eq!(log.spread(7), 0);
-        // At 16 s, substream 1 (k = 4) owes seq 9 (due 15 000), not seq 13 (due 17 000).
+        // At 14 s, substream 1 (k = 4) owes seq 9 (due 13 500), not seq 13 (due 14 500).
         let owed = |t| log.newest_before(1, 4, t).map(|m| (m.seq, m.created_ms, m.due_ms));
-        assert_eq!(owed(16_000), Some((9, 14_000, 15_000)));
-        assert_eq!(owed(17_000), Some((13, 14_000, 17_000)));
+        assert_eq!(owed(14_000), Some((9, 13_000, 13_500)));
+        assert_eq!(owed(14_500), Some((13, 13_000, 14_500)));
         // Due times never run backwards, fragment to fragment.
-        log.record_batch(&fragment(16, 8, 18_000));
-        log.record_batch(&fragment(24, 8, 22_000));
+        log.record_batch(&fragment(16, 8, 16_000));
+        log.record_batch(&fragment(24, 8, 19_000));
         let dues: Vec<u64> = (0..32).filter_map(|s| log.due(s)).collect();
         assert!(dues.windows(2).all(|w| w[0] <= w[1]), "{dues:?}");
     }
@@ -184,10 +187,10 @@ mod tests {
     fn a_batch_may_hold_several_fragments() {
         let mut log = ProductionLog::default();
         let mut batch = fragment(0, 2, 1_000);
-        batch.extend(fragment(2, 2, 3_000));
+        batch.extend(fragment(2, 2, 4_000));
         log.record_batch(&batch);
-        assert_eq!(log.due(2), Some(4_000));
-        assert_eq!(log.due(3), Some(5_000));
+        assert_eq!(log.due(2), Some(5_000));
+        assert_eq!(log.due(3), Some(6_000));
     }
 
     #[test]

@@ -1094,3 +1094,44 @@ fn busiest_relay_children(h: &mut Harness, id: u64) -> usize {
             .unwrap_or(0)
     })
 }
+
+#[test]
+fn a_stream_of_long_fragments_is_planned_with_headroom() {
+    // Planned at 400 kbit/s (100 per substream); every peer offers 1000 (850 placed: 8 units).
+    let mut h = Harness::new();
+    for id in 1..=40 {
+        h.join(id, 1000);
+    }
+    h.pump();
+    h.dcm.handle(Event::StreamRate { kbps: 400 }, T0 + 1000);
+    assert_eq!(h.dcm.stats().replans, 0);
+    // Two fragments 4 s apart, each handed over whole: the stream's fragments are long.
+    let fragment = |first: u64, created_ms: u64| {
+        Event::Packets(
+            (first..first + 8)
+                .map(|seq| {
+                    let header = protocol::PacketHeader {
+                        seq,
+                        flags: 0,
+                        created_ms,
+                    };
+                    (seq, Bytes::from(protocol::packet::encode(&header, &[1; 200])))
+                })
+                .collect(),
+        )
+    };
+    h.handle(fragment(0, 10_000));
+    h.handle(fragment(8, 14_000));
+    // The same measured rate is now planned at 600 (150 per substream: 5 children at most).
+    h.dcm.handle(Event::StreamRate { kbps: 400 }, T0 + 2000);
+    assert_eq!(h.dcm.stats().replans, 1);
+    for i in 0..10 {
+        h.dcm.handle_timeout(T0 + 3000 + i * 1000);
+    }
+    h.pump();
+    h.dcm.check_invariants().unwrap();
+    for id in 1..=40 {
+        let n = busiest_relay_children(&mut h, id);
+        assert!(n <= 5, "peer {id} feeds {n} children in its tree");
+    }
+}

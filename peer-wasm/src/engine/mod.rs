@@ -1123,20 +1123,21 @@ impl Engine {
     }
 
     /// Over how long the packets of a fragment that became known at once are expected from the
-    /// trees (ms): the fragment's duration (the DCM fills a forwarder's uplink up to its
-    /// declared capacity, and a forwarder that busy hands a fragment down a hop over the whole
-    /// of it; in swarms of 4 s fragments at two thirds the measured 28-40 % of the origin's
-    /// bytes were such fetches), within half the slack the playout delay leaves a fetch.
-    /// Fragments up to 1.5 s (the demo clip's 1 s) are not spread: the trees carry them within
-    /// the fallback period already. The DCM's congestion detector reads the same
-    /// (`coordinator/src/dcm/production.rs`).
+    /// trees (ms): two thirds of a long fragment (the DCM plans the trees of such a stream so
+    /// that a forwarder's uplink is filled to two thirds at most, and a forwarder pushes a
+    /// fragment down a hop in that time), within half the slack the playout delay leaves a
+    /// fetch. Fragments up to 1.5 s (the demo clip's 1 s) are not spread: the trees carry them
+    /// within the fallback period already. The DCM's congestion detector reads the same
+    /// (`coordinator/src/dcm/production.rs`). Not the whole fragment: the playout lag (two
+    /// fragments) leaves the fragment one duration from its creation to its first frame, which
+    /// a fetch of its last packets must also fit in.
     fn burst_spread_ms(&self) -> f64 {
         let d = self.fragments.fragment_ms().unwrap_or(0.0);
         if d < 1500.0 {
             return 0.0;
         }
         let slack = (self.cfg.playout_delay_ms - self.cfg.fallback_after_ms).max(0.0) / 2.0;
-        d.min(slack)
+        (d * 2.0 / 3.0).min(slack)
     }
 
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
