@@ -416,7 +416,7 @@ fn test() -> Result<()> {
     steps.run("ffmpeg (live sources of the ingest tests)", ensure_ffmpeg)?;
     steps.run("build the wasm peer (web/pkg)", build_wasm)?;
     steps.run(
-        "web assets: npm ci + esbuild (web/dist: player, dashboard)",
+        "web assets: npm ci + esbuild (web/dist: player, dashboard, compare page)",
         web::build_web,
     )?;
     steps.run("native tests: cargo test --workspace", || {

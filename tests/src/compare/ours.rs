@@ -123,8 +123,13 @@ async fn measure(
         hist.quantile(0.95).unwrap_or(0)
     ));
     rep.notes.push(format!(
-        "signed stream; {} substreams; probe samples that failed: {}",
-        swarm.state.config.substreams, sampled.failed_samples
+        "signed stream; {} substreams; the origin pushed {:.1} MB to tree roots and served {:.1} MB \
+         of fallbacks ({} packets fetched by pages that missed them); probe samples that failed: {}",
+        swarm.state.config.substreams,
+        push as f64 / 1e6,
+        fallback as f64 / 1e6,
+        reports.iter().map(|r| r.origin_fallbacks).sum::<u64>(),
+        sampled.failed_samples
     ));
     if rep.played == 0 {
         rep.failed = Some("no viewer played".into());
