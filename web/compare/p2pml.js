@@ -6,12 +6,13 @@
 // absent: left to hls.js and the engine).
 //
 // Why `sync`: the engine's live-delay autodetection sets hls.js's liveSyncDurationCount to the
-// playlist's segment count minus one (at most 120 s) once the playlist is loaded, so that the
-// player plays far enough behind live for the segments ahead of it to come from peers. hls.js
-// 1.6 reads its target latency from the playlist's hold-back (3 target durations by default)
-// unless liveSyncDurationCount is in the user's config, so that setting never takes effect and
-// every segment falls in the engine's high-demand window (fetched over HTTP at once). Passing
-// the engine's own value as user config gives the behaviour the engine intends.
+// playlist's segment count minus one (at most 120 s) on a playlist update, so that the player
+// plays far enough behind live for the segments ahead of it to come from peers. By then hls.js
+// 1.6 has chosen its start position with its default count of 3, and it does not move a playing
+// stream back to a larger delay: the player stays about 3 segments behind live, every segment
+// falls in the engine's high-demand window and is fetched over HTTP at once (P2P share 0 in
+// `cargo xtask compare --hls-sync 0`). Passing the engine's own value as user config gives the
+// behaviour the engine intends.
 //
 // What the harness reads, `window.cmp.stats()`: bytes by source from the library's own
 // `onChunkDownloaded` counter, and start-up and stalls by the rule our player uses
