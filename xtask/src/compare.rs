@@ -39,8 +39,8 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     hls_window: usize,
     /// hls.js liveSyncDurationCount in their page. Default: the playlist's segments minus one,
-    /// the value P2P Media Loader's engine picks (hls.js 1.6 ignores it when the engine sets it
-    /// at run time, see web/compare/p2pml.js); 0 leaves hls.js's default (3 target durations).
+    /// the value P2P Media Loader's engine picks (set by the engine at run time, it comes after
+    /// hls.js 1.6 has chosen where to start, see web/compare/p2pml.js); 0 leaves it to them.
     #[arg(long)]
     hls_sync: Option<usize>,
 }
