@@ -76,8 +76,8 @@ impl SideReport {
     }
 }
 
-/// Ours over theirs, per measure; `None` where it has no meaning (a failed side, or a zero
-/// denominator: then the table gives both values).
+/// Ours over theirs, per measure; 1 where both are 0; `None` where it has no meaning (a failed
+/// side, or theirs alone 0: the table gives both values).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Ratios {
     pub p2p_share: Option<f64>,
@@ -112,8 +112,17 @@ pub struct CompareReport {
     pub notes: Vec<String>,
 }
 
+/// `ours / theirs`; 1 when both are 0 (e.g. no stall on either side), `None` when only the
+/// denominator is.
 fn ratio(ours: f64, theirs: f64) -> Option<f64> {
-    (theirs.abs() > f64::EPSILON && ours.is_finite() && theirs.is_finite()).then(|| ours / theirs)
+    if !(ours.is_finite() && theirs.is_finite()) {
+        return None;
+    }
+    match (ours.abs() > f64::EPSILON, theirs.abs() > f64::EPSILON) {
+        (_, true) => Some(ours / theirs),
+        (false, false) => Some(1.0),
+        (true, false) => None,
+    }
 }
 
 impl CompareReport {
@@ -297,6 +306,12 @@ mod tests {
         assert!(close(r.ratio.startup_p95, 0.5));
         assert!(close(r.ratio.latency_p95, 0.5));
         assert!(close(r.ratio.stalls, 0.0));
+        let even = CompareReport::new(
+            CompareConfig::default(),
+            side("ours", 1, 1, 1.0, 0),
+            side("theirs", 1, 1, 1.0, 0),
+        );
+        assert!(close(even.ratio.stalls, 1.0), "{:?}", even.ratio);
         let json = serde_json::to_value(&r).unwrap_or_default();
         for k in ["p2p_share", "startup_p95", "latency_p95", "stalls"] {
             assert!(json["ratio"].get(k).is_some(), "ratio.{k} missing");
@@ -324,7 +339,7 @@ mod tests {
 
     #[test]
     fn zero_denominators_give_no_ratio() {
-        assert_eq!(ratio(0.0, 0.0), None);
+        assert_eq!(ratio(0.0, 0.0), Some(1.0));
         assert_eq!(ratio(3.0, 0.0), None);
         assert_eq!(ratio(1.0, 4.0), Some(0.25));
     }
