@@ -60,3 +60,22 @@ impl Tracker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[ignore = "needs Node.js and web/node_modules (npm ci); run by cargo xtask test"]
+    async fn the_tracker_accepts_websocket_clients() -> Result<()> {
+        let web = std::env::var_os("P2P_WEB_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../web"));
+        let tracker = Tracker::start(&web).await?;
+        let (ws, response) = tokio_tungstenite::connect_async(tracker.url()).await?;
+        assert_eq!(response.status().as_u16(), 101);
+        drop(ws);
+        tracker.stop().await;
+        Ok(())
+    }
+}
