@@ -4,6 +4,7 @@
 //! * `cargo xtask test` — everything CI runs: native tests, wasm tests in
 //!   headless Chromium, and the end-to-end browser tests.
 //! * `cargo xtask swarm` — run a swarm of headless viewers and report.
+//! * `cargo xtask compare` — our swarm against P2P Media Loader on the same source.
 //! * `cargo xtask fuzz --seconds N` — coverage-guided fuzzing of every parser of untrusted
 //!   input (cargo-fuzz, libFuzzer; targets in `fuzz/`).
 //!
@@ -13,6 +14,7 @@
 mod bench_heartbeats;
 mod bench_topology;
 mod build;
+mod compare;
 mod fuzz;
 mod sim;
 mod tools;
@@ -121,6 +123,10 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         web_dir: Option<PathBuf>,
     },
+    /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
+    /// the same source, the same Chromium and the same number of viewers, one after the other:
+    /// one table with both and their ratios.
+    Compare(compare::Args),
     /// Benchmark the control center's hierarchy (build, join/leave cost, full-rate capacity).
     /// Runs in release mode (re-executes itself when built in debug).
     BenchTopology {
@@ -208,6 +214,7 @@ fn main() -> ExitCode {
             seed,
             web_dir: web_dir.unwrap_or_else(|| repo_root().join("web")),
         }),
+        Cmd::Compare(args) => compare::compare(args),
         Cmd::Sim { args } => sim::sim(&args),
         Cmd::BenchHeartbeats {
             peers,
@@ -409,7 +416,7 @@ fn test() -> Result<()> {
     steps.run("ffmpeg (live sources of the ingest tests)", ensure_ffmpeg)?;
     steps.run("build the wasm peer (web/pkg)", build_wasm)?;
     steps.run(
-        "web assets: npm ci + esbuild (web/dist: player, dashboard)",
+        "web assets: npm ci + esbuild (web/dist: player, dashboard, compare page)",
         web::build_web,
     )?;
     steps.run("native tests: cargo test --workspace", || {

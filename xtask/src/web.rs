@@ -1,5 +1,7 @@
 //! Building the web assets: `npm ci` (from the committed `web/package-lock.json`) and esbuild
-//! (`web/build.mjs`) bundle the embeddable player and the operator dashboard into `web/dist`.
+//! (`web/build.mjs`) bundle the embeddable player, the operator dashboard and P2P Media Loader's
+//! page of `cargo xtask compare` into `web/dist` (`npm ci` also installs the tracker that
+//! `compare` runs with node).
 //! Both steps are skipped when their inputs have not changed since the last build.
 
 use std::path::{Path, PathBuf};
@@ -16,9 +18,16 @@ const BUNDLE_INPUTS: &[&str] = &[
     "package-lock.json",
     "player",
     "dashboard",
+    "compare",
 ];
 /// Files the bundle step must have produced.
-const OUTPUTS: &[&str] = &["player.js", "player.d.ts", "dashboard.js", "dashboard.css"];
+const OUTPUTS: &[&str] = &[
+    "player.js",
+    "player.d.ts",
+    "dashboard.js",
+    "dashboard.css",
+    "compare/p2pml.js",
+];
 
 /// 64-bit FNV-1a: a stable content fingerprint (std's hasher may change between releases).
 #[derive(Clone, Copy)]
