@@ -73,7 +73,9 @@ impl ProductionLog {
                 .filter(|prev| *prev < created)
                 .map(|prev| created - prev)
                 .filter(|d| *d >= SPREAD_FROM_MS)
-                .map_or(0, |d| (d * SPREAD_SHARE.0 / SPREAD_SHARE.1).min(MAX_SPREAD_MS));
+                .map_or(0, |d| {
+                    (d * SPREAD_SHARE.0 / SPREAD_SHARE.1).min(MAX_SPREAD_MS)
+                });
             for (j, &(seq, created_ms)) in packets[i..i + n].iter().enumerate() {
                 // Packet j of n is due once j+1 n-ths of the spread have passed: the last one
                 // at the end of it.
@@ -165,7 +167,10 @@ mod tests {
         // The first fragment had nothing before it to measure.
         assert_eq!(log.spread(7), 0);
         // At 14 s, substream 1 (k = 4) owes seq 9 (due 13 500), not seq 13 (due 14 500).
-        let owed = |t| log.newest_before(1, 4, t).map(|m| (m.seq, m.created_ms, m.due_ms));
+        let owed = |t| {
+            log.newest_before(1, 4, t)
+                .map(|m| (m.seq, m.created_ms, m.due_ms))
+        };
         assert_eq!(owed(14_000), Some((9, 13_000, 13_500)));
         assert_eq!(owed(14_500), Some((13, 13_000, 14_500)));
         // Due times never run backwards, fragment to fragment.

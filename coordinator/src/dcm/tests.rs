@@ -1115,7 +1115,10 @@ fn a_stream_of_long_fragments_is_planned_with_headroom() {
                         flags: 0,
                         created_ms,
                     };
-                    (seq, Bytes::from(protocol::packet::encode(&header, &[1; 200])))
+                    (
+                        seq,
+                        Bytes::from(protocol::packet::encode(&header, &[1; 200])),
+                    )
                 })
                 .collect(),
         )

@@ -641,7 +641,10 @@ fn a_forwarder_passing_on_a_long_fragment_is_not_taken_for_a_congested_one() {
     // forwarder at 1.5 times its share passes it on over 2/3 of 4 s, and has sent half of it.
     let long = fragments(upto, 16, 4_000, 1_500, now);
     let (found, _) = passing_a_burst(&long, 8, 2_000);
-    assert!(found.is_empty(), "a passing burst taken for congestion: {found:?}");
+    assert!(
+        found.is_empty(),
+        "a passing burst taken for congestion: {found:?}"
+    );
     // The same reports read as 1 s fragments, each due whole: that parent would be late.
     let short = fragments(upto, 16, 1_000, 1_500, now);
     let (found, link) = passing_a_burst(&short, 8, 2_000);
