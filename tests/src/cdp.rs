@@ -217,9 +217,21 @@ async fn bounded<T>(
             Err(_) => "the browser was dropped".to_owned(),
         }
     };
+    tokio::pin!(gone);
     tokio::select! {
-        r = call => r.map_err(|e| anyhow!("CDP {what} failed: {e}")),
-        reason = gone => bail!("CDP {what}: {reason}"),
+        r = call => match r {
+            Ok(v) => Ok(v),
+            // chromiumoxide dropped the request: its page or the browser is going away. Say why
+            // if that is known within a moment.
+            Err(e @ CdpError::ChannelSendError(_)) => {
+                match tokio::time::timeout(Duration::from_secs(2), gone).await {
+                    Ok(reason) => bail!("CDP {what}: {reason}"),
+                    Err(_) => bail!("CDP {what} failed: {e}"),
+                }
+            }
+            Err(e) => bail!("CDP {what} failed: {e}"),
+        },
+        reason = &mut gone => bail!("CDP {what}: {reason}"),
         () = tokio::time::sleep(timeout) => {
             bail!("CDP {what} timed out after {timeout:?} (no response from Chromium)")
         }
@@ -571,7 +583,9 @@ impl Browser {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let (url_tx, url_rx) = oneshot::channel::<String>();
         let stderr = child.stderr.take().context("chromium stderr not piped")?;
-        spawn_stderr_reader(stderr, Arc::clone(&stderr_tail), url_tx);
+        // Closed once Chromium (and every child process sharing its stderr) is gone.
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        spawn_stderr_reader(stderr, Arc::clone(&stderr_tail), url_tx, closed_tx);
 
         let browser_guard = KillOnDrop {
             child: Some(child),
@@ -654,6 +668,18 @@ impl Browser {
             handler_shared.shutdown(&format!("{reason}; chromium stderr tail: {tail}"));
         });
 
+        // chromiumoxide's handler does not end when the connection does; a browser that exits
+        // fails every call at once, with what it said last.
+        let exit_shared = Arc::clone(&shared);
+        let exited = tokio::spawn(async move {
+            if closed_rx.await.is_ok() {
+                let tail = exit_shared.stderr_tail();
+                let tail = tail.lines().rev().take(3).collect::<Vec<_>>();
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                exit_shared.shutdown(&format!("Chromium exited; its stderr ended with: {tail}"));
+            }
+        });
+
         // Pages that go away (closed by a test, by themselves, or by Chromium): their session
         // is detached.
         let detached = shared.browser.event_listener::<EventDetachedFromTarget>();
@@ -661,10 +687,12 @@ impl Browser {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 driver.abort();
+                exited.abort();
                 bail!("subscribing to Chromium's target events: {e}")
             }
             Err(_) => {
                 driver.abort();
+                exited.abort();
                 bail!("subscribing to Chromium's target events timed out")
             }
         };
@@ -682,7 +710,7 @@ impl Browser {
             pid,
             ws_url,
             user_data_dir: Some(user_data_dir),
-            tasks: vec![driver, events],
+            tasks: vec![driver, exited, events],
         })
     }
 
@@ -892,6 +920,7 @@ fn spawn_stderr_reader(
     stderr: impl Read + Send + 'static,
     tail: Arc<Mutex<VecDeque<String>>>,
     url_tx: oneshot::Sender<String>,
+    closed_tx: oneshot::Sender<()>,
 ) {
     let spawned = std::thread::Builder::new()
         .name("chromium-stderr".into())
@@ -918,6 +947,7 @@ fn spawn_stderr_reader(
                 }
                 t.push_back(line);
             }
+            let _ = closed_tx.send(());
         });
     if let Err(e) = spawned {
         tracing::warn!("could not spawn the chromium stderr reader thread: {e}");
