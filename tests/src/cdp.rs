@@ -1,15 +1,16 @@
-//! A minimal Chrome DevTools Protocol (CDP) driver.
+//! The e2e tests' browser driver: headless Chromium over the Chrome DevTools
+//! Protocol (CDP), spoken by [`chromiumoxide`].
 //!
-//! It launches headless Chromium with `--remote-debugging-port=0`, reads the
-//! `DevTools listening on ws://…` line from its stderr, and speaks JSON-RPC
-//! over one WebSocket (via `tokio-tungstenite`). Pages are driven through
-//! *flattened* sessions (`Target.attachToTarget {flatten: true}`), so every
-//! page shares the browser connection and messages are routed by `sessionId`.
-//!
-//! A background task routes responses to their callers by `id` and events to
-//! their page by `sessionId`. Every call has a timeout and fails with a
-//! descriptive [`anyhow::Error`] rather than hanging; when the browser dies,
-//! pending and later calls fail immediately.
+//! This module launches the browser itself (`--remote-debugging-port=0`, a
+//! fresh profile, its stderr drained into a tail for error messages, the
+//! whole process tree killed on drop) and hands the `DevTools listening on
+//! ws://…` endpoint to [`chromiumoxide::Browser::connect_with_config`], which
+//! owns the WebSocket, routes responses and events, and attaches to every
+//! page through a flattened session. On top of it this module keeps what the
+//! tests rely on: one browser with many pages, pages in their own window,
+//! console and exception capture from the first line a page runs (see
+//! [`crate::console`]), a timeout on every call, and calls that fail at once
+//! when their page crashed, was closed, or the browser went away.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -21,23 +22,31 @@
 //! # Ok(()) }
 //! ```
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
-use futures_util::{SinkExt, StreamExt};
+use chromiumoxide::cdp::browser_protocol::inspector::{
+    EventDetached as EventInspectorDetached, EventTargetCrashed,
+};
+use chromiumoxide::cdp::browser_protocol::log::EventEntryAdded;
+use chromiumoxide::cdp::browser_protocol::target::{CreateTargetParams, EventDetachedFromTarget};
+use chromiumoxide::cdp::js_protocol::runtime::{EventConsoleApiCalled, EventExceptionThrown};
+use chromiumoxide::error::CdpError;
+use chromiumoxide::handler::HandlerConfig;
+use chromiumoxide::types::{Command as CdpCommand, Method, MethodId};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Flags always passed to Chromium (besides `--remote-debugging-port=0` and
 /// `--user-data-dir=<fresh temp dir>`). Suitable for running as root in a
@@ -150,173 +159,110 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 // ---------------------------------------------------------------------------
-// Connection: request/response routing and event dispatch.
+// Raw commands and bounded calls.
 
-type Reply = std::result::Result<Value, String>;
-
-struct Pending {
+/// Any CDP command, by name with JSON parameters, whose result comes back as
+/// JSON. [`Browser::call`] and [`Page::call`] send these through chromiumoxide
+/// (which otherwise speaks the typed commands of the CDP revision it was
+/// generated from): a command or field newer than that revision still works,
+/// and a result is never refused because Chromium added an enum value.
+#[derive(Debug)]
+struct RawCommand {
     method: String,
-    session: Option<String>,
-    tx: oneshot::Sender<Reply>,
+    params: Value,
 }
 
-#[derive(Default)]
-struct ConnState {
-    pending: HashMap<u64, Pending>,
-    /// Set once the connection is gone; new calls fail with this reason.
-    closed: Option<String>,
+impl RawCommand {
+    fn new(method: &str, params: Value) -> Self {
+        let params = if params.is_null() { json!({}) } else { params };
+        Self {
+            method: method.to_owned(),
+            params,
+        }
+    }
 }
 
-struct Conn {
-    out: mpsc::UnboundedSender<Message>,
-    next_id: AtomicU64,
-    state: Mutex<ConnState>,
-    sessions: Mutex<HashMap<String, Arc<SessionState>>>,
-    call_timeout: Duration,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+impl serde::Serialize for RawCommand {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.params.serialize(s)
+    }
 }
 
-impl Conn {
-    async fn call(
-        &self,
-        session: Option<&str>,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-    ) -> Result<Value> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut st = lock(&self.state);
-            if let Some(reason) = &st.closed {
-                bail!("CDP {method}: browser connection is closed ({reason})");
-            }
-            st.pending.insert(
-                id,
-                Pending {
-                    method: method.to_owned(),
-                    session: session.map(str::to_owned),
-                    tx,
-                },
-            );
-        }
-        let mut msg = json!({ "id": id, "method": method, "params": params });
-        if let Some(s) = session {
-            msg["sessionId"] = Value::String(s.to_owned());
-        }
-        tracing::trace!(target: "cdp", "-> {msg}");
-        if self.out.send(Message::text(msg.to_string())).is_err() {
-            lock(&self.state).pending.remove(&id);
-            bail!("CDP {method}: browser connection is closed");
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => {
-                lock(&self.state).pending.remove(&id);
-                bail!("CDP {method} timed out after {timeout:?} (no response from Chromium)")
-            }
-            Ok(Err(_)) => bail!("CDP {method}: connection dropped while waiting for the response"),
-            Ok(Ok(Err(e))) => bail!("CDP {method} failed: {e}"),
-            Ok(Ok(Ok(v))) => Ok(v),
-        }
+impl Method for RawCommand {
+    fn identifier(&self) -> MethodId {
+        Cow::Owned(self.method.clone())
     }
+}
 
-    /// Fails every pending call (of one session, or all) with `reason`.
-    fn fail_pending(&self, session: Option<&str>, reason: &str) {
-        let failed: Vec<Pending> = {
-            let mut st = lock(&self.state);
-            let ids: Vec<u64> = st
-                .pending
-                .iter()
-                .filter(|(_, p)| session.is_none() || p.session.as_deref() == session)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter().filter_map(|id| st.pending.remove(id)).collect()
-        };
-        for p in failed {
-            let _ =
-                p.tx.send(Err(format!("{reason} (while waiting for {})", p.method)));
-        }
+impl CdpCommand for RawCommand {
+    type Response = Value;
+}
+
+/// Awaits `call` for at most `timeout`, failing at once (with the reason)
+/// when `gone` is set: the page crashed or was closed, or the browser went
+/// away.
+async fn bounded<T>(
+    what: &str,
+    timeout: Duration,
+    gone: &watch::Sender<Option<String>>,
+    call: impl Future<Output = std::result::Result<T, CdpError>>,
+) -> Result<T> {
+    let mut gone = gone.subscribe();
+    if let Some(reason) = gone.borrow_and_update().clone() {
+        bail!("CDP {what}: {reason}");
     }
-
-    fn shutdown(&self, reason: &str) {
-        {
-            let mut st = lock(&self.state);
-            if st.closed.is_none() {
-                st.closed = Some(reason.to_owned());
-            }
+    let gone = async {
+        match gone.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the browser was dropped".to_owned(),
         }
-        self.fail_pending(None, reason);
-        for s in lock(&self.sessions).values() {
-            s.mark_gone(reason);
-            s.detached.send_replace(true);
-        }
-    }
-
-    fn dispatch(&self, text: &str) {
-        let v: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(target: "cdp", "unparsable CDP message ({e}): {text:.200}");
-                return;
-            }
-        };
-        tracing::trace!(target: "cdp", "<- {text:.2000}");
-        if let Some(id) = v.get("id").and_then(Value::as_u64) {
-            let pending = lock(&self.state).pending.remove(&id);
-            if let Some(p) = pending {
-                let reply = match v.get("error") {
-                    Some(err) => Err(format_protocol_error(err)),
-                    None => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
-                };
-                let _ = p.tx.send(reply);
-            }
-            return;
-        }
-        let Some(method) = v.get("method").and_then(Value::as_str) else {
-            return;
-        };
-        let params = v.get("params").unwrap_or(&Value::Null);
-        match v.get("sessionId").and_then(Value::as_str) {
-            Some(sid) => {
-                let session = lock(&self.sessions).get(sid).cloned();
-                if let Some(s) = session {
-                    s.on_event(method, params);
-                    if method == "Inspector.targetCrashed" {
-                        self.fail_pending(Some(sid), "page crashed");
-                    }
+    };
+    tokio::pin!(gone);
+    tokio::select! {
+        r = call => match r {
+            Ok(v) => Ok(v),
+            // chromiumoxide dropped the request: its page or the browser is going away. Say why
+            // if that is known within a moment.
+            Err(e @ CdpError::ChannelSendError(_)) => {
+                match tokio::time::timeout(Duration::from_secs(2), gone).await {
+                    Ok(reason) => bail!("CDP {what}: {reason}"),
+                    Err(_) => bail!("CDP {what} failed: {e}"),
                 }
             }
-            None => {
-                if method == "Target.detachedFromTarget" {
-                    if let Some(sid) = params.get("sessionId").and_then(Value::as_str) {
-                        if let Some(s) = lock(&self.sessions).remove(sid) {
-                            s.mark_gone("page detached/closed");
-                            s.detached.send_replace(true);
-                        }
-                        self.fail_pending(Some(sid), "page detached/closed");
-                    }
-                }
-            }
+            Err(e) => bail!("CDP {what} failed: {e}"),
+        },
+        reason = &mut gone => bail!("CDP {what}: {reason}"),
+        () = tokio::time::sleep(timeout) => {
+            bail!("CDP {what} timed out after {timeout:?} (no response from Chromium)")
         }
     }
-
-    fn stderr_tail(&self) -> String {
-        lock(&self.stderr_tail)
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
-fn format_protocol_error(err: &Value) -> String {
-    let msg = err.get("message").and_then(Value::as_str).unwrap_or("?");
-    let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-    match err.get("data").and_then(Value::as_str) {
-        Some(data) => format!("{msg} ({data}; code {code})"),
-        None => format!("{msg} (code {code})"),
-    }
+fn set_once(reason_slot: &watch::Sender<Option<String>>, reason: &str) {
+    reason_slot.send_if_modified(|r| {
+        let unset = r.is_none();
+        if unset {
+            *r = Some(reason.to_owned());
+        }
+        unset
+    });
 }
+
+/// The session id, method and parameters of a CDP event sent to a page
+/// session, from its JSON text.
+fn page_event(text: &str) -> Option<(String, String, Value)> {
+    let mut v: Value = serde_json::from_str(text).ok()?;
+    let session = v.get("sessionId")?.as_str()?.to_owned();
+    let method = v.get("method")?.as_str()?.to_owned();
+    Some((
+        session,
+        method,
+        v.get_mut("params").map(Value::take).unwrap_or(Value::Null),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Event text.
 
 /// Human-readable text of a `Runtime.ExceptionDetails`.
 fn exception_text(details: &Value) -> String {
@@ -388,10 +334,9 @@ fn truncate(s: &str, max: usize) -> &str {
 struct SessionState {
     errors: Mutex<Vec<String>>,
     console: Mutex<VecDeque<String>>,
-    /// `loaderId`s whose `load` lifecycle event has fired (most recent last).
-    loaded: watch::Sender<VecDeque<String>>,
-    /// Set when the page crashed, was detached, or the browser went away.
-    gone: Mutex<Option<String>>,
+    /// Set when the page crashed, was detached or closed, or the browser went
+    /// away; calls then fail at once with this reason.
+    gone: watch::Sender<Option<String>>,
     /// Becomes `true` once the session is detached (tab closed) or the
     /// browser connection is gone.
     detached: watch::Sender<bool>,
@@ -402,17 +347,13 @@ impl SessionState {
         Self {
             errors: Mutex::default(),
             console: Mutex::default(),
-            loaded: watch::Sender::new(VecDeque::new()),
-            gone: Mutex::default(),
+            gone: watch::Sender::new(None),
             detached: watch::Sender::new(false),
         }
     }
 
     fn mark_gone(&self, reason: &str) {
-        let mut g = lock(&self.gone);
-        if g.is_none() {
-            *g = Some(reason.to_owned());
-        }
+        set_once(&self.gone, reason);
     }
 
     fn log(&self, line: String) {
@@ -428,6 +369,9 @@ impl SessionState {
         lock(&self.errors).push(line);
     }
 
+    /// Records one CDP event of this page, given as its method and JSON
+    /// parameters (chromiumoxide's typed events are turned back into JSON, so
+    /// an event it could not parse is recorded the same way).
     fn on_event(&self, method: &str, p: &Value) {
         match method {
             "Runtime.exceptionThrown" => {
@@ -468,16 +412,6 @@ impl SessionState {
                     self.log(line);
                 }
             }
-            "Page.lifecycleEvent" if p.get("name").and_then(Value::as_str) == Some("load") => {
-                if let Some(loader) = p.get("loaderId").and_then(Value::as_str) {
-                    self.loaded.send_modify(|l| {
-                        if l.len() >= 64 {
-                            l.pop_front();
-                        }
-                        l.push_back(loader.to_owned());
-                    });
-                }
-            }
             "Inspector.targetCrashed" => {
                 self.mark_gone("page (renderer) crashed");
                 self.error("renderer crashed".to_owned());
@@ -491,15 +425,115 @@ impl SessionState {
     }
 }
 
+/// Feeds a page's console, exception, log and crash events into its state
+/// until the page (or the browser) goes away. Listening starts before the
+/// page navigates anywhere, so nothing the page logs is missed.
+async fn capture_events(page: &chromiumoxide::Page, state: Arc<SessionState>) -> Result<()> {
+    let listen = async {
+        anyhow::Ok((
+            page.event_listener::<EventConsoleApiCalled>().await?,
+            page.event_listener::<EventExceptionThrown>().await?,
+            page.event_listener::<EventEntryAdded>().await?,
+            page.event_listener::<EventTargetCrashed>().await?,
+            page.event_listener::<EventInspectorDetached>().await?,
+        ))
+    };
+    let (mut console, mut exceptions, mut log, mut crashed, mut detached) = listen
+        .await
+        .context("subscribing to the page's console and log events")?;
+    tokio::spawn(async move {
+        loop {
+            let (method, params) = tokio::select! {
+                Some(e) = console.next() => (EventConsoleApiCalled::IDENTIFIER, serde_json::to_value(&*e)),
+                Some(e) = exceptions.next() => (EventExceptionThrown::IDENTIFIER, serde_json::to_value(&*e)),
+                Some(e) = log.next() => (EventEntryAdded::IDENTIFIER, serde_json::to_value(&*e)),
+                Some(e) = crashed.next() => (EventTargetCrashed::IDENTIFIER, serde_json::to_value(&*e)),
+                Some(e) = detached.next() => (EventInspectorDetached::IDENTIFIER, serde_json::to_value(&*e)),
+                else => break,
+            };
+            match params {
+                Ok(params) => state.on_event(method, &params),
+                Err(e) => {
+                    tracing::warn!(target: "cdp", "could not re-encode a {method} event: {e}")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Browser.
+
+/// What the browser, its pages and the background tasks share.
+struct Shared {
+    browser: chromiumoxide::Browser,
+    call_timeout: Duration,
+    /// Set once the DevTools connection is gone: why. Every call then fails.
+    closed: watch::Sender<Option<String>>,
+    /// Open pages by flattened session id.
+    sessions: Mutex<HashMap<String, Arc<SessionState>>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Shared {
+    async fn call(&self, method: &str, params: Value, timeout: Duration) -> Result<Value> {
+        let call = self.browser.execute(RawCommand::new(method, params));
+        Ok(bounded(method, timeout, &self.closed, call).await?.result)
+    }
+
+    fn shutdown(&self, reason: &str) {
+        set_once(&self.closed, reason);
+        for s in lock(&self.sessions).values() {
+            s.mark_gone(reason);
+            s.detached.send_replace(true);
+        }
+    }
+
+    fn session_gone(&self, session_id: &str, reason: &str) {
+        if let Some(s) = lock(&self.sessions).remove(session_id) {
+            s.mark_gone(reason);
+            s.detached.send_replace(true);
+        }
+    }
+
+    /// A message chromiumoxide could not parse into its typed model (the
+    /// system's Chromium may be newer than the protocol revision it was
+    /// generated from). A page event among them is still recorded, so that no
+    /// console error is lost; anything else is logged.
+    fn on_unparsed(&self, text: &str, err: &serde_json::Error) {
+        let event = page_event(text).and_then(|(sid, method, params)| {
+            let session = lock(&self.sessions).get(&sid).cloned()?;
+            Some((session, method, params))
+        });
+        match event {
+            Some((session, method, params)) => {
+                tracing::debug!(target: "cdp", "recording {method}, which chromiumoxide could not parse ({err})");
+                session.on_event(&method, &params);
+            }
+            None => tracing::warn!(
+                target: "cdp",
+                "chromiumoxide could not parse a CDP message ({err}): {}",
+                truncate(text, 300)
+            ),
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        lock(&self.stderr_tail)
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
 
 /// A headless Chromium process and its DevTools connection.
 ///
 /// Dropping it kills Chromium and all its descendant processes, waits for
 /// the browser process, and removes the temporary profile directory.
 pub struct Browser {
-    conn: Arc<Conn>,
+    shared: Arc<Shared>,
     child: Child,
     pid: u32,
     ws_url: String,
@@ -549,7 +583,9 @@ impl Browser {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let (url_tx, url_rx) = oneshot::channel::<String>();
         let stderr = child.stderr.take().context("chromium stderr not piped")?;
-        spawn_stderr_reader(stderr, Arc::clone(&stderr_tail), url_tx);
+        // Closed once Chromium (and every child process sharing its stderr) is gone.
+        let (closed_tx, closed_rx) = oneshot::channel::<()>();
+        spawn_stderr_reader(stderr, Arc::clone(&stderr_tail), url_tx, closed_tx);
 
         let browser_guard = KillOnDrop {
             child: Some(child),
@@ -581,65 +617,100 @@ impl Browser {
             }
         };
 
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(512 << 20))
-            .max_frame_size(Some(512 << 20));
-        let connect =
-            tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(config), true);
-        let (ws, _) = match tokio::time::timeout(opts.call_timeout, connect).await {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => bail!("connecting to Chromium DevTools at {ws_url}: {e}"),
+        let config = HandlerConfig {
+            // Plain HTTP on loopback only; nothing to ignore.
+            ignore_https_errors: false,
+            // Handed to us instead (see `Shared::on_unparsed`), so that no page event is lost.
+            ignore_invalid_messages: false,
+            // No device-metrics override: pages keep the window's size, as a viewer's do.
+            viewport: None,
+            context_ids: Vec::new(),
+            request_timeout: opts.call_timeout,
+            request_intercept: false,
+            cache_enabled: true,
+        };
+        let connect = chromiumoxide::Browser::connect_with_config(ws_url.clone(), config);
+        let (browser, mut handler) = match tokio::time::timeout(opts.call_timeout, connect).await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => bail!(
+                "connecting to Chromium DevTools at {ws_url}: {e}; stderr:\n{}",
+                tail(&stderr_tail)
+            ),
             Err(_) => bail!("connecting to Chromium DevTools at {ws_url} timed out"),
         };
-        let (mut sink, mut stream) = ws.split();
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
-        let conn = Arc::new(Conn {
-            out: out_tx,
-            next_id: AtomicU64::new(1),
-            state: Mutex::default(),
-            sessions: Mutex::default(),
+        let shared = Arc::new(Shared {
+            browser,
             call_timeout: opts.call_timeout,
+            closed: watch::Sender::new(None),
+            sessions: Mutex::default(),
             stderr_tail,
         });
 
-        let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
-                if let Err(e) = sink.send(msg).await {
-                    tracing::debug!(target: "cdp", "CDP write failed: {e}");
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        let reader_conn = Arc::clone(&conn);
-        let reader = tokio::spawn(async move {
+        // chromiumoxide's handler drives the connection: it must be polled for anything to move.
+        let handler_shared = Arc::clone(&shared);
+        let driver = tokio::spawn(async move {
             let reason = loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(t))) => reader_conn.dispatch(t.as_str()),
-                    Some(Ok(Message::Binary(b))) => {
-                        reader_conn.dispatch(&String::from_utf8_lossy(&b));
+                match handler.next().await {
+                    None => break "Chromium closed the DevTools connection".to_owned(),
+                    Some(Ok(())) => {}
+                    Some(Err(CdpError::InvalidMessage(text, err))) => {
+                        handler_shared.on_unparsed(&text, &err);
                     }
-                    Some(Ok(Message::Close(_))) | None => {
-                        break "Chromium closed the DevTools connection".to_owned()
+                    Some(Err(e @ CdpError::Ws(_))) => {
+                        break format!("DevTools connection error: {e}")
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("DevTools connection error: {e}"),
-                };
+                    Some(Err(e)) => tracing::warn!(target: "cdp", "CDP handler: {e}"),
+                }
             };
-            let tail = reader_conn.stderr_tail();
+            let tail = handler_shared.stderr_tail();
             let tail = tail.lines().rev().take(3).collect::<Vec<_>>();
             let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
-            reader_conn.shutdown(&format!("{reason}; chromium stderr tail: {tail}"));
+            handler_shared.shutdown(&format!("{reason}; chromium stderr tail: {tail}"));
+        });
+
+        // chromiumoxide's handler does not end when the connection does; a browser that exits
+        // fails every call at once, with what it said last.
+        let exit_shared = Arc::clone(&shared);
+        let exited = tokio::spawn(async move {
+            if closed_rx.await.is_ok() {
+                let tail = exit_shared.stderr_tail();
+                let tail = tail.lines().rev().take(3).collect::<Vec<_>>();
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                exit_shared.shutdown(&format!("Chromium exited; its stderr ended with: {tail}"));
+            }
+        });
+
+        // Pages that go away (closed by a test, by themselves, or by Chromium): their session
+        // is detached.
+        let detached = shared.browser.event_listener::<EventDetachedFromTarget>();
+        let mut detached = match tokio::time::timeout(opts.call_timeout, detached).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                driver.abort();
+                exited.abort();
+                bail!("subscribing to Chromium's target events: {e}")
+            }
+            Err(_) => {
+                driver.abort();
+                exited.abort();
+                bail!("subscribing to Chromium's target events timed out")
+            }
+        };
+        let events_shared = Arc::clone(&shared);
+        let events = tokio::spawn(async move {
+            while let Some(e) = detached.next().await {
+                events_shared.session_gone(e.session_id.as_ref(), "page detached/closed");
+            }
         });
 
         let (child, pid) = browser_guard.disarm();
         Ok(Browser {
-            conn,
+            shared,
             child,
             pid,
             ws_url,
             user_data_dir: Some(user_data_dir),
-            tasks: vec![reader, writer],
+            tasks: vec![driver, exited, events],
         })
     }
 
@@ -655,13 +726,13 @@ impl Browser {
 
     /// The last lines Chromium wrote to stderr.
     pub fn stderr_tail(&self) -> String {
-        self.conn.stderr_tail()
+        self.shared.stderr_tail()
     }
 
     /// Sends a browser-level CDP command (no session) and returns its result.
     pub async fn call(&self, method: &str, params: Value) -> Result<Value> {
-        self.conn
-            .call(None, method, params, self.conn.call_timeout)
+        self.shared
+            .call(method, params, self.shared.call_timeout)
             .await
     }
 
@@ -670,10 +741,11 @@ impl Browser {
         self.call("Browser.getVersion", json!({})).await
     }
 
-    /// Opens a new tab, attaches to it (flattened session), enables the
-    /// `Runtime`, `Page`, `Log` and `Inspector` domains, then navigates to
-    /// `url` and waits for its `load` event. Console output from the very
-    /// start of the page is captured.
+    /// Opens a new tab (chromiumoxide attaches to it through a flattened
+    /// session and enables the `Page`, `Runtime` and `Log` domains), enables
+    /// `Inspector` (crash reports), starts capturing its console, then
+    /// navigates to `url` and waits for its `load` event. Console output
+    /// from the very start of the page is captured.
     ///
     /// The tab shares the browser's one window, so every tab but the most
     /// recently opened is `document.visibilityState == "hidden"` (timers
@@ -686,63 +758,54 @@ impl Browser {
 
     /// [`Browser::new_page`] with options.
     pub async fn new_page_with(&self, url: &str, opts: PageOptions) -> Result<Page> {
-        let r = self
-            .call(
-                "Target.createTarget",
-                json!({ "url": "about:blank", "newWindow": opts.new_window }),
-            )
-            .await?;
-        let target_id = r
-            .get("targetId")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("Target.createTarget returned no targetId: {r}"))?
-            .to_owned();
-        let page = async {
-            let r = self
-                .call(
-                    "Target.attachToTarget",
-                    json!({ "targetId": target_id, "flatten": true }),
-                )
-                .await?;
-            let session_id = r
-                .get("sessionId")
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("Target.attachToTarget returned no sessionId: {r}"))?
-                .to_owned();
-            let state = Arc::new(SessionState::new());
-            lock(&self.conn.sessions).insert(session_id.clone(), Arc::clone(&state));
-            let page = Page {
-                conn: Arc::clone(&self.conn),
-                target_id: target_id.clone(),
-                session_id,
-                state,
-            };
-            for method in [
-                "Runtime.enable",
-                "Page.enable",
-                "Log.enable",
-                "Inspector.enable",
-            ] {
-                page.call(method, json!({})).await?;
-            }
-            page.call("Page.setLifecycleEventsEnabled", json!({ "enabled": true }))
-                .await?;
+        let shared = &self.shared;
+        let params = CreateTargetParams::builder()
+            .url("about:blank")
+            .new_window(opts.new_window)
+            .build()
+            .map_err(|e| anyhow!("Target.createTarget parameters: {e}"))?;
+        let created = bounded(
+            "Target.createTarget",
+            shared.call_timeout,
+            &shared.closed,
+            shared.browser.new_page(params),
+        )
+        .await
+        .with_context(|| format!("opening a page at {}", truncate(url, 200)))?;
+        let target_id = created.target_id().as_ref().to_owned();
+        let session_id = created.session_id().as_ref().to_owned();
+        let state = Arc::new(SessionState::new());
+        lock(&shared.sessions).insert(session_id.clone(), Arc::clone(&state));
+        let page = Page {
+            inner: created,
+            shared: Arc::clone(shared),
+            target_id: target_id.clone(),
+            session_id,
+            state,
+        };
+        let ready = async {
+            capture_events(&page.inner, Arc::clone(&page.state)).await?;
+            page.call("Inspector.enable", json!({})).await?;
+            // chromiumoxide turns these on for its own bookkeeping, which these pages do not
+            // use; left on, Chromium would report (and buffer the bodies of) every request of
+            // every viewer page.
+            page.call("Network.disable", json!({})).await?;
+            page.call("Performance.disable", json!({})).await?;
             // Every page behaves as the focused, visible one (timers, video), like a viewer's tab.
             page.call(
                 "Emulation.setFocusEmulationEnabled",
                 json!({ "enabled": true }),
             )
             .await?;
-            page.navigate(url).await?;
-            anyhow::Ok(page)
-        }
-        .await;
-        match page {
-            Ok(page) => Ok(page),
+            page.navigate(url).await
+        };
+        match ready.await {
+            Ok(()) => Ok(page),
             Err(e) => {
                 let _ = self
                     .call("Target.closeTarget", json!({ "targetId": target_id }))
                     .await;
+                lock(&shared.sessions).remove(&page.session_id);
                 Err(e.context(format!("opening a page at {}", truncate(url, 200))))
             }
         }
@@ -755,9 +818,7 @@ impl Browser {
         let kb: u64 = pids.into_iter().filter_map(vm_rss_kb).sum();
         kb as f64 / 1024.0
     }
-}
 
-impl Browser {
     /// Summed proportional set size (MiB) of Chromium and its descendants:
     /// shared pages are split among the processes sharing them, so unlike
     /// [`Browser::rss_mb`] this does not count Chromium's code once per
@@ -778,7 +839,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        self.conn.shutdown("browser was dropped");
+        self.shared.shutdown("browser was dropped");
         for t in &self.tasks {
             t.abort();
         }
@@ -859,6 +920,7 @@ fn spawn_stderr_reader(
     stderr: impl Read + Send + 'static,
     tail: Arc<Mutex<VecDeque<String>>>,
     url_tx: oneshot::Sender<String>,
+    closed_tx: oneshot::Sender<()>,
 ) {
     let spawned = std::thread::Builder::new()
         .name("chromium-stderr".into())
@@ -885,6 +947,7 @@ fn spawn_stderr_reader(
                 }
                 t.push_back(line);
             }
+            let _ = closed_tx.send(());
         });
     if let Err(e) = spawned {
         tracing::warn!("could not spawn the chromium stderr reader thread: {e}");
@@ -894,11 +957,12 @@ fn spawn_stderr_reader(
 // ---------------------------------------------------------------------------
 // Page.
 
-/// One tab, driven through a flattened CDP session. Cheap to clone; all
-/// clones refer to the same tab.
+/// One tab, driven through chromiumoxide's flattened CDP session. Cheap to
+/// clone; all clones refer to the same tab.
 #[derive(Clone)]
 pub struct Page {
-    conn: Arc<Conn>,
+    inner: chromiumoxide::Page,
+    shared: Arc<Shared>,
     target_id: String,
     session_id: String,
     state: Arc<SessionState>,
@@ -926,62 +990,48 @@ impl Page {
 
     /// Sends a CDP command in this page's session.
     pub async fn call(&self, method: &str, params: Value) -> Result<Value> {
-        self.call_with_timeout(method, params, self.conn.call_timeout)
+        self.call_with_timeout(method, params, self.shared.call_timeout)
             .await
     }
 
-    /// Like [`Page::call`] with an explicit timeout.
+    /// Like [`Page::call`] with an explicit timeout. chromiumoxide gives up on
+    /// a page's command after 30 s whatever the timeout.
     pub async fn call_with_timeout(
         &self,
         method: &str,
         params: Value,
         timeout: Duration,
     ) -> Result<Value> {
-        if let Some(reason) = lock(&self.state.gone).clone() {
-            bail!("CDP {method} on page {}: {reason}", self.target_id);
-        }
-        self.conn
-            .call(Some(&self.session_id), method, params, timeout)
+        let call = self.inner.execute(RawCommand::new(method, params));
+        let r = bounded(method, timeout, &self.state.gone, call)
             .await
-            .with_context(|| format!("page {}", self.target_id))
+            .with_context(|| format!("page {}", self.target_id))?;
+        Ok(r.result)
     }
 
-    /// Navigates to `url` and waits for the `load` event.
+    /// Navigates to `url` and waits for the `load` event (chromiumoxide
+    /// answers `Page.navigate` once the new document has loaded).
     pub async fn navigate(&self, url: &str) -> Result<()> {
-        let mut loaded = self.state.loaded.subscribe();
-        let r = self.call("Page.navigate", json!({ "url": url })).await?;
+        let r = self
+            .call("Page.navigate", json!({ "url": url }))
+            .await
+            .with_context(|| format!("navigating to {}", truncate(url, 200)))?;
         if let Some(err) = r.get("errorText").and_then(Value::as_str) {
             bail!("navigating to {} failed: {err}", truncate(url, 200));
         }
-        // Same-document navigations have no loader and no load event.
-        let Some(loader) = r.get("loaderId").and_then(Value::as_str) else {
-            return Ok(());
-        };
-        let wait = async {
-            let seen = loaded.wait_for(|l| l.iter().any(|id| id == loader)).await;
-            seen.is_ok()
-        };
-        match tokio::time::timeout(self.conn.call_timeout, wait).await {
-            Ok(true) => Ok(()),
-            Ok(false) => bail!("page {} went away while loading", self.target_id),
-            Err(_) => bail!(
-                "page {} did not fire `load` within {:?} after navigating to {}",
-                self.target_id,
-                self.conn.call_timeout,
-                truncate(url, 200)
-            ),
-        }
+        Ok(())
     }
 
     /// Evaluates a JavaScript expression (awaiting a returned promise) and
     /// returns its value as JSON; `undefined` becomes `null`. A thrown
     /// exception or rejected promise becomes an `Err` with its text.
     pub async fn eval(&self, expression: &str) -> Result<Value> {
-        self.eval_with_timeout(expression, self.conn.call_timeout)
+        self.eval_with_timeout(expression, self.shared.call_timeout)
             .await
     }
 
-    /// Like [`Page::eval`] with an explicit timeout.
+    /// Like [`Page::eval`] with an explicit timeout (at most 30 s, see
+    /// [`Page::call_with_timeout`]).
     pub async fn eval_with_timeout(&self, expression: &str, timeout: Duration) -> Result<Value> {
         let r = self
             .call_with_timeout(
@@ -1071,16 +1121,16 @@ impl Page {
     }
 
     /// Closes the tab (`Target.closeTarget`) and waits until Chromium has
-    /// destroyed it (the session's `Target.detachedFromTarget`).
+    /// destroyed it (its session detached).
     pub async fn close(self) -> Result<()> {
         let mut detached = self.state.detached.subscribe();
+        let timeout = self.shared.call_timeout;
         let r = self
-            .conn
+            .shared
             .call(
-                None,
                 "Target.closeTarget",
                 json!({ "targetId": self.target_id }),
-                self.conn.call_timeout,
+                timeout,
             )
             .await
             .with_context(|| format!("closing page {}", self.target_id))?;
@@ -1088,14 +1138,13 @@ impl Page {
             bail!("Target.closeTarget({}) reported failure", self.target_id);
         }
         let wait = async { detached.wait_for(|d| *d).await.is_ok() };
-        let done = tokio::time::timeout(self.conn.call_timeout, wait).await;
+        let done = tokio::time::timeout(timeout, wait).await;
         self.state.mark_gone("page was closed");
-        lock(&self.conn.sessions).remove(&self.session_id);
+        lock(&self.shared.sessions).remove(&self.session_id);
         if done.is_err() {
             bail!(
-                "page {} was not destroyed within {:?} after Target.closeTarget",
+                "page {} was not destroyed within {timeout:?} after Target.closeTarget",
                 self.target_id,
-                self.conn.call_timeout
             );
         }
         Ok(())
@@ -1251,6 +1300,38 @@ mod tests {
             remote_object_text(&json!({"type": "number", "unserializableValue": "NaN"})),
             "NaN"
         );
+    }
+
+    #[test]
+    fn an_event_chromiumoxide_cannot_parse_is_still_recorded() {
+        // A `type` newer than chromiumoxide's protocol revision.
+        let text = r#"{"method":"Runtime.consoleAPICalled","sessionId":"S1",
+            "params":{"type":"futureKind","args":[{"type":"string","value":"boom"}]}}"#;
+        assert!(
+            serde_json::from_str::<chromiumoxide::cdp::CdpEventMessage>(text).is_err(),
+            "chromiumoxide refuses it"
+        );
+        let (sid, method, params) = page_event(text).expect("a page event");
+        assert_eq!(
+            (sid.as_str(), method.as_str()),
+            ("S1", "Runtime.consoleAPICalled")
+        );
+        let state = SessionState::new();
+        state.on_event(&method, &params);
+        assert_eq!(
+            state.console.lock().unwrap().back().unwrap(),
+            "console.futureKind: boom"
+        );
+        let error = r#"{"method":"Log.entryAdded","sessionId":"S1",
+            "params":{"entry":{"level":"error","source":"brandNew","text":"404"}}}"#;
+        let (_, method, params) = page_event(error).expect("a page event");
+        state.on_event(&method, &params);
+        assert_eq!(
+            state.errors.lock().unwrap().as_slice(),
+            ["log.error [brandNew]: 404"]
+        );
+        assert!(page_event(r#"{"id":3,"result":{}}"#).is_none());
+        assert!(page_event(r#"{"method":"Target.targetCreated","params":{}}"#).is_none());
     }
 
     #[test]

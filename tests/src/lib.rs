@@ -1,8 +1,8 @@
 //! End-to-end test support for the P2P live-video system.
 //!
-//! * [`cdp`] — a minimal Chrome DevTools Protocol driver (JSON-RPC over a
-//!   WebSocket via `tokio-tungstenite`) that launches headless Chromium and
-//!   drives many pages in one browser process.
+//! * [`cdp`] — the browser driver: launches headless Chromium and drives many
+//!   pages in one browser process over the Chrome DevTools Protocol, spoken by
+//!   `chromiumoxide`; captures each page's console errors.
 //! * [`swarm`] — the swarm harness used by `cargo xtask swarm` and the e2e
 //!   tests: a control server plus N viewer pages relaying video over WebRTC.
 //! * [`source`] — the swarm's source: the demo clip or any fragmented-MP4

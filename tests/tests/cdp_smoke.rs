@@ -113,3 +113,36 @@ async fn cdp_many_pages() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs Chromium; run by cargo xtask test"]
+async fn calls_fail_at_once_when_the_browser_dies() -> anyhow::Result<()> {
+    let browser = Browser::launch(LaunchOptions::default()).await?;
+    let page = browser.new_page("data:text/html,<p>doomed</p>").await?;
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &browser.pid().to_string()])
+        .status()?;
+    assert!(killed.success(), "kill failed: {killed}");
+    let started = std::time::Instant::now();
+    let err = page
+        .eval("new Promise(() => {})")
+        .await
+        .expect_err("a call to a dead browser must fail");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}: {err:#}",
+        started.elapsed()
+    );
+    // Chromium's connection reset, or its stderr closed (when the connection ends cleanly).
+    let gone = |e: &anyhow::Error| {
+        let e = format!("{e:#}");
+        e.contains("DevTools connection") || e.contains("Chromium exited")
+    };
+    assert!(gone(&err), "{err:#}");
+    let err = browser
+        .version()
+        .await
+        .expect_err("a browser call must fail too");
+    assert!(gone(&err), "{err:#}");
+    Ok(())
+}
