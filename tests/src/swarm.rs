@@ -781,16 +781,7 @@ impl SwarmReport {
                 .filter(|r| r.decoding)
                 .map(|r| r.stalls)
                 .collect(),
-            stall_messages: reports
-                .iter()
-                .enumerate()
-                .flat_map(|(i, r)| {
-                    r.errors
-                        .iter()
-                        .filter(|e| e.contains("stall at"))
-                        .map(move |e| format!("viewer {i}: {e}"))
-                })
-                .collect(),
+            stall_messages: stall_messages(reports),
         }
     }
 
@@ -993,6 +984,20 @@ struct Repaired {
     /// Data channel to the new parent open, ms after the assignment (negative: open before).
     open_ms: Option<f64>,
     replaced: bool,
+}
+
+/// The players' stall reports, each with its viewer's index.
+pub fn stall_messages(reports: &[PeerReport]) -> Vec<String> {
+    reports
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.errors
+                .iter()
+                .filter(|e| e.contains("stall at"))
+                .map(move |e| format!("viewer {i}: {e}"))
+        })
+        .collect()
 }
 
 fn wall_ms() -> f64 {

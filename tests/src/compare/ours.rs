@@ -103,16 +103,7 @@ async fn measure(
     rep.startup_ms = Pct::of(reports.iter().filter_map(|r| r.startup_ms).collect());
     rep.stalls_per_viewer = reports.iter().map(|r| r.stalls).collect();
     rep.stalls = rep.stalls_per_viewer.iter().sum();
-    rep.stall_messages = reports
-        .iter()
-        .enumerate()
-        .flat_map(|(i, r)| {
-            r.errors
-                .iter()
-                .filter(|e| e.contains("stall at"))
-                .map(move |e| format!("viewer {i}: {e}"))
-        })
-        .collect();
+    rep.stall_messages = crate::swarm::stall_messages(&reports);
     let mut hist = LatencyHistogram::default();
     for r in &reports {
         hist.merge_sparse(&r.latency_hist);
@@ -131,14 +122,6 @@ async fn measure(
         reports.iter().map(|r| r.origin_fallbacks).sum::<u64>(),
         sampled.failed_samples
     ));
-    if rep.played == 0 {
-        rep.failed = Some("no viewer played".into());
-    } else if rep.played < args.viewers {
-        rep.notes.push(format!(
-            "{} of {} viewers never played",
-            args.viewers - rep.played,
-            args.viewers
-        ));
-    }
+    rep.check_played(args.viewers);
     Ok(())
 }

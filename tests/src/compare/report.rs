@@ -53,6 +53,19 @@ pub struct SideReport {
 }
 
 impl SideReport {
+    /// Marks the side failed when no page played, and notes the pages that never did.
+    pub fn check_played(&mut self, viewers: usize) {
+        if self.played == 0 {
+            self.failed = Some("no viewer played".into());
+        } else if self.played < viewers {
+            self.notes.push(format!(
+                "{} of {} viewers never played",
+                viewers - self.played,
+                viewers
+            ));
+        }
+    }
+
     pub fn new(system: &str, viewers: usize) -> SideReport {
         SideReport {
             system: system.into(),

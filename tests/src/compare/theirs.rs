@@ -210,14 +210,6 @@ async fn measure(args: &CompareArgs, parts: &mut Parts, rep: &mut SideReport) ->
             .and_then(|s| s.target_latency_s)
             .unwrap_or(0.0)
     ));
-    if rep.played == 0 {
-        rep.failed = Some("no viewer played".into());
-    } else if rep.played < args.viewers {
-        rep.notes.push(format!(
-            "{} of {} viewers never played",
-            args.viewers - rep.played,
-            args.viewers
-        ));
-    }
+    rep.check_played(args.viewers);
     Ok(())
 }
