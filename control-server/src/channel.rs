@@ -297,7 +297,19 @@ impl Channel {
         fragment: &[u8],
         random_access: bool,
     ) {
-        let created_ms = now_ms();
+        self.publish_fragment_at(packetizer, fragment, random_access, now_ms())
+            .await
+    }
+
+    /// [`Channel::publish_fragment`] with the packets stamped `created_ms` (a looped source
+    /// stamps its timeline's time, so that every node of a cluster cuts identical packets).
+    pub async fn publish_fragment_at(
+        &self,
+        packetizer: &mut Packetizer,
+        fragment: &[u8],
+        random_access: bool,
+        created_ms: u64,
+    ) {
         if let Ok(mut c) = self.cadence.lock() {
             c.note(created_ms);
         }

@@ -42,6 +42,9 @@ pub enum DcmEvent {
         /// A recruited relay's session (it forwards without playing).
         relay: bool,
         out: OutboundTx,
+        /// The peer presented a valid resume token (cluster mode): it is adopted with its
+        /// links, not placed ([`coordinator::Event::Resume`]).
+        resumed: bool,
     },
     Leave {
         peer: PeerId,
@@ -95,4 +98,10 @@ pub enum DcmEvent {
     /// Fault injection for failover tests and drills: the DCM panics, as a bug would make it.
     /// Its supervisor starts a new DCM, which rebuilds the topology from heartbeats.
     InjectFailure,
+    /// This server no longer owns the channel's DCM (its lease was lost, or it drains): every
+    /// peer is told to reconnect, to `url` when the new owner is known, and the DCM starts
+    /// afresh with no peers.
+    Release {
+        url: Option<String>,
+    },
 }

@@ -47,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/channels/{id}/topology", get(topology))
         .route("/api/channels/{id}/stats", get(channel_stats))
         .route("/ingest/{id}", put(ingest).post(ingest))
+        .route("/api/locate", get(locate))
+        .route("/api/operator/cluster", get(cluster_view))
         .merge(crate::operator::routes(&state))
         .fallback_service(ServeDir::new(web_dir).append_index_html_on_directories(true))
         // Operator token, WebSocket origin check (see `operator::guard`).
@@ -58,6 +60,73 @@ pub fn router(state: AppState) -> Router {
         .layer(crate::operator::cors_layer(&state.config))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct LocateQuery {
+    channel: String,
+}
+
+/// The resource service locator (FIG. 7): the base URL of the server that runs `channel`'s
+/// DCM. A lone server answers its own (an empty `url`: this server). In a cluster, a channel
+/// nobody owns is claimed by this server when it runs it; 503 while nobody can say (a
+/// failover under way, or etcd unreachable).
+async fn locate(
+    State(state): State<AppState>,
+    Query(q): Query<LocateQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let runs_here = state.channel(&q.channel).is_some();
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = state.cluster() {
+        return match cluster.place(&q.channel, runs_here).await {
+            crate::cluster::Placement::Here => Ok(Json(json!({
+                "url": cluster.url(),
+                "dcm": q.channel,
+                "node": cluster.node_id(),
+            }))),
+            crate::cluster::Placement::There { url } => {
+                Ok(Json(json!({ "url": url, "dcm": q.channel })))
+            }
+            crate::cluster::Placement::Unavailable(message) => {
+                Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, message))
+            }
+        };
+    }
+    if !runs_here {
+        return Err(not_found(format!("no channel named {:?}", q.channel)));
+    }
+    Ok(Json(json!({ "url": "", "dcm": q.channel })))
+}
+
+/// The cluster as this node sees it: nodes, their load and the DCMs each owns, and this node's
+/// counters (operator token required, like every `/api/operator/` route).
+async fn cluster_view(State(state): State<AppState>) -> Json<serde_json::Value> {
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = state.cluster() {
+        let c = &cluster.counters;
+        let nodes: Vec<_> = cluster
+            .nodes()
+            .into_iter()
+            .map(|(id, (n, dcms))| json!({ "id": id, "record": n, "dcms": dcms }))
+            .collect();
+        return Json(json!({
+            "cluster": true,
+            "node": cluster.node_id(),
+            "url": cluster.url(),
+            "nodes": nodes,
+            "owned": cluster.owned(),
+            "redirects": c.redirects.load(Ordering::Relaxed),
+            "failovers": {
+                "lease_expired": c.failovers_lease.load(Ordering::Relaxed),
+                "fenced": c.failovers_fenced.load(Ordering::Relaxed),
+                "drain": c.failovers_drain.load(Ordering::Relaxed),
+            },
+            "claims": c.claims.load(Ordering::Relaxed),
+            "etcd_errors": c.etcd_errors.load(Ordering::Relaxed),
+        }));
+    }
+    let _ = state;
+    Json(json!({ "cluster": false }))
 }
 
 fn channel(state: &AppState, id: &str) -> Result<SharedChannel, ApiError> {

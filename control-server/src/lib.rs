@@ -16,6 +16,8 @@
 //!   (CORS and WebSocket origin checks).
 
 pub mod channel;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod config;
 pub mod dcm;
 pub mod events;
@@ -95,6 +97,9 @@ pub struct AppState {
     pub pulls: Arc<source::hls::PullBoard>,
     /// The RTMP listener's address, publishers, refusals and last errors (issue 14).
     pub rtmp: Arc<source::rtmp::RtmpBoard>,
+    /// This node's membership of a cluster (issue 12), once joined; unset for a lone server.
+    #[cfg(feature = "cluster")]
+    cluster: Arc<std::sync::OnceLock<Arc<cluster::Cluster>>>,
 }
 
 impl AppState {
@@ -120,7 +125,44 @@ impl AppState {
             bans: Arc::default(),
             pulls: Arc::default(),
             rtmp: Arc::default(),
+            #[cfg(feature = "cluster")]
+            cluster: Arc::default(),
         }
+    }
+
+    /// Makes this server a node of `cluster`: peers whose DCM runs elsewhere are redirected
+    /// there, and peer ids are drawn from a range of their own (ids must not collide when peers
+    /// move between nodes). Call once, before serving.
+    #[cfg(feature = "cluster")]
+    pub fn join_cluster(&self, cluster: Arc<cluster::Cluster>) {
+        let mut base = [0u8; 4];
+        let _ = getrandom::fill(&mut base);
+        // Ids stay below 2^53 (exact in JavaScript): 20 random bits above a 32-bit counter.
+        let base = (u64::from(u32::from_le_bytes(base)) & 0xF_FFFF).max(1) << 32;
+        self.next_peer.store(base, Ordering::Relaxed);
+        cluster.run(self.clone());
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster this server is a node of, if any.
+    #[cfg(feature = "cluster")]
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Joined sessions, and heartbeats handled so far (all channels).
+    pub fn load(&self) -> (u64, u64) {
+        let peers = self.sessions.read().map_or(0, |m| m.len() as u64);
+        let heartbeats = self
+            .channels
+            .read()
+            .map(|m| {
+                m.values()
+                    .map(|c| c.counters.heartbeats.load(Ordering::Relaxed))
+                    .sum()
+            })
+            .unwrap_or(0);
+        (peers, heartbeats)
     }
 
     /// Refuses `addr` for the configured ban time (an evicted peer's address). Sessions without
@@ -278,12 +320,23 @@ impl AppState {
         name: &str,
         data: Vec<u8>,
     ) -> Result<SharedChannel, ServerError> {
+        self.start_looped_channel_at(name, data, channel::now_ms())
+    }
+
+    /// Like [`AppState::start_looped_channel`], on a timeline that began at `start_ms` (ms
+    /// since the Unix epoch): the nodes of a cluster share it, so they cut identical packets.
+    pub fn start_looped_channel_at(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+        start_ms: u64,
+    ) -> Result<SharedChannel, ServerError> {
         let clip = source::ingest::LoopedClip::parse(data)?;
         let ch = self.create_channel(name, clip.stream_kbps())?;
         ch.set_init(clip.init.clone());
         ch.seed_fragment_ms(clip.max_fragment_ms());
         ch.source_attached.store(true, Ordering::Relaxed);
-        tokio::spawn(source::ingest::run_looped(ch.clone(), clip));
+        tokio::spawn(source::ingest::run_looped(ch.clone(), clip, start_ms));
         Ok(ch)
     }
 
@@ -336,6 +389,21 @@ impl AppState {
 /// The whole HTTP + WebSocket application.
 pub fn app(state: AppState) -> axum::Router {
     http::router(state)
+}
+
+/// Serves the app until `shutdown` completes (then lets open requests finish).
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
+    Ok(())
 }
 
 /// Serves the app until Ctrl-C.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use control_server::topology::region::TopologyConfig;
-use control_server::{config::Config, limits, serve, AppState, SessionLimits};
+use control_server::{cluster, config::Config, limits, serve, AppState, SessionLimits};
 use tracing_subscriber::EnvFilter;
 
 // Tens of thousands of sessions allocate and free small buffers per message on every core:
@@ -151,6 +151,32 @@ struct Args {
     /// such a token for the channel (or the --viewer-token); prefer the environment variable.
     #[arg(long, env = "P2P_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Join a cluster coordinated by etcd (issue 12): its endpoints, e.g.
+    /// http://10.0.0.5:2379,http://10.0.0.6:2379. Without it the server runs alone.
+    #[arg(
+        long,
+        value_name = "URLS",
+        value_delimiter = ',',
+        requires_all = ["node_id", "advertise_url", "cluster_secret"]
+    )]
+    cluster_etcd: Vec<String>,
+    /// This node's name in the cluster (unique; letters, digits, '-', '_', '.').
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Base URL at which peers and the other nodes reach this node, e.g. http://10.0.0.7:8080.
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
+    /// Secret shared by all nodes (at least 16 bytes): signs the tokens with which peers resume
+    /// on another node and, without --signing-key, seeds the stream's signing key so that every
+    /// node signs alike. Prefer the environment variable.
+    #[arg(long, env = "P2P_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Lease time-to-live of a node, seconds: a node that dies loses its DCMs this long after.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl: i64,
+    /// Prefix of the cluster's keys in etcd (clusters sharing one etcd need different ones).
+    #[arg(long, default_value = "/p2p")]
+    cluster_prefix: String,
 }
 
 #[tokio::main]
@@ -192,10 +218,28 @@ async fn main() -> anyhow::Result<()> {
         .substreams
         .or(topology.as_ref().map(|t| t.k))
         .unwrap_or(4);
-    let signing_seed = match (&args.signing_key, args.unsigned) {
-        (_, true) => None,
-        (Some(path), false) => Some(control_server::signing::load_or_create(path)?),
-        (None, false) => Some(control_server::signing::random_seed()?),
+    let cluster_config = (!args.cluster_etcd.is_empty()).then(|| cluster::ClusterConfig {
+        etcd: args.cluster_etcd.clone(),
+        node_id: args.node_id.clone().unwrap_or_default(),
+        advertise_url: args
+            .advertise_url
+            .clone()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string(),
+        lease_ttl_s: args.lease_ttl,
+        secret: args.cluster_secret.clone().unwrap_or_default().into_bytes(),
+        prefix: args.cluster_prefix.clone(),
+    });
+    if let Some(c) = &cluster_config {
+        cluster::validate(c).context("invalid cluster configuration")?;
+    }
+    let signing_seed = match (&args.signing_key, args.unsigned, &cluster_config) {
+        (_, true, _) => None,
+        (Some(path), false, _) => Some(control_server::signing::load_or_create(path)?),
+        // Every node must sign the same packets alike: the key comes from the shared secret.
+        (None, false, Some(c)) => Some(control_server::signing::seed_from_secret(&c.secret)),
+        (None, false, None) => Some(control_server::signing::random_seed()?),
     };
     let config = Config {
         signing_seed,
@@ -230,9 +274,33 @@ async fn main() -> anyhow::Result<()> {
     };
     config.validate().context("invalid configuration")?;
     let state = AppState::new(config);
+    let cluster = match cluster_config {
+        Some(c) => {
+            let joined = cluster::connect(c).await.context("joining the cluster")?;
+            state.join_cluster(joined.clone());
+            Some(joined)
+        }
+        None => None,
+    };
+    // A looped channel's timeline: shared by the cluster's nodes, this process's otherwise.
+    let start_of = |name: &str| {
+        let cluster = cluster.clone();
+        let name = name.to_string();
+        async move {
+            let now = control_server::channel::now_ms();
+            match cluster {
+                Some(c) => c
+                    .start_time(&name, now)
+                    .await
+                    .with_context(|| format!("reading channel {name:?}'s start time from etcd")),
+                None => Ok(now),
+            }
+        }
+    };
     if !args.no_demo {
+        let start = start_of("demo").await?;
         state
-            .start_demo_channel()
+            .start_looped_channel_at("demo", control_server::DEMO_CLIP.to_vec(), start)
             .context("starting the demo channel")?;
         // The demo page offers this file for download beside the live channel.
         state
@@ -257,8 +325,9 @@ async fn main() -> anyhow::Result<()> {
             .split_once('=')
             .with_context(|| format!("--file expects NAME=PATH, got {spec:?}"))?;
         let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        let start = start_of(name).await?;
         state
-            .start_looped_channel(name, data)
+            .start_looped_channel_at(name, data, start)
             .with_context(|| format!("publishing {path} as channel {name:?}"))?;
     }
     if let Some(name) = &args.stdin {
@@ -296,5 +365,40 @@ async fn main() -> anyhow::Result<()> {
     } else {
         println!("Operator dashboard: http://{addr}/dashboard (with your --operator-token)");
     }
-    serve(listener, state).await
+    match cluster {
+        Some(c) => {
+            println!("Cluster node {} at {}", c.node_id(), c.url());
+            let drained = state.clone();
+            control_server::serve_until(listener, state, async move {
+                shutdown_signal().await;
+                // A planned stop hands every DCM over before the sockets close.
+                let n = c.drain(&drained).await;
+                tracing::info!(dcms = n, "handed the DCMs over; stopping");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            })
+            .await
+        }
+        None => serve(listener, state).await,
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

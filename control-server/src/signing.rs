@@ -34,6 +34,17 @@ pub fn random_seed() -> Result<[u8; 32], SigningKeyError> {
     Ok(seed)
 }
 
+/// A seed derived from a cluster's shared secret: every node of the cluster signs with the same
+/// key without a key file to copy around. Pin the public key from `/api/channels/{id}/key`.
+#[cfg(feature = "cluster")]
+pub fn seed_from_secret(secret: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"p2p-stream-signing-key\0");
+    h.update(secret);
+    h.finalize().into()
+}
+
 /// The seed in `path`, or a new one written there if the file does not exist.
 pub fn load_or_create(path: &Path) -> Result<[u8; 32], SigningKeyError> {
     match std::fs::read_to_string(path) {

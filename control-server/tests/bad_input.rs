@@ -26,6 +26,7 @@ fn join_with(
         network: network.map(String::from),
         companion: None,
         relay_token: relay_token.map(String::from),
+        resume: None,
     }
 }
 

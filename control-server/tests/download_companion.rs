@@ -71,6 +71,7 @@ fn join(channel: &str, upload_kbps: u32, companion: Option<PeerId>) -> ClientMsg
         network: None,
         companion,
         relay_token: None,
+        resume: None,
     }
 }
 

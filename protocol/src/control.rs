@@ -47,6 +47,13 @@ pub enum ClientMsg {
         /// address with [`ErrorCode::BadCompanion`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         companion: Option<PeerId>,
+        /// Set when the peer reconnects after its control connection dropped (a server of the
+        /// cluster failed, or it was redirected): its peer id and the token of its
+        /// [`ServerMsg::Cluster`]. The DCM then keeps its place in the trees, and its data
+        /// channels keep running. A token that does not verify is refused with
+        /// [`ErrorCode::BadResume`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
     },
     /// WebRTC signaling for a peer the server linked us with.
     Signal { to: PeerId, signal: Signal },
@@ -145,6 +152,25 @@ pub enum ServerMsg {
         relay_token: String,
         upload_kbps: u32,
     },
+    /// Cluster mode (FIG. 7): sent after the [`ServerMsg::Welcome`]. `dcm` is the logical id of
+    /// the DCM that steers the peer; `resume_token` lets the peer keep its id when it reconnects
+    /// ([`ClientMsg::Join`]'s `resume`); `nodes` are the cluster's servers (base URLs), where the
+    /// peer asks `GET /api/locate?channel=` for the DCM's new server when its connection drops.
+    Cluster {
+        dcm: String,
+        resume_token: String,
+        nodes: Vec<String>,
+    },
+    /// This server does not run the peer's DCM: connect to `url` (a server's base URL) and join
+    /// there. The connection is closed after this message.
+    Redirect { url: String, dcm: String },
+}
+
+/// A peer's claim to its earlier place, presented when it reconnects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub peer: PeerId,
+    pub token: String,
 }
 
 /// One substream's links for one peer.
@@ -270,6 +296,12 @@ pub enum ErrorCode {
     /// The peer's network address already has as many control sessions open as the server
     /// allows (`--max-sessions-per-address`). The session is then closed.
     TooManySessions,
+    /// A `resume` whose token does not verify, names another channel, or whose peer id is in
+    /// use. The session is then closed; join afresh.
+    BadResume,
+    /// No server owns the channel's DCM right now (a failover is under way, or the cluster's
+    /// coordination store is unreachable): reconnect after a short backoff.
+    Unavailable,
 }
 
 #[cfg(test)]
@@ -286,6 +318,7 @@ mod tests {
             network: None,
             relay_token: None,
             companion: None,
+            resume: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

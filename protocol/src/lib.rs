@@ -32,7 +32,7 @@ pub mod report;
 pub mod rng;
 
 pub use control::{
-    ClientMsg, ErrorCode, FecSpec, Feed, ServerMsg, Signal, Source, SubstreamPlan, TierName,
+    ClientMsg, ErrorCode, FecSpec, Feed, Resume, ServerMsg, Signal, Source, SubstreamPlan, TierName,
     TierPlan, PROTOCOL_VERSION,
 };
 pub use file::FileInfo;

@@ -167,6 +167,7 @@ async fn sim_peer(
         network: None,
         relay_token: None,
         companion: None,
+        resume: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

@@ -430,6 +430,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
         network: Some("fiber".into()),
         relay_token: Some("r-1234".into()),
         companion: Some(PeerId(7)),
+        resume: None,
     };
     let client = [
         join,
@@ -441,6 +442,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
             network: None,
             relay_token: None,
             companion: None,
+            resume: None,
         },
         ClientMsg::Signal {
             to: PeerId(3),

@@ -32,6 +32,8 @@ const OUTPUTS_PER_SLICE: usize = 1000;
 /// One channel's DCM: the sans-IO core and the queues of the peers it steers.
 pub struct Dcm {
     core: coordinator::Dcm,
+    /// The core's parameters (a released DCM starts afresh with them).
+    core_config: DcmConfig,
     channel: Arc<Channel>,
     outs: FxHashMap<PeerId, OutboundTx>,
     snapshots: HashMap<u64, oneshot::Sender<TopologySnapshot>>,
@@ -66,19 +68,22 @@ pub fn dcm_config(channel: &Channel, config: &Config) -> DcmConfig {
 
 impl Dcm {
     pub fn new(channel: Arc<Channel>, config: &Config) -> Self {
-        let core = coordinator::Dcm::new(dcm_config(&channel, config), now_ms());
-        let mut dcm = Self::with_core(core, channel, FxHashMap::default());
+        let cfg = dcm_config(&channel, config);
+        let core = coordinator::Dcm::new(cfg.clone(), now_ms());
+        let mut dcm = Self::with_core(core, cfg, channel, FxHashMap::default());
         dcm.heartbeat_ms = u64::from(config.heartbeat_ms);
         dcm
     }
 
     fn with_core(
         core: coordinator::Dcm,
+        core_config: DcmConfig,
         channel: Arc<Channel>,
         outs: FxHashMap<PeerId, OutboundTx>,
     ) -> Self {
         Dcm {
             core,
+            core_config,
             channel,
             outs,
             snapshots: HashMap::new(),
@@ -112,14 +117,9 @@ impl Dcm {
             epoch = a.epoch;
         }
         adopted.sort_by_key(|a| a.peer);
-        let core = coordinator::Dcm::take_over(
-            dcm_config(&channel, config),
-            &adopted,
-            origin_fed,
-            epoch,
-            now,
-        );
-        let mut dcm = Self::with_core(core, channel, outs);
+        let cfg = dcm_config(&channel, config);
+        let core = coordinator::Dcm::take_over(cfg.clone(), &adopted, origin_fed, epoch, now);
+        let mut dcm = Self::with_core(core, cfg, channel, outs);
         dcm.heartbeat_ms = u64::from(config.heartbeat_ms);
         dcm
     }
@@ -191,6 +191,7 @@ impl Dcm {
                 region,
                 relay,
                 out,
+                resumed,
             } => {
                 if let Ok(mut a) = self.channel.attachments.lock() {
                     a.sessions.insert(
@@ -204,15 +205,22 @@ impl Dcm {
                     );
                 }
                 self.outs.insert(peer, out);
-                self.core.handle(
+                let ev = if resumed {
+                    Event::Resume {
+                        peer,
+                        upload_kbps,
+                        region,
+                        relay,
+                    }
+                } else {
                     Event::Join {
                         peer,
                         upload_kbps,
                         region,
                         relay,
-                    },
-                    now,
-                );
+                    }
+                };
+                self.core.handle(ev, now);
             }
             DcmEvent::Leave { peer } => {
                 self.forget(peer);
@@ -274,11 +282,42 @@ impl Dcm {
                 let _ = reply.send(self.core.split_upload(peer, capacity_kbps, file_rate_kbps));
             }
             DcmEvent::EndSplit { peer } => self.core.handle(Event::EndSplit { peer }, now),
+            DcmEvent::Release { url } => self.release(url, now),
             DcmEvent::InjectFailure => {
                 panic!("injected DCM failure (channel {})", self.channel.name)
             }
         }
         self.drain_ready();
+    }
+
+    /// Hands the channel's peers over (see [`DcmEvent::Release`]): each is told where to go
+    /// and its session closed; the core starts afresh, so that when this server owns the DCM
+    /// again its peers resume into a DCM that rebuilds from their heartbeats.
+    fn release(&mut self, url: Option<String>, now: u64) {
+        let dcm = self.channel.name.clone();
+        let msg = match url {
+            Some(url) => ServerMsg::Redirect { url, dcm },
+            None => ServerMsg::Error {
+                code: protocol::ErrorCode::Unavailable,
+                message: format!("this server no longer runs channel {dcm:?}; reconnect"),
+            },
+        };
+        let peers: Vec<PeerId> = self.outs.keys().copied().collect();
+        tracing::warn!(channel = %self.channel.name, peers = peers.len(), "releasing the channel's DCM");
+        for peer in peers {
+            if let Some(out) = self.outs.get(&peer) {
+                let _ = out.try_send(Outbound::msg(msg.clone()));
+                let _ = out.try_send(Box::new(Outbound::Close("moved to another server".into())));
+            }
+            self.forget(peer);
+        }
+        let config = self.core_config.clone();
+        self.core = coordinator::Dcm::new(config, now);
+        self.counted = DcmStats::default();
+        self.epoch = 0;
+        if let Ok(mut a) = self.channel.attachments.lock() {
+            a.origin_fed.clear();
+        }
     }
 
     /// Moves the outputs that are ready now; without a runtime loop (tests), the background

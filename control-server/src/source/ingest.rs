@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::channel::Channel;
+use crate::channel::{now_ms, Channel};
 use crate::origin::{Fmp4Error, Fmp4Item, Fmp4Splitter, Fragment, InitSegment, Packetizer};
 
 /// Why a live ingest stopped.
@@ -73,9 +73,14 @@ impl LoopedClip {
 }
 
 /// Plays the clip out in real time forever, rewriting timestamps so the timeline never jumps.
-pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
-    let mut packetizer = Packetizer::new(0, channel.substreams);
-    let start = Instant::now();
+///
+/// The timeline began at `start_ms` (ms since the Unix epoch): fragment `i` of lap `L` is
+/// published when its media time has come, numbered from the packets of every fragment before
+/// it. Every server that loops the same clip on the same start time (the nodes of a cluster)
+/// cuts the same packets with the same sequence numbers, so any of them can serve a peer's
+/// fallback fetches, and one that starts late begins with the fragment that is current.
+pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip, start_ms: u64) {
+    let k = channel.substreams;
     let ts = f64::from(clip.init.timescale);
     // A lap is the primary track's duration, shifted into each track's own timescale (audio's
     // is its sample rate): one shift in the primary's ticks would tear the audio timeline.
@@ -86,8 +91,37 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
             return;
         }
     };
-    let mut sequence_number: u32 = 1;
-    for lap in 0u64.. {
+    // Packets per fragment: retiming patches fields in place, so every lap cuts alike.
+    let mut first_of = Vec::with_capacity(clip.fragments.len());
+    let mut per_lap = 0u64;
+    for f in &clip.fragments {
+        first_of.push(per_lap);
+        per_lap += Packetizer::new(0, k)
+            .packetize(&f.bytes, f.starts_with_keyframe, 0)
+            .len() as u64;
+    }
+    let n = clip.fragments.len() as u64;
+    let offset_ms = |lap: u64, frag: &Fragment| -> u64 {
+        let media_time = lap * clip.duration + (frag.base_decode_time - clip.first_decode_time);
+        (media_time as f64 * 1000.0 / ts).round() as u64
+    };
+    // Where the timeline is now: the newest fragment whose time has come.
+    let elapsed = now_ms().saturating_sub(start_ms);
+    let lap_ms = ((clip.duration as f64 * 1000.0 / ts).round() as u64).max(1);
+    let mut lap = elapsed / lap_ms;
+    let mut i = clip
+        .fragments
+        .iter()
+        .rposition(|f| offset_ms(lap, f) <= elapsed)
+        .unwrap_or(0);
+    let mut packetizer = Packetizer::new(lap * per_lap + first_of[i], k);
+    loop {
+        let frag = &clip.fragments[i];
+        let created_ms = start_ms + offset_ms(lap, frag);
+        let wait = created_ms.saturating_sub(now_ms());
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
         let lap_s = (lap * clip.duration) as f64 / ts;
         let shift = |track_id: u32| -> u64 {
             match timescales.iter().find(|(id, _)| *id == track_id) {
@@ -95,21 +129,21 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip) {
                 None => lap * clip.duration,
             }
         };
-        for frag in &clip.fragments {
-            let media_time = lap * clip.duration + (frag.base_decode_time - clip.first_decode_time);
-            let due = start + Duration::from_secs_f64(media_time as f64 / ts);
-            tokio::time::sleep_until(due).await;
-            let mut bytes = frag.bytes.clone();
-            if let Err(e) =
-                crate::origin::fmp4::rewrite_timing_per_track(&mut bytes, &shift, sequence_number)
-            {
-                tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
-                return;
-            }
-            sequence_number = sequence_number.wrapping_add(1);
-            channel
-                .publish_fragment(&mut packetizer, &bytes, frag.starts_with_keyframe)
-                .await;
+        let mut bytes = frag.bytes.clone();
+        let sequence_number = (lap * n + i as u64 + 1) as u32;
+        if let Err(e) =
+            crate::origin::fmp4::rewrite_timing_per_track(&mut bytes, &shift, sequence_number)
+        {
+            tracing::error!(channel = %channel.name, "cannot loop clip: {e}");
+            return;
+        }
+        channel
+            .publish_fragment_at(&mut packetizer, &bytes, frag.starts_with_keyframe, created_ms)
+            .await;
+        i += 1;
+        if i as u64 == n {
+            i = 0;
+            lap += 1;
         }
     }
 }

@@ -459,6 +459,7 @@ impl Session {
                     network,
                     companion,
                     relay_token,
+                    resume,
                 },
                 None,
             ) => {
@@ -470,6 +471,7 @@ impl Session {
                     network,
                     companion,
                     relay_token,
+                    resume,
                 };
                 // Boxed: joining is rare and its future large; every session's task would
                 // otherwise carry its size for life.
@@ -637,6 +639,7 @@ impl Session {
             network,
             companion,
             relay_token,
+            resume,
         } = req;
         // Every join attempt from the address counts, refused ones included.
         if let Some(Err(e)) = self.address.as_ref().map(|a| a.join()) {
@@ -701,11 +704,47 @@ impl Session {
                 .try_send(Box::new(Outbound::Close("address banned".into())));
             return false;
         }
+        // Cluster mode: the channel's DCM may run on another node (FIG. 7's resource service
+        // locator); the peer is sent there.
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = self.state.cluster().cloned() {
+            let runs_here = self.state.channel(&channel).is_some();
+            match cluster.place(&channel, runs_here).await {
+                crate::cluster::Placement::Here => {}
+                crate::cluster::Placement::There { url } => {
+                    cluster
+                        .counters
+                        .redirects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let redirect = ServerMsg::Redirect {
+                        url,
+                        dcm: channel.clone(),
+                    };
+                    if self.out.try_send(Outbound::msg(redirect)).is_ok() {
+                        let _ = self
+                            .out
+                            .try_send(Box::new(Outbound::Close("redirected".into())));
+                    }
+                    return false;
+                }
+                crate::cluster::Placement::Unavailable(message) => {
+                    return self.refuse(ErrorCode::Unavailable, message);
+                }
+            }
+        }
         let Some(ch) = self.state.channel(&channel) else {
             return self.error(
                 ErrorCode::UnknownChannel,
                 format!("no channel named {channel:?}"),
             );
+        };
+        // A peer coming back from another node keeps its id (and so its links).
+        let resumed = match &resume {
+            None => None,
+            Some(r) => match self.check_resume(&ch.name, r) {
+                Ok(()) => Some(r.peer),
+                Err(message) => return self.refuse(ErrorCode::BadResume, message),
+            },
         };
         let file = ch.file().cloned();
         let media = match (&file, ch.init()) {
@@ -731,7 +770,7 @@ impl Session {
             placed_kbps = s.file_kbps;
             granted = Some(s.file_kbps);
         }
-        let peer = self.state.next_peer_id();
+        let peer = resumed.unwrap_or_else(|| self.state.next_peer_id());
         // A recruited relay: its token fixes its region and the upload it offers.
         let (region, placed_kbps, relay) = match &relay_token {
             None => (region, placed_kbps, false),
@@ -775,6 +814,17 @@ impl Session {
         if self.out.try_send(Outbound::msg(welcome)).is_err() {
             return false;
         }
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = self.state.cluster() {
+            let msg = ServerMsg::Cluster {
+                dcm: ch.name.clone(),
+                resume_token: cluster.resume_token(&ch.name, peer),
+                nodes: cluster.node_urls(),
+            };
+            if self.out.try_send(Outbound::msg(msg)).is_err() {
+                return false;
+            }
+        }
         let _ = ch
             .dcm
             .send(DcmEvent::Join {
@@ -783,6 +833,7 @@ impl Session {
                 region,
                 relay,
                 out: self.out.clone(),
+                resumed: resumed.is_some(),
             })
             .await;
         self.state.register_session(
@@ -795,6 +846,26 @@ impl Session {
         );
         self.joined = Some((peer, ch));
         true
+    }
+
+    /// Checks a resume: its token must be the cluster's for this channel and peer, and the
+    /// peer id must not be in use here.
+    fn check_resume(&self, channel: &str, r: &protocol::Resume) -> Result<(), String> {
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = self.state.cluster() {
+            if !cluster.verify_resume(channel, r.peer, &r.token) {
+                return Err(format!(
+                    "resume token does not verify for {} on channel {channel:?}",
+                    r.peer
+                ));
+            }
+            if self.state.session(r.peer).is_some() {
+                return Err(format!("{} is connected already", r.peer));
+            }
+            return Ok(());
+        }
+        let _ = (channel, r);
+        Err("this server is not part of a cluster: join without resume".into())
     }
 
     /// Checks a download's companion (a live session of the same address) and asks its DCM
@@ -862,6 +933,7 @@ struct JoinRequest {
     network: Option<String>,
     companion: Option<PeerId>,
     relay_token: Option<String>,
+    resume: Option<protocol::Resume>,
 }
 
 impl Drop for Session {

@@ -110,6 +110,7 @@ pub fn join_msg(upload_kbps: u32) -> ClientMsg {
         network: None,
         relay_token: None,
         companion: None,
+        resume: None,
     }
 }
 

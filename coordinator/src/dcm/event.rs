@@ -67,6 +67,18 @@ pub enum Event {
         /// A recruited relay's session (it forwards without playing).
         relay: bool,
     },
+    /// A viewer reconnected with a valid resume token (cluster mode: its server failed or handed
+    /// the channel over, and this DCM took it). Its data channels kept running on its old
+    /// instructions, so it is adopted as it is, not placed: a DCM with no peers starts
+    /// collecting a round of heartbeats, as [`Dcm::take_over`](super::Dcm::take_over) does, and
+    /// rebuilds the topology from the links they report; resumes within that window are
+    /// adopted too. Outside that window a resume is placed like a join.
+    Resume {
+        peer: PeerId,
+        upload_kbps: u32,
+        region: Region,
+        relay: bool,
+    },
     /// A viewer's session ended.
     Leave { peer: PeerId },
     /// WebRTC signaling from one peer to another; relayed only between linked peers.
@@ -201,6 +213,13 @@ pub struct DcmStats {
     /// Parents demoted because their children corroborated that they send nothing while their
     /// own heartbeats claim they do.
     pub silent_demoted: u64,
+    /// Peers adopted as they were after a failover across servers ([`Event::Resume`]).
+    pub resumes: u64,
+    /// Topologies rebuilt from heartbeats (takeovers), and the links the peers reported in them
+    /// and of those, the links the rebuilt topology kept (flat channels).
+    pub recoveries: u64,
+    pub links_reported: u64,
+    pub links_kept: u64,
     /// Heartbeats (or links in them) refused as implausible, by reason.
     pub heartbeats_refused: super::plausible::RefusalCounts,
 }

@@ -49,6 +49,7 @@ use planner::{Planner, Push};
 pub use snapshot::{CongestionRecord, PeerView, RepairRecord, TopologySnapshot};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 
+#[derive(Debug, Clone, Copy)]
 struct PeerEntry {
     upload_kbps: u32,
     region: Region,
@@ -121,6 +122,9 @@ pub struct Dcm {
     last_moved: FxHashMap<PeerId, u64>,
     /// Set while a DCM that took over collects one round of heartbeats (server ms deadline).
     recovering_until: Option<u64>,
+    /// While peers resume one by one after a failover across servers: the recovery window
+    /// stretches with each resume, but never past this.
+    recovery_deadline: Option<u64>,
     /// Joins that arrived while recovering, placed once the topology is rebuilt.
     deferred_joins: Vec<Event>,
     /// When the periodic work last ran (server ms); `None` before the first tick.
@@ -213,6 +217,7 @@ impl Dcm {
             repair_log: VecDeque::new(),
             last_moved: FxHashMap::default(),
             recovering_until: None,
+            recovery_deadline: None,
             deferred_joins: Vec::new(),
             last_tick: None,
             last_reevaluation: 0,
@@ -345,6 +350,12 @@ impl Dcm {
                 }
                 self.join(peer, upload_kbps, region, relay, now);
             }
+            Event::Resume {
+                peer,
+                upload_kbps,
+                region,
+                relay,
+            } => self.resume(peer, upload_kbps, region, relay, now),
             Event::Leave { peer } => self.remove_peer(peer, "left", now),
             Event::Signal { from, to, signal } => self.relay_signal(from, to, signal),
             Event::Heartbeat {

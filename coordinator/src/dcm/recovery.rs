@@ -5,16 +5,63 @@
 use protocol::{PeerId, Source};
 
 use super::planner::Planner;
-use super::{placement_kbps, Dcm, Output};
+use super::{placement_kbps, Dcm, Output, PeerEntry};
 use crate::topology::multitree::ObservedPeer;
+use crate::topology::region::Region;
+
+/// How long, at most, a DCM that took a channel over across servers waits for its peers to
+/// resume, in heartbeat intervals from the first resume: peers reconnect with a jittered backoff
+/// after their server failed.
+const RESUME_WINDOW_INTERVALS: u64 = 4;
 
 impl Dcm {
+    /// A peer reconnected with a valid resume token ([`super::Event::Resume`]).
+    pub(super) fn resume(
+        &mut self,
+        peer: PeerId,
+        upload_kbps: u32,
+        region: Region,
+        relay: bool,
+        now: u64,
+    ) {
+        let interval = self.heartbeat_ms.max(100);
+        if !self.recovering() {
+            if !self.peers.is_empty() {
+                // The channel runs here already: the peer is placed like any joiner.
+                self.join(peer, upload_kbps, region, relay, now);
+                return;
+            }
+            // The first peer back after a failover: collect heartbeats before placing anyone.
+            tracing::warn!(channel = %self.name, "DCM taking over from another server; rebuilding the topology from heartbeats");
+            self.recovering_until = Some(now + interval * 3 / 2);
+            self.recovery_deadline = Some(now + interval * RESUME_WINDOW_INTERVALS);
+        }
+        self.peers.insert(
+            peer,
+            PeerEntry {
+                upload_kbps,
+                region,
+                relay,
+            },
+        );
+        self.history.joined(peer, upload_kbps, now);
+        self.plausible.joined(peer, now);
+        self.send_manifests_to(peer);
+        self.stats.resumes += 1;
+        // Its first heartbeat is due within an interval (it sends one at once): wait for it.
+        if let (Some(until), Some(deadline)) = (self.recovering_until, self.recovery_deadline) {
+            self.recovering_until = Some(until.max(now + interval * 3 / 2).min(deadline));
+        }
+    }
+
     /// Rebuilds the topology from the heartbeats received since taking over. Peers whose
     /// reported links are all consistent get no message; the others are placed and told.
     pub(super) fn finish_recovery(&mut self, now: u64) {
         if self.recovering_until.take().is_none() {
             return;
         }
+        self.recovery_deadline = None;
+        self.stats.recoveries += 1;
         let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
         ids.sort();
         let changes = match &mut self.planner {
@@ -40,6 +87,17 @@ impl Dcm {
                     .collect();
                 let (restored, mut changes) =
                     crate::topology::MultiTree::restore(*tree.config(), &observed);
+                for o in &observed {
+                    for (t, parent) in &o.parents {
+                        self.stats.links_reported += 1;
+                        let kept = restored.plan(o.peer).is_some_and(|w| {
+                            w.iter().any(|sp| sp.index == *t && sp.parent == *parent)
+                        });
+                        if kept {
+                            self.stats.links_kept += 1;
+                        }
+                    }
+                }
                 *tree = restored;
                 // Sessions that sent no heartbeat in time are placed like joiners.
                 for p in &ids {

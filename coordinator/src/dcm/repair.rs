@@ -72,9 +72,14 @@ impl Dcm {
             upload_kbps: self.peers.get(&peer).map_or(0, |p| p.upload_kbps),
         };
         let peers = &self.peers;
+        // While peers resume one by one after a failover, a link may name a parent that has not
+        // resumed yet: the rebuild keeps only links between present peers anyway.
+        let recovering = self.recovering_until.is_some();
         if self
             .plausible
-            .check(peer, &mut hb, arrived, bounds, |id| peers.contains_key(&id))
+            .check(peer, &mut hb, arrived, bounds, |id| {
+                recovering || peers.contains_key(&id)
+            })
             .is_err()
         {
             return;

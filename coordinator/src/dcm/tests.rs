@@ -688,6 +688,106 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
 }
 
 #[test]
+fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
+    let mut h = Harness::new();
+    let mut rng = protocol::rng::XorShift::seeded(11);
+    for id in 1..=24 {
+        h.join(id, [300, 800, 2000, 4000][rng.below(4) as usize]);
+    }
+    let before: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
+        .dcm
+        .peers
+        .keys()
+        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
+        .collect();
+    let fed_before: HashMap<PeerId, Vec<Push>> = h.dcm.origin_fed.clone().into_iter().collect();
+    let cfg = DcmConfig {
+        k: 4,
+        origin_fanout: 1,
+        ..DcmConfig::flat("test", 400)
+    };
+    // The server died: another one's DCM knows nothing, and peers come back one by one over
+    // two seconds (jittered backoff), each sending a heartbeat at once.
+    let now = 2_000_000;
+    let mut next = Dcm::new(cfg, now);
+    let mut order: Vec<PeerId> = before.keys().copied().collect();
+    order.reverse();
+    for (i, peer) in order.iter().enumerate() {
+        let at = now + 80 * i as u64;
+        let e = h.dcm.peers[peer];
+        next.handle(
+            Event::Resume {
+                peer: *peer,
+                upload_kbps: e.upload_kbps,
+                region: e.region,
+                relay: e.relay,
+            },
+            at,
+        );
+        next.handle(
+            Event::Heartbeat {
+                peer: *peer,
+                heartbeat: Box::new(heartbeat_from_plan(*peer, &before[peer], at + 20)),
+                arrived_ms: at + 20,
+            },
+            at + 20,
+        );
+        next.handle_timeout(at + 30);
+        assert!(next.recovering(), "still adopting after {} resumes", i + 1);
+    }
+    let last = now + 80 * order.len() as u64;
+    next.handle_timeout(last + 1_600);
+    assert!(!next.recovering());
+    let sorted = |mut plan: Vec<SubstreamPlan>| {
+        for s in &mut plan {
+            s.children.sort();
+        }
+        plan
+    };
+    for (peer, plan) in &before {
+        assert_eq!(
+            sorted(next.planner.plan(*peer).expect("restored").substreams),
+            sorted(plan.clone()),
+            "{peer}"
+        );
+    }
+    assert_eq!(
+        next.origin_fed
+            .clone()
+            .into_iter()
+            .collect::<HashMap<_, _>>(),
+        fed_before,
+        "the origin feeds the same roots"
+    );
+    let stats = next.stats();
+    assert_eq!(stats.resumes, before.len() as u64);
+    assert_eq!(stats.recoveries, 1);
+    assert!(stats.links_reported > 0);
+    assert_eq!(stats.links_kept, stats.links_reported, "every link kept");
+    // Each peer got the manifests a joiner gets, and nobody got instructions.
+    while let Some(out) = next.poll_output() {
+        if let Output::Send { peer, msg: OutMsg::Msg(m) } = out {
+            assert!(
+                !matches!(*m, ServerMsg::Instructions { .. }),
+                "{peer} was told to change"
+            );
+        }
+    }
+    // A peer resuming once the channel runs again is placed like a joiner.
+    next.handle(
+        Event::Resume {
+            peer: PeerId(99),
+            upload_kbps: 2000,
+            region: h.dcm.peers[&PeerId(1)].region,
+            relay: false,
+        },
+        last + 2_000,
+    );
+    assert!(next.planner.plan(PeerId(99)).is_some());
+    assert!(!next.recovering());
+}
+
+#[test]
 fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_without_flapping() {
     let mut h = tiered_harness();
     let mut id = 0;
