@@ -75,7 +75,11 @@ async fn locate(
     State(state): State<AppState>,
     Query(q): Query<LocateQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let runs_here = state.channel(&q.channel).is_some();
+    let local = state.channel(&q.channel);
+    let runs_here = local.is_some();
+    // The newest packet this node has cut: a peer whose server failed learns from it which
+    // packets exist while it has no control connection (and fetches what its parents miss).
+    let live_seq = local.and_then(|c| c.live_position()).map(|p| p.1);
     #[cfg(feature = "cluster")]
     if let Some(cluster) = state.cluster() {
         return match cluster.place(&q.channel, runs_here).await {
@@ -83,10 +87,11 @@ async fn locate(
                 "url": cluster.url(),
                 "dcm": q.channel,
                 "node": cluster.node_id(),
+                "live_seq": live_seq,
             }))),
-            crate::cluster::Placement::There { url } => {
-                Ok(Json(json!({ "url": url, "dcm": q.channel })))
-            }
+            crate::cluster::Placement::There { url } => Ok(Json(
+                json!({ "url": url, "dcm": q.channel, "live_seq": live_seq }),
+            )),
             crate::cluster::Placement::Unavailable(message) => {
                 Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, message))
             }
@@ -95,7 +100,9 @@ async fn locate(
     if !runs_here {
         return Err(not_found(format!("no channel named {:?}", q.channel)));
     }
-    Ok(Json(json!({ "url": "", "dcm": q.channel })))
+    Ok(Json(
+        json!({ "url": "", "dcm": q.channel, "live_seq": live_seq }),
+    ))
 }
 
 /// The cluster as this node sees it: nodes, their load and the DCMs each owns, and this node's

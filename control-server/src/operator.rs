@@ -73,7 +73,11 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 
 /// Paths an embedded player loads from another origin.
 pub fn embeddable_path(path: &str) -> bool {
-    if matches!(path, "/player.js" | "/player.js.map" | "/player.d.ts") || path.starts_with("/pkg/")
+    // `/api/locate`: a peer of a cluster asks any node where its channel's DCM runs now.
+    if matches!(
+        path,
+        "/player.js" | "/player.js.map" | "/player.d.ts" | "/api/locate"
+    ) || path.starts_with("/pkg/")
     {
         return true;
     }

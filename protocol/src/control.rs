@@ -163,7 +163,10 @@ pub enum ServerMsg {
     },
     /// This server does not run the peer's DCM: connect to `url` (a server's base URL) and join
     /// there. The connection is closed after this message.
-    Redirect { url: String, dcm: String },
+    Redirect {
+        url: String,
+        dcm: String,
+    },
 }
 
 /// A peer's claim to its earlier place, presented when it reconnects.

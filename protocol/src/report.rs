@@ -61,6 +61,13 @@ pub struct PeerReport {
     /// control center.
     #[serde(default)]
     pub links_failed: u64,
+    /// Cluster mode: times the control connection was re-established on a server of the
+    /// cluster (after a failover or a drain), keeping the peer's id and links.
+    #[serde(default)]
+    pub control_resumes: u64,
+    /// The server the control connection is open to (base URL).
+    #[serde(default)]
+    pub control_server: String,
     #[serde(default)]
     pub heartbeat_bytes: u64,
     /// Tier of the peer (`preferred`, `middle`, `bottom`); `None` on a flat channel.

@@ -340,8 +340,11 @@ impl World {
             ServerMsg::LiveEdge { seq } => self.feed(i, Input::LiveEdge { seq }),
             ServerMsg::Error { .. } => self.totals.server_errors += 1,
             // Signals are not simulated (links are set up directly); relays are not recruited
-            // across channels in a one-channel run.
-            ServerMsg::Signal { .. } | ServerMsg::Recruit { .. } => {}
+            // across channels in a one-channel run; the simulated control center is one server.
+            ServerMsg::Signal { .. }
+            | ServerMsg::Recruit { .. }
+            | ServerMsg::Cluster { .. }
+            | ServerMsg::Redirect { .. } => {}
         }
     }
 

@@ -9,6 +9,8 @@
 //!   file, checked and described before the run.
 //! * [`wait`] — [`wait::wait_until`]: poll a condition until a deadline
 //!   instead of sleeping a fixed time.
+//! * [`cluster`] — a real etcd and control-server processes joined to it
+//!   (issue 12), to kill, stop and restart.
 //! * [`compare`] — `cargo xtask compare`: our swarm against P2P Media Loader on the
 //!   same source, measured the same way.
 //! * [`console`] — the console errors a test expects; every browser test
@@ -19,6 +21,7 @@
 //! `cargo test -p e2e -- --ignored --test-threads=1`.
 
 pub mod cdp;
+pub mod cluster;
 pub mod compare;
 pub mod console;
 pub mod source;

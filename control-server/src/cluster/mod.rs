@@ -192,14 +192,15 @@ pub async fn connect(config: ClusterConfig) -> Result<Arc<Cluster>, ClusterError
         draining: std::sync::atomic::AtomicBool::new(false),
         config,
     });
-    cluster.announce(&NodeRecord {
-        url: cluster.config.advertise_url.clone(),
-        peers: 0,
-        owned: 0,
-        heartbeats_per_s: 0,
-        cpu_percent: 0,
-    })
-    .await?;
+    cluster
+        .announce(&NodeRecord {
+            url: cluster.config.advertise_url.clone(),
+            peers: 0,
+            owned: 0,
+            heartbeats_per_s: 0,
+            cpu_percent: 0,
+        })
+        .await?;
     tracing::info!(node = %cluster.config.node_id, url = %cluster.config.advertise_url, lease, "joined the cluster");
     Ok(cluster)
 }
@@ -494,7 +495,10 @@ impl Cluster {
         loop {
             let mut c = self.client.clone();
             let all = self.keys.all();
-            let snapshot = match c.get(all.clone(), Some(GetOptions::new().with_prefix())).await {
+            let snapshot = match c
+                .get(all.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     self.counters.etcd_errors.fetch_add(1, Ordering::Relaxed);
@@ -545,9 +549,7 @@ impl Cluster {
                     let Ok(key) = kv.key_str() else { continue };
                     let mut v = self.view();
                     changes.extend(match ev.event_type() {
-                        EventType::Put => {
-                            v.put(&self.keys, key, kv.value(), kv.create_revision())
-                        }
+                        EventType::Put => v.put(&self.keys, key, kv.value(), kv.create_revision()),
                         EventType::Delete => v.delete(&self.keys, key),
                     });
                 }

@@ -94,9 +94,7 @@ impl View {
     /// The load order of live nodes: fewest peers, then fewest DCMs, then by id.
     fn by_load(&self) -> Vec<(&String, &NodeRecord)> {
         let mut v: Vec<_> = self.nodes.iter().collect();
-        v.sort_by(|a, b| {
-            (a.1.peers, a.1.owned, a.0).cmp(&(b.1.peers, b.1.owned, b.0))
-        });
+        v.sort_by(|a, b| (a.1.peers, a.1.owned, a.0).cmp(&(b.1.peers, b.1.owned, b.0)));
         v
     }
 
@@ -117,7 +115,13 @@ impl View {
     }
 
     /// A key was created or changed.
-    pub fn put(&mut self, keys: &Keys, key: &str, value: &[u8], create_revision: i64) -> Vec<Change> {
+    pub fn put(
+        &mut self,
+        keys: &Keys,
+        key: &str,
+        value: &[u8],
+        create_revision: i64,
+    ) -> Vec<Change> {
         match keys.parse(key) {
             Some(Key::Node(id)) => {
                 if let Ok(n) = serde_json::from_slice::<NodeRecord>(value) {

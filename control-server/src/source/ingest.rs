@@ -138,7 +138,12 @@ pub async fn run_looped(channel: Arc<Channel>, clip: LoopedClip, start_ms: u64) 
             return;
         }
         channel
-            .publish_fragment_at(&mut packetizer, &bytes, frag.starts_with_keyframe, created_ms)
+            .publish_fragment_at(
+                &mut packetizer,
+                &bytes,
+                frag.starts_with_keyframe,
+                created_ms,
+            )
             .await;
         i += 1;
         if i as u64 == n {

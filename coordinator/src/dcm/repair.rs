@@ -87,6 +87,23 @@ impl Dcm {
         if !self.bridges.is_empty() {
             self.bridges.on_heartbeat(peer, &hb.parents);
         }
+        if self.recovery_deadline.is_some() {
+            // Taking over from another server, which knew whom the origin fed: the peers say
+            // it. The origin feeds them again at once, not only once the trees are rebuilt.
+            let pushes: Vec<super::planner::Push> = hb
+                .parents
+                .iter()
+                .filter(|l| l.parent == protocol::Source::Origin && l.substream < self.k)
+                .map(|l| super::planner::Push::Data {
+                    substream: l.substream,
+                })
+                .collect();
+            if pushes.is_empty() {
+                self.origin_fed.remove(&peer);
+            } else {
+                self.origin_fed.insert(peer, pushes);
+            }
+        }
         self.view.ingest(hb, arrived);
         if self.recovering() {
             // Collecting the view only; links are judged once the topology is rebuilt.

@@ -766,7 +766,11 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
     assert_eq!(stats.links_kept, stats.links_reported, "every link kept");
     // Each peer got the manifests a joiner gets, and nobody got instructions.
     while let Some(out) = next.poll_output() {
-        if let Output::Send { peer, msg: OutMsg::Msg(m) } = out {
+        if let Output::Send {
+            peer,
+            msg: OutMsg::Msg(m),
+        } = out
+        {
             assert!(
                 !matches!(*m, ServerMsg::Instructions { .. }),
                 "{peer} was told to change"

@@ -74,7 +74,31 @@ const TICK_MS: i32 = 50;
 struct Welcome {
     heartbeat_ms: f64,
     packet_url: String,
+    /// `packet_url` without the server's base URL (it moves with the peer in a cluster).
+    packet_path: String,
     stream_kbps: u32,
+}
+
+/// Cluster mode (issue 12): what the peer needs to find its DCM again when its server fails.
+struct ClusterInfo {
+    resume_token: String,
+    /// The cluster's servers (base URLs), where the locator is asked.
+    nodes: Vec<String>,
+}
+
+/// Reconnection after the control connection dropped (cluster mode) or a redirect.
+#[derive(Default)]
+struct Reconnect {
+    /// Set by a redirect: connect there next, without asking the locator.
+    redirect_to: Option<String>,
+    /// The server whose connection dropped (not taken back from the locator while it still
+    /// names it: its lease has not expired yet).
+    failed: Option<String>,
+    attempt: u32,
+    /// Bumped by each new reconnection loop, so a stale one stops.
+    generation: u64,
+    /// Times the control connection was re-established.
+    resumed: u64,
 }
 
 /// A download session's own state (claim 1: the page receives a file beside the live channel).
@@ -121,6 +145,9 @@ struct Inner {
     download: Option<Download>,
     /// Sessions for other channels this peer was recruited to relay (claims 19, 43).
     relays: Vec<(String, Rc<RefCell<Inner>>)>,
+    /// Set in cluster mode.
+    cluster: Option<ClusterInfo>,
+    reconnect: Reconnect,
 }
 
 #[wasm_bindgen]
@@ -346,6 +373,8 @@ impl Inner {
                 ice_servers,
                 download,
                 relays: Vec::new(),
+                cluster: None,
+                reconnect: Reconnect::default(),
             })
         })
     }
@@ -387,6 +416,7 @@ impl Inner {
                     network: i.opts.network.clone(),
                     companion: i.download.as_ref().map(|d| d.companion),
                     relay_token: i.opts.relay_token.clone(),
+                    resume: i.resume_claim(),
                 };
                 i.send_ctrl(&join);
             })
@@ -421,7 +451,7 @@ impl Inner {
                 .dyn_into::<CloseEvent>()
                 .map(|c| format!("control connection closed ({}): {}", c.code(), c.reason()))
                 .unwrap_or_else(|_| "control connection closed".into());
-            with(&me, |i| i.error(reason));
+            with(&me, |i| i.on_ws_closed(reason));
         });
         ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
         ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -492,6 +522,23 @@ impl Inner {
                 fragment_ms,
                 ..
             } => {
+                if let Some(w) = self.welcome.as_mut() {
+                    // Back after a failover or a redirect: the stream, the player and the links
+                    // go on as they were; only the server changed.
+                    if self.engine.peer_id() == Some(peer_id) {
+                        w.packet_url = format!("{}{}", self.base_url, w.packet_path);
+                        self.reconnect.attempt = 0;
+                        self.reconnect.failed = None;
+                        self.reconnect.resumed += 1;
+                        // Our links, at once: the new DCM rebuilds the trees from them.
+                        self.last_heartbeat = 0.0;
+                    } else {
+                        self.error(format!(
+                            "the server gave this peer a new id ({peer_id}); reload to rejoin"
+                        ));
+                    }
+                    return;
+                }
                 if let Some(ms) = fragment_ms {
                     self.engine.set_fragment_hint(f64::from(ms));
                 }
@@ -520,6 +567,7 @@ impl Inner {
                 self.welcome = Some(Welcome {
                     heartbeat_ms: f64::from(heartbeat_ms),
                     packet_url: format!("{}{}", self.base_url, packet_url),
+                    packet_path: packet_url,
                     stream_kbps,
                 });
                 if let Some(video) = self.video.clone() {
@@ -583,6 +631,128 @@ impl Inner {
                 relay_token,
                 upload_kbps,
             } => self.start_relay(channel, relay_token, upload_kbps),
+            ServerMsg::Cluster {
+                resume_token,
+                nodes,
+                ..
+            } => {
+                self.cluster = Some(ClusterInfo {
+                    resume_token,
+                    nodes: nodes
+                        .into_iter()
+                        .map(|n| n.trim_end_matches('/').to_string())
+                        .collect(),
+                })
+            }
+            // The connection closes next; `on_ws_closed` connects there.
+            ServerMsg::Redirect { url, .. } => {
+                self.reconnect.redirect_to = Some(url.trim_end_matches('/').to_string())
+            }
+        }
+    }
+
+    /// The claim a reconnecting peer presents: its id and the cluster's token for it.
+    fn resume_claim(&self) -> Option<protocol::Resume> {
+        let c = self.cluster.as_ref()?;
+        Some(protocol::Resume {
+            peer: self.engine.peer_id()?,
+            token: c.resume_token.clone(),
+        })
+    }
+
+    /// The control connection closed. A lone server's peer reports it; in a cluster (or after a
+    /// redirect) the peer finds its DCM's server and reconnects, while its data channels and
+    /// player go on (fallback fetches go to another node meanwhile: every node cuts the same
+    /// packets).
+    fn on_ws_closed(&mut self, reason: String) {
+        self.ws = None;
+        if self.destroyed {
+            return;
+        }
+        if let Some(url) = self.reconnect.redirect_to.take() {
+            // Not from inside this socket's own close handler, which `connect` replaces.
+            let me = self.me.clone();
+            wasm_bindgen_futures::spawn_local(async move {
+                with(&me, |i| i.reconnect_to(url));
+            });
+            return;
+        }
+        let Some(c) = &self.cluster else {
+            self.error(reason);
+            return;
+        };
+        web_sys::console::warn_1(&JsValue::from_str(&format!(
+            "{reason}; finding the channel's server again"
+        )));
+        let failed = self.base_url.clone();
+        // Fetch from another node until we know where to go.
+        if let Some(other) = c.nodes.iter().find(|n| **n != failed).cloned() {
+            if let Some(w) = self.welcome.as_mut() {
+                w.packet_url = format!("{other}{}", w.packet_path);
+            }
+        }
+        self.reconnect.failed = Some(failed);
+        self.reconnect.generation += 1;
+        self.locate_later(self.reconnect.generation);
+    }
+
+    /// Asks the cluster's locator where the channel's DCM runs now, after a jittered backoff,
+    /// and reconnects there; tries again until it answers a live server.
+    fn locate_later(&mut self, generation: u64) {
+        let Some(c) = &self.cluster else { return };
+        let attempt = self.reconnect.attempt;
+        self.reconnect.attempt += 1;
+        // 250 ms doubling to 1 s, each ±50 %: a failed server's peers do not all come at once,
+        // and each answer also brings the live edge (see below).
+        let base = (250.0 * 2f64.powi(attempt.min(2) as i32)).min(1000.0);
+        let delay = base * (0.5 + js_sys::Math::random());
+        // Other nodes first, in turn; the failed one too, last (it may have been a blip).
+        let failed = self.reconnect.failed.clone().unwrap_or_default();
+        let mut nodes: Vec<String> = c.nodes.iter().filter(|n| **n != failed).cloned().collect();
+        nodes.push(failed.clone());
+        let node = nodes[attempt as usize % nodes.len()].clone();
+        let url = format!(
+            "{node}/api/locate?channel={}",
+            String::from(js_sys::encode_uri_component(&self.opts.channel))
+        );
+        let me = self.me.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            crate::web::rtc::sleep_ms(delay as i32).await;
+            let answer = match fetch_bytes(&url).await {
+                Fetched::Bytes(b) => serde_json::from_slice::<serde_json::Value>(&b).ok(),
+                _ => None,
+            };
+            let found = answer
+                .as_ref()
+                .and_then(|v| v.get("url")?.as_str().map(String::from));
+            let live_seq = answer.as_ref().and_then(|v| v.get("live_seq")?.as_u64());
+            with(&me, |i| {
+                if i.reconnect.generation != generation || i.ws.is_some() {
+                    return;
+                }
+                // Without a control connection no live-edge notice comes: the locator's tells
+                // the engine which packets exist, so it fetches what its parents fail to bring.
+                if let Some(seq) = live_seq {
+                    i.feed(Input::LiveEdge { seq });
+                }
+                match found {
+                    // A lone server answers "" for itself.
+                    Some(u) if u.is_empty() => i.reconnect_to(node),
+                    // The locator still names the failed server until its lease expires.
+                    Some(u) if u.trim_end_matches('/') != failed || i.reconnect.attempt > 6 => {
+                        i.reconnect_to(u.trim_end_matches('/').to_string())
+                    }
+                    _ => i.locate_later(generation),
+                }
+            });
+        });
+    }
+
+    fn reconnect_to(&mut self, url: String) {
+        self.base_url = url;
+        self.ws_closures.clear();
+        if let Err(e) = self.connect() {
+            self.error(e);
         }
     }
 
@@ -968,6 +1138,8 @@ impl Inner {
             past_links: self.engine.past_links(),
             heartbeats_sent: self.heartbeats_sent,
             links_failed: self.links_failed,
+            control_resumes: self.reconnect.resumed,
+            control_server: self.base_url.clone(),
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),
             region: self.engine.tier_plan().map(|t| t.region.clone()),
