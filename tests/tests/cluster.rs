@@ -27,7 +27,7 @@ const HEARTBEAT_MS: u64 = 1000;
 const VIEWERS: usize = 6;
 
 struct Cluster {
-    _etcd: Etcd,
+    etcd: Etcd,
     nodes: Vec<Node>,
     _browser: Browser,
     pages: Vec<Page>,
@@ -97,7 +97,7 @@ impl Cluster {
         }
         Ok((
             Cluster {
-                _etcd: etcd,
+                etcd,
                 nodes,
                 _browser: browser,
                 pages,
@@ -173,6 +173,15 @@ impl Cluster {
         }
         errors
     }
+}
+
+/// The newest packet `node` has cut of channel demo.
+async fn live_seq(node: &Node) -> Result<u64> {
+    node.get_json("/api/channels").await?["channels"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["id"] == "demo"))
+        .and_then(|c| c["live_seq"].as_u64())
+        .with_context(|| format!("node {}'s live edge", node.id))
 }
 
 /// The links (peer, substream, parent) of a topology snapshot's JSON.
@@ -318,11 +327,7 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
         links_before.len()
     );
     // Every viewer verifies past what was cut when it resumed, byte-exact, without a stall.
-    let edge = cluster.nodes[new_owner].get_json("/api/channels").await?["channels"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["id"] == "demo"))
-        .and_then(|c| c["live_seq"].as_u64())
-        .context("the new owner's live edge")?;
+    let edge = live_seq(&cluster.nodes[new_owner]).await?;
     let after = wait_until(
         "every viewer to verify past the failover",
         Duration::from_secs(15),
@@ -383,6 +388,18 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
     .await?;
     let _ = resumed;
     println!("{how}: P2P share after the failover {share:.2}");
+    if how == "term" {
+        // Make-before-break: the peers moved before their server went, with no gap to fetch.
+        let fetched: u64 = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a.origin_fallbacks - b.origin_fallbacks)
+            .sum();
+        ensure!(
+            fetched == 0,
+            "{fetched} fallback fetches while the stopped node handed over"
+        );
+    }
     let errors = cluster.unexpected_errors(&owner_url);
     ensure!(errors.is_empty(), "unexpected console errors: {errors:#?}");
     Ok(())
@@ -391,8 +408,18 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd, Chromium and the built wasm package; run by cargo xtask test"]
 async fn a_killed_node_s_dcm_is_taken_over_and_its_viewers_play_on() -> Result<()> {
+    run("kill").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd, Chromium and the built wasm package; run by cargo xtask test"]
+async fn a_stopped_node_hands_its_dcm_over_before_it_goes() -> Result<()> {
+    run("term").await
+}
+
+async fn run(how: &str) -> Result<()> {
     let (mut cluster, owner) = Cluster::start().await?;
-    let result = fail_over(&mut cluster, owner, "kill").await;
+    let result = fail_over(&mut cluster, owner, how).await;
     if result.is_err() {
         if let Ok(reports) = cluster.stats().await {
             for (i, r) in reports.iter().enumerate() {
@@ -413,4 +440,88 @@ async fn a_killed_node_s_dcm_is_taken_over_and_its_viewers_play_on() -> Result<(
     }
     drop(cluster);
     result
+}
+
+/// Which nodes say they own channel demo's DCM.
+async fn owners(cluster: &Cluster) -> Result<Vec<String>> {
+    let mut owners = Vec::new();
+    for n in cluster.nodes.iter().filter(|n| n.alive()) {
+        let v = n.cluster_view().await?;
+        if v["owned"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|d| d == "demo"))
+        {
+            owners.push(n.id.clone());
+        }
+    }
+    Ok(owners)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd, Chromium and the built wasm package; run by cargo xtask test"]
+async fn viewers_play_on_while_etcd_is_down_and_the_cluster_heals() -> Result<()> {
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let (mut cluster, owner) = Cluster::start().await?;
+    let before = wait_until(
+        "a settled swarm",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        async || cluster.settled(&cluster.nodes[owner]).await,
+    )
+    .await?;
+    cluster.etcd.kill().await;
+    let down_at = Instant::now();
+    // Nodes keep serving what they own; nobody takes anything over.
+    while down_at.elapsed() < OUTAGE {
+        let o = owners(&cluster).await?;
+        ensure!(
+            o == vec![cluster.nodes[owner].id.clone()],
+            "with etcd down, demo is owned by {o:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mid = cluster.stats().await?;
+    let edge_mid = live_seq(&cluster.nodes[owner]).await?;
+    cluster.etcd.restart().await?;
+    let back_at = Instant::now();
+    wait_until(
+        "every node to answer the owner again",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        async || {
+            for n in &cluster.nodes {
+                let url = n.locate("demo").await?;
+                ensure!(url == cluster.nodes[owner].url, "{} answers {url}", n.id);
+                let v = n.cluster_view().await?;
+                let seen = v["nodes"].as_array().map_or(0, Vec::len);
+                ensure!(seen == 3, "node {} sees {seen} nodes", n.id);
+            }
+            let o = owners(&cluster).await?;
+            ensure!(o.len() == 1, "demo owned by {o:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    println!(
+        "etcd back: the cluster answered again after {} ms",
+        back_at.elapsed().as_millis()
+    );
+    let after = cluster.stats().await?;
+    for (i, ((b, m), a)) in before.iter().zip(&mid).zip(&after).enumerate() {
+        // Verified up to within a few fragments of what the origin had cut by the end.
+        let end = m.verified_first_seq.unwrap_or(0) + m.verified_count;
+        ensure!(
+            end + 20 >= edge_mid && a.verified_count >= m.verified_count,
+            "viewer {i} did not keep up while etcd was down: verified up to {end} of \
+             {edge_mid}"
+        );
+        ensure!(a.stalls == b.stalls, "viewer {i} stalled");
+        ensure!(
+            cluster.matches(&cluster.nodes[owner], a).await?,
+            "viewer {i}'s bytes differ from the origin's"
+        );
+    }
+    let errors = cluster.unexpected_errors("no node died");
+    ensure!(errors.is_empty(), "unexpected console errors: {errors:#?}");
+    Ok(())
 }
