@@ -125,6 +125,7 @@ async fn cluster_view(State(state): State<AppState>) -> Json<serde_json::Value> 
             "redirects": c.redirects.load(Ordering::Relaxed),
             "failovers": {
                 "lease_expired": c.failovers_lease.load(Ordering::Relaxed),
+                "handover": c.failovers_handover.load(Ordering::Relaxed),
                 "fenced": c.failovers_fenced.load(Ordering::Relaxed),
                 "drain": c.failovers_drain.load(Ordering::Relaxed),
             },

@@ -826,7 +826,54 @@ pub async fn render(state: &AppState) -> String {
         "Tree links whose child heard nothing from its parent for 3 s, per the child's last heartbeat.",
         &per(&|t| u64::from(t.lagging_links)),
     );
+    #[cfg(feature = "cluster")]
+    cluster_families(&mut e, state);
     e.0
+}
+
+/// Cluster mode (issue 12): the nodes this node sees, the logical DCMs each owns, this node's
+/// failovers by cause and its redirects. Absent on a lone server.
+#[cfg(feature = "cluster")]
+fn cluster_families(e: &mut Exposition, state: &AppState) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(cluster) = state.cluster() else {
+        return;
+    };
+    let nodes = cluster.nodes();
+    e.family(
+        "p2p_cluster_nodes",
+        "gauge",
+        "Live nodes of the cluster, as this node sees them in etcd.",
+        &[(String::new(), nodes.len() as u64)],
+    );
+    let owned: Vec<(String, u64)> = nodes
+        .iter()
+        .map(|(id, (_, dcms))| (format!("node=\"{}\"", esc(id)), dcms.len() as u64))
+        .collect();
+    e.family(
+        "p2p_dcm_owned",
+        "gauge",
+        "Logical DCMs each node owns (under its lease).",
+        &owned,
+    );
+    let c = &cluster.counters;
+    e.family(
+        "p2p_failovers_total",
+        "counter",
+        "DCMs this node took over (lease_expired: its owner died; handover: its owner was stopped), released to another owner (fenced) or handed over when stopped (drain).",
+        &[
+            ("cause=\"lease_expired\"".into(), c.failovers_lease.load(Relaxed)),
+            ("cause=\"handover\"".into(), c.failovers_handover.load(Relaxed)),
+            ("cause=\"fenced\"".into(), c.failovers_fenced.load(Relaxed)),
+            ("cause=\"drain\"".into(), c.failovers_drain.load(Relaxed)),
+        ],
+    );
+    e.family(
+        "p2p_redirects_total",
+        "counter",
+        "Peers this node sent to the node that owns their channel's DCM.",
+        &[(String::new(), c.redirects.load(Relaxed))],
+    );
 }
 
 #[cfg(test)]

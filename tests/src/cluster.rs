@@ -266,6 +266,18 @@ impl Node {
             .context("locate answered no url")
     }
 
+    /// `GET /metrics` of this node (Prometheus text).
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::Client::new()
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(OPERATOR_TOKEN)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// `GET path` on this node, as JSON (with the operator token).
     pub async fn get_json(&self, path: &str) -> Result<Value> {
         Ok(reqwest::Client::new()

@@ -220,6 +220,12 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
         async || cluster.settled(&cluster.nodes[owner]).await,
     )
     .await?;
+    for (i, r) in before.iter().enumerate().filter(|(_, r)| r.decoding) {
+        println!(
+            "{how}: viewer {i} plays at {:.2} s with {:.2} s buffered",
+            r.current_time, r.buffer_s
+        );
+    }
     let topo_before = cluster.nodes[owner]
         .get_json("/api/channels/demo/topology")
         .await?;
@@ -367,8 +373,9 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         ensure!(
             a.stalls == b.stalls,
-            "viewer {i} stalled {} times",
-            a.stalls - b.stalls
+            "viewer {i} stalled {} times: {:?}",
+            a.stalls - b.stalls,
+            a.errors
         );
     }
     // The swarm carries the stream again: P2P share ≥ 0.8 over 3 s, within 10 s of resuming.
@@ -400,6 +407,38 @@ async fn fail_over(cluster: &mut Cluster, owner: usize, how: &str) -> Result<()>
             "{fetched} fallback fetches while the stopped node handed over"
         );
     }
+    // Operators see it: the failover by its cause, two nodes left, the redirects.
+    let cause = if how == "kill" {
+        "lease_expired"
+    } else {
+        "handover"
+    };
+    wait_until(
+        "the new owner's /metrics to show the failover",
+        Duration::from_secs(10),
+        Duration::from_millis(250),
+        async || {
+            let m = cluster.nodes[new_owner].metrics().await?;
+            for want in [
+                format!("p2p_failovers_total{{cause=\"{cause}\"}} 1"),
+                "p2p_cluster_nodes 2".to_string(),
+                format!(
+                    "p2p_dcm_owned{{node=\"{}\"}} 1",
+                    cluster.nodes[new_owner].id
+                ),
+            ] {
+                ensure!(m.contains(&want), "no {want:?} in /metrics");
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let mut redirects = 0;
+    for n in cluster.nodes.iter().filter(|n| n.alive()) {
+        let v = n.cluster_view().await?;
+        redirects += v["redirects"].as_u64().unwrap_or(0);
+    }
+    ensure!(redirects > 0, "no node counted a redirect");
     let errors = cluster.unexpected_errors(&owner_url);
     ensure!(errors.is_empty(), "unexpected console errors: {errors:#?}");
     Ok(())

@@ -14,6 +14,7 @@
 mod bench_heartbeats;
 mod bench_topology;
 mod build;
+mod cluster_demo;
 mod compare;
 mod fuzz;
 mod sim;
@@ -31,8 +32,8 @@ use clap::{Parser, Subcommand};
 
 use crate::build::build_wasm;
 use crate::tools::{
-    ensure_chromium, ensure_ffmpeg, ensure_wasm_bindgen, ensure_wasm_pack, ensure_wasm_target,
-    wasm_pack_bin, CHROMEDRIVER,
+    ensure_chromium, ensure_etcd, ensure_ffmpeg, ensure_protoc, ensure_wasm_bindgen,
+    ensure_wasm_pack, ensure_wasm_target, wasm_pack_bin, CHROMEDRIVER,
 };
 use crate::util::{cargo, repo_root, run};
 
@@ -54,6 +55,11 @@ enum Cmd {
         /// Address for the control server to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Run N control-server nodes on consecutive ports from --listen, joined through a local
+        /// etcd (Debian's etcd-server, installed if missing) started on port + 100: the cluster
+        /// mode of issue 12.
+        #[arg(long, value_name = "N")]
+        cluster: Option<u16>,
         /// More control-server options after `--`, e.g. `cargo xtask demo -- --hierarchy` or
         /// `-- --topology docs/topology.example.toml` (see `control-server --help`).
         #[arg(last = true)]
@@ -176,8 +182,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Demo {
             listen,
+            cluster,
             server_args,
-        } => demo(listen, &server_args),
+        } => demo(listen, cluster, &server_args),
         Cmd::Test => test(),
         Cmd::Build => ensure_wasm_target()
             .and_then(|()| ensure_wasm_bindgen())
@@ -323,12 +330,17 @@ fn disk_free_note() -> String {
     }
 }
 
-fn demo(listen: SocketAddr, server_args: &[String]) -> Result<()> {
+fn demo(listen: SocketAddr, cluster: Option<u16>, server_args: &[String]) -> Result<()> {
+    ensure_protoc()?;
     ensure_wasm_target()?;
     ensure_wasm_bindgen()?;
     build_wasm()?;
     web::build_web()?;
     let web = repo_root().join("web");
+    if let Some(n) = cluster {
+        ensure_etcd()?;
+        return cluster_demo::run_cluster(n, listen, &web, server_args);
+    }
     println!("\nOpen http://{listen}/ in two tabs\n");
     run(cargo()
         .args(["run", "--release", "-p", "control-server", "--", "--listen"])
@@ -382,12 +394,20 @@ const FUZZ_TEST_SECONDS: u64 = 15;
 
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(14);
+    let mut steps = Steps::new(16);
     // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
     steps.run("formatting: cargo fmt --all -- --check", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
             .context("code is not formatted: run `cargo fmt --all` and commit the result")
     })?;
+    // The control server's build needs protoc (etcd-client), so before the first build.
+    steps.run(
+        "protoc (etcd-client's build) and etcd (cluster tests)",
+        || {
+            ensure_protoc()?;
+            ensure_etcd()
+        },
+    )?;
     steps.run(
         "lints: cargo clippy --workspace --all-targets -- -D warnings",
         || {
@@ -445,6 +465,10 @@ fn test() -> Result<()> {
                 .arg("peer-wasm")
                 .env("WASM_BINDGEN_TEST_TIMEOUT", "120"))
         },
+    )?;
+    steps.run(
+        "the control-server binary (the cluster tests run nodes as processes)",
+        || run(cargo().args(["build", "-p", "control-server"])),
     )?;
     steps.run(
         "e2e tests in Chromium: cargo test -p e2e -- --ignored",

@@ -294,6 +294,30 @@ pub fn ensure_ffmpeg() -> Result<()> {
     Ok(())
 }
 
+/// Where Debian's protobuf-compiler puts protoc: etcd-client's build compiles etcd's protobuf
+/// definitions with it (the control server's `cluster` feature).
+pub const PROTOC: &str = "/usr/bin/protoc";
+
+/// Where Debian's etcd-server puts etcd: the cluster tests and `demo --cluster` run it.
+pub const ETCD: &str = "/usr/bin/etcd";
+
+/// Makes sure protoc is installed (via apt when running as root on Debian): needed to build the
+/// control server at all, so every command that builds it calls this first.
+pub fn ensure_protoc() -> Result<()> {
+    ensure_debian_programs(&[(PROTOC, "protobuf-compiler")])?;
+    let v = output(Command::new(PROTOC).arg("--version")).unwrap_or_default();
+    println!("{PROTOC}: {}", v.trim());
+    Ok(())
+}
+
+/// Makes sure etcd is installed (Debian's etcd-server, 3.4).
+pub fn ensure_etcd() -> Result<()> {
+    ensure_debian_programs(&[(ETCD, "etcd-server")])?;
+    let v = output(Command::new(ETCD).arg("--version")).unwrap_or_default();
+    println!("{ETCD}: {}", v.lines().next().unwrap_or("").trim());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,9 @@
 //!   [`OwnerRecord`]. The key's create revision is the owner's fencing token.
 //! * `{prefix}/start/{channel}`: when a looped channel's timeline began (ms since the Unix
 //!   epoch), so that every node cuts the same packets with the same numbers. Not leased.
+//! * `{prefix}/handover/{dcm}`: written by a stopping owner in the transaction that gives the
+//!   DCM up, and deleted by the claim that takes it: the claimer learns that it took the DCM
+//!   over from a live owner, not from one whose lease expired.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,7 @@ pub enum Key {
     Node(String),
     Dcm(String),
     Start(String),
+    Handover(String),
 }
 
 /// The key layout under one prefix.
@@ -74,6 +78,10 @@ impl Keys {
         format!("{}/start/{channel}", self.prefix)
     }
 
+    pub fn handover(&self, dcm: &str) -> String {
+        format!("{}/handover/{dcm}", self.prefix)
+    }
+
     /// What `key` names, if it is one of ours.
     pub fn parse(&self, key: &str) -> Option<Key> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
@@ -85,6 +93,7 @@ impl Keys {
             "nodes" => Some(Key::Node(name.to_string())),
             "dcm" => Some(Key::Dcm(name.to_string())),
             "start" => Some(Key::Start(name.to_string())),
+            "handover" => Some(Key::Handover(name.to_string())),
             _ => None,
         }
     }

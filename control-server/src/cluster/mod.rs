@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use protocol::PeerId;
 use thiserror::Error;
@@ -102,6 +102,8 @@ pub struct ClusterCounters {
     pub redirects: AtomicU64,
     /// DCMs this node took over after their owner's lease expired.
     pub failovers_lease: AtomicU64,
+    /// DCMs this node took over from a live owner that handed them over (it was stopped).
+    pub failovers_handover: AtomicU64,
     /// DCMs this node released because it lost its lease or another node owned them.
     pub failovers_fenced: AtomicU64,
     /// DCMs this node handed over when it was stopped (SIGTERM).
@@ -293,13 +295,18 @@ impl Cluster {
             url: self.config.advertise_url.clone(),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
+        let marker = self.keys.handover(dcm);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(self.lease())),
-            )])
+            .and_then([
+                TxnOp::put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(self.lease())),
+                ),
+                // A stopping owner left this: the DCM is taken over, not orphaned by a death.
+                TxnOp::delete(marker, Some(DeleteOptions::new().with_prev_key())),
+            ])
             .or_else([TxnOp::get(key.clone(), None)]);
         let mut c = self.client.clone();
         let resp = c.txn(txn).await.inspect_err(|_| {
@@ -307,9 +314,28 @@ impl Cluster {
         })?;
         if resp.succeeded() {
             let token = resp.header().map_or(0, |h| h.revision());
-            self.view().set_owner(dcm, record, token);
+            let handed_over = resp.op_responses().iter().any(|op| {
+                matches!(op, etcd_client::TxnOpResponse::Delete(d) if !d.prev_kvs().is_empty())
+            });
+            let orphaned = {
+                let mut v = self.view();
+                v.set_owner(dcm, record, token);
+                v.take_orphaned(dcm)
+            };
             self.counters.claims.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(dcm, token, "claimed the DCM");
+            if handed_over {
+                self.counters
+                    .failovers_handover
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(dcm, token, "took over a DCM its owner handed over");
+            } else if orphaned {
+                self.counters
+                    .failovers_lease
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(dcm, token, "took over a DCM whose owner's lease expired");
+            } else {
+                tracing::info!(dcm, token, "claimed the DCM");
+            }
             return Ok(None);
         }
         for op in resp.op_responses() {
@@ -575,10 +601,8 @@ impl Cluster {
                         if me.view().owner(&dcm).is_some() {
                             return;
                         }
-                        if let Ok(None) = me.claim(&dcm).await {
-                            me.counters.failovers_lease.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(dcm, "took over a DCM whose owner's lease expired");
-                        }
+                        // Counted as a failover by `claim` when this node wins.
+                        let _ = me.claim(&dcm).await;
                     });
                 }
             }
@@ -601,7 +625,10 @@ impl Cluster {
                     CompareOp::Equal,
                     token,
                 )])
-                .and_then([TxnOp::delete(key, None)]);
+                .and_then([
+                    TxnOp::delete(key, None),
+                    TxnOp::put(self.keys.handover(&dcm), self.config.node_id.clone(), None),
+                ]);
             let mut c = self.client.clone();
             if let Err(e) = c.txn(txn).await {
                 tracing::warn!(dcm, "handing over: {e}");

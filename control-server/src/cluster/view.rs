@@ -12,8 +12,8 @@ pub enum Change {
     /// A DCM this node owned is no longer its own: release it, sending its peers to `url` (the
     /// new owner) when known.
     Lost { dcm: String, url: Option<String> },
-    /// Nobody owns `dcm` any more (its owner's lease expired or it was handed over): nodes that
-    /// run the channel race to claim it.
+    /// Nobody owns `dcm` any more (its owner's lease expired, or it handed the DCM over):
+    /// nodes that run the channel race to claim it.
     Orphaned { dcm: String },
 }
 
@@ -24,6 +24,8 @@ pub struct View {
     nodes: BTreeMap<String, NodeRecord>,
     /// Owner of each logical DCM and its fencing token (the key's create revision).
     owners: BTreeMap<String, (OwnerRecord, i64)>,
+    /// DCMs nobody owns since their owner went.
+    orphaned: std::collections::BTreeSet<String>,
 }
 
 impl View {
@@ -32,7 +34,13 @@ impl View {
             me: me.to_string(),
             nodes: BTreeMap::new(),
             owners: BTreeMap::new(),
+            orphaned: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Whether `dcm` was orphaned before this node claimed it: a failover to count.
+    pub fn take_orphaned(&mut self, dcm: &str) -> bool {
+        self.orphaned.remove(dcm)
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = (&String, &NodeRecord)> {
@@ -71,6 +79,9 @@ impl View {
     }
 
     pub fn set_owner(&mut self, dcm: &str, owner: OwnerRecord, token: i64) {
+        if owner.node != self.me {
+            self.orphaned.remove(dcm);
+        }
         self.owners.insert(dcm.to_string(), (owner, token));
     }
 
@@ -139,6 +150,9 @@ impl View {
                     .is_some_and(|(o, _)| o.node == self.me);
                 let lost = was_mine && owner.node != self.me;
                 let url = owner.url.clone();
+                if owner.node != self.me {
+                    self.orphaned.remove(&dcm);
+                }
                 self.owners.insert(dcm.clone(), (owner, create_revision));
                 if lost {
                     vec![Change::Lost {
@@ -149,7 +163,7 @@ impl View {
                     Vec::new()
                 }
             }
-            Some(Key::Start(_)) | None => Vec::new(),
+            Some(Key::Start(_) | Key::Handover(_)) | None => Vec::new(),
         }
     }
 
@@ -170,9 +184,12 @@ impl View {
                     },
                     Change::Orphaned { dcm },
                 ],
-                _ => vec![Change::Orphaned { dcm }],
+                _ => {
+                    self.orphaned.insert(dcm.clone());
+                    vec![Change::Orphaned { dcm }]
+                }
             },
-            Some(Key::Start(_)) | None => Vec::new(),
+            Some(Key::Start(_) | Key::Handover(_)) | None => Vec::new(),
         }
     }
 
@@ -236,6 +253,8 @@ mod tests {
             v.delete(&keys, "/p2p/dcm/demo"),
             vec![Change::Orphaned { dcm: "demo".into() }]
         );
+        assert!(v.take_orphaned("demo"), "a failover when claimed");
+        assert!(!v.take_orphaned("demo"));
         assert!(v.owner("demo").is_none());
         assert!(v.put(&keys, "/p2p/dcm/demo", &owner("b"), 9).is_empty());
         assert_eq!(v.owned_tokens(), vec![("demo".to_string(), 9)]);

@@ -702,9 +702,11 @@ impl Inner {
         let Some(c) = &self.cluster else { return };
         let attempt = self.reconnect.attempt;
         self.reconnect.attempt += 1;
-        // 250 ms doubling to 1 s, each ±50 %: a failed server's peers do not all come at once,
-        // and each answer also brings the live edge (see below).
-        let base = (250.0 * 2f64.powi(attempt.min(2) as i32)).min(1000.0);
+        // Every 250 ms ±50 % for the first 4 s (a failover takes the lease TTL, 3 s by
+        // default), then every second: a failed server's peers do not all come at once, and
+        // each answer also brings the live edge (see below), which keeps the fallback fetches
+        // within about a second of the live edge while no control connection tells it.
+        let base = if attempt < 16 { 250.0 } else { 1000.0 };
         let delay = base * (0.5 + js_sys::Math::random());
         // Other nodes first, in turn; the failed one too, last (it may have been a blip).
         let failed = self.reconnect.failed.clone().unwrap_or_default();
