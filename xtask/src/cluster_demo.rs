@@ -54,6 +54,18 @@ pub fn run_cluster(
             .spawn()
             .with_context(|| format!("starting {ETCD}"))?,
     );
+    // The nodes refuse to start without etcd: wait until it takes connections.
+    let etcd_addr = SocketAddr::new(host, listen.port() + 100);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect_timeout(&etcd_addr, std::time::Duration::from_millis(200))
+        .is_err()
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "etcd did not listen on {etcd_addr} within 15 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     println!("etcd at {etcd_client} (data in {})", data.display());
     for i in 0..nodes {
         let addr = SocketAddr::new(host, listen.port() + i);
