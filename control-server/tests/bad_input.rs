@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use control_server::config::Config;
-use protocol::{ClientMsg, ErrorCode, Heartbeat, PeerId, ServerMsg, Signal};
+use protocol::{ClientMsg, ErrorCode, Heartbeat, PeerId, ServerMsg, Signal, PROTOCOL_VERSION};
 
 /// A join with no region hint, network, companion or relay token.
 fn join_msg(version: u32, channel: &str, upload_kbps: u32) -> ClientMsg {
@@ -274,4 +274,40 @@ async fn a_link_that_never_opened_is_re_planned_and_a_report_about_yourself_is_r
     }
     send(&mut b, &ClientMsg::LinkFailed { peer: idb }).await;
     assert_eq!(next_error(&mut b).await, ErrorCode::NotLinked);
+}
+
+#[tokio::test]
+async fn a_resume_on_a_lone_server_is_refused_and_the_channel_goes_on() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let mut other = connect(addr).await;
+    let other_id = join(&mut other, 2000).await;
+    let mut ws = connect(addr).await;
+    let ClientMsg::Join {
+        version,
+        channel,
+        upload_kbps,
+        ..
+    } = join_msg(PROTOCOL_VERSION, "demo", 2000)
+    else {
+        unreachable!("join_msg makes a join")
+    };
+    let forged = ClientMsg::Join {
+        version,
+        channel,
+        upload_kbps,
+        region: None,
+        network: None,
+        companion: None,
+        relay_token: None,
+        // Someone else's id, with a made-up token.
+        resume: Some(protocol::Resume {
+            peer: other_id,
+            token: "00".repeat(32),
+        }),
+    };
+    send(&mut ws, &forged).await;
+    assert_eq!(next_error(&mut ws).await, ErrorCode::BadResume);
+    // The peer whose id was claimed still has its session.
+    send(&mut other, &heartbeat(other_id, 1)).await;
+    send(&mut other, &ClientMsg::Leave).await;
 }

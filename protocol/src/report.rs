@@ -68,6 +68,12 @@ pub struct PeerReport {
     /// The server the control connection is open to (base URL).
     #[serde(default)]
     pub control_server: String,
+    /// Wall clock (ms since the Unix epoch) when the control connection last dropped, and when
+    /// it was last re-established with the peer's id (cluster mode).
+    #[serde(default)]
+    pub control_lost_at_ms: Option<f64>,
+    #[serde(default)]
+    pub control_resumed_at_ms: Option<f64>,
     #[serde(default)]
     pub heartbeat_bytes: u64,
     /// Tier of the peer (`preferred`, `middle`, `bottom`); `None` on a flat channel.

@@ -10,7 +10,8 @@
 //! * [`wait`] — [`wait::wait_until`]: poll a condition until a deadline
 //!   instead of sleeping a fixed time.
 //! * [`cluster`] — a real etcd and control-server processes joined to it
-//!   (issue 12), to kill, stop and restart.
+//!   (issue 12), to kill, stop and restart; [`cluster_swarm`] — `cargo xtask
+//!   swarm --nodes N --kill-node-at T` on them.
 //! * [`compare`] — `cargo xtask compare`: our swarm against P2P Media Loader on the
 //!   same source, measured the same way.
 //! * [`console`] — the console errors a test expects; every browser test
@@ -22,6 +23,7 @@
 
 pub mod cdp;
 pub mod cluster;
+pub mod cluster_swarm;
 pub mod compare;
 pub mod console;
 pub mod source;

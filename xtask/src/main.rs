@@ -128,6 +128,14 @@ enum Cmd {
         /// building: to compare two builds of the player on the same source.
         #[arg(long, value_name = "DIR")]
         web_dir: Option<PathBuf>,
+        /// Run the swarm on a cluster of N control-server processes joined through a local
+        /// etcd (issue 12) instead of one in-process server; viewers open the nodes in turn.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        nodes: usize,
+        /// With --nodes: kill -9 the node that owns the channel's DCM this many seconds into
+        /// the run, and report the failover (`failover_ms`, `reconnect_ms`, `links_kept`).
+        #[arg(long, value_name = "S", requires = "nodes")]
+        kill_node_at: Option<u64>,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
     /// the same source, the same Chromium and the same number of viewers, one after the other:
@@ -205,6 +213,56 @@ fn main() -> ExitCode {
             source,
             join_over,
             web_dir,
+            nodes,
+            kill_node_at,
+        } if nodes > 0 => {
+            let unsupported = [
+                ("--churn", churn != 0.0),
+                ("--throttle", throttle != 0),
+                ("--hierarchy-regions", hierarchy_regions != 0),
+                ("--unsigned", unsigned),
+                ("--source", source.is_some()),
+                ("--join-over", join_over != 0),
+                ("--seed", seed != 1),
+            ];
+            let named: Vec<&str> = unsupported
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(n, _)| *n)
+                .collect();
+            if named.is_empty() {
+                cluster_swarm(e2e::cluster_swarm::ClusterSwarmArgs {
+                    viewers,
+                    seconds,
+                    nodes,
+                    kill_node_at,
+                    upload_kbps,
+                    playing,
+                    json,
+                    web_dir: web_dir.unwrap_or_else(|| repo_root().join("web")),
+                })
+            } else {
+                Err(anyhow::anyhow!(
+                    "swarm --nodes does not take {} yet",
+                    named.join(", ")
+                ))
+            }
+        }
+        Cmd::Swarm {
+            viewers,
+            seconds,
+            upload_kbps,
+            playing,
+            json,
+            seed,
+            churn,
+            throttle,
+            hierarchy_regions,
+            unsigned,
+            source,
+            join_over,
+            web_dir,
+            ..
         } => swarm(e2e::swarm::SwarmArgs {
             unsigned,
             source,
@@ -480,6 +538,29 @@ fn test() -> Result<()> {
     )?;
     steps.finish();
     Ok(())
+}
+
+/// `swarm --nodes N`: the control-server binary (release) and etcd, then the cluster run.
+fn cluster_swarm(args: e2e::cluster_swarm::ClusterSwarmArgs) -> Result<()> {
+    ensure_protoc()?;
+    ensure_etcd()?;
+    ensure_chromium()?;
+    ensure_wasm_target()?;
+    ensure_wasm_bindgen()?;
+    build_wasm()?;
+    web::build_web()?;
+    run(cargo().args(["build", "--release", "-p", "control-server"]))?;
+    // The nodes run the release build (as `demo --cluster` does).
+    std::env::set_var(
+        "P2P_SERVER_BIN",
+        repo_root().join("target/release/control-server"),
+    );
+    println!("\n==> swarm on a cluster: {args:?}\n");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(e2e::cluster_swarm::run(args))
 }
 
 fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {

@@ -99,6 +99,9 @@ struct Reconnect {
     generation: u64,
     /// Times the control connection was re-established.
     resumed: u64,
+    /// Wall clock (ms since the epoch) of the last drop and of the last resume.
+    lost_at_ms: Option<f64>,
+    resumed_at_ms: Option<f64>,
 }
 
 /// A download session's own state (claim 1: the page receives a file beside the live channel).
@@ -530,6 +533,7 @@ impl Inner {
                         self.reconnect.attempt = 0;
                         self.reconnect.failed = None;
                         self.reconnect.resumed += 1;
+                        self.reconnect.resumed_at_ms = Some(js_sys::Date::now());
                         // Our links, at once: the new DCM rebuilds the trees from them.
                         self.last_heartbeat = 0.0;
                     } else {
@@ -685,6 +689,7 @@ impl Inner {
             "{reason}; finding the channel's server again"
         )));
         let failed = self.base_url.clone();
+        self.reconnect.lost_at_ms = Some(js_sys::Date::now());
         // Fetch from another node until we know where to go.
         if let Some(other) = c.nodes.iter().find(|n| **n != failed).cloned() {
             if let Some(w) = self.welcome.as_mut() {
@@ -1142,6 +1147,8 @@ impl Inner {
             links_failed: self.links_failed,
             control_resumes: self.reconnect.resumed,
             control_server: self.base_url.clone(),
+            control_lost_at_ms: self.reconnect.lost_at_ms,
+            control_resumed_at_ms: self.reconnect.resumed_at_ms,
             heartbeat_bytes: self.heartbeat_bytes,
             tier: self.engine.tier().map(tier_name),
             region: self.engine.tier_plan().map(|t| t.region.clone()),

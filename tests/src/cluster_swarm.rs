@@ -1,0 +1,285 @@
+//! `cargo xtask swarm --nodes N --kill-node-at T` (issue 12): the swarm on a cluster of N
+//! control-server processes joined through a real etcd; at `T` seconds the node that owns the
+//! channel's DCM is killed (`kill -9`) and the failover is measured from the viewers' side.
+//!
+//! JSON (field names are a contract): `failover_ms` {p50, p95, max} (kill → the viewer's
+//! control connection re-established on the new owner with its id, which is when it has its
+//! DCM back with its plan confirmed: unchanged plans are not re-sent), `reconnect_ms` (its
+//! connection's drop → that resume), `dcm_owned_after_ms` (kill → another node owns the DCM),
+//! `links_kept` (share of the tree links before the kill that the rebuilt trees kept), and the
+//! swarm's `stalls`, `continuity`, `p2p_share`, `mismatched` (viewers whose verified bytes differ
+//! from the origin's).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use protocol::report::{Pct, PeerReport};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
+use crate::cluster::{Etcd, Node};
+use crate::wait::wait_until;
+
+#[derive(Debug, Clone)]
+pub struct ClusterSwarmArgs {
+    pub viewers: usize,
+    pub seconds: u64,
+    pub nodes: usize,
+    /// Seconds into the run at which the owner is killed; `None`: no kill.
+    pub kill_node_at: Option<u64>,
+    pub upload_kbps: Vec<u32>,
+    pub playing: usize,
+    pub json: Option<PathBuf>,
+    pub web_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSwarmReport {
+    pub viewers: usize,
+    pub seconds: u64,
+    pub nodes: usize,
+    pub kill_node_at: Option<u64>,
+    pub dcm_owned_after_ms: Option<u64>,
+    pub failover_ms: Pct,
+    pub reconnect_ms: Pct,
+    /// Viewers that resumed on the new owner (of those alive).
+    pub resumed: usize,
+    pub links_before: usize,
+    pub links_kept: f64,
+    pub stalls: u32,
+    pub continuity: f64,
+    pub p2p_share: f64,
+    pub mismatched: usize,
+    /// Fallback fetches of all viewers from the kill to the end.
+    pub origin_fallbacks_after_kill: u64,
+}
+
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn stats(pages: &[Page]) -> Result<Vec<PeerReport>> {
+    let mut out = Vec::with_capacity(pages.len());
+    for (i, p) in pages.iter().enumerate() {
+        let json = p.eval("JSON.stringify(window.p2p.stats())").await?;
+        let text = json
+            .as_str()
+            .ok_or_else(|| anyhow!("stats of viewer {i} are not a string"))?;
+        out.push(serde_json::from_str(text).with_context(|| format!("viewer {i}'s stats"))?);
+    }
+    Ok(out)
+}
+
+fn links(topology: &Value) -> BTreeSet<(u64, u64, String)> {
+    let mut out = BTreeSet::new();
+    for p in topology["peers"].as_array().into_iter().flatten() {
+        let id = p["id"].as_u64().unwrap_or(0);
+        for s in p["plan"].as_array().into_iter().flatten() {
+            out.insert((
+                id,
+                s["index"].as_u64().unwrap_or(0),
+                s["parent"].to_string(),
+            ));
+        }
+    }
+    out
+}
+
+pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
+    if args.nodes < 2 && args.kill_node_at.is_some() {
+        bail!("--kill-node-at needs --nodes 2 or more (someone must take over)");
+    }
+    if args.kill_node_at.is_some_and(|t| t >= args.seconds) {
+        bail!("--kill-node-at must fall within --seconds");
+    }
+    let logs = tempfile::Builder::new()
+        .prefix("swarm-cluster-")
+        .tempdir()?;
+    let etcd = Etcd::start().await?;
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes {
+        nodes.push(
+            Node::start(
+                &format!("n{i}"),
+                &etcd,
+                &args.web_dir,
+                logs.path(),
+                &["--lease-ttl", "3"],
+            )
+            .await?,
+        );
+    }
+    wait_until(
+        "every node to see the others",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        async || {
+            for n in &nodes {
+                let seen = n.cluster_view().await?["nodes"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                anyhow::ensure!(seen == nodes.len(), "node {} sees {seen}", n.id);
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let owner_url = nodes[nodes.len() / 2].locate("demo").await?;
+    let owner = nodes
+        .iter()
+        .position(|n| n.url == owner_url)
+        .ok_or_else(|| anyhow!("demo owned by an unknown node {owner_url}"))?;
+    println!(
+        "cluster of {} nodes; channel demo's DCM on {}",
+        nodes.len(),
+        nodes[owner].id
+    );
+    let browser = Browser::launch(LaunchOptions::default()).await?;
+    let mut pages = Vec::new();
+    for i in 0..args.viewers {
+        let node = &nodes[i % nodes.len()];
+        let decode = i < args.playing;
+        let upload = args.upload_kbps[i % args.upload_kbps.len().max(1)];
+        let url = format!(
+            "{}/?channel=demo&upload={upload}&decode={}",
+            node.url,
+            u8::from(decode)
+        );
+        let page = browser
+            .new_page_with(&url, PageOptions { new_window: decode })
+            .await?;
+        page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
+            .await
+            .with_context(|| format!("viewer {i} did not start"))?;
+        pages.push(page);
+    }
+    let start = Instant::now();
+    let mut killed: Option<(f64, Instant, BTreeSet<(u64, u64, String)>)> = None;
+    let mut owned_after = None;
+    let mut fallbacks_at_kill = 0;
+    let mut last_print = Instant::now();
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = start.elapsed().as_secs();
+        if killed.is_none() && args.kill_node_at.is_some_and(|k| t >= k) {
+            let topo = nodes[owner].get_json("/api/channels/demo/topology").await?;
+            fallbacks_at_kill = stats(&pages)
+                .await?
+                .iter()
+                .map(|r| r.origin_fallbacks)
+                .sum();
+            let at = wall_ms();
+            nodes[owner].kill().await;
+            println!(
+                "{t:>4} s: killed {} (kill -9), the DCM's owner",
+                nodes[owner].id
+            );
+            killed = Some((at, Instant::now(), links(&topo)));
+        }
+        if let (Some((_, at, _)), None) = (&killed, owned_after) {
+            let survivor = nodes.iter().find(|n| n.alive()).context("no node left")?;
+            if survivor.locate("demo").await.is_ok_and(|u| u != owner_url) {
+                owned_after = Some(at.elapsed().as_millis() as u64);
+                println!(
+                    "{t:>4} s: the DCM is owned again after {} ms",
+                    at.elapsed().as_millis()
+                );
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            let r = stats(&pages).await?;
+            let (p, o) = r.iter().fold((0u64, 0u64), |(p, o), r| {
+                (p + r.bytes_from_peers, o + r.bytes_from_origin)
+            });
+            println!(
+                "{t:>4} s: P2P share so far {:.3}, stalls {}, resumed {}",
+                p as f64 / (p + o).max(1) as f64,
+                r.iter().map(|r| r.stalls).sum::<u32>(),
+                r.iter().filter(|r| r.control_resumes > 0).count()
+            );
+        }
+    }
+    let reports = stats(&pages).await?;
+    let live: Vec<&Node> = nodes.iter().filter(|n| n.alive()).collect();
+    let now_owner_url = live[0].locate("demo").await?;
+    let now_owner = live
+        .iter()
+        .find(|n| n.url == now_owner_url)
+        .context("the owner at the end")?;
+    let mut mismatched = 0;
+    for r in &reports {
+        let Some(first) = r.verified_first_seq else {
+            mismatched += 1;
+            continue;
+        };
+        let v = now_owner
+            .get_json(&format!(
+                "/api/channels/demo/hash?first={first}&count={}",
+                r.verified_count
+            ))
+            .await?;
+        if v["hash"].as_str() != Some(r.verified_hash.as_str()) {
+            mismatched += 1;
+        }
+    }
+    let (mut links_before, mut links_kept, mut failover, mut reconnect) = (0, 0.0, vec![], vec![]);
+    if let Some((kill_ms, _, before)) = &killed {
+        let after = links(&now_owner.get_json("/api/channels/demo/topology").await?);
+        links_before = before.len();
+        links_kept = before.intersection(&after).count() as f64 / before.len().max(1) as f64;
+        for r in &reports {
+            if let Some(back) = r.control_resumed_at_ms {
+                failover.push(back - kill_ms);
+                if let Some(lost) = r.control_lost_at_ms {
+                    reconnect.push(back - lost);
+                }
+            }
+        }
+    }
+    let (p, o) = reports.iter().fold((0u64, 0u64), |(p, o), r| {
+        (p + r.bytes_from_peers, o + r.bytes_from_origin)
+    });
+    let (on_time, late) = reports
+        .iter()
+        .fold((0u64, 0u64), |(a, b), r| (a + r.on_time, b + r.late));
+    let report = ClusterSwarmReport {
+        viewers: args.viewers,
+        seconds: args.seconds,
+        nodes: args.nodes,
+        kill_node_at: args.kill_node_at,
+        dcm_owned_after_ms: owned_after,
+        resumed: failover.len(),
+        failover_ms: Pct::of(failover),
+        reconnect_ms: Pct::of(reconnect),
+        links_before,
+        links_kept,
+        stalls: reports.iter().map(|r| r.stalls).sum(),
+        continuity: if on_time + late > 0 {
+            on_time as f64 / (on_time + late) as f64
+        } else {
+            0.0
+        },
+        p2p_share: p as f64 / (p + o).max(1) as f64,
+        mismatched,
+        origin_fallbacks_after_kill: reports
+            .iter()
+            .map(|r| r.origin_fallbacks)
+            .sum::<u64>()
+            .saturating_sub(fallbacks_at_kill),
+    };
+    println!("\n{}", serde_json::to_string_pretty(&report)?);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    drop(browser);
+    drop(etcd);
+    Ok(())
+}
