@@ -75,7 +75,10 @@ async fn stats(pages: &[Page]) -> Result<Vec<PeerReport>> {
     Ok(out)
 }
 
-fn links(topology: &Value) -> BTreeSet<(u64, u64, String)> {
+/// A tree link: (peer, substream, parent as JSON).
+type Link = (u64, u64, String);
+
+fn links(topology: &Value) -> BTreeSet<Link> {
     let mut out = BTreeSet::new();
     for p in topology["peers"].as_array().into_iter().flatten() {
         let id = p["id"].as_u64().unwrap_or(0);
@@ -159,7 +162,8 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
         pages.push(page);
     }
     let start = Instant::now();
-    let mut killed: Option<(f64, Instant, BTreeSet<(u64, u64, String)>)> = None;
+    // When the owner was killed (wall ms, instant) and the links then.
+    let mut killed: Option<(f64, Instant, BTreeSet<Link>)> = None;
     let mut owned_after = None;
     let mut fallbacks_at_kill = 0;
     let mut last_print = Instant::now();
