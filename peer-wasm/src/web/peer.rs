@@ -71,6 +71,10 @@ const MAX_RELAY_SESSIONS: usize = 2;
 /// The engine's periodic poll (gap fetches, heartbeats, link timeouts), ms.
 const TICK_MS: i32 = 50;
 
+/// Locator requests after which a peer whose server failed stops looking for another (16 in
+/// the first 4 s, then one a second: about two minutes).
+const GIVE_UP_AFTER: u32 = 120;
+
 struct Welcome {
     heartbeat_ms: f64,
     packet_url: String,
@@ -706,6 +710,14 @@ impl Inner {
     fn locate_later(&mut self, generation: u64) {
         let Some(c) = &self.cluster else { return };
         let attempt = self.reconnect.attempt;
+        if attempt >= GIVE_UP_AFTER {
+            // About two minutes: no node of the cluster answers for the channel.
+            self.error(format!(
+                "control connection closed: no server of the cluster took channel {} back",
+                self.opts.channel
+            ));
+            return;
+        }
         self.reconnect.attempt += 1;
         // Every 250 ms ±50 % for the first 4 s (a failover takes the lease TTL, 3 s by
         // default), then every second: a failed server's peers do not all come at once, and
