@@ -242,7 +242,30 @@ impl AppState {
     }
 
     /// Creates a channel and starts its DCM task. Must run inside a tokio runtime.
+    ///
+    /// In a cluster, a channel created here exists only here (a live ingest, an HLS pull):
+    /// this node claims its DCM at once, so that viewers who reach other nodes are sent here.
     pub fn create_channel(
+        &self,
+        name: &str,
+        stream_kbps: u32,
+    ) -> Result<SharedChannel, ServerError> {
+        let ch = self.create_replicated_channel(name, stream_kbps)?;
+        #[cfg(feature = "cluster")]
+        if let Some(cluster) = self.cluster().cloned() {
+            let name = name.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = cluster.claim(&name).await {
+                    tracing::warn!(channel = %name, "cannot claim the new channel's DCM: {e}");
+                }
+            });
+        }
+        Ok(ch)
+    }
+
+    /// Creates a channel that every node of a cluster runs alike (a looped file on the shared
+    /// timeline, a download): its DCM goes to the node the first viewer reaches.
+    pub fn create_replicated_channel(
         &self,
         name: &str,
         stream_kbps: u32,
@@ -332,7 +355,7 @@ impl AppState {
         start_ms: u64,
     ) -> Result<SharedChannel, ServerError> {
         let clip = source::ingest::LoopedClip::parse(data)?;
-        let ch = self.create_channel(name, clip.stream_kbps())?;
+        let ch = self.create_replicated_channel(name, clip.stream_kbps())?;
         ch.set_init(clip.init.clone());
         ch.seed_fragment_ms(clip.max_fragment_ms());
         ch.source_attached.store(true, Ordering::Relaxed);
@@ -360,7 +383,7 @@ impl AppState {
     ) -> Result<SharedChannel, ServerError> {
         let carousel = source::carousel::Carousel::new(file_name, data)
             .ok_or_else(|| ServerError::EmptyFile(name.to_string()))?;
-        let ch = self.create_channel(name, self.config.file_kbps)?;
+        let ch = self.create_replicated_channel(name, self.config.file_kbps)?;
         let _ = ch.file.set(carousel.info.clone());
         ch.source_attached.store(true, Ordering::Relaxed);
         tokio::spawn(source::carousel::run_carousel(
