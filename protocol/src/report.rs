@@ -68,8 +68,9 @@ pub struct PeerReport {
     /// The server the control connection is open to (base URL).
     #[serde(default)]
     pub control_server: String,
-    /// Wall clock (ms since the Unix epoch) when the control connection last dropped, and when
-    /// it was last re-established with the peer's id (cluster mode).
+    /// Wall clock (ms since the Unix epoch) when the control connection last dropped (the first
+    /// drop of an outage, not the failed attempts to reconnect that follow), and when it was
+    /// last re-established with the peer's id (cluster mode).
     #[serde(default)]
     pub control_lost_at_ms: Option<f64>,
     #[serde(default)]

@@ -693,7 +693,10 @@ impl Inner {
             "{reason}; finding the channel's server again"
         )));
         let failed = self.base_url.clone();
-        self.reconnect.lost_at_ms = Some(js_sys::Date::now());
+        if self.reconnect.failed.is_none() {
+            // The first drop of this outage (not a failed attempt to reconnect).
+            self.reconnect.lost_at_ms = Some(js_sys::Date::now());
+        }
         // Fetch from another node until we know where to go.
         if let Some(other) = c.nodes.iter().find(|n| **n != failed).cloned() {
             if let Some(w) = self.welcome.as_mut() {
