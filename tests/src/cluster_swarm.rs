@@ -165,6 +165,8 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
     // When the owner was killed (wall ms, instant) and the links then.
     let mut killed: Option<(f64, Instant, BTreeSet<Link>)> = None;
     let mut owned_after = None;
+    // Share of the links at the kill that the rebuilt trees kept.
+    let mut rebuilt: Option<f64> = None;
     let mut fallbacks_at_kill = 0;
     let mut last_print = Instant::now();
     while start.elapsed() < Duration::from_secs(args.seconds) {
@@ -193,6 +195,31 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
                     "{t:>4} s: the DCM is owned again after {} ms",
                     at.elapsed().as_millis()
                 );
+            }
+        }
+        // The trees as the new owner rebuilt them: once every viewer has resumed and is placed.
+        if let (Some((_, _, before)), Some(_), None) = (&killed, owned_after, &rebuilt) {
+            let r = stats(&pages).await?;
+            if r.iter().all(|r| r.control_resumes > 0) {
+                let survivor = nodes.iter().find(|n| n.alive()).context("no node left")?;
+                let url = survivor.locate("demo").await?;
+                if let Some(n) = nodes.iter().find(|n| n.url == url && n.alive()) {
+                    let topo = n.get_json("/api/channels/demo/topology").await?;
+                    let placed = topo["peers"].as_array().map_or(0, |ps| {
+                        ps.iter()
+                            .filter(|p| p["plan"].as_array().is_some_and(|pl| !pl.is_empty()))
+                            .count()
+                    });
+                    if placed == args.viewers {
+                        let after = links(&topo);
+                        let kept = before.intersection(&after).count();
+                        println!(
+                            "{t:>4} s: trees rebuilt, {kept} of {} links kept",
+                            before.len()
+                        );
+                        rebuilt = Some(kept as f64 / before.len().max(1) as f64);
+                    }
+                }
             }
         }
         if last_print.elapsed() >= Duration::from_secs(5) {
@@ -234,9 +261,8 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
     }
     let (mut links_before, mut links_kept, mut failover, mut reconnect) = (0, 0.0, vec![], vec![]);
     if let Some((kill_ms, _, before)) = &killed {
-        let after = links(&now_owner.get_json("/api/channels/demo/topology").await?);
         links_before = before.len();
-        links_kept = before.intersection(&after).count() as f64 / before.len().max(1) as f64;
+        links_kept = rebuilt.unwrap_or(0.0);
         for r in &reports {
             if let Some(back) = r.control_resumed_at_ms {
                 failover.push(back - kill_ms);
