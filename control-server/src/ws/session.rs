@@ -762,6 +762,9 @@ impl Session {
         // A download beside a live session of the same page: live keeps what it needs.
         let mut placed_kbps = upload_kbps;
         let mut granted = None;
+        // In a cluster the live companion may be a session of another node (the two channels'
+        // DCMs run where their first viewers went): the download then goes without the split.
+        let companion = companion.filter(|live| !self.companion_elsewhere(*live));
         if let Some(live) = companion {
             let s = match self.split_with(live, &ch, upload_kbps).await {
                 Ok(s) => s,
@@ -846,6 +849,16 @@ impl Session {
         );
         self.joined = Some((peer, ch));
         true
+    }
+
+    /// Whether `live` may be a session of another node of the cluster (unknown here).
+    fn companion_elsewhere(&self, live: PeerId) -> bool {
+        #[cfg(feature = "cluster")]
+        if self.state.cluster().is_some() {
+            return self.state.session(live).is_none();
+        }
+        let _ = live;
+        false
     }
 
     /// Checks a resume: its token must be the cluster's for this channel and peer, and the
