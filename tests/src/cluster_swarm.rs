@@ -207,7 +207,10 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
                     let topo = n.get_json("/api/channels/demo/topology").await?;
                     let placed = topo["peers"].as_array().map_or(0, |ps| {
                         ps.iter()
-                            .filter(|p| p["plan"].as_array().is_some_and(|pl| !pl.is_empty()))
+                            .filter(|p| {
+                                (p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
+                                    || !p["tier"].is_null())
+                            })
                             .count()
                     });
                     if placed == args.viewers {
