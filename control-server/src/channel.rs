@@ -154,6 +154,9 @@ pub struct Channel {
     pub dcm: mpsc::Sender<DcmEvent>,
     /// True while a source is attached (a second ingest is refused).
     pub source_attached: AtomicBool,
+    /// Cluster mode: this node has released the channel's DCM to another node (lost lease,
+    /// fenced, drained) and has not claimed it back; the DCM turns joins away meanwhile.
+    pub released: AtomicBool,
     pub counters: ChannelCounters,
     /// Set on a file channel (a carousel of the file's pieces, see the `source::carousel` module).
     pub file: OnceLock<protocol::FileInfo>,
@@ -182,6 +185,7 @@ impl Channel {
             }),
             dcm,
             source_attached: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             counters: ChannelCounters::default(),
             file: OnceLock::new(),
             signer: None,

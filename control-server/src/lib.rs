@@ -254,9 +254,27 @@ impl AppState {
         #[cfg(feature = "cluster")]
         if let Some(cluster) = self.cluster().cloned() {
             let name = name.to_string();
+            let channels = self.channels_weak();
             tokio::spawn(async move {
-                if let Err(e) = cluster.claim(&name).await {
-                    tracing::warn!(channel = %name, "cannot claim the new channel's DCM: {e}");
+                // Until it is claimed (by us, or by whoever took it first), or the channel ends:
+                // an etcd blip must not leave a channel only this node runs without an owner.
+                let mut backoff = std::time::Duration::from_millis(250);
+                loop {
+                    match cluster.claim(&name).await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(channel = %name, "cannot claim the new channel's DCM yet: {e}")
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    let exists = channels
+                        .upgrade()
+                        .and_then(|m| m.read().ok().map(|m| m.contains_key(&name)))
+                        .unwrap_or(false);
+                    if !exists {
+                        break;
+                    }
                 }
             });
         }

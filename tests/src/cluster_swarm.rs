@@ -208,8 +208,8 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
                     let placed = topo["peers"].as_array().map_or(0, |ps| {
                         ps.iter()
                             .filter(|p| {
-                                (p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
-                                    || !p["tier"].is_null())
+                                p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
+                                    || !p["tier"].is_null()
                             })
                             .count()
                     });

@@ -121,6 +121,9 @@ pub struct Cluster {
     lease: AtomicU64,
     pub counters: ClusterCounters,
     draining: std::sync::atomic::AtomicBool,
+    /// The server this node runs (set by [`Cluster::run`]): its channels' DCMs are told when
+    /// they are claimed or released.
+    state: std::sync::OnceLock<AppState>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -192,6 +195,7 @@ pub async fn connect(config: ClusterConfig) -> Result<Arc<Cluster>, ClusterError
         lease: AtomicU64::new(lease as u64),
         counters: ClusterCounters::default(),
         draining: std::sync::atomic::AtomicBool::new(false),
+        state: std::sync::OnceLock::new(),
         config,
     });
     cluster
@@ -218,6 +222,10 @@ impl Cluster {
 
     pub fn secret(&self) -> &[u8] {
         &self.config.secret
+    }
+
+    fn state_channel(&self, name: &str) -> Option<crate::SharedChannel> {
+        self.state.get()?.channel(name)
     }
 
     fn lease(&self) -> i64 {
@@ -281,6 +289,9 @@ impl Cluster {
         match self.claim(channel).await {
             Ok(None) => Placement::Here,
             Ok(Some(o)) if o.node == self.config.node_id => Placement::Here,
+            Ok(Some(o)) if o.url.is_empty() => {
+                Placement::Unavailable(format!("channel {channel:?}'s owner is unknown"))
+            }
             Ok(Some(o)) => Placement::There { url: o.url },
             Err(e) => Placement::Unavailable(format!("the cluster's store is unreachable: {e}")),
         }
@@ -322,6 +333,9 @@ impl Cluster {
                 v.set_owner(dcm, record, token);
                 v.take_orphaned(dcm)
             };
+            if let Some(ch) = self.state_channel(dcm) {
+                ch.released.store(false, Ordering::Relaxed);
+            }
             self.counters.claims.fetch_add(1, Ordering::Relaxed);
             if handed_over {
                 self.counters
@@ -348,7 +362,12 @@ impl Cluster {
                 }
             }
         }
-        Ok(None)
+        // Owned, but the record does not say by whom: not ours, and nowhere to send peers.
+        tracing::warn!(dcm, "the DCM's owner record is unreadable");
+        Ok(Some(OwnerRecord {
+            node: String::new(),
+            url: String::new(),
+        }))
     }
 
     /// When `channel`'s timeline began (ms since the Unix epoch): the first node to ask sets it
@@ -393,6 +412,7 @@ impl Cluster {
 
     /// Starts the background work: keep-alive, load refresh and the watch.
     pub fn run(self: &Arc<Self>, state: AppState) {
+        let _ = self.state.set(state.clone());
         tokio::spawn(self.clone().keep_alive(state.clone()));
         tokio::spawn(self.clone().refresh(state.clone()));
         tokio::spawn(self.clone().watch(state));
@@ -405,6 +425,9 @@ impl Cluster {
         let period = Duration::from_millis((self.config.lease_ttl_s.max(1) as u64 * 1000) / 3);
         let mut backoff = Duration::from_millis(200);
         loop {
+            if self.draining.load(Ordering::Relaxed) {
+                return;
+            }
             let mut c = self.client.clone();
             let lease = self.lease();
             let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
@@ -425,6 +448,7 @@ impl Cluster {
                     .await
                 {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => backoff = Duration::from_millis(200),
+                    Ok(Ok(Some(_))) if self.draining.load(Ordering::Relaxed) => return,
                     Ok(Ok(Some(_))) => {
                         self.lease_lost(&state).await;
                         break;
@@ -477,7 +501,12 @@ impl Cluster {
         counter.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(dcm, ?url, cause, "releasing a DCM");
         if let Some(ch) = state.channel(dcm) {
-            let _ = ch.dcm.try_send(DcmEvent::Release { url });
+            // Joins queued behind the release are turned away by the DCM from now on.
+            ch.released.store(true, Ordering::Relaxed);
+            // Not `try_send`: a full queue (a burst of heartbeats) must not lose the release.
+            tokio::spawn(async move {
+                let _ = ch.dcm.send(DcmEvent::Release { url }).await;
+            });
         }
     }
 
@@ -499,6 +528,9 @@ impl Cluster {
         let mut last = (state.load().1, cpu_ticks(), std::time::Instant::now());
         loop {
             tick.tick().await;
+            if self.draining.load(Ordering::Relaxed) {
+                return;
+            }
             let now = (state.load().1, cpu_ticks(), std::time::Instant::now());
             let secs = now.2.duration_since(last.2).as_secs_f64().max(0.001);
             let mut record = self.record(&state);
@@ -546,7 +578,7 @@ impl Cluster {
                     ))
                 })
                 .collect();
-            let changes = self.view().resync(&self.keys, records);
+            let changes = self.view().resync(&self.keys, records, revision);
             self.act(&state, changes);
             let options = WatchOptions::new()
                 .with_prefix()
@@ -589,6 +621,8 @@ impl Cluster {
     fn act(self: &Arc<Self>, state: &AppState, changes: Vec<Change>) {
         for change in changes {
             match change {
+                // A drain gives its DCMs up itself (and redirects their peers).
+                Change::Lost { .. } if self.draining.load(Ordering::Relaxed) => {}
                 Change::Lost { dcm, url } => self.release(state, &dcm, url, "fenced"),
                 Change::Orphaned { dcm } => {
                     if self.draining.load(Ordering::Relaxed) || state.channel(&dcm).is_none() {
@@ -618,6 +652,7 @@ impl Cluster {
         let target = self.view().least_loaded_other();
         let mut n = 0;
         for (dcm, token) in owned {
+            self.view().forget(&dcm);
             let key = self.keys.dcm(&dcm);
             let txn = Txn::new()
                 .when([Compare::create_revision(
@@ -633,7 +668,6 @@ impl Cluster {
             if let Err(e) = c.txn(txn).await {
                 tracing::warn!(dcm, "handing over: {e}");
             }
-            self.view().forget(&dcm);
             self.release(state, &dcm, target.clone(), "drain");
             n += 1;
         }

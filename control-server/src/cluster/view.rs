@@ -144,6 +144,15 @@ impl View {
                 let Ok(owner) = serde_json::from_slice::<OwnerRecord>(value) else {
                     return Vec::new();
                 };
+                // An event older than what we know (our own claim may be applied before the
+                // watch delivers what preceded it) changes nothing.
+                if self
+                    .owners
+                    .get(&dcm)
+                    .is_some_and(|(_, token)| *token > create_revision)
+                {
+                    return Vec::new();
+                }
                 let was_mine = self
                     .owners
                     .get(&dcm)
@@ -195,7 +204,14 @@ impl View {
 
     /// Replaces everything with a fresh read of all records (after the watch broke), as the
     /// changes between the two would have.
-    pub fn resync(&mut self, keys: &Keys, records: Vec<(String, Vec<u8>, i64)>) -> Vec<Change> {
+    /// `revision` is the store's revision of the read: an owner we learnt of after it (our own
+    /// claim, made while the read was under way) is kept.
+    pub fn resync(
+        &mut self,
+        keys: &Keys,
+        records: Vec<(String, Vec<u8>, i64)>,
+        revision: i64,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut seen_dcms = Vec::new();
         self.nodes.clear();
@@ -207,9 +223,9 @@ impl View {
         }
         let gone: Vec<String> = self
             .owners
-            .keys()
-            .filter(|d| !seen_dcms.contains(d))
-            .cloned()
+            .iter()
+            .filter(|(d, (_, token))| !seen_dcms.contains(d) && *token <= revision)
+            .map(|(d, _)| d.clone())
             .collect();
         for d in gone {
             changes.extend(self.delete(keys, &keys.dcm(&d)));
@@ -301,15 +317,47 @@ mod tests {
         v.put(&keys, "/p2p/dcm/x", &owner("a"), 1);
         v.put(&keys, "/p2p/dcm/y", &owner("a"), 2);
         v.put(&keys, "/p2p/nodes/a", &node(5), 1);
+        // Our own claim of z, made while the read was under way (after its revision 10).
+        v.set_owner(
+            "z",
+            OwnerRecord {
+                node: "b".into(),
+                url: "http://b".into(),
+            },
+            12,
+        );
         let changes = v.resync(
             &keys,
             vec![
                 ("/p2p/dcm/y".into(), owner("a"), 2),
                 ("/p2p/nodes/b".into(), node(1), 3),
             ],
+            10,
+        );
+        assert_eq!(
+            v.owned(),
+            vec!["z".to_string()],
+            "a claim newer than the read is kept"
         );
         assert_eq!(changes, vec![Change::Orphaned { dcm: "x".into() }]);
         assert_eq!(v.nodes().count(), 1, "node a is gone");
+    }
+
+    #[test]
+    fn a_stale_put_does_not_take_a_newer_claim_away() {
+        let keys = Keys::new("/p2p");
+        let mut v = View::new("b");
+        v.set_owner(
+            "demo",
+            OwnerRecord {
+                node: "b".into(),
+                url: "http://b".into(),
+            },
+            20,
+        );
+        // The dead owner's record, delivered late by the watch.
+        assert!(v.put(&keys, "/p2p/dcm/demo", &owner("a"), 7).is_empty());
+        assert_eq!(v.owned(), vec!["demo".to_string()]);
     }
 
     #[test]

@@ -193,6 +193,19 @@ impl Dcm {
                 out,
                 resumed,
             } => {
+                if self.channel.released.load(Ordering::Relaxed) {
+                    // The join raced a release: this node no longer runs the DCM.
+                    let refusal = ServerMsg::Error {
+                        code: protocol::ErrorCode::Unavailable,
+                        message: format!(
+                            "this server no longer runs channel {:?}; reconnect",
+                            self.channel.name
+                        ),
+                    };
+                    let _ = out.try_send(Outbound::msg(refusal));
+                    let _ = out.try_send(Box::new(Outbound::Close("moved".into())));
+                    return;
+                }
                 if let Ok(mut a) = self.channel.attachments.lock() {
                     a.sessions.insert(
                         peer,

@@ -95,6 +95,9 @@ struct ClusterInfo {
 struct Reconnect {
     /// Set by a redirect: connect there next, without asking the locator.
     redirect_to: Option<String>,
+    /// The server the page first connected to, when a redirect took it elsewhere before it
+    /// knew the cluster: it goes back there if the server it was sent to fails.
+    entry: Option<String>,
     /// The server whose connection dropped (not taken back from the locator while it still
     /// names it: its lease has not expired yet).
     failed: Option<String>,
@@ -547,6 +550,7 @@ impl Inner {
                     }
                     return;
                 }
+                self.reconnect.attempt = 0;
                 if let Some(ms) = fragment_ms {
                     self.engine.set_fragment_hint(f64::from(ms));
                 }
@@ -654,6 +658,12 @@ impl Inner {
             }
             // The connection closes next; `on_ws_closed` connects there.
             ServerMsg::Redirect { url, .. } => {
+                if self.reconnect.entry.is_none() {
+                    self.reconnect.entry = Some(self.base_url.clone());
+                }
+                // Redirects count as attempts: two nodes that disagree cannot bounce the peer
+                // between them forever.
+                self.reconnect.attempt += 1;
                 self.reconnect.redirect_to = Some(url.trim_end_matches('/').to_string())
             }
         }
@@ -677,6 +687,10 @@ impl Inner {
         if self.destroyed {
             return;
         }
+        if self.reconnect.attempt >= GIVE_UP_AFTER {
+            self.error(format!("{reason}; gave up reconnecting"));
+            return;
+        }
         if let Some(url) = self.reconnect.redirect_to.take() {
             // Not from inside this socket's own close handler, which `connect` replaces.
             let me = self.me.clone();
@@ -686,6 +700,22 @@ impl Inner {
             return;
         }
         let Some(c) = &self.cluster else {
+            // Sent elsewhere before it knew the cluster, and that server failed: back to the
+            // server it came from (which redirects it to the DCM's owner of the moment).
+            if let Some(entry) = self.reconnect.entry.clone() {
+                self.reconnect.attempt += 1;
+                let delay = 250.0 * (0.5 + js_sys::Math::random());
+                let me = self.me.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    crate::web::rtc::sleep_ms(delay as i32).await;
+                    with(&me, |i| {
+                        if i.ws.is_none() {
+                            i.reconnect_to(entry)
+                        }
+                    });
+                });
+                return;
+            }
             self.error(reason);
             return;
         };
