@@ -328,8 +328,8 @@ async fn fail_over(
             let planned = topo["peers"].as_array().map_or(0, |ps| {
                 ps.iter()
                     .filter(|p| {
-                        (p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
-                            || !p["tier"].is_null())
+                        p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
+                            || !p["tier"].is_null()
                     })
                     .count()
             });
