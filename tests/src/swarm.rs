@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use control_server::config::Config;
 use control_server::dcm::{DcmEvent, TopologySnapshot};
 use control_server::AppState;
 use protocol::report::{LatencyHistogram, PeerReport};
 use serde::Serialize;
+use waypoint::{NativeSwarm, PeerConfig, SwarmConfig};
 
 use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
 use crate::console::{ensure_only_expected, Allowed};
@@ -53,6 +54,9 @@ pub struct SwarmArgs {
     pub join_over: u64,
     /// `web_dir` was built elsewhere and is served as it is (`--web-dir`).
     pub prebuilt: bool,
+    /// Native peers (`waypoint/`, issue 15) beside the pages, all in this process; their upload
+    /// capacities cycle through `upload_kbps` too.
+    pub native_viewers: usize,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -99,6 +103,8 @@ pub struct Swarm {
     pub source: SourceInfo,
     /// Wall clock when the server started (ms since the Unix epoch).
     started_ms: f64,
+    /// Native peers beside the pages (issue 15), if any.
+    pub natives: Option<NativeSwarm>,
 }
 
 impl Swarm {
@@ -193,6 +199,7 @@ impl Swarm {
             channel: "demo".into(),
             source: source.info,
             started_ms: wall_ms(),
+            natives: None,
         })
     }
 
@@ -234,6 +241,34 @@ impl Swarm {
             errors_at_close: Vec::new(),
         });
         Ok(self.viewers.len() - 1)
+    }
+
+    /// Starts `n` native peers (in this process, on worker threads, one per core), joining 25 ms
+    /// apart, with upload capacities cycled from `upload_kbps`. Once only.
+    pub fn add_natives(&mut self, n: usize, upload_kbps: &[u32]) -> Result<()> {
+        ensure!(self.natives.is_none(), "native peers are already running");
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.natives = Some(NativeSwarm::start(SwarmConfig {
+            peer: PeerConfig {
+                server: format!("http://{}", self.addr),
+                channel: self.channel.clone(),
+                upload_kbps: upload_kbps.first().copied().unwrap_or(2000),
+                region: None,
+                token: None,
+                public_key: None,
+                ice_ip: waypoint::default_ice_ip(),
+            },
+            peers: n,
+            threads,
+            join_every: Duration::from_millis(25),
+            upload_cycle: upload_kbps.to_vec(),
+        })?);
+        Ok(())
+    }
+
+    /// The native peers' latest statistics (empty without native peers).
+    pub fn native_stats(&self) -> Vec<PeerReport> {
+        self.natives.as_ref().map_or_else(Vec::new, NativeSwarm::reports)
     }
 
     /// Reads a viewer's statistics (or the last ones, if its page is closed).
@@ -445,7 +480,9 @@ impl Swarm {
 
     /// Summarizes the current statistics of all viewers (closed ones with their last stats).
     pub async fn report(&mut self, seconds: u64) -> Result<SwarmReport> {
-        let reports = self.all_stats().await?;
+        let mut reports = self.all_stats().await?;
+        let pages = reports.len();
+        reports.extend(self.native_stats());
         let topo = self.topology().await?;
         let mut r = SwarmReport::from_reports(self, &reports, seconds);
         if let Some(g) = r.signing.as_mut() {
@@ -472,7 +509,9 @@ impl Swarm {
                 _ => 1.0 / k,
             })
             .sum();
-        let live = self.viewers.iter().filter(|v| v.page.is_some()).count();
+        let live = self.viewers.iter().filter(|v| v.page.is_some()).count() + reports.len()
+            - pages;
+        r.native_viewers = reports.len() - pages;
         r.p2p_share_limit_structural = if live > 0 {
             (1.0 - r.origin_copies / live as f64).max(0.0)
         } else {
@@ -496,7 +535,11 @@ impl Swarm {
         Ok(r)
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(n) = self.natives.take() {
+            // Joins the peers' threads: off the runtime's worker.
+            let _ = tokio::task::spawn_blocking(move || drop(n)).await;
+        }
         drop(self.browser);
         self.server.abort();
     }
@@ -623,6 +666,15 @@ pub struct SwarmReport {
     /// The playing viewers' stall messages (`viewer N: stall at T s (buffered …)`), to see where
     /// in the media each stall happened.
     pub stall_messages: Vec<String>,
+    /// Native peers among `viewers` (issue 15; in the harness's process, see
+    /// [`Swarm::add_natives`]).
+    pub native_viewers: usize,
+    /// CPU over the run, percent of one core (from /proc): all native peers together, the
+    /// harness process without them (the control server and origin, and the browser driver),
+    /// and Chromium (every process of it). Zero when not measured.
+    pub native_cpu_percent: f64,
+    pub harness_cpu_percent: f64,
+    pub browser_cpu_percent: f64,
 }
 
 /// What the signed stream cost and found in a run.
@@ -782,6 +834,10 @@ impl SwarmReport {
                 .map(|r| r.stalls)
                 .collect(),
             stall_messages: stall_messages(reports),
+            native_viewers: 0,
+            native_cpu_percent: 0.0,
+            harness_cpu_percent: 0.0,
+            browser_cpu_percent: 0.0,
         }
     }
 
@@ -819,6 +875,20 @@ impl SwarmReport {
             format!("{} ({})", self.viewers, self.playing_viewers),
         );
         row("seconds", self.seconds.to_string());
+        if self.native_viewers > 0 {
+            row(
+                "native viewers",
+                format!(
+                    "{} of them; CPU % of a core: natives {:.0} ({:.2} per peer), harness {:.0}, \
+                     Chromium {:.0}",
+                    self.native_viewers,
+                    self.native_cpu_percent,
+                    self.native_cpu_percent / self.native_viewers as f64,
+                    self.harness_cpu_percent,
+                    self.browser_cpu_percent
+                ),
+            );
+        }
         row(
             "stream",
             format!(
@@ -1074,6 +1144,18 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         args.regions,
         |c| Config {
             signing_seed: if unsigned { None } else { c.signing_seed },
+            // Every native peer is a session from 127.0.0.1: the per-address limits (128
+            // sessions, 240 joins a minute) would refuse a few hundred of them.
+            address_limits: if args.native_viewers > 0 {
+                control_server::limits::AddressLimits {
+                    sessions: 0,
+                    joins_per_minute: 0,
+                    control_bytes_per_sec: 0,
+                    ingest_channels: 0,
+                }
+            } else {
+                c.address_limits
+            },
             ..c
         },
         source,
@@ -1110,6 +1192,17 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         eprint!("\r  opened {}/{} viewers", next_join, args.viewers);
     }
     eprintln!();
+    if args.native_viewers > 0 {
+        let cycle: Vec<u32> = (0..args.upload_kbps.len())
+            .map(|i| args.upload_kbps[(args.viewers + i) % args.upload_kbps.len()])
+            .collect();
+        swarm.add_natives(args.native_viewers, &cycle)?;
+        eprintln!(
+            "swarm: {} native viewers joining, 25 ms apart",
+            args.native_viewers
+        );
+    }
+    let cpu = CpuWindow::start(&swarm);
     // Churn: departures at random moments, each followed by a new (verify-only) viewer.
     let total_leaves =
         (args.churn / 100.0 * args.viewers as f64 * args.seconds as f64 / 60.0).round() as usize;
@@ -1300,6 +1393,16 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         if t >= next_progress {
             next_progress += 5.0;
             let r = swarm.report(t as u64).await?;
+            if r.native_viewers > 0 {
+                let n = swarm.native_stats();
+                eprintln!(
+                    "  t={:>4.0}s  native: {} joined, {} data channels open, {} ended",
+                    t,
+                    n.iter().filter(|r| r.peer_id.is_some()).count(),
+                    n.iter().map(|r| r.connected_peers).sum::<u32>(),
+                    swarm.natives.as_ref().map_or(0, |s| s.failures().len())
+                );
+            }
             eprintln!(
                 "  t={:>4.0}s  p2p_share {:.3}  fallbacks {}  stalls {}  mismatched {}  depth {}  congested {}  repairs {}/{} pending  rss {:.0} MB",
                 t,
@@ -1316,12 +1419,13 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         }
     }
     let mut report = swarm.report(args.seconds).await?;
+    cpu.finish(&swarm, &mut report);
     let topo = swarm.topology().await?;
     // For debugging a run: the final topology as the DCM sees it.
     if let Some(path) = std::env::var_os("P2P_SWARM_TOPOLOGY") {
         std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
     }
-    report.viewers = args.viewers;
+    report.viewers = args.viewers + args.native_viewers;
     report.join_over_s = args.join_over;
     // Children the bridge fed whose new parent had not delivered by the end: their substream
     // flowed again, so the repair is measured, without a new parent's figure.
@@ -1410,4 +1514,54 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     }
     swarm.shutdown().await;
     Ok(())
+}
+
+/// CPU time over a run (issue 15): the native peers' threads (named `waypoint-N`), the rest of
+/// this process, and Chromium's process tree, from /proc.
+struct CpuWindow {
+    t0: Instant,
+    natives0: f64,
+    process0: f64,
+    browser0: f64,
+}
+
+impl CpuWindow {
+    fn start(swarm: &Swarm) -> CpuWindow {
+        CpuWindow {
+            t0: Instant::now(),
+            natives0: native_threads_cpu_s(),
+            process0: crate::compare::cpu::tree_cpu_s(std::process::id()),
+            browser0: crate::compare::cpu::tree_cpu_s(swarm.browser.pid()),
+        }
+    }
+
+    fn finish(&self, swarm: &Swarm, report: &mut SwarmReport) {
+        let wall = self.t0.elapsed().as_secs_f64().max(1e-3);
+        let natives = (native_threads_cpu_s() - self.natives0).max(0.0);
+        // The process tree includes Chromium (the harness launched it).
+        let browser = (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
+        let process = (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
+        report.native_cpu_percent = natives / wall * 100.0;
+        report.browser_cpu_percent = browser / wall * 100.0;
+        report.harness_cpu_percent = (process - browser - natives).max(0.0) / wall * 100.0;
+    }
+}
+
+/// CPU seconds of this process's threads named `waypoint-*` (the native peers' workers).
+fn native_threads_cpu_s() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ticks: u64 = dir
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            if !comm.starts_with("waypoint-") {
+                return None;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            crate::compare::cpu::parse_stat_cpu_ticks(&stat)
+        })
+        .sum();
+    ticks as f64 / 100.0
 }

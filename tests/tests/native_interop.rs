@@ -35,6 +35,7 @@ fn native_peer(swarm: &Swarm, upload_kbps: u32) -> Result<NativeSwarm> {
         peers: 1,
         threads: 1,
         join_every: Duration::ZERO,
+        upload_cycle: Vec::new(),
     })?)
 }
 

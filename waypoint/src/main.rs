@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         peers: args.peers,
         threads,
         join_every: Duration::from_millis(args.join_every_ms),
+        upload_cycle: Vec::new(),
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

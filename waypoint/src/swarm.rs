@@ -20,6 +20,9 @@ pub struct SwarmConfig {
     pub threads: usize,
     /// Pause between two joins (a whole swarm joining at once is a thundering herd).
     pub join_every: Duration,
+    /// Upload capacities cycled over the peers (peer `i` gets `upload_cycle[i % len]`);
+    /// empty: every peer declares `peer.upload_kbps`.
+    pub upload_cycle: Vec<u32>,
 }
 
 pub struct NativeSwarm {
@@ -60,7 +63,11 @@ impl NativeSwarm {
                     local.block_on(&rt, async move {
                         let mut tasks = Vec::new();
                         for i in mine {
-                            let (cfg_i, stop_i) = (cfg.peer.clone(), stop_rx.clone());
+                            let mut cfg_i = cfg.peer.clone();
+                            if !cfg.upload_cycle.is_empty() {
+                                cfg_i.upload_kbps = cfg.upload_cycle[i % cfg.upload_cycle.len()];
+                            }
+                            let stop_i = stop_rx.clone();
                             let (report, http) = (reports[i].clone(), http.clone());
                             let outcomes = outcomes.clone();
                             let delay = cfg.join_every * i as u32;

@@ -72,6 +72,7 @@ async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
         peers: 4,
         threads: 2,
         join_every: Duration::from_millis(50),
+        upload_cycle: Vec::new(),
     })?;
     let reports = wait_until(
         "every native peer to receive from peers and verify byte-exact",

@@ -122,6 +122,10 @@ enum Cmd {
         /// building: to compare two builds of the player on the same source.
         #[arg(long, value_name = "DIR")]
         web_dir: Option<PathBuf>,
+        /// Add N native peers (waypoint/: the same engine on str0m WebRTC, in this process)
+        /// beside the Chromium viewers; they verify bytes like non-playing viewers.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        native_viewers: usize,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
     /// the same source, the same Chromium and the same number of viewers, one after the other:
@@ -198,7 +202,9 @@ fn main() -> ExitCode {
             source,
             join_over,
             web_dir,
+            native_viewers,
         } => swarm(e2e::swarm::SwarmArgs {
+            native_viewers,
             unsigned,
             source,
             join_over,
