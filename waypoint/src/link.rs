@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use protocol::{PeerId, Signal};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -37,6 +37,11 @@ const MAX_QUEUE: usize = 512;
 /// A data channel that has not opened this long after its link was created never will (the
 /// browser's `LINK_OPEN_TIMEOUT_MS`).
 pub const LINK_OPEN_TIMEOUT_MS: f64 = 10_000.0;
+
+/// A link whose ICE consent checks have failed this long is closed. The browser's
+/// RTCPeerConnection waits about as long before `failed`; str0m has no failed state, and a
+/// loaded machine misses a few checks now and then, which must not cost a link.
+const DISCONNECTED_CLOSE: Duration = Duration::from_secs(15);
 
 /// What a link hands back to its peer.
 #[derive(Debug)]
@@ -63,6 +68,12 @@ pub struct Link {
     pub created_ms: f64,
     pub opened_ms: Option<f64>,
     closed: bool,
+    /// The peer was told of the close ([`LinkEvent::Closed`] is handed out once).
+    close_reported: bool,
+    /// The latest time given with an input.
+    now: Instant,
+    /// Since when ICE says the remote stopped answering.
+    disconnected_since: Option<Instant>,
     timeout: Instant,
 }
 
@@ -82,6 +93,9 @@ impl Link {
             created_ms: now_ms,
             opened_ms: None,
             closed: false,
+            close_reported: false,
+            now,
+            disconnected_since: None,
             timeout: now,
         })
     }
@@ -168,6 +182,7 @@ impl Link {
     }
 
     pub fn receive(&mut self, source: SocketAddr, bytes: &[u8], now: Instant) {
+        self.now = now;
         let Some(input) = self.input(source, bytes, now) else {
             return;
         };
@@ -183,7 +198,16 @@ impl Link {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         if self.closed {
+            return;
+        }
+        if self
+            .disconnected_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= DISCONNECTED_CLOSE)
+        {
+            tracing::debug!(peer = %self.peer.0, "link disconnected for {DISCONNECTED_CLOSE:?}");
+            self.close();
             return;
         }
         if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
@@ -201,17 +225,23 @@ impl Link {
         events: &mut Vec<LinkEvent>,
     ) {
         loop {
-            if self.closed {
-                return;
-            }
-            if !self.rtc.is_alive() {
+            if !self.closed && !self.rtc.is_alive() {
                 self.close();
-                events.push(LinkEvent::Closed);
+            }
+            if self.closed {
+                if !self.close_reported {
+                    self.close_reported = true;
+                    events.push(LinkEvent::Closed);
+                }
                 return;
             }
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => {
-                    self.timeout = t;
+                    self.timeout = match self.disconnected_since {
+                        // Wake up to close it if it stays so.
+                        Some(d) => t.min(d + DISCONNECTED_CLOSE),
+                        None => t,
+                    };
                     return;
                 }
                 Ok(Output::Transmit(t)) => transmit(t.destination, &t.contents),
@@ -230,19 +260,19 @@ impl Link {
                         }
                     }
                     Event::ChannelBufferedAmountLow(_) => self.flush(),
-                    Event::ChannelClose(_)
-                    | Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                        self.close();
-                        events.push(LinkEvent::Closed);
-                        return;
+                    Event::ChannelClose(_) => self.close(),
+                    Event::IceConnectionStateChange(state) => {
+                        if state == IceConnectionState::Disconnected {
+                            self.disconnected_since.get_or_insert(self.now);
+                        } else {
+                            self.disconnected_since = None;
+                        }
                     }
                     _ => {}
                 },
                 Err(e) => {
                     tracing::debug!(peer = %self.peer.0, "link failed: {e}");
                     self.close();
-                    events.push(LinkEvent::Closed);
-                    return;
                 }
             }
         }
@@ -291,6 +321,8 @@ impl Link {
         if !self.closed {
             self.closed = true;
             self.rtc.disconnect();
+            // Nothing more to wake up for: the peer drops the link once told.
+            self.timeout = self.now + Duration::from_secs(3600);
         }
     }
 }
