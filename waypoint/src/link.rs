@@ -259,7 +259,9 @@ impl Link {
                             events.push(LinkEvent::Packet(d.data));
                         }
                     }
-                    Event::ChannelBufferedAmountLow(_) => self.flush(),
+                    Event::ChannelBufferedAmountLow(_) => {
+                        self.flush();
+                    }
                     Event::ChannelClose(_) => self.close(),
                     Event::IceConnectionStateChange(state) => {
                         if state == IceConnectionState::Disconnected {
@@ -288,15 +290,19 @@ impl Link {
         self.flush();
     }
 
-    pub fn flush(&mut self) {
-        let Some(id) = self.channel else { return };
+    /// Writes queued packets while the channel takes them; true if it wrote any (the link
+    /// then has datagrams to hand out on the next [`Link::poll`]).
+    pub fn flush(&mut self) -> bool {
+        let Some(id) = self.channel else { return false };
         let Some(mut ch) = self.rtc.channel(id) else {
-            return;
+            return false;
         };
+        let mut wrote = false;
         while ch.buffered_amount() < HIGH_WATER {
             let Some(p) = self.queue.front() else { break };
             match ch.write(true, p) {
                 Ok(true) => {
+                    wrote = true;
                     self.queue.pop_front();
                 }
                 // The association's send buffer is full: wait for it to drain.
@@ -307,6 +313,7 @@ impl Link {
                 }
             }
         }
+        wrote
     }
 
     pub fn is_open(&self) -> bool {

@@ -7,7 +7,7 @@
 //! result, a timer) and hands it over. The engine's `Rc` packets make a peer `!Send`: it runs
 //! on a current-thread runtime inside a `LocalSet` (see [`crate::swarm`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -79,6 +79,10 @@ pub struct Peer {
     wake_at: Option<f64>,
     errors: Vec<String>,
     link_events: Vec<LinkEvent>,
+    /// Links given an input (datagram, timeout, signal, data to send) since they were last
+    /// polled: [`Peer::poll_dirty`] drains their outputs once the event is handled, so that a
+    /// packet forwarded to a child leaves at once rather than at the child link's next timer.
+    dirty: BTreeSet<PeerId>,
     /// Datagrams the kernel refused (a full send buffer); SCTP resends what mattered.
     pub udp_send_errors: u64,
     done: bool,
@@ -121,6 +125,7 @@ impl Peer {
             wake_at: None,
             errors: Vec::new(),
             link_events: Vec::new(),
+            dirty: BTreeSet::new(),
             udp_send_errors: 0,
             done: false,
         })
@@ -216,6 +221,7 @@ impl Peer {
                     Some(link) => link.on_signal(signal),
                     None => return,
                 };
+                self.dirty.insert(from);
                 match answer {
                     Ok(Some(signal)) => self.send_ctrl(&ClientMsg::Signal { to: from, signal }),
                     Ok(None) => {}
@@ -293,6 +299,7 @@ impl Peer {
                 Action::Send { to, packet } => {
                     if let Some(l) = self.links.get_mut(&to) {
                         l.send(packet);
+                        self.dirty.insert(to);
                     }
                 }
                 Action::Fetch { seq } => self.fetch(seq),
@@ -333,6 +340,7 @@ impl Peer {
             }
         }
         self.links.insert(peer, link);
+        self.dirty.insert(peer);
     }
 
     fn fetch(&mut self, seq: u64) {
@@ -373,8 +381,16 @@ impl Peer {
         };
         if let Some(l) = self.links.get_mut(&peer) {
             l.receive(source, bytes, now);
+            self.dirty.insert(peer);
         }
-        self.poll_link(peer);
+    }
+
+    /// Polls every link that was given an input, until none is left (a polled link can hand
+    /// packets to the engine, whose forwards make other links dirty).
+    fn poll_dirty(&mut self) {
+        while let Some(peer) = self.dirty.pop_first() {
+            self.poll_link(peer);
+        }
     }
 
     /// Runs a link's outputs: datagrams out, packets into the engine, signals to the server.
@@ -448,8 +464,8 @@ impl Peer {
         for peer in due {
             if let Some(l) = self.links.get_mut(&peer) {
                 l.handle_timeout(now);
+                self.dirty.insert(peer);
             }
-            self.poll_link(peer);
         }
         let t = now_ms();
         if self.wake_at.is_some_and(|w| w <= t) {
@@ -475,12 +491,12 @@ impl Peer {
             self.links.remove(&peer);
             self.link_failed(peer);
         }
-        for l in self.links.values_mut() {
-            l.flush();
-        }
-        let peers: Vec<PeerId> = self.links.keys().copied().collect();
-        for p in peers {
-            self.poll_link(p);
+        // Queues the SCTP send buffer held back (the buffered-amount-low event covers the
+        // channel's own buffer, not the association's).
+        for (p, l) in self.links.iter_mut() {
+            if l.flush() {
+                self.dirty.insert(*p);
+            }
         }
         if let Some(w) = &self.welcome {
             let since = now - self.last_heartbeat;
@@ -679,6 +695,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline) => peer.on_timer(),
             _ = stop.changed() => break Ok(()),
         }
+        peer.poll_dirty();
         if peer.done {
             break Ok(());
         }
