@@ -11,6 +11,8 @@
 //!   instead of sleeping a fixed time.
 //! * [`compare`] — `cargo xtask compare`: our swarm against P2P Media Loader on the
 //!   same source, measured the same way.
+//! * [`natives`] — native peers (`waypoint`, issue 15) beside the pages, in one
+//!   process of their own.
 //! * [`console`] — the console errors a test expects; every browser test
 //!   fails on any other.
 //!
@@ -21,6 +23,7 @@
 pub mod cdp;
 pub mod compare;
 pub mod console;
+pub mod natives;
 pub mod source;
 pub mod swarm;
 pub mod wait;

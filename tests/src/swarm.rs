@@ -14,7 +14,6 @@ use control_server::dcm::{DcmEvent, TopologySnapshot};
 use control_server::AppState;
 use protocol::report::{LatencyHistogram, PeerReport};
 use serde::Serialize;
-use waypoint::{NativeSwarm, PeerConfig, SwarmConfig};
 
 use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
 use crate::console::{ensure_only_expected, Allowed};
@@ -54,8 +53,8 @@ pub struct SwarmArgs {
     pub join_over: u64,
     /// `web_dir` was built elsewhere and is served as it is (`--web-dir`).
     pub prebuilt: bool,
-    /// Native peers (`waypoint/`, issue 15) beside the pages, all in this process; their upload
-    /// capacities cycle through `upload_kbps` too.
+    /// Native peers (`waypoint/`, issue 15) beside the pages, all in one `waypoint` process
+    /// ([`crate::natives`]); their upload capacities cycle through `upload_kbps` too.
     pub native_viewers: usize,
 }
 
@@ -104,7 +103,7 @@ pub struct Swarm {
     /// Wall clock when the server started (ms since the Unix epoch).
     started_ms: f64,
     /// Native peers beside the pages (issue 15), if any.
-    pub natives: Option<NativeSwarm>,
+    pub natives: Option<crate::natives::NativePeers>,
 }
 
 impl Swarm {
@@ -243,32 +242,25 @@ impl Swarm {
         Ok(self.viewers.len() - 1)
     }
 
-    /// Starts `n` native peers (in this process, on worker threads, one per core), joining 25 ms
-    /// apart, with upload capacities cycled from `upload_kbps`. Once only.
+    /// Starts `n` native peers in one `waypoint` process (see [`crate::natives`]), joining
+    /// 25 ms apart, with upload capacities cycled from `upload_kbps`. Once only.
     pub fn add_natives(&mut self, n: usize, upload_kbps: &[u32]) -> Result<()> {
         ensure!(self.natives.is_none(), "native peers are already running");
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.natives = Some(NativeSwarm::start(SwarmConfig {
-            peer: PeerConfig {
-                server: format!("http://{}", self.addr),
-                channel: self.channel.clone(),
-                upload_kbps: upload_kbps.first().copied().unwrap_or(2000),
-                region: None,
-                token: None,
-                public_key: None,
-                ice_ip: waypoint::default_ice_ip(),
-            },
-            peers: n,
-            threads,
-            join_every: Duration::from_millis(25),
-            upload_cycle: upload_kbps.to_vec(),
-        })?);
+        let server = format!("http://{}", self.addr);
+        self.natives = Some(crate::natives::NativePeers::start(
+            &server,
+            &self.channel,
+            n,
+            upload_kbps,
+        )?);
         Ok(())
     }
 
-    /// The native peers' latest statistics (empty without native peers).
+    /// The native peers' latest statistics (empty without native peers; refreshed every 5 s).
     pub fn native_stats(&self) -> Vec<PeerReport> {
-        self.natives.as_ref().map_or_else(Vec::new, NativeSwarm::reports)
+        self.natives
+            .as_ref()
+            .map_or_else(Vec::new, crate::natives::NativePeers::reports)
     }
 
     /// Reads a viewer's statistics (or the last ones, if its page is closed).
@@ -537,8 +529,8 @@ impl Swarm {
 
     pub async fn shutdown(mut self) {
         if let Some(n) = self.natives.take() {
-            // Joins the peers' threads: off the runtime's worker.
-            let _ = tokio::task::spawn_blocking(move || drop(n)).await;
+            // Waits for the process to leave: off the runtime's worker.
+            let _ = tokio::task::spawn_blocking(move || n.stop()).await;
         }
         drop(self.browser);
         self.server.abort();
@@ -666,12 +658,12 @@ pub struct SwarmReport {
     /// The playing viewers' stall messages (`viewer N: stall at T s (buffered …)`), to see where
     /// in the media each stall happened.
     pub stall_messages: Vec<String>,
-    /// Native peers among `viewers` (issue 15; in the harness's process, see
+    /// Native peers among `viewers` (issue 15; one `waypoint` process, see
     /// [`Swarm::add_natives`]).
     pub native_viewers: usize,
-    /// CPU over the run, percent of one core (from /proc): all native peers together, the
-    /// harness process without them (the control server and origin, and the browser driver),
-    /// and Chromium (every process of it). Zero when not measured.
+    /// CPU over the run, percent of one core (from /proc): the native peers' process, the
+    /// harness process (the control server and origin, and the browser driver), and Chromium
+    /// (every process of it). Zero when not measured.
     pub native_cpu_percent: f64,
     pub harness_cpu_percent: f64,
     pub browser_cpu_percent: f64,
@@ -1396,11 +1388,11 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
             if r.native_viewers > 0 {
                 let n = swarm.native_stats();
                 eprintln!(
-                    "  t={:>4.0}s  native: {} joined, {} data channels open, {} ended",
+                    "  t={:>4.0}s  native: {} joined, {} data channels open, {} with errors",
                     t,
                     n.iter().filter(|r| r.peer_id.is_some()).count(),
                     n.iter().map(|r| r.connected_peers).sum::<u32>(),
-                    swarm.natives.as_ref().map_or(0, |s| s.failures().len())
+                    n.iter().filter(|r| !r.errors.is_empty()).count()
                 );
             }
             eprintln!(
@@ -1516,8 +1508,8 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     Ok(())
 }
 
-/// CPU time over a run (issue 15): the native peers' threads (named `waypoint-N`), the rest of
-/// this process, and Chromium's process tree, from /proc.
+/// CPU time over a run (issue 15): the native peers' process, this process (the control
+/// server, the origin and the browser driver), and Chromium's process tree, from /proc.
 struct CpuWindow {
     t0: Instant,
     natives0: f64,
@@ -1529,7 +1521,7 @@ impl CpuWindow {
     fn start(swarm: &Swarm) -> CpuWindow {
         CpuWindow {
             t0: Instant::now(),
-            natives0: native_threads_cpu_s(),
+            natives0: natives_cpu_s(swarm),
             process0: crate::compare::cpu::tree_cpu_s(std::process::id()),
             browser0: crate::compare::cpu::tree_cpu_s(swarm.browser.pid()),
         }
@@ -1537,8 +1529,8 @@ impl CpuWindow {
 
     fn finish(&self, swarm: &Swarm, report: &mut SwarmReport) {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-3);
-        let natives = (native_threads_cpu_s() - self.natives0).max(0.0);
-        // The process tree includes Chromium (the harness launched it).
+        let natives = (natives_cpu_s(swarm) - self.natives0).max(0.0);
+        // The process tree includes Chromium and the native peers (the harness launched them).
         let browser = (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
         let process = (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
         report.native_cpu_percent = natives / wall * 100.0;
@@ -1547,21 +1539,10 @@ impl CpuWindow {
     }
 }
 
-/// CPU seconds of this process's threads named `waypoint-*` (the native peers' workers).
-fn native_threads_cpu_s() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    let ticks: u64 = dir
-        .flatten()
-        .filter_map(|t| {
-            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            if !comm.starts_with("waypoint-") {
-                return None;
-            }
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            crate::compare::cpu::parse_stat_cpu_ticks(&stat)
-        })
-        .sum();
-    ticks as f64 / 100.0
+/// CPU seconds of the native peers' process so far (0 without one).
+fn natives_cpu_s(swarm: &Swarm) -> f64 {
+    swarm
+        .natives
+        .as_ref()
+        .map_or(0.0, |n| crate::compare::cpu::tree_cpu_s(n.pid()))
 }

@@ -39,6 +39,12 @@ fn native_peer(swarm: &Swarm, upload_kbps: u32) -> Result<NativeSwarm> {
     })?)
 }
 
+/// Errors a peer recorded, less the one benign race: a signal for a link the control center
+/// has just unplanned is refused with `NotLinked` (the page logs it as a warning too).
+fn errors(r: &PeerReport) -> Vec<&String> {
+    r.errors.iter().filter(|e| !e.contains("NotLinked")).collect()
+}
+
 fn only(native: &NativeSwarm) -> Result<PeerReport> {
     native.reports().pop().context("no native peer")
 }
@@ -69,7 +75,7 @@ fn ensure_fed_by(swarm: &Swarm, child: &PeerReport, parent: PeerId, what: &str) 
         swarm.matches_origin(child) == Some(true),
         "{what}: bytes differ from the origin"
     );
-    ensure!(child.errors.is_empty(), "{what}: errors {:?}", child.errors);
+    ensure!(errors(child).is_empty(), "{what}: errors {:?}", child.errors);
     Ok(())
 }
 
@@ -126,7 +132,7 @@ async fn browser_feeds_native_and_native_feeds_browser() -> Result<()> {
     let r = only(&native_parent)?;
     ensure!(r.bytes_up > 100_000, "the native parent sent {} bytes", r.bytes_up);
     ensure!(
-        r.errors.is_empty(),
+        errors(&r).is_empty(),
         "native parent errors: {:?}",
         r.errors
     );
@@ -143,7 +149,7 @@ async fn browser_feeds_native_and_native_feeds_browser() -> Result<()> {
         ensure!(failures.is_empty(), "{name} ended early: {failures:?}");
         let last = n.stop();
         ensure!(
-            last.iter().all(|r| r.errors.is_empty()),
+            last.iter().all(|r| errors(r).is_empty()),
             "{name} errors: {:?}",
             last.iter().map(|r| &r.errors).collect::<Vec<_>>()
         );

@@ -18,9 +18,10 @@ struct Args {
     server: String,
     #[arg(long, default_value = "demo")]
     channel: String,
-    /// Declared upload capacity (kbit/s); sends never exceed it.
-    #[arg(long, default_value_t = 2000)]
-    upload_kbps: u32,
+    /// Declared upload capacity (kbit/s); sends never exceed it. Several values,
+    /// comma-separated, are cycled over the peers.
+    #[arg(long, value_delimiter = ',', default_value = "2000")]
+    upload_kbps: Vec<u32>,
     /// Region to ask to be placed in (servers allowing region hints).
     #[arg(long)]
     region: Option<String>,
@@ -45,7 +46,8 @@ struct Args {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
-    /// Write the final statistics (a JSON array, one report per peer) here instead of stdout.
+    /// Write the statistics (a JSON array, one report per peer) here instead of stdout: every
+    /// 5 s while running (replaced whole: written beside, then renamed) and at the end.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -65,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         peer: PeerConfig {
             server: args.server.clone(),
             channel: args.channel.clone(),
-            upload_kbps: args.upload_kbps,
+            upload_kbps: args.upload_kbps.first().copied().unwrap_or(2000),
             region: args.region.clone(),
             token: args.token.clone(),
             public_key: args.public_key.clone(),
@@ -74,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         peers: args.peers,
         threads,
         join_every: Duration::from_millis(args.join_every_ms),
-        upload_cycle: Vec::new(),
+        upload_cycle: args.upload_kbps.clone(),
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -82,9 +84,11 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     rt.block_on(async {
         let mut every = tokio::time::interval(Duration::from_secs(5));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
                 _ = every.tick() => {
                     let r = swarm.reports();
                     let peers: u64 = r.iter().map(|r| r.bytes_from_peers).sum();
@@ -98,18 +102,31 @@ fn main() -> anyhow::Result<()> {
                         ended = swarm.failures().len(),
                         "native peers"
                     );
+                    if let Some(p) = &args.json {
+                        if let Err(e) = write_json(p, &r) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
                     if args.seconds.is_some_and(|s| started.elapsed().as_secs() >= s) {
                         break;
                     }
                 }
             }
         }
-    });
+        anyhow::Ok(())
+    })?;
     let reports = swarm.stop();
-    let json = serde_json::to_string_pretty(&reports)?;
     match &args.json {
-        Some(p) => std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?,
-        None => println!("{json}"),
+        Some(p) => write_json(p, &reports)?,
+        None => println!("{}", serde_json::to_string_pretty(&reports)?),
     }
     Ok(())
+}
+
+/// Replaces `path` with the reports, so that a reader never sees half a file.
+fn write_json(path: &std::path::Path, reports: &[protocol::report::PeerReport]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(reports)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

@@ -719,3 +719,18 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ws_url;
+
+    #[test]
+    fn control_url_follows_the_server_scheme_and_encodes_the_token() {
+        assert_eq!(ws_url("http://h:8080/", None), "ws://h:8080/ws");
+        assert_eq!(ws_url("https://h", None), "wss://h/ws");
+        assert_eq!(
+            ws_url("http://h", Some("a b/c+d")),
+            "ws://h/ws?token=a%20b%2Fc%2Bd"
+        );
+    }
+}

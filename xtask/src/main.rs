@@ -122,8 +122,9 @@ enum Cmd {
         /// building: to compare two builds of the player on the same source.
         #[arg(long, value_name = "DIR")]
         web_dir: Option<PathBuf>,
-        /// Add N native peers (waypoint/: the same engine on str0m WebRTC, in this process)
-        /// beside the Chromium viewers; they verify bytes like non-playing viewers.
+        /// Add N native peers (waypoint/: the same engine on str0m WebRTC; one release-built
+        /// process holds them all) beside the Chromium viewers; they verify bytes like
+        /// non-playing viewers.
         #[arg(long, default_value_t = 0, value_name = "N")]
         native_viewers: usize,
     },
@@ -476,6 +477,12 @@ fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
         ensure_wasm_bindgen()?;
         build_wasm()?;
         web::build_web()?;
+    }
+    if args.native_viewers > 0 {
+        // The native peers run optimized, in a process of their own (tests/src/natives.rs).
+        run(cargo().args(["build", "--release", "-p", "waypoint"]))?;
+        let bin = build::target_dir()?.join("release/waypoint");
+        std::env::set_var("P2P_WAYPOINT_BIN", &bin);
     }
     println!("\n==> swarm: {args:?}\n");
     tokio::runtime::Builder::new_multi_thread()
