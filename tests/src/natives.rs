@@ -36,7 +36,12 @@ pub struct NativePeers {
 }
 
 impl NativePeers {
-    pub fn start(server: &str, channel: &str, n: usize, upload_kbps: &[u32]) -> Result<NativePeers> {
+    pub fn start(
+        server: &str,
+        channel: &str,
+        n: usize,
+        upload_kbps: &[u32],
+    ) -> Result<NativePeers> {
         let bin = waypoint_bin()?;
         let dir = tempfile::tempdir()?;
         let json = dir.path().join("natives.json");
@@ -47,7 +52,7 @@ impl NativePeers {
             .args(["--upload-kbps", &uploads.join(",")])
             .arg("--json")
             .arg(&json)
-            .env("RUST_LOG", "waypoint=warn")
+            .env("RUST_LOG", "waypoint=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

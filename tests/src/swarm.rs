@@ -501,8 +501,7 @@ impl Swarm {
                 _ => 1.0 / k,
             })
             .sum();
-        let live = self.viewers.iter().filter(|v| v.page.is_some()).count() + reports.len()
-            - pages;
+        let live = self.viewers.iter().filter(|v| v.page.is_some()).count() + reports.len() - pages;
         r.native_viewers = reports.len() - pages;
         r.p2p_share_limit_structural = if live > 0 {
             (1.0 - r.origin_copies / live as f64).max(0.0)
@@ -1531,8 +1530,10 @@ impl CpuWindow {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-3);
         let natives = (natives_cpu_s(swarm) - self.natives0).max(0.0);
         // The process tree includes Chromium and the native peers (the harness launched them).
-        let browser = (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
-        let process = (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
+        let browser =
+            (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
+        let process =
+            (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
         report.native_cpu_percent = natives / wall * 100.0;
         report.browser_cpu_percent = browser / wall * 100.0;
         report.harness_cpu_percent = (process - browser - natives).max(0.0) / wall * 100.0;

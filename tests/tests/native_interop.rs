@@ -42,7 +42,10 @@ fn native_peer(swarm: &Swarm, upload_kbps: u32) -> Result<NativeSwarm> {
 /// Errors a peer recorded, less the one benign race: a signal for a link the control center
 /// has just unplanned is refused with `NotLinked` (the page logs it as a warning too).
 fn errors(r: &PeerReport) -> Vec<&String> {
-    r.errors.iter().filter(|e| !e.contains("NotLinked")).collect()
+    r.errors
+        .iter()
+        .filter(|e| !e.contains("NotLinked"))
+        .collect()
 }
 
 fn only(native: &NativeSwarm) -> Result<PeerReport> {
@@ -75,7 +78,11 @@ fn ensure_fed_by(swarm: &Swarm, child: &PeerReport, parent: PeerId, what: &str) 
         swarm.matches_origin(child) == Some(true),
         "{what}: bytes differ from the origin"
     );
-    ensure!(errors(child).is_empty(), "{what}: errors {:?}", child.errors);
+    ensure!(
+        errors(child).is_empty(),
+        "{what}: errors {:?}",
+        child.errors
+    );
     Ok(())
 }
 
@@ -105,7 +112,11 @@ async fn browser_feeds_native_and_native_feeds_browser() -> Result<()> {
     )
     .await?;
     let r = swarm.stats(0).await?;
-    ensure!(r.bytes_up > 100_000, "the Chromium parent sent {} bytes", r.bytes_up);
+    ensure!(
+        r.bytes_up > 100_000,
+        "the Chromium parent sent {} bytes",
+        r.bytes_up
+    );
 
     // A native parent, then a Chromium child (the first viewer leaves, so the native peer is
     // the only one with upload to give).
@@ -130,7 +141,11 @@ async fn browser_feeds_native_and_native_feeds_browser() -> Result<()> {
     )
     .await?;
     let r = only(&native_parent)?;
-    ensure!(r.bytes_up > 100_000, "the native parent sent {} bytes", r.bytes_up);
+    ensure!(
+        r.bytes_up > 100_000,
+        "the native parent sent {} bytes",
+        r.bytes_up
+    );
     ensure!(
         errors(&r).is_empty(),
         "native parent errors: {:?}",
@@ -144,7 +159,10 @@ async fn browser_feeds_native_and_native_feeds_browser() -> Result<()> {
     );
 
     swarm.ensure_no_unexpected_console_errors(VIEWER_PAGE)?;
-    for (name, n) in [("native child", native_child), ("native parent", native_parent)] {
+    for (name, n) in [
+        ("native child", native_child),
+        ("native parent", native_parent),
+    ] {
         let failures = n.failures();
         ensure!(failures.is_empty(), "{name} ended early: {failures:?}");
         let last = n.stop();

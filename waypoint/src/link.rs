@@ -121,7 +121,8 @@ impl Link {
     pub fn on_signal(&mut self, signal: Signal) -> Result<Option<Signal>, Error> {
         match signal {
             Signal::Offer { sdp } => {
-                let offer = SdpOffer::from_sdp_string(&sdp).map_err(|e| Error::Sdp(e.to_string()))?;
+                let offer =
+                    SdpOffer::from_sdp_string(&sdp).map_err(|e| Error::Sdp(e.to_string()))?;
                 let answer = self
                     .rtc
                     .sdp_api()
@@ -254,10 +255,8 @@ impl Link {
                         }
                         self.flush();
                     }
-                    Event::ChannelData(d) => {
-                        if d.binary {
-                            events.push(LinkEvent::Packet(d.data));
-                        }
+                    Event::ChannelData(d) if d.binary => {
+                        events.push(LinkEvent::Packet(d.data));
                     }
                     Event::ChannelBufferedAmountLow(_) => {
                         self.flush();
@@ -355,15 +354,21 @@ mod tests {
             let mut events = Vec::new();
             let addr_a = self.a.local;
             let addr_b = self.b.local;
-            self.a
-                .poll(0.0, |to, bytes| wire.push((addr_a, to, bytes.to_vec())), &mut events);
+            self.a.poll(
+                0.0,
+                |to, bytes| wire.push((addr_a, to, bytes.to_vec())),
+                &mut events,
+            );
             for e in events.drain(..) {
                 if let LinkEvent::Packet(p) = e {
                     self.got_a.push(p);
                 }
             }
-            self.b
-                .poll(0.0, |to, bytes| wire.push((addr_b, to, bytes.to_vec())), &mut events);
+            self.b.poll(
+                0.0,
+                |to, bytes| wire.push((addr_b, to, bytes.to_vec())),
+                &mut events,
+            );
             for e in events.drain(..) {
                 if let LinkEvent::Packet(p) = e {
                     self.got_b.push(p);
@@ -393,7 +398,10 @@ mod tests {
         let mut a = Link::new(PeerId(1), a_addr, now, 0.0).expect("link a");
         let mut b = Link::new(PeerId(2), b_addr, now, 0.0).expect("link b");
         let offer = a.offer().expect("offer");
-        let answer = b.on_signal(offer).expect("accept offer").expect("an answer");
+        let answer = b
+            .on_signal(offer)
+            .expect("accept offer")
+            .expect("an answer");
         assert!(a.on_signal(answer).expect("accept answer").is_none());
         // Candidates travel inside the SDP; a browser's mDNS one is skipped without error.
         let mdns = Signal::Ice {
@@ -417,8 +425,15 @@ mod tests {
             }
             pair.step();
         }
-        assert!(pair.a.is_open() && pair.b.is_open(), "the data channel did not open");
-        assert!(pair.now < now + Duration::from_secs(5), "opening took {:?}", pair.now - now);
+        assert!(
+            pair.a.is_open() && pair.b.is_open(),
+            "the data channel did not open"
+        );
+        assert!(
+            pair.now < now + Duration::from_secs(5),
+            "opening took {:?}",
+            pair.now - now
+        );
         pair.b.send(Rc::new(b"back".to_vec()));
         for _ in 0..2000 {
             if !pair.got_a.is_empty() {

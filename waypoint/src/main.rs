@@ -11,7 +11,10 @@ use tracing_subscriber::EnvFilter;
 use waypoint::{NativeSwarm, PeerConfig, SwarmConfig};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Native peers of a p2p-live channel (the browser's engine, on str0m WebRTC)")]
+#[command(
+    version,
+    about = "Native peers of a p2p-live channel (the browser's engine, on str0m WebRTC)"
+)]
 struct Args {
     /// Control center base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -124,7 +127,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Replaces `path` with the reports, so that a reader never sees half a file.
-fn write_json(path: &std::path::Path, reports: &[protocol::report::PeerReport]) -> anyhow::Result<()> {
+fn write_json(
+    path: &std::path::Path,
+    reports: &[protocol::report::PeerReport],
+) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(reports)?)
         .with_context(|| format!("writing {}", tmp.display()))?;

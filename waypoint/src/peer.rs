@@ -233,7 +233,9 @@ impl Peer {
             }
             ServerMsg::Recruit { channel, .. } => {
                 // Relaying other channels (claims 19, 43) is the page's; not here yet.
-                self.error(format!("recruit for {channel:?} ignored: no relay sessions"))
+                self.error(format!(
+                    "recruit for {channel:?} ignored: no relay sessions"
+                ))
             }
         }
     }
@@ -413,7 +415,9 @@ impl Peer {
         self.udp_send_errors += send_errors;
         for ev in events.drain(..) {
             match ev {
-                LinkEvent::Signal(signal) => self.send_ctrl(&ClientMsg::Signal { to: peer, signal }),
+                LinkEvent::Signal(signal) => {
+                    self.send_ctrl(&ClientMsg::Signal { to: peer, signal })
+                }
                 LinkEvent::Packet(bytes) => self.feed(Input::Packet {
                     from: From::Peer(peer),
                     bytes: &bytes,

@@ -25,11 +25,13 @@ pub struct SwarmConfig {
     pub upload_cycle: Vec<u32>,
 }
 
+/// Per peer: how its run ended (`None` while it runs).
+type Outcomes = Arc<Mutex<Vec<Option<Result<(), String>>>>>;
+
 pub struct NativeSwarm {
     stop: watch::Sender<bool>,
     reports: Vec<Arc<Mutex<PeerReport>>>,
-    /// Per peer: how its run ended (`None` while it runs).
-    outcomes: Arc<Mutex<Vec<Option<Result<(), String>>>>>,
+    outcomes: Outcomes,
     workers: Vec<JoinHandle<()>>,
 }
 

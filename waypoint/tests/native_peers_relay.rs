@@ -26,7 +26,10 @@ async fn start_server() -> Result<(SocketAddr, AppState)> {
 /// Errors a peer recorded, less the one benign race: a signal for a link the control center
 /// has just unplanned is refused with `NotLinked` (the page logs it as a warning too).
 fn errors(r: &PeerReport) -> Vec<&String> {
-    r.errors.iter().filter(|e| !e.contains("NotLinked")).collect()
+    r.errors
+        .iter()
+        .filter(|e| !e.contains("NotLinked"))
+        .collect()
 }
 
 fn matches_origin(state: &AppState, r: &PeerReport) -> bool {
@@ -58,12 +61,16 @@ async fn wait_until<T>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
     let (addr, state) = start_server().await?;
-    wait_until("the demo channel's first packet", Duration::from_secs(10), || {
-        state
-            .channel("demo")
-            .and_then(|c| c.live_position())
-            .context("nothing cut yet")
-    })
+    wait_until(
+        "the demo channel's first packet",
+        Duration::from_secs(10),
+        || {
+            state
+                .channel("demo")
+                .and_then(|c| c.live_position())
+                .context("nothing cut yet")
+        },
+    )
     .await?;
     let swarm = NativeSwarm::start(SwarmConfig {
         peer: PeerConfig {
@@ -87,8 +94,15 @@ async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
             let reports = swarm.reports();
             for (i, r) in reports.iter().enumerate() {
                 ensure!(r.peer_id.is_some(), "peer {i} has not joined");
-                ensure!(r.verified_count > 20, "peer {i} verified {}", r.verified_count);
-                ensure!(matches_origin(&state, r), "peer {i} bytes differ from the origin");
+                ensure!(
+                    r.verified_count > 20,
+                    "peer {i} verified {}",
+                    r.verified_count
+                );
+                ensure!(
+                    matches_origin(&state, r),
+                    "peer {i} bytes differ from the origin"
+                );
                 ensure!(
                     r.bytes_from_peers > 50_000,
                     "peer {i} got {} bytes from peers",
@@ -102,9 +116,14 @@ async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
     .await?;
     let up: u64 = reports.iter().map(|r| r.bytes_up).sum();
     let from_peers: u64 = reports.iter().map(|r| r.bytes_from_peers).sum();
-    ensure!(up >= from_peers, "uploaded {up} < received from peers {from_peers}");
     ensure!(
-        reports.iter().all(|r| r.signed.as_ref().is_some_and(|s| s.forged == 0)),
+        up >= from_peers,
+        "uploaded {up} < received from peers {from_peers}"
+    );
+    ensure!(
+        reports
+            .iter()
+            .all(|r| r.signed.as_ref().is_some_and(|s| s.forged == 0)),
         "a native peer saw a forged packet"
     );
     let failures = swarm.failures();
@@ -112,7 +131,11 @@ async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
     let last = swarm.stop();
     for (i, r) in last.iter().enumerate() {
         ensure!(errors(r).is_empty(), "peer {i} errors: {:?}", r.errors);
-        ensure!(r.links_failed == 0, "peer {i} had {} failed links", r.links_failed);
+        ensure!(
+            r.links_failed == 0,
+            "peer {i} had {} failed links",
+            r.links_failed
+        );
     }
     Ok(())
 }
