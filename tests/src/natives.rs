@@ -85,8 +85,19 @@ impl NativePeers {
     }
 
     /// Asks the process to leave (SIGTERM: every peer sends `Leave` and the final statistics
-    /// are written), waits up to 10 s, then kills it; returns the final statistics.
-    pub fn stop(mut self) -> Vec<PeerReport> {
+    /// are written), waits up to 10 s, then kills it; returns the final statistics. For
+    /// debugging a run, `P2P_SWARM_NATIVES=PATH` keeps them (every peer's `PeerReport`).
+    pub fn stop(self) -> Vec<PeerReport> {
+        let reports = self.stop_process();
+        if let Some(path) = std::env::var_os("P2P_SWARM_NATIVES") {
+            if let Ok(json) = serde_json::to_vec(&reports) {
+                let _ = std::fs::write(path, json);
+            }
+        }
+        reports
+    }
+
+    fn stop_process(mut self) -> Vec<PeerReport> {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
