@@ -15,12 +15,17 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use peer_wasm::engine::{Action, Engine, EngineConfig, From, Input};
-use protocol::report::{PeerReport, SignedReport};
-use protocol::{ClientMsg, PeerId, ServerMsg, TierName, PROTOCOL_VERSION};
+use protocol::report::PeerReport;
+use protocol::{ClientMsg, PeerId, ServerMsg, PROTOCOL_VERSION};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+
+mod report;
+mod url;
+
+pub use url::ws_url;
 
 use crate::fetch::{fetch_packet, Fetched};
 use crate::link::{Link, LinkEvent, LINK_OPEN_TIMEOUT_MS};
@@ -530,119 +535,6 @@ impl Peer {
         let _ = self.ctrl.send(Message::Close(None));
         self.links.clear();
     }
-
-    /// The same statistics as the page's `stats()` (a viewer that verifies and relays bytes
-    /// without decoding).
-    pub fn report(&self) -> PeerReport {
-        let c = &self.engine.counters;
-        let verified = self.engine.verified;
-        PeerReport {
-            peer_id: self.engine.peer_id(),
-            bytes_from_peers: c.bytes_from_peers,
-            bytes_from_origin: c.bytes_from_origin,
-            bytes_up: c.bytes_up,
-            packets_from_peers: c.packets_from_peers,
-            packets_from_origin: c.packets_from_origin,
-            origin_fallbacks: c.origin_fallbacks,
-            duplicates: c.duplicates,
-            packets_played: c.packets_played,
-            bytes_played: c.bytes_played,
-            on_time: c.on_time,
-            late: c.late,
-            verified_first_seq: verified.map(|v| v.first_seq),
-            verified_count: verified.map_or(0, |v| v.count),
-            verified_hash: verified.map(|v| v.hex()).unwrap_or_default(),
-            startup_ms: self
-                .engine
-                .first_delivery_ms
-                .map(|t| (t - self.started_ms).max(0.0)),
-            latency_hist: self.engine.latency.sparse(),
-            stalls: 0,
-            playing: false,
-            decoding: false,
-            current_time: 0.0,
-            buffer_s: 0.0,
-            plan: self.engine.plan().to_vec(),
-            connected_peers: self.links.values().filter(|l| l.is_open()).count() as u32,
-            errors: self.errors.clone(),
-            stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
-            upload_kbps: self.engine.upload_kbps(),
-            links: {
-                let mut links = self.engine.link_stats();
-                for l in &mut links {
-                    if let protocol::Source::Peer { id } = l.parent {
-                        l.parent_open_ms = self
-                            .links
-                            .get(&id)
-                            .filter(|link| link.is_open())
-                            .and_then(|link| link.opened_ms);
-                    }
-                }
-                links
-            },
-            past_links: self.engine.past_links(),
-            heartbeats_sent: self.heartbeats_sent,
-            links_failed: self.links_failed,
-            heartbeat_bytes: self.heartbeat_bytes,
-            tier: self.engine.tier().map(tier_name),
-            region: self.engine.tier_plan().map(|t| t.region.clone()),
-            packets_recovered: c.packets_recovered,
-            parity_frames_received: c.parity_frames_received,
-            mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
-            plays: self.engine.plays(),
-            relays: Vec::new(),
-            download: None,
-            late_samples: self.engine.late_samples.iter().cloned().collect(),
-            signed: self.engine.is_verifying().then_some(SignedReport {
-                manifests: c.manifests,
-                bad_manifests: c.bad_manifests,
-                verified_packets: c.verified_packets,
-                verified_bytes: c.verified_bytes,
-                forged: c.forged,
-                unverified_dropped: c.unverified_dropped,
-                reports_sent: self.forgeries_reported,
-                manifest_waits: c.manifest_waits,
-                manifest_wait_ms: c.manifest_wait_ms,
-                manifest_wait_max_ms: c.manifest_wait_max_ms,
-            }),
-        }
-    }
-}
-
-fn tier_name(t: TierName) -> String {
-    match t {
-        TierName::Preferred => "preferred",
-        TierName::Middle => "middle",
-        TierName::Bottom => "bottom",
-    }
-    .to_string()
-}
-
-/// The control WebSocket's URL for a server base URL (`http(s)://host:port`).
-pub fn ws_url(server: &str, token: Option<&str>) -> String {
-    let b = server.trim_end_matches('/');
-    let rest = b
-        .strip_prefix("https://")
-        .map(|r| format!("wss://{r}"))
-        .or_else(|| b.strip_prefix("http://").map(|r| format!("ws://{r}")))
-        .unwrap_or_else(|| b.to_string());
-    match token {
-        Some(t) => format!("{rest}/ws?token={}", encode_component(t)),
-        None => format!("{rest}/ws"),
-    }
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986).
-fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Runs one peer until `stop` turns true or the control connection ends, publishing its
@@ -722,19 +614,4 @@ pub async fn run(
     // Let the Leave go out (bounded: a dead server must not hold the peer).
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ws_url;
-
-    #[test]
-    fn control_url_follows_the_server_scheme_and_encodes_the_token() {
-        assert_eq!(ws_url("http://h:8080/", None), "ws://h:8080/ws");
-        assert_eq!(ws_url("https://h", None), "wss://h/ws");
-        assert_eq!(
-            ws_url("http://h", Some("a b/c+d")),
-            "ws://h/ws?token=a%20b%2Fc%2Bd"
-        );
-    }
 }
