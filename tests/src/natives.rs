@@ -41,6 +41,7 @@ impl NativePeers {
         channel: &str,
         n: usize,
         upload_kbps: &[u32],
+        join_every_ms: u64,
     ) -> Result<NativePeers> {
         let bin = waypoint_bin()?;
         let dir = tempfile::tempdir()?;
@@ -48,7 +49,8 @@ impl NativePeers {
         let uploads: Vec<String> = upload_kbps.iter().map(u32::to_string).collect();
         let child = Command::new(&bin)
             .args(["--server", server, "--channel", channel])
-            .args(["--peers", &n.to_string(), "--join-every-ms", "25"])
+            .args(["--peers", &n.to_string()])
+            .args(["--join-every-ms", &join_every_ms.to_string()])
             .args(["--upload-kbps", &uploads.join(",")])
             .arg("--json")
             .arg(&json)

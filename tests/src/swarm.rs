@@ -56,6 +56,8 @@ pub struct SwarmArgs {
     /// Native peers (`waypoint/`, issue 15) beside the pages, all in one `waypoint` process
     /// ([`crate::natives`]); their upload capacities cycle through `upload_kbps` too.
     pub native_viewers: usize,
+    /// Milliseconds between two native peers' joins.
+    pub native_join_every_ms: u64,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -243,8 +245,8 @@ impl Swarm {
     }
 
     /// Starts `n` native peers in one `waypoint` process (see [`crate::natives`]), joining
-    /// 25 ms apart, with upload capacities cycled from `upload_kbps`. Once only.
-    pub fn add_natives(&mut self, n: usize, upload_kbps: &[u32]) -> Result<()> {
+    /// `join_every_ms` apart, with upload capacities cycled from `upload_kbps`. Once only.
+    pub fn add_natives(&mut self, n: usize, upload_kbps: &[u32], join_every_ms: u64) -> Result<()> {
         ensure!(self.natives.is_none(), "native peers are already running");
         let server = format!("http://{}", self.addr);
         self.natives = Some(crate::natives::NativePeers::start(
@@ -252,6 +254,7 @@ impl Swarm {
             &self.channel,
             n,
             upload_kbps,
+            join_every_ms,
         )?);
         Ok(())
     }
@@ -1187,10 +1190,10 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         let cycle: Vec<u32> = (0..args.upload_kbps.len())
             .map(|i| args.upload_kbps[(args.viewers + i) % args.upload_kbps.len()])
             .collect();
-        swarm.add_natives(args.native_viewers, &cycle)?;
+        swarm.add_natives(args.native_viewers, &cycle, args.native_join_every_ms)?;
         eprintln!(
-            "swarm: {} native viewers joining, 25 ms apart",
-            args.native_viewers
+            "swarm: {} native viewers joining, {} ms apart",
+            args.native_viewers, args.native_join_every_ms
         );
     }
     let cpu = CpuWindow::start(&swarm);

@@ -127,6 +127,9 @@ enum Cmd {
         /// non-playing viewers.
         #[arg(long, default_value_t = 0, value_name = "N")]
         native_viewers: usize,
+        /// Milliseconds between two native peers' joins.
+        #[arg(long, default_value_t = 25, value_name = "MS")]
+        native_join_every_ms: u64,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
     /// the same source, the same Chromium and the same number of viewers, one after the other:
@@ -204,8 +207,10 @@ fn main() -> ExitCode {
             join_over,
             web_dir,
             native_viewers,
+            native_join_every_ms,
         } => swarm(e2e::swarm::SwarmArgs {
             native_viewers,
+            native_join_every_ms,
             unsigned,
             source,
             join_over,
