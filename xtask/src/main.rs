@@ -127,8 +127,9 @@ enum Cmd {
         /// non-playing viewers.
         #[arg(long, default_value_t = 0, value_name = "N")]
         native_viewers: usize,
-        /// Milliseconds between two native peers' joins.
-        #[arg(long, default_value_t = 25, value_name = "MS")]
+        /// Milliseconds between two native peers' joins (100: 200 natives join over 20 s; at 25
+        /// the DCM spent the first 15 s moving children, see docs/benchmarks.md).
+        #[arg(long, default_value_t = 100, value_name = "MS")]
         native_join_every_ms: u64,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
