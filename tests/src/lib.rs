@@ -14,6 +14,8 @@
 //!   swarm --nodes N --kill-node-at T` on them.
 //! * [`compare`] — `cargo xtask compare`: our swarm against P2P Media Loader on the
 //!   same source, measured the same way.
+//! * [`natives`] — native peers (`waypoint`, issue 15) beside the pages, in one
+//!   process of their own.
 //! * [`console`] — the console errors a test expects; every browser test
 //!   fails on any other.
 //!
@@ -26,6 +28,7 @@ pub mod cluster;
 pub mod cluster_swarm;
 pub mod compare;
 pub mod console;
+pub mod natives;
 pub mod source;
 pub mod swarm;
 pub mod wait;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use control_server::config::Config;
 use control_server::dcm::{DcmEvent, TopologySnapshot};
 use control_server::AppState;
@@ -53,6 +53,11 @@ pub struct SwarmArgs {
     pub join_over: u64,
     /// `web_dir` was built elsewhere and is served as it is (`--web-dir`).
     pub prebuilt: bool,
+    /// Native peers (`waypoint/`, issue 15) beside the pages, all in one `waypoint` process
+    /// ([`crate::natives`]); their upload capacities cycle through `upload_kbps` too.
+    pub native_viewers: usize,
+    /// Milliseconds between two native peers' joins.
+    pub native_join_every_ms: u64,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -99,6 +104,8 @@ pub struct Swarm {
     pub source: SourceInfo,
     /// Wall clock when the server started (ms since the Unix epoch).
     started_ms: f64,
+    /// Native peers beside the pages (issue 15), if any.
+    pub natives: Option<crate::natives::NativePeers>,
 }
 
 impl Swarm {
@@ -193,6 +200,7 @@ impl Swarm {
             channel: "demo".into(),
             source: source.info,
             started_ms: wall_ms(),
+            natives: None,
         })
     }
 
@@ -234,6 +242,28 @@ impl Swarm {
             errors_at_close: Vec::new(),
         });
         Ok(self.viewers.len() - 1)
+    }
+
+    /// Starts `n` native peers in one `waypoint` process (see [`crate::natives`]), joining
+    /// `join_every_ms` apart, with upload capacities cycled from `upload_kbps`. Once only.
+    pub fn add_natives(&mut self, n: usize, upload_kbps: &[u32], join_every_ms: u64) -> Result<()> {
+        ensure!(self.natives.is_none(), "native peers are already running");
+        let server = format!("http://{}", self.addr);
+        self.natives = Some(crate::natives::NativePeers::start(
+            &server,
+            &self.channel,
+            n,
+            upload_kbps,
+            join_every_ms,
+        )?);
+        Ok(())
+    }
+
+    /// The native peers' latest statistics (empty without native peers; refreshed every 5 s).
+    pub fn native_stats(&self) -> Vec<PeerReport> {
+        self.natives
+            .as_ref()
+            .map_or_else(Vec::new, crate::natives::NativePeers::reports)
     }
 
     /// Reads a viewer's statistics (or the last ones, if its page is closed).
@@ -445,7 +475,9 @@ impl Swarm {
 
     /// Summarizes the current statistics of all viewers (closed ones with their last stats).
     pub async fn report(&mut self, seconds: u64) -> Result<SwarmReport> {
-        let reports = self.all_stats().await?;
+        let mut reports = self.all_stats().await?;
+        let pages = reports.len();
+        reports.extend(self.native_stats());
         let topo = self.topology().await?;
         let mut r = SwarmReport::from_reports(self, &reports, seconds);
         if let Some(g) = r.signing.as_mut() {
@@ -472,7 +504,8 @@ impl Swarm {
                 _ => 1.0 / k,
             })
             .sum();
-        let live = self.viewers.iter().filter(|v| v.page.is_some()).count();
+        let live = self.viewers.iter().filter(|v| v.page.is_some()).count() + reports.len() - pages;
+        r.native_viewers = reports.len() - pages;
         r.p2p_share_limit_structural = if live > 0 {
             (1.0 - r.origin_copies / live as f64).max(0.0)
         } else {
@@ -496,7 +529,11 @@ impl Swarm {
         Ok(r)
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(n) = self.natives.take() {
+            // Waits for the process to leave: off the runtime's worker.
+            let _ = tokio::task::spawn_blocking(move || n.stop()).await;
+        }
         drop(self.browser);
         self.server.abort();
     }
@@ -623,6 +660,15 @@ pub struct SwarmReport {
     /// The playing viewers' stall messages (`viewer N: stall at T s (buffered …)`), to see where
     /// in the media each stall happened.
     pub stall_messages: Vec<String>,
+    /// Native peers among `viewers` (issue 15; one `waypoint` process, see
+    /// [`Swarm::add_natives`]).
+    pub native_viewers: usize,
+    /// CPU over the run, percent of one core (from /proc): the native peers' process, the
+    /// harness process (the control server and origin, and the browser driver), and Chromium
+    /// (every process of it). Zero when not measured.
+    pub native_cpu_percent: f64,
+    pub harness_cpu_percent: f64,
+    pub browser_cpu_percent: f64,
 }
 
 /// What the signed stream cost and found in a run.
@@ -782,6 +828,10 @@ impl SwarmReport {
                 .map(|r| r.stalls)
                 .collect(),
             stall_messages: stall_messages(reports),
+            native_viewers: 0,
+            native_cpu_percent: 0.0,
+            harness_cpu_percent: 0.0,
+            browser_cpu_percent: 0.0,
         }
     }
 
@@ -819,6 +869,20 @@ impl SwarmReport {
             format!("{} ({})", self.viewers, self.playing_viewers),
         );
         row("seconds", self.seconds.to_string());
+        if self.native_viewers > 0 {
+            row(
+                "native viewers",
+                format!(
+                    "{} of them; CPU % of a core: natives {:.0} ({:.2} per peer), harness {:.0}, \
+                     Chromium {:.0}",
+                    self.native_viewers,
+                    self.native_cpu_percent,
+                    self.native_cpu_percent / self.native_viewers as f64,
+                    self.harness_cpu_percent,
+                    self.browser_cpu_percent
+                ),
+            );
+        }
         row(
             "stream",
             format!(
@@ -1074,6 +1138,18 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         args.regions,
         |c| Config {
             signing_seed: if unsigned { None } else { c.signing_seed },
+            // Every native peer is a session from 127.0.0.1: the per-address limits (128
+            // sessions, 240 joins a minute) would refuse a few hundred of them.
+            address_limits: if args.native_viewers > 0 {
+                control_server::limits::AddressLimits {
+                    sessions: 0,
+                    joins_per_minute: 0,
+                    control_bytes_per_sec: 0,
+                    ingest_channels: 0,
+                }
+            } else {
+                c.address_limits
+            },
             ..c
         },
         source,
@@ -1110,6 +1186,17 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         eprint!("\r  opened {}/{} viewers", next_join, args.viewers);
     }
     eprintln!();
+    if args.native_viewers > 0 {
+        let cycle: Vec<u32> = (0..args.upload_kbps.len())
+            .map(|i| args.upload_kbps[(args.viewers + i) % args.upload_kbps.len()])
+            .collect();
+        swarm.add_natives(args.native_viewers, &cycle, args.native_join_every_ms)?;
+        eprintln!(
+            "swarm: {} native viewers joining, {} ms apart",
+            args.native_viewers, args.native_join_every_ms
+        );
+    }
+    let cpu = CpuWindow::start(&swarm);
     // Churn: departures at random moments, each followed by a new (verify-only) viewer.
     let total_leaves =
         (args.churn / 100.0 * args.viewers as f64 * args.seconds as f64 / 60.0).round() as usize;
@@ -1300,6 +1387,16 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         if t >= next_progress {
             next_progress += 5.0;
             let r = swarm.report(t as u64).await?;
+            if r.native_viewers > 0 {
+                let n = swarm.native_stats();
+                eprintln!(
+                    "  t={:>4.0}s  native: {} joined, {} data channels open, {} with errors",
+                    t,
+                    n.iter().filter(|r| r.peer_id.is_some()).count(),
+                    n.iter().map(|r| r.connected_peers).sum::<u32>(),
+                    n.iter().filter(|r| !r.errors.is_empty()).count()
+                );
+            }
             eprintln!(
                 "  t={:>4.0}s  p2p_share {:.3}  fallbacks {}  stalls {}  mismatched {}  depth {}  congested {}  repairs {}/{} pending  rss {:.0} MB",
                 t,
@@ -1316,12 +1413,13 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         }
     }
     let mut report = swarm.report(args.seconds).await?;
+    cpu.finish(&swarm, &mut report);
     let topo = swarm.topology().await?;
     // For debugging a run: the final topology as the DCM sees it.
     if let Some(path) = std::env::var_os("P2P_SWARM_TOPOLOGY") {
         std::fs::write(&path, serde_json::to_vec_pretty(&topo)?)?;
     }
-    report.viewers = args.viewers;
+    report.viewers = args.viewers + args.native_viewers;
     report.join_over_s = args.join_over;
     // Children the bridge fed whose new parent had not delivered by the end: their substream
     // flowed again, so the repair is measured, without a new parent's figure.
@@ -1410,4 +1508,45 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
     }
     swarm.shutdown().await;
     Ok(())
+}
+
+/// CPU time over a run (issue 15): the native peers' process, this process (the control
+/// server, the origin and the browser driver), and Chromium's process tree, from /proc.
+struct CpuWindow {
+    t0: Instant,
+    natives0: f64,
+    process0: f64,
+    browser0: f64,
+}
+
+impl CpuWindow {
+    fn start(swarm: &Swarm) -> CpuWindow {
+        CpuWindow {
+            t0: Instant::now(),
+            natives0: natives_cpu_s(swarm),
+            process0: crate::compare::cpu::tree_cpu_s(std::process::id()),
+            browser0: crate::compare::cpu::tree_cpu_s(swarm.browser.pid()),
+        }
+    }
+
+    fn finish(&self, swarm: &Swarm, report: &mut SwarmReport) {
+        let wall = self.t0.elapsed().as_secs_f64().max(1e-3);
+        let natives = (natives_cpu_s(swarm) - self.natives0).max(0.0);
+        // The process tree includes Chromium and the native peers (the harness launched them).
+        let browser =
+            (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
+        let process =
+            (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
+        report.native_cpu_percent = natives / wall * 100.0;
+        report.browser_cpu_percent = browser / wall * 100.0;
+        report.harness_cpu_percent = (process - browser - natives).max(0.0) / wall * 100.0;
+    }
+}
+
+/// CPU seconds of the native peers' process so far (0 without one).
+fn natives_cpu_s(swarm: &Swarm) -> f64 {
+    swarm
+        .natives
+        .as_ref()
+        .map_or(0.0, |n| crate::compare::cpu::tree_cpu_s(n.pid()))
 }

@@ -136,6 +136,15 @@ enum Cmd {
         /// the run, and report the failover (`failover_ms`, `reconnect_ms`, `links_kept`).
         #[arg(long, value_name = "S", requires = "nodes")]
         kill_node_at: Option<u64>,
+        /// Add N native peers (waypoint/: the same engine on str0m WebRTC; one release-built
+        /// process holds them all) beside the Chromium viewers; they verify bytes like
+        /// non-playing viewers.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        native_viewers: usize,
+        /// Milliseconds between two native peers' joins (100: 200 natives join over 20 s; at 25
+        /// the DCM spent the first 15 s moving children, see docs/benchmarks.md).
+        #[arg(long, default_value_t = 100, value_name = "MS")]
+        native_join_every_ms: u64,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
     /// the same source, the same Chromium and the same number of viewers, one after the other:
@@ -215,6 +224,8 @@ fn main() -> ExitCode {
             web_dir,
             nodes,
             kill_node_at,
+            native_viewers,
+            ..
         } if nodes > 0 => {
             let unsupported = [
                 ("--churn", churn != 0.0),
@@ -224,6 +235,7 @@ fn main() -> ExitCode {
                 ("--source", source.is_some()),
                 ("--join-over", join_over != 0),
                 ("--seed", seed != 1),
+                ("--native-viewers", native_viewers != 0),
             ];
             let named: Vec<&str> = unsupported
                 .iter()
@@ -262,8 +274,12 @@ fn main() -> ExitCode {
             source,
             join_over,
             web_dir,
+            native_viewers,
+            native_join_every_ms,
             ..
         } => swarm(e2e::swarm::SwarmArgs {
+            native_viewers,
+            native_join_every_ms,
             unsigned,
             source,
             join_over,
@@ -575,6 +591,12 @@ fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
         ensure_wasm_bindgen()?;
         build_wasm()?;
         web::build_web()?;
+    }
+    if args.native_viewers > 0 {
+        // The native peers run optimized, in a process of their own (tests/src/natives.rs).
+        run(cargo().args(["build", "--release", "-p", "waypoint"]))?;
+        let bin = build::target_dir()?.join("release/waypoint");
+        std::env::set_var("P2P_WAYPOINT_BIN", &bin);
     }
     println!("\n==> swarm: {args:?}\n");
     tokio::runtime::Builder::new_multi_thread()
