@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use std::collections::BTreeSet;
+
+use anyhow::{anyhow, bail, Context, Result};
+use protocol::report::PeerReport;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -297,4 +300,48 @@ impl Drop for Node {
             signal(c, rustix::process::Signal::KILL);
         }
     }
+}
+
+/// A tree link of a topology snapshot: (peer, substream, parent as JSON).
+pub type Link = (u64, u64, String);
+
+/// The tree links of a topology snapshot's JSON (`GET /api/channels/{id}/topology`).
+pub fn topology_links(topology: &Value) -> BTreeSet<Link> {
+    let mut out = BTreeSet::new();
+    for p in topology["peers"].as_array().into_iter().flatten() {
+        let id = p["id"].as_u64().unwrap_or(0);
+        for s in p["plan"].as_array().into_iter().flatten() {
+            out.insert((
+                id,
+                s["index"].as_u64().unwrap_or(0),
+                s["parent"].to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// Peers of a topology snapshot that are placed: in some tree, or in a tier of a hierarchy
+/// (a DCM that is rebuilding from heartbeats lists its adopted peers with no plan yet).
+pub fn placed_peers(topology: &Value) -> usize {
+    topology["peers"].as_array().map_or(0, |ps| {
+        ps.iter()
+            .filter(|p| {
+                p["plan"].as_array().is_some_and(|pl| !pl.is_empty()) || !p["tier"].is_null()
+            })
+            .count()
+    })
+}
+
+/// Every page's `window.p2p.stats()`.
+pub async fn page_stats(pages: &[crate::cdp::Page]) -> Result<Vec<PeerReport>> {
+    let mut out = Vec::with_capacity(pages.len());
+    for (i, p) in pages.iter().enumerate() {
+        let json = p.eval("JSON.stringify(window.p2p.stats())").await?;
+        let text = json
+            .as_str()
+            .ok_or_else(|| anyhow!("stats of viewer {i} are not a string"))?;
+        out.push(serde_json::from_str(text).with_context(|| format!("viewer {i}'s stats"))?);
+    }
+    Ok(out)
 }

@@ -15,12 +15,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use protocol::report::{Pct, PeerReport};
+use protocol::report::Pct;
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::cdp::{Browser, LaunchOptions, Page, PageOptions};
-use crate::cluster::{Etcd, Node};
+use crate::cdp::{Browser, LaunchOptions, PageOptions};
+use crate::cluster::{
+    page_stats as stats, placed_peers, topology_links as links, Etcd, Link, Node,
+};
 use crate::wait::wait_until;
 
 #[derive(Debug, Clone)]
@@ -61,36 +62,6 @@ fn wall_ms() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-async fn stats(pages: &[Page]) -> Result<Vec<PeerReport>> {
-    let mut out = Vec::with_capacity(pages.len());
-    for (i, p) in pages.iter().enumerate() {
-        let json = p.eval("JSON.stringify(window.p2p.stats())").await?;
-        let text = json
-            .as_str()
-            .ok_or_else(|| anyhow!("stats of viewer {i} are not a string"))?;
-        out.push(serde_json::from_str(text).with_context(|| format!("viewer {i}'s stats"))?);
-    }
-    Ok(out)
-}
-
-/// A tree link: (peer, substream, parent as JSON).
-type Link = (u64, u64, String);
-
-fn links(topology: &Value) -> BTreeSet<Link> {
-    let mut out = BTreeSet::new();
-    for p in topology["peers"].as_array().into_iter().flatten() {
-        let id = p["id"].as_u64().unwrap_or(0);
-        for s in p["plan"].as_array().into_iter().flatten() {
-            out.insert((
-                id,
-                s["index"].as_u64().unwrap_or(0),
-                s["parent"].to_string(),
-            ));
-        }
-    }
-    out
 }
 
 pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
@@ -205,14 +176,7 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
                 let url = survivor.locate("demo").await?;
                 if let Some(n) = nodes.iter().find(|n| n.url == url && n.alive()) {
                     let topo = n.get_json("/api/channels/demo/topology").await?;
-                    let placed = topo["peers"].as_array().map_or(0, |ps| {
-                        ps.iter()
-                            .filter(|p| {
-                                p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
-                                    || !p["tier"].is_null()
-                            })
-                            .count()
-                    });
+                    let placed = placed_peers(&topo);
                     if placed == args.viewers {
                         let after = links(&topo);
                         let kept = before.intersection(&after).count();

@@ -4,17 +4,15 @@
 //! and a heartbeat interval, the viewers reconnect to it keeping their ids and links, and their
 //! video goes on byte-exact without a stall. Run by `cargo xtask test`.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use e2e::cdp::{Browser, LaunchOptions, Page, PageOptions};
-use e2e::cluster::{Etcd, Node};
+use e2e::cluster::{page_stats, placed_peers, topology_links as links, Etcd, Node};
 use e2e::console::{unexpected, VIEWER_PAGE};
 use e2e::wait::wait_until;
 use protocol::report::PeerReport;
-use serde_json::Value;
 
 fn web_dir() -> PathBuf {
     std::env::var_os("P2P_WEB_DIR")
@@ -101,15 +99,7 @@ impl Cluster {
     }
 
     async fn stats(&self) -> Result<Vec<PeerReport>> {
-        let mut out = Vec::new();
-        for (i, p) in self.pages.iter().enumerate() {
-            let json = p.eval("JSON.stringify(window.p2p.stats())").await?;
-            let text = json
-                .as_str()
-                .ok_or_else(|| anyhow!("stats of viewer {i} are not a string"))?;
-            out.push(serde_json::from_str(text).with_context(|| format!("viewer {i}'s stats"))?);
-        }
-        Ok(out)
+        page_stats(&self.pages).await
     }
 
     /// Whether a viewer's verified bytes hash as `node`'s origin window does.
@@ -175,22 +165,6 @@ async fn live_seq(node: &Node) -> Result<u64> {
         .and_then(|cs| cs.iter().find(|c| c["id"] == "demo"))
         .and_then(|c| c["live_seq"].as_u64())
         .with_context(|| format!("node {}'s live edge", node.id))
-}
-
-/// The links (peer, substream, parent) of a topology snapshot's JSON.
-fn links(topology: &Value) -> BTreeSet<(u64, u64, String)> {
-    let mut out = BTreeSet::new();
-    for p in topology["peers"].as_array().into_iter().flatten() {
-        let id = p["id"].as_u64().unwrap_or(0);
-        for s in p["plan"].as_array().into_iter().flatten() {
-            out.insert((
-                id,
-                s["index"].as_u64().unwrap_or(0),
-                s["parent"].to_string(),
-            ));
-        }
-    }
-    out
 }
 
 /// P2P share of what the viewers received between two readings.
@@ -325,14 +299,7 @@ async fn fail_over(
             let topo = cluster.nodes[new_owner]
                 .get_json("/api/channels/demo/topology")
                 .await?;
-            let planned = topo["peers"].as_array().map_or(0, |ps| {
-                ps.iter()
-                    .filter(|p| {
-                        p["plan"].as_array().is_some_and(|pl| !pl.is_empty())
-                            || !p["tier"].is_null()
-                    })
-                    .count()
-            });
+            let planned = placed_peers(&topo);
             ensure!(planned == VIEWERS, "{planned} of {VIEWERS} viewers placed");
             Ok(links(&topo))
         },

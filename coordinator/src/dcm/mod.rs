@@ -393,7 +393,9 @@ impl Dcm {
         }
     }
 
-    fn join(&mut self, peer: PeerId, upload_kbps: u32, region: Region, relay: bool, now: u64) {
+    /// A peer becomes one of this DCM's: its record, its history and plausibility checks start
+    /// now, and it gets the manifests of the packets it may still get from peers.
+    fn admit(&mut self, peer: PeerId, upload_kbps: u32, region: Region, relay: bool, now: u64) {
         self.peers.insert(
             peer,
             PeerEntry {
@@ -405,6 +407,10 @@ impl Dcm {
         self.history.joined(peer, upload_kbps, now);
         self.send_manifests_to(peer);
         self.plausible.joined(peer, now);
+    }
+
+    fn join(&mut self, peer: PeerId, upload_kbps: u32, region: Region, relay: bool, now: u64) {
+        self.admit(peer, upload_kbps, region, relay, now);
         let changes = if relay {
             self.planner
                 .join_relay(peer, region, placement_kbps(upload_kbps))

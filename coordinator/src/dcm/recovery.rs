@@ -5,7 +5,7 @@
 use protocol::{PeerId, Source};
 
 use super::planner::Planner;
-use super::{placement_kbps, Dcm, Output, PeerEntry};
+use super::{placement_kbps, Dcm, Output};
 use crate::topology::multitree::ObservedPeer;
 use crate::topology::region::Region;
 
@@ -36,17 +36,7 @@ impl Dcm {
             self.recovering_until = Some(now + interval * 3 / 2);
             self.recovery_deadline = Some(now + interval * RESUME_WINDOW_INTERVALS);
         }
-        self.peers.insert(
-            peer,
-            PeerEntry {
-                upload_kbps,
-                region,
-                relay,
-            },
-        );
-        self.history.joined(peer, upload_kbps, now);
-        self.plausible.joined(peer, now);
-        self.send_manifests_to(peer);
+        self.admit(peer, upload_kbps, region, relay, now);
         self.stats.resumes += 1;
         // Its first heartbeat is due within an interval (it sends one at once): wait for it.
         if let (Some(until), Some(deadline)) = (self.recovering_until, self.recovery_deadline) {
