@@ -31,6 +31,14 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// `kill -9` of the process, if it runs, and waits for it.
+async fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        signal(&c, rustix::process::Signal::KILL);
+        let _ = c.wait().await;
+    }
+}
+
 fn signal(child: &Child, sig: rustix::process::Signal) {
     if let Some(pid) = child
         .id()
@@ -107,10 +115,7 @@ impl Etcd {
 
     /// Kills etcd (SIGKILL); [`Etcd::restart`] brings it back with the same data and ports.
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, rustix::process::Signal::KILL);
-            let _ = c.wait().await;
-        }
+        kill_child(&mut self.child).await;
     }
 
     pub async fn restart(&mut self) -> Result<()> {
@@ -215,10 +220,7 @@ impl Node {
 
     /// `kill -9`.
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, rustix::process::Signal::KILL);
-            let _ = c.wait().await;
-        }
+        kill_child(&mut self.child).await;
     }
 
     /// SIGTERM, then waits for the process to end (at most `timeout`).
@@ -244,16 +246,19 @@ impl Node {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// `GET /api/operator/cluster` of this node.
-    pub async fn cluster_view(&self) -> Result<Value> {
+    /// `GET path` on this node with the operator token; an error status is an error.
+    async fn get(&self, path: &str) -> Result<reqwest::Response> {
         Ok(reqwest::Client::new()
-            .get(format!("{}/api/operator/cluster", self.url))
+            .get(format!("{}{path}", self.url))
             .bearer_auth(OPERATOR_TOKEN)
             .send()
             .await?
-            .error_for_status()?
-            .json()
-            .await?)
+            .error_for_status()?)
+    }
+
+    /// `GET /api/operator/cluster` of this node.
+    pub async fn cluster_view(&self) -> Result<Value> {
+        self.get_json("/api/operator/cluster").await
     }
 
     /// The owner's URL of `channel`'s DCM as this node's locator answers it.
@@ -271,26 +276,12 @@ impl Node {
 
     /// `GET /metrics` of this node (Prometheus text).
     pub async fn metrics(&self) -> Result<String> {
-        Ok(reqwest::Client::new()
-            .get(format!("{}/metrics", self.url))
-            .bearer_auth(OPERATOR_TOKEN)
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        Ok(self.get("/metrics").await?.text().await?)
     }
 
     /// `GET path` on this node, as JSON (with the operator token).
     pub async fn get_json(&self, path: &str) -> Result<Value> {
-        Ok(reqwest::Client::new()
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(OPERATOR_TOKEN)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        Ok(self.get(path).await?.json().await?)
     }
 }
 
@@ -344,4 +335,67 @@ pub async fn page_stats(pages: &[crate::cdp::Page]) -> Result<Vec<PeerReport>> {
         out.push(serde_json::from_str(text).with_context(|| format!("viewer {i}'s stats"))?);
     }
     Ok(out)
+}
+
+/// Starts `n` nodes (`n1`, `n2`, …) joined to `etcd`, each with `args`, and waits until every
+/// one sees them all.
+pub async fn start_nodes(
+    n: usize,
+    etcd: &Etcd,
+    web_dir: &Path,
+    logs: &Path,
+    args: &[&str],
+) -> Result<Vec<Node>> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 1..=n {
+        nodes.push(Node::start(&format!("n{i}"), etcd, web_dir, logs, args).await?);
+    }
+    wait_until(
+        "every node to see the others",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        async || {
+            for node in &nodes {
+                let seen = node.cluster_view().await?["nodes"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                anyhow::ensure!(seen == n, "node {} sees {seen} nodes of {n}", node.id);
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(nodes)
+}
+
+/// The index of the node that owns `channel`'s DCM, as `nodes[ask]`'s locator answers (the
+/// locator claims the DCM for that node when nobody owns it yet).
+pub async fn owner_index(nodes: &[Node], ask: usize, channel: &str) -> Result<usize> {
+    let url = nodes[ask].locate(channel).await?;
+    nodes
+        .iter()
+        .position(|n| n.url == url)
+        .ok_or_else(|| anyhow!("{channel} is owned by an unknown node {url}"))
+}
+
+/// Opens a viewer page of channel `demo` on `node` (a playing one in its own window) and waits
+/// until its peer runs.
+pub async fn open_viewer(
+    browser: &crate::cdp::Browser,
+    node: &Node,
+    upload_kbps: u32,
+    decode: bool,
+) -> Result<crate::cdp::Page> {
+    let url = format!(
+        "{}/?channel=demo&upload={upload_kbps}&decode={}",
+        node.url,
+        u8::from(decode)
+    );
+    let page = browser
+        .new_page_with(&url, crate::cdp::PageOptions { new_window: decode })
+        .await?;
+    page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
+        .await
+        .with_context(|| format!("viewer page {url} did not start its peer"))?;
+    Ok(page)
 }

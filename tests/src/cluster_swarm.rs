@@ -14,15 +14,15 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use protocol::report::Pct;
 use serde::Serialize;
 
-use crate::cdp::{Browser, LaunchOptions, PageOptions};
+use crate::cdp::{Browser, LaunchOptions};
 use crate::cluster::{
-    page_stats as stats, placed_peers, topology_links as links, Etcd, Link, Node,
+    open_viewer, owner_index, page_stats as stats, placed_peers, start_nodes,
+    topology_links as links, Etcd, Link, Node,
 };
-use crate::wait::wait_until;
 
 #[derive(Debug, Clone)]
 pub struct ClusterSwarmArgs {
@@ -75,39 +75,16 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
         .prefix("swarm-cluster-")
         .tempdir()?;
     let etcd = Etcd::start().await?;
-    let mut nodes = Vec::new();
-    for i in 1..=args.nodes {
-        nodes.push(
-            Node::start(
-                &format!("n{i}"),
-                &etcd,
-                &args.web_dir,
-                logs.path(),
-                &["--lease-ttl", "3"],
-            )
-            .await?,
-        );
-    }
-    wait_until(
-        "every node to see the others",
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        async || {
-            for n in &nodes {
-                let seen = n.cluster_view().await?["nodes"]
-                    .as_array()
-                    .map_or(0, Vec::len);
-                anyhow::ensure!(seen == nodes.len(), "node {} sees {seen}", n.id);
-            }
-            Ok(())
-        },
+    let mut nodes = start_nodes(
+        args.nodes,
+        &etcd,
+        &args.web_dir,
+        logs.path(),
+        &["--lease-ttl", "3"],
     )
     .await?;
-    let owner_url = nodes[nodes.len() / 2].locate("demo").await?;
-    let owner = nodes
-        .iter()
-        .position(|n| n.url == owner_url)
-        .ok_or_else(|| anyhow!("demo owned by an unknown node {owner_url}"))?;
+    let owner = owner_index(&nodes, nodes.len() / 2, "demo").await?;
+    let owner_url = nodes[owner].url.clone();
     println!(
         "cluster of {} nodes; channel demo's DCM on {}",
         nodes.len(),
@@ -117,20 +94,8 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
     let mut pages = Vec::new();
     for i in 0..args.viewers {
         let node = &nodes[i % nodes.len()];
-        let decode = i < args.playing;
         let upload = args.upload_kbps[i % args.upload_kbps.len().max(1)];
-        let url = format!(
-            "{}/?channel=demo&upload={upload}&decode={}",
-            node.url,
-            u8::from(decode)
-        );
-        let page = browser
-            .new_page_with(&url, PageOptions { new_window: decode })
-            .await?;
-        page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
-            .await
-            .with_context(|| format!("viewer {i} did not start"))?;
-        pages.push(page);
+        pages.push(open_viewer(&browser, node, upload, i < args.playing).await?);
     }
     let start = Instant::now();
     // When the owner was killed (wall ms, instant) and the links then.

@@ -8,8 +8,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use e2e::cdp::{Browser, LaunchOptions, Page, PageOptions};
-use e2e::cluster::{page_stats, placed_peers, topology_links as links, Etcd, Node};
+use e2e::cdp::{Browser, LaunchOptions, Page};
+use e2e::cluster::{
+    open_viewer, owner_index, page_stats, placed_peers, start_nodes, topology_links as links, Etcd,
+    Node,
+};
 use e2e::console::{unexpected, VIEWER_PAGE};
 use e2e::wait::wait_until;
 use protocol::report::PeerReport;
@@ -38,53 +41,19 @@ impl Cluster {
     async fn start(extra: &[&str]) -> Result<(Cluster, usize)> {
         let logs = tempfile::Builder::new().prefix("e2e-cluster-").tempdir()?;
         let etcd = Etcd::start().await?;
-        let mut nodes = Vec::new();
-        for i in 1..=3 {
-            let ttl = LEASE_TTL_S.to_string();
-            let hb = HEARTBEAT_MS.to_string();
-            let mut args = vec!["--lease-ttl", &ttl, "--heartbeat-ms", &hb];
-            args.extend_from_slice(extra);
-            nodes.push(Node::start(&format!("n{i}"), &etcd, &web_dir(), logs.path(), &args).await?);
-        }
-        wait_until(
-            "every node to see the three",
-            Duration::from_secs(10),
-            Duration::from_millis(200),
-            async || {
-                for n in &nodes {
-                    let v = n.cluster_view().await?;
-                    let seen = v["nodes"].as_array().map_or(0, Vec::len);
-                    ensure!(seen == 3, "node {} sees {seen} nodes", n.id);
-                }
-                Ok(())
-            },
-        )
-        .await?;
+        let ttl = LEASE_TTL_S.to_string();
+        let hb = HEARTBEAT_MS.to_string();
+        let mut args = vec!["--lease-ttl", &ttl, "--heartbeat-ms", &hb];
+        args.extend_from_slice(extra);
+        let nodes = start_nodes(3, &etcd, &web_dir(), logs.path(), &args).await?;
         // The DCM goes to the node a viewer (here: the locator) reaches first: the second one,
         // so that viewers opened on the others are redirected to it.
-        let owner_url = nodes[1].locate("demo").await?;
-        let owner = nodes
-            .iter()
-            .position(|n| n.url == owner_url)
-            .ok_or_else(|| anyhow!("demo is owned by an unknown node {owner_url}"))?;
+        let owner = owner_index(&nodes, 1, "demo").await?;
         let browser = Browser::launch(LaunchOptions::default()).await?;
         let mut pages = Vec::new();
         for i in 0..VIEWERS {
             let node = &nodes[i % nodes.len()];
-            let decode = i == 0;
-            let url = format!(
-                "{}/?channel=demo&upload={}&decode={}",
-                node.url,
-                [3000, 1200][i % 2],
-                u8::from(decode)
-            );
-            let page = browser
-                .new_page_with(&url, PageOptions { new_window: decode })
-                .await?;
-            page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
-                .await
-                .with_context(|| format!("viewer {i} did not start its peer"))?;
-            pages.push(page);
+            pages.push(open_viewer(&browser, node, [3000, 1200][i % 2], i == 0).await?);
         }
         Ok((
             Cluster {

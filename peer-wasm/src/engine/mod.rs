@@ -31,6 +31,7 @@
 pub mod file;
 mod heartbeat;
 pub mod playout;
+mod report;
 mod tier;
 mod upload;
 pub mod verify;

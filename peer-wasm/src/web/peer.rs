@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use protocol::report::{DownloadReport, PeerReport, RelayReport};
-use protocol::{ClientMsg, PeerId, ServerMsg, TierName, PROTOCOL_VERSION};
+use protocol::{ClientMsg, PeerId, ServerMsg, PROTOCOL_VERSION};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -320,15 +320,6 @@ impl Drop for P2pPeer {
 }
 
 /// The tier's wire name (`preferred`, `middle`, `bottom`), as the server spells it.
-fn tier_name(t: TierName) -> String {
-    match t {
-        TierName::Preferred => "preferred",
-        TierName::Middle => "middle",
-        TierName::Bottom => "bottom",
-    }
-    .to_string()
-}
-
 /// Runs `f` on the shared state if it is still alive and not borrowed (events can only
 /// arrive from the JS event loop, so a failed borrow means a bug, not a race; we skip).
 fn with(me: &Weak<RefCell<Inner>>, f: impl FnOnce(&mut Inner)) {
@@ -1137,8 +1128,6 @@ impl Inner {
     }
 
     fn report(&mut self) -> PeerReport {
-        let c = &self.engine.counters;
-        let verified = self.engine.verified;
         let startup_ms = match &self.media {
             Some(m) => m.first_playing_ms(),
             None => self
@@ -1146,48 +1135,16 @@ impl Inner {
                 .first_delivery_ms
                 .map(|wall| perf_now() - (now_ms() - wall)),
         };
-        PeerReport {
-            peer_id: self.engine.peer_id(),
-            bytes_from_peers: c.bytes_from_peers,
-            bytes_from_origin: c.bytes_from_origin,
-            bytes_up: c.bytes_up,
-            packets_from_peers: c.packets_from_peers,
-            packets_from_origin: c.packets_from_origin,
-            origin_fallbacks: c.origin_fallbacks,
-            duplicates: c.duplicates,
-            packets_played: c.packets_played,
-            bytes_played: c.bytes_played,
-            on_time: c.on_time,
-            late: c.late,
-            verified_first_seq: verified.map(|v| v.first_seq),
-            verified_count: verified.map_or(0, |v| v.count),
-            verified_hash: verified.map(|v| v.hex()).unwrap_or_default(),
+        let mut r = PeerReport {
             startup_ms,
-            latency_hist: self.engine.latency.sparse(),
             stalls: self.media.as_ref().map_or(0, Media::stalls),
             playing: self.media.as_ref().is_some_and(Media::playing),
             decoding: self.media.is_some(),
             current_time: self.media.as_ref().map_or(0.0, Media::current_time),
             buffer_s: self.media.as_ref().map_or(0.0, Media::buffer_ahead),
-            plan: self.engine.plan().to_vec(),
             connected_peers: self.links.values().filter(|l| l.is_open()).count() as u32,
             errors: self.errors.clone(),
             stream_kbps: self.welcome.as_ref().map_or(0, |w| w.stream_kbps),
-            upload_kbps: self.engine.upload_kbps(),
-            links: {
-                let mut links = self.engine.link_stats();
-                for l in &mut links {
-                    if let protocol::Source::Peer { id } = l.parent {
-                        l.parent_open_ms = self
-                            .links
-                            .get(&id)
-                            .filter(|link| link.is_open())
-                            .and_then(|link| link.opened_ms);
-                    }
-                }
-                links
-            },
-            past_links: self.engine.past_links(),
             heartbeats_sent: self.heartbeats_sent,
             links_failed: self.links_failed,
             control_resumes: self.reconnect.resumed,
@@ -1195,35 +1152,26 @@ impl Inner {
             control_lost_at_ms: self.reconnect.lost_at_ms,
             control_resumed_at_ms: self.reconnect.resumed_at_ms,
             heartbeat_bytes: self.heartbeat_bytes,
-            tier: self.engine.tier().map(tier_name),
-            region: self.engine.tier_plan().map(|t| t.region.clone()),
-            packets_recovered: c.packets_recovered,
-            parity_frames_received: c.parity_frames_received,
-            mesh_neighbours: self.engine.mesh_neighbours().len() as u32,
-            plays: self.engine.plays(),
-            download: None,
-            late_samples: self.engine.late_samples.iter().cloned().collect(),
-            signed: self
-                .engine
-                .is_verifying()
-                .then_some(protocol::report::SignedReport {
-                    manifests: c.manifests,
-                    bad_manifests: c.bad_manifests,
-                    verified_packets: c.verified_packets,
-                    verified_bytes: c.verified_bytes,
-                    forged: c.forged,
-                    unverified_dropped: c.unverified_dropped,
-                    reports_sent: self.forgeries_reported,
-                    manifest_waits: c.manifest_waits,
-                    manifest_wait_ms: c.manifest_wait_ms,
-                    manifest_wait_max_ms: c.manifest_wait_max_ms,
-                }),
             relays: self
                 .relays
                 .iter()
                 .map(|(ch, r)| relay_report(ch, r))
                 .collect(),
+            ..self.engine.report()
+        };
+        for l in &mut r.links {
+            if let protocol::Source::Peer { id } = l.parent {
+                l.parent_open_ms = self
+                    .links
+                    .get(&id)
+                    .filter(|link| link.is_open())
+                    .and_then(|link| link.opened_ms);
+            }
         }
+        if let Some(s) = r.signed.as_mut() {
+            s.reports_sent = self.forgeries_reported;
+        }
+        r
     }
 
     fn shutdown(&mut self) {
