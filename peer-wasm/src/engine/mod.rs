@@ -155,6 +155,12 @@ pub enum Input<'a> {
         seq: u64,
         gone: bool,
     },
+    /// The control connection dropped (`false`) or is back (`true`). While it is down the
+    /// origin pushes nothing, so a tree whose parent is the origin gets its packets only by
+    /// fetching: its gaps are fetched as soon as they are known, and its children keep being fed.
+    Control {
+        up: bool,
+    },
     Tick,
 }
 
@@ -321,6 +327,8 @@ pub struct Engine {
     /// the configured playout delay and give-up time it may only raise.
     fragments: FragmentClock,
     floor: (f64, f64),
+    /// Whether the control connection (and with it the origin's push) is up.
+    control_up: bool,
     now: f64,
 }
 
@@ -364,6 +372,7 @@ impl Engine {
             first_delivery_ms: None,
             verifier: None,
             late_samples: VecDeque::new(),
+            control_up: true,
             now: now_ms,
         }
     }
@@ -487,6 +496,7 @@ impl Engine {
                 }
             }
             Input::LiveEdge { seq } => self.note_exists(seq),
+            Input::Control { up } => self.control_up = up,
             Input::Manifest { bytes } => self.on_manifest(bytes, &mut out),
             Input::Tick => {}
         }
@@ -1141,8 +1151,20 @@ impl Engine {
         (d * 2.0 / 3.0).min(slack)
     }
 
+    /// Whether `seq`'s data tree has the origin as this peer's parent.
+    fn origin_fed(&self, seq: u64) -> bool {
+        let sub = protocol::substream_of(seq, self.k);
+        self.plan
+            .iter()
+            .any(|p| p.index == sub && p.parent == Source::Origin)
+    }
+
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
     fn fetch_due(&self, seq: u64, t: f64) -> bool {
+        if !self.control_up && self.origin_fed(seq) {
+            // Nothing will come down this tree until a control connection is back.
+            return self.now >= t;
+        }
         let waited = self.now - t - self.path_patience(seq);
         match &self.tiers.coded {
             None => waited >= self.cfg.fallback_after_ms,

@@ -785,3 +785,42 @@ fn a_parent_gone_quiet_is_reported_in_early_heartbeats() {
         t += 50.0;
     }
 }
+
+#[test]
+fn while_the_control_connection_is_down_origin_fed_trees_are_fetched_at_once() {
+    // Peer 1 roots tree 0 (the origin pushes it) and hangs under peer 2 in tree 1.
+    let mut e = welcomed(1);
+    let fetches = |actions: &[Action]| -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fetch { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    };
+    e.handle(
+        Input::Instructions {
+            plan: plan(
+                [Source::Origin, Source::Peer { id: PeerId(2) }],
+                [vec![3], vec![]],
+            ),
+            tier: None,
+        },
+        0.0,
+    );
+    // Control up: a known gap waits for its tree, whoever feeds it.
+    assert!(fetches(&e.handle(Input::LiveEdge { seq: 3 }, 100.0)).is_empty());
+    // The control connection drops: the origin's tree is fetched at once, the peer's waits.
+    let got = fetches(&e.handle(Input::Control { up: false }, 110.0));
+    assert!(
+        got.iter().all(|s| protocol::substream_of(*s, K) == 0),
+        "{got:?}"
+    );
+    assert!(got.contains(&2), "{got:?}");
+    let later = fetches(&e.handle(Input::LiveEdge { seq: 5 }, 200.0));
+    assert_eq!(later, vec![4], "only tree 0's new gap, without waiting");
+    // Back: new gaps wait for the trees again.
+    e.handle(Input::Control { up: true }, 300.0);
+    assert!(fetches(&e.handle(Input::LiveEdge { seq: 7 }, 310.0)).is_empty());
+}

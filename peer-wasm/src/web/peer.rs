@@ -532,6 +532,7 @@ impl Inner {
                         self.reconnect.failed = None;
                         self.reconnect.resumed += 1;
                         self.reconnect.resumed_at_ms = Some(js_sys::Date::now());
+                        self.feed(Input::Control { up: true });
                         // Our links, at once: the new DCM rebuilds the trees from them.
                         self.last_heartbeat = 0.0;
                     } else {
@@ -678,6 +679,9 @@ impl Inner {
         if self.destroyed {
             return;
         }
+        // No origin push until a server takes this peer back: the trees it roots are fed by
+        // fetching, at once.
+        self.feed(Input::Control { up: false });
         if self.reconnect.attempt >= GIVE_UP_AFTER {
             self.error(format!("{reason}; gave up reconnecting"));
             return;
