@@ -45,6 +45,13 @@ pub enum DcmEvent {
         /// The peer presented a valid resume token (cluster mode): it is adopted with its
         /// links, not placed ([`coordinator::Event::Resume`]).
         resumed: bool,
+        /// Its NAT class, when it knew it at join.
+        connectivity: Option<protocol::Connectivity>,
+    },
+    /// The peer's NAT class, found after it joined.
+    Connectivity {
+        peer: PeerId,
+        connectivity: protocol::Connectivity,
     },
     Leave {
         peer: PeerId,

@@ -27,6 +27,7 @@ fn join_with(
         companion: None,
         relay_token: relay_token.map(String::from),
         resume: None,
+        connectivity: None,
     }
 }
 
@@ -304,6 +305,7 @@ async fn a_resume_on_a_lone_server_is_refused_and_the_channel_goes_on() {
             peer: other_id,
             token: "00".repeat(32),
         }),
+        connectivity: None,
     };
     send(&mut ws, &forged).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadResume);

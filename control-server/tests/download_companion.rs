@@ -72,6 +72,7 @@ fn join(channel: &str, upload_kbps: u32, companion: Option<PeerId>) -> ClientMsg
         companion,
         relay_token: None,
         resume: None,
+        connectivity: None,
     }
 }
 

@@ -258,6 +258,7 @@ impl World {
                 upload_kbps,
                 region: Region::Named(region),
                 relay: false,
+                connectivity: None,
             },
             self.now,
         );

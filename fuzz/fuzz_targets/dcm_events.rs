@@ -287,6 +287,7 @@ impl Driver {
                     upload_kbps,
                     region,
                     relay,
+                    connectivity: None,
                 });
             }
             Op::Leave { who } => {

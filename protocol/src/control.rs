@@ -54,7 +54,16 @@ pub enum ClientMsg {
         /// [`ErrorCode::BadResume`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Resume>,
+        /// What kind of NAT or firewall the peer is behind, when its ICE gathering finished
+        /// before it joined (otherwise a [`ClientMsg::Connectivity`] follows). The DCM never
+        /// links two peers whose classes cannot connect ([`Connectivity::can_pair`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connectivity: Option<Connectivity>,
     },
+    /// The peer's connectivity, found after it joined (ICE gathering against the STUN servers
+    /// takes up to a few seconds where UDP is blocked). Replaces an earlier report; the DCM
+    /// re-places the peer's links its class cannot hold.
+    Connectivity(Connectivity),
     /// WebRTC signaling for a peer the server linked us with.
     Signal { to: PeerId, signal: Signal },
     /// The FIG. 9 heartbeat.
@@ -74,6 +83,76 @@ pub enum ClientMsg {
     },
     /// Orderly goodbye (closing the socket means the same).
     Leave,
+}
+
+/// How a peer reaches the internet (FIG. 7: the topology is computed from "the connectivity to
+/// the Internet (e.g., what kind of NAT/firewall the client is behind)"), as its ICE gathering
+/// against two STUN servers shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatClass {
+    /// A public address: no NAT, no filtering (its host candidate is what STUN sees; also a
+    /// waypoint in a data center).
+    Open,
+    /// Behind a NAT that maps one local port to one public port whatever the destination (both
+    /// STUN servers see the same mapping): reachable by hole punching from open and other
+    /// endpoint-independent peers.
+    EndpointIndependent,
+    /// Behind a NAT that maps each destination to a new public port (the two STUN servers see
+    /// different ports; "symmetric"): only open peers reach it.
+    EndpointDependent,
+    /// No STUN answer at all: outbound UDP is blocked. Without TURN it reaches no peer.
+    UdpBlocked,
+}
+
+/// A peer's connectivity: its NAT class, and whether it has a TURN relay (a `relay` candidate
+/// from the site's `ice_servers`), which lets it reach any peer that can send UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Connectivity {
+    pub class: NatClass,
+    #[serde(default)]
+    pub turn: bool,
+}
+
+impl Connectivity {
+    pub const OPEN: Connectivity = Connectivity {
+        class: NatClass::Open,
+        turn: false,
+    };
+
+    /// Whether a data channel between peers of these connectivities can open. Unknown (`None`)
+    /// is assumed to connect, as every pair was before peers reported their class; a pair that
+    /// fails anyway is reported with [`ClientMsg::LinkFailed`] and blocked. Conservative where
+    /// the filtering decides: an endpoint-independent NAT usually filters by address and port
+    /// (Linux masquerade, most home routers), which an endpoint-dependent peer's new port for
+    /// each destination never gets through.
+    pub fn can_pair(a: Option<Connectivity>, b: Option<Connectivity>) -> bool {
+        use NatClass::*;
+        let (Some(a), Some(b)) = (a, b) else {
+            return match (a, b) {
+                (Some(x), None) | (None, Some(x)) => x.class != UdpBlocked || x.turn,
+                _ => true,
+            };
+        };
+        if (a.class == UdpBlocked && !a.turn) || (b.class == UdpBlocked && !b.turn) {
+            return false;
+        }
+        if a.turn || b.turn {
+            // A relay address accepts whoever the relay's permission names (by address only).
+            return true;
+        }
+        !matches!(
+            (a.class, b.class),
+            (EndpointDependent, EndpointDependent)
+                | (EndpointDependent, EndpointIndependent)
+                | (EndpointIndependent, EndpointDependent)
+        )
+    }
+
+    /// Whether this peer can pair with fewer than all others (it needs its partners chosen).
+    pub fn is_restrictive(self) -> bool {
+        self.class != NatClass::Open && !self.turn
+    }
 }
 
 /// Control center → peer.
@@ -309,6 +388,66 @@ pub enum ErrorCode {
 
 #[cfg(test)]
 mod tests {
+    use super::{Connectivity, NatClass};
+
+    #[test]
+    fn nat_classes_pair_as_their_mappings_and_filters_allow() {
+        use NatClass::*;
+        let c = |class, turn| Some(Connectivity { class, turn });
+        let all = [
+            None,
+            c(Open, false),
+            c(EndpointIndependent, false),
+            c(EndpointDependent, false),
+            c(UdpBlocked, false),
+            c(EndpointDependent, true),
+            c(UdpBlocked, true),
+        ];
+        for a in all {
+            for b in all {
+                assert_eq!(Connectivity::can_pair(a, b), Connectivity::can_pair(b, a));
+            }
+        }
+        assert!(Connectivity::can_pair(None, None));
+        assert!(Connectivity::can_pair(
+            c(Open, false),
+            c(EndpointDependent, false)
+        ));
+        assert!(Connectivity::can_pair(
+            c(EndpointIndependent, false),
+            c(EndpointIndependent, false)
+        ));
+        assert!(!Connectivity::can_pair(
+            c(EndpointIndependent, false),
+            c(EndpointDependent, false)
+        ));
+        assert!(!Connectivity::can_pair(
+            c(EndpointDependent, false),
+            c(EndpointDependent, false)
+        ));
+        // UDP blocked reaches nobody without TURN, everybody (who has UDP) with it.
+        for x in all {
+            assert!(!Connectivity::can_pair(c(UdpBlocked, false), x));
+        }
+        assert!(Connectivity::can_pair(
+            c(UdpBlocked, true),
+            c(EndpointDependent, false)
+        ));
+        assert!(Connectivity::can_pair(
+            c(EndpointDependent, true),
+            c(EndpointDependent, false)
+        ));
+        assert!(!Connectivity::OPEN.is_restrictive());
+        assert!(c(EndpointIndependent, false).unwrap().is_restrictive());
+        assert!(!c(UdpBlocked, true).unwrap().is_restrictive());
+        let s = serde_json::to_string(&Connectivity {
+            class: EndpointDependent,
+            turn: false,
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"class":"endpoint_dependent","turn":false}"#);
+    }
+
     use super::*;
 
     #[test]
@@ -322,6 +461,7 @@ mod tests {
             relay_token: None,
             companion: None,
             resume: None,
+            connectivity: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

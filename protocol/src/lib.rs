@@ -32,8 +32,8 @@ pub mod report;
 pub mod rng;
 
 pub use control::{
-    ClientMsg, ErrorCode, FecSpec, Feed, Resume, ServerMsg, Signal, Source, SubstreamPlan,
-    TierName, TierPlan, PROTOCOL_VERSION,
+    ClientMsg, Connectivity, ErrorCode, FecSpec, Feed, NatClass, Resume, ServerMsg, Signal, Source,
+    SubstreamPlan, TierName, TierPlan, PROTOCOL_VERSION,
 };
 pub use file::FileInfo;
 pub use heartbeat::{ChildLink, Heartbeat, ParentLink};

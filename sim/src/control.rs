@@ -126,6 +126,7 @@ impl Control {
                 upload_kbps,
                 region: Region::Named(region),
                 relay: false,
+                connectivity: None,
             },
             now_ms,
         );

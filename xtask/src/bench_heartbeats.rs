@@ -168,6 +168,7 @@ async fn sim_peer(
         relay_token: None,
         companion: None,
         resume: None,
+        connectivity: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

@@ -431,6 +431,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
         relay_token: Some("r-1234".into()),
         companion: Some(PeerId(7)),
         resume: None,
+        connectivity: None,
     };
     let client = [
         join,
@@ -443,6 +444,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
             relay_token: None,
             companion: None,
             resume: None,
+            connectivity: None,
         },
         ClientMsg::Signal {
             to: PeerId(3),

@@ -192,6 +192,7 @@ impl Dcm {
                 relay,
                 out,
                 resumed,
+                connectivity,
             } => {
                 if self.channel.released.load(Ordering::Relaxed) {
                     // The join raced a release: this node no longer runs the DCM.
@@ -224,6 +225,7 @@ impl Dcm {
                         upload_kbps,
                         region,
                         relay,
+                        connectivity,
                     }
                 } else {
                     Event::Join {
@@ -231,6 +233,7 @@ impl Dcm {
                         upload_kbps,
                         region,
                         relay,
+                        connectivity,
                     }
                 };
                 self.core.handle(ev, now);
@@ -261,6 +264,9 @@ impl Dcm {
                 );
                 self.channel.counters.heartbeat_apply.record(waited);
             }
+            DcmEvent::Connectivity { peer, connectivity } => self
+                .core
+                .handle(Event::Connectivity { peer, connectivity }, now),
             DcmEvent::LinkFailed { reporter, peer } => {
                 self.core.handle(Event::LinkFailed { reporter, peer }, now)
             }

@@ -460,6 +460,7 @@ impl Session {
                     companion,
                     relay_token,
                     resume,
+                    connectivity,
                 },
                 None,
             ) => {
@@ -472,6 +473,7 @@ impl Session {
                     companion,
                     relay_token,
                     resume,
+                    connectivity,
                 };
                 // Boxed: joining is rare and its future large; every session's task would
                 // otherwise carry its size for life.
@@ -496,6 +498,16 @@ impl Session {
                 true
             }
             (ClientMsg::Heartbeat(hb), Some((me, ch))) => self.on_heartbeat(me, &ch, hb).await,
+            (ClientMsg::Connectivity(connectivity), Some((me, ch))) => {
+                let _ = ch
+                    .dcm
+                    .send(DcmEvent::Connectivity {
+                        peer: me,
+                        connectivity,
+                    })
+                    .await;
+                true
+            }
             (ClientMsg::LinkFailed { peer }, Some((me, ch))) => {
                 if peer == me {
                     return self.error(ErrorCode::NotLinked, "a link with yourself".into());
@@ -640,6 +652,7 @@ impl Session {
             companion,
             relay_token,
             resume,
+            connectivity,
         } = req;
         // Every join attempt from the address counts, refused ones included.
         if let Some(Err(e)) = self.address.as_ref().map(|a| a.join()) {
@@ -837,6 +850,7 @@ impl Session {
                 relay,
                 out: self.out.clone(),
                 resumed: resumed.is_some(),
+                connectivity,
             })
             .await;
         self.state.register_session(
@@ -947,6 +961,7 @@ struct JoinRequest {
     companion: Option<PeerId>,
     relay_token: Option<String>,
     resume: Option<protocol::Resume>,
+    connectivity: Option<protocol::Connectivity>,
 }
 
 impl Drop for Session {

@@ -111,6 +111,7 @@ pub fn join_msg(upload_kbps: u32) -> ClientMsg {
         relay_token: None,
         companion: None,
         resume: None,
+        connectivity: None,
     }
 }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use protocol::{Heartbeat, PeerId, ServerMsg, Signal};
+use protocol::{Connectivity, Heartbeat, PeerId, ServerMsg, Signal};
 
 use super::planner::Push;
 use super::snapshot::TopologySnapshot;
@@ -66,6 +66,8 @@ pub enum Event {
         region: Region,
         /// A recruited relay's session (it forwards without playing).
         relay: bool,
+        /// Its NAT class, when it knew it at join ([`Event::Connectivity`] otherwise).
+        connectivity: Option<Connectivity>,
     },
     /// A viewer reconnected with a valid resume token (cluster mode: its server failed or handed
     /// the channel over, and this DCM took it). Its data channels kept running on its old
@@ -78,6 +80,13 @@ pub enum Event {
         upload_kbps: u32,
         region: Region,
         relay: bool,
+        connectivity: Option<Connectivity>,
+    },
+    /// A peer found (or revised) its NAT class after joining: from now on it is linked only
+    /// with peers its class can reach, and its links that the class cannot hold are re-placed.
+    Connectivity {
+        peer: PeerId,
+        connectivity: Connectivity,
     },
     /// A viewer's session ended.
     Leave { peer: PeerId },

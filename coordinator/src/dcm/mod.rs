@@ -338,6 +338,7 @@ impl Dcm {
                 upload_kbps,
                 region,
                 relay,
+                connectivity,
             } => {
                 if self.recovering() {
                     self.deferred_joins.push(Event::Join {
@@ -345,9 +346,11 @@ impl Dcm {
                         upload_kbps,
                         region,
                         relay,
+                        connectivity,
                     });
                     return;
                 }
+                self.planner.set_connectivity(peer, connectivity);
                 self.join(peer, upload_kbps, region, relay, now);
             }
             Event::Resume {
@@ -355,7 +358,17 @@ impl Dcm {
                 upload_kbps,
                 region,
                 relay,
-            } => self.resume(peer, upload_kbps, region, relay, now),
+                connectivity,
+            } => {
+                self.planner.set_connectivity(peer, connectivity);
+                self.resume(peer, upload_kbps, region, relay, now)
+            }
+            Event::Connectivity { peer, connectivity } => {
+                if self.peers.contains_key(&peer) && !self.recovering() {
+                    let changes = self.planner.set_connectivity(peer, Some(connectivity));
+                    self.send_instructions(changes.affected, now);
+                }
+            }
             Event::Leave { peer } => self.remove_peer(peer, "left", now),
             Event::Signal { from, to, signal } => self.relay_signal(from, to, signal),
             Event::Heartbeat {

@@ -352,6 +352,29 @@ impl Planner {
         }
     }
 
+    /// `peer`'s NAT class (`None`: unknown): it is linked only with peers it can reach, and
+    /// links it cannot hold are re-placed now. Before its join, it places the joiner by it.
+    /// A hierarchy does not use classes yet: its pairs are blocked as their failures are
+    /// reported.
+    pub fn set_connectivity(
+        &mut self,
+        peer: PeerId,
+        connectivity: Option<protocol::Connectivity>,
+    ) -> Changes {
+        match self {
+            Planner::Flat(t) => t.set_connectivity(peer, connectivity),
+            Planner::Tiered(_) => Changes::default(),
+        }
+    }
+
+    /// The NAT class recorded for `peer`, where the planner uses one (restrictive classes).
+    pub fn connectivity(&self, peer: PeerId) -> Option<protocol::Connectivity> {
+        match self {
+            Planner::Flat(t) => t.connectivity(peer),
+            Planner::Tiered(_) => None,
+        }
+    }
+
     /// `a` and `b` cannot connect (one of them reported a data channel that never opened): they
     /// are never parent and child again, and a child of theirs is re-placed now.
     pub fn block(&mut self, a: PeerId, b: PeerId) -> Changes {

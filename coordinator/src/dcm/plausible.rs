@@ -393,6 +393,7 @@ mod tests {
                 upload_kbps: 2000,
                 region: crate::topology::region::Region::V4([127, 0]),
                 relay: false,
+                connectivity: None,
             },
             0,
         );

@@ -75,8 +75,16 @@ impl Dcm {
                         })
                     })
                     .collect();
-                let (restored, mut changes) =
+                let (mut restored, mut changes) =
                     crate::topology::MultiTree::restore(*tree.config(), &observed);
+                // The classes the peers announced when they resumed carry over.
+                for p in &ids {
+                    if let Some(c) = tree.connectivity(*p) {
+                        changes
+                            .affected
+                            .extend(restored.set_connectivity(*p, Some(c)).affected);
+                    }
+                }
                 for o in &observed {
                     for (t, parent) in &o.parents {
                         self.stats.links_reported += 1;

@@ -151,6 +151,7 @@ impl Harness {
                 relay: false,
                 peer: PeerId(id),
                 upload_kbps,
+                connectivity: None,
             },
             T0,
         );
@@ -360,6 +361,7 @@ impl Harness {
             relay: false,
             peer: PeerId(id),
             upload_kbps,
+            connectivity: None,
         });
     }
 
@@ -721,6 +723,7 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
                 upload_kbps: e.upload_kbps,
                 region: e.region,
                 relay: e.relay,
+                connectivity: None,
             },
             at,
         );
@@ -784,6 +787,7 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
             upload_kbps: 2000,
             region: h.dcm.peers[&PeerId(1)].region,
             relay: false,
+            connectivity: None,
         },
         last + 2_000,
     );

@@ -49,7 +49,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::{PeerId, Source, SubstreamPlan};
+use protocol::{Connectivity, PeerId, Source, SubstreamPlan};
 
 mod blocked;
 mod restore;
@@ -170,6 +170,9 @@ pub struct MultiTree {
     /// Pairs of peers that cannot connect (symmetric): never parent and child in any tree
     /// ([`MultiTree::block`], `multitree/blocked.rs`).
     blocked: BTreeMap<PeerId, BTreeSet<PeerId>>,
+    /// The connectivity of peers that cannot pair with everyone (behind NATs, UDP blocked):
+    /// two peers whose classes cannot connect are never linked ([`MultiTree::set_connectivity`]).
+    nat: BTreeMap<PeerId, Connectivity>,
 }
 
 impl MultiTree {
@@ -184,6 +187,7 @@ impl MultiTree {
             trees: vec![Tree::default(); cfg.k as usize],
             origin_fanouts: Vec::new(),
             blocked: BTreeMap::new(),
+            nat: BTreeMap::new(),
         }
     }
 
@@ -314,7 +318,11 @@ impl MultiTree {
             BTreeSet::new()
         };
         let k = self.trees.len();
-        let fanout = self.cfg.fanout_for(upload_kbps);
+        let fanout = if self.reaches_nobody(peer) {
+            0
+        } else {
+            self.cfg.fanout_for(upload_kbps)
+        };
         let interior = (fanout > 0).then(|| self.least_spare_tree());
         self.nodes.insert(
             peer,
@@ -786,6 +794,11 @@ impl MultiTree {
                         if !pn.children.contains(&id) {
                             return Err(format!("{id}: parent {p} does not list it in tree {t}"));
                         }
+                        if self.is_blocked(id, p) {
+                            return Err(format!(
+                                "{id}: linked under {p} in tree {t}, a pair that cannot connect"
+                            ));
+                        }
                         // Depth strictly grows away from the origin, so there is no cycle and
                         // everyone is connected to the origin.
                         if link.depth != pn.links[t].depth + 1 {
@@ -980,15 +993,16 @@ impl MultiTree {
             Index::Free => &tree.free,
             Index::WithLeaf => &tree.with_leaf,
         };
-        let unblocked = !self.blocked.contains_key(&x);
-        if !moving && unblocked {
-            return set.first().copied();
+        if !moving && !self.restricted(x) {
+            // Only a peer that reaches nobody refuses an unrestricted one.
+            if let Some(first) = set.first().filter(|(_, q)| !self.is_blocked(x, *q)) {
+                return Some(*first);
+            }
         }
         set.iter()
             .take(MAX_SCAN)
             .find(|(_, q)| {
-                (unblocked || !self.is_blocked(x, *q))
-                    && (!moving || self.reaches_origin_avoiding(t, *q, x))
+                !self.is_blocked(x, *q) && (!moving || self.reaches_origin_avoiding(t, *q, x))
             })
             .copied()
     }

@@ -418,6 +418,7 @@ impl Inner {
                     companion: i.download.as_ref().map(|d| d.companion),
                     relay_token: i.opts.relay_token.clone(),
                     resume: i.resume_claim(),
+                    connectivity: None,
                 };
                 i.send_ctrl(&join);
             })

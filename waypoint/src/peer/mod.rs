@@ -146,6 +146,7 @@ impl Peer {
             companion: None,
             relay_token: None,
             resume: None,
+            connectivity: None,
         });
     }
 

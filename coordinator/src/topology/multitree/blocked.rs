@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use protocol::PeerId;
+use protocol::{Connectivity, PeerId};
 
 use super::{Changes, MultiTree, Parent, MAX_SCAN};
 
@@ -46,8 +46,59 @@ impl MultiTree {
             }
             self.blocked.entry(x).or_default().insert(y);
         }
+        self.relink_blocked(a, &mut aff);
+        Changes { affected: aff }
+    }
+
+    /// `peer` connects as `conn` says (`None`: unknown, assumed to connect with anyone): from
+    /// now on it is linked only with peers its class can pair with, and each of its links that
+    /// the class cannot hold now is re-placed at once.
+    /// Set before [`MultiTree::join`], it places the joiner by it (one that reaches no peer
+    /// gets no children: a leaf everywhere).
+    pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
+        match conn.filter(|c| c.is_restrictive()) {
+            Some(c) => {
+                if self.nat.insert(peer, c) == Some(c) {
+                    return Changes::default();
+                }
+            }
+            None => {
+                self.nat.remove(&peer);
+                return Changes::default();
+            }
+        }
+        if !self.nodes.contains_key(&peer) {
+            return Changes::default();
+        }
+        let mut aff = BTreeSet::new();
+        self.relink_blocked(peer, &mut aff);
+        Changes { affected: aff }
+    }
+
+    /// The connectivity recorded for `peer` (restrictive classes only; `None` for the rest).
+    pub fn connectivity(&self, peer: PeerId) -> Option<Connectivity> {
+        self.nat.get(&peer).copied()
+    }
+
+    /// Re-places every link between `peer` and a peer it may not be linked with, in every tree.
+    fn relink_blocked(&mut self, peer: PeerId, aff: &mut BTreeSet<PeerId>) {
         for t in 0..self.trees.len() {
-            for (child, parent) in [(a, b), (b, a)] {
+            let mut bad: Vec<(PeerId, PeerId)> = Vec::new();
+            if let Some(n) = self.nodes.get(&peer) {
+                if let Parent::Peer(q) = n.links[t].parent {
+                    if self.is_blocked(peer, q) {
+                        bad.push((peer, q));
+                    }
+                }
+                if n.interior == Some(t as u32) {
+                    for c in &n.children {
+                        if self.is_blocked(peer, *c) {
+                            bad.push((*c, peer));
+                        }
+                    }
+                }
+            }
+            for (child, parent) in bad {
                 let linked = self
                     .nodes
                     .get(&child)
@@ -55,21 +106,28 @@ impl MultiTree {
                 if !linked {
                     continue;
                 }
-                self.detach(t, child, &mut aff);
+                self.detach(t, child, aff);
                 if self.is_interior(child, t) {
-                    self.place_interior(t, child, true, &mut aff);
+                    self.place_interior(t, child, true, aff);
                 } else {
-                    self.place_leaf(t, child, &mut aff);
+                    self.place_leaf(t, child, aff);
                 }
             }
-            self.refill(t, &mut aff);
+            self.refill(t, aff);
         }
-        Changes { affected: aff }
     }
 
-    /// Whether `a` and `b` are known not to connect.
+    /// Whether `a` and `b` may not be linked: a failure was reported between them, or their
+    /// connectivity classes cannot pair.
     pub fn is_blocked(&self, a: PeerId, b: PeerId) -> bool {
         self.blocked.get(&a).is_some_and(|s| s.contains(&b))
+            || (!self.nat.is_empty()
+                && !Connectivity::can_pair(self.nat.get(&a).copied(), self.nat.get(&b).copied()))
+    }
+
+    /// Whether `x` may not be linked with some peers (a reported failure, or its class).
+    pub(super) fn restricted(&self, x: PeerId) -> bool {
+        self.blocked.contains_key(&x) || self.nat.contains_key(&x)
     }
 
     /// Pairs blocked now (each counted once).
@@ -77,8 +135,16 @@ impl MultiTree {
         self.blocked.values().map(BTreeSet::len).sum::<usize>() / 2
     }
 
+    /// Whether `peer`'s class reaches no other peer (UDP blocked, no TURN): it forwards nothing.
+    pub(super) fn reaches_nobody(&self, peer: PeerId) -> bool {
+        self.nat
+            .get(&peer)
+            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(Connectivity::OPEN)))
+    }
+
     /// A departed peer's blocks go with it.
     pub(super) fn forget_blocks(&mut self, peer: PeerId) {
+        self.nat.remove(&peer);
         if let Some(set) = self.blocked.remove(&peer) {
             for other in set {
                 if let Some(s) = self.blocked.get_mut(&other) {
@@ -94,8 +160,11 @@ impl MultiTree {
     /// The shallowest interior node of tree `t` with a free slot that `x` may hang under.
     pub(super) fn first_free_for(&self, t: usize, x: PeerId) -> Option<PeerId> {
         let free = &self.trees[t].free;
-        if !self.blocked.contains_key(&x) {
-            return free.first().map(|(_, q)| *q);
+        if !self.restricted(x) {
+            // Only a peer that reaches nobody refuses an unrestricted one.
+            if let Some((_, q)) = free.first().filter(|(_, q)| !self.is_blocked(x, *q)) {
+                return Some(*q);
+            }
         }
         free.iter()
             .take(MAX_SCAN)
@@ -109,11 +178,12 @@ impl MultiTree {
         let tree = &self.trees[t];
         let leaf = *tree.origin_leaves.first()?;
         let &(_, q) = tree.free.first()?;
-        if self.blocked.is_empty() || !self.is_blocked(leaf, q) {
+        if (self.blocked.is_empty() && self.nat.is_empty()) || !self.is_blocked(leaf, q) {
             return Some((leaf, q));
         }
         tree.origin_leaves
             .iter()
+            .filter(|l| !self.reaches_nobody(**l))
             .take(MAX_SCAN)
             .find_map(|l| self.first_free_for(t, *l).map(|q| (*l, q)))
     }
@@ -131,6 +201,71 @@ mod tests {
             origin_fanout: 1,
             max_fanout: 16,
         })
+    }
+
+    #[test]
+    fn peers_are_linked_only_where_their_nat_classes_connect() {
+        use protocol::NatClass::*;
+        let mut m = tree();
+        let class = |i: u64| match i % 10 {
+            0..=2 => None,
+            3..=4 => Some(Open),
+            5..=7 => Some(EndpointIndependent),
+            8 => Some(EndpointDependent),
+            _ => Some(UdpBlocked),
+        };
+        let conn = |i: u64| class(i).map(|class| Connectivity { class, turn: false });
+        // Half announce their class before joining, half after (a late ICE gathering).
+        for i in 1..=400u64 {
+            if i % 2 == 0 {
+                m.set_connectivity(PeerId(i), conn(i));
+            }
+            m.join(PeerId(i), 400 + (i as u32 * 37) % 1600);
+            if i % 2 == 1 {
+                m.set_connectivity(PeerId(i), conn(i));
+            }
+            m.check_invariants().unwrap();
+        }
+        for i in (1..=400u64).step_by(7) {
+            m.leave(PeerId(i));
+            m.check_invariants().unwrap();
+        }
+        // No peer hangs under a parent it cannot reach; UDP-blocked peers feed nobody and
+        // hang under the origin only.
+        for i in (1..=400u64).filter(|i| i % 7 != 1) {
+            let p = PeerId(i);
+            for s in m.plan(p).unwrap() {
+                if let protocol::Source::Peer { id } = s.parent {
+                    assert!(
+                        Connectivity::can_pair(conn(i), conn(id.0)),
+                        "{i} under {id}"
+                    );
+                }
+                if class(i) == Some(UdpBlocked) {
+                    assert_eq!(s.parent, protocol::Source::Origin);
+                    assert!(s.children.is_empty());
+                }
+            }
+        }
+        // Most of the reachable peers still hang under peers, not the origin.
+        let under_peers = (1..=400u64)
+            .filter(|i| i % 7 != 1 && class(*i) != Some(UdpBlocked))
+            .flat_map(|i| m.plan(PeerId(i)).unwrap())
+            .filter(|s| matches!(s.parent, protocol::Source::Peer { .. }))
+            .count();
+        assert!(under_peers > 1000, "{under_peers}");
+        // A class learnt late re-places the links it cannot hold.
+        let edm = (1..=400u64)
+            .find(|i| i % 7 != 1 && class(*i) == Some(EndpointIndependent))
+            .unwrap();
+        m.set_connectivity(
+            PeerId(edm),
+            Some(Connectivity {
+                class: EndpointDependent,
+                turn: false,
+            }),
+        );
+        m.check_invariants().unwrap();
     }
 
     fn parent_of(m: &MultiTree, child: PeerId, t: u32) -> Option<protocol::Source> {
