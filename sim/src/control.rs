@@ -118,7 +118,14 @@ impl Control {
         }
     }
 
-    pub fn join(&mut self, peer: PeerId, upload_kbps: u32, region: u16, now_ms: u64) {
+    pub fn join(
+        &mut self,
+        peer: PeerId,
+        upload_kbps: u32,
+        region: u16,
+        connectivity: Option<protocol::Connectivity>,
+        now_ms: u64,
+    ) {
         let t = Instant::now();
         self.dcm.handle(
             Event::Join {
@@ -126,7 +133,7 @@ impl Control {
                 upload_kbps,
                 region: Region::Named(region),
                 relay: false,
-                connectivity: None,
+                connectivity,
             },
             now_ms,
         );

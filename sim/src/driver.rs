@@ -108,7 +108,8 @@ impl World {
             return;
         };
         let (a, b) = (i.min(j), i.max(j));
-        if self.cfg.net.unreachable_pair(self.cfg.seed, a, b) {
+        let (pa, pb) = (&self.peers[a as usize].net, &self.peers[b as usize].net);
+        if self.cfg.net.cannot_connect(self.cfg.seed, (a, pa), (b, pb)) {
             let t = us(self.cfg.net.ice_timeout_ms);
             self.q.after(t, Ev::LinkFail(a, b, gen));
         } else {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use sim::net::NatModel;
 use sim::scenario::Network;
 use sim::{RunConfig, Scenario};
 
@@ -36,6 +37,11 @@ struct Args {
     /// Percentage of peer pairs that can never connect (model default 20).
     #[arg(long)]
     unreachable: Option<f64>,
+    /// How unreachable pairs arise: `classes` (peers behind NATs report their class at join,
+    /// a symmetric NAT reaches only open peers) or `pairs` (random pairs the DCM learns of
+    /// only when a data channel fails).
+    #[arg(long, value_enum, default_value_t = NatModel::Classes)]
+    nat_model: NatModel,
     /// Loss per transmission on every path, percent (model default 0.1; lossy: 5).
     #[arg(long)]
     loss: Option<f64>,
@@ -107,6 +113,7 @@ fn real_main() -> Result<()> {
             Scenario::Unreachable => Some(a.unreachable.unwrap_or(20.0)),
             _ => a.unreachable,
         },
+        nat_model: a.nat_model,
         loss_pct: a.loss,
         stream_kbps: a.stream_kbps,
         fragment_ms: a.fragment_ms,

@@ -12,6 +12,7 @@
 //!    link is delivered earlier (head-of-line blocking);
 //! 4. waits for B's downlink (one FIFO per peer at its download capacity).
 
+use protocol::{Connectivity, NatClass};
 use serde::{Deserialize, Serialize};
 
 use crate::dist::{mix, Dist, Rng};
@@ -72,6 +73,8 @@ pub struct NetConfig {
     /// Share of peer pairs that can never connect (symmetric NATs without TURN); their
     /// attempt fails after `ice_timeout_ms`.
     pub unreachable: f64,
+    /// How the unreachable pairs arise ([`NatModel`]).
+    pub nat: NatModel,
     pub ice_timeout_ms: f64,
     /// Overrides every path's one-way delay (the `lossy` scenario's fixed RTT), ms.
     pub fixed_one_way_ms: Option<f64>,
@@ -107,6 +110,7 @@ impl Default for NetConfig {
             setup_ms: Dist::log_uniform(15.0, 300.0),
             setup_rtts: 3.0,
             unreachable: 0.2,
+            nat: NatModel::Classes,
             ice_timeout_ms: 5000.0,
             fixed_one_way_ms: None,
         }
@@ -138,6 +142,25 @@ impl NetConfig {
     }
 }
 
+/// How the `unreachable` share of pairs arises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatModel {
+    /// From NAT classes (issue 15): 25 % of peers open, the rest behind endpoint-independent
+    /// or endpoint-dependent ("symmetric") NATs in the proportion that makes `unreachable` of
+    /// the pairs unable to connect (a symmetric peer reaches only open peers). Each peer reports
+    /// its class when it joins, as the page does, so the DCM can place around it.
+    Classes,
+    /// A random `unreachable` share of pairs, unknown to the DCM until a failure is reported
+    /// (the model before NAT classes).
+    Pairs,
+}
+
+/// Share of peers with a public address in the [`NatModel::Classes`] model. Measurements of
+/// WebRTC clients put open or UPnP-mapped hosts at a fifth to a third, symmetric NATs (mostly
+/// mobile carrier-grade NAT) at 10-20 % (see docs/simulator.md).
+const OPEN_SHARE: f64 = 0.25;
+
 /// What a peer got from the model.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerNet {
@@ -147,6 +170,8 @@ pub struct PeerNet {
     pub down_kbps: f64,
     pub access_ms: f64,
     pub declared_kbps: u32,
+    /// Its NAT class ([`NatModel::Classes`] with some pairs unreachable; `None` otherwise).
+    pub nat: Option<Connectivity>,
 }
 
 impl NetConfig {
@@ -161,6 +186,13 @@ impl NetConfig {
         if !(0.0..=1.0).contains(&self.unreachable) {
             return Err(format!(
                 "--unreachable must be between 0 and 100 %, got {} %",
+                self.unreachable * 100.0
+            ));
+        }
+        if self.nat == NatModel::Classes && self.nat_mix().is_none() {
+            return Err(format!(
+                "--unreachable {} % is more than NAT classes can make (56.25 %: every peer that \
+                 is not open behind a symmetric NAT); lower it or use --nat-model pairs",
                 self.unreachable * 100.0
             ));
         }
@@ -228,6 +260,49 @@ impl NetConfig {
             down_kbps: c.down_kbps.sample(rng).max(1.0),
             access_ms: c.access_ms.sample(rng),
             declared_kbps,
+            nat: None,
+        }
+    }
+
+    /// The shares of endpoint-independent and endpoint-dependent peers that make `unreachable`
+    /// of the pairs unable to connect, with [`OPEN_SHARE`] open: `d² + 2·d·e = u` with
+    /// `e = 1 - open - d`. `None` above the most the model can make (0.5625).
+    pub fn nat_mix(&self) -> Option<(f64, f64)> {
+        let rest = 1.0 - OPEN_SHARE;
+        let disc = rest * rest - self.unreachable;
+        if disc < 0.0 {
+            return None;
+        }
+        let d = rest - disc.sqrt();
+        Some((rest - d, d))
+    }
+
+    /// Peer `index`'s NAT class: fixed by the seed, independent of the other draws (so runs
+    /// with and without classes see the same capacities and delays).
+    pub fn nat_of(&self, seed: u64, index: usize) -> Option<Connectivity> {
+        if self.nat != NatModel::Classes || self.unreachable <= 0.0 {
+            return None;
+        }
+        let (_, d) = self.nat_mix()?;
+        let h = mix(seed ^ mix(0x4e41_5400_0000_0000 | index as u64));
+        let x = (h >> 11) as f64 / (1u64 << 53) as f64;
+        let class = if x < OPEN_SHARE {
+            NatClass::Open
+        } else if x < OPEN_SHARE + d {
+            NatClass::EndpointDependent
+        } else {
+            NatClass::EndpointIndependent
+        };
+        Some(Connectivity { class, turn: false })
+    }
+
+    /// Whether peers `a` and `b` (by index, with their networks) can never connect.
+    pub fn cannot_connect(&self, seed: u64, a: (u32, &PeerNet), b: (u32, &PeerNet)) -> bool {
+        match self.nat {
+            NatModel::Classes if self.unreachable > 0.0 => {
+                !Connectivity::can_pair(a.1.nat, b.1.nat)
+            }
+            _ => self.unreachable_pair(seed, a.0, b.0),
         }
     }
 
@@ -349,6 +424,51 @@ mod tests {
         // Around the ring: 9 is next to 0.
         assert_eq!(cfg.region_ms(0, 9), cfg.region_ms(0, 1));
         assert!((cfg.region_ms(0, 5) - 130.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn nat_classes_make_about_the_unreachable_share_of_pairs() {
+        for u in [0.05, 0.2, 0.4] {
+            let cfg = NetConfig {
+                unreachable: u,
+                ..NetConfig::default()
+            };
+            let peers: Vec<PeerNet> = (0..600)
+                .map(|i| PeerNet {
+                    nat: cfg.nat_of(3, i),
+                    ..cfg.draw_peer(i, &mut Rng::seeded(i as u64))
+                })
+                .collect();
+            let (mut bad, mut all) = (0u32, 0u32);
+            for a in 0..peers.len() {
+                for b in a + 1..peers.len() {
+                    let x = cfg.cannot_connect(3, (a as u32, &peers[a]), (b as u32, &peers[b]));
+                    assert_eq!(
+                        x,
+                        cfg.cannot_connect(3, (b as u32, &peers[b]), (a as u32, &peers[a]))
+                    );
+                    bad += u32::from(x);
+                    all += 1;
+                }
+            }
+            let share = f64::from(bad) / f64::from(all);
+            assert!((share - u).abs() < 0.04, "{u}: {share}");
+        }
+        let too_many = NetConfig {
+            unreachable: 0.7,
+            ..NetConfig::default()
+        };
+        assert!(too_many
+            .validate()
+            .unwrap_err()
+            .contains("--nat-model pairs"));
+        let pairs = NetConfig {
+            unreachable: 0.7,
+            nat: NatModel::Pairs,
+            ..NetConfig::default()
+        };
+        assert!(pairs.validate().is_ok());
+        assert_eq!(pairs.nat_of(1, 1), None);
     }
 
     #[test]

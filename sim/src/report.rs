@@ -22,6 +22,8 @@ pub struct Report {
     pub stream_kbps: u32,
     pub substreams: u32,
     pub unreachable_pct: f64,
+    /// How the unreachable pairs arose (`classes`: NAT classes reported at join; `pairs`).
+    pub nat_model: crate::net::NatModel,
     pub loss_pct: f64,
     pub bytes_from_origin: u64,
     pub bytes_from_peers: u64,
@@ -158,6 +160,7 @@ pub fn build(
         stream_kbps: cfg.stream_kbps,
         substreams: cfg.k,
         unreachable_pct: w.cfg.net.unreachable * 100.0,
+        nat_model: w.cfg.net.nat,
         loss_pct: w.cfg.net.loss * 100.0,
         bytes_from_origin: b0,
         bytes_from_peers: b1,

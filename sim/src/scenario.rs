@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::control::ControlConfig;
 use crate::dist::Rng;
-use crate::net::{Declared, NetConfig};
+use crate::net::{Declared, NatModel, NetConfig};
 use crate::origin::OriginConfig;
 use crate::queue::Micros;
 use crate::world::{Ev, World, WorldConfig};
@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub churn_pct: f64,
     /// Overrides the model's share of unreachable pairs (percent).
     pub unreachable_pct: Option<f64>,
+    /// How unreachable pairs arise (NAT classes the DCM knows, or random pairs it does not).
+    pub nat_model: NatModel,
     /// Overrides the model's loss (percent).
     pub loss_pct: Option<f64>,
     pub stream_kbps: u32,
@@ -83,6 +85,7 @@ impl RunConfig {
             seed: 1,
             churn_pct: 10.0,
             unreachable_pct: None,
+            nat_model: NatModel::Classes,
             loss_pct: None,
             stream_kbps: 1000,
             fragment_ms: 1000,
@@ -121,6 +124,7 @@ impl RunConfig {
         if let Some(p) = self.unreachable_pct {
             net.unreachable = p / 100.0;
         }
+        net.nat = self.nat_model;
         net.validate()?;
         Ok(net)
     }

@@ -69,7 +69,8 @@ impl World {
                 let welcome = self.control.welcome(id, start, live);
                 self.send_down(i, Down::Msg(Box::new(welcome)));
                 let net = self.peers[i as usize].net;
-                self.control.join(id, net.declared_kbps, net.region, now);
+                self.control
+                    .join(id, net.declared_kbps, net.region, net.nat, now);
             }
             Up::Heartbeat(hb) => {
                 if self.peers[i as usize].alive {

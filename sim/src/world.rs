@@ -150,7 +150,8 @@ impl World {
     pub fn add_peer(&mut self, at: Micros) -> u32 {
         let index = self.peers.len();
         let mut rng = Rng::stream(self.cfg.seed, 0x1000_0000 + index as u64);
-        let net = self.cfg.net.draw_peer(index, &mut rng);
+        let mut net = self.cfg.net.draw_peer(index, &mut rng);
+        net.nat = self.cfg.net.nat_of(self.cfg.seed, index);
         let joined_ms = EPOCH_MS + ms(at);
         let engine = self.cfg.media.then_some(&self.cfg.engine);
         self.peers

@@ -313,7 +313,7 @@ impl MultiTree {
     /// Adds a peer (re-adding a present peer first removes it, e.g. to change its capacity).
     pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
         let mut aff = if self.nodes.contains_key(&peer) {
-            self.leave(peer).affected
+            self.remove(peer).affected
         } else {
             BTreeSet::new()
         };
@@ -352,8 +352,16 @@ impl MultiTree {
         Changes { affected: aff }
     }
 
-    /// Removes a peer; unknown peers change nothing.
+    /// Removes a peer; unknown peers change nothing. Its blocked pairs and class go with it.
     pub fn leave(&mut self, peer: PeerId) -> Changes {
+        let changes = self.remove(peer);
+        self.forget_blocks(peer);
+        changes
+    }
+
+    /// Takes a peer out of the trees, keeping what is known of its connectivity (a re-placed
+    /// peer's blocked pairs and class still hold).
+    fn remove(&mut self, peer: PeerId) -> Changes {
         let mut aff = BTreeSet::new();
         let Some((interior, fanout)) = self.nodes.get(&peer).map(|n| (n.interior, n.fanout)) else {
             return Changes::default();
@@ -397,7 +405,6 @@ impl MultiTree {
         for t in 0..self.trees.len() {
             self.refill(t, &mut aff);
         }
-        self.forget_blocks(peer);
         aff.remove(&peer);
         Changes { affected: aff }
     }

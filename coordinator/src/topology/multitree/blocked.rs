@@ -254,12 +254,21 @@ mod tests {
             .filter(|s| matches!(s.parent, protocol::Source::Peer { .. }))
             .count();
         assert!(under_peers > 1000, "{under_peers}");
-        // A class learnt late re-places the links it cannot hold.
+        // Re-placing a peer (a congestion repair re-joins it) keeps its class and its blocks.
         let edm = (1..=400u64)
+            .find(|i| i % 7 != 1 && class(*i) == Some(EndpointDependent))
+            .unwrap();
+        m.block(PeerId(edm), PeerId(edm + 1));
+        m.join(PeerId(edm), 3000);
+        assert_eq!(m.connectivity(PeerId(edm)), conn(edm));
+        assert!(m.is_blocked(PeerId(edm), PeerId(edm + 1)));
+        m.check_invariants().unwrap();
+        // A class learnt late re-places the links it cannot hold.
+        let eim = (1..=400u64)
             .find(|i| i % 7 != 1 && class(*i) == Some(EndpointIndependent))
             .unwrap();
         m.set_connectivity(
-            PeerId(edm),
+            PeerId(eim),
             Some(Connectivity {
                 class: EndpointDependent,
                 turn: false,
