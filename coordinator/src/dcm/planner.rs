@@ -354,8 +354,8 @@ impl Planner {
 
     /// `peer`'s NAT class (`None`: unknown): it is linked only with peers it can reach, and
     /// links it cannot hold are re-placed now. Before its join, it places the joiner by it.
-    /// A hierarchy does not use classes yet: its pairs are blocked as their failures are
-    /// reported.
+    /// A hierarchy places by class within its clusters and keeps peers that reach few others
+    /// in the bottom tier ([`Hierarchy::set_connectivity`]).
     pub fn set_connectivity(
         &mut self,
         peer: PeerId,
@@ -363,7 +363,7 @@ impl Planner {
     ) -> Changes {
         match self {
             Planner::Flat(t) => t.set_connectivity(peer, connectivity),
-            Planner::Tiered(_) => Changes::default(),
+            Planner::Tiered(t) => t.h.set_connectivity(peer, connectivity),
         }
     }
 

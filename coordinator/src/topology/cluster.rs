@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use protocol::PeerId;
+use protocol::{Connectivity, PeerId};
 use serde::Serialize;
 
 use super::mesh::MeshNode;
@@ -82,6 +82,9 @@ pub struct Cluster {
     feeders: Vec<Feeder>,
     /// Declared upload of each member, to move members between clusters.
     uploads: BTreeMap<PeerId, u32>,
+    /// The NAT class of members that cannot pair with everyone: the trees link only pairs
+    /// that connect, also when members move between clusters.
+    nat: BTreeMap<PeerId, Connectivity>,
 }
 
 impl Cluster {
@@ -112,7 +115,25 @@ impl Cluster {
             tree: MultiTree::new(cfg),
             feeders: Vec::new(),
             uploads: BTreeMap::new(),
+            nat: BTreeMap::new(),
         }
+    }
+
+    /// `peer`'s NAT class: set before it joins, it places the joiner by it; for a member, the
+    /// links its class cannot hold are re-placed now (roots and feeders named as
+    /// [`Cluster::join_fed`] does).
+    pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
+        match conn.filter(|c| c.is_restrictive()) {
+            Some(c) => self.nat.insert(peer, c),
+            None => self.nat.remove(&peer),
+        };
+        if !self.contains(peer) {
+            return Changes::default();
+        }
+        let before = self.origin_epochs();
+        let mut ch = self.tree.set_connectivity(peer, conn);
+        self.name_root_changes(&before, &mut ch);
+        ch
     }
 
     pub fn tree(&self) -> &MultiTree {
@@ -183,11 +204,14 @@ impl Cluster {
 
     pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
         self.uploads.insert(peer, upload_kbps);
+        self.tree
+            .set_connectivity(peer, self.nat.get(&peer).copied());
         self.tree.join(peer, upload_kbps)
     }
 
     pub fn leave(&mut self, peer: PeerId) -> Changes {
         self.uploads.remove(&peer);
+        self.nat.remove(&peer);
         self.tree.leave(peer)
     }
 
@@ -201,6 +225,10 @@ impl Cluster {
             self.tree = MultiTree::build(*self.tree.config(), members);
             self.tree.set_origin_fanouts(&slots);
             self.uploads.extend(members.iter().copied());
+            // The bulk layout does not know classes: links they cannot hold move now.
+            for (p, c) in &self.nat {
+                self.tree.set_connectivity(*p, Some(*c));
+            }
             return;
         }
         let mut order = members.to_vec();
@@ -402,11 +430,11 @@ impl Cluster {
         let mut keep = Cluster::new(self.id, self.region, self.kind, stream_kbps, max_fanout);
         let mut other = Cluster::new(id, self.region, self.kind, stream_kbps, max_fanout);
         for (i, (u, p)) in by_upload.into_iter().enumerate() {
-            if i % 2 == 0 {
-                keep.join(p, u);
-            } else {
-                other.join(p, u);
+            let half = if i % 2 == 0 { &mut keep } else { &mut other };
+            if let Some(c) = self.nat.get(&p) {
+                half.nat.insert(p, *c);
             }
+            half.join(p, u);
         }
         keep.set_feeders(std::mem::take(&mut self.feeders));
         *self = keep;
@@ -424,6 +452,8 @@ impl Cluster {
             .collect();
         by_upload.sort_unstable_by(|a, b| b.cmp(a));
         let mut merged = Cluster::new(self.id, self.region, self.kind, stream_kbps, max_fanout);
+        merged.nat = std::mem::take(&mut self.nat);
+        merged.nat.extend(other.nat.iter().map(|(p, c)| (*p, *c)));
         let mut aff = Changes::default();
         for (u, p) in by_upload {
             merged.join(p, u);

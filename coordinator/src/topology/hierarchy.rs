@@ -33,7 +33,7 @@
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::PeerId;
+use protocol::{Connectivity, PeerId};
 use serde::Serialize;
 
 use super::cluster::{Cluster, ClusterId, ClusterKind, Feeder, MeshNodeOrPeer};
@@ -182,6 +182,8 @@ pub struct Hierarchy {
     regions: BTreeMap<Region, RegionState>,
     clusters: BTreeMap<ClusterId, Cluster>,
     peers: FxHashMap<PeerId, PeerInfo>,
+    /// NAT classes of peers that cannot pair with everyone ([`Hierarchy::set_connectivity`]).
+    nat: FxHashMap<PeerId, Connectivity>,
     next_cluster: u64,
 }
 
@@ -205,6 +207,7 @@ impl Hierarchy {
             regions: BTreeMap::new(),
             clusters: BTreeMap::new(),
             peers: FxHashMap::default(),
+            nat: FxHashMap::default(),
             next_cluster: 1,
         }
     }
@@ -267,7 +270,13 @@ impl Hierarchy {
 
     fn join_as(&mut self, peer: PeerId, region: Region, upload: u32, relay: bool) -> Changes {
         let mut aff = if self.peers.contains_key(&peer) {
-            self.leave(peer)
+            // Re-placed: what is known of its connectivity still holds.
+            let nat = self.nat.get(&peer).copied();
+            let aff = self.leave(peer);
+            if let Some(c) = nat {
+                self.nat.insert(peer, c);
+            }
+            aff
         } else {
             Changes::default()
         };
@@ -276,7 +285,12 @@ impl Hierarchy {
         let Some(rs) = self.regions.get(&region) else {
             return aff;
         };
-        let tier = if !relay
+        // A peer that cannot reach endpoint-independent NATs (most peers) is not made a node
+        // that others across the tiers must reach: it stays in the bottom tier.
+        let limited = self.limited(peer);
+        let tier = if limited {
+            Tier::Bottom
+        } else if !relay
             && upload >= self.cfg.mesh.min_upload_kbps()
             && (rs.preferred.len() as u32) < self.cfg.mesh.per_region
         {
@@ -310,8 +324,55 @@ impl Hierarchy {
         aff
     }
 
+    /// Whether `peer`'s class cannot reach endpoint-independent NATs (symmetric NAT, UDP
+    /// blocked).
+    fn limited(&self, peer: PeerId) -> bool {
+        const EIM: Connectivity = Connectivity {
+            class: protocol::NatClass::EndpointIndependent,
+            turn: false,
+        };
+        self.nat
+            .get(&peer)
+            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(EIM)))
+    }
+
+    /// `peer`'s NAT class (`None`: unknown). Set before its join, it places the joiner by it;
+    /// for a placed peer, the links of its cluster that the class cannot hold are re-placed,
+    /// and a peer that turns out to reach few others leaves the top and middle tiers. The links
+    /// between tiers (the mesh, feeds of a cluster's roots) are not chosen by class: a feed
+    /// that fails is reported and dropped ([`Hierarchy::block`]).
+    pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
+        match conn.filter(|c| c.is_restrictive()) {
+            Some(c) => {
+                if self.nat.insert(peer, c) == Some(c) {
+                    return Changes::default();
+                }
+            }
+            None => {
+                if self.nat.remove(&peer).is_none() {
+                    return Changes::default();
+                }
+            }
+        }
+        let Some(info) = self.peers.get(&peer) else {
+            return Changes::default();
+        };
+        if info.tier != Tier::Bottom && self.limited(peer) {
+            let (region, upload, relay) = (info.region, info.upload, info.relay);
+            return self.join_as(peer, region, upload, relay);
+        }
+        let Some(cid) = self.cluster_of(peer) else {
+            return Changes::default();
+        };
+        self.clusters
+            .get_mut(&cid)
+            .map(|c| c.set_connectivity(peer, conn))
+            .unwrap_or_default()
+    }
+
     /// Removes a peer; unknown peers change nothing.
     pub fn leave(&mut self, peer: PeerId) -> Changes {
+        self.nat.remove(&peer);
         let mut aff = Changes::default();
         let Some(info) = self.peers.remove(&peer) else {
             return aff;
@@ -699,7 +760,9 @@ impl Hierarchy {
             return;
         };
         let upload = self.peers.get(&peer).map_or(0, |i| i.upload);
+        let nat = self.nat.get(&peer).copied();
         if let Some(c) = self.clusters.get_mut(&mid) {
+            c.set_connectivity(peer, nat);
             aff.affected.extend(c.join_fed(peer, upload).affected);
         }
         match self.cluster_wanting_feeder(region) {
@@ -788,9 +851,11 @@ impl Hierarchy {
         if let Some(info) = self.peers.get_mut(&peer) {
             info.cluster = Some(cid);
         }
+        let nat = self.nat.get(&peer).copied();
         let Some(c) = self.clusters.get_mut(&cid) else {
             return;
         };
+        c.set_connectivity(peer, nat);
         aff.affected.extend(c.join_fed(peer, upload).affected);
         if self
             .clusters

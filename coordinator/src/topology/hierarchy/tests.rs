@@ -478,3 +478,63 @@ fn blocking_a_middle_feeder_and_a_root_it_feeds_re_deals_that_clusters_roots() {
         "only {tried} seeds had a root fed by a middle node"
     );
 }
+
+#[test]
+fn nat_classes_hold_in_every_cluster_and_keep_symmetric_peers_at_the_bottom() {
+    use protocol::{Connectivity, NatClass::*};
+    let class = |i: u64| match i % 8 {
+        0..=1 => None,
+        2..=3 => Some(Open),
+        4..=5 => Some(EndpointIndependent),
+        6 => Some(EndpointDependent),
+        _ => Some(UdpBlocked),
+    };
+    let conn = |i: u64| class(i).map(|class| Connectivity { class, turn: false });
+    let mut h = Hierarchy::new(small_cfg());
+    let mut rng = Rng::seeded(11);
+    for i in 1..=240u64 {
+        let up = uploads()[rng.below(7) as usize];
+        let r = region((i % 2) as u8);
+        // Most announce their class at join, some a moment later.
+        if i % 5 != 0 {
+            h.set_connectivity(PeerId(i), conn(i));
+        }
+        h.join(PeerId(i), r, up, History::default());
+        if i % 5 == 0 {
+            h.set_connectivity(PeerId(i), conn(i));
+        }
+        if i % 9 == 0 {
+            h.leave(PeerId(i - 4));
+        }
+    }
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    let mut tree_links = 0;
+    for (p, info) in &h.peers {
+        if matches!(class(p.0), Some(EndpointDependent | UdpBlocked)) {
+            assert_eq!(info.tier, Tier::Bottom, "{p}");
+        }
+        let Some(cid) = h.cluster_of(*p) else {
+            continue;
+        };
+        for s in h.clusters[&cid].tree().plan(*p).unwrap() {
+            if let protocol::Source::Peer { id } = s.parent {
+                tree_links += 1;
+                assert!(
+                    Connectivity::can_pair(conn(p.0), conn(id.0)),
+                    "{p} under {id}"
+                );
+            }
+        }
+    }
+    assert!(tree_links > 200, "{tree_links}");
+    // Re-placing keeps the class.
+    let edm = *h
+        .peers
+        .keys()
+        .find(|p| class(p.0) == Some(EndpointDependent))
+        .unwrap();
+    h.join(edm, region(0), 20_000, History::default());
+    assert_eq!(h.peers[&edm].tier, Tier::Bottom);
+    h.check_invariants().unwrap();
+}
