@@ -130,30 +130,54 @@ impl Dcm {
         substream: u32,
         now: u64,
     ) -> bool {
-        let got = self.view.get(child).and_then(|c| {
-            c.heartbeat
-                .parents
-                .iter()
-                .find(|p| p.substream == substream)
-                .map(|p| p.last_seq)
-        });
-        let claimed = self.view.get(parent).and_then(|p| {
-            p.heartbeat
-                .children
-                .iter()
-                .find(|c| c.child == child && c.substream == substream)
-                .and_then(|c| c.last_seq)
-        });
+        let Some(cs) = self.view.get(child) else {
+            return false;
+        };
+        let Some(ps) = self.view.get(parent) else {
+            return false;
+        };
+        let Some(link) = cs
+            .heartbeat
+            .parents
+            .iter()
+            .find(|p| p.substream == substream)
+        else {
+            return false;
+        };
+        let got = link.last_seq;
+        // What the child says it got is judged against what the parent had sent a grace
+        // before the child wrote its heartbeat, not against the parent's newest send: packets
+        // in flight (a fragment serialized to several children over a slow uplink, a long
+        // path) are not missing yet. The simulator's 10 000-peer swarms demoted thousands of
+        // honest parents on in-flight packets before this.
+        let grace = self.detector.cfg.dead_grace_ms;
+        let claimed = ps
+            .heartbeat
+            .children
+            .iter()
+            .find(|c| c.child == child && c.substream == substream)
+            .and_then(|c| Some((c.last_seq?, c.last_ts_ms?)))
+            .filter(|(_, at)| {
+                let sent = (*at as i64).saturating_add(ps.clock_offset_ms).max(0) as u64;
+                sent + u64::from(ps.heartbeat.send_backlog_ms) + grace <= cs.sent_ms()
+            })
+            .map(|(seq, _)| seq);
+        let lists_link = ps
+            .heartbeat
+            .children
+            .iter()
+            .any(|c| c.child == child && c.substream == substream);
         // A parent that does not list the link (a feed into another cluster's root) claims, by
-        // reporting no upload backlog, that it sends what it has.
-        let quiet_uplink = self
-            .view
-            .get(parent)
-            .is_some_and(|p| u64::from(p.heartbeat.send_backlog_ms) <= SILENT_BACKLOG_MS);
-        let contradicts = match (claimed, got) {
-            (Some(claimed), Some(got)) => got.is_none_or(|g| claimed > g),
-            (None, Some(_)) => quiet_uplink,
-            _ => false,
+        // reporting no upload backlog, that it sends what it has. Only a feed, and only one that
+        // delivered before: a child link the parent does not list yet may never have opened (an
+        // unreachable pair), which the data channel's timeout and `link_failed` settle.
+        let quiet_uplink = u64::from(ps.heartbeat.send_backlog_ms) <= SILENT_BACKLOG_MS
+            && link.last_ts_ms.is_some()
+            && self.planner.is_feed(parent, child);
+        let contradicts = match (claimed, lists_link) {
+            (Some(claimed), _) => got.is_none_or(|g| claimed > g),
+            (None, false) => quiet_uplink,
+            (None, true) => false,
         };
         if !contradicts {
             return false;

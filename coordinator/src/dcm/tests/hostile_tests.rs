@@ -210,10 +210,10 @@ fn manifests_reach_every_peer_replace_live_edge_notices_and_joiners_get_the_last
     );
 }
 
-/// A heartbeat of `peer` under `plan`: it received `got` from each parent and claims to have
-/// sent `sent` to each child.
-fn heartbeat(peer: PeerId, plan: &[SubstreamPlan], got: u64, sent: u64) -> Heartbeat {
-    let mut hb = heartbeat_from_plan(peer, plan, T0);
+/// A heartbeat of `peer` under `plan` written at `at`: it received `got` from each parent and
+/// claims to have sent `sent` to each child (50 ms before).
+fn heartbeat(peer: PeerId, plan: &[SubstreamPlan], got: u64, sent: u64, at: u64) -> Heartbeat {
+    let mut hb = heartbeat_from_plan(peer, plan, at);
     for p in &mut hb.parents {
         p.last_seq = Some(got);
     }
@@ -242,12 +242,13 @@ fn a_parent_that_claims_to_send_what_two_children_never_get_is_demoted() {
     let relay = PeerId(busiest_relay(&h, 12));
     let (sub, a, b) = two_children_in_one_tree(&h, relay);
     let plan_of = |h: &Harness, p: PeerId| h.dcm.planner.plan(p).expect("plan").substreams;
-    // The relay says it got and sent up to 200; its children got nothing after 100.
-    let hb = heartbeat(relay, &plan_of(&h, relay), 200, 200);
+    // The relay says it got and sent up to 200; its children, a second later, got nothing
+    // after 100.
+    let hb = heartbeat(relay, &plan_of(&h, relay), 200, 200, T0);
     h.dcm.on_heartbeat(relay, hb, T0);
     for c in [a, b] {
-        let hb = heartbeat(c, &plan_of(&h, c), 100, 100);
-        h.dcm.on_heartbeat(c, hb, T0);
+        let hb = heartbeat(c, &plan_of(&h, c), 100, 100, T0 + 1000);
+        h.dcm.on_heartbeat(c, hb, T0 + 1000);
     }
     let complaint = |child| view::Congested {
         parent: relay,
@@ -256,17 +257,48 @@ fn a_parent_that_claims_to_send_what_two_children_never_get_is_demoted() {
         behind: 25,
         parent_side: false,
     };
-    h.dcm.on_congestion(complaint(a), T0);
+    h.dcm.on_congestion(complaint(a), T0 + 1000);
     assert!(
         h.dcm.history.effective_kbps(relay).is_some_and(|k| k > 0),
         "one child's word demotes nobody"
     );
-    h.dcm.on_congestion(complaint(b), T0 + 500);
+    h.dcm.on_congestion(complaint(b), T0 + 1500);
     assert_eq!(h.dcm.history.effective_kbps(relay), Some(0), "demoted");
     assert_eq!(h.dcm.stats().silent_demoted, 1);
     let left = plan_of(&h, relay);
     assert_eq!(children_of(&left), 0, "no child left with it: {left:?}");
     h.dcm.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_parent_whose_last_sends_are_still_in_flight_is_not_demoted() {
+    // The relay sent up to 200 just before its children wrote their heartbeats: the packets
+    // are on the wire (a fragment serialized to several children), not withheld.
+    let mut h = Harness::new();
+    for id in 1..=12 {
+        h.join(id, 2000);
+    }
+    let relay = PeerId(busiest_relay(&h, 12));
+    let (sub, a, b) = two_children_in_one_tree(&h, relay);
+    let plan_of = |h: &Harness, p: PeerId| h.dcm.planner.plan(p).expect("plan").substreams;
+    let hb = heartbeat(relay, &plan_of(&h, relay), 200, 200, T0);
+    h.dcm.on_heartbeat(relay, hb, T0);
+    for c in [a, b] {
+        let hb = heartbeat(c, &plan_of(&h, c), 100, 100, T0 + 100);
+        h.dcm.on_heartbeat(c, hb, T0 + 100);
+    }
+    for (i, c) in [a, b].into_iter().enumerate() {
+        let link = view::Congested {
+            parent: relay,
+            child: c,
+            substream: sub,
+            behind: 25,
+            parent_side: false,
+        };
+        h.dcm.on_congestion(link, T0 + 100 + 100 * i as u64);
+    }
+    assert_eq!(h.dcm.stats().silent_demoted, 0);
+    assert!(h.dcm.history.effective_kbps(relay).is_some_and(|k| k > 0));
 }
 
 #[test]
@@ -279,11 +311,11 @@ fn an_honest_parent_whose_children_got_what_it_sent_is_not_demoted() {
     let (sub, a, b) = two_children_in_one_tree(&h, relay);
     let plan_of = |h: &Harness, p: PeerId| h.dcm.planner.plan(p).expect("plan").substreams;
     // It sent up to 100 only (its uplink or its own parent is the problem, not a lie).
-    let mut hb = heartbeat(relay, &plan_of(&h, relay), 200, 100);
+    let mut hb = heartbeat(relay, &plan_of(&h, relay), 200, 100, T0);
     hb.send_backlog_ms = 900;
     h.dcm.on_heartbeat(relay, hb, T0);
     for c in [a, b] {
-        let hb = heartbeat(c, &plan_of(&h, c), 100, 100);
+        let hb = heartbeat(c, &plan_of(&h, c), 100, 100, T0);
         h.dcm.on_heartbeat(c, hb, T0);
     }
     for (i, c) in [a, b].into_iter().enumerate() {
