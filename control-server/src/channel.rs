@@ -128,6 +128,8 @@ pub struct Attached {
     pub region: Region,
     /// A recruited relay's session (it stays a relay under a new DCM).
     pub relay: bool,
+    /// The NAT class the peer reported (it keeps it under a new DCM).
+    pub connectivity: Option<protocol::Connectivity>,
 }
 
 /// What outlives a DCM: the sessions attached to the channel and what the origin pushes to whom

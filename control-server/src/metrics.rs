@@ -530,14 +530,50 @@ impl Exposition {
     }
 }
 
+/// Viewers of a channel's snapshot by reported NAT class.
+fn nat_class_counts(s: &coordinator::TopologySnapshot) -> [(&'static str, u64); 5] {
+    use protocol::NatClass::*;
+    let mut n = [0u64; 5];
+    for p in &s.peers {
+        let i = match p.connectivity.map(|c| c.class) {
+            Some(Open) => 0,
+            Some(EndpointIndependent) => 1,
+            Some(EndpointDependent) => 2,
+            Some(UdpBlocked) => 3,
+            None => 4,
+        };
+        n[i] += 1;
+    }
+    [
+        ("open", n[0]),
+        ("endpoint_independent", n[1]),
+        ("endpoint_dependent", n[2]),
+        ("udp_blocked", n[3]),
+        ("unknown", n[4]),
+    ]
+}
+
 /// The Prometheus text exposition (format 0.0.4) of every channel, read now.
 pub async fn render(state: &AppState) -> String {
     let mut rows: Vec<(String, ChannelTotals)> = Vec::new();
+    let mut nat_rows: Vec<(String, u64)> = Vec::new();
     for name in state.channel_names() {
         let Some(ch) = state.channel(&name) else {
             continue;
         };
         let snap = snapshot(&ch).await;
+        if let Some(s) = snap.as_ref() {
+            for (class, n) in nat_class_counts(s) {
+                nat_rows.push((
+                    format!(
+                        "channel=\"{}\",region=\"{}\",class=\"{class}\"",
+                        esc(&name),
+                        esc(DEFAULT_REGION)
+                    ),
+                    n,
+                ));
+            }
+        }
         rows.push((name, state.metrics.observe(&ch, snap.as_ref())));
     }
     let region = DEFAULT_REGION;
@@ -591,6 +627,12 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         "Media bytes viewers received, by source, as their heartbeats report (departed viewers included).",
         &received,
+    );
+    e.family(
+        "p2p_viewers_by_nat_class",
+        "gauge",
+        "Viewers by the NAT class their ICE gathering reported (unknown: none reported).",
+        &nat_rows,
     );
     e.family(
         "p2p_uploaded_bytes_total",

@@ -43,6 +43,8 @@ struct Peer {
     bytes_up: u64,
     region: u16,
     upload_kbps: u32,
+    /// The NAT class it reported (a third report none).
+    connectivity: Option<protocol::Connectivity>,
 }
 
 struct World {
@@ -244,11 +246,25 @@ impl World {
         self.next_id += 1;
         let upload_kbps = [0, 300, 800, 2000, 4000, 8000][rng.below(6) as usize];
         let region = rng.below(3) as u16;
+        use protocol::NatClass::*;
+        let connectivity = [
+            None,
+            None,
+            Some(Open),
+            Some(EndpointIndependent),
+            Some(EndpointDependent),
+            Some(UdpBlocked),
+        ][rng.below(6) as usize]
+            .map(|class| protocol::Connectivity {
+                class,
+                turn: rng.below(8) == 0,
+            });
         self.peers.insert(
             peer,
             Peer {
                 region,
                 upload_kbps,
+                connectivity,
                 ..Peer::default()
             },
         );
@@ -258,7 +274,7 @@ impl World {
                 upload_kbps,
                 region: Region::Named(region),
                 relay: false,
-                connectivity: None,
+                connectivity,
             },
             self.now,
         );
@@ -276,6 +292,7 @@ impl World {
                 upload_kbps: p.upload_kbps,
                 region: Region::Named(p.region),
                 relay: false,
+                connectivity: p.connectivity,
             })
             .collect();
         let epoch = self.dcm.epoch();

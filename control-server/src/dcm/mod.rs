@@ -111,6 +111,7 @@ impl Dcm {
                     upload_kbps: att.upload_kbps,
                     region: att.region,
                     relay: att.relay,
+                    connectivity: att.connectivity,
                 });
             }
             origin_fed = a.origin_fed.clone();
@@ -215,6 +216,7 @@ impl Dcm {
                             upload_kbps,
                             region,
                             relay,
+                            connectivity,
                         },
                     );
                 }
@@ -264,9 +266,15 @@ impl Dcm {
                 );
                 self.channel.counters.heartbeat_apply.record(waited);
             }
-            DcmEvent::Connectivity { peer, connectivity } => self
-                .core
-                .handle(Event::Connectivity { peer, connectivity }, now),
+            DcmEvent::Connectivity { peer, connectivity } => {
+                if let Ok(mut a) = self.channel.attachments.lock() {
+                    if let Some(s) = a.sessions.get_mut(&peer) {
+                        s.connectivity = Some(connectivity);
+                    }
+                }
+                self.core
+                    .handle(Event::Connectivity { peer, connectivity }, now)
+            }
             DcmEvent::LinkFailed { reporter, peer } => {
                 self.core.handle(Event::LinkFailed { reporter, peer }, now)
             }

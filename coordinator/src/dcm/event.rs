@@ -190,6 +190,8 @@ pub struct Adopted {
     pub upload_kbps: u32,
     pub region: Region,
     pub relay: bool,
+    /// The NAT class it reported, if any.
+    pub connectivity: Option<Connectivity>,
 }
 
 /// Counts since the DCM started; the driver adds their growth to the channel's counters.

@@ -54,6 +54,8 @@ struct PeerEntry {
     upload_kbps: u32,
     region: Region,
     relay: bool,
+    /// Its NAT class as it reported it (`None`: not reported).
+    connectivity: Option<protocol::Connectivity>,
 }
 
 const LOG_KEEP: usize = 1000;
@@ -255,8 +257,10 @@ impl Dcm {
                     upload_kbps: a.upload_kbps,
                     region: a.region,
                     relay: a.relay,
+                    connectivity: a.connectivity,
                 },
             );
+            dcm.planner.set_connectivity(a.peer, a.connectivity);
             dcm.history.joined(a.peer, a.upload_kbps, now);
         }
         dcm.origin_fed = origin_fed.into_iter().collect();
@@ -352,6 +356,7 @@ impl Dcm {
                 }
                 self.planner.set_connectivity(peer, connectivity);
                 self.join(peer, upload_kbps, region, relay, now);
+                self.note_connectivity(peer, connectivity);
             }
             Event::Resume {
                 peer,
@@ -361,12 +366,16 @@ impl Dcm {
                 connectivity,
             } => {
                 self.planner.set_connectivity(peer, connectivity);
-                self.resume(peer, upload_kbps, region, relay, now)
+                self.resume(peer, upload_kbps, region, relay, now);
+                self.note_connectivity(peer, connectivity);
             }
             Event::Connectivity { peer, connectivity } => {
-                if self.peers.contains_key(&peer) && !self.recovering() {
+                if self.peers.contains_key(&peer) {
+                    self.note_connectivity(peer, Some(connectivity));
                     let changes = self.planner.set_connectivity(peer, Some(connectivity));
-                    self.send_instructions(changes.affected, now);
+                    if !self.recovering() {
+                        self.send_instructions(changes.affected, now);
+                    }
                 }
             }
             Event::Leave { peer } => self.remove_peer(peer, "left", now),
@@ -406,6 +415,15 @@ impl Dcm {
         }
     }
 
+    /// Records the NAT class `peer` reported, for the operator's view and the class counts.
+    fn note_connectivity(&mut self, peer: PeerId, connectivity: Option<protocol::Connectivity>) {
+        if let Some(e) = self.peers.get_mut(&peer) {
+            if connectivity.is_some() {
+                e.connectivity = connectivity;
+            }
+        }
+    }
+
     /// A peer becomes one of this DCM's: its record, its history and plausibility checks start
     /// now, and it gets the manifests of the packets it may still get from peers.
     fn admit(&mut self, peer: PeerId, upload_kbps: u32, region: Region, relay: bool, now: u64) {
@@ -415,6 +433,7 @@ impl Dcm {
                 upload_kbps,
                 region,
                 relay,
+                connectivity: None,
             },
         );
         self.history.joined(peer, upload_kbps, now);

@@ -46,6 +46,9 @@ pub struct PeerView {
     pub measured_upload_kbps: Option<f64>,
     pub congestion_events: u32,
     pub uptime_s: f64,
+    /// The NAT class it reported (issue 15); absent when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<protocol::Connectivity>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -98,6 +101,7 @@ impl Dcm {
             measured_upload_kbps: state.and_then(|s| s.measured_upload_kbps),
             congestion_events: self.history.congestion_events(*id),
             uptime_s: self.history.age_ms(*id, now).unwrap_or(0) as f64 / 1000.0,
+            connectivity: e.connectivity,
         })
     }
 

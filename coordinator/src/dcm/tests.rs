@@ -622,6 +622,7 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
             upload_kbps: e.upload_kbps,
             region: e.region,
             relay: e.relay,
+            connectivity: e.connectivity,
         })
         .collect();
     assert_eq!(
