@@ -130,6 +130,8 @@ pub struct Attached {
     pub relay: bool,
     /// The NAT class the peer reported (it keeps it under a new DCM).
     pub connectivity: Option<protocol::Connectivity>,
+    /// A waypoint server (it stays one under a new DCM).
+    pub waypoint: bool,
 }
 
 /// What outlives a DCM: the sessions attached to the channel and what the origin pushes to whom

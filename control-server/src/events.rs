@@ -47,6 +47,8 @@ pub enum DcmEvent {
         resumed: bool,
         /// Its NAT class, when it knew it at join.
         connectivity: Option<protocol::Connectivity>,
+        /// A waypoint server the operator runs (its token checked).
+        waypoint: bool,
     },
     /// The peer's NAT class, found after it joined.
     Connectivity {

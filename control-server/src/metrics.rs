@@ -557,12 +557,25 @@ fn nat_class_counts(s: &coordinator::TopologySnapshot) -> [(&'static str, u64); 
 pub async fn render(state: &AppState) -> String {
     let mut rows: Vec<(String, ChannelTotals)> = Vec::new();
     let mut nat_rows: Vec<(String, u64)> = Vec::new();
+    let (mut waypoints, mut waypoint_up) = (Vec::new(), Vec::new());
     for name in state.channel_names() {
         let Some(ch) = state.channel(&name) else {
             continue;
         };
         let snap = snapshot(&ch).await;
         if let Some(s) = snap.as_ref() {
+            let label = format!(
+                "channel=\"{}\",region=\"{}\"",
+                esc(&name),
+                esc(DEFAULT_REGION)
+            );
+            let wps: Vec<_> = s.peers.iter().filter(|p| p.waypoint).collect();
+            waypoints.push((label.clone(), wps.len() as u64));
+            let up = wps
+                .iter()
+                .filter_map(|p| p.last_heartbeat.as_ref().map(|h| h.bytes_up))
+                .sum();
+            waypoint_up.push((label, up));
             for (class, n) in nat_class_counts(s) {
                 nat_rows.push((
                     format!(
@@ -633,6 +646,18 @@ pub async fn render(state: &AppState) -> String {
         "gauge",
         "Viewers by the NAT class their ICE gathering reported (unknown: none reported).",
         &nat_rows,
+    );
+    e.family(
+        "p2p_waypoints",
+        "gauge",
+        "Waypoint servers joined to the channel (FIG. 1, 3: relays the operator runs).",
+        &waypoints,
+    );
+    e.family(
+        "p2p_waypoint_uploaded_bytes",
+        "gauge",
+        "Media bytes the channel's current waypoints relayed to viewers, as their heartbeats report (also counted in p2p_uploaded_bytes_total).",
+        &waypoint_up,
     );
     e.family(
         "p2p_uploaded_bytes_total",

@@ -28,6 +28,7 @@ fn join_with(
         relay_token: relay_token.map(String::from),
         resume: None,
         connectivity: None,
+        waypoint: None,
     }
 }
 
@@ -306,6 +307,7 @@ async fn a_resume_on_a_lone_server_is_refused_and_the_channel_goes_on() {
             token: "00".repeat(32),
         }),
         connectivity: None,
+        waypoint: None,
     };
     send(&mut ws, &forged).await;
     assert_eq!(next_error(&mut ws).await, ErrorCode::BadResume);

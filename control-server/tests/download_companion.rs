@@ -73,6 +73,7 @@ fn join(channel: &str, upload_kbps: u32, companion: Option<PeerId>) -> ClientMsg
         relay_token: None,
         resume: None,
         connectivity: None,
+        waypoint: None,
     }
 }
 

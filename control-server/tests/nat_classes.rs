@@ -37,6 +37,7 @@ fn with_class(upload_kbps: u32, class: NatClass) -> ClientMsg {
         companion,
         resume,
         connectivity: Some(Connectivity { class, turn: false }),
+        waypoint: None,
     }
 }
 

@@ -293,6 +293,7 @@ impl World {
                 region: Region::Named(p.region),
                 relay: false,
                 connectivity: p.connectivity,
+                waypoint: false,
             })
             .collect();
         let epoch = self.dcm.epoch();

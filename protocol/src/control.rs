@@ -59,6 +59,13 @@ pub enum ClientMsg {
         /// links two peers whose classes cannot connect ([`Connectivity::can_pair`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connectivity: Option<Connectivity>,
+        /// Set by a waypoint server (FIG. 1, 3: a relay the operator runs in a data center near
+        /// a region that lacks capable peers): the operator's token, which the server checks
+        /// ([`ErrorCode::BadWaypointToken`] otherwise). The DCM then lists it as a waypoint and
+        /// counts its bytes apart; it is placed by its capacity and class like any peer, so it
+        /// enters its region's top tier where the region lacks capable peers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waypoint: Option<String>,
     },
     /// The peer's connectivity, found after it joined (ICE gathering against the STUN servers
     /// takes up to a few seconds where UDP is blocked). Replaces an earlier report; the DCM
@@ -381,6 +388,8 @@ pub enum ErrorCode {
     /// A `resume` whose token does not verify, names another channel, or whose peer id is in
     /// use. The session is then closed; join afresh.
     BadResume,
+    /// A `join` as a waypoint whose token is not the operator's. The session is then closed.
+    BadWaypointToken,
     /// No server owns the channel's DCM right now (a failover is under way, or the cluster's
     /// coordination store is unreachable): reconnect after a short backoff.
     Unavailable,
@@ -462,6 +471,7 @@ mod tests {
             companion: None,
             resume: None,
             connectivity: None,
+            waypoint: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(

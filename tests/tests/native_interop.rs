@@ -31,6 +31,8 @@ fn native_peer(swarm: &Swarm, upload_kbps: u32) -> Result<NativeSwarm> {
             token: None,
             public_key: None,
             ice_ip: waypoint::default_ice_ip(),
+            waypoint_token: None,
+            connectivity: None,
         },
         peers: 1,
         threads: 1,

@@ -49,10 +49,34 @@ struct Args {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Join as a waypoint server (FIG. 1, 3: a relay the operator runs near a region that lacks
+    /// capable peers) with the control center's operator token. A waypoint reports its NAT
+    /// class as `open` unless `--nat-class` says otherwise.
+    #[arg(long, env = "P2P_OPERATOR_TOKEN")]
+    waypoint_token: Option<String>,
+    /// The NAT class to report in the join: `open`, `endpoint-independent`,
+    /// `endpoint-dependent` or `udp-blocked` (default: none, or `open` for a waypoint).
+    #[arg(long, value_parser = parse_nat_class)]
+    nat_class: Option<protocol::NatClass>,
     /// Write the statistics (a JSON array, one report per peer) here instead of stdout: every
     /// 5 s while running (replaced whole: written beside, then renamed) and at the end.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+}
+
+fn parse_nat_class(s: &str) -> Result<protocol::NatClass, String> {
+    use protocol::NatClass::*;
+    Ok(match s {
+        "open" => Open,
+        "endpoint-independent" => EndpointIndependent,
+        "endpoint-dependent" => EndpointDependent,
+        "udp-blocked" => UdpBlocked,
+        _ => {
+            return Err(format!(
+                "{s:?}: expected open, endpoint-independent, endpoint-dependent or udp-blocked"
+            ))
+        }
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +99,14 @@ fn main() -> anyhow::Result<()> {
             token: args.token.clone(),
             public_key: args.public_key.clone(),
             ice_ip: args.ice_ip.unwrap_or_else(waypoint::default_ice_ip),
+            waypoint_token: args.waypoint_token.clone(),
+            connectivity: args
+                .nat_class
+                .or(args
+                    .waypoint_token
+                    .as_ref()
+                    .map(|_| protocol::NatClass::Open))
+                .map(|class| protocol::Connectivity { class, turn: false }),
         },
         peers: args.peers,
         threads,

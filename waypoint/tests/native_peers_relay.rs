@@ -81,6 +81,8 @@ async fn native_peers_relay_to_each_other_byte_exact() -> Result<()> {
             token: None,
             public_key: None,
             ice_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            waypoint_token: None,
+            connectivity: None,
         },
         peers: 4,
         threads: 2,

@@ -169,6 +169,7 @@ async fn sim_peer(
         companion: None,
         resume: None,
         connectivity: None,
+        waypoint: None,
     };
     ws.send(Message::Text(serde_json::to_string(&join)?.into()))
         .await?;

@@ -432,6 +432,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
         companion: Some(PeerId(7)),
         resume: None,
         connectivity: None,
+        waypoint: None,
     };
     let client = [
         join,
@@ -445,6 +446,7 @@ fn control_msg_seeds() -> Vec<(String, Vec<u8>)> {
             companion: None,
             resume: None,
             connectivity: None,
+            waypoint: None,
         },
         ClientMsg::Signal {
             to: PeerId(3),

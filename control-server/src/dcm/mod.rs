@@ -112,6 +112,7 @@ impl Dcm {
                     region: att.region,
                     relay: att.relay,
                     connectivity: att.connectivity,
+                    waypoint: att.waypoint,
                 });
             }
             origin_fed = a.origin_fed.clone();
@@ -194,6 +195,7 @@ impl Dcm {
                 out,
                 resumed,
                 connectivity,
+                waypoint,
             } => {
                 if self.channel.released.load(Ordering::Relaxed) {
                     // The join raced a release: this node no longer runs the DCM.
@@ -217,6 +219,7 @@ impl Dcm {
                             region,
                             relay,
                             connectivity,
+                            waypoint,
                         },
                     );
                 }
@@ -239,6 +242,9 @@ impl Dcm {
                     }
                 };
                 self.core.handle(ev, now);
+                if waypoint {
+                    self.core.handle(Event::Waypoint { peer }, now);
+                }
             }
             DcmEvent::Leave { peer } => {
                 self.forget(peer);

@@ -461,6 +461,7 @@ impl Session {
                     relay_token,
                     resume,
                     connectivity,
+                    waypoint,
                 },
                 None,
             ) => {
@@ -474,6 +475,7 @@ impl Session {
                     relay_token,
                     resume,
                     connectivity,
+                    waypoint,
                 };
                 // Boxed: joining is rare and its future large; every session's task would
                 // otherwise carry its size for life.
@@ -653,6 +655,7 @@ impl Session {
             relay_token,
             resume,
             connectivity,
+            waypoint,
         } = req;
         // Every join attempt from the address counts, refused ones included.
         if let Some(Err(e)) = self.address.as_ref().map(|a| a.join()) {
@@ -666,9 +669,18 @@ impl Session {
                     format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
                 );
         }
+        // A waypoint server presents the operator's token instead of a viewer's.
+        if let Some(t) = &waypoint {
+            if !crate::operator::token_matches(self.state.operator_token(), t) {
+                return self.refuse(
+                    ErrorCode::BadWaypointToken,
+                    "a waypoint joins with the operator token (--operator-token)".into(),
+                );
+            }
+        }
         // A recruited relay presents its relay token and a download its live companion instead:
         // both are checked below, and the page's viewer token names the live channel.
-        if relay_token.is_none() && companion.is_none() {
+        if relay_token.is_none() && companion.is_none() && waypoint.is_none() {
             if let Err(e) = self.check_viewer_token(&channel) {
                 self.state.addresses.refusals.record(Limit::ViewerToken);
                 return self.refuse(e.code(), e.to_string());
@@ -851,6 +863,7 @@ impl Session {
                 out: self.out.clone(),
                 resumed: resumed.is_some(),
                 connectivity,
+                waypoint: waypoint.is_some(),
             })
             .await;
         self.state.register_session(
@@ -962,6 +975,7 @@ struct JoinRequest {
     relay_token: Option<String>,
     resume: Option<protocol::Resume>,
     connectivity: Option<protocol::Connectivity>,
+    waypoint: Option<String>,
 }
 
 impl Drop for Session {

@@ -112,6 +112,7 @@ pub fn join_msg(upload_kbps: u32) -> ClientMsg {
         companion: None,
         resume: None,
         connectivity: None,
+        waypoint: None,
     }
 }
 

@@ -82,6 +82,11 @@ pub enum Event {
         relay: bool,
         connectivity: Option<Connectivity>,
     },
+    /// The peer that just joined is a waypoint server the operator runs (its token was
+    /// checked): listed as one in the topology, its bytes counted apart. It is placed by its
+    /// capacity and class like any peer, so it enters its region's top tier where the region
+    /// lacks capable peers (FIG. 3).
+    Waypoint { peer: PeerId },
     /// A peer found (or revised) its NAT class after joining: from now on it is linked only
     /// with peers its class can reach, and its links that the class cannot hold are re-placed.
     Connectivity {
@@ -192,6 +197,8 @@ pub struct Adopted {
     pub relay: bool,
     /// The NAT class it reported, if any.
     pub connectivity: Option<Connectivity>,
+    /// A waypoint server.
+    pub waypoint: bool,
 }
 
 /// Counts since the DCM started; the driver adds their growth to the channel's counters.

@@ -56,6 +56,8 @@ struct PeerEntry {
     relay: bool,
     /// Its NAT class as it reported it (`None`: not reported).
     connectivity: Option<protocol::Connectivity>,
+    /// A waypoint server ([`Event::Waypoint`]).
+    waypoint: bool,
 }
 
 const LOG_KEEP: usize = 1000;
@@ -258,6 +260,7 @@ impl Dcm {
                     region: a.region,
                     relay: a.relay,
                     connectivity: a.connectivity,
+                    waypoint: a.waypoint,
                 },
             );
             dcm.planner.set_connectivity(a.peer, a.connectivity);
@@ -369,6 +372,11 @@ impl Dcm {
                 self.resume(peer, upload_kbps, region, relay, now);
                 self.note_connectivity(peer, connectivity);
             }
+            Event::Waypoint { peer } => {
+                if let Some(e) = self.peers.get_mut(&peer) {
+                    e.waypoint = true;
+                }
+            }
             Event::Connectivity { peer, connectivity } => {
                 if self.peers.contains_key(&peer) {
                     self.note_connectivity(peer, Some(connectivity));
@@ -434,6 +442,7 @@ impl Dcm {
                 region,
                 relay,
                 connectivity: None,
+                waypoint: false,
             },
         );
         self.history.joined(peer, upload_kbps, now);

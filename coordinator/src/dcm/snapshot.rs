@@ -49,6 +49,8 @@ pub struct PeerView {
     /// The NAT class it reported (issue 15); absent when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connectivity: Option<protocol::Connectivity>,
+    /// A waypoint server the operator runs (FIG. 1, 3).
+    pub waypoint: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -102,6 +104,7 @@ impl Dcm {
             congestion_events: self.history.congestion_events(*id),
             uptime_s: self.history.age_ms(*id, now).unwrap_or(0) as f64 / 1000.0,
             connectivity: e.connectivity,
+            waypoint: e.waypoint,
         })
     }
 

@@ -623,6 +623,7 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
             region: e.region,
             relay: e.relay,
             connectivity: e.connectivity,
+            waypoint: e.waypoint,
         })
         .collect();
     assert_eq!(

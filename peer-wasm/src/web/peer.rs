@@ -419,6 +419,7 @@ impl Inner {
                     relay_token: i.opts.relay_token.clone(),
                     resume: i.resume_claim(),
                     connectivity: None,
+                    waypoint: None,
                 };
                 i.send_ctrl(&join);
             })

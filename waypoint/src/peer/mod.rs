@@ -55,6 +55,10 @@ pub struct PeerConfig {
     pub public_key: Option<String>,
     /// The address offered to neighbours as our ICE host candidate.
     pub ice_ip: IpAddr,
+    /// Join as a waypoint server (FIG. 1, 3) with this operator token.
+    pub waypoint_token: Option<String>,
+    /// The NAT class to report (a waypoint in a data center is `open`; `None` reports none).
+    pub connectivity: Option<protocol::Connectivity>,
 }
 
 struct Welcome {
@@ -146,7 +150,8 @@ impl Peer {
             companion: None,
             relay_token: None,
             resume: None,
-            connectivity: None,
+            connectivity: self.cfg.connectivity,
+            waypoint: self.cfg.waypoint_token.clone(),
         });
     }
 
