@@ -1074,8 +1074,18 @@ impl Hierarchy {
             });
         }
         let mid = rs.middle;
+        let orphans: Vec<ClusterId> = rs
+            .bottom
+            .iter()
+            .filter(|cid| rs.feeders.get(cid).is_none_or(BTreeSet::is_empty))
+            .copied()
+            .collect();
         if let Some(c) = self.clusters.get_mut(&mid) {
             aff.affected.extend(c.set_feeders(feeders).affected);
+        }
+        // The preferred nodes also feed the bottom clusters no middle node feeds.
+        for cid in orphans {
+            self.refresh_bottom_feeders(cid, aff);
         }
     }
 
@@ -1095,10 +1105,20 @@ impl Hierarchy {
             })
             .collect();
         if feeders.is_empty() {
-            feeders.push(Feeder {
-                node: MeshNodeOrPeer::Server(self.server_of(region)),
-                slots: self.cfg.server_slots * self.cfg.k,
-            });
+            // No middle node feeds it: the region's preferred nodes do (a waypoint standing in
+            // for a region of weak viewers, FIG. 3), the server where they lack the capacity.
+            if let Some(rs) = self.regions.get(&region) {
+                feeders.extend(rs.preferred.iter().map(|p| Feeder {
+                    node: MeshNodeOrPeer::Peer(*p),
+                    slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+                }));
+            }
+            if feeders.iter().map(|f| f.slots).sum::<u32>() < self.cfg.k {
+                feeders.push(Feeder {
+                    node: MeshNodeOrPeer::Server(self.server_of(region)),
+                    slots: self.cfg.server_slots * self.cfg.k,
+                });
+            }
         }
         if let Some(c) = self.clusters.get_mut(&cid) {
             aff.affected.extend(c.update_feeders(feeders).affected);
@@ -1159,6 +1179,13 @@ impl Hierarchy {
                     plan.send.push(link);
                 }
                 self.push_root_sends(rs.middle, me, &mut plan);
+                // Bottom clusters no middle node feeds take their roots from the preferred
+                // nodes (a waypoint in a region of weak viewers, FIG. 3).
+                for cid in &rs.bottom {
+                    if rs.feeders.get(cid).is_none_or(BTreeSet::is_empty) {
+                        self.push_root_sends(*cid, me, &mut plan);
+                    }
+                }
             }
             Tier::Middle => {
                 plan.cluster = Some(rs.middle);

@@ -538,3 +538,46 @@ fn nat_classes_hold_in_every_cluster_and_keep_symmetric_peers_at_the_bottom() {
     assert_eq!(h.peers[&edm].tier, Tier::Bottom);
     h.check_invariants().unwrap();
 }
+
+#[test]
+fn preferred_nodes_feed_the_bottom_clusters_no_middle_node_feeds() {
+    // A region of weak viewers (below the stream rate) and one strong node (a waypoint): the
+    // strong node is preferred and feeds the bottom roots instead of the origin.
+    let mut h = Hierarchy::new(small_cfg());
+    let r = region(0);
+    for i in 1..=6u64 {
+        h.join(PeerId(i), r, 400, History::default());
+    }
+    let roots_fed_by_server = |h: &Hierarchy| {
+        h.peers
+            .keys()
+            .filter_map(|p| h.plan(*p))
+            .flat_map(|plan| plan.receive)
+            .filter(|l| matches!(l.peer, MeshNodeOrPeer::Server(_)) && l.substream.is_some())
+            .count()
+    };
+    assert!(
+        roots_fed_by_server(&h) > 0,
+        "the origin feeds the weak region"
+    );
+    let wp = PeerId(100);
+    h.join(wp, r, 20_000, History::default());
+    assert_eq!(h.peers[&wp].tier, Tier::Preferred);
+    let plan = h.plan(wp).unwrap();
+    let feeds = plan
+        .send
+        .iter()
+        .filter(|l| matches!(l.peer, MeshNodeOrPeer::Peer(_)) && l.substream.is_some())
+        .count();
+    assert!(
+        feeds >= 4,
+        "the preferred node feeds the bottom roots: {plan:?}"
+    );
+    assert_eq!(roots_fed_by_server(&h), 0, "nothing left for the origin");
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    // It leaves: the origin feeds the region again.
+    h.leave(wp);
+    assert!(roots_fed_by_server(&h) > 0);
+    h.check_invariants().unwrap();
+}
