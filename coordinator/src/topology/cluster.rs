@@ -388,6 +388,11 @@ impl Cluster {
         self.tree
             .roots(t)
             .map(|r| {
+                // A root behind a symmetric NAT (or with UDP blocked) reaches few of the peers
+                // that feed clusters: the origin feeds it.
+                if self.reaches_few(r) {
+                    return (r, MeshNodeOrPeer::Server(MeshNode::Origin));
+                }
                 while next < quota.len() && quota[next].1 == 0 {
                     next += 1;
                 }
@@ -400,6 +405,17 @@ impl Cluster {
                 }
             })
             .collect()
+    }
+
+    /// Whether member `peer`'s class cannot reach endpoint-independent NATs.
+    fn reaches_few(&self, peer: PeerId) -> bool {
+        const EIM: Connectivity = Connectivity {
+            class: protocol::NatClass::EndpointIndependent,
+            turn: false,
+        };
+        self.nat
+            .get(&peer)
+            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(EIM)))
     }
 
     /// Members that miss more substreams than the kind tolerates, fed within capacity.

@@ -528,6 +528,26 @@ fn nat_classes_hold_in_every_cluster_and_keep_symmetric_peers_at_the_bottom() {
         }
     }
     assert!(tree_links > 200, "{tree_links}");
+    // Across the tiers too (mesh floods, feeds of a cluster's roots): every link a peer
+    // receives on comes from a peer its class can reach, or from a server.
+    let mut cross = 0;
+    for p in h.peers.keys() {
+        for l in h.plan(*p).unwrap().receive {
+            if let MeshNodeOrPeer::Peer(q) = l.peer {
+                cross += 1;
+                assert!(
+                    Connectivity::can_pair(conn(p.0), conn(q.0)),
+                    "{p} ({:?}) receives from {q} ({:?})",
+                    class(p.0),
+                    class(q.0)
+                );
+            }
+        }
+    }
+    assert!(
+        cross > tree_links,
+        "{cross} links in all, {tree_links} in trees"
+    );
     // Re-placing keeps the class.
     let edm = *h
         .peers
