@@ -207,7 +207,9 @@ impl Planner {
         };
         let candidates: Vec<Candidate<Region>> = candidates
             .iter()
-            .filter(|c| !t.relays.contains(&c.peer) && t.h.tier(c.peer).is_some())
+            .filter(|c| {
+                !t.relays.contains(&c.peer) && t.h.tier(c.peer).is_some() && !t.h.limited(c.peer)
+            })
             .cloned()
             .collect();
         let current: std::collections::BTreeSet<PeerId> = candidates
@@ -231,7 +233,7 @@ impl Planner {
         let mut aff = Changes::default();
         // Out first, so the promoted find room; the demoted come back below the top tier.
         for c in &demote {
-            aff.affected.extend(t.h.leave(c.peer).affected);
+            aff.affected.extend(t.h.step_out(c.peer).affected);
         }
         for c in promote.iter().chain(&demote) {
             aff.affected.extend(

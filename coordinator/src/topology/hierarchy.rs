@@ -271,12 +271,7 @@ impl Hierarchy {
     fn join_as(&mut self, peer: PeerId, region: Region, upload: u32, relay: bool) -> Changes {
         let mut aff = if self.peers.contains_key(&peer) {
             // Re-placed: what is known of its connectivity still holds.
-            let nat = self.nat.get(&peer).copied();
-            let aff = self.leave(peer);
-            if let Some(c) = nat {
-                self.nat.insert(peer, c);
-            }
-            aff
+            self.step_out(peer)
         } else {
             Changes::default()
         };
@@ -324,9 +319,20 @@ impl Hierarchy {
         aff
     }
 
+    /// Takes `peer` out to place it again (a demoted preferred node): like
+    /// [`Hierarchy::leave`], but what is known of its connectivity stays.
+    pub fn step_out(&mut self, peer: PeerId) -> Changes {
+        let nat = self.nat.get(&peer).copied();
+        let aff = self.leave(peer);
+        if let Some(c) = nat {
+            self.nat.insert(peer, c);
+        }
+        aff
+    }
+
     /// Whether `peer`'s class cannot reach endpoint-independent NATs (symmetric NAT, UDP
-    /// blocked).
-    fn limited(&self, peer: PeerId) -> bool {
+    /// blocked): it is kept in the bottom tier.
+    pub fn limited(&self, peer: PeerId) -> bool {
         const EIM: Connectivity = Connectivity {
             class: protocol::NatClass::EndpointIndependent,
             turn: false,
