@@ -9,16 +9,20 @@
 //!   otherwise outbound UDP is blocked;
 //! - a `relay` candidate: a TURN relay is usable (`turn`).
 //!
-//! What Chrome shows (observed with Debian's Chromium, see `tests/tests/nat.rs`): a srflx
-//! candidate identical to one already gathered (the second STUN port seeing the same mapping)
-//! is not surfaced again, so an endpoint-independent NAT shows one srflx candidate, not two;
-//! a srflx candidate equal to a visible host candidate is not surfaced either (hence "no
-//! mapping, host address = observed address" is open); and without camera or microphone
-//! permission host candidates are `<uuid>.local` mDNS names with the srflx candidates'
-//! `raddr` set to `0.0.0.0`, so a public host can only be told from an endpoint-independent
-//! NAT when host addresses are visible: with hidden ones it is classified endpoint-independent
-//! (the conservative answer: such a peer is paired with fewer peers, never with ones it cannot
-//! reach).
+//! What Chrome shows (Debian's Chromium, in the network namespaces of `tests/tests/nat.rs`,
+//! with mDNS hiding of host addresses off): behind an endpoint-independent NAT, one host
+//! candidate and one srflx candidate (the second STUN port's identical mapping is not surfaced
+//! again); behind an endpoint-dependent NAT, one host and two srflx candidates with the same
+//! `raddr rport` and different ports; with UDP dropped, only the host candidate; on a public
+//! address, *no host candidate at all* and one srflx candidate carrying the host's own
+//! address with `raddr 0.0.0.0` (hence the "folded host" rule below: one mapping, no host
+//! candidate, and the mapping is the address the server sees). libwebrtc also drops a srflx
+//! candidate equal to a visible host candidate (hence "no mapping, a host candidate on the
+//! observed address" is open too). Without camera or microphone permission (never granted to
+//! an `http://` page other than localhost) host candidates are `<uuid>.local` mDNS names and
+//! srflx candidates carry `raddr 0.0.0.0`; a host that cannot be told from an
+//! endpoint-independent NAT is classified endpoint-independent, the conservative answer (such
+//! a peer is paired with fewer peers, never with one it cannot reach).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -110,7 +114,14 @@ pub fn classify(candidates: &[Candidate], observed: Option<&str>) -> Classified 
             .values()
             .flatten()
             .all(|(a, _)| hosts.contains(a.as_str()));
-        if all_host {
+        // What Chrome shows for a public host: no host candidate at all, and one srflx
+        // candidate with the host's own address (`raddr 0.0.0.0`), the address the server sees.
+        let folded_host = !candidates.iter().any(|c| c.kind == "host")
+            && by_base
+                .values()
+                .flatten()
+                .all(|(a, _)| observed == Some(a.as_str()));
+        if all_host || folded_host {
             NatClass::Open
         } else {
             NatClass::EndpointIndependent
@@ -175,6 +186,16 @@ mod tests {
         let public_host = "candidate:1 1 udp 2122260223 192.0.2.1 41000 typ host";
         let got = classify(&c(&[public_host, srflx]), Some("192.0.2.1"));
         assert_eq!(got.connectivity.class, NatClass::Open);
+    }
+
+    #[test]
+    fn a_lone_srflx_on_the_observed_address_without_host_candidates_is_open() {
+        let srflx = "candidate:3 1 udp 1 10.200.0.101 54306 typ srflx raddr 0.0.0.0 rport 0";
+        let got = classify(&c(&[srflx]), Some("10.200.0.101"));
+        assert_eq!(got.connectivity.class, NatClass::Open);
+        // Behind a NAT the host candidate is there (real or mDNS): endpoint-independent.
+        let got = classify(&c(&[MDNS, srflx]), Some("10.200.0.101"));
+        assert_eq!(got.connectivity.class, NatClass::EndpointIndependent);
     }
 
     #[test]

@@ -392,7 +392,12 @@ impl Inner {
         download: Option<Download>,
     ) -> Rc<RefCell<Inner>> {
         let ice_servers = match &opts.ice_servers {
-            Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
+            // As plain objects: `to_value` would make JSON objects `Map`s, which
+            // RTCPeerConnection refuses ("Malformed RTCIceServer").
+            Some(v) => {
+                serde::Serialize::serialize(v, &serde_wasm_bindgen::Serializer::json_compatible())
+                    .unwrap_or(JsValue::UNDEFINED)
+            }
             None => JsValue::UNDEFINED,
         };
         let engine = Engine::new(
