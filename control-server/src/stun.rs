@@ -66,6 +66,18 @@ impl Drop for StunServer {
 /// picks two consecutive free ports (a few tries).
 pub async fn bind(addr: SocketAddr) -> io::Result<StunServer> {
     let (a, b) = bind_pair(addr).await?;
+    serve(a, b)
+}
+
+/// Answers Binding requests on two sockets bound elsewhere (e.g. in another network namespace,
+/// as the NAT test bed does). Call within a tokio runtime.
+pub fn serve_std(a: std::net::UdpSocket, b: std::net::UdpSocket) -> io::Result<StunServer> {
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    serve(UdpSocket::from_std(a)?, UdpSocket::from_std(b)?)
+}
+
+fn serve(a: UdpSocket, b: UdpSocket) -> io::Result<StunServer> {
     let addrs = [a.local_addr()?, b.local_addr()?];
     tracing::info!(first = %addrs[0], second = %addrs[1], "STUN responder listening");
     Ok(StunServer {
