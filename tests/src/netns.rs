@@ -1,7 +1,7 @@
 //! A real NAT test bed (issue 15) made of Linux network namespaces, veth pairs and nftables.
 //!
 //! ```text
-//!   root namespace ── p2pn<PID>h 10.200.0.254 ─┐
+//!   root namespace ── p2pn<PID>h<N> 10.200.0.254 ┐
 //!                                              │  bridge br0 10.200.0.0/24 in <P>-inet
 //!   <P>-inet (the "internet": control server,  ├── 10.200.0.1   (br0 itself)
 //!             STUN, TURN) ─────────────────────┤
@@ -18,7 +18,7 @@
 //! it would forward (TCP, hence HTTP and the control WebSocket, still passes). Only private
 //! addresses (10.200.0.0/16) are used, and forwarding is enabled inside router namespaces only.
 //!
-//! Names start with `p2pn<PID>-`, so concurrent runs do not collide; [`NatLab::new`] first
+//! Names start with `p2pn<PID>-<N>-` (the N-th lab of the process), so concurrent runs do not collide; [`NatLab::new`] first
 //! deletes namespaces left by runs whose process is gone (a crash, a kill -9), and dropping the
 //! lab deletes all it made, also when a test panics. Processes started inside a namespace must
 //! be ended before the lab is dropped (declare the lab first, so that it drops last). Needs
@@ -62,6 +62,8 @@ pub struct Host {
 #[derive(Debug)]
 pub struct NatLab {
     prefix: String,
+    /// The root namespace's end of the veth to the internet bridge.
+    root_link: String,
     namespaces: Vec<String>,
     next_router: u8,
     next_open: u8,
@@ -158,9 +160,15 @@ impl NatLab {
         if stale > 0 {
             eprintln!("removed {stale} network namespaces left by earlier runs");
         }
-        let prefix = format!("{PREFIX}{}", std::process::id());
+        // Several labs of one process (one per test) get their own names: a namespace outlives
+        // its deletion while a process (a browser still exiting) is in it.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{n}", std::process::id());
+        let root_end = format!("{PREFIX}{}h{n}", std::process::id());
         let mut lab = NatLab {
             prefix: prefix.clone(),
+            root_link: root_end.clone(),
             namespaces: Vec::new(),
             next_router: 1,
             next_open: 1,
@@ -169,7 +177,6 @@ impl NatLab {
         ip_in(&inet, &["link", "add", "br0", "type", "bridge"])?;
         ip_in(&inet, &["addr", "add", "10.200.0.1/24", "dev", "br0"])?;
         ip_in(&inet, &["link", "set", "br0", "up"])?;
-        let root_end = format!("{prefix}h");
         run(
             "ip",
             &[
@@ -301,6 +308,8 @@ impl NatLab {
 
 impl Drop for NatLab {
     fn drop(&mut self) {
+        // At once, even if the namespace lingers: the next lab may reuse the address.
+        let _ = run("ip", &["link", "del", &self.root_link]);
         for ns in self.namespaces.iter().rev() {
             if let Err(e) = run("ip", &["netns", "del", ns]) {
                 eprintln!("removing network namespace {ns}: {e:#}");
@@ -388,7 +397,7 @@ mod tests {
     #[test]
     fn owner_pid_reads_only_our_names() {
         assert_eq!(owner_pid("p2pn1234-inet"), Some(1234));
-        assert_eq!(owner_pid("p2pn77-h3"), Some(77));
+        assert_eq!(owner_pid("p2pn77-2-h3"), Some(77));
         assert_eq!(owner_pid("other-ns"), None);
         assert_eq!(owner_pid("p2pn-x"), None);
     }
