@@ -3,14 +3,14 @@
 //!
 //! `--stun ADDR` binds `ADDR` and the port after it (`ADDR`'s port + 1; with port 0, two
 //! consecutive free ports). A Binding request to either is answered with a Binding success
-//! response carrying `XOR-MAPPED-ADDRESS` (and the older `MAPPED-ADDRESS`): the address the
-//! datagram came from. A page gathers server-reflexive candidates against both ports from one
+//! response carrying `XOR-MAPPED-ADDRESS`: the address the datagram came from. A page gathers server-reflexive candidates against both ports from one
 //! socket: a NAT that maps one internal address to one external one whatever the destination
 //! (endpoint-independent mapping) shows the same mapping twice, one that maps per destination
 //! (endpoint-dependent, "symmetric") shows two. Nothing else is answered: a datagram that is
 //! not a well-formed Binding request (garbage, a response, another method, TURN) is dropped
-//! without a reply, so the responder cannot be used to reflect traffic at a third party with
-//! any gain (the answer is about as large as the request).
+//! without a reply, and the reply carries nothing else (no `MAPPED-ADDRESS` for RFC 3489
+//! clients, no `SOFTWARE`): 32 bytes (44 for IPv6) for a request of at least 20, so reflecting
+//! traffic at a third party through it gains little.
 //!
 //! [`answer`] is the sans-IO core (bytes and source address in, bytes out); [`bind`] runs it
 //! on tokio sockets. Messages are parsed and written by `stun_codec` (with `bytecodec`).
@@ -19,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use bytecodec::{DecodeExt, EncodeExt};
-use stun_codec::rfc5389::attributes::{MappedAddress, Software, XorMappedAddress};
+use stun_codec::rfc5389::attributes::XorMappedAddress;
 use stun_codec::rfc5389::{methods::BINDING, Attribute};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder};
 use tokio::net::UdpSocket;
@@ -40,10 +40,6 @@ pub fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     let mut reply =
         Message::<Attribute>::new(MessageClass::SuccessResponse, BINDING, msg.transaction_id());
     reply.add_attribute(XorMappedAddress::new(from));
-    reply.add_attribute(MappedAddress::new(from));
-    if let Ok(software) = Software::new(concat!("p2p-live ", env!("CARGO_PKG_VERSION")).into()) {
-        reply.add_attribute(software);
-    }
     MessageEncoder::new().encode_into_bytes(reply).ok()
 }
 
@@ -155,6 +151,7 @@ mod tests {
             m.get_attribute::<XorMappedAddress>().unwrap().address(),
             from
         );
+        assert_eq!(reply.len(), 32, "header and XOR-MAPPED-ADDRESS only");
     }
 
     #[test]
