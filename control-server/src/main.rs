@@ -60,8 +60,8 @@ struct Args {
     rtmp: Option<SocketAddr>,
     /// Answer STUN Binding requests (RFC 5389) on this UDP address and on the port after it,
     /// e.g. 0.0.0.0:3478 binds 3478 and 3479: pages gather against both to tell an
-    /// endpoint-independent NAT from an endpoint-dependent one (their `nat_class`), and use the
-    /// first as their STUN server when the site configures no `ice_servers`. Off by default.
+    /// endpoint-independent NAT from an endpoint-dependent one (their `nat_class`), and their
+    /// links use the first beside the site's `ice_servers`. Off by default.
     #[arg(long, value_name = "ADDR")]
     stun: Option<SocketAddr>,
     /// Number of substreams k (trees per channel; default 4, or the topology file's `k`).

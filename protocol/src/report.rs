@@ -114,7 +114,8 @@ pub struct PeerReport {
     /// Whether ICE gathering with the site's `ice_servers` produced a TURN `relay` candidate.
     #[serde(default)]
     pub turn: bool,
-    /// Whether an open link's selected candidate pair uses a relay candidate (this side's).
+    /// Whether an open link's selected candidate pair has used a relay candidate (either side's;
+    /// looked at every 2 s while the page has TURN, and kept once seen).
     #[serde(default)]
     pub turn_used: bool,
     /// The distinct server-reflexive mappings (address:port) the classification saw.

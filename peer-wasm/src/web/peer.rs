@@ -247,7 +247,10 @@ impl P2pPeer {
         );
         {
             let mut d = dl.borrow_mut();
-            d.connectivity = self.inner.borrow().connectivity;
+            let live = self.inner.borrow();
+            d.connectivity = live.connectivity;
+            d.ice_servers = live.ice_servers.clone();
+            drop(live);
             d.connect().map_err(|e| JsError::new(&e))?;
             d.start_tick().map_err(|e| JsError::new(&e))?;
         }
@@ -527,13 +530,12 @@ impl Inner {
     }
 
     /// Finds the page's NAT class (see `web::nat`) and tells the control center. Links made
-    /// once the server's STUN URLs are known use the first one when the site names no
+    /// once the server's STUN URLs are known also use the first one, beside the site's
     /// `ice_servers` (server-reflexive candidates are what lets peers behind NATs connect).
     fn start_nat_probe(&self) {
         let me = self.me.clone();
         let base = self.base_url.clone();
         let site = self.ice_servers.clone();
-        let site_has_servers = self.opts.ice_servers.is_some();
         wasm_bindgen_futures::spawn_local(async move {
             let view = match nat::server_view(&base).await {
                 Ok(v) => v,
@@ -542,10 +544,8 @@ impl Inner {
             let Some(first) = view.stun.first() else {
                 return;
             };
-            if !site_has_servers {
-                let links = nat::ice_servers_with(std::slice::from_ref(first), &JsValue::UNDEFINED);
-                with(&me, |i| i.ice_servers = links);
-            }
+            let links = nat::ice_servers_with(std::slice::from_ref(first), &site);
+            with(&me, |i| i.set_ice_servers(links));
             let servers = nat::ice_servers_with(&view.stun, &site);
             match nat::probe(&servers, view.observed.as_deref()).await {
                 Ok(found) => with(&me, |i| i.on_classified(found)),
@@ -561,10 +561,31 @@ impl Inner {
             c.class, c.turn, found.mappings
         )));
         self.nat_mappings = found.mappings;
+        self.set_connectivity(c);
+    }
+
+    /// Takes the page's class (and tells the control center if this session has joined
+    /// already), with the relay sessions it runs.
+    fn set_connectivity(&mut self, c: Connectivity) {
         self.connectivity = Some(c);
         if self.join_sent {
             self.send_ctrl(&ClientMsg::Connectivity(c));
         }
+        for (_, r) in &self.relays {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.set_connectivity(c);
+            }
+        }
+    }
+
+    /// The `iceServers` of links made from now on, this session's and its relay sessions'.
+    fn set_ice_servers(&mut self, servers: JsValue) {
+        for (_, r) in &self.relays {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.set_ice_servers(servers.clone());
+            }
+        }
+        self.ice_servers = servers;
     }
 
     /// Looks at each open link's selected candidate pair: a relay candidate on either side
@@ -1262,6 +1283,7 @@ impl Inner {
             .map_err(|_| "relay session busy".to_string())
             .and_then(|mut r| {
                 r.connectivity = self.connectivity;
+                r.ice_servers = self.ice_servers.clone();
                 r.connect()?;
                 r.start_tick()
             });
