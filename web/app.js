@@ -1,7 +1,8 @@
 // Viewer page: loads the wasm peer, plays the channel and shows live statistics.
 // Query options: channel (default "demo"), upload (kbit/s, default 2000), decode (1/0),
 // region (a region hint, honoured only by servers allowing it) and network (declared access
-// network: dsl, cable, fiber, mobile, satellite, other).
+// network: dsl, cable, fiber, mobile, satellite, other) and ice (the RTCPeerConnection
+// iceServers as JSON, e.g. [{"urls":"turn:host:3478?transport=tcp","username":"u","credential":"p"}]).
 import init, { P2pPeer } from './pkg/peer.js';
 
 const params = new URLSearchParams(location.search);
@@ -10,6 +11,7 @@ const upload = Number(params.get('upload') || 2000);
 const decode = params.get('decode') !== '0';
 const region = params.get('region') || undefined;
 const network = params.get('network') || undefined;
+const ice_servers = params.get('ice') ? JSON.parse(params.get('ice')) : undefined;
 document.getElementById('channel').textContent = channel;
 
 const fmtBytes = (n) => n > 1e6 ? (n / 1e6).toFixed(2) + ' MB' : (n / 1e3).toFixed(1) + ' kB';
@@ -24,6 +26,7 @@ function render(s) {
     ['P2P share', total ? (100 * s.bytes_from_peers / total).toFixed(1) + ' %' : '–'],
     ['uploaded', fmtBytes(s.bytes_up) + ' (cap ' + s.upload_kbps + ' kbit/s)'],
     ['connected peers', s.connected_peers],
+    ['NAT', (s.nat_class ?? '…') + (s.turn ? ', TURN' + (s.turn_used ? ' (in use)' : '') : '')],
     ['origin fallbacks', s.origin_fallbacks],
     ['tier', s.tier == null ? 'flat' : s.tier + (s.region ? ' (' + s.region + ')' : '')
       + (s.plays === false ? ', relay only' : '')],
@@ -102,7 +105,7 @@ function renderDownload(peer, d) {
 
 async function main() {
   await init();
-  const peer = new P2pPeer({ channel, upload_kbps: upload, decode, region, network },
+  const peer = new P2pPeer({ channel, upload_kbps: upload, decode, region, network, ice_servers },
     decode ? document.getElementById('video') : undefined);
   peer.start();
   // Exposed for tests and benchmarks, which read statistics out of the page.

@@ -22,6 +22,9 @@ pub struct Config {
     /// Address of the RTMP ingest listener (`--rtmp`, see `source::rtmp`): publishers push
     /// `rtmp://HOST:PORT/live/CHANNEL?key=KEY` with the `ingest_key`. `None` (the default): off.
     pub rtmp: Option<std::net::SocketAddr>,
+    /// The STUN responder's two bound sockets (`--stun`, see `crate::stun`), advertised to
+    /// pages by `GET /api/connectivity`. Empty (the default): no STUN.
+    pub stun: Vec<std::net::SocketAddr>,
     pub web_dir: PathBuf,
     /// Stream rate assumed for channels whose rate is not known from a file.
     pub default_stream_kbps: u32,
@@ -72,6 +75,7 @@ impl Default for Config {
             window_packets: 4096,
             ingest_key: None,
             rtmp: None,
+            stun: Vec::new(),
             web_dir: PathBuf::from("web"),
             default_stream_kbps: 1000,
             operator_token: None,

@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/channels/{id}/stats", get(channel_stats))
         .route("/ingest/{id}", put(ingest).post(ingest))
         .route("/api/locate", get(locate))
+        .route("/api/connectivity", get(connectivity))
         .route("/api/operator/cluster", get(cluster_view))
         .merge(crate::operator::routes(&state))
         .fallback_service(ServeDir::new(web_dir).append_index_html_on_directories(true))
@@ -60,6 +61,51 @@ pub fn router(state: AppState) -> Router {
         .layer(crate::operator::cors_layer(&state.config))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// What a page needs to classify its NAT (issue 15): the STUN responder's URLs (`--stun`, two
+/// ports, see `crate::stun`; empty without it) and the address this request came from, which
+/// a page whose host candidate carries it knows to be on an open address. The STUN host is
+/// the one the page reached this server by (its `Host` header) unless the responder is bound
+/// to a specific address.
+async fn connectivity(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    request: axum::extract::Request,
+) -> Json<serde_json::Value> {
+    let observed = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical().to_string());
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_without_port);
+    let stun: Vec<String> = state
+        .config
+        .stun
+        .iter()
+        .filter_map(|a| {
+            let ip = a.ip();
+            let h = if ip.is_unspecified() {
+                host.clone()?
+            } else if ip.is_ipv6() {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            };
+            Some(format!("stun:{h}:{}", a.port()))
+        })
+        .collect();
+    Json(json!({ "stun": stun, "observed": observed }))
+}
+
+/// `example.org:8080` → `example.org`, `[::1]:8080` → `[::1]`.
+fn host_without_port(host: &str) -> String {
+    if let Some(end) = host.strip_prefix('[').and_then(|r| r.find(']')) {
+        return host[..end + 2].to_string();
+    }
+    host.split(':').next().unwrap_or(host).to_string()
 }
 
 #[derive(Deserialize)]

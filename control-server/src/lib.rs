@@ -29,6 +29,7 @@ pub mod origin;
 pub mod relay;
 pub mod signing;
 pub mod source;
+pub mod stun;
 pub mod token;
 pub mod viewer_token;
 pub mod ws;

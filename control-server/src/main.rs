@@ -58,6 +58,12 @@ struct Args {
     /// H.264 + AAC. Off by default.
     #[arg(long, value_name = "ADDR", requires = "ingest_key")]
     rtmp: Option<SocketAddr>,
+    /// Answer STUN Binding requests (RFC 5389) on this UDP address and on the port after it,
+    /// e.g. 0.0.0.0:3478 binds 3478 and 3479: pages gather against both to tell an
+    /// endpoint-independent NAT from an endpoint-dependent one (their `nat_class`), and their
+    /// links use the first beside the site's `ice_servers`. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    stun: Option<SocketAddr>,
     /// Number of substreams k (trees per channel; default 4, or the topology file's `k`).
     #[arg(long)]
     substreams: Option<u32>,
@@ -241,7 +247,16 @@ async fn main() -> anyhow::Result<()> {
         (None, false, Some(c)) => Some(control_server::signing::seed_from_secret(&c.secret)),
         (None, false, None) => Some(control_server::signing::random_seed()?),
     };
+    // Bound before the configuration is made: pages are told the ports really bound.
+    let stun =
+        match args.stun {
+            Some(addr) => Some(control_server::stun::bind(addr).await.with_context(|| {
+                format!("binding the STUN responder on {addr} and the next port")
+            })?),
+            None => None,
+        };
     let config = Config {
+        stun: stun.as_ref().map(|s| s.addrs.to_vec()).unwrap_or_default(),
         signing_seed,
         ban_secs: args.ban_secs,
         substreams,
@@ -352,6 +367,9 @@ async fn main() -> anyhow::Result<()> {
              CHANNEL?key=…)",
             server.local_addr, server.local_addr
         );
+    }
+    if let Some(s) = &stun {
+        println!("STUN: udp {} and {}", s.addrs[0], s.addrs[1]);
     }
     tracing::info!("control center listening on http://{addr}/");
     println!("Open http://{addr}/ in two tabs to watch the demo channel.");

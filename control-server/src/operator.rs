@@ -73,10 +73,11 @@ fn same_origin(origin: &str, host: Option<&str>) -> bool {
 
 /// Paths an embedded player loads from another origin.
 pub fn embeddable_path(path: &str) -> bool {
-    // `/api/locate`: a peer of a cluster asks any node where its channel's DCM runs now.
+    // `/api/locate`: a peer of a cluster asks any node where its channel's DCM runs now;
+    // `/api/connectivity`: the page's STUN servers and address, for its NAT class.
     if matches!(
         path,
-        "/player.js" | "/player.js.map" | "/player.d.ts" | "/api/locate"
+        "/player.js" | "/player.js.map" | "/player.d.ts" | "/api/locate" | "/api/connectivity"
     ) || path.starts_with("/pkg/")
     {
         return true;

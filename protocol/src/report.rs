@@ -107,6 +107,20 @@ pub struct PeerReport {
     /// why continuity fell.
     #[serde(default)]
     pub late_samples: Vec<LateSample>,
+    /// The NAT class the page found (issue 15; `None` until known, or without the server's
+    /// STUN responder).
+    #[serde(default)]
+    pub nat_class: Option<crate::control::NatClass>,
+    /// Whether ICE gathering with the site's `ice_servers` produced a TURN `relay` candidate.
+    #[serde(default)]
+    pub turn: bool,
+    /// Whether an open link's selected candidate pair has used a relay candidate (either side's;
+    /// looked at every 2 s while the page has TURN, and kept once seen).
+    #[serde(default)]
+    pub turn_used: bool,
+    /// The distinct server-reflexive mappings (address:port) the classification saw.
+    #[serde(default)]
+    pub nat_mappings: Vec<String>,
 }
 
 /// One packet that missed its playout deadline.

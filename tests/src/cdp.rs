@@ -94,6 +94,9 @@ pub struct LaunchOptions {
     pub launch_timeout: Duration,
     /// Timeout of each CDP call (page loads and `eval` included).
     pub call_timeout: Duration,
+    /// Run Chromium inside this network namespace (`ip netns exec`, see [`crate::netns`]);
+    /// its DevTools endpoint, on the namespace's loopback, is forwarded to the test's.
+    pub netns: Option<String>,
 }
 
 impl Default for LaunchOptions {
@@ -103,6 +106,7 @@ impl Default for LaunchOptions {
             chromium: None,
             launch_timeout: DEFAULT_LAUNCH_TIMEOUT,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            netns: None,
         }
     }
 }
@@ -539,6 +543,8 @@ pub struct Browser {
     ws_url: String,
     user_data_dir: Option<tempfile::TempDir>,
     tasks: Vec<JoinHandle<()>>,
+    /// The DevTools endpoint's way out of Chromium's network namespace, if it runs in one.
+    _forwarder: Option<crate::netns::Forwarder>,
 }
 
 impl std::fmt::Debug for Browser {
@@ -569,7 +575,16 @@ impl Browser {
         args.extend(opts.args.iter().map(OsString::from));
         args.push("about:blank".into());
 
-        let mut child = Command::new(&exe)
+        let mut command = match &opts.netns {
+            // `ip netns exec` execs Chromium itself: the child's pid is the browser's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -617,6 +632,21 @@ impl Browser {
             }
         };
 
+        let mut forwarder = None;
+        let ws_url = match &opts.netns {
+            None => ws_url,
+            Some(ns) => {
+                let (port, path) = ws_url
+                    .strip_prefix("ws://127.0.0.1:")
+                    .and_then(|r| r.split_once('/'))
+                    .context("a DevTools endpoint on 127.0.0.1")?;
+                let port: u16 = port.parse().context("the DevTools port")?;
+                let f = crate::netns::Forwarder::start(ns, ([127, 0, 0, 1], port).into()).await?;
+                let url = format!("ws://{}/{path}", f.local);
+                forwarder = Some(f);
+                url
+            }
+        };
         let config = HandlerConfig {
             // Plain HTTP on loopback only; nothing to ignore.
             ignore_https_errors: false,
@@ -711,6 +741,7 @@ impl Browser {
             ws_url,
             user_data_dir: Some(user_data_dir),
             tasks: vec![driver, exited, events],
+            _forwarder: forwarder,
         })
     }
 

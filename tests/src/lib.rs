@@ -16,6 +16,8 @@
 //!   same source, measured the same way.
 //! * [`natives`] — native peers (`waypoint`, issue 15) beside the pages, in one
 //!   process of their own.
+//! * [`netns`] — a real NAT test bed: network namespaces behind nftables NATs
+//!   and a firewall (issue 15).
 //! * [`console`] — the console errors a test expects; every browser test
 //!   fails on any other.
 //!
@@ -29,6 +31,7 @@ pub mod cluster_swarm;
 pub mod compare;
 pub mod console;
 pub mod natives;
+pub mod netns;
 pub mod source;
 pub mod swarm;
 pub mod wait;

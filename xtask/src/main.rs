@@ -32,8 +32,8 @@ use clap::{Parser, Subcommand};
 
 use crate::build::build_wasm;
 use crate::tools::{
-    ensure_chromium, ensure_etcd, ensure_ffmpeg, ensure_protoc, ensure_wasm_bindgen,
-    ensure_wasm_pack, ensure_wasm_target, wasm_pack_bin, CHROMEDRIVER,
+    ensure_chromium, ensure_etcd, ensure_ffmpeg, ensure_nat_tools, ensure_protoc,
+    ensure_wasm_bindgen, ensure_wasm_pack, ensure_wasm_target, wasm_pack_bin, CHROMEDRIVER,
 };
 use crate::util::{cargo, repo_root, run};
 
@@ -508,6 +508,7 @@ fn test() -> Result<()> {
     steps.run("wasm-pack", ensure_wasm_pack)?;
     steps.run("Chromium and ChromeDriver", ensure_chromium)?;
     steps.run("ffmpeg (live sources of the ingest tests)", ensure_ffmpeg)?;
+    steps.run("nftables and coturn (the NAT test bed)", ensure_nat_tools)?;
     steps.run("build the wasm peer (web/pkg)", build_wasm)?;
     steps.run(
         "web assets: npm ci + esbuild (web/dist: player, dashboard, compare page)",

@@ -294,6 +294,19 @@ pub fn ensure_ffmpeg() -> Result<()> {
     Ok(())
 }
 
+/// Where Debian's nftables and coturn put `nft` and `turnserver`: the NAT test bed's routers
+/// (`tests/src/netns.rs`) and its TURN server.
+pub const NFT: &str = "/usr/sbin/nft";
+pub const TURNSERVER: &str = "/usr/bin/turnserver";
+
+/// Makes sure nft and coturn are installed (via apt when running as root on Debian).
+pub fn ensure_nat_tools() -> Result<()> {
+    ensure_debian_programs(&[(NFT, "nftables"), (TURNSERVER, "coturn")])?;
+    let v = output(Command::new(NFT).arg("--version")).unwrap_or_default();
+    println!("{NFT}: {}", v.trim());
+    Ok(())
+}
+
 /// Where Debian's protobuf-compiler puts protoc: etcd-client's build compiles etcd's protobuf
 /// definitions with it (the control server's `cluster` feature).
 pub const PROTOC: &str = "/usr/bin/protoc";

@@ -30,6 +30,7 @@
 
 pub mod file;
 mod heartbeat;
+pub mod nat;
 pub mod playout;
 mod report;
 mod tier;

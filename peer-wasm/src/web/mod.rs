@@ -5,6 +5,7 @@
 mod bench;
 mod fetch;
 mod media;
+mod nat;
 mod peer;
 mod rtc;
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 use protocol::report::{DownloadReport, PeerReport, RelayReport};
-use protocol::{ClientMsg, PeerId, ServerMsg, PROTOCOL_VERSION};
+use protocol::{ClientMsg, Connectivity, PeerId, ServerMsg, PROTOCOL_VERSION};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -15,6 +15,7 @@ use web_sys::{BinaryType, CloseEvent, HtmlVideoElement, MessageEvent, WebSocket}
 
 use super::fetch::{fetch_bytes, Fetched};
 use super::media::Media;
+use super::nat;
 use super::rtc::{Link, LinkEvent};
 use super::{js_err, now_ms, perf_now};
 use crate::engine::file::FileAssembler;
@@ -158,6 +159,17 @@ struct Inner {
     /// Set in cluster mode.
     cluster: Option<ClusterInfo>,
     reconnect: Reconnect,
+    /// The NAT class, once the probe found it (issue 15; see `web::nat`). Sessions this page
+    /// opens later (downloads, relays) start with it.
+    connectivity: Option<Connectivity>,
+    nat_mappings: Vec<String>,
+    /// A `Join` went out on the current control connection (a class found later is then sent
+    /// as its own message).
+    join_sent: bool,
+    /// Whether an open link's selected candidate pair uses a TURN relay.
+    turn_used: bool,
+    /// When links' `getStats` were last looked at for a relay (page clock, ms).
+    stats_polled_ms: f64,
 }
 
 #[wasm_bindgen]
@@ -235,6 +247,10 @@ impl P2pPeer {
         );
         {
             let mut d = dl.borrow_mut();
+            let live = self.inner.borrow();
+            d.connectivity = live.connectivity;
+            d.ice_servers = live.ice_servers.clone();
+            drop(live);
             d.connect().map_err(|e| JsError::new(&e))?;
             d.start_tick().map_err(|e| JsError::new(&e))?;
         }
@@ -280,7 +296,10 @@ impl P2pPeer {
     pub fn start(&self) -> Result<(), JsError> {
         let mut inner = self.inner.borrow_mut();
         inner.connect().map_err(|e| JsError::new(&e))?;
-        inner.start_tick().map_err(|e| JsError::new(&e))
+        inner.start_tick().map_err(|e| JsError::new(&e))?;
+        // Beside the join, never before it: the class follows when it is known.
+        inner.start_nat_probe();
+        Ok(())
     }
 
     /// A snapshot of the peer's statistics (see `protocol::report::PeerReport`).
@@ -319,6 +338,42 @@ impl Drop for P2pPeer {
     }
 }
 
+/// How often links' statistics are searched for a relayed pair while none has been seen, ms.
+const TURN_POLL_MS: f64 = 2000.0;
+
+/// Whether an `RTCStatsReport` shows a selected (nominated, succeeded) candidate pair with a
+/// `relay` candidate on either side.
+fn uses_relay(report: &JsValue) -> bool {
+    let get = |o: &JsValue, k: &str| js_sys::Reflect::get(o, &JsValue::from_str(k)).ok();
+    let text = |o: &JsValue, k: &str| get(o, k).and_then(|v| v.as_string());
+    let Ok(Some(entries)) = js_sys::try_iter(report) else {
+        return false;
+    };
+    let mut relay_ids = std::collections::HashSet::new();
+    let mut selected = Vec::new();
+    for entry in entries.flatten() {
+        let Some(stat) = get(&entry, "1") else {
+            continue;
+        };
+        match text(&stat, "type").as_deref() {
+            Some("local-candidate" | "remote-candidate")
+                if text(&stat, "candidateType").as_deref() == Some("relay") =>
+            {
+                relay_ids.extend(text(&stat, "id"));
+            }
+            Some("candidate-pair") => {
+                let nominated = get(&stat, "nominated").and_then(|v| v.as_bool()) == Some(true);
+                if nominated && text(&stat, "state").as_deref() == Some("succeeded") {
+                    selected.extend(text(&stat, "localCandidateId"));
+                    selected.extend(text(&stat, "remoteCandidateId"));
+                }
+            }
+            _ => {}
+        }
+    }
+    selected.iter().any(|id| relay_ids.contains(id))
+}
+
 /// The tier's wire name (`preferred`, `middle`, `bottom`), as the server spells it.
 /// Runs `f` on the shared state if it is still alive and not borrowed (events can only
 /// arrive from the JS event loop, so a failed borrow means a bug, not a race; we skip).
@@ -340,7 +395,12 @@ impl Inner {
         download: Option<Download>,
     ) -> Rc<RefCell<Inner>> {
         let ice_servers = match &opts.ice_servers {
-            Some(v) => serde_wasm_bindgen::to_value(v).unwrap_or(JsValue::UNDEFINED),
+            // As plain objects: `to_value` would make JSON objects `Map`s, which
+            // RTCPeerConnection refuses ("Malformed RTCIceServer").
+            Some(v) => {
+                serde::Serialize::serialize(v, &serde_wasm_bindgen::Serializer::json_compatible())
+                    .unwrap_or(JsValue::UNDEFINED)
+            }
             None => JsValue::UNDEFINED,
         };
         let engine = Engine::new(
@@ -376,6 +436,11 @@ impl Inner {
                 relays: Vec::new(),
                 cluster: None,
                 reconnect: Reconnect::default(),
+                connectivity: None,
+                nat_mappings: Vec::new(),
+                join_sent: false,
+                turn_used: false,
+                stats_polled_ms: 0.0,
             })
         })
     }
@@ -418,10 +483,11 @@ impl Inner {
                     companion: i.download.as_ref().map(|d| d.companion),
                     relay_token: i.opts.relay_token.clone(),
                     resume: i.resume_claim(),
-                    connectivity: None,
+                    connectivity: i.connectivity,
                     waypoint: None,
                 };
                 i.send_ctrl(&join);
+                i.join_sent = true;
             })
         });
         let me = self.me.clone();
@@ -462,6 +528,91 @@ impl Inner {
         self.ws_closures = vec![on_open, on_message, on_close];
         self.ws = Some(ws);
         Ok(())
+    }
+
+    /// Finds the page's NAT class (see `web::nat`) and tells the control center. Links made
+    /// once the server's STUN URLs are known also use the first one, beside the site's
+    /// `ice_servers` (server-reflexive candidates are what lets peers behind NATs connect).
+    fn start_nat_probe(&self) {
+        let me = self.me.clone();
+        let base = self.base_url.clone();
+        let site = self.ice_servers.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            let view = match nat::server_view(&base).await {
+                Ok(v) => v,
+                Err(e) => return with(&me, |i| i.error(format!("NAT probe: {e}"))),
+            };
+            let Some(first) = view.stun.first() else {
+                return;
+            };
+            let links = nat::ice_servers_with(std::slice::from_ref(first), &site);
+            with(&me, |i| i.set_ice_servers(links));
+            let servers = nat::ice_servers_with(&view.stun, &site);
+            match nat::probe(&servers, view.observed.as_deref()).await {
+                Ok(found) => with(&me, |i| i.on_classified(found)),
+                Err(e) => with(&me, |i| i.error(format!("NAT probe: {e}"))),
+            }
+        });
+    }
+
+    fn on_classified(&mut self, found: crate::engine::nat::Classified) {
+        let c = found.connectivity;
+        web_sys::console::log_1(&JsValue::from_str(&format!(
+            "NAT class {:?}, TURN {}, mappings {:?}",
+            c.class, c.turn, found.mappings
+        )));
+        self.nat_mappings = found.mappings;
+        self.set_connectivity(c);
+    }
+
+    /// Takes the page's class (and tells the control center if this session has joined
+    /// already), with the relay sessions it runs.
+    fn set_connectivity(&mut self, c: Connectivity) {
+        self.connectivity = Some(c);
+        if self.join_sent {
+            self.send_ctrl(&ClientMsg::Connectivity(c));
+        }
+        for (_, r) in &self.relays {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.set_connectivity(c);
+            }
+        }
+    }
+
+    /// The `iceServers` of links made from now on, this session's and its relay sessions'.
+    fn set_ice_servers(&mut self, servers: JsValue) {
+        for (_, r) in &self.relays {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.set_ice_servers(servers.clone());
+            }
+        }
+        self.ice_servers = servers;
+    }
+
+    /// Looks at each open link's selected candidate pair: a relay candidate on either side
+    /// means the link goes through TURN.
+    fn poll_turn_used(&self) {
+        let pcs: Vec<web_sys::RtcPeerConnection> = self
+            .links
+            .values()
+            .filter(|l| l.is_open())
+            .map(|l| l.pc().clone())
+            .collect();
+        if pcs.is_empty() {
+            return;
+        }
+        let me = self.me.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            for pc in pcs {
+                let Ok(report) = wasm_bindgen_futures::JsFuture::from(pc.get_stats()).await else {
+                    continue;
+                };
+                if uses_relay(&report) {
+                    with(&me, |i| i.turn_used = true);
+                    return;
+                }
+            }
+        });
     }
 
     fn start_tick(&mut self) -> Result<(), String> {
@@ -678,6 +829,7 @@ impl Inner {
     /// packets).
     fn on_ws_closed(&mut self, reason: String) {
         self.ws = None;
+        self.join_sent = false;
         if self.destroyed {
             return;
         }
@@ -1061,6 +1213,13 @@ impl Inner {
             self.links.remove(&peer);
             self.link_failed(peer);
         }
+        if !self.turn_used
+            && self.connectivity.is_some_and(|c| c.turn)
+            && now - self.stats_polled_ms >= TURN_POLL_MS
+        {
+            self.stats_polled_ms = now;
+            self.poll_turn_used();
+        }
         if let Some(w) = &self.welcome {
             // A stuck upload queue is reported at once, so children are moved before their
             // buffers drain.
@@ -1124,6 +1283,8 @@ impl Inner {
             .try_borrow_mut()
             .map_err(|_| "relay session busy".to_string())
             .and_then(|mut r| {
+                r.connectivity = self.connectivity;
+                r.ice_servers = self.ice_servers.clone();
                 r.connect()?;
                 r.start_tick()
             });
@@ -1158,6 +1319,10 @@ impl Inner {
             control_lost_at_ms: self.reconnect.lost_at_ms,
             control_resumed_at_ms: self.reconnect.resumed_at_ms,
             heartbeat_bytes: self.heartbeat_bytes,
+            nat_class: self.connectivity.map(|c| c.class),
+            turn: self.connectivity.is_some_and(|c| c.turn),
+            turn_used: self.turn_used,
+            nat_mappings: self.nat_mappings.clone(),
             relays: self
                 .relays
                 .iter()

@@ -245,6 +245,10 @@ impl Link {
         }
     }
 
+    pub(crate) fn pc(&self) -> &RtcPeerConnection {
+        &self.pc
+    }
+
     pub(crate) fn is_open(&self) -> bool {
         self.channel
             .as_ref()
@@ -262,7 +266,10 @@ impl Drop for Link {
     }
 }
 
-async fn make_description(pc: &RtcPeerConnection, kind: RtcSdpType) -> Result<String, String> {
+pub(crate) async fn make_description(
+    pc: &RtcPeerConnection,
+    kind: RtcSdpType,
+) -> Result<String, String> {
     let promise = match kind {
         RtcSdpType::Offer => pc.create_offer(),
         _ => pc.create_answer(),
