@@ -99,8 +99,10 @@ fn hierarchy_keeps_its_invariants() {
 
 #[test]
 fn unreachable_pairs_are_placed_around() {
+    // Random pairs the DCM learns of only when their data channel fails.
     let cfg = RunConfig {
         unreachable_pct: Some(20.0),
+        nat_model: sim::net::NatModel::Pairs,
         ..small(Scenario::Steady, 100, 40)
     };
     let r = sim::run(&cfg, false).expect("valid configuration");
@@ -112,4 +114,27 @@ fn unreachable_pairs_are_placed_around() {
     assert_eq!(inv.cycles, 0, "{inv:?}");
     assert_eq!(inv.coordinator, None);
     assert!(r.continuity >= 0.999, "{}", r.table());
+}
+
+#[test]
+fn nat_classes_reported_at_join_leave_no_link_to_fail() {
+    // The same share of unreachable pairs, from NAT classes the peers report at join: the DCM
+    // never links a pair that cannot connect, flat or in a hierarchy.
+    for hierarchy in [false, true] {
+        let cfg = RunConfig {
+            unreachable_pct: Some(20.0),
+            nat_model: sim::net::NatModel::Classes,
+            regions: if hierarchy { 3 } else { 1 },
+            hierarchy,
+            ..small(Scenario::Steady, 150, 40)
+        };
+        let r = sim::run(&cfg, false).expect("valid configuration");
+        let inv = &r.invariants;
+        assert_eq!(r.link_failures, 0, "hierarchy {hierarchy}: {}", r.table());
+        assert_eq!(inv.mismatched_viewers, 0, "{inv:?}");
+        assert_eq!(inv.incomplete_viewers, 0, "{inv:?}");
+        assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
+        assert_eq!(inv.cycles, 0, "{inv:?}");
+        assert_eq!(inv.coordinator, None);
+    }
 }
