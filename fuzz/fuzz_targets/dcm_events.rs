@@ -55,6 +55,8 @@ enum Op {
         upload: u8,
         region: u8,
         relay: bool,
+        /// NAT class (issue 15): none, or one of the four, with TURN when the high bit is set.
+        nat: u8,
     },
     Leave {
         who: u8,
@@ -260,6 +262,7 @@ impl Driver {
                 upload,
                 region,
                 relay,
+                nat,
             } => {
                 if self.ids.len() >= MAX_PEERS {
                     return;
@@ -273,6 +276,18 @@ impl Driver {
                     _ => Region::V6([0x2001, 0xdb8, u16::from(region)]),
                 };
                 let upload_kbps = u32::from(upload) * 50;
+                use protocol::NatClass::*;
+                let connectivity = match nat % 6 {
+                    0 | 1 => None,
+                    2 => Some(Open),
+                    3 => Some(EndpointIndependent),
+                    4 => Some(EndpointDependent),
+                    _ => Some(UdpBlocked),
+                }
+                .map(|class| protocol::Connectivity {
+                    class,
+                    turn: nat >= 128,
+                });
                 self.sessions.insert(
                     peer,
                     Adopted {
@@ -280,6 +295,8 @@ impl Driver {
                         upload_kbps,
                         region,
                         relay,
+                        connectivity,
+                        waypoint: false,
                     },
                 );
                 self.handle(Event::Join {
@@ -287,7 +304,7 @@ impl Driver {
                     upload_kbps,
                     region,
                     relay,
-                    connectivity: None,
+                    connectivity,
                 });
             }
             Op::Leave { who } => {
