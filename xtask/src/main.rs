@@ -468,7 +468,7 @@ const FUZZ_TEST_SECONDS: u64 = 15;
 
 fn test() -> Result<()> {
     let root = repo_root();
-    let mut steps = Steps::new(16);
+    let mut steps = Steps::new(17);
     // Fast checks first: a formatting or lint slip fails in seconds, not after the installs.
     steps.run("formatting: cargo fmt --all -- --check", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
