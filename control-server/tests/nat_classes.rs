@@ -9,50 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::{connect, join, join_msg, next_msg, send, start_server};
 use control_server::config::Config;
-use prom::{http, parse};
+use prom::{http, operator_json, parse};
 use protocol::{ClientMsg, Connectivity, NatClass, PeerId, ServerMsg, Source};
 
 fn with_class(upload_kbps: u32, class: NatClass) -> ClientMsg {
-    let ClientMsg::Join {
-        version,
-        channel,
-        upload_kbps,
-        region,
-        network,
-        relay_token,
-        companion,
-        resume,
-        ..
-    } = join_msg(upload_kbps)
-    else {
-        unreachable!("join_msg makes a join");
-    };
-    ClientMsg::Join {
-        version,
-        channel,
-        upload_kbps,
-        region,
-        network,
-        relay_token,
-        companion,
-        resume,
-        connectivity: Some(Connectivity { class, turn: false }),
-        waypoint: None,
+    let mut m = join_msg(upload_kbps);
+    if let ClientMsg::Join { connectivity, .. } = &mut m {
+        *connectivity = Some(Connectivity { class, turn: false });
     }
-}
-
-async fn topology(addr: std::net::SocketAddr, token: &str) -> serde_json::Value {
-    let auth = format!("Bearer {token}");
-    let r = http(
-        addr,
-        "GET",
-        "/api/channels/demo/topology",
-        &[("Authorization", &auth)],
-    )
-    .await
-    .expect("GET topology");
-    assert_eq!(r.status, 200, "{}", r.body);
-    serde_json::from_str(&r.body).expect("topology JSON")
+    m
 }
 
 /// Each peer's parents by id, from the topology API.
@@ -105,7 +70,7 @@ async fn nat_classes_place_peers_and_show_in_the_topology_and_metrics() {
     .await;
     let t0 = Instant::now();
     loop {
-        let topo = topology(addr, &token).await;
+        let topo = operator_json(addr, "/api/channels/demo/topology", &token).await;
         let classes: Vec<(u64, Option<String>)> = topo["peers"]
             .as_array()
             .expect("peers")
@@ -150,7 +115,7 @@ async fn nat_classes_place_peers_and_show_in_the_topology_and_metrics() {
     };
     let t0 = Instant::now();
     loop {
-        let topo = topology(addr, &token).await;
+        let topo = operator_json(addr, "/api/channels/demo/topology", &token).await;
         let links = parents(&topo);
         // The open peer may hang under anyone; the others only under it.
         for (id, ps) in links.iter().filter(|(id, _)| *id != open_id.0) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{connect, join_msg, next_error, next_msg, send, start_server};
 use control_server::config::Config;
-use prom::{http, parse};
+use prom::{http, operator_json, parse};
 use protocol::{ClientMsg, ErrorCode, ServerMsg};
 
 fn as_waypoint(token: &str) -> ClientMsg {
@@ -45,18 +45,9 @@ async fn a_waypoint_joins_with_the_operator_token_and_is_listed_as_one() {
         next_msg(&mut viewer).await,
         Some(ServerMsg::Welcome { .. })
     ));
-    let auth = format!("Bearer {token}");
     let t0 = Instant::now();
     loop {
-        let r = http(
-            addr,
-            "GET",
-            "/api/channels/demo/topology",
-            &[("Authorization", &auth)],
-        )
-        .await
-        .expect("topology");
-        let topo: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        let topo = operator_json(addr, "/api/channels/demo/topology", &token).await;
         let peers = topo["peers"].as_array().cloned().unwrap_or_default();
         let flagged: Vec<(u64, bool)> = peers
             .iter()

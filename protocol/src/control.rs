@@ -156,6 +156,23 @@ impl Connectivity {
         )
     }
 
+    /// Whether this peer reaches peers behind endpoint-independent NATs (most peers): false
+    /// behind a symmetric NAT or with UDP blocked, such a peer is kept where few must reach it.
+    pub fn reaches_most(self) -> bool {
+        Connectivity::can_pair(
+            Some(self),
+            Some(Connectivity {
+                class: NatClass::EndpointIndependent,
+                turn: false,
+            }),
+        )
+    }
+
+    /// Whether this peer reaches any peer at all (false: UDP blocked without TURN).
+    pub fn reaches_any(self) -> bool {
+        Connectivity::can_pair(Some(self), Some(Connectivity::OPEN))
+    }
+
     /// Whether this peer can pair with fewer than all others (it needs its partners chosen).
     pub fn is_restrictive(self) -> bool {
         self.class != NatClass::Open && !self.turn
@@ -447,6 +464,10 @@ mod tests {
             c(EndpointDependent, false)
         ));
         assert!(!Connectivity::OPEN.is_restrictive());
+        assert!(c(EndpointIndependent, false).unwrap().reaches_most());
+        assert!(!c(EndpointDependent, false).unwrap().reaches_most());
+        assert!(c(EndpointDependent, false).unwrap().reaches_any());
+        assert!(!c(UdpBlocked, false).unwrap().reaches_any());
         assert!(c(EndpointIndependent, false).unwrap().is_restrictive());
         assert!(!c(UdpBlocked, true).unwrap().is_restrictive());
         let s = serde_json::to_string(&Connectivity {

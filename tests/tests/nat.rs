@@ -163,6 +163,25 @@ impl Viewer {
 }
 
 /// Prints every viewer's console (on a failure).
+/// Fails on console errors the viewer pages should not show, then closes them.
+async fn close_checking_consoles(viewers: Vec<Viewer>) -> Result<()> {
+    let mut errors = Vec::new();
+    for v in &viewers {
+        errors.extend(
+            v.page
+                .console_errors()
+                .into_iter()
+                .map(|e| format!("{} viewer: {e}", v.name)),
+        );
+    }
+    ensure_only_expected("the viewer pages", &errors, VIEWER_PAGE)?;
+    for v in viewers {
+        v.page.close().await?;
+        drop(v.browser);
+    }
+    Ok(())
+}
+
 fn dump(viewers: &[Viewer]) {
     for v in viewers {
         eprintln!("{} viewer console: {:#?}", v.name, v.page.console_log());
@@ -318,20 +337,7 @@ async fn viewers_behind_each_nat_find_their_class_and_play_from_compatible_peers
         );
     }
     println!("{checks} checks");
-    let mut errors = Vec::new();
-    for v in &viewers {
-        errors.extend(
-            v.page
-                .console_errors()
-                .into_iter()
-                .map(|e| format!("{} viewer: {e}", v.name)),
-        );
-    }
-    ensure_only_expected("the viewer pages", &errors, VIEWER_PAGE)?;
-    for v in viewers {
-        v.page.close().await?;
-        drop(v.browser);
-    }
+    close_checking_consoles(viewers).await?;
     drop(server);
     drop(lab);
     Ok(())
@@ -482,20 +488,7 @@ async fn a_udp_blocked_viewer_with_turn_over_tcp_reports_it_and_relays_through_i
         "udp-blocked with TURN: from peers {} B, up {} B, from origin {} B",
         r.bytes_from_peers, r.bytes_up, r.bytes_from_origin
     );
-    let mut errors = Vec::new();
-    for v in &viewers {
-        errors.extend(
-            v.page
-                .console_errors()
-                .into_iter()
-                .map(|e| format!("{} viewer: {e}", v.name)),
-        );
-    }
-    ensure_only_expected("the viewer pages", &errors, VIEWER_PAGE)?;
-    for v in viewers {
-        v.page.close().await?;
-        drop(v.browser);
-    }
+    close_checking_consoles(viewers).await?;
     Ok(())
 }
 

@@ -318,3 +318,13 @@ fn parser_accepts_valid_and_rejects_invalid_text() {
         assert!(parse(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+/// GET `path` with the operator token, as JSON (panics on anything but a 200 with JSON).
+pub async fn operator_json(addr: SocketAddr, path: &str, token: &str) -> serde_json::Value {
+    let auth = format!("Bearer {token}");
+    let r = http(addr, "GET", path, &[("Authorization", &auth)])
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("GET {path}: {e}: {}", r.body))
+}

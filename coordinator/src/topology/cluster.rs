@@ -409,13 +409,7 @@ impl Cluster {
 
     /// Whether member `peer`'s class cannot reach endpoint-independent NATs.
     fn reaches_few(&self, peer: PeerId) -> bool {
-        const EIM: Connectivity = Connectivity {
-            class: protocol::NatClass::EndpointIndependent,
-            turn: false,
-        };
-        self.nat
-            .get(&peer)
-            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(EIM)))
+        self.nat.get(&peer).is_some_and(|c| !c.reaches_most())
     }
 
     /// Members that miss more substreams than the kind tolerates, fed within capacity.

@@ -333,13 +333,7 @@ impl Hierarchy {
     /// Whether `peer`'s class cannot reach endpoint-independent NATs (symmetric NAT, UDP
     /// blocked): it is kept in the bottom tier.
     pub fn limited(&self, peer: PeerId) -> bool {
-        const EIM: Connectivity = Connectivity {
-            class: protocol::NatClass::EndpointIndependent,
-            turn: false,
-        };
-        self.nat
-            .get(&peer)
-            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(EIM)))
+        self.nat.get(&peer).is_some_and(|c| !c.reaches_most())
     }
 
     /// `peer`'s NAT class (`None`: unknown). Set before its join, it places the joiner by it;

@@ -137,9 +137,7 @@ impl MultiTree {
 
     /// Whether `peer`'s class reaches no other peer (UDP blocked, no TURN): it forwards nothing.
     pub(super) fn reaches_nobody(&self, peer: PeerId) -> bool {
-        self.nat
-            .get(&peer)
-            .is_some_and(|c| !Connectivity::can_pair(Some(*c), Some(Connectivity::OPEN)))
+        self.nat.get(&peer).is_some_and(|c| !c.reaches_any())
     }
 
     /// A departed peer's blocks go with it.
