@@ -101,6 +101,9 @@ async fn refusals(state: &AppState, limit: &str) -> u64 {
 fn limits(l: AddressLimits) -> Config {
     Config {
         address_limits: l,
+        // These sessions never send heartbeats: a slow run must not see them closed as silent
+        // (the DCM's cut-off scales with the interval).
+        heartbeat_ms: 60_000,
         ..Config::default()
     }
 }
