@@ -1,10 +1,13 @@
 //! End-to-end: viewers behind real NATs (issue 15). The control server (with its STUN responder
-//! on two ports) runs in an "internet" network namespace; each viewer is a Chromium in its own
-//! namespace: one on a public address, one behind an endpoint-independent NAT, two behind
-//! endpoint-dependent NATs and one behind a firewall that drops UDP (see `e2e::netns`). Each
-//! must find its class, every one must play byte-exact without a stall, the two
-//! endpoint-dependent viewers must never be linked, the UDP-blocked one must be fed by the
-//! origin alone, and no link the control center plans may fail. Needs root, `ip` and `nft`.
+//! on two ports) and a native waypoint run in an "internet" network namespace; each viewer is a
+//! Chromium in its own namespace: two on public addresses, four behind endpoint-independent
+//! NATs, four behind endpoint-dependent NATs and two behind firewalls that drop UDP (see
+//! `e2e::netns`). Each must find its class, every one must play byte-exact without a stall, no
+//! pair that cannot connect (two endpoint-dependent viewers, an endpoint-dependent and an
+//! endpoint-independent one) may ever be linked, the UDP-blocked ones must be fed by the origin
+//! alone, the waypoint must feed viewers, and no link the control center plans may fail. A
+//! second test gives a UDP-blocked viewer a TURN server (coturn) over TCP. Needs root, `ip`,
+//! `nft` and `turnserver`.
 //! Run by `cargo xtask test`.
 
 use std::collections::BTreeMap;
@@ -20,7 +23,8 @@ use e2e::console::{ensure_only_expected, VIEWER_PAGE};
 use e2e::netns::{in_namespace, Host, Nat, NatLab, INTERNET_IP};
 use e2e::wait::wait_until;
 use protocol::report::PeerReport;
-use protocol::{NatClass, PeerId, Source};
+use protocol::{Connectivity, NatClass, PeerId, Source};
+use waypoint::{NativeSwarm, PeerConfig, SwarmConfig};
 
 fn web_dir() -> PathBuf {
     std::env::var_os("P2P_WEB_DIR")
@@ -112,19 +116,22 @@ impl Drop for Server {
 
 /// One viewer: a Chromium of its own in `host`'s namespace, with one page.
 struct Viewer {
-    name: &'static str,
+    name: String,
     expect: NatClass,
+    /// Plays in a window of its own (the others verify and relay without decoding).
+    decode: bool,
     page: Page,
     browser: Browser,
 }
 
 impl Viewer {
     async fn open(
-        name: &'static str,
+        name: String,
         expect: NatClass,
         host: &Host,
         server: &Server,
         extra: &str,
+        decode: bool,
     ) -> Result<Viewer> {
         // Chrome shows host candidates as mDNS names unless the page may use the camera or
         // microphone, which an http:// page other than localhost never may ("Permission can't
@@ -138,9 +145,13 @@ impl Viewer {
         })
         .await
         .with_context(|| format!("launching Chromium for the {name} viewer"))?;
-        let url = format!("{}/?channel=demo&upload=2000&decode=1{extra}", server.url);
+        let url = format!(
+            "{}/?channel=demo&upload=2000&decode={}{extra}",
+            server.url,
+            u8::from(decode)
+        );
         let page = browser
-            .new_page_with(&url, PageOptions { new_window: true })
+            .new_page_with(&url, PageOptions { new_window: decode })
             .await?;
         page.wait_for("window.p2p !== undefined", Duration::from_secs(20))
             .await
@@ -148,6 +159,7 @@ impl Viewer {
         Ok(Viewer {
             name,
             expect,
+            decode,
             page,
             browser,
         })
@@ -200,33 +212,79 @@ fn neighbours(r: &PeerReport) -> Vec<PeerId> {
     out
 }
 
+/// The native waypoint (the `waypoint` crate, in this process) with its sockets in the internet
+/// namespace, on a public address.
+fn start_waypoint(lab: &NatLab, server: &Server) -> Result<NativeSwarm> {
+    let cfg = SwarmConfig {
+        peer: PeerConfig {
+            server: server.url.clone(),
+            channel: "demo".into(),
+            upload_kbps: 20_000,
+            region: None,
+            token: None,
+            public_key: None,
+            ice_ip: std::net::IpAddr::V4(INTERNET_IP),
+            waypoint_token: Some(OPERATOR_TOKEN.into()),
+            connectivity: Some(Connectivity::OPEN),
+        },
+        peers: 1,
+        threads: 1,
+        join_every: Duration::ZERO,
+        upload_cycle: Vec::new(),
+    };
+    // Threads the swarm spawns inherit the namespace of the thread that starts it.
+    in_namespace(&lab.internet(), move || {
+        NativeSwarm::start(cfg).map_err(std::io::Error::other)
+    })
+    .context("starting the waypoint")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, ip, nft, Chromium and the built wasm package; run by cargo xtask test"]
 async fn viewers_behind_each_nat_find_their_class_and_play_from_compatible_peers() -> Result<()> {
-    // The lab first: it is dropped last, after every process in its namespaces.
+    // The lab first: it is dropped last, after every process in its namespaces. Twelve viewers
+    // as issue 15 lists them: two on public addresses, four behind endpoint-independent NATs,
+    // four behind endpoint-dependent ones, two behind firewalls that drop UDP; one waypoint.
     let mut lab = NatLab::new()?;
-    let public = lab.add_open()?;
-    let eim = lab.add_home(Nat::EndpointIndependent)?;
-    let edm1 = lab.add_home(Nat::EndpointDependent)?;
-    let edm2 = lab.add_home(Nat::EndpointDependent)?;
-    let blocked = lab.add_home(Nat::UdpBlocked)?;
-    let server = Server::start(&lab).await?;
-
-    let mut viewers = Vec::new();
-    for (name, expect, host) in [
-        ("open", NatClass::Open, &public),
-        ("endpoint-independent", NatClass::EndpointIndependent, &eim),
-        ("endpoint-dependent 1", NatClass::EndpointDependent, &edm1),
-        ("endpoint-dependent 2", NatClass::EndpointDependent, &edm2),
-        ("udp-blocked", NatClass::UdpBlocked, &blocked),
+    let mut hosts = Vec::new();
+    for i in 1..=2 {
+        hosts.push((format!("open {i}"), NatClass::Open, lab.add_open()?));
+    }
+    for (label, class, nat, n) in [
+        (
+            "endpoint-independent",
+            NatClass::EndpointIndependent,
+            Nat::EndpointIndependent,
+            4,
+        ),
+        (
+            "endpoint-dependent",
+            NatClass::EndpointDependent,
+            Nat::EndpointDependent,
+            4,
+        ),
+        ("udp-blocked", NatClass::UdpBlocked, Nat::UdpBlocked, 2),
     ] {
-        viewers.push(Viewer::open(name, expect, host, &server, "").await?);
+        for i in 1..=n {
+            hosts.push((format!("{label} {i}"), class, lab.add_home(nat)?));
+        }
+    }
+    let server = Server::start(&lab).await?;
+    let waypoint = start_waypoint(&lab, &server)?;
+
+    // One viewer of each class decodes in a window of its own; the others verify and relay
+    // without decoding, as most viewers of the swarm benchmarks do (2 cores).
+    let mut viewers = Vec::new();
+    let mut decoding = std::collections::BTreeSet::new();
+    for (name, expect, host) in &hosts {
+        let decode = decoding.insert(*expect);
+        viewers.push(Viewer::open(name.clone(), *expect, host, &server, "", decode).await?);
     }
 
     // Every viewer finds its class.
     wait_until(
         "every viewer's NAT class",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         Duration::from_millis(250),
         async || {
             for v in &viewers {
@@ -246,78 +304,120 @@ async fn viewers_behind_each_nat_find_their_class_and_play_from_compatible_peers
     .await
     .inspect_err(|_| dump(&viewers))?;
 
-    // Then each plays byte-exact without a stall, while the two endpoint-dependent viewers are
-    // never linked and the UDP-blocked one gets everything from the origin.
-    let edm_ids: Vec<Option<PeerId>> = {
-        let mut ids = Vec::new();
-        for v in &viewers[2..4] {
-            ids.push(v.stats().await?.peer_id);
-        }
-        ids
-    };
+    // Then each plays byte-exact without a stall, while no pair that cannot connect is ever
+    // linked (checked at every poll, in the pages' plans and in the DCM's topology), the
+    // UDP-blocked viewers get everything from the origin, and the waypoint feeds viewers.
+    let mut classes: BTreeMap<PeerId, Connectivity> = BTreeMap::new();
+    for v in &viewers {
+        let r = v.stats().await?;
+        let id = r
+            .peer_id
+            .with_context(|| format!("the {} viewer has no id", v.name))?;
+        classes.insert(
+            id,
+            Connectivity {
+                class: v.expect,
+                turn: false,
+            },
+        );
+    }
+    let waypoint_id = wait_until(
+        "the waypoint to join",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        async || {
+            waypoint
+                .reports()
+                .pop()
+                .and_then(|r| r.peer_id)
+                .context("the waypoint has not joined yet")
+        },
+    )
+    .await?;
+    classes.insert(waypoint_id, Connectivity::OPEN);
     let mut checks = 0u32;
+    let mut waypoint_children = std::collections::BTreeSet::new();
     let last = wait_until(
-        "every viewer to play 60 packets byte-exact, the endpoint-dependent pair never linked",
-        Duration::from_secs(60),
+        "every viewer to play 60 packets byte-exact, no pair that cannot connect ever linked",
+        Duration::from_secs(90),
         Duration::from_secs(1),
         async || {
             checks += 1;
             let mut reports = BTreeMap::new();
             for v in &viewers {
-                reports.insert(v.name, v.stats().await?);
+                reports.insert(v.name.clone(), v.stats().await?);
             }
-            // Checked at every poll, not only at the end: never linked.
-            let (a, b) = (
-                &reports["endpoint-dependent 1"],
-                &reports["endpoint-dependent 2"],
-            );
-            for (x, other) in [(a, edm_ids[1]), (b, edm_ids[0])] {
-                let other = other.context("an endpoint-dependent viewer has no id")?;
-                if neighbours(x).contains(&other) {
-                    // Final: stop waiting.
-                    return Ok(Err(anyhow!(
-                        "the endpoint-dependent viewers were linked: {:?}",
-                        x.plan
-                    )));
-                }
-            }
-            // And as the DCM sees it.
-            let (x, y) = (edm_ids[0], edm_ids[1]);
-            for (child, parent) in server.topology_links().await? {
-                if let Source::Peer { id } = parent {
-                    if (Some(child), Some(id)) == (x, y) || (Some(child), Some(id)) == (y, x) {
+            // Final failures: stop waiting.
+            for (name, r) in &reports {
+                let me = r.peer_id.context("no id")?;
+                for other in neighbours(r) {
+                    if !Connectivity::can_pair(
+                        classes.get(&me).copied(),
+                        classes.get(&other).copied(),
+                    ) {
                         return Ok(Err(anyhow!(
-                            "the topology links the endpoint-dependent viewers: {id} feeds {child}"
+                            "the {name} viewer ({me}) is linked with {other}, which it cannot \
+                             reach: {:?}",
+                            r.plan
                         )));
                     }
                 }
+                if r.links_failed > 0 {
+                    return Ok(Err(anyhow!("a link of the {name} viewer failed: {r:?}")));
+                }
+                if r.stalls > 0 {
+                    return Ok(Err(anyhow!("the {name} viewer stalled: {r:?}")));
+                }
             }
-            let blocked = &reports["udp-blocked"];
-            ensure!(
-                blocked
-                    .plan
-                    .iter()
-                    .all(|s| s.parent == Source::Origin && s.children.is_empty()),
-                "the UDP-blocked viewer was given peers: {:?}",
-                blocked.plan
-            );
+            for (child, parent) in server.topology_links().await? {
+                if let Source::Peer { id } = parent {
+                    if !Connectivity::can_pair(
+                        classes.get(&child).copied(),
+                        classes.get(&id).copied(),
+                    ) {
+                        return Ok(Err(anyhow!(
+                            "the topology links peers that cannot connect: {id} feeds {child}"
+                        )));
+                    }
+                    if id == waypoint_id {
+                        waypoint_children.insert(child);
+                    }
+                }
+            }
             for (name, r) in &reports {
-                ensure!(r.stalls == 0, "the {name} viewer stalled: {r:?}");
-                ensure!(r.links_failed == 0, "a link of the {name} viewer failed");
+                if name.starts_with("udp-blocked") {
+                    ensure!(
+                        r.plan
+                            .iter()
+                            .all(|s| s.parent == Source::Origin && s.children.is_empty()),
+                        "the {name} viewer was given peers: {:?}",
+                        r.plan
+                    );
+                    ensure!(
+                        r.bytes_from_peers == 0 && r.bytes_up == 0,
+                        "the {name} viewer exchanged data with peers: {r:?}"
+                    );
+                }
+            }
+            for v in &viewers {
+                let r = &reports[&v.name];
                 ensure!(
-                    r.playing && r.verified_count >= 60 && server.matches_origin(r),
-                    "the {name} viewer has not played 60 packets byte-exact yet ({} verified, \
+                    (r.playing || !v.decode) && r.verified_count >= 60 && server.matches_origin(r),
+                    "the {} viewer has not played 60 packets byte-exact yet ({} verified, \
                      playing {})",
+                    v.name,
                     r.verified_count,
                     r.playing
                 );
             }
-            ensure!(
-                blocked.bytes_from_peers == 0 && blocked.bytes_up == 0,
-                "the UDP-blocked viewer exchanged data with peers: {blocked:?}"
-            );
             let from_peers: u64 = reports.values().map(|r| r.bytes_from_peers).sum();
             ensure!(from_peers > 0, "no viewer received anything from a peer");
+            let wp = waypoint.reports().pop().unwrap_or_default();
+            ensure!(
+                wp.bytes_up > 0 && !waypoint_children.is_empty(),
+                "the waypoint has fed nobody yet ({} B up)",
+                wp.bytes_up
+            );
             Ok(Ok(reports))
         },
     )
@@ -336,7 +436,16 @@ async fn viewers_behind_each_nat_find_their_class_and_play_from_compatible_peers
             r.verified_count
         );
     }
-    println!("{checks} checks");
+    let wp = waypoint.stop().pop().unwrap_or_default();
+    let fed: Vec<String> = waypoint_children
+        .iter()
+        .map(|c| format!("{c} ({:?})", classes.get(c).map(|c| c.class)))
+        .collect();
+    println!(
+        "waypoint {waypoint_id}: up {} B, fed {}; {checks} checks",
+        wp.bytes_up,
+        fed.join(", ")
+    );
     close_checking_consoles(viewers).await?;
     drop(server);
     drop(lab);
@@ -431,8 +540,16 @@ async fn a_udp_blocked_viewer_with_turn_over_tcp_reports_it_and_relays_through_i
     }]);
     let ice = format!("&ice={}", urlencode(&ice.to_string()));
     let viewers = vec![
-        Viewer::open("open", NatClass::Open, &public, &server, "").await?,
-        Viewer::open("udp-blocked", NatClass::UdpBlocked, &blocked, &server, &ice).await?,
+        Viewer::open("open".into(), NatClass::Open, &public, &server, "", true).await?,
+        Viewer::open(
+            "udp-blocked".into(),
+            NatClass::UdpBlocked,
+            &blocked,
+            &server,
+            &ice,
+            true,
+        )
+        .await?,
     ];
     let r = wait_until(
         "the UDP-blocked viewer to report TURN, use it, and play byte-exact",
