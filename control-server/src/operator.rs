@@ -358,6 +358,7 @@ async fn series(
 #[derive(Debug, Serialize)]
 pub struct GraphNode {
     pub id: String,
+    /// `origin`, `peer`, or `waypoint` (a peer the operator runs, FIG. 1 and 3).
     pub kind: &'static str,
     pub label: String,
     pub region: Option<String>,
@@ -371,6 +372,10 @@ pub struct GraphNode {
     pub interior_tree: Option<u32>,
     pub p2p_share: Option<f64>,
     pub bytes_up: Option<u64>,
+    /// The NAT class the peer reported (`open`, `endpoint_independent`, ...), if it did.
+    pub nat_class: Option<protocol::NatClass>,
+    /// Whether its ICE servers include a TURN relay.
+    pub turn: bool,
 }
 
 /// A link of the topology picture: parent → child for one substream.
@@ -464,6 +469,8 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         interior_tree: None,
         p2p_share: None,
         bytes_up: None,
+        nat_class: None,
+        turn: false,
     }];
     let mut links = Vec::new();
     let mut groups: Vec<(String, String)> = Vec::new();
@@ -481,7 +488,7 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
         });
         nodes.push(GraphNode {
             id: format!("p{}", p.id.0),
-            kind: "peer",
+            kind: if p.waypoint { "waypoint" } else { "peer" },
             label: format!("p{}", p.id.0),
             region: Some(place.region),
             tier: Some(place.tier),
@@ -493,6 +500,8 @@ async fn graph(State(state): State<AppState>, Path(id): Path<String>) -> Respons
             interior_tree: p.interior_tree,
             p2p_share: totals.and_then(|t| t.0),
             bytes_up: totals.map(|t| t.1),
+            nat_class: p.connectivity.map(|c| c.class),
+            turn: p.connectivity.is_some_and(|c| c.turn),
         });
         let fec = p.tier.as_ref().and_then(|t| t.fec);
         // Top-tier flooding links, drawn once per pair (from the lower id, or the origin).

@@ -2,7 +2,7 @@
 //! the stream. Six Chromium viewers with uploads below the stream rate fill the region's bottom
 //! tier and the origin feeds them; a native waypoint (the `waypoint` crate, in this process)
 //! joins with the operator token, enters the region's top tier, and the origin's egress falls by
-//! about what the waypoint carries.
+//! about what the waypoint carries; the operator dashboard draws it as a waypoint.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -167,6 +167,35 @@ async fn a_waypoint_enters_a_weak_region_s_top_tier_and_takes_load_off_the_origi
         r.errors.iter().all(|e| e.contains("NotLinked")),
         "waypoint errors {:?}",
         r.errors
+    );
+    // The operator dashboard draws it as a waypoint (a square labelled so), with its class.
+    let url = format!(
+        "http://{}/dashboard?token={}",
+        swarm.addr,
+        swarm.state.operator_token()
+    );
+    let dashboard = swarm.browser.new_page(&url).await?;
+    let node = format!("#topology svg [data-kind=waypoint][data-node=p{}]", wp_id.0);
+    dashboard
+        .wait_for(
+            &format!(
+                "(() => {{ const n = document.querySelector('{node}');                  return n !== null && n.querySelector('rect') !== null                  && n.querySelector('.sub').textContent.includes('waypoint')                  && n.querySelector('title').textContent.includes('(waypoint server)')                  && n.querySelector('title').textContent.includes('NAT open'); }})()"
+            ),
+            Duration::from_secs(20),
+        )
+        .await
+        .context("the dashboard does not show the waypoint as one")?;
+    let peers = dashboard
+        .eval("document.querySelectorAll('#topology svg [data-kind=peer]').length")
+        .await?;
+    ensure!(
+        peers.as_u64() == Some(viewers as u64),
+        "the dashboard shows {peers} viewer nodes besides the waypoint"
+    );
+    ensure!(
+        dashboard.console_errors().is_empty(),
+        "dashboard console errors: {:?}",
+        dashboard.console_errors()
     );
     swarm.ensure_no_unexpected_console_errors(&[])?;
     drop(wp);

@@ -9,6 +9,9 @@ export const SUBSTREAM_COLORS = ['#60a5fa', '#f59e0b', '#34d399', '#f472b6', '#a
 
 export const color = (i) => SUBSTREAM_COLORS[i % SUBSTREAM_COLORS.length];
 
+/** Short labels of the NAT classes peers report (an open peer needs none). */
+const NAT_TAGS = { endpoint_independent: 'EIM NAT', endpoint_dependent: 'EDM NAT', udp_blocked: 'no UDP' };
+
 function el(name, attrs = {}, parent = null) {
   const e = document.createElementNS(NS, name);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
@@ -139,13 +142,22 @@ export function renderTopology(container, graph) {
       el('text', {}, g).textContent = 'origin';
     } else {
       const fill = n.interior_tree == null ? '#1f2937' : color(n.interior_tree);
-      el('circle', { r, fill, 'fill-opacity': 0.35, stroke: n.interior_tree == null ? '#9ca3af' : color(n.interior_tree) }, g);
+      const stroke = n.interior_tree == null ? '#9ca3af' : color(n.interior_tree);
+      if (n.kind === 'waypoint') {
+        // A server the operator runs: a square, as the origin is a box.
+        el('rect', { x: -r, y: -r, width: 2 * r, height: 2 * r, rx: 3, fill, 'fill-opacity': 0.35, stroke }, g);
+      } else {
+        el('circle', { r, fill, 'fill-opacity': 0.35, stroke }, g);
+      }
       el('text', {}, g).textContent = n.label;
       const share = n.p2p_share == null ? '' : `${Math.round(100 * n.p2p_share)}% p2p`;
-      el('text', { class: 'sub', y: r + 10 }, g).textContent = share;
+      const tag = n.kind === 'waypoint' ? 'waypoint' : NAT_TAGS[n.nat_class] ?? '';
+      el('text', { class: 'sub', y: r + 10 }, g).textContent = [share, tag].filter(Boolean).join(' · ');
     }
     el('title', {}, g).textContent = n.kind === 'origin' ? 'origin' :
-      `${n.label}: region ${n.region}, tier ${n.tier}, upload cap ${n.upload_kbps} kbit/s ` +
+      `${n.label}${n.kind === 'waypoint' ? ' (waypoint server)' : ''}: region ${n.region}, tier ${n.tier}, ` +
+      `NAT ${n.nat_class ? n.nat_class.replaceAll('_', '-') : 'not reported'}${n.turn ? ' + TURN' : ''}, ` +
+      `upload cap ${n.upload_kbps} kbit/s ` +
       `(placed with ${n.effective_upload_kbps ?? '–'}, measured ${n.measured_upload_kbps == null ? '–' : Math.round(n.measured_upload_kbps)}), ` +
       `${n.congestion_events ?? 0} congestion event(s), up ${n.uptime_s == null ? '–' : Math.round(n.uptime_s)} s, ` +
       `interior in tree ${n.interior_tree ?? '–'}, ` +
