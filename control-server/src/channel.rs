@@ -23,6 +23,17 @@ pub struct Media {
     pub window: PacketWindow,
 }
 
+/// Where a joiner of a channel starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinPosition {
+    /// Where playback starts (a random-access point one fragment behind the newest).
+    pub start: u64,
+    /// The newest fragment's first packet; `None` on a file channel.
+    pub newest_fragment: Option<u64>,
+    /// The newest packet.
+    pub live: u64,
+}
+
 #[derive(Default)]
 pub struct ChannelCounters {
     /// Bytes the origin pushed over WebSockets to the peers it feeds (bridges included).
@@ -256,12 +267,26 @@ impl Channel {
     /// late packet or a repair without a stall, at the cost of a second of delay.
     /// On a file channel every packet is a starting point: a downloader starts at the newest.
     pub fn live_position(&self) -> Option<(u64, u64)> {
+        self.join_position().map(|p| (p.start, p.live))
+    }
+
+    /// Where a joiner starts ([`Channel::live_position`]), and where the newest fragment starts
+    /// (live channels only).
+    pub fn join_position(&self) -> Option<JoinPosition> {
         let m = self.media.read().ok()?;
         let latest = m.window.latest_seq()?;
         if self.file.get().is_some() {
-            return Some((latest, latest));
+            return Some(JoinPosition {
+                start: latest,
+                newest_fragment: None,
+                live: latest,
+            });
         }
-        Some((m.window.random_access_back(1)?, latest))
+        Some(JoinPosition {
+            start: m.window.random_access_back(1)?,
+            newest_fragment: m.window.random_access_back(0),
+            live: latest,
+        })
     }
 
     /// The longest recent spacing of the published fragments (ms): how long a viewer's buffered

@@ -223,6 +223,13 @@ pub enum ServerMsg {
         /// the origin knows; peers then measure it from the packets' `created_ms`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fragment_ms: Option<u32>,
+        /// The newest fragment's first packet (live streams). The joiner fetches
+        /// `start_seq..live_start_seq` from the origin at once, but gives the newest fragment a
+        /// fallback period first: its new parents hand it their newest packet of each tree as
+        /// soon as the data channel opens (priming), which for most streams is that fragment.
+        /// Absent from older servers: everything is fetched at once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live_start_seq: Option<u64>,
     },
     /// Where to receive each substream from and whom to feed it to. Replaces earlier ones.
     Instructions {

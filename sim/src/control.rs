@@ -97,7 +97,13 @@ impl Control {
     }
 
     /// The Welcome the session layer sends before the coordinator hears of the join.
-    pub fn welcome(&self, peer: PeerId, start_seq: u64, live_seq: u64) -> ServerMsg {
+    pub fn welcome(
+        &self,
+        peer: PeerId,
+        start_seq: u64,
+        live_start_seq: u64,
+        live_seq: u64,
+    ) -> ServerMsg {
         let base = format!("/api/channels/{}", self.cfg.channel);
         ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
@@ -115,6 +121,7 @@ impl Control {
             upload_kbps: None,
             public_key: None,
             fragment_ms: None,
+            live_start_seq: Some(live_start_seq),
         }
     }
 

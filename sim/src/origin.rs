@@ -123,15 +123,16 @@ impl SyntheticOrigin {
         self.packets.get(usize::try_from(seq).ok()?)
     }
 
-    /// `(start_seq, live_seq)` for a Welcome, as the server's `Channel::live_position` gives
-    /// them: one fragment behind the newest random-access point (the oldest one while there is
-    /// only one), and the newest packet; `None` before the first fragment.
-    pub fn live_position(&self) -> Option<(u64, u64)> {
+    /// `(start_seq, live_start_seq, live_seq)` for a Welcome, as the server's
+    /// `Channel::join_position` gives them: one fragment behind the newest random-access point
+    /// (the oldest one while there is only one), the newest random-access point, and the newest
+    /// packet; `None` before the first fragment.
+    pub fn live_position(&self) -> Option<(u64, u64, u64)> {
         let live = self.released.checked_sub(1)?;
         let mut released = self.fragment_starts.iter().rev().filter(|s| **s <= live);
         let newest = *released.next()?;
         let start = released.next().copied().unwrap_or(newest);
-        Some((start, live))
+        Some((start, newest, live))
     }
 
     pub fn fetch(&self, seq: u64) -> Fetched<'_> {
@@ -209,10 +210,14 @@ mod tests {
         assert!(first.is_some_and(|p| p.is_ok_and(|p| p.header.is_random_access())));
         let second = o.packet(1).map(|p| Packet::decode(&p.rc));
         assert!(second.is_some_and(|p| p.is_ok_and(|p| !p.header.is_random_access())));
-        assert_eq!(o.live_position(), Some((0, 7)), "one fragment: its start");
+        assert_eq!(
+            o.live_position(),
+            Some((0, 0, 7)),
+            "one fragment: its start"
+        );
         assert_eq!(o.cut(1000), 8..16);
         // As the server: one fragment behind the newest random-access point.
-        assert_eq!(o.live_position(), Some((0, 15)));
+        assert_eq!(o.live_position(), Some((0, 8, 15)));
         assert_eq!(o.fragment_of(9), 1);
         assert!(o.ends_fragment(15) && !o.ends_fragment(14));
     }
@@ -268,7 +273,7 @@ mod tests {
         assert_eq!(o.live_position(), None);
         assert!(matches!(o.fetch(0), Fetched::NotYet));
         o.release(2);
-        assert_eq!(o.live_position(), Some((0, 2)));
+        assert_eq!(o.live_position(), Some((0, 0, 2)));
         assert!(matches!(o.fetch(2), Fetched::Packet(_)));
         assert!(matches!(o.fetch(3), Fetched::NotYet));
         o.release(100);

@@ -61,12 +61,12 @@ impl World {
                 if !self.peers[i as usize].alive {
                     return;
                 }
-                let Some((start, live)) = self.origin.live_position() else {
+                let Some((start, newest, live)) = self.origin.live_position() else {
                     self.totals.server_errors += 1;
                     return;
                 };
                 // The session sends the Welcome before the DCM hears of the join.
-                let welcome = self.control.welcome(id, start, live);
+                let welcome = self.control.welcome(id, start, newest, live);
                 self.send_down(i, Down::Msg(Box::new(welcome)));
                 let net = self.peers[i as usize].net;
                 self.control

@@ -300,6 +300,7 @@ impl World {
                 substreams,
                 start_seq,
                 live_seq,
+                live_start_seq,
                 ..
             } => {
                 let p = &mut self.peers[i as usize];
@@ -315,6 +316,7 @@ impl World {
                             substreams,
                             start_seq,
                             live_seq,
+                            live_start_seq,
                         },
                     );
                     self.q.after(phase, Ev::Tick(i));

@@ -777,8 +777,7 @@ impl Session {
             (None, Some((_, mime, kbps))) => Some((mime, kbps)),
             (None, None) => None,
         };
-        let (Some((mime, stream_kbps)), Some((start_seq, live_seq))) = (media, ch.live_position())
-        else {
+        let (Some((mime, stream_kbps)), Some(position)) = (media, ch.join_position()) else {
             return self.error(
                 ErrorCode::UnknownChannel,
                 format!("channel {channel:?} has no live source yet"),
@@ -831,12 +830,13 @@ impl Session {
             mime,
             init_url: format!("{base}/init"),
             packet_url: format!("{base}/packets/"),
-            start_seq,
-            live_seq,
+            start_seq: position.start,
+            live_seq: position.live,
             file,
             upload_kbps: granted,
             public_key: ch.public_key(),
             fragment_ms: ch.fragment_ms(),
+            live_start_seq: position.newest_fragment,
         };
         // Welcome is queued before the DCM can queue instructions: the peer sees them in order.
         if self.out.try_send(Outbound::msg(welcome)).is_err() {

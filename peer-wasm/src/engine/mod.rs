@@ -131,6 +131,10 @@ pub enum Input<'a> {
         substreams: u32,
         start_seq: u64,
         live_seq: u64,
+        /// The newest fragment's first packet (the Welcome's `live_start_seq`): from it on the
+        /// catch-up waits a fallback period for the new parents' primes before the origin is
+        /// asked. `None`: everything is fetched at once.
+        live_start_seq: Option<u64>,
     },
     Instructions {
         plan: Vec<SubstreamPlan>,
@@ -467,6 +471,7 @@ impl Engine {
                 substreams,
                 start_seq,
                 live_seq,
+                live_start_seq,
             } => {
                 self.me = Some(peer_id);
                 self.k = substreams.max(1);
@@ -477,11 +482,19 @@ impl Engine {
                 self.path_lag = vec![0.0; self.k as usize];
                 self.next_deliver = Some(start_seq);
                 self.verified = Some(RangeHash::new(start_seq));
-                // Everything from the random-access point up to the live edge already exists:
-                // fetch it now instead of waiting for the trees (which only carry new packets).
-                let noticed = now_ms - self.cfg.fallback_after_ms;
+                // Everything from the random-access point up to the live edge already exists, and
+                // the trees only carry new packets: the older fragment is fetched now. The newest
+                // one is what a new parent primes its child with (its newest packet of the tree,
+                // as soon as the data channel opens), so it waits a fallback period like any gap
+                // first: the player starts on the older fragment meanwhile, and a joining crowd
+                // does not take two fragments each from the origin.
+                let now_due = now_ms - self.cfg.fallback_after_ms;
+                let primed_from = live_start_seq
+                    .filter(|s| (start_seq..=live_seq).contains(s))
+                    .unwrap_or(u64::MAX);
                 for seq in start_seq..=live_seq.max(start_seq) {
-                    self.gaps.insert(seq, noticed);
+                    self.gaps
+                        .insert(seq, if seq < primed_from { now_due } else { now_ms });
                 }
                 self.highest_seen = Some(live_seq.max(start_seq));
             }

@@ -259,6 +259,7 @@ mod tests {
                 substreams: 1,
                 start_seq: 0,
                 live_seq: 0,
+                live_start_seq: None,
             },
             0.0,
         );
@@ -326,6 +327,7 @@ mod tests {
                     substreams: 4,
                     start_seq: 16,
                     live_seq: 15,
+                    live_start_seq: None,
                 },
                 0.0,
             );

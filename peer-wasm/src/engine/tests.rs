@@ -67,6 +67,7 @@ impl Sim {
                     substreams: K,
                     start_seq: 0,
                     live_seq: 0,
+                    live_start_seq: None,
                 },
                 -1000.0,
             );
@@ -298,6 +299,7 @@ fn late_joiner_fetches_from_the_random_access_point() {
             substreams: K,
             start_seq: 16,
             live_seq: 19,
+            live_start_seq: None,
         },
         1000.0,
     );
@@ -334,6 +336,73 @@ fn late_joiner_fetches_from_the_random_access_point() {
 }
 
 #[test]
+fn a_joiner_fetches_the_older_fragment_at_once_and_gives_the_newest_to_its_parents_first() {
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    let fetched = |actions: &[Action]| -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fetch { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    };
+    // Fragments start at 16 and 20; the newest packet is 23.
+    let a = e.handle(
+        Input::Welcome {
+            peer_id: PeerId(9),
+            substreams: K,
+            start_seq: 16,
+            live_seq: 23,
+            live_start_seq: Some(20),
+        },
+        1000.0,
+    );
+    assert_eq!(fetched(&a), vec![16, 17, 18, 19]);
+    e.handle(
+        Input::Instructions {
+            plan: plan(
+                [
+                    Source::Peer { id: PeerId(1) },
+                    Source::Peer { id: PeerId(2) },
+                ],
+                [vec![], vec![]],
+            ),
+            tier: None,
+        },
+        1001.0,
+    );
+    // The parents prime 20 and 21 (each its newest of its tree, and these happen to be it).
+    for (seq, from) in [(20, 1), (21, 2)] {
+        let a = e.handle(
+            Input::Packet {
+                from: From::Peer(PeerId(from)),
+                bytes: &packet(seq, 0),
+            },
+            1100.0,
+        );
+        assert!(fetched(&a).is_empty());
+    }
+    // Nothing more before a fallback period...
+    assert!(fetched(&e.handle(Input::Tick, 1500.0)).is_empty());
+    // ...then the origin gets asked for what no parent sent.
+    assert_eq!(fetched(&e.handle(Input::Tick, 1700.0)), vec![22, 23]);
+    // A server that does not say where the newest fragment starts: all of it at once.
+    let mut old = Engine::new(EngineConfig::default(), 0.0);
+    let a = old.handle(
+        Input::Welcome {
+            peer_id: PeerId(9),
+            substreams: K,
+            start_seq: 16,
+            live_seq: 23,
+            live_start_seq: None,
+        },
+        1000.0,
+    );
+    assert_eq!(fetched(&a), (16..=23).collect::<Vec<_>>());
+}
+
+#[test]
 fn garbage_from_a_peer_is_counted_not_delivered() {
     let mut e = Engine::new(EngineConfig::default(), 0.0);
     e.handle(
@@ -342,6 +411,7 @@ fn garbage_from_a_peer_is_counted_not_delivered() {
             substreams: K,
             start_seq: 0,
             live_seq: 0,
+            live_start_seq: None,
         },
         0.0,
     );
@@ -365,6 +435,7 @@ fn a_new_parent_whose_packet_overtook_our_instructions_counts_from_the_instructi
                 substreams: K,
                 start_seq: 0,
                 live_seq: 0,
+                live_start_seq: None,
             },
             0.0,
         );
@@ -531,6 +602,7 @@ fn priming_new_children_never_delays_the_stream() {
             substreams: K,
             start_seq: 0,
             live_seq: 0,
+            live_start_seq: None,
         },
         0.0,
     );
@@ -603,6 +675,7 @@ fn welcomed(peer: u64) -> Engine {
             substreams: K,
             start_seq: 0,
             live_seq: 0,
+            live_start_seq: None,
         },
         0.0,
     );

@@ -91,6 +91,7 @@ impl Net {
                     substreams: K,
                     start_seq: 0,
                     live_seq: 0,
+                    live_start_seq: None,
                 },
                 -1000.0,
             );

@@ -39,6 +39,7 @@ fn engine(signer: &ManifestSigner) -> Engine {
             substreams: 1,
             start_seq: 0,
             live_seq: 0,
+            live_start_seq: None,
         },
         0.0,
     );

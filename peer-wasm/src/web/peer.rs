@@ -669,6 +669,7 @@ impl Inner {
                 packet_url,
                 start_seq,
                 live_seq,
+                live_start_seq,
                 file,
                 upload_kbps,
                 public_key,
@@ -762,6 +763,7 @@ impl Inner {
                     substreams,
                     start_seq,
                     live_seq,
+                    live_start_seq,
                 });
             }
             ServerMsg::Instructions {

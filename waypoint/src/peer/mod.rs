@@ -187,6 +187,7 @@ impl Peer {
                 packet_url,
                 start_seq,
                 live_seq,
+                live_start_seq,
                 upload_kbps,
                 public_key,
                 channel,
@@ -215,6 +216,7 @@ impl Peer {
                     substreams,
                     start_seq,
                     live_seq,
+                    live_start_seq,
                 });
             }
             ServerMsg::Instructions {
