@@ -43,6 +43,35 @@ impl NativePeers {
         upload_kbps: &[u32],
         join_every_ms: u64,
     ) -> Result<NativePeers> {
+        Self::spawn(server, channel, n, upload_kbps, join_every_ms, &[])
+    }
+
+    /// `n` waypoint servers (FIG. 1, 3): native peers that join with the operator token, on
+    /// public addresses, each offering `upload_kbps`.
+    pub fn start_waypoints(
+        server: &str,
+        channel: &str,
+        n: usize,
+        upload_kbps: u32,
+        operator_token: &str,
+    ) -> Result<NativePeers> {
+        let role = [
+            "--waypoint-token".to_string(),
+            operator_token.to_string(),
+            "--nat-class".to_string(),
+            "open".to_string(),
+        ];
+        Self::spawn(server, channel, n, &[upload_kbps], 0, &role)
+    }
+
+    fn spawn(
+        server: &str,
+        channel: &str,
+        n: usize,
+        upload_kbps: &[u32],
+        join_every_ms: u64,
+        extra: &[String],
+    ) -> Result<NativePeers> {
         let bin = waypoint_bin()?;
         let dir = tempfile::tempdir()?;
         let json = dir.path().join("natives.json");
@@ -52,6 +81,7 @@ impl NativePeers {
             .args(["--peers", &n.to_string()])
             .args(["--join-every-ms", &join_every_ms.to_string()])
             .args(["--upload-kbps", &uploads.join(",")])
+            .args(extra)
             .arg("--json")
             .arg(&json)
             .env("RUST_LOG", "waypoint=error")

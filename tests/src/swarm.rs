@@ -58,6 +58,9 @@ pub struct SwarmArgs {
     pub native_viewers: usize,
     /// Milliseconds between two native peers' joins.
     pub native_join_every_ms: u64,
+    /// Waypoint servers (native peers with the operator token, issue 15), started before the
+    /// viewers, in a `waypoint` process of their own; not viewers.
+    pub waypoints: usize,
 }
 
 /// A `[topology]` config with `regions` named regions `r0`, `r1`, … that pages may hint at.
@@ -106,6 +109,8 @@ pub struct Swarm {
     started_ms: f64,
     /// Native peers beside the pages (issue 15), if any.
     pub natives: Option<crate::natives::NativePeers>,
+    /// Waypoint servers ([`Swarm::add_waypoints`]).
+    pub waypoints: Option<crate::natives::NativePeers>,
 }
 
 impl Swarm {
@@ -201,6 +206,7 @@ impl Swarm {
             source: source.info,
             started_ms: wall_ms(),
             natives: None,
+            waypoints: None,
         })
     }
 
@@ -257,6 +263,28 @@ impl Swarm {
             join_every_ms,
         )?);
         Ok(())
+    }
+
+    /// Starts `n` waypoint servers in one `waypoint` process, each offering `upload_kbps`, with
+    /// the operator token. Once only.
+    pub fn add_waypoints(&mut self, n: usize, upload_kbps: u32) -> Result<()> {
+        ensure!(self.waypoints.is_none(), "waypoints are already running");
+        let server = format!("http://{}", self.addr);
+        self.waypoints = Some(crate::natives::NativePeers::start_waypoints(
+            &server,
+            &self.channel,
+            n,
+            upload_kbps,
+            self.state.operator_token(),
+        )?);
+        Ok(())
+    }
+
+    /// The waypoints' latest statistics (empty without waypoints).
+    pub fn waypoint_stats(&self) -> Vec<PeerReport> {
+        self.waypoints
+            .as_ref()
+            .map_or_else(Vec::new, crate::natives::NativePeers::reports)
     }
 
     /// The native peers' latest statistics (empty without native peers; refreshed every 5 s).
@@ -506,6 +534,15 @@ impl Swarm {
             .sum();
         let live = self.viewers.iter().filter(|v| v.page.is_some()).count() + reports.len() - pages;
         r.native_viewers = reports.len() - pages;
+        let waypoints = self.waypoint_stats();
+        r.waypoints = waypoints.len();
+        r.waypoint_bytes_up = waypoints.iter().map(|w| w.bytes_up).sum();
+        let total = r.bytes_from_peers + r.bytes_from_origin;
+        r.p2p_share_excluding_waypoints = if total > 0 {
+            r.bytes_from_peers.saturating_sub(r.waypoint_bytes_up) as f64 / total as f64
+        } else {
+            0.0
+        };
         r.p2p_share_limit_structural = if live > 0 {
             (1.0 - r.origin_copies / live as f64).max(0.0)
         } else {
@@ -530,6 +567,9 @@ impl Swarm {
     }
 
     pub async fn shutdown(mut self) {
+        if let Some(n) = self.waypoints.take() {
+            let _ = tokio::task::spawn_blocking(move || n.stop()).await;
+        }
         if let Some(n) = self.natives.take() {
             // Waits for the process to leave: off the runtime's worker.
             let _ = tokio::task::spawn_blocking(move || n.stop()).await;
@@ -669,6 +709,13 @@ pub struct SwarmReport {
     pub native_cpu_percent: f64,
     pub harness_cpu_percent: f64,
     pub browser_cpu_percent: f64,
+    /// Waypoint servers (`--waypoints`), what they uploaded, their process's CPU (percent of a
+    /// core), and the share of the viewers' bytes that came from viewers, waypoints not counted
+    /// (`p2p_share` counts a waypoint as a peer).
+    pub waypoints: usize,
+    pub waypoint_bytes_up: u64,
+    pub waypoint_cpu_percent: f64,
+    pub p2p_share_excluding_waypoints: f64,
 }
 
 /// What the signed stream cost and found in a run.
@@ -832,6 +879,10 @@ impl SwarmReport {
             native_cpu_percent: 0.0,
             harness_cpu_percent: 0.0,
             browser_cpu_percent: 0.0,
+            waypoints: 0,
+            waypoint_bytes_up: 0,
+            waypoint_cpu_percent: 0.0,
+            p2p_share_excluding_waypoints: 0.0,
         }
     }
 
@@ -880,6 +931,18 @@ impl SwarmReport {
                     self.native_cpu_percent / self.native_viewers as f64,
                     self.harness_cpu_percent,
                     self.browser_cpu_percent
+                ),
+            );
+        }
+        if self.waypoints > 0 {
+            row(
+                "waypoints",
+                format!(
+                    "{} of them uploaded {} B; CPU {:.0} % of a core; p2p_share without them {:.3}",
+                    self.waypoints,
+                    self.waypoint_bytes_up,
+                    self.waypoint_cpu_percent,
+                    self.p2p_share_excluding_waypoints
                 ),
             );
         }
@@ -1140,7 +1203,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
             signing_seed: if unsigned { None } else { c.signing_seed },
             // Every native peer is a session from 127.0.0.1: the per-address limits (128
             // sessions, 240 joins a minute) would refuse a few hundred of them.
-            address_limits: if args.native_viewers > 0 {
+            address_limits: if args.native_viewers + args.waypoints > 0 {
                 control_server::limits::AddressLimits {
                     sessions: 0,
                     joins_per_minute: 0,
@@ -1163,6 +1226,15 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
         args.viewers,
         args.playing.min(args.viewers)
     );
+    if args.waypoints > 0 {
+        // Servers the operator runs: there before the viewers, each offering 20 streams.
+        let up = swarm.stream_kbps().max(100) * 20;
+        swarm.add_waypoints(args.waypoints, up)?;
+        eprintln!(
+            "swarm: {} waypoint(s), {up} kbit/s of upload each",
+            args.waypoints
+        );
+    }
     // Joiners: all before the run, or viewer i at i/N of `--join-over` into it, the playing ones
     // spread evenly among them (so some start playing well into the stream).
     let join_over = args.join_over.min(args.seconds) as f64;
@@ -1515,6 +1587,7 @@ pub async fn run(args: SwarmArgs) -> Result<()> {
 struct CpuWindow {
     t0: Instant,
     natives0: f64,
+    waypoints0: f64,
     process0: f64,
     browser0: f64,
 }
@@ -1524,6 +1597,7 @@ impl CpuWindow {
         CpuWindow {
             t0: Instant::now(),
             natives0: natives_cpu_s(swarm),
+            waypoints0: waypoints_cpu_s(swarm),
             process0: crate::compare::cpu::tree_cpu_s(std::process::id()),
             browser0: crate::compare::cpu::tree_cpu_s(swarm.browser.pid()),
         }
@@ -1532,6 +1606,7 @@ impl CpuWindow {
     fn finish(&self, swarm: &Swarm, report: &mut SwarmReport) {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-3);
         let natives = (natives_cpu_s(swarm) - self.natives0).max(0.0);
+        let waypoints = (waypoints_cpu_s(swarm) - self.waypoints0).max(0.0);
         // The process tree includes Chromium and the native peers (the harness launched them).
         let browser =
             (crate::compare::cpu::tree_cpu_s(swarm.browser.pid()) - self.browser0).max(0.0);
@@ -1539,8 +1614,18 @@ impl CpuWindow {
             (crate::compare::cpu::tree_cpu_s(std::process::id()) - self.process0).max(0.0);
         report.native_cpu_percent = natives / wall * 100.0;
         report.browser_cpu_percent = browser / wall * 100.0;
-        report.harness_cpu_percent = (process - browser - natives).max(0.0) / wall * 100.0;
+        report.waypoint_cpu_percent = waypoints / wall * 100.0;
+        report.harness_cpu_percent =
+            (process - browser - natives - waypoints).max(0.0) / wall * 100.0;
     }
+}
+
+/// CPU seconds of the waypoints' process so far (0 without one).
+fn waypoints_cpu_s(swarm: &Swarm) -> f64 {
+    swarm
+        .waypoints
+        .as_ref()
+        .map_or(0.0, |n| crate::compare::cpu::tree_cpu_s(n.pid()))
 }
 
 /// CPU seconds of the native peers' process so far (0 without one).

@@ -145,6 +145,12 @@ enum Cmd {
         /// the DCM spent the first 15 s moving children, see docs/benchmarks.md).
         #[arg(long, default_value_t = 100, value_name = "MS")]
         native_join_every_ms: u64,
+        /// Add W waypoint servers (issue 15: native peers with the operator token, on public
+        /// addresses, 20 times the stream's rate of upload each), started before the viewers in
+        /// a `waypoint` process of their own; reported apart (`waypoints`,
+        /// `waypoint_bytes_up`, `p2p_share_excluding_waypoints`).
+        #[arg(long, default_value_t = 0, value_name = "W")]
+        waypoints: usize,
     },
     /// Our swarm against P2P Media Loader (hls.js + p2p-media-loader-hlsjs, a local tracker) on
     /// the same source, the same Chromium and the same number of viewers, one after the other:
@@ -225,6 +231,7 @@ fn main() -> ExitCode {
             nodes,
             kill_node_at,
             native_viewers,
+            waypoints,
             ..
         } if nodes > 0 => {
             let unsupported = [
@@ -236,6 +243,7 @@ fn main() -> ExitCode {
                 ("--join-over", join_over != 0),
                 ("--seed", seed != 1),
                 ("--native-viewers", native_viewers != 0),
+                ("--waypoints", waypoints != 0),
             ];
             let named: Vec<&str> = unsupported
                 .iter()
@@ -276,10 +284,12 @@ fn main() -> ExitCode {
             web_dir,
             native_viewers,
             native_join_every_ms,
+            waypoints,
             ..
         } => swarm(e2e::swarm::SwarmArgs {
             native_viewers,
             native_join_every_ms,
+            waypoints,
             unsigned,
             source,
             join_over,
@@ -593,7 +603,7 @@ fn swarm(args: e2e::swarm::SwarmArgs) -> Result<()> {
         build_wasm()?;
         web::build_web()?;
     }
-    if args.native_viewers > 0 {
+    if args.native_viewers + args.waypoints > 0 {
         // The native peers run optimized, in a process of their own (tests/src/natives.rs).
         run(cargo().args(["build", "--release", "-p", "waypoint"]))?;
         let bin = build::target_dir()?.join("release/waypoint");
