@@ -1158,6 +1158,106 @@ fn a_child_that_cannot_reach_its_parent_is_re_homed_bridged_and_never_paired_wit
     assert_eq!(h.dcm.stats().link_failures, 1);
 }
 
+#[test]
+fn a_peer_that_reports_every_link_as_failed_cuts_off_only_itself() {
+    let mut h = Harness::new();
+    h.produce(0..10);
+    for id in 1..=20 {
+        h.join(id, 2000);
+    }
+    h.pump();
+    let liar = PeerId(20);
+    let relays_before: Vec<u64> = (1..=19)
+        .filter(|id| {
+            h.dcm.planner.plan(PeerId(*id)).is_some_and(|p| {
+                p.substreams
+                    .iter()
+                    .any(|s| s.children.iter().any(|c| *c != liar))
+            })
+        })
+        .collect();
+    assert!(relays_before.len() > 2, "{relays_before:?}");
+    // It claims it could not reach anyone, twice over.
+    for _ in 0..2 {
+        for id in 1..=19 {
+            h.handle(Event::LinkFailed {
+                reporter: liar,
+                peer: PeerId(id),
+            });
+        }
+    }
+    h.dcm.check_invariants().expect("invariants");
+    // Its own plan: the origin, no peer.
+    let own = h.dcm.planner.plan(liar).expect("plan").substreams;
+    assert!(
+        own.iter()
+            .all(|s| s.parent == Source::Origin && s.children.is_empty()),
+        "{own:?}"
+    );
+    // Every peer that relayed to others still does: the blocks are the liar's pairs only.
+    for id in &relays_before {
+        let p = h.dcm.planner.plan(PeerId(*id)).expect("plan").substreams;
+        assert!(
+            p.iter().any(|s| !s.children.is_empty()),
+            "peer {id} relays to nobody any more: {p:?}"
+        );
+    }
+    // And new viewers are placed under them as before.
+    for id in 21..=30 {
+        h.join(id, 2000);
+    }
+    h.pump();
+    h.dcm.check_invariants().expect("invariants");
+    let fed_by_peers = (21..=30)
+        .filter(|id| {
+            h.dcm.planner.plan(PeerId(*id)).is_some_and(|p| {
+                p.substreams
+                    .iter()
+                    .any(|s| matches!(s.parent, Source::Peer { id } if id != liar))
+            })
+        })
+        .count();
+    assert!(
+        fed_by_peers >= 5,
+        "{fed_by_peers} of 10 new viewers fed by peers"
+    );
+}
+
+#[test]
+fn a_waypoint_that_dies_is_repaired_around_like_a_peer() {
+    let mut h = Harness::new();
+    h.produce(0..10);
+    // The waypoint first, with the capacity of a server; then viewers that can carry little.
+    h.join(1, 40_000);
+    h.handle(Event::Waypoint { peer: PeerId(1) });
+    for id in 2..=16 {
+        h.join(id, 300);
+    }
+    h.pump();
+    let children = |h: &Harness| -> usize {
+        h.dcm
+            .planner
+            .plan(PeerId(1))
+            .map_or(0, |p| children_of(&p.substreams))
+    };
+    assert!(
+        children(&h) >= 8,
+        "the waypoint feeds {} links",
+        children(&h)
+    );
+    h.handle(Event::Leave { peer: PeerId(1) });
+    h.pump();
+    h.dcm.check_invariants().expect("invariants");
+    for id in 2..=16 {
+        let p = h.dcm.planner.plan(PeerId(id)).expect("plan").substreams;
+        assert!(
+            p.iter().all(|s| s.parent != Source::Peer { id: PeerId(1) }),
+            "peer {id} still waits on the dead waypoint: {p:?}"
+        );
+    }
+    assert!(h.dcm.repair_log.iter().any(|r| r.peer == PeerId(1)));
+}
+
 mod hostile_tests;
 
 #[test]
