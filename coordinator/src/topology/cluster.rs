@@ -369,6 +369,18 @@ impl Cluster {
     /// by the origin (fallback). Feeders' slots are dealt over the trees (see
     /// [`Cluster::set_feeders`]).
     pub fn root_sources(&self, t: u32) -> Vec<(PeerId, MeshNodeOrPeer)> {
+        self.root_sources_iter(t).collect()
+    }
+
+    /// Which feeder feeds `root` in tree `t` ([`Cluster::root_sources`] without building the
+    /// whole list: a plan asks this once per origin-fed substream of every root it computes).
+    pub fn root_source(&self, t: u32, root: PeerId) -> Option<MeshNodeOrPeer> {
+        self.root_sources_iter(t)
+            .find(|(r, _)| *r == root)
+            .map(|(_, f)| f)
+    }
+
+    fn root_sources_iter(&self, t: u32) -> impl Iterator<Item = (PeerId, MeshNodeOrPeer)> + '_ {
         let trees = self.kind.trees().max(1);
         let mut start = 0;
         let mut quota: Vec<(MeshNodeOrPeer, u32)> = Vec::with_capacity(self.feeders.len());
@@ -385,26 +397,23 @@ impl Cluster {
             quota.rotate_left(r);
         }
         let mut next = 0;
-        self.tree
-            .roots(t)
-            .map(|r| {
-                // A root behind a symmetric NAT (or with UDP blocked) reaches few of the peers
-                // that feed clusters: the origin feeds it.
-                if self.reaches_few(r) {
-                    return (r, MeshNodeOrPeer::Server(MeshNode::Origin));
+        self.tree.roots(t).map(move |r| {
+            // A root behind a symmetric NAT (or with UDP blocked) reaches few of the peers
+            // that feed clusters: the origin feeds it.
+            if self.reaches_few(r) {
+                return (r, MeshNodeOrPeer::Server(MeshNode::Origin));
+            }
+            while next < quota.len() && quota[next].1 == 0 {
+                next += 1;
+            }
+            match quota.get_mut(next) {
+                Some(q) => {
+                    q.1 -= 1;
+                    (r, q.0)
                 }
-                while next < quota.len() && quota[next].1 == 0 {
-                    next += 1;
-                }
-                match quota.get_mut(next) {
-                    Some(q) => {
-                        q.1 -= 1;
-                        (r, q.0)
-                    }
-                    None => (r, MeshNodeOrPeer::Server(MeshNode::Origin)),
-                }
-            })
-            .collect()
+                None => (r, MeshNodeOrPeer::Server(MeshNode::Origin)),
+            }
+        })
     }
 
     /// Whether member `peer`'s class cannot reach endpoint-independent NATs.

@@ -1217,10 +1217,8 @@ impl Hierarchy {
             let from = match s.parent {
                 protocol::Source::Peer { id } => MeshNodeOrPeer::Peer(id),
                 protocol::Source::Origin => c
-                    .root_sources(s.index)
-                    .into_iter()
-                    .find(|(r, _)| *r == peer)
-                    .map_or(MeshNodeOrPeer::Server(MeshNode::Origin), |(_, f)| f),
+                    .root_source(s.index, peer)
+                    .unwrap_or(MeshNodeOrPeer::Server(MeshNode::Origin)),
             };
             plan.receive.push(Link {
                 peer: from,
