@@ -179,11 +179,26 @@ impl MultiTree {
         if (self.blocked.is_empty() && self.nat.is_empty()) || !self.is_blocked(leaf, q) {
             return Some((leaf, q));
         }
+        // A leaf that finds no slot fails for every leaf of its class without blocks of its own
+        // (blocks only add refusals), and the scan of the free slots is the same for each: with
+        // many leaves of a class no slot accepts (symmetric NATs under a cluster of NATed
+        // forwarders), scanning each again made this 256 × 256 checks on every refill.
+        let mut hopeless: Vec<Option<Connectivity>> = Vec::new();
         tree.origin_leaves
             .iter()
             .filter(|l| !self.reaches_nobody(**l))
             .take(MAX_SCAN)
-            .find_map(|l| self.first_free_for(t, *l).map(|q| (*l, q)))
+            .find_map(|l| {
+                let class = self.nat.get(l).copied();
+                if hopeless.contains(&class) {
+                    return None;
+                }
+                let found = self.first_free_for(t, *l);
+                if found.is_none() && !self.blocked.contains_key(l) {
+                    hopeless.push(class);
+                }
+                found.map(|q| (*l, q))
+            })
     }
 }
 
