@@ -509,6 +509,42 @@ mod tests {
     }
 
     #[test]
+    fn one_root_s_feeder_is_the_one_the_whole_list_gives() {
+        for (members, feeders, k) in [
+            (6u64, vec![feeder(100, 4), feeder(101, 2)], 2u32),
+            (3, vec![feeder(100, 3), feeder(101, 3)], 2),
+            (9, vec![feeder(100, 5), feeder(101, 1), feeder(102, 7)], 4),
+            (5, vec![], 3),
+        ] {
+            let mut c = Cluster::new(
+                ClusterId(1),
+                Region::V4([10, 0]),
+                ClusterKind::Bottom { k },
+                1000,
+                4,
+            );
+            for i in 0..members {
+                c.join(PeerId(i), 0);
+            }
+            // A symmetric-NAT root among them: the origin feeds it, the feeders skip it.
+            c.set_connectivity(
+                PeerId(1),
+                Some(Connectivity {
+                    class: protocol::NatClass::EndpointDependent,
+                    turn: false,
+                }),
+            );
+            c.set_feeders(feeders);
+            for t in 0..k {
+                for (root, from) in c.root_sources(t) {
+                    assert_eq!(c.root_source(t, root), Some(from), "tree {t}, root {root}");
+                }
+                assert_eq!(c.root_source(t, PeerId(999)), None);
+            }
+        }
+    }
+
+    #[test]
     fn feeders_fill_root_slots_in_order_then_the_origin_tops_up() {
         let mut c = Cluster::new(
             ClusterId(1),
