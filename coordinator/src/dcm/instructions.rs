@@ -15,8 +15,8 @@ impl Dcm {
             return;
         }
         self.epoch += 1;
-        for peer in affected {
-            let Some(wire) = self.planner.plan(peer) else {
+        for (peer, wire) in self.planner.plans(affected) {
+            let Some(wire) = wire else {
                 continue;
             };
             let pushes = wire.origin_pushes(self.k);

@@ -278,6 +278,21 @@ impl Planner {
         }
     }
 
+    /// The plans of many peers, for one re-plan (see [`Hierarchy::plans`]).
+    pub fn plans(
+        &self,
+        peers: impl IntoIterator<Item = PeerId>,
+    ) -> Vec<(PeerId, Option<WirePlan>)> {
+        match self {
+            Planner::Flat(_) => peers.into_iter().map(|p| (p, self.plan(p))).collect(),
+            Planner::Tiered(t) => {
+                t.h.plans(peers)
+                    .map(|(p, plan)| (p, plan.map(|x| t.to_wire(x))))
+                    .collect()
+            }
+        }
+    }
+
     /// Lowers a peer's capacity without moving anyone (flat multi-tree only); false when its
     /// current children need more, or on a hierarchy (re-placement there is future work).
     pub fn lower_capacity(&mut self, peer: PeerId, upload_kbps: u32) -> bool {
