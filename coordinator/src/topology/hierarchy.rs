@@ -40,10 +40,10 @@ use super::cluster::{Cluster, ClusterId, ClusterKind, Feeder, MeshNodeOrPeer};
 use super::mesh::{History, Mesh, MeshConfig, MeshNode};
 use super::multitree::Changes;
 use super::region::Region;
+pub use super::region::RegionSettings;
 
 /// The feeder of each root of a cluster's tree, worked out once per batch of plans.
 type RootFeeders = FxHashMap<(ClusterId, u32), FxHashMap<PeerId, MeshNodeOrPeer>>;
-pub use super::region::RegionSettings;
 
 /// Parameters of a channel's hierarchy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
