@@ -129,7 +129,9 @@ impl NativePeers {
         reports
     }
 
-    fn stop_process(mut self) -> Vec<PeerReport> {
+    /// [`NativePeers::stop`] without keeping the statistics in `P2P_SWARM_NATIVES` (for the
+    /// waypoints, which would overwrite the viewers').
+    pub fn stop_process(mut self) -> Vec<PeerReport> {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }

@@ -568,7 +568,7 @@ impl Swarm {
 
     pub async fn shutdown(mut self) {
         if let Some(n) = self.waypoints.take() {
-            let _ = tokio::task::spawn_blocking(move || n.stop()).await;
+            let _ = tokio::task::spawn_blocking(move || n.stop_process()).await;
         }
         if let Some(n) = self.natives.take() {
             // Waits for the process to leave: off the runtime's worker.
