@@ -61,10 +61,12 @@ pub async fn ws_handler(
     // The viewer token (`?token=`) is checked at join, where a refusal can name its reason.
     let token = crate::operator::presented_token(&headers, &uri);
     // Small buffers: control messages are tiny, and tens of thousands of sessions must fit in a
-    // few KiB each (tungstenite's defaults are 128 KiB).
+    // few KiB each (tungstenite's defaults are 128 KiB). A binary heartbeat is about 130 bytes;
+    // the read buffer grows for a larger frame (a join, a signal) and reuses its space once the
+    // frame is handled.
     ws.max_message_size(HARD_MESSAGE_CAP)
         .max_frame_size(HARD_MESSAGE_CAP)
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .on_upgrade(move |socket| run_session(socket, state, remote, token))
 }
@@ -186,12 +188,15 @@ enum Ended {
 /// queued for it. A single task (rather than a reader and a writer around a split socket)
 /// costs one wake-up per message and no lock between the halves, which is what lets tens of
 /// thousands of sessions share two cores.
-async fn run_session(
+///
+/// The session is built here and the loop is an async block (see below), which keeps the
+/// session's task small: it lives as long as the peer stays connected.
+fn run_session(
     mut socket: WebSocket,
     state: AppState,
     remote: IpAddr,
     token: Option<String>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let (out_tx, mut out_rx) = mpsc::channel::<Box<Outbound>>(1024);
     let limits = state.limits;
     let address = state.addresses.open_session(remote);
@@ -222,91 +227,100 @@ async fn run_session(
             !session.refuse(ErrorCode::TooManySessions, e.to_string())
         }
     };
-    let ended = loop {
-        if refused {
-            break Ended::ByServer;
-        }
-        tokio::select! {
-            // Queued messages first: an error reaches the peer before its next message is read.
-            biased;
-            item = out_rx.recv() => {
-                // Never `None`: the session holds a sender.
-                let Some(item) = item else { break Ended::ByServer };
-                if matches!(*item, Outbound::Evict(_)) {
-                    session.state.ban(session.remote);
-                }
-                if let Outbound::Msg(m) = &*item {
-                    if let ServerMsg::Error { code: ErrorCode::NotLinked, .. } = **m {
-                        session.state.addresses.refusals.record(Limit::NotLinked);
+    // An async block, not an async fn: a block uses what it captures in place, where an async
+    // fn copies its arguments into locals and its future keeps room for both (the socket and
+    // the session twice: 672 bytes in every session's task).
+    async move {
+        let ended = loop {
+            if refused {
+                break Ended::ByServer;
+            }
+            tokio::select! {
+                // Queued messages first: an error reaches the peer before its next message is
+                // read.
+                biased;
+                item = out_rx.recv() => {
+                    // Never `None`: the session holds a sender.
+                    let Some(item) = item else { break Ended::ByServer };
+                    if matches!(*item, Outbound::Evict(_)) {
+                        session.state.ban(session.remote);
+                    }
+                    if let Outbound::Msg(m) = &*item {
+                        if let ServerMsg::Error { code: ErrorCode::NotLinked, .. } = **m {
+                            session.state.addresses.refusals.record(Limit::NotLinked);
+                        }
+                    }
+                    match Box::pin(write_out(&mut socket, item)).await {
+                        Written::Sent => {}
+                        Written::Closed => break Ended::CloseSent,
+                        Written::Failed => break Ended::ByPeer,
                     }
                 }
-                match Box::pin(write_out(&mut socket, item)).await {
-                    Written::Sent => {}
-                    Written::Closed => break Ended::CloseSent,
-                    Written::Failed => break Ended::ByPeer,
-                }
-            }
-            msg = socket.recv() => {
-                let Some(msg) = msg else { break Ended::ByPeer };
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // Frames over the hard cap land here: tell the peer why before the
-                        // socket goes (its input can no longer be read).
-                        tracing::debug!("websocket error: {e}");
-                        session.refuse(ErrorCode::TooLarge, format!("websocket error: {e}"));
+                msg = socket.recv() => {
+                    let Some(msg) = msg else { break Ended::ByPeer };
+                    let msg = match msg {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // Frames over the hard cap land here: tell the peer why before the
+                            // socket goes (its input can no longer be read).
+                            tracing::debug!("websocket error: {e}");
+                            session.refuse(ErrorCode::TooLarge, format!("websocket error: {e}"));
+                            break Ended::ByServer;
+                        }
+                    };
+                    let len = match &msg {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) => b.len(),
+                        _ => 0,
+                    };
+                    let max_len = session.state.limits.max_message_bytes;
+                    let data = matches!(msg, Message::Text(_) | Message::Binary(_));
+                    let over_bytes = if data && len <= max_len {
+                        session.over_bytes(len)
+                    } else {
+                        None
+                    };
+                    let keep_going = match msg {
+                        Message::Text(_) | Message::Binary(_) if len > max_len => {
+                            session.state.addresses.refusals.record(Limit::MessageSize);
+                            session.refuse(
+                                ErrorCode::TooLarge,
+                                format!("message of {len} bytes exceeds {max_len}"),
+                            )
+                        }
+                        // The address's control traffic, in bytes per second: over it, the message
+                        // is dropped unparsed.
+                        Message::Text(_) | Message::Binary(_) if over_bytes.is_some() => {
+                            over_bytes == Some(true)
+                        }
+                        // Every peer message, text or binary, spends one token of the session's
+                        // budget.
+                        Message::Text(_) | Message::Binary(_) if !session.take_token() => {
+                            session.state.addresses.refusals.record(Limit::MessagesPerSec);
+                            session
+                                .error(ErrorCode::RateLimited, "too many messages; slow down".into())
+                        }
+                        // Boxed (one small allocation per message): the handlers' futures are
+                        // large and would otherwise sit in every idle session's task.
+                        Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
+                        Message::Binary(frame) => Box::pin(session.on_binary(&frame)).await,
+                        Message::Close(_) => break Ended::ByPeer,
+                        Message::Ping(_) | Message::Pong(_) => true,
+                    };
+                    if !keep_going {
                         break Ended::ByServer;
                     }
-                };
-                let len = match &msg {
-                    Message::Text(t) => t.len(),
-                    Message::Binary(b) => b.len(),
-                    _ => 0,
-                };
-                let max_len = limits.max_message_bytes;
-                let data = matches!(msg, Message::Text(_) | Message::Binary(_));
-                let over_bytes = if data && len <= max_len {
-                    session.over_bytes(len)
-                } else {
-                    None
-                };
-                let keep_going = match msg {
-                    Message::Text(_) | Message::Binary(_) if len > max_len => {
-                        session.state.addresses.refusals.record(Limit::MessageSize);
-                        session.refuse(
-                            ErrorCode::TooLarge,
-                            format!("message of {len} bytes exceeds {max_len}"),
-                        )
-                    }
-                    // The address's control traffic, in bytes per second: over it, the message
-                    // is dropped unparsed.
-                    Message::Text(_) | Message::Binary(_) if over_bytes.is_some() => {
-                        over_bytes == Some(true)
-                    }
-                    // Every peer message, text or binary, spends one token of the session's
-                    // budget.
-                    Message::Text(_) | Message::Binary(_) if !session.take_token() => {
-                        session.state.addresses.refusals.record(Limit::MessagesPerSec);
-                        session
-                            .error(ErrorCode::RateLimited, "too many messages; slow down".into())
-                    }
-                    // Boxed (one small allocation per message): the handlers' futures are
-                    // large and would otherwise sit in every idle session's task.
-                    Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
-                    Message::Binary(frame) => Box::pin(session.on_binary(&frame)).await,
-                    Message::Close(_) => break Ended::ByPeer,
-                    Message::Ping(_) | Message::Pong(_) => true,
-                };
-                if !keep_going {
-                    break Ended::ByServer;
                 }
             }
+        };
+        // Boxed, as the handlers are: the leave's DCM sends and the close's timers would otherwise
+        // sit in every session's task for its whole life (the task is as large as its largest
+        // state).
+        Box::pin(session.leave()).await;
+        drop(session);
+        if ended != Ended::ByPeer {
+            Box::pin(close_gracefully(&mut socket, &mut out_rx, ended)).await;
         }
-    };
-    session.leave().await;
-    drop(session);
-    if ended != Ended::ByPeer {
-        close_gracefully(&mut socket, &mut out_rx, ended).await;
     }
 }
 
