@@ -194,6 +194,10 @@ enum Cmd {
         /// Heartbeat interval the server announces and the peers use.
         #[arg(long, default_value_t = 200)]
         heartbeat_ms: u32,
+        /// Control-server processes: 1 runs one server alone; more start a local etcd and a
+        /// cluster of that many nodes, spread the peers over them and report each node.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
         /// Write a JSON report to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -311,11 +315,13 @@ fn main() -> ExitCode {
             peers,
             seconds,
             heartbeat_ms,
+            nodes,
             json,
         } => bench_heartbeats::bench(bench_heartbeats::Args {
             peers,
             seconds,
             heartbeat_ms,
+            nodes,
             json,
         }),
         Cmd::BenchTopology {
