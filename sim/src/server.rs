@@ -49,6 +49,16 @@ impl World {
         let s = (self.q.now() / 1_000_000) as usize;
         if self.totals.egress_per_s.len() <= s {
             self.totals.egress_per_s.resize(s + 1, 0);
+            self.totals.fallback_per_s.resize(s + 1, 0);
+            let st = self.control.stats();
+            let bridged = st.origin_bridge_bytes;
+            if std::env::var("DEBUG_SECONDS").is_ok() {
+                eprintln!(
+                    "DBG s={s} bridges={} repairs={} congestion={} replans={} silent={} hb={}",
+                    st.bridges_opened, st.repairs, st.congestion_events, st.replans, st.silent_demoted, st.heartbeats
+                );
+            }
+            self.totals.bridge_total_at_s.resize(s + 1, bridged);
         }
         self.totals.egress_per_s[s] += bytes as u64;
     }
@@ -141,6 +151,8 @@ impl World {
         if let FetchReply::Packet(b) = &reply {
             self.totals.origin_fetch_bytes += b.len() as u64;
             self.count_egress(b.len());
+            let s = (self.q.now() / 1_000_000) as usize;
+            self.totals.fallback_per_s[s] += b.len() as u64;
         }
         let p = &self.peers[i as usize];
         let one_way = self.cfg.net.server_ms(&p.net);

@@ -42,6 +42,10 @@ use super::multitree::Changes;
 use super::region::Region;
 pub use super::region::RegionSettings;
 
+/// Idle middle nodes handed to one bottom cluster per change at most (see
+/// `Hierarchy::feed_from_idle`), which bounds the work of one join.
+const IDLE_FEEDERS_PER_CHANGE: usize = 4;
+
 /// The feeder of each root of a cluster's tree, worked out once per batch of plans.
 type RootFeeders = FxHashMap<(ClusterId, u32), FxHashMap<PeerId, MeshNodeOrPeer>>;
 
@@ -777,6 +781,14 @@ impl Hierarchy {
                 if let Some(rs) = self.regions.get_mut(&region) {
                     rs.idle_middle.insert(peer);
                 }
+                let bottom: Vec<ClusterId> = self
+                    .regions
+                    .get(&region)
+                    .map(|r| r.bottom.iter().copied().collect())
+                    .unwrap_or_default();
+                for cid in bottom {
+                    self.feed_from_idle(cid, aff);
+                }
             }
         }
     }
@@ -837,6 +849,11 @@ impl Hierarchy {
         self.clusters.get(&cid).map(|c| c.region)
     }
 
+    /// A feeder's NAT class, when it restricts whom the feeder can pair with.
+    fn feeder_nat(&self, peer: PeerId) -> Option<Connectivity> {
+        self.nat.get(&peer).copied().filter(|c| c.is_restrictive())
+    }
+
     /// Root feeds `peer` gives cluster `cid`.
     fn feed_slots(&self, peer: PeerId, cid: ClusterId) -> u32 {
         self.peers
@@ -866,6 +883,64 @@ impl Hierarchy {
             .is_some_and(|c| c.len() > self.cfg.cluster_max)
         {
             self.split(cid, aff);
+        }
+        if let Some(now_in) = self.peers.get(&peer).and_then(|i| i.cluster) {
+            self.feed_from_idle(now_in, aff);
+        }
+    }
+
+    /// Hands bottom cluster `cid` idle middle nodes of its region while the origin feeds roots
+    /// that one of them could take: any idle node for ordinary roots, an open one for roots
+    /// behind symmetric NATs (which reach only open peers). The middle tier's spare upload
+    /// otherwise stays unused while the origin carries those roots.
+    fn feed_from_idle(&mut self, cid: ClusterId, aff: &mut Changes) {
+        let Some(region) = self.region_of_cluster(cid) else {
+            return;
+        };
+        let mut fed_by_origin = match self.clusters.get(&cid) {
+            Some(c) if matches!(c.kind, ClusterKind::Bottom { .. }) => c.roots_fed_by_origin(),
+            _ => return,
+        };
+        for _ in 0..IDLE_FEEDERS_PER_CHANGE {
+            let (restricted, others) = fed_by_origin;
+            if restricted == 0 && others == 0 {
+                return;
+            }
+            let Some(rs) = self.regions.get(&region) else {
+                return;
+            };
+            let open = |m: &&PeerId| self.feeder_nat(**m).is_none();
+            let pick = if restricted > 0 {
+                rs.idle_middle.iter().find(open)
+            } else {
+                None
+            }
+            .or_else(|| {
+                // Ordinary roots: a restricted idle node first, to keep open ones for the roots
+                // that need them.
+                (others > 0).then(|| {
+                    rs.idle_middle
+                        .iter()
+                        .find(|m| !open(m))
+                        .or_else(|| rs.idle_middle.first())
+                })?
+            })
+            .copied();
+            let Some(m) = pick else {
+                return;
+            };
+            self.assign_feeder(m, cid);
+            self.refresh_bottom_feeders(cid, aff);
+            aff.affected.insert(m);
+            let now = self
+                .clusters
+                .get(&cid)
+                .map_or((0, 0), Cluster::roots_fed_by_origin);
+            if now.0 + now.1 >= restricted + others {
+                // The node had nothing to give these roots: leave the rest to the origin.
+                return;
+            }
+            fed_by_origin = now;
         }
     }
 
@@ -1068,12 +1143,14 @@ impl Hierarchy {
             .map(|p| Feeder {
                 node: MeshNodeOrPeer::Peer(*p),
                 slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+                nat: self.feeder_nat(*p),
             })
             .collect();
         if feeders.iter().all(|f| f.slots < trees) {
             feeders.push(Feeder {
                 node: MeshNodeOrPeer::Server(self.server_of(region)),
                 slots: self.cfg.server_slots * trees,
+                nat: None,
             });
         }
         let mid = rs.middle;
@@ -1105,6 +1182,7 @@ impl Hierarchy {
             .map(|p| Feeder {
                 node: MeshNodeOrPeer::Peer(*p),
                 slots: self.feed_slots(*p, cid),
+                nat: self.feeder_nat(*p),
             })
             .collect();
         if feeders.is_empty() {
@@ -1114,12 +1192,14 @@ impl Hierarchy {
                 feeders.extend(rs.preferred.iter().map(|p| Feeder {
                     node: MeshNodeOrPeer::Peer(*p),
                     slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+                    nat: self.feeder_nat(*p),
                 }));
             }
             if feeders.iter().map(|f| f.slots).sum::<u32>() < self.cfg.k {
                 feeders.push(Feeder {
                     node: MeshNodeOrPeer::Server(self.server_of(region)),
                     slots: self.cfg.server_slots * self.cfg.k,
+                    nat: None,
                 });
             }
         }
@@ -1223,6 +1303,38 @@ impl Hierarchy {
             }
         }
         Some(plan)
+    }
+
+    /// DEBUG: per cluster, root feeds.
+    pub fn debug_root_feeds(&self) -> String {
+        let mut out = String::new();
+        for (id, c) in &self.clusters {
+            let mut origin = 0;
+            let few = format!("{:?}", c.roots_fed_by_origin());
+            let mut roots = 0;
+            for t in 0..c.kind.trees() {
+                for (r, f) in c.root_sources(t) {
+                    roots += 1;
+                    let _ = r;
+                    if f == MeshNodeOrPeer::Server(MeshNode::Origin) {
+                        origin += 1;
+                    }
+                }
+            }
+            let slots: u32 = c.feeders().iter().map(|f| f.slots).sum();
+            out.push_str(&format!(
+                "{:?} {:?} members {} feeders {} slots {} roots {} origin {} few {}\n",
+                id,
+                c.kind,
+                c.members().count(),
+                c.feeders().len(),
+                slots,
+                roots,
+                origin,
+                few
+            ));
+        }
+        out
     }
 
     fn push_tree_links(
