@@ -260,10 +260,6 @@ impl Control {
     }
 
     /// Pushes the origin makes per packet group: (full streams, data substreams, parity shards).
-    pub fn debug_root_feeds(&self) -> String {
-        self.dcm.debug_root_feeds()
-    }
-
     pub fn origin_fed_counts(&self) -> (usize, usize, usize) {
         self.dcm.origin_push_counts()
     }

@@ -191,9 +191,6 @@ pub fn build(
         server_push_bytes: w.totals.origin_push_bytes,
         server_bridge_bytes: w.control.stats().origin_bridge_bytes,
         origin_fed_at_end: {
-            if std::env::var("DEBUG_ROOTS").is_ok() {
-                eprintln!("{}", w.control.debug_root_feeds());
-            }
             let (full, data, parity) = w.control.origin_fed_counts();
             OriginFed { full, data, parity }
         },

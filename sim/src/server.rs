@@ -50,14 +50,7 @@ impl World {
         if self.totals.egress_per_s.len() <= s {
             self.totals.egress_per_s.resize(s + 1, 0);
             self.totals.fallback_per_s.resize(s + 1, 0);
-            let st = self.control.stats();
-            let bridged = st.origin_bridge_bytes;
-            if std::env::var("DEBUG_SECONDS").is_ok() {
-                eprintln!(
-                    "DBG s={s} bridges={} repairs={} congestion={} replans={} silent={} hb={}",
-                    st.bridges_opened, st.repairs, st.congestion_events, st.replans, st.silent_demoted, st.heartbeats
-                );
-            }
+            let bridged = self.control.stats().origin_bridge_bytes;
             self.totals.bridge_total_at_s.resize(s + 1, bridged);
         }
         self.totals.egress_per_s[s] += bytes as u64;

@@ -305,14 +305,6 @@ impl Dcm {
         counts
     }
 
-    /// DEBUG
-    pub fn debug_root_feeds(&self) -> String {
-        match &self.planner {
-            Planner::Tiered(t) => t.debug_h().debug_root_feeds(),
-            Planner::Flat(_) => String::new(),
-        }
-    }
-
     pub fn stats(&self) -> DcmStats {
         DcmStats {
             heartbeats_refused: self.plausible.refused,

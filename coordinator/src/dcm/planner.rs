@@ -91,21 +91,7 @@ pub enum Planner {
     Tiered(Box<Tiered>),
 }
 
-impl Tiered {
-    pub fn debug_h(&self) -> &Hierarchy {
-        &self.h
-    }
-}
-
 impl Planner {
-    /// DEBUG
-    pub fn tier_of(&self, peer: PeerId) -> Option<Tier> {
-        match self {
-            Planner::Tiered(t) => t.h.tier(peer),
-            Planner::Flat(_) => None,
-        }
-    }
-
     pub fn flat(cfg: MultiTreeConfig) -> Self {
         Planner::Flat(MultiTree::new(cfg))
     }

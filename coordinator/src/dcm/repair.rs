@@ -43,12 +43,6 @@ impl Dcm {
 
     pub(super) fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
         self.stats.repairs += 1;
-        if std::env::var("DEBUG_REPAIRS").is_ok() {
-            eprintln!(
-                "REPAIR t={now} peer={peer} reason={reason} affected={affected} tier={:?}",
-                self.planner.tier_of(peer)
-            );
-        }
         self.repair_log.push_back(RepairRecord {
             at_ms: now,
             reason: reason.to_string(),

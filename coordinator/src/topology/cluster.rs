@@ -620,7 +620,7 @@ mod tests {
             for i in 0..members {
                 c.join(PeerId(i), 0);
             }
-            // A symmetric-NAT root among them: the origin feeds it, the feeders skip it.
+            // A symmetric-NAT root among them: only a feeder it can pair with feeds it.
             c.set_connectivity(
                 PeerId(1),
                 Some(Connectivity {
@@ -636,6 +636,121 @@ mod tests {
                 assert_eq!(c.root_source(t, PeerId(999)), None);
             }
         }
+    }
+
+    fn weak_cluster(k: u32, members: u64) -> Cluster {
+        let mut c = Cluster::new(
+            ClusterId(1),
+            Region::V4([10, 0]),
+            ClusterKind::Bottom { k },
+            1000,
+            4,
+        );
+        for i in 0..members {
+            c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
+        }
+        c
+    }
+
+    #[test]
+    fn a_root_coming_or_going_moves_no_other_root_to_another_feeder() {
+        let mut c = weak_cluster(2, 8);
+        c.set_feeders(vec![feeder(100, 6), feeder(101, 4), feeder(102, 2)]);
+        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
+            (0..2).map(|t| c.root_sources(t)).collect();
+        let ch = c.leave_fed(PeerId(3));
+        for t in 0..2u32 {
+            let gone = before[t as usize]
+                .iter()
+                .find(|(r, _)| *r == PeerId(3))
+                .unwrap()
+                .1;
+            for (r, f) in c.root_sources(t) {
+                let was = before[t as usize].iter().find(|(x, _)| *x == r).unwrap().1;
+                // Only a root the origin fed may take the slot the leaver freed.
+                if was != f {
+                    assert_eq!(was, MeshNodeOrPeer::Server(MeshNode::Origin), "{r}");
+                    assert_eq!(f, gone, "{r}");
+                    assert!(ch.affected.contains(&r));
+                }
+            }
+        }
+        let untouched = (0..8u64)
+            .filter(|i| *i != 3)
+            .filter(|i| !ch.affected.contains(&PeerId(*i)))
+            .count();
+        assert!(untouched >= 5, "{:?}", ch.affected);
+        // A newcomer is a root too; it takes a free slot or the origin, the others stay.
+        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
+            (0..2).map(|t| c.root_sources(t)).collect();
+        c.join_fed(PeerId(50), 0);
+        for t in 0..2u32 {
+            for (r, f) in c
+                .root_sources(t)
+                .into_iter()
+                .filter(|(r, _)| *r != PeerId(50))
+            {
+                assert_eq!(
+                    Some(&(r, f)),
+                    before[t as usize].iter().find(|(x, _)| *x == r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_symmetric_nat_root_takes_the_slot_of_a_feeder_it_can_pair_with() {
+        use protocol::NatClass::*;
+        let mut c = weak_cluster(2, 4);
+        let eim = Connectivity {
+            class: EndpointIndependent,
+            turn: false,
+        };
+        // Per tree: 4 slots behind a NAT the symmetric root cannot reach, 1 open one.
+        c.set_feeders(vec![
+            Feeder {
+                nat: Some(eim),
+                ..feeder(100, 8)
+            },
+            feeder(101, 2),
+        ]);
+        for t in 0..2 {
+            assert!(c
+                .root_sources(t)
+                .iter()
+                .all(|(_, f)| *f != MeshNodeOrPeer::Server(MeshNode::Origin)));
+        }
+        // Member 2 turns out to be behind a symmetric NAT; the open slot is someone else's
+        // in at least one tree. It takes it, and the other root moves to the NATed feeder.
+        let ch = c.set_connectivity(
+            PeerId(2),
+            Some(Connectivity {
+                class: EndpointDependent,
+                turn: false,
+            }),
+        );
+        for t in 0..2 {
+            assert_eq!(
+                c.root_source(t, PeerId(2)),
+                Some(MeshNodeOrPeer::Peer(PeerId(101))),
+                "tree {t}"
+            );
+            assert!(c
+                .root_sources(t)
+                .iter()
+                .all(|(_, f)| *f != MeshNodeOrPeer::Server(MeshNode::Origin)));
+        }
+        assert!(ch.affected.contains(&PeerId(2)));
+        assert_eq!(c.roots_fed_by_origin(), (0, 0));
+        // A second symmetric root finds no open slot left: the origin feeds it.
+        c.set_connectivity(
+            PeerId(3),
+            Some(Connectivity {
+                class: EndpointDependent,
+                turn: false,
+            }),
+        );
+        assert_eq!(c.roots_fed_by_origin(), (2, 0));
     }
 
     #[test]

@@ -368,13 +368,22 @@ impl Hierarchy {
             let (region, upload, relay) = (info.region, info.upload, info.relay);
             return self.join_as(peer, region, upload, relay);
         }
-        let Some(cid) = self.cluster_of(peer) else {
-            return Changes::default();
-        };
-        self.clusters
-            .get_mut(&cid)
-            .map(|c| c.set_connectivity(peer, conn))
-            .unwrap_or_default()
+        // The clusters it feeds match their restricted roots to feeders by class.
+        let (tier, region) = (info.tier, info.region);
+        let fed: Vec<ClusterId> = info.feeds.iter().map(|f| f.0).collect();
+        let mut aff = Changes::default();
+        for f in fed {
+            self.refresh_bottom_feeders(f, &mut aff);
+        }
+        if tier == Tier::Preferred {
+            self.refresh_middle_feeders(region, &mut aff);
+        }
+        if let Some(cid) = self.cluster_of(peer) {
+            if let Some(c) = self.clusters.get_mut(&cid) {
+                aff.affected.extend(c.set_connectivity(peer, conn).affected);
+            }
+        }
+        aff
     }
 
     /// Removes a peer; unknown peers change nothing.
@@ -1303,38 +1312,6 @@ impl Hierarchy {
             }
         }
         Some(plan)
-    }
-
-    /// DEBUG: per cluster, root feeds.
-    pub fn debug_root_feeds(&self) -> String {
-        let mut out = String::new();
-        for (id, c) in &self.clusters {
-            let mut origin = 0;
-            let few = format!("{:?}", c.roots_fed_by_origin());
-            let mut roots = 0;
-            for t in 0..c.kind.trees() {
-                for (r, f) in c.root_sources(t) {
-                    roots += 1;
-                    let _ = r;
-                    if f == MeshNodeOrPeer::Server(MeshNode::Origin) {
-                        origin += 1;
-                    }
-                }
-            }
-            let slots: u32 = c.feeders().iter().map(|f| f.slots).sum();
-            out.push_str(&format!(
-                "{:?} {:?} members {} feeders {} slots {} roots {} origin {} few {}\n",
-                id,
-                c.kind,
-                c.members().count(),
-                c.feeders().len(),
-                slots,
-                roots,
-                origin,
-                few
-            ));
-        }
-        out
     }
 
     fn push_tree_links(

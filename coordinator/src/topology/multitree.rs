@@ -1345,6 +1345,34 @@ mod tests {
 
     use protocol::rng::XorShift as Rng;
 
+    #[test]
+    fn with_the_origin_preferred_joiners_fill_its_slots_before_any_peer_s() {
+        for prefer in [false, true] {
+            let mut m = MultiTree::new(cfg(2, 5, 8));
+            m.set_prefer_origin(prefer);
+            let mut rng = Rng::seeded(3);
+            for i in 1..=40u64 {
+                m.join(PeerId(i), [0, 500, 1000, 4000][rng.below(4) as usize]);
+                m.check_invariants().unwrap();
+            }
+            for i in (1..=40u64).step_by(6) {
+                m.leave(PeerId(i));
+                m.check_invariants().unwrap();
+            }
+            assert_everyone_fed(&m);
+            for t in 0..2u32 {
+                let fed = m.origin_children_count(t);
+                if prefer {
+                    // Every slot used, and the leaves the origin carries beyond its slots
+                    // moved under peers as before.
+                    assert_eq!(fed, 5, "tree {t}");
+                } else {
+                    assert!(fed < 5, "tree {t}: the origin feeds as few as it can ({fed})");
+                }
+            }
+        }
+    }
+
     fn cfg(k: u32, origin_fanout: u32, max_fanout: u32) -> MultiTreeConfig {
         MultiTreeConfig {
             k,
