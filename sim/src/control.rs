@@ -260,6 +260,10 @@ impl Control {
     }
 
     /// Pushes the origin makes per packet group: (full streams, data substreams, parity shards).
+    pub fn hierarchy_report(&self) -> Option<coordinator::topology::hierarchy::HierarchyReport> {
+        self.dcm.hierarchy_report()
+    }
+
     pub fn origin_fed_counts(&self) -> (usize, usize, usize) {
         self.dcm.origin_push_counts()
     }

@@ -45,6 +45,9 @@ pub struct Report {
     /// Peers the origin feeds at the end of the run, by what it pushes them (`full` for mesh
     /// neighbours, `data` and `parity` substreams of tree roots).
     pub origin_fed_at_end: OriginFed,
+    /// The coordinator's summary of the hierarchy at the end of the run (hierarchy runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hierarchy: Option<coordinator::topology::hierarchy::HierarchyReport>,
     pub server_fallback_bytes: u64,
     pub origin_fallbacks: u64,
     /// Of those, by the tier the peer was in at the end (`flat` on a flat channel; departed
@@ -190,6 +193,7 @@ pub fn build(
         },
         server_push_bytes: w.totals.origin_push_bytes,
         server_bridge_bytes: w.control.stats().origin_bridge_bytes,
+        hierarchy: w.control.hierarchy_report(),
         origin_fed_at_end: {
             let (full, data, parity) = w.control.origin_fed_counts();
             OriginFed { full, data, parity }

@@ -305,6 +305,11 @@ impl Dcm {
         counts
     }
 
+    /// The hierarchy's summary (tiers, depths, root feeds); `None` for a flat channel.
+    pub fn hierarchy_report(&self) -> Option<crate::topology::hierarchy::HierarchyReport> {
+        self.planner.hierarchy_report()
+    }
+
     pub fn stats(&self) -> DcmStats {
         DcmStats {
             heartbeats_refused: self.plausible.refused,

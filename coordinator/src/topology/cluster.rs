@@ -485,6 +485,15 @@ impl Cluster {
         aff
     }
 
+    /// Trees whose root slots are all taken: a joiner goes under a member there, not a feeder.
+    pub fn trees_without_free_root_slot(&self) -> u32 {
+        (0..self.kind.trees())
+            .filter(|t| {
+                self.tree.origin_children_count(*t) >= self.tree.origin_slots(*t as usize) as usize
+            })
+            .count() as u32
+    }
+
     /// Roots, over all trees, that the origin feeds because no feeder has a slot left for them
     /// (none when the server is one of the feeders): `(restricted, others)`, the first those
     /// behind symmetric NATs that need an open feeder.

@@ -5,7 +5,14 @@
 //! * **Middle**: per region, one erasure-coded [`Cluster`] of high-capacity nodes, its roots fed by
 //!   the region's preferred nodes (≥ 2 when the region has them).
 //! * **Bottom**: per region, clusters of bounded size running the plain multi-tree, each fed by
-//!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders.
+//!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders,
+//!   and so does one whose roots the origin feeds or whose trees have no root slot left, while
+//!   the region has middle nodes feeding nobody (`feed_from_idle`). A bottom cluster's trees
+//!   fill their feeders' slots before hanging a joiner under a member
+//!   ([`MultiTree::set_prefer_origin`](super::MultiTree::set_prefer_origin)): the middle tier
+//!   has upload to spare, the bottom members have little, and every hop over a weak uplink
+//!   delays a whole fragment. Roots keep their feeder across changes
+//!   ([`Cluster::root_sources`]), so one root coming or going moves no other root.
 //!   Clusters split above `cluster_max` and merge below `cluster_min`.
 //!
 //! A whole channel is placed at once by [`Hierarchy::build`] (the `build` submodule): tiers and
@@ -178,6 +185,13 @@ pub struct HierarchyReport {
     /// Upload the plans use / effective upload of all peers.
     pub upload_used_kbps: u64,
     pub upload_total_kbps: u64,
+    /// Root feeds (a root in one tree) the middle tier's peers give the bottom clusters, and
+    /// those the origin gives because no feeder had a slot left, in bottom and middle clusters.
+    pub bottom_root_feeds_by_peers: u64,
+    pub bottom_roots_fed_by_origin: u64,
+    pub middle_roots_fed_by_origin: u64,
+    /// Middle nodes feeding no bottom cluster.
+    pub idle_middle: usize,
 }
 
 /// A channel's hierarchy.
@@ -899,20 +913,26 @@ impl Hierarchy {
     }
 
     /// Hands bottom cluster `cid` idle middle nodes of its region while the origin feeds roots
-    /// that one of them could take: any idle node for ordinary roots, an open one for roots
-    /// behind symmetric NATs (which reach only open peers). The middle tier's spare upload
-    /// otherwise stays unused while the origin carries those roots.
+    /// that one of them could take (any idle node for ordinary roots, an open one for roots
+    /// behind symmetric NATs, which reach only open peers), or while a tree has no root slot
+    /// left, so that the next joiner would hang under a member. The middle tier's spare upload
+    /// otherwise stays unused while the origin carries those roots or the bottom trees deepen
+    /// over the members' weaker uplinks.
     fn feed_from_idle(&mut self, cid: ClusterId, aff: &mut Changes) {
         let Some(region) = self.region_of_cluster(cid) else {
             return;
         };
-        let mut fed_by_origin = match self.clusters.get(&cid) {
-            Some(c) if matches!(c.kind, ClusterKind::Bottom { .. }) => c.roots_fed_by_origin(),
-            _ => return,
+        let need = |h: &Self| match h.clusters.get(&cid) {
+            Some(c) if matches!(c.kind, ClusterKind::Bottom { .. }) => {
+                let (restricted, others) = c.roots_fed_by_origin();
+                (restricted, others, c.trees_without_free_root_slot())
+            }
+            _ => (0, 0, 0),
         };
+        let mut before = need(self);
         for _ in 0..IDLE_FEEDERS_PER_CHANGE {
-            let (restricted, others) = fed_by_origin;
-            if restricted == 0 && others == 0 {
+            let (restricted, others, full) = before;
+            if restricted == 0 && others == 0 && full == 0 {
                 return;
             }
             let Some(rs) = self.regions.get(&region) else {
@@ -927,7 +947,7 @@ impl Hierarchy {
             .or_else(|| {
                 // Ordinary roots: a restricted idle node first, to keep open ones for the roots
                 // that need them.
-                (others > 0).then(|| {
+                (others > 0 || full > 0).then(|| {
                     rs.idle_middle
                         .iter()
                         .find(|m| !open(m))
@@ -941,15 +961,12 @@ impl Hierarchy {
             self.assign_feeder(m, cid);
             self.refresh_bottom_feeders(cid, aff);
             aff.affected.insert(m);
-            let now = self
-                .clusters
-                .get(&cid)
-                .map_or((0, 0), Cluster::roots_fed_by_origin);
-            if now.0 + now.1 >= restricted + others {
+            let now = need(self);
+            if now.0 + now.1 >= restricted + others && now.2 >= full {
                 // The node had nothing to give these roots: leave the rest to the origin.
                 return;
             }
-            fed_by_origin = now;
+            before = now;
         }
     }
 
@@ -1445,6 +1462,16 @@ impl Hierarchy {
             for t in 0..c.kind.trees() {
                 for (_, f) in c.root_sources(t) {
                     *feeds_used.entry(f).or_insert(0) += 1;
+                    match (bottom, f) {
+                        (true, MeshNodeOrPeer::Peer(_)) => r.bottom_root_feeds_by_peers += 1,
+                        (true, MeshNodeOrPeer::Server(MeshNode::Origin)) => {
+                            r.bottom_roots_fed_by_origin += 1
+                        }
+                        (false, MeshNodeOrPeer::Server(MeshNode::Origin)) => {
+                            r.middle_roots_fed_by_origin += 1
+                        }
+                        _ => {}
+                    }
                 }
             }
             for (p, _) in c.members() {
@@ -1478,6 +1505,7 @@ impl Hierarchy {
             .filter(|n| matches!(n, MeshNode::Waypoint(_)))
             .count();
         r.full_rate = self.peers.len() - starved.len();
+        r.idle_middle = self.regions.values().map(|rs| rs.idle_middle.len()).sum();
         r
     }
 

@@ -1367,7 +1367,10 @@ mod tests {
                     // moved under peers as before.
                     assert_eq!(fed, 5, "tree {t}");
                 } else {
-                    assert!(fed < 5, "tree {t}: the origin feeds as few as it can ({fed})");
+                    assert!(
+                        fed < 5,
+                        "tree {t}: the origin feeds as few as it can ({fed})"
+                    );
                 }
             }
         }
