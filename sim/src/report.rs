@@ -79,6 +79,8 @@ pub struct Report {
     /// Of that, fallback fetches, and bridges after moves (the second a step behind).
     pub origin_fallback_copies_per_s: Vec<f64>,
     pub origin_bridge_copies_per_s: Vec<f64>,
+    /// Fallback fetches per second by the fetching peer's tier at the time.
+    pub origin_fallback_copies_per_s_by_tier: BTreeMap<String, Vec<f64>>,
     pub links_opened: u64,
     pub link_failures: u64,
     pub link_setup_ms: Pct,
@@ -237,6 +239,18 @@ pub fn build(
             .fallback_per_s
             .iter()
             .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+            .collect(),
+        origin_fallback_copies_per_s_by_tier: w
+            .totals
+            .fallback_by_tier_per_s
+            .iter()
+            .map(|(tier, v)| {
+                let per_s = v
+                    .iter()
+                    .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+                    .collect();
+                (tier.clone(), per_s)
+            })
             .collect(),
         origin_bridge_copies_per_s: w
             .totals

@@ -89,6 +89,7 @@ pub struct Totals {
     /// Of that, fallback fetches' bytes, and the coordinator's bridge bytes (cumulative, taken
     /// at the first egress of each second).
     pub fallback_per_s: Vec<u64>,
+    pub fallback_by_tier_per_s: std::collections::BTreeMap<String, Vec<u64>>,
     pub bridge_total_at_s: Vec<u64>,
     pub repairs_ms: Vec<f64>,
     pub links_opened: u64,
