@@ -118,6 +118,7 @@ impl Planner {
             mesh: MeshConfig {
                 c: topo.mesh_c,
                 stream_kbps,
+                origin_shortcuts: topo.origin_shortcuts,
                 ..MeshConfig::default()
             },
             fec_n: topo.fec_n,
