@@ -211,13 +211,8 @@ impl TopologyConfig {
         let (fec_n, n_at) = get(&top.fec_n, cfg.fec_n);
         let (c, c_at) = get(&top.mesh_c, cfg.mesh_c);
         let (mesh_max, _) = get(&top.mesh_max, cfg.mesh_max);
-        let (shortcuts, shortcuts_at) = get(&top.origin_shortcuts, cfg.origin_shortcuts);
-        if shortcuts > mesh_max {
-            return Err(err(
-                shortcuts_at,
-                format!("origin_shortcuts = {shortcuts} must not exceed the tier (mesh_max = {mesh_max})"),
-            ));
-        }
+        // More shortcuts than the tier has nodes link the origin to all of them.
+        let (shortcuts, _) = get(&top.origin_shortcuts, cfg.origin_shortcuts);
         let check_fec = |k: u32, n: u32, at: usize| {
             protocol::fec::FecParams::new(k, n)
                 .map(|_| ())
@@ -496,9 +491,11 @@ region = "isp"
         let e = line("[topology]\nmesh_max = 3\nmesh_c = 3\n");
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("smaller than the tier"));
-        let e = line("[topology]\nmesh_max = 16\norigin_shortcuts = 17\n");
-        assert_eq!(e.line, 3, "{e}");
-        assert!(e.message.contains("origin_shortcuts"));
+        let e = line("[topology]\norigin_shortcuts = -1\n");
+        assert_eq!(e.line, 2, "{e}");
+        let cfg = TopologyConfig::from_toml("[topology]\norigin_shortcuts = 2\n").unwrap();
+        assert_eq!(cfg.origin_shortcuts, 2);
+        assert_eq!(TopologyConfig::default().origin_shortcuts, 8);
         let e = line("[topology]\n[[topology.region]]\nname = \"a\"\n[[topology.rule]]\ncidr = \"10.0.0.0/33\"\nregion = \"a\"\n");
         assert_eq!(e.line, 5, "{e}");
         let e = line("[topology]\n[[topology.region]]\nname = \"a\"\n[[topology.rule]]\ncidr = \"10.0.0.0/8\"\nnetwork = \"pigeon\"\nregion = \"a\"\n");
