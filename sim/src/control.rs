@@ -259,6 +259,15 @@ impl Control {
         self.dcm.stats()
     }
 
+    /// Pushes the origin makes per packet group: (full streams, data substreams, parity shards).
+    pub fn hierarchy_report(&self) -> Option<coordinator::topology::hierarchy::HierarchyReport> {
+        self.dcm.hierarchy_report()
+    }
+
+    pub fn origin_fed_counts(&self) -> (usize, usize, usize) {
+        self.dcm.origin_push_counts()
+    }
+
     pub fn peer_count(&self) -> usize {
         self.dcm.peer_count()
     }

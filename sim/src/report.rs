@@ -13,6 +13,14 @@ use crate::world::World;
 /// Percentiles of a sample: the same {p50, p95, max} in every benchmark's JSON.
 pub use protocol::report::Pct;
 
+/// How many peers the origin pushes to, by kind of push.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct OriginFed {
+    pub full: usize,
+    pub data: usize,
+    pub parity: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub run: RunConfig,
@@ -32,6 +40,14 @@ pub struct Report {
     pub bytes_played: u64,
     pub p2p_share_useful: f64,
     pub server_push_bytes: u64,
+    /// Of `server_push_bytes`, the bytes pushed over bridges (after congestion repairs).
+    pub server_bridge_bytes: u64,
+    /// Peers the origin feeds at the end of the run, by what it pushes them (`full` for mesh
+    /// neighbours, `data` and `parity` substreams of tree roots).
+    pub origin_fed_at_end: OriginFed,
+    /// The coordinator's summary of the hierarchy at the end of the run (hierarchy runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hierarchy: Option<coordinator::topology::hierarchy::HierarchyReport>,
     pub server_fallback_bytes: u64,
     pub origin_fallbacks: u64,
     /// Of those, by the tier the peer was in at the end (`flat` on a flat channel; departed
@@ -60,6 +76,11 @@ pub struct Report {
     pub origin_egress_peak_copies: f64,
     /// Origin egress in each simulated second, in streams' worth.
     pub origin_egress_copies_per_s: Vec<f64>,
+    /// Of that, fallback fetches, and bridges after moves (the second a step behind).
+    pub origin_fallback_copies_per_s: Vec<f64>,
+    pub origin_bridge_copies_per_s: Vec<f64>,
+    /// Fallback fetches per second by the fetching peer's tier at the time.
+    pub origin_fallback_copies_per_s_by_tier: BTreeMap<String, Vec<f64>>,
     pub links_opened: u64,
     pub link_failures: u64,
     pub link_setup_ms: Pct,
@@ -173,6 +194,12 @@ pub fn build(
             0.0
         },
         server_push_bytes: w.totals.origin_push_bytes,
+        server_bridge_bytes: w.control.stats().origin_bridge_bytes,
+        hierarchy: w.control.hierarchy_report(),
+        origin_fed_at_end: {
+            let (full, data, parity) = w.control.origin_fed_counts();
+            OriginFed { full, data, parity }
+        },
         server_fallback_bytes: w.totals.origin_fetch_bytes,
         origin_fallbacks: fallbacks,
         origin_fallbacks_by_tier: by_tier,
@@ -206,6 +233,30 @@ pub fn build(
             .egress_per_s
             .iter()
             .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+            .collect(),
+        origin_fallback_copies_per_s: w
+            .totals
+            .fallback_per_s
+            .iter()
+            .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+            .collect(),
+        origin_fallback_copies_per_s_by_tier: w
+            .totals
+            .fallback_by_tier_per_s
+            .iter()
+            .map(|(tier, v)| {
+                let per_s = v
+                    .iter()
+                    .map(|b| (*b as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
+                    .collect();
+                (tier.clone(), per_s)
+            })
+            .collect(),
+        origin_bridge_copies_per_s: w
+            .totals
+            .bridge_total_at_s
+            .windows(2)
+            .map(|b| ((b[1] - b[0]) as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
             .collect(),
         links_opened: w.totals.links_opened,
         link_failures: w.totals.link_failures,

@@ -49,6 +49,9 @@ impl World {
         let s = (self.q.now() / 1_000_000) as usize;
         if self.totals.egress_per_s.len() <= s {
             self.totals.egress_per_s.resize(s + 1, 0);
+            self.totals.fallback_per_s.resize(s + 1, 0);
+            let bridged = self.control.stats().origin_bridge_bytes;
+            self.totals.bridge_total_at_s.resize(s + 1, bridged);
         }
         self.totals.egress_per_s[s] += bytes as u64;
     }
@@ -141,6 +144,18 @@ impl World {
         if let FetchReply::Packet(b) = &reply {
             self.totals.origin_fetch_bytes += b.len() as u64;
             self.count_egress(b.len());
+            let s = (self.q.now() / 1_000_000) as usize;
+            self.totals.fallback_per_s[s] += b.len() as u64;
+            let tier = self.peers[i as usize]
+                .engine
+                .as_ref()
+                .and_then(|e| e.tier())
+                .map_or_else(|| "flat".to_string(), |t| format!("{t:?}").to_lowercase());
+            let per_s = self.totals.fallback_by_tier_per_s.entry(tier).or_default();
+            if per_s.len() <= s {
+                per_s.resize(s + 1, 0);
+            }
+            per_s[s] += b.len() as u64;
         }
         let p = &self.peers[i as usize];
         let one_way = self.cfg.net.server_ms(&p.net);

@@ -86,6 +86,11 @@ pub struct Totals {
     pub origin_fetch_bytes: u64,
     /// Origin egress per simulated second.
     pub egress_per_s: Vec<u64>,
+    /// Of that, fallback fetches' bytes, and the coordinator's bridge bytes (cumulative, taken
+    /// at the first egress of each second).
+    pub fallback_per_s: Vec<u64>,
+    pub fallback_by_tier_per_s: std::collections::BTreeMap<String, Vec<u64>>,
+    pub bridge_total_at_s: Vec<u64>,
     pub repairs_ms: Vec<f64>,
     pub links_opened: u64,
     pub link_failures: u64,

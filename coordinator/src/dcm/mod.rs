@@ -291,6 +291,25 @@ impl Dcm {
         self.peers.len()
     }
 
+    /// The origin's pushes under the current plans: (full streams, data substreams, parity
+    /// shards), bridges not included.
+    pub fn origin_push_counts(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for push in self.origin_fed.values().flatten() {
+            match push {
+                Push::Full => counts.0 += 1,
+                Push::Data { .. } => counts.1 += 1,
+                Push::Parity { .. } => counts.2 += 1,
+            }
+        }
+        counts
+    }
+
+    /// The hierarchy's summary (tiers, depths, root feeds); `None` for a flat channel.
+    pub fn hierarchy_report(&self) -> Option<crate::topology::hierarchy::HierarchyReport> {
+        self.planner.hierarchy_report()
+    }
+
     pub fn stats(&self) -> DcmStats {
         DcmStats {
             heartbeats_refused: self.plausible.refused,

@@ -92,6 +92,14 @@ pub enum Planner {
 }
 
 impl Planner {
+    /// The hierarchy's summary ([`Hierarchy::report`]); `None` for a flat channel.
+    pub fn hierarchy_report(&self) -> Option<HierarchyReport> {
+        match self {
+            Planner::Tiered(t) => Some(t.h.report()),
+            Planner::Flat(_) => None,
+        }
+    }
+
     pub fn flat(cfg: MultiTreeConfig) -> Self {
         Planner::Flat(MultiTree::new(cfg))
     }
@@ -110,6 +118,7 @@ impl Planner {
             mesh: MeshConfig {
                 c: topo.mesh_c,
                 stream_kbps,
+                origin_shortcuts: topo.origin_shortcuts,
                 ..MeshConfig::default()
             },
             fec_n: topo.fec_n,

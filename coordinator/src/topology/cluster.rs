@@ -12,7 +12,8 @@
 //!   rate when at least `k` of its `k + n` substreams are fed within capacity.
 //! * **Bottom** clusters run the plain multi-tree of `k` substreams.
 
-use std::collections::BTreeMap;
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::{Connectivity, PeerId};
 use serde::Serialize;
@@ -63,6 +64,9 @@ impl ClusterKind {
 pub struct Feeder {
     pub node: MeshNodeOrPeer,
     pub slots: u32,
+    /// The feeder's NAT class when it is a peer that cannot pair with everyone; `None` for an
+    /// open peer, an unknown one, or a server.
+    pub nat: Option<Connectivity>,
 }
 
 /// A feeder is a tier-above peer, or a server (origin, waypoint) of the mesh.
@@ -85,6 +89,12 @@ pub struct Cluster {
     /// The NAT class of members that cannot pair with everyone: the trees link only pairs
     /// that connect, also when members move between clusters.
     nat: BTreeMap<PeerId, Connectivity>,
+    /// The feeder of each root, per tree; a root not listed is fed by the origin. Kept across
+    /// changes ([`Cluster::sync_roots`]): a root keeps its feeder while both stay and the
+    /// feeder's share of that tree's slots holds, so one root coming or going moves no other.
+    assigned: Vec<FxHashMap<PeerId, MeshNodeOrPeer>>,
+    /// Each tree's origin epoch when `assigned` was last brought up to date.
+    synced: Vec<u64>,
 }
 
 impl Cluster {
@@ -108,14 +118,19 @@ impl Cluster {
             origin_fanout: 0,
             max_fanout,
         };
+        let mut tree = MultiTree::new(cfg);
+        // A bottom cluster's "origin" is its feeders, middle nodes with upload to spare.
+        tree.set_prefer_origin(matches!(kind, ClusterKind::Bottom { .. }));
         Cluster {
             id,
             region,
             kind,
-            tree: MultiTree::new(cfg),
+            tree,
             feeders: Vec::new(),
             uploads: BTreeMap::new(),
             nat: BTreeMap::new(),
+            assigned: vec![FxHashMap::default(); trees as usize],
+            synced: vec![u64::MAX; trees as usize],
         }
     }
 
@@ -130,9 +145,8 @@ impl Cluster {
         if !self.contains(peer) {
             return Changes::default();
         }
-        let before = self.origin_epochs();
         let mut ch = self.tree.set_connectivity(peer, conn);
-        self.name_root_changes(&before, &mut ch);
+        ch.affected.extend(self.sync_roots(true));
         ch
     }
 
@@ -202,17 +216,24 @@ impl Cluster {
         i64::from(self.tree.config().fanout_for(upload_kbps)) - i64::from(self.kind.trees())
     }
 
+    /// Adds a member; the changes name the peers whose links in the trees changed, not the
+    /// roots whose feeders changed ([`Cluster::join_fed`] does).
     pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
         self.uploads.insert(peer, upload_kbps);
         self.tree
             .set_connectivity(peer, self.nat.get(&peer).copied());
-        self.tree.join(peer, upload_kbps)
+        let ch = self.tree.join(peer, upload_kbps);
+        self.sync_roots(false);
+        ch
     }
 
+    /// Removes a member (see [`Cluster::join`] for what the changes name).
     pub fn leave(&mut self, peer: PeerId) -> Changes {
         self.uploads.remove(&peer);
         self.nat.remove(&peer);
-        self.tree.leave(peer)
+        let ch = self.tree.leave(peer);
+        self.sync_roots(false);
+        ch
     }
 
     /// Adds many members at once: an empty cluster's trees are laid out in one pass
@@ -222,13 +243,16 @@ impl Cluster {
             let slots: Vec<u32> = (0..self.kind.trees())
                 .map(|t| self.tree.origin_slots(t as usize))
                 .collect();
+            let prefer = matches!(self.kind, ClusterKind::Bottom { .. });
             self.tree = MultiTree::build(*self.tree.config(), members);
+            self.tree.set_prefer_origin(prefer);
             self.tree.set_origin_fanouts(&slots);
             self.uploads.extend(members.iter().copied());
             // The bulk layout does not know classes: links they cannot hold move now.
             for (p, c) in &self.nat {
                 self.tree.set_connectivity(*p, Some(*c));
             }
+            self.sync_roots(true);
             return;
         }
         let mut order = members.to_vec();
@@ -238,58 +262,33 @@ impl Cluster {
         }
     }
 
-    /// Like [`Cluster::join`], also naming the roots and feeders whose root feeds may have
-    /// changed: in each tree whose set of roots changed, every root and its feeder (roots are
-    /// dealt to feeders in order, so one new root can shift the others). Trees whose roots did
-    /// not change cost nothing: O(k log n) in the common case.
+    /// Like [`Cluster::join`], also naming the roots whose feeder changed and those feeders.
+    /// Trees whose roots did not change cost nothing: O(k log n) in the common case.
     pub fn join_fed(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
-        let before = self.origin_epochs();
-        let mut ch = self.join(peer, upload_kbps);
-        self.name_root_changes(&before, &mut ch);
+        self.uploads.insert(peer, upload_kbps);
+        self.tree
+            .set_connectivity(peer, self.nat.get(&peer).copied());
+        let mut ch = self.tree.join(peer, upload_kbps);
+        ch.affected.extend(self.sync_roots(false));
         ch
     }
 
     /// Two members that cannot connect ([`MultiTree::block`]), naming the roots and feeders as
     /// [`Cluster::join_fed`] does.
     pub fn block_fed(&mut self, a: PeerId, b: PeerId) -> Changes {
-        let before = self.origin_epochs();
         let mut ch = self.tree.block(a, b);
-        self.name_root_changes(&before, &mut ch);
+        ch.affected.extend(self.sync_roots(false));
         ch
     }
 
     /// Like [`Cluster::leave`], naming the roots and feeders as [`Cluster::join_fed`] does.
     pub fn leave_fed(&mut self, peer: PeerId) -> Changes {
-        let before = self.origin_epochs();
-        let mut ch = self.leave(peer);
-        self.name_root_changes(&before, &mut ch);
+        self.uploads.remove(&peer);
+        self.nat.remove(&peer);
+        let mut ch = self.tree.leave(peer);
+        ch.affected.extend(self.sync_roots(false));
         ch.affected.remove(&peer);
         ch
-    }
-
-    fn origin_epochs(&self) -> Vec<u64> {
-        (0..self.kind.trees())
-            .map(|t| self.tree.origin_epoch(t))
-            .collect()
-    }
-
-    /// Names every root and every feeder peer of the trees whose roots changed (a feeder may
-    /// have lost its last root there, so the feeders are named whether they feed one now).
-    fn name_root_changes(&self, before: &[u64], ch: &mut Changes) {
-        let mut any = false;
-        for (t, e) in before.iter().enumerate() {
-            if self.tree.origin_epoch(t as u32) != *e {
-                any = true;
-                ch.affected.extend(self.tree.roots(t as u32));
-            }
-        }
-        if any {
-            ch.affected
-                .extend(self.feeders.iter().filter_map(|f| match f.node {
-                    MeshNodeOrPeer::Peer(p) => Some(p),
-                    MeshNodeOrPeer::Server(_) => None,
-                }));
-        }
     }
 
     /// Replaces the feeders; returns the peers whose sources or children changed: the old and
@@ -308,6 +307,7 @@ impl Cluster {
         }
         self.feeders = feeders;
         self.apply_root_slots();
+        self.sync_roots(true);
         aff.affected.extend(self.all_roots());
         aff
     }
@@ -315,9 +315,6 @@ impl Cluster {
     /// Like [`Cluster::set_feeders`] when only some feeders changed: returns the feeders that
     /// changed and the roots whose source changed, not every root.
     pub fn update_feeders(&mut self, feeders: Vec<Feeder>) -> Changes {
-        let trees = self.kind.trees();
-        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
-            (0..trees).map(|t| self.root_sources(t)).collect();
         let mut aff = Changes::default();
         for f in &self.feeders {
             if !feeders.contains(f) {
@@ -335,20 +332,7 @@ impl Cluster {
         }
         self.feeders = feeders;
         self.apply_root_slots();
-        for (t, old) in before.iter().enumerate() {
-            let new = self.root_sources(t as u32);
-            if &new == old {
-                continue;
-            }
-            for (r, f) in old.iter().chain(&new) {
-                if !(old.contains(&(*r, *f)) && new.contains(&(*r, *f))) {
-                    aff.affected.insert(*r);
-                    if let MeshNodeOrPeer::Peer(p) = f {
-                        aff.affected.insert(*p);
-                    }
-                }
-            }
-        }
+        aff.affected.extend(self.sync_roots(true));
         aff
     }
 
@@ -365,55 +349,173 @@ impl Cluster {
             .collect()
     }
 
-    /// Which feeder feeds each root of tree `t`, in slot order; roots beyond the slots are fed
-    /// by the origin (fallback). Feeders' slots are dealt over the trees (see
-    /// [`Cluster::set_feeders`]).
+    /// Which feeder feeds each root of tree `t`, in root order; roots beyond the feeders'
+    /// slots are fed by the origin (fallback). See [`Cluster::sync_roots`] for how roots and
+    /// feeders are matched.
     pub fn root_sources(&self, t: u32) -> Vec<(PeerId, MeshNodeOrPeer)> {
-        self.root_sources_iter(t).collect()
+        let origin = MeshNodeOrPeer::Server(MeshNode::Origin);
+        let assigned = self.assigned.get(t as usize);
+        self.tree
+            .roots(t)
+            .map(|r| {
+                (
+                    r,
+                    assigned.and_then(|a| a.get(&r)).copied().unwrap_or(origin),
+                )
+            })
+            .collect()
     }
 
-    /// Which feeder feeds `root` in tree `t` ([`Cluster::root_sources`] without building the
-    /// whole list: a plan asks this once per origin-fed substream of every root it computes).
+    /// Which feeder feeds `root` in tree `t` (one entry of [`Cluster::root_sources`]); `None`
+    /// when `root` is not a root of that tree.
     pub fn root_source(&self, t: u32, root: PeerId) -> Option<MeshNodeOrPeer> {
-        self.root_sources_iter(t)
-            .find(|(r, _)| *r == root)
-            .map(|(_, f)| f)
+        if self.tree.depth(root, t) != Some(1) {
+            return None;
+        }
+        Some(
+            self.assigned
+                .get(t as usize)
+                .and_then(|a| a.get(&root))
+                .copied()
+                .unwrap_or(MeshNodeOrPeer::Server(MeshNode::Origin)),
+        )
     }
 
-    fn root_sources_iter(&self, t: u32) -> impl Iterator<Item = (PeerId, MeshNodeOrPeer)> + '_ {
+    /// Brings the matching of roots to feeders up to date after a change (every tree when
+    /// `all`, else the trees whose set of roots changed) and returns the peers whose feeds
+    /// changed: the roots and both their old and new feeders.
+    ///
+    /// Each feeder's slots are dealt over the trees in order, as one sequence of root feeds
+    /// (see [`Cluster::set_feeders`]); that is its quota in each tree. A root keeps its feeder
+    /// while both stay, the feeder's quota holds and they can pair. Roots without a feeder
+    /// then take one: first those behind symmetric NATs (or with UDP blocked), which reach
+    /// few of the peers that feed clusters, each from a feeder it can pair with (taking the
+    /// slot of an unrestricted root if need be), then the others, each from the feeder with the
+    /// most slots left in that tree. Roots left over are fed by the origin.
+    fn sync_roots(&mut self, all: bool) -> BTreeSet<PeerId> {
         let trees = self.kind.trees().max(1);
-        let mut start = 0;
-        let mut quota: Vec<(MeshNodeOrPeer, u32)> = Vec::with_capacity(self.feeders.len());
-        for f in &self.feeders {
-            quota.push((f.node, dealt(start, f.slots, t, trees)));
-            start += f.slots;
-        }
-        // Tree t starts with feeder t mod F: when feeders have more slots than roots to feed,
-        // the trees are spread over all of them instead of the first one feeding every tree, so
-        // a member does not depend on a single feeder (the middle tier is fed by ≥ 2 preferred
-        // nodes, and the code absorbs the loss of a feeder carrying ≤ n of a member's trees).
-        if !quota.is_empty() {
-            let r = t as usize % quota.len();
-            quota.rotate_left(r);
-        }
-        let mut next = 0;
-        self.tree.roots(t).map(move |r| {
-            // A root behind a symmetric NAT (or with UDP blocked) reaches few of the peers
-            // that feed clusters: the origin feeds it.
-            if self.reaches_few(r) {
-                return (r, MeshNodeOrPeer::Server(MeshNode::Origin));
+        self.assigned.resize(trees as usize, FxHashMap::default());
+        self.synced.resize(trees as usize, u64::MAX);
+        let mut aff = BTreeSet::new();
+        for t in 0..trees {
+            let epoch = self.tree.origin_epoch(t);
+            if !all && self.synced[t as usize] == epoch {
+                continue;
             }
-            while next < quota.len() && quota[next].1 == 0 {
-                next += 1;
+            self.synced[t as usize] = epoch;
+            // Quotas of this tree, and where each feeder is in the list.
+            let mut start = 0;
+            let mut left: Vec<u32> = Vec::with_capacity(self.feeders.len());
+            let mut index: FxHashMap<MeshNodeOrPeer, usize> = FxHashMap::default();
+            for (i, f) in self.feeders.iter().enumerate() {
+                left.push(dealt(start, f.slots, t, trees));
+                start += f.slots;
+                index.entry(f.node).or_insert(i);
             }
-            match quota.get_mut(next) {
-                Some(q) => {
-                    q.1 -= 1;
-                    (r, q.0)
+            let restricted = |r: &PeerId| self.nat.get(r).filter(|c| !c.reaches_most()).copied();
+            let fits = |class: Option<Connectivity>, f: &Feeder| match (class, f.node) {
+                (None, _) | (_, MeshNodeOrPeer::Server(_)) => true,
+                (Some(c), MeshNodeOrPeer::Peer(_)) => Connectivity::can_pair(Some(c), f.nat),
+            };
+            let old = std::mem::take(&mut self.assigned[t as usize]);
+            let mut new: FxHashMap<PeerId, MeshNodeOrPeer> = FxHashMap::default();
+            let mut unassigned: Vec<PeerId> = Vec::new();
+            let mut roots: Vec<PeerId> = self.tree.roots(t).collect();
+            roots.sort_unstable();
+            for r in &roots {
+                let kept = old.get(r).and_then(|f| index.get(f).map(|i| (*f, *i)));
+                match kept {
+                    Some((f, i)) if left[i] > 0 && fits(restricted(r), &self.feeders[i]) => {
+                        left[i] -= 1;
+                        new.insert(*r, f);
+                    }
+                    _ => unassigned.push(*r),
                 }
-                None => (r, MeshNodeOrPeer::Server(MeshNode::Origin)),
             }
-        })
+            let (few, mut others): (Vec<PeerId>, Vec<PeerId>) = unassigned
+                .into_iter()
+                .partition(|r| restricted(r).is_some());
+            for r in few {
+                let class = restricted(&r);
+                let best = (0..self.feeders.len())
+                    .filter(|i| left[*i] > 0 && fits(class, &self.feeders[*i]))
+                    .max_by_key(|i| (left[*i], std::cmp::Reverse(*i)));
+                if let Some(i) = best {
+                    left[i] -= 1;
+                    new.insert(r, self.feeders[i].node);
+                    continue;
+                }
+                // Take the slot of an unrestricted root at a feeder this one can pair with;
+                // that root looks for another feeder below.
+                let swap = roots.iter().copied().find(|o| {
+                    restricted(o).is_none()
+                        && new.get(o).is_some_and(|f| {
+                            index.get(f).is_some_and(|i| fits(class, &self.feeders[*i]))
+                        })
+                });
+                if let Some(o) = swap.and_then(|o| new.remove(&o).map(|f| (o, f))) {
+                    new.insert(r, o.1);
+                    others.push(o.0);
+                }
+            }
+            for r in others {
+                let best = (0..self.feeders.len())
+                    .filter(|i| left[*i] > 0)
+                    .max_by_key(|i| (left[*i], std::cmp::Reverse(*i)));
+                if let Some(i) = best {
+                    left[i] -= 1;
+                    new.insert(r, self.feeders[i].node);
+                }
+            }
+            // What changed: roots whose feeder differs, and both feeders.
+            for r in old.keys().chain(new.keys()).chain(&roots) {
+                let (a, b) = (old.get(r), new.get(r));
+                if a == b {
+                    continue;
+                }
+                aff.insert(*r);
+                for f in [a, b].into_iter().flatten() {
+                    if let MeshNodeOrPeer::Peer(p) = f {
+                        aff.insert(*p);
+                    }
+                }
+            }
+            self.assigned[t as usize] = new;
+        }
+        aff
+    }
+
+    /// Trees whose root slots are all taken: a joiner goes under a member there, not a feeder.
+    pub fn trees_without_free_root_slot(&self) -> u32 {
+        (0..self.kind.trees())
+            .filter(|t| {
+                self.tree.origin_children_count(*t) >= self.tree.origin_slots(*t as usize) as usize
+            })
+            .count() as u32
+    }
+
+    /// Roots, over all trees, that the origin feeds because no feeder has a slot left for them
+    /// (none when the server is one of the feeders): `(restricted, others)`, the first those
+    /// behind symmetric NATs that need an open feeder.
+    pub fn roots_fed_by_origin(&self) -> (u32, u32) {
+        let origin = MeshNodeOrPeer::Server(MeshNode::Origin);
+        let mut out = (0, 0);
+        if self.feeders.iter().any(|f| f.node == origin) {
+            return out;
+        }
+        for t in 0..self.kind.trees() {
+            for (r, f) in self.root_sources(t) {
+                if f != origin {
+                    continue;
+                }
+                if self.reaches_few(r) {
+                    out.0 += 1;
+                } else {
+                    out.1 += 1;
+                }
+            }
+        }
+        out
     }
 
     /// Whether member `peer`'s class cannot reach endpoint-independent NATs.
@@ -505,6 +607,7 @@ mod tests {
         Feeder {
             node: MeshNodeOrPeer::Peer(PeerId(p)),
             slots,
+            nat: None,
         }
     }
 
@@ -526,7 +629,7 @@ mod tests {
             for i in 0..members {
                 c.join(PeerId(i), 0);
             }
-            // A symmetric-NAT root among them: the origin feeds it, the feeders skip it.
+            // A symmetric-NAT root among them: only a feeder it can pair with feeds it.
             c.set_connectivity(
                 PeerId(1),
                 Some(Connectivity {
@@ -542,6 +645,121 @@ mod tests {
                 assert_eq!(c.root_source(t, PeerId(999)), None);
             }
         }
+    }
+
+    fn weak_cluster(k: u32, members: u64) -> Cluster {
+        let mut c = Cluster::new(
+            ClusterId(1),
+            Region::V4([10, 0]),
+            ClusterKind::Bottom { k },
+            1000,
+            4,
+        );
+        for i in 0..members {
+            c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
+        }
+        c
+    }
+
+    #[test]
+    fn a_root_coming_or_going_moves_no_other_root_to_another_feeder() {
+        let mut c = weak_cluster(2, 8);
+        c.set_feeders(vec![feeder(100, 6), feeder(101, 4), feeder(102, 2)]);
+        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
+            (0..2).map(|t| c.root_sources(t)).collect();
+        let ch = c.leave_fed(PeerId(3));
+        for t in 0..2u32 {
+            let gone = before[t as usize]
+                .iter()
+                .find(|(r, _)| *r == PeerId(3))
+                .unwrap()
+                .1;
+            for (r, f) in c.root_sources(t) {
+                let was = before[t as usize].iter().find(|(x, _)| *x == r).unwrap().1;
+                // Only a root the origin fed may take the slot the leaver freed.
+                if was != f {
+                    assert_eq!(was, MeshNodeOrPeer::Server(MeshNode::Origin), "{r}");
+                    assert_eq!(f, gone, "{r}");
+                    assert!(ch.affected.contains(&r));
+                }
+            }
+        }
+        let untouched = (0..8u64)
+            .filter(|i| *i != 3)
+            .filter(|i| !ch.affected.contains(&PeerId(*i)))
+            .count();
+        assert!(untouched >= 5, "{:?}", ch.affected);
+        // A newcomer is a root too; it takes a free slot or the origin, the others stay.
+        let before: Vec<Vec<(PeerId, MeshNodeOrPeer)>> =
+            (0..2).map(|t| c.root_sources(t)).collect();
+        c.join_fed(PeerId(50), 0);
+        for t in 0..2u32 {
+            for (r, f) in c
+                .root_sources(t)
+                .into_iter()
+                .filter(|(r, _)| *r != PeerId(50))
+            {
+                assert_eq!(
+                    Some(&(r, f)),
+                    before[t as usize].iter().find(|(x, _)| *x == r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_symmetric_nat_root_takes_the_slot_of_a_feeder_it_can_pair_with() {
+        use protocol::NatClass::*;
+        let mut c = weak_cluster(2, 4);
+        let eim = Connectivity {
+            class: EndpointIndependent,
+            turn: false,
+        };
+        // Per tree: 4 slots behind a NAT the symmetric root cannot reach, 1 open one.
+        c.set_feeders(vec![
+            Feeder {
+                nat: Some(eim),
+                ..feeder(100, 8)
+            },
+            feeder(101, 2),
+        ]);
+        for t in 0..2 {
+            assert!(c
+                .root_sources(t)
+                .iter()
+                .all(|(_, f)| *f != MeshNodeOrPeer::Server(MeshNode::Origin)));
+        }
+        // Member 2 turns out to be behind a symmetric NAT; the open slot is someone else's
+        // in at least one tree. It takes it, and the other root moves to the NATed feeder.
+        let ch = c.set_connectivity(
+            PeerId(2),
+            Some(Connectivity {
+                class: EndpointDependent,
+                turn: false,
+            }),
+        );
+        for t in 0..2 {
+            assert_eq!(
+                c.root_source(t, PeerId(2)),
+                Some(MeshNodeOrPeer::Peer(PeerId(101))),
+                "tree {t}"
+            );
+            assert!(c
+                .root_sources(t)
+                .iter()
+                .all(|(_, f)| *f != MeshNodeOrPeer::Server(MeshNode::Origin)));
+        }
+        assert!(ch.affected.contains(&PeerId(2)));
+        assert_eq!(c.roots_fed_by_origin(), (0, 0));
+        // A second symmetric root finds no open slot left: the origin feeds it.
+        c.set_connectivity(
+            PeerId(3),
+            Some(Connectivity {
+                class: EndpointDependent,
+                turn: false,
+            }),
+        );
+        assert_eq!(c.roots_fed_by_origin(), (2, 0));
     }
 
     #[test]

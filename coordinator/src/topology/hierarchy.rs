@@ -5,7 +5,14 @@
 //! * **Middle**: per region, one erasure-coded [`Cluster`] of high-capacity nodes, its roots fed by
 //!   the region's preferred nodes (≥ 2 when the region has them).
 //! * **Bottom**: per region, clusters of bounded size running the plain multi-tree, each fed by
-//!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders.
+//!   several middle nodes (`feeders_per_cluster`); a cluster in deficit attracts more feeders,
+//!   and so does one whose roots the origin feeds or whose trees have no root slot left, while
+//!   the region has middle nodes feeding nobody (`feed_from_idle`). A bottom cluster's trees
+//!   fill their feeders' slots before hanging a joiner under a member
+//!   ([`MultiTree::set_prefer_origin`](super::MultiTree::set_prefer_origin)): the middle tier
+//!   has upload to spare, the bottom members have little, and every hop over a weak uplink
+//!   delays a whole fragment. Roots keep their feeder across changes
+//!   ([`Cluster::root_sources`]), so one root coming or going moves no other root.
 //!   Clusters split above `cluster_max` and merge below `cluster_min`.
 //!
 //! A whole channel is placed at once by [`Hierarchy::build`] (the `build` submodule): tiers and
@@ -41,6 +48,10 @@ use super::mesh::{History, Mesh, MeshConfig, MeshNode};
 use super::multitree::Changes;
 use super::region::Region;
 pub use super::region::RegionSettings;
+
+/// Idle middle nodes handed to one bottom cluster per change at most (see
+/// `Hierarchy::feed_from_idle`), which bounds the work of one join.
+const IDLE_FEEDERS_PER_CHANGE: usize = 4;
 
 /// The feeder of each root of a cluster's tree, worked out once per batch of plans.
 type RootFeeders = FxHashMap<(ClusterId, u32), FxHashMap<PeerId, MeshNodeOrPeer>>;
@@ -174,6 +185,13 @@ pub struct HierarchyReport {
     /// Upload the plans use / effective upload of all peers.
     pub upload_used_kbps: u64,
     pub upload_total_kbps: u64,
+    /// Root feeds (a root in one tree) the middle tier's peers give the bottom clusters, and
+    /// those the origin gives because no feeder had a slot left, in bottom and middle clusters.
+    pub bottom_root_feeds_by_peers: u64,
+    pub bottom_roots_fed_by_origin: u64,
+    pub middle_roots_fed_by_origin: u64,
+    /// Middle nodes feeding no bottom cluster.
+    pub idle_middle: usize,
 }
 
 /// A channel's hierarchy.
@@ -364,13 +382,22 @@ impl Hierarchy {
             let (region, upload, relay) = (info.region, info.upload, info.relay);
             return self.join_as(peer, region, upload, relay);
         }
-        let Some(cid) = self.cluster_of(peer) else {
-            return Changes::default();
-        };
-        self.clusters
-            .get_mut(&cid)
-            .map(|c| c.set_connectivity(peer, conn))
-            .unwrap_or_default()
+        // The clusters it feeds match their restricted roots to feeders by class.
+        let (tier, region) = (info.tier, info.region);
+        let fed: Vec<ClusterId> = info.feeds.iter().map(|f| f.0).collect();
+        let mut aff = Changes::default();
+        for f in fed {
+            self.refresh_bottom_feeders(f, &mut aff);
+        }
+        if tier == Tier::Preferred {
+            self.refresh_middle_feeders(region, &mut aff);
+        }
+        if let Some(cid) = self.cluster_of(peer) {
+            if let Some(c) = self.clusters.get_mut(&cid) {
+                aff.affected.extend(c.set_connectivity(peer, conn).affected);
+            }
+        }
+        aff
     }
 
     /// Removes a peer; unknown peers change nothing.
@@ -777,6 +804,14 @@ impl Hierarchy {
                 if let Some(rs) = self.regions.get_mut(&region) {
                     rs.idle_middle.insert(peer);
                 }
+                let bottom: Vec<ClusterId> = self
+                    .regions
+                    .get(&region)
+                    .map(|r| r.bottom.iter().copied().collect())
+                    .unwrap_or_default();
+                for cid in bottom {
+                    self.feed_from_idle(cid, aff);
+                }
             }
         }
     }
@@ -837,6 +872,11 @@ impl Hierarchy {
         self.clusters.get(&cid).map(|c| c.region)
     }
 
+    /// A feeder's NAT class, when it restricts whom the feeder can pair with.
+    fn feeder_nat(&self, peer: PeerId) -> Option<Connectivity> {
+        self.nat.get(&peer).copied().filter(|c| c.is_restrictive())
+    }
+
     /// Root feeds `peer` gives cluster `cid`.
     fn feed_slots(&self, peer: PeerId, cid: ClusterId) -> u32 {
         self.peers
@@ -866,6 +906,67 @@ impl Hierarchy {
             .is_some_and(|c| c.len() > self.cfg.cluster_max)
         {
             self.split(cid, aff);
+        }
+        if let Some(now_in) = self.peers.get(&peer).and_then(|i| i.cluster) {
+            self.feed_from_idle(now_in, aff);
+        }
+    }
+
+    /// Hands bottom cluster `cid` idle middle nodes of its region while the origin feeds roots
+    /// that one of them could take (any idle node for ordinary roots, an open one for roots
+    /// behind symmetric NATs, which reach only open peers), or while a tree has no root slot
+    /// left, so that the next joiner would hang under a member. The middle tier's spare upload
+    /// otherwise stays unused while the origin carries those roots or the bottom trees deepen
+    /// over the members' weaker uplinks.
+    fn feed_from_idle(&mut self, cid: ClusterId, aff: &mut Changes) {
+        let Some(region) = self.region_of_cluster(cid) else {
+            return;
+        };
+        let need = |h: &Self| match h.clusters.get(&cid) {
+            Some(c) if matches!(c.kind, ClusterKind::Bottom { .. }) => {
+                let (restricted, others) = c.roots_fed_by_origin();
+                (restricted, others, c.trees_without_free_root_slot())
+            }
+            _ => (0, 0, 0),
+        };
+        let mut before = need(self);
+        for _ in 0..IDLE_FEEDERS_PER_CHANGE {
+            let (restricted, others, full) = before;
+            if restricted == 0 && others == 0 && full == 0 {
+                return;
+            }
+            let Some(rs) = self.regions.get(&region) else {
+                return;
+            };
+            let open = |m: &&PeerId| self.feeder_nat(**m).is_none();
+            let pick = if restricted > 0 {
+                rs.idle_middle.iter().find(open)
+            } else {
+                None
+            }
+            .or_else(|| {
+                // Ordinary roots: a restricted idle node first, to keep open ones for the roots
+                // that need them.
+                (others > 0 || full > 0).then(|| {
+                    rs.idle_middle
+                        .iter()
+                        .find(|m| !open(m))
+                        .or_else(|| rs.idle_middle.first())
+                })?
+            })
+            .copied();
+            let Some(m) = pick else {
+                return;
+            };
+            self.assign_feeder(m, cid);
+            self.refresh_bottom_feeders(cid, aff);
+            aff.affected.insert(m);
+            let now = need(self);
+            if now.0 + now.1 >= restricted + others && now.2 >= full {
+                // The node had nothing to give these roots: leave the rest to the origin.
+                return;
+            }
+            before = now;
         }
     }
 
@@ -1068,12 +1169,14 @@ impl Hierarchy {
             .map(|p| Feeder {
                 node: MeshNodeOrPeer::Peer(*p),
                 slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+                nat: self.feeder_nat(*p),
             })
             .collect();
         if feeders.iter().all(|f| f.slots < trees) {
             feeders.push(Feeder {
                 node: MeshNodeOrPeer::Server(self.server_of(region)),
                 slots: self.cfg.server_slots * trees,
+                nat: None,
             });
         }
         let mid = rs.middle;
@@ -1105,6 +1208,7 @@ impl Hierarchy {
             .map(|p| Feeder {
                 node: MeshNodeOrPeer::Peer(*p),
                 slots: self.feed_slots(*p, cid),
+                nat: self.feeder_nat(*p),
             })
             .collect();
         if feeders.is_empty() {
@@ -1114,12 +1218,14 @@ impl Hierarchy {
                 feeders.extend(rs.preferred.iter().map(|p| Feeder {
                     node: MeshNodeOrPeer::Peer(*p),
                     slots: self.preferred_slots(self.peers.get(p).map_or(0, |i| i.upload)),
+                    nat: self.feeder_nat(*p),
                 }));
             }
             if feeders.iter().map(|f| f.slots).sum::<u32>() < self.cfg.k {
                 feeders.push(Feeder {
                     node: MeshNodeOrPeer::Server(self.server_of(region)),
                     slots: self.cfg.server_slots * self.cfg.k,
+                    nat: None,
                 });
             }
         }
@@ -1356,6 +1462,16 @@ impl Hierarchy {
             for t in 0..c.kind.trees() {
                 for (_, f) in c.root_sources(t) {
                     *feeds_used.entry(f).or_insert(0) += 1;
+                    match (bottom, f) {
+                        (true, MeshNodeOrPeer::Peer(_)) => r.bottom_root_feeds_by_peers += 1,
+                        (true, MeshNodeOrPeer::Server(MeshNode::Origin)) => {
+                            r.bottom_roots_fed_by_origin += 1
+                        }
+                        (false, MeshNodeOrPeer::Server(MeshNode::Origin)) => {
+                            r.middle_roots_fed_by_origin += 1
+                        }
+                        _ => {}
+                    }
                 }
             }
             for (p, _) in c.members() {
@@ -1389,6 +1505,7 @@ impl Hierarchy {
             .filter(|n| matches!(n, MeshNode::Waypoint(_)))
             .count();
         r.full_rate = self.peers.len() - starved.len();
+        r.idle_middle = self.regions.values().map(|rs| rs.idle_middle.len()).sum();
         r
     }
 

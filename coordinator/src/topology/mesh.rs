@@ -65,6 +65,12 @@ pub struct MeshConfig {
     /// A challenger replaces an incumbent preferred node only when its score beats the
     /// incumbent's by this many percent, so the tier does not flap on noisy measurements.
     pub hysteresis_percent: u32,
+    /// Members the origin feeds directly, spread evenly around the ring, besides its ring
+    /// neighbours (0: ring links only). On a ring every member is about `m / 2c` hops from the
+    /// origin, and each hop crosses regions and serializes the whole stream: with ten regions
+    /// the far side of the ring got packets too late for the tiers below it. Each shortcut
+    /// costs the origin one stream.
+    pub origin_shortcuts: u32,
 }
 
 impl Default for MeshConfig {
@@ -74,6 +80,7 @@ impl Default for MeshConfig {
             stream_kbps: 1000,
             per_region: 2,
             hysteresis_percent: 25,
+            origin_shortcuts: 8,
         }
     }
 }
@@ -197,6 +204,7 @@ impl Mesh {
             v.dedup();
             adj.insert(*node, v);
         }
+        self.add_origin_shortcuts(&mut adj);
         let changed = adj
             .iter()
             .filter(|(n, v)| self.adj.get(n) != Some(v))
@@ -205,6 +213,39 @@ impl Mesh {
             .collect();
         self.adj = adj;
         changed
+    }
+}
+
+impl Mesh {
+    /// Links the origin to `origin_shortcuts` members spread evenly around the ring (see
+    /// [`MeshConfig::origin_shortcuts`]); members next to it already are not counted twice.
+    fn add_origin_shortcuts(&self, adj: &mut BTreeMap<MeshNode, Vec<MeshNode>>) {
+        let m = self.ring.len();
+        let Ok(at) = self.ring.binary_search(&MeshNode::Origin) else {
+            return;
+        };
+        let s = self.cfg.origin_shortcuts as usize;
+        if s == 0 || m <= 2 {
+            return;
+        }
+        for j in 1..=s {
+            // Offsets j·m/(s+1) from the origin: evenly between its ring neighbours' reach.
+            let off = j * m / (s + 1);
+            if off == 0 || off >= m {
+                continue;
+            }
+            let node = self.ring[(at + off) % m];
+            if node == MeshNode::Origin {
+                continue;
+            }
+            for (a, b) in [(MeshNode::Origin, node), (node, MeshNode::Origin)] {
+                if let Some(v) = adj.get_mut(&a) {
+                    if let Err(i) = v.binary_search(&b) {
+                        v.insert(i, b);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -489,16 +530,18 @@ mod tests {
         let mut rng = Rng(11);
         let mut m = mesh(3, 120);
         for step in 0..200u64 {
-            // Churn: one leaves, one joins; only ring neighbours are re-linked.
+            // Churn: one leaves, one joins; only ring neighbours are re-linked, and the
+            // origin's shortcuts, which move with the ring's size.
+            let shortcuts = 2 * m.config().origin_shortcuts as usize;
             let members = m.members().to_vec();
             let victim = members[1 + rng.below(members.len() as u64 - 1) as usize];
             let changed = m.remove(victim);
             assert!(
-                changed.len() <= 2 * m.config().degree() as usize,
+                changed.len() <= 2 * m.config().degree() as usize + shortcuts,
                 "{changed:?}"
             );
             let changed = m.insert(MeshNode::Peer(PeerId(1000 + step)));
-            assert!(changed.len() <= 2 * m.config().degree() as usize + 1);
+            assert!(changed.len() <= 2 * m.config().degree() as usize + 1 + shortcuts);
             let members = m.members().to_vec();
             let removed: BTreeSet<MeshNode> = (0..2)
                 .map(|_| members[rng.below(members.len() as u64) as usize])
@@ -508,6 +551,43 @@ mod tests {
         assert!(is_c_connected(m.adjacency(), 3));
         assert!(is_c_connected(m.adjacency(), 4));
         assert!(!is_c_connected(m.adjacency(), 5));
+    }
+
+    #[test]
+    fn origin_shortcuts_bring_every_member_within_a_few_hops() {
+        let hops_from_origin = |m: &Mesh| {
+            let mut dist: BTreeMap<MeshNode, u32> = BTreeMap::from([(MeshNode::Origin, 0)]);
+            let mut q = VecDeque::from([MeshNode::Origin]);
+            while let Some(x) = q.pop_front() {
+                for y in m.neighbours(x) {
+                    if !dist.contains_key(y) {
+                        dist.insert(*y, dist[&x] + 1);
+                        q.push_back(*y);
+                    }
+                }
+            }
+            assert_eq!(dist.len(), m.len());
+            dist.values().copied().max().unwrap_or(0)
+        };
+        for (shortcuts, most) in [(0, u32::MAX), (8, 3)] {
+            let mut m = Mesh::new(MeshConfig {
+                c: 3,
+                origin_shortcuts: shortcuts,
+                ..MeshConfig::default()
+            });
+            m.insert(MeshNode::Origin);
+            for i in 0..80 {
+                m.insert(MeshNode::Peer(PeerId(i)));
+            }
+            let far = hops_from_origin(&m);
+            if shortcuts == 0 {
+                assert!(far >= 10, "a ring of 81 with 2 links each way: {far}");
+            } else {
+                assert!(far <= most, "{far} hops");
+                assert_eq!(m.neighbours(MeshNode::Origin).len(), 4 + 8);
+            }
+            assert!(is_c_connected(m.adjacency(), 3));
+        }
     }
 
     #[test]

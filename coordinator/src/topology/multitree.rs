@@ -173,6 +173,8 @@ pub struct MultiTree {
     /// The connectivity of peers that cannot pair with everyone (behind NATs, UDP blocked):
     /// two peers whose classes cannot connect are never linked ([`MultiTree::set_connectivity`]).
     nat: BTreeMap<PeerId, Connectivity>,
+    /// Joiners take a free origin slot before any peer's ([`MultiTree::set_prefer_origin`]).
+    prefer_origin: bool,
 }
 
 impl MultiTree {
@@ -188,7 +190,17 @@ impl MultiTree {
             origin_fanouts: Vec::new(),
             blocked: BTreeMap::new(),
             nat: BTreeMap::new(),
+            prefer_origin: false,
         }
+    }
+
+    /// Whether joiners take a free origin slot before a free slot under a peer. Off (the
+    /// default), the origin feeds as few peers as it can: the origin of a flat channel is the
+    /// server. On, for a cluster whose "origin" is its feeders (middle-tier peers with upload
+    /// to spare): every slot they offer is used before a member's own uplink, so the trees
+    /// are as shallow as the feeders allow and the weaker members forward less.
+    pub fn set_prefer_origin(&mut self, on: bool) {
+        self.prefer_origin = on;
     }
 
     pub fn config(&self) -> &MultiTreeConfig {
@@ -922,6 +934,10 @@ impl MultiTree {
         has_subtree: bool,
         aff: &mut BTreeSet<PeerId>,
     ) {
+        if self.prefer_origin && !has_subtree && self.origin_has_slot(t) {
+            self.attach(t, x, None, aff);
+            return;
+        }
         let free = self.first_valid(t, Index::Free, x, has_subtree);
         let leafy = self.first_valid(t, Index::WithLeaf, x, has_subtree);
         // A moved subtree keeps its depth best under a free origin slot: repairs use the
@@ -971,13 +987,22 @@ impl MultiTree {
     fn place_leaf(&mut self, t: usize, x: PeerId, aff: &mut BTreeSet<PeerId>) {
         // A leaf has no subtree, so any free slot is safe, even one inside a subtree that is
         // itself still being re-attached: its depth is renumbered when that subtree moves.
-        let parent = self.first_free_for(t, x);
+        let parent = if self.prefer_origin && self.origin_has_slot(t) {
+            None
+        } else {
+            self.first_free_for(t, x)
+        };
         self.attach(t, x, parent, aff);
     }
 
     /// Moves leaves the origin feeds under interior nodes with free slots.
     fn refill(&mut self, t: usize, aff: &mut BTreeSet<PeerId>) {
         loop {
+            if self.prefer_origin
+                && self.origin_children_count(t as u32) <= self.origin_slots(t) as usize
+            {
+                return;
+            }
             let Some((leaf, q)) = self.refill_pair(t) else {
                 return;
             };
@@ -1319,6 +1344,37 @@ mod tests {
     }
 
     use protocol::rng::XorShift as Rng;
+
+    #[test]
+    fn with_the_origin_preferred_joiners_fill_its_slots_before_any_peer_s() {
+        for prefer in [false, true] {
+            let mut m = MultiTree::new(cfg(2, 5, 8));
+            m.set_prefer_origin(prefer);
+            let mut rng = Rng::seeded(3);
+            for i in 1..=40u64 {
+                m.join(PeerId(i), [0, 500, 1000, 4000][rng.below(4) as usize]);
+                m.check_invariants().unwrap();
+            }
+            for i in (1..=40u64).step_by(6) {
+                m.leave(PeerId(i));
+                m.check_invariants().unwrap();
+            }
+            assert_everyone_fed(&m);
+            for t in 0..2u32 {
+                let fed = m.origin_children_count(t);
+                if prefer {
+                    // Every slot used, and the leaves the origin carries beyond its slots
+                    // moved under peers as before.
+                    assert_eq!(fed, 5, "tree {t}");
+                } else {
+                    assert!(
+                        fed < 5,
+                        "tree {t}: the origin feeds as few as it can ({fed})"
+                    );
+                }
+            }
+        }
+    }
 
     fn cfg(k: u32, origin_fanout: u32, max_fanout: u32) -> MultiTreeConfig {
         MultiTreeConfig {

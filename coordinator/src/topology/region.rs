@@ -96,6 +96,7 @@ struct Rule {
 /// fec_n = 2                # default parity shards of a middle tier
 /// mesh_c = 3               # connectivity of the top tier
 /// mesh_max = 64            # largest top tier (mesh_c must be smaller)
+/// origin_shortcuts = 8     # top-tier nodes the origin feeds beyond its ring neighbours
 /// allow_region_hint = false
 /// relays = ["relay-eu.example.net"]
 ///
@@ -115,6 +116,8 @@ pub struct TopologyConfig {
     pub fec_n: u32,
     pub mesh_c: u32,
     pub mesh_max: u32,
+    /// See [`MeshConfig::origin_shortcuts`](super::mesh::MeshConfig::origin_shortcuts).
+    pub origin_shortcuts: u32,
     pub allow_region_hint: bool,
     pub relays: Vec<String>,
     pub regions: Vec<RegionConfig>,
@@ -128,6 +131,7 @@ impl Default for TopologyConfig {
             fec_n: 2,
             mesh_c: 3,
             mesh_max: 64,
+            origin_shortcuts: super::mesh::MeshConfig::default().origin_shortcuts,
             allow_region_hint: false,
             relays: Vec::new(),
             regions: Vec::new(),
@@ -153,6 +157,7 @@ mod raw {
         pub fec_n: Option<Spanned<u32>>,
         pub mesh_c: Option<Spanned<u32>>,
         pub mesh_max: Option<Spanned<u32>>,
+        pub origin_shortcuts: Option<Spanned<u32>>,
         pub allow_region_hint: Option<bool>,
         #[serde(default)]
         pub relays: Vec<Spanned<String>>,
@@ -206,6 +211,8 @@ impl TopologyConfig {
         let (fec_n, n_at) = get(&top.fec_n, cfg.fec_n);
         let (c, c_at) = get(&top.mesh_c, cfg.mesh_c);
         let (mesh_max, _) = get(&top.mesh_max, cfg.mesh_max);
+        // More shortcuts than the tier has nodes link the origin to all of them.
+        let (shortcuts, _) = get(&top.origin_shortcuts, cfg.origin_shortcuts);
         let check_fec = |k: u32, n: u32, at: usize| {
             protocol::fec::FecParams::new(k, n)
                 .map(|_| ())
@@ -222,6 +229,7 @@ impl TopologyConfig {
         cfg.fec_n = fec_n;
         cfg.mesh_c = c;
         cfg.mesh_max = mesh_max;
+        cfg.origin_shortcuts = shortcuts;
         cfg.allow_region_hint = top.allow_region_hint.unwrap_or(false);
         for r in &top.relays {
             if cfg.relays.contains(r.get_ref()) {
@@ -483,6 +491,11 @@ region = "isp"
         let e = line("[topology]\nmesh_max = 3\nmesh_c = 3\n");
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("smaller than the tier"));
+        let e = line("[topology]\norigin_shortcuts = -1\n");
+        assert_eq!(e.line, 2, "{e}");
+        let cfg = TopologyConfig::from_toml("[topology]\norigin_shortcuts = 2\n").unwrap();
+        assert_eq!(cfg.origin_shortcuts, 2);
+        assert_eq!(TopologyConfig::default().origin_shortcuts, 8);
         let e = line("[topology]\n[[topology.region]]\nname = \"a\"\n[[topology.rule]]\ncidr = \"10.0.0.0/33\"\nregion = \"a\"\n");
         assert_eq!(e.line, 5, "{e}");
         let e = line("[topology]\n[[topology.region]]\nname = \"a\"\n[[topology.rule]]\ncidr = \"10.0.0.0/8\"\nnetwork = \"pigeon\"\nregion = \"a\"\n");

@@ -601,3 +601,71 @@ fn preferred_nodes_feed_the_bottom_clusters_no_middle_node_feeds() {
     assert!(roots_fed_by_server(&h) > 0);
     h.check_invariants().unwrap();
 }
+
+#[test]
+fn idle_middle_nodes_take_the_roots_the_origin_would_feed() {
+    use protocol::{Connectivity, NatClass::*};
+    let conn = |class| Some(Connectivity { class, turn: false });
+    let mut h = Hierarchy::new(HierarchyConfig {
+        cluster_max: 128,
+        ..small_cfg()
+    });
+    let r = region(0);
+    // Strong nodes behind endpoint-independent NATs, one of them open; then weak viewers (one
+    // unit each) behind NATs, every third a symmetric one: more of those than the open node
+    // has slots for.
+    for i in 1..=12u64 {
+        h.set_connectivity(
+            PeerId(i),
+            conn(if i == 12 { Open } else { EndpointIndependent }),
+        );
+        h.join(PeerId(i), r, 20_000, History::default());
+    }
+    for i in 100..160u64 {
+        let class = if i % 3 == 0 {
+            EndpointDependent
+        } else {
+            EndpointIndependent
+        };
+        h.set_connectivity(PeerId(i), conn(class));
+        h.join(PeerId(i), r, 300, History::default());
+    }
+    h.check_invariants().unwrap();
+    assert_all_fed(&h);
+    assert_eq!(h.peers[&PeerId(12)].tier, Tier::Middle);
+    let bottom = h.peers[&PeerId(100)].cluster.unwrap();
+    assert!(
+        h.clusters[&bottom].feeders().len() > h.cfg.feeders_per_cluster,
+        "idle middle nodes joined the feeders: {:?}",
+        h.clusters[&bottom].feeders()
+    );
+    // Every root the origin still feeds is one behind a symmetric NAT that the open node had
+    // no slot left for; the open node feeds symmetric-NAT roots and nothing else.
+    let mut open_feeds = 0;
+    for p in (100..160u64).map(PeerId) {
+        for l in h.plan(p).unwrap().receive {
+            match l.peer {
+                MeshNodeOrPeer::Server(_) => assert_eq!(p.0 % 3, 0, "{p} fed by the origin"),
+                MeshNodeOrPeer::Peer(q) if q.0 < 100 => {
+                    if p.0 % 3 == 0 {
+                        assert_eq!(q, PeerId(12), "{p} fed by {q}");
+                    }
+                    if q == PeerId(12) {
+                        open_feeds += 1;
+                    }
+                }
+                MeshNodeOrPeer::Peer(_) => {}
+            }
+        }
+    }
+    assert!(open_feeds > 0);
+    let edm_fed_by_open = (100..160u64)
+        .filter(|i| i % 3 == 0)
+        .flat_map(|i| h.plan(PeerId(i)).unwrap().receive)
+        .filter(|l| l.peer == MeshNodeOrPeer::Peer(PeerId(12)))
+        .count();
+    assert_eq!(
+        edm_fed_by_open, open_feeds,
+        "its slots go to the roots that need it"
+    );
+}
