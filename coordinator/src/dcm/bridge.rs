@@ -66,26 +66,12 @@ impl Bridges {
         self.open
     }
 
-    /// Whether moved leaves are bridged in a channel of `peers` peers: while the channel has
-    /// no more peers than bridges may be open, every move is; beyond, only a forwarder's. In
-    /// the simulator's 10 000-peer hierarchy, bridging every move cost the origin ~50 streams'
-    /// worth per second and saved fewer fallback bytes than that (docs/benchmarks.md).
-    pub fn bridges_leaves(&self, peers: usize) -> bool {
-        // With no bridges at all (`max` 0), every move counts as refused, as before.
-        self.max == 0 || peers <= self.max
-    }
-
     /// The child got new instructions. `before` says, per substream, whether the child had a
     /// source for it until now and which peer parent (`None` for the origin); `plan` is the new
     /// plan, of which only the data trees (`index < k`) are bridged: parity is redundancy, and a
     /// coded child rebuilds without it. Bridges whose substream no longer goes to their parent
     /// close; a substream newly given to a peer parent it did not have opens one. Returns the
     /// substreams newly bridged (the DCM primes each with its newest packet).
-    ///
-    /// With `leaves` false, only substreams the child forwards (it has children there) are
-    /// bridged: a leaf's gaps cost one fallback fetch each, only for what does not come in
-    /// time, while a bridge pushes every packet for about a second; an interior node's gaps
-    /// cost a fetch at every node below it. See [`Bridges::bridges_leaves`].
     pub fn replan(
         &mut self,
         child: PeerId,
@@ -93,7 +79,6 @@ impl Bridges {
         plan: &[SubstreamPlan],
         k: u32,
         now: u64,
-        leaves: bool,
     ) -> Vec<u32> {
         let parent_of = |sub: u32| plan.iter().find(|s| s.index == sub).map(|s| s.parent);
         let mut kept: Vec<Bridge> = self.by_child.remove(&child).unwrap_or_default();
@@ -101,10 +86,7 @@ impl Bridges {
         kept.retain(|b| b.until > now && parent_of(b.substream) == Some(peer(b.parent)));
         self.open -= had - kept.len();
         let mut new = Vec::new();
-        for s in plan
-            .iter()
-            .filter(|s| s.index < k && (leaves || !s.children.is_empty()))
-        {
+        for s in plan.iter().filter(|s| s.index < k) {
             let Source::Peer { id } = s.parent else {
                 continue;
             };
@@ -227,7 +209,6 @@ mod tests {
             &plan(&[peer(PeerId(3)), peer(PeerId(2)), peer(PeerId(4))]),
             4,
             1_000,
-            true,
         );
         assert_eq!(new, vec![0, 2]);
         assert_eq!(b.len(), 2);
@@ -253,7 +234,7 @@ mod tests {
         let child = PeerId(9);
         // A joiner had no source.
         assert!(b
-            .replan(child, &[], &plan(&[peer(PeerId(1))]), 4, 0, true)
+            .replan(child, &[], &plan(&[peer(PeerId(1))]), 4, 0)
             .is_empty());
         // Parity tree 4 (k = 4) is not bridged; data tree 0 is.
         let parents = [
@@ -264,21 +245,18 @@ mod tests {
             peer(PeerId(5)),
         ];
         let before: Vec<(u32, Option<PeerId>)> = (0..5).map(|i| (i, Some(PeerId(7)))).collect();
-        assert_eq!(
-            b.replan(child, &before, &plan(&parents), 4, 0, true),
-            vec![0]
-        );
+        assert_eq!(b.replan(child, &before, &plan(&parents), 4, 0), vec![0]);
         // Substream 0 moves again before 1 delivered: the bridge now waits for 6.
         let before: Vec<(u32, Option<PeerId>)> = vec![(0, Some(PeerId(1)))];
         assert_eq!(
-            b.replan(child, &before, &plan(&[peer(PeerId(6))]), 4, 10, true),
+            b.replan(child, &before, &plan(&[peer(PeerId(6))]), 4, 10),
             vec![0]
         );
         assert_eq!(b.of(child).next().map(|x| x.parent), Some(PeerId(6)));
         assert_eq!(b.len(), 1);
         // Handed to the origin: the origin's own push covers it, the bridge closes.
         assert!(b
-            .replan(child, &before, &plan(&[Source::Origin]), 4, 20, true)
+            .replan(child, &before, &plan(&[Source::Origin]), 4, 20)
             .is_empty());
         assert!(b.is_empty());
     }
@@ -288,34 +266,15 @@ mod tests {
         let mut b = Bridges::new(2);
         let before: Vec<(u32, Option<PeerId>)> = (0..4).map(|i| (i, None)).collect();
         let all = plan(&[peer(PeerId(1)); 4]);
-        assert_eq!(b.replan(PeerId(9), &before, &all, 4, 0, true).len(), 2);
+        assert_eq!(b.replan(PeerId(9), &before, &all, 4, 0).len(), 2);
         assert_eq!(b.refused, 2);
-        assert!(b.replan(PeerId(8), &before, &all, 4, 0, true).is_empty());
+        assert!(b.replan(PeerId(8), &before, &all, 4, 0).is_empty());
         b.remove(PeerId(9));
         assert!(b.is_empty());
-        assert_eq!(b.replan(PeerId(8), &before, &all, 4, 100, true).len(), 2);
+        assert_eq!(b.replan(PeerId(8), &before, &all, 4, 100).len(), 2);
         b.expire(100 + BRIDGE_MAX_MS - 1);
         assert_eq!(b.len(), 2);
         b.expire(100 + BRIDGE_MAX_MS);
         assert!(b.is_empty());
-    }
-
-    #[test]
-    fn a_large_channel_bridges_only_the_substreams_the_moved_peer_forwards() {
-        let mut b = Bridges::new(4);
-        assert!(b.bridges_leaves(4));
-        assert!(!b.bridges_leaves(5));
-        let child = PeerId(9);
-        let before: Vec<(u32, Option<PeerId>)> = (0..2).map(|i| (i, Some(PeerId(1)))).collect();
-        // Moved in both trees; it forwards tree 1 only.
-        let mut moved = plan(&[peer(PeerId(2)), peer(PeerId(3))]);
-        moved[1].children = vec![PeerId(20), PeerId(21)];
-        assert_eq!(b.replan(child, &before, &moved, 4, 0, false), vec![1]);
-        assert_eq!(
-            b.of(child).map(|x| x.substream).collect::<Vec<_>>(),
-            vec![1]
-        );
-        b.remove(child);
-        assert_eq!(b.replan(child, &before, &moved, 4, 0, true), vec![0, 1]);
     }
 }

@@ -37,10 +37,9 @@ impl Dcm {
                 }
             }
             let refused = self.bridges.refused;
-            let leaves = self.bridges.bridges_leaves(self.peers.len());
             let bridged = self
                 .bridges
-                .replan(peer, &before, &wire.substreams, self.k, now, leaves);
+                .replan(peer, &before, &wire.substreams, self.k, now);
             self.stats.bridges_refused += self.bridges.refused.saturating_sub(refused);
             let mut bridge_primes = Vec::new();
             if !bridged.is_empty() {
