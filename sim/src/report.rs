@@ -131,9 +131,7 @@ pub fn build(
     let mut by_tier: BTreeMap<String, u64> = BTreeMap::new();
     for p in w.peers.iter().filter(|p| p.alive) {
         if let Some(e) = &p.engine {
-            let tier = e
-                .tier()
-                .map_or_else(|| "flat".to_string(), |t| format!("{t:?}").to_lowercase());
+            let tier = tier_name(e.tier());
             *by_tier.entry(tier).or_insert(0) += e.counters.origin_fallbacks;
         }
     }
@@ -355,6 +353,11 @@ impl Report {
         );
         s
     }
+}
+
+/// How reports name a tier: `preferred`, `middle`, `bottom`, or `flat` on a flat channel.
+pub(crate) fn tier_name(tier: Option<protocol::TierName>) -> String {
+    tier.map_or_else(|| "flat".to_string(), |t| format!("{t:?}").to_lowercase())
 }
 
 #[cfg(test)]

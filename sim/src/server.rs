@@ -146,11 +146,12 @@ impl World {
             self.count_egress(b.len());
             let s = (self.q.now() / 1_000_000) as usize;
             self.totals.fallback_per_s[s] += b.len() as u64;
-            let tier = self.peers[i as usize]
-                .engine
-                .as_ref()
-                .and_then(|e| e.tier())
-                .map_or_else(|| "flat".to_string(), |t| format!("{t:?}").to_lowercase());
+            let tier = crate::report::tier_name(
+                self.peers[i as usize]
+                    .engine
+                    .as_ref()
+                    .and_then(|e| e.tier()),
+            );
             let per_s = self.totals.fallback_by_tier_per_s.entry(tier).or_default();
             if per_s.len() <= s {
                 per_s.resize(s + 1, 0);

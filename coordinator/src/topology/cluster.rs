@@ -219,21 +219,30 @@ impl Cluster {
     /// Adds a member; the changes name the peers whose links in the trees changed, not the
     /// roots whose feeders changed ([`Cluster::join_fed`] does).
     pub fn join(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
-        self.uploads.insert(peer, upload_kbps);
-        self.tree
-            .set_connectivity(peer, self.nat.get(&peer).copied());
-        let ch = self.tree.join(peer, upload_kbps);
-        self.sync_roots(false);
-        ch
+        self.join_synced(peer, upload_kbps).0
     }
 
     /// Removes a member (see [`Cluster::join`] for what the changes name).
     pub fn leave(&mut self, peer: PeerId) -> Changes {
+        self.leave_synced(peer).0
+    }
+
+    /// A join, then the roots' feeders brought up to date: the tree's changes, and the peers
+    /// whose root feeds changed ([`Cluster::sync_roots`]).
+    fn join_synced(&mut self, peer: PeerId, upload_kbps: u32) -> (Changes, BTreeSet<PeerId>) {
+        self.uploads.insert(peer, upload_kbps);
+        self.tree
+            .set_connectivity(peer, self.nat.get(&peer).copied());
+        let ch = self.tree.join(peer, upload_kbps);
+        (ch, self.sync_roots(false))
+    }
+
+    /// Like [`Cluster::join_synced`], for a departure.
+    fn leave_synced(&mut self, peer: PeerId) -> (Changes, BTreeSet<PeerId>) {
         self.uploads.remove(&peer);
         self.nat.remove(&peer);
         let ch = self.tree.leave(peer);
-        self.sync_roots(false);
-        ch
+        (ch, self.sync_roots(false))
     }
 
     /// Adds many members at once: an empty cluster's trees are laid out in one pass
@@ -265,11 +274,8 @@ impl Cluster {
     /// Like [`Cluster::join`], also naming the roots whose feeder changed and those feeders.
     /// Trees whose roots did not change cost nothing: O(k log n) in the common case.
     pub fn join_fed(&mut self, peer: PeerId, upload_kbps: u32) -> Changes {
-        self.uploads.insert(peer, upload_kbps);
-        self.tree
-            .set_connectivity(peer, self.nat.get(&peer).copied());
-        let mut ch = self.tree.join(peer, upload_kbps);
-        ch.affected.extend(self.sync_roots(false));
+        let (mut ch, fed) = self.join_synced(peer, upload_kbps);
+        ch.affected.extend(fed);
         ch
     }
 
@@ -283,10 +289,8 @@ impl Cluster {
 
     /// Like [`Cluster::leave`], naming the roots and feeders as [`Cluster::join_fed`] does.
     pub fn leave_fed(&mut self, peer: PeerId) -> Changes {
-        self.uploads.remove(&peer);
-        self.nat.remove(&peer);
-        let mut ch = self.tree.leave(peer);
-        ch.affected.extend(self.sync_roots(false));
+        let (mut ch, fed) = self.leave_synced(peer);
+        ch.affected.extend(fed);
         ch.affected.remove(&peer);
         ch
     }
@@ -611,6 +615,20 @@ mod tests {
         }
     }
 
+    fn weak_cluster(k: u32, members: u64) -> Cluster {
+        let mut c = Cluster::new(
+            ClusterId(1),
+            Region::V4([10, 0]),
+            ClusterKind::Bottom { k },
+            1000,
+            4,
+        );
+        for i in 0..members {
+            c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
+        }
+        c
+    }
+
     #[test]
     fn one_root_s_feeder_is_the_one_the_whole_list_gives() {
         for (members, feeders, k) in [
@@ -619,16 +637,7 @@ mod tests {
             (9, vec![feeder(100, 5), feeder(101, 1), feeder(102, 7)], 4),
             (5, vec![], 3),
         ] {
-            let mut c = Cluster::new(
-                ClusterId(1),
-                Region::V4([10, 0]),
-                ClusterKind::Bottom { k },
-                1000,
-                4,
-            );
-            for i in 0..members {
-                c.join(PeerId(i), 0);
-            }
+            let mut c = weak_cluster(k, members);
             // A symmetric-NAT root among them: only a feeder it can pair with feeds it.
             c.set_connectivity(
                 PeerId(1),
@@ -645,20 +654,6 @@ mod tests {
                 assert_eq!(c.root_source(t, PeerId(999)), None);
             }
         }
-    }
-
-    fn weak_cluster(k: u32, members: u64) -> Cluster {
-        let mut c = Cluster::new(
-            ClusterId(1),
-            Region::V4([10, 0]),
-            ClusterKind::Bottom { k },
-            1000,
-            4,
-        );
-        for i in 0..members {
-            c.join(PeerId(i), 0); // nobody forwards: every member is a root in every tree
-        }
-        c
     }
 
     #[test]
