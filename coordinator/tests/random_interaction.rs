@@ -222,6 +222,7 @@ impl World {
             origin_fallbacks: 0,
             upload_kbps: p.upload_kbps,
             send_backlog_ms: backlog_ms,
+            place: None,
         };
         self.dcm.handle(
             Event::Heartbeat {

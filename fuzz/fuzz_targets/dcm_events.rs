@@ -248,6 +248,7 @@ impl Driver {
             origin_fallbacks: u64::from(hb.counters[3]),
             upload_kbps: u32::from(hb.upload) * 50,
             send_backlog_ms: u32::from(hb.backlog),
+            place: None,
         };
         self.handle(Event::Heartbeat {
             peer,

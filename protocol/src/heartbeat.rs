@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{PeerId, Source};
+use crate::{PeerId, Source, TierName};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -33,6 +33,22 @@ pub struct Heartbeat {
     /// cannot keep up says so itself, before its children notice.
     #[serde(default)]
     pub send_backlog_ms: u32,
+    /// On a hierarchy: the place the peer's last instructions gave it. A DCM that takes the
+    /// channel over after its server failed rebuilds the tiers and clusters from these, and
+    /// re-instructs only the peers whose plan it changed (`None` on a flat channel, whose trees
+    /// the parents alone rebuild).
+    #[serde(default)]
+    pub place: Option<Place>,
+}
+
+/// Where a peer of a hierarchy stands, as its instructions say (see [`Heartbeat::place`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    pub tier: TierName,
+    /// The logical id of the DCM managing the peer's cluster (`None`: the top tier).
+    pub cluster: Option<u64>,
+    /// [`crate::plan_digest`] of the instructions the peer follows.
+    pub digest: u64,
 }
 
 /// What a child knows about one of its parents.
@@ -61,8 +77,8 @@ pub struct ChildLink {
 pub mod binary {
     use serde::{Deserialize, Serialize};
 
-    use super::{ChildLink, Heartbeat, ParentLink};
-    use crate::{PeerId, Source};
+    use super::{ChildLink, Heartbeat, ParentLink, Place};
+    use crate::{PeerId, Source, TierName};
 
     /// First byte of a binary client frame carrying a heartbeat (room for other kinds later).
     pub const TAG_HEARTBEAT: u8 = 1;
@@ -95,6 +111,25 @@ pub mod binary {
         counters: (u64, u64, u64, u64),
         upload_kbps: u32,
         send_backlog_ms: u32,
+        /// (tier: 0 preferred, 1 middle, 2 bottom; cluster; digest).
+        place: Option<(u8, Option<u64>, u64)>,
+    }
+
+    fn tier_code(t: TierName) -> u8 {
+        match t {
+            TierName::Preferred => 0,
+            TierName::Middle => 1,
+            TierName::Bottom => 2,
+        }
+    }
+
+    fn tier_of(code: u8) -> Option<TierName> {
+        match code {
+            0 => Some(TierName::Preferred),
+            1 => Some(TierName::Middle),
+            2 => Some(TierName::Bottom),
+            _ => None,
+        }
     }
 
     pub fn encode(hb: &Heartbeat) -> Vec<u8> {
@@ -127,6 +162,7 @@ pub mod binary {
             ),
             upload_kbps: hb.upload_kbps,
             send_backlog_ms: hb.send_backlog_ms,
+            place: hb.place.map(|p| (tier_code(p.tier), p.cluster, p.digest)),
         };
         let mut out = vec![TAG_HEARTBEAT];
         // Serializing plain integers and vectors into a Vec cannot fail.
@@ -171,6 +207,14 @@ pub mod binary {
             origin_fallbacks: w.counters.3,
             upload_kbps: w.upload_kbps,
             send_backlog_ms: w.send_backlog_ms,
+            // An unknown tier code reads as no place: the DCM re-places such a peer.
+            place: w.place.and_then(|(t, cluster, digest)| {
+                Some(Place {
+                    tier: tier_of(t)?,
+                    cluster,
+                    digest,
+                })
+            }),
         })
     }
 }
@@ -214,6 +258,11 @@ mod tests {
             origin_fallbacks: 17,
             upload_kbps: 2000,
             send_backlog_ms: 0,
+            place: Some(Place {
+                tier: TierName::Bottom,
+                cluster: Some(12),
+                digest: 0x0123_4567_89ab_cdef,
+            }),
         }
     }
 

@@ -21,6 +21,7 @@
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 
 pub mod control;
+pub mod digest;
 pub mod fec;
 pub mod file;
 pub mod hash;
@@ -35,8 +36,9 @@ pub use control::{
     ClientMsg, Connectivity, ErrorCode, FecSpec, Feed, NatClass, Resume, ServerMsg, Signal, Source,
     SubstreamPlan, TierName, TierPlan, PROTOCOL_VERSION,
 };
+pub use digest::plan_digest;
 pub use file::FileInfo;
-pub use heartbeat::{ChildLink, Heartbeat, ParentLink};
+pub use heartbeat::{ChildLink, Heartbeat, ParentLink, Place};
 pub use packet::{Packet, PacketError, PacketHeader};
 
 use serde::{Deserialize, Serialize};

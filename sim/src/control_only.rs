@@ -56,6 +56,7 @@ pub fn heartbeat(p: &mut SimPeer, origin: &SyntheticOrigin, now_ms: f64) -> Hear
         origin_fallbacks: 0,
         upload_kbps: p.net.declared_kbps,
         send_backlog_ms: 0,
+        place: None,
     }
 }
 

@@ -397,6 +397,7 @@ fn healthy_heartbeat(id: PeerId, k: u32, plan: &[SubstreamPlan]) -> Heartbeat {
         origin_fallbacks: 0,
         upload_kbps: 2000,
         send_backlog_ms: 0,
+        place: None,
     }
 }
 

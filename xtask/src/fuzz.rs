@@ -418,6 +418,7 @@ fn sample_heartbeat(k: u32, children: u64) -> Heartbeat {
         origin_fallbacks: 17,
         upload_kbps: 2000,
         send_backlog_ms: 15,
+        place: None,
     }
 }
 

@@ -265,6 +265,7 @@ mod tests {
             origin_fallbacks: 0,
             upload_kbps: 2_000,
             send_backlog_ms: 0,
+            place: None,
         }
     }
 

@@ -248,6 +248,7 @@ fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
         origin_fallbacks: 0,
         upload_kbps: 2000,
         send_backlog_ms: backlog,
+        place: None,
     };
     h.dcm.on_heartbeat(PeerId(relay), hb(1, 0, 0), now - 1000);
     assert_eq!(h.dcm.congestion_log.len(), 0);
@@ -587,6 +588,7 @@ fn heartbeat_from_plan(peer: PeerId, plan: &[SubstreamPlan], now: u64) -> Heartb
         origin_fallbacks: 0,
         upload_kbps: 2000,
         send_backlog_ms: 0,
+        place: None,
     }
 }
 

@@ -15,11 +15,11 @@
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::{Connectivity, PeerId};
+use protocol::{Connectivity, PeerId, Source};
 use serde::Serialize;
 
 use super::mesh::MeshNode;
-use super::multitree::{Changes, MultiTree, MultiTreeConfig};
+use super::multitree::{Changes, MultiTree, MultiTreeConfig, ObservedPeer};
 use super::region::Region;
 
 /// Logical id of a cluster: the id of the DCM that manages it.
@@ -269,6 +269,64 @@ impl Cluster {
         for (p, u) in order {
             self.join(p, u);
         }
+    }
+
+    /// Records a member about to be restored ([`Cluster::restore`]) without placing it.
+    pub fn reserve_member(&mut self, peer: PeerId, upload_kbps: u32) {
+        self.uploads.insert(peer, upload_kbps);
+    }
+
+    /// Rebuilds an empty cluster from what its members report (a DCM taking a channel over
+    /// after its server failed): the trees keep every consistent link
+    /// ([`MultiTree::restore_like`], with this cluster's root slots, so the feeders' slots are
+    /// filled as before), and each root keeps the feeder it names while that feeder still feeds
+    /// the cluster and has a slot for it in that tree ([`Cluster::sync_roots`]). A parent that
+    /// is not a member is a feeder; the origin, the cluster's server feeder if it has one. Set
+    /// the feeders and the members' classes first.
+    pub fn restore(&mut self, observed: &[ObservedPeer]) {
+        let trees = self.kind.trees().max(1) as usize;
+        let members: BTreeSet<PeerId> = observed.iter().map(|o| o.peer).collect();
+        let server = self
+            .feeders
+            .iter()
+            .map(|f| f.node)
+            .find(|n| matches!(n, MeshNodeOrPeer::Server(_)))
+            .unwrap_or(MeshNodeOrPeer::Server(MeshNode::Origin));
+        let mut hints: Vec<FxHashMap<PeerId, MeshNodeOrPeer>> = vec![FxHashMap::default(); trees];
+        let mapped: Vec<ObservedPeer> = observed
+            .iter()
+            .map(|o| ObservedPeer {
+                peer: o.peer,
+                upload_kbps: o.upload_kbps,
+                parents: o
+                    .parents
+                    .iter()
+                    .map(|&(t, src)| {
+                        let feeder = match src {
+                            Source::Peer { id } if members.contains(&id) => return (t, src),
+                            Source::Peer { id } => MeshNodeOrPeer::Peer(id),
+                            Source::Origin => server,
+                        };
+                        if let Some(h) = hints.get_mut(t as usize) {
+                            h.insert(o.peer, feeder);
+                        }
+                        (t, Source::Origin)
+                    })
+                    .collect(),
+            })
+            .collect();
+        let (tree, _) = self.tree.restore_like(&mapped);
+        self.tree = tree;
+        self.uploads = observed.iter().map(|o| (o.peer, o.upload_kbps)).collect();
+        // Links the members' classes cannot hold move now, as after a bulk layout.
+        for (p, c) in &self.nat {
+            if self.uploads.contains_key(p) {
+                self.tree.set_connectivity(*p, Some(*c));
+            }
+        }
+        self.assigned = hints;
+        self.synced = vec![u64::MAX; trees];
+        self.sync_roots(true);
     }
 
     /// Like [`Cluster::join`], also naming the roots whose feeder changed and those feeders.

@@ -48,6 +48,7 @@ use super::mesh::{History, Mesh, MeshConfig, MeshNode};
 use super::multitree::Changes;
 use super::region::Region;
 pub use super::region::RegionSettings;
+pub use restore::ObservedMember;
 
 /// Idle middle nodes handed to one bottom cluster per change at most (see
 /// `Hierarchy::feed_from_idle`), which bounds the work of one join.
@@ -1628,5 +1629,8 @@ pub fn split_capacity(capacity_kbps: u32, live_kbps: u32, file_kbps: u32) -> (u3
 }
 
 mod build;
+mod restore;
+#[cfg(test)]
+mod restore_tests;
 #[cfg(test)]
 mod tests;

@@ -77,6 +77,7 @@ impl Engine {
             origin_fallbacks: self.counters.origin_fallbacks,
             upload_kbps: self.bucket.rate_kbps(),
             send_backlog_ms: self.send_backlog_ms() as u32,
+            place: self.place,
         })
     }
 

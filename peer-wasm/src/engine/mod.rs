@@ -313,6 +313,8 @@ pub struct Engine {
     past_links: VecDeque<protocol::report::LinkStat>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
     hb_seq: u64,
+    /// On a hierarchy, the place the last instructions gave this peer, reported in heartbeats.
+    place: Option<protocol::Place>,
     backlog_reported: bool,
     /// Per tree: since when its peer parent has sent nothing although a gap of the tree is old
     /// or was filled by another source, and how many early heartbeats said so already.
@@ -368,6 +370,7 @@ impl Engine {
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
             hb_seq: 0,
+            place: None,
             backlog_reported: false,
             quiet_parent: Vec::new(),
             bridge_ended: false,
@@ -524,6 +527,11 @@ impl Engine {
         tier: Option<TierPlan>,
         out: &mut Vec<Action>,
     ) {
+        self.place = tier.as_ref().map(|t| protocol::Place {
+            tier: t.tier,
+            cluster: t.cluster,
+            digest: protocol::plan_digest(&plan, Some(t)),
+        });
         if self.tiers.apply(tier, self.k).is_err() {
             // A coded plan this peer cannot follow: the data trees still work, parity is ignored.
             self.counters.invalid += 1;

@@ -86,6 +86,7 @@ fn heartbeat(
         origin_fallbacks: 0,
         upload_kbps: 1000,
         send_backlog_ms: 0,
+        place: None,
     }
 }
 

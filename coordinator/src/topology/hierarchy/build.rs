@@ -65,7 +65,7 @@ impl Hierarchy {
         h
     }
 
-    fn insert_peer(&mut self, peer: PeerId, region: Region, upload: u32, tier: Tier) {
+    pub(super) fn insert_peer(&mut self, peer: PeerId, region: Region, upload: u32, tier: Tier) {
         self.peers.insert(
             peer,
             PeerInfo {

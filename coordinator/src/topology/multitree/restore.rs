@@ -67,7 +67,23 @@ impl MultiTree {
     /// A peer listed twice keeps the greater of its entries (by upload, then parents), so the
     /// result never depends on the order of `observed`. Substreams ≥ k are ignored.
     pub fn restore(cfg: MultiTreeConfig, observed: &[ObservedPeer]) -> (MultiTree, Changes) {
-        let mut m = MultiTree::new(cfg);
+        MultiTree::new(cfg).restored(observed)
+    }
+
+    /// Like [`MultiTree::restore`], for a tree set up like `self` (an empty tree whose origin
+    /// slots per tree, preference for them, known classes and blocked pairs are set): a
+    /// cluster's tree, whose "origin" is its feeders. Members of `self` are dropped.
+    pub fn restore_like(&self, observed: &[ObservedPeer]) -> (MultiTree, Changes) {
+        let mut m = MultiTree::new(self.cfg);
+        m.origin_fanouts.clone_from(&self.origin_fanouts);
+        m.prefer_origin = self.prefer_origin;
+        m.nat.clone_from(&self.nat);
+        m.blocked.clone_from(&self.blocked);
+        m.restored(observed)
+    }
+
+    fn restored(self, observed: &[ObservedPeer]) -> (MultiTree, Changes) {
+        let mut m = self;
         let k = m.trees.len();
         let reports = canonical_reports(observed, k);
 
