@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::topology::cluster::{ClusterKind, MeshNodeOrPeer};
 use crate::topology::hierarchy::{
-    Algorithm, Hierarchy, HierarchyConfig, HierarchyReport, PeerPlan, Tier,
+    Algorithm, Hierarchy, HierarchyConfig, HierarchyReport, ObservedMember, PeerPlan, Tier,
 };
 use crate::topology::mesh::{select_preferred, Candidate, History, MeshConfig, MeshNode};
 use crate::topology::region::{Region, TopologyConfig};
@@ -160,6 +160,25 @@ impl Planner {
                 } else {
                     t.h.join(peer, region, upload_kbps, history)
                 }
+            }
+        }
+    }
+
+    /// Rebuilds a hierarchy from what its peers report after a failover
+    /// ([`Hierarchy::restore`]); returns the peers it did not place, for the caller to place as
+    /// joiners. A flat channel is restored from the parents alone: every peer is returned.
+    pub fn restore_tiered(&mut self, observed: &[ObservedMember]) -> Vec<PeerId> {
+        match self {
+            Planner::Flat(_) => observed.iter().map(|o| o.peer).collect(),
+            Planner::Tiered(t) => {
+                for o in observed {
+                    t.regions.insert(o.peer, o.region);
+                    if o.relay {
+                        t.relays.insert(o.peer);
+                    }
+                    t.h.set_region_settings(o.region, t.topo.settings(o.region));
+                }
+                t.h.restore(observed)
             }
         }
     }

@@ -2,10 +2,15 @@
 //! sessions and the origin's push list, collects one round of heartbeats, and rebuilds the
 //! topology from the links they report, keeping every consistent one.
 
-use protocol::{PeerId, Source};
+use std::collections::BTreeSet;
+
+use protocol::{ParentLink, PeerId, Source, TierName};
+use rustc_hash::FxHashMap;
 
 use super::planner::Planner;
 use super::{placement_kbps, Dcm, Output};
+use crate::topology::cluster::ClusterId;
+use crate::topology::hierarchy::{ObservedMember, Tier};
 use crate::topology::multitree::ObservedPeer;
 use crate::topology::region::Region;
 
@@ -108,25 +113,7 @@ impl Dcm {
                 }
                 changes
             }
-            Planner::Tiered(_) => {
-                // The hierarchy is re-placed from scratch (restoring it link by link is future
-                // work): every peer gets new instructions.
-                let mut changes = crate::topology::Changes::default();
-                for p in &ids {
-                    let Some(e) = self.peers.get(p) else {
-                        continue;
-                    };
-                    let (region, kbps, relay) = (e.region, placement_kbps(e.upload_kbps), e.relay);
-                    let placed = if relay {
-                        self.planner.join_relay(*p, region, kbps)
-                    } else {
-                        let ranking = self.ranking(*p, now);
-                        self.planner.join(*p, region, kbps, ranking)
-                    };
-                    changes.affected.extend(placed.affected);
-                }
-                changes
-            }
+            Planner::Tiered(_) => self.restore_hierarchy(&ids, now),
         };
         // Links kept count as created now: they are judged only after the settle time.
         self.link_since.clear();
@@ -175,5 +162,95 @@ impl Dcm {
         for ev in std::mem::take(&mut self.deferred_joins) {
             self.handle(ev, now);
         }
+    }
+
+    /// The hierarchy's part of [`Dcm::finish_recovery`]: tiers, clusters, feeds and trees
+    /// rebuilt from the places and parents the heartbeats report ([`Hierarchy::restore`]);
+    /// peers it cannot place (no heartbeat, a place they no longer qualify for) are placed as
+    /// joiners. Peers whose plan digest matches what they report are told nothing.
+    ///
+    /// [`Hierarchy::restore`]: crate::topology::hierarchy::Hierarchy::restore
+    fn restore_hierarchy(&mut self, ids: &[PeerId], now: u64) -> crate::topology::Changes {
+        let mut observed = Vec::new();
+        for p in ids {
+            let (Some(state), Some(e)) = (self.view.get(*p), self.peers.get(p)) else {
+                continue;
+            };
+            let Some(place) = state.heartbeat.place else {
+                continue;
+            };
+            let declared = placement_kbps(e.upload_kbps);
+            observed.push(ObservedMember {
+                peer: *p,
+                region: e.region,
+                upload_kbps: if e.relay {
+                    declared
+                } else {
+                    self.ranking(*p, now).effective_upload_kbps(declared)
+                },
+                relay: e.relay,
+                tier: match place.tier {
+                    TierName::Preferred => Tier::Preferred,
+                    TierName::Middle => Tier::Middle,
+                    TierName::Bottom => Tier::Bottom,
+                },
+                cluster: place.cluster.map(ClusterId),
+                parents: state
+                    .heartbeat
+                    .parents
+                    .iter()
+                    .map(|l| (l.substream, l.parent))
+                    .collect(),
+            });
+        }
+        let mut unplaced: BTreeSet<PeerId> =
+            self.planner.restore_tiered(&observed).into_iter().collect();
+        unplaced.extend(
+            ids.iter()
+                .filter(|p| !observed.iter().any(|o| o.peer == **p)),
+        );
+        for p in &unplaced {
+            let Some(e) = self.peers.get(p) else {
+                continue;
+            };
+            let (region, kbps, relay) = (e.region, placement_kbps(e.upload_kbps), e.relay);
+            if relay {
+                self.planner.join_relay(*p, region, kbps);
+            } else {
+                let ranking = self.ranking(*p, now);
+                self.planner.join(*p, region, kbps, ranking);
+            }
+        }
+        // Who must hear from us: peers whose plan differs from the one they follow.
+        let mut changes = crate::topology::Changes::default();
+        let reported: FxHashMap<PeerId, (u64, &[ParentLink])> = ids
+            .iter()
+            .filter_map(|p| {
+                let hb = &self.view.get(*p)?.heartbeat;
+                Some((*p, (hb.place?.digest, hb.parents.as_slice())))
+            })
+            .collect();
+        for (p, wire) in self.planner.plans(ids.iter().copied()) {
+            let Some(wire) = wire else { continue };
+            let digest = protocol::plan_digest(&wire.substreams, wire.tier.as_ref());
+            let Some((was, parents)) = reported.get(&p) else {
+                changes.affected.insert(p);
+                continue;
+            };
+            if *was != digest {
+                changes.affected.insert(p);
+            }
+            for l in *parents {
+                self.stats.links_reported += 1;
+                if wire
+                    .substreams
+                    .iter()
+                    .any(|sp| sp.index == l.substream && sp.parent == l.parent)
+                {
+                    self.stats.links_kept += 1;
+                }
+            }
+        }
+        changes
     }
 }

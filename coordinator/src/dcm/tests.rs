@@ -345,13 +345,17 @@ fec_n = 3
 name = "east"
 "#;
 
-fn tiered_harness() -> Harness {
+fn tiered_config() -> DcmConfig {
     let topo = crate::topology::region::TopologyConfig::from_toml(THREE_REGIONS).expect("toml");
-    Harness::with(DcmConfig {
+    DcmConfig {
         k: 4,
         topology: Some(Arc::new(topo)),
         ..DcmConfig::flat("test", 400)
-    })
+    }
+}
+
+fn tiered_harness() -> Harness {
+    Harness::with(tiered_config())
 }
 
 impl Harness {
@@ -1261,6 +1265,7 @@ fn a_waypoint_that_dies_is_repaired_around_like_a_peer() {
 }
 
 mod hostile_tests;
+mod recovery_tests;
 
 #[test]
 fn a_flat_channel_is_re_planned_when_the_measured_stream_rate_moves_and_no_relay_is_left_over_capacity(

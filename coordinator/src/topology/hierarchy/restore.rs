@@ -313,19 +313,14 @@ impl Hierarchy {
             return;
         };
         let mut added = false;
-        loop {
-            let Some(rs) = self.regions.get(&region) else {
-                break;
-            };
+        while let Some(m) = self.regions.get(&region).and_then(|rs| {
             let have = rs.feeders.get(&cid).map_or(0, BTreeSet::len);
-            let idle = rs.idle_middle.first().copied();
-            match idle {
-                Some(m) if have < self.cfg.feeders_per_cluster => {
-                    self.assign_feeder(m, cid);
-                    added = true;
-                }
-                _ => break,
-            }
+            (have < self.cfg.feeders_per_cluster)
+                .then(|| rs.idle_middle.first().copied())
+                .flatten()
+        }) {
+            self.assign_feeder(m, cid);
+            added = true;
         }
         if added {
             self.refresh_bottom_feeders(cid, aff);
