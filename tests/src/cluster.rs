@@ -385,9 +385,11 @@ pub async fn open_viewer(
     node: &Node,
     upload_kbps: u32,
     decode: bool,
+    region: Option<&str>,
 ) -> Result<crate::cdp::Page> {
+    let hint = region.map(|r| format!("&region={r}")).unwrap_or_default();
     let url = format!(
-        "{}/?channel=demo&upload={upload_kbps}&decode={}",
+        "{}/?channel=demo&upload={upload_kbps}&decode={}{hint}",
         node.url,
         u8::from(decode)
     );
