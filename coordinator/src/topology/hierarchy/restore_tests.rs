@@ -248,3 +248,70 @@ fn a_hierarchy_that_is_not_empty_is_left_alone() {
     assert_eq!(unplaced.len(), h.len());
     assert_eq!(r.report(), before);
 }
+
+/// The cost of a takeover at scale (a benchmark: run with `--release --ignored --nocapture`;
+/// `RESTORE_PEERS` sets the size). It prints the time and the peers that would be told.
+#[test]
+#[ignore = "slow in debug builds; run with --release"]
+fn restore_scales_to_20k_peers_in_10_regions() {
+    let n: u64 = std::env::var("RESTORE_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let uploads = [0, 300, 800, 1500, 2500, 4000, 9000, 20_000];
+    let mut rng = Rng::seeded(3);
+    let mut h = Hierarchy::new(HierarchyConfig {
+        k: 8,
+        cluster_min: 64,
+        cluster_max: 512,
+        ..HierarchyConfig::default()
+    });
+    for i in 0..n {
+        let up = uploads[rng.below(uploads.len() as u64) as usize];
+        h.join(PeerId(i), region((i % 10) as u8), up, History::default());
+    }
+    let obs = observe(&h);
+    let start = std::time::Instant::now();
+    let mut r = Hierarchy::new(*h.config());
+    let unplaced = r.restore(&obs);
+    let whole = start.elapsed();
+    assert!(unplaced.is_empty());
+    let diff = differing(&h, &r);
+    // A tenth did not come back.
+    let some: Vec<ObservedMember> = obs.into_iter().filter(|_| rng.below(10) > 0).collect();
+    let start = std::time::Instant::now();
+    let mut d = Hierarchy::new(*h.config());
+    let unplaced = d.restore(&some);
+    let partial = start.elapsed();
+    d.check_invariants().unwrap();
+    let moved = d
+        .peers
+        .keys()
+        .filter(|p| plan(&d, **p) != plan(&h, **p))
+        .count();
+    // The yardstick: the same departures as leaves of the running hierarchy.
+    let kept: BTreeSet<PeerId> = some.iter().map(|o| o.peer).collect();
+    let mut left = h.clone();
+    let gone: Vec<PeerId> = h
+        .peers
+        .keys()
+        .filter(|p| !kept.contains(p))
+        .copied()
+        .collect();
+    for p in gone {
+        left.leave(p);
+    }
+    let by_leaves = left
+        .peers
+        .keys()
+        .filter(|p| plan(&left, **p) != plan(&h, **p))
+        .count();
+    println!(
+        "{n} peers: whole restore {whole:?}, {} plans differ; a tenth missing: {partial:?}, \
+         {} unplaced, {moved} of {} re-planned (the same departures as leaves: {by_leaves})",
+        diff.len(),
+        unplaced.len(),
+        d.len()
+    );
+    assert!(diff.is_empty());
+}
