@@ -194,7 +194,7 @@ mod tests {
             for peer in [PeerId(id), PeerId((7 << 32) + id)] {
                 let due = reissue_due_ms(T, peer, TTL);
                 assert!(
-                    due >= T + TTL * 3 / 8 && due < T + TTL * 5 / 8,
+                    (T + TTL * 3 / 8..T + TTL * 5 / 8).contains(&due),
                     "{peer}: {due}"
                 );
                 dues.insert(due / 10_000);
