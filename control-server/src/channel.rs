@@ -60,6 +60,9 @@ pub struct ChannelCounters {
     pub relays_recruited: AtomicU64,
     /// DCM failures survived: each time the channel's DCM died and a new one took over.
     pub dcm_failovers: AtomicU64,
+    /// Peers that resumed on a new connection while their old session here was still open
+    /// (cluster mode): the new session took the old one's place.
+    pub reconnects: AtomicU64,
     /// Time from a heartbeat's arrival at its session to the DCM having applied it.
     pub heartbeat_apply: ApplyHistogram,
     /// Bytes of signed manifests the origin made (each goes to every peer), and of the packets

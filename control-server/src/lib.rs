@@ -72,6 +72,25 @@ pub struct SessionInfo {
     pub remote: std::net::IpAddr,
     pub channel: SharedChannel,
     pub upload_kbps: u32,
+    /// The session's queue: where a fresh resume token goes, and the close of a session whose
+    /// peer reconnected on a new socket.
+    pub(crate) out: events::OutboundTx,
+    /// Tells this session apart from a later one of the same peer id (a resume that replaced
+    /// it): only the registered session may unregister its peer.
+    pub(crate) serial: u64,
+    /// When the peer's newest resume token was issued (ms since the Unix epoch; cluster mode).
+    pub(crate) token_issued_ms: u64,
+}
+
+/// What [`AppState::register_session`] found under the peer id.
+pub(crate) enum Registered {
+    /// The id was free.
+    Fresh,
+    /// Another session of the same channel held it (a half-open socket after a network blip):
+    /// it is replaced, and should be closed without its leave reaching the DCM.
+    Replaced { old: events::OutboundTx },
+    /// A session of another channel holds it: nothing was registered.
+    InUse,
 }
 
 /// Shared server state: configuration and the channel registry.
@@ -191,15 +210,61 @@ impl AppState {
         until.checked_duration_since(std::time::Instant::now())
     }
 
-    pub(crate) fn register_session(&self, peer: PeerId, info: SessionInfo) {
-        if let Ok(mut m) = self.sessions.write() {
-            m.insert(peer, info);
+    /// Registers a joined session under its peer id. A session that holds the id already is
+    /// replaced only if it is of the same channel and `replace` says so (a verified resume).
+    pub(crate) fn register_session(
+        &self,
+        peer: PeerId,
+        info: SessionInfo,
+        replace: bool,
+    ) -> Registered {
+        let Ok(mut m) = self.sessions.write() else {
+            return Registered::InUse;
+        };
+        match m.get(&peer) {
+            None => {
+                m.insert(peer, info);
+                Registered::Fresh
+            }
+            Some(old) if replace && Arc::ptr_eq(&old.channel, &info.channel) => {
+                let old = old.out.clone();
+                m.insert(peer, info);
+                Registered::Replaced { old }
+            }
+            Some(_) => Registered::InUse,
         }
     }
 
-    pub(crate) fn unregister_session(&self, peer: PeerId) {
-        if let Ok(mut m) = self.sessions.write() {
+    /// Unregisters session `serial` of `peer`; false (and nothing done) if another session
+    /// holds the id now (a resume replaced this one).
+    pub(crate) fn unregister_session(&self, peer: PeerId, serial: u64) -> bool {
+        let Ok(mut m) = self.sessions.write() else {
+            return false;
+        };
+        if m.get(&peer).is_some_and(|s| s.serial == serial) {
             m.remove(&peer);
+            return true;
+        }
+        false
+    }
+
+    /// Notes that session `serial` of `peer` was sent a resume token issued at `issued_ms`.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn token_reissued(&self, peer: PeerId, serial: u64, issued_ms: u64) {
+        if let Ok(mut m) = self.sessions.write() {
+            if let Some(s) = m.get_mut(&peer).filter(|s| s.serial == serial) {
+                s.token_issued_ms = issued_ms;
+            }
+        }
+    }
+
+    /// Calls `f` on every joined session (under the registry's read lock: keep it short).
+    #[cfg(feature = "cluster")]
+    pub(crate) fn each_session(&self, mut f: impl FnMut(PeerId, &SessionInfo)) {
+        if let Ok(m) = self.sessions.read() {
+            for (peer, s) in m.iter() {
+                f(*peer, s);
+            }
         }
     }
 

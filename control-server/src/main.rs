@@ -183,6 +183,11 @@ struct Args {
     /// Prefix of the cluster's keys in etcd (clusters sharing one etcd need different ones).
     #[arg(long, default_value = "/p2p")]
     cluster_prefix: String,
+    /// Lifetime of a resume token, seconds (at least 2): a peer may resume with a token this
+    /// long after it was issued. Connected peers are sent a fresh one at about half of it; a
+    /// peer cut off for longer must join afresh.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    resume_token_ttl: u64,
 }
 
 #[tokio::main]
@@ -236,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl_s: args.lease_ttl,
         secret: args.cluster_secret.clone().unwrap_or_default().into_bytes(),
         prefix: args.cluster_prefix.clone(),
+        resume_ttl: std::time::Duration::from_secs(args.resume_token_ttl),
     });
     if let Some(c) = &cluster_config {
         cluster::validate(c).context("invalid cluster configuration")?;

@@ -61,6 +61,10 @@ enum Op {
     Leave {
         who: u8,
     },
+    /// The peer's session is replaced by a new connection (a resume while the old one was open).
+    Reconnect {
+        who: u8,
+    },
     Heartbeat {
         who: u8,
         hb: Hb,
@@ -312,6 +316,11 @@ impl Driver {
                 if let Some(peer) = self.session(who) {
                     self.sessions.remove(&peer);
                     self.handle(Event::Leave { peer });
+                }
+            }
+            Op::Reconnect { who } => {
+                if let Some(peer) = self.session(who) {
+                    self.handle(Event::Reconnect { peer });
                 }
             }
             Op::Heartbeat { who, hb } => {

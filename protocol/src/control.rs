@@ -266,6 +266,8 @@ pub enum ServerMsg {
     /// the DCM that steers the peer; `resume_token` lets the peer keep its id when it reconnects
     /// ([`ClientMsg::Join`]'s `resume`); `nodes` are the cluster's servers (base URLs), where the
     /// peer asks `GET /api/locate?channel=` for the DCM's new server when its connection drops.
+    /// Resume tokens expire: the server sends this again with a fresh token well before the last
+    /// one does, and the peer keeps the newest.
     Cluster {
         dcm: String,
         resume_token: String,
@@ -409,8 +411,8 @@ pub enum ErrorCode {
     /// The peer's network address already has as many control sessions open as the server
     /// allows (`--max-sessions-per-address`). The session is then closed.
     TooManySessions,
-    /// A `resume` whose token does not verify, names another channel, or whose peer id is in
-    /// use. The session is then closed; join afresh.
+    /// A `resume` whose token does not verify, names another peer or channel, or has expired
+    /// (the message says which). The session is then closed; join afresh, without `resume`.
     BadResume,
     /// A `join` as a waypoint whose token is not the operator's. The session is then closed.
     BadWaypointToken,

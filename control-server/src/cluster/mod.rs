@@ -26,6 +26,7 @@
 //! in [`View`], which takes the cluster's records in and says what to do.
 
 pub mod keys;
+mod reissue;
 pub mod resume;
 mod view;
 
@@ -69,7 +70,14 @@ pub struct ClusterConfig {
     pub secret: Vec<u8>,
     /// Key prefix in etcd (several clusters may share one etcd).
     pub prefix: String,
+    /// How long a resume token opens a resume after it was issued (`--resume-token-ttl`);
+    /// connected peers are sent a fresh one at about half of it.
+    pub resume_ttl: Duration,
 }
+
+/// The shortest resume token lifetime: connected peers are sent fresh tokens about every half
+/// of it.
+pub const MIN_RESUME_TTL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum ClusterError {
@@ -83,6 +91,8 @@ pub enum ClusterError {
     BadNodeId(String),
     #[error("advertise URL {0:?} must start with http:// or https://")]
     BadAdvertiseUrl(String),
+    #[error("the resume token lifetime must be at least {} s (--resume-token-ttl)", MIN_RESUME_TTL.as_secs())]
+    ShortResumeTtl,
 }
 
 /// Where a channel's DCM runs.
@@ -152,6 +162,9 @@ pub fn validate(config: &ClusterConfig) -> Result<(), ClusterError> {
     }
     if config.secret.len() < 16 {
         return Err(ClusterError::WeakSecret);
+    }
+    if config.resume_ttl < MIN_RESUME_TTL {
+        return Err(ClusterError::ShortResumeTtl);
     }
     Ok(())
 }
@@ -258,13 +271,27 @@ impl Cluster {
         self.view().owned()
     }
 
-    /// The token with which `peer` may resume on `channel` on any node.
-    pub fn resume_token(&self, channel: &str, peer: PeerId) -> String {
-        resume::token(&self.config.secret, channel, peer)
+    /// The token with which `peer` may resume on `channel` on any node, issued at `now_ms`
+    /// (wall clock, ms since the Unix epoch).
+    pub fn resume_token(&self, channel: &str, peer: PeerId, now_ms: u64) -> String {
+        resume::token(&self.config.secret, channel, peer, now_ms)
     }
 
-    pub fn verify_resume(&self, channel: &str, peer: PeerId, token: &str) -> bool {
-        resume::verify(&self.config.secret, channel, peer, token)
+    /// Checks a resume token at `now_ms` (see [`resume::verify`]).
+    pub fn verify_resume(
+        &self,
+        channel: &str,
+        peer: PeerId,
+        token: &str,
+        now_ms: u64,
+    ) -> Result<(), resume::ResumeError> {
+        let ttl_ms = self.resume_ttl_ms();
+        resume::verify(&self.config.secret, channel, peer, token, now_ms, ttl_ms)
+    }
+
+    /// The resume tokens' lifetime, ms.
+    pub fn resume_ttl_ms(&self) -> u64 {
+        self.config.resume_ttl.as_millis().min(u128::from(u64::MAX)) as u64
     }
 
     /// Where `channel`'s DCM runs. When nobody owns it and this node runs the channel, this
@@ -415,6 +442,7 @@ impl Cluster {
         let _ = self.state.set(state.clone());
         tokio::spawn(self.clone().keep_alive(state.clone()));
         tokio::spawn(self.clone().refresh(state.clone()));
+        tokio::spawn(reissue::run(self.clone(), state.clone()));
         tokio::spawn(self.clone().watch(state));
     }
 

@@ -210,6 +210,13 @@ impl Dcm {
                     let _ = out.try_send(Box::new(Outbound::Close("moved".into())));
                     return;
                 }
+                // The peer resumed on a new connection while this DCM still has it (its old
+                // session, half-open, was replaced): the new session takes its place as it is.
+                let reconnect = resumed && self.core.has_peer(peer);
+                if reconnect {
+                    // An offer on the relay board holds the old session's queue.
+                    self.channel.relays.withdraw(peer);
+                }
                 if let Ok(mut a) = self.channel.attachments.lock() {
                     a.sessions.insert(
                         peer,
@@ -224,6 +231,12 @@ impl Dcm {
                     );
                 }
                 self.outs.insert(peer, out);
+                if reconnect {
+                    tracing::info!(channel = %self.channel.name, %peer, "peer reconnected; its new session keeps its place");
+                    self.core.handle(Event::Reconnect { peer }, now);
+                    self.drain_ready();
+                    return;
+                }
                 let ev = if resumed {
                     Event::Resume {
                         peer,
@@ -530,6 +543,7 @@ impl Dcm {
             was.congestion_events,
         );
         add(&c.repairs, s.repairs, was.repairs);
+        add(&c.reconnects, s.reconnects, was.reconnects);
         add(&c.bridges_opened, s.bridges_opened, was.bridges_opened);
         add(&c.bridges_refused, s.bridges_refused, was.bridges_refused);
         add(

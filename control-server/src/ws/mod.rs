@@ -4,4 +4,4 @@
 
 mod session;
 
-pub use session::{ws_handler, SessionLimits};
+pub use session::{ws_handler, SessionLimits, REPLACED};

@@ -89,7 +89,16 @@ struct Session {
     last_error: Option<ErrorCode>,
     /// The session's place among its address's sessions (per-address limits), if tracked.
     address: Option<crate::limits::AddressSession>,
+    /// Unique to this session (see [`crate::SessionInfo::serial`]).
+    serial: u64,
 }
+
+/// Numbers the sessions ([`Session::serial`]).
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The close reason of a session whose peer resumed on a new connection to this node while this
+/// one was still open (a half-open socket after a network blip).
+pub const REPLACED: &str = "replaced by a new connection of this peer";
 
 /// A peer that has not taken a control message for this long is cut loose: its session must
 /// not hold its queue (and the DCM's messages to it) forever.
@@ -214,6 +223,7 @@ fn run_session(
         token,
         last_error: None,
         address: None,
+        serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
 
     // Over the address's session limit: the refusal and its reason go out, then the close.
@@ -777,12 +787,16 @@ impl Session {
                 format!("no channel named {channel:?}"),
             );
         };
-        // A peer coming back from another node keeps its id (and so its links).
+        // A peer coming back from another node, or on a new connection to this one, keeps its
+        // id (and so its links).
         let resumed = match &resume {
             None => None,
             Some(r) => match self.check_resume(&ch.name, r) {
                 Ok(()) => Some(r.peer),
-                Err(message) => return self.refuse(ErrorCode::BadResume, message),
+                Err(message) => {
+                    tracing::info!(peer = %r.peer, channel = %ch.name, "resume refused: {message}");
+                    return self.refuse(ErrorCode::BadResume, message);
+                }
             },
         };
         let file = ch.file().cloned();
@@ -833,6 +847,34 @@ impl Session {
                 }
             }
         };
+        // Registered before the DCM hears of the peer: a session this one replaces can then no
+        // longer report the peer's departure (only the registered session unregisters it).
+        let issued_ms = crate::channel::now_ms();
+        let info = crate::SessionInfo {
+            remote: self.remote,
+            channel: ch.clone(),
+            upload_kbps,
+            out: self.out.clone(),
+            serial: self.serial,
+            token_issued_ms: issued_ms,
+        };
+        match self.state.register_session(peer, info, resumed.is_some()) {
+            crate::Registered::Fresh => {}
+            crate::Registered::Replaced { old } => {
+                // Only a verified resume token for this channel and peer gets here. The DCM
+                // keeps the peer's place and moves it to this session when the join reaches it.
+                // (A full queue means the old session is stuck: it ends by itself, silently.)
+                tracing::info!(%peer, channel = %ch.name, "resume replaces the peer's session still open here");
+                let _ = old.try_send(Box::new(Outbound::Close(REPLACED.into())));
+            }
+            crate::Registered::InUse => {
+                return self.refuse(
+                    ErrorCode::BadResume,
+                    format!("{peer} is connected already, to another channel"),
+                );
+            }
+        }
+        self.joined = Some((peer, ch.clone()));
         let base = format!("/api/channels/{}", ch.name);
         let welcome = ServerMsg::Welcome {
             version: PROTOCOL_VERSION,
@@ -860,7 +902,7 @@ impl Session {
         if let Some(cluster) = self.state.cluster() {
             let msg = ServerMsg::Cluster {
                 dcm: ch.name.clone(),
-                resume_token: cluster.resume_token(&ch.name, peer),
+                resume_token: cluster.resume_token(&ch.name, peer, issued_ms),
                 nodes: cluster.node_urls(),
             };
             if self.out.try_send(Outbound::msg(msg)).is_err() {
@@ -880,15 +922,6 @@ impl Session {
                 waypoint: waypoint.is_some(),
             })
             .await;
-        self.state.register_session(
-            peer,
-            crate::SessionInfo {
-                remote: self.remote,
-                channel: ch.clone(),
-                upload_kbps,
-            },
-        );
-        self.joined = Some((peer, ch));
         true
     }
 
@@ -902,21 +935,14 @@ impl Session {
         false
     }
 
-    /// Checks a resume: its token must be the cluster's for this channel and peer, and the
-    /// peer id must not be in use here.
+    /// Checks a resume: its token must be the cluster's for this channel and peer, and not
+    /// expired. (A session of the peer still open here is replaced when the join registers.)
     fn check_resume(&self, channel: &str, r: &protocol::Resume) -> Result<(), String> {
         #[cfg(feature = "cluster")]
         if let Some(cluster) = self.state.cluster() {
-            if !cluster.verify_resume(channel, r.peer, &r.token) {
-                return Err(format!(
-                    "resume token does not verify for {} on channel {channel:?}",
-                    r.peer
-                ));
-            }
-            if self.state.session(r.peer).is_some() {
-                return Err(format!("{} is connected already", r.peer));
-            }
-            return Ok(());
+            return cluster
+                .verify_resume(channel, r.peer, &r.token, crate::channel::now_ms())
+                .map_err(|e| e.to_string());
         }
         let _ = (channel, r);
         Err("this server is not part of a cluster: join without resume".into())
@@ -969,8 +995,10 @@ impl Session {
 
     async fn leave(&mut self) {
         if let Some((peer, ch)) = self.joined.take() {
-            self.state.unregister_session(peer);
-            let _ = ch.dcm.send(DcmEvent::Leave { peer }).await;
+            // A session a resume replaced leaves quietly: the peer is still there.
+            if self.state.unregister_session(peer, self.serial) {
+                let _ = ch.dcm.send(DcmEvent::Leave { peer }).await;
+            }
         }
         if let Some((live, ch)) = self.companion.take() {
             let _ = ch.dcm.send(DcmEvent::EndSplit { peer: live }).await;
@@ -995,8 +1023,9 @@ struct JoinRequest {
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some((peer, ch)) = self.joined.take() {
-            self.state.unregister_session(peer);
-            let _ = ch.dcm.try_send(DcmEvent::Leave { peer });
+            if self.state.unregister_session(peer, self.serial) {
+                let _ = ch.dcm.try_send(DcmEvent::Leave { peer });
+            }
         }
         if let Some((live, ch)) = self.companion.take() {
             let _ = ch.dcm.try_send(DcmEvent::EndSplit { peer: live });

@@ -82,6 +82,13 @@ pub enum Event {
         relay: bool,
         connectivity: Option<Connectivity>,
     },
+    /// A peer of this DCM resumed on a new control connection to the same server while its old
+    /// one was still open (a half-open socket after a network blip; its session was replaced,
+    /// not ended). It keeps its id and its place: it is sent its instructions and the last
+    /// manifests again (what went to the old socket may be lost), and its silence is measured
+    /// from now. Ignored for a peer this DCM does not have (a driver sends
+    /// [`Event::Resume`] then).
+    Reconnect { peer: PeerId },
     /// The peer that just joined is a waypoint server the operator runs (its token was
     /// checked): listed as one in the topology, its bytes counted apart. It is placed by its
     /// capacity and class like any peer, so it enters its region's top tier where the region
@@ -231,6 +238,9 @@ pub struct DcmStats {
     /// Parents demoted because their children corroborated that they send nothing while their
     /// own heartbeats claim they do.
     pub silent_demoted: u64,
+    /// Peers whose control connection was replaced by a new one, keeping their place
+    /// ([`Event::Reconnect`]).
+    pub reconnects: u64,
     /// Peers adopted as they were after a failover across servers ([`Event::Resume`]).
     pub resumes: u64,
     /// Topologies rebuilt from heartbeats (takeovers), and the links the peers reported in them

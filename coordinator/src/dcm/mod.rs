@@ -291,6 +291,11 @@ impl Dcm {
         self.peers.len()
     }
 
+    /// Whether `peer` is one of the peers the DCM steers.
+    pub fn has_peer(&self, peer: PeerId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
     /// The origin's pushes under the current plans: (full streams, data substreams, parity
     /// shards), bridges not included.
     pub fn origin_push_counts(&self) -> (usize, usize, usize) {
@@ -391,6 +396,7 @@ impl Dcm {
                 self.resume(peer, upload_kbps, region, relay, now);
                 self.note_connectivity(peer, connectivity);
             }
+            Event::Reconnect { peer } => self.reconnect(peer, now),
             Event::Waypoint { peer } => {
                 if let Some(e) = self.peers.get_mut(&peer) {
                     e.waypoint = true;

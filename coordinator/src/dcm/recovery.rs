@@ -49,6 +49,21 @@ impl Dcm {
         }
     }
 
+    /// A peer's control connection was replaced by a new one ([`super::Event::Reconnect`]).
+    pub(super) fn reconnect(&mut self, peer: PeerId, now: u64) {
+        if !self.peers.contains_key(&peer) {
+            return;
+        }
+        self.stats.reconnects += 1;
+        // Its first heartbeat on the new connection comes at once; until then it is not silent.
+        self.view.touch(peer, now);
+        self.send_manifests_to(peer);
+        // While recovering, the rebuild tells every peer what changed.
+        if !self.recovering() {
+            self.send_instructions(std::collections::BTreeSet::from([peer]), now);
+        }
+    }
+
     /// Rebuilds the topology from the heartbeats received since taking over. Peers whose
     /// reported links are all consistent get no message; the others are placed and told.
     pub(super) fn finish_recovery(&mut self, now: u64) {

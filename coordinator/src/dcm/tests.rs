@@ -195,6 +195,32 @@ fn busiest_relay(h: &Harness, n: u64) -> u64 {
 }
 
 #[test]
+fn a_reconnected_peer_keeps_its_place_and_is_told_it_again() {
+    let mut h = Harness::new();
+    for id in 1..=6 {
+        h.join(id, 2000);
+    }
+    for id in 1..=6 {
+        h.latest_plan(id);
+    }
+    let before = h.dcm.planner.plan(PeerId(3)).expect("placed").substreams;
+    h.handle(Event::Reconnect { peer: PeerId(3) });
+    assert_eq!(h.latest_plan(3), Some(before.clone()), "its place, again");
+    assert_eq!(
+        h.dcm.planner.plan(PeerId(3)).expect("placed").substreams,
+        before
+    );
+    for id in [1, 2, 4, 5, 6] {
+        assert_eq!(h.latest_plan(id), None, "{id} was re-instructed");
+    }
+    assert_eq!(h.dcm.stats().reconnects, 1);
+    // A peer the DCM does not have (its old session's end came first) is not made up.
+    h.handle(Event::Reconnect { peer: PeerId(99) });
+    assert!(!h.dcm.has_peer(PeerId(99)));
+    assert_eq!(h.dcm.stats().reconnects, 1);
+}
+
+#[test]
 fn a_parent_reporting_a_stuck_uplink_is_capped_and_its_children_re_homed() {
     let mut h = Harness::new();
     for id in 1..=12 {

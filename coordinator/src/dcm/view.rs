@@ -72,6 +72,14 @@ impl HeartbeatView {
         self.peers.remove(&peer);
     }
 
+    /// Counts `peer` as heard from at `now_ms` (its connection was replaced; a heartbeat
+    /// follows at once), if it ever sent a heartbeat.
+    pub fn touch(&mut self, peer: PeerId, now_ms: u64) {
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.received_ms = s.received_ms.max(now_ms);
+        }
+    }
+
     pub fn get(&self, peer: PeerId) -> Option<&PeerState> {
         self.peers.get(&peer)
     }

@@ -76,6 +76,13 @@ const TICK_MS: i32 = 50;
 /// the first 4 s, then one a second: about two minutes).
 const GIVE_UP_AFTER: u32 = 120;
 
+/// A control WebSocket that has not opened this long after it was created is closed, and the
+/// peer looks again as after a refused connection (page ms). A server that black-holes packets
+/// (a dead host, a firewall dropping them) would otherwise hold the peer for the browser's own
+/// connect timeout, which can be minutes. An opening handshake (TCP, TLS, HTTP upgrade) takes a
+/// few round trips: well under a second, a few over a poor mobile link.
+const WS_CONNECT_TIMEOUT_MS: f64 = 5_000.0;
+
 struct Welcome {
     heartbeat_ms: f64,
     packet_url: String,
@@ -135,6 +142,8 @@ struct Inner {
     engine: Engine,
     ws: Option<WebSocket>,
     ws_closures: Vec<Closure<dyn FnMut(JsValue)>>,
+    /// When the current control WebSocket was created (page ms; see [`WS_CONNECT_TIMEOUT_MS`]).
+    ws_created_ms: f64,
     links: HashMap<PeerId, Link>,
     video: Option<HtmlVideoElement>,
     media: Option<Media>,
@@ -419,6 +428,7 @@ impl Inner {
                 engine,
                 ws: None,
                 ws_closures: Vec::new(),
+                ws_created_ms: 0.0,
                 links: HashMap::new(),
                 media: None,
                 welcome: None,
@@ -527,7 +537,30 @@ impl Inner {
         ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
         self.ws_closures = vec![on_open, on_message, on_close];
         self.ws = Some(ws);
+        self.ws_created_ms = now_ms();
         Ok(())
+    }
+
+    /// A control WebSocket still connecting after [`WS_CONNECT_TIMEOUT_MS`] is given up: it is
+    /// closed (its handlers first, so that its close event does not come back) and the peer
+    /// goes on as after a refused connection. From the tick, never from the socket's handlers.
+    fn check_connect_timeout(&mut self, now: f64) {
+        let Some(ws) = &self.ws else { return };
+        if ws.ready_state() != WebSocket::CONNECTING
+            || now - self.ws_created_ms < WS_CONNECT_TIMEOUT_MS
+        {
+            return;
+        }
+        ws.set_onopen(None);
+        ws.set_onmessage(None);
+        ws.set_onclose(None);
+        let _ = ws.close();
+        let reason = format!(
+            "control connection to {} did not open within {} s",
+            self.base_url,
+            WS_CONNECT_TIMEOUT_MS / 1000.0
+        );
+        self.on_ws_closed(reason);
     }
 
     /// Finds the page's NAT class (see `web::nat`) and tells the control center. Links made
@@ -689,12 +722,14 @@ impl Inner {
                         self.feed(Input::Control { up: true });
                         // Our links, at once: the new DCM rebuilds the trees from them.
                         self.last_heartbeat = 0.0;
-                    } else {
-                        self.error(format!(
-                            "the server gave this peer a new id ({peer_id}); reload to rejoin"
-                        ));
+                        return;
                     }
-                    return;
+                    // A new id: the server did not take this peer back (its resume token was
+                    // refused). It starts over as a new peer: new links, a new player.
+                    web_sys::console::warn_1(&JsValue::from_str(&format!(
+                        "rejoined as a new peer ({peer_id}): the server did not take the resume"
+                    )));
+                    self.start_over();
                 }
                 self.reconnect.attempt = 0;
                 if let Some(ms) = fragment_ms {
@@ -783,6 +818,14 @@ impl Inner {
                 }
             }
             ServerMsg::Error { code, message } => {
+                if code == protocol::ErrorCode::BadResume {
+                    // The token expired (this peer was cut off longer than the cluster's token
+                    // lifetime) or was not taken: the server closes, and the next connection
+                    // joins as a new peer (see the Welcome).
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.resume_token.clear();
+                    }
+                }
                 self.error(format!("server error {code:?}: {message}"))
             }
             ServerMsg::Recruit {
@@ -816,9 +859,32 @@ impl Inner {
         }
     }
 
+    /// Drops what belonged to the peer's old id (its links, its engine, its player) before the
+    /// Welcome of a new id is taken as a first one. The upload cap carries over.
+    fn start_over(&mut self) {
+        self.links.clear();
+        self.media = None;
+        self.welcome = None;
+        self.engine = Engine::new(
+            EngineConfig {
+                upload_kbps: self.engine.upload_kbps(),
+                ..EngineConfig::default()
+            },
+            now_ms(),
+        );
+        self.last_heartbeat = 0.0;
+        self.reconnect.failed = None;
+        if let Some(d) = self.download.as_mut() {
+            d.assembler = None;
+        }
+    }
+
     /// The claim a reconnecting peer presents: its id and the cluster's token for it.
     fn resume_claim(&self) -> Option<protocol::Resume> {
-        let c = self.cluster.as_ref()?;
+        let c = self
+            .cluster
+            .as_ref()
+            .filter(|c| !c.resume_token.is_empty())?;
         Some(protocol::Resume {
             peer: self.engine.peer_id()?,
             token: c.resume_token.clone(),
@@ -1203,6 +1269,7 @@ impl Inner {
     fn on_tick(&mut self) {
         self.feed(Input::Tick);
         let now = now_ms();
+        self.check_connect_timeout(now);
         let stuck: Vec<PeerId> = self
             .links
             .iter()
