@@ -220,6 +220,7 @@ fn heartbeat(id: PeerId, seq: u64) -> ClientMsg {
         origin_fallbacks: 0,
         upload_kbps: 0,
         send_backlog_ms: 0,
+        place: None,
     })
 }
 
