@@ -78,7 +78,9 @@ pub struct SessionInfo {
     /// Tells this session apart from a later one of the same peer id (a resume that replaced
     /// it): only the registered session may unregister its peer.
     pub(crate) serial: u64,
-    /// When the peer's newest resume token was issued (ms since the Unix epoch; cluster mode).
+    /// When the peer's newest resume token was issued (ms since the Unix epoch; cluster mode:
+    /// read only by the re-issue task of the `cluster` feature).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) token_issued_ms: u64,
 }
 

@@ -378,18 +378,19 @@ pub async fn owner_index(nodes: &[Node], ask: usize, channel: &str) -> Result<us
         .ok_or_else(|| anyhow!("{channel} is owned by an unknown node {url}"))
 }
 
-/// Opens a viewer page of channel `demo` on `node` (a playing one in its own window) and waits
-/// until its peer runs.
+/// Opens a viewer page of `channel` on `node` (a playing one in its own window), with a region
+/// hint if given, and waits until its peer runs.
 pub async fn open_viewer(
     browser: &crate::cdp::Browser,
     node: &Node,
+    channel: &str,
     upload_kbps: u32,
     decode: bool,
     region: Option<&str>,
 ) -> Result<crate::cdp::Page> {
     let hint = region.map(|r| format!("&region={r}")).unwrap_or_default();
     let url = format!(
-        "{}/?channel=demo&upload={upload_kbps}&decode={}{hint}",
+        "{}/?channel={channel}&upload={upload_kbps}&decode={}{hint}",
         node.url,
         u8::from(decode)
     );

@@ -95,7 +95,7 @@ pub async fn run(args: ClusterSwarmArgs) -> Result<()> {
     for i in 0..args.viewers {
         let node = &nodes[i % nodes.len()];
         let upload = args.upload_kbps[i % args.upload_kbps.len().max(1)];
-        pages.push(open_viewer(&browser, node, upload, i < args.playing, None).await?);
+        pages.push(open_viewer(&browser, node, "demo", upload, i < args.playing, None).await?);
     }
     let start = Instant::now();
     // When the owner was killed (wall ms, instant) and the links then.

@@ -58,7 +58,10 @@ pub fn dcm_config(channel: &Channel, config: &Config) -> DcmConfig {
         k: config.substreams,
         heartbeat_ms: u64::from(config.heartbeat_ms),
         stream_kbps: channel.stream_kbps().max(1),
-        topology: config.topology.clone(),
+        topology: config
+            .topology
+            .clone()
+            .filter(|t| t.applies_to(&channel.name)),
         origin_fanout: config.origin_fanout,
         max_fanout: config.max_fanout,
         cluster_max: config.cluster_max,

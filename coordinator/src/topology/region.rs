@@ -121,6 +121,9 @@ pub struct TopologyConfig {
     pub allow_region_hint: bool,
     pub relays: Vec<String>,
     pub regions: Vec<RegionConfig>,
+    /// The channels that run the hierarchy; empty: every channel. The others run one flat
+    /// multi-tree (see [`TopologyConfig::applies_to`]).
+    pub channels: Vec<String>,
     rules: Vec<Rule>,
 }
 
@@ -135,6 +138,7 @@ impl Default for TopologyConfig {
             allow_region_hint: false,
             relays: Vec::new(),
             regions: Vec::new(),
+            channels: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -162,6 +166,8 @@ mod raw {
         #[serde(default)]
         pub relays: Vec<Spanned<String>>,
         #[serde(default)]
+        pub channels: Vec<Spanned<String>>,
+        #[serde(default)]
         pub region: Vec<Region>,
         #[serde(default)]
         pub rule: Vec<Rule>,
@@ -185,6 +191,12 @@ mod raw {
 }
 
 impl TopologyConfig {
+    /// Whether `channel` runs the three-tier hierarchy: every channel when `channels` is empty,
+    /// else the channels it lists (a large event as a hierarchy beside small flat channels).
+    pub fn applies_to(&self, channel: &str) -> bool {
+        self.channels.is_empty() || self.channels.iter().any(|c| c == channel)
+    }
+
     /// Parses and validates the `[topology]` section of a TOML document (other sections are
     /// ignored: they belong to the rest of the server's config).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -239,6 +251,16 @@ impl TopologyConfig {
                 ));
             }
             cfg.relays.push(r.get_ref().clone());
+        }
+        for c in &top.channels {
+            let name = c.get_ref();
+            if name.is_empty() || cfg.channels.contains(name) {
+                return Err(err(
+                    c.span().start,
+                    format!("channel {name:?} empty or listed twice"),
+                ));
+            }
+            cfg.channels.push(name.clone());
         }
         for r in &top.region {
             let name = r.name.get_ref();
@@ -471,6 +493,23 @@ region = "isp"
             allowed.classify(ip("127.0.0.1"), None, Some("nowhere")),
             Region::V4([127, 0])
         );
+    }
+
+    #[test]
+    fn the_hierarchy_runs_on_the_channels_listed_or_on_every_channel() {
+        let every = TopologyConfig::from_toml(GOOD).unwrap();
+        assert!(every.applies_to("demo") && every.applies_to("anything"));
+        let some = TopologyConfig::from_toml(
+            &GOOD.replace("k = 4", "k = 4\nchannels = [\"event\", \"launch\"]"),
+        )
+        .unwrap();
+        assert!(some.applies_to("event") && some.applies_to("launch"));
+        assert!(!some.applies_to("demo"));
+        for bad in [r#"channels = ["a", "a"]"#, r#"channels = [""]"#] {
+            let e = TopologyConfig::from_toml(&GOOD.replace("k = 4", &format!("k = 4\n{bad}")))
+                .unwrap_err();
+            assert!(e.message.contains("empty or listed twice"), "{e:?}");
+        }
     }
 
     #[test]
