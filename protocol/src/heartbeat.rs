@@ -49,6 +49,11 @@ pub struct Place {
     pub cluster: Option<u64>,
     /// [`crate::plan_digest`] of the instructions the peer follows.
     pub digest: u64,
+    /// The origin is one of its flooding neighbours in the top-tier mesh: it pushes this peer
+    /// the whole stream (a DCM taking over keeps pushing it at once, before it has rebuilt
+    /// the mesh).
+    #[serde(default)]
+    pub origin_full: bool,
 }
 
 /// What a child knows about one of its parents.
@@ -111,8 +116,8 @@ pub mod binary {
         counters: (u64, u64, u64, u64),
         upload_kbps: u32,
         send_backlog_ms: u32,
-        /// (tier: 0 preferred, 1 middle, 2 bottom; cluster; digest).
-        place: Option<(u8, Option<u64>, u64)>,
+        /// (tier: 0 preferred, 1 middle, 2 bottom; cluster; digest; origin_full).
+        place: Option<(u8, Option<u64>, u64, bool)>,
     }
 
     fn tier_code(t: TierName) -> u8 {
@@ -162,7 +167,9 @@ pub mod binary {
             ),
             upload_kbps: hb.upload_kbps,
             send_backlog_ms: hb.send_backlog_ms,
-            place: hb.place.map(|p| (tier_code(p.tier), p.cluster, p.digest)),
+            place: hb
+                .place
+                .map(|p| (tier_code(p.tier), p.cluster, p.digest, p.origin_full)),
         };
         let mut out = vec![TAG_HEARTBEAT];
         // Serializing plain integers and vectors into a Vec cannot fail.
@@ -208,11 +215,12 @@ pub mod binary {
             upload_kbps: w.upload_kbps,
             send_backlog_ms: w.send_backlog_ms,
             // An unknown tier code reads as no place: the DCM re-places such a peer.
-            place: w.place.and_then(|(t, cluster, digest)| {
+            place: w.place.and_then(|(t, cluster, digest, origin_full)| {
                 Some(Place {
                     tier: tier_of(t)?,
                     cluster,
                     digest,
+                    origin_full,
                 })
             }),
         })
@@ -262,6 +270,7 @@ mod tests {
                 tier: TierName::Bottom,
                 cluster: Some(12),
                 digest: 0x0123_4567_89ab_cdef,
+                origin_full: false,
             }),
         }
     }

@@ -557,41 +557,44 @@ async fn fail_over(
     Ok(())
 }
 
-/// The failover: twelve viewers over two channels whose DCMs run on one node, the flat
-/// `demo` (the busiest DCM, seven viewers) and a hierarchical one over three regions (five
-/// viewers, all three tiers); `kill -9` of that node. Both DCMs are owned again within the
-/// lease TTL and a heartbeat, ≥ 80 % of each channel's tree links are kept (the hierarchy is
-/// restored from the places and parents the heartbeats report), nobody stalls on the flat
-/// channel, and both swarms' P2P share comes back.
+/// The failover setup: twelve viewers over two channels whose DCMs run on one node,
+/// the flat `demo` (the busiest DCM, seven viewers) and a hierarchical one over three regions
+/// (five viewers, all three tiers).
+const TWO_CHANNELS: &[Group] = &[
+    Group {
+        channel: "demo",
+        viewers: 7,
+        regions: None,
+        max_stalls: 0,
+    },
+    // A top-tier viewer gets the whole stream from the origin's push: while its control
+    // connection is down, every packet reaches it as a fallback fetch 600 ms or more after it
+    // is known, which a buffer under 2 s does not always absorb (one stall in one of several
+    // runs). A flat channel's viewers get most packets from peers and must not stall.
+    Group {
+        channel: "tiers",
+        viewers: 5,
+        regions: Some(3),
+        max_stalls: 1,
+    },
+];
+
+/// `kill -9` of the node running both DCMs: both are owned again within the lease TTL and a
+/// heartbeat, ≥ 80 % of each channel's tree links are kept (the hierarchy is restored from the
+/// places and parents the heartbeats report), nobody stalls on the flat channel, and both
+/// swarms' P2P share comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd, Chromium and the built wasm package; run by cargo xtask test"]
 async fn a_killed_node_s_dcms_are_taken_over_and_their_viewers_play_on() -> Result<()> {
-    let groups = [
-        Group {
-            channel: "demo",
-            viewers: 7,
-            regions: None,
-            max_stalls: 0,
-        },
-        // A top-tier viewer gets the whole stream from the origin's push: while its control
-        // connection is down, every packet reaches it as a fallback fetch 600 ms or more after
-        // it is known, which a buffer under 2 s does not always absorb (one stall in one of
-        // several runs). A flat channel's viewers get most packets from peers and must not
-        // stall.
-        Group {
-            channel: "tiers",
-            viewers: 5,
-            regions: Some(3),
-            max_stalls: 1,
-        },
-    ];
-    run("kill", &groups).await
+    run("kill", TWO_CHANNELS).await
 }
 
+/// SIGTERM of that node: it hands both DCMs over before it goes (make-before-break), so no
+/// viewer fetches anything from the origin meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs etcd, Chromium and the built wasm package; run by cargo xtask test"]
-async fn a_stopped_node_hands_its_dcm_over_before_it_goes() -> Result<()> {
-    run("term", DEMO_ONLY).await
+async fn a_stopped_node_hands_its_dcms_over_before_it_goes() -> Result<()> {
+    run("term", TWO_CHANNELS).await
 }
 
 async fn run(how: &str, groups: &[Group]) -> Result<()> {

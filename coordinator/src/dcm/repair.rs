@@ -89,15 +89,35 @@ impl Dcm {
         }
         if self.recovery_deadline.is_some() {
             // Taking over from another server, which knew whom the origin fed: the peers say
-            // it. The origin feeds them again at once, not only once the trees are rebuilt.
-            let pushes: Vec<super::planner::Push> = hb
-                .parents
-                .iter()
-                .filter(|l| l.parent == protocol::Source::Origin && l.substream < self.k)
-                .map(|l| super::planner::Push::Data {
-                    substream: l.substream,
-                })
-                .collect();
+            // it. The origin feeds them again at once, not only once the trees are rebuilt:
+            // the whole stream to the origin's mesh neighbours, the data and parity shards of
+            // the trees whose parent is the origin (a middle node's trees beyond `k` are its
+            // cluster's parity trees).
+            use super::planner::Push;
+            let trees = hb.parents.len() as u32;
+            let pushes: Vec<Push> = if hb.place.is_some_and(|p| p.origin_full) {
+                vec![Push::Full]
+            } else {
+                hb.parents
+                    .iter()
+                    .filter(|l| l.parent == protocol::Source::Origin)
+                    .filter_map(|l| {
+                        if l.substream < self.k {
+                            Some(Push::Data {
+                                substream: l.substream,
+                            })
+                        } else {
+                            let middle = hb
+                                .place
+                                .is_some_and(|p| p.tier == protocol::TierName::Middle);
+                            (middle && l.substream < trees).then_some(Push::Parity {
+                                index: l.substream,
+                                n: trees - self.k,
+                            })
+                        }
+                    })
+                    .collect()
+            };
             if pushes.is_empty() {
                 self.origin_fed.remove(&peer);
             } else {

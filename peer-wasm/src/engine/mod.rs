@@ -531,6 +531,7 @@ impl Engine {
             tier: t.tier,
             cluster: t.cluster,
             digest: protocol::plan_digest(&plan, Some(t)),
+            origin_full: t.mesh.contains(&Source::Origin),
         });
         if self.tiers.apply(tier, self.k).is_err() {
             // A coded plan this peer cannot follow: the data trees still work, parity is ignored.

@@ -11,6 +11,7 @@ fn tiered_heartbeat(peer: PeerId, seen: &WireSeen, now: u64) -> Heartbeat {
         tier: t.tier,
         cluster: t.cluster,
         digest: protocol::plan_digest(subs, Some(t)),
+        origin_full: t.mesh.contains(&Source::Origin),
     });
     hb
 }
@@ -65,6 +66,22 @@ fn take_over(
         );
         assert!(next.recovering());
     }
+    if peers.len() == seen.len() {
+        // Before the rebuild, the origin already pushes what it pushed: the whole stream to its
+        // mesh neighbours, the data and parity shards of the roots it fed.
+        assert_eq!(
+            next.origin_fed
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
+            h.dcm
+                .origin_fed
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
+            "the origin feeds the same peers during the recovery"
+        );
+    }
     next.handle_timeout(now + 50 * peers.len() as u64 + 5_000);
     assert!(!next.recovering());
     let mut told = BTreeMap::new();
@@ -97,6 +114,11 @@ fn a_hierarchy_taken_over_keeps_every_link_and_nobody_is_told_anything() {
         .filter_map(|(_, t)| t.as_ref().map(|t| format!("{:?}", t.tier)))
         .collect();
     assert_eq!(tiers.len(), 3, "{tiers:?}");
+    assert!(
+        h.dcm.origin_fed.values().flatten().any(|p| *p == Push::Full),
+        "the origin floods to some top-tier peer: {:?}",
+        h.dcm.origin_fed
+    );
     let peers: Vec<PeerId> = seen.keys().copied().collect();
     let (next, told) = take_over(&h, &seen, &peers);
     assert!(told.is_empty(), "re-instructed: {:?}", told.keys());
