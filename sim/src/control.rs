@@ -63,7 +63,10 @@ pub struct PeerSnap {
 
 pub struct Control {
     cfg: ControlConfig,
+    dcm_cfg: DcmConfig,
     dcm: Dcm,
+    /// The counts of DCMs that failed before this one (the failover scenario).
+    earlier: DcmStats,
     out: VecDeque<(PeerId, Down)>,
     pub cpu: CpuStats,
 }
@@ -85,11 +88,49 @@ impl Control {
             ..DcmConfig::flat(&cfg.channel, cfg.stream_kbps)
         };
         Control {
-            dcm: Dcm::new(dcm_cfg, now_ms),
+            dcm: Dcm::new(dcm_cfg.clone(), now_ms),
+            dcm_cfg,
+            earlier: DcmStats::default(),
             cfg,
             out: VecDeque::new(),
             cpu: CpuStats::default(),
         }
+    }
+
+    /// The DCM's server dies: its state and everything it had queued are gone, and a new DCM
+    /// (another server's, which knows nothing) takes the channel over as peers resume.
+    pub fn fail(&mut self, now_ms: u64) {
+        self.earlier = self.earlier.plus(&self.dcm.stats());
+        self.dcm = Dcm::new(self.dcm_cfg.clone(), now_ms);
+        self.out.clear();
+    }
+
+    /// A peer reconnected to the new DCM's server with its resume token.
+    pub fn resume(
+        &mut self,
+        peer: PeerId,
+        upload_kbps: u32,
+        region: u16,
+        connectivity: Option<protocol::Connectivity>,
+        now_ms: u64,
+    ) {
+        let t = Instant::now();
+        self.dcm.handle(
+            Event::Resume {
+                peer,
+                upload_kbps,
+                region: Region::Named(region),
+                relay: false,
+                connectivity,
+            },
+            now_ms,
+        );
+        self.cpu.other_ns += t.elapsed().as_nanos();
+    }
+
+    /// The counts of the DCM running now (the one that took over, after a failover).
+    pub fn current_stats(&self) -> DcmStats {
+        self.dcm.stats()
     }
 
     pub fn config(&self) -> &ControlConfig {
@@ -255,8 +296,9 @@ impl Control {
         self.dcm.check_invariants()
     }
 
+    /// The channel's counts, across takeovers.
     pub fn stats(&self) -> DcmStats {
-        self.dcm.stats()
+        self.earlier.plus(&self.dcm.stats())
     }
 
     /// Pushes the origin makes per packet group: (full streams, data substreams, parity shards).

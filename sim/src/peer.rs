@@ -54,6 +54,9 @@ pub struct SimPeer {
     /// Control socket ordering (a WebSocket is one TCP stream each way).
     pub ctrl_down_last: Micros,
     pub ctrl_up_last: Micros,
+    /// Its control connection died with the DCM's server (the failover scenario) and it has
+    /// not resumed yet: nothing goes up or comes down.
+    pub ctrl_lost: bool,
     pub repairs: Vec<PendingRepair>,
     /// Control-only scenario: the last instructions (there is no engine to keep them).
     pub plan: Vec<SubstreamPlan>,
@@ -96,6 +99,7 @@ impl SimPeer {
             mismatched: 0,
             ctrl_down_last: 0,
             ctrl_up_last: 0,
+            ctrl_lost: false,
             repairs: Vec::new(),
             plan: Vec::new(),
             stats: None,

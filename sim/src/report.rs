@@ -98,6 +98,27 @@ pub struct Report {
     /// per-peer records). `null` on media runs, where the engines dominate.
     pub coordinator_bytes_per_peer: Option<f64>,
     pub peak_rss_mb: f64,
+    /// The failover scenario: what the DCM that took over did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverReport>,
+}
+
+/// How a takeover went (the failover scenario, [`crate::Scenario::Failover`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    pub at_s: f64,
+    /// Peers the new DCM adopted with their resume tokens, and the rebuilds from heartbeats.
+    pub resumed: u64,
+    pub recoveries: u64,
+    /// Links the resumed peers reported and the share the rebuilt topology kept.
+    pub links_reported: u64,
+    pub links_kept: f64,
+    /// Instructions peers received from the new DCM within 10 s of the failure (the rebuild's
+    /// and the repairs' after it), and peers alive at the failure.
+    pub instructions_10s: u64,
+    pub peers_at_failover: usize,
+    /// Stalls of all peers from the failure to the end of the run.
+    pub stalls_after: u32,
 }
 
 pub fn build(
@@ -256,6 +277,28 @@ pub fn build(
             .windows(2)
             .map(|b| ((b[1] - b[0]) as f64 / stream_bytes_per_s * 10.0).round() / 10.0)
             .collect(),
+        failover: w.totals.failover_at.map(|at| {
+            let now = w.control.current_stats();
+            FailoverReport {
+                at_s: at as f64 / 1e6,
+                resumed: now.resumes,
+                recoveries: now.recoveries,
+                links_reported: now.links_reported,
+                links_kept: ratio(now.links_kept, now.links_reported),
+                instructions_10s: w.totals.instructions_after_failover,
+                peers_at_failover: w
+                    .peers
+                    .iter()
+                    .filter(|p| p.joined_at <= at && p.left_at.is_none_or(|l| l > at))
+                    .count(),
+                stalls_after: w
+                    .peers
+                    .iter()
+                    .map(|p| p.playout.stalls)
+                    .sum::<u32>()
+                    .saturating_sub(w.totals.stalls_at_failover),
+            }
+        }),
         links_opened: w.totals.links_opened,
         link_failures: w.totals.link_failures,
         link_setup_ms: Pct::of(w.totals.setup_ms.clone()),
@@ -339,6 +382,19 @@ impl Report {
             "links opened / failed",
             format!("{} / {}", self.links_opened, self.link_failures),
         );
+        if let Some(f) = &self.failover {
+            row(
+                "failover: resumed / links kept",
+                format!(
+                    "{} of {} / {:.3} of {}",
+                    f.resumed, f.peers_at_failover, f.links_kept, f.links_reported
+                ),
+            );
+            row(
+                "failover: instructions 10 s / stalls",
+                format!("{} / {}", f.instructions_10s, f.stalls_after),
+            );
+        }
         row("invariants", format!("{:?}", self.invariants));
         row(
             "wall s / sim_speed (peer-s per s)",

@@ -28,6 +28,10 @@ pub enum Scenario {
     Unreachable,
     /// Joins, leaves and heartbeats only, no media: the coordinator alone.
     ControlOnly,
+    /// The DCM's server dies halfway through: a new DCM that knows nothing takes the channel
+    /// over as the peers resume (3 s of lease, then within 0.5 s), rebuilding the topology from
+    /// their heartbeats (FIG. 7).
+    Failover,
 }
 
 /// The network model a run starts from (then changed by the scenario and the flags).
@@ -247,6 +251,7 @@ impl RunConfig {
                     live.push(w.add_peer(t));
                 }
             }
+            Scenario::Failover => w.q.at(end / 2, Ev::Failover),
             Scenario::MassFailure => {
                 let t = end / 2;
                 rng_shuffle(&mut rng, &mut live);

@@ -14,6 +14,9 @@ impl World {
     pub(crate) fn send_up(&mut self, i: u32, up: Up, bytes: usize) {
         let now = self.q.now();
         let p = &self.peers[i as usize];
+        if p.ctrl_lost {
+            return;
+        }
         let (kbps, one_way) = (p.net.up_kbps, self.cfg.net.server_ms(&p.net));
         let left = self.wire.uplink(i as usize, bytes, now, kbps);
         let at = (left + us(one_way)).max(self.peers[i as usize].ctrl_up_last);
@@ -80,10 +83,91 @@ impl World {
                     self.control.heartbeat(id, hb, now);
                 }
             }
+            Up::Resume => {
+                if !self.peers[i as usize].alive {
+                    return;
+                }
+                let net = self.peers[i as usize].net;
+                self.control
+                    .resume(id, net.declared_kbps, net.region, net.nat, now);
+            }
             Up::Leave => self.control.leave(id, now),
             Up::LinkFailed(other) => self.control.link_failed(id, other, now),
         }
         self.drain_control();
+    }
+
+    /// The DCM's server dies: every connected peer loses its control connection (what was in
+    /// flight to or from the server is lost) and finds the new DCM after the lease expires
+    /// (3 s) plus its own polling of the locator (every 250 ms ± 50 %, as the page does); the
+    /// origin, on another server, goes on cutting packets and answering fallback fetches.
+    pub(crate) fn fail_over(&mut self) {
+        let now = self.q.now();
+        self.totals.failover_at = Some(now);
+        self.totals.stalls_at_failover = self.peers.iter().map(|p| p.playout.stalls).sum();
+        self.control.fail(self.now_ms_u64());
+        self.coord_timer = None;
+        for i in 0..self.peers.len() {
+            if !self.peers[i].alive {
+                continue;
+            }
+            self.peers[i].ctrl_lost = true;
+            if self.cfg.media {
+                self.feed(i as u32, peer_wasm::engine::Input::Control { up: false });
+            }
+            let back = 3_000_000 + 125_000 + self.rng.below(375_000);
+            self.q.at(now + back, Ev::Resume(i as u32));
+            let ask = self.locate_delay();
+            self.q.at(now + ask, Ev::Locate(i as u32));
+        }
+        self.drain_control();
+    }
+
+    /// The page asks the locator every 250 ms ± 50 %.
+    fn locate_delay(&mut self) -> crate::queue::Micros {
+        125_000 + self.rng.below(250_000)
+    }
+
+    /// A locator's answer reaches peer `i` (a round trip to a server later): its live edge is
+    /// what the origin had cut when the question arrived.
+    pub(crate) fn on_locate(&mut self, i: u32) {
+        let p = &self.peers[i as usize];
+        if !p.alive || !p.ctrl_lost || !self.cfg.media {
+            return;
+        }
+        if let Some((_, newest, _)) = self.origin.live_position() {
+            self.feed(i, peer_wasm::engine::Input::LiveEdge { seq: newest });
+        }
+        let next = self.locate_delay();
+        self.q.after(next, Ev::Locate(i));
+    }
+
+    /// Peer `i` reconnects to the new DCM's server: it resumes, then sends a heartbeat at once
+    /// (as the page does after a resumed Welcome). A peer whose join had not reached the dead
+    /// server yet joins anew.
+    pub(crate) fn on_resume(&mut self, i: u32) {
+        let p = &mut self.peers[i as usize];
+        if !p.alive || !p.ctrl_lost {
+            return;
+        }
+        p.ctrl_lost = false;
+        if self.cfg.media {
+            self.feed(i, peer_wasm::engine::Input::Control { up: true });
+        }
+        let p = &self.peers[i as usize];
+        if p.heartbeat_ms.is_none() {
+            self.send_up(i, Up::Join, CTRL_BYTES);
+            return;
+        }
+        self.send_up(i, Up::Resume, CTRL_BYTES);
+        let hb = self.peers[i as usize]
+            .engine
+            .as_mut()
+            .and_then(|e| e.heartbeat());
+        if let Some(hb) = hb {
+            self.peers[i as usize].last_heartbeat_ms = self.now_ms();
+            self.send_heartbeat(i, hb);
+        }
     }
 
     /// Routes every output of the coordinator and re-arms its timer.

@@ -27,6 +27,8 @@ pub(crate) const CTRL_BYTES: usize = 300;
 /// What a peer sends to the control center.
 pub enum Up {
     Join,
+    /// Reconnected to the new DCM's server with its resume token (the failover scenario).
+    Resume,
     Heartbeat(Box<Heartbeat>),
     Leave,
     LinkFailed(PeerId),
@@ -63,6 +65,13 @@ pub enum Ev {
     Throttle(usize),
     /// Look for the coordinator's congestion reports on the throttled peers.
     CheckCongestion,
+    /// The DCM's server dies (see [`crate::control::Control::fail`]).
+    Failover,
+    /// A peer whose control connection died finds the new DCM and resumes there.
+    Resume(u32),
+    /// A peer without a control connection asks another server's locator where its DCM is;
+    /// the answer carries that server's newest packet (a live-edge notice).
+    Locate(u32),
 }
 
 /// Parameters of one run.
@@ -103,6 +112,12 @@ pub struct Totals {
     pub detection_ms: Vec<f64>,
     /// Throttled relays the coordinator flagged within two heartbeat intervals.
     pub congestion_detected: usize,
+    /// When the DCM's server died (the failover scenario), and the instructions peers received
+    /// from its successor in the 10 s after.
+    pub failover_at: Option<Micros>,
+    pub instructions_after_failover: u64,
+    /// Stalls of all peers when the server died.
+    pub stalls_at_failover: u32,
 }
 
 pub struct World {
@@ -196,6 +211,9 @@ impl World {
             Ev::Fetched(i, seq, reply) => self.on_fetched(i, seq, reply),
             Ev::Throttle(n) => self.throttle(n),
             Ev::CheckCongestion => self.check_congestion(),
+            Ev::Failover => self.fail_over(),
+            Ev::Resume(i) => self.on_resume(i),
+            Ev::Locate(i) => self.on_locate(i),
             Ev::CoordTimeout => {
                 self.coord_timer = None;
                 let now = self.now_ms_u64();
@@ -261,7 +279,8 @@ impl World {
     }
 
     fn at_peer(&mut self, i: u32, down: Down) {
-        if !self.peers[i as usize].alive {
+        let p = &self.peers[i as usize];
+        if !p.alive || p.ctrl_lost {
             return;
         }
         match down {
@@ -333,6 +352,13 @@ impl World {
             ServerMsg::Instructions {
                 substreams, tier, ..
             } => {
+                if self
+                    .totals
+                    .failover_at
+                    .is_some_and(|t| self.q.now() < t + 10_000_000)
+                {
+                    self.totals.instructions_after_failover += 1;
+                }
                 if self.cfg.media {
                     self.feed(
                         i,
@@ -381,7 +407,7 @@ impl World {
         }
     }
 
-    fn send_heartbeat(&mut self, i: u32, hb: Heartbeat) {
+    pub(crate) fn send_heartbeat(&mut self, i: u32, hb: Heartbeat) {
         // Binary (postcard) frames, as the glue sends them.
         let frame = protocol::heartbeat::binary::encode(&hb);
         let p = &mut self.peers[i as usize];

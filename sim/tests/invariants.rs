@@ -138,3 +138,26 @@ fn nat_classes_reported_at_join_leave_no_link_to_fail() {
         assert_eq!(inv.coordinator, None);
     }
 }
+
+#[test]
+fn a_dcm_failover_is_taken_over_from_the_heartbeats_keeping_the_links() {
+    for hierarchy in [false, true] {
+        let cfg = RunConfig {
+            hierarchy,
+            regions: if hierarchy { 3 } else { 1 },
+            ..small(Scenario::Failover, 120, 40)
+        };
+        let r = sim::run(&cfg, false).expect("valid configuration");
+        let inv = &r.invariants;
+        let f = r.failover.as_ref().expect("a failover report");
+        println!("hierarchy {hierarchy}:\n{}", r.table());
+        assert_eq!(f.resumed as usize, f.peers_at_failover, "{}", r.table());
+        assert_eq!(f.recoveries, 1);
+        assert!(f.links_reported > 0 && f.links_kept >= 0.9, "{}", r.table());
+        assert_eq!(inv.mismatched_viewers, 0, "{inv:?}");
+        assert_eq!(inv.wrong_parent_count, 0, "{inv:?}");
+        assert_eq!(inv.cycles, 0, "{inv:?}");
+        assert_eq!(inv.coordinator, None);
+        assert!(r.continuity >= 0.99, "{}", r.table());
+    }
+}

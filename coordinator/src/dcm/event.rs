@@ -244,10 +244,43 @@ pub struct DcmStats {
     /// Peers adopted as they were after a failover across servers ([`Event::Resume`]).
     pub resumes: u64,
     /// Topologies rebuilt from heartbeats (takeovers), and the links the peers reported in them
-    /// and of those, the links the rebuilt topology kept (flat channels).
+    /// and of those, the links the rebuilt topology kept.
     pub recoveries: u64,
     pub links_reported: u64,
     pub links_kept: u64,
     /// Heartbeats (or links in them) refused as implausible, by reason.
     pub heartbeats_refused: super::plausible::RefusalCounts,
+}
+
+impl DcmStats {
+    /// The sum of two DCMs' counts: a channel's totals across a takeover.
+    pub fn plus(&self, o: &DcmStats) -> DcmStats {
+        let mut refused = self.heartbeats_refused;
+        for (a, b) in refused.0.iter_mut().zip(o.heartbeats_refused.0) {
+            *a += b;
+        }
+        DcmStats {
+            heartbeats: self.heartbeats + o.heartbeats,
+            replans: self.replans + o.replans,
+            congestion_events: self.congestion_events + o.congestion_events,
+            repairs: self.repairs + o.repairs,
+            bridges_opened: self.bridges_opened + o.bridges_opened,
+            bridges_refused: self.bridges_refused + o.bridges_refused,
+            origin_push_bytes: self.origin_push_bytes + o.origin_push_bytes,
+            origin_bridge_bytes: self.origin_bridge_bytes + o.origin_bridge_bytes,
+            edge_notices: self.edge_notices + o.edge_notices,
+            link_failures: self.link_failures + o.link_failures,
+            manifests_sent: self.manifests_sent + o.manifests_sent,
+            forgery_reports: self.forgery_reports + o.forgery_reports,
+            false_reports: self.false_reports + o.false_reports,
+            evictions: self.evictions + o.evictions,
+            silent_demoted: self.silent_demoted + o.silent_demoted,
+            reconnects: self.reconnects + o.reconnects,
+            resumes: self.resumes + o.resumes,
+            recoveries: self.recoveries + o.recoveries,
+            links_reported: self.links_reported + o.links_reported,
+            links_kept: self.links_kept + o.links_kept,
+            heartbeats_refused: refused,
+        }
+    }
 }

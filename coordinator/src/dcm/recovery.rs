@@ -257,11 +257,11 @@ impl Dcm {
             }
             for l in *parents {
                 self.stats.links_reported += 1;
-                if wire
+                let kept = wire
                     .substreams
                     .iter()
-                    .any(|sp| sp.index == l.substream && sp.parent == l.parent)
-                {
+                    .any(|sp| sp.index == l.substream && sp.parent == l.parent);
+                if kept {
                     self.stats.links_kept += 1;
                 }
             }

@@ -1174,12 +1174,18 @@ impl Engine {
         (d * 2.0 / 3.0).min(slack)
     }
 
-    /// Whether `seq`'s data tree has the origin as this peer's parent.
+    /// Whether `seq`'s data tree has the origin as this peer's parent, or the origin pushes
+    /// this peer the whole stream (its neighbour in the top-tier mesh).
     fn origin_fed(&self, seq: u64) -> bool {
         let sub = protocol::substream_of(seq, self.k);
         self.plan
             .iter()
             .any(|p| p.index == sub && p.parent == Source::Origin)
+            || self
+                .tiers
+                .plan
+                .as_ref()
+                .is_some_and(|t| t.mesh.contains(&Source::Origin))
     }
 
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.

@@ -115,7 +115,11 @@ fn a_hierarchy_taken_over_keeps_every_link_and_nobody_is_told_anything() {
         .collect();
     assert_eq!(tiers.len(), 3, "{tiers:?}");
     assert!(
-        h.dcm.origin_fed.values().flatten().any(|p| *p == Push::Full),
+        h.dcm
+            .origin_fed
+            .values()
+            .flatten()
+            .any(|p| *p == Push::Full),
         "the origin floods to some top-tier peer: {:?}",
         h.dcm.origin_fed
     );
