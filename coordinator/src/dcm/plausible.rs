@@ -130,6 +130,15 @@ impl Plausibility {
         self.last.remove(&peer);
     }
 
+    /// `peer` resumed here after a failover: its counters run from its join on the failed
+    /// server, which this DCM did not see, so its first heartbeat is judged as one of a peer
+    /// adopted after a takeover (against [`UNKNOWN_JOIN_MS`], not the time since the resume: a
+    /// viewer of a few minutes would otherwise be refused, fall silent and be cut off).
+    pub fn resumed(&mut self, peer: PeerId) {
+        self.joined.remove(&peer);
+        self.last.remove(&peer);
+    }
+
     pub fn left(&mut self, peer: PeerId, now_ms: u64) {
         self.joined.remove(&peer);
         self.last.remove(&peer);
@@ -307,6 +316,26 @@ mod tests {
         h.bytes_from_origin = 2;
         assert!(p.check(ME, &mut h, 1000, BOUNDS, known).is_err());
         assert_eq!(p.refused.get(Refusal::CountersImplausible), 3);
+    }
+
+    #[test]
+    fn a_resumed_peer_s_first_counters_run_from_its_join_elsewhere() {
+        let mut p = Plausibility::default();
+        // Ten minutes of viewing on the failed server: far more than 16 MiB since the resume.
+        p.joined(ME, 600_000);
+        p.resumed(ME);
+        let mut h = hb(1, 600 * 1000 * 1000 / 8 * 2, 600 * 4000 * 1000 / 8);
+        assert_eq!(p.check(ME, &mut h, 601_000, BOUNDS, known), Ok(()));
+        // Growth is judged from there on.
+        let mut h2 = hb(2, h.bytes_from_peers + (1 << 30), h.bytes_up);
+        assert_eq!(
+            p.check(ME, &mut h2, 602_000, BOUNDS, known),
+            Err(Refusal::CountersImplausible)
+        );
+        // Absurd counters are still refused.
+        p.resumed(PeerId(9));
+        let mut h3 = hb(1, u64::MAX - 5, 0);
+        assert!(p.check(PeerId(9), &mut h3, 601_000, BOUNDS, known).is_err());
     }
 
     #[test]

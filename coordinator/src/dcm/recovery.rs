@@ -32,8 +32,10 @@ impl Dcm {
         let interval = self.heartbeat_ms.max(100);
         if !self.recovering() {
             if !self.peers.is_empty() {
-                // The channel runs here already: the peer is placed like any joiner.
+                // The channel runs here already: the peer is placed like any joiner (its
+                // counters still run from its join on the failed server).
                 self.join(peer, upload_kbps, region, relay, now);
+                self.plausible.resumed(peer);
                 return;
             }
             // The first peer back after a failover: collect heartbeats before placing anyone.
@@ -42,6 +44,8 @@ impl Dcm {
             self.recovery_deadline = Some(now + interval * RESUME_WINDOW_INTERVALS);
         }
         self.admit(peer, upload_kbps, region, relay, now);
+        // Its counters run from its join on the failed server.
+        self.plausible.resumed(peer);
         self.stats.resumes += 1;
         // Its first heartbeat is due within an interval (it sends one at once): wait for it.
         if let (Some(until), Some(deadline)) = (self.recovering_until, self.recovery_deadline) {
