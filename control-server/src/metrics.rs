@@ -160,6 +160,9 @@ pub struct ChannelTotals {
     pub repairs: u64,
     /// Times the channel's DCM failed and a new one took over.
     pub dcm_failovers: u64,
+    /// Peers whose control connection was replaced by a new one to the same node, keeping
+    /// their place (a half-open socket after a network blip).
+    pub reconnects: u64,
     /// The signed stream (issue 13): manifest bytes the origin made, manifest frames sent,
     /// forgery reports (and false ones), peers evicted.
     pub manifest_bytes: u64,
@@ -321,6 +324,7 @@ impl Metrics {
         totals.congestion_events = c.congestion_events.load(Ordering::Relaxed);
         totals.repairs = c.repairs.load(Ordering::Relaxed);
         totals.dcm_failovers = c.dcm_failovers.load(Ordering::Relaxed);
+        totals.reconnects = c.reconnects.load(Ordering::Relaxed);
         totals.manifest_bytes = c.manifest_bytes.load(Ordering::Relaxed);
         totals.manifests_sent = c.manifests_sent.load(Ordering::Relaxed);
         totals.forgery_reports = c.forgery_reports.load(Ordering::Relaxed);
@@ -747,6 +751,12 @@ pub async fn render(state: &AppState) -> String {
         &per(&|t| t.dcm_failovers),
     );
     e.family(
+        "p2p_reconnects_total",
+        "counter",
+        "Peers whose control connection a new one to the same node replaced, keeping their place.",
+        &per(&|t| t.reconnects),
+    );
+    e.family(
         "p2p_manifest_bytes_total",
         "counter",
         "Bytes of signed manifests the origin made (each goes to every viewer).",
@@ -1056,6 +1066,7 @@ mod tests {
             "p2p_congestion_events_total",
             "p2p_repairs_total",
             "p2p_dcm_failovers_total",
+            "p2p_reconnects_total",
         ] {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),
