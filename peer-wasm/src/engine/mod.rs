@@ -334,10 +334,7 @@ pub struct Engine {
     /// the configured playout delay and give-up time it may only raise.
     fragments: FragmentClock,
     floor: (f64, f64),
-    /// Whether the origin's push can be counted on: the control connection is up and, after
-    /// it came back, the origin has pushed this peer something again (a server that took the
-    /// channel over pushes only once it has heard this peer's heartbeat: until then a tree
-    /// whose parent is the origin still fetches its gaps at once).
+    /// Whether the control connection (and with it the origin's push) is up.
     control_up: bool,
     now: f64,
 }
@@ -516,12 +513,7 @@ impl Engine {
                 }
             }
             Input::LiveEdge { seq } => self.note_exists(seq),
-            // Down at once; up again only with the origin's first push (see `control_up`).
-            Input::Control { up } => {
-                if !up {
-                    self.control_up = false;
-                }
-            }
+            Input::Control { up } => self.control_up = up,
             Input::Manifest { bytes } => self.on_manifest(bytes, &mut out),
             Input::Tick => {}
         }
@@ -707,9 +699,6 @@ impl Engine {
     }
 
     fn count_bytes(&mut self, from: From, len: usize) {
-        if from == From::OriginPush {
-            self.control_up = true;
-        }
         match from {
             From::Peer(_) => self.counters.bytes_from_peers += len as u64,
             From::OriginPush | From::OriginFetch => self.counters.bytes_from_origin += len as u64,
