@@ -198,15 +198,11 @@ impl Dcm {
             let Some(place) = state.heartbeat.place else {
                 continue;
             };
-            let declared = placement_kbps(e.upload_kbps);
             observed.push(ObservedMember {
                 peer: *p,
                 region: e.region,
-                upload_kbps: if e.relay {
-                    declared
-                } else {
-                    self.ranking(*p, now).effective_upload_kbps(declared)
-                },
+                // What a join places it by (the ranking's measured upload is never set).
+                upload_kbps: placement_kbps(e.upload_kbps),
                 relay: e.relay,
                 tier: match place.tier {
                     TierName::Preferred => Tier::Preferred,
@@ -222,12 +218,10 @@ impl Dcm {
                     .collect(),
             });
         }
+        let seen: BTreeSet<PeerId> = observed.iter().map(|o| o.peer).collect();
         let mut unplaced: BTreeSet<PeerId> =
             self.planner.restore_tiered(&observed).into_iter().collect();
-        unplaced.extend(
-            ids.iter()
-                .filter(|p| !observed.iter().any(|o| o.peer == **p)),
-        );
+        unplaced.extend(ids.iter().filter(|p| !seen.contains(p)));
         for p in &unplaced {
             let Some(e) = self.peers.get(p) else {
                 continue;

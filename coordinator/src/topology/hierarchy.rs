@@ -996,6 +996,13 @@ impl Hierarchy {
     /// A new, empty bottom cluster of `region`, without feeders.
     fn empty_bottom_cluster(&mut self, region: Region) -> ClusterId {
         let id = self.fresh_id();
+        self.bottom_cluster_with_id(region, id);
+        id
+    }
+
+    /// Adds an empty bottom cluster `id` (a fresh id, or one restored after a failover) to
+    /// `region`, without feeders.
+    fn bottom_cluster_with_id(&mut self, region: Region, id: ClusterId) {
         let c = Cluster::new(
             id,
             region,
@@ -1007,7 +1014,6 @@ impl Hierarchy {
         if let Some(rs) = self.regions.get_mut(&region) {
             rs.bottom.insert(id);
         }
-        id
     }
 
     fn new_bottom_cluster(&mut self, region: Region) -> ClusterId {

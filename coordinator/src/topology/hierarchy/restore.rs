@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use protocol::{PeerId, Source};
 
 use super::{Hierarchy, Tier};
-use crate::topology::cluster::{Cluster, ClusterId, ClusterKind};
+use crate::topology::cluster::{Cluster, ClusterId};
 use crate::topology::multitree::{Changes, ObservedPeer};
 use crate::topology::region::Region;
 
@@ -205,20 +205,6 @@ impl Hierarchy {
             self.clusters.insert(id, c);
         }
         id
-    }
-
-    fn bottom_cluster_with_id(&mut self, region: Region, id: ClusterId) {
-        let c = Cluster::new(
-            id,
-            region,
-            ClusterKind::Bottom { k: self.cfg.k },
-            self.cfg.stream_kbps,
-            self.cfg.max_fanout,
-        );
-        self.clusters.insert(id, c);
-        if let Some(rs) = self.regions.get_mut(&region) {
-            rs.bottom.insert(id);
-        }
     }
 
     fn insert_restored(&mut self, o: &ObservedMember, tier: Tier, cluster: Option<ClusterId>) {

@@ -5,20 +5,7 @@ use super::*;
 use protocol::rng::XorShift as Rng;
 use protocol::{Connectivity, Source};
 
-fn cfg() -> HierarchyConfig {
-    HierarchyConfig {
-        k: 4,
-        stream_kbps: 1000,
-        fec_n: 2,
-        cluster_min: 6,
-        cluster_max: 16,
-        ..HierarchyConfig::default()
-    }
-}
-
-fn region(i: u8) -> Region {
-    Region::V4([10, i])
-}
+use super::tests::{region, small_cfg as cfg};
 
 /// The NAT class peer `i` announces, when `nat` is on.
 fn class(i: u64) -> Option<Connectivity> {

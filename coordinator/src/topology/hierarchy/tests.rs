@@ -4,7 +4,7 @@ use super::*;
 
 use protocol::rng::XorShift as Rng;
 
-fn small_cfg() -> HierarchyConfig {
+pub(super) fn small_cfg() -> HierarchyConfig {
     HierarchyConfig {
         k: 4,
         stream_kbps: 1000,
@@ -15,7 +15,7 @@ fn small_cfg() -> HierarchyConfig {
     }
 }
 
-fn region(i: u8) -> Region {
+pub(super) fn region(i: u8) -> Region {
     Region::V4([10, i])
 }
 
