@@ -313,7 +313,14 @@ fn run_session(
                         // Boxed (one small allocation per message): the handlers' futures are
                         // large and would otherwise sit in every idle session's task.
                         Message::Text(text) => Box::pin(session.on_text(text.as_str())).await,
-                        Message::Binary(frame) => Box::pin(session.on_binary(&frame)).await,
+                        Message::Binary(frame) => match session.on_binary(&frame) {
+                            Ok(keep_going) => keep_going,
+                            // The DCM's queue is full: wait for room (boxed, as above).
+                            Err((ch, ev)) => {
+                                let _ = Box::pin(ch.dcm.send(ev)).await;
+                                true
+                            }
+                        },
                         Message::Close(_) => break Ended::ByPeer,
                         Message::Ping(_) | Message::Pong(_) => true,
                     };
@@ -523,7 +530,13 @@ impl Session {
                     .await;
                 true
             }
-            (ClientMsg::Heartbeat(hb), Some((me, ch))) => self.on_heartbeat(me, &ch, hb).await,
+            (ClientMsg::Heartbeat(hb), Some((me, ch))) => match self.on_heartbeat(me, &ch, hb) {
+                Ok(keep_going) => keep_going,
+                Err(ev) => {
+                    let _ = ch.dcm.send(ev).await;
+                    true
+                }
+            },
             (ClientMsg::Connectivity(connectivity), Some((me, ch))) => {
                 let _ = ch
                     .dcm
@@ -576,30 +589,35 @@ impl Session {
     }
 
     /// Binary frames from peers carry compact heartbeats (see `protocol::heartbeat::binary`).
-    async fn on_binary(&mut self, frame: &[u8]) -> bool {
+    /// Handled without waiting (no future, nothing boxed: the common message of tens of
+    /// thousands of sessions); `Err` holds the event for the DCM when its queue was full, for
+    /// the caller to send when there is room.
+    fn on_binary(&mut self, frame: &[u8]) -> Result<bool, (SharedChannel, DcmEvent)> {
         let Some((me, ch)) = self.joined.clone() else {
-            return self.error(ErrorCode::NotJoined, "send join first".into());
+            return Ok(self.error(ErrorCode::NotJoined, "send join first".into()));
         };
         match protocol::heartbeat::binary::decode(frame) {
-            Ok(hb) => self.on_heartbeat(me, &ch, hb).await,
-            Err(e) => self.error(ErrorCode::Malformed, e.to_string()),
+            Ok(hb) => self.on_heartbeat(me, &ch, hb).map_err(|ev| (ch, ev)),
+            Err(e) => Ok(self.error(ErrorCode::Malformed, e.to_string())),
         }
     }
 
-    async fn on_heartbeat(
+    /// Checks a heartbeat and queues it for the DCM: `Ok(keep_going)`, or `Err` with the event
+    /// when the DCM's queue is full (a heartbeat is not dropped for that; the caller waits).
+    fn on_heartbeat(
         &mut self,
         me: PeerId,
         ch: &SharedChannel,
         hb: protocol::Heartbeat,
-    ) -> bool {
+    ) -> Result<bool, DcmEvent> {
         if hb.client_id != me {
-            return self.error(
+            return Ok(self.error(
                 ErrorCode::WrongPeer,
                 format!(
                     "heartbeat claims to be {} but this session is {me}",
                     hb.client_id
                 ),
-            );
+            ));
         }
         // Bounded so a forged heartbeat cannot make the DCM allocate or iterate much.
         // A coded middle tier has up to k + n trees.
@@ -610,10 +628,10 @@ impl Session {
                 0
             };
         if hb.parents.len() > k || hb.buffer.len() > k || hb.children.len() > 64 * k {
-            return self.error(
+            return Ok(self.error(
                 ErrorCode::Malformed,
                 "heartbeat lists more links than a peer can have".into(),
-            );
+            ));
         }
         // Timestamps are the peer's clock: skew is tolerated, nonsense is not.
         let server_ms = crate::channel::now_ms();
@@ -626,21 +644,21 @@ impl Session {
         if hb.local_ts_ms.abs_diff(server_ms) > DAY_MS
             || stamps.into_iter().any(|t| t > hb.local_ts_ms + 1000)
         {
-            return self.error(
+            return Ok(self.error(
                 ErrorCode::Malformed,
                 format!(
                     "heartbeat timestamps are absurd (local_ts_ms {})",
                     hb.local_ts_ms
                 ),
-            );
+            ));
         }
         let now = Instant::now();
         if let Some((last_seq, _)) = self.last_heartbeat {
             if hb.seq <= last_seq {
-                return self.error(
+                return Ok(self.error(
                     ErrorCode::Malformed,
                     format!("heartbeat seq {} does not follow {last_seq}", hb.seq),
-                );
+                ));
             }
         }
         // At most two heartbeats per interval on average, with a burst of three: network jitter
@@ -653,19 +671,19 @@ impl Session {
         }
         if self.hb_tokens < 1.0 {
             self.state.addresses.refusals.record(Limit::HeartbeatRate);
-            return self.error(ErrorCode::RateLimited, "heartbeats too frequent".into());
+            return Ok(self.error(ErrorCode::RateLimited, "heartbeats too frequent".into()));
         }
         self.hb_tokens -= 1.0;
         self.last_heartbeat = Some((hb.seq, now));
-        let _ = ch
-            .dcm
-            .send(DcmEvent::Heartbeat {
-                peer: me,
-                heartbeat: Box::new(hb),
-                received: now,
-            })
-            .await;
-        true
+        let ev = DcmEvent::Heartbeat {
+            peer: me,
+            heartbeat: Box::new(hb),
+            received: now,
+        };
+        match ch.dcm.try_send(ev) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(ev)) => Err(ev),
+        }
     }
 
     async fn join(&mut self, req: JoinRequest) -> bool {

@@ -212,7 +212,7 @@ impl Dcm {
             origin: origin::OriginPush::new(k),
             peers: FxHashMap::default(),
             epoch: 0,
-            view: HeartbeatView::default(),
+            view: HeartbeatView::with_quiet_threshold(CongestionConfig::default().dead_grace_ms),
             detector: CongestionDetector::new(CongestionConfig::default()),
             production: ProductionLog::default(),
             history: PeerRecords::default(),

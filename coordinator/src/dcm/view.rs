@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use protocol::{ChildLink, Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
@@ -44,9 +44,39 @@ pub struct HeartbeatView {
     // Fx: peer ids are small integers the server hands out, and this map is hit several times
     // per heartbeat; SipHash's DoS resistance buys nothing here.
     peers: FxHashMap<PeerId, PeerState>,
+    /// See [`HeartbeatView::with_quiet_threshold`]: links quiet at least this long (ms) before
+    /// their child's heartbeat was written put the child in `quiet`.
+    quiet_threshold_ms: u64,
+    /// Peers whose last heartbeat shows a link from a peer parent that had delivered nothing for
+    /// `quiet_threshold_ms`: empty in a healthy swarm, so a parent's heartbeat need not read
+    /// each child's report (another peer's memory: cache misses at tens of thousands of
+    /// heartbeats per second) to know none of its links is dead.
+    quiet: FxHashSet<PeerId>,
 }
 
 impl HeartbeatView {
+    /// A view that keeps the set [`HeartbeatView::may_have_quiet_link`] reads, for links quiet
+    /// for `ms` (the congestion detector's `dead_grace_ms`). The default, 0, puts every peer with
+    /// a peer parent in it.
+    pub fn with_quiet_threshold(ms: u64) -> Self {
+        HeartbeatView {
+            quiet_threshold_ms: ms,
+            ..Self::default()
+        }
+    }
+
+    /// The threshold the quiet set is kept for.
+    pub fn quiet_threshold_ms(&self) -> u64 {
+        self.quiet_threshold_ms
+    }
+
+    /// False when no link from a peer parent in `peer`'s last heartbeat had been quiet for the
+    /// quiet threshold when the heartbeat was written (every such link's last delivery, on the
+    /// server's clock, is later than the heartbeat's `sent_ms()` minus the threshold).
+    pub fn may_have_quiet_link(&self, peer: PeerId) -> bool {
+        !self.quiet.is_empty() && self.quiet.contains(&peer)
+    }
+
     pub fn ingest(&mut self, hb: Heartbeat, now_ms: u64) {
         let measured = self.peers.get(&hb.client_id).and_then(|prev| {
             let dt = now_ms.saturating_sub(prev.received_ms);
@@ -57,19 +87,31 @@ impl HeartbeatView {
         let clock_offset_ms = self.peers.get(&hb.client_id).map_or(offset, |prev| {
             offset.min(prev.clock_offset_ms.saturating_add(1))
         });
-        self.peers.insert(
-            hb.client_id,
-            PeerState {
-                heartbeat: hb,
-                received_ms: now_ms,
-                measured_upload_kbps: measured,
-                clock_offset_ms,
-            },
-        );
+        let state = PeerState {
+            heartbeat: hb,
+            received_ms: now_ms,
+            measured_upload_kbps: measured,
+            clock_offset_ms,
+        };
+        let cutoff = state.sent_ms().saturating_sub(self.quiet_threshold_ms);
+        let quiet = state.heartbeat.parents.iter().any(|p| {
+            matches!(p.parent, Source::Peer { .. })
+                && p.last_ts_ms.is_some_and(|t| {
+                    ((t as i64).saturating_add(clock_offset_ms)).max(0) as u64 <= cutoff
+                })
+        });
+        let id = state.heartbeat.client_id;
+        if quiet {
+            self.quiet.insert(id);
+        } else if !self.quiet.is_empty() {
+            self.quiet.remove(&id);
+        }
+        self.peers.insert(id, state);
     }
 
     pub fn remove(&mut self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.quiet.remove(&peer);
     }
 
     /// Counts `peer` as heard from at `now_ms` (its connection was replaced; a heartbeat
@@ -319,6 +361,11 @@ impl CongestionDetector {
         link_since: &impl Fn(PeerId, PeerId, u32) -> Option<u64>,
     ) -> Option<u64> {
         if substream >= k {
+            return None;
+        }
+        // The view's quiet set answers for the common case without reading the child's report
+        // (when it is kept for this grace or a shorter one).
+        if view.quiet_threshold_ms() <= self.cfg.dead_grace_ms && !view.may_have_quiet_link(child) {
             return None;
         }
         let cs = view.get(child)?;

@@ -409,7 +409,8 @@ fn silent_parent_view(quiet_ms: u64) -> (HeartbeatView, ProductionLog, (PeerId, 
     let upto = 400;
     let log = production(upto, now);
     let (parent, child, sub) = relay_link(&t);
-    let mut view = HeartbeatView::default();
+    // Kept for the detector's grace, as the DCM keeps it.
+    let mut view = HeartbeatView::with_quiet_threshold(CongestionConfig::default().dead_grace_ms);
     for p in t.peers() {
         let mut hb = heartbeat(
             &t,
@@ -465,6 +466,32 @@ fn a_parent_that_claims_to_feed_a_dead_link_is_found_on_the_first_heartbeat() {
             .on_heartbeat(&view, &log, K, peer, |_, _, _| Some(1_000_000 - 100))
             .is_empty());
     }
+}
+
+#[test]
+fn the_quiet_set_holds_exactly_the_children_of_links_quiet_for_the_grace() {
+    let (mut view, _, (_, child, sub)) = silent_parent_view(5000);
+    let base = view.get(child).expect("child").heartbeat.clone();
+    let at = base.local_ts_ms;
+    // Every link delivered when the heartbeat was written, but one `quiet` ms earlier.
+    let mut report = |view: &mut HeartbeatView, seq: u64, quiet: u64| {
+        let mut hb = base.clone();
+        hb.seq = seq;
+        for l in &mut hb.parents {
+            l.last_ts_ms = Some(if l.substream == sub { at - quiet } else { at });
+        }
+        view.ingest(hb, 1_000_000);
+        view.may_have_quiet_link(child)
+    };
+    assert!(!report(&mut view, 2, 0), "all links delivered");
+    assert!(report(&mut view, 3, 5000), "one link quiet for 5 s");
+    assert!(
+        !report(&mut view, 4, 100),
+        "100 ms is under the 400 ms grace"
+    );
+    assert!(report(&mut view, 5, 400), "quiet for the grace itself");
+    view.remove(child);
+    assert!(!view.may_have_quiet_link(child), "gone with its peer");
 }
 
 #[test]
