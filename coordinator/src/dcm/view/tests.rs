@@ -474,7 +474,7 @@ fn the_quiet_set_holds_exactly_the_children_of_links_quiet_for_the_grace() {
     let base = view.get(child).expect("child").heartbeat.clone();
     let at = base.local_ts_ms;
     // Every link delivered when the heartbeat was written, but one `quiet` ms earlier.
-    let mut report = |view: &mut HeartbeatView, seq: u64, quiet: u64| {
+    let report = |view: &mut HeartbeatView, seq: u64, quiet: u64| {
         let mut hb = base.clone();
         hb.seq = seq;
         for l in &mut hb.parents {
