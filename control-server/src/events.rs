@@ -90,6 +90,12 @@ pub enum DcmEvent {
     Snapshot {
         reply: oneshot::Sender<TopologySnapshot>,
     },
+    /// What the metrics sampler needs each second ([`coordinator::Dcm::census`]): answered at
+    /// once, without copying plans or heartbeats.
+    Census {
+        lagging_after_ms: u64,
+        reply: oneshot::Sender<coordinator::Census>,
+    },
     /// A download session of the same page asks for its share of the page's upload (claim 1):
     /// this (live) DCM decides the split, live first, keeps `peer` within its share from now on,
     /// and answers `None` if `peer` is not one of its sessions.

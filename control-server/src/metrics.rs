@@ -22,7 +22,7 @@ use protocol::{Heartbeat, PeerId, Source, SubstreamPlan};
 use serde::Serialize;
 
 use crate::channel::{now_ms, Channel};
-use crate::dcm::{DcmEvent, PeerView, TopologySnapshot};
+use crate::dcm::{Census, DcmEvent, PeerView, TopologySnapshot};
 use crate::{AppState, SharedChannel};
 
 /// The only region today; every DCM and viewer belongs to it.
@@ -54,17 +54,21 @@ pub fn placement(peer: &PeerView) -> Placement {
     match &peer.tier {
         Some(t) => Placement {
             region: t.region.clone(),
-            tier: match t.tier {
-                protocol::TierName::Preferred => "preferred",
-                protocol::TierName::Middle => "middle",
-                protocol::TierName::Bottom => "bottom",
-            }
-            .into(),
+            tier: tier_label(t.tier).into(),
         },
         None => Placement {
             region: DEFAULT_REGION.into(),
             tier: DEFAULT_TIER.into(),
         },
+    }
+}
+
+/// A tier's label in the metrics and on the dashboard.
+fn tier_label(tier: protocol::TierName) -> &'static str {
+    match tier {
+        protocol::TierName::Preferred => "preferred",
+        protocol::TierName::Middle => "middle",
+        protocol::TierName::Bottom => "bottom",
     }
 }
 
@@ -88,6 +92,73 @@ pub fn peer_samples(snap: &TopologySnapshot) -> Vec<PeerSample<'_>> {
             heartbeat: p.last_heartbeat.as_ref(),
         })
         .collect()
+}
+
+/// What [`Metrics::observe_with`] folds into a channel's totals: each peer's counters (`None`
+/// before its first heartbeat), the viewers per placement and the lagging links. Made from a
+/// full snapshot's peers ([`Observed::of_samples`]) or from the DCM's lighter census
+/// ([`Observed::of_census`], what the one-second sampler asks for).
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub peers: Vec<(PeerId, Option<PeerTotals>)>,
+    pub by_placement: BTreeMap<Placement, u32>,
+    pub lagging_links: u32,
+}
+
+impl Observed {
+    pub fn of_samples(peers: &[PeerSample<'_>]) -> Self {
+        let mut by_placement: BTreeMap<Placement, u32> = BTreeMap::new();
+        for p in peers {
+            *by_placement.entry(p.placement.clone()).or_default() += 1;
+        }
+        Observed {
+            peers: peers
+                .iter()
+                .map(|p| (p.id, p.heartbeat.map(PeerTotals::of)))
+                .collect(),
+            by_placement,
+            lagging_links: link_health(peers).iter().filter(|l| l.lagging).count() as u32,
+        }
+    }
+
+    /// From a census: its lagging links are those the peers' heartbeats list (a snapshot's are
+    /// those of the current plans; they differ only while a re-plan is on its way).
+    pub fn of_census(c: &Census) -> Self {
+        let by_placement = c
+            .placements
+            .iter()
+            .map(|(place, n)| {
+                let placement = match place {
+                    Some((region, tier)) => Placement {
+                        region: region.clone(),
+                        tier: tier_label(*tier).into(),
+                    },
+                    None => Placement {
+                        region: DEFAULT_REGION.into(),
+                        tier: DEFAULT_TIER.into(),
+                    },
+                };
+                (placement, *n)
+            })
+            .collect();
+        Observed {
+            peers: c
+                .peers
+                .iter()
+                .map(|p| {
+                    let totals = p.counters.map(|h| PeerTotals {
+                        bytes_from_peers: h.bytes_from_peers,
+                        bytes_from_origin: h.bytes_from_origin,
+                        bytes_up: h.bytes_up,
+                        origin_fallbacks: h.origin_fallbacks,
+                    });
+                    (p.id, totals)
+                })
+                .collect(),
+            by_placement,
+            lagging_links: c.peers.iter().map(|p| p.lagging_links).sum(),
+        }
+    }
 }
 
 /// Cumulative counters a peer reports in its heartbeats.
@@ -247,11 +318,17 @@ impl Metrics {
 
     /// [`Metrics::observe`] on the peers of a snapshot.
     pub fn observe_peers(&self, ch: &Channel, peers: Option<&[PeerSample<'_>]>) -> ChannelTotals {
+        self.observe_with(ch, peers.map(Observed::of_samples))
+    }
+
+    /// Folds what was observed of the channel's peers into its running totals (peers gone since
+    /// the last observation move to the departed total); `None` keeps the last peer figures.
+    pub fn observe_with(&self, ch: &Channel, observed: Option<Observed>) -> ChannelTotals {
         let mut tracks = lock(&self.tracks);
         let track = tracks.entry(ch.name.clone()).or_default();
-        let mut totals = match peers {
-            Some(peers) => {
-                let current: HashSet<PeerId> = peers.iter().map(|p| p.id).collect();
+        let mut totals = match observed {
+            Some(o) => {
+                let current: HashSet<PeerId> = o.peers.iter().map(|p| p.0).collect();
                 let gone: Vec<PeerId> = track
                     .live
                     .keys()
@@ -270,24 +347,21 @@ impl Metrics {
                         track.gone.remove(&id);
                     }
                 }
-                for p in peers {
-                    let Some(hb) = p.heartbeat else {
+                for (id, totals) in &o.peers {
+                    let Some(totals) = totals else {
                         continue;
                     };
-                    if track.gone.contains(&p.id) {
+                    if track.gone.contains(id) {
                         continue;
                     }
                     // Per-peer counters only grow: a stale snapshot does not lower them.
-                    let t = track.live.entry(p.id).or_default();
-                    t.max_with(&PeerTotals::of(hb));
-                }
-                let mut by: BTreeMap<Placement, u32> = BTreeMap::new();
-                for p in peers {
-                    *by.entry(p.placement.clone()).or_default() += 1;
+                    let t = track.live.entry(*id).or_default();
+                    t.max_with(totals);
                 }
                 ChannelTotals {
-                    viewers: peers.len() as u32,
-                    viewers_by_placement: by
+                    viewers: o.peers.len() as u32,
+                    viewers_by_placement: o
+                        .by_placement
                         .into_iter()
                         .map(|(p, n)| PlacementCount {
                             region: p.region,
@@ -295,7 +369,7 @@ impl Metrics {
                             viewers: n,
                         })
                         .collect(),
-                    lagging_links: link_health(peers).iter().filter(|l| l.lagging).count() as u32,
+                    lagging_links: o.lagging_links,
                     ..ChannelTotals::default()
                 }
             }
@@ -347,7 +421,12 @@ impl Metrics {
         peers: Option<&[PeerSample<'_>]>,
         t_ms: u64,
     ) -> Sample {
-        let totals = self.observe_peers(ch, peers);
+        self.record_with(ch, peers.map(Observed::of_samples), t_ms)
+    }
+
+    /// [`Metrics::record`] on what was observed of the channel's peers.
+    pub fn record_with(&self, ch: &Channel, observed: Option<Observed>, t_ms: u64) -> Sample {
+        let totals = self.observe_with(ch, observed);
         let mut tracks = lock(&self.tracks);
         let track = tracks.entry(ch.name.clone()).or_default();
         let mut s = Sample {
@@ -427,6 +506,26 @@ pub async fn snapshot(ch: &Channel) -> Option<TopologySnapshot> {
         .flatten()
 }
 
+/// Asks a channel's DCM for its census (what the sampler needs; far lighter than a snapshot);
+/// `None` if it does not answer in time.
+pub async fn census(ch: &Channel) -> Option<Census> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = async {
+        ch.dcm
+            .send(DcmEvent::Census {
+                lagging_after_ms: LAGGING_AFTER_MS,
+                reply: tx,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    };
+    tokio::time::timeout(SNAPSHOT_TIMEOUT, ask)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Starts the one-second sampler of `state` if it is not running yet (needs a tokio runtime;
 /// without one, nothing is started and the next call tries again).
 pub fn ensure_sampler(state: &AppState) {
@@ -455,8 +554,8 @@ pub fn ensure_sampler(state: &AppState) {
             drop(channels);
             let t_ms = now_ms();
             for ch in &list {
-                let snap = snapshot(ch).await;
-                metrics.record(ch, snap.as_ref(), t_ms);
+                let census = census(ch).await;
+                metrics.record_with(ch, census.as_ref().map(Observed::of_census), t_ms);
             }
             metrics.retain(&list.iter().map(|c| c.name.clone()).collect());
         }
@@ -1040,6 +1139,46 @@ mod tests {
         let t = m.observe_peers(&ch, Some(&peers(&stale, &plan)));
         assert_eq!(t.received.bytes_from_peers, 200);
         assert_eq!(t.received.bytes_from_origin, 1050);
+    }
+
+    #[test]
+    fn a_census_folds_in_as_the_snapshot_does() {
+        let ch = channel();
+        let plan = plan();
+        let list = [(1, Some(hb(1, 3, 100, 50))), (2, None)];
+        let from_snapshot = Metrics::default().observe_peers(&ch, Some(&peers(&list, &plan)));
+        let counters = |h: &Heartbeat| coordinator::dcm::HeartbeatCounters::of(h);
+        let census = Census {
+            peers: list
+                .iter()
+                .map(|(id, h)| coordinator::dcm::CensusPeer {
+                    id: PeerId(*id),
+                    counters: h.as_ref().map(counters),
+                    lagging_links: h.as_ref().map_or(0, |h| {
+                        h.parents
+                            .iter()
+                            .filter(|l| {
+                                coordinator::dcm::link_lagging(h, l.last_ts_ms, LAGGING_AFTER_MS)
+                            })
+                            .count() as u32
+                    }),
+                })
+                .collect(),
+            placements: vec![(None, 2)],
+        };
+        let from_census = Metrics::default().observe_with(&ch, Some(Observed::of_census(&census)));
+        assert_eq!(from_census.viewers, from_snapshot.viewers);
+        assert_eq!(from_census.received, from_snapshot.received);
+        assert_eq!(from_census.lagging_links, from_snapshot.lagging_links);
+        assert_eq!(from_census.lagging_links, 1);
+        assert_eq!(
+            from_census.viewers_by_placement[0].viewers,
+            from_snapshot.viewers_by_placement[0].viewers
+        );
+        assert_eq!(
+            from_census.viewers_by_placement[0].tier,
+            from_snapshot.viewers_by_placement[0].tier
+        );
     }
 
     #[test]

@@ -17,5 +17,5 @@ pub mod dcm;
 pub mod topology;
 
 pub use dcm::{
-    Adopted, Dcm, DcmConfig, DcmStats, Event, OutMsg, Output, RelayRound, TopologySnapshot,
+    Adopted, Census, Dcm, DcmConfig, DcmStats, Event, OutMsg, Output, RelayRound, TopologySnapshot,
 };

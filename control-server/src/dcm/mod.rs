@@ -19,7 +19,7 @@ use crate::channel::{now_ms, Attached, Channel};
 use crate::config::Config;
 pub use crate::events::{DcmEvent, Outbound, OutboundTx};
 pub use coordinator::dcm::{
-    bridge, history, planner, split, view, CongestionRecord, PeerView, RepairRecord,
+    bridge, history, planner, split, view, Census, CongestionRecord, PeerView, RepairRecord,
     TopologySnapshot,
 };
 
@@ -352,6 +352,12 @@ impl Dcm {
                 self.next_token += 1;
                 self.snapshots.insert(token, reply);
                 self.core.handle(Event::Snapshot { token }, now);
+            }
+            DcmEvent::Census {
+                lagging_after_ms,
+                reply,
+            } => {
+                let _ = reply.send(self.core.census(lagging_after_ms));
             }
             DcmEvent::SplitUpload {
                 peer,

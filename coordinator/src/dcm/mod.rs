@@ -46,7 +46,10 @@ use bridge::Bridges;
 pub use event::{Adopted, DcmConfig, DcmStats, Event, OutMsg, Output, RelayRound};
 use history::PeerRecords;
 use planner::{Planner, Push};
-pub use snapshot::{CongestionRecord, PeerView, RepairRecord, TopologySnapshot};
+pub use snapshot::{
+    link_lagging, Census, CensusPeer, CongestionRecord, HeartbeatCounters, PeerView, RepairRecord,
+    TopologySnapshot,
+};
 use view::{CongestionConfig, CongestionDetector, HeartbeatView, ProductionLog};
 
 #[derive(Debug, Clone, Copy)]

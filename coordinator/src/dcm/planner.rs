@@ -306,6 +306,29 @@ impl Planner {
         }
     }
 
+    /// The region (by name) and tier of `peer` on a hierarchical channel, without building its
+    /// plan; `None` on a flat channel or for a peer it does not place.
+    pub fn placement(&self, peer: PeerId) -> Option<(Region, protocol::TierName)> {
+        let Planner::Tiered(t) = self else {
+            return None;
+        };
+        let (region, tier) = t.h.placement(peer)?;
+        let tier = match tier {
+            Tier::Preferred => protocol::TierName::Preferred,
+            Tier::Middle => protocol::TierName::Middle,
+            Tier::Bottom => protocol::TierName::Bottom,
+        };
+        Some((region, tier))
+    }
+
+    /// The display name of a region (hierarchical channels; empty on a flat one).
+    pub fn region_name(&self, region: Region) -> String {
+        match self {
+            Planner::Tiered(t) => t.topo.name(region),
+            Planner::Flat(_) => String::new(),
+        }
+    }
+
     /// The plans of many peers, for one re-plan (see [`Hierarchy::plans`]).
     pub fn plans(
         &self,

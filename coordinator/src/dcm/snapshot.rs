@@ -71,7 +71,95 @@ pub struct RepairRecord {
     pub affected: usize,
 }
 
+/// What the server's metrics sample of a channel every second ([`Dcm::census`]): each peer's
+/// counters and lagging links, and the viewers per region and tier. Nothing per peer is
+/// copied but a few numbers: a [`TopologySnapshot`] of 20 000 peers copies every plan and
+/// heartbeat (tens of MB, built on the DCM's thread between heartbeats).
+#[derive(Debug, Clone, Default)]
+pub struct Census {
+    /// Sorted by id.
+    pub peers: Vec<CensusPeer>,
+    /// Viewers per placement: `None` on a flat channel, else (region name, tier).
+    pub placements: Vec<(Option<(String, protocol::TierName)>, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CensusPeer {
+    pub id: PeerId,
+    /// The cumulative counters of its last heartbeat; `None` before its first.
+    pub counters: Option<HeartbeatCounters>,
+    /// Links it receives from (as its last heartbeat lists them) that had delivered nothing
+    /// for the census's threshold when it wrote the heartbeat, or, never having delivered,
+    /// belong to a peer that has been around that long (`seq` heartbeats of about a second).
+    pub lagging_links: u32,
+}
+
+/// The cumulative counters a heartbeat reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatCounters {
+    pub bytes_from_peers: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_up: u64,
+    pub origin_fallbacks: u64,
+}
+
+impl HeartbeatCounters {
+    pub fn of(hb: &Heartbeat) -> Self {
+        HeartbeatCounters {
+            bytes_from_peers: hb.bytes_from_peers,
+            bytes_from_origin: hb.bytes_from_origin,
+            bytes_up: hb.bytes_up,
+            origin_fallbacks: hb.origin_fallbacks,
+        }
+    }
+}
+
+/// Whether a link a heartbeat lists is lagging: silent for more than `after_ms` when the
+/// heartbeat was written, or, never having delivered, listed by a peer that has sent heartbeats
+/// for longer than that (at about one a second).
+pub fn link_lagging(hb: &Heartbeat, last_ts_ms: Option<u64>, after_ms: u64) -> bool {
+    match last_ts_ms {
+        Some(t) => hb.local_ts_ms.saturating_sub(t) > after_ms,
+        None => hb.seq.saturating_mul(1000) > after_ms,
+    }
+}
+
 impl Dcm {
+    /// The channel's [`Census`], with links silent for more than `lagging_after_ms` counted
+    /// as lagging.
+    pub fn census(&self, lagging_after_ms: u64) -> Census {
+        let mut peers: Vec<CensusPeer> = self
+            .peers
+            .keys()
+            .map(|&id| {
+                let hb = self.view.get(id).map(|s| &s.heartbeat);
+                CensusPeer {
+                    id,
+                    counters: hb.map(HeartbeatCounters::of),
+                    lagging_links: hb.map_or(0, |hb| {
+                        hb.parents
+                            .iter()
+                            .filter(|l| link_lagging(hb, l.last_ts_ms, lagging_after_ms))
+                            .count() as u32
+                    }),
+                }
+            })
+            .collect();
+        peers.sort_unstable_by_key(|p| p.id);
+        let mut by: std::collections::BTreeMap<_, u32> = std::collections::BTreeMap::new();
+        for p in &peers {
+            *by.entry(self.planner.placement(p.id)).or_default() += 1;
+        }
+        let placements = by
+            .into_iter()
+            .map(|(place, n)| {
+                let place = place.map(|(region, tier)| (self.planner.region_name(region), tier));
+                (place, n)
+            })
+            .collect();
+        Census { peers, placements }
+    }
+
     pub fn snapshot(&self, now: u64) -> TopologySnapshot {
         let views = self
             .peers

@@ -623,6 +623,72 @@ fn heartbeat_from_plan(peer: PeerId, plan: &[SubstreamPlan], now: u64) -> Heartb
 }
 
 #[test]
+fn the_census_counts_what_the_snapshot_shows_without_copying_plans() {
+    let mut h = tiered_harness();
+    let mut id = 0;
+    for region in 0..3u16 {
+        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
+            id += 1;
+            h.join_in(id, region, kbps);
+        }
+    }
+    let seen = h.drain();
+    let census = h.dcm.census(3000);
+    let ids: Vec<u64> = census.peers.iter().map(|p| p.id.0).collect();
+    assert_eq!(ids, (1..=18).collect::<Vec<_>>(), "every peer, sorted");
+    assert!(census
+        .peers
+        .iter()
+        .all(|p| p.counters.is_none() && p.lagging_links == 0));
+    // Viewers per (region, tier), as the snapshot's plans give them.
+    let mut expected: BTreeMap<(String, protocol::TierName), u32> = BTreeMap::new();
+    for v in h.dcm.snapshot(0).peers {
+        let t = v.tier.expect("tier plan");
+        *expected.entry((t.region, t.tier)).or_default() += 1;
+    }
+    let got: BTreeMap<(String, protocol::TierName), u32> = census
+        .placements
+        .iter()
+        .map(|(place, n)| (place.clone().expect("placed"), *n))
+        .collect();
+    assert_eq!(got, expected);
+    // Two bottom peers report: one healthy, one with a link silent for 5 s.
+    let now = now_ms();
+    let bottom: Vec<PeerId> = seen
+        .iter()
+        .filter(|(_, (plan, _))| {
+            plan.as_ref()
+                .and_then(|p| p.1.as_ref())
+                .is_some_and(|t| t.tier == protocol::TierName::Bottom)
+        })
+        .map(|(p, _)| *p)
+        .take(2)
+        .collect();
+    assert_eq!(bottom.len(), 2);
+    for (i, peer) in bottom.iter().enumerate() {
+        let plan = seen[peer].0.clone().expect("plan").0;
+        let mut hb = heartbeat_from_plan(*peer, &plan, now);
+        hb.bytes_from_peers = 1000 + i as u64;
+        if i == 1 {
+            hb.parents[0].last_ts_ms = Some(now - 5000);
+        }
+        h.dcm.on_heartbeat(*peer, hb, now);
+    }
+    let census = h.dcm.census(3000);
+    let of = |p: PeerId| census.peers.iter().find(|c| c.id == p).expect("in census");
+    assert_eq!(
+        of(bottom[0]).counters.map(|c| c.bytes_from_peers),
+        Some(1000)
+    );
+    assert_eq!(of(bottom[0]).lagging_links, 0);
+    assert_eq!(
+        of(bottom[1]).counters.map(|c| c.bytes_from_peers),
+        Some(1001)
+    );
+    assert_eq!(of(bottom[1]).lagging_links, 1);
+}
+
+#[test]
 fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and_says_nothing() {
     let mut h = Harness::new();
     let mut rng = protocol::rng::XorShift::seeded(7);

@@ -1266,6 +1266,11 @@ impl Hierarchy {
         self.peers.get(&peer).map(|i| i.tier)
     }
 
+    /// The region and tier of `peer`, without building its plan.
+    pub fn placement(&self, peer: PeerId) -> Option<(Region, Tier)> {
+        self.peers.get(&peer).map(|i| (i.region, i.tier))
+    }
+
     /// Everything `peer` must do: tier, DCM, sources per substream, children, algorithm per link.
     pub fn plan(&self, peer: PeerId) -> Option<PeerPlan> {
         self.plan_with(peer, None)
