@@ -14,7 +14,7 @@ pub enum Outbound {
     Msg(Box<ServerMsg>),
     Packet(Bytes),
     /// A message serialized once for many peers (live-edge notices).
-    Text(axum::extract::ws::Utf8Bytes),
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
     Close(String),
     /// The DCM evicted the peer: the session sends an `evicted` error with the reason, closes,
     /// and refuses the peer's address for the configured time.

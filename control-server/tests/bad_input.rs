@@ -316,3 +316,38 @@ async fn a_resume_on_a_lone_server_is_refused_and_the_channel_goes_on() {
     send(&mut other, &heartbeat(other_id, 1)).await;
     send(&mut other, &ClientMsg::Leave).await;
 }
+
+/// Sends `head` (a request without a body) and returns the response's status and text.
+async fn request(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    read_response(&mut s).await
+}
+
+#[tokio::test]
+async fn requests_to_the_websocket_endpoint_that_are_not_upgrades_are_told_why() {
+    let (addr, _state) = start_server(Config::default()).await;
+    let plain = format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let (status, text) = request(addr, &plain).await;
+    assert_eq!(status, 426, "{text}");
+    assert!(text.contains("WebSocket connections"), "{text}");
+    let old = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let (status, text) = request(addr, &old).await;
+    assert_eq!(status, 426, "{text}");
+    assert!(text.contains("version 13"), "{text}");
+    let keyless = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: close, Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (status, text) = request(addr, &keyless).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("Sec-WebSocket-Key"), "{text}");
+    // And a real client still connects (the accept key is right) and joins.
+    let mut ws = connect(addr).await;
+    let me = join(&mut ws, 1000).await;
+    assert!(me.0 > 0);
+}

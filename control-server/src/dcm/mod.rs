@@ -48,7 +48,7 @@ pub struct Dcm {
     counted: DcmStats,
     /// The last shared text converted for the WebSocket, so that a notice to thousands of peers
     /// is converted once.
-    last_text: Option<(Arc<str>, axum::extract::ws::Utf8Bytes)>,
+    last_text: Option<(Arc<str>, tokio_tungstenite::tungstenite::Utf8Bytes)>,
     heartbeat_ms: u64,
     /// The epoch last written to the channel's attachments.
     epoch: u64,
@@ -479,13 +479,13 @@ impl Dcm {
     }
 
     /// Converts a shared text once for all the peers it goes to.
-    fn text(&mut self, t: Arc<str>) -> axum::extract::ws::Utf8Bytes {
+    fn text(&mut self, t: Arc<str>) -> tokio_tungstenite::tungstenite::Utf8Bytes {
         if let Some((last, bytes)) = &self.last_text {
             if Arc::ptr_eq(last, &t) {
                 return bytes.clone();
             }
         }
-        let bytes = axum::extract::ws::Utf8Bytes::from(t.as_ref());
+        let bytes = tokio_tungstenite::tungstenite::Utf8Bytes::from(t.as_ref());
         self.last_text = Some((t, bytes.clone()));
         bytes
     }

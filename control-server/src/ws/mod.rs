@@ -3,5 +3,7 @@
 //! reach another peer.
 
 mod session;
+mod upgrade;
 
 pub use session::{ws_handler, SessionLimits, REPLACED};
+pub use upgrade::{UpgradeError, FRAGMENT_BYTES};

@@ -3,7 +3,12 @@ use std::time::Instant;
 
 use axum::extract::ConnectInfo;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use super::upgrade::{send_fragmented, PeerSocket, Upgrade};
 use axum::extract::State;
 use axum::response::Response;
 use protocol::control::MAX_CONTROL_MESSAGE;
@@ -47,7 +52,7 @@ impl Default for SessionLimits {
 const HARD_MESSAGE_CAP: usize = 4 * MAX_CONTROL_MESSAGE;
 
 pub async fn ws_handler(
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
@@ -64,11 +69,16 @@ pub async fn ws_handler(
     // few KiB each (tungstenite's defaults are 128 KiB). A binary heartbeat is about 130 bytes;
     // the read buffer grows for a larger frame (a join, a signal) and reuses its space once the
     // frame is handled.
-    ws.max_message_size(HARD_MESSAGE_CAP)
-        .max_frame_size(HARD_MESSAGE_CAP)
+    // Each message is written as soon as it is sent (write buffer threshold 0), and one larger
+    // than a fragment goes out in fragments (see `upgrade`).
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(HARD_MESSAGE_CAP))
+        .max_frame_size(Some(HARD_MESSAGE_CAP))
         .read_buffer_size(256)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| run_session(socket, state, remote, token))
+        .write_buffer_size(0);
+    ws.on_upgrade(config, move |socket| {
+        run_session(socket, state, remote, token)
+    })
 }
 
 struct Session {
@@ -131,7 +141,7 @@ fn close_reason(reason: &str) -> Utf8Bytes {
 }
 
 /// Writes one queued message.
-async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> Written {
+async fn write_out(socket: &mut PeerSocket, item: Box<Outbound>) -> Written {
     let (msg, last) = match *item {
         Outbound::Msg(m) => match serde_json::to_string(&*m) {
             Ok(s) => (Message::Text(Utf8Bytes::from(s)), false),
@@ -144,7 +154,7 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> Written {
         Outbound::Text(t) => (Message::Text(t), false),
         Outbound::Close(reason) => (
             Message::Close(Some(CloseFrame {
-                code: 1008,
+                code: CloseCode::Policy,
                 reason: close_reason(&reason),
             })),
             true,
@@ -164,7 +174,7 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> Written {
             }
             (
                 Message::Close(Some(CloseFrame {
-                    code: 1008,
+                    code: CloseCode::Policy,
                     reason: close_reason(&reason),
                 })),
                 true,
@@ -172,7 +182,7 @@ async fn write_out(socket: &mut WebSocket, item: Box<Outbound>) -> Written {
         }
     };
     let sent = matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
+        tokio::time::timeout(SEND_TIMEOUT, send_fragmented(socket, msg)).await,
         Ok(Ok(()))
     );
     match (sent, last) {
@@ -201,7 +211,7 @@ enum Ended {
 /// The session is built here and the loop is an async block (see below), which keeps the
 /// session's task small: it lives as long as the peer stays connected.
 fn run_session(
-    mut socket: WebSocket,
+    mut socket: PeerSocket,
     state: AppState,
     remote: IpAddr,
     token: Option<String>,
@@ -266,7 +276,7 @@ fn run_session(
                         Written::Failed => break Ended::ByPeer,
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     let Some(msg) = msg else { break Ended::ByPeer };
                     let msg = match msg {
                         Ok(m) => m,
@@ -322,7 +332,8 @@ fn run_session(
                             }
                         },
                         Message::Close(_) => break Ended::ByPeer,
-                        Message::Ping(_) | Message::Pong(_) => true,
+                        // Pings are answered by tungstenite; raw frames are never read.
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,
                     };
                     if !keep_going {
                         break Ended::ByServer;
@@ -347,7 +358,7 @@ fn run_session(
 /// the socket with unread input would make the kernel reset the connection, and a reset throws
 /// away what the peer had not read yet: the error and the close frame with its reason.
 async fn close_gracefully(
-    socket: &mut WebSocket,
+    socket: &mut PeerSocket,
     out_rx: &mut mpsc::Receiver<Box<Outbound>>,
     ended: Ended,
 ) {
@@ -362,7 +373,7 @@ async fn close_gracefully(
     }
     if !close_sent {
         let bye = Message::Close(Some(CloseFrame {
-            code: 1000,
+            code: CloseCode::Normal,
             reason: Utf8Bytes::from_static("session ended"),
         }));
         if !matches!(
@@ -375,7 +386,7 @@ async fn close_gracefully(
     let deadline = tokio::time::Instant::now() + CLOSE_DRAIN;
     let mut discarded = 0usize;
     while discarded < CLOSE_DRAIN_BYTES {
-        match tokio::time::timeout_at(deadline, socket.recv()).await {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
             Ok(Some(Ok(m))) => discarded += m.into_data().len().max(1),
         }
