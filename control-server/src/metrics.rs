@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::channel::{now_ms, Channel};
 use crate::dcm::{Census, DcmEvent, PeerView, TopologySnapshot};
 use crate::{AppState, SharedChannel};
+use coordinator::dcm::HeartbeatCounters;
 
 /// The only region today; every DCM and viewer belongs to it.
 pub const DEFAULT_REGION: &str = "default";
@@ -145,15 +146,7 @@ impl Observed {
             peers: c
                 .peers
                 .iter()
-                .map(|p| {
-                    let totals = p.counters.map(|h| PeerTotals {
-                        bytes_from_peers: h.bytes_from_peers,
-                        bytes_from_origin: h.bytes_from_origin,
-                        bytes_up: h.bytes_up,
-                        origin_fallbacks: h.origin_fallbacks,
-                    });
-                    (p.id, totals)
-                })
+                .map(|p| (p.id, p.counters.map(PeerTotals::from)))
                 .collect(),
             by_placement,
             lagging_links: c.peers.iter().map(|p| p.lagging_links).sum(),
@@ -170,14 +163,20 @@ pub struct PeerTotals {
     pub origin_fallbacks: u64,
 }
 
+impl From<HeartbeatCounters> for PeerTotals {
+    fn from(h: HeartbeatCounters) -> Self {
+        PeerTotals {
+            bytes_from_peers: h.bytes_from_peers,
+            bytes_from_origin: h.bytes_from_origin,
+            bytes_up: h.bytes_up,
+            origin_fallbacks: h.origin_fallbacks,
+        }
+    }
+}
+
 impl PeerTotals {
     fn of(hb: &Heartbeat) -> Self {
-        PeerTotals {
-            bytes_from_peers: hb.bytes_from_peers,
-            bytes_from_origin: hb.bytes_from_origin,
-            bytes_up: hb.bytes_up,
-            origin_fallbacks: hb.origin_fallbacks,
-        }
+        HeartbeatCounters::of(hb).into()
     }
 
     fn max_with(&mut self, o: &PeerTotals) {

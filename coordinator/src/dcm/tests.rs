@@ -396,6 +396,17 @@ impl Harness {
         });
     }
 
+    /// Peers 1 to 18, six per region over regions 0 to 2: two strong, two medium, two weak.
+    fn join_three_classes(&mut self) {
+        let mut id = 0;
+        for region in 0..3u16 {
+            for kbps in [6000, 6000, 2000, 2000, 300, 300] {
+                id += 1;
+                self.join_in(id, region, kbps);
+            }
+        }
+    }
+
     /// Latest tier plans and every binary frame queued, draining the queues.
     fn drain(&mut self) -> HashMap<PeerId, (Option<WireSeen>, Vec<Bytes>)> {
         self.pump();
@@ -467,14 +478,7 @@ fn packet(seq: u64) -> Bytes {
 #[test]
 fn a_tiered_channel_places_three_classes_in_three_tiers_and_the_origin_feeds_them() {
     let mut h = tiered_harness();
-    // Six viewers per region: two strong, two medium, two weak.
-    let mut id = 0;
-    for region in 0..3u16 {
-        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
-            id += 1;
-            h.join_in(id, region, kbps);
-        }
-    }
+    h.join_three_classes();
     let seen = h.drain();
     let mut tiers = BTreeMap::new();
     for (peer, (plan, _)) in &seen {
@@ -625,13 +629,7 @@ fn heartbeat_from_plan(peer: PeerId, plan: &[SubstreamPlan], now: u64) -> Heartb
 #[test]
 fn the_census_counts_what_the_snapshot_shows_without_copying_plans() {
     let mut h = tiered_harness();
-    let mut id = 0;
-    for region in 0..3u16 {
-        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
-            id += 1;
-            h.join_in(id, region, kbps);
-        }
-    }
+    h.join_three_classes();
     let seen = h.drain();
     let census = h.dcm.census(3000);
     let ids: Vec<u64> = census.peers.iter().map(|p| p.id.0).collect();
@@ -898,13 +896,7 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
 #[test]
 fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_without_flapping() {
     let mut h = tiered_harness();
-    let mut id = 0;
-    for region in 0..3u16 {
-        for kbps in [6000, 6000, 2000, 2000, 300, 300] {
-            id += 1;
-            h.join_in(id, region, kbps);
-        }
-    }
+    h.join_three_classes();
     let preferred_in = |h: &Harness, region: &str| -> Vec<PeerId> {
         let mut v: Vec<PeerId> = h
             .dcm

@@ -70,15 +70,8 @@ fn take_over(
         // Before the rebuild, the origin already pushes what it pushed: the whole stream to its
         // mesh neighbours, the data and parity shards of the roots it fed.
         assert_eq!(
-            next.origin_fed
-                .clone()
-                .into_iter()
-                .collect::<HashMap<_, _>>(),
-            h.dcm
-                .origin_fed
-                .clone()
-                .into_iter()
-                .collect::<HashMap<_, _>>(),
+            origin_feeds(&next),
+            origin_feeds(&h.dcm),
             "the origin feeds the same peers during the recovery"
         );
     }
@@ -100,6 +93,11 @@ fn take_over(
         }
     }
     (next, told)
+}
+
+/// What the origin pushes, per peer, in a comparable form.
+fn origin_feeds(dcm: &Dcm) -> HashMap<PeerId, Vec<Push>> {
+    dcm.origin_fed.clone().into_iter().collect()
 }
 
 fn digest((subs, tier): &WireSeen) -> u64 {
@@ -138,15 +136,8 @@ fn a_hierarchy_taken_over_keeps_every_link_and_nobody_is_told_anything() {
     assert!(stats.links_reported > 0);
     assert_eq!(stats.links_kept, stats.links_reported, "every link kept");
     assert_eq!(
-        next.origin_fed
-            .clone()
-            .into_iter()
-            .collect::<HashMap<_, _>>(),
-        h.dcm
-            .origin_fed
-            .clone()
-            .into_iter()
-            .collect::<HashMap<_, _>>(),
+        origin_feeds(&next),
+        origin_feeds(&h.dcm),
         "the origin feeds the same peers"
     );
     next.planner.check_invariants().expect("invariants");
