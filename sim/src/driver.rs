@@ -88,7 +88,7 @@ impl World {
                 }
                 Action::Disconnect { peer } => {
                     if let Some(j) = index_of(peer) {
-                        self.links.close(i, j as u32);
+                        self.close_link(i, j as u32);
                     }
                 }
                 // The simulated origin does not sign (every simulated peer is honest).

@@ -199,6 +199,10 @@ impl RunConfig {
                 // Byte-exactness is checked by comparing each delivered payload with the
                 // origin's (`driver.rs`), which costs far less than hashing it.
                 verify: false,
+                handover_ms: std::env::var("P2P_HANDOVER_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(EngineConfig::default().handover_ms),
                 ..EngineConfig::default()
             },
         })

@@ -3,6 +3,8 @@
 
 use std::rc::Rc;
 
+use peer_wasm::engine::Input;
+
 use crate::peer::id_of;
 use crate::queue::{ms, us};
 use crate::world::{Ev, FetchReply, Up, World, CTRL_BYTES};
@@ -44,8 +46,40 @@ impl World {
         for (me, other) in [(a, b), (b, a)] {
             if self.peers[me as usize].alive {
                 self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);
+                self.feed(
+                    me,
+                    Input::LinkClosed {
+                        peer: id_of(other as usize),
+                    },
+                );
             }
         }
+    }
+
+    /// Peer `from` closes its link to `to` (its engine's Disconnect, or its page closing): the
+    /// link goes at once, and `to` hears of it one path delay later, as a data channel's close
+    /// reaches the other end.
+    pub(crate) fn close_link(&mut self, from: u32, to: u32) {
+        if self.links.get(from, to).is_none() {
+            return;
+        }
+        self.links.close(from, to);
+        let (f, t) = (self.peers[from as usize].net, self.peers[to as usize].net);
+        let one_way = self.cfg.net.path_ms(&f, &t);
+        self.q.after(us(one_way), Ev::LinkClosed(to, from));
+    }
+
+    pub(crate) fn on_link_closed(&mut self, to: u32, from: u32) {
+        // A link asked for since is a new one: this close is not about it.
+        if !self.peers[to as usize].alive || self.links.get(from, to).is_some() {
+            return;
+        }
+        self.feed(
+            to,
+            Input::LinkClosed {
+                peer: id_of(from as usize),
+            },
+        );
     }
 
     /// Puts `packet` on the open link `from -> to`.

@@ -52,6 +52,9 @@ pub enum Ev {
     Release(u64),
     LinkOpen(u32, u32, u32),
     LinkFail(u32, u32, u32),
+    /// The far end closed the data channel `(to, from)`: `to` learns it (if no new link
+    /// between the two has been asked for since).
+    LinkClosed(u32, u32),
     Data {
         to: u32,
         from: u32,
@@ -201,6 +204,7 @@ impl World {
             Ev::Release(seq) => self.on_release(seq),
             Ev::LinkOpen(a, b, gen) => self.on_link_open(a, b, gen),
             Ev::LinkFail(a, b, gen) => self.on_link_fail(a, b, gen),
+            Ev::LinkClosed(to, from) => self.on_link_closed(to, from),
             Ev::Data {
                 to,
                 from,
@@ -273,7 +277,7 @@ impl World {
         }
         for n in neighbours {
             if let Some(j) = index_of(n) {
-                self.links.close(i, j as u32);
+                self.close_link(i, j as u32);
             }
         }
     }

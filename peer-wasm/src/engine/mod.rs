@@ -29,6 +29,7 @@
 //! Every send, tree, mesh or feed, goes through the one upload token bucket and send queue.
 
 pub mod file;
+mod handover;
 mod heartbeat;
 pub mod nat;
 pub mod playout;
@@ -45,6 +46,7 @@ use protocol::hash::{packet_hash, RangeHash};
 use protocol::report::LatencyHistogram;
 use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
+use handover::Handover;
 use protocol::manifest::packet_digest;
 use tier::Tiers;
 use verify::{Check, Verifier};
@@ -99,6 +101,10 @@ pub struct EngineConfig {
     /// The simulator turns it off and compares each delivered payload with the origin's itself
     /// (hashing was most of its CPU time); `verified` then counts packets without hashing.
     pub verify: bool,
+    /// How long a moved tree link is kept after new instructions replace it, at most: the old
+    /// parent keeps sending until the child's new parent delivers (see `handover.rs`); 0 turns
+    /// the handover off.
+    pub handover_ms: f64,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +116,7 @@ impl Default for EngineConfig {
             give_up_ms: 6000.0,
             send_timeout_ms: 1500.0,
             verify: true,
+            handover_ms: 1500.0,
         }
     }
 }
@@ -166,6 +173,12 @@ pub enum Input<'a> {
     Control {
         up: bool,
     },
+    /// The data channel to `peer` closed (either end closed it, or it failed). Ends any
+    /// handover through it (`handover.rs`); the plan is kept, as before: the control center,
+    /// which sees departures, sends new instructions.
+    LinkClosed {
+        peer: PeerId,
+    },
     Tick,
 }
 
@@ -213,6 +226,8 @@ enum Via {
     Mesh,
     /// Root feed of substream `s` into another cluster.
     Feed(u32),
+    /// Tree `i` to a former child while its new parent connects (`handover.rs`).
+    Handover(u32),
 }
 
 /// A packet seen for the first time, on its way through [`Engine::accept`].
@@ -277,7 +292,17 @@ pub struct Engine {
     me: Option<PeerId>,
     k: u32,
     plan: Vec<SubstreamPlan>,
+    /// The peers the plan links us to.
     neighbours: BTreeSet<PeerId>,
+    /// Moved links kept until their replacements deliver.
+    handover: Handover,
+    /// The peers the driver was told to connect to (and not yet to disconnect from): the
+    /// plan's neighbours and the handovers' peers.
+    linked: BTreeSet<PeerId>,
+    /// Linked peers whose data channel the driver reported closed.
+    closed: BTreeSet<PeerId>,
+    /// A handover ended: `linked` is brought up to date at the next poll.
+    relink: bool,
     next_deliver: Option<u64>,
     highest_seen: Option<u64>,
     held: BTreeMap<u64, Held>,
@@ -352,6 +377,10 @@ impl Engine {
             k: 1,
             plan: Vec::new(),
             neighbours: BTreeSet::new(),
+            handover: Handover::default(),
+            linked: BTreeSet::new(),
+            closed: BTreeSet::new(),
+            relink: false,
             next_deliver: None,
             highest_seen: None,
             held: BTreeMap::new(),
@@ -514,6 +543,12 @@ impl Engine {
             }
             Input::LiveEdge { seq } => self.note_exists(seq),
             Input::Control { up } => self.control_up = up,
+            Input::LinkClosed { peer } => {
+                if self.linked.contains(&peer) {
+                    self.closed.insert(peer);
+                }
+                self.relink |= self.handover.closed(peer);
+            }
             Input::Manifest { bytes } => self.on_manifest(bytes, &mut out),
             Input::Tick => {}
         }
@@ -563,9 +598,25 @@ impl Engine {
                     *q = None;
                 }
             }
+            let new_parent = match s.parent {
+                Source::Peer { id } => Some(id),
+                Source::Origin => None,
+            };
             if changed && i < self.parent_timing.len() {
                 if let Some(old) = self.plan.iter().find(|o| o.index == s.index) {
                     let (since, first) = self.parent_timing[i];
+                    // Make-before-break: an old peer parent that delivered keeps its link
+                    // until the new one delivers. If the replaced parent never delivered, a
+                    // handover from the one before it goes on.
+                    if let (Source::Peer { id: old_id }, Some(_)) = (old.parent, first) {
+                        if self.cfg.handover_ms > 0.0 && !self.closed.contains(&old_id) {
+                            self.handover.parent_changed(
+                                s.index,
+                                old_id,
+                                self.now + self.cfg.handover_ms,
+                            );
+                        }
+                    }
                     self.past_links.push_back(protocol::report::LinkStat {
                         substream: s.index,
                         parent: old.parent,
@@ -600,15 +651,10 @@ impl Engine {
             if let Some(e) = self.early_parent.get_mut(i) {
                 *e = None;
             }
+            self.handover.parent_is(s.index, new_parent);
         }
         if let Some(me) = self.me {
             next.remove(&me);
-        }
-        for gone in self.neighbours.difference(&next) {
-            out.push(Action::Disconnect { peer: *gone });
-        }
-        for new in next.difference(&self.neighbours) {
-            out.push(Action::Connect { peer: *new });
         }
         let children: BTreeSet<(PeerId, u32)> = plan
             .iter()
@@ -641,6 +687,19 @@ impl Engine {
             }
         }
         self.child_last.retain(|key, _| children.contains(key));
+        // Make-before-break: a former child is fed until its new parent delivers (it then
+        // closes our link) or the handover's time is up.
+        if self.cfg.handover_ms > 0.0 {
+            for (child, sub) in old_children.difference(&children) {
+                if !self.closed.contains(child) {
+                    self.handover
+                        .child_moved(*child, *sub, self.now + self.cfg.handover_ms);
+                }
+            }
+        }
+        for (child, sub) in &children {
+            self.handover.child_back(*child, *sub);
+        }
         let mesh: BTreeSet<PeerId> = self.tiers.mesh.iter().copied().collect();
         let feeds: BTreeSet<(PeerId, u32)> = self
             .tiers
@@ -652,11 +711,44 @@ impl Engine {
             Via::Tree(sub) => children.contains(&(q.to, sub)),
             Via::Mesh => mesh.contains(&q.to),
             Via::Feed(sub) => feeds.contains(&(q.to, sub)),
+            Via::Handover(sub) => self.handover.is_leaving(q.to, sub),
         };
+        // Sends already queued to a former child go on as handover sends.
+        for q in self
+            .send_queue
+            .iter_mut()
+            .chain(self.prime_queue.iter_mut())
+        {
+            if let Via::Tree(sub) = q.via {
+                if !children.contains(&(q.to, sub)) && self.handover.is_leaving(q.to, sub) {
+                    q.via = Via::Handover(sub);
+                }
+            }
+        }
         self.send_queue.retain(keep);
         self.prime_queue.retain(keep);
         self.neighbours = next;
         self.plan = plan;
+        self.relink(out);
+    }
+
+    /// Tells the driver to connect to the peers the plan or a handover needs and to disconnect
+    /// from the others.
+    fn relink(&mut self, out: &mut Vec<Action>) {
+        self.relink = false;
+        let mut want: BTreeSet<PeerId> = self.neighbours.clone();
+        want.extend(self.handover.peers());
+        if let Some(me) = self.me {
+            want.remove(&me);
+        }
+        for gone in self.linked.difference(&want) {
+            self.closed.remove(gone);
+            out.push(Action::Disconnect { peer: *gone });
+        }
+        for new in want.difference(&self.linked) {
+            out.push(Action::Connect { peer: *new });
+        }
+        self.linked = want;
     }
 
     /// Whether a packet of tree `tree` from `from` came from that tree's current parent; if so,
@@ -676,6 +768,9 @@ impl Engine {
                 }
             }
             if let From::Peer(id) = from {
+                if self.handover.former_parent(tree) == Some(id) {
+                    return; // the old parent, until the new one delivers
+                }
                 let i = tree as usize;
                 if self.early_parent.len() <= i {
                     self.early_parent.resize(i + 1, None);
@@ -696,6 +791,7 @@ impl Engine {
             }
             t.1.get_or_insert(self.now);
         }
+        self.relink |= self.handover.new_parent_delivered(tree);
     }
 
     fn count_bytes(&mut self, from: From, len: usize) {
@@ -722,6 +818,17 @@ impl Engine {
                     packet: packet.clone(),
                     queued_ms: self.now,
                     via: Via::Tree(tree),
+                    report_seq,
+                });
+            }
+        }
+        for child in self.handover.leaving_children(tree) {
+            if Some(child) != src && !self.closed.contains(&child) {
+                self.send_queue.push_back(Queued {
+                    to: child,
+                    packet: packet.clone(),
+                    queued_ms: self.now,
+                    via: Via::Handover(tree),
                     report_seq,
                 });
             }
@@ -1291,6 +1398,9 @@ impl Engine {
     }
 
     fn poll(&mut self, out: &mut Vec<Action>) {
+        if self.handover.expire(self.now) || self.relink {
+            self.relink(out);
+        }
         if let Some(v) = self.verifier.as_mut() {
             self.counters.unverified_dropped += v.expire(self.next_deliver, self.now);
         }
@@ -1355,7 +1465,7 @@ impl Engine {
                     .child_last
                     .get(&(q.to, sub))
                     .is_some_and(|(seq, _)| *seq >= q.report_seq),
-                Via::Mesh | Via::Feed(_) => false,
+                Via::Mesh | Via::Feed(_) | Via::Handover(_) => false,
             };
             // Stale, or the child already had a packet of that tree from us: useless now.
             if self.now - q.queued_ms > PRIME_TIMEOUT_MS || sent_newer {
@@ -1445,8 +1555,9 @@ impl Engine {
         fire || bridge
     }
 
+    /// Every peer this one keeps a data channel to: the plan's neighbours and the handovers'.
     pub fn neighbours(&self) -> impl Iterator<Item = &PeerId> {
-        self.neighbours.iter()
+        self.linked.iter()
     }
 }
 

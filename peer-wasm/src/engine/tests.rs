@@ -897,3 +897,123 @@ fn while_the_control_connection_is_down_origin_fed_trees_are_fetched_at_once() {
     e.handle(Input::Control { up: true }, 300.0);
     assert!(fetches(&e.handle(Input::LiveEdge { seq: 7 }, 310.0)).is_empty());
 }
+
+fn sends_to(actions: &[Action], to: u64) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Send { to: t, .. } if t.0 == to))
+        .count()
+}
+
+fn disconnects(actions: &[Action], peer: u64) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Disconnect { peer: p } if p.0 == peer))
+}
+
+#[test]
+fn a_moved_child_is_fed_by_its_old_parent_until_it_closes_the_link() {
+    // Peer 1 roots tree 0 with child 3; new instructions move 3 away.
+    let mut e = welcomed(1);
+    let o = Source::Origin;
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![3], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let push = |e: &mut Engine, seq: u64, now: f64| {
+        let p = packet(seq, now as u64);
+        e.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &p,
+            },
+            now,
+        )
+    };
+    assert_eq!(sends_to(&push(&mut e, 2, 10.0), 3), 1);
+    let moved = e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![], vec![]]),
+            tier: None,
+        },
+        20.0,
+    );
+    assert!(!disconnects(&moved, 3), "make before break: {moved:?}");
+    assert_eq!(sends_to(&push(&mut e, 4, 30.0), 3), 1, "still fed");
+    // Its new parent delivered and it closed our link: the handover is over.
+    e.handle(Input::LinkClosed { peer: PeerId(3) }, 40.0);
+    assert_eq!(sends_to(&push(&mut e, 6, 50.0), 3), 0);
+    assert!(e.neighbours().all(|p| p.0 != 3));
+
+    // Another child moved away and never closing the link: fed until the handover's time.
+    let mut e = welcomed(1);
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![4], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    push(&mut e, 2, 10.0);
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![], vec![]]),
+            tier: None,
+        },
+        20.0,
+    );
+    let until = 20.0 + EngineConfig::default().handover_ms;
+    assert_eq!(sends_to(&push(&mut e, 4, until - 10.0), 4), 1);
+    let over = e.handle(Input::Tick, until);
+    assert!(disconnects(&over, 4), "{over:?}");
+    assert_eq!(sends_to(&push(&mut e, 6, until + 10.0), 4), 0);
+}
+
+#[test]
+fn a_child_keeps_its_old_parent_until_the_new_one_delivers() {
+    let mut e = welcomed(3);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), Source::Origin], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    let from = |e: &mut Engine, peer: u64, seq: u64, now: f64| {
+        let pk = packet(seq, now as u64);
+        e.handle(
+            Input::Packet {
+                from: From::Peer(PeerId(peer)),
+                bytes: &pk,
+            },
+            now,
+        )
+    };
+    from(&mut e, 1, 2, 10.0);
+    let moved = e.handle(
+        Input::Instructions {
+            plan: plan([p(2), Source::Origin], [vec![], vec![]]),
+            tier: None,
+        },
+        20.0,
+    );
+    assert!(
+        moved
+            .iter()
+            .any(|a| matches!(a, Action::Connect { peer } if peer.0 == 2)),
+        "{moved:?}"
+    );
+    assert!(!disconnects(&moved, 1), "make before break: {moved:?}");
+    // The old parent's packet is taken as any other.
+    let dup_before = e.counters.duplicates;
+    from(&mut e, 1, 4, 30.0);
+    assert_eq!(e.counters.duplicates, dup_before);
+    // The new parent's first packet ends the handover: the old link is closed.
+    let first = from(&mut e, 2, 6, 40.0);
+    assert!(disconnects(&first, 1), "{first:?}");
+    assert!(e.neighbours().all(|p| p.0 != 1));
+}

@@ -1234,6 +1234,8 @@ impl Inner {
                         self.link_failed(peer);
                     }
                 }
+                // A handover through this link (make-before-break) is over.
+                self.feed(Input::LinkClosed { peer });
             }
         }
     }

@@ -452,6 +452,8 @@ impl Peer {
                             self.link_failed(peer);
                         }
                     }
+                    // A handover through this link (make-before-break) is over.
+                    self.feed(Input::LinkClosed { peer });
                 }
             }
         }
