@@ -822,9 +822,11 @@ impl Engine {
                 });
             }
         }
+        // A former child is fed from spare upload only, as primes are: the old parent never
+        // delays its real children's packets for it, nor reports the handover as backlog.
         for child in self.handover.leaving_children(tree) {
             if Some(child) != src && !self.closed.contains(&child) {
-                self.send_queue.push_back(Queued {
+                self.prime_queue.push_back(Queued {
                     to: child,
                     packet: packet.clone(),
                     queued_ms: self.now,
