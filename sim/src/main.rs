@@ -70,6 +70,10 @@ struct Args {
     /// The engines' fallback delay: how long a gap waits before the origin is asked (ms).
     #[arg(long, default_value_t = 600.0)]
     fallback_ms: f64,
+    /// The engines' handover: how long a moved tree link is kept until its replacement
+    /// delivers, at most (ms; 0: the old parent stops at once).
+    #[arg(long, default_value_t = 1500.0)]
+    handover_ms: f64,
     /// Relaying peers whose upload is cut to a fifth of their load a third into the run.
     #[arg(long, default_value_t = 0)]
     throttle: usize,
@@ -125,6 +129,7 @@ fn real_main() -> Result<()> {
         network: a.network,
         pace: a.pace,
         fallback_ms: a.fallback_ms,
+        handover_ms: a.handover_ms,
         ..RunConfig::new(a.peers, a.seconds, a.scenario)
     };
     if let Err(e) = cfg.validate() {

@@ -76,6 +76,8 @@ pub struct RunConfig {
     pub pace: bool,
     /// The engines' `fallback_after_ms`: how long a gap waits before the origin is asked.
     pub fallback_ms: f64,
+    /// The engines' `handover_ms`: how long a moved tree link is kept, at most.
+    pub handover_ms: f64,
 }
 
 impl RunConfig {
@@ -101,6 +103,7 @@ impl RunConfig {
             network: Network::Internet,
             pace: false,
             fallback_ms: EngineConfig::default().fallback_after_ms,
+            handover_ms: EngineConfig::default().handover_ms,
         }
     }
 
@@ -162,6 +165,9 @@ impl RunConfig {
         if !(self.fallback_ms.is_finite() && self.fallback_ms >= 0.0) {
             return Err("--fallback-ms must be a number of ms >= 0".into());
         }
+        if !(self.handover_ms.is_finite() && self.handover_ms >= 0.0) {
+            return Err("--handover-ms must be a number of ms >= 0".into());
+        }
         if self.throttle > self.peers {
             return Err("--throttle cannot exceed --peers".into());
         }
@@ -199,10 +205,7 @@ impl RunConfig {
                 // Byte-exactness is checked by comparing each delivered payload with the
                 // origin's (`driver.rs`), which costs far less than hashing it.
                 verify: false,
-                handover_ms: std::env::var("P2P_HANDOVER_MS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(EngineConfig::default().handover_ms),
+                handover_ms: self.handover_ms,
                 ..EngineConfig::default()
             },
         })

@@ -1557,6 +1557,12 @@ impl Engine {
         fire || bridge
     }
 
+    /// Whether a handover (make-before-break) keeps the link to `peer`: only then does its
+    /// close change anything here ([`Input::LinkClosed`]).
+    pub fn hands_over(&self, peer: PeerId) -> bool {
+        self.handover.peers().any(|p| p == peer)
+    }
+
     /// Every peer this one keeps a data channel to: the plan's neighbours and the handovers'.
     pub fn neighbours(&self) -> impl Iterator<Item = &PeerId> {
         self.linked.iter()
