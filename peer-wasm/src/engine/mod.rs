@@ -548,6 +548,11 @@ impl Engine {
                     self.closed.insert(peer);
                 }
                 self.relink |= self.handover.closed(peer);
+                // What waits for that link would be dropped by the glue after taking upload
+                // tokens from the peers that still listen (a departed child's share of a
+                // fragment, until the instructions without it arrive).
+                self.send_queue.retain(|q| q.to != peer);
+                self.prime_queue.retain(|q| q.to != peer);
             }
             Input::Manifest { bytes } => self.on_manifest(bytes, &mut out),
             Input::Tick => {}
@@ -1442,11 +1447,16 @@ impl Engine {
                 self.skip_to_available(out);
             }
         }
-        // Sends within the upload cap; stale ones are dropped.
+        // Sends within the upload cap; stale ones are dropped, and so are those for a link
+        // that closed (no upload is spent on them).
         while let Some(q) = self.send_queue.front() {
             if self.now - q.queued_ms > self.cfg.send_timeout_ms {
                 self.send_queue.pop_front();
                 self.counters.send_dropped += 1;
+                continue;
+            }
+            if self.closed.contains(&q.to) {
+                self.send_queue.pop_front();
                 continue;
             }
             if !self.bucket.try_take(q.packet.len(), self.now) {
@@ -1469,8 +1479,12 @@ impl Engine {
                     .is_some_and(|(seq, _)| *seq >= q.report_seq),
                 Via::Mesh | Via::Feed(_) | Via::Handover(_) => false,
             };
-            // Stale, or the child already had a packet of that tree from us: useless now.
-            if self.now - q.queued_ms > PRIME_TIMEOUT_MS || sent_newer {
+            // Stale, or the child already had a packet of that tree from us, or the link closed:
+            // useless now.
+            if self.now - q.queued_ms > PRIME_TIMEOUT_MS
+                || sent_newer
+                || self.closed.contains(&q.to)
+            {
                 self.prime_queue.pop_front();
                 continue;
             }

@@ -1017,3 +1017,62 @@ fn a_child_keeps_its_old_parent_until_the_new_one_delivers() {
     assert!(disconnects(&first, 1), "{first:?}");
     assert!(e.neighbours().all(|p| p.0 != 1));
 }
+
+#[test]
+fn sends_waiting_for_a_closed_link_are_dropped_without_spending_upload() {
+    // Peer 1 roots tree 0 with children 3 and 4 on an uplink of two packets a second.
+    let mut e = Engine::new(
+        EngineConfig {
+            upload_kbps: 16,
+            ..EngineConfig::default()
+        },
+        0.0,
+    );
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+            live_start_seq: None,
+        },
+        0.0,
+    );
+    let o = Source::Origin;
+    e.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![3, 4], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    // More than the bucket's burst (at least one maximal frame) for the two children.
+    for (i, seq) in (1..=40u64).map(|n| 2 * n).enumerate() {
+        let p = packet(seq, 10);
+        e.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &p,
+            },
+            10.0 + i as f64,
+        );
+    }
+    // Child 3 left: its link closed before the instructions without it arrive.
+    e.handle(Input::LinkClosed { peer: PeerId(3) }, 20.0);
+    let mut to3 = 0;
+    let mut to4 = 0;
+    // Within the send timeout (1.5 s) the uplink carries about three packets.
+    for t in 1..=29 {
+        for a in e.handle(Input::Tick, 20.0 + 50.0 * t as f64) {
+            if let Action::Send { to, .. } = a {
+                match to.0 {
+                    3 => to3 += 1,
+                    4 => to4 += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(to3, 0, "nothing more for the closed link");
+    assert!(to4 >= 2, "the other child gets the upload: {to4}");
+}
