@@ -694,6 +694,8 @@ impl Engine {
         self.child_last.retain(|key, _| children.contains(key));
         // Make-before-break: a former child is fed until its new parent delivers (it then
         // closes our link) or the handover's time is up.
+        // Root feeds into other clusters are not handed over: measured, it cost the middle
+        // nodes' upload more than it saved (docs/benchmarks.md, "make before break").
         if self.cfg.handover_ms > 0.0 {
             for (child, sub) in old_children.difference(&children) {
                 if !self.closed.contains(child) {
@@ -813,10 +815,12 @@ impl Engine {
         report_seq: u64,
         src: Option<PeerId>,
     ) {
-        let Some(s) = self.plan.iter().find(|s| s.index == tree) else {
-            return;
-        };
-        for child in &s.children {
+        let children = self
+            .plan
+            .iter()
+            .find(|s| s.index == tree)
+            .map_or(&[][..], |s| &s.children[..]);
+        for child in children {
             if Some(*child) != src {
                 self.send_queue.push_back(Queued {
                     to: *child,
