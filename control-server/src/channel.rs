@@ -269,6 +269,11 @@ impl Channel {
     /// fragment behind the newest random-access point: the extra second of buffer absorbs a
     /// late packet or a repair without a stall, at the cost of a second of delay.
     /// On a file channel every packet is a starting point: a downloader starts at the newest.
+    /// Bytes of the packets in the channel's window (see [`PacketWindow::held_bytes`]).
+    pub fn window_bytes(&self) -> usize {
+        self.media.read().map_or(0, |m| m.window.held_bytes())
+    }
+
     pub fn live_position(&self) -> Option<(u64, u64)> {
         self.join_position().map(|p| (p.start, p.live))
     }

@@ -336,6 +336,7 @@ async fn channel_stats(
         "start_seq": pos.map(|p| p.0),
         "live_seq": pos.map(|p| p.1),
         "packets_produced": c.packets_produced.load(Ordering::Relaxed),
+        "window_bytes": ch.window_bytes(),
         "origin_push_bytes": c.origin_push_bytes.load(Ordering::Relaxed),
         "origin_bridge_bytes": c.origin_bridge_bytes.load(Ordering::Relaxed),
         "bridges_opened": c.bridges_opened.load(Ordering::Relaxed),

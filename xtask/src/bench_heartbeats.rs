@@ -460,6 +460,14 @@ fn grew(s0: &Value, s1: &Value, field: &str) -> u64 {
 }
 
 /// Every channel's stats on one node.
+/// Bytes of packets held in the windows of the channels in `stats` (one node's).
+fn window_bytes(stats: &[Value]) -> u64 {
+    stats
+        .iter()
+        .map(|v| v["window_bytes"].as_u64().unwrap_or(0))
+        .sum::<u64>()
+}
+
 async fn node_stats(addr: SocketAddr, channels: &[String]) -> Result<Vec<Value>> {
     let mut out = Vec::with_capacity(channels.len());
     for ch in channels {
@@ -588,6 +596,12 @@ pub fn bench(args: Args) -> Result<()> {
         let mut rss_idle = Vec::with_capacity(n);
         for &pid in &pids {
             rss_idle.push(proc_usage(pid).context("reading server /proc")?.1);
+        }
+        // The packet windows the nodes hold at that moment: they fill while the run goes on (a
+        // per-channel cost, not a per-peer one), and every node holds every channel's.
+        let mut windows_idle = Vec::with_capacity(n);
+        for s in &servers {
+            windows_idle.push(window_bytes(&node_stats(s.addr, &channels).await?));
         }
         let c = Arc::new(Counters::new(n));
         let connect_deadline = Duration::from_secs(30 + args.peers as u64 / 200);
@@ -719,6 +733,7 @@ pub fn bench(args: Args) -> Result<()> {
         let mut buckets_since_start = Vec::new();
         let (mut applied, mut ticks, mut congestion, mut repairs) = (0u64, 0u64, 0u64, 0u64);
         let (mut rss_total, mut rss_idle_total, mut growth_total) = (0u64, 0u64, 0u64);
+        let mut windows_growth_total = 0u64;
         for i in 0..n {
             let mut node_applied = 0;
             for (a, b) in s0[i].iter().zip(&s1[i]) {
@@ -731,6 +746,8 @@ pub fn bench(args: Args) -> Result<()> {
             let (ticks1, rss) = usage1[i];
             let node_ticks = ticks1 - ticks0[i];
             let growth = peak_rss[i].max(rss).saturating_sub(rss_idle[i]);
+            let windows_growth = window_bytes(&s1[i]).saturating_sub(windows_idle[i]) / 1024;
+            windows_growth_total += windows_growth;
             let peers = c.per_node[i].load(Ordering::Relaxed);
             applied += node_applied;
             ticks += node_ticks;
@@ -756,6 +773,8 @@ pub fn bench(args: Args) -> Result<()> {
                 "server_rss_mb": rss as f64 / 1024.0,
                 "server_rss_idle_mb": rss_idle[i] as f64 / 1024.0,
                 "server_bytes_per_peer": growth as f64 * 1024.0 / peers.max(1) as f64,
+                "window_growth_mb": windows_growth as f64 / 1024.0,
+                "server_bytes_per_peer_net_of_windows": growth.saturating_sub(windows_growth) as f64 * 1024.0 / peers.max(1) as f64,
             }));
         }
         let quantile = |b: &[u64], q| control_server::channel::ApplyHistogram::quantile_of(b, q);
@@ -792,6 +811,9 @@ pub fn bench(args: Args) -> Result<()> {
             // in `nodes`.
             "server_cpu_us_per_heartbeat": ticks as f64 / hz * 1e6 / applied.max(1) as f64,
             "server_bytes_per_peer": per_peer_kib * 1024.0,
+            // The same without what the packet windows grew by meanwhile (KiB → MB).
+            "window_growth_mb": windows_growth_total as f64 / 1024.0,
+            "server_bytes_per_peer_net_of_windows": growth_total.saturating_sub(windows_growth_total) as f64 * 1024.0 / connected.max(1) as f64,
             "heartbeat_bytes_avg": c.bytes.load(Ordering::Relaxed) as f64 / c.sent.load(Ordering::Relaxed).max(1) as f64,
             "channels": channels.len(),
             "redirects_followed": c.redirects.load(Ordering::Relaxed),
@@ -816,15 +838,20 @@ pub fn bench(args: Args) -> Result<()> {
             "| server memory per peer | {per_peer_kib:.1} KiB ({:.0} bytes) | ≤ 8 KiB (8192 bytes) |",
             per_peer_kib * 1024.0
         );
+        println!(
+            "| the same without the packet windows' growth ({:.1} MB) | {:.0} bytes | |",
+            report["window_growth_mb"].as_f64().unwrap_or(0.0),
+            report["server_bytes_per_peer_net_of_windows"].as_f64().unwrap_or(0.0)
+        );
         println!("| congestion events / repairs during the run | {} / {} | 0 / 0 (all links healthy) |", report["congestion_events"], report["repairs"]);
         println!("| heartbeat size | {:.0} bytes (binary) | |", report["heartbeat_bytes_avg"].as_f64().unwrap_or(0.0));
         println!();
-        println!("| node | DCMs | peers | applied/s | server CPU | µs per heartbeat | bytes per peer |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| node | DCMs | peers | applied/s | server CPU | µs per heartbeat | bytes per peer | without window growth |");
+        println!("|---|---|---|---|---|---|---|---|");
         for r in report["nodes"].as_array().into_iter().flatten() {
             let dcms: Vec<&str> = r["dcms"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             println!(
-                "| {} | {} | {} | {:.0} | {:.0} % | {:.1} | {:.0} |",
+                "| {} | {} | {} | {:.0} | {:.0} % | {:.1} | {:.0} | {:.0} |",
                 r["node_id"].as_str().unwrap_or("?"),
                 dcms.join(", "),
                 r["peers"],
@@ -832,6 +859,7 @@ pub fn bench(args: Args) -> Result<()> {
                 r["server_cpu_percent"].as_f64().unwrap_or(0.0),
                 r["server_cpu_us_per_heartbeat"].as_f64().unwrap_or(0.0),
                 r["server_bytes_per_peer"].as_f64().unwrap_or(0.0),
+                r["server_bytes_per_peer_net_of_windows"].as_f64().unwrap_or(0.0),
             );
         }
         let text = serde_json::to_string_pretty(&report)?;

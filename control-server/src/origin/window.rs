@@ -157,6 +157,12 @@ impl PacketWindow {
         }
     }
 
+    /// Bytes of the encoded packets held: a per-channel cost, bounded by the capacity, that
+    /// grows while a young channel fills its window.
+    pub fn held_bytes(&self) -> usize {
+        self.packets.items.iter().flatten().map(Bytes::len).sum()
+    }
+
     /// Newest packet pushed (it may already be evicted when the capacity is 0).
     pub fn latest_seq(&self) -> Option<u64> {
         self.latest
