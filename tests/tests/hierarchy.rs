@@ -35,6 +35,15 @@ fn ensure_repaired(before: &PeerReport, now: &PeerReport, gone: &[PeerId]) -> Re
         "its plan still names a closed parent: {:?}",
         now.plan
     );
+    // A departed preferred node's place in the top tier may go to this very viewer: it then has
+    // no trees, and the mesh feeds it (what it verifies is checked by the caller all the same).
+    if now.plan.is_empty() && now.tier.as_deref() == Some("preferred") {
+        ensure!(
+            now.mesh_neighbours > 0,
+            "promoted to the top tier but in no mesh: {now:?}"
+        );
+        return Ok(());
+    }
     for s in before.plan.iter().filter(|s| !free_of_one(s.parent, gone)) {
         let l = now
             .links
