@@ -302,7 +302,7 @@ pub struct Engine {
     /// Linked peers whose data channel the driver reported closed.
     closed: BTreeSet<PeerId>,
     /// A handover ended: `linked` is brought up to date at the next poll.
-    relink: bool,
+    relink_due: bool,
     next_deliver: Option<u64>,
     highest_seen: Option<u64>,
     held: BTreeMap<u64, Held>,
@@ -380,7 +380,7 @@ impl Engine {
             handover: Handover::default(),
             linked: BTreeSet::new(),
             closed: BTreeSet::new(),
-            relink: false,
+            relink_due: false,
             next_deliver: None,
             highest_seen: None,
             held: BTreeMap::new(),
@@ -547,7 +547,7 @@ impl Engine {
                 if self.linked.contains(&peer) {
                     self.closed.insert(peer);
                 }
-                self.relink |= self.handover.closed(peer);
+                self.relink_due |= self.handover.closed(peer);
                 // What waits for that link would be dropped by the glue after taking upload
                 // tokens from the peers that still listen (a departed child's share of a
                 // fragment, until the instructions without it arrive).
@@ -742,7 +742,7 @@ impl Engine {
     /// Tells the driver to connect to the peers the plan or a handover needs and to disconnect
     /// from the others.
     fn relink(&mut self, out: &mut Vec<Action>) {
-        self.relink = false;
+        self.relink_due = false;
         let mut want: BTreeSet<PeerId> = self.neighbours.clone();
         want.extend(self.handover.peers());
         if let Some(me) = self.me {
@@ -798,7 +798,7 @@ impl Engine {
             }
             t.1.get_or_insert(self.now);
         }
-        self.relink |= self.handover.new_parent_delivered(tree);
+        self.relink_due |= self.handover.new_parent_delivered(tree);
     }
 
     fn count_bytes(&mut self, from: From, len: usize) {
@@ -1409,7 +1409,7 @@ impl Engine {
     }
 
     fn poll(&mut self, out: &mut Vec<Action>) {
-        if self.handover.expire(self.now) || self.relink {
+        if self.handover.expire(self.now) || self.relink_due {
             self.relink(out);
         }
         if let Some(v) = self.verifier.as_mut() {

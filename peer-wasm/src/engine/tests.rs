@@ -589,22 +589,12 @@ fn a_substream_the_origin_bridges_while_the_new_parent_connects_is_relayed_and_t
 fn priming_new_children_never_delays_the_stream() {
     // Peer 1 forwards tree 0 at 80 kbit/s: 10 bytes per ms, a packet (about 1 kB) per 100 ms,
     // and a burst of about 16 packets.
-    let mut e = Engine::new(
+    let mut e = welcomed_with(
+        1,
         EngineConfig {
             upload_kbps: 80,
             ..EngineConfig::default()
         },
-        0.0,
-    );
-    e.handle(
-        Input::Welcome {
-            peer_id: PeerId(1),
-            substreams: K,
-            start_seq: 0,
-            live_seq: 0,
-            live_start_seq: None,
-        },
-        0.0,
     );
     let o = Source::Origin;
     e.handle(
@@ -668,7 +658,11 @@ fn priming_new_children_never_delays_the_stream() {
 
 /// An engine with default settings, welcomed as `peer` at time 0 (nothing to catch up on).
 fn welcomed(peer: u64) -> Engine {
-    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    welcomed_with(peer, EngineConfig::default())
+}
+
+fn welcomed_with(peer: u64, cfg: EngineConfig) -> Engine {
+    let mut e = Engine::new(cfg, 0.0);
     e.handle(
         Input::Welcome {
             peer_id: PeerId(peer),
@@ -1021,22 +1015,12 @@ fn a_child_keeps_its_old_parent_until_the_new_one_delivers() {
 #[test]
 fn sends_waiting_for_a_closed_link_are_dropped_without_spending_upload() {
     // Peer 1 roots tree 0 with children 3 and 4 on an uplink of two packets a second.
-    let mut e = Engine::new(
+    let mut e = welcomed_with(
+        1,
         EngineConfig {
             upload_kbps: 16,
             ..EngineConfig::default()
         },
-        0.0,
-    );
-    e.handle(
-        Input::Welcome {
-            peer_id: PeerId(1),
-            substreams: K,
-            start_seq: 0,
-            live_seq: 0,
-            live_start_seq: None,
-        },
-        0.0,
     );
     let o = Source::Origin;
     e.handle(
