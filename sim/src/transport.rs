@@ -46,14 +46,7 @@ impl World {
         for (me, other) in [(a, b), (b, a)] {
             if self.peers[me as usize].alive {
                 self.send_up(me, Up::LinkFailed(id_of(other as usize)), CTRL_BYTES);
-                let peer = id_of(other as usize);
-                if self.peers[me as usize]
-                    .engine
-                    .as_ref()
-                    .is_some_and(|e| e.hands_over(peer))
-                {
-                    self.feed(me, Input::LinkClosed { peer });
-                }
+                self.tell_closed(me, other);
             }
         }
     }
@@ -72,18 +65,24 @@ impl World {
     }
 
     pub(crate) fn on_link_closed(&mut self, to: u32, from: u32) {
-        // A link asked for since is a new one: this close is not about it. Only an engine that
-        // keeps the link for a handover is told (the glue tells every close, but an input is
-        // also a poll, and polls at extra moments shift the run: see docs/simulator.md).
-        let peer = id_of(from as usize);
-        let p = &self.peers[to as usize];
-        if !p.alive
-            || self.links.get(from, to).is_some()
-            || !p.engine.as_ref().is_some_and(|e| e.hands_over(peer))
-        {
-            return;
+        // A link asked for since is a new one: this close is not about it.
+        if self.peers[to as usize].alive && self.links.get(from, to).is_none() {
+            self.tell_closed(to, from);
         }
-        self.feed(to, Input::LinkClosed { peer });
+    }
+
+    /// Tells `me`'s engine that its link to `other` closed, if a handover keeps that link: the
+    /// glue tells every close, but an input is also a poll, and polls at extra moments shift
+    /// the run (see docs/simulator.md).
+    fn tell_closed(&mut self, me: u32, other: u32) {
+        let peer = id_of(other as usize);
+        if self.peers[me as usize]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.hands_over(peer))
+        {
+            self.feed(me, Input::LinkClosed { peer });
+        }
     }
 
     /// Puts `packet` on the open link `from -> to`.
