@@ -74,12 +74,16 @@ const REPLAN_CHANGE: f64 = 0.15;
 
 /// Headroom for long fragments (numerator, denominator): flat trees of a stream whose fragments
 /// are spread (see `production.rs`) are planned at this multiple of its measured rate, so that a
-/// forwarder's uplink is filled to two thirds at most. A fragment arrives whole and the viewer's
-/// playout lag (two fragments) leaves one fragment's duration for it to come down the trees: a
-/// forwarder filled to its cap takes all of that for one hop (4 s fragments at 1.5 times the
-/// rate: stalls at every few boundaries), one filled to two thirds takes two thirds of it, less
-/// its one-second token burst.
-const LONG_FRAGMENT_HEADROOM: (u32, u32) = (3, 2);
+/// forwarder's uplink is filled to 70 % of what it offers at most (17/14 with the 85 % of
+/// [`placement_kbps`]: 0.85 × 14/17 = 0.7). A fragment arrives whole and the viewer's playout lag
+/// (two fragments) leaves one fragment's duration for it to come down the trees: a forwarder
+/// filled to its cap takes all of that for one hop (4 s fragments at 1.5 times the rate: stalls
+/// at every few boundaries), one filled to two thirds takes two thirds of it, less its
+/// one-second token burst. The margin of [`placement_kbps`] is part of this one, not added to
+/// it: planned at 1.5 times the rate on top of it, a peer offering
+/// 1.5 times the stream fed 3 children a tree instead of 4, its uplink half idle, and the origin
+/// fed 3 copies of the stream to 12 viewers instead of about one (issue 14).
+const LONG_FRAGMENT_HEADROOM: (u32, u32) = (17, 14);
 
 /// Peers re-placed per tick after the stream rate changed: the moves are spread over a few
 /// seconds rather than every child of the channel changing parent at once.

@@ -1426,7 +1426,8 @@ fn a_stream_of_long_fragments_is_planned_with_headroom() {
     };
     h.handle(fragment(0, 10_000));
     h.handle(fragment(8, 14_000));
-    // The same measured rate is now planned at 600 (150 per substream: 5 children at most).
+    // The same measured rate is now planned at 485 (121 per substream: 7 children at most, 700 of
+    // the 1000 offered; at the rate itself it would be 8).
     h.dcm.handle(Event::StreamRate { kbps: 400 }, T0 + 2000);
     assert_eq!(h.dcm.stats().replans, 1);
     for i in 0..10 {
@@ -1436,6 +1437,6 @@ fn a_stream_of_long_fragments_is_planned_with_headroom() {
     h.dcm.check_invariants().unwrap();
     for id in 1..=40 {
         let n = busiest_relay_children(&mut h, id);
-        assert!(n <= 5, "peer {id} feeds {n} children in its tree");
+        assert!(n <= 7, "peer {id} feeds {n} children in its tree");
     }
 }
