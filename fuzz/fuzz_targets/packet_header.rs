@@ -1,6 +1,7 @@
 //! The media packet header (`protocol::packet`): any bytes a peer relays are decoded without a
 //! panic, and what decodes re-encodes to the same bytes (the reserved byte aside, which encode
-//! writes as 0), so a relayed packet is never altered by a decode/encode round.
+//! writes as 0), so a relayed packet is never altered by a decode/encode round. The other frames
+//! of a data channel (parity, catch-up wants) are decoded from the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,6 +11,10 @@ fuzz_target!(|data: &[u8]| {
     let seq = packet::peek_seq(data);
     // Peers tell packets from parity frames by the first byte; both decoders see everything.
     let _ = protocol::fec::ParityFrame::decode(data);
+    if let Ok(w) = protocol::want::Want::decode(data) {
+        assert!(w.from_seq <= w.to_seq);
+        assert_eq!(protocol::want::Want::decode(&w.encode()), Ok(w));
+    }
     let Ok(p) = Packet::decode(data) else {
         return;
     };

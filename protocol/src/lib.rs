@@ -17,6 +17,8 @@
 //! * [`file`]: file channels (a carousel of pieces) and the file digest.
 //! * [`manifest`]: the signed stream: the origin's ed25519-signed manifests of packet hashes
 //!   that every peer checks before it plays or forwards a packet.
+//! * [`want`]: a child's request to a new parent for the packets of a substream it lacks (the
+//!   joiner's catch-up), on the data channel beside packets and parity frames.
 //!
 //! It compiles for native targets and for `wasm32-unknown-unknown`, and has no I/O.
 
@@ -31,6 +33,7 @@ pub mod mesh;
 pub mod packet;
 pub mod report;
 pub mod rng;
+pub mod want;
 
 pub use control::{
     ClientMsg, Connectivity, ErrorCode, FecSpec, Feed, NatClass, Resume, ServerMsg, Signal, Source,

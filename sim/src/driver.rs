@@ -22,7 +22,8 @@ impl World {
     /// A packet arrives at peer `i` from `from` (repairs waiting for its substream end here).
     pub(crate) fn feed_packet(&mut self, i: u32, from: From, packet: &[u8]) {
         let p = &mut self.peers[i as usize];
-        if !p.repairs.is_empty() {
+        // A catch-up want (`protocol::want`) is not a packet of its substream.
+        if !p.repairs.is_empty() && !protocol::want::is_want(packet) {
             let k = p.engine.as_ref().map_or(1, |e| e.substreams());
             if let Some(seq) = protocol::packet::peek_seq(packet) {
                 let sub = protocol::substream_of(seq, k);

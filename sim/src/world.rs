@@ -337,6 +337,12 @@ impl World {
                 p.start_seq = Some(start_seq);
                 let phase = self.rng.below(us(TICK_MS).max(1));
                 if self.cfg.media {
+                    // The server's Welcome carries the origin's measure of the fragments, which
+                    // the glue hands the engine; the simulated origin's is configured.
+                    let fragment_ms = f64::from(self.origin.cfg.fragment_ms);
+                    if let Some(e) = self.peers[i as usize].engine.as_mut() {
+                        e.set_fragment_hint(fragment_ms);
+                    }
                     self.feed(
                         i,
                         Input::Welcome {

@@ -28,6 +28,7 @@
 //!
 //! Every send, tree, mesh or feed, goes through the one upload token bucket and send queue.
 
+mod catch_up;
 pub mod file;
 mod handover;
 mod heartbeat;
@@ -46,6 +47,7 @@ use protocol::hash::{packet_hash, RangeHash};
 use protocol::report::LatencyHistogram;
 use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
+use catch_up::{CatchUp, Window};
 use handover::Handover;
 use protocol::manifest::packet_digest;
 use tier::Tiers;
@@ -228,6 +230,8 @@ enum Via {
     Feed(u32),
     /// Tree `i` to a former child while its new parent connects (`handover.rs`).
     Handover(u32),
+    /// Tree `i`'s packets a new child asked for (`catch_up.rs`).
+    CatchUp(u32),
 }
 
 /// A packet seen for the first time, on its way through [`Engine::accept`].
@@ -285,6 +289,10 @@ pub struct Counters {
     pub manifest_waits: u64,
     pub manifest_wait_ms: f64,
     pub manifest_wait_max_ms: f64,
+    /// Catch-up wants this peer sent its new parents, and packets it queued for children's
+    /// wants (`catch_up.rs`).
+    pub catch_up_asked: u64,
+    pub catch_up_sent: u64,
 }
 
 pub struct Engine {
@@ -306,8 +314,10 @@ pub struct Engine {
     next_deliver: Option<u64>,
     highest_seen: Option<u64>,
     held: BTreeMap<u64, Held>,
-    /// The last packets delivered (two per substream), to prime newly assigned children.
-    recent: VecDeque<Rc<Vec<u8>>>,
+    /// The packets delivered last (two fragments): to prime newly assigned children, and what a
+    /// joining child asks for (`catch_up.rs`).
+    window: Window,
+    catch_up: CatchUp,
     /// Missing seq → when the gap was noticed.
     gaps: BTreeMap<u64, f64>,
     in_flight: BTreeSet<u64>,
@@ -384,7 +394,8 @@ impl Engine {
             next_deliver: None,
             highest_seen: None,
             held: BTreeMap::new(),
-            recent: VecDeque::new(),
+            window: Window::default(),
+            catch_up: CatchUp::default(),
             gaps: BTreeMap::new(),
             in_flight: BTreeSet::new(),
             bucket,
@@ -516,17 +527,29 @@ impl Engine {
                 self.verified = Some(RangeHash::new(start_seq));
                 // Everything from the random-access point up to the live edge already exists, and
                 // the trees only carry new packets: the older fragment is fetched now. The newest
-                // one is what a new parent primes its child with (its newest packet of the tree,
-                // as soon as the data channel opens), so it waits a fallback period like any gap
-                // first: the player starts on the older fragment meanwhile, and a joining crowd
-                // does not take two fragments each from the origin.
+                // one is what the new parents hold: each primes its child with its newest packet
+                // of the tree as soon as the data channel opens, and sends the rest of the tree's
+                // share of that fragment when asked (`catch_up.rs`). So it waits for them as a
+                // fragment handed down the trees does (a fallback period, spread over most of a
+                // long fragment): the player starts on the older fragment meanwhile, and a
+                // joining crowd does not take two fragments each from the origin.
                 let now_due = now_ms - self.cfg.fallback_after_ms;
                 let primed_from = live_start_seq
                     .filter(|s| (start_seq..=live_seq).contains(s))
                     .unwrap_or(u64::MAX);
-                for seq in start_seq..=live_seq.max(start_seq) {
-                    self.gaps
-                        .insert(seq, if seq < primed_from { now_due } else { now_ms });
+                let last = live_seq.max(start_seq);
+                let spread = self.burst_spread_ms();
+                let newest = (last + 1).saturating_sub(primed_from).max(1);
+                for seq in start_seq..=last {
+                    let t = if seq < primed_from {
+                        now_due
+                    } else {
+                        now_ms + spread * (seq - primed_from) as f64 / newest as f64
+                    };
+                    self.gaps.insert(seq, t);
+                }
+                if primed_from <= last {
+                    self.catch_up.open(primed_from, last);
                 }
                 self.highest_seen = Some(live_seq.max(start_seq));
             }
@@ -677,11 +700,8 @@ impl Engine {
             .flat_map(|s| s.children.iter().map(move |c| (*c, s.index)))
             .collect();
         for (child, sub) in children.difference(&old_children) {
-            if let Some((seq, p)) = self.recent.iter().rev().find_map(|p| {
-                protocol::packet::peek_seq(p)
-                    .filter(|q| protocol::substream_of(*q, self.k) == *sub)
-                    .map(|q| (q, p))
-            }) {
+            if let Some((seq, p)) = self.window.newest_of(*sub, self.k) {
+                self.catch_up.primed(*child, *sub, seq);
                 self.prime_queue.push_back(Queued {
                     to: *child,
                     packet: p.clone(),
@@ -692,6 +712,7 @@ impl Engine {
             }
         }
         self.child_last.retain(|key, _| children.contains(key));
+        self.catch_up.keep_primed(&children);
         // Make-before-break: a former child is fed until its new parent delivers (it then
         // closes our link) or the handover's time is up.
         // Root feeds into other clusters are not handed over: measured, it cost the middle
@@ -719,6 +740,7 @@ impl Engine {
             Via::Mesh => mesh.contains(&q.to),
             Via::Feed(sub) => feeds.contains(&(q.to, sub)),
             Via::Handover(sub) => self.handover.is_leaving(q.to, sub),
+            Via::CatchUp(sub) => children.contains(&(q.to, sub)) || feeds.contains(&(q.to, sub)),
         };
         // Sends already queued to a former child go on as handover sends.
         for q in self
@@ -737,6 +759,100 @@ impl Engine {
         self.neighbours = next;
         self.plan = plan;
         self.relink(out);
+        // Wants that came before these instructions made their senders our children.
+        for (child, sub) in children
+            .difference(&old_children)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            if let Some(w) = self.catch_up.take(child, sub, self.now) {
+                self.serve_want(child, w);
+            }
+        }
+        self.ask_catch_up(out);
+    }
+
+    /// Asks each new peer parent of a data tree for the packets of the newest fragment at the
+    /// Welcome that it has and we lack (`catch_up.rs`); sent after `relink`, which opened the
+    /// link the want waits in.
+    fn ask_catch_up(&mut self, out: &mut Vec<Action>) {
+        let k = self.k;
+        for s in &self.plan {
+            let Source::Peer { id } = s.parent else {
+                continue;
+            };
+            if s.index >= k {
+                continue;
+            }
+            let gaps = &self.gaps;
+            let lacks = |first: u64, last: u64| {
+                gaps.range(first..=last)
+                    .any(|(seq, _)| protocol::substream_of(*seq, k) == s.index)
+            };
+            if let Some(w) = self.catch_up.ask(id, s.index, self.next_deliver, lacks) {
+                self.counters.catch_up_asked += 1;
+                out.push(Action::Send {
+                    to: id,
+                    packet: Rc::new(w.encode()),
+                });
+            }
+        }
+    }
+
+    /// A want from `from`: served if `from` is our child in its tree (or a cluster we feed that
+    /// substream), else kept until our instructions say so.
+    fn on_want(&mut self, from: From, bytes: &[u8]) {
+        let From::Peer(peer) = from else {
+            self.counters.invalid += 1;
+            return;
+        };
+        let Ok(w) = protocol::want::Want::decode(bytes) else {
+            self.counters.invalid += 1;
+            return;
+        };
+        if w.substream >= self.k {
+            self.counters.invalid += 1;
+            return;
+        }
+        let ours = self
+            .plan
+            .iter()
+            .any(|s| s.index == w.substream && s.children.contains(&peer))
+            || self
+                .tiers
+                .feeds
+                .iter()
+                .any(|f| f.to == peer && f.substream == w.substream);
+        if ours {
+            self.serve_want(peer, w);
+        } else {
+            self.catch_up.hold(peer, w, self.now);
+        }
+    }
+
+    /// Queues for `to` the packets of `w` this peer holds and has not queued for it already,
+    /// from spare upload (the prime queue).
+    fn serve_want(&mut self, to: PeerId, w: protocol::want::Want) {
+        let w = self.catch_up.served_range(to, &w);
+        let queued: BTreeSet<u64> = self
+            .send_queue
+            .iter()
+            .chain(self.prime_queue.iter())
+            .filter(|q| q.to == to)
+            .map(|q| q.report_seq)
+            .collect();
+        for (seq, p) in self.window.wanted(&w, self.k) {
+            if !queued.contains(&seq) {
+                self.prime_queue.push_back(Queued {
+                    to,
+                    packet: p.clone(),
+                    queued_ms: self.now,
+                    via: Via::CatchUp(w.substream),
+                    report_seq: seq,
+                });
+                self.counters.catch_up_sent += 1;
+            }
+        }
     }
 
     /// Tells the driver to connect to the peers the plan or a handover needs and to disconnect
@@ -847,6 +963,9 @@ impl Engine {
     }
 
     fn on_packet(&mut self, from: From, bytes: &[u8], out: &mut Vec<Action>) {
+        if protocol::want::is_want(bytes) {
+            return self.on_want(from, bytes);
+        }
         if is_parity_frame(bytes) {
             return self.on_parity(from, bytes, out);
         }
@@ -1367,10 +1486,7 @@ impl Engine {
                 });
             }
             self.first_delivery_ms.get_or_insert(self.now);
-            self.recent.push_back(h.packet.clone());
-            if self.recent.len() > 2 * self.k as usize {
-                self.recent.pop_front();
-            }
+            self.window.push(h.packet.clone(), self.k);
             // A recruited relay verifies and forwards but has no player.
             if self.tiers.plays() {
                 out.push(Action::Deliver {
@@ -1481,14 +1597,19 @@ impl Engine {
                     .child_last
                     .get(&(q.to, sub))
                     .is_some_and(|(seq, _)| *seq >= q.report_seq),
-                Via::Mesh | Via::Feed(_) | Via::Handover(_) => false,
+                Via::Mesh | Via::Feed(_) | Via::Handover(_) | Via::CatchUp(_) => false,
+            };
+            // A catch-up packet is useless once the child's fallback clock for it ran out (it
+            // has fetched it from the origin): a fallback period, more for a long fragment.
+            let timeout = match q.via {
+                Via::CatchUp(_) => {
+                    PRIME_TIMEOUT_MS.max(self.cfg.fallback_after_ms + self.burst_spread_ms())
+                }
+                _ => PRIME_TIMEOUT_MS,
             };
             // Stale, or the child already had a packet of that tree from us, or the link closed:
             // useless now.
-            if self.now - q.queued_ms > PRIME_TIMEOUT_MS
-                || sent_newer
-                || self.closed.contains(&q.to)
-            {
+            if self.now - q.queued_ms > timeout || sent_newer || self.closed.contains(&q.to) {
                 self.prime_queue.pop_front();
                 continue;
             }

@@ -1060,3 +1060,258 @@ fn sends_waiting_for_a_closed_link_are_dropped_without_spending_upload() {
     assert_eq!(to3, 0, "nothing more for the closed link");
     assert!(to4 >= 2, "the other child gets the upload: {to4}");
 }
+
+/// Seqs of the packets `actions` send to `to` (wants and parity frames left out).
+fn packets_to(actions: &[Action], to: u64) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to: t, packet } if t.0 == to && packet.first() == Some(&b'P') => {
+                protocol::packet::peek_seq(packet)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn wants_to(actions: &[Action], to: u64) -> Vec<protocol::want::Want> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to: t, packet } if t.0 == to => {
+                protocol::want::Want::decode(packet).ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Peer 1, fed both trees by the origin, has delivered packets 0..=19 (fragments start at 0, 8
+/// and 16).
+fn parent_holding_three_fragments() -> Engine {
+    let mut p = welcomed(1);
+    let o = Source::Origin;
+    p.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    for seq in 0..20 {
+        p.handle(
+            Input::Packet {
+                from: From::OriginPush,
+                bytes: &packet(seq, 100),
+            },
+            100.0,
+        );
+    }
+    p
+}
+
+/// Peer 5 joins at 200 ms: it starts at 8, the newest fragment is 16..=19. With the Welcome's
+/// actions.
+fn joiner() -> (Engine, Vec<Action>) {
+    let mut j = Engine::new(EngineConfig::default(), 200.0);
+    let acts = j.handle(
+        Input::Welcome {
+            peer_id: PeerId(5),
+            substreams: K,
+            start_seq: 8,
+            live_seq: 19,
+            live_start_seq: Some(16),
+        },
+        200.0,
+    );
+    (j, acts)
+}
+
+#[test]
+fn a_joiner_gets_the_newest_fragment_from_its_new_parent_not_the_origin() {
+    let mut parent = parent_holding_three_fragments();
+    let (mut j, welcome) = joiner();
+    let fetches = |acts: &[Action]| -> Vec<u64> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Fetch { seq } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        fetches(&welcome),
+        (8..16).collect::<Vec<_>>(),
+        "the older fragment"
+    );
+    let p1 = Source::Peer { id: PeerId(1) };
+    let acts = j.handle(
+        Input::Instructions {
+            plan: plan([p1, p1], [vec![], vec![]]),
+            tier: None,
+        },
+        210.0,
+    );
+    // Connect first: the want waits in the link until its data channel opens.
+    let connect = acts
+        .iter()
+        .position(|a| matches!(a, Action::Connect { peer } if peer.0 == 1));
+    let first_send = acts
+        .iter()
+        .position(|a| matches!(a, Action::Send { to, .. } if to.0 == 1));
+    assert!(connect < first_send, "{acts:?}");
+    let wants = wants_to(&acts, 1);
+    let ranges: Vec<(u32, u64, u64)> = wants
+        .iter()
+        .map(|w| (w.substream, w.from_seq, w.to_seq))
+        .collect();
+    assert_eq!(ranges, vec![(0, 16, 19), (1, 16, 19)]);
+    assert_eq!(j.counters.catch_up_asked, 2);
+    // The parent's instructions add the child (it primes 18 and 19), then the wants arrive.
+    let o = Source::Origin;
+    let mut sent = packets_to(
+        &parent.handle(
+            Input::Instructions {
+                plan: plan([o, o], [vec![5], vec![5]]),
+                tier: None,
+            },
+            220.0,
+        ),
+        5,
+    );
+    for w in &wants {
+        sent.extend(packets_to(
+            &parent.handle(
+                Input::Packet {
+                    from: From::Peer(PeerId(5)),
+                    bytes: &w.encode(),
+                },
+                260.0,
+            ),
+            5,
+        ));
+    }
+    for t in 0..10 {
+        sent.extend(packets_to(
+            &parent.handle(Input::Tick, 270.0 + 10.0 * f64::from(t)),
+            5,
+        ));
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, vec![16, 17, 18, 19], "each wanted packet once");
+    assert_eq!(
+        parent.counters.catch_up_sent, 2,
+        "16 and 17; 18 and 19 were primes"
+    );
+    // The newest fragment is never fetched.
+    let mut fetched = fetches(&acts);
+    for seq in 16..20 {
+        j.handle(
+            Input::Packet {
+                from: From::Peer(PeerId(1)),
+                bytes: &packet(seq, 100),
+            },
+            300.0,
+        );
+    }
+    for t in 0..30 {
+        fetched.extend(fetches(&j.handle(Input::Tick, 300.0 + 50.0 * f64::from(t))));
+    }
+    assert_eq!(fetched, Vec::<u64>::new());
+}
+
+#[test]
+fn a_want_that_overtakes_the_parents_instructions_is_served_when_they_come() {
+    let mut parent = parent_holding_three_fragments();
+    let want = protocol::want::Want {
+        substream: 0,
+        from_seq: 16,
+        to_seq: 19,
+    };
+    let early = parent.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(5)),
+            bytes: &want.encode(),
+        },
+        150.0,
+    );
+    assert!(packets_to(&early, 5).is_empty(), "not our child yet");
+    // A stranger's want is never served: it is not made a child within the wait.
+    parent.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(9)),
+            bytes: &want.encode(),
+        },
+        150.0,
+    );
+    let o = Source::Origin;
+    let mut sent = packets_to(
+        &parent.handle(
+            Input::Instructions {
+                plan: plan([o, o], [vec![5], vec![]]),
+                tier: None,
+            },
+            400.0,
+        ),
+        5,
+    );
+    for t in 0..10 {
+        sent.extend(packets_to(
+            &parent.handle(Input::Tick, 410.0 + 10.0 * f64::from(t)),
+            5,
+        ));
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, vec![16, 18], "the prime (18) and the wanted 16");
+    // Peer 9 becomes a child long after its want: it expired.
+    let late = parent.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![5, 9], vec![]]),
+            tier: None,
+        },
+        5000.0,
+    );
+    let mut to9 = packets_to(&late, 9);
+    for t in 0..10 {
+        to9.extend(packets_to(
+            &parent.handle(Input::Tick, 5010.0 + 10.0 * f64::from(t)),
+            9,
+        ));
+    }
+    assert_eq!(to9, vec![18], "only the prime");
+}
+
+#[test]
+fn garbled_or_stray_wants_are_counted_and_ignored() {
+    let mut parent = parent_holding_three_fragments();
+    let invalid = parent.counters.invalid;
+    let mut short = protocol::want::Want {
+        substream: 0,
+        from_seq: 16,
+        to_seq: 19,
+    }
+    .encode();
+    short.pop();
+    let bad_tree = protocol::want::Want {
+        substream: K,
+        from_seq: 16,
+        to_seq: 19,
+    }
+    .encode();
+    for (from, bytes) in [
+        (From::Peer(PeerId(5)), short),
+        (From::Peer(PeerId(5)), bad_tree.clone()),
+        (From::OriginFetch, bad_tree),
+        (From::Peer(PeerId(5)), b"W".to_vec()),
+    ] {
+        let acts = parent.handle(
+            Input::Packet {
+                from,
+                bytes: &bytes,
+            },
+            150.0,
+        );
+        assert!(packets_to(&acts, 5).is_empty());
+    }
+    assert_eq!(parent.counters.invalid, invalid + 4);
+}
