@@ -88,6 +88,12 @@ pub struct PeerReport {
     pub packets_recovered: u64,
     #[serde(default)]
     pub parity_frames_received: u64,
+    /// Catch-up wants sent to new parents, and packets queued for children's wants
+    /// (`protocol::want`).
+    #[serde(default)]
+    pub catch_up_asked: u64,
+    #[serde(default)]
+    pub catch_up_sent: u64,
     /// Flooding neighbours (top tier).
     #[serde(default)]
     pub mesh_neighbours: u32,

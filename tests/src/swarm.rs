@@ -604,6 +604,10 @@ pub struct SwarmReport {
     pub viewers_without_data: usize,
     pub playing_viewers: usize,
     pub origin_fallbacks: u64,
+    /// Joiners' catch-up wants to their new parents, and packets the parents queued for them
+    /// (`protocol::want`).
+    pub catch_up_asked: u64,
+    pub catch_up_sent: u64,
     /// Bytes the server sent: pushed to tree roots over WebSockets, and served over HTTP.
     pub server_push_bytes: u64,
     pub server_fallback_bytes: u64,
@@ -806,6 +810,8 @@ impl SwarmReport {
             viewers_without_data: without,
             playing_viewers: reports.iter().filter(|r| r.decoding).count(),
             origin_fallbacks: reports.iter().map(|r| r.origin_fallbacks).sum(),
+            catch_up_asked: reports.iter().map(|r| r.catch_up_asked).sum(),
+            catch_up_sent: reports.iter().map(|r| r.catch_up_sent).sum(),
             server_push_bytes: push,
             server_bridge_bytes: swarm.bridge_counters().1,
             bridges_opened: swarm.bridge_counters().0,
@@ -976,6 +982,10 @@ impl SwarmReport {
         row("bytes from origin", self.bytes_from_origin.to_string());
         row("bytes from peers", self.bytes_from_peers.to_string());
         row("origin fallbacks (pkts)", self.origin_fallbacks.to_string());
+        row(
+            "catch-up wants / packets sent",
+            format!("{} / {}", self.catch_up_asked, self.catch_up_sent),
+        );
         row(
             "startup ms p50/p95/max",
             format!(

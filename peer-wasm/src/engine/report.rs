@@ -37,6 +37,8 @@ impl Engine {
             region: self.tier_plan().map(|t| t.region.clone()),
             packets_recovered: c.packets_recovered,
             parity_frames_received: c.parity_frames_received,
+            catch_up_asked: c.catch_up_asked,
+            catch_up_sent: c.catch_up_sent,
             mesh_neighbours: self.mesh_neighbours().len() as u32,
             plays: self.plays(),
             late_samples: self.late_samples.iter().cloned().collect(),
