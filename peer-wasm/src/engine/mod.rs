@@ -347,6 +347,9 @@ pub struct Engine {
     /// The last [`PAST_LINKS`] parent links replaced by new instructions, for statistics.
     past_links: VecDeque<protocol::report::LinkStat>,
     child_last: HashMap<(PeerId, u32), (u64, u64)>,
+    /// The live edge at a Welcome that joined a stream with history (`live_start_seq`): packets
+    /// up to it existed before we joined.
+    joined_live: Option<u64>,
     hb_seq: u64,
     /// On a hierarchy, the place the last instructions gave this peer, reported in heartbeats.
     place: Option<protocol::Place>,
@@ -409,6 +412,7 @@ impl Engine {
             early_parent: Vec::new(),
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
+            joined_live: None,
             hb_seq: 0,
             place: None,
             backlog_reported: false,
@@ -551,6 +555,7 @@ impl Engine {
                 if primed_from <= last {
                     self.catch_up.open(primed_from, last);
                 }
+                self.joined_live = (primed_from <= last).then_some(last);
                 self.highest_seen = Some(live_seq.max(start_seq));
             }
             Input::Instructions { plan, tier } => self.apply_plan(plan, tier, &mut out),
@@ -902,8 +907,11 @@ impl Engine {
             }
             return;
         }
+        // The newest packet from it: a gap it fills later (or a catch-up packet) does not make
+        // the link look behind.
         if let Some(slot) = self.parent_last.get_mut(tree as usize) {
-            *slot = (Some(report_seq), Some(self.now as u64));
+            let newest = slot.0.map_or(report_seq, |s| s.max(report_seq));
+            *slot = (Some(newest), Some(self.now as u64));
         }
         if let Some(q) = self.quiet_parent.get_mut(tree as usize) {
             *q = None;
@@ -1246,22 +1254,12 @@ impl Engine {
             src,
         }) = work.pop()
         {
-            // Relay first: children wait on us, the player can wait a few microseconds.
-            self.queue_tree(protocol::substream_of(seq, self.k), &packet, seq, src);
-            for i in 0..self.tiers.mesh.len() {
-                let to = self.tiers.mesh[i];
-                if Some(to) != src {
-                    self.queue(to, &packet, Via::Mesh, seq);
-                }
-            }
-            for (to, sub) in self.tiers.data_feeds(seq, self.k) {
-                if Some(to) != src {
-                    self.queue(to, &packet, Via::Feed(sub), seq);
-                }
-            }
-            for (to, sub, frame) in self.tiers.parity_for(seq, &packet) {
-                let report_seq = ParityFrame::decode(&frame).map_or(seq, |f| f.last_seq());
-                self.queue(to, &frame, Via::Feed(sub), report_seq);
+            // Relay first: children wait on us, the player can wait a few microseconds. What
+            // existed before we joined (our start, fetched or caught up) is not relayed: the
+            // neighbours we were given had it already, or catch up themselves, and relaying it
+            // put a joiner's two start fragments in front of its children's live packets.
+            if self.joined_live.is_none_or(|live| seq > live) {
+                self.relay(seq, &packet, src);
             }
             self.note_exists(seq);
             let known_since = self.gaps.remove(&seq);
@@ -1290,6 +1288,27 @@ impl Engine {
                 },
             );
             work.extend(self.recovered(rebuilt));
+        }
+    }
+
+    /// Queues a fresh packet for our children in its tree, mesh neighbours and the clusters we
+    /// feed (parity too, for a coded cluster's roots).
+    fn relay(&mut self, seq: u64, packet: &Rc<Vec<u8>>, src: Option<PeerId>) {
+        self.queue_tree(protocol::substream_of(seq, self.k), packet, seq, src);
+        for i in 0..self.tiers.mesh.len() {
+            let to = self.tiers.mesh[i];
+            if Some(to) != src {
+                self.queue(to, packet, Via::Mesh, seq);
+            }
+        }
+        for (to, sub) in self.tiers.data_feeds(seq, self.k) {
+            if Some(to) != src {
+                self.queue(to, packet, Via::Feed(sub), seq);
+            }
+        }
+        for (to, sub, frame) in self.tiers.parity_for(seq, packet) {
+            let report_seq = ParityFrame::decode(&frame).map_or(seq, |f| f.last_seq());
+            self.queue(to, &frame, Via::Feed(sub), report_seq);
         }
     }
 
@@ -1627,8 +1646,11 @@ impl Engine {
     fn sent(&mut self, q: Queued) -> Action {
         self.counters.bytes_up += q.packet.len() as u64;
         if let Via::Tree(sub) = q.via {
-            self.child_last
-                .insert((q.to, sub), (q.report_seq, self.now as u64));
+            let last = self
+                .child_last
+                .entry((q.to, sub))
+                .or_insert((q.report_seq, 0));
+            *last = (last.0.max(q.report_seq), self.now as u64);
         }
         Action::Send {
             to: q.to,
