@@ -85,6 +85,9 @@ const PAST_LINKS: usize = 32;
 /// had the next packet of its substream, or fetched the gap from the origin.
 const PRIME_TIMEOUT_MS: f64 = 1000.0;
 
+/// The share of the upload burst a catch-up send leaves in the bucket (`catch_up.rs`).
+const CATCH_UP_KEEPS: f64 = 0.5;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Declared upload capacity; sends to children never exceed it.
@@ -1632,7 +1635,14 @@ impl Engine {
                 self.prime_queue.pop_front();
                 continue;
             }
-            if !self.bucket.try_take(q.packet.len(), self.now) {
+            // A catch-up takes the upload the stream leaves over, but not the burst the next
+            // fragment needs: spent on a joiner, it made the forwarder late on the next fragment
+            // and the control center took it for congestion (the swarm, 4 s fragments).
+            let keep = match q.via {
+                Via::CatchUp(_) => CATCH_UP_KEEPS,
+                _ => 0.0,
+            };
+            if !self.bucket.try_take_keeping(q.packet.len(), keep, self.now) {
                 break;
             }
             let Some(q) = self.prime_queue.pop_front() else {

@@ -61,12 +61,18 @@ impl TokenBucket {
 
     /// Takes `bytes` worth of tokens if available.
     pub fn try_take(&mut self, bytes: usize, now_ms: f64) -> bool {
+        self.try_take_keeping(bytes, 0.0, now_ms)
+    }
+
+    /// Takes `bytes` worth of tokens if `keep` (a fraction of the burst) are left after it:
+    /// optional traffic that must not spend what the next burst of the stream needs.
+    pub fn try_take_keeping(&mut self, bytes: usize, keep: f64, now_ms: f64) -> bool {
         if self.rate_bps <= 0.0 {
             return false;
         }
         self.refill(now_ms);
         let bits = bytes as f64 * 8.0;
-        if self.tokens >= bits {
+        if self.tokens - bits >= keep * self.burst_bits {
             self.tokens -= bits;
             true
         } else {
@@ -109,6 +115,21 @@ mod tests {
         // 800 kbit/s for 10 s = 1,000,000 bytes, plus at most one burst.
         assert!(sent <= 1_000_000 + 20_000 + 16_384, "sent {sent}");
         assert!(sent >= 950_000, "sent {sent}");
+    }
+
+    #[test]
+    fn optional_traffic_leaves_the_reserve_to_the_stream() {
+        // 8 Mbit/s, 100 ms of burst = 100 kB; half of it kept back.
+        let mut b = TokenBucket::new(8000, 100.0, 0.0);
+        assert!(b.try_take_keeping(40_000, 0.5, 0.0));
+        assert!(
+            !b.try_take_keeping(20_000, 0.5, 0.0),
+            "would dip into the reserve"
+        );
+        assert!(b.try_take(50_000, 0.0), "the stream may");
+        // 25 ms later 25 kB have accrued: 35 kB in the bucket, still under the reserve plus one.
+        assert!(!b.try_take_keeping(1_000, 0.5, 25.0));
+        assert!(b.try_take_keeping(1_000, 0.5, 60.0));
     }
 
     #[test]
