@@ -13,9 +13,14 @@
 //!   and its fallback clock for them runs as for a fragment the trees hand down (spread over
 //!   two thirds of a long fragment, `burst_spread_ms`);
 //! * the **parent** answers from its [`Window`] (the last two fragments it delivered) through
-//!   its prime queue: from spare upload, after the stream, each send dropped once the child has
-//!   surely fetched it. A want from a peer that is not its child yet (the child's instructions
-//!   came first) waits a few seconds for the parent's own instructions.
+//!   its prime queue: from spare upload, after the stream and leaving half the upload burst to
+//!   the next fragment, each send dropped once the child has surely fetched it. A want from a
+//!   peer that is not its child yet (the child's instructions came first) waits a few seconds
+//!   for the parent's own instructions.
+//!
+//! The joiner itself relays nothing that existed before it joined: every neighbour it was given
+//! had its start already (or catches up itself), and relaying it put two fragments in front of
+//! its children's live packets.
 //!
 //! A want costs the parent nothing it does not have: only packets it holds, only to a child of
 //! that tree (or a cluster it feeds that substream), at most [`MAX_PENDING`] waiting.
