@@ -1317,46 +1317,6 @@ fn garbled_or_stray_wants_are_counted_and_ignored() {
 }
 
 #[test]
-fn a_joiner_relays_only_what_was_made_after_it_joined() {
-    // The joiner roots tree 0 (fed by the origin) with child 7; its start (8..=19) is fetched
-    // and caught up, and child 7 had all of it before it was moved here.
-    let (mut j, _) = joiner();
-    let o = Source::Origin;
-    j.handle(
-        Input::Instructions {
-            plan: plan([o, o], [vec![7], vec![]]),
-            tier: None,
-        },
-        210.0,
-    );
-    let mut to7 = Vec::new();
-    for seq in 8..22 {
-        let from = if seq < 20 {
-            From::OriginFetch
-        } else {
-            From::OriginPush
-        };
-        to7.extend(packets_to(
-            &j.handle(
-                Input::Packet {
-                    from,
-                    bytes: &packet(seq, 100),
-                },
-                300.0,
-            ),
-            7,
-        ));
-    }
-    for t in 0..10 {
-        to7.extend(packets_to(
-            &j.handle(Input::Tick, 310.0 + 10.0 * f64::from(t)),
-            7,
-        ));
-    }
-    assert_eq!(to7, vec![20], "the live packets of tree 0 only");
-}
-
-#[test]
 fn a_late_packet_from_the_parent_does_not_make_the_link_look_behind() {
     let mut c = welcomed(3);
     let p1 = Source::Peer { id: PeerId(1) };
