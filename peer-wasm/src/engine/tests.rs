@@ -1317,6 +1317,72 @@ fn garbled_or_stray_wants_are_counted_and_ignored() {
 }
 
 #[test]
+fn a_joiner_relays_its_start_from_spare_upload_behind_the_live_packets() {
+    // The joiner roots tree 0 (fed by the origin) with child 7, on an uplink of 8 kbit/s: its
+    // burst (one maximal frame, 16 kB) is all it can send here. Its start, 0..=63, is fetched;
+    // 64 is the first live packet.
+    let mut j = Engine::new(
+        EngineConfig {
+            upload_kbps: 8,
+            ..EngineConfig::default()
+        },
+        200.0,
+    );
+    j.handle(
+        Input::Welcome {
+            peer_id: PeerId(5),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 63,
+            live_start_seq: Some(32),
+        },
+        200.0,
+    );
+    let o = Source::Origin;
+    j.handle(
+        Input::Instructions {
+            plan: plan([o, o], [vec![7], vec![]]),
+            tier: None,
+        },
+        210.0,
+    );
+    let mut to7 = Vec::new();
+    for seq in 0..=64 {
+        let from = if seq < 64 {
+            From::OriginFetch
+        } else {
+            From::OriginPush
+        };
+        to7.extend(packets_to(
+            &j.handle(
+                Input::Packet {
+                    from,
+                    bytes: &packet(seq, 100),
+                },
+                300.0,
+            ),
+            7,
+        ));
+    }
+    assert!(to7.contains(&64), "the live packet goes: {to7:?}");
+    // Spare sends leave half the burst: a few of tree 0's 32 start packets, not the 15 that the
+    // whole burst would have carried in front of packet 64.
+    let start = to7.iter().filter(|s| **s < 64).count();
+    assert!((1..=8).contains(&start), "{to7:?}");
+    let hb = j.heartbeat().expect("welcomed");
+    let link = hb
+        .children
+        .iter()
+        .find(|c| c.child == PeerId(7))
+        .expect("child 7");
+    assert_eq!(
+        link.last_seq,
+        Some(64),
+        "the heartbeat reports the live packet"
+    );
+}
+
+#[test]
 fn a_late_packet_from_the_parent_does_not_make_the_link_look_behind() {
     let mut c = welcomed(3);
     let p1 = Source::Peer { id: PeerId(1) };
