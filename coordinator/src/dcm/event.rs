@@ -243,6 +243,9 @@ pub struct DcmStats {
     pub reconnects: u64,
     /// Peers adopted as they were after a failover across servers ([`Event::Resume`]).
     pub resumes: u64,
+    /// Packets the origin resent to the roots it feeds again after such a failover: those cut
+    /// while they moved, past the newest each reported.
+    pub resent_after_move: u64,
     /// Topologies rebuilt from heartbeats (takeovers), and the links the peers reported in them
     /// and of those, the links the rebuilt topology kept.
     pub recoveries: u64,
@@ -277,6 +280,7 @@ impl DcmStats {
             silent_demoted: self.silent_demoted + o.silent_demoted,
             reconnects: self.reconnects + o.reconnects,
             resumes: self.resumes + o.resumes,
+            resent_after_move: self.resent_after_move + o.resent_after_move,
             recoveries: self.recoveries + o.recoveries,
             links_reported: self.links_reported + o.links_reported,
             links_kept: self.links_kept + o.links_kept,

@@ -11,6 +11,10 @@ use protocol::{PeerId, ServerMsg};
 use super::planner::Push;
 use super::{Background, Dcm, OutMsg, Output, EDGE_ALL_EVERY};
 
+/// Packets a tree of the origin's resend window holds: a move between servers takes tens of
+/// milliseconds, a few packets of a tree at most even for short fragments.
+const RESEND_WINDOW_PER_TREE: usize = 8;
+
 /// What the origin side of a DCM remembers between packets.
 pub(super) struct OriginPush {
     k: u32,
@@ -18,6 +22,10 @@ pub(super) struct OriginPush {
     newest: Vec<Option<(u64, Bytes)>>,
     /// The newest packets, to code parity shards for coded roots the origin feeds itself.
     recent: VecDeque<(u64, Bytes)>,
+    /// The last [`RESEND_WINDOW_PER_TREE`] packets of each substream (in seq order, shared
+    /// bytes): what a DCM that takes a channel over resends to the roots it starts feeding,
+    /// past the seq each reports, so the packets cut while they moved servers are not fetched.
+    resend: VecDeque<(u64, Bytes)>,
     /// One Reed-Solomon coder per parity count in use.
     fecs: FxHashMap<u32, protocol::fec::Fec>,
 }
@@ -28,8 +36,22 @@ impl OriginPush {
             k,
             newest: vec![None; k as usize],
             recent: VecDeque::new(),
+            resend: VecDeque::new(),
             fecs: FxHashMap::default(),
         }
+    }
+
+    /// The packets of substream `sub` after `after` that the origin still holds, oldest first;
+    /// with no `after`, the newest one only.
+    pub(super) fn since(&self, sub: u32, after: Option<u64>) -> Vec<Bytes> {
+        let Some(after) = after else {
+            return self.newest_of(sub).into_iter().collect();
+        };
+        self.resend
+            .iter()
+            .filter(|(seq, _)| *seq > after && protocol::substream_of(*seq, self.k) == sub)
+            .map(|(_, b)| b.clone())
+            .collect()
     }
 
     /// The newest packet the origin has of substream `sub`.
@@ -45,6 +67,12 @@ impl OriginPush {
         if let Some(slot) = self.newest.get_mut(sub) {
             if slot.as_ref().is_none_or(|(s, _)| *s <= seq) {
                 *slot = Some((seq, bytes.clone()));
+            }
+        }
+        if self.resend.back().is_none_or(|(s, _)| *s < seq) {
+            self.resend.push_back((seq, bytes.clone()));
+            while self.resend.len() > RESEND_WINDOW_PER_TREE * self.k as usize {
+                self.resend.pop_front();
             }
         }
     }

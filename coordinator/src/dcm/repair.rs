@@ -2,10 +2,11 @@
 //! congested link, a peer gone silent, a departure or a pair that cannot connect re-homes the
 //! children concerned; capped peers regain capacity over time.
 
+use bytes::Bytes;
 use protocol::{Heartbeat, PeerId};
 
 use super::snapshot::{CongestionRecord, RepairRecord};
-use super::{placement_kbps, view, Dcm, Event, Output, LOG_KEEP};
+use super::{placement_kbps, view, Dcm, Event, OutMsg, Output, LOG_KEEP};
 
 impl Dcm {
     pub(super) fn remove_peer(&mut self, peer: PeerId, reason: &str, now: u64) {
@@ -118,10 +119,44 @@ impl Dcm {
                     })
                     .collect()
             };
+            // What the origin sent it before the move and this server has not: the packets of
+            // each newly fed tree past the newest one the peer reports from that tree.
+            let before = self.origin_fed.get(&peer);
+            let mut subs: Vec<u32> = Vec::new();
+            for push in pushes
+                .iter()
+                .filter(|p| before.is_none_or(|b| !b.contains(p)))
+            {
+                match *push {
+                    Push::Data { substream } => subs.push(substream),
+                    Push::Full => subs.extend(0..self.k),
+                    // A parity shard is one of several ways to a group: not resent.
+                    Push::Parity { .. } => {}
+                }
+            }
+            subs.sort_unstable();
+            subs.dedup();
+            let mut missed: Vec<Bytes> = Vec::new();
+            for sub in subs {
+                let after = hb
+                    .parents
+                    .iter()
+                    .filter(|l| l.substream == sub)
+                    .filter_map(|l| l.last_seq)
+                    .max();
+                missed.extend(self.origin.since(sub, after));
+            }
             if pushes.is_empty() {
                 self.origin_fed.remove(&peer);
             } else {
                 self.origin_fed.insert(peer, pushes);
+            }
+            // Oldest first, as the origin made them.
+            missed.sort_by_key(|b| protocol::packet::peek_seq(b).unwrap_or(0));
+            for bytes in missed {
+                self.stats.origin_push_bytes += bytes.len() as u64;
+                self.stats.resent_after_move += 1;
+                self.send(peer, OutMsg::Packet(bytes));
             }
         }
         self.view.ingest(hb, arrived);

@@ -894,6 +894,110 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
 }
 
 #[test]
+fn a_dcm_of_another_server_resends_the_roots_what_was_cut_while_they_moved() {
+    let mut h = Harness::new();
+    for id in 1..=8 {
+        h.join(id, 2000);
+    }
+    let plans: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
+        .dcm
+        .peers
+        .keys()
+        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
+        .collect();
+    let (root, sub) = plans
+        .iter()
+        .find_map(|(p, plan)| {
+            plan.iter()
+                .find(|s| s.parent == Source::Origin)
+                .map(|s| (*p, s.index))
+        })
+        .expect("a tree root");
+    let leaf = *plans
+        .iter()
+        .find(|(_, plan)| plan.iter().all(|s| s.parent != Source::Origin))
+        .expect("a peer the origin does not feed")
+        .0;
+    let cfg = DcmConfig {
+        k: 4,
+        origin_fanout: 1,
+        ..DcmConfig::flat("test", 400)
+    };
+    // The new owner's origin made packets 0..40 while the peers moved; the root's newest from
+    // the origin is 30.
+    let now = 2_000_000;
+    let mut next = Dcm::new(cfg, now);
+    next.handle(
+        Event::Packets((0..40).map(|s| (s, packet(s))).collect()),
+        now,
+    );
+    while next.poll_output().is_some() {}
+    let sent_to = |next: &mut Dcm, peer: PeerId| -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(out) = next.poll_output() {
+            if let Output::Send {
+                peer: p,
+                msg: OutMsg::Packet(b),
+            } = out
+            {
+                if p == peer {
+                    seqs.extend(protocol::packet::peek_seq(&b));
+                }
+            }
+        }
+        seqs
+    };
+    for (i, peer) in [root, leaf].into_iter().enumerate() {
+        let at = now + 10 + i as u64;
+        let e = h.dcm.peers[&peer];
+        next.handle(
+            Event::Resume {
+                peer,
+                upload_kbps: e.upload_kbps,
+                region: e.region,
+                relay: e.relay,
+                connectivity: None,
+            },
+            at,
+        );
+        let mut hb = heartbeat_from_plan(peer, &plans[&peer], at);
+        for l in &mut hb.parents {
+            l.last_seq = Some(30);
+        }
+        next.handle(
+            Event::Heartbeat {
+                peer,
+                heartbeat: Box::new(hb.clone()),
+                arrived_ms: at,
+            },
+            at,
+        );
+        let sent = sent_to(&mut next, peer);
+        if peer == root {
+            // Every packet of its tree after 30, in order; nothing of the other trees.
+            let want: Vec<u64> = (31..40)
+                .filter(|s| protocol::substream_of(*s, 4) == sub)
+                .collect();
+            assert!(!want.is_empty());
+            assert_eq!(sent, want, "root {root} of tree {sub}");
+        } else {
+            assert!(sent.is_empty(), "{peer} is fed by peers: {sent:?}");
+        }
+        // A second heartbeat resends nothing: the origin feeds it now.
+        next.handle(
+            Event::Heartbeat {
+                peer,
+                heartbeat: Box::new(hb),
+                arrived_ms: at + 1000,
+            },
+            at + 1000,
+        );
+        assert!(sent_to(&mut next, peer).is_empty());
+    }
+    assert!(next.stats().resent_after_move > 0);
+}
+
+#[test]
 fn the_top_tier_is_re_evaluated_a_region_short_of_preferred_nodes_regains_one_without_flapping() {
     let mut h = tiered_harness();
     h.join_three_classes();
