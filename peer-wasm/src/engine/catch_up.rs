@@ -18,10 +18,6 @@
 //!   peer that is not its child yet (the child's instructions came first) waits a few seconds
 //!   for the parent's own instructions.
 //!
-//! The joiner itself relays nothing that existed before it joined: every neighbour it was given
-//! had its start already (or catches up itself), and relaying it put two fragments in front of
-//! its children's live packets.
-//!
 //! A want costs the parent nothing it does not have: only packets it holds, only to a child of
 //! that tree (or a cluster it feeds that substream), at most [`MAX_PENDING`] waiting.
 

@@ -941,6 +941,7 @@ impl Engine {
         packet: &Rc<Vec<u8>>,
         report_seq: u64,
         src: Option<PeerId>,
+        spare: bool,
     ) {
         let children = self
             .plan
@@ -949,11 +950,17 @@ impl Engine {
             .map_or(&[][..], |s| &s.children[..]);
         for child in children {
             if Some(*child) != src {
-                self.send_queue.push_back(Queued {
+                // From spare upload, as a catch-up is sent.
+                let (queue, via) = if spare {
+                    (&mut self.prime_queue, Via::CatchUp(tree))
+                } else {
+                    (&mut self.send_queue, Via::Tree(tree))
+                };
+                queue.push_back(Queued {
                     to: *child,
                     packet: packet.clone(),
                     queued_ms: self.now,
-                    via: Via::Tree(tree),
+                    via,
                     report_seq,
                 });
             }
@@ -1188,7 +1195,7 @@ impl Engine {
             From::Peer(id) => Some(id),
             _ => None,
         };
-        self.queue_tree(tree, &Rc::new(bytes.to_vec()), f.last_seq(), src);
+        self.queue_tree(tree, &Rc::new(bytes.to_vec()), f.last_seq(), src, false);
         // The frame proves its whole group exists.
         self.note_exists(f.last_seq());
         let rebuilt = match self.tiers.coded.as_mut() {
@@ -1258,12 +1265,12 @@ impl Engine {
         }) = work.pop()
         {
             // Relay first: children wait on us, the player can wait a few microseconds. What
-            // existed before we joined (our start, fetched or caught up) is not relayed: the
-            // neighbours we were given had it already, or catch up themselves, and relaying it
-            // put a joiner's two start fragments in front of its children's live packets.
-            if self.joined_live.is_none_or(|live| seq > live) {
-                self.relay(seq, &packet, src);
-            }
+            // existed before we joined (our start, fetched or caught up) goes to our children
+            // from spare upload: a child of long standing has it already, and in front of its
+            // live packets it cost a joiner's uplink two fragments (the swarm, 4 s fragments);
+            // a child that joined moments before us may still need it (the simulator's crowds).
+            let start = self.joined_live.is_some_and(|live| seq <= live);
+            self.relay(seq, &packet, src, start);
             self.note_exists(seq);
             let known_since = self.gaps.remove(&seq);
             if src.is_some() {
@@ -1296,8 +1303,8 @@ impl Engine {
 
     /// Queues a fresh packet for our children in its tree, mesh neighbours and the clusters we
     /// feed (parity too, for a coded cluster's roots).
-    fn relay(&mut self, seq: u64, packet: &Rc<Vec<u8>>, src: Option<PeerId>) {
-        self.queue_tree(protocol::substream_of(seq, self.k), packet, seq, src);
+    fn relay(&mut self, seq: u64, packet: &Rc<Vec<u8>>, src: Option<PeerId>, start: bool) {
+        self.queue_tree(protocol::substream_of(seq, self.k), packet, seq, src, start);
         for i in 0..self.tiers.mesh.len() {
             let to = self.tiers.mesh[i];
             if Some(to) != src {
