@@ -138,7 +138,11 @@ impl World {
         if ends && seq + 1 >= p.run_start + per {
             if let Some(c) = created {
                 // Media time: the fragment's creation time at the origin.
+                let stalls = p.playout.stalls;
                 p.playout.add(c, c + frag_ms, now);
+                if p.playout.stalls > stalls {
+                    self.trace_stall(i);
+                }
             }
         }
     }

@@ -10,7 +10,8 @@
 //!    `loss_rtts` round trips (SCTP fast retransmit after duplicate SACKs; more when the RTO
 //!    fires), and because the channel is ordered and reliable nothing behind it on the same
 //!    link is delivered earlier (head-of-line blocking);
-//! 4. waits for B's downlink (one FIFO per peer at its download capacity).
+//! 4. waits for B's downlink (one FIFO per peer at its download capacity), taking its turn when
+//!    it arrives there (`Ev::Arrive`), not when it was sent.
 
 use protocol::{Connectivity, NatClass};
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use crate::control::Down;
 use crate::peer::{id_of, index_of};
 use crate::queue::us;
-use crate::world::{Ev, FetchReply, Up, World, CTRL_BYTES, EPOCH_MS};
+use crate::world::{Arrival, Ev, FetchReply, Up, World, CTRL_BYTES, EPOCH_MS};
 
 impl World {
     /// Sends `up` from peer `i` to the control center (ordered, through the peer's uplink).
@@ -40,12 +40,7 @@ impl World {
         let now = self.q.now();
         let p = &self.peers[i as usize];
         let arrive = now + us(self.cfg.net.server_ms(&p.net));
-        let done = self
-            .wire
-            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
-        let at = done.max(p.ctrl_down_last);
-        self.peers[i as usize].ctrl_down_last = at;
-        self.q.at(at, Ev::AtPeer(i, down));
+        self.q.at(arrive, Ev::Arrive(i, Arrival::Down(down, bytes)));
     }
 
     pub(crate) fn count_egress(&mut self, bytes: usize) {
@@ -246,9 +241,7 @@ impl World {
         let one_way = self.cfg.net.server_ms(&p.net);
         let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
         let arrive = self.q.now() + us(one_way + lost);
-        let done = self
-            .wire
-            .downlink(i as usize, bytes, arrive, p.net.down_kbps);
-        self.q.at(done, Ev::Fetched(i, seq, reply));
+        self.q
+            .at(arrive, Ev::Arrive(i, Arrival::Fetched(seq, reply, bytes)));
     }
 }

@@ -7,7 +7,7 @@ use peer_wasm::engine::Input;
 
 use crate::peer::id_of;
 use crate::queue::{ms, us};
-use crate::world::{Ev, FetchReply, Up, World, CTRL_BYTES};
+use crate::world::{Arrival, Ev, FetchReply, Up, World, CTRL_BYTES};
 
 impl World {
     pub(crate) fn on_link_open(&mut self, a: u32, b: u32, gen: u32) {
@@ -95,20 +95,45 @@ impl World {
             .uplink(from as usize, packet.len(), now, fnet.up_kbps);
         let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);
         let arrive = left + us(one_way + lost);
+        // An ordered channel: nothing arrives before what was sent on it earlier.
         let ordered = self.links.order(from, to, arrive);
-        let done = self
-            .wire
-            .downlink(to as usize, packet.len(), ordered, tnet.down_kbps);
-        let done = self.links.order(from, to, done);
-        self.q.at(
-            done,
-            Ev::Data {
-                to,
-                from,
-                gen,
-                packet,
-            },
-        );
+        self.q
+            .at(ordered, Ev::Arrive(to, Arrival::Data { from, gen, packet }));
+    }
+
+    /// `a` reaches peer `to`'s downlink now and takes its turn there.
+    pub(crate) fn on_arrive(&mut self, to: u32, a: Arrival) {
+        let now = self.q.now();
+        let Some(p) = self.peers.get(to as usize) else {
+            return;
+        };
+        let kbps = p.net.down_kbps;
+        match a {
+            Arrival::Data { from, gen, packet } => {
+                let done = self.wire.downlink(to as usize, packet.len(), now, kbps);
+                let done = self.links.order(from, to, done);
+                self.q.at(
+                    done,
+                    Ev::Data {
+                        to,
+                        from,
+                        gen,
+                        packet,
+                    },
+                );
+            }
+            Arrival::Down(down, bytes) => {
+                let done = self.wire.downlink(to as usize, bytes, now, kbps);
+                // The control connection is one ordered stream.
+                let at = done.max(p.ctrl_down_last);
+                self.peers[to as usize].ctrl_down_last = at;
+                self.q.at(at, Ev::AtPeer(to, down));
+            }
+            Arrival::Fetched(seq, reply, bytes) => {
+                let done = self.wire.downlink(to as usize, bytes, now, kbps);
+                self.q.at(done, Ev::Fetched(to, seq, reply));
+            }
+        }
     }
 
     pub(crate) fn on_data(&mut self, to: u32, from: u32, gen: u32, packet: &Rc<Vec<u8>>) {

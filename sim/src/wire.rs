@@ -53,6 +53,13 @@ impl Wire {
         done
     }
 
+    /// How far ahead of `now` the peer's downlink is booked (its queue, in time).
+    pub fn downlink_backlog(&self, peer: usize, now: Micros) -> Micros {
+        self.down_free
+            .get(peer)
+            .map_or(0, |t| t.saturating_sub(now))
+    }
+
     /// How far ahead of `now` the peer's uplink is booked (its queue, in time).
     pub fn uplink_backlog(&self, peer: usize, now: Micros) -> Micros {
         self.up_free.get(peer).map_or(0, |t| t.saturating_sub(now))

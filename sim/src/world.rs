@@ -41,8 +41,23 @@ pub enum FetchReply {
     Gone,
 }
 
+/// What reaches a peer's access link from the network. It takes its turn on the peer's
+/// downlink (one FIFO in the order things arrive) when it arrives, not when it was sent: a
+/// packet held up in a slow sender's uplink must not hold up what other senders deliver first.
+pub enum Arrival {
+    Data {
+        from: u32,
+        gen: u32,
+        packet: Rc<Vec<u8>>,
+    },
+    Down(Down, usize),
+    Fetched(u64, FetchReply, usize),
+}
+
 pub enum Ev {
     Join(u32),
+    /// Something reaches peer `.0`'s downlink (see [`Arrival`]).
+    Arrive(u32, Arrival),
     Leave(u32),
     AtServer(u32, Up),
     AtPeer(u32, Down),
@@ -165,6 +180,47 @@ impl World {
         EPOCH_MS + ms(self.q.now())
     }
 
+    /// With `SIM_TRACE_STALLS` set, one line on stderr per stall: the peer, its tier and age,
+    /// the packet its player waits for and the parent of that packet's tree.
+    pub(crate) fn trace_stall(&self, i: u32) {
+        if std::env::var_os("SIM_TRACE_STALLS").is_none() {
+            return;
+        }
+        let p = &self.peers[i as usize];
+        let Some(e) = p.engine.as_ref() else {
+            return;
+        };
+        let next = p.last_delivered.map_or(0, |l| l + 1);
+        let sub = protocol::substream_of(next, e.substreams());
+        let parent = e.plan().iter().find(|s| s.index == sub).map(|s| s.parent);
+        eprintln!(
+            "stall t={:.1}s peer={} tier={:?} age={:.1}s waits={} sub={} parent={:?} made={:?} gap_since={:?} fetching={} parent_has={:?} down_backlog_ms={:.0} down_kbps={:.0} parent_up_backlog_ms={:?}",
+            ms(self.q.now()) / 1000.0,
+            i,
+            e.tier(),
+            ms(self.q.now().saturating_sub(p.joined_at)) / 1000.0,
+            next,
+            sub,
+            parent,
+            self.origin.packet(next).map(|q| q.created_ms as f64 - self.now_ms()),
+            e.gap_of(next).0.map(|t| t - self.now_ms()),
+            e.gap_of(next).1,
+            parent.and_then(|src| match src {
+                protocol::Source::Peer { id } => crate::peer::index_of(id)
+                    .and_then(|j| self.peers.get(j as usize))
+                    .map(|q| q.last_delivered),
+                protocol::Source::Origin => None,
+            }),
+            ms(self.wire.downlink_backlog(i as usize, self.q.now())),
+            p.net.down_kbps,
+            parent.and_then(|src| match src {
+                protocol::Source::Peer { id } => crate::peer::index_of(id)
+                    .map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
+                protocol::Source::Origin => None,
+            }),
+        );
+    }
+
     pub(crate) fn now_ms_u64(&self) -> u64 {
         self.now_ms() as u64
     }
@@ -199,6 +255,7 @@ impl World {
             Ev::Leave(i) => self.on_leave(i),
             Ev::AtServer(i, up) => self.at_server(i, up),
             Ev::AtPeer(i, down) => self.at_peer(i, down),
+            Ev::Arrive(i, a) => self.on_arrive(i, a),
             Ev::Tick(i) => self.on_tick(i),
             Ev::Fragment => self.on_fragment(),
             Ev::Release(seq) => self.on_release(seq),
@@ -399,8 +456,13 @@ impl World {
         let now = self.now_ms();
         if self.cfg.media {
             self.feed(i, peer_wasm::engine::Input::Tick);
+            let stalls = self.peers[i as usize].playout.stalls;
             let p = &mut self.peers[i as usize];
             p.playout.advance(now);
+            if p.playout.stalls > stalls {
+                self.trace_stall(i);
+            }
+            let p = &mut self.peers[i as usize];
             if p.heartbeat_due(now) {
                 p.last_heartbeat_ms = now;
                 let hb = p.engine.as_mut().and_then(|e| e.heartbeat());

@@ -483,6 +483,13 @@ impl Engine {
         self.tiers.trees(self.k)
     }
 
+    /// Since when the engine knows that `seq` is missing (`None`: not known missing) and
+    /// whether it is being fetched from the origin: for diagnostics (the simulator's stall
+    /// trace).
+    pub fn gap_of(&self, seq: u64) -> (Option<f64>, bool) {
+        (self.gaps.get(&seq).copied(), self.in_flight.contains(&seq))
+    }
+
     /// The peer's tier, `None` on a flat channel.
     pub fn tier(&self) -> Option<TierName> {
         self.tiers.tier_name()
