@@ -207,7 +207,7 @@ impl World {
             e.gap_of(next).1,
             parent.and_then(|src| match src {
                 protocol::Source::Peer { id } => crate::peer::index_of(id)
-                    .and_then(|j| self.peers.get(j as usize))
+                    .and_then(|j| self.peers.get(j))
                     .map(|q| q.last_delivered),
                 protocol::Source::Origin => None,
             }),
