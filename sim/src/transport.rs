@@ -110,8 +110,10 @@ impl World {
         let kbps = p.net.down_kbps;
         match a {
             Arrival::Data { from, gen, packet } => {
+                // The link's order holds: its messages arrive in order (see `transmit`) and the
+                // downlink serves arrivals in turn. (Ordering `done` against the link's latest
+                // arrival would hold each message until the next one arrives.)
                 let done = self.wire.downlink(to as usize, packet.len(), now, kbps);
-                let done = self.links.order(from, to, done);
                 self.q.at(
                     done,
                     Ev::Data {
