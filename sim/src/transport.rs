@@ -161,3 +161,31 @@ impl World {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{RunConfig, Scenario};
+
+    #[test]
+    fn a_packet_held_in_a_slow_uplink_does_not_book_the_receivers_downlink_before_it_arrives() {
+        let cfg = RunConfig::new(2, 10, Scenario::Steady)
+            .world_config()
+            .expect("a valid run");
+        let mut w = World::new(cfg);
+        // Two peers that join long after the test: only the wire is exercised.
+        let (a, b) = (w.add_peer(60_000_000), w.add_peer(60_000_000));
+        w.peers[a as usize].net.up_kbps = 100.0;
+        // 16 KiB at 100 kbit/s: out of a's uplink after 1.31 s.
+        w.transmit(a, b, 0, Rc::new(vec![0u8; 16_384]));
+        w.run_until(500_000);
+        assert_eq!(
+            w.wire.downlink_backlog(b as usize, w.q.now()),
+            0,
+            "b's downlink is free for whatever arrives before that packet"
+        );
+        w.run_until(3_000_000);
+        // It was served when it arrived.
+        assert!(w.wire.downlink_backlog(b as usize, 0) >= 1_310_000);
+    }
+}
