@@ -194,7 +194,7 @@ impl World {
         let sub = protocol::substream_of(next, e.substreams());
         let parent = e.plan().iter().find(|s| s.index == sub).map(|s| s.parent);
         eprintln!(
-            "stall t={:.1}s peer={} tier={:?} age={:.1}s waits={} sub={} parent={:?} made={:?} gap_since={:?} fetching={} parent_has={:?} down_backlog_ms={:.0} down_kbps={:.0} parent_up_backlog_ms={:?}",
+            "stall t={:.1}s peer={} tier={:?} age={:.1}s waits={} sub={} parent={:?} made={:?} gap_since={:?} fetching={} parent_has={:?} down_backlog_ms={:.0} down_kbps={:.0} parent_up_backlog_ms={:?} link={:?}",
             ms(self.q.now()) / 1000.0,
             i,
             e.tier(),
@@ -216,6 +216,14 @@ impl World {
             parent.and_then(|src| match src {
                 protocol::Source::Peer { id } => crate::peer::index_of(id)
                     .map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
+                protocol::Source::Origin => None,
+            }),
+            parent.and_then(|src| match src {
+                protocol::Source::Peer { id } => crate::peer::index_of(id).and_then(|j| {
+                    let l = self.links.get(i, j as u32)?;
+                    let ago = |t: Option<Micros>| t.map(|t| ms(self.q.now().saturating_sub(t)));
+                    Some((l.state, ago(l.started), ago(l.opened)))
+                }),
                 protocol::Source::Origin => None,
             }),
         );
