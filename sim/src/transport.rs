@@ -107,13 +107,16 @@ impl World {
         let Some(p) = self.peers.get(to as usize) else {
             return;
         };
-        let kbps = p.net.down_kbps;
+        let bytes = match &a {
+            Arrival::Data { packet, .. } => packet.len(),
+            Arrival::Down(_, bytes) | Arrival::Fetched(_, _, bytes) => *bytes,
+        };
+        let done = self.wire.downlink(to as usize, bytes, now, p.net.down_kbps);
         match a {
             Arrival::Data { from, gen, packet } => {
                 // The link's order holds: its messages arrive in order (see `transmit`) and the
                 // downlink serves arrivals in turn. (Ordering `done` against the link's latest
                 // arrival would hold each message until the next one arrives.)
-                let done = self.wire.downlink(to as usize, packet.len(), now, kbps);
                 self.q.at(
                     done,
                     Ev::Data {
@@ -124,15 +127,13 @@ impl World {
                     },
                 );
             }
-            Arrival::Down(down, bytes) => {
-                let done = self.wire.downlink(to as usize, bytes, now, kbps);
+            Arrival::Down(down, _) => {
                 // The control connection is one ordered stream.
                 let at = done.max(p.ctrl_down_last);
                 self.peers[to as usize].ctrl_down_last = at;
                 self.q.at(at, Ev::AtPeer(to, down));
             }
-            Arrival::Fetched(seq, reply, bytes) => {
-                let done = self.wire.downlink(to as usize, bytes, now, kbps);
+            Arrival::Fetched(seq, reply, _) => {
                 self.q.at(done, Ev::Fetched(to, seq, reply));
             }
         }

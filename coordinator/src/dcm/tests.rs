@@ -57,13 +57,42 @@ impl Dcm {
     }
 }
 
+/// The flat channel the harness runs by default (and a DCM of another server takes over).
+fn flat_config() -> DcmConfig {
+    DcmConfig {
+        k: 4,
+        origin_fanout: 1,
+        ..DcmConfig::flat("test", 400)
+    }
+}
+
 impl Harness {
     fn new() -> Self {
-        Self::with(DcmConfig {
-            k: 4,
-            origin_fanout: 1,
-            ..DcmConfig::flat("test", 400)
-        })
+        Self::with(flat_config())
+    }
+
+    /// Every peer's plan of the data trees.
+    fn plans(&self) -> BTreeMap<PeerId, Vec<SubstreamPlan>> {
+        self.dcm
+            .peers
+            .keys()
+            .map(|p| (*p, self.dcm.planner.plan(*p).expect("plan").substreams))
+            .collect()
+    }
+
+    /// `peer` of this harness's DCM resumes on `next`, another server's DCM, at `at`.
+    fn resume_on(&self, next: &mut Dcm, peer: PeerId, at: u64) {
+        let e = self.dcm.peers[&peer];
+        next.handle(
+            Event::Resume {
+                peer,
+                upload_kbps: e.upload_kbps,
+                region: e.region,
+                relay: e.relay,
+                connectivity: None,
+            },
+            at,
+        );
     }
 
     fn with(config: DcmConfig) -> Self {
@@ -695,12 +724,7 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
     }
     h.handle(Event::Leave { peer: PeerId(5) });
     h.handle(Event::Leave { peer: PeerId(17) });
-    let before: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
-        .dcm
-        .peers
-        .keys()
-        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
-        .collect();
+    let before = h.plans();
     let fed_before: HashMap<PeerId, Vec<Push>> = h.dcm.origin_fed.clone().into_iter().collect();
     for id in 1..=30 {
         h.latest_plan(id);
@@ -726,11 +750,7 @@ fn a_dcm_taking_over_rebuilds_the_same_topology_from_one_round_of_heartbeats_and
         h.fed, fed_before,
         "the outputs told the driver what the origin pushes"
     );
-    let cfg = DcmConfig {
-        k: 4,
-        origin_fanout: 1,
-        ..DcmConfig::flat("test", 400)
-    };
+    let cfg = flat_config();
     let mut next = Dcm::take_over(cfg, &adopted, h.fed.clone(), h.epoch, now);
     assert!(next.recovering());
     assert_eq!(next.peers.len(), before.len());
@@ -794,18 +814,9 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
     for id in 1..=24 {
         h.join(id, [300, 800, 2000, 4000][rng.below(4) as usize]);
     }
-    let before: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
-        .dcm
-        .peers
-        .keys()
-        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
-        .collect();
+    let before = h.plans();
     let fed_before: HashMap<PeerId, Vec<Push>> = h.dcm.origin_fed.clone().into_iter().collect();
-    let cfg = DcmConfig {
-        k: 4,
-        origin_fanout: 1,
-        ..DcmConfig::flat("test", 400)
-    };
+    let cfg = flat_config();
     // The server died: another one's DCM knows nothing, and peers come back one by one over
     // two seconds (jittered backoff), each sending a heartbeat at once.
     let now = 2_000_000;
@@ -814,17 +825,7 @@ fn a_dcm_of_another_server_adopts_resuming_peers_and_keeps_their_links() {
     order.reverse();
     for (i, peer) in order.iter().enumerate() {
         let at = now + 80 * i as u64;
-        let e = h.dcm.peers[peer];
-        next.handle(
-            Event::Resume {
-                peer: *peer,
-                upload_kbps: e.upload_kbps,
-                region: e.region,
-                relay: e.relay,
-                connectivity: None,
-            },
-            at,
-        );
+        h.resume_on(&mut next, *peer, at);
         next.handle(
             Event::Heartbeat {
                 peer: *peer,
@@ -899,12 +900,7 @@ fn a_dcm_of_another_server_resends_the_roots_what_was_cut_while_they_moved() {
     for id in 1..=8 {
         h.join(id, 2000);
     }
-    let plans: BTreeMap<PeerId, Vec<SubstreamPlan>> = h
-        .dcm
-        .peers
-        .keys()
-        .map(|p| (*p, h.dcm.planner.plan(*p).expect("plan").substreams))
-        .collect();
+    let plans = h.plans();
     let (root, sub) = plans
         .iter()
         .find_map(|(p, plan)| {
@@ -918,11 +914,7 @@ fn a_dcm_of_another_server_resends_the_roots_what_was_cut_while_they_moved() {
         .find(|(_, plan)| plan.iter().all(|s| s.parent != Source::Origin))
         .expect("a peer the origin does not feed")
         .0;
-    let cfg = DcmConfig {
-        k: 4,
-        origin_fanout: 1,
-        ..DcmConfig::flat("test", 400)
-    };
+    let cfg = flat_config();
     // The new owner's origin made packets 0..40 while the peers moved; the root's newest from
     // the origin is 30.
     let now = 2_000_000;
@@ -949,17 +941,7 @@ fn a_dcm_of_another_server_resends_the_roots_what_was_cut_while_they_moved() {
     };
     for (i, peer) in [root, leaf].into_iter().enumerate() {
         let at = now + 10 + i as u64;
-        let e = h.dcm.peers[&peer];
-        next.handle(
-            Event::Resume {
-                peer,
-                upload_kbps: e.upload_kbps,
-                region: e.region,
-                relay: e.relay,
-                connectivity: None,
-            },
-            at,
-        );
+        h.resume_on(&mut next, peer, at);
         let mut hb = heartbeat_from_plan(peer, &plans[&peer], at);
         for l in &mut hb.parents {
             l.last_seq = Some(30);
