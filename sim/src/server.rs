@@ -237,6 +237,7 @@ impl World {
             }
             per_s[s] += b.len() as u64;
         }
+        self.trace_fetch(i, seq);
         let p = &self.peers[i as usize];
         let one_way = self.cfg.net.server_ms(&p.net);
         let lost = self.cfg.net.loss_delay_ms(2.0 * one_way, &mut self.rng);

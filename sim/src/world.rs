@@ -229,6 +229,68 @@ impl World {
         );
     }
 
+    /// Hops from the origin to peer `i` in tree `sub`, by the engines' plans (`None`: not
+    /// linked to the origin through peers that are alive).
+    pub(crate) fn depth(&self, i: usize, sub: u32) -> Option<usize> {
+        let mut at = i;
+        for d in 0..64 {
+            let e = self.peers.get(at)?.engine.as_ref()?;
+            match e.plan().iter().find(|s| s.index == sub)?.parent {
+                protocol::Source::Origin => return Some(d),
+                protocol::Source::Peer { id } => at = crate::peer::index_of(id)?,
+            }
+        }
+        None
+    }
+
+    /// With `SIM_TRACE_FETCH` set, one line on stderr per fallback fetch the origin answers
+    /// with a packet: the peer, its depth in the packet's tree, the parent there (its fan-out,
+    /// uplink and backlog, whether it holds the packet) and how long ago the packet was made
+    /// and its gap noticed. Fetches that recur for one parent's children point at a tree that
+    /// is too slow, not at losses.
+    pub(crate) fn trace_fetch(&self, i: u32, seq: u64) {
+        if std::env::var_os("SIM_TRACE_FETCH").is_none() {
+            return;
+        }
+        let p = &self.peers[i as usize];
+        let Some(e) = p.engine.as_ref() else {
+            return;
+        };
+        let sub = protocol::substream_of(seq, e.substreams());
+        let parent = e.plan().iter().find(|s| s.index == sub).map(|s| s.parent);
+        let pj = parent.and_then(|src| match src {
+            protocol::Source::Peer { id } => crate::peer::index_of(id),
+            protocol::Source::Origin => None,
+        });
+        let parent_has = pj
+            .and_then(|j| self.peers.get(j))
+            .map(|q| q.last_delivered.is_some_and(|l| l >= seq));
+        eprintln!(
+            "fetch depth={:?} fanout={:?} t={:.2} peer={} age={:.1} seq={} sub={} parent={:?} made={:?} gap_since={:?} parent_has={:?} down_backlog_ms={:.0} parent_up_backlog_ms={:?} parent_up_kbps={:?} link={:?} my_up={}",
+            self.depth(i as usize, sub),
+            pj.and_then(|j| self.peers[j].engine.as_ref())
+                .and_then(|q| q.plan().iter().find(|s| s.index == sub).map(|s| s.children.len())),
+            ms(self.q.now()) / 1000.0,
+            i,
+            ms(self.q.now().saturating_sub(p.joined_at)) / 1000.0,
+            seq,
+            sub,
+            pj,
+            self.origin.packet(seq).map(|q| q.created_ms as f64 - self.now_ms()),
+            e.gap_of(seq).0.map(|t| t - self.now_ms()),
+            parent_has,
+            ms(self.wire.downlink_backlog(i as usize, self.q.now())),
+            pj.map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
+            pj.map(|j| self.peers[j].net.up_kbps),
+            pj.and_then(|j| {
+                let l = self.links.get(i, j as u32)?;
+                let ago = |t: Option<Micros>| t.map(|t| ms(self.q.now().saturating_sub(t)));
+                Some((l.state, ago(l.started), ago(l.opened)))
+            }),
+            p.net.up_kbps,
+        );
+    }
+
     pub(crate) fn now_ms_u64(&self) -> u64 {
         self.now_ms() as u64
     }

@@ -20,7 +20,11 @@
 //! * **Join.** A peer with fan-out goes interior in the tree with the least spare capacity (ties:
 //!   lowest index). There it takes the shallowest free slot of an interior node, or, when a leaf
 //!   sits shallower, that leaf's place (adopting the leaf), so forwarders stay near the root and
-//!   leaves sink to the bottom. Then it adopts leaves the origin feeds directly, so the origin
+//!   leaves sink to the bottom. A forwarder shallower than that place whose fan-out is at most
+//!   half the joiner's gives it its place instead: the joiner feeds it and its children (a
+//!   forwarder filled to its cap passes a fragment to its last child a fragment's duration
+//!   late, so slow uplinks belong low in the tree, and the first to join would otherwise stay
+//!   on top). Then it adopts leaves the origin feeds directly, so the origin
 //!   ideally feeds only the tree roots. In every other tree the peer becomes a leaf under the
 //!   shallowest interior node with a free slot, else under the origin.
 //! * **Leave.** The peer is unlinked everywhere. If it forwarded to other forwarders, the deepest
@@ -61,6 +65,10 @@ pub use restore::ObservedPeer;
 /// Candidates examined when looking for a slot outside a subtree that is being moved; beyond
 /// this the subtree goes to the origin rather than make a leave expensive.
 const MAX_SCAN: usize = 256;
+
+/// Forwarders of one fan-out tried for a joiner that may not link with every peer
+/// ([`MultiTree::weaker_forwarder`]).
+const TAKE_OVER_SCAN: usize = 16;
 
 /// Parameters of a channel's multi-tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +152,9 @@ struct Tree {
     with_leaf: BTreeSet<(u32, PeerId)>,
     /// Interior nodes whose children are all leaves ("bottom forwarders"), deepest first.
     bottom: BTreeSet<(Reverse<u32>, PeerId)>,
+    /// Every placed interior node by fan-out, then depth: the weakest shallow forwarders a
+    /// strong joiner takes the place of ([`MultiTree::weaker_forwarder`]).
+    by_fanout: BTreeSet<(u32, u32, PeerId)>,
     /// Sum of the fan-outs of the interior nodes.
     capacity: u64,
     /// Number of peers at each depth.
@@ -742,11 +753,14 @@ impl MultiTree {
         }
         let before = self.index_key(t, peer);
         let diff = n.fanout - want;
+        // Out of the indexes under the old fan-out, back in under the new one.
+        self.remove_keys(t, peer, before);
         if let Some(n) = self.nodes.get_mut(&peer) {
             n.fanout = want;
         }
         self.trees[t].capacity -= u64::from(diff);
-        self.reindex(t, peer, before);
+        let after = self.index_key(t, peer);
+        self.insert_keys(t, peer, after);
         true
     }
 
@@ -771,6 +785,7 @@ impl MultiTree {
             let mut free = BTreeSet::new();
             let mut with_leaf = BTreeSet::new();
             let mut bottom = BTreeSet::new();
+            let mut by_fanout = BTreeSet::new();
             let mut origin_interior = BTreeSet::new();
             let mut origin_leaves = BTreeSet::new();
             let mut depth_counts: Vec<u64> = Vec::new();
@@ -865,6 +880,7 @@ impl MultiTree {
                             n.leaf_children
                         ));
                     }
+                    by_fanout.insert((n.fanout, link.depth, id));
                     if n.children.len() < n.fanout as usize {
                         free.insert((link.depth, id));
                     }
@@ -890,7 +906,11 @@ impl MultiTree {
                     tree.capacity
                 ));
             }
-            if free != tree.free || with_leaf != tree.with_leaf || bottom != tree.bottom {
+            if free != tree.free
+                || with_leaf != tree.with_leaf
+                || bottom != tree.bottom
+                || by_fanout != tree.by_fanout
+            {
                 return Err(format!("tree {t}: stale slot indexes"));
             }
             if origin_interior != tree.origin_interior || origin_leaves != tree.origin_leaves {
@@ -952,6 +972,14 @@ impl MultiTree {
             self.attach(t, x, None, aff);
             return;
         }
+        let taken_over = !has_subtree
+            && best_in_tree
+                .filter(|_| self.trees[t].origin_leaves.is_empty())
+                .and_then(|d| self.weaker_forwarder(t, x, d))
+                .is_some_and(|q| self.take_place(t, x, q, aff));
+        if taken_over {
+            return;
+        }
         match (free, leafy) {
             (Some((df, q)), leafy) if leafy.is_none_or(|(dl, _)| df <= dl) => {
                 self.attach(t, x, Some(q), aff);
@@ -981,6 +1009,74 @@ impl MultiTree {
             }
             _ => self.attach(t, x, None, aff),
         }
+    }
+
+    /// The shallowest forwarder of tree `t` above depth `above` that joiner `x` could feed twice
+    /// the children of, and that `x` could link with in its place (its parent, itself and its
+    /// children); among equally shallow ones the weakest. A look-up per fan-out value below
+    /// half the joiner's, each trying [`TAKE_OVER_SCAN`] forwarders at most.
+    ///
+    /// Each hop of a tree serializes a fragment to the hop's children one after another, so a
+    /// forwarder filled to its cap hands its last child the fragment a whole fragment's
+    /// duration after its first: on a slow uplink near the root that delay is every
+    /// descendant's. Joins take the shallowest free slot, so the first peers, whatever their
+    /// uplink, would stay at the top for good; a stronger joiner takes their place instead
+    /// (the bulk build orders forwarders the same way, strongest first).
+    fn weaker_forwarder(&self, t: usize, x: PeerId, above: u32) -> Option<PeerId> {
+        let fanout = self.nodes.get(&x)?.fanout;
+        let by_fanout = &self.trees[t].by_fanout;
+        let mut best: Option<(u32, PeerId)> = None;
+        for f in 1..=fanout / 2 {
+            let shallower = best.map_or(above, |(d, _)| d);
+            let found = by_fanout
+                .range((f, 0, PeerId(0))..(f, shallower, PeerId(0)))
+                .take(TAKE_OVER_SCAN)
+                .find(|(_, _, q)| self.may_take_place(t, x, *q));
+            if let Some(&(_, d, q)) = found {
+                best = Some((d, q));
+            }
+        }
+        best.map(|(_, q)| q)
+    }
+
+    /// Whether `x` can be linked with `q`'s parent, `q` and `q`'s children in tree `t`.
+    fn may_take_place(&self, t: usize, x: PeerId, q: PeerId) -> bool {
+        let Some(qn) = self.nodes.get(&q) else {
+            return false;
+        };
+        if !self.restricted(x) {
+            return true;
+        }
+        let parent_ok = match qn.links[t].parent {
+            Parent::Peer(p) => !self.is_blocked(x, p),
+            Parent::Origin => true,
+            Parent::Detached => false,
+        };
+        parent_ok && !self.is_blocked(x, q) && qn.children.iter().all(|c| !self.is_blocked(x, *c))
+    }
+
+    /// Detached joiner `x` takes forwarder `q`'s place in tree `t`: `q`'s parent feeds `x`,
+    /// and `x` feeds `q`'s children and `q` itself. Their subtrees keep their depths; `q` goes
+    /// one hop down with its fan-out free for the next joiners.
+    fn take_place(&mut self, t: usize, x: PeerId, q: PeerId, aff: &mut BTreeSet<PeerId>) -> bool {
+        let (parent, kids) = match self.nodes.get(&q) {
+            Some(qn) => match qn.links[t].parent {
+                Parent::Peer(p) => (Some(p), qn.children.clone()),
+                Parent::Origin => (None, qn.children.clone()),
+                Parent::Detached => return false,
+            },
+            None => return false,
+        };
+        for c in &kids {
+            self.detach(t, *c, aff);
+        }
+        self.detach(t, q, aff);
+        self.attach(t, x, parent, aff);
+        for c in kids {
+            self.attach(t, c, Some(x), aff);
+        }
+        self.attach(t, q, Some(x), aff);
+        true
     }
 
     /// Attaches a detached leaf of tree `t` under the shallowest free slot, else the origin.
@@ -1256,7 +1352,9 @@ impl MultiTree {
 
     fn remove_keys(&mut self, t: usize, id: PeerId, key: Option<(u32, [bool; 3])>) {
         if let Some((d, _)) = key {
+            let fanout = self.nodes.get(&id).map_or(0, |n| n.fanout);
             let tree = &mut self.trees[t];
+            tree.by_fanout.remove(&(fanout, d, id));
             tree.free.remove(&(d, id));
             tree.with_leaf.remove(&(d, id));
             tree.bottom.remove(&(Reverse(d), id));
@@ -1265,7 +1363,9 @@ impl MultiTree {
 
     fn insert_keys(&mut self, t: usize, id: PeerId, key: Option<(u32, [bool; 3])>) {
         if let Some((d, [free, leafy, bottom])) = key {
+            let fanout = self.nodes.get(&id).map_or(0, |n| n.fanout);
             let tree = &mut self.trees[t];
+            tree.by_fanout.insert((fanout, d, id));
             if free {
                 tree.free.insert((d, id));
             }
@@ -1283,6 +1383,7 @@ impl MultiTree {
         if let Some(n) = self.nodes.get(&id) {
             if n.interior == Some(t as u32) {
                 let key = (n.links[t].depth, id);
+                self.trees[t].by_fanout.remove(&(n.fanout, key.0, id));
                 self.trees[t].free.remove(&key);
                 self.trees[t].with_leaf.remove(&key);
                 self.trees[t].bottom.remove(&(Reverse(key.0), id));
@@ -1295,6 +1396,7 @@ impl MultiTree {
         if let Some(n) = self.nodes.get(&id) {
             if n.interior == Some(t as u32) && n.links[t].depth > 0 {
                 let key = (n.links[t].depth, id);
+                self.trees[t].by_fanout.insert((n.fanout, key.0, id));
                 if n.children.len() < n.fanout as usize {
                     self.trees[t].free.insert(key);
                 }
@@ -1445,6 +1547,60 @@ mod tests {
                 assert!(s.children.is_empty() || s.index == interior);
             }
         }
+    }
+
+    #[test]
+    fn a_stronger_joiner_takes_a_weak_forwarders_place_near_the_root() {
+        // One tree, one origin slot: the first joiner (fan-out 2) is the root.
+        let mut m = MultiTree::new(cfg(1, 1, 16));
+        m.join(PeerId(1), 2000);
+        m.join(PeerId(2), 2000);
+        m.join(PeerId(3), 2000);
+        assert_eq!(m.origin_children(0), vec![PeerId(1)]);
+        assert_eq!(m.children(PeerId(1)), &[PeerId(2), PeerId(3)]);
+        // Fan-out 4 is twice the root's: the joiner takes the root's place and feeds the
+        // root and its former children, at the depths they had.
+        let changes = m.join(PeerId(9), 4000);
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert_eq!(m.origin_children(0), vec![PeerId(9)]);
+        let mut kids = m.children(PeerId(9)).to_vec();
+        kids.sort();
+        assert_eq!(kids, vec![PeerId(1), PeerId(2), PeerId(3)]);
+        assert_eq!(m.depth(PeerId(9), 0), Some(1));
+        assert_eq!(m.depth(PeerId(2), 0), Some(2));
+        assert_eq!(m.depth(PeerId(1), 0), Some(2));
+        for p in [1, 2, 3, 9] {
+            assert!(
+                changes.affected.contains(&PeerId(p)),
+                "{p} needs new instructions"
+            );
+        }
+        // Not twice as strong (fan-out 6 against 4): it takes a free slot below.
+        m.join(PeerId(10), 6000);
+        m.check_invariants().unwrap();
+        assert_eq!(m.origin_children(0), vec![PeerId(9)]);
+        assert_eq!(m.depth(PeerId(10), 0), Some(2));
+        assert_everyone_fed(&m);
+    }
+
+    #[test]
+    fn a_joiner_never_takes_the_place_of_a_forwarder_it_cannot_reach() {
+        let mut m = MultiTree::new(cfg(1, 1, 16));
+        m.join(PeerId(1), 2000);
+        m.join(PeerId(2), 2000);
+        // 9 is known to be unable to reach 2 (a failed data channel), then re-placed with
+        // more upload, as a congestion repair re-joins a peer: its blocks stay.
+        m.join(PeerId(9), 0);
+        m.block(PeerId(9), PeerId(2));
+        m.join(PeerId(9), 4000);
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert_eq!(m.origin_children(0), vec![PeerId(1)], "9 cannot feed 2");
+        assert_ne!(
+            m.plan(PeerId(2)).unwrap()[0].parent,
+            Source::Peer { id: PeerId(9) }
+        );
     }
 
     #[test]

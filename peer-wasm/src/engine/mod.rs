@@ -78,6 +78,9 @@ const EARLY_PARENT_MS: f64 = 1000.0;
 /// `Engine::path_lag`): a tree that became shallower is trusted again within tens of packets.
 const PATH_LAG_DECAY: f64 = 0.9;
 
+/// Fetched gaps remembered for the tree's late copy (`Engine::fetched_gaps`).
+const FETCHED_GAPS: usize = 256;
+
 /// Replaced parent links kept for statistics (a few moves per substream).
 const PAST_LINKS: usize = 32;
 
@@ -343,6 +346,10 @@ pub struct Engine {
     /// a substream carried by a deeper tree is routinely late; its gaps wait that much longer
     /// before the origin is asked, instead of fetching what is already on its way.
     path_lag: Vec<f64>,
+    /// Gaps fetched from the origin, and when each was noticed: a copy its tree brings later
+    /// still tells how late that tree runs (a tree a little slower than the patience would
+    /// otherwise never be waited for again). At most [`FETCHED_GAPS`], oldest dropped.
+    fetched_gaps: BTreeMap<u64, f64>,
     /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
     /// when). A peer only sends a tree's packets to its children there, so this is a new parent
     /// whose instructions overtook ours (it primes us over a link that was already open).
@@ -412,6 +419,7 @@ impl Engine {
             parent_timing: Vec::new(),
             bridged: Vec::new(),
             path_lag: Vec::new(),
+            fetched_gaps: BTreeMap::new(),
             early_parent: Vec::new(),
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
@@ -1065,6 +1073,17 @@ impl Engine {
         };
         if seq < next || self.held.contains_key(&seq) {
             self.counters.duplicates += 1;
+            // The tree's own copy of a gap we fetched: how late it ran.
+            if let From::Peer(id) = from {
+                let sub = protocol::substream_of(seq, self.k);
+                let parent = self
+                    .plan
+                    .iter()
+                    .any(|p| p.index == sub && p.parent == Source::Peer { id });
+                if let Some(noticed) = self.fetched_gaps.remove(&seq).filter(|_| parent) {
+                    self.note_path_lag(seq, Some(noticed));
+                }
+            }
             return;
         }
         let src = match from {
@@ -1568,15 +1587,19 @@ impl Engine {
             self.counters.unverified_dropped += v.expire(self.next_deliver, self.now);
         }
         // Fallback fetches for gaps that stayed open too long.
-        let due: Vec<u64> = self
+        let due: Vec<(u64, f64)> = self
             .gaps
             .iter()
             .filter(|(seq, t)| !self.in_flight.contains(seq) && self.fetch_due(**seq, **t))
-            .map(|(s, _)| *s)
+            .map(|(s, t)| (*s, *t))
             .take(32)
             .collect();
-        for seq in due {
+        for (seq, noticed) in due {
             self.in_flight.insert(seq);
+            self.fetched_gaps.insert(seq, noticed);
+            while self.fetched_gaps.len() > FETCHED_GAPS {
+                self.fetched_gaps.pop_first();
+            }
             // The tree missed even its usual lag: it is failing, not slow. Its next gaps are
             // fetched without the extra patience until its packets flow again.
             let sub = protocol::substream_of(seq, self.k) as usize;

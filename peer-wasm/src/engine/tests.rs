@@ -779,6 +779,82 @@ fn a_substream_whose_tree_is_routinely_late_is_waited_for_not_fetched() {
 }
 
 #[test]
+fn a_late_tree_is_waited_for_again_after_a_loss_on_it() {
+    // Substream 1's tree delivers 700 ms after substream 0 shows its packets exist: more than
+    // the fallback period, within the patience its usual lag earns. One of its packets is lost
+    // and fetched, which drops the patience; the tree's copies that still come late (the
+    // next packet's too, fetched first) show its lag again, so it is waited for again rather
+    // than fetched for good.
+    let mut e = welcomed(9);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    // The origin answers a fetch 50 ms later, before the tree's copy comes.
+    let mut fetched: Vec<u64> = Vec::new();
+    let mut replies: Vec<(u64, f64)> = Vec::new();
+    let mut step = |e: &mut Engine, at: f64, input: Input<'_>| {
+        let mut actions = e.handle(input, at);
+        while let Some(i) = replies.iter().position(|(_, due)| *due <= at) {
+            let (seq, _) = replies.remove(i);
+            let bytes = packet(seq, 0);
+            actions.extend(e.handle(
+                Input::Packet {
+                    from: From::OriginFetch,
+                    bytes: &bytes,
+                },
+                at,
+            ));
+        }
+        for a in actions {
+            if let Action::Fetch { seq } = a {
+                fetched.push(seq);
+                replies.push((seq, at + 50.0));
+            }
+        }
+    };
+    let lost = 11;
+    for j in 0..20u64 {
+        let t = 1000.0 * j as f64;
+        step(
+            &mut e,
+            t,
+            Input::Packet {
+                from: From::Peer(PeerId(1)),
+                bytes: &packet(2 * j, t as u64),
+            },
+        );
+        for dt in (50..1000).step_by(50) {
+            let at = t + dt as f64;
+            if dt == 700 && j > 0 {
+                let odd = 2 * (j - 1) + 1;
+                if odd != lost {
+                    step(
+                        &mut e,
+                        at,
+                        Input::Packet {
+                            from: From::Peer(PeerId(2)),
+                            bytes: &packet(odd, (at - 1700.0) as u64),
+                        },
+                    );
+                }
+            }
+            step(&mut e, at, Input::Tick);
+        }
+    }
+    assert!(fetched.contains(&lost), "{fetched:?}");
+    let after: Vec<u64> = fetched.iter().copied().filter(|s| *s > lost).collect();
+    assert!(
+        after.len() <= 1,
+        "the late tree's packets after the loss were fetched: {after:?}"
+    );
+}
+
+#[test]
 fn a_parent_gone_quiet_is_reported_in_early_heartbeats() {
     // Peer 9 gets tree 0 from peer 1 and tree 1 from peer 2. Peer 1 stops sending after
     // packet 2 (issue 13: a forwarder that claims to send and sends nothing).
