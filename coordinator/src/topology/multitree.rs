@@ -580,13 +580,21 @@ impl MultiTree {
         )
     }
 
-    /// `children` of a node of tree `t`, the forwarders of `t` first. A peer sends each packet
-    /// to its children in this order, and its uplink serializes them: a forwarder served first
-    /// passes the packet on while the leaves are still being served, so each hop adds one
-    /// packet's time on the way down instead of one per sibling.
+    /// `children` of a node of tree `t`, the forwarders of `t` first, those with more children
+    /// before those with fewer. A peer sends each packet to its children in this order, and its
+    /// uplink serializes them: a forwarder served first passes the packet on while the leaves
+    /// are still being served, so each hop adds one packet's time on the way down instead of
+    /// one per sibling, and the biggest subtrees get it soonest.
     fn forwarders_first(&self, t: usize, children: &[PeerId]) -> Vec<PeerId> {
         let mut v = children.to_vec();
-        v.sort_by_key(|c| !self.is_interior(*c, t));
+        v.sort_by_key(|c| {
+            let fed = self
+                .nodes
+                .get(c)
+                .filter(|n| n.interior == Some(t as u32))
+                .map_or(0, |n| n.children.len());
+            (!self.is_interior(*c, t), Reverse(fed))
+        });
         v
     }
 
@@ -1582,6 +1590,26 @@ mod tests {
         assert_eq!(m.origin_children(0), vec![PeerId(9)]);
         assert_eq!(m.depth(PeerId(10), 0), Some(2));
         assert_everyone_fed(&m);
+    }
+
+    #[test]
+    fn a_forwarder_serves_its_biggest_subtrees_first() {
+        let mut m = MultiTree::new(cfg(1, 1, 16));
+        m.join(PeerId(1), 16_000); // fan-out 16: the root
+        m.join(PeerId(2), 1_000); // fan-out 1
+        m.join(PeerId(3), 3_000); // fan-out 3
+        for i in 10..24 {
+            m.join(PeerId(i), 0); // leaves fill the root's slots
+        }
+        for i in 30..34 {
+            m.join(PeerId(i), 0); // one under 2, three under 3
+        }
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert_eq!(m.children(PeerId(2)).len(), 1);
+        assert_eq!(m.children(PeerId(3)).len(), 3);
+        let plan = m.plan(PeerId(1)).unwrap();
+        assert_eq!(&plan[0].children[..2], &[PeerId(3), PeerId(2)]);
     }
 
     #[test]
