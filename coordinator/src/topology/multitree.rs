@@ -24,7 +24,8 @@
 //!   half the joiner's gives it its place instead: the joiner feeds it and its children (a
 //!   forwarder filled to its cap passes a fragment to its last child a fragment's duration
 //!   late, so slow uplinks belong low in the tree, and the first to join would otherwise stay
-//!   on top). Then it adopts leaves the origin feeds directly, so the origin
+//!   on top); not while the joiner's NAT class is unknown. Then it adopts leaves the origin
+//!   feeds directly, so the origin
 //!   ideally feeds only the tree roots. In every other tree the peer becomes a leaf under the
 //!   shallowest interior node with a free slot, else under the origin.
 //! * **Leave.** The peer is unlinked everywhere. If it forwarded to other forwarders, the deepest
@@ -184,6 +185,10 @@ pub struct MultiTree {
     /// The connectivity of peers that cannot pair with everyone (behind NATs, UDP blocked):
     /// two peers whose classes cannot connect are never linked ([`MultiTree::set_connectivity`]).
     nat: BTreeMap<PeerId, Connectivity>,
+    /// Peers whose class is not known yet ([`MultiTree::set_connectivity`] with `None`): they
+    /// take no forwarder's place, since the children they would take over might turn out to
+    /// be peers they cannot reach.
+    class_unknown: BTreeSet<PeerId>,
     /// Joiners take a free origin slot before any peer's ([`MultiTree::set_prefer_origin`]).
     prefer_origin: bool,
 }
@@ -201,6 +206,7 @@ impl MultiTree {
             origin_fanouts: Vec::new(),
             blocked: BTreeMap::new(),
             nat: BTreeMap::new(),
+            class_unknown: BTreeSet::new(),
             prefer_origin: false,
         }
     }
@@ -1021,7 +1027,9 @@ impl MultiTree {
 
     /// The shallowest forwarder of tree `t` above depth `above` that joiner `x` could feed twice
     /// the children of, and that `x` could link with in its place (its parent, itself and its
-    /// children); among equally shallow ones the weakest. A look-up per fan-out value below
+    /// children); among equally shallow ones the weakest. None while `x`'s class is unknown (a
+    /// page joins before it has classified its NAT): a UDP-blocked or symmetric-NAT joiner
+    /// would leave the children it took over on links that never open. A look-up per fan-out value below
     /// half the joiner's, each trying [`TAKE_OVER_SCAN`] forwarders at most.
     ///
     /// Each hop of a tree serializes a fragment to the hop's children one after another, so a
@@ -1031,6 +1039,9 @@ impl MultiTree {
     /// uplink, would stay at the top for good; a stronger joiner takes their place instead
     /// (the bulk build orders forwarders the same way, strongest first).
     fn weaker_forwarder(&self, t: usize, x: PeerId, above: u32) -> Option<PeerId> {
+        if self.class_unknown.contains(&x) {
+            return None;
+        }
         let fanout = self.nodes.get(&x)?.fanout;
         let by_fanout = &self.trees[t].by_fanout;
         let mut best: Option<(u32, PeerId)> = None;
@@ -1590,6 +1601,29 @@ mod tests {
         assert_eq!(m.origin_children(0), vec![PeerId(9)]);
         assert_eq!(m.depth(PeerId(10), 0), Some(2));
         assert_everyone_fed(&m);
+    }
+
+    #[test]
+    fn a_joiner_whose_class_is_unknown_takes_no_place() {
+        let mut m = MultiTree::new(cfg(1, 1, 16));
+        m.join(PeerId(1), 2000);
+        m.join(PeerId(2), 2000);
+        // The page joins before it has classified its NAT: it might turn out unable to reach
+        // the children it would take over.
+        m.set_connectivity(PeerId(9), None);
+        m.join(PeerId(9), 4000);
+        m.check_invariants().unwrap();
+        assert_eq!(m.origin_children(0), vec![PeerId(1)]);
+        // Known (open), it does.
+        let open = Connectivity {
+            class: protocol::NatClass::Open,
+            turn: false,
+        };
+        m.set_connectivity(PeerId(10), Some(open));
+        m.join(PeerId(10), 4000);
+        m.check_invariants().unwrap();
+        assert_everyone_fed(&m);
+        assert_eq!(m.origin_children(0), vec![PeerId(10)]);
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl MultiTree {
     /// Set before [`MultiTree::join`], it places the joiner by it (one that reaches no peer
     /// gets no children: a leaf everywhere).
     pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
+        if conn.is_some() {
+            self.class_unknown.remove(&peer);
+        } else {
+            self.class_unknown.insert(peer);
+        }
         match conn.filter(|c| c.is_restrictive()) {
             Some(c) => {
                 if self.nat.insert(peer, c) == Some(c) {
@@ -143,6 +148,7 @@ impl MultiTree {
     /// A departed peer's blocks go with it.
     pub(super) fn forget_blocks(&mut self, peer: PeerId) {
         self.nat.remove(&peer);
+        self.class_unknown.remove(&peer);
         if let Some(set) = self.blocked.remove(&peer) {
             for other in set {
                 if let Some(s) = self.blocked.get_mut(&other) {

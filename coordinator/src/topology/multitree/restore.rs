@@ -78,6 +78,7 @@ impl MultiTree {
         m.origin_fanouts.clone_from(&self.origin_fanouts);
         m.prefer_origin = self.prefer_origin;
         m.nat.clone_from(&self.nat);
+        m.class_unknown.clone_from(&self.class_unknown);
         m.blocked.clone_from(&self.blocked);
         m.restored(observed)
     }
