@@ -193,6 +193,7 @@ impl World {
         let next = p.last_delivered.map_or(0, |l| l + 1);
         let sub = protocol::substream_of(next, e.substreams());
         let parent = e.plan().iter().find(|s| s.index == sub).map(|s| s.parent);
+        let pj = self.tree_parent(i as usize, sub);
         eprintln!(
             "stall t={:.1}s peer={} tier={:?} age={:.1}s waits={} sub={} parent={:?} made={:?} gap_since={:?} fetching={} parent_has={:?} down_backlog_ms={:.0} down_kbps={:.0} parent_up_backlog_ms={:?} link={:?}",
             ms(self.q.now()) / 1000.0,
@@ -205,28 +206,34 @@ impl World {
             self.origin.packet(next).map(|q| q.created_ms as f64 - self.now_ms()),
             e.gap_of(next).0.map(|t| t - self.now_ms()),
             e.gap_of(next).1,
-            parent.and_then(|src| match src {
-                protocol::Source::Peer { id } => crate::peer::index_of(id)
-                    .and_then(|j| self.peers.get(j))
-                    .map(|q| q.last_delivered),
-                protocol::Source::Origin => None,
-            }),
+            pj.and_then(|j| self.peers.get(j)).map(|q| q.last_delivered),
             ms(self.wire.downlink_backlog(i as usize, self.q.now())),
             p.net.down_kbps,
-            parent.and_then(|src| match src {
-                protocol::Source::Peer { id } => crate::peer::index_of(id)
-                    .map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
-                protocol::Source::Origin => None,
-            }),
-            parent.and_then(|src| match src {
-                protocol::Source::Peer { id } => crate::peer::index_of(id).and_then(|j| {
-                    let l = self.links.get(i, j as u32)?;
-                    let ago = |t: Option<Micros>| t.map(|t| ms(self.q.now().saturating_sub(t)));
-                    Some((l.state, ago(l.started), ago(l.opened)))
-                }),
-                protocol::Source::Origin => None,
-            }),
+            pj.map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
+            pj.and_then(|j| self.link_ages(i, j)),
         );
+    }
+
+    /// The index of peer `i`'s parent in tree `sub` by its engine's plan, when that parent is
+    /// a peer.
+    fn tree_parent(&self, i: usize, sub: u32) -> Option<usize> {
+        let e = self.peers.get(i)?.engine.as_ref()?;
+        match e.plan().iter().find(|s| s.index == sub)?.parent {
+            protocol::Source::Peer { id } => index_of(id),
+            protocol::Source::Origin => None,
+        }
+    }
+
+    /// The link between peers `i` and `j`: its state, and how long ago (ms) it was started and
+    /// opened.
+    fn link_ages(
+        &self,
+        i: u32,
+        j: usize,
+    ) -> Option<(crate::links::State, Option<f64>, Option<f64>)> {
+        let l = self.links.get(i, j as u32)?;
+        let ago = |t: Option<Micros>| t.map(|t| ms(self.q.now().saturating_sub(t)));
+        Some((l.state, ago(l.started), ago(l.opened)))
     }
 
     /// Hops from the origin to peer `i` in tree `sub`, by the engines' plans (`None`: not
@@ -237,7 +244,7 @@ impl World {
             let e = self.peers.get(at)?.engine.as_ref()?;
             match e.plan().iter().find(|s| s.index == sub)?.parent {
                 protocol::Source::Origin => return Some(d),
-                protocol::Source::Peer { id } => at = crate::peer::index_of(id)?,
+                protocol::Source::Peer { id } => at = index_of(id)?,
             }
         }
         None
@@ -257,11 +264,7 @@ impl World {
             return;
         };
         let sub = protocol::substream_of(seq, e.substreams());
-        let parent = e.plan().iter().find(|s| s.index == sub).map(|s| s.parent);
-        let pj = parent.and_then(|src| match src {
-            protocol::Source::Peer { id } => crate::peer::index_of(id),
-            protocol::Source::Origin => None,
-        });
+        let pj = self.tree_parent(i as usize, sub);
         let parent_has = pj
             .and_then(|j| self.peers.get(j))
             .map(|q| q.last_delivered.is_some_and(|l| l >= seq));
@@ -282,11 +285,7 @@ impl World {
             ms(self.wire.downlink_backlog(i as usize, self.q.now())),
             pj.map(|j| ms(self.wire.uplink_backlog(j, self.q.now())) as u64),
             pj.map(|j| self.peers[j].net.up_kbps),
-            pj.and_then(|j| {
-                let l = self.links.get(i, j as u32)?;
-                let ago = |t: Option<Micros>| t.map(|t| ms(self.q.now().saturating_sub(t)));
-                Some((l.state, ago(l.started), ago(l.opened)))
-            }),
+            pj.and_then(|j| self.link_ages(i, j)),
             p.net.up_kbps,
         );
     }
