@@ -61,6 +61,21 @@ impl Playout {
         self.advance(now);
     }
 
+    /// Media ahead of the playhead (ms), what a page reads from its video element: `None`
+    /// before playback started; 0 while stalled.
+    pub fn slack(&self) -> Option<f64> {
+        if !self.started() {
+            return None;
+        }
+        if !self.playing {
+            return Some(0.0);
+        }
+        Some(
+            self.current_end()
+                .map_or(0.0, |e| (e - self.playhead).max(0.0)),
+        )
+    }
+
     fn buffered_end(&self) -> Option<f64> {
         self.ranges.last().map(|r| r.1)
     }

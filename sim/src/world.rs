@@ -524,13 +524,17 @@ impl World {
         }
         let now = self.now_ms();
         if self.cfg.media {
-            self.feed(i, peer_wasm::engine::Input::Tick);
-            let stalls = self.peers[i as usize].playout.stalls;
             let p = &mut self.peers[i as usize];
+            let stalls = p.playout.stalls;
             p.playout.advance(now);
+            let slack = p.playout.slack();
+            if let Some(e) = p.engine.as_mut() {
+                e.set_player_slack(slack, now);
+            }
             if p.playout.stalls > stalls {
                 self.trace_stall(i);
             }
+            self.feed(i, peer_wasm::engine::Input::Tick);
             let p = &mut self.peers[i as usize];
             if p.heartbeat_due(now) {
                 p.last_heartbeat_ms = now;

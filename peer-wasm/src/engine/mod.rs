@@ -29,6 +29,7 @@
 //! Every send, tree, mesh or feed, goes through the one upload token bucket and send queue.
 
 mod catch_up;
+pub mod deadline;
 pub mod file;
 mod handover;
 mod heartbeat;
@@ -48,6 +49,7 @@ use protocol::report::LatencyHistogram;
 use protocol::{Packet, PeerId, Source, SubstreamPlan, TierName, TierPlan};
 
 use catch_up::{CatchUp, Window};
+use deadline::PlayerDeadline;
 use handover::Handover;
 use protocol::manifest::packet_digest;
 use tier::Tiers;
@@ -214,6 +216,8 @@ pub enum Action {
 struct Held {
     packet: Rc<Vec<u8>>,
     created_ms: u64,
+    /// It starts a fragment (the player's unit).
+    random_access: bool,
     arrived_ms: f64,
     /// The peer it came from; `None`: the origin, or rebuilt from parity.
     src: Option<PeerId>,
@@ -326,7 +330,10 @@ pub struct Engine {
     catch_up: CatchUp,
     /// Missing seq → when the gap was noticed.
     gaps: BTreeMap<u64, f64>,
-    in_flight: BTreeSet<u64>,
+    /// Fetches asked of the origin, and when.
+    in_flight: BTreeMap<u64, f64>,
+    /// How much media the player has ahead of its playhead, and the fetch round trip.
+    deadline: PlayerDeadline,
     bucket: TokenBucket,
     send_queue: VecDeque<Queued>,
     /// Priming packets for new children: sent only when `send_queue` is empty and dropped after
@@ -410,7 +417,8 @@ impl Engine {
             window: Window::default(),
             catch_up: CatchUp::default(),
             gaps: BTreeMap::new(),
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            deadline: PlayerDeadline::default(),
             bucket,
             send_queue: VecDeque::new(),
             prime_queue: VecDeque::new(),
@@ -495,7 +503,10 @@ impl Engine {
     /// whether it is being fetched from the origin: for diagnostics (the simulator's stall
     /// trace).
     pub fn gap_of(&self, seq: u64) -> (Option<f64>, bool) {
-        (self.gaps.get(&seq).copied(), self.in_flight.contains(&seq))
+        (
+            self.gaps.get(&seq).copied(),
+            self.in_flight.contains_key(&seq),
+        )
     }
 
     /// The peer's tier, `None` on a flat channel.
@@ -1063,9 +1074,12 @@ impl Engine {
         created_ms: u64,
         out: &mut Vec<Action>,
     ) {
-        self.in_flight.remove(&seq);
+        let asked = self.in_flight.remove(&seq);
         if from == From::OriginFetch {
             self.counters.origin_fallbacks += 1;
+            if let Some(at) = asked {
+                self.deadline.note_fetch_rtt(self.now - at);
+            }
         }
         self.note_parent(protocol::substream_of(seq, self.k), from, seq);
         let Some(next) = self.next_deliver else {
@@ -1317,6 +1331,8 @@ impl Engine {
             self.held.insert(
                 seq,
                 Held {
+                    random_access: Packet::decode(&packet)
+                        .is_ok_and(|p| p.header.is_random_access()),
                     packet,
                     created_ms,
                     arrived_ms: self.now,
@@ -1481,6 +1497,29 @@ impl Engine {
     }
 
     /// Whether the gap at `seq`, open since `t`, is to be fetched from the origin now.
+    /// While the player is about to run out of media: the end (exclusive) of the fragment it
+    /// needs next, the one holding the next packet to deliver (the first held packet after it
+    /// that starts a fragment; every known gap when none is held yet).
+    fn urgent_below(&self) -> Option<u64> {
+        if !self.deadline.urgent(self.now) {
+            return None;
+        }
+        let next = self.next_deliver?;
+        let end = self
+            .held
+            .range(next + 1..)
+            .find(|(_, h)| h.random_access)
+            .map_or(u64::MAX, |(s, _)| *s);
+        Some(end)
+    }
+
+    /// The player has `slack_ms` of media buffered ahead of its playhead (`None`: it does not
+    /// play): gaps of the fragment it needs next are fetched at once when that is about to run
+    /// out (`deadline.rs`). Drivers whose player cannot tell never call it.
+    pub fn set_player_slack(&mut self, slack_ms: Option<f64>, now_ms: f64) {
+        self.deadline.set_slack(slack_ms, now_ms);
+    }
+
     fn fetch_due(&self, seq: u64, t: f64) -> bool {
         if !self.control_up && self.origin_fed(seq) {
             // Nothing will come down this tree until a control connection is back.
@@ -1586,24 +1625,30 @@ impl Engine {
         if let Some(v) = self.verifier.as_mut() {
             self.counters.unverified_dropped += v.expire(self.next_deliver, self.now);
         }
-        // Fallback fetches for gaps that stayed open too long.
-        let due: Vec<(u64, f64)> = self
+        // Fallback fetches for gaps that stayed open too long, and for those the player is
+        // about to need (`deadline.rs`).
+        let urgent_below = self.urgent_below();
+        let due: Vec<(u64, f64, bool)> = self
             .gaps
             .iter()
-            .filter(|(seq, t)| !self.in_flight.contains(seq) && self.fetch_due(**seq, **t))
-            .map(|(s, t)| (*s, *t))
+            .filter(|(seq, _)| !self.in_flight.contains_key(seq))
+            .filter_map(|(seq, t)| {
+                let late = self.fetch_due(*seq, *t);
+                (late || urgent_below.is_some_and(|b| *seq < b)).then_some((*seq, *t, late))
+            })
             .take(32)
             .collect();
-        for (seq, noticed) in due {
-            self.in_flight.insert(seq);
+        for (seq, noticed, late) in due {
+            self.in_flight.insert(seq, self.now);
             self.fetched_gaps.insert(seq, noticed);
             while self.fetched_gaps.len() > FETCHED_GAPS {
                 self.fetched_gaps.pop_first();
             }
             // The tree missed even its usual lag: it is failing, not slow. Its next gaps are
-            // fetched without the extra patience until its packets flow again.
+            // fetched without the extra patience until its packets flow again. (A gap fetched
+            // for the player's deadline says nothing of its tree.)
             let sub = protocol::substream_of(seq, self.k) as usize;
-            if let Some(lag) = self.path_lag.get_mut(sub) {
+            if let Some(lag) = self.path_lag.get_mut(sub).filter(|_| late) {
                 *lag = 0.0;
             }
             out.push(Action::Fetch { seq });

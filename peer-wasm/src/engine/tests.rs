@@ -1490,3 +1490,50 @@ fn a_late_packet_from_the_parent_does_not_make_the_link_look_behind() {
         "the newest, not the last to arrive"
     );
 }
+
+#[test]
+fn gaps_the_player_is_about_to_need_are_fetched_without_waiting() {
+    // Fragments of 8 packets (random access at 0, 8, 16). The first is delivered; of the next
+    // two only a few packets came, so the engine knows gaps in both.
+    let run = |slack_ms: Option<f64>| -> Vec<u64> {
+        let mut e = welcomed(9);
+        let p = |id| Source::Peer { id: PeerId(id) };
+        e.handle(
+            Input::Instructions {
+                plan: plan([p(1), p(2)], [vec![], vec![]]),
+                tier: None,
+            },
+            0.0,
+        );
+        let mut fetched = Vec::new();
+        let mut note = |actions: Vec<Action>| {
+            for a in actions {
+                if let Action::Fetch { seq } = a {
+                    fetched.push(seq);
+                }
+            }
+        };
+        for seq in (0..8).chain([9, 11, 16, 17, 19]) {
+            let from = From::Peer(PeerId(1 + seq % 2));
+            let bytes = packet(seq, 100);
+            note(e.handle(
+                Input::Packet {
+                    from,
+                    bytes: &bytes,
+                },
+                100.0,
+            ));
+        }
+        e.set_player_slack(slack_ms, 150.0);
+        // Well within the fallback period.
+        note(e.handle(Input::Tick, 200.0));
+        fetched
+    };
+    assert!(run(None).is_empty(), "a player that does not say waits");
+    assert!(
+        run(Some(3000.0)).is_empty(),
+        "a player with media to spare waits"
+    );
+    // A player about to run dry: the next fragment's gaps at once, not the one after it.
+    assert_eq!(run(Some(200.0)), vec![8, 10, 12, 13, 14, 15]);
+}

@@ -388,12 +388,15 @@ impl Media {
         self.video.current_time()
     }
 
+    /// Seconds of media the playhead can play without a stall: to the end of the buffered
+    /// range it is in (0 in a hole).
     pub(crate) fn buffer_ahead(&self) -> f64 {
         let ranges = self.video.buffered();
-        if ranges.length() == 0 {
-            return 0.0;
-        }
-        (ranges.end(ranges.length() - 1).unwrap_or(0.0) - self.video.current_time()).max(0.0)
+        let now = self.video.current_time();
+        (0..ranges.length())
+            .filter_map(|i| Some((ranges.start(i).ok()?, ranges.end(i).ok()?)))
+            .find(|(start, end)| *start <= now + 0.05 && now <= *end)
+            .map_or(0.0, |(_, end)| (end - now).max(0.0))
     }
 
     pub(crate) fn playing(&self) -> bool {

@@ -1269,8 +1269,15 @@ impl Inner {
     }
 
     fn on_tick(&mut self) {
-        self.feed(Input::Tick);
         let now = now_ms();
+        // The engine fetches what the player is about to need at once (`engine/deadline.rs`).
+        let slack = self
+            .media
+            .as_ref()
+            .filter(|m| m.playing())
+            .map(|m| m.buffer_ahead() * 1000.0);
+        self.engine.set_player_slack(slack, now);
+        self.feed(Input::Tick);
         self.check_connect_timeout(now);
         let stuck: Vec<PeerId> = self
             .links
