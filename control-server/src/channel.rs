@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use coordinator::dcm::planner::Push;
+use coordinator::start::{StartCandidates, StartConfig, StartPolicy};
 use coordinator::topology::region::Region;
 
 use crate::events::{DcmEvent, OutboundTx};
@@ -182,6 +183,8 @@ pub struct Channel {
     signer: Option<Mutex<ManifestSigner>>,
     /// Spacing of the published fragments (issue 14): what joiners size their lag from.
     cadence: Mutex<Cadence>,
+    /// Where joiners start: one fragment behind the newest, or at it (`coordinator::start`).
+    start: Mutex<StartPolicy>,
 }
 
 impl Channel {
@@ -208,7 +211,14 @@ impl Channel {
             file: OnceLock::new(),
             signer: None,
             cadence: Mutex::default(),
+            start: Mutex::new(StartPolicy::new(StartConfig::default())),
         }
+    }
+
+    /// Chooses joiners' starts with `cfg` (the server's `--start-*` flags).
+    pub fn with_start(mut self, cfg: StartConfig) -> Self {
+        self.start = Mutex::new(StartPolicy::new(cfg));
+        self
     }
 
     /// Signs the stream with the ed25519 key of seed `seed` (see [`protocol::manifest`]).
@@ -295,6 +305,39 @@ impl Channel {
             newest_fragment: m.window.random_access_back(0),
             live: latest,
         })
+    }
+
+    /// Where a peer that joins at `now_ms` starts: [`Channel::join_position`] with the start
+    /// chosen by the channel's start policy (one fragment behind the newest while the origin's
+    /// start budget lasts and the next fragment is not near, else the newest; see
+    /// `coordinator::start`). A file channel's position is unchanged.
+    pub fn choose_join_position(&self, now_ms: u64) -> Option<JoinPosition> {
+        let mut pos = self.join_position()?;
+        let Some(newest) = pos.newest_fragment else {
+            return Some(pos);
+        };
+        let newest_cut_ms = match self.packet(newest) {
+            Lookup::Found(b) => protocol::Packet::decode(&b)
+                .ok()
+                .map(|p| p.header.created_ms),
+            _ => None,
+        }
+        .unwrap_or(now_ms);
+        let fragment_ms = self.fragment_ms().map_or(1000.0, f64::from);
+        if let Ok(mut policy) = self.start.lock() {
+            pos.start = policy
+                .choose(
+                    now_ms,
+                    StartCandidates {
+                        older: pos.start,
+                        newest,
+                        newest_cut_ms,
+                        fragment_ms,
+                    },
+                )
+                .seq();
+        }
+        Some(pos)
     }
 
     /// The longest recent spacing of the published fragments (ms): how long a viewer's buffered

@@ -52,6 +52,9 @@ pub struct Config {
     /// Origin bridges open at once per channel (a moved child fed by the origin until its new
     /// parent delivers, see `dcm::bridge`); 0 turns bridging off.
     pub max_bridges: usize,
+    /// Where joiners of a live channel start: one fragment behind the newest (the origin
+    /// serves that fragment) or at the newest (`coordinator::start`).
+    pub start: coordinator::start::StartConfig,
     /// Seed of the origin's ed25519 key: every channel's stream is signed with it (issue 13).
     /// The default is a fresh key per process; `None`: streams are unsigned and peers relay
     /// packets unchecked.
@@ -86,6 +89,7 @@ impl Default for Config {
             cluster_max: 512,
             file_kbps: 1000,
             max_bridges: coordinator::dcm::bridge::DEFAULT_MAX_BRIDGES,
+            start: coordinator::start::StartConfig::default(),
             // Signed by default, with a key for this process (see `crate::signing`).
             signing_seed: crate::signing::random_seed().ok(),
             ban_secs: 600,
@@ -125,6 +129,10 @@ pub enum ConfigError {
     MaxErrors,
     #[error("RTMP ingest (--rtmp) needs a stream key: add --ingest-key")]
     RtmpWithoutKey,
+    #[error("--start-newest-after must be a share of a fragment between 0 and 100, got {0}")]
+    StartNewestAfter(f64),
+    #[error("--start-budget must be between 0 and 1000000 streams, got {0}")]
+    StartBudget(f64),
 }
 
 impl Config {
@@ -146,6 +154,13 @@ impl Config {
         }
         if !(8..=1_000_000).contains(&self.file_kbps) {
             return Err(ConfigError::FileKbps(self.file_kbps));
+        }
+        let start = self.start;
+        if !(0.0..=100.0).contains(&start.newest_after) {
+            return Err(ConfigError::StartNewestAfter(start.newest_after));
+        }
+        if !(0.0..=1_000_000.0).contains(&start.budget_streams) {
+            return Err(ConfigError::StartBudget(start.budget_streams));
         }
         if let Some(o) = self
             .allowed_origins

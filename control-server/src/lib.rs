@@ -375,7 +375,8 @@ impl AppState {
         let window = PacketWindow::new(self.config.window_packets, 2_000_000);
         let mut channel = Channel::new(name.to_string(), stream_kbps, window, tx)
             .with_relays(self.relays.clone())
-            .with_substreams(self.config.substreams);
+            .with_substreams(self.config.substreams)
+            .with_start(self.config.start);
         if let Some(seed) = &self.config.signing_seed {
             channel = channel.with_signer(seed);
         }

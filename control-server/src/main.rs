@@ -93,6 +93,16 @@ struct Args {
     /// 0 turns bridging off.
     #[arg(long, default_value_t = control_server::dcm::bridge::DEFAULT_MAX_BRIDGES)]
     max_bridges: usize,
+    /// A viewer that joins this share of a fragment after the newest fragment was cut, or
+    /// later, starts at the newest fragment (its parents hand it over) instead of one fragment
+    /// behind (which the origin serves): the next fragment is near. Above 1: never.
+    #[arg(long, default_value_t = coordinator::start::DEFAULT_NEWEST_AFTER)]
+    start_newest_after: f64,
+    /// Streams' worth of origin egress a second, per channel, for joiners' older fragments
+    /// (a fragment of D seconds costs D); in a crowd beyond it viewers start at the newest
+    /// fragment, about a second later. 0: all do.
+    #[arg(long, default_value_t = coordinator::start::DEFAULT_BUDGET_STREAMS)]
+    start_budget: f64,
     /// Token for the operator dashboard and APIs (at least 8 characters). Without it a random
     /// token is generated at start-up and printed with the dashboard URL.
     #[arg(long, env = "P2P_OPERATOR_TOKEN")]
@@ -279,6 +289,10 @@ async fn main() -> anyhow::Result<()> {
         token_secret: args.token_secret.clone(),
         file_kbps: args.file_kbps,
         max_bridges: args.max_bridges,
+        start: coordinator::start::StartConfig {
+            newest_after: args.start_newest_after,
+            budget_streams: args.start_budget,
+        },
         address_limits: limits::AddressLimits {
             sessions: args.max_sessions_per_address,
             joins_per_minute: args.max_joins_per_minute,

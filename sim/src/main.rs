@@ -74,6 +74,14 @@ struct Args {
     /// delivers, at most (ms; 0: the old parent stops at once).
     #[arg(long, default_value_t = 1500.0)]
     handover_ms: f64,
+    /// A joiner that comes this share of a fragment after the newest was cut or later starts
+    /// at the newest fragment (as the server's flag).
+    #[arg(long, default_value_t = coordinator::start::DEFAULT_NEWEST_AFTER)]
+    start_newest_after: f64,
+    /// Streams' worth of origin egress a second for joiners' older fragments; beyond it they
+    /// start at the newest (as the server's flag; 0: all do).
+    #[arg(long, default_value_t = coordinator::start::DEFAULT_BUDGET_STREAMS)]
+    start_budget: f64,
     /// Relaying peers whose upload is cut to a fifth of their load a third into the run.
     #[arg(long, default_value_t = 0)]
     throttle: usize,
@@ -130,6 +138,10 @@ fn real_main() -> Result<()> {
         pace: a.pace,
         fallback_ms: a.fallback_ms,
         handover_ms: a.handover_ms,
+        start: coordinator::start::StartConfig {
+            newest_after: a.start_newest_after,
+            budget_streams: a.start_budget,
+        },
         ..RunConfig::new(a.peers, a.seconds, a.scenario)
     };
     if let Err(e) = cfg.validate() {

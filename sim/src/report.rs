@@ -81,6 +81,12 @@ pub struct Report {
     pub origin_bridge_copies_per_s: Vec<f64>,
     /// Fallback fetches per second by the fetching peer's tier at the time.
     pub origin_fallback_copies_per_s_by_tier: BTreeMap<String, Vec<f64>>,
+    /// Joiners started one fragment behind the newest (the origin serves that fragment), and
+    /// at the newest: late in a fragment, or beyond the origin's start budget
+    /// (`coordinator::start`).
+    pub starts_older: u64,
+    pub starts_newest_late: u64,
+    pub starts_newest_budget: u64,
     pub links_opened: u64,
     pub link_failures: u64,
     pub link_setup_ms: Pct,
@@ -299,6 +305,9 @@ pub fn build(
                     .saturating_sub(w.totals.stalls_at_failover),
             }
         }),
+        starts_older: w.totals.starts_older,
+        starts_newest_late: w.totals.starts_newest_late,
+        starts_newest_budget: w.totals.starts_newest_budget,
         links_opened: w.totals.links_opened,
         link_failures: w.totals.link_failures,
         link_setup_ms: Pct::of(w.totals.setup_ms.clone()),

@@ -78,6 +78,8 @@ pub struct RunConfig {
     pub fallback_ms: f64,
     /// The engines' `handover_ms`: how long a moved tree link is kept, at most.
     pub handover_ms: f64,
+    /// Where joiners start (the server's `--start-newest-after` and `--start-budget`).
+    pub start: coordinator::start::StartConfig,
 }
 
 impl RunConfig {
@@ -104,6 +106,7 @@ impl RunConfig {
             pace: false,
             fallback_ms: EngineConfig::default().fallback_after_ms,
             handover_ms: EngineConfig::default().handover_ms,
+            start: coordinator::start::StartConfig::default(),
         }
     }
 
@@ -168,6 +171,12 @@ impl RunConfig {
         if !(self.handover_ms.is_finite() && self.handover_ms >= 0.0) {
             return Err("--handover-ms must be a number of ms >= 0".into());
         }
+        if !(self.start.newest_after.is_finite() && self.start.newest_after >= 0.0) {
+            return Err("--start-newest-after must be a share of a fragment >= 0".into());
+        }
+        if !(self.start.budget_streams.is_finite() && self.start.budget_streams >= 0.0) {
+            return Err("--start-budget must be a number of streams >= 0".into());
+        }
         if self.throttle > self.peers {
             return Err("--throttle cannot exceed --peers".into());
         }
@@ -208,6 +217,7 @@ impl RunConfig {
                 handover_ms: self.handover_ms,
                 ..EngineConfig::default()
             },
+            start: self.start,
         })
     }
 

@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 
+use coordinator::start::Start;
+
 use crate::control::Down;
 use crate::peer::{id_of, index_of};
 use crate::queue::us;
@@ -62,10 +64,26 @@ impl World {
                 if !self.peers[i as usize].alive {
                     return;
                 }
-                let Some((start, newest, live)) = self.origin.live_position() else {
+                let Some((older, newest, live)) = self.origin.live_position() else {
                     self.totals.server_errors += 1;
                     return;
                 };
+                let newest_cut_ms = self.origin.packet(newest).map_or(now, |p| p.created_ms);
+                let chosen = self.start.choose(
+                    now,
+                    coordinator::start::StartCandidates {
+                        older,
+                        newest,
+                        newest_cut_ms,
+                        fragment_ms: f64::from(self.origin.cfg.fragment_ms),
+                    },
+                );
+                match chosen {
+                    Start::Older(_) => self.totals.starts_older += 1,
+                    Start::NewestLate(_) => self.totals.starts_newest_late += 1,
+                    Start::NewestBudget(_) => self.totals.starts_newest_budget += 1,
+                }
+                let start = chosen.seq();
                 // The session sends the Welcome before the DCM hears of the join.
                 let welcome = self.control.welcome(id, start, newest, live);
                 self.send_down(i, Down::Msg(Box::new(welcome)));

@@ -103,6 +103,8 @@ pub struct WorldConfig {
     pub media: bool,
     /// The engines' settings (`upload_kbps` is each peer's own declaration).
     pub engine: EngineConfig,
+    /// Where joiners start ([`coordinator::start`]), as the server's `--start-*` flags.
+    pub start: coordinator::start::StartConfig,
 }
 
 /// Running totals the report is built from.
@@ -124,6 +126,11 @@ pub struct Totals {
     pub setup_ms: Vec<f64>,
     pub server_errors: u64,
     pub closed_by_server: u64,
+    /// Joiners started one fragment behind the newest, and at the newest (late in a fragment,
+    /// or beyond the origin's start budget).
+    pub starts_older: u64,
+    pub starts_newest_late: u64,
+    pub starts_newest_budget: u64,
     /// Throttled relays and when (engine ms).
     pub throttled: Vec<(PeerId, f64)>,
     /// Per throttled relay: throttle to the first congestion report naming it, ms (-1: none).
@@ -146,6 +153,7 @@ pub struct World {
     pub wire: Wire,
     pub origin: SyntheticOrigin,
     pub control: Control,
+    pub start: coordinator::start::StartPolicy,
     pub rng: Rng,
     pub totals: Totals,
     pub(crate) coord_timer: Option<Micros>,
@@ -158,6 +166,7 @@ impl World {
         let control = Control::new(cfg.control.clone(), EPOCH_MS as u64);
         let origin = SyntheticOrigin::new(cfg.origin, cfg.seed);
         let rng = Rng::stream(cfg.seed, 1);
+        let start = coordinator::start::StartPolicy::new(cfg.start);
         let mut w = World {
             cfg,
             q: EventQueue::default(),
@@ -166,6 +175,7 @@ impl World {
             wire: Wire::default(),
             origin,
             control,
+            start,
             rng,
             totals: Totals::default(),
             coord_timer: None,

@@ -834,7 +834,9 @@ impl Session {
             (None, Some((_, mime, kbps))) => Some((mime, kbps)),
             (None, None) => None,
         };
-        let (Some((mime, stream_kbps)), Some(position)) = (media, ch.join_position()) else {
+        let (Some((mime, stream_kbps)), Some(position)) =
+            (media, ch.choose_join_position(crate::channel::now_ms()))
+        else {
             return self.error(
                 ErrorCode::UnknownChannel,
                 format!("channel {channel:?} has no live source yet"),

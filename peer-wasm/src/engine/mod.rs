@@ -357,6 +357,11 @@ pub struct Engine {
     /// still tells how late that tree runs (a tree a little slower than the patience would
     /// otherwise never be waited for again). At most [`FETCHED_GAPS`], oldest dropped.
     fetched_gaps: BTreeMap<u64, f64>,
+    /// Fetches the origin answered "not produced yet", and until when the player's deadline
+    /// does not ask for them again (a fallback period).
+    not_yet: BTreeMap<u64, f64>,
+    /// When the newest delivered packet was cut (the origin's clock).
+    delivered_created_ms: Option<u64>,
     /// Per tree: the last packet of that tree a peer other than its parent sent us (peer, seq,
     /// when). A peer only sends a tree's packets to its children there, so this is a new parent
     /// whose instructions overtook ours (it primes us over a link that was already open).
@@ -428,6 +433,8 @@ impl Engine {
             bridged: Vec::new(),
             path_lag: Vec::new(),
             fetched_gaps: BTreeMap::new(),
+            not_yet: BTreeMap::new(),
+            delivered_created_ms: None,
             early_parent: Vec::new(),
             past_links: VecDeque::new(),
             child_last: HashMap::new(),
@@ -596,6 +603,11 @@ impl Engine {
                 } else if let Some(t) = self.gaps.get_mut(&seq) {
                     // Not produced yet: try again one fallback period later.
                     *t = now_ms;
+                    let next = self.next_deliver.unwrap_or(0);
+                    self.not_yet
+                        .retain(|s, until| *s >= next && *until > now_ms);
+                    self.not_yet
+                        .insert(seq, now_ms + self.cfg.fallback_after_ms);
                 }
             }
             Input::LiveEdge { seq } => self.note_exists(seq),
@@ -1513,6 +1525,26 @@ impl Engine {
         Some(end)
     }
 
+    /// The player is about to run dry and nothing says the next packets exist (every tree late
+    /// and no live-edge notice): the fragment clock does. Once a fragment's duration (and a
+    /// fifth) has passed since the newest delivered packet was cut, the next fragment has been
+    /// cut too: its first packet of each substream is a gap (the origin answers "not yet" if
+    /// the clock was wrong, and is not asked again for a fallback period).
+    fn infer_next_exists(&mut self) {
+        let Some(next) = self.next_deliver else {
+            return;
+        };
+        if self.held.contains_key(&next) || self.gaps.contains_key(&next) {
+            return;
+        }
+        let (Some(cut), Some(d)) = (self.delivered_created_ms, self.fragments.fragment_ms()) else {
+            return;
+        };
+        if self.now - cut as f64 >= 1.2 * d {
+            self.note_exists(next + u64::from(self.k) - 1);
+        }
+    }
+
     /// The player has `slack_ms` of media buffered ahead of its playhead (`None`: it does not
     /// play): gaps of the fragment it needs next are fetched at once when that is about to run
     /// out (`deadline.rs`). Drivers whose player cannot tell never call it.
@@ -1550,6 +1582,7 @@ impl Engine {
             };
             let latency = (self.now - h.created_ms as f64).max(0.0);
             self.latency.record(latency as u64);
+            self.delivered_created_ms = Some(h.created_ms);
             let known = self.fragments.fragment_ms();
             self.fragments.note(h.created_ms);
             if self.fragments.fragment_ms() != known {
@@ -1628,10 +1661,15 @@ impl Engine {
         // Fallback fetches for gaps that stayed open too long, and for those the player is
         // about to need (`deadline.rs`).
         let urgent_below = self.urgent_below();
+        if urgent_below.is_some() {
+            self.infer_next_exists();
+        }
+        let now = self.now;
         let due: Vec<(u64, f64, bool)> = self
             .gaps
             .iter()
             .filter(|(seq, _)| !self.in_flight.contains_key(seq))
+            .filter(|(seq, _)| self.not_yet.get(seq).is_none_or(|until| *until <= now))
             .filter_map(|(seq, t)| {
                 let late = self.fetch_due(*seq, *t);
                 (late || urgent_below.is_some_and(|b| *seq < b)).then_some((*seq, *t, late))

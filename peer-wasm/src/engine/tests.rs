@@ -1537,3 +1537,57 @@ fn gaps_the_player_is_about_to_need_are_fetched_without_waiting() {
     // A player about to run dry: the next fragment's gaps at once, not the one after it.
     assert_eq!(run(Some(200.0)), vec![8, 10, 12, 13, 14, 15]);
 }
+
+#[test]
+fn a_player_about_to_run_dry_fetches_the_fragment_its_clock_says_was_cut() {
+    // Every tree is late and no live-edge notice came: only the clock says the next fragment
+    // exists. (Fragments of 8 packets, 1 s apart.)
+    let mut e = welcomed(9);
+    e.set_fragment_hint(1000.0);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], vec![]]),
+            tier: None,
+        },
+        0.0,
+    );
+    for seq in 0..8 {
+        let bytes = packet(seq, 100);
+        let from = From::Peer(PeerId(1 + seq % 2));
+        e.handle(
+            Input::Packet {
+                from,
+                bytes: &bytes,
+            },
+            100.0,
+        );
+    }
+    let fetches = |actions: Vec<Action>| -> Vec<u64> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Fetch { seq } => Some(seq),
+                _ => None,
+            })
+            .collect()
+    };
+    // Plenty of media: nothing is guessed.
+    e.set_player_slack(Some(1500.0), 1100.0);
+    assert!(fetches(e.handle(Input::Tick, 1100.0)).is_empty());
+    // About to run dry, but the next fragment is not due yet (cut at 100 + 1000).
+    e.set_player_slack(Some(100.0), 1150.0);
+    assert!(fetches(e.handle(Input::Tick, 1150.0)).is_empty());
+    // Past a fragment and a fifth: the next fragment's first packet of each tree.
+    assert_eq!(fetches(e.handle(Input::Tick, 1400.0)), vec![8, 9]);
+    // The origin had not cut it yet (a clock ahead of the origin's): not asked again at once.
+    e.handle(
+        Input::FetchFailed {
+            seq: 8,
+            gone: false,
+        },
+        1450.0,
+    );
+    assert!(fetches(e.handle(Input::Tick, 1500.0)).is_empty());
+    assert_eq!(fetches(e.handle(Input::Tick, 2100.0)), vec![8]);
+}
