@@ -86,9 +86,8 @@ pub struct Cluster {
     feeders: Vec<Feeder>,
     /// Declared upload of each member, to move members between clusters.
     uploads: BTreeMap<PeerId, u32>,
-    /// The NAT class of members whose class is known: the trees link only pairs that connect,
-    /// also when members move between clusters, and a member of unknown class takes no weaker
-    /// forwarder's place ([`MultiTree::set_connectivity`]).
+    /// The NAT class of members that cannot pair with everyone: the trees link only pairs
+    /// that connect, also when members move between clusters.
     nat: BTreeMap<PeerId, Connectivity>,
     /// The feeder of each root, per tree; a root not listed is fed by the origin. Kept across
     /// changes ([`Cluster::sync_roots`]): a root keeps its feeder while both stay and the
@@ -139,7 +138,7 @@ impl Cluster {
     /// links its class cannot hold are re-placed now (roots and feeders named as
     /// [`Cluster::join_fed`] does).
     pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
-        let old = match conn {
+        match conn.filter(|c| c.is_restrictive()) {
             Some(c) => self.nat.insert(peer, c),
             None => self.nat.remove(&peer),
         };
@@ -147,11 +146,7 @@ impl Cluster {
             return Changes::default();
         }
         let mut ch = self.tree.set_connectivity(peer, conn);
-        // A new restriction may change which feeder can feed it; a member that only became
-        // known may have moved up to a root's place (the trees whose roots changed).
-        let restrictive = |c: Option<Connectivity>| c.filter(|c| c.is_restrictive());
-        let all = restrictive(old) != restrictive(conn);
-        ch.affected.extend(self.sync_roots(all));
+        ch.affected.extend(self.sync_roots(true));
         ch
     }
 
@@ -762,51 +757,6 @@ mod tests {
                     before[t as usize].iter().find(|(x, _)| *x == r)
                 );
             }
-        }
-    }
-
-    #[test]
-    fn a_member_known_to_pair_with_everyone_takes_a_weak_forwarder_s_place() {
-        let open = Some(Connectivity {
-            class: protocol::NatClass::Open,
-            turn: false,
-        });
-        for (class, takes) in [(None, false), (open, true)] {
-            let mut c = Cluster::new(
-                ClusterId(1),
-                Region::V4([10, 0]),
-                ClusterKind::Bottom { k: 1 },
-                1000,
-                4,
-            );
-            c.set_feeders(vec![feeder(100, 1)]);
-            for i in 0..3 {
-                c.set_connectivity(PeerId(i), open);
-                c.join(PeerId(i), 2000);
-            }
-            assert_eq!(c.tree().origin_children(0), vec![PeerId(0)]);
-            // A strong member: of unknown class it goes below (it might not reach those it
-            // would feed); known to pair with everyone, it feeds the weak root.
-            c.set_connectivity(PeerId(9), class);
-            c.join(PeerId(9), 8000);
-            assert_eq!(
-                c.tree().origin_children(0) == vec![PeerId(9)],
-                takes,
-                "{class:?}: {:?}",
-                c.tree().origin_children(0)
-            );
-            if class.is_none() {
-                // Its class comes later (a page classifies after joining): then it does, and
-                // the feeder feeds it.
-                let ch = c.set_connectivity(PeerId(9), open);
-                assert_eq!(c.tree().origin_children(0), vec![PeerId(9)]);
-                assert_eq!(
-                    c.root_source(0, PeerId(9)),
-                    Some(MeshNodeOrPeer::Peer(PeerId(100)))
-                );
-                assert!(ch.affected.contains(&PeerId(100)), "{:?}", ch.affected);
-            }
-            c.tree().check_invariants().unwrap();
         }
     }
 

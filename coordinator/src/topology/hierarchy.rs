@@ -364,28 +364,21 @@ impl Hierarchy {
     /// between tiers (the mesh, feeds of a cluster's roots) are not chosen by class: a feed
     /// that fails is reported and dropped ([`Hierarchy::block`]).
     pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
-        let old = match conn {
-            Some(c) => self.nat.insert(peer, c),
-            None => self.nat.remove(&peer),
-        };
-        if old == conn {
-            return Changes::default();
+        match conn.filter(|c| c.is_restrictive()) {
+            Some(c) => {
+                if self.nat.insert(peer, c) == Some(c) {
+                    return Changes::default();
+                }
+            }
+            None => {
+                if self.nat.remove(&peer).is_none() {
+                    return Changes::default();
+                }
+            }
         }
         let Some(info) = self.peers.get(&peer) else {
             return Changes::default();
         };
-        let restrictive = |c: Option<Connectivity>| c.filter(|c| c.is_restrictive());
-        if restrictive(old) == restrictive(conn) {
-            // Only known now, and pairs with everyone: its cluster's trees may move it up.
-            let mut aff = Changes::default();
-            if let Some(c) = self
-                .cluster_of(peer)
-                .and_then(|id| self.clusters.get_mut(&id))
-            {
-                aff.affected.extend(c.set_connectivity(peer, conn).affected);
-            }
-            return aff;
-        }
         if info.tier != Tier::Bottom && self.limited(peer) {
             let (region, upload, relay) = (info.region, info.upload, info.relay);
             return self.join_as(peer, region, upload, relay);

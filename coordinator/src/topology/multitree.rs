@@ -1058,37 +1058,6 @@ impl MultiTree {
         best.map(|(_, q)| q)
     }
 
-    /// Placed peer `x` takes the place of a weaker forwarder shallower than itself in its
-    /// interior tree, with its own subtree, when its fan-out holds its children, that
-    /// forwarder's and the forwarder itself ([`MultiTree::weaker_forwarder`]). A page joins
-    /// before it has classified its NAT, so a joiner in a browser is placed as its class
-    /// arrives: without this it would keep the place it got while unknown.
-    pub(crate) fn promote(&mut self, x: PeerId, aff: &mut BTreeSet<PeerId>) {
-        let Some(n) = self.nodes.get(&x) else {
-            return;
-        };
-        let Some(t) = n.interior.map(|t| t as usize) else {
-            return;
-        };
-        let (depth, own, fanout) = (n.links[t].depth, n.children.len(), n.fanout as usize);
-        if matches!(n.links[t].parent, Parent::Detached) || !self.trees[t].origin_leaves.is_empty()
-        {
-            return;
-        }
-        let Some(q) = self.weaker_forwarder(t, x, depth) else {
-            return;
-        };
-        let theirs = self
-            .nodes
-            .get(&q)
-            .map_or(usize::MAX, |qn| qn.children.len());
-        if own.saturating_add(theirs).saturating_add(1) > fanout {
-            return;
-        }
-        self.detach(t, x, aff);
-        self.take_place(t, x, q, aff);
-    }
-
     /// Whether `x` can be linked with `q`'s parent, `q` and `q`'s children in tree `t`.
     fn may_take_place(&self, t: usize, x: PeerId, q: PeerId) -> bool {
         let Some(qn) = self.nodes.get(&q) else {
@@ -1645,58 +1614,16 @@ mod tests {
         m.join(PeerId(9), 4000);
         m.check_invariants().unwrap();
         assert_eq!(m.origin_children(0), vec![PeerId(1)]);
-        assert_eq!(m.depth(PeerId(9), 0), Some(2));
-        // Its class known (open), it does, from where it is.
+        // Known (open), it does.
         let open = Connectivity {
             class: protocol::NatClass::Open,
             turn: false,
         };
-        let changes = m.set_connectivity(PeerId(9), Some(open));
-        m.check_invariants().unwrap();
-        assert_everyone_fed(&m);
-        assert_eq!(m.origin_children(0), vec![PeerId(9)]);
-        let mut kids = m.children(PeerId(9)).to_vec();
-        kids.sort();
-        assert_eq!(kids, vec![PeerId(1), PeerId(2)]);
-        for p in [1, 2, 9] {
-            assert!(changes.affected.contains(&PeerId(p)), "{p} moved");
-        }
-        // Once: a class reported again changes nothing.
-        assert!(m
-            .set_connectivity(PeerId(9), Some(open))
-            .affected
-            .is_empty());
-        // A joiner of known class takes the place at once.
         m.set_connectivity(PeerId(10), Some(open));
-        m.join(PeerId(10), 8000);
+        m.join(PeerId(10), 4000);
         m.check_invariants().unwrap();
         assert_everyone_fed(&m);
         assert_eq!(m.origin_children(0), vec![PeerId(10)]);
-    }
-
-    #[test]
-    fn a_forwarder_promoted_when_its_class_arrives_takes_its_subtree_along() {
-        let mut m = MultiTree::new(cfg(1, 1, 16));
-        m.join(PeerId(1), 2000);
-        m.join(PeerId(2), 2000);
-        m.join(PeerId(3), 2000);
-        m.set_connectivity(PeerId(9), None);
-        m.join(PeerId(9), 8000); // fan-out 8, under 2 or 3
-        for i in 20..26 {
-            m.join(PeerId(i), 0); // the last ones under 9 (the shallowest free slots)
-        }
-        m.check_invariants().unwrap();
-        let own = m.children(PeerId(9)).len();
-        assert!(own >= 1, "{:?}", m.children(PeerId(9)));
-        let open = Connectivity {
-            class: protocol::NatClass::Open,
-            turn: false,
-        };
-        m.set_connectivity(PeerId(9), Some(open));
-        m.check_invariants().unwrap();
-        assert_everyone_fed(&m);
-        assert_eq!(m.origin_children(0), vec![PeerId(9)]);
-        assert!(m.children(PeerId(9)).len() >= own + 2);
     }
 
     #[test]

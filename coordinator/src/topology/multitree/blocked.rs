@@ -55,30 +55,28 @@ impl MultiTree {
     /// the class cannot hold now is re-placed at once.
     /// Set before [`MultiTree::join`], it places the joiner by it (one that reaches no peer
     /// gets no children: a leaf everywhere).
-    /// A placed peer whose class was unknown until now may then take a weaker forwarder's
-    /// place, as a joiner of known class does ([`MultiTree::promote`]).
     pub fn set_connectivity(&mut self, peer: PeerId, conn: Option<Connectivity>) -> Changes {
-        let learnt = if conn.is_some() {
-            self.class_unknown.remove(&peer)
+        if conn.is_some() {
+            self.class_unknown.remove(&peer);
         } else {
             self.class_unknown.insert(peer);
-            false
-        };
-        let placed = self.nodes.contains_key(&peer);
-        let mut aff = BTreeSet::new();
+        }
         match conn.filter(|c| c.is_restrictive()) {
             Some(c) => {
-                if self.nat.insert(peer, c) != Some(c) && placed {
-                    self.relink_blocked(peer, &mut aff);
+                if self.nat.insert(peer, c) == Some(c) {
+                    return Changes::default();
                 }
             }
             None => {
                 self.nat.remove(&peer);
+                return Changes::default();
             }
         }
-        if learnt && placed {
-            self.promote(peer, &mut aff);
+        if !self.nodes.contains_key(&peer) {
+            return Changes::default();
         }
+        let mut aff = BTreeSet::new();
+        self.relink_blocked(peer, &mut aff);
         Changes { affected: aff }
     }
 
