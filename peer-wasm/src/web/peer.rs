@@ -1270,10 +1270,13 @@ impl Inner {
 
     fn on_tick(&mut self) {
         let now = now_ms();
-        // The page does not report its media ahead of the playhead to the engine
-        // (`Engine::set_player_slack`, `engine/deadline.rs`) yet: with it, the e2e `hostile`
-        // test's silent forwarder was found 2.3-2.4 s after it withheld a packet in 2 runs of 3
-        // (limit 2 s; 1.2 s without). The simulator's players report it.
+        // The engine fetches what the player is about to need at once (`engine/deadline.rs`).
+        let slack = self
+            .media
+            .as_ref()
+            .filter(|m| m.playing())
+            .map(|m| m.buffer_ahead() * 1000.0);
+        self.engine.set_player_slack(slack, now);
         self.feed(Input::Tick);
         self.check_connect_timeout(now);
         let stuck: Vec<PeerId> = self
