@@ -308,9 +308,10 @@ impl Channel {
     }
 
     /// Where a peer that joins at `now_ms` starts: [`Channel::join_position`] with the start
-    /// chosen by the channel's start policy (one fragment behind the newest while the origin's
-    /// start budget lasts and the next fragment is not near, else the newest; see
-    /// `coordinator::start`). A file channel's position is unchanged.
+    /// chosen by the channel's start policy (while the origin's start budget lasts, one
+    /// fragment behind the newest, or the newest when the next fragment is near; beyond it the
+    /// next fragment, after the newest packet; see `coordinator::start`). A file channel's
+    /// position is unchanged.
     pub fn choose_join_position(&self, now_ms: u64) -> Option<JoinPosition> {
         let mut pos = self.join_position()?;
         let Some(newest) = pos.newest_fragment else {
@@ -331,6 +332,7 @@ impl Channel {
                     StartCandidates {
                         older: pos.start,
                         newest,
+                        next: pos.live + 1,
                         newest_cut_ms,
                         fragment_ms,
                     },

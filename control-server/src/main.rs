@@ -99,9 +99,9 @@ struct Args {
     #[arg(long, default_value_t = coordinator::start::DEFAULT_NEWEST_AFTER)]
     start_newest_after: f64,
     /// Streams' worth of origin egress a second, per channel, for joiners' older fragments
-    /// (a fragment of D seconds costs D); in a crowd beyond it viewers start at the newest
-    /// fragment, about a second later. 0: all do.
-    #[arg(long, default_value_t = coordinator::start::DEFAULT_BUDGET_STREAMS)]
+    /// (a fragment of D seconds costs D); in a crowd beyond it viewers start at the next
+    /// fragment, which the trees carry (up to a fragment later). 0: all do.
+    #[arg(long, env = "P2P_START_BUDGET", default_value_t = coordinator::start::DEFAULT_BUDGET_STREAMS)]
     start_budget: f64,
     /// Token for the operator dashboard and APIs (at least 8 characters). Without it a random
     /// token is generated at start-up and printed with the dashboard URL.

@@ -1,4 +1,5 @@
-//! Where a joiner of a live channel starts: one fragment behind the newest, or at the newest.
+//! Where a joiner of a live channel starts: one fragment behind the newest, at the newest, or
+//! at the next fragment.
 //!
 //! The fragments that exist when a peer joins reach it only from the origin (a fallback
 //! fetch) or from its new parents (a catch-up, `peer-wasm/src/engine/catch_up.rs`); the trees
@@ -6,19 +7,25 @@
 //! fragment of cushion at once, and that older fragment is fetched from the origin: one
 //! fragment's worth of stream per joiner, which in a crowd of a thousand joins a second is the
 //! origin's whole egress (docs/benchmarks.md, flash crowd). Starting at the newest fragment,
-//! which the parents hand over, costs the origin nothing but waits for the next fragment before
-//! the player has its start-up cushion.
+//! which the parents hand over, costs the origin nothing while the parents have upload to spare
+//! for it; in a crowd they do not (each has several new children at once), and the joiners
+//! fetched the newest fragment from the origin after all: hundreds of streams a second in the
+//! simulator's crowd of 10 000. Starting at the next fragment costs nobody anything beyond the
+//! stream itself: the trees carry it to the joiner like to everyone else, and the player waits
+//! for it (half a fragment on average, and the trees' delivery).
 //!
-//! So the start is chosen per joiner ([`StartPolicy::choose`]):
-//! * a joiner that comes late in a fragment ([`StartConfig::newest_after`] of it or more has
-//!   passed since the newest was cut) starts at the newest: the next fragment is near;
-//! * the others start one behind while the origin's start budget lasts
-//!   ([`StartConfig::budget_streams`]: streams of origin egress spent on older fragments, a
-//!   token bucket one second deep), and at the newest beyond it.
+//! So the start is chosen per joiner ([`StartPolicy::choose`]), with the origin's start budget
+//! ([`StartConfig::budget_streams`]: streams of origin egress a second spent on joiners' older
+//! fragments, a token bucket one second deep) as the sign of a crowd:
+//! * while the budget lasts, a joiner that comes late in a fragment
+//!   ([`StartConfig::newest_after`] of it or more has passed since the newest was cut) starts
+//!   at the newest (the next fragment is near; this spends nothing), the others one behind
+//!   (this spends the fragment's duration);
+//! * once it is spent, every joiner starts at the next fragment.
 
 /// Defaults: see [`StartConfig`].
 pub const DEFAULT_NEWEST_AFTER: f64 = 0.5;
-pub const DEFAULT_BUDGET_STREAMS: f64 = 200.0;
+pub const DEFAULT_BUDGET_STREAMS: f64 = 20.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct StartConfig {
@@ -26,7 +33,8 @@ pub struct StartConfig {
     /// fragment (above 1: never on this ground).
     pub newest_after: f64,
     /// Streams' worth of origin egress a second for joiners' older fragments (one fragment of
-    /// duration `D` costs `D` seconds of stream); 0: every joiner starts at the newest.
+    /// duration `D` costs `D` seconds of stream); beyond it joiners start at the next fragment.
+    /// 0: every joiner does.
     pub budget_streams: f64,
 }
 
@@ -47,6 +55,9 @@ pub struct StartCandidates {
     pub older: u64,
     /// The newest fragment's first packet.
     pub newest: u64,
+    /// The next fragment's first packet (the newest packet's successor: the origin cuts a
+    /// fragment's packets at once).
+    pub next: u64,
     /// When the newest fragment was cut (ms, the origin's clock, as `now_ms`).
     pub newest_cut_ms: u64,
     /// The stream's fragment duration (ms).
@@ -60,14 +71,14 @@ pub enum Start {
     Older(u64),
     /// The newest fragment, because the next one is near.
     NewestLate(u64),
-    /// The newest fragment, because the start budget is spent.
-    NewestBudget(u64),
+    /// The next fragment, not cut yet, because the start budget is spent.
+    NextBudget(u64),
 }
 
 impl Start {
     pub fn seq(self) -> u64 {
         match self {
-            Start::Older(s) | Start::NewestLate(s) | Start::NewestBudget(s) => s,
+            Start::Older(s) | Start::NewestLate(s) | Start::NextBudget(s) => s,
         }
     }
 }
@@ -102,26 +113,28 @@ impl StartPolicy {
             self.tokens = (self.tokens + dt * budget).min(budget);
         }
         self.filled_ms = Some(now_ms);
-        if c.older >= c.newest {
-            return Start::Older(c.newest);
-        }
         let fragment_ms = if c.fragment_ms.is_finite() && c.fragment_ms > 0.0 {
             c.fragment_ms
         } else {
             1000.0
         };
+        // A fragment costs its duration in stream-seconds; a budget smaller than one fragment
+        // still lets one through each time it is full.
+        let cost = (fragment_ms / 1000.0).min(budget);
+        if budget <= 0.0 || self.tokens < cost {
+            return Start::NextBudget(c.next.max(c.newest));
+        }
+        if c.older >= c.newest {
+            // Only one fragment so far: that one, from the origin.
+            self.tokens -= cost;
+            return Start::Older(c.newest);
+        }
         let since_cut = now_ms.saturating_sub(c.newest_cut_ms) as f64;
         if since_cut >= self.cfg.newest_after * fragment_ms {
             return Start::NewestLate(c.newest);
         }
-        // A fragment costs its duration in stream-seconds; a budget smaller than one fragment
-        // still lets one through each time it is full.
-        let cost = (fragment_ms / 1000.0).min(budget);
-        if budget > 0.0 && self.tokens >= cost {
-            self.tokens -= cost;
-            return Start::Older(c.older);
-        }
-        Start::NewestBudget(c.newest)
+        self.tokens -= cost;
+        Start::Older(c.older)
     }
 }
 
@@ -133,6 +146,7 @@ mod tests {
         StartCandidates {
             older: 8,
             newest: 16,
+            next: 24,
             newest_cut_ms,
             fragment_ms: 1000.0,
         }
@@ -153,35 +167,47 @@ mod tests {
     }
 
     #[test]
-    fn the_origin_serves_older_fragments_within_its_budget() {
+    fn beyond_the_budget_joiners_start_at_the_next_fragment() {
         let mut p = StartPolicy::new(StartConfig {
-            newest_after: 2.0,
+            newest_after: 0.5,
             budget_streams: 3.0,
         });
-        // A crowd at one instant: three older fragments (1 s each), then the newest.
+        // A crowd at one instant: three older fragments (1 s each), then the next fragment.
         let got: Vec<Start> = (0..5).map(|_| p.choose(10_000, at(10_000))).collect();
         assert_eq!(got[..3], [Start::Older(8); 3]);
-        assert_eq!(got[3..], [Start::NewestBudget(16); 2]);
-        // Refilled at 3 streams a second: one more 1 s fragment after a third of a second.
-        assert_eq!(p.choose(10_200, at(10_000)), Start::NewestBudget(16));
-        assert_eq!(p.choose(10_340, at(10_000)), Start::Older(8));
+        assert_eq!(got[3..], [Start::NextBudget(24); 2]);
+        // Late in the fragment, while the budget is spent: the next fragment too, not the
+        // newest (the parents' spare upload is what a crowd lacks).
+        assert_eq!(p.choose(10_200, at(9_700)), Start::NextBudget(24));
+        // Refilled at 3 streams a second: one more 1 s fragment after a third of a second;
+        // a late joiner then starts at the newest without spending any.
+        assert_eq!(p.choose(10_940, at(10_600)), Start::Older(8));
+        assert_eq!(p.choose(11_280, at(10_600)), Start::NewestLate(16));
+        assert_eq!(p.choose(11_280, at(10_600)), Start::NewestLate(16));
         // Long fragments cost more: a 4 s fragment is 4 stream-seconds, more than the
         // 3-stream bucket holds, so one gets through whenever it is full.
         let long = StartCandidates {
             fragment_ms: 4000.0,
-            ..at(10_000)
+            ..at(11_300)
         };
-        assert_eq!(p.choose(11_400, long), Start::Older(8));
-        assert_eq!(p.choose(11_400, long), Start::NewestBudget(16));
+        assert_eq!(p.choose(12_400, long), Start::Older(8));
+        assert_eq!(p.choose(12_400, long), Start::NextBudget(24));
+        // The first fragment alone spends the budget as an older one does.
+        let one = StartCandidates {
+            older: 16,
+            ..at(11_300)
+        };
+        assert_eq!(p.choose(12_400, one), Start::NextBudget(24));
+        assert_eq!(p.choose(13_400, one), Start::Older(16));
     }
 
     #[test]
-    fn no_budget_starts_everyone_at_the_newest() {
+    fn no_budget_starts_everyone_at_the_next_fragment() {
         let mut p = StartPolicy::new(StartConfig {
             newest_after: 1.0,
             budget_streams: 0.0,
         });
-        assert_eq!(p.choose(10_000, at(10_000)), Start::NewestBudget(16));
-        assert_eq!(p.choose(20_000, at(10_000)), Start::NewestLate(16));
+        assert_eq!(p.choose(10_000, at(10_000)), Start::NextBudget(24));
+        assert_eq!(p.choose(20_000, at(10_000)), Start::NextBudget(24));
     }
 }

@@ -79,7 +79,7 @@ struct Args {
     #[arg(long, default_value_t = coordinator::start::DEFAULT_NEWEST_AFTER)]
     start_newest_after: f64,
     /// Streams' worth of origin egress a second for joiners' older fragments; beyond it they
-    /// start at the newest (as the server's flag; 0: all do).
+    /// start at the next fragment (as the server's flag; 0: all do).
     #[arg(long, default_value_t = coordinator::start::DEFAULT_BUDGET_STREAMS)]
     start_budget: f64,
     /// Relaying peers whose upload is cut to a fifth of their load a third into the run.

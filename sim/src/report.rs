@@ -86,7 +86,7 @@ pub struct Report {
     /// (`coordinator::start`).
     pub starts_older: u64,
     pub starts_newest_late: u64,
-    pub starts_newest_budget: u64,
+    pub starts_next_budget: u64,
     pub links_opened: u64,
     pub link_failures: u64,
     pub link_setup_ms: Pct,
@@ -307,7 +307,7 @@ pub fn build(
         }),
         starts_older: w.totals.starts_older,
         starts_newest_late: w.totals.starts_newest_late,
-        starts_newest_budget: w.totals.starts_newest_budget,
+        starts_next_budget: w.totals.starts_next_budget,
         links_opened: w.totals.links_opened,
         link_failures: w.totals.link_failures,
         link_setup_ms: Pct::of(w.totals.setup_ms.clone()),

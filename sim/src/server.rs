@@ -74,6 +74,7 @@ impl World {
                     coordinator::start::StartCandidates {
                         older,
                         newest,
+                        next: live + 1,
                         newest_cut_ms,
                         fragment_ms: f64::from(self.origin.cfg.fragment_ms),
                     },
@@ -81,7 +82,7 @@ impl World {
                 match chosen {
                     Start::Older(_) => self.totals.starts_older += 1,
                     Start::NewestLate(_) => self.totals.starts_newest_late += 1,
-                    Start::NewestBudget(_) => self.totals.starts_newest_budget += 1,
+                    Start::NextBudget(_) => self.totals.starts_next_budget += 1,
                 }
                 let start = chosen.seq();
                 // The session sends the Welcome before the DCM hears of the join.

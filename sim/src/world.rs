@@ -130,7 +130,7 @@ pub struct Totals {
     /// or beyond the origin's start budget).
     pub starts_older: u64,
     pub starts_newest_late: u64,
-    pub starts_newest_budget: u64,
+    pub starts_next_budget: u64,
     /// Throttled relays and when (engine ms).
     pub throttled: Vec<(PeerId, f64)>,
     /// Per throttled relay: throttle to the first congestion report naming it, ms (-1: none).

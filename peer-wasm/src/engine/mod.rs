@@ -80,6 +80,13 @@ const EARLY_PARENT_MS: f64 = 1000.0;
 /// `Engine::path_lag`): a tree that became shallower is trusted again within tens of packets.
 const PATH_LAG_DECAY: f64 = 0.9;
 
+/// Share of the playout delay's slack past the fallback period that a gap waits for its tree's
+/// usual lag where this peer forwards the substream (`Engine::path_patience`).
+const FORWARDER_PATIENCE_SHARE: f64 = 1.0 / 8.0;
+
+/// The same where this peer is a leaf of the substream's tree.
+const LEAF_PATIENCE_SHARE: f64 = 1.0 / 2.0;
+
 /// Fetched gaps remembered for the tree's late copy (`Engine::fetched_gaps`).
 const FETCHED_GAPS: usize = 256;
 
@@ -573,6 +580,15 @@ impl Engine {
                 // fragment handed down the trees does (a fallback period, spread over most of a
                 // long fragment): the player starts on the older fragment meanwhile, and a
                 // joining crowd does not take two fragments each from the origin.
+                // A start after the newest packet (the next fragment, when the origin's start
+                // budget is spent: `coordinator::start`): nothing the player needs exists yet,
+                // and the trees bring it.
+                if start_seq > live_seq {
+                    self.joined_live = None;
+                    self.highest_seen = Some(start_seq - 1);
+                    self.poll(&mut out);
+                    return out;
+                }
                 let now_due = now_ms - self.cfg.fallback_after_ms;
                 let primed_from = live_start_seq
                     .filter(|s| (start_seq..=live_seq).contains(s))
@@ -1466,14 +1482,43 @@ impl Engine {
     }
 
     /// How long past `fallback_after_ms` a gap of `seq`'s substream waits for its tree: the
-    /// substream's usual lag, at most an eighth of the slack the playout delay leaves (237 ms by
-    /// default). The player keeps about a fragment of slack, which a fetch must fit in too: in
-    /// the simulator (1 000 peers, 1 s fragments) a quarter already cost stalls, an eighth took
-    /// the useful P2P share from 0.85 to 0.92.
+    /// substream's usual lag, capped at a share of the slack the playout delay leaves (1 900 ms
+    /// by default).
+    ///
+    /// * Where this peer forwards the substream (children in its tree, a cluster it feeds, the
+    ///   top-tier mesh), an eighth (237 ms): its fetch also feeds everyone below it, whose own
+    ///   clocks learn of the packet late when it is late here (in the simulator's hierarchy a
+    ///   longer wait there cost bottom-tier stalls).
+    /// * Where it is a leaf and its player plays, half, less any spread of a long fragment's
+    ///   burst (950 ms for 1 s fragments, never under an eighth): only its own player waits on
+    ///   it, and a player about to run out fetches at once anyway (`deadline.rs`). (A player
+    ///   that has not started has no such deadline: an eighth; with half, the simulator's
+    ///   hierarchy started 0.17 s later at the 95th percentile.) The tail of a deep tree routinely
+    ///   delivers 0.8-1 s after a packet was cut; an eighth fetched it from the origin every time
+    ///   (the simulator's flash crowd settled at 63 streams of fallbacks a second for 10 000
+    ///   peers; 7 with this, docs/benchmarks.md).
     fn path_patience(&self, seq: u64) -> f64 {
-        let sub = protocol::substream_of(seq, self.k) as usize;
-        let cap = ((self.cfg.playout_delay_ms - self.cfg.fallback_after_ms) / 8.0).max(0.0);
-        self.path_lag.get(sub).copied().unwrap_or(0.0).min(cap)
+        let sub = protocol::substream_of(seq, self.k);
+        let slack = (self.cfg.playout_delay_ms - self.cfg.fallback_after_ms).max(0.0);
+        let forwards = self
+            .plan
+            .iter()
+            .any(|p| p.index == sub && !p.children.is_empty())
+            || !self.tiers.mesh.is_empty()
+            || !self.tiers.data_feeds(seq, self.k).is_empty();
+        // A player not started yet has no deadline to fetch by: its start waits on these gaps.
+        let playing = self.deadline.remaining_ms(self.now).is_some();
+        let cap = if forwards || !playing {
+            slack * FORWARDER_PATIENCE_SHARE
+        } else {
+            (slack * LEAF_PATIENCE_SHARE - self.burst_spread_ms())
+                .max(slack * FORWARDER_PATIENCE_SHARE)
+        };
+        self.path_lag
+            .get(sub as usize)
+            .copied()
+            .unwrap_or(0.0)
+            .min(cap)
     }
 
     /// Over how long the packets of a fragment that became known at once are expected from the

@@ -336,6 +336,110 @@ fn late_joiner_fetches_from_the_random_access_point() {
 }
 
 #[test]
+fn a_joiner_that_starts_at_the_next_fragment_fetches_nothing_before_it() {
+    // The origin's start budget is spent (a crowd): the Welcome's start is the packet after the
+    // newest, which does not exist yet. Nothing is fetched, what the parents prime of the newest
+    // fragment is not delivered, and the next fragment from the trees plays from its first
+    // packet; its packets the trees miss are fetched after the fallback period as any gap.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    let actions = |a: &[Action]| -> (Vec<u64>, Vec<u64>) {
+        let mut fetched = Vec::new();
+        let mut delivered = Vec::new();
+        for a in a {
+            match a {
+                Action::Fetch { seq } => fetched.push(*seq),
+                Action::Deliver { seq, .. } => delivered.push(*seq),
+                _ => {}
+            }
+        }
+        (fetched, delivered)
+    };
+    let a = e.handle(
+        Input::Welcome {
+            peer_id: PeerId(9),
+            substreams: K,
+            start_seq: 24,
+            live_seq: 23,
+            live_start_seq: Some(20),
+        },
+        1000.0,
+    );
+    assert_eq!(actions(&a), (vec![], vec![]));
+    e.handle(
+        Input::Instructions {
+            plan: plan(
+                [
+                    Source::Peer { id: PeerId(1) },
+                    Source::Peer { id: PeerId(2) },
+                ],
+                [vec![], vec![]],
+            ),
+            tier: None,
+        },
+        1001.0,
+    );
+    // The parents prime their newest packets, of the fragment before the start.
+    for (seq, from) in [(22, 1), (23, 2)] {
+        let bytes = packet(seq, 0);
+        let a = e.handle(
+            Input::Packet {
+                from: From::Peer(PeerId(from)),
+                bytes: &bytes,
+            },
+            1100.0,
+        );
+        assert_eq!(actions(&a), (vec![], vec![]));
+    }
+    for t in (1150..3000).step_by(50) {
+        assert_eq!(
+            actions(&e.handle(Input::Tick, f64::from(t))),
+            (vec![], vec![])
+        );
+    }
+    // The next fragment comes down the trees: 24 at once, 26 (after 25) once 25 comes; 27 is
+    // missed by its tree and fetched after the fallback period.
+    let bytes = packet(24, 3000);
+    let a = e.handle(
+        Input::Packet {
+            from: From::Peer(PeerId(1)),
+            bytes: &bytes,
+        },
+        3050.0,
+    );
+    assert_eq!(actions(&a), (vec![], vec![24]));
+    let bytes = packet(26, 3000);
+    let from = From::Peer(PeerId(1));
+    e.handle(
+        Input::Packet {
+            from,
+            bytes: &bytes,
+        },
+        3060.0,
+    );
+    let bytes = packet(25, 3000);
+    let from = From::Peer(PeerId(2));
+    let a = e.handle(
+        Input::Packet {
+            from,
+            bytes: &bytes,
+        },
+        3070.0,
+    );
+    assert_eq!(actions(&a), (vec![], vec![25, 26]));
+    let bytes = packet(28, 4000);
+    let from = From::Peer(PeerId(1));
+    e.handle(
+        Input::Packet {
+            from,
+            bytes: &bytes,
+        },
+        4050.0,
+    );
+    assert_eq!(actions(&e.handle(Input::Tick, 4600.0)), (vec![], vec![]));
+    assert_eq!(actions(&e.handle(Input::Tick, 4700.0)), (vec![27], vec![]));
+}
+
+#[test]
 fn a_joiner_fetches_the_older_fragment_at_once_and_gives_the_newest_to_its_parents_first() {
     let mut e = Engine::new(EngineConfig::default(), 0.0);
     let fetched = |actions: &[Action]| -> Vec<u64> {
@@ -776,6 +880,91 @@ fn a_substream_whose_tree_is_routinely_late_is_waited_for_not_fetched() {
         fetched.contains(&30),
         "a packet lost on the prompt tree is still fetched: {fetched:?}"
     );
+}
+
+/// Packets of substream 1 that peer 9 fetched when that tree delivers each packet `late_ms`
+/// after substream 0's next packet showed it exists, with `children` under peer 9 in it and
+/// its player playing (`Some`: that much media ahead of the playhead at every tick) or not.
+fn fetched_from_a_tree_late_by(late_ms: u64, children: Vec<u64>, slack: Option<f64>) -> Vec<u64> {
+    let mut e = welcomed(9);
+    let p = |id| Source::Peer { id: PeerId(id) };
+    e.handle(
+        Input::Instructions {
+            plan: plan([p(1), p(2)], [vec![], children]),
+            tier: None,
+        },
+        0.0,
+    );
+    let mut fetched: Vec<u64> = Vec::new();
+    let mut step = |e: &mut Engine, at: f64, input: Input<'_>| {
+        for a in e.handle(input, at) {
+            if let Action::Fetch { seq } = a {
+                fetched.push(seq);
+            }
+        }
+    };
+    // (time, seq, from tree 1): the even packets at each second, the odd one of the pair
+    // before `late_ms` after, a tick every 50 ms; in time order.
+    let mut events: Vec<(u64, Option<u64>)> =
+        (0..20_000u64).step_by(50).map(|t| (t, None)).collect();
+    for j in 0..20u64 {
+        events.push((1000 * j, Some(2 * j)));
+        if j > 0 {
+            events.push((1000 * j + late_ms, Some(2 * (j - 1) + 1)));
+        }
+    }
+    events.sort();
+    for (at, seq) in events {
+        let Some(seq) = seq else {
+            e.set_player_slack(slack, at as f64);
+            step(&mut e, at as f64, Input::Tick);
+            continue;
+        };
+        let (from, created) = if seq % 2 == 0 {
+            (PeerId(1), 500 * seq)
+        } else {
+            (PeerId(2), 500 * (seq - 1))
+        };
+        let bytes = packet(seq, created);
+        let from = From::Peer(from);
+        step(
+            &mut e,
+            at as f64,
+            Input::Packet {
+                from,
+                bytes: &bytes,
+            },
+        );
+    }
+    fetched.into_iter().filter(|s| s % 2 == 1).collect()
+}
+
+#[test]
+fn a_playing_leaf_waits_longer_for_a_late_tree_than_a_forwarder_of_it() {
+    // The tail of a deep tree: each packet 1.1 s after it is known to exist. A leaf of that
+    // tree whose player plays (2 s of media ahead: no deadline near) waits up to half the
+    // playout slack for it, since its player fetches at once when about to run out; a peer
+    // that forwards the substream waits an eighth, since its children wait on its copy, and so
+    // does a player that has not started (its start waits on these packets).
+    let playing = Some(2000.0);
+    let leaf = fetched_from_a_tree_late_by(1100, vec![], playing);
+    assert!(
+        leaf.len() <= 2,
+        "a leaf fetched the late tree's packets: {leaf:?}"
+    );
+    let forwarder = fetched_from_a_tree_late_by(1100, vec![5], playing);
+    assert!(
+        forwarder.len() >= 15,
+        "a forwarder waited for its late tree: {forwarder:?}"
+    );
+    let starting = fetched_from_a_tree_late_by(1100, vec![], None);
+    assert!(
+        starting.len() >= 15,
+        "a player not started waited for its late tree: {starting:?}"
+    );
+    // Later than even a playing leaf waits: fetched.
+    let lost = fetched_from_a_tree_late_by(1900, vec![], playing);
+    assert!(lost.len() >= 15, "{lost:?}");
 }
 
 #[test]
