@@ -1,13 +1,19 @@
 //! Make-before-break repair: origin bridges.
 //!
-//! When a repair (a departed, silent or congested parent) or any other re-plan moves a peer's
-//! substream to a new peer parent, the new link needs a WebRTC data channel, which takes 0.3 to
+//! When a repair (a departed, silent or congested parent) moves a peer's substream to a new
+//! peer parent, or any re-plan moves one the origin fed, the new link needs a WebRTC data
+//! channel, which takes 0.3 to
 //! 1.5 s to open in a loaded browser. Meanwhile the child would live off its buffer and HTTP
 //! fallback fetches. Instead the origin *bridges* the gap: it pushes that substream to the child
 //! over the child's control socket, which is already open, from the moment of the move (with the
 //! newest packet at once) until the child's heartbeat shows the new parent delivering, the plan
 //! changes again, or [`BRIDGE_MAX_MS`] pass. The child accepts whichever copy comes first and
 //! relays it down its own subtree, so the repair covers the whole subtree.
+//!
+//! A re-plan that is no repair (joins, re-evaluations) and moves a child away from a peer parent
+//! that stays is not bridged: that parent keeps feeding the child until the new one delivers
+//! (make-before-break in the engine, `peer-wasm/src/engine/handover.rs`). The DCM decides which
+//! moves to hand here (`Dcm::send_instructions`).
 //!
 //! The cost is origin egress for about one link set-up per move, 1/k of the stream per bridged
 //! substream; the number of bridges open at once is bounded ([`Bridges::new`]), and beyond it a

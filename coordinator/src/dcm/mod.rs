@@ -161,6 +161,10 @@ pub struct Dcm {
     background: VecDeque<Background>,
     /// Outputs ready now, in order.
     outputs: VecDeque<Output>,
+    /// A repair (a departed, silent, congested or unreachable parent) was logged since the last
+    /// instructions went out: their moves are bridged by the origin. Other re-plans (joins,
+    /// re-evaluations) leave the old peer parent alive, which hands the child over itself.
+    repairing: bool,
     stats: DcmStats,
     /// Forgery reports, per accused and per reporter ([`hostile`]).
     reports: hostile::Reports,
@@ -239,6 +243,7 @@ impl Dcm {
             offered: FxHashSet::default(),
             background: VecDeque::new(),
             outputs: VecDeque::new(),
+            repairing: false,
             stats: DcmStats::default(),
             reports: hostile::Reports::default(),
             manifests: VecDeque::new(),

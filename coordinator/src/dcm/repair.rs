@@ -44,6 +44,7 @@ impl Dcm {
 
     pub(super) fn log_repair(&mut self, peer: PeerId, reason: &str, affected: usize, now: u64) {
         self.stats.repairs += 1;
+        self.repairing = true;
         self.repair_log.push_back(RepairRecord {
             at_ms: now,
             reason: reason.to_string(),

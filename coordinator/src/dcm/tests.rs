@@ -1251,6 +1251,43 @@ fn a_child_whose_parent_left_is_bridged_by_the_origin_until_its_new_parent_deliv
 }
 
 #[test]
+fn a_join_that_moves_a_child_between_peers_leaves_the_handover_to_its_old_parent() {
+    // Joins re-plan the trees: a child moved from one peer parent to another while the old one
+    // stays gets no origin bridge (its old parent feeds it until the new one delivers: the
+    // engine's handover); a repair's moves still get one (the test above).
+    let mut h = Harness::new();
+    h.produce(0..10);
+    let parents = |h: &Harness, id: u64| -> Vec<(u32, Source)> {
+        h.dcm
+            .planner
+            .plan(PeerId(id))
+            .map(|p| p.substreams.iter().map(|s| (s.index, s.parent)).collect())
+            .unwrap_or_default()
+    };
+    let mut moves = 0;
+    for id in 1..=60u64 {
+        let before: Vec<Vec<(u32, Source)>> = (1..id).map(|p| parents(&h, p)).collect();
+        // Uplinks from a tenth of the stream to ten times it.
+        h.join(id, 100 + (id * 7919 % 60) as u32 * 170);
+        for (p, old) in (1..id).zip(before) {
+            for (sub, now) in parents(&h, p) {
+                let was = old.iter().find(|(s, _)| *s == sub).map(|(_, src)| *src);
+                if let (Some(Source::Peer { id: a }), Source::Peer { id: b }) = (was, now) {
+                    if a != b {
+                        moves += 1;
+                        assert!(
+                            !h.dcm.bridges.of(PeerId(p)).any(|b| b.substream == sub),
+                            "peer {p}'s substream {sub} moved from {a} to {b} and was bridged"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(moves > 0, "no join moved a child between peer parents");
+}
+
+#[test]
 fn with_max_bridges_zero_nothing_is_bridged_and_the_refusals_are_counted() {
     let mut h = Harness::with(DcmConfig {
         k: 4,

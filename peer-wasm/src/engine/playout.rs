@@ -367,14 +367,15 @@ mod tests {
             }
             fetched
         };
-        // (Packet 16, the joiner's catch-up, was fetched at the Welcome; 17..=31 are the burst.)
+        // (The joiner starts at 16, after the newest packet: nothing is fetched at the Welcome,
+        // and 16..=31 are the burst.)
         // The demo clip's 1 s fragments: everything after the fallback period, as before.
-        assert_eq!(fetched_by(1000.0, 700.0).len(), 15);
+        assert_eq!(fetched_by(1000.0, 700.0).len(), 16);
         // 2 s fragments: the first packets then, the last ones about 1.3 s later.
         let early = fetched_by(2000.0, 700.0);
         assert!(!early.is_empty() && early.len() < 4, "{early:?}");
         assert!(early.iter().all(|s| *s < 20), "{early:?}");
-        assert_eq!(fetched_by(2000.0, 2000.0).len(), 15);
+        assert_eq!(fetched_by(2000.0, 2000.0).len(), 16);
     }
 
     #[test]
