@@ -19,11 +19,14 @@
 //!   passed since the newest was cut) starts at the newest: the next fragment is near;
 //! * the others start one behind while the origin's start budget lasts
 //!   ([`StartConfig::budget_streams`]: streams of origin egress spent on older fragments, a
-//!   token bucket one second deep), and at the next fragment beyond it.
+//!   token bucket one second deep), and at the next fragment beyond it;
+//! * once the budget has turned a joiner away, for a fragment's duration every joiner starts
+//!   at the next fragment, late ones too: that is a crowd, whose new parents cannot hand over
+//!   the newest fragment either.
 //!
-//! (Sending a crowd's late joiners to the next fragment too lowered the simulator's crowd
-//! egress further, but a budget that also counts them makes the steady scenario's joins, 300 a
-//! second while its audience grows, a crowd: their start-up would go from 1.4 to 2.7 s.)
+//! (A budget that counted the late joiners' starts too would make the steady scenario's
+//! joins, 300 a second while its audience grows, a crowd: their start-up would go from 1.4 to
+//! 2.7 s at the 95th percentile.)
 
 /// Defaults: see [`StartConfig`].
 pub const DEFAULT_NEWEST_AFTER: f64 = 0.5;
@@ -92,6 +95,8 @@ pub struct StartPolicy {
     /// Stream-seconds the budget has left, and when it was last filled.
     tokens: f64,
     filled_ms: Option<u64>,
+    /// When the budget last turned a joiner away (a crowd).
+    refused_ms: Option<u64>,
 }
 
 impl StartPolicy {
@@ -100,6 +105,7 @@ impl StartPolicy {
             cfg,
             tokens: cfg.budget_streams.max(0.0),
             filled_ms: None,
+            refused_ms: None,
         }
     }
 
@@ -120,7 +126,13 @@ impl StartPolicy {
         } else {
             1000.0
         };
-        if c.older < c.newest {
+        // In a crowd (the budget turned a joiner away within the last fragment) the late joiners
+        // start at the next fragment too: their new parents have no spare upload to hand the
+        // newest over, and the origin would serve it after all.
+        let crowd = self
+            .refused_ms
+            .is_some_and(|t| (now_ms.saturating_sub(t) as f64) < fragment_ms);
+        if c.older < c.newest && !crowd {
             let since_cut = now_ms.saturating_sub(c.newest_cut_ms) as f64;
             if since_cut >= self.cfg.newest_after * fragment_ms {
                 return Start::NewestLate(c.newest);
@@ -134,6 +146,7 @@ impl StartPolicy {
             self.tokens -= cost;
             return Start::Older(c.older.min(c.newest));
         }
+        self.refused_ms = Some(now_ms);
         Start::NextBudget(c.next.max(c.newest))
     }
 }
@@ -176,11 +189,12 @@ mod tests {
         let got: Vec<Start> = (0..5).map(|_| p.choose(10_000, at(10_000))).collect();
         assert_eq!(got[..3], [Start::Older(8); 3]);
         assert_eq!(got[3..], [Start::NextBudget(24); 2]);
-        // Late in the fragment: the newest, whatever the budget.
-        assert_eq!(p.choose(10_200, at(9_700)), Start::NewestLate(16));
+        // Late in the fragment, within a fragment of a refusal: the next fragment too.
+        assert_eq!(p.choose(10_200, at(9_700)), Start::NextBudget(24));
         // Refilled at 3 streams a second: one more 1 s fragment after a third of a second.
-        assert_eq!(p.choose(10_200, at(10_000)), Start::NextBudget(24));
         assert_eq!(p.choose(10_340, at(10_000)), Start::Older(8));
+        // A fragment after the last refusal, a late joiner starts at the newest again.
+        assert_eq!(p.choose(11_300, at(10_800)), Start::NewestLate(16));
         // Long fragments cost more: a 4 s fragment is 4 stream-seconds, more than the
         // 3-stream bucket holds, so one gets through whenever it is full.
         let long = StartCandidates {
@@ -205,6 +219,7 @@ mod tests {
             budget_streams: 0.0,
         });
         assert_eq!(p.choose(10_000, at(10_000)), Start::NextBudget(24));
+        assert_eq!(p.choose(10_600, at(10_000)), Start::NextBudget(24));
         assert_eq!(p.choose(20_000, at(10_000)), Start::NewestLate(16));
     }
 }
