@@ -572,43 +572,7 @@ impl Engine {
                 self.path_lag = vec![0.0; self.k as usize];
                 self.next_deliver = Some(start_seq);
                 self.verified = Some(RangeHash::new(start_seq));
-                // Everything from the random-access point up to the live edge already exists, and
-                // the trees only carry new packets: the older fragment is fetched now. The newest
-                // one is what the new parents hold: each primes its child with its newest packet
-                // of the tree as soon as the data channel opens, and sends the rest of the tree's
-                // share of that fragment when asked (`catch_up.rs`). So it waits for them as a
-                // fragment handed down the trees does (a fallback period, spread over most of a
-                // long fragment): the player starts on the older fragment meanwhile, and a
-                // joining crowd does not take two fragments each from the origin.
-                // A start after the newest packet (the next fragment, when the origin's start
-                // budget is spent: `coordinator::start`): nothing the player needs exists yet,
-                // and the trees bring it.
-                if start_seq > live_seq {
-                    self.joined_live = None;
-                    self.highest_seen = Some(start_seq - 1);
-                    self.poll(&mut out);
-                    return out;
-                }
-                let now_due = now_ms - self.cfg.fallback_after_ms;
-                let primed_from = live_start_seq
-                    .filter(|s| (start_seq..=live_seq).contains(s))
-                    .unwrap_or(u64::MAX);
-                let last = live_seq.max(start_seq);
-                let spread = self.burst_spread_ms();
-                let newest = (last + 1).saturating_sub(primed_from).max(1);
-                for seq in start_seq..=last {
-                    let t = if seq < primed_from {
-                        now_due
-                    } else {
-                        now_ms + spread * (seq - primed_from) as f64 / newest as f64
-                    };
-                    self.gaps.insert(seq, t);
-                }
-                if primed_from <= last {
-                    self.catch_up.open(primed_from, last);
-                }
-                self.joined_live = (primed_from <= last).then_some(last);
-                self.highest_seen = Some(live_seq.max(start_seq));
+                self.open_start(start_seq, live_seq, live_start_seq, now_ms);
             }
             Input::Instructions { plan, tier } => self.apply_plan(plan, tier, &mut out),
             Input::Packet { from, bytes } => self.on_packet(from, bytes, &mut out),
@@ -644,6 +608,51 @@ impl Engine {
         }
         self.poll(&mut out);
         out
+    }
+
+    /// The Welcome's start: what already exists from `start_seq` up to the live edge becomes
+    /// gaps. Everything from the random-access point up to the live edge exists, and the trees
+    /// only carry new packets: the older fragment is fetched now. The newest one is what the
+    /// new parents hold: each primes its child with its newest packet of the tree as soon as the
+    /// data channel opens, and sends the rest of the tree's share of that fragment when asked
+    /// (`catch_up.rs`). So it waits for them as a fragment handed down the trees does (a
+    /// fallback period, spread over most of a long fragment): the player starts on the older
+    /// fragment meanwhile, and a joining crowd does not take two fragments each from the
+    /// origin. A start after the newest packet (the next fragment, when the origin's start
+    /// budget is spent: `coordinator::start`) makes no gap: nothing the player needs exists yet,
+    /// and the trees bring it.
+    fn open_start(
+        &mut self,
+        start_seq: u64,
+        live_seq: u64,
+        live_start_seq: Option<u64>,
+        now_ms: f64,
+    ) {
+        if start_seq > live_seq {
+            self.joined_live = None;
+            self.highest_seen = Some(start_seq - 1);
+            return;
+        }
+        let now_due = now_ms - self.cfg.fallback_after_ms;
+        let primed_from = live_start_seq
+            .filter(|s| (start_seq..=live_seq).contains(s))
+            .unwrap_or(u64::MAX);
+        let last = live_seq;
+        let spread = self.burst_spread_ms();
+        let newest = (last + 1).saturating_sub(primed_from).max(1);
+        for seq in start_seq..=last {
+            let t = if seq < primed_from {
+                now_due
+            } else {
+                now_ms + spread * (seq - primed_from) as f64 / newest as f64
+            };
+            self.gaps.insert(seq, t);
+        }
+        if primed_from <= last {
+            self.catch_up.open(primed_from, last);
+        }
+        self.joined_live = (primed_from <= last).then_some(last);
+        self.highest_seen = Some(live_seq);
     }
 
     fn apply_plan(
@@ -1505,7 +1514,7 @@ impl Engine {
             .iter()
             .any(|p| p.index == sub && !p.children.is_empty())
             || !self.tiers.mesh.is_empty()
-            || !self.tiers.data_feeds(seq, self.k).is_empty();
+            || self.tiers.feeds_packet(seq, self.k);
         // A player not started yet has no deadline to fetch by: its start waits on these gaps.
         let playing = self.deadline.remaining_ms(self.now).is_some();
         let cap = if forwards || !playing {

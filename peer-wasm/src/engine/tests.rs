@@ -365,19 +365,9 @@ fn a_joiner_that_starts_at_the_next_fragment_fetches_nothing_before_it() {
         1000.0,
     );
     assert_eq!(actions(&a), (vec![], vec![]));
-    e.handle(
-        Input::Instructions {
-            plan: plan(
-                [
-                    Source::Peer { id: PeerId(1) },
-                    Source::Peer { id: PeerId(2) },
-                ],
-                [vec![], vec![]],
-            ),
-            tier: None,
-        },
-        1001.0,
-    );
+    let p = |id| Source::Peer { id: PeerId(id) };
+    let plan = plan([p(1), p(2)], [vec![], vec![]]);
+    e.handle(Input::Instructions { plan, tier: None }, 1001.0);
     // The parents prime their newest packets, of the fragment before the start.
     for (seq, from) in [(22, 1), (23, 2)] {
         let bytes = packet(seq, 0);

@@ -127,12 +127,14 @@ impl Tiers {
     pub fn data_feeds(&self, seq: u64, k: u32) -> Vec<(PeerId, u32)> {
         self.feeds
             .iter()
-            .filter_map(|f| {
-                let kf = f.fec.map_or(k, |s| s.k).max(1);
-                (f.substream < kf && protocol::substream_of(seq, kf) == f.substream)
-                    .then_some((f.to, f.substream))
-            })
+            .filter(|f| gets_as_is(f, seq, k))
+            .map(|f| (f.to, f.substream))
             .collect()
+    }
+
+    /// Whether some feed gets packet `seq` as is (`data_feeds` without building the list).
+    pub fn feeds_packet(&self, seq: u64, k: u32) -> bool {
+        self.feeds.iter().any(|f| gets_as_is(f, seq, k))
     }
 
     /// A packet was seen for the first time. When it completes a group some feed wants parity
@@ -227,4 +229,11 @@ impl Tiers {
 
 fn is_parity_feed(f: &Feed) -> bool {
     f.fec.is_some_and(|s| f.substream >= s.k)
+}
+
+/// Whether feed `f` gets packet `seq` as is: a data substream of it (the cluster's own `k`
+/// when coded), that `seq` belongs to.
+fn gets_as_is(f: &Feed, seq: u64, k: u32) -> bool {
+    let kf = f.fec.map_or(k, |s| s.k).max(1);
+    f.substream < kf && protocol::substream_of(seq, kf) == f.substream
 }
