@@ -564,6 +564,9 @@ impl Engine {
                 live_start_seq,
             } => {
                 self.me = Some(peer_id);
+                // A welcome comes over a control connection that is up, the first one after a
+                // redirect at join too (the page marked it down when the redirect closed).
+                self.control_up = true;
                 self.k = substreams.max(1);
                 self.parent_last = vec![(None, None); self.k as usize];
                 self.parent_timing = vec![(now_ms, None); self.k as usize];

@@ -1147,6 +1147,36 @@ fn while_the_control_connection_is_down_origin_fed_trees_are_fetched_at_once() {
     assert!(fetches(&e.handle(Input::LiveEdge { seq: 7 }, 310.0)).is_empty());
 }
 
+#[test]
+fn a_welcome_after_the_control_connection_dropped_lets_origin_fed_trees_wait_again() {
+    // A page redirected before its first welcome closed one control connection (down) and was
+    // welcomed on the next: the origin pushes the tree it roots, which is not fetched as well.
+    let mut e = Engine::new(EngineConfig::default(), 0.0);
+    e.handle(Input::Control { up: false }, 0.0);
+    e.handle(
+        Input::Welcome {
+            peer_id: PeerId(1),
+            substreams: K,
+            start_seq: 0,
+            live_seq: 0,
+            live_start_seq: None,
+        },
+        10.0,
+    );
+    e.handle(
+        Input::Instructions {
+            plan: plan([Source::Origin, Source::Origin], [vec![], vec![]]),
+            tier: None,
+        },
+        20.0,
+    );
+    let actions = e.handle(Input::LiveEdge { seq: 3 }, 100.0);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Fetch { .. })),
+        "{actions:?}"
+    );
+}
+
 fn sends_to(actions: &[Action], to: u64) -> usize {
     actions
         .iter()

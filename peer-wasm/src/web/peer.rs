@@ -902,8 +902,12 @@ impl Inner {
             return;
         }
         // No origin push until a server takes this peer back: the trees it roots are fed by
-        // fetching, at once.
-        self.feed(Input::Control { up: false });
+        // fetching, at once. Not on a redirect, a planned move: the new owner resends what its
+        // origin cut meanwhile (`coordinator/src/dcm/repair.rs`), so gaps wait as usual; if
+        // that server does not answer, this runs again without the redirect.
+        if self.reconnect.redirect_to.is_none() {
+            self.feed(Input::Control { up: false });
+        }
         if self.reconnect.attempt >= GIVE_UP_AFTER {
             self.error(format!("{reason}; gave up reconnecting"));
             return;
