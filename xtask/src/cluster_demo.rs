@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, Result};
 
 use crate::tools::ETCD;
-use crate::util::{cargo, repo_root, run};
+use crate::util::{cargo, run};
 
 /// The demo cluster's shared secret. Anyone who knows it can mint resume tokens and derive the
 /// stream's signing key: a real cluster sets its own (`P2P_CLUSTER_SECRET`).
@@ -32,9 +32,9 @@ pub fn run_cluster(
 ) -> Result<()> {
     anyhow::ensure!((1..=16).contains(&nodes), "--cluster takes 1 to 16 nodes");
     run(cargo().args(["build", "--release", "-p", "control-server"]))?;
-    let root = repo_root();
-    let server = root.join("target/release/control-server");
-    let data = root.join("target/cluster-demo/etcd");
+    let target = crate::build::target_dir()?;
+    let server = target.join("release/control-server");
+    let data = target.join("cluster-demo/etcd");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let host = listen.ip();
     let etcd_client = format!("http://{host}:{}", listen.port() + 100);

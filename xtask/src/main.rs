@@ -586,7 +586,7 @@ fn cluster_swarm(args: e2e::cluster_swarm::ClusterSwarmArgs) -> Result<()> {
     // The nodes run the release build (as `demo --cluster` does).
     std::env::set_var(
         "P2P_SERVER_BIN",
-        repo_root().join("target/release/control-server"),
+        build::target_dir()?.join("release/control-server"),
     );
     println!("\n==> swarm on a cluster: {args:?}\n");
     tokio::runtime::Builder::new_multi_thread()
